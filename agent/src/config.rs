@@ -1,0 +1,1 @@
+//! Network config from `<prefix>/config`: parsing, defaults, validation.

@@ -1,0 +1,1 @@
+//! The only module that touches aya: load, attach, pin, typed map wrappers.

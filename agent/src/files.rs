@@ -1,0 +1,1 @@
+//! subnet.env and Docker options files, written atomically.

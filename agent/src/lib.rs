@@ -1,0 +1,14 @@
+//! weft: a flannel-compatible overlay network agent with an eBPF VXLAN datapath.
+//!
+//! Layering (see STYLE.md): only [`datapath`] touches aya, only [`netlink`]
+//! touches rtnetlink, only [`subnet::etcd`] touches etcd-client. Everything else
+//! speaks domain types ([`lease::Lease`], [`lease::LeaseEvent`], [`config::NetworkConfig`]).
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod datapath;
+pub mod files;
+pub mod lease;
+pub mod netlink;
+pub mod subnet;

@@ -1,0 +1,1 @@
+//! Subnet leases: the store trait, the etcd store and the pure allocator.

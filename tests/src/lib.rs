@@ -1,0 +1,1 @@
+//! Multi-host test harness.
