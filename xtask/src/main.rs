@@ -1,1 +1,28 @@
-fn main() {}
+//! Developer and operator commands: `cargo xtask <command>`. No product logic here.
+
+use clap::{Parser, Subcommand};
+
+mod build_ebpf;
+mod test;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "weft's build, test, demo and bench commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the eBPF object (installs nightly rust-src and bpf-linker when missing).
+    BuildEbpf(build_ebpf::Options),
+    /// Run unit tests and the root-only integration tests.
+    Test(test::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::BuildEbpf(opts) => build_ebpf::run(&opts),
+        Command::Test(opts) => test::run(&opts),
+    }
+}
