@@ -72,12 +72,18 @@ impl HealthServer {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| HealthError::Bind { addr, source })?;
-        Ok(Self { listener, ready, metrics })
+        Ok(Self {
+            listener,
+            ready,
+            metrics,
+        })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, HealthError> {
-        self.listener.local_addr().map_err(|source| HealthError::LocalAddr { source })
+        self.listener
+            .local_addr()
+            .map_err(|source| HealthError::LocalAddr { source })
     }
 
     /// Answer requests until `shutdown` fires; in-flight connections are dropped then.
@@ -149,7 +155,13 @@ struct Response {
 
 impl Response {
     fn text(status: u16, reason: &'static str, body: &str) -> Self {
-        Self { status, reason, content_type: "text/plain; charset=utf-8", body: body.into(), head_only: false }
+        Self {
+            status,
+            reason,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+            head_only: false,
+        }
     }
 
     fn into_bytes(self) -> Vec<u8> {
@@ -191,7 +203,10 @@ fn respond(head: &str, ready: bool, metrics: &Metrics) -> Response {
             "Service Unavailable",
             "not ready: subnet file or datapath not in place yet\n",
         ),
-        "/metrics" => Response { content_type: metrics::CONTENT_TYPE, ..Response::text(200, "OK", &metrics.render()) },
+        "/metrics" => Response {
+            content_type: metrics::CONTENT_TYPE,
+            ..Response::text(200, "OK", &metrics.render())
+        },
         _ => Response::text(404, "Not Found", "try /healthz, /readyz or /metrics\n"),
     };
     response.head_only = head_only;
@@ -222,6 +237,9 @@ mod tests {
     fn head_has_length_but_no_body() {
         let r = respond("HEAD /healthz HTTP/1.1\r\n\r\n", true, &Metrics::default());
         let bytes = String::from_utf8(r.into_bytes()).unwrap();
-        assert!(bytes.ends_with("Content-Length: 3\r\nConnection: close\r\n\r\n"), "{bytes}");
+        assert!(
+            bytes.ends_with("Content-Length: 3\r\nConnection: close\r\n\r\n"),
+            "{bytes}"
+        );
     }
 }

@@ -61,7 +61,11 @@ pub enum MasqError {
         source: std::io::Error,
     },
     #[error("`{command}` failed ({status}): {stderr}")]
-    Command { command: String, status: std::process::ExitStatus, stderr: String },
+    Command {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
     #[error("remove ip-masq rules: {}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Teardown { errors: Vec<MasqError> },
 }
@@ -76,7 +80,11 @@ pub enum MasqKind {
 impl MasqKind {
     /// The network config's `EnableNFTables` decides, as in flanneld.
     pub fn from_enable_nftables(enable: bool) -> Self {
-        if enable { Self::Nftables } else { Self::Iptables }
+        if enable {
+            Self::Nftables
+        } else {
+            Self::Iptables
+        }
     }
 }
 
@@ -188,7 +196,11 @@ impl Masq {
                 }
             }
         }
-        if errors.is_empty() { Ok(()) } else { Err(MasqError::Teardown { errors }) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(MasqError::Teardown { errors })
+        }
     }
 
     /// The rules as `iptables-save` lists them (`-A CHAIN ...`), nat table first. For logs and tests.
@@ -196,26 +208,35 @@ impl Masq {
         let mut out = Vec::new();
         for c in self.iptables_chains(true) {
             out.push(format!("-A {} {}", c.hook, canonical(&c.jump)));
-            out.extend(c.rules.iter().map(|r| format!("-A {} {}", c.chain, canonical(r))));
+            out.extend(
+                c.rules
+                    .iter()
+                    .map(|r| format!("-A {} {}", c.chain, canonical(r))),
+            );
         }
         out
     }
 
     fn iptables_chains(&self, random_fully: bool) -> Vec<IptChain> {
         let (n, sn) = (self.network.to_string(), self.subnet.to_string());
-        let masq = |spec: &[&str]| {
+        // Every masq rule ends in the same comment and target; MASQUERADE adds --random-fully.
+        let rule = |spec: &[&str], target: &str| {
             let mut rule = words(spec);
-            rule.extend(words(&["-m", "comment", "--comment", MASQ_COMMENT, "-j", "MASQUERADE"]));
-            if random_fully {
+            rule.extend(words(&[
+                "-m",
+                "comment",
+                "--comment",
+                MASQ_COMMENT,
+                "-j",
+                target,
+            ]));
+            if target == "MASQUERADE" && random_fully {
                 rule.push("--random-fully".into());
             }
             rule
         };
-        let ret = |spec: &[&str]| {
-            let mut rule = words(spec);
-            rule.extend(words(&["-m", "comment", "--comment", MASQ_COMMENT, "-j", "RETURN"]));
-            rule
-        };
+        let ret = |spec: &[&str]| rule(spec, "RETURN");
+        let masq = |spec: &[&str]| rule(spec, "MASQUERADE");
         let mut chains = vec![IptChain {
             table: "nat",
             chain: NAT_CHAIN,
@@ -231,12 +252,30 @@ impl Masq {
             ],
         }];
         if self.forward {
-            let accept = |dir: &str| words(&[dir, &n, "-m", "comment", "--comment", FWD_COMMENT, "-j", "ACCEPT"]);
+            let accept = |dir: &str| {
+                words(&[
+                    dir,
+                    &n,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    FWD_COMMENT,
+                    "-j",
+                    "ACCEPT",
+                ])
+            };
             chains.push(IptChain {
                 table: "filter",
                 chain: FORWARD_CHAIN,
                 hook: "FORWARD",
-                jump: words(&["-m", "comment", "--comment", FWD_COMMENT, "-j", FORWARD_CHAIN]),
+                jump: words(&[
+                    "-m",
+                    "comment",
+                    "--comment",
+                    FWD_COMMENT,
+                    "-j",
+                    FORWARD_CHAIN,
+                ]),
                 rules: vec![accept("-s"), accept("-d")],
             });
         }
@@ -280,7 +319,13 @@ impl Masq {
             ],
         )];
         if self.forward {
-            chains.push(("forward", vec![format!("ip saddr {n} accept"), format!("ip daddr {n} accept")]));
+            chains.push((
+                "forward",
+                vec![
+                    format!("ip saddr {n} accept"),
+                    format!("ip daddr {n} accept"),
+                ],
+            ));
         }
         chains
     }
@@ -292,9 +337,14 @@ impl Masq {
         if listing.is_none() {
             repairs.push(format!("nftables: created table ip {NFT_TABLE}"));
         }
-        script.push_str(&format!("add table ip {NFT_TABLE} {{ comment \"rules for {NFT_TABLE}\"; }}\n"));
+        script.push_str(&format!(
+            "add table ip {NFT_TABLE} {{ comment \"rules for {NFT_TABLE}\"; }}\n"
+        ));
         for (chain, rules) in self.nft_rules() {
-            let have = listing.as_deref().map(|l| nft_chain_rules(l, chain)).unwrap_or_default();
+            let have = listing
+                .as_deref()
+                .map(|l| nft_chain_rules(l, chain))
+                .unwrap_or_default();
             if have == rules {
                 continue;
             }
@@ -302,15 +352,27 @@ impl Masq {
             repairs.push(format!(
                 "nftables: rewrote chain ip {NFT_TABLE} {chain} ({} rule(s) missing{})",
                 missing.len(),
-                if missing.is_empty() { ", order or extra rules fixed" } else { "" }
+                if missing.is_empty() {
+                    ", order or extra rules fixed"
+                } else {
+                    ""
+                }
             ));
             let (hook, comment) = match chain {
-                "postrtg" => ("type nat hook postrouting priority srcnat", "chain to manage traffic masquerading by flannel"),
-                _ => ("type filter hook forward priority filter", "chain to accept flannel traffic"),
+                "postrtg" => (
+                    "type nat hook postrouting priority srcnat",
+                    "chain to manage traffic masquerading by flannel",
+                ),
+                _ => (
+                    "type filter hook forward priority filter",
+                    "chain to accept flannel traffic",
+                ),
             };
             // add + flush + add rules in one `nft -f` transaction: the kernel swaps the chain atomically,
             // so no packet ever sees it empty.
-            script.push_str(&format!("add chain ip {NFT_TABLE} {chain} {{ {hook}; comment \"{comment}\"; }}\n"));
+            script.push_str(&format!(
+                "add chain ip {NFT_TABLE} {chain} {{ {hook}; comment \"{comment}\"; }}\n"
+            ));
             script.push_str(&format!("flush chain ip {NFT_TABLE} {chain}\n"));
             for rule in &rules {
                 script.push_str(&format!("add rule ip {NFT_TABLE} {chain} {rule}\n"));
@@ -328,7 +390,11 @@ async fn ensure_iptables_chain(c: &IptChain) -> Result<Vec<String>, MasqError> {
     let new_chain = format!("-N {}", c.chain);
     let rule_prefix = format!("-A {} ", c.chain);
     let jump = format!("-A {} {}", c.hook, canonical(&c.jump));
-    let mut have: Vec<String> = listing.lines().filter_map(|l| l.strip_prefix(&rule_prefix)).map(String::from).collect();
+    let mut have: Vec<String> = listing
+        .lines()
+        .filter_map(|l| l.strip_prefix(&rule_prefix))
+        .map(String::from)
+        .collect();
     let mut repairs = Vec::new();
     let at = |what: &str| format!("{} {}: {what}", c.table, c.chain);
 
@@ -359,7 +425,10 @@ async fn ensure_iptables_chain(c: &IptChain) -> Result<Vec<String>, MasqError> {
         let mut args = vec!["-w", "-t", c.table, "-I", c.hook, "1"];
         args.extend(c.jump.iter().map(String::as_str));
         run("iptables", &args).await?;
-        repairs.push(format!("{} {}: inserted jump to {}", c.table, c.hook, c.chain));
+        repairs.push(format!(
+            "{} {}: inserted jump to {}",
+            c.table, c.hook, c.chain
+        ));
     }
     Ok(repairs)
 }
@@ -373,7 +442,10 @@ async fn remove_iptables_chain(c: &IptChain, errors: &mut Vec<MasqError>) {
     // The rules are matched by chain and target only: the random-fully flag may differ by version.
     let jump_prefix = format!("-A {} ", c.hook);
     let jump_suffix = format!("-j {}", c.chain);
-    for line in listing.lines().filter(|l| l.starts_with(&jump_prefix) && l.ends_with(&jump_suffix)) {
+    for line in listing
+        .lines()
+        .filter(|l| l.starts_with(&jump_prefix) && l.ends_with(&jump_suffix))
+    {
         let spec = split_listing(&line[jump_prefix.len()..]);
         let mut args = vec!["-w", "-t", c.table, "-D", c.hook];
         args.extend(spec.iter().map(String::as_str));
@@ -394,7 +466,9 @@ async fn remove_iptables_chain(c: &IptChain, errors: &mut Vec<MasqError>) {
 async fn nft_list_table() -> Result<Option<String>, MasqError> {
     match run("nft", &["list", "table", "ip", NFT_TABLE]).await {
         Ok(out) => Ok(Some(out)),
-        Err(MasqError::Command { stderr, .. }) if stderr.contains("No such file or directory") => Ok(None),
+        Err(MasqError::Command { stderr, .. }) if stderr.contains("No such file or directory") => {
+            Ok(None)
+        }
         Err(e) => Err(e),
     }
 }
@@ -420,7 +494,13 @@ fn words(spec: &[&str]) -> Vec<String> {
 /// A rule spec as `iptables -S` prints it: arguments with spaces in double quotes.
 fn canonical(spec: &[String]) -> String {
     spec.iter()
-        .map(|a| if a.contains(' ') { format!("\"{a}\"") } else { a.clone() })
+        .map(|a| {
+            if a.contains(' ') {
+                format!("\"{a}\"")
+            } else {
+                a.clone()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -442,9 +522,15 @@ fn split_listing(line: &str) -> Vec<String> {
 
 /// Does `iptables v1.8.9 (nf_tables)` name a version at least `min`?
 fn version_at_least(text: &str, min: (u32, u32, u32)) -> bool {
-    let Some(v) = text.split_whitespace().find_map(|w| w.strip_prefix('v')) else { return false };
+    let Some(v) = text.split_whitespace().find_map(|w| w.strip_prefix('v')) else {
+        return false;
+    };
     let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let got = (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    let got = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
     got >= min
 }
 
@@ -455,7 +541,10 @@ async fn run(program: &str, args: &[&str]) -> Result<String, MasqError> {
 async fn run_stdin(program: &str, args: &[&str], stdin: &str) -> Result<String, MasqError> {
     use tokio::io::AsyncWriteExt as _;
     let command = format!("{program} {}", args.join(" "));
-    let spawn_err = |source| MasqError::Spawn { command: command.clone(), source };
+    let spawn_err = |source| MasqError::Spawn {
+        command: command.clone(),
+        source,
+    };
     let mut child = tokio::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::piped())
@@ -483,7 +572,11 @@ mod tests {
     use super::*;
 
     fn masq() -> Masq {
-        Masq::new(MasqKind::Iptables, "10.1.0.0/16".parse().unwrap(), "10.1.10.0/24".parse().unwrap())
+        Masq::new(
+            MasqKind::Iptables,
+            "10.1.0.0/16".parse().unwrap(),
+            "10.1.10.0/24".parse().unwrap(),
+        )
     }
 
     #[test]
@@ -505,32 +598,58 @@ mod tests {
 
     #[test]
     fn forward_rules_optional_and_networks_masked() {
-        let m = Masq::new(MasqKind::Iptables, "10.1.2.3/16".parse().unwrap(), "10.1.10.7/24".parse().unwrap())
-            .with_forward_rules(false);
+        let m = Masq::new(
+            MasqKind::Iptables,
+            "10.1.2.3/16".parse().unwrap(),
+            "10.1.10.7/24".parse().unwrap(),
+        )
+        .with_forward_rules(false);
         let listing = m.iptables_listing();
         assert_eq!(listing.len(), 7);
         assert!(listing.iter().all(|l| !l.contains("FLANNEL-FWD")));
-        assert!(listing[2].contains("-s 10.1.10.0/24 -d 10.1.0.0/16"), "{}", listing[2]);
+        assert!(
+            listing[2].contains("-s 10.1.10.0/24 -d 10.1.0.0/16"),
+            "{}",
+            listing[2]
+        );
     }
 
     #[test]
     fn without_random_fully() {
         let chains = masq().iptables_chains(false);
-        assert!(chains.iter().flat_map(|c| &c.rules).all(|r| !r.contains(&"--random-fully".to_string())));
+        assert!(chains
+            .iter()
+            .flat_map(|c| &c.rules)
+            .all(|r| !r.contains(&"--random-fully".to_string())));
     }
 
     #[test]
     fn nft_rules_use_iptables_logic() {
         let rules = masq().nft_rules();
         assert_eq!(rules[0].0, "postrtg");
-        assert_eq!(rules[0].1[3], "ip saddr != 10.1.0.0/16 ip daddr 10.1.10.0/24 return");
-        assert_eq!(rules[1], ("forward", vec!["ip saddr 10.1.0.0/16 accept".into(), "ip daddr 10.1.0.0/16 accept".into()]));
+        assert_eq!(
+            rules[0].1[3],
+            "ip saddr != 10.1.0.0/16 ip daddr 10.1.10.0/24 return"
+        );
+        assert_eq!(
+            rules[1],
+            (
+                "forward",
+                vec![
+                    "ip saddr 10.1.0.0/16 accept".into(),
+                    "ip daddr 10.1.0.0/16 accept".into()
+                ]
+            )
+        );
     }
 
     #[test]
     fn parses_nft_listing() {
         let listing = "table ip flannel-ipv4 {\n\tcomment \"x\"\n\tchain postrtg {\n\t\tcomment \"y\"\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tip saddr 10.1.0.0/16 accept\n\t}\n\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t}\n}\n";
-        assert_eq!(nft_chain_rules(listing, "postrtg"), vec!["ip saddr 10.1.0.0/16 accept"]);
+        assert_eq!(
+            nft_chain_rules(listing, "postrtg"),
+            vec!["ip saddr 10.1.0.0/16 accept"]
+        );
         assert!(nft_chain_rules(listing, "forward").is_empty());
         assert!(nft_chain_rules(listing, "nope").is_empty());
     }

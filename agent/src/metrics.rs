@@ -106,47 +106,106 @@ impl Metrics {
     /// Record which datapath is active (`"ebpf"`, `"kernel"`, ...); exposed as a labelled gauge.
     pub fn set_datapath_mode(&self, mode: impl Into<String>) {
         // A poisoned lock only means a writer panicked mid-assignment of an Option; the value is still whole.
-        *self.datapath_mode.write().unwrap_or_else(|e| e.into_inner()) = Some(mode.into());
+        *self
+            .datapath_mode
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(mode.into());
     }
 
     /// Register the provider of eBPF counters and map sizes; replaces any earlier one.
     pub fn set_datapath_stats(&self, stats: Arc<dyn DatapathStats>) {
-        *self.datapath_stats.write().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+        *self
+            .datapath_stats
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(stats);
     }
 
     /// The whole registry in Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        family(&mut out, "weft_leases", "gauge", "Subnet leases known from etcd, our own included.");
+        family(
+            &mut out,
+            "weft_leases",
+            "gauge",
+            "Subnet leases known from etcd, our own included.",
+        );
         sample(&mut out, "weft_leases", None, self.leases.get());
 
-        let mode = self.datapath_mode.read().unwrap_or_else(|e| e.into_inner()).clone();
-        family(&mut out, "weft_datapath_mode", "gauge", "Datapath in use: 1 for the active mode.");
+        let mode = self
+            .datapath_mode
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        family(
+            &mut out,
+            "weft_datapath_mode",
+            "gauge",
+            "Datapath in use: 1 for the active mode.",
+        );
         if let Some(mode) = mode {
             sample(&mut out, "weft_datapath_mode", Some(("mode", &mode)), 1);
         }
 
         let counters: [(&str, &str, &Counter); 5] = [
-            ("weft_etcd_reconnects_total", "Times the etcd connection or watch was re-established.", &self.etcd_reconnects),
-            ("weft_lease_renewals_total", "Successful renewals of this node's subnet lease.", &self.lease_renewals),
-            ("weft_reconcile_repairs_total", "Drifted kernel, map or firewall state put back by reconcile.", &self.reconcile_repairs),
-            ("weft_peers_added_total", "Peers programmed into the datapath.", &self.peers_added),
-            ("weft_peers_removed_total", "Peers removed from the datapath.", &self.peers_removed),
+            (
+                "weft_etcd_reconnects_total",
+                "Times the etcd connection or watch was re-established.",
+                &self.etcd_reconnects,
+            ),
+            (
+                "weft_lease_renewals_total",
+                "Successful renewals of this node's subnet lease.",
+                &self.lease_renewals,
+            ),
+            (
+                "weft_reconcile_repairs_total",
+                "Drifted kernel, map or firewall state put back by reconcile.",
+                &self.reconcile_repairs,
+            ),
+            (
+                "weft_peers_added_total",
+                "Peers programmed into the datapath.",
+                &self.peers_added,
+            ),
+            (
+                "weft_peers_removed_total",
+                "Peers removed from the datapath.",
+                &self.peers_removed,
+            ),
         ];
         for (name, help, c) in counters {
             family(&mut out, name, "counter", help);
             sample(&mut out, name, None, c.get());
         }
 
-        let stats = self.datapath_stats.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let stats = self
+            .datapath_stats
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let (maps, ebpf) = stats.map_or_else(Default::default, |s| (s.map_entries(), s.counters()));
-        family(&mut out, "weft_map_entries", "gauge", "Entries in each eBPF map.");
+        family(
+            &mut out,
+            "weft_map_entries",
+            "gauge",
+            "Entries in each eBPF map.",
+        );
         for (map, n) in &maps {
             sample(&mut out, "weft_map_entries", Some(("map", map)), *n);
         }
-        family(&mut out, "weft_datapath_events_total", "counter", "eBPF datapath counters, summed over CPUs.");
+        family(
+            &mut out,
+            "weft_datapath_events_total",
+            "counter",
+            "eBPF datapath counters, summed over CPUs.",
+        );
         for (counter, n) in &ebpf {
-            sample(&mut out, "weft_datapath_events_total", Some(("counter", counter)), *n);
+            sample(
+                &mut out,
+                "weft_datapath_events_total",
+                Some(("counter", counter)),
+                *n,
+            );
         }
         out
     }
@@ -201,11 +260,26 @@ mod tests {
         m.peers_added.add(2);
         m.set_datapath_stats(Arc::new(Fixed));
         let text = m.render();
-        assert!(text.contains("# TYPE weft_leases gauge\nweft_leases 4\n"), "{text}");
-        assert!(text.contains("weft_datapath_mode{mode=\"ebpf\"} 1\n"), "{text}");
+        assert!(
+            text.contains("# TYPE weft_leases gauge\nweft_leases 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weft_datapath_mode{mode=\"ebpf\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("weft_peers_added_total 2\n"), "{text}");
-        assert!(text.contains("weft_map_entries{map=\"PEERS\"} 3\n"), "{text}");
-        assert!(text.contains("weft_datapath_events_total{counter=\"encap_packets\"} 7\n"), "{text}");
-        assert!(text.contains("weft_datapath_events_total{counter=\"drop \\\"bad\\\"\"} 1\n"), "{text}");
+        assert!(
+            text.contains("weft_map_entries{map=\"PEERS\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weft_datapath_events_total{counter=\"encap_packets\"} 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weft_datapath_events_total{counter=\"drop \\\"bad\\\"\"} 1\n"),
+            "{text}"
+        );
     }
 }

@@ -90,7 +90,11 @@ impl Notifier {
             None => None,
             Some(v) => match v.trim().parse::<u64>() {
                 Ok(us) if us > 0 => Some(Duration::from_micros(us)),
-                _ => return Err(NotifyError::WatchdogUsec { value: v.to_owned() }),
+                _ => {
+                    return Err(NotifyError::WatchdogUsec {
+                        value: v.to_owned(),
+                    })
+                }
             },
         };
         Ok(Self { target, watchdog })
@@ -128,7 +132,9 @@ impl Notifier {
     /// Send `WATCHDOG=1` at half the watchdog timeout until `shutdown` fires. Returns at once when no
     /// watchdog is configured. Send failures are logged and retried on the next tick.
     pub async fn run_watchdog(&self, shutdown: CancellationToken) {
-        let Some(timeout) = self.watchdog.filter(|_| self.enabled()) else { return };
+        let Some(timeout) = self.watchdog.filter(|_| self.enabled()) else {
+            return;
+        };
         let mut tick = tokio::time::interval(timeout / 2);
         loop {
             tokio::select! {
@@ -145,11 +151,14 @@ impl Notifier {
     /// Send raw `KEY=VALUE` lines; a no-op without `$NOTIFY_SOCKET`.
     pub fn send(&self, message: &str) -> Result<(), NotifyError> {
         let Some(t) = &self.target else { return Ok(()) };
-        t.socket.send_to_addr(message.as_bytes(), &t.addr).map(drop).map_err(|source| NotifyError::Send {
-            message: message.to_owned(),
-            socket: t.name.clone(),
-            source,
-        })
+        t.socket
+            .send_to_addr(message.as_bytes(), &t.addr)
+            .map(drop)
+            .map_err(|source| NotifyError::Send {
+                message: message.to_owned(),
+                socket: t.name.clone(),
+                source,
+            })
     }
 }
 
@@ -162,7 +171,10 @@ fn parse_address(name: &str) -> Result<SocketAddr, NotifyError> {
             "expected an absolute path or an abstract name starting with '@'",
         )),
     };
-    addr.map_err(|source| NotifyError::Address { value: name.to_owned(), source })
+    addr.map_err(|source| NotifyError::Address {
+        value: name.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -178,9 +190,18 @@ mod tests {
 
     #[test]
     fn rejects_bad_values() {
-        assert!(matches!(Notifier::from_vars(Some("relative"), None, None), Err(NotifyError::Address { .. })));
-        assert!(matches!(Notifier::from_vars(None, Some("soon"), None), Err(NotifyError::WatchdogUsec { .. })));
-        assert!(matches!(Notifier::from_vars(None, Some("0"), None), Err(NotifyError::WatchdogUsec { .. })));
+        assert!(matches!(
+            Notifier::from_vars(Some("relative"), None, None),
+            Err(NotifyError::Address { .. })
+        ));
+        assert!(matches!(
+            Notifier::from_vars(None, Some("soon"), None),
+            Err(NotifyError::WatchdogUsec { .. })
+        ));
+        assert!(matches!(
+            Notifier::from_vars(None, Some("0"), None),
+            Err(NotifyError::WatchdogUsec { .. })
+        ));
     }
 
     #[test]

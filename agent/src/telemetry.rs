@@ -53,7 +53,9 @@ impl FromStr for LogFormat {
         match s.to_ascii_lowercase().as_str() {
             "text" => Ok(Self::Text),
             "json" => Ok(Self::Json),
-            _ => Err(TelemetryError::Format { value: s.to_owned() }),
+            _ => Err(TelemetryError::Format {
+                value: s.to_owned(),
+            }),
         }
     }
 }
@@ -61,13 +63,20 @@ impl FromStr for LogFormat {
 /// The filter from `RUST_LOG`, or [`DEFAULT_FILTER`].
 pub fn env_filter() -> Result<EnvFilter, TelemetryError> {
     let value = std::env::var("RUST_LOG").unwrap_or_default();
-    parse_filter(if value.trim().is_empty() { DEFAULT_FILTER } else { &value })
+    parse_filter(if value.trim().is_empty() {
+        DEFAULT_FILTER
+    } else {
+        &value
+    })
 }
 
 pub fn parse_filter(value: &str) -> Result<EnvFilter, TelemetryError> {
     EnvFilter::builder()
         .parse(value)
-        .map_err(|source| TelemetryError::Filter { value: value.to_owned(), source })
+        .map_err(|source| TelemetryError::Filter {
+            value: value.to_owned(),
+            source,
+        })
 }
 
 /// Install the global subscriber writing to stderr, and the `log` bridge. Call once, early in main.
@@ -88,11 +97,19 @@ pub fn subscriber<W>(
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     match format {
         LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
         // Flattened so fields sit next to "message" at the top level, which is what log shippers index.
-        LogFormat::Json => Box::new(builder.json().flatten_event(true).with_current_span(false).finish()),
+        LogFormat::Json => Box::new(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .finish(),
+        ),
     }
 }
 
@@ -154,7 +171,10 @@ mod tests {
             tracing::debug!("hidden");
         });
         assert!(text.contains(" INFO "), "{text}");
-        assert!(text.contains("peer removed subnet=\"10.1.54.0/24\""), "{text}");
+        assert!(
+            text.contains("peer removed subnet=\"10.1.54.0/24\""),
+            "{text}"
+        );
         assert!(!text.contains("hidden"), "{text}");
     }
 
