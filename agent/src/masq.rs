@@ -462,15 +462,17 @@ async fn remove_iptables_chain(c: &IptChain, errors: &mut Vec<MasqError>) {
     }
 }
 
-/// `nft list table ip flannel-ipv4`, or `None` when the table does not exist.
+/// `nft list table ip flannel-ipv4`, or `None` when the table does not exist. Existence is read from
+/// the table list rather than guessed from an error message.
 async fn nft_list_table() -> Result<Option<String>, MasqError> {
-    match run("nft", &["list", "table", "ip", NFT_TABLE]).await {
-        Ok(out) => Ok(Some(out)),
-        Err(MasqError::Command { stderr, .. }) if stderr.contains("No such file or directory") => {
-            Ok(None)
-        }
-        Err(e) => Err(e),
+    let tables = run("nft", &["list", "tables", "ip"]).await?;
+    let ours = format!("table ip {NFT_TABLE}");
+    if !tables.lines().any(|l| l.trim() == ours) {
+        return Ok(None);
     }
+    run("nft", &["list", "table", "ip", NFT_TABLE])
+        .await
+        .map(Some)
 }
 
 /// The rule lines of `chain` in an `nft list table` listing.
