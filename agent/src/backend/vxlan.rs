@@ -342,7 +342,7 @@ impl VxlanBackend {
             warn!(error = %e, "rollback: could not remove neighbour");
         }
         if let Some((mac, ip)) = fdb {
-            if let Err(e) = self.nl.del_fdb(index, mac, ip).await {
+            if let Err(e) = self.nl.del_fdb(index, mac, Some(ip)).await {
                 warn!(error = %e, "rollback: could not remove fdb entry");
             }
         }
@@ -360,7 +360,7 @@ impl VxlanBackend {
         };
         keep(self.nl.del_neighbour(index, gw).await);
         if let BackendAttrs::Vxlan { vtep_mac, .. } = lease.attrs.backend {
-            keep(self.nl.del_fdb(index, vtep_mac, public_ip).await);
+            keep(self.nl.del_fdb(index, vtep_mac, Some(public_ip)).await);
         }
         let vxlan_route = RouteSpec {
             dst: lease.subnet,
@@ -397,7 +397,7 @@ impl VxlanBackend {
         {
             let old_fdb = (old_mac, old.attrs.public_ip);
             if plan.vtep.map(|(_, m, ip)| (m, ip)) != Some(old_fdb) {
-                if let Err(e) = self.nl.del_fdb(index, old_fdb.0, old_fdb.1).await {
+                if let Err(e) = self.nl.del_fdb(index, old_fdb.0, Some(old_fdb.1)).await {
                     failures.push(e);
                 }
             }
@@ -490,11 +490,7 @@ impl VxlanBackend {
             .filter(|f| f.permanent && !want.iter().any(|w| Some(w.2) == f.dst && w.1 == f.mac))
         {
             info!(mac = %fmt_mac(&f.mac), dst = ?f.dst, "removing fdb entry no lease justifies");
-            let res = match f.dst {
-                Some(dst) => self.nl.del_fdb(index, f.mac, dst).await,
-                None => Ok(()),
-            };
-            report.record(res);
+            report.record(self.nl.del_fdb(index, f.mac, f.dst).await);
         }
         Ok(report)
     }

@@ -30,6 +30,10 @@ pub struct FdbEntry {
 fn dst_v4(msg: &NeighbourMessage) -> Option<Ipv4Addr> {
     msg.attributes.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        // Bridge-family (fdb) messages carry the IPv4 remote as raw bytes.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+            <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+        }
         _ => None,
     })
 }
@@ -39,6 +43,11 @@ fn lladdr(msg: &NeighbourMessage) -> Option<MacAddr> {
         NeighbourAttribute::LinkLayerAddress(b) => mac_from_bytes(b),
         _ => None,
     })
+}
+
+/// NUD_PERMANENT is a bit: vxlan reports fdb entries as PERMANENT|NOARP.
+fn is_permanent(state: NeighbourState) -> bool {
+    u16::from(state) & u16::from(NeighbourState::Permanent) != 0
 }
 
 impl Netlink {
@@ -70,7 +79,7 @@ impl Netlink {
                 Some(NeighEntry {
                     ip: dst_v4(m)?,
                     mac: lladdr(m),
-                    permanent: m.header.state == NeighbourState::Permanent,
+                    permanent: is_permanent(m.header.state),
                 })
             })
             .collect())
@@ -124,7 +133,7 @@ impl Netlink {
                 Some(FdbEntry {
                     mac: lladdr(m)?,
                     dst: dst_v4(m),
-                    permanent: m.header.state == NeighbourState::Permanent,
+                    permanent: is_permanent(m.header.state),
                 })
             })
             .collect())
@@ -152,12 +161,13 @@ impl Netlink {
         })
     }
 
-    /// `bridge fdb del MAC dev IFINDEX dst IP self`; absent already is fine.
+    /// `bridge fdb del MAC dev IFINDEX [dst IP] self`; without `dst` the whole
+    /// entry goes. Absent already is fine.
     pub async fn del_fdb(
         &self,
         index: u32,
         mac: MacAddr,
-        dst: Ipv4Addr,
+        dst: Option<Ipv4Addr>,
     ) -> Result<(), NetlinkError> {
         let mut msg = NeighbourMessage::default();
         msg.header.family = AddressFamily::Bridge;
@@ -165,14 +175,16 @@ impl Netlink {
         msg.header.flags = NeighbourFlags::Own;
         msg.attributes
             .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        if let Some(dst) = dst {
+            msg.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        }
         let res = self.handle.neighbours().del(msg).execute().await;
         tolerate(
             res,
             &[libc::ENOENT, libc::ENODEV],
             "delete fdb entry",
-            || format!("{} dst {dst}", fmt_mac(&mac)),
+            || format!("{} dst {dst:?}", fmt_mac(&mac)),
         )
     }
 }
