@@ -645,3 +645,28 @@ fn host_gw_refuses_a_peer_behind_a_router_with_a_clear_error() {
         "no route programmed: {routes}"
     );
 }
+
+#[test]
+fn external_interface_is_found_by_name_address_and_default_route() {
+    let host = Netns::host();
+    host.ip("route add default via 192.168.50.254");
+    host.ip("link set ens32 mtu 9000");
+    let index = host.ifindex("ens32") as u32;
+    let (by_name, by_addr, by_default, missing) = host.run(|| async {
+        let nl = Netlink::connect().expect("netlink");
+        (
+            nl.iface_by_name("ens32").await.expect("by name"),
+            nl.iface_by_addr(ip(HOST_IP)).await.expect("by address"),
+            nl.default_route_iface().await.expect("by default route"),
+            nl.iface_by_name("ens99")
+                .await
+                .expect_err("no such interface")
+                .to_string(),
+        )
+    });
+    for found in [&by_name, &by_addr, &by_default] {
+        assert_eq!((found.name.as_str(), found.index), ("ens32", index));
+        assert_eq!((found.ipv4, found.mtu), (ip(HOST_IP), 9000));
+    }
+    assert!(missing.contains("ens99"), "{missing}");
+}
