@@ -134,12 +134,12 @@ pub fn tc_decapsulate(ctx: &TcContext) -> Verdict {
 #[inline(always)]
 fn forward_inner(ctx: &TcContext) -> i32 {
     let Some(ip) = ctx.ptr_at::<Ipv4Hdr>(off::OUTER_IP) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     // SAFETY: bounds checked by ptr_at.
     let (saddr, daddr, tos, ttl) = unsafe { ((*ip).saddr_be, (*ip).daddr_be, (*ip).tos, (*ip).ttl) };
     if ttl <= 1 {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // SAFETY: plain data; all-zero is valid.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
@@ -155,13 +155,13 @@ fn forward_inner(ctx: &TcContext) -> i32 {
     };
     if rc as u32 != BPF_FIB_LKUP_RET_SUCCESS {
         // Local delivery, no neighbour yet, or no route: the stack knows best.
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     let Some(eth) = ctx.ptr_at::<EthHdr>(0) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     let Some(ip) = ctx.ptr_at::<Ipv4Hdr>(off::OUTER_IP) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     // SAFETY: bounds checked by ptr_at; TC may write packet data.
     unsafe {
@@ -172,8 +172,8 @@ fn forward_inner(ctx: &TcContext) -> i32 {
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect(params.ifindex, 0) };
     if action == TC_ACT_REDIRECT as i64 {
-        TC_ACT_REDIRECT as i32
+        TC_ACT_REDIRECT
     } else {
-        TC_ACT_OK as i32
+        TC_ACT_OK
     }
 }

@@ -76,7 +76,10 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
         return Err(Verdict::Pass(counter::PASS_NOT_IPV4));
     }
     let ip: Ipv4Hdr = ctx.read(off::OUTER_IP).ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
-    if ip.version() != 4 || ip.ihl_bytes() < 20 {
+    let l3_len = ctx.len().saturating_sub(ETH_HLEN as u32);
+    let tot_len = ip.tot_len() as u32;
+    if ip.version() != 4 || ip.ihl_bytes() < 20 || (ip.ihl_bytes() as u32) > tot_len || tot_len > l3_len {
+        // The kernel drops these in ip_rcv; never wrap them into a tunnel.
         return Err(Verdict::Pass(counter::PASS_MALFORMED));
     }
     let peer = *maps::remote_peer(ip.daddr_be).ok_or(Verdict::Pass(counter::PASS_NOT_REMOTE))?;
@@ -87,7 +90,6 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
     }
     // SAFETY: ctx.skb.skb is the live __sk_buff of this invocation.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-    let l3_len = ctx.len().saturating_sub(ETH_HLEN as u32);
     if gso_size == 0 && l3_len + VXLAN_OVERHEAD as u32 > cfg.underlay_mtu_ne as u32 {
         // bpf_redirect never fragments: the kernel path fragments or sends
         // "fragmentation needed" instead of silently dropping.

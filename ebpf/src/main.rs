@@ -21,7 +21,7 @@ pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 #[classifier]
 pub fn weft_tc_encap(ctx: TcContext) -> i32 {
-    encap::encapsulate(&ctx).finish(TC_ACT_OK as i32, TC_ACT_SHOT as i32)
+    encap::encapsulate(&ctx).finish(TC_ACT_OK, TC_ACT_SHOT)
 }
 
 #[xdp]
@@ -31,7 +31,7 @@ pub fn weft_xdp_decap(ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn weft_tc_decap(ctx: TcContext) -> i32 {
-    decap::tc_decapsulate(&ctx).finish(TC_ACT_OK as i32, TC_ACT_SHOT as i32)
+    decap::tc_decapsulate(&ctx).finish(TC_ACT_OK, TC_ACT_SHOT)
 }
 
 #[cfg(not(test))]

@@ -32,7 +32,7 @@ impl Counters {
 
 fn map_err(operation: impl Into<String>, map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     let operation = operation.into();
-    move |source| DatapathError::Map { operation, map, source }
+    move |source| DatapathError::Map { operation, map, source: Box::new(source) }
 }
 
 fn is_not_found(e: &MapError) -> bool {

@@ -51,7 +51,7 @@ pub enum DatapathError {
     Load {
         pin_dir: PathBuf,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("program {program} is missing from the eBPF object; rebuild with `cargo xtask build-ebpf`")]
     MissingProgram { program: &'static str },
@@ -59,7 +59,7 @@ pub enum DatapathError {
     LoadProgram {
         program: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("attach {program} to {interface}: {reason}")]
     Attach {
@@ -80,7 +80,7 @@ pub enum DatapathError {
         operation: String,
         map: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("remove {path}: {source}")]
     Unpin {
@@ -92,7 +92,7 @@ pub enum DatapathError {
     TestRun {
         program: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
 }
 
@@ -178,7 +178,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&map_dir)
             .load(object()?)
-            .map_err(|source| DatapathError::Load { pin_dir: pin_dir.clone(), source })?;
+            .map_err(|source| DatapathError::Load { pin_dir: pin_dir.clone(), source: Box::new(source) })?;
         for kind in ProgramKind::ALL {
             kind.load(&mut ebpf)?;
         }
@@ -194,7 +194,7 @@ impl Datapath {
         self.config_map()?.set(0, settings.to_map_value(), 0).map_err(|source| DatapathError::Map {
             operation: "write node config".into(),
             map: weft_common::map_names::CONFIG,
-            source,
+            source: Box::new(source),
         })
     }
 }

@@ -46,7 +46,7 @@ impl ProgramKind {
 
     pub(super) fn load(self, ebpf: &mut Ebpf) -> Result<(), DatapathError> {
         let program = self.name();
-        let load_err = |source| DatapathError::LoadProgram { program, source };
+        let load_err = |source| DatapathError::LoadProgram { program, source: Box::new(source) };
         match self.program_mut(ebpf)? {
             Program::SchedClassifier(p) => p.load().map_err(load_err),
             Program::Xdp(p) => p.load().map_err(load_err),
@@ -70,7 +70,7 @@ impl Datapath {
         ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let mut opts = TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), repeat: 1, ..Default::default() };
-        let run_err = |source| DatapathError::TestRun { program, source };
+        let run_err = |source| DatapathError::TestRun { program, source: Box::new(source) };
         let result = match kind.program(&self.ebpf)? {
             Program::SchedClassifier(p) => {
                 if ifindex != 0 {
