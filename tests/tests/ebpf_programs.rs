@@ -632,3 +632,55 @@ fn fuzz_never_decapsulates_what_it_must_not() {
 fn fmt_mac(m: [u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
+
+/// Names of the programs attached to `dev`: TCX ingress ones and XDP ("xdp" when `ip` shows one).
+fn attached_programs(dev: &str) -> String {
+    let tcx = aya::programs::SchedClassifier::query_tcx(dev, aya::programs::TcAttachType::Ingress)
+        .map(|(_, progs)| progs.iter().filter_map(|p| p.name_as_str().map(str::to_string)).collect::<Vec<_>>().join(","))
+        .unwrap_or_default();
+    let link = Command::new("ip").args(["-d", "link", "show", "dev", dev]).output().expect("ip");
+    let link = String::from_utf8_lossy(&link.stdout);
+    let xdp = if link.contains("prog/xdp") { "xdp:weft_xdp_decap" } else { "" };
+    format!("{tcx} {xdp}")
+}
+
+#[test]
+fn attach_pins_survive_the_agent_and_are_adopted_then_removed() {
+    require_root!();
+    let mut e = env("attach");
+    assert_eq!(weft::datapath::DecapHook::for_interface("ul0"), weft::datapath::DecapHook::Tc, "veth underlay: TC decap");
+    let encap = e.dp.attach_encap("br0").expect("attach encap");
+    let tc = e.dp.attach_decap("ul0", weft::datapath::DecapHook::Tc).expect("attach tc decap");
+    let xdp = e.dp.attach_decap("ul0-wire", weft::datapath::DecapHook::Xdp).expect("attach native xdp on veth");
+    assert!(!encap.adopted && !tc.adopted && !xdp.adopted);
+    assert_eq!(Datapath::pinned_links(&e.pin_dir).len(), 3);
+
+    // The agent exits: the pinned links keep the programs attached.
+    let fresh = Datapath::load(&e.pin_dir).expect("reload");
+    drop(std::mem::replace(&mut e.dp, fresh));
+    assert!(attached_programs("br0").contains("weft_tc_encap"), "{}", attached_programs("br0"));
+    assert!(attached_programs("ul0").contains("weft_tc_decap"));
+    assert!(attached_programs("ul0-wire").contains("weft_xdp_decap"), "{}", attached_programs("ul0-wire"));
+
+    // A restarted agent swaps its programs into the same links.
+    assert!(e.dp.attach_encap("br0").expect("adopt encap").adopted);
+    assert!(e.dp.attach_decap("ul0", weft::datapath::DecapHook::Tc).expect("adopt tc").adopted);
+    assert!(e.dp.attach_decap("ul0-wire", weft::datapath::DecapHook::Xdp).expect("adopt xdp").adopted);
+    assert_eq!(attached_programs("br0").matches("weft_tc_encap").count(), 1, "replaced, not stacked");
+
+    // A foreign XDP program on the NIC is reported, not replaced.
+    let other = Datapath::load(e.pin_dir.join("other")).expect("second instance");
+    let mut other = other;
+    let err = other.attach_decap("ul0-wire", weft::datapath::DecapHook::Xdp).expect_err("busy");
+    assert!(err.to_string().contains("ul0-wire"), "{err}");
+    drop(other);
+    let _ = Datapath::detach_and_unpin(&e.pin_dir.join("other"));
+
+    let fresh = Datapath::load(&e.pin_dir).expect("reload");
+    drop(std::mem::replace(&mut e.dp, fresh));
+    Datapath::detach_and_unpin(&e.pin_dir).expect("cleanup");
+    assert!(!e.pin_dir.join("links").exists());
+    for dev in ["br0", "ul0", "ul0-wire"] {
+        assert!(!attached_programs(dev).contains("weft_"), "{dev} still has a weft program: {}", attached_programs(dev));
+    }
+}
