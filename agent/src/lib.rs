@@ -12,3 +12,6 @@ pub mod files;
 pub mod lease;
 pub mod netlink;
 pub mod subnet;
+pub mod iface;
+pub mod agent;
+pub mod backend_log;
