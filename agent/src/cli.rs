@@ -343,13 +343,11 @@ fn adopt_flanneld_env() {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+fn init_logging(format: LogFormat) -> Result<(), crate::telemetry::TelemetryError> {
+    crate::telemetry::init(match format {
+        LogFormat::Text => crate::telemetry::LogFormat::Text,
+        LogFormat::Json => crate::telemetry::LogFormat::Json,
+    })
 }
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
@@ -379,7 +377,9 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_logging(cli.log_format);
+    if let Err(e) = init_logging(cli.log_format) {
+        return fail(exit::USAGE, e);
+    }
     match cli.command {
         Command::Agent(args) => match args.validate() {
             Ok(cfg) => run_agent(cfg),

@@ -4,14 +4,19 @@
 //! touches rtnetlink, only [`subnet::etcd`] touches etcd-client. Everything else
 //! speaks domain types ([`lease::Lease`], [`lease::LeaseEvent`], [`config::NetworkConfig`]).
 
+pub mod agent;
 pub mod backend;
+pub mod backend_log;
 pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod files;
-pub mod lease;
-pub mod netlink;
-pub mod subnet;
+pub mod health;
 pub mod iface;
-pub mod agent;
-pub mod backend_log;
+pub mod lease;
+pub mod masq;
+pub mod metrics;
+pub mod netlink;
+pub mod notify;
+pub mod subnet;
+pub mod telemetry;
