@@ -55,8 +55,14 @@ pub struct AgentConfig {
 pub enum AgentError {
     #[error(transparent)]
     Iface(#[from] IfaceError),
-    #[error("the network config at {key} is invalid: {source}; fix it with `weft config set '<json>'`")]
-    Config { key: String, #[source] source: ConfigError },
+    #[error(
+        "the network config at {key} is invalid: {source}; fix it with `weft config set '<json>'`"
+    )]
+    Config {
+        key: String,
+        #[source]
+        source: ConfigError,
+    },
     #[error(transparent)]
     Subnet(#[from] SubnetError),
     #[error(transparent)]
@@ -65,21 +71,28 @@ pub enum AgentError {
     Backend(BackendError),
 }
 
-/// The overlay MTU written to subnet.env: the configured one, else what the interface leaves.
+/// The overlay MTU written to subnet.env. For vxlan, `Backend.MTU` stands in for the
+/// interface's MTU and the encapsulation overhead comes off either (as the vxlan backend
+/// sizes `flannel.<VNI>`).
 pub fn overlay_mtu(net: &NetworkConfig, iface: &ExtIface) -> u32 {
     match net.backend {
-        NetBackend::Vxlan(v) => v.mtu.unwrap_or(iface.mtu.saturating_sub(VXLAN_OVERHEAD)),
+        NetBackend::Vxlan(v) => v.mtu.unwrap_or(iface.mtu).saturating_sub(VXLAN_OVERHEAD),
         NetBackend::HostGw => iface.mtu,
     }
 }
 
 /// Wait for `<prefix>/config`, logging the key to write once a second.
-async fn wait_for_config(store: &EtcdStore, shutdown: &CancellationToken) -> Result<Option<NetworkConfig>, AgentError> {
+async fn wait_for_config(
+    store: &EtcdStore,
+    shutdown: &CancellationToken,
+) -> Result<Option<NetworkConfig>, AgentError> {
     let key = store.config_key();
     loop {
         match store.get_config().await {
             Ok(Some(json)) => {
-                return NetworkConfig::parse(&json).map(Some).map_err(|source| AgentError::Config { key, source });
+                return NetworkConfig::parse(&json)
+                    .map(Some)
+                    .map_err(|source| AgentError::Config { key, source });
             }
             Ok(None) => tracing::warn!(
                 key = %key,
@@ -131,7 +144,12 @@ impl<B: Backend> Running<'_, B> {
     }
 
     fn write_files(&self) -> Result<(), FilesError> {
-        let env = SubnetEnv { network: self.net.network, subnet: self.own.subnet, mtu: overlay_mtu(&self.net, &self.iface), ipmasq: self.cfg.ip_masq };
+        let env = SubnetEnv {
+            network: self.net.network,
+            subnet: self.own.subnet,
+            mtu: overlay_mtu(&self.net, &self.iface),
+            ipmasq: self.cfg.ip_masq,
+        };
         files::write_atomic(&self.cfg.subnet_file, env.render().as_bytes())?;
         files::write_atomic(&self.cfg.docker_opts_file, env.docker_opts().as_bytes())
     }
@@ -139,14 +157,24 @@ impl<B: Backend> Running<'_, B> {
     /// Our key is gone or someone else's: get a lease again, the same subnet when free.
     async fn reacquire(&mut self) -> Result<(), AgentError> {
         let old = self.own.subnet;
-        let lease = subnet::acquire(&self.store, &self.net, &self.attrs, self.cfg.lease.ttl, Some(old)).await?;
+        let lease = subnet::acquire(
+            &self.store,
+            &self.net,
+            &self.attrs,
+            self.cfg.lease.ttl,
+            Some(old),
+        )
+        .await?;
         self.own = lease;
         if self.own.subnet == old {
             tracing::info!(subnet = %old, "lease re-acquired; datapath untouched");
             return Ok(());
         }
         tracing::warn!(old = %old, new = %self.own.subnet, "our subnet was taken; moved to a new one");
-        self.backend.own_lease(&self.own).await.map_err(AgentError::Backend)?;
+        self.backend
+            .own_lease(&self.own)
+            .await
+            .map_err(AgentError::Backend)?;
         self.write_files()?;
         let ev = self.peers.set_own(self.own.subnet);
         self.apply(ev.into_iter().collect()).await;
@@ -160,7 +188,11 @@ impl<B: Backend> Running<'_, B> {
             WatchUpdate::Delete(s) => *s == own,
             WatchUpdate::Put(l) => l.subnet == own && l.attrs != self.attrs,
             WatchUpdate::Snapshot(listing) => {
-                !listing.taken.contains(&own) || listing.leases.iter().any(|l| l.subnet == own && l.attrs != self.attrs)
+                !listing.taken.contains(&own)
+                    || listing
+                        .leases
+                        .iter()
+                        .any(|l| l.subnet == own && l.attrs != self.attrs)
             }
         }
     }
@@ -169,29 +201,51 @@ impl<B: Backend> Running<'_, B> {
 /// Run the agent until `shutdown` fires. `build` makes the backend once the network config
 /// and interface are known; `ready` turns true once the subnet file is written and the
 /// first peer snapshot is applied.
-pub async fn run<B, F>(cfg: AgentConfig, build: F, shutdown: CancellationToken, ready: watch::Sender<bool>) -> Result<(), AgentError>
+pub async fn run<B, F>(
+    cfg: AgentConfig,
+    build: F,
+    shutdown: CancellationToken,
+    ready: watch::Sender<bool>,
+) -> Result<(), AgentError>
 where
     B: Backend,
     F: FnOnce(&AgentConfig, &NetworkConfig, &ExtIface) -> Result<B, BackendError>,
 {
     let iface = iface::choose(&cfg.iface)?;
     tracing::info!(iface = %iface.name, index = iface.index, addr = %iface.iface_addr, public_ip = %iface.public_ip, mtu = iface.mtu, "external interface");
-    let Some(store) = connect(&cfg, &shutdown).await else { return Ok(()) };
-    let Some(net) = wait_for_config(&store, &shutdown).await? else { return Ok(()) };
+    let Some(store) = connect(&cfg, &shutdown).await else {
+        return Ok(());
+    };
+    let Some(net) = wait_for_config(&store, &shutdown).await? else {
+        return Ok(());
+    };
     tracing::info!(network = %net.network, backend = net.backend.type_name(), "network config");
 
     let mut backend = build(&cfg, &net, &iface).map_err(AgentError::Backend)?;
     let backend_attrs = backend.prepare().await.map_err(AgentError::Backend)?;
-    let attrs = LeaseAttrs { public_ip: iface.public_ip, backend: backend_attrs };
-    let prefer = files::read_env(&cfg.subnet_file)
-        .ok()
-        .and_then(|env| env.get("FLANNEL_SUBNET").and_then(|s| alloc::from_subnet_file(&net, s)));
+    let attrs = LeaseAttrs {
+        public_ip: iface.public_ip,
+        backend: backend_attrs,
+    };
+    let prefer = files::read_env(&cfg.subnet_file).ok().and_then(|env| {
+        env.get("FLANNEL_SUBNET")
+            .and_then(|s| alloc::from_subnet_file(&net, s))
+    });
     let own = subnet::acquire(&store, &net, &attrs, cfg.lease.ttl, prefer).await?;
     backend.own_lease(&own).await.map_err(AgentError::Backend)?;
 
     let mut peers = PeerSet::new(attrs.backend.type_name());
     peers.set_own(own.subnet);
-    let mut st = Running { cfg: &cfg, net, iface, store: store.clone(), backend, attrs, own, peers };
+    let mut st = Running {
+        cfg: &cfg,
+        net,
+        iface,
+        store: store.clone(),
+        backend,
+        attrs,
+        own,
+        peers,
+    };
     st.write_files()?;
 
     let tracker = TaskTracker::new();
@@ -266,8 +320,36 @@ where
     }
     tracing::info!(subnet = %st.own.subnet, "shutting down; lease and datapath left in place for the next start");
     watch_cancel.cancel();
-    if tokio::time::timeout(cfg.shutdown_grace, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(cfg.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(grace = ?cfg.shutdown_grace, "tasks did not stop within the grace period");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_mtu_takes_the_encapsulation_off() {
+        let iface = ExtIface {
+            name: "eth0".into(),
+            index: 2,
+            iface_addr: [10, 0, 0, 1].into(),
+            public_ip: [10, 0, 0, 1].into(),
+            mtu: 9000,
+        };
+        let cfg = |b: &str| {
+            NetworkConfig::parse(&format!(r#"{{"Network":"10.1.0.0/16","Backend":{b}}}"#)).unwrap()
+        };
+        assert_eq!(overlay_mtu(&cfg(r#"{"Type":"vxlan"}"#), &iface), 8950);
+        assert_eq!(
+            overlay_mtu(&cfg(r#"{"Type":"vxlan","MTU":1500}"#), &iface),
+            1450
+        );
+        assert_eq!(overlay_mtu(&cfg(r#"{"Type":"host-gw"}"#), &iface), 9000);
+    }
 }

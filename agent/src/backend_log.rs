@@ -16,9 +16,16 @@ pub struct LogBackend {
 }
 
 /// Same shape as `crate::backend::build`, so swapping it is a one-line change.
-pub fn build(_cfg: &AgentConfig, net: &NetworkConfig, _iface: &ExtIface) -> Result<LogBackend, BackendError> {
+pub fn build(
+    _cfg: &AgentConfig,
+    net: &NetworkConfig,
+    _iface: &ExtIface,
+) -> Result<LogBackend, BackendError> {
     let attrs = match net.backend {
-        NetBackend::Vxlan(v) => BackendAttrs::Vxlan { vni: Some(v.vni), vtep_mac: MacAddr::random() },
+        NetBackend::Vxlan(v) => BackendAttrs::Vxlan {
+            vni: Some(v.vni),
+            vtep_mac: MacAddr::random(),
+        },
         NetBackend::HostGw => BackendAttrs::HostGw,
     };
     Ok(LogBackend { attrs })
@@ -37,9 +44,15 @@ impl Backend for LogBackend {
 
     async fn apply(&mut self, event: &LeaseEvent) -> Result<(), BackendError> {
         match event {
-            LeaseEvent::Added(l) => tracing::info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer added"),
-            LeaseEvent::Changed { new, .. } => tracing::info!(subnet = %new.subnet, public_ip = %new.attrs.public_ip, "peer changed"),
-            LeaseEvent::Removed(l) => tracing::info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer removed"),
+            LeaseEvent::Added(l) => {
+                tracing::info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer added")
+            }
+            LeaseEvent::Changed { new, .. } => {
+                tracing::info!(subnet = %new.subnet, public_ip = %new.attrs.public_ip, "peer changed")
+            }
+            LeaseEvent::Removed(l) => {
+                tracing::info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer removed")
+            }
         }
         Ok(())
     }

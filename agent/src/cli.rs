@@ -44,7 +44,13 @@ Every flag can also be given as WEFT_<FLAG> (e.g. WEFT_ETCD_ENDPOINTS); flanneld
 #[command(name = "weft", version, about = "flannel-compatible overlay network agent", after_help = EXIT_CODES)]
 struct Cli {
     /// Log format (filter with RUST_LOG, default info).
-    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "WEFT_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -97,7 +103,12 @@ enum ConfigCmd {
 #[derive(Debug, Args)]
 struct EtcdArgs {
     /// Comma-separated etcd endpoints.
-    #[arg(long, env = "WEFT_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "WEFT_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379"
+    )]
     etcd_endpoints: Vec<String>,
     /// etcd prefix holding config and subnets.
     #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = "/coreos.com/network")]
@@ -133,10 +144,18 @@ struct AgentArgs {
     #[arg(long, env = "WEFT_PUBLIC_IP")]
     public_ip: Option<String>,
     /// Subnet file to write.
-    #[arg(long, env = "WEFT_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    #[arg(
+        long,
+        env = "WEFT_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
     subnet_file: PathBuf,
     /// Docker options file to write (DOCKER_OPT_BIP, DOCKER_OPT_IPMASQ, DOCKER_OPT_MTU).
-    #[arg(long, env = "WEFT_DOCKER_OPTS_FILE", default_value = "/run/flannel/flannel_docker_opts.env")]
+    #[arg(
+        long,
+        env = "WEFT_DOCKER_OPTS_FILE",
+        default_value = "/run/flannel/flannel_docker_opts.env"
+    )]
     docker_opts_file: PathBuf,
     /// Renew the lease this many minutes before it expires (1..1439).
     #[arg(long, env = "WEFT_SUBNET_LEASE_RENEW_MARGIN", default_value = "60")]
@@ -206,7 +225,11 @@ pub struct UsageError {
 }
 
 fn usage(flag: &'static str, value: &str, reason: impl ToString) -> UsageError {
-    UsageError { flag, value: value.to_string(), reason: reason.to_string() }
+    UsageError {
+        flag,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// Parse `30s`, `5m`, `24h`, `1h30m`, `500ms` (Go's time.ParseDuration units, no fractions).
@@ -223,7 +246,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         }
         let n: u64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = match &rest[..unit_len] {
             "ms" => Duration::from_millis(1),
             "s" => Duration::from_secs(1),
@@ -257,25 +282,45 @@ impl EtcdArgs {
     fn validate(&self) -> Result<EtcdOptions, UsageError> {
         for e in &self.etcd_endpoints {
             if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(usage("etcd-endpoints", e, "each endpoint must start with http:// or https://"));
+                return Err(usage(
+                    "etcd-endpoints",
+                    e,
+                    "each endpoint must start with http:// or https://",
+                ));
             }
         }
         if self.etcd_endpoints.is_empty() {
             return Err(usage("etcd-endpoints", "", "give at least one endpoint"));
         }
         if !self.etcd_prefix.starts_with('/') {
-            return Err(usage("etcd-prefix", &self.etcd_prefix, "must start with /, e.g. /coreos.com/network"));
+            return Err(usage(
+                "etcd-prefix",
+                &self.etcd_prefix,
+                "must start with /, e.g. /coreos.com/network",
+            ));
         }
-        for (flag, path) in [("etcd-cafile", &self.etcd_cafile), ("etcd-certfile", &self.etcd_certfile), ("etcd-keyfile", &self.etcd_keyfile)] {
+        for (flag, path) in [
+            ("etcd-cafile", &self.etcd_cafile),
+            ("etcd-certfile", &self.etcd_certfile),
+            ("etcd-keyfile", &self.etcd_keyfile),
+        ] {
             if let Some(p) = path.as_ref().filter(|p| !p.is_file()) {
                 return Err(usage(flag, &p.display().to_string(), "no such file"));
             }
         }
         if self.etcd_certfile.is_some() != self.etcd_keyfile.is_some() {
-            return Err(usage("etcd-certfile", "", "--etcd-certfile and --etcd-keyfile go together"));
+            return Err(usage(
+                "etcd-certfile",
+                "",
+                "--etcd-certfile and --etcd-keyfile go together",
+            ));
         }
         if self.etcd_username.is_some() != self.etcd_password.is_some() {
-            return Err(usage("etcd-username", "", "--etcd-username and --etcd-password go together"));
+            return Err(usage(
+                "etcd-username",
+                "",
+                "--etcd-username and --etcd-password go together",
+            ));
         }
         Ok(EtcdOptions {
             endpoints: self.etcd_endpoints.clone(),
@@ -299,34 +344,82 @@ impl AgentArgs {
         let public_ip = self
             .public_ip
             .as_deref()
-            .map(|s| s.parse::<Ipv4Addr>().map_err(|_| usage("public-ip", s, "expected an IPv4 address")))
+            .map(|s| {
+                s.parse::<Ipv4Addr>()
+                    .map_err(|_| usage("public-ip", s, "expected an IPv4 address"))
+            })
             .transpose()?;
         let margin_min: u64 = self
             .subnet_lease_renew_margin
             .parse()
             .ok()
             .filter(|m| (1..=1439).contains(m))
-            .ok_or_else(|| usage("subnet-lease-renew-margin", &self.subnet_lease_renew_margin, "minutes from 1 to 1439"))?;
-        let ttl = duration_flag("subnet-lease-ttl", &self.subnet_lease_ttl, Duration::from_secs(2))?;
-        let healthz_port: u16 = self.healthz_port.parse().map_err(|_| usage("healthz-port", &self.healthz_port, "a port number 0..65535"))?;
-        let healthz_ip: IpAddr = self.healthz_ip.parse().map_err(|_| usage("healthz-ip", &self.healthz_ip, "expected an IP address"))?;
-        let resync: u64 = self.iptables_resync.parse().ok().filter(|s| *s > 0).ok_or_else(|| usage("iptables-resync", &self.iptables_resync, "seconds, at least 1"))?;
+            .ok_or_else(|| {
+                usage(
+                    "subnet-lease-renew-margin",
+                    &self.subnet_lease_renew_margin,
+                    "minutes from 1 to 1439",
+                )
+            })?;
+        let ttl = duration_flag(
+            "subnet-lease-ttl",
+            &self.subnet_lease_ttl,
+            Duration::from_secs(2),
+        )?;
+        let healthz_port: u16 = self
+            .healthz_port
+            .parse()
+            .map_err(|_| usage("healthz-port", &self.healthz_port, "a port number 0..65535"))?;
+        let healthz_ip: IpAddr = self
+            .healthz_ip
+            .parse()
+            .map_err(|_| usage("healthz-ip", &self.healthz_ip, "expected an IP address"))?;
+        let resync: u64 = self
+            .iptables_resync
+            .parse()
+            .ok()
+            .filter(|s| *s > 0)
+            .ok_or_else(|| {
+                usage(
+                    "iptables-resync",
+                    &self.iptables_resync,
+                    "seconds, at least 1",
+                )
+            })?;
         if self.bridge.is_empty() || self.bridge.len() > 15 {
-            return Err(usage("bridge", &self.bridge, "an interface name of 1 to 15 characters"));
+            return Err(usage(
+                "bridge",
+                &self.bridge,
+                "an interface name of 1 to 15 characters",
+            ));
         }
         Ok(AgentConfig {
             etcd: self.etcd.validate()?,
-            iface: IfaceChoice { iface: self.iface.clone(), iface_regex, public_ip },
+            iface: IfaceChoice {
+                iface: self.iface.clone(),
+                iface_regex,
+                public_ip,
+            },
             subnet_file: self.subnet_file.clone(),
             docker_opts_file: self.docker_opts_file.clone(),
-            lease: LeaseTiming { ttl, renew_margin: Duration::from_secs(margin_min * 60) },
+            lease: LeaseTiming {
+                ttl,
+                renew_margin: Duration::from_secs(margin_min * 60),
+            },
             ip_masq: parse_bool("ip-masq", &self.ip_masq)?,
             iptables_resync: Duration::from_secs(resync),
-            iptables_forward_rules: parse_bool("iptables-forward-rules", &self.iptables_forward_rules)?,
+            iptables_forward_rules: parse_bool(
+                "iptables-forward-rules",
+                &self.iptables_forward_rules,
+            )?,
             healthz: (healthz_port != 0).then_some(SocketAddr::new(healthz_ip, healthz_port)),
             datapath: self.datapath,
             bridge: self.bridge.clone(),
-            reconcile_interval: duration_flag("reconcile-interval", &self.reconcile_interval, Duration::from_millis(100))?,
+            reconcile_interval: duration_flag(
+                "reconcile-interval",
+                &self.reconcile_interval,
+                Duration::from_millis(100),
+            )?,
             shutdown_grace: duration_flag("shutdown-grace", &self.shutdown_grace, Duration::ZERO)?,
         })
     }
@@ -335,7 +428,9 @@ impl AgentArgs {
 /// Copy `FLANNELD_<NAME>` to `WEFT_<NAME>` where the latter is unset. Runs before any thread.
 fn adopt_flanneld_env() {
     for (k, v) in std::env::vars_os() {
-        let Some(name) = k.to_str().and_then(|k| k.strip_prefix("FLANNELD_")) else { continue };
+        let Some(name) = k.to_str().and_then(|k| k.strip_prefix("FLANNELD_")) else {
+            continue;
+        };
         let weft = format!("WEFT_{name}");
         if std::env::var_os(&weft).is_none() {
             std::env::set_var(weft, v);
@@ -364,7 +459,10 @@ fn subnet_exit(e: &SubnetError) -> u8 {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
 }
 
 pub fn main() -> ExitCode {
@@ -372,7 +470,11 @@ pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             return ExitCode::from(code);
         }
@@ -420,7 +522,10 @@ pub fn main() -> ExitCode {
         },
         Command::Leases { etcd, json } => match etcd.validate() {
             Err(e) => fail(exit::USAGE, e),
-            Ok(opts) => with_store(&opts, |store| async move { print_leases(&store, json).await }),
+            Ok(opts) => with_store(
+                &opts,
+                |store| async move { print_leases(&store, json).await },
+            ),
         },
         Command::DockerOpts(a) => docker_opts(&a),
     }
@@ -468,11 +573,22 @@ async fn print_leases(store: &EtcdStore, json: bool) -> Result<u8, SubnetError> 
         println!("{}", serde_json::Value::Array(rows));
         return Ok(exit::OK);
     }
-    println!("{:<20} {:<16} {:<18} {:<8} EXPIRES IN", "SUBNET", "PUBLIC IP", "VTEP MAC", "BACKEND");
+    println!(
+        "{:<20} {:<16} {:<18} {:<8} EXPIRES IN",
+        "SUBNET", "PUBLIC IP", "VTEP MAC", "BACKEND"
+    );
     for r in &rows {
         let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
-        let exp = r["expires_in_secs"].as_i64().map_or("-".to_string(), |t| format!("{}h{:02}m{:02}s", t / 3600, t / 60 % 60, t % 60));
-        println!("{:<20} {:<16} {:<18} {:<8} {exp}", s("subnet"), s("public_ip"), s("vtep_mac"), s("backend"));
+        let exp = r["expires_in_secs"].as_i64().map_or("-".to_string(), |t| {
+            format!("{}h{:02}m{:02}s", t / 3600, t / 60 % 60, t % 60)
+        });
+        println!(
+            "{:<20} {:<16} {:<18} {:<8} {exp}",
+            s("subnet"),
+            s("public_ip"),
+            s("vtep_mac"),
+            s("backend")
+        );
     }
     Ok(exit::OK)
 }
@@ -487,7 +603,12 @@ fn docker_opts(a: &DockerOptsArgs) -> ExitCode {
     } else {
         Default::default()
     };
-    let opts = DockerOpts { individual: a.individual, combined: a.combined, combined_key: a.key.clone(), no_ipmasq: a.no_ipmasq };
+    let opts = DockerOpts {
+        individual: a.individual,
+        combined: a.combined,
+        combined_key: a.key.clone(),
+        no_ipmasq: a.no_ipmasq,
+    };
     let existing = std::env::var(&a.key).ok();
     match opts.render(&env, existing.as_deref()) {
         Ok(text) => match files::write_atomic(&a.docker_env, text.as_bytes()) {
@@ -508,7 +629,10 @@ fn run_agent(cfg: AgentConfig) -> ExitCode {
         let signals = shutdown.clone();
         let sig_task = tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 return;
             };
             tokio::select! {
@@ -566,13 +690,26 @@ mod tests {
     #[test]
     fn agent_flags() {
         let c = agent(&[]).unwrap();
-        assert_eq!(c.etcd.endpoints, ["http://127.0.0.1:4001", "http://127.0.0.1:2379"]);
+        assert_eq!(
+            c.etcd.endpoints,
+            ["http://127.0.0.1:4001", "http://127.0.0.1:2379"]
+        );
         assert_eq!(c.etcd.prefix, "/coreos.com/network");
         assert_eq!(c.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
         assert_eq!(c.lease.ttl, Duration::from_secs(86400));
         assert_eq!(c.lease.renew_margin, Duration::from_secs(3600));
         assert!(!c.ip_masq && c.iptables_forward_rules && c.healthz.is_none());
-        let c = agent(&["--ip-masq", "--iface", "eth0", "--iface=10.0.0.1", "--subnet-lease-ttl", "30s", "--healthz-port", "8471"]).unwrap();
+        let c = agent(&[
+            "--ip-masq",
+            "--iface",
+            "eth0",
+            "--iface=10.0.0.1",
+            "--subnet-lease-ttl",
+            "30s",
+            "--healthz-port",
+            "8471",
+        ])
+        .unwrap();
         assert!(c.ip_masq);
         assert_eq!(c.iface.iface, ["eth0", "10.0.0.1"]);
         assert_eq!(c.lease.ttl, Duration::from_secs(30));
@@ -583,14 +720,20 @@ mod tests {
     #[test]
     fn bad_flags_name_the_flag() {
         for (args, needle) in [
-            (&["--subnet-lease-renew-margin", "0"][..], "--subnet-lease-renew-margin"),
+            (
+                &["--subnet-lease-renew-margin", "0"][..],
+                "--subnet-lease-renew-margin",
+            ),
             (&["--subnet-lease-renew-margin", "1440"][..], "1 to 1439"),
             (&["--subnet-lease-ttl", "forever"][..], "--subnet-lease-ttl"),
             (&["--public-ip", "1.2.3"][..], "--public-ip"),
             (&["--iface-regex", "("][..], "--iface-regex"),
             (&["--etcd-endpoints", "127.0.0.1:2379"][..], "http://"),
             (&["--etcd-prefix", "coreos.com"][..], "--etcd-prefix"),
-            (&["--etcd-cafile", "/nonexistent/ca.pem"][..], "no such file"),
+            (
+                &["--etcd-cafile", "/nonexistent/ca.pem"][..],
+                "no such file",
+            ),
             (&["--healthz-port", "70000"][..], "--healthz-port"),
             (&["--ip-masq=yes"][..], "true or false"),
             (&["--datapath", "xdp"][..], "invalid value"),

@@ -12,9 +12,17 @@ use ipnet::Ipv4Net;
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
     #[error("write {path}: {source}; check that the directory exists and is writable")]
-    Write { path: PathBuf, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("read {path}: {source}; is the agent running and --subnet-file right?")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("Invalid value of FLANNEL_IPMASQ: {value} (in {path}); it must be true or false")]
     BadIpMasq { path: PathBuf, value: String },
 }
@@ -31,8 +39,11 @@ pub struct SubnetEnv {
 
 impl SubnetEnv {
     pub fn render(&self) -> String {
-        let first = Ipv4Net::new(u32::from(self.subnet.network()).wrapping_add(1).into(), self.subnet.prefix_len())
-            .unwrap_or(self.subnet);
+        let first = Ipv4Net::new(
+            u32::from(self.subnet.network()).wrapping_add(1).into(),
+            self.subnet.prefix_len(),
+        )
+        .unwrap_or(self.subnet);
         format!(
             "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={first}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
             self.network, self.mtu, self.ipmasq
@@ -41,22 +52,38 @@ impl SubnetEnv {
 
     /// The Docker options CoreOS wrote to `/run/flannel/flannel_docker_opts.env` (individual variables).
     pub fn docker_opts(&self) -> String {
-        let opts = DockerOpts { individual: true, combined: false, ..DockerOpts::default() };
-        opts.render(&parse_env(&self.render()), None).unwrap_or_default()
+        let opts = DockerOpts {
+            individual: true,
+            combined: false,
+            ..DockerOpts::default()
+        };
+        opts.render(&parse_env(&self.render()), None)
+            .unwrap_or_default()
     }
 }
 
 /// Write `bytes` to `path` through a temporary file and rename, mode 0644, so readers see
 /// the old or the new file, never a partial one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FilesError> {
-    let err = |source| FilesError::Write { path: path.to_path_buf(), source };
+    let err = |source| FilesError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
     let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         // The umask may have narrowed the create mode.
         f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
@@ -74,14 +101,22 @@ pub fn parse_env(text: &str) -> BTreeMap<String, String> {
     text.lines()
         .filter_map(|l| l.trim().split_once('='))
         .filter(|(k, _)| !k.starts_with('#'))
-        .map(|(k, v)| (k.trim_start_matches("export ").to_string(), v.trim_matches('"').to_string()))
+        .map(|(k, v)| {
+            (
+                k.trim_start_matches("export ").to_string(),
+                v.trim_matches('"').to_string(),
+            )
+        })
         .collect()
 }
 
 pub fn read_env(path: &Path) -> Result<BTreeMap<String, String>, FilesError> {
     std::fs::read_to_string(path)
         .map(|t| parse_env(&t))
-        .map_err(|source| FilesError::Read { path: path.to_path_buf(), source })
+        .map_err(|source| FilesError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// `mk-docker-opts.sh` options: `-i` individual, `-c` combined (both when neither), `-k` key, `-m`.
@@ -95,14 +130,23 @@ pub struct DockerOpts {
 
 impl Default for DockerOpts {
     fn default() -> Self {
-        DockerOpts { individual: false, combined: false, combined_key: "DOCKER_OPTS".into(), no_ipmasq: false }
+        DockerOpts {
+            individual: false,
+            combined: false,
+            combined_key: "DOCKER_OPTS".into(),
+            no_ipmasq: false,
+        }
     }
 }
 
 impl DockerOpts {
     /// The script's output for the sourced subnet file `env`. `existing` is the current value
     /// of the combined variable in the environment, which the script prepends.
-    pub fn render(&self, env: &BTreeMap<String, String>, existing: Option<&str>) -> Result<String, FilesError> {
+    pub fn render(
+        &self,
+        env: &BTreeMap<String, String>,
+        existing: Option<&str>,
+    ) -> Result<String, FilesError> {
         let (individual, combined) = match (self.individual, self.combined) {
             (false, false) => (true, true),
             other => other,
@@ -115,16 +159,27 @@ impl DockerOpts {
         if let Some(m) = env.get("FLANNEL_MTU").filter(|s| !s.is_empty()) {
             vars.insert("DOCKER_OPT_MTU", format!("--mtu={m}"));
         }
-        if let Some(masq) = env.get("FLANNEL_IPMASQ").filter(|s| !s.is_empty() && !self.no_ipmasq) {
+        if let Some(masq) = env
+            .get("FLANNEL_IPMASQ")
+            .filter(|s| !s.is_empty() && !self.no_ipmasq)
+        {
             let docker_masq = match masq.as_str() {
                 "true" => "false",
                 "false" => "true",
-                other => return Err(FilesError::BadIpMasq { path: PathBuf::from("subnet file"), value: other.into() }),
+                other => {
+                    return Err(FilesError::BadIpMasq {
+                        path: PathBuf::from("subnet file"),
+                        value: other.into(),
+                    })
+                }
             };
             vars.insert("DOCKER_OPT_IPMASQ", format!("--ip-masq={docker_masq}"));
         }
         let mut out = String::new();
-        let mut all = existing.filter(|s| !s.is_empty()).map(|s| format!("{s} ")).unwrap_or_default();
+        let mut all = existing
+            .filter(|s| !s.is_empty())
+            .map(|s| format!("{s} "))
+            .unwrap_or_default();
         for (name, value) in &vars {
             if individual {
                 out.push_str(&format!("{name}=\"{value}\"\n"));
@@ -144,7 +199,12 @@ mod tests {
     use super::*;
 
     fn env() -> SubnetEnv {
-        SubnetEnv { network: "10.1.0.0/16".parse().unwrap(), subnet: "10.1.10.0/24".parse().unwrap(), mtu: 1450, ipmasq: true }
+        SubnetEnv {
+            network: "10.1.0.0/16".parse().unwrap(),
+            subnet: "10.1.10.0/24".parse().unwrap(),
+            mtu: 1450,
+            ipmasq: true,
+        }
     }
 
     #[test]
@@ -160,12 +220,24 @@ mod tests {
             all,
             "DOCKER_OPT_BIP=\"--bip=10.1.10.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\nDOCKER_OPTS=\" --bip=10.1.10.1/24 --ip-masq=false --mtu=1450\"\n"
         );
-        let c = DockerOpts { combined: true, combined_key: "X".into(), no_ipmasq: true, ..Default::default() };
-        assert_eq!(c.render(&e, Some("--debug")).unwrap(), "X=\"--debug  --bip=10.1.10.1/24 --mtu=1450\"\n");
+        let c = DockerOpts {
+            combined: true,
+            combined_key: "X".into(),
+            no_ipmasq: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.render(&e, Some("--debug")).unwrap(),
+            "X=\"--debug  --bip=10.1.10.1/24 --mtu=1450\"\n"
+        );
         assert_eq!(env().docker_opts(), "DOCKER_OPT_BIP=\"--bip=10.1.10.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\n");
         let mut bad = e.clone();
         bad.insert("FLANNEL_IPMASQ".into(), "maybe".into());
-        assert!(DockerOpts::default().render(&bad, None).unwrap_err().to_string().contains("FLANNEL_IPMASQ: maybe"));
+        assert!(DockerOpts::default()
+            .render(&bad, None)
+            .unwrap_err()
+            .to_string()
+            .contains("FLANNEL_IPMASQ: maybe"));
     }
 
     #[test]
@@ -175,7 +247,14 @@ mod tests {
         write_atomic(&p, b"a\n").unwrap();
         write_atomic(&p, env().render().as_bytes()).unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), env().render());
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o644);
-        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1, "no temp file left");
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        assert_eq!(
+            std::fs::read_dir(p.parent().unwrap()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
     }
 }

@@ -10,14 +10,21 @@ use regex::Regex;
 #[derive(Debug, thiserror::Error)]
 pub enum IfaceError {
     #[error("list interfaces: {source}")]
-    List { #[source] source: std::io::Error },
+    List {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("no interface matches --iface {wanted}; interfaces with an IPv4 address: {available}")]
     NoMatch { wanted: String, available: String },
-    #[error("no interface matches --iface-regex {wanted}; interfaces with an IPv4 address: {available}")]
+    #[error(
+        "no interface matches --iface-regex {wanted}; interfaces with an IPv4 address: {available}"
+    )]
     NoRegexMatch { wanted: String, available: String },
     #[error("no default IPv4 route in /proc/net/route; pass --iface or --public-ip")]
     NoDefaultRoute,
-    #[error("interface {name} has no IPv4 address; give it one or pass --iface with another interface")]
+    #[error(
+        "interface {name} has no IPv4 address; give it one or pass --iface with another interface"
+    )]
     NoAddress { name: String },
 }
 
@@ -55,7 +62,9 @@ pub fn list() -> Result<Vec<Interface>, IfaceError> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(IfaceError::List { source: std::io::Error::last_os_error() });
+        return Err(IfaceError::List {
+            source: std::io::Error::last_os_error(),
+        });
     }
     let mut out: Vec<Interface> = Vec::new();
     let mut cur = head;
@@ -64,7 +73,9 @@ pub fn list() -> Result<Vec<Interface>, IfaceError> {
         let ifa = unsafe { &*cur };
         cur = ifa.ifa_next;
         // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
         let entry = match out.iter_mut().position(|i| i.name == name) {
             Some(p) => &mut out[p],
             None => {
@@ -76,15 +87,24 @@ pub fn list() -> Result<Vec<Interface>, IfaceError> {
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
                     .unwrap_or(1500);
-                out.push(Interface { name, index, addrs: Vec::new(), mtu });
+                out.push(Interface {
+                    name,
+                    index,
+                    addrs: Vec::new(),
+                    mtu,
+                });
                 out.last_mut().expect("just pushed")
             }
         };
         // SAFETY: ifa_addr is null or points at a sockaddr whose family says its real type.
-        if !ifa.ifa_addr.is_null() && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET {
+        if !ifa.ifa_addr.is_null()
+            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
+        {
             // SAFETY: family AF_INET means the storage is a sockaddr_in.
             let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            entry.addrs.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            entry
+                .addrs
+                .push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
         }
     }
     // SAFETY: head came from getifaddrs and is freed once.
@@ -102,7 +122,8 @@ pub fn default_route_iface() -> Option<String> {
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             // Iface Destination Gateway Flags RefCnt Use Metric Mask
-            (f.len() >= 8 && f[1] == "00000000" && f[7] == "00000000").then(|| (f[6].parse::<u32>().unwrap_or(0), f[0].to_string()))
+            (f.len() >= 8 && f[1] == "00000000" && f[7] == "00000000")
+                .then(|| (f[6].parse::<u32>().unwrap_or(0), f[0].to_string()))
         })
         .min()
         .map(|(_, name)| name)
@@ -112,17 +133,37 @@ fn available(ifaces: &[Interface]) -> String {
     let list: Vec<String> = ifaces
         .iter()
         .filter(|i| !i.addrs.is_empty())
-        .map(|i| format!("{} ({})", i.name, i.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")))
+        .map(|i| {
+            format!(
+                "{} ({})",
+                i.name,
+                i.addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
         .collect();
-    if list.is_empty() { "none".into() } else { list.join("; ") }
+    if list.is_empty() {
+        "none".into()
+    } else {
+        list.join("; ")
+    }
 }
 
 /// Choose among `ifaces` as flanneld does; `default_route` is the default route's interface.
-pub fn choose_from(choice: &IfaceChoice, ifaces: &[Interface], default_route: Option<&str>) -> Result<ExtIface, IfaceError> {
+pub fn choose_from(
+    choice: &IfaceChoice,
+    ifaces: &[Interface],
+    default_route: Option<&str>,
+) -> Result<ExtIface, IfaceError> {
     let pick = |iface: &Interface, addr: Option<Ipv4Addr>| -> Result<ExtIface, IfaceError> {
         let iface_addr = addr
             .or_else(|| iface.addrs.first().copied())
-            .ok_or_else(|| IfaceError::NoAddress { name: iface.name.clone() })?;
+            .ok_or_else(|| IfaceError::NoAddress {
+                name: iface.name.clone(),
+            })?;
         Ok(ExtIface {
             name: iface.name.clone(),
             index: iface.index,
@@ -142,7 +183,10 @@ pub fn choose_from(choice: &IfaceChoice, ifaces: &[Interface], default_route: Op
         }
     }
     if !choice.iface.is_empty() {
-        return Err(IfaceError::NoMatch { wanted: choice.iface.join(", "), available: available(ifaces) });
+        return Err(IfaceError::NoMatch {
+            wanted: choice.iface.join(", "),
+            available: available(ifaces),
+        });
     }
     for re in &choice.iface_regex {
         // flanneld matches the regex against addresses first, then names.
@@ -151,16 +195,30 @@ pub fn choose_from(choice: &IfaceChoice, ifaces: &[Interface], default_route: Op
                 return pick(i, Some(*a));
             }
         }
-        if let Some(i) = ifaces.iter().find(|i| re.is_match(&i.name) && !i.addrs.is_empty()) {
+        if let Some(i) = ifaces
+            .iter()
+            .find(|i| re.is_match(&i.name) && !i.addrs.is_empty())
+        {
             return pick(i, None);
         }
     }
     if !choice.iface_regex.is_empty() {
-        let wanted = choice.iface_regex.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ");
-        return Err(IfaceError::NoRegexMatch { wanted, available: available(ifaces) });
+        let wanted = choice
+            .iface_regex
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(IfaceError::NoRegexMatch {
+            wanted,
+            available: available(ifaces),
+        });
     }
     let name = default_route.ok_or(IfaceError::NoDefaultRoute)?;
-    let i = ifaces.iter().find(|i| i.name == name).ok_or(IfaceError::NoDefaultRoute)?;
+    let i = ifaces
+        .iter()
+        .find(|i| i.name == name)
+        .ok_or(IfaceError::NoDefaultRoute)?;
     pick(i, None)
 }
 
@@ -175,40 +233,105 @@ mod tests {
 
     fn ifaces() -> Vec<Interface> {
         vec![
-            Interface { name: "lo".into(), index: 1, addrs: vec![Ipv4Addr::LOCALHOST], mtu: 65536 },
-            Interface { name: "eth0".into(), index: 2, addrs: vec!["192.168.1.5".parse().unwrap()], mtu: 1500 },
-            Interface { name: "eth1".into(), index: 3, addrs: vec!["172.16.0.5".parse().unwrap(), "172.16.0.6".parse().unwrap()], mtu: 9000 },
-            Interface { name: "dummy0".into(), index: 4, addrs: vec![], mtu: 1500 },
+            Interface {
+                name: "lo".into(),
+                index: 1,
+                addrs: vec![Ipv4Addr::LOCALHOST],
+                mtu: 65536,
+            },
+            Interface {
+                name: "eth0".into(),
+                index: 2,
+                addrs: vec!["192.168.1.5".parse().unwrap()],
+                mtu: 1500,
+            },
+            Interface {
+                name: "eth1".into(),
+                index: 3,
+                addrs: vec!["172.16.0.5".parse().unwrap(), "172.16.0.6".parse().unwrap()],
+                mtu: 9000,
+            },
+            Interface {
+                name: "dummy0".into(),
+                index: 4,
+                addrs: vec![],
+                mtu: 1500,
+            },
         ]
     }
 
     #[test]
     fn by_name_ip_first_match_and_override() {
-        let c = IfaceChoice { iface: vec!["nope".into(), "172.16.0.6".into(), "eth0".into()], ..Default::default() };
+        let c = IfaceChoice {
+            iface: vec!["nope".into(), "172.16.0.6".into(), "eth0".into()],
+            ..Default::default()
+        };
         let e = choose_from(&c, &ifaces(), None).unwrap();
-        assert_eq!((e.name.as_str(), e.iface_addr.to_string(), e.mtu, e.index), ("eth1", "172.16.0.6".into(), 9000, 3));
-        let c = IfaceChoice { iface: vec!["eth0".into()], public_ip: Some("1.2.3.4".parse().unwrap()), ..Default::default() };
+        assert_eq!(
+            (e.name.as_str(), e.iface_addr.to_string(), e.mtu, e.index),
+            ("eth1", "172.16.0.6".into(), 9000, 3)
+        );
+        let c = IfaceChoice {
+            iface: vec!["eth0".into()],
+            public_ip: Some("1.2.3.4".parse().unwrap()),
+            ..Default::default()
+        };
         let e = choose_from(&c, &ifaces(), None).unwrap();
-        assert_eq!((e.iface_addr.to_string(), e.public_ip.to_string()), ("192.168.1.5".into(), "1.2.3.4".into()));
+        assert_eq!(
+            (e.iface_addr.to_string(), e.public_ip.to_string()),
+            ("192.168.1.5".into(), "1.2.3.4".into())
+        );
     }
 
     #[test]
     fn regex_and_default_route() {
-        let c = IfaceChoice { iface_regex: vec![Regex::new("^eth").unwrap()], ..Default::default() };
+        let c = IfaceChoice {
+            iface_regex: vec![Regex::new("^eth").unwrap()],
+            ..Default::default()
+        };
         assert_eq!(choose_from(&c, &ifaces(), None).unwrap().name, "eth0");
-        let c = IfaceChoice { iface_regex: vec![Regex::new(r"^172\.16\.0\.6$").unwrap()], ..Default::default() };
-        assert_eq!(choose_from(&c, &ifaces(), None).unwrap().iface_addr.to_string(), "172.16.0.6");
-        assert_eq!(choose_from(&IfaceChoice::default(), &ifaces(), Some("eth1")).unwrap().name, "eth1");
+        let c = IfaceChoice {
+            iface_regex: vec![Regex::new(r"^172\.16\.0\.6$").unwrap()],
+            ..Default::default()
+        };
+        assert_eq!(
+            choose_from(&c, &ifaces(), None)
+                .unwrap()
+                .iface_addr
+                .to_string(),
+            "172.16.0.6"
+        );
+        assert_eq!(
+            choose_from(&IfaceChoice::default(), &ifaces(), Some("eth1"))
+                .unwrap()
+                .name,
+            "eth1"
+        );
     }
 
     #[test]
     fn clear_errors() {
-        let c = IfaceChoice { iface: vec!["wlan9".into()], ..Default::default() };
+        let c = IfaceChoice {
+            iface: vec!["wlan9".into()],
+            ..Default::default()
+        };
         let e = choose_from(&c, &ifaces(), None).unwrap_err().to_string();
-        assert!(e.contains("wlan9") && e.contains("eth0 (192.168.1.5)"), "{e}");
-        let c = IfaceChoice { iface: vec!["dummy0".into()], ..Default::default() };
-        assert!(choose_from(&c, &ifaces(), None).unwrap_err().to_string().contains("dummy0 has no IPv4"));
-        assert!(matches!(choose_from(&IfaceChoice::default(), &ifaces(), None), Err(IfaceError::NoDefaultRoute)));
+        assert!(
+            e.contains("wlan9") && e.contains("eth0 (192.168.1.5)"),
+            "{e}"
+        );
+        let c = IfaceChoice {
+            iface: vec!["dummy0".into()],
+            ..Default::default()
+        };
+        assert!(choose_from(&c, &ifaces(), None)
+            .unwrap_err()
+            .to_string()
+            .contains("dummy0 has no IPv4"));
+        assert!(matches!(
+            choose_from(&IfaceChoice::default(), &ifaces(), None),
+            Err(IfaceError::NoDefaultRoute)
+        ));
     }
 
     #[test]

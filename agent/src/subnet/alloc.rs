@@ -29,7 +29,10 @@ pub fn from_subnet_file(cfg: &NetworkConfig, flannel_subnet: &str) -> Option<Ipv
 /// Free subnets in order, at most `limit`.
 pub fn free_subnets(cfg: &NetworkConfig, taken: &BTreeSet<Ipv4Net>, limit: usize) -> Vec<Ipv4Net> {
     let size = u64::from(cfg.subnet_size());
-    let (min, max) = (u64::from(u32::from(cfg.subnet_min)), u64::from(u32::from(cfg.subnet_max)));
+    let (min, max) = (
+        u64::from(u32::from(cfg.subnet_min)),
+        u64::from(u32::from(cfg.subnet_max)),
+    );
     (0..)
         .map(|i| min + i * size)
         .take_while(|a| *a <= max)
@@ -41,7 +44,9 @@ pub fn free_subnets(cfg: &NetworkConfig, taken: &BTreeSet<Ipv4Net>, limit: usize
 
 /// A random pick among the first [`CANDIDATES`] free subnets; `None` means out of subnets.
 pub fn choose(cfg: &NetworkConfig, taken: &BTreeSet<Ipv4Net>) -> Option<Ipv4Net> {
-    free_subnets(cfg, taken, CANDIDATES).choose(&mut rand::rng()).copied()
+    free_subnets(cfg, taken, CANDIDATES)
+        .choose(&mut rand::rng())
+        .copied()
 }
 
 #[cfg(test)]
@@ -57,8 +62,15 @@ mod tests {
         let c = cfg(r#"{"Network":"10.1.0.0/26","Backend":{"Type":"vxlan"}}"#);
         // /28s: .0 reserved (SubnetMin is the second), .16 .32 .48
         let all = free_subnets(&c, &BTreeSet::new(), 100);
-        assert_eq!(all.iter().map(|n| n.to_string()).collect::<Vec<_>>(), ["10.1.0.16/28", "10.1.0.32/28", "10.1.0.48/28"]);
-        let taken: BTreeSet<Ipv4Net> = ["10.1.0.16/28".parse().unwrap(), "10.1.0.48/28".parse().unwrap()].into();
+        assert_eq!(
+            all.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            ["10.1.0.16/28", "10.1.0.32/28", "10.1.0.48/28"]
+        );
+        let taken: BTreeSet<Ipv4Net> = [
+            "10.1.0.16/28".parse().unwrap(),
+            "10.1.0.48/28".parse().unwrap(),
+        ]
+        .into();
         for _ in 0..20 {
             assert_eq!(choose(&c, &taken), Some("10.1.0.32/28".parse().unwrap()));
         }
@@ -78,9 +90,17 @@ mod tests {
 
     #[test]
     fn subnet_file_and_fit() {
-        let c = cfg(r#"{"Network":"10.1.0.0/16","SubnetMax":"10.1.20.0","Backend":{"Type":"vxlan"}}"#);
-        assert_eq!(from_subnet_file(&c, "10.1.10.1/24"), Some("10.1.10.0/24".parse().unwrap()));
-        assert_eq!(from_subnet_file(&c, "10.1.30.1/24"), None, "above SubnetMax");
+        let c =
+            cfg(r#"{"Network":"10.1.0.0/16","SubnetMax":"10.1.20.0","Backend":{"Type":"vxlan"}}"#);
+        assert_eq!(
+            from_subnet_file(&c, "10.1.10.1/24"),
+            Some("10.1.10.0/24".parse().unwrap())
+        );
+        assert_eq!(
+            from_subnet_file(&c, "10.1.30.1/24"),
+            None,
+            "above SubnetMax"
+        );
         assert_eq!(from_subnet_file(&c, "10.1.0.1/24"), None, "below SubnetMin");
         assert_eq!(from_subnet_file(&c, "10.2.10.1/24"), None, "other network");
         assert_eq!(from_subnet_file(&c, "10.1.10.1/25"), None, "other length");

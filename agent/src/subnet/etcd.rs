@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions, Txn,
-    TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use ipnet::Ipv4Net;
 use tokio::sync::mpsc;
@@ -58,14 +58,21 @@ pub struct EtcdStore {
 }
 
 fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, SubnetError> {
-    std::fs::read(path).map_err(|source| SubnetError::TlsFile { what, path: path.display().to_string(), source })
+    std::fs::read(path).map_err(|source| SubnetError::TlsFile {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 impl EtcdStore {
     /// Connect and make one read, so an unreachable etcd is reported here.
     pub async fn connect(opts: &EtcdOptions) -> Result<Self, SubnetError> {
         let endpoints = opts.endpoints.join(",");
-        let unavailable = |reason: String| SubnetError::Unavailable { endpoints: endpoints.clone(), reason };
+        let unavailable = |reason: String| SubnetError::Unavailable {
+            endpoints: endpoints.clone(),
+            reason,
+        };
         let mut co = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
@@ -79,7 +86,10 @@ impl EtcdStore {
                 tls = tls.ca_certificate(Certificate::from_pem(read("cafile", ca)?));
             }
             if let (Some(cert), Some(key)) = (&opts.certfile, &opts.keyfile) {
-                tls = tls.identity(Identity::from_pem(read("certfile", cert)?, read("keyfile", key)?));
+                tls = tls.identity(Identity::from_pem(
+                    read("certfile", cert)?,
+                    read("keyfile", key)?,
+                ));
             }
             co = co.with_tls(tls);
         }
@@ -87,8 +97,15 @@ impl EtcdStore {
             .await
             .map_err(|_| unavailable("connect timed out".into()))?
             .map_err(|e| unavailable(e.to_string()))?;
-        let store = EtcdStore { client, prefix: opts.prefix.trim_end_matches('/').to_string(), endpoints: endpoints.clone() };
-        store.get_config().await.map_err(|e| unavailable(e.to_string()))?;
+        let store = EtcdStore {
+            client,
+            prefix: opts.prefix.trim_end_matches('/').to_string(),
+            endpoints: endpoints.clone(),
+        };
+        store
+            .get_config()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
         Ok(store)
     }
 
@@ -106,7 +123,11 @@ impl EtcdStore {
 
     fn err(&self, op: &'static str, key: &str, e: impl ToString) -> SubnetError {
         let reason = e.to_string();
-        SubnetError::Etcd { op, key: key.to_string(), reason: format!("{reason} (etcd {})", self.endpoints) }
+        SubnetError::Etcd {
+            op,
+            key: key.to_string(),
+            reason: format!("{reason} (etcd {})", self.endpoints),
+        }
     }
 
     async fn call<T>(
@@ -124,23 +145,43 @@ impl EtcdStore {
     /// The raw network config JSON, `None` when the key is absent.
     pub async fn get_config(&self) -> Result<Option<String>, SubnetError> {
         let key = self.config_key();
-        let resp = self.call("get", &key, self.client.clone().get(key.as_str(), None)).await?;
-        Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        let resp = self
+            .call("get", &key, self.client.clone().get(key.as_str(), None))
+            .await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
     /// Store the network config. Callers validate first.
     pub async fn put_config(&self, json: &str) -> Result<(), SubnetError> {
         let key = self.config_key();
-        self.call("put", &key, self.client.clone().put(key.as_str(), json, None)).await.map(|_| ())
+        self.call(
+            "put",
+            &key,
+            self.client.clone().put(key.as_str(), json, None),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// List every lease key; unparsable ones are skipped with a warning naming the key.
     pub async fn list_leases(&self) -> Result<Listing, SubnetError> {
         let prefix = self.subnets_prefix();
         let resp = self
-            .call("list", &prefix, self.client.clone().get(prefix.as_str(), Some(GetOptions::new().with_prefix())))
+            .call(
+                "list",
+                &prefix,
+                self.client
+                    .clone()
+                    .get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+            )
             .await?;
-        let mut listing = Listing { revision: resp.header().map_or(0, |h| h.revision()), ..Listing::default() };
+        let mut listing = Listing {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            ..Listing::default()
+        };
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key());
             if let Ok(subnet) = parse_subnet_key(&key) {
@@ -160,59 +201,120 @@ impl EtcdStore {
             return Ok(None);
         }
         let key = format!("lease {etcd_lease:x}");
-        let resp = self.call("lease-ttl", &key, self.client.clone().lease_time_to_live(etcd_lease, None)).await?;
+        let resp = self
+            .call(
+                "lease-ttl",
+                &key,
+                self.client.clone().lease_time_to_live(etcd_lease, None),
+            )
+            .await?;
         Ok(Some(resp.ttl()).filter(|t| *t >= 0))
     }
 
     async fn grant(&self, key: &str, ttl: Duration) -> Result<i64, SubnetError> {
         let secs = ttl.as_secs().max(1) as i64;
-        Ok(self.call("lease-grant", key, self.client.clone().lease_grant(secs, None)).await?.id())
+        Ok(self
+            .call(
+                "lease-grant",
+                key,
+                self.client.clone().lease_grant(secs, None),
+            )
+            .await?
+            .id())
     }
 
     async fn revoke(&self, id: i64) {
         // Best effort: an unrevoked lease only expires later with nothing attached.
-        let _ = self.call("lease-revoke", "", self.client.clone().lease_revoke(id)).await;
+        let _ = self
+            .call("lease-revoke", "", self.client.clone().lease_revoke(id))
+            .await;
+    }
+
+    /// Put `attrs` at `subnet`'s key on a fresh etcd lease if `compare` holds; the new etcd
+    /// lease id, or `None` (and the lease revoked) when it did not.
+    async fn put_if(
+        &self,
+        op: &'static str,
+        subnet: Ipv4Net,
+        compare: Compare,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<i64>, SubnetError> {
+        let key = self.lease_key(subnet);
+        let id = self.grant(&key, ttl).await?;
+        let put = TxnOp::put(
+            key.as_str(),
+            attrs.to_json(),
+            Some(PutOptions::new().with_lease(id)),
+        );
+        let txn = Txn::new().when([compare]).and_then([put]);
+        if self
+            .call(op, &key, self.client.clone().txn(txn))
+            .await?
+            .succeeded()
+        {
+            return Ok(Some(id));
+        }
+        self.revoke(id).await;
+        Ok(None)
     }
 
     /// Create `subnet`'s key if nobody holds it (flannel's `version == 0` transaction).
     /// `None` means another host won it.
-    pub async fn create(&self, subnet: Ipv4Net, attrs: &LeaseAttrs, ttl: Duration) -> Result<Option<Lease>, SubnetError> {
-        let key = self.lease_key(subnet);
-        let id = self.grant(&key, ttl).await?;
-        let txn = Txn::new()
-            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), attrs.to_json(), Some(PutOptions::new().with_lease(id)))]);
-        let won = self.call("create", &key, self.client.clone().txn(txn)).await?.succeeded();
-        if !won {
-            self.revoke(id).await;
-            return Ok(None);
-        }
-        Ok(Some(Lease { subnet, attrs: attrs.clone(), etcd_lease: id }))
+    pub async fn create(
+        &self,
+        subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        let compare = Compare::version(self.lease_key(subnet), CompareOp::Equal, 0);
+        let id = self.put_if("create", subnet, compare, attrs, ttl).await?;
+        Ok(id.map(|etcd_lease| Lease {
+            subnet,
+            attrs: attrs.clone(),
+            etcd_lease,
+        }))
     }
 
     /// Re-put `current` with `attrs` on a fresh etcd lease, only if the key still holds
     /// `current`'s value. `None` means the key is gone or someone else's now.
-    pub async fn renew(&self, current: &Lease, attrs: &LeaseAttrs, ttl: Duration) -> Result<Option<Lease>, SubnetError> {
-        let key = self.lease_key(current.subnet);
-        let id = self.grant(&key, ttl).await?;
-        let txn = Txn::new()
-            .when([Compare::value(key.as_str(), CompareOp::Equal, current.attrs.to_json())])
-            .and_then([TxnOp::put(key.as_str(), attrs.to_json(), Some(PutOptions::new().with_lease(id)))]);
-        let ok = self.call("renew", &key, self.client.clone().txn(txn)).await?.succeeded();
-        if !ok {
-            self.revoke(id).await;
+    pub async fn renew(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        let compare = Compare::value(
+            self.lease_key(current.subnet),
+            CompareOp::Equal,
+            current.attrs.to_json(),
+        );
+        let Some(id) = self
+            .put_if("renew", current.subnet, compare, attrs, ttl)
+            .await?
+        else {
             return Ok(None);
-        }
+        };
         if current.etcd_lease != 0 && current.etcd_lease != id {
             self.revoke(current.etcd_lease).await;
         }
-        Ok(Some(Lease { subnet: current.subnet, attrs: attrs.clone(), etcd_lease: id }))
+        Ok(Some(Lease {
+            subnet: current.subnet,
+            attrs: attrs.clone(),
+            etcd_lease: id,
+        }))
     }
 
     /// Delete a lease key (operators and tests).
     pub async fn delete_lease(&self, subnet: Ipv4Net) -> Result<(), SubnetError> {
         let key = self.lease_key(subnet);
-        self.call("delete", &key, self.client.clone().delete(key.as_str(), None)).await.map(|_| ())
+        self.call(
+            "delete",
+            &key,
+            self.client.clone().delete(key.as_str(), None),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Follow `<prefix>/subnets`: a snapshot, then watch events from the snapshot's revision.
@@ -270,12 +372,18 @@ impl EtcdStore {
                     }
                 };
                 if resp.compact_revision() > 0 {
-                    tracing::warn!(compacted_to = resp.compact_revision(), "lease watch revision was compacted; re-listing");
+                    tracing::warn!(
+                        compacted_to = resp.compact_revision(),
+                        "lease watch revision was compacted; re-listing"
+                    );
                     next_rev = None;
                     break;
                 }
                 if resp.canceled() {
-                    tracing::warn!(reason = resp.cancel_reason(), "etcd cancelled the lease watch; re-listing");
+                    tracing::warn!(
+                        reason = resp.cancel_reason(),
+                        "etcd cancelled the lease watch; re-listing"
+                    );
                     next_rev = None;
                     break;
                 }

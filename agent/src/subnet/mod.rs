@@ -22,16 +22,36 @@ const MAX_RACES: usize = 50;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubnetError {
-    #[error("etcd at {endpoints} is unreachable: {reason}; check --etcd-endpoints and that etcd runs")]
+    #[error(
+        "etcd at {endpoints} is unreachable: {reason}; check --etcd-endpoints and that etcd runs"
+    )]
     Unavailable { endpoints: String, reason: String },
     #[error("etcd {op} on {key} failed: {reason}")]
-    Etcd { op: &'static str, key: String, reason: String },
+    Etcd {
+        op: &'static str,
+        key: String,
+        reason: String,
+    },
     #[error("read {what} {path}: {source}; check --etcd-{what}")]
-    TlsFile { what: &'static str, path: String, #[source] source: std::io::Error },
+    TlsFile {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the network config at {key} is invalid: {source}")]
-    BadConfig { key: String, #[source] source: ConfigError },
+    BadConfig {
+        key: String,
+        #[source]
+        source: ConfigError,
+    },
     #[error("out of subnets: every /{len} between {min} and {max} in {network} is leased; enlarge Network or SubnetMax, or remove stale leases")]
-    OutOfSubnets { network: Ipv4Net, len: u8, min: std::net::Ipv4Addr, max: std::net::Ipv4Addr },
+    OutOfSubnets {
+        network: Ipv4Net,
+        len: u8,
+        min: std::net::Ipv4Addr,
+        max: std::net::Ipv4Addr,
+    },
     #[error("lost the race for a free subnet {races} times in a row; too many hosts starting at once for the free space")]
     TooManyRaces { races: usize },
 }
@@ -67,7 +87,11 @@ pub async fn acquire(
     let mut lost: BTreeSet<Ipv4Net> = BTreeSet::new();
     for _ in 0..MAX_RACES {
         let listing = store.list_leases().await?;
-        if let Some(own) = listing.leases.iter().find(|l| l.attrs.public_ip == attrs.public_ip && alloc::fits(cfg, l.subnet)) {
+        if let Some(own) = listing
+            .leases
+            .iter()
+            .find(|l| l.attrs.public_ip == attrs.public_ip && alloc::fits(cfg, l.subnet))
+        {
             if let Some(lease) = store.renew(own, attrs, ttl).await? {
                 tracing::info!(subnet = %lease.subnet, "reusing the lease that holds our public IP");
                 return Ok(lease);
@@ -79,7 +103,12 @@ pub async fn acquire(
         let candidate = prefer
             .filter(|p| alloc::fits(cfg, *p) && !taken.contains(p))
             .or_else(|| alloc::choose(cfg, &taken))
-            .ok_or(SubnetError::OutOfSubnets { network: cfg.network, len: cfg.subnet_len, min: cfg.subnet_min, max: cfg.subnet_max })?;
+            .ok_or(SubnetError::OutOfSubnets {
+                network: cfg.network,
+                len: cfg.subnet_len,
+                min: cfg.subnet_min,
+                max: cfg.subnet_max,
+            })?;
         match store.create(candidate, attrs, ttl).await? {
             Some(lease) => {
                 tracing::info!(subnet = %lease.subnet, public_ip = %attrs.public_ip, "acquired subnet lease");
@@ -100,9 +129,15 @@ mod tests {
 
     #[test]
     fn renew_timing() {
-        let day = LeaseTiming { ttl: Duration::from_secs(86400), renew_margin: Duration::from_secs(3600) };
+        let day = LeaseTiming {
+            ttl: Duration::from_secs(86400),
+            renew_margin: Duration::from_secs(3600),
+        };
         assert_eq!(day.renew_after(), Duration::from_secs(82800));
-        let short = LeaseTiming { ttl: Duration::from_secs(6), renew_margin: Duration::from_secs(60) };
+        let short = LeaseTiming {
+            ttl: Duration::from_secs(6),
+            renew_margin: Duration::from_secs(60),
+        };
         assert_eq!(short.renew_after(), Duration::from_secs(2));
     }
 }
