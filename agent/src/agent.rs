@@ -122,6 +122,34 @@ async fn connect(cfg: &AgentConfig, shutdown: &CancellationToken) -> Option<Etcd
     }
 }
 
+/// The first lease, retrying while etcd is flaky; `None` when shut down first.
+async fn first_lease(
+    store: &EtcdStore,
+    net: &NetworkConfig,
+    attrs: &LeaseAttrs,
+    cfg: &AgentConfig,
+    prefer: Option<ipnet::Ipv4Net>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Lease>, AgentError> {
+    loop {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            r = subnet::acquire(store, net, attrs, cfg.lease.ttl, prefer) => r,
+        };
+        match result {
+            Ok(lease) => return Ok(Some(lease)),
+            Err(e @ SubnetError::Etcd { .. }) => {
+                tracing::warn!(retry_in = "1s", "acquiring a lease: {e}")
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// State of a running agent that the loop's steps share.
 struct Running<'a, B> {
     cfg: &'a AgentConfig,
@@ -231,7 +259,9 @@ where
         env.get("FLANNEL_SUBNET")
             .and_then(|s| alloc::from_subnet_file(&net, s))
     });
-    let own = subnet::acquire(&store, &net, &attrs, cfg.lease.ttl, prefer).await?;
+    let Some(own) = first_lease(&store, &net, &attrs, &cfg, prefer, &shutdown).await? else {
+        return Ok(());
+    };
     backend.own_lease(&own).await.map_err(AgentError::Backend)?;
 
     let mut peers = PeerSet::new(attrs.backend.type_name());

@@ -858,3 +858,35 @@ async fn files_and_docker_opts_match_flannel_bytes() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_waits_for_etcd_then_for_the_config_key() {
+    let etcd = Etcd::start_local().await;
+    let relay = Relay::start(etcd.endpoint()).await;
+    relay.cut(true);
+    let mut a = Agent::start(&relay.endpoint(), "127.0.0.12", &[]).await;
+    a.wait_log(
+        &["WARN", "unreachable", &relay.endpoint()],
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(a.running(), "an agent started before etcd waits for it");
+
+    relay.cut(false);
+    a.wait_log(
+        &[
+            "network config not found",
+            "key=/coreos.com/network/config",
+            "weft config set",
+        ],
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(!a.subnet_file().exists() && leases(&etcd).await.is_empty());
+
+    config_set(&etcd, VXLAN_CONFIG).await;
+    a.wait_log(&["ready"], Duration::from_secs(10)).await;
+    let subnet = a.subnet(Duration::ZERO).await;
+    assert!(leases(&etcd).await.contains_key(&subnet));
+    assert!(a.stop().await.success());
+}
