@@ -1,0 +1,667 @@
+//! `--ip-masq`: flanneld's masquerade and forward rules, kept in place.
+//!
+//! With N the overlay network and SN this node's subnet, traffic from containers to the outside world is
+//! masqueraded to the host's address while traffic inside N keeps its source. The rules are exactly
+//! flanneld's (FLANNEL-COMPAT.md), so `iptables-save` on a weft node reads like one on a flanneld node:
+//!
+//! ```text
+//! -A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+//! -A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN
+//! -A FLANNEL-POSTRTG -s SN -d N -m comment --comment "flanneld masq" -j RETURN
+//! -A FLANNEL-POSTRTG -s N -d SN -m comment --comment "flanneld masq" -j RETURN
+//! -A FLANNEL-POSTRTG ! -s N -d SN -m comment --comment "flanneld masq" -j RETURN
+//! -A FLANNEL-POSTRTG -s N ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+//! -A FLANNEL-POSTRTG ! -s N -d N -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+//! ```
+//!
+//! plus `FORWARD -j FLANNEL-FWD` accepting `-s N` and `-d N` in the filter table. With `EnableNFTables`
+//! the same logic lives in the nftables table `ip flannel-ipv4`, chains `postrtg` and `forward`.
+//!
+//! **weft:** where flanneld, when one rule was missing, deleted and re-added them all (a window in which
+//! traffic leaves un-NATed), [`Masq::ensure`] only inserts what is missing, at its place, and only then
+//! drops rules that no longer belong (e.g. an old subnet's). The jump into our chain is added last, so
+//! packets never enter a half-built chain. nftables chains are rewritten in one atomic transaction.
+//! The binaries are driven as they are installed: `iptables` is whichever backend (nf_tables or legacy)
+//! the host's alternatives select, always with `-w` so we wait for the xtables lock instead of failing.
+//!
+//! ```no_run
+//! # async fn demo(shutdown: tokio_util::sync::CancellationToken) -> Result<(), weft::masq::MasqError> {
+//! use std::time::Duration;
+//! use weft::masq::{Masq, MasqKind};
+//!
+//! let masq = Masq::new(MasqKind::from_enable_nftables(false), "10.1.0.0/16".parse().unwrap(), "10.1.10.0/24".parse().unwrap());
+//! masq.ensure().await?;                                   // before reporting ready
+//! masq.run(Duration::from_secs(5), shutdown).await;       // keeps them there
+//! # Ok(()) }
+//! ```
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// The mark kube-proxy sets on packets it will masquerade itself; flannel leaves them alone.
+const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
+const MULTICAST: &str = "224.0.0.0/4";
+const MASQ_COMMENT: &str = "flanneld masq";
+const FWD_COMMENT: &str = "flanneld forward";
+pub const NAT_CHAIN: &str = "FLANNEL-POSTRTG";
+pub const FORWARD_CHAIN: &str = "FLANNEL-FWD";
+pub const NFT_TABLE: &str = "flannel-ipv4";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasqError {
+    #[error("run `{command}`: {source}; install iptables/nftables or put them on PATH")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("remove ip-masq rules: {}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Teardown { errors: Vec<MasqError> },
+}
+
+/// Which firewall front end carries the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MasqKind {
+    Iptables,
+    Nftables,
+}
+
+impl MasqKind {
+    /// The network config's `EnableNFTables` decides, as in flanneld.
+    pub fn from_enable_nftables(enable: bool) -> Self {
+        if enable {
+            Self::Nftables
+        } else {
+            Self::Iptables
+        }
+    }
+}
+
+/// One chain we own, the rules it must hold in order, and the jump into it from a built-in chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct IptChain {
+    table: &'static str,
+    chain: &'static str,
+    /// Built-in chain that jumps to `chain`.
+    hook: &'static str,
+    jump: Vec<String>,
+    rules: Vec<Vec<String>>,
+}
+
+/// flanneld's rules for network `network` and this node's `subnet`, kept in place by [`Masq::run`].
+#[derive(Debug, Clone)]
+pub struct Masq {
+    kind: MasqKind,
+    network: Ipv4Net,
+    subnet: Ipv4Net,
+    forward: bool,
+    random_fully: Arc<OnceLock<bool>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Masq {
+    /// Masquerade and forward rules for `network` (N) and this node's `subnet` (SN).
+    pub fn new(kind: MasqKind, network: Ipv4Net, subnet: Ipv4Net) -> Self {
+        Self {
+            kind,
+            network: network.trunc(),
+            subnet: subnet.trunc(),
+            forward: true,
+            random_fully: Arc::default(),
+            metrics: None,
+        }
+    }
+
+    /// Whether to add the FORWARD accept rules (flanneld's `--iptables-forward-rules`, default on).
+    pub fn with_forward_rules(mut self, forward: bool) -> Self {
+        self.forward = forward;
+        self
+    }
+
+    /// Count every restored rule in [`Metrics::reconcile_repairs`].
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn kind(&self) -> MasqKind {
+        self.kind
+    }
+
+    /// Put every missing rule in place; returns one line per repair (empty when all was in place).
+    pub async fn ensure(&self) -> Result<Vec<String>, MasqError> {
+        match self.kind {
+            MasqKind::Iptables => {
+                let random_fully = self.iptables_random_fully().await;
+                let mut repairs = Vec::new();
+                for chain in self.iptables_chains(random_fully) {
+                    repairs.extend(ensure_iptables_chain(&chain).await?);
+                }
+                Ok(repairs)
+            }
+            MasqKind::Nftables => self.ensure_nft().await,
+        }
+    }
+
+    /// Check every `interval` (flanneld: 5 s) and restore what is missing, until `shutdown` fires.
+    /// Failures are logged and retried on the next tick: a busy xtables lock must not stop the agent.
+    pub async fn run(&self, interval: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => match self.ensure().await {
+                    Ok(repairs) if repairs.is_empty() => {}
+                    Ok(repairs) => {
+                        for repair in &repairs {
+                            tracing::warn!(repair = %repair, "ip-masq rule was missing, restored");
+                        }
+                        if let Some(m) = &self.metrics {
+                            m.reconcile_repairs.add(repairs.len() as u64);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "ip-masq check failed; retrying in {interval:?}"),
+                },
+            }
+        }
+    }
+
+    /// Remove our chains and the jumps into them. Keeps going after an error and reports all of them.
+    /// Not called on a plain stop: the rules stay so traffic keeps its NAT while the agent restarts.
+    pub async fn remove(&self) -> Result<(), MasqError> {
+        let mut errors = Vec::new();
+        match self.kind {
+            MasqKind::Iptables => {
+                for chain in self.iptables_chains(true) {
+                    remove_iptables_chain(&chain, &mut errors).await;
+                }
+            }
+            MasqKind::Nftables => {
+                if nft_list_table().await?.is_some() {
+                    if let Err(e) = run("nft", &["delete", "table", "ip", NFT_TABLE]).await {
+                        errors.push(e);
+                    }
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(MasqError::Teardown { errors })
+        }
+    }
+
+    /// The rules as `iptables-save` lists them (`-A CHAIN ...`), nat table first. For logs and tests.
+    pub fn iptables_listing(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in self.iptables_chains(true) {
+            out.push(format!("-A {} {}", c.hook, canonical(&c.jump)));
+            out.extend(
+                c.rules
+                    .iter()
+                    .map(|r| format!("-A {} {}", c.chain, canonical(r))),
+            );
+        }
+        out
+    }
+
+    fn iptables_chains(&self, random_fully: bool) -> Vec<IptChain> {
+        let (n, sn) = (self.network.to_string(), self.subnet.to_string());
+        // Every masq rule ends in the same comment and target; MASQUERADE adds --random-fully.
+        let rule = |spec: &[&str], target: &str| {
+            let mut rule = words(spec);
+            rule.extend(words(&[
+                "-m",
+                "comment",
+                "--comment",
+                MASQ_COMMENT,
+                "-j",
+                target,
+            ]));
+            if target == "MASQUERADE" && random_fully {
+                rule.push("--random-fully".into());
+            }
+            rule
+        };
+        let ret = |spec: &[&str]| rule(spec, "RETURN");
+        let masq = |spec: &[&str]| rule(spec, "MASQUERADE");
+        let mut chains = vec![IptChain {
+            table: "nat",
+            chain: NAT_CHAIN,
+            hook: "POSTROUTING",
+            jump: words(&["-m", "comment", "--comment", MASQ_COMMENT, "-j", NAT_CHAIN]),
+            rules: vec![
+                ret(&["-m", "mark", "--mark", KUBE_PROXY_MARK]),
+                ret(&["-s", &sn, "-d", &n]),
+                ret(&["-s", &n, "-d", &sn]),
+                ret(&["!", "-s", &n, "-d", &sn]),
+                masq(&["-s", &n, "!", "-d", MULTICAST]),
+                masq(&["!", "-s", &n, "-d", &n]),
+            ],
+        }];
+        if self.forward {
+            let accept = |dir: &str| {
+                words(&[
+                    dir,
+                    &n,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    FWD_COMMENT,
+                    "-j",
+                    "ACCEPT",
+                ])
+            };
+            chains.push(IptChain {
+                table: "filter",
+                chain: FORWARD_CHAIN,
+                hook: "FORWARD",
+                jump: words(&[
+                    "-m",
+                    "comment",
+                    "--comment",
+                    FWD_COMMENT,
+                    "-j",
+                    FORWARD_CHAIN,
+                ]),
+                rules: vec![accept("-s"), accept("-d")],
+            });
+        }
+        chains
+    }
+
+    /// `--random-fully` needs iptables 1.6.2 or later; asked once per process, like flanneld does.
+    async fn iptables_random_fully(&self) -> bool {
+        if let Some(v) = self.random_fully.get() {
+            return *v;
+        }
+        let supported = match run("iptables", &["-V"]).await {
+            Ok(out) => {
+                tracing::info!(version = %out.trim(), "ip-masq uses iptables");
+                version_at_least(&out, (1, 6, 2))
+            }
+            // Leave it undecided so the next ensure asks again; ensure itself will report the failure.
+            Err(_) => return true,
+        };
+        *self.random_fully.get_or_init(|| supported)
+    }
+
+    /// nftables rules, one `(chain, rule lines)` per chain, written the way `nft list` prints them so the
+    /// listing can be compared as text.
+    ///
+    /// **weft:** flanneld's nftables code returns on `ip saddr != SN ip daddr N` and matches the mark with
+    /// `meta mark 0x4000`; both differ from its own iptables rules (the first shadows the host-to-overlay
+    /// masquerade). weft writes the iptables logic here, as FLANNEL-COMPAT.md asks: `! -s N -d SN` and
+    /// the masked mark. The table is node-local, so peers cannot tell.
+    pub fn nft_rules(&self) -> Vec<(&'static str, Vec<String>)> {
+        let (n, sn) = (self.network, self.subnet);
+        let mut chains = vec![(
+            "postrtg",
+            vec![
+                "meta mark & 0x00004000 == 0x00004000 return".to_string(),
+                format!("ip saddr {sn} ip daddr {n} return"),
+                format!("ip saddr {n} ip daddr {sn} return"),
+                format!("ip saddr != {n} ip daddr {sn} return"),
+                format!("ip saddr {n} ip daddr != {MULTICAST} masquerade fully-random"),
+                format!("ip saddr != {n} ip daddr {n} masquerade fully-random"),
+            ],
+        )];
+        if self.forward {
+            chains.push((
+                "forward",
+                vec![
+                    format!("ip saddr {n} accept"),
+                    format!("ip daddr {n} accept"),
+                ],
+            ));
+        }
+        chains
+    }
+
+    async fn ensure_nft(&self) -> Result<Vec<String>, MasqError> {
+        let listing = nft_list_table().await?;
+        let mut script = String::new();
+        let mut repairs = Vec::new();
+        if listing.is_none() {
+            repairs.push(format!("nftables: created table ip {NFT_TABLE}"));
+        }
+        script.push_str(&format!(
+            "add table ip {NFT_TABLE} {{ comment \"rules for {NFT_TABLE}\"; }}\n"
+        ));
+        for (chain, rules) in self.nft_rules() {
+            let have = listing
+                .as_deref()
+                .map(|l| nft_chain_rules(l, chain))
+                .unwrap_or_default();
+            if have == rules {
+                continue;
+            }
+            let missing: Vec<_> = rules.iter().filter(|r| !have.contains(r)).collect();
+            repairs.push(format!(
+                "nftables: rewrote chain ip {NFT_TABLE} {chain} ({} rule(s) missing{})",
+                missing.len(),
+                if missing.is_empty() {
+                    ", order or extra rules fixed"
+                } else {
+                    ""
+                }
+            ));
+            let (hook, comment) = match chain {
+                "postrtg" => (
+                    "type nat hook postrouting priority srcnat",
+                    "chain to manage traffic masquerading by flannel",
+                ),
+                _ => (
+                    "type filter hook forward priority filter",
+                    "chain to accept flannel traffic",
+                ),
+            };
+            // add + flush + add rules in one `nft -f` transaction: the kernel swaps the chain atomically,
+            // so no packet ever sees it empty.
+            script.push_str(&format!(
+                "add chain ip {NFT_TABLE} {chain} {{ {hook}; comment \"{comment}\"; }}\n"
+            ));
+            script.push_str(&format!("flush chain ip {NFT_TABLE} {chain}\n"));
+            for rule in &rules {
+                script.push_str(&format!("add rule ip {NFT_TABLE} {chain} {rule}\n"));
+            }
+        }
+        if !repairs.is_empty() {
+            run_stdin("nft", &["-f", "-"], &script).await?;
+        }
+        Ok(repairs)
+    }
+}
+
+async fn ensure_iptables_chain(c: &IptChain) -> Result<Vec<String>, MasqError> {
+    let listing = run("iptables", &["-w", "-t", c.table, "-S"]).await?;
+    let new_chain = format!("-N {}", c.chain);
+    let rule_prefix = format!("-A {} ", c.chain);
+    let jump = format!("-A {} {}", c.hook, canonical(&c.jump));
+    let mut have: Vec<String> = listing
+        .lines()
+        .filter_map(|l| l.strip_prefix(&rule_prefix))
+        .map(String::from)
+        .collect();
+    let mut repairs = Vec::new();
+    let at = |what: &str| format!("{} {}: {what}", c.table, c.chain);
+
+    if !listing.lines().any(|l| l == new_chain) {
+        run("iptables", &["-w", "-t", c.table, "-N", c.chain]).await?;
+        repairs.push(at("created chain"));
+    }
+    for (i, rule) in c.rules.iter().enumerate() {
+        let want = canonical(rule);
+        if have.get(i) == Some(&want) {
+            continue;
+        }
+        let pos = (i + 1).to_string();
+        let mut args = vec!["-w", "-t", c.table, "-I", c.chain, &pos];
+        args.extend(rule.iter().map(String::as_str));
+        run("iptables", &args).await?;
+        repairs.push(at(&format!("inserted rule {pos}: {want}")));
+        have.insert(i, want);
+    }
+    // Whatever follows our rules is stale (an old subnet's rules, a duplicate); remove from the end so
+    // the positions of the rest stay valid.
+    for pos in (c.rules.len() + 1..=have.len()).rev() {
+        let pos_s = pos.to_string();
+        run("iptables", &["-w", "-t", c.table, "-D", c.chain, &pos_s]).await?;
+        repairs.push(at(&format!("removed stale rule {pos}: {}", have[pos - 1])));
+    }
+    if !listing.lines().any(|l| l == jump) {
+        let mut args = vec!["-w", "-t", c.table, "-I", c.hook, "1"];
+        args.extend(c.jump.iter().map(String::as_str));
+        run("iptables", &args).await?;
+        repairs.push(format!(
+            "{} {}: inserted jump to {}",
+            c.table, c.hook, c.chain
+        ));
+    }
+    Ok(repairs)
+}
+
+async fn remove_iptables_chain(c: &IptChain, errors: &mut Vec<MasqError>) {
+    let listing = match run("iptables", &["-w", "-t", c.table, "-S"]).await {
+        Ok(l) => l,
+        Err(e) => return errors.push(e),
+    };
+    // The jump may have been added more than once (by hand, by an old flanneld); remove every copy.
+    // The rules are matched by chain and target only: the random-fully flag may differ by version.
+    let jump_prefix = format!("-A {} ", c.hook);
+    let jump_suffix = format!("-j {}", c.chain);
+    for line in listing
+        .lines()
+        .filter(|l| l.starts_with(&jump_prefix) && l.ends_with(&jump_suffix))
+    {
+        let spec = split_listing(&line[jump_prefix.len()..]);
+        let mut args = vec!["-w", "-t", c.table, "-D", c.hook];
+        args.extend(spec.iter().map(String::as_str));
+        if let Err(e) = run("iptables", &args).await {
+            errors.push(e);
+        }
+    }
+    if listing.lines().any(|l| l == format!("-N {}", c.chain)) {
+        for op in ["-F", "-X"] {
+            if let Err(e) = run("iptables", &["-w", "-t", c.table, op, c.chain]).await {
+                errors.push(e);
+            }
+        }
+    }
+}
+
+/// `nft list table ip flannel-ipv4`, or `None` when the table does not exist. Existence is read from
+/// the table list rather than guessed from an error message.
+async fn nft_list_table() -> Result<Option<String>, MasqError> {
+    let tables = run("nft", &["list", "tables", "ip"]).await?;
+    let ours = format!("table ip {NFT_TABLE}");
+    if !tables.lines().any(|l| l.trim() == ours) {
+        return Ok(None);
+    }
+    run("nft", &["list", "table", "ip", NFT_TABLE])
+        .await
+        .map(Some)
+}
+
+/// The rule lines of `chain` in an `nft list table` listing.
+fn nft_chain_rules(listing: &str, chain: &str) -> Vec<String> {
+    let header = format!("chain {chain} {{");
+    let mut lines = listing.lines().map(str::trim).skip_while(|l| *l != header);
+    if lines.next().is_none() {
+        return Vec::new();
+    }
+    lines
+        .take_while(|l| *l != "}")
+        .filter(|l| !l.is_empty() && !l.starts_with("comment ") && !l.starts_with("type "))
+        .map(String::from)
+        .collect()
+}
+
+fn words(spec: &[&str]) -> Vec<String> {
+    spec.iter().map(|s| s.to_string()).collect()
+}
+
+/// A rule spec as `iptables -S` prints it: arguments with spaces in double quotes.
+fn canonical(spec: &[String]) -> String {
+    spec.iter()
+        .map(|a| {
+            if a.contains(' ') {
+                format!("\"{a}\"")
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The inverse of [`canonical`]: split a listed rule back into arguments.
+fn split_listing(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = line.trim();
+    while !rest.is_empty() {
+        let (word, tail) = match rest.strip_prefix('"') {
+            Some(q) => q.split_once('"').unwrap_or((q, "")),
+            None => rest.split_once(' ').unwrap_or((rest, "")),
+        };
+        out.push(word.to_string());
+        rest = tail.trim_start();
+    }
+    out
+}
+
+/// Does `iptables v1.8.9 (nf_tables)` name a version at least `min`?
+fn version_at_least(text: &str, min: (u32, u32, u32)) -> bool {
+    let Some(v) = text.split_whitespace().find_map(|w| w.strip_prefix('v')) else {
+        return false;
+    };
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let got = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    got >= min
+}
+
+async fn run(program: &str, args: &[&str]) -> Result<String, MasqError> {
+    run_stdin(program, args, "").await
+}
+
+async fn run_stdin(program: &str, args: &[&str], stdin: &str) -> Result<String, MasqError> {
+    use tokio::io::AsyncWriteExt as _;
+    let command = format!("{program} {}", args.join(" "));
+    let spawn_err = |source| MasqError::Spawn {
+        command: command.clone(),
+        source,
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(spawn_err)?;
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes()).await.map_err(spawn_err)?;
+    }
+    let out = child.wait_with_output().await.map_err(spawn_err)?;
+    if !out.status.success() {
+        return Err(MasqError::Command {
+            command,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masq() -> Masq {
+        Masq::new(
+            MasqKind::Iptables,
+            "10.1.0.0/16".parse().unwrap(),
+            "10.1.10.0/24".parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn iptables_rules_match_flanneld() {
+        let want = [
+            r#"-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG"#,
+            r#"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN"#,
+            r#"-A FLANNEL-POSTRTG -s 10.1.10.0/24 -d 10.1.0.0/16 -m comment --comment "flanneld masq" -j RETURN"#,
+            r#"-A FLANNEL-POSTRTG -s 10.1.0.0/16 -d 10.1.10.0/24 -m comment --comment "flanneld masq" -j RETURN"#,
+            r#"-A FLANNEL-POSTRTG ! -s 10.1.0.0/16 -d 10.1.10.0/24 -m comment --comment "flanneld masq" -j RETURN"#,
+            r#"-A FLANNEL-POSTRTG -s 10.1.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully"#,
+            r#"-A FLANNEL-POSTRTG ! -s 10.1.0.0/16 -d 10.1.0.0/16 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully"#,
+            r#"-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD"#,
+            r#"-A FLANNEL-FWD -s 10.1.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT"#,
+            r#"-A FLANNEL-FWD -d 10.1.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT"#,
+        ];
+        assert_eq!(masq().iptables_listing(), want);
+    }
+
+    #[test]
+    fn forward_rules_optional_and_networks_masked() {
+        let m = Masq::new(
+            MasqKind::Iptables,
+            "10.1.2.3/16".parse().unwrap(),
+            "10.1.10.7/24".parse().unwrap(),
+        )
+        .with_forward_rules(false);
+        let listing = m.iptables_listing();
+        assert_eq!(listing.len(), 7);
+        assert!(listing.iter().all(|l| !l.contains("FLANNEL-FWD")));
+        assert!(
+            listing[2].contains("-s 10.1.10.0/24 -d 10.1.0.0/16"),
+            "{}",
+            listing[2]
+        );
+    }
+
+    #[test]
+    fn without_random_fully() {
+        let chains = masq().iptables_chains(false);
+        assert!(chains
+            .iter()
+            .flat_map(|c| &c.rules)
+            .all(|r| !r.contains(&"--random-fully".to_string())));
+    }
+
+    #[test]
+    fn nft_rules_use_iptables_logic() {
+        let rules = masq().nft_rules();
+        assert_eq!(rules[0].0, "postrtg");
+        assert_eq!(
+            rules[0].1[3],
+            "ip saddr != 10.1.0.0/16 ip daddr 10.1.10.0/24 return"
+        );
+        assert_eq!(
+            rules[1],
+            (
+                "forward",
+                vec![
+                    "ip saddr 10.1.0.0/16 accept".into(),
+                    "ip daddr 10.1.0.0/16 accept".into()
+                ]
+            )
+        );
+    }
+
+    #[test]
+    fn parses_nft_listing() {
+        let listing = "table ip flannel-ipv4 {\n\tcomment \"x\"\n\tchain postrtg {\n\t\tcomment \"y\"\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tip saddr 10.1.0.0/16 accept\n\t}\n\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t}\n}\n";
+        assert_eq!(
+            nft_chain_rules(listing, "postrtg"),
+            vec!["ip saddr 10.1.0.0/16 accept"]
+        );
+        assert!(nft_chain_rules(listing, "forward").is_empty());
+        assert!(nft_chain_rules(listing, "nope").is_empty());
+    }
+
+    #[test]
+    fn listing_round_trip_and_versions() {
+        let spec = words(&["-m", "comment", "--comment", "flanneld masq", "-j", "X"]);
+        assert_eq!(split_listing(&canonical(&spec)), spec);
+        assert!(version_at_least("iptables v1.8.9 (nf_tables)", (1, 6, 2)));
+        assert!(!version_at_least("iptables v1.6.1", (1, 6, 2)));
+        assert!(!version_at_least("garbage", (1, 6, 2)));
+    }
+}
