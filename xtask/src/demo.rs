@@ -131,9 +131,20 @@ async fn build(opts: &Options, weft: &Path) -> anyhow::Result<()> {
     ping_matrix(&c).await;
     throughput(&c).await;
 
+    let commands = explore_commands(&c, weft);
     let kept = c.keep();
     kept.save(&state_file())?;
-    explain(&kept, weft);
+    println!();
+    println!(
+        "The demo cluster stays up ({} namespaces, {} processes; state in {}). Explore it:",
+        kept.namespaces.len(),
+        kept.processes.len(),
+        state_file().display()
+    );
+    for cmd in commands {
+        println!("  {cmd}");
+    }
+    println!("Remove it: cargo xtask demo --down");
     Ok(())
 }
 
@@ -191,9 +202,24 @@ async fn datapath(h: &Host, weft: &Path) -> String {
         }
     }
     let log = h.agent().map(|a| a.log()).unwrap_or_default();
-    match log.lines().rev().find(|l| l.contains("datapath")) {
-        Some(line) => format!("{} (agent log)", line.trim()),
-        None => "not reported by the agent".to_owned(),
+    datapath_from_log(&log)
+}
+
+/// The last agent log line about the datapath: its `datapath=` field when it has one.
+fn datapath_from_log(log: &str) -> String {
+    let Some(line) = log
+        .lines()
+        .rev()
+        .find(|l| !l.starts_with("=== weft-tests") && l.contains("datapath"))
+    else {
+        return "not reported by the agent (no `weft status`, nothing in its log)".to_owned();
+    };
+    match line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("datapath="))
+    {
+        Some(value) => format!("{} (agent log)", value.trim_matches('"')),
+        None => format!("{} (agent log)", line.trim()),
     }
 }
 
@@ -312,36 +338,34 @@ async fn iperf3(client: &Container, server: &Container) -> anyhow::Result<f64> {
     result
 }
 
-fn explain(kept: &Kept, weft: &Path) {
+/// Copy-paste commands that explore the cluster, with its real names and addresses.
+fn explore_commands(c: &Cluster, weft: &Path) -> Vec<String> {
     let weft = weft.display();
-    let ns = |s: &str| format!("{NAME}-{s}");
-    println!();
-    println!(
-        "The demo cluster stays up ({} namespaces; state in {}). Explore it:",
-        kept.namespaces.len(),
-        state_file().display()
-    );
-    println!(
-        "  ip netns exec {} ping -c 3 <ip of a container on host3>",
-        ns("host1-c1")
-    );
-    println!(
-        "  ip netns exec {} {weft} leases --etcd-endpoints http://172.16.15.1:2379",
-        ns("host1")
-    );
-    println!("  ip netns exec {} ip -d link show flannel.1", ns("host1"));
-    println!(
-        "  ip netns exec {} ip route; ip netns exec {} bridge fdb show",
-        ns("host1"),
-        ns("host1")
-    );
-    println!(
-        "  ip netns exec {} iperf3 -s -1 & ip netns exec {} iperf3 -c <its ip>",
-        ns("host3-c1"),
-        ns("host1-c1")
-    );
-    println!("  less {}/host1/agent.log", kept.dir.display());
-    println!("Remove it: cargo xtask demo --down");
+    let (h1, h3) = (c.host(0), c.host(c.hosts().len() - 1));
+    let (from, to) = (c.container(0), &h3.containers()[0]);
+    let etcd = c.etcd().endpoint();
+    vec![
+        format!("ip netns exec {} ping -c 3 {}", from.netns(), to.ip()),
+        format!(
+            "ip netns exec {} {weft} leases --etcd-endpoints {etcd}",
+            h1.name()
+        ),
+        format!("ip netns exec {} {weft} status", h1.name()),
+        format!("ip netns exec {} ip -d link show flannel.1", h1.name()),
+        format!("ip netns exec {} ip route", h1.name()),
+        format!("ip netns exec {} bridge fdb show dev flannel.1", h1.name()),
+        format!(
+            "ip netns exec {} tcpdump -ni ens32 udp port 8472",
+            h3.name()
+        ),
+        format!(
+            "ip netns exec {} iperf3 -s -D; ip netns exec {} iperf3 -c {}",
+            to.netns(),
+            from.netns(),
+            to.ip()
+        ),
+        format!("less {}", h1.dir().join("agent.log").display()),
+    ]
 }
 
 /// Remove the demo cluster from its state file (plus any `weft-demo-*` namespace) and verify.
@@ -384,4 +408,19 @@ fn down() -> anyhow::Result<()> {
     );
     println!("    nothing left: no {NAME}-* namespace, no demo process, no {STATE_DIR}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datapath_comes_from_the_last_log_line_naming_it() {
+        let log = "=== weft-tests: ip netns exec h weft agent --datapath auto\n\
+                   INFO weft::datapath: loaded datapath=\"ebpf\" iface=ens32\n\
+                   INFO weft::agent: eBPF unavailable, falling back datapath=kernel reason=x\n";
+        assert_eq!(datapath_from_log(log), "kernel (agent log)");
+        let header_only = "=== weft-tests: ip netns exec h weft agent --datapath auto\n";
+        assert!(datapath_from_log(header_only).starts_with("not reported"));
+    }
 }
