@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,19 +40,37 @@ impl Etcd {
         // a few attempts make that race harmless.
         for _ in 0..3 {
             let (client_port, peer_port) = (free_port(), free_port());
-            match Self::spawn(None, Ipv4Addr::LOCALHOST, client_port, peer_port, None).await {
+            match Self::spawn(
+                None,
+                Ipv4Addr::LOCALHOST,
+                client_port,
+                peer_port,
+                None,
+                false,
+            )
+            .await
+            {
                 Ok(etcd) => return etcd,
                 Err(e) => last_err = Some(e),
             }
         }
-        panic!("start a local etcd: {:#}", last_err.expect("three attempts ran"));
+        panic!(
+            "start a local etcd: {:#}",
+            last_err.expect("three attempts ran")
+        );
     }
 
     /// Start etcd inside network namespace `netns`, listening on `ip:2379` (peer port 2380 on
     /// 127.0.0.1 of that namespace). `data_dir`: where its data goes; `None` = a fresh temp dir
-    /// removed on drop.
-    pub async fn start_in_netns(netns: &str, ip: Ipv4Addr, data_dir: Option<PathBuf>) -> anyhow::Result<Etcd> {
-        Self::spawn(Some(netns), ip, 2379, 2380, data_dir).await
+    /// removed on drop. `detach`: run it in its own process group, so that it outlives the terminal
+    /// that started it (keep mode).
+    pub async fn start_in_netns(
+        netns: &str,
+        ip: Ipv4Addr,
+        data_dir: Option<PathBuf>,
+        detach: bool,
+    ) -> anyhow::Result<Etcd> {
+        Self::spawn(Some(netns), ip, 2379, 2380, data_dir, detach).await
     }
 
     async fn spawn(
@@ -60,10 +79,12 @@ impl Etcd {
         client_port: u16,
         peer_port: u16,
         data_dir: Option<PathBuf>,
+        detach: bool,
     ) -> anyhow::Result<Etcd> {
         let (dir, data_path) = match data_dir {
             Some(path) => {
-                std::fs::create_dir_all(&path).with_context(|| format!("create etcd dir {}", path.display()))?;
+                std::fs::create_dir_all(&path)
+                    .with_context(|| format!("create etcd dir {}", path.display()))?;
                 (None, path)
             }
             None => {
@@ -78,7 +99,8 @@ impl Etcd {
         let endpoint = format!("http://{ip}:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
         let log_path = data_path.join("etcd.log");
-        let log = File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
+        let log =
+            File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -91,13 +113,26 @@ impl Etcd {
             .arg("weft-test")
             .arg("--data-dir")
             .arg(data_path.join("data"))
-            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
             .arg("--initial-cluster")
             .arg(format!("weft-test={peer}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicate the etcd log handle")?)
             .stderr(log);
+        if detach {
+            cmd.process_group(0);
+        }
         let child = cmd
             .spawn()
             .context("run /usr/bin/etcd; install it with `apt-get install etcd-server`")?;
@@ -111,7 +146,11 @@ impl Etcd {
         };
         if let Err(e) = etcd.wait_healthy().await {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            bail!("{e:#}\n--- etcd log ({}) ---\n{}", log_path.display(), tail(&log, 30));
+            bail!(
+                "{e:#}\n--- etcd log ({}) ---\n{}",
+                log_path.display(),
+                tail(&log, 30)
+            );
         }
         Ok(etcd)
     }
@@ -129,7 +168,10 @@ impl Etcd {
             match probe {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
-                    bail!("etcd at {} not healthy after {START_TIMEOUT:?}: {e:#}", self.endpoint)
+                    bail!(
+                        "etcd at {} not healthy after {START_TIMEOUT:?}: {e:#}",
+                        self.endpoint
+                    )
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -170,7 +212,9 @@ impl Etcd {
     /// Put `key` = `value`. Panics when etcd refuses.
     pub async fn put(&self, key: &str, value: &str) {
         if self.netns.is_some() {
-            self.etcdctl(&["put", key, value]).await.unwrap_or_else(|e| panic!("{e:#}"));
+            self.etcdctl(&["put", key, value])
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
             return;
         }
         self.client()
@@ -182,7 +226,11 @@ impl Etcd {
 
     /// The value of `key`, `None` when absent.
     pub async fn get(&self, key: &str) -> Option<String> {
-        self.get_matching(key, false).await.into_iter().next().map(|(_, v)| v)
+        self.get_matching(key, false)
+            .await
+            .into_iter()
+            .next()
+            .map(|(_, v)| v)
     }
 
     /// Every key under `prefix` with its value, in key order.
@@ -193,8 +241,14 @@ impl Etcd {
     /// Delete `key`; returns how many keys were deleted (0 or 1).
     pub async fn delete(&self, key: &str) -> i64 {
         if self.netns.is_some() {
-            let out = self.etcdctl(&["del", key]).await.unwrap_or_else(|e| panic!("{e:#}"));
-            return out.trim().parse().unwrap_or_else(|_| panic!("etcdctl del {key} printed {out:?}"));
+            let out = self
+                .etcdctl(&["del", key])
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            return out
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("etcdctl del {key} printed {out:?}"));
         }
         self.client()
             .await
@@ -210,7 +264,10 @@ impl Etcd {
             if prefix {
                 args.push("--prefix");
             }
-            let out = self.etcdctl(&args).await.unwrap_or_else(|e| panic!("{e:#}"));
+            let out = self
+                .etcdctl(&args)
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
             return parse_etcdctl_json(&out).unwrap_or_else(|e| panic!("etcdctl get {key}: {e:#}"));
         }
         let opts = prefix.then(GetOptions::new).map(GetOptions::with_prefix);
@@ -244,7 +301,14 @@ impl Etcd {
         };
         let out = cmd
             .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.endpoint, "--dial-timeout", "2s", "--command-timeout", "5s"])
+            .args([
+                "--endpoints",
+                &self.endpoint,
+                "--dial-timeout",
+                "2s",
+                "--command-timeout",
+                "5s",
+            ])
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -348,7 +412,10 @@ mod tests {
     #[test]
     fn decodes_etcdctl_json() {
         let out = r#"{"header":{},"kvs":[{"key":"L2EvYg==","create_revision":2,"value":"aGVsbG8="}],"count":1}"#;
-        assert_eq!(parse_etcdctl_json(out).unwrap(), vec![("/a/b".to_owned(), "hello".to_owned())]);
+        assert_eq!(
+            parse_etcdctl_json(out).unwrap(),
+            vec![("/a/b".to_owned(), "hello".to_owned())]
+        );
         assert_eq!(parse_etcdctl_json(r#"{"header":{}}"#).unwrap(), vec![]);
     }
 }
