@@ -113,7 +113,7 @@ impl Status {
 pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
     let read_err = |source| StatusError::Read { pin_dir: pin_dir.to_path_buf(), source };
     let programs: Vec<ProgramStatus> = Datapath::inspect_links(pin_dir).iter().map(program_status).collect();
-    let mode = if programs.iter().any(|p| p.state == "attached") { Mode::Ebpf } else { Mode::Kernel };
+    let mode = if programs.iter().any(|p| p.link_id.is_some() && p.prog_id.is_some()) { Mode::Ebpf } else { Mode::Kernel };
     let mut status = Status {
         mode,
         pin_dir: pin_dir.to_path_buf(),

@@ -136,6 +136,8 @@ struct ObjGetAttr {
     bpf_fd: u32,
     file_flags: u32,
     path_fd: i32,
+    /// Explicit, so it is zero: the kernel rejects non-zero bytes past the last field.
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -165,7 +167,7 @@ fn link_state(path: &Path) -> LinkState {
     let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
         return LinkState::Unreadable { reason: "path contains NUL".into() };
     };
-    let get = ObjGetAttr { pathname: c_path.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0 };
+    let get = ObjGetAttr { pathname: c_path.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
     // SAFETY: attr points to a live, correctly laid out bpf_attr prefix.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &get as *const ObjGetAttr, size_of::<ObjGetAttr>()) };
     if fd < 0 {
