@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod build_ebpf;
+mod demo;
 mod test;
 
 #[derive(Parser)]
@@ -18,11 +19,14 @@ enum Command {
     BuildEbpf(build_ebpf::Options),
     /// Run unit tests and the root-only integration tests.
     Test(test::Options),
+    /// Start a local 3-host demonstration cluster and leave it up (`--down` removes it).
+    Demo(demo::Options),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf(opts) => build_ebpf::run(&opts),
         Command::Test(opts) => test::run(&opts),
+        Command::Demo(opts) => demo::run(&opts),
     }
 }
