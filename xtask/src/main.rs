@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod build_ebpf;
 mod demo;
+mod packages;
 mod test;
 
 #[derive(Parser)]
