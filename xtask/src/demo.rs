@@ -465,18 +465,3 @@ fn down() -> anyhow::Result<()> {
     println!("    nothing left: no {NAME}-* namespace, no demo process, no {STATE_DIR}");
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn datapath_comes_from_the_last_log_line_naming_it() {
-        let log = "=== weft-tests: ip netns exec h weft agent --datapath auto\n\
-                   INFO weft::datapath: loaded datapath=\"ebpf\" iface=ens32\n\
-                   INFO weft::agent: eBPF unavailable, falling back datapath=kernel reason=x\n";
-        assert_eq!(datapath_from_log(log), "kernel (agent log)");
-        let header_only = "=== weft-tests: ip netns exec h weft agent --datapath auto\n";
-        assert!(datapath_from_log(header_only).starts_with("not reported"));
-    }
-}
