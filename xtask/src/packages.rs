@@ -71,7 +71,10 @@ mod tests {
         let ci = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/run"))
             .expect("read .ci/run");
         for (cmd, pkg) in NEEDED {
-            assert!(ci.contains(&format!("[{cmd}]={pkg}")), ".ci/run lacks [{cmd}]={pkg}");
+            assert!(
+                ci.contains(&format!("[{cmd}]={pkg}")),
+                ".ci/run lacks [{cmd}]={pkg}"
+            );
         }
     }
 }
