@@ -1,1 +1,35 @@
-//! Multi-host test harness.
+//! weft's test harness: a simulated cluster on one machine, as root.
+//!
+//! ```no_run
+//! # async fn scenario() -> anyhow::Result<()> {
+//! let c = weft_tests::cluster(3).await;
+//! c.write_config(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#).await;
+//! c.start_agents(&["--datapath", "kernel"])?;
+//! c.add_containers(2).await?;
+//! c.container(0).ping(c.container(4).ip()).await?;
+//! c.container(0).tcp_transfer(&c.container(4), 1 << 20).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! - [`Etcd`]: a real etcd per test, on 127.0.0.1 ([`Etcd::start_local`]) or on a cluster's underlay.
+//! - [`Cluster`], [`Host`], [`Container`]: namespaces wired like hosts on one L2 network running Docker.
+//! - [`Agent`]: `weft agent` as a real process inside a host, its log printed when the test panics.
+//!
+//! Every name (namespace, temp dir) carries the test process id and a counter so tests run in
+//! parallel, and every handle cleans up what it made on drop, also when the test panics. A test
+//! should fail by panicking (`unwrap`, `assert!`) rather than by returning `Err`: only a panic makes
+//! the agents print their logs.
+
+pub mod agent;
+pub mod cluster;
+pub mod container;
+pub mod etcd;
+pub mod keep;
+pub mod netns;
+
+pub use agent::{weft_bin, Agent};
+pub use cluster::{cluster, Cluster, ClusterOptions, Host, SubnetEnv};
+pub use container::{Container, Transfer};
+pub use etcd::Etcd;
+pub use keep::{Kept, KeptProcess};
+pub use netns::Netns;

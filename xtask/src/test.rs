@@ -1,8 +1,128 @@
 //! `cargo xtask test`: unit tests and the root-only integration tests.
+//!
+//! Builds the eBPF object (`build-ebpf`) and the `weft` binary first, then runs
+//! `cargo test --workspace --exclude weft-ebpf` with `WEFT_BIN` pointing at that binary, so the
+//! integration tests run the agent that was just built. The output ends with cargo test's summary.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
 
 #[derive(clap::Args)]
-pub struct Options {}
+pub struct Options {
+    /// Also run the long tests (agent restarts under load, soak): sets WEFT_LONG_TESTS=1.
+    #[arg(long)]
+    pub long: bool,
+    /// Do not run `build-ebpf` first; use the eBPF object built earlier.
+    #[arg(long)]
+    pub skip_ebpf: bool,
+    /// Passed to `cargo test` after `--` (e.g. a test name filter, `--nocapture`).
+    #[arg(last = true)]
+    pub test_args: Vec<String>,
+}
 
-pub fn run(_opts: &Options) -> anyhow::Result<()> {
-    anyhow::bail!("test is being written")
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    require_root()?;
+    if !opts.skip_ebpf {
+        let xtask = std::env::current_exe().context("find the xtask binary")?;
+        let mut cmd = Command::new(xtask);
+        cmd.arg("build-ebpf");
+        step("build the eBPF object", &mut cmd)?;
+    }
+    let mut build = cargo();
+    build.args(["build", "--package", "weft", "--bin", "weft"]);
+    step("build the weft binary", &mut build)?;
+    let weft_bin = target_dir()?.join("debug").join("weft");
+
+    let mut test = cargo();
+    test.args(["test", "--workspace", "--exclude", "weft-ebpf"])
+        .env("WEFT_BIN", &weft_bin);
+    if opts.long {
+        test.env("WEFT_LONG_TESTS", "1");
+    }
+    if !opts.test_args.is_empty() {
+        test.arg("--").args(&opts.test_args);
+    }
+    let long = if opts.long { "WEFT_LONG_TESTS=1 " } else { "" };
+    println!("==> run the unit and integration tests");
+    println!("$ WEFT_BIN={} {long}{}", weft_bin.display(), show(&test));
+    let status = test.status().context("run cargo test")?;
+    // Nothing may follow cargo test's own summary: pass its exit code on as it is.
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// The integration tests create namespaces, veths and bridges, load BPF programs and run etcd and
+/// the agent inside namespaces: all of that needs root.
+fn require_root() -> anyhow::Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .context("no Uid line in /proc/self/status")?;
+    if euid != "0" {
+        bail!(
+            "cargo xtask test must run as root (effective uid is {euid}): the integration tests create \
+             network namespaces, veths and bridges, load eBPF programs, and run etcd and the agent \
+             inside namespaces. Run it as root, e.g. `sudo -E env \"PATH=$PATH\" cargo xtask test`, or in \
+             a root shell."
+        );
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Print the step and its command line, run it, fail naming it.
+pub(crate) fn step(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    println!("==> {what}");
+    println!("$ {}", show(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("run `{}`", show(cmd)))?;
+    if !status.success() {
+        bail!("{what} failed ({status}): `{}`", show(cmd));
+    }
+    Ok(())
+}
+
+/// The command line as a user would type it.
+pub(crate) fn show(cmd: &Command) -> String {
+    let program = PathBuf::from(cmd.get_program());
+    let name = program.file_name().map_or_else(
+        || program.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let name = if name == "xtask" {
+        "cargo xtask".to_owned()
+    } else {
+        name
+    };
+    std::iter::once(name)
+        .chain(cmd.get_args().map(|a| a.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Cargo's target directory (honours CARGO_TARGET_DIR and config).
+pub(crate) fn target_dir() -> anyhow::Result<PathBuf> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("run cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parse cargo metadata")?;
+    meta["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata has no target_directory")
 }

@@ -1,0 +1,405 @@
+//! A real etcd (Debian's `etcd-server`, `/usr/bin/etcd`) per test.
+//!
+//! [`Etcd::start_local`] runs one on 127.0.0.1 with free random ports, for tests that talk to etcd
+//! from the test process with `etcd-client`. [`Etcd::start_in_netns`] runs one inside a network
+//! namespace (the cluster's underlay switch); the test process never joins that network, so the
+//! convenience helpers reach it by running `etcdctl` inside the namespace (`ip netns exec`).
+//! Either way the data lives in a temporary directory, and drop kills the process and removes it.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use etcd_client::{Client, GetOptions};
+use tokio::sync::OnceCell;
+
+/// How long a fresh etcd may take to answer before the start counts as failed.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running etcd server owned by the test; dropped = killed and its data removed.
+pub struct Etcd {
+    child: Child,
+    endpoint: String,
+    /// `Some(ns)`: etcd listens inside that namespace and is reached through `ip netns exec ns etcdctl`.
+    netns: Option<String>,
+    dir: Option<tempfile::TempDir>,
+    keep: bool,
+    client: OnceCell<Client>,
+}
+
+impl Etcd {
+    /// Start etcd on 127.0.0.1 with free random client and peer ports and wait until it serves
+    /// requests. Panics with etcd's own log when it cannot start: a test cannot go on without it.
+    pub async fn start_local() -> Etcd {
+        let mut last_err = None;
+        // The ports are free when we pick them but another test may grab one before etcd binds it;
+        // a few attempts make that race harmless.
+        for _ in 0..3 {
+            let (client_port, peer_port) = (free_port(), free_port());
+            match Self::spawn(None, Ipv4Addr::LOCALHOST, client_port, peer_port, None).await {
+                Ok(etcd) => return etcd,
+                Err(e) => last_err = Some(e),
+            }
+        }
+        panic!(
+            "start a local etcd: {:#}",
+            last_err.expect("three attempts ran")
+        );
+    }
+
+    /// Start etcd inside network namespace `netns`, listening on `ip:2379` (peer port 2380 on
+    /// 127.0.0.1 of that namespace). `data_dir`: where its data goes; `None` = a fresh temp dir
+    /// removed on drop.
+    pub async fn start_in_netns(
+        netns: &str,
+        ip: Ipv4Addr,
+        data_dir: Option<PathBuf>,
+    ) -> anyhow::Result<Etcd> {
+        Self::spawn(Some(netns), ip, 2379, 2380, data_dir).await
+    }
+
+    async fn spawn(
+        netns: Option<&str>,
+        ip: Ipv4Addr,
+        client_port: u16,
+        peer_port: u16,
+        data_dir: Option<PathBuf>,
+    ) -> anyhow::Result<Etcd> {
+        let (dir, data_path) = match data_dir {
+            Some(path) => {
+                std::fs::create_dir_all(&path)
+                    .with_context(|| format!("create etcd dir {}", path.display()))?;
+                (None, path)
+            }
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("weft-etcd-")
+                    .tempdir()
+                    .context("create a temp dir for etcd's data")?;
+                let path = dir.path().to_owned();
+                (Some(dir), path)
+            }
+        };
+        let endpoint = format!("http://{ip}:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let log_path = data_path.join("etcd.log");
+        let log =
+            File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+            None => Command::new("etcd"),
+        };
+        cmd.arg("--name")
+            .arg("weft-test")
+            .arg("--data-dir")
+            .arg(data_path.join("data"))
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .arg("--initial-cluster")
+            .arg(format!("weft-test={peer}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("duplicate the etcd log handle")?)
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .context("run /usr/bin/etcd; install it with `apt-get install etcd-server`")?;
+        let mut etcd = Etcd {
+            child,
+            endpoint,
+            netns: netns.map(str::to_owned),
+            dir,
+            keep: false,
+            client: OnceCell::new(),
+        };
+        if let Err(e) = etcd.wait_healthy().await {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!(
+                "{e:#}\n--- etcd log ({}) ---\n{}",
+                log_path.display(),
+                tail(&log, 30)
+            );
+        }
+        Ok(etcd)
+    }
+
+    async fn wait_healthy(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().context("poll the etcd process")? {
+                bail!("etcd for {} exited at start with {status}", self.endpoint);
+            }
+            let probe = match &self.netns {
+                Some(_) => self.etcdctl(&["endpoint", "health"]).await.map(drop),
+                None => probe_local(&self.endpoint).await,
+            };
+            match probe {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    bail!(
+                        "etcd at {} not healthy after {START_TIMEOUT:?}: {e:#}",
+                        self.endpoint
+                    )
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// The client URL, e.g. `http://127.0.0.1:41234` (`http://172.16.15.1:2379` on the underlay).
+    pub fn endpoint(&self) -> String {
+        self.endpoint.clone()
+    }
+
+    /// The etcd process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Where etcd keeps its data and log (`etcd.log`).
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_ref().map(|d| d.path())
+    }
+
+    /// An `etcd-client` connected to this etcd. Only for a local etcd: an etcd inside a namespace is
+    /// not reachable from the test process (use the helpers, which run `etcdctl` in the namespace).
+    pub async fn client(&self) -> Client {
+        if let Some(ns) = &self.netns {
+            panic!("etcd {} lives in netns {ns}, unreachable from the test process; use put/get/delete/get_prefix", self.endpoint);
+        }
+        self.client
+            .get_or_init(|| async {
+                Client::connect([self.endpoint.as_str()], None)
+                    .await
+                    .unwrap_or_else(|e| panic!("connect to etcd {}: {e}", self.endpoint))
+            })
+            .await
+            .clone()
+    }
+
+    /// Put `key` = `value`. Panics when etcd refuses.
+    pub async fn put(&self, key: &str, value: &str) {
+        if self.netns.is_some() {
+            self.etcdctl(&["put", key, value])
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            return;
+        }
+        self.client()
+            .await
+            .put(key, value, None)
+            .await
+            .unwrap_or_else(|e| panic!("etcd put {key} on {}: {e}", self.endpoint));
+    }
+
+    /// The value of `key`, `None` when absent.
+    pub async fn get(&self, key: &str) -> Option<String> {
+        self.get_matching(key, false)
+            .await
+            .into_iter()
+            .next()
+            .map(|(_, v)| v)
+    }
+
+    /// Every key under `prefix` with its value, in key order.
+    pub async fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        self.get_matching(prefix, true).await
+    }
+
+    /// Delete `key`; returns how many keys were deleted (0 or 1).
+    pub async fn delete(&self, key: &str) -> i64 {
+        if self.netns.is_some() {
+            let out = self
+                .etcdctl(&["del", key])
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            return out
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("etcdctl del {key} printed {out:?}"));
+        }
+        self.client()
+            .await
+            .delete(key, None)
+            .await
+            .unwrap_or_else(|e| panic!("etcd delete {key} on {}: {e}", self.endpoint))
+            .deleted()
+    }
+
+    async fn get_matching(&self, key: &str, prefix: bool) -> Vec<(String, String)> {
+        if self.netns.is_some() {
+            let mut args = vec!["get", key, "-w", "json"];
+            if prefix {
+                args.push("--prefix");
+            }
+            let out = self
+                .etcdctl(&args)
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            return parse_etcdctl_json(&out).unwrap_or_else(|e| panic!("etcdctl get {key}: {e:#}"));
+        }
+        let opts = prefix.then(GetOptions::new).map(GetOptions::with_prefix);
+        let resp = self
+            .client()
+            .await
+            .get(key, opts)
+            .await
+            .unwrap_or_else(|e| panic!("etcd get {key} on {}: {e}", self.endpoint));
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Run `etcdctl <args>` (API v3) against this etcd, inside its namespace when it has one;
+    /// returns stdout, or an error with etcdctl's output.
+    pub async fn etcdctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns, "etcdctl"]);
+                c
+            }
+            None => tokio::process::Command::new("etcdctl"),
+        };
+        let out = cmd
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &self.endpoint,
+                "--dial-timeout",
+                "2s",
+                "--command-timeout",
+                "5s",
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("run etcdctl; install it with `apt-get install etcd-client`")?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl {} against {} failed ({}): {}{}",
+                args.join(" "),
+                self.endpoint,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8(out.stdout).context("etcdctl printed non-UTF-8")
+    }
+
+    /// Leave the process and its data running after drop (the demo's keep mode).
+    pub fn keep(&mut self) {
+        self.keep = true;
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.keep();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // `dir` (a TempDir) removes itself after this.
+    }
+}
+
+async fn probe_local(endpoint: &str) -> anyhow::Result<()> {
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(500))
+        .with_timeout(Duration::from_secs(1));
+    let mut client = Client::connect([endpoint], Some(opts)).await?;
+    client.status().await?;
+    Ok(())
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0 to find a free port")
+}
+
+/// Keys and values from `etcdctl get -w json` (both base64 there).
+fn parse_etcdctl_json(out: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let v: serde_json::Value = serde_json::from_str(out).context("parse etcdctl's JSON")?;
+    let Some(kvs) = v.get("kvs").and_then(|k| k.as_array()) else {
+        return Ok(Vec::new());
+    };
+    kvs.iter()
+        .map(|kv| {
+            let field = |name: &str| -> anyhow::Result<String> {
+                let b64 = kv.get(name).and_then(|f| f.as_str()).unwrap_or("");
+                Ok(String::from_utf8_lossy(&base64_decode(b64)?).into_owned())
+            };
+            Ok((field("key")?, field("value")?))
+        })
+        .collect()
+}
+
+fn base64_decode(s: &str) -> anyhow::Result<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|&c| c != b'=') {
+        let Some(v) = ALPHABET.iter().position(|&a| a == c) else {
+            bail!("not base64: {s:?}");
+        };
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Ok(out)
+}
+
+/// The last `n` lines of `text`.
+pub(crate) fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_etcdctl_json() {
+        let out = r#"{"header":{},"kvs":[{"key":"L2EvYg==","create_revision":2,"value":"aGVsbG8="}],"count":1}"#;
+        assert_eq!(
+            parse_etcdctl_json(out).unwrap(),
+            vec![("/a/b".to_owned(), "hello".to_owned())]
+        );
+        assert_eq!(parse_etcdctl_json(r#"{"header":{}}"#).unwrap(), vec![]);
+    }
+}
