@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod build_ebpf;
 mod test;
 
@@ -18,11 +19,14 @@ enum Command {
     BuildEbpf(build_ebpf::Options),
     /// Run unit tests and the root-only integration tests.
     Test(test::Options),
+    /// Benchmark the datapaths (host-gw, kernel vxlan, eBPF) or, with --control-plane, the agent.
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf(opts) => build_ebpf::run(&opts),
         Command::Test(opts) => test::run(&opts),
+        Command::Bench(opts) => bench::run(&opts),
     }
 }
