@@ -1,1 +1,675 @@
 //! Network config from `<prefix>/config`: parsing, defaults, validation.
+//!
+//! Field names are matched without regard to case and unknown fields are ignored, as
+//! flanneld (Go's encoding/json) does. Defaults and checks follow flannel's
+//! `CheckNetworkConfig`; every error names the field, the value and the fix.
+
+use std::net::Ipv4Addr;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde_json::{Map, Value};
+
+/// The kernel's default VXLAN port (flannel leaves `Port` 0 to mean this).
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+const MAX_VNI: u64 = (1 << 24) - 1;
+const SUPPORTED: &str = "\"vxlan\" or \"host-gw\"";
+
+/// A network config that failed to parse or validate.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("network config is not valid JSON: {reason}; fix the syntax, e.g. {{\"Network\": \"10.1.0.0/16\", \"Backend\": {{\"Type\": \"vxlan\"}}}}")]
+    Syntax { reason: String },
+    #[error("network config must be a JSON object, found {value}; write e.g. {{\"Network\": \"10.1.0.0/16\"}}")]
+    NotObject { value: String },
+    #[error("field {field} appears twice with different letter case ({first:?} and {second:?}); keep only one")]
+    Duplicate {
+        field: String,
+        first: String,
+        second: String,
+    },
+    #[error("please define a correct Network parameter in the flannel config: field Network is missing; add e.g. \"Network\": \"10.1.0.0/16\"")]
+    MissingNetwork,
+    #[error("field {field} is {value}, expected {expected}; {fix}")]
+    WrongType {
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+        fix: &'static str,
+    },
+    #[error("field {field} is {value}: {reason}; {fix}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: String,
+        fix: String,
+    },
+    #[error("Backend.Type is {value}: weft supports {SUPPORTED}; set \"Backend\": {{\"Type\": \"vxlan\"}}")]
+    UnsupportedBackend { value: String },
+}
+
+fn invalid(
+    field: &'static str,
+    value: impl ToString,
+    reason: impl ToString,
+    fix: impl ToString,
+) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        value: value.to_string(),
+        reason: reason.to_string(),
+        fix: fix.to_string(),
+    }
+}
+
+/// VXLAN backend options (flannel's vxlan backend config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VxlanConfig {
+    pub vni: u32,
+    /// UDP port; 0 in the config means the kernel default, resolved here to 8472.
+    pub port: u16,
+    /// Underlay MTU to assume instead of the external interface's; the overlay gets this minus
+    /// the 50-byte VXLAN overhead. `None`: the interface's MTU.
+    pub mtu: Option<u32>,
+    pub gbp: bool,
+    pub learning: bool,
+    pub direct_routing: bool,
+}
+
+/// The backend a network uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Vxlan(VxlanConfig),
+    HostGw,
+}
+
+impl Backend {
+    /// flannel's `BackendType` name, as leases carry it.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Backend::Vxlan(_) => "vxlan",
+            Backend::HostGw => "host-gw",
+        }
+    }
+}
+
+/// A validated network config with defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub network: Ipv4Net,
+    pub subnet_len: u8,
+    pub subnet_min: Ipv4Addr,
+    pub subnet_max: Ipv4Addr,
+    pub enable_ipv4: bool,
+    pub enable_ipv6: bool,
+    pub ipv6_network: Option<Ipv6Net>,
+    pub ipv6_subnet_len: Option<u8>,
+    pub enable_nftables: bool,
+    pub backend: Backend,
+}
+
+/// The top-level object with keys lowercased; two keys differing only in case are an error
+/// (Go would silently pick one, which hides typos).
+fn lowercase_keys(obj: &Map<String, Value>) -> Result<Map<String, Value>, ConfigError> {
+    let mut out = Map::new();
+    let mut original: std::collections::HashMap<String, String> = Default::default();
+    for (k, v) in obj {
+        let lk = k.to_ascii_lowercase();
+        if let Some(first) = original.get(&lk) {
+            return Err(ConfigError::Duplicate {
+                field: lk,
+                first: first.clone(),
+                second: k.clone(),
+            });
+        }
+        original.insert(lk.clone(), k.clone());
+        out.insert(lk, v.clone());
+    }
+    Ok(out)
+}
+
+fn get_bool(
+    obj: &Map<String, Value>,
+    key: &str,
+    field: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(ConfigError::WrongType {
+            field,
+            value: v.to_string(),
+            expected: "true or false",
+            fix: "write it without quotes",
+        }),
+    }
+}
+
+/// An optional unsigned integer field no larger than `max`.
+fn get_uint(
+    obj: &Map<String, Value>,
+    key: &str,
+    field: &'static str,
+    max: u64,
+) -> Result<Option<u64>, ConfigError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v @ Value::Number(n)) => match n.as_u64() {
+            Some(x) if x <= max => Ok(Some(x)),
+            _ => Err(invalid(
+                field,
+                v,
+                format!("must be a whole number from 0 to {max}"),
+                "use a value in range",
+            )),
+        },
+        Some(v) => Err(ConfigError::WrongType {
+            field,
+            value: v.to_string(),
+            expected: "a number",
+            fix: "write it as a number without quotes",
+        }),
+    }
+}
+
+fn get_str<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    field: &'static str,
+) -> Result<Option<&'a str>, ConfigError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(ConfigError::WrongType {
+            field,
+            value: v.to_string(),
+            expected: "a string",
+            fix: "put the value in quotes",
+        }),
+    }
+}
+
+fn get_ip(
+    obj: &Map<String, Value>,
+    key: &str,
+    field: &'static str,
+) -> Result<Option<Ipv4Addr>, ConfigError> {
+    get_str(obj, key, field)?
+        .map(|s| {
+            s.parse().map_err(|_| {
+                invalid(
+                    field,
+                    format!("{s:?}"),
+                    "not an IPv4 address",
+                    "write e.g. \"10.1.10.0\"",
+                )
+            })
+        })
+        .transpose()
+}
+
+impl NetworkConfig {
+    /// Parse and validate the JSON stored at `<prefix>/config`.
+    pub fn parse(json: &str) -> Result<Self, ConfigError> {
+        let v: Value = serde_json::from_str(json).map_err(|e| ConfigError::Syntax {
+            reason: e.to_string(),
+        })?;
+        let obj = v.as_object().ok_or_else(|| ConfigError::NotObject {
+            value: v.to_string(),
+        })?;
+        let obj = lowercase_keys(obj)?;
+
+        let enable_ipv4 = get_bool(&obj, "enableipv4", "EnableIPv4", true)?;
+        let enable_ipv6 = get_bool(&obj, "enableipv6", "EnableIPv6", false)?;
+        let enable_nftables = get_bool(&obj, "enablenftables", "EnableNFTables", false)?;
+        if !enable_ipv4 {
+            return Err(invalid(
+                "EnableIPv4",
+                false,
+                "weft runs IPv4 overlays only",
+                "remove EnableIPv4 or set it to true",
+            ));
+        }
+        if enable_ipv6 {
+            return Err(invalid(
+                "EnableIPv6",
+                true,
+                "weft does not carry IPv6 overlays yet",
+                "remove EnableIPv6 or set it to false",
+            ));
+        }
+        let ipv6_network = get_str(&obj, "ipv6network", "IPv6Network")?
+            .map(|s| {
+                s.parse::<Ipv6Net>().map_err(|_| {
+                    invalid(
+                        "IPv6Network",
+                        format!("{s:?}"),
+                        "not an IPv6 CIDR",
+                        "write e.g. \"fd00:10::/56\"",
+                    )
+                })
+            })
+            .transpose()?;
+        let ipv6_subnet_len =
+            get_uint(&obj, "ipv6subnetlen", "IPv6SubnetLen", 128)?.map(|n| n as u8);
+
+        let network = Self::network(&obj)?;
+        let subnet_len = Self::subnet_len(&obj, network)?;
+        let size = 1u64 << (32 - subnet_len);
+        let net_start = u64::from(u32::from(network.network()));
+        let net_end = net_start + (1u64 << (32 - network.prefix_len()));
+        let default_min = Ipv4Addr::from((net_start + size) as u32);
+        let default_max = Ipv4Addr::from((net_end - size) as u32);
+        let subnet_min = Self::bound(&obj, "subnetmin", "SubnetMin", network, subnet_len)?
+            .unwrap_or(default_min);
+        let subnet_max = Self::bound(&obj, "subnetmax", "SubnetMax", network, subnet_len)?
+            .unwrap_or(default_max);
+        if subnet_min > subnet_max {
+            return Err(invalid(
+                "SubnetMin",
+                subnet_min,
+                format!("it is above SubnetMax {subnet_max}, which leaves no subnet to hand out"),
+                "make SubnetMin lower than SubnetMax, or remove both",
+            ));
+        }
+        let backend = parse_backend(obj.get("backend"))?;
+        Ok(NetworkConfig {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            enable_ipv4,
+            enable_ipv6,
+            ipv6_network,
+            ipv6_subnet_len,
+            enable_nftables,
+            backend,
+        })
+    }
+
+    fn network(obj: &Map<String, Value>) -> Result<Ipv4Net, ConfigError> {
+        let s = match obj.get("network") {
+            None | Some(Value::Null) => return Err(ConfigError::MissingNetwork),
+            Some(Value::String(s)) => s,
+            Some(v) => {
+                return Err(ConfigError::WrongType {
+                    field: "Network",
+                    value: v.to_string(),
+                    expected: "a CIDR string",
+                    fix: "write e.g. \"Network\": \"10.1.0.0/16\"",
+                })
+            }
+        };
+        let net: Ipv4Net = s.parse().map_err(|_| {
+            invalid(
+                "Network",
+                format!("{s:?}"),
+                "please define a correct Network parameter in the flannel config: not an IPv4 CIDR",
+                "write e.g. \"10.1.0.0/16\"",
+            )
+        })?;
+        if net.network() != net.addr() {
+            return Err(invalid(
+                "Network",
+                format!("{s:?}"),
+                "host bits are set",
+                format!("write the network address, \"{}\"", net.trunc()),
+            ));
+        }
+        Ok(net)
+    }
+
+    fn subnet_len(obj: &Map<String, Value>, network: Ipv4Net) -> Result<u8, ConfigError> {
+        let prefix = network.prefix_len();
+        match get_uint(obj, "subnetlen", "SubnetLen", 32)? {
+            // flannel treats 0 as "not set".
+            None | Some(0) => {
+                if prefix > 28 {
+                    Err(invalid(
+                        "Network",
+                        network,
+                        "network is too small. Minimum useful network prefix is /28",
+                        "use a /28 or larger network",
+                    ))
+                } else if prefix <= 22 {
+                    Ok(24)
+                } else {
+                    Ok(prefix + 2)
+                }
+            }
+            Some(len) if len > 30 => Err(invalid("SubnetLen", len, "SubnetLen must be less than /31", "use 30 or less")),
+            Some(len) if (len as u8) < prefix + 2 => Err(invalid(
+                "SubnetLen",
+                len,
+                format!("network must be able to accommodate at least four subnets ({network} holds fewer than four /{len})"),
+                format!("use SubnetLen {} or more, or a larger Network", prefix + 2),
+            )),
+            Some(len) => Ok(len as u8),
+        }
+    }
+
+    fn bound(
+        obj: &Map<String, Value>,
+        key: &str,
+        field: &'static str,
+        network: Ipv4Net,
+        subnet_len: u8,
+    ) -> Result<Option<Ipv4Addr>, ConfigError> {
+        let Some(ip) = get_ip(obj, key, field)? else {
+            return Ok(None);
+        };
+        // flannel treats 0.0.0.0 as "not set".
+        if ip.is_unspecified() {
+            return Ok(None);
+        }
+        if !network.contains(&ip) {
+            return Err(invalid(
+                field,
+                ip,
+                format!("{field} is not in the range of the Network {network}"),
+                "pick an address inside Network or remove the field",
+            ));
+        }
+        let aligned = Ipv4Net::new(ip, subnet_len)
+            .map(|n| n.network())
+            .unwrap_or(ip);
+        if aligned != ip {
+            return Err(invalid(
+                field,
+                ip,
+                format!("{field} is not on a SubnetLen boundary: {ip}"),
+                format!("use {aligned}, the start of its /{subnet_len}"),
+            ));
+        }
+        Ok(Some(ip))
+    }
+
+    /// The first address of the network's subnets for the overlay MTU and subnet.env.
+    pub fn subnet_size(&self) -> u32 {
+        1u32 << (32 - self.subnet_len)
+    }
+}
+
+fn parse_backend(v: Option<&Value>) -> Result<Backend, ConfigError> {
+    let obj = match v {
+        // flanneld falls back to the udp backend when none is given; weft has no udp.
+        None | Some(Value::Null) => {
+            return Err(ConfigError::UnsupportedBackend {
+                value: "missing because Backend is missing (flannel's default is \"udp\")".into(),
+            })
+        }
+        Some(Value::Object(o)) => lowercase_keys(o)?,
+        Some(v) => {
+            return Err(ConfigError::WrongType {
+                field: "Backend",
+                value: v.to_string(),
+                expected: "an object",
+                fix: "write e.g. \"Backend\": {\"Type\": \"vxlan\"}",
+            })
+        }
+    };
+    let ty = match obj.get("type") {
+        None | Some(Value::Null) => {
+            return Err(ConfigError::UnsupportedBackend {
+                value: "missing (flannel's default is \"udp\")".into(),
+            })
+        }
+        Some(Value::String(s)) => s.as_str(),
+        Some(v) => {
+            return Err(ConfigError::WrongType {
+                field: "Backend.Type",
+                value: v.to_string(),
+                expected: "a string",
+                fix: "write e.g. \"Type\": \"vxlan\"",
+            })
+        }
+    };
+    match ty {
+        "vxlan" => {
+            let vni = get_uint(&obj, "vni", "Backend.VNI", MAX_VNI)?.unwrap_or(1) as u32;
+            let port =
+                get_uint(&obj, "port", "Backend.Port", u64::from(u16::MAX))?.unwrap_or(0) as u16;
+            let mtu = get_uint(&obj, "mtu", "Backend.MTU", 65535)?.map(|m| m as u32);
+            if let Some(m) = mtu.filter(|m| *m < 576) {
+                return Err(invalid(
+                    "Backend.MTU",
+                    m,
+                    "below 576, the smallest MTU IPv4 hosts must accept",
+                    "use 576 or more, or remove MTU to use the interface's",
+                ));
+            }
+            Ok(Backend::Vxlan(VxlanConfig {
+                vni,
+                port: if port == 0 { DEFAULT_VXLAN_PORT } else { port },
+                mtu,
+                gbp: get_bool(&obj, "gbp", "Backend.GBP", false)?,
+                learning: get_bool(&obj, "learning", "Backend.Learning", false)?,
+                direct_routing: get_bool(&obj, "directrouting", "Backend.DirectRouting", false)?,
+            }))
+        }
+        "host-gw" => Ok(Backend::HostGw),
+        other => Err(ConfigError::UnsupportedBackend {
+            value: format!("{other:?}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_flannel() {
+        let c = NetworkConfig::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#)
+            .unwrap();
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min, "10.1.1.0".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(c.subnet_max, "10.1.255.0".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            c.backend,
+            Backend::Vxlan(VxlanConfig {
+                vni: 1,
+                port: 8472,
+                mtu: None,
+                gbp: false,
+                learning: false,
+                direct_routing: false
+            })
+        );
+        let c = NetworkConfig::parse(
+            r#"{"network":"10.1.0.0/26","BACKEND":{"type":"host-gw"},"Whatever":1}"#,
+        )
+        .unwrap();
+        assert_eq!((c.subnet_len, c.backend), (28, Backend::HostGw));
+        assert_eq!(c.subnet_min, "10.1.0.16".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(c.subnet_max, "10.1.0.48".parse::<Ipv4Addr>().unwrap());
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.0.0.0/8","SubnetLen":20,"SubnetMin":"10.16.0.0","SubnetMax":"10.32.0.0","Backend":{"Type":"vxlan","VNI":4096,"Port":4789,"MTU":1400,"GBP":true,"DirectRouting":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.subnet_len, 20);
+        assert_eq!(
+            c.backend,
+            Backend::Vxlan(VxlanConfig {
+                vni: 4096,
+                port: 4789,
+                mtu: Some(1400),
+                gbp: true,
+                learning: false,
+                direct_routing: true
+            })
+        );
+    }
+
+    /// Each malformed config gets its own error; the needles are what a user must read.
+    pub(crate) const MALFORMED: &[(&str, &[&str])] = &[
+        (r#"{"Network":"10.1.0.0/16""#, &["not valid JSON"]),
+        (r#"["10.1.0.0/16"]"#, &["must be a JSON object"]),
+        (
+            r#"{"Backend":{"Type":"vxlan"}}"#,
+            &["please define a correct Network parameter", "add e.g."],
+        ),
+        (
+            r#"{"Network":16,"Backend":{"Type":"vxlan"}}"#,
+            &["Network is 16", "CIDR string"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0","Backend":{"Type":"vxlan"}}"#,
+            &["Network is \"10.1.0.0\"", "not an IPv4 CIDR"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/33","Backend":{"Type":"vxlan"}}"#,
+            &["not an IPv4 CIDR"],
+        ),
+        (
+            r#"{"Network":"fd00::/48","Backend":{"Type":"vxlan"}}"#,
+            &["Network is \"fd00::/48\""],
+        ),
+        (
+            r#"{"Network":"10.1.2.3/16","Backend":{"Type":"vxlan"}}"#,
+            &["host bits are set", "\"10.1.0.0/16\""],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","SubnetLen":"24","Backend":{"Type":"vxlan"}}"#,
+            &["SubnetLen is \"24\"", "a number"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","SubnetLen":31,"Backend":{"Type":"vxlan"}}"#,
+            &["SubnetLen must be less than /31"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","SubnetLen":-1,"Backend":{"Type":"vxlan"}}"#,
+            &["SubnetLen is -1", "0 to 32"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","SubnetLen":1e40,"Backend":{"Type":"vxlan"}}"#,
+            &["SubnetLen", "0 to 32"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","SubnetLen":17,"Backend":{"Type":"vxlan"}}"#,
+            &["at least four subnets", "SubnetLen 18"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/29","Backend":{"Type":"vxlan"}}"#,
+            &["network is too small. Minimum useful network prefix is /28"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","SubnetMin":"10.2.0.0","Backend":{"Type":"vxlan"}}"#,
+            &["SubnetMin is not in the range of the Network"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","SubnetMax":"10.2.0.0","Backend":{"Type":"vxlan"}}"#,
+            &["SubnetMax is not in the range of the Network"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","SubnetMin":"10.1.1.5","Backend":{"Type":"vxlan"}}"#,
+            &[
+                "SubnetMin is not on a SubnetLen boundary: 10.1.1.5",
+                "use 10.1.1.0",
+            ],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","SubnetMax":"10.1.9.128","Backend":{"Type":"vxlan"}}"#,
+            &["SubnetMax is not on a SubnetLen boundary: 10.1.9.128"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","SubnetMin":"10.1.9.0","SubnetMax":"10.1.3.0","Backend":{"Type":"vxlan"}}"#,
+            &["above SubnetMax"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","SubnetMin":"banana","Backend":{"Type":"vxlan"}}"#,
+            &["SubnetMin is \"banana\"", "not an IPv4 address"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","SubnetMax":7,"Backend":{"Type":"vxlan"}}"#,
+            &["SubnetMax is 7", "a string"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv4":"yes","Backend":{"Type":"vxlan"}}"#,
+            &["EnableIPv4 is \"yes\"", "true or false"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv4":false,"Backend":{"Type":"vxlan"}}"#,
+            &["EnableIPv4 is false", "IPv4 overlays only"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#,
+            &["EnableIPv6 is true"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","IPv6Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#,
+            &["IPv6Network", "not an IPv6 CIDR"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","Network":"10.1.0.0/16","network":"10.2.0.0/16","Backend":{"Type":"vxlan"}}"#,
+            &["appears twice"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16"}"#,
+            &["Backend.Type is missing", "udp", "vxlan"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","Backend":"vxlan"}"#,
+            &["Backend is \"vxlan\"", "an object"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","Backend":{}}"#,
+            &["Backend.Type is missing"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":["vxlan"]}}"#,
+            &["Backend.Type is [\"vxlan\"]", "a string"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"udp"}}"#,
+            &["Backend.Type is \"udp\"", "\"vxlan\" or \"host-gw\""],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"VXLAN"}}"#,
+            &["Backend.Type is \"VXLAN\""],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#,
+            &["Backend.VNI is 16777216", "0 to 16777215"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","VNI":1.5}}"#,
+            &["Backend.VNI is 1.5"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","Port":70000}}"#,
+            &["Backend.Port is 70000", "0 to 65535"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","MTU":100}}"#,
+            &["Backend.MTU is 100", "576"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","GBP":"true"}}"#,
+            &["Backend.GBP is \"true\""],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","DirectRouting":1}}"#,
+            &["Backend.DirectRouting is 1"],
+        ),
+    ];
+
+    #[test]
+    fn malformed_configs_each_get_a_clear_error() {
+        let mut seen = std::collections::HashSet::new();
+        for (json, needles) in MALFORMED {
+            let err = NetworkConfig::parse(json).expect_err(json).to_string();
+            for n in *needles {
+                assert!(
+                    err.contains(n),
+                    "config {json}\nerror   {err}\nmissing {n:?}"
+                );
+            }
+            assert!(
+                seen.insert(err.clone()),
+                "two configs give the same error: {err}"
+            );
+        }
+        assert!(MALFORMED.len() >= 25);
+    }
+}

@@ -46,3 +46,454 @@ pub enum LeaseEvent {
     Changed { old: Lease, new: Lease },
     Removed(Lease),
 }
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::{Map, Value};
+
+/// Why a lease key or value could not be read. Readers skip such leases with a warning.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LeaseError {
+    #[error("lease key {key:?} is not `<ip>-<prefix len>` (like 10.1.10.0-24); skipping it")]
+    BadKey { key: String },
+    #[error("lease value under {key:?} is not a JSON object ({reason}); skipping it")]
+    BadJson { key: String, reason: String },
+    #[error(
+        "lease value under {key:?}: field {field} is {value}, expected {expected}; skipping it"
+    )]
+    BadField {
+        key: String,
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error(
+        "MAC address {value:?} is not six hex bytes separated by colons (like f6:14:ca:9c:9a:74)"
+    )]
+    BadMac { value: String },
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = LeaseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || LeaseError::BadMac {
+            value: s.to_string(),
+        };
+        let mut out = [0u8; 6];
+        let mut parts = s.split([':', '-']);
+        for byte in &mut out {
+            let part = parts.next().ok_or_else(bad)?;
+            if part.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl MacAddr {
+    /// A random, locally administered unicast MAC (what the kernel gives a new vxlan device).
+    pub fn random() -> Self {
+        let mut b: [u8; 6] = rand::random();
+        b[0] = (b[0] & 0xfe) | 0x02;
+        MacAddr(b)
+    }
+}
+
+impl BackendAttrs {
+    /// flannel's `BackendType` string.
+    pub fn type_name(&self) -> &str {
+        match self {
+            BackendAttrs::Vxlan { .. } => "vxlan",
+            BackendAttrs::HostGw => "host-gw",
+            BackendAttrs::Other(t) => t,
+        }
+    }
+}
+
+/// The last path element of a lease key as flannel writes it: `10.1.10.0-24`.
+pub fn subnet_key(subnet: Ipv4Net) -> String {
+    format!("{}-{}", subnet.addr(), subnet.prefix_len())
+}
+
+/// Parse a lease key (full path or last element). Dual-stack keys `a&b` give their IPv4 part.
+pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseError> {
+    let bad = || LeaseError::BadKey {
+        key: key.to_string(),
+    };
+    let last = key.rsplit('/').next().unwrap_or(key);
+    let v4 = last.split('&').next().unwrap_or(last);
+    let (ip, len) = v4.rsplit_once('-').ok_or_else(bad)?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    let net = Ipv4Net::new(ip, len).map_err(|_| bad())?;
+    // A key with host bits set names no subnet flannel would have written.
+    if net.network() != ip {
+        return Err(bad());
+    }
+    Ok(net)
+}
+
+/// Look a field up in a JSON object ignoring letter case, as Go's encoding/json does.
+pub(crate) fn field_ci<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get(name).or_else(|| {
+        obj.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    })
+}
+
+impl LeaseAttrs {
+    /// Serialise exactly as flanneld does (Go field order, `PublicIPv6` null, `BackendData`
+    /// left out when the backend has none).
+    pub fn to_json(&self) -> String {
+        let head = format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"#,
+            self.public_ip
+        );
+        match &self.backend {
+            BackendAttrs::Vxlan { vni, vtep_mac } => format!(
+                r#"{head}"vxlan","BackendData":{{"VNI":{},"VtepMAC":"{vtep_mac}"}}}}"#,
+                vni.unwrap_or(0)
+            ),
+            other => format!("{head}{}}}", Value::String(other.type_name().to_string())),
+        }
+    }
+
+    /// Parse a lease value in flanneld's format: any field-name case, unknown fields ignored,
+    /// `VNI` and `PublicIPv6` optional. `key` is only used in errors.
+    pub fn from_json(key: &str, value: &[u8]) -> Result<Self, LeaseError> {
+        let bad_json = |reason: String| LeaseError::BadJson {
+            key: key.to_string(),
+            reason,
+        };
+        let v: Value = serde_json::from_slice(value).map_err(|e| bad_json(e.to_string()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad_json(format!("found {v}")))?;
+        let bad = |field: &'static str, value: Option<&Value>, expected: &'static str| {
+            LeaseError::BadField {
+                key: key.to_string(),
+                field,
+                value: value.map_or("missing".to_string(), |v| v.to_string()),
+                expected,
+            }
+        };
+        let ip_val = field_ci(obj, "PublicIP");
+        let public_ip = ip_val
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<Ipv4Addr>().ok())
+            .ok_or_else(|| bad("PublicIP", ip_val, "an IPv4 address string"))?;
+        let type_val = field_ci(obj, "BackendType");
+        let backend_type = match type_val {
+            None | Some(Value::Null) => "",
+            Some(Value::String(s)) => s.as_str(),
+            Some(_) => return Err(bad("BackendType", type_val, "a string")),
+        };
+        let backend = match backend_type {
+            "vxlan" => {
+                let data_val = field_ci(obj, "BackendData");
+                let data = data_val
+                    .and_then(Value::as_object)
+                    .ok_or_else(|| bad("BackendData", data_val, "an object with VtepMAC"))?;
+                let mac_val = field_ci(data, "VtepMAC");
+                let vtep_mac = mac_val
+                    .and_then(Value::as_str)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| bad("BackendData.VtepMAC", mac_val, "a MAC address string"))?;
+                let vni =
+                    match field_ci(data, "VNI") {
+                        None | Some(Value::Null) => None,
+                        Some(v) => {
+                            Some(v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(
+                                || bad("BackendData.VNI", Some(v), "an unsigned integer"),
+                            )?)
+                        }
+                    };
+                BackendAttrs::Vxlan { vni, vtep_mac }
+            }
+            "host-gw" => BackendAttrs::HostGw,
+            other => BackendAttrs::Other(other.to_string()),
+        };
+        Ok(LeaseAttrs { public_ip, backend })
+    }
+}
+
+impl Lease {
+    /// Build a lease from an etcd key and value, as the watcher sees them.
+    pub fn from_kv(key: &str, value: &[u8], etcd_lease: i64) -> Result<Self, LeaseError> {
+        let subnet = parse_subnet_key(key)?;
+        let attrs = LeaseAttrs::from_json(key, value)?;
+        Ok(Lease {
+            subnet,
+            attrs,
+            etcd_lease,
+        })
+    }
+}
+
+/// The peer leases a host follows: applies snapshots and watch events and says what changed.
+///
+/// Our own subnet is never reported, and only leases of our backend type are kept (a vxlan
+/// host cannot reach a host-gw or udp peer). Renewals that change nothing but the etcd lease
+/// id produce no event.
+#[derive(Debug, Clone)]
+pub struct PeerSet {
+    own: Option<Ipv4Net>,
+    backend_type: String,
+    peers: BTreeMap<Ipv4Net, Lease>,
+}
+
+impl PeerSet {
+    /// `backend_type` is flannel's name of our backend (`vxlan`, `host-gw`).
+    pub fn new(backend_type: &str) -> Self {
+        PeerSet {
+            own: None,
+            backend_type: backend_type.to_string(),
+            peers: BTreeMap::new(),
+        }
+    }
+
+    /// Set our own subnet; a peer entry for it (seen before we knew) is reported removed.
+    pub fn set_own(&mut self, own: Ipv4Net) -> Option<LeaseEvent> {
+        self.own = Some(own);
+        self.peers.remove(&own).map(LeaseEvent::Removed)
+    }
+
+    fn wanted(&self, lease: &Lease) -> bool {
+        Some(lease.subnet) != self.own && lease.attrs.backend.type_name() == self.backend_type
+    }
+
+    /// A lease was put (added, changed or renewed).
+    pub fn put(&mut self, lease: Lease) -> Option<LeaseEvent> {
+        if !self.wanted(&lease) {
+            // A known peer that switched to another backend type is gone for us.
+            return self
+                .delete(lease.subnet)
+                .filter(|_| Some(lease.subnet) != self.own);
+        }
+        match self.peers.insert(lease.subnet, lease.clone()) {
+            None => Some(LeaseEvent::Added(lease)),
+            Some(old) if old.attrs != lease.attrs => Some(LeaseEvent::Changed { old, new: lease }),
+            Some(_) => None,
+        }
+    }
+
+    /// A lease key was deleted (expired or removed).
+    pub fn delete(&mut self, subnet: Ipv4Net) -> Option<LeaseEvent> {
+        self.peers.remove(&subnet).map(LeaseEvent::Removed)
+    }
+
+    /// Replace the whole set with a fresh listing and return the difference as events.
+    pub fn reset(&mut self, snapshot: Vec<Lease>) -> Vec<LeaseEvent> {
+        let mut events = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for lease in snapshot {
+            seen.insert(lease.subnet);
+            events.extend(self.put(lease));
+        }
+        let gone: Vec<Ipv4Net> = self
+            .peers
+            .keys()
+            .filter(|s| !seen.contains(s))
+            .copied()
+            .collect();
+        events.extend(gone.into_iter().filter_map(|s| self.delete(s)));
+        events
+    }
+
+    /// The current peers, ordered by subnet.
+    pub fn leases(&self) -> Vec<Lease> {
+        self.peers.values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FLANNEL_VXLAN: &str = r#"{"PublicIP":"172.16.15.21","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"f6:14:ca:9c:9a:74"}}"#;
+
+    fn vx(subnet: &str, ip: &str, mac: &str) -> Lease {
+        Lease {
+            subnet: subnet.parse().unwrap(),
+            attrs: LeaseAttrs {
+                public_ip: ip.parse().unwrap(),
+                backend: BackendAttrs::Vxlan {
+                    vni: Some(1),
+                    vtep_mac: mac.parse().unwrap(),
+                },
+            },
+            etcd_lease: 0,
+        }
+    }
+
+    #[test]
+    fn vxlan_value_is_byte_identical_to_flanneld() {
+        let l = vx("10.1.10.0/24", "172.16.15.21", "f6:14:ca:9c:9a:74");
+        assert_eq!(l.attrs.to_json(), FLANNEL_VXLAN);
+        assert_eq!(
+            LeaseAttrs::from_json("k", FLANNEL_VXLAN.as_bytes()).unwrap(),
+            l.attrs
+        );
+    }
+
+    #[test]
+    fn host_gw_value_has_no_backend_data() {
+        let a = LeaseAttrs {
+            public_ip: "10.0.0.5".parse().unwrap(),
+            backend: BackendAttrs::HostGw,
+        };
+        assert_eq!(
+            a.to_json(),
+            r#"{"PublicIP":"10.0.0.5","PublicIPv6":null,"BackendType":"host-gw"}"#
+        );
+        assert_eq!(
+            LeaseAttrs::from_json("k", a.to_json().as_bytes()).unwrap(),
+            a
+        );
+    }
+
+    #[test]
+    fn parses_old_and_oddly_cased_values() {
+        let v = br#"{"publicip":"172.16.15.22","BACKENDTYPE":"vxlan","backenddata":{"vtepmac":"F6:14:CA:9C:9A:75"},"Extra":[1]}"#;
+        let a = LeaseAttrs::from_json("k", v).unwrap();
+        assert_eq!(a.public_ip, "172.16.15.22".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            a.backend,
+            BackendAttrs::Vxlan {
+                vni: None,
+                vtep_mac: "f6:14:ca:9c:9a:75".parse().unwrap()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"not json", "not a JSON object"),
+            (b"[1]", "not a JSON object"),
+            (br#"{"BackendType":"vxlan"}"#, "PublicIP"),
+            (br#"{"PublicIP":"300.1.1.1","BackendType":"vxlan"}"#, "PublicIP"),
+            (br#"{"PublicIP":"1.1.1.1","BackendType":"vxlan"}"#, "BackendData"),
+            (br#"{"PublicIP":"1.1.1.1","BackendType":"vxlan","BackendData":{"VtepMAC":"zz"}}"#, "VtepMAC"),
+            (br#"{"PublicIP":"1.1.1.1","BackendType":"vxlan","BackendData":{"VNI":-1,"VtepMAC":"f6:14:ca:9c:9a:74"}}"#, "VNI"),
+            (br#"{"PublicIP":"1.1.1.1","BackendType":7}"#, "BackendType"),
+        ];
+        for (v, needle) in cases {
+            let e = LeaseAttrs::from_json("/p/subnets/10.1.1.0-24", v)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle) && e.contains("10.1.1.0-24"), "{e}");
+        }
+    }
+
+    #[test]
+    fn keys() {
+        assert_eq!(
+            parse_subnet_key("/coreos.com/network/subnets/10.1.10.0-24").unwrap(),
+            "10.1.10.0/24".parse::<Ipv4Net>().unwrap()
+        );
+        assert_eq!(
+            parse_subnet_key("10.12.13.0-24&fd00:12:13::-56").unwrap(),
+            "10.12.13.0/24".parse::<Ipv4Net>().unwrap()
+        );
+        for bad in [
+            "10.1.10.0",
+            "10.1.10.0-33",
+            "10.1.10.1-24",
+            "x-24",
+            "10.1.10.0-",
+            "",
+        ] {
+            assert!(parse_subnet_key(bad).is_err(), "{bad}");
+        }
+        assert_eq!(subnet_key("10.1.10.0/24".parse().unwrap()), "10.1.10.0-24");
+    }
+
+    #[test]
+    fn peer_set_events() {
+        let mut ps = PeerSet::new("vxlan");
+        assert_eq!(ps.set_own("10.1.1.0/24".parse().unwrap()), None);
+        let a = vx("10.1.2.0/24", "1.1.1.2", "02:00:00:00:00:02");
+        assert_eq!(
+            ps.put(vx("10.1.1.0/24", "1.1.1.1", "02:00:00:00:00:01")),
+            None,
+            "own lease skipped"
+        );
+        assert_eq!(ps.put(a.clone()), Some(LeaseEvent::Added(a.clone())));
+        let mut renewed = a.clone();
+        renewed.etcd_lease = 99;
+        assert_eq!(ps.put(renewed.clone()), None, "renewal is not a change");
+        let moved = vx("10.1.2.0/24", "1.1.1.2", "02:00:00:00:00:22");
+        assert_eq!(
+            ps.put(moved.clone()),
+            Some(LeaseEvent::Changed {
+                old: renewed,
+                new: moved.clone()
+            })
+        );
+        let hg = Lease {
+            attrs: LeaseAttrs {
+                backend: BackendAttrs::HostGw,
+                ..moved.attrs.clone()
+            },
+            ..moved.clone()
+        };
+        assert_eq!(
+            ps.put(hg.clone()),
+            Some(LeaseEvent::Removed(moved)),
+            "switched away from vxlan"
+        );
+        assert_eq!(
+            ps.put(Lease {
+                subnet: "10.1.3.0/24".parse().unwrap(),
+                ..hg
+            }),
+            None,
+            "host-gw ignored"
+        );
+        assert!(ps.is_empty());
+    }
+
+    #[test]
+    fn reset_diffs_against_current() {
+        let mut ps = PeerSet::new("vxlan");
+        let a = vx("10.1.2.0/24", "1.1.1.2", "02:00:00:00:00:02");
+        let b = vx("10.1.3.0/24", "1.1.1.3", "02:00:00:00:00:03");
+        let c = vx("10.1.4.0/24", "1.1.1.4", "02:00:00:00:00:04");
+        assert_eq!(ps.reset(vec![a.clone(), b.clone()]).len(), 2);
+        let ev = ps.reset(vec![b.clone(), c.clone()]);
+        assert_eq!(
+            ev,
+            vec![LeaseEvent::Added(c.clone()), LeaseEvent::Removed(a)]
+        );
+        assert_eq!(ps.reset(vec![b.clone(), c.clone()]), vec![]);
+        assert_eq!(ps.leases(), vec![b, c]);
+    }
+}

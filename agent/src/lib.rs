@@ -4,12 +4,15 @@
 //! touches rtnetlink, only [`subnet::etcd`] touches etcd-client. Everything else
 //! speaks domain types ([`lease::Lease`], [`lease::LeaseEvent`], [`config::NetworkConfig`]).
 
+pub mod agent;
 pub mod backend;
+pub mod backend_log;
 pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod files;
 pub mod health;
+pub mod iface;
 pub mod lease;
 pub mod masq;
 pub mod metrics;

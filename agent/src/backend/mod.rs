@@ -5,6 +5,9 @@
 //! [`Backend::apply`] follows lease events and [`Backend::reconcile`] repairs
 //! drift against the full peer set.
 
+pub mod hostgw;
+pub mod vxlan;
+
 use std::future::Future;
 
 use crate::lease::{BackendAttrs, Lease, LeaseEvent};

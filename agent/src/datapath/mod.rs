@@ -1,1 +1,200 @@
-//! The only module that touches aya: load, attach, pin, typed map wrappers.
+//! The only module that touches aya: load the embedded eBPF object, attach it,
+//! pin it under bpffs, adopt what a previous agent pinned, and read and write
+//! its maps through typed wrappers.
+//!
+//! Layout under the pin directory (by default `/sys/fs/bpf/weft/<instance>`):
+//! `maps/WEFT_*` (the maps, adopted with their entries on restart),
+//! `progs/<program>` and `links/<program>@<interface>` (the attachments; a
+//! pinned link keeps its program attached after the agent exits, and a new
+//! agent swaps its own program into it atomically).
+//!
+//! ```no_run
+//! # use weft::datapath::{Datapath, DecapHook, NodeSettings};
+//! # fn f(settings: NodeSettings) -> Result<(), weft::datapath::DatapathError> {
+//! let mut dp = Datapath::load(Datapath::default_pin_dir("weft"))?;
+//! dp.configure(&settings)?;
+//! dp.attach_encap("docker0")?;
+//! dp.attach_decap("ens32", DecapHook::for_interface("ens32"))?;
+//! # Ok(()) }
+//! ```
+
+mod attach;
+mod maps;
+mod test_run;
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{Ebpf, EbpfLoader};
+use weft_common::{config_flags, wire, NodeConfig};
+
+use crate::lease::MacAddr;
+
+pub use attach::{Attachment, DecapHook};
+pub use maps::{Counters, PeerEntry};
+pub use test_run::{ProgramKind, TestRunOutput};
+
+/// Errors of the datapath; each names the program, map or interface and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("this weft was built without the eBPF object (WEFT_NO_EBPF was set at build time); run `cargo xtask build-ebpf` and rebuild, or use --datapath kernel")]
+    NoObject,
+    #[error("create pin directory {path}: {source}; is bpffs mounted at /sys/fs/bpf (`mount -t bpf bpf /sys/fs/bpf`)?")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("load the eBPF object (maps pinned in {pin_dir}): {source}; if the pinned maps are from an incompatible weft, remove them with `weft agent --cleanup`")]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {program} is missing from the eBPF object; rebuild with `cargo xtask build-ebpf`")]
+    MissingProgram { program: &'static str },
+    #[error("load program {program} into the kernel: {source}; the verifier log above says why (needs root, kernel >= 6.6)")]
+    LoadProgram {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("attach {program} to {interface}: {reason}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        reason: String,
+    },
+    #[error("pin {what} at {path}: {reason}")]
+    Pin {
+        what: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("map {map} is missing from the eBPF object; rebuild with `cargo xtask build-ebpf`")]
+    MissingMap { map: &'static str },
+    #[error("{operation} in map {map}: {source}")]
+    Map {
+        operation: String,
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("remove {path}: {source}")]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("test run of {program}: {source}")]
+    TestRun {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+}
+
+/// What the programs need to know about this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSettings {
+    pub vni: u32,
+    /// VXLAN UDP port (8472 when the network config says 0).
+    pub port: u16,
+    /// Our public (underlay) address: the outer source and the decap destination.
+    pub vtep_ip: Ipv4Addr,
+    /// `flannel.N`'s MAC, advertised in our lease: the inner source.
+    pub vtep_mac: MacAddr,
+    pub underlay_ifindex: u32,
+    pub underlay_mac: MacAddr,
+    pub underlay_mtu: u16,
+    /// The container bridge (docker0), 0 when unknown.
+    pub bridge_ifindex: u32,
+    /// Decrement the inner TTL on encapsulation like a router (the kernel path does).
+    pub decrement_ttl: bool,
+    /// Outer TTL = inner TTL (flannel's `ttl inherit`); otherwise 64.
+    pub ttl_inherit: bool,
+}
+
+impl NodeSettings {
+    fn to_map_value(&self) -> NodeConfig {
+        let mut flags = 0;
+        if self.decrement_ttl {
+            flags |= config_flags::DECREMENT_TTL;
+        }
+        if self.ttl_inherit {
+            flags |= config_flags::TTL_INHERIT;
+        }
+        NodeConfig {
+            vni_ne: self.vni,
+            vtep_ip_be: self.vtep_ip.octets(),
+            underlay_ifindex_ne: self.underlay_ifindex,
+            bridge_ifindex_ne: self.bridge_ifindex,
+            port_be: if self.port == 0 { wire::DEFAULT_PORT } else { self.port },
+            underlay_mtu_ne: self.underlay_mtu,
+            // The kernel's default ip_local_port_range, as udp_flow_src_port uses it.
+            sport_min_ne: 32768,
+            sport_max_ne: 61000,
+            vtep_mac: self.vtep_mac.0,
+            underlay_mac: self.underlay_mac.0,
+            flags_ne: flags,
+        }
+    }
+}
+
+/// The loaded eBPF object and where its state is pinned.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    /// Links we own; dropping them closes fds, never detaches pinned links.
+    links: Vec<aya::programs::links::FdLink>,
+}
+
+#[cfg(not(weft_no_ebpf))]
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEFT_EBPF_OBJECT_PATH"));
+
+fn object() -> Result<&'static [u8], DatapathError> {
+    #[cfg(not(weft_no_ebpf))]
+    return Ok(OBJECT);
+    #[cfg(weft_no_ebpf)]
+    Err(DatapathError::NoObject)
+}
+
+impl Datapath {
+    /// `/sys/fs/bpf/weft/<instance>`: one directory per agent instance, so
+    /// agents in different network namespaces on one machine do not collide.
+    pub fn default_pin_dir(instance: &str) -> PathBuf {
+        Path::new("/sys/fs/bpf/weft").join(instance)
+    }
+
+    /// Loads the embedded object with its maps pinned in `pin_dir/maps`,
+    /// adopting maps (and entries) a previous agent left there. Programs are
+    /// loaded into the kernel but not attached.
+    pub fn load(pin_dir: impl Into<PathBuf>) -> Result<Self, DatapathError> {
+        let pin_dir = pin_dir.into();
+        let map_dir = pin_dir.join("maps");
+        std::fs::create_dir_all(&map_dir).map_err(|source| DatapathError::PinDir { path: map_dir.clone(), source })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&map_dir)
+            .load(object()?)
+            .map_err(|source| DatapathError::Load { pin_dir: pin_dir.clone(), source: Box::new(source) })?;
+        for kind in ProgramKind::ALL {
+            kind.load(&mut ebpf)?;
+        }
+        Ok(Self { ebpf, pin_dir, links: Vec::new() })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Writes this node's configuration; the programs pass everything until this is done.
+    pub fn configure(&mut self, settings: &NodeSettings) -> Result<(), DatapathError> {
+        self.config_map()?.set(0, settings.to_map_value(), 0).map_err(|source| DatapathError::Map {
+            operation: "write node config".into(),
+            map: weft_common::map_names::CONFIG,
+            source: Box::new(source),
+        })
+    }
+}

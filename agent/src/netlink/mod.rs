@@ -1,1 +1,184 @@
 //! The only module that touches rtnetlink: idempotent ensure/replace/delete helpers.
+//!
+//! [`Netlink`] is a cloneable handle whose methods mirror `ip link`, `ip addr`,
+//! `ip route`, `ip neigh` and `bridge fdb`. Writes have replace semantics, deletes of
+//! something already gone succeed, and listings return plain domain structs so the
+//! backends can reconcile kernel state against leases without seeing netlink types.
+//! "Already exists" and "not found" are recognised by errno, never by message text.
+//!
+//! The socket belongs to the network namespace of the thread that calls
+//! [`Netlink::connect`]; the connection task lives as long as the last clone.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), weft::netlink::NetlinkError> {
+//! let nl = weft::netlink::Netlink::connect()?;
+//! let ens32 = nl.iface_by_name("ens32").await?;
+//! println!("{} has index {} and mtu {}", ens32.name, ens32.index, ens32.mtu);
+//! # Ok(()) }
+//! ```
+
+mod addr;
+mod link;
+mod neigh;
+mod route;
+
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use rtnetlink::packet_core::ErrorMessage;
+
+use crate::lease::MacAddr;
+
+pub use link::{ExternalIface, LinkInfo, VxlanAttrs, VxlanSpec, VXLAN_DEFAULT_PORT};
+pub use neigh::{FdbEntry, NeighEntry};
+pub use route::{RouteEntry, RouteSpec, SyncReport};
+
+/// Errors from kernel requests; each names the operation and its target.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("open rtnetlink socket: {source}; weft needs CAP_NET_ADMIN (run as root)")]
+    Connect {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} {target}: {}", describe(source))]
+    Request {
+        op: &'static str,
+        target: String,
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    #[error("interface {name} not found; check the name (`ip link`) or --iface")]
+    NoSuchLink { name: String },
+    #[error("no interface has address {ip}; check --iface / --public-ip (`ip -4 addr`)")]
+    NoIfaceWithAddr { ip: std::net::Ipv4Addr },
+    #[error("interface {name} has no IPv4 address; add one or choose another with --iface")]
+    NoIpv4 { name: String },
+    #[error("no IPv4 default route to pick the external interface from; pass --iface")]
+    NoDefaultRoute,
+}
+
+/// The kernel's errno as text ("File exists (os error 17)") for error messages.
+fn describe(e: &rtnetlink::Error) -> String {
+    match errno(e) {
+        Some(code) => std::io::Error::from_raw_os_error(code).to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// The positive errno of a kernel NACK, if that is what the error is.
+pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(ErrorMessage {
+            code: Some(code), ..
+        }) => Some(code.get().abs()),
+        _ => None,
+    }
+}
+
+fn is_errno(e: &rtnetlink::Error, codes: &[i32]) -> bool {
+    errno(e).is_some_and(|c| codes.contains(&c))
+}
+
+/// Treat the listed errnos as success (an idempotent add or delete).
+fn tolerate(
+    res: Result<(), rtnetlink::Error>,
+    ok: &[i32],
+    op: &'static str,
+    target: impl FnOnce() -> String,
+) -> Result<(), NetlinkError> {
+    match res {
+        Ok(()) => Ok(()),
+        Err(e) if is_errno(&e, ok) => Ok(()),
+        Err(source) => Err(NetlinkError::Request {
+            op,
+            target: target(),
+            source: Box::new(source),
+        }),
+    }
+}
+
+/// Aborts the connection task when the last [`Netlink`] clone is dropped.
+#[derive(Debug)]
+struct Connection(tokio::task::JoinHandle<()>);
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A cloneable rtnetlink handle bound to the caller's network namespace.
+#[derive(Debug, Clone)]
+pub struct Netlink {
+    handle: rtnetlink::Handle,
+    _conn: Arc<Connection>,
+}
+
+impl Netlink {
+    /// Open a route netlink socket in the current thread's network namespace.
+    /// Must be called inside a tokio runtime, which drives the socket.
+    pub fn connect() -> Result<Self, NetlinkError> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|source| NetlinkError::Connect { source })?;
+        let task = tokio::spawn(conn);
+        Ok(Self {
+            handle,
+            _conn: Arc::new(Connection(task)),
+        })
+    }
+}
+
+/// Collect a dump stream, naming the dump in the error.
+async fn collect<T>(
+    stream: impl futures::Stream<Item = Result<T, rtnetlink::Error>>,
+    op: &'static str,
+    target: impl FnOnce() -> String,
+) -> Result<Vec<T>, NetlinkError> {
+    stream
+        .try_collect()
+        .await
+        .map_err(|source| NetlinkError::Request {
+            op,
+            target: target(),
+            source: Box::new(source),
+        })
+}
+
+fn mac_from_bytes(b: &[u8]) -> Option<MacAddr> {
+    <[u8; 6]>::try_from(b).ok().map(MacAddr)
+}
+
+/// `aa:bb:cc:dd:ee:ff`, as flannel and iproute2 print MACs.
+pub fn fmt_mac(mac: &MacAddr) -> String {
+    let m = mac.0;
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_prints_like_flannel() {
+        assert_eq!(
+            fmt_mac(&MacAddr([0xf6, 0x14, 0xca, 0x9c, 0x9a, 0x74])),
+            "f6:14:ca:9c:9a:74"
+        );
+    }
+
+    #[test]
+    fn errno_comes_from_the_nack_code_not_the_text() {
+        let nack = ErrorMessage::default();
+        let mut nack = nack;
+        nack.code = std::num::NonZeroI32::new(-libc::EEXIST);
+        let e = rtnetlink::Error::NetlinkError(nack);
+        assert_eq!(errno(&e), Some(libc::EEXIST));
+        assert!(is_errno(&e, &[libc::EEXIST]));
+        assert!(!is_errno(&rtnetlink::Error::RequestFailed, &[libc::EEXIST]));
+        assert!(describe(&e).contains("exists"), "{}", describe(&e));
+    }
+}

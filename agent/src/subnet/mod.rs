@@ -1,1 +1,143 @@
-//! Subnet leases: the store trait, the etcd store and the pure allocator.
+//! Subnet leases: the etcd store, the pure allocator, and the acquire/renew policy.
+//!
+//! Policy (flannel's, with weft's fixes): reuse a lease holding our PublicIP, else the subnet
+//! of the old subnet file, else a random one among the first 100 free; a lost
+//! create-if-absent race picks another subnet instead of exiting.
+
+pub mod alloc;
+pub mod etcd;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+
+pub use etcd::{EtcdOptions, EtcdStore, Listing, WatchUpdate};
+
+use crate::config::{ConfigError, NetworkConfig};
+use crate::lease::{Lease, LeaseAttrs};
+
+/// How many create-if-absent races we accept losing in a row before giving up.
+const MAX_RACES: usize = 50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubnetError {
+    #[error(
+        "etcd at {endpoints} is unreachable: {reason}; check --etcd-endpoints and that etcd runs"
+    )]
+    Unavailable { endpoints: String, reason: String },
+    #[error("etcd {op} on {key} failed: {reason}")]
+    Etcd {
+        op: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error("read {what} {path}: {source}; check --etcd-{what}")]
+    TlsFile {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the network config at {key} is invalid: {source}")]
+    BadConfig {
+        key: String,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("out of subnets: every /{len} between {min} and {max} in {network} is leased; enlarge Network or SubnetMax, or remove stale leases")]
+    OutOfSubnets {
+        network: Ipv4Net,
+        len: u8,
+        min: std::net::Ipv4Addr,
+        max: std::net::Ipv4Addr,
+    },
+    #[error("lost the race for a free subnet {races} times in a row; too many hosts starting at once for the free space")]
+    TooManyRaces { races: usize },
+}
+
+/// Lease timing: the TTL granted and how long before expiry to renew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTiming {
+    pub ttl: Duration,
+    pub renew_margin: Duration,
+}
+
+impl LeaseTiming {
+    /// When to renew a lease granted now: `margin` before expiry, but for TTLs near or below
+    /// the margin (tests, small clusters) at a third of the TTL so two renewals can fail first.
+    pub fn renew_after(&self) -> Duration {
+        if self.ttl > self.renew_margin * 2 {
+            self.ttl - self.renew_margin
+        } else {
+            (self.ttl / 3).max(Duration::from_millis(500))
+        }
+    }
+}
+
+/// Get a lease for `attrs`: reuse ours (by PublicIP), else `prefer` (the old subnet file, or
+/// the subnet we just lost), else a random free one.
+pub async fn acquire(
+    store: &EtcdStore,
+    cfg: &NetworkConfig,
+    attrs: &LeaseAttrs,
+    ttl: Duration,
+    prefer: Option<Ipv4Net>,
+) -> Result<Lease, SubnetError> {
+    let mut lost: BTreeSet<Ipv4Net> = BTreeSet::new();
+    for _ in 0..MAX_RACES {
+        let listing = store.list_leases().await?;
+        if let Some(own) = listing
+            .leases
+            .iter()
+            .find(|l| l.attrs.public_ip == attrs.public_ip && alloc::fits(cfg, l.subnet))
+        {
+            if let Some(lease) = store.renew(own, attrs, ttl).await? {
+                tracing::info!(subnet = %lease.subnet, "reusing the lease that holds our public IP");
+                return Ok(lease);
+            }
+            continue;
+        }
+        let mut taken = listing.taken.clone();
+        taken.extend(&lost);
+        let candidate = prefer
+            .filter(|p| alloc::fits(cfg, *p) && !taken.contains(p))
+            .or_else(|| alloc::choose(cfg, &taken))
+            .ok_or(SubnetError::OutOfSubnets {
+                network: cfg.network,
+                len: cfg.subnet_len,
+                min: cfg.subnet_min,
+                max: cfg.subnet_max,
+            })?;
+        match store.create(candidate, attrs, ttl).await? {
+            Some(lease) => {
+                tracing::info!(subnet = %lease.subnet, public_ip = %attrs.public_ip, "acquired subnet lease");
+                return Ok(lease);
+            }
+            None => {
+                tracing::info!(subnet = %candidate, "another host took this subnet first; trying another");
+                lost.insert(candidate);
+            }
+        }
+    }
+    Err(SubnetError::TooManyRaces { races: MAX_RACES })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renew_timing() {
+        let day = LeaseTiming {
+            ttl: Duration::from_secs(86400),
+            renew_margin: Duration::from_secs(3600),
+        };
+        assert_eq!(day.renew_after(), Duration::from_secs(82800));
+        let short = LeaseTiming {
+            ttl: Duration::from_secs(6),
+            renew_margin: Duration::from_secs(60),
+        };
+        assert_eq!(short.renew_after(), Duration::from_secs(2));
+    }
+}

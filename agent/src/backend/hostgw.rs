@@ -1,0 +1,191 @@
+//! The `host-gw` backend: one route per remote subnet via the peer's public IP.
+//!
+//! `ip route replace 10.1.54.0/24 via 172.16.15.22 dev ens32`, which only works when
+//! every host is on one L2 network; a peer that is not gets a clear error instead
+//! of the kernel's "Nexthop has invalid gateway".
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use tracing::{debug, info};
+
+use super::{Backend, BackendError};
+use crate::lease::{BackendAttrs, Lease, LeaseEvent};
+use crate::netlink::{ExternalIface, Netlink, NetlinkError, RouteEntry, RouteSpec};
+
+/// The host-gw backend's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostGwSettings {
+    /// The overlay `Network`; routes into it via the external interface are ours.
+    pub network: Ipv4Net,
+    pub external: ExternalIface,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostGwError {
+    #[error(
+        "peer {subnet} has public IP {public_ip}, which is not on a network directly connected \
+         to {iface} (the kernel routes it {how}); host-gw needs all hosts on one L2 network: \
+         use the vxlan backend (with \"DirectRouting\":true to keep host-gw speed where possible) \
+         or give the peer an address on {iface}'s network"
+    )]
+    NotOnLink {
+        subnet: Ipv4Net,
+        public_ip: Ipv4Addr,
+        iface: String,
+        how: String,
+    },
+    #[error("route to peer {subnet} via {public_ip}: {source}")]
+    Route {
+        subnet: Ipv4Net,
+        public_ip: Ipv4Addr,
+        #[source]
+        source: NetlinkError,
+    },
+    #[error("reconcile host-gw routes ({repairs} repairs made): {}", failures.join("; "))]
+    Partial {
+        repairs: usize,
+        failures: Vec<String>,
+    },
+}
+
+/// Routes to peers' subnets through the external interface.
+pub struct HostGwBackend {
+    nl: Netlink,
+    s: HostGwSettings,
+    own: Option<Ipv4Net>,
+}
+
+impl HostGwBackend {
+    pub fn new(nl: Netlink, settings: HostGwSettings) -> Self {
+        Self {
+            nl,
+            s: settings,
+            own: None,
+        }
+    }
+
+    /// The route for a host-gw lease, after checking the peer is on our L2 network.
+    async fn route_for(&self, lease: &Lease) -> Result<Option<RouteSpec>, HostGwError> {
+        if lease.attrs.backend != BackendAttrs::HostGw {
+            return Ok(None);
+        }
+        let (subnet, public_ip) = (lease.subnet, lease.attrs.public_ip);
+        let via = self
+            .nl
+            .route_get(public_ip)
+            .await
+            .map_err(|source| HostGwError::Route {
+                subnet,
+                public_ip,
+                source,
+            })?;
+        let on_link =
+            via.is_some_and(|r| r.gateway.is_none() && r.oif == Some(self.s.external.index));
+        if !on_link {
+            let how = match via {
+                None => "nowhere: it is unreachable".to_string(),
+                Some(r) => match r.gateway {
+                    Some(gw) => format!("via gateway {gw}"),
+                    None => format!("out of interface index {}", r.oif.unwrap_or_default()),
+                },
+            };
+            return Err(HostGwError::NotOnLink {
+                subnet,
+                public_ip,
+                iface: self.s.external.name.clone(),
+                how,
+            });
+        }
+        Ok(Some(RouteSpec {
+            dst: subnet,
+            gateway: Some(public_ip),
+            oif: Some(self.s.external.index),
+            onlink: false,
+        }))
+    }
+
+    fn owns_route(&self, r: &RouteEntry) -> bool {
+        r.oif == Some(self.s.external.index)
+            && r.gateway.is_some()
+            && self.s.network.contains(&r.dst)
+            && Some(r.dst) != self.own
+    }
+}
+
+fn route_err(l: &Lease) -> impl FnOnce(NetlinkError) -> HostGwError + '_ {
+    move |source| HostGwError::Route {
+        subnet: l.subnet,
+        public_ip: l.attrs.public_ip,
+        source,
+    }
+}
+
+impl Backend for HostGwBackend {
+    async fn prepare(&mut self) -> Result<BackendAttrs, BackendError> {
+        Ok(BackendAttrs::HostGw)
+    }
+
+    async fn own_lease(&mut self, lease: &Lease) -> Result<(), BackendError> {
+        self.own = Some(lease.subnet);
+        Ok(())
+    }
+
+    async fn apply(&mut self, event: &LeaseEvent) -> Result<(), BackendError> {
+        match event {
+            LeaseEvent::Added(l) | LeaseEvent::Changed { new: l, .. } => {
+                let Some(route) = self.route_for(l).await? else {
+                    debug!(subnet = %l.subnet, "ignoring lease of another backend type");
+                    return Ok(());
+                };
+                self.nl.replace_route(&route).await.map_err(route_err(l))?;
+                info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer route programmed");
+            }
+            LeaseEvent::Removed(l) => {
+                let route = RouteSpec {
+                    dst: l.subnet,
+                    gateway: Some(l.attrs.public_ip),
+                    oif: Some(self.s.external.index),
+                    onlink: false,
+                };
+                self.nl.del_route(&route).await.map_err(route_err(l))?;
+                info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer route removed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
+        let mut desired = Vec::new();
+        let mut failures = Vec::new();
+        // A peer we could not check keeps whatever route it has.
+        let mut unchecked = Vec::new();
+        for lease in peers.iter().filter(|l| Some(l.subnet) != self.own) {
+            match self.route_for(lease).await {
+                Ok(Some(r)) => desired.push(r),
+                Ok(None) => {}
+                Err(e) => {
+                    unchecked.push(lease.subnet);
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        let owned = |r: &RouteEntry| self.owns_route(r) && !unchecked.contains(&r.dst);
+        let report = self.nl.sync_routes(owned, &desired).await?;
+        failures.extend(report.failures.iter().map(ToString::to_string));
+        if report.repairs > 0 {
+            info!(
+                repairs = report.repairs,
+                "reconciled host-gw routes with leases"
+            );
+        }
+        if !failures.is_empty() {
+            return Err(HostGwError::Partial {
+                repairs: report.repairs,
+                failures,
+            }
+            .into());
+        }
+        Ok(report.repairs)
+    }
+}

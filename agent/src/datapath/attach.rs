@@ -1,0 +1,265 @@
+//! Attaching programs to interfaces, pinning the links, adopting pinned links
+//! on restart, and removing everything again.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{
+    links::{FdLink, PinnedLink},
+    tc::SchedClassifierLink,
+    xdp::XdpLink,
+    SchedClassifier, TcAttachType, Xdp, XdpMode,
+};
+
+use super::{Datapath, DatapathError, ProgramKind};
+
+/// Where decapsulation runs on the underlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecapHook {
+    /// Native XDP: best on physical NICs (runs before GRO, per wire frame).
+    Xdp,
+    /// TC ingress (TCX): best on veth, where XDP turns TSO off on the peer and
+    /// was measured 7x slower for TCP.
+    Tc,
+}
+
+impl DecapHook {
+    /// TC for veth underlays, XDP for everything else (by the ethtool driver name).
+    pub fn for_interface(interface: &str) -> Self {
+        match driver_name(interface).as_deref() {
+            Some("veth") => DecapHook::Tc,
+            _ => DecapHook::Xdp,
+        }
+    }
+
+    fn program(self) -> ProgramKind {
+        match self {
+            DecapHook::Xdp => ProgramKind::XdpDecap,
+            DecapHook::Tc => ProgramKind::TcDecap,
+        }
+    }
+}
+
+/// One program attached to one interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub program: &'static str,
+    pub interface: String,
+    /// "tcx ingress" or "xdp native".
+    pub hook: &'static str,
+    /// The link a previous agent pinned was kept and its program swapped atomically.
+    pub adopted: bool,
+    pub link_pin: PathBuf,
+}
+
+impl Datapath {
+    /// Attaches the encapsulation program to `interface`'s TC ingress (the
+    /// container bridge, or a host-side container veth).
+    pub fn attach_encap(&mut self, interface: &str) -> Result<Attachment, DatapathError> {
+        self.attach(ProgramKind::TcEncap, interface)
+    }
+
+    /// Attaches decapsulation to the underlay `interface` at `hook`.
+    pub fn attach_decap(&mut self, interface: &str, hook: DecapHook) -> Result<Attachment, DatapathError> {
+        self.attach(hook.program(), interface)
+    }
+
+    fn attach(&mut self, kind: ProgramKind, interface: &str) -> Result<Attachment, DatapathError> {
+        let program = kind.name();
+        let link_pin = self.pin_dir.join("links").join(format!("{program}@{interface}"));
+        for dir in ["links", "progs"] {
+            let path = self.pin_dir.join(dir);
+            std::fs::create_dir_all(&path).map_err(|source| DatapathError::PinDir { path, source })?;
+        }
+        let attach_err = |reason: String| DatapathError::Attach { program, interface: interface.to_string(), reason };
+        let adopted = match kind {
+            ProgramKind::XdpDecap => {
+                let prog: &mut Xdp = kind.program_mut(&mut self.ebpf)?.try_into().map_err(|e| attach_err(format!("{e}")))?;
+                let adopted = adopt::<XdpLink, _>(&link_pin, |link| prog.attach_to_link(link).and_then(|id| prog.take_link(id)));
+                match adopted {
+                    Some(link) => Some(link),
+                    None => {
+                        let id = prog.attach(interface, XdpMode::Driver).map_err(|e| attach_err(xdp_reason(interface, &e)))?;
+                        let link = prog.take_link(id).map_err(|e| attach_err(format!("{e}")))?;
+                        self.links.push(pin_new(link, &link_pin, interface)?);
+                        None
+                    }
+                }
+            }
+            ProgramKind::TcEncap | ProgramKind::TcDecap => {
+                let prog: &mut SchedClassifier =
+                    kind.program_mut(&mut self.ebpf)?.try_into().map_err(|e| attach_err(format!("{e}")))?;
+                let adopted =
+                    adopt::<SchedClassifierLink, _>(&link_pin, |link| prog.attach_to_link(link).and_then(|id| prog.take_link(id)));
+                match adopted {
+                    Some(link) => Some(link),
+                    None => {
+                        let id = prog
+                            .attach(interface, TcAttachType::Ingress)
+                            .map_err(|e| attach_err(format!("{e}; does the interface exist (`ip link show {interface}`)?")))?;
+                        let link = prog.take_link(id).map_err(|e| attach_err(format!("{e}")))?;
+                        self.links.push(pin_new(link, &link_pin, interface)?);
+                        None
+                    }
+                }
+            }
+        };
+        let is_adopted = adopted.is_some();
+        if let Some(link) = adopted {
+            self.links.push(link);
+        }
+        self.pin_program(kind)?;
+        let hook = if kind == ProgramKind::XdpDecap { "xdp native" } else { "tcx ingress" };
+        Ok(Attachment { program, interface: interface.to_string(), hook, adopted: is_adopted, link_pin })
+    }
+
+    /// Pins the program (replacing an older agent's pin) so bpftool and `weft status` see it.
+    fn pin_program(&mut self, kind: ProgramKind) -> Result<(), DatapathError> {
+        let path = self.pin_dir.join("progs").join(kind.name());
+        let _ = std::fs::remove_file(&path);
+        let prog = kind.program_mut(&mut self.ebpf)?;
+        prog.pin(&path).map_err(|e| DatapathError::Pin { what: format!("program {}", kind.name()), path, reason: e.to_string() })
+    }
+
+    /// The links pinned under `pin_dir` as (program, interface) pairs.
+    pub fn pinned_links(pin_dir: &Path) -> Vec<(String, String)> {
+        let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else { return Vec::new() };
+        let mut out: Vec<_> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.split_once('@').map(|(p, i)| (p.to_string(), i.to_string()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Detaches every program pinned under `pin_dir` and removes the pins
+    /// (links, programs, maps). Keeps going after errors and reports them all.
+    /// Programs attached by a running agent detach once it also drops them.
+    pub fn detach_and_unpin(pin_dir: &Path) -> Result<(), Vec<DatapathError>> {
+        let mut errors = Vec::new();
+        for sub in ["links", "progs", "maps"] {
+            let dir = pin_dir.join(sub);
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    errors.push(DatapathError::Unpin { path: dir, source });
+                    continue;
+                }
+            };
+            for entry in entries.flatten() {
+                if let Err(source) = std::fs::remove_file(entry.path()) {
+                    errors.push(DatapathError::Unpin { path: entry.path(), source });
+                }
+            }
+            if let Err(source) = std::fs::remove_dir(&dir) {
+                errors.push(DatapathError::Unpin { path: dir, source });
+            }
+        }
+        match std::fs::remove_dir(pin_dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => errors.push(DatapathError::Unpin { path: pin_dir.to_path_buf(), source: e }),
+            _ => {}
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+
+    /// Detaches this datapath's programs and removes all its pins.
+    pub fn shutdown_and_unpin(mut self) -> Result<(), Vec<DatapathError>> {
+        let pin_dir = self.pin_dir.clone();
+        self.links.clear();
+        drop(self);
+        Self::detach_and_unpin(&pin_dir)
+    }
+}
+
+/// Swaps our program into the link pinned at `path`, if there is a live one.
+/// A stale pin (interface gone, wrong link type) is removed so a fresh attach follows.
+fn adopt<L, F>(path: &Path, swap: F) -> Option<FdLink>
+where
+    L: TryFrom<FdLink> + TryInto<FdLink>,
+    F: FnOnce(L) -> Result<L, aya::programs::ProgramError>,
+{
+    let pinned = PinnedLink::from_pin(path).ok()?;
+    let link = L::try_from(FdLink::from(pinned)).ok();
+    if let Some(link) = link {
+        if let Ok(swapped) = swap(link) {
+            if let Ok(fd) = swapped.try_into() {
+                return Some(fd);
+            }
+        }
+    }
+    let _ = std::fs::remove_file(path);
+    None
+}
+
+/// Pins a freshly created link so it survives the agent.
+fn pin_new<L: TryInto<FdLink>>(link: L, path: &Path, interface: &str) -> Result<FdLink, DatapathError> {
+    let pin_err = |reason: String| DatapathError::Pin { what: format!("link on {interface}"), path: path.to_path_buf(), reason };
+    let fd: FdLink = link
+        .try_into()
+        .map_err(|_| pin_err("the kernel attached through netlink, which cannot be pinned (needs kernel >= 6.6 for TCX, 5.9 for XDP links)".into()))?;
+    let _ = std::fs::remove_file(path);
+    let pinned = fd.pin(path).map_err(|e| pin_err(e.to_string()))?;
+    Ok(FdLink::from(pinned))
+}
+
+fn xdp_reason(interface: &str, e: &aya::programs::ProgramError) -> String {
+    let errno = match e {
+        aya::programs::ProgramError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    };
+    match errno {
+        Some(libc::EBUSY) | Some(libc::EEXIST) => {
+            format!("device busy; another XDP program is attached, see `weft status` (or `ip link show {interface}`)")
+        }
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
+            format!("{e}; the driver lacks native XDP: use the TC decap hook (--decap-hook tc)")
+        }
+        _ => format!("{e}"),
+    }
+}
+
+/// The interface's driver as ethtool reports it (`veth`, `virtio_net`, ...).
+fn driver_name(interface: &str) -> Option<String> {
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    let bytes = interface.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut info = DrvInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 160] };
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut info, pad: [0; 16] };
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: plain socket + ioctl with buffers that outlive the call.
+    let rc = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
+        libc::close(fd);
+        rc
+    };
+    if rc != 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}

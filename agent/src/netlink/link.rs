@@ -1,0 +1,313 @@
+//! `ip link`: the VXLAN device, its attributes read back, and the external interface.
+
+use std::net::Ipv4Addr;
+
+use rtnetlink::packet_route::link::{
+    InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
+};
+use rtnetlink::{LinkUnspec, LinkVxlan};
+
+use super::{is_errno, mac_from_bytes, tolerate, Netlink, NetlinkError};
+use crate::lease::MacAddr;
+
+/// The kernel's VXLAN port when none is configured (flannel's `Port` 0).
+pub const VXLAN_DEFAULT_PORT: u16 = 8472;
+
+/// The interface weft's traffic leaves by (flannel's `ExternalInterface`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalIface {
+    pub name: String,
+    pub index: u32,
+    /// Its first IPv4 address: the VXLAN `local` address unless a public IP overrides it.
+    pub ipv4: Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// A link as `ip -d link show` reports it, reduced to what weft checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    pub mac: Option<MacAddr>,
+    pub up: bool,
+    /// `Some` when the link is of kind vxlan.
+    pub vxlan: Option<VxlanAttrs>,
+    /// The link kind (`vxlan`, `dummy`, ...), `None` for plain hardware devices.
+    pub kind: Option<String>,
+}
+
+/// VXLAN attributes read back from the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VxlanAttrs {
+    pub vni: u32,
+    pub local: Option<Ipv4Addr>,
+    pub dev_index: Option<u32>,
+    pub port: u16,
+    pub learning: bool,
+    pub gbp: bool,
+    pub l2miss: bool,
+    pub l3miss: bool,
+    pub ttl: u8,
+    pub ttl_inherit: bool,
+    pub udp_csum: bool,
+}
+
+/// What flanneld passes when it creates `flannel.<VNI>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanSpec {
+    pub name: String,
+    pub vni: u32,
+    pub local: Ipv4Addr,
+    pub dev_index: u32,
+    /// Destination port; [`VXLAN_DEFAULT_PORT`] for flannel's `Port: 0`.
+    pub port: u16,
+    pub learning: bool,
+    pub gbp: bool,
+    pub mtu: u32,
+    pub mac: MacAddr,
+}
+
+impl VxlanSpec {
+    /// Why an existing device cannot be reused for this spec, or `None` when it can.
+    /// Same checks as flanneld's `vxlanLinksIncompat`, with the port compared as
+    /// effective value (flanneld skips it when `Port` is 0, keeping a 4789 device).
+    pub fn incompatibility(&self, link: &LinkInfo) -> Option<String> {
+        let Some(v) = &link.vxlan else {
+            return Some(format!(
+                "it is a {} device, not vxlan",
+                link.kind.as_deref().unwrap_or("hardware")
+            ));
+        };
+        if v.vni != self.vni {
+            return Some(format!("vni {} instead of {}", v.vni, self.vni));
+        }
+        if v.dev_index.is_some_and(|d| d != self.dev_index) {
+            return Some(format!(
+                "external interface index {} instead of {}",
+                v.dev_index.unwrap_or_default(),
+                self.dev_index
+            ));
+        }
+        if v.local.is_some_and(|l| l != self.local) {
+            return Some(format!(
+                "local address {} instead of {}",
+                v.local.map(|l| l.to_string()).unwrap_or_default(),
+                self.local
+            ));
+        }
+        if v.port != self.port {
+            return Some(format!("dstport {} instead of {}", v.port, self.port));
+        }
+        if v.gbp != self.gbp {
+            return Some(format!("gbp {} instead of {}", v.gbp, self.gbp));
+        }
+        if v.l2miss {
+            return Some("l2miss is on".to_string());
+        }
+        None
+    }
+}
+
+fn parse_link(msg: LinkMessage) -> LinkInfo {
+    let mut info = LinkInfo {
+        index: msg.header.index,
+        name: String::new(),
+        mtu: 0,
+        mac: None,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        vxlan: None,
+        kind: None,
+    };
+    for attr in msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => info.name = n,
+            LinkAttribute::Mtu(m) => info.mtu = m,
+            LinkAttribute::Address(a) => info.mac = mac_from_bytes(&a),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    match i {
+                        NlLinkInfo::Kind(k) => info.kind = Some(k.to_string()),
+                        NlLinkInfo::Data(InfoData::Vxlan(attrs)) => {
+                            info.vxlan = Some(parse_vxlan(attrs))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    info
+}
+
+fn parse_vxlan(attrs: Vec<InfoVxlan>) -> VxlanAttrs {
+    let mut v = VxlanAttrs::default();
+    for a in attrs {
+        match a {
+            InfoVxlan::Id(id) => v.vni = id,
+            InfoVxlan::Local(l) => v.local = Some(l),
+            InfoVxlan::Link(i) => v.dev_index = Some(i),
+            InfoVxlan::Port(p) => v.port = p,
+            InfoVxlan::Learning(b) => v.learning = b,
+            InfoVxlan::Gbp => v.gbp = true,
+            InfoVxlan::L2Miss(b) => v.l2miss = b,
+            InfoVxlan::L3Miss(b) => v.l3miss = b,
+            InfoVxlan::Ttl(t) => v.ttl = t,
+            InfoVxlan::TtlInherit(t) => v.ttl_inherit = t != 0,
+            InfoVxlan::TtlInheritFlag => v.ttl_inherit = true,
+            InfoVxlan::UDPCsum(b) => v.udp_csum = b,
+            _ => {}
+        }
+    }
+    v
+}
+
+impl Netlink {
+    /// `ip -d link show NAME`; `None` when there is no such link.
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkInfo>, NetlinkError> {
+        let req = self.handle.link().get().match_name(name).execute();
+        self.one_link(req, || name.to_string()).await
+    }
+
+    /// `ip -d link show` by index; `None` when there is no such link.
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<LinkInfo>, NetlinkError> {
+        let req = self.handle.link().get().match_index(index).execute();
+        self.one_link(req, || format!("index {index}")).await
+    }
+
+    async fn one_link(
+        &self,
+        stream: impl futures::Stream<Item = Result<LinkMessage, rtnetlink::Error>>,
+        target: impl FnOnce() -> String,
+    ) -> Result<Option<LinkInfo>, NetlinkError> {
+        use futures::TryStreamExt;
+        futures::pin_mut!(stream);
+        match stream.try_next().await {
+            Ok(msg) => Ok(msg.map(parse_link)),
+            Err(e) if is_errno(&e, &[libc::ENODEV]) => Ok(None),
+            Err(source) => Err(NetlinkError::Request {
+                op: "get link",
+                target: target(),
+                source: Box::new(source),
+            }),
+        }
+    }
+
+    /// `ip link add NAME address MAC mtu MTU type vxlan id VNI local IP dev IFINDEX
+    /// dstport PORT [no]learning [gbp]`, exactly flanneld's attribute set (l2miss,
+    /// l3miss, proxy, rsc off; ttl 0 = `ttl auto`; udp checksum left at the kernel's
+    /// default, on). Returns `false` without touching anything if a link of that
+    /// name already exists.
+    pub async fn add_vxlan(&self, spec: &VxlanSpec) -> Result<bool, NetlinkError> {
+        let mut b = LinkVxlan::new(&spec.name, spec.vni)
+            .dev(spec.dev_index)
+            .local(spec.local)
+            .ttl(0)
+            .tos(0)
+            .learning(spec.learning)
+            .proxy(false)
+            .rsc(false)
+            .l2miss(false)
+            .l3miss(false)
+            .udp_zero_csum6_tx(false)
+            .udp_zero_csum6_rx(false)
+            .port(spec.port)
+            .mtu(spec.mtu)
+            .address(spec.mac.0.to_vec());
+        if spec.gbp {
+            b = b.gbp();
+        }
+        match self.handle.link().add(b.build()).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, &[libc::EEXIST]) => Ok(false),
+            Err(source) => Err(NetlinkError::Request {
+                op: "create vxlan device",
+                target: spec.name.clone(),
+                source: Box::new(source),
+            }),
+        }
+    }
+
+    /// `ip link del` by index; a link already gone is not an error.
+    pub async fn del_link(&self, index: u32) -> Result<(), NetlinkError> {
+        let res = self.handle.link().del(index).execute().await;
+        tolerate(res, &[libc::ENODEV], "delete link", || {
+            format!("index {index}")
+        })
+    }
+
+    /// `ip link set IFINDEX up`.
+    pub async fn set_link_up(&self, index: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        let res = self.handle.link().change(msg).execute().await;
+        tolerate(res, &[], "set link up", || format!("index {index}"))
+    }
+
+    /// `ip link set IFINDEX mtu MTU`.
+    pub async fn set_link_mtu(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        let res = self.handle.link().change(msg).execute().await;
+        tolerate(res, &[], "set link mtu", || {
+            format!("index {index} to {mtu}")
+        })
+    }
+
+    /// The external interface by name, with its first IPv4 address.
+    pub async fn iface_by_name(&self, name: &str) -> Result<ExternalIface, NetlinkError> {
+        let link = self
+            .link_by_name(name)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchLink {
+                name: name.to_string(),
+            })?;
+        let ipv4 = self
+            .addresses_v4(link.index)
+            .await?
+            .first()
+            .map(|n| n.addr())
+            .ok_or_else(|| NetlinkError::NoIpv4 {
+                name: link.name.clone(),
+            })?;
+        Ok(ExternalIface {
+            name: link.name,
+            index: link.index,
+            ipv4,
+            mtu: link.mtu,
+        })
+    }
+
+    /// The external interface that holds `ip` (flanneld's `--iface=<ip>`).
+    pub async fn iface_by_addr(&self, ip: Ipv4Addr) -> Result<ExternalIface, NetlinkError> {
+        let index = self
+            .find_addr_owner(ip)
+            .await?
+            .ok_or(NetlinkError::NoIfaceWithAddr { ip })?;
+        let link = self
+            .link_by_index(index)
+            .await?
+            .ok_or(NetlinkError::NoIfaceWithAddr { ip })?;
+        Ok(ExternalIface {
+            name: link.name,
+            index,
+            ipv4: ip,
+            mtu: link.mtu,
+        })
+    }
+
+    /// The interface of the IPv4 default route (flanneld without `--iface`).
+    pub async fn default_route_iface(&self) -> Result<ExternalIface, NetlinkError> {
+        let index = self
+            .routes_v4()
+            .await?
+            .into_iter()
+            .find(|r| r.dst.prefix_len() == 0 && r.oif.is_some())
+            .and_then(|r| r.oif)
+            .ok_or(NetlinkError::NoDefaultRoute)?;
+        let link = self
+            .link_by_index(index)
+            .await?
+            .ok_or(NetlinkError::NoDefaultRoute)?;
+        self.iface_by_name(&link.name).await
+    }
+}

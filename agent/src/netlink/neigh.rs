@@ -1,0 +1,190 @@
+//! `ip neigh` and `bridge fdb` on the VXLAN device.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::route::RouteType;
+use rtnetlink::packet_route::AddressFamily;
+
+use super::{collect, fmt_mac, mac_from_bytes, tolerate, Netlink, NetlinkError};
+use crate::lease::MacAddr;
+
+/// An IPv4 neighbour (ARP) entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NeighEntry {
+    pub ip: Ipv4Addr,
+    pub mac: Option<MacAddr>,
+    pub permanent: bool,
+}
+
+/// A bridge forwarding entry of a VXLAN device: frames to `mac` go to `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdbEntry {
+    pub mac: MacAddr,
+    pub dst: Option<Ipv4Addr>,
+    pub permanent: bool,
+}
+
+fn dst_v4(msg: &NeighbourMessage) -> Option<Ipv4Addr> {
+    msg.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        // Bridge-family (fdb) messages carry the IPv4 remote as raw bytes.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+            <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+        }
+        _ => None,
+    })
+}
+
+fn lladdr(msg: &NeighbourMessage) -> Option<MacAddr> {
+    msg.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(b) => mac_from_bytes(b),
+        _ => None,
+    })
+}
+
+/// NUD_PERMANENT is a bit: vxlan reports fdb entries as PERMANENT|NOARP.
+fn is_permanent(state: NeighbourState) -> bool {
+    u16::from(state) & u16::from(NeighbourState::Permanent) != 0
+}
+
+impl Netlink {
+    async fn neigh_dump(
+        &self,
+        family: AddressFamily,
+        index: u32,
+    ) -> Result<Vec<NeighbourMessage>, NetlinkError> {
+        let req = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute();
+        let all = collect(req, "list neighbours of", || format!("index {index}")).await?;
+        Ok(all
+            .into_iter()
+            .filter(|m| m.header.ifindex == index)
+            .collect())
+    }
+
+    /// `ip -4 neigh show dev IFINDEX`.
+    pub async fn neighbours_v4(&self, index: u32) -> Result<Vec<NeighEntry>, NetlinkError> {
+        Ok(self
+            .neigh_dump(AddressFamily::Inet, index)
+            .await?
+            .iter()
+            .filter_map(|m| {
+                Some(NeighEntry {
+                    ip: dst_v4(m)?,
+                    mac: lladdr(m),
+                    permanent: is_permanent(m.header.state),
+                })
+            })
+            .collect())
+    }
+
+    /// `ip neigh replace IP dev IFINDEX lladdr MAC nud permanent`.
+    pub async fn replace_neighbour(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        mac: MacAddr,
+    ) -> Result<(), NetlinkError> {
+        let res = self
+            .handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .kind(RouteType::Unicast)
+            .state(NeighbourState::Permanent)
+            .link_layer_address(&mac.0)
+            .replace()
+            .execute()
+            .await;
+        tolerate(res, &[], "replace neighbour", || {
+            format!("{ip} lladdr {}", fmt_mac(&mac))
+        })
+    }
+
+    /// `ip neigh del IP dev IFINDEX`; absent already is fine.
+    pub async fn del_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = index;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        let res = self.handle.neighbours().del(msg).execute().await;
+        tolerate(
+            res,
+            &[libc::ENOENT, libc::ENODEV],
+            "delete neighbour",
+            || ip.to_string(),
+        )
+    }
+
+    /// `bridge fdb show dev IFINDEX` (the device's own `self` entries).
+    pub async fn fdb_entries(&self, index: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
+        Ok(self
+            .neigh_dump(AddressFamily::Bridge, index)
+            .await?
+            .iter()
+            .filter_map(|m| {
+                Some(FdbEntry {
+                    mac: lladdr(m)?,
+                    dst: dst_v4(m),
+                    permanent: is_permanent(m.header.state),
+                })
+            })
+            .collect())
+    }
+
+    /// `bridge fdb replace MAC dev IFINDEX dst IP self permanent`.
+    pub async fn replace_fdb(
+        &self,
+        index: u32,
+        mac: MacAddr,
+        dst: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        let res = self
+            .handle
+            .neighbours()
+            .add_bridge(index, &mac.0)
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .destination(IpAddr::V4(dst))
+            .replace()
+            .execute()
+            .await;
+        tolerate(res, &[], "replace fdb entry", || {
+            format!("{} dst {dst}", fmt_mac(&mac))
+        })
+    }
+
+    /// `bridge fdb del MAC dev IFINDEX [dst IP] self`; without `dst` the whole
+    /// entry goes. Absent already is fine.
+    pub async fn del_fdb(
+        &self,
+        index: u32,
+        mac: MacAddr,
+        dst: Option<Ipv4Addr>,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+        if let Some(dst) = dst {
+            msg.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        }
+        let res = self.handle.neighbours().del(msg).execute().await;
+        tolerate(
+            res,
+            &[libc::ENOENT, libc::ENODEV],
+            "delete fdb entry",
+            || format!("{} dst {dst:?}", fmt_mac(&mac)),
+        )
+    }
+}

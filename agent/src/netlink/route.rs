@@ -1,0 +1,237 @@
+//! `ip route`: per-peer routes in the main table, listed for reconciliation.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
+};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::RouteMessageBuilder;
+
+use super::{collect, tolerate, Netlink, NetlinkError};
+
+/// A route weft programs: `DST [via GATEWAY] [dev OIF] [onlink]`, main table,
+/// `proto boot` like `ip route replace` and flanneld.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub dst: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    /// `None` lets the kernel pick the device from the gateway (flannel's direct routes).
+    pub oif: Option<u32>,
+    pub onlink: bool,
+}
+
+impl std::fmt::Display for RouteSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.dst)?;
+        if let Some(gw) = self.gateway {
+            write!(f, " via {gw}")?;
+        }
+        if let Some(oif) = self.oif {
+            write!(f, " dev index {oif}")?;
+        }
+        if self.onlink {
+            write!(f, " onlink")?;
+        }
+        Ok(())
+    }
+}
+
+/// A route of the main IPv4 table as the kernel lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub dst: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+    pub onlink: bool,
+    /// `RTPROT_*`: 2 = kernel (address prefix routes), 3 = boot (`ip route`, flanneld).
+    pub protocol: u8,
+    pub unicast: bool,
+}
+
+impl RouteEntry {
+    /// Whether this kernel route already is `spec` (the device only counts when
+    /// the spec names one).
+    pub fn satisfies(&self, spec: &RouteSpec) -> bool {
+        self.unicast
+            && self.dst == spec.dst
+            && self.gateway == spec.gateway
+            && spec.oif.is_none_or(|o| self.oif == Some(o))
+            && self.onlink == spec.onlink
+    }
+
+    /// The spec that deletes exactly this route.
+    pub fn to_spec(&self) -> RouteSpec {
+        RouteSpec {
+            dst: self.dst,
+            gateway: self.gateway,
+            oif: self.oif,
+            onlink: self.onlink,
+        }
+    }
+}
+
+fn parse(msg: RouteMessage) -> Option<RouteEntry> {
+    let h = &msg.header;
+    if h.address_family != AddressFamily::Inet {
+        return None;
+    }
+    let mut table = u32::from(h.table);
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut gateway = None;
+    let mut oif = None;
+    for a in &msg.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
+            RouteAttribute::Oif(o) => oif = Some(*o),
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        return None;
+    }
+    Some(RouteEntry {
+        dst: Ipv4Net::new(dst, h.destination_prefix_length).ok()?,
+        gateway,
+        oif,
+        onlink: h.flags.contains(RouteFlags::Onlink),
+        protocol: u8::from(h.protocol),
+        unicast: h.kind == RouteType::Unicast,
+    })
+}
+
+fn message(spec: &RouteSpec) -> RouteMessageBuilder<Ipv4Addr> {
+    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(spec.dst.network(), spec.dst.prefix_len());
+    if let Some(gw) = spec.gateway {
+        b = b.gateway(gw);
+    }
+    if let Some(oif) = spec.oif {
+        b = b.output_interface(oif);
+    }
+    if spec.onlink {
+        b = b.onlink();
+    }
+    b
+}
+
+impl Netlink {
+    /// `ip -4 route show table main`.
+    pub async fn routes_v4(&self) -> Result<Vec<RouteEntry>, NetlinkError> {
+        let req = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        Ok(collect(req, "list routes", String::new)
+            .await?
+            .into_iter()
+            .filter_map(parse)
+            .collect())
+    }
+
+    /// `ip route replace SPEC` (proto boot, as flanneld's netlink library and `ip` do).
+    pub async fn replace_route(&self, spec: &RouteSpec) -> Result<(), NetlinkError> {
+        let msg = message(spec).protocol(RouteProtocol::Boot).build();
+        let res = self.handle.route().add(msg).replace().execute().await;
+        tolerate(res, &[], "replace route", || spec.to_string())
+    }
+
+    /// `ip route del SPEC`; a route already gone is fine.
+    pub async fn del_route(&self, spec: &RouteSpec) -> Result<(), NetlinkError> {
+        // Protocol 0 and scope nowhere match any route with this dst/gateway/dev.
+        let msg = message(spec)
+            .protocol(RouteProtocol::Unspec)
+            .scope(RouteScope::NoWhere)
+            .build();
+        let res = self.handle.route().del(msg).execute().await;
+        tolerate(res, &[libc::ESRCH, libc::ENODEV], "delete route", || {
+            spec.to_string()
+        })
+    }
+
+    /// `ip route get IP`: the gateway and device the kernel would use, `None`
+    /// when the destination is unreachable.
+    pub async fn route_get(&self, ip: Ipv4Addr) -> Result<Option<RouteEntry>, NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(ip, 32)
+            .build();
+        let req = self.handle.route().get(msg).execute();
+        match collect(req, "get route to", || ip.to_string()).await {
+            Ok(msgs) => Ok(msgs.into_iter().find_map(parse)),
+            Err(NetlinkError::Request { source, .. })
+                if super::is_errno(&source, &[libc::ENETUNREACH, libc::EHOSTUNREACH]) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// What [`Netlink::sync_routes`] changed and what it could not.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub repairs: usize,
+    pub failures: Vec<NetlinkError>,
+}
+
+impl SyncReport {
+    pub(crate) fn record(&mut self, res: Result<(), NetlinkError>) {
+        match res {
+            Ok(()) => self.repairs += 1,
+            Err(e) => self.failures.push(e),
+        }
+    }
+
+    pub fn merge(&mut self, other: SyncReport) {
+        self.repairs += other.repairs;
+        self.failures.extend(other.failures);
+    }
+}
+
+impl Netlink {
+    /// The device a packet to `ip` would leave by when `ip` is on a directly
+    /// connected network (the kernel's route needs no gateway), else `None`.
+    /// flanneld's `ip.DirectRouting` makes the same check.
+    pub async fn on_link_iface(&self, ip: Ipv4Addr) -> Result<Option<u32>, NetlinkError> {
+        Ok(self
+            .route_get(ip)
+            .await?
+            .filter(|r| r.gateway.is_none())
+            .and_then(|r| r.oif))
+    }
+
+    /// Make the main table's routes selected by `owned` equal `desired`: replace
+    /// each desired route the kernel lacks or holds differently, delete each owned
+    /// route no desired route justifies. Keeps going after a failure.
+    pub async fn sync_routes(
+        &self,
+        owned: impl Fn(&RouteEntry) -> bool,
+        desired: &[RouteSpec],
+    ) -> Result<SyncReport, NetlinkError> {
+        let kernel = self.routes_v4().await?;
+        let mut report = SyncReport::default();
+        for spec in desired {
+            if !kernel.iter().any(|r| r.satisfies(spec)) {
+                report.record(self.replace_route(spec).await);
+            }
+        }
+        // A desired route with the same destination replaced the stale one above.
+        for stale in kernel
+            .iter()
+            .filter(|r| owned(r) && r.protocol != RTPROT_KERNEL)
+        {
+            if !desired.iter().any(|d| d.dst == stale.dst) {
+                report.record(self.del_route(&stale.to_spec()).await);
+            }
+        }
+        Ok(report)
+    }
+}
+
+const RTPROT_KERNEL: u8 = 2;

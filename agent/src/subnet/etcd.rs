@@ -1,0 +1,431 @@
+//! The etcd v3 store: the only module that touches etcd-client.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use ipnet::Ipv4Net;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::SubnetError;
+use crate::lease::{parse_subnet_key, subnet_key, Lease, LeaseAttrs};
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How to reach etcd (flanneld's `--etcd-*` flags).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub cafile: Option<PathBuf>,
+    pub certfile: Option<PathBuf>,
+    pub keyfile: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// Every lease key under `<prefix>/subnets` at one revision.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    /// Leases whose key and value parse.
+    pub leases: Vec<Lease>,
+    /// Every subnet with a key, parsable value or not: none of these may be handed out.
+    pub taken: BTreeSet<Ipv4Net>,
+    pub revision: i64,
+}
+
+/// What the lease watch reports.
+#[derive(Debug, Clone)]
+pub enum WatchUpdate {
+    /// A full listing (at start, after a reconnect that lost history, or after compaction).
+    Snapshot(Listing),
+    Put(Lease),
+    Delete(Ipv4Net),
+}
+
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+    endpoints: String,
+}
+
+fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, SubnetError> {
+    std::fs::read(path).map_err(|source| SubnetError::TlsFile {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl EtcdStore {
+    /// Connect and make one read, so an unreachable etcd is reported here.
+    pub async fn connect(opts: &EtcdOptions) -> Result<Self, SubnetError> {
+        let endpoints = opts.endpoints.join(",");
+        let unavailable = |reason: String| SubnetError::Unavailable {
+            endpoints: endpoints.clone(),
+            reason,
+        };
+        let mut co = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        if let (Some(u), Some(p)) = (&opts.username, &opts.password) {
+            co = co.with_user(u.clone(), p.clone());
+        }
+        if opts.cafile.is_some() || opts.certfile.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &opts.cafile {
+                tls = tls.ca_certificate(Certificate::from_pem(read("cafile", ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&opts.certfile, &opts.keyfile) {
+                tls = tls.identity(Identity::from_pem(
+                    read("certfile", cert)?,
+                    read("keyfile", key)?,
+                ));
+            }
+            co = co.with_tls(tls);
+        }
+        let client = tokio::time::timeout(CALL_TIMEOUT, Client::connect(&opts.endpoints, Some(co)))
+            .await
+            .map_err(|_| unavailable("connect timed out".into()))?
+            .map_err(|e| unavailable(e.to_string()))?;
+        let store = EtcdStore {
+            client,
+            prefix: opts.prefix.trim_end_matches('/').to_string(),
+            endpoints: endpoints.clone(),
+        };
+        store
+            .get_config()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        Ok(store)
+    }
+
+    pub fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    pub fn lease_key(&self, subnet: Ipv4Net) -> String {
+        format!("{}{}", self.subnets_prefix(), subnet_key(subnet))
+    }
+
+    fn err(&self, op: &'static str, key: &str, e: impl ToString) -> SubnetError {
+        let reason = e.to_string();
+        SubnetError::Etcd {
+            op,
+            key: key.to_string(),
+            reason: format!("{reason} (etcd {})", self.endpoints),
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        key: &str,
+        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, SubnetError> {
+        match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+            Ok(r) => r.map_err(|e| self.err(op, key, e)),
+            Err(_) => Err(self.err(op, key, "timed out")),
+        }
+    }
+
+    /// The raw network config JSON, `None` when the key is absent.
+    pub async fn get_config(&self) -> Result<Option<String>, SubnetError> {
+        let key = self.config_key();
+        let resp = self
+            .call("get", &key, self.client.clone().get(key.as_str(), None))
+            .await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// Store the network config. Callers validate first.
+    pub async fn put_config(&self, json: &str) -> Result<(), SubnetError> {
+        let key = self.config_key();
+        self.call(
+            "put",
+            &key,
+            self.client.clone().put(key.as_str(), json, None),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// List every lease key; unparsable ones are skipped with a warning naming the key.
+    pub async fn list_leases(&self) -> Result<Listing, SubnetError> {
+        let prefix = self.subnets_prefix();
+        let resp = self
+            .call(
+                "list",
+                &prefix,
+                self.client
+                    .clone()
+                    .get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let mut listing = Listing {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            ..Listing::default()
+        };
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            if let Ok(subnet) = parse_subnet_key(&key) {
+                listing.taken.insert(subnet);
+            }
+            match Lease::from_kv(&key, kv.value(), kv.lease()) {
+                Ok(lease) => listing.leases.push(lease),
+                Err(e) => tracing::warn!(key = %key, "{e}"),
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Seconds left on an etcd lease; `None` when it has expired or the key has none.
+    pub async fn ttl_left(&self, etcd_lease: i64) -> Result<Option<i64>, SubnetError> {
+        if etcd_lease == 0 {
+            return Ok(None);
+        }
+        let key = format!("lease {etcd_lease:x}");
+        let resp = self
+            .call(
+                "lease-ttl",
+                &key,
+                self.client.clone().lease_time_to_live(etcd_lease, None),
+            )
+            .await?;
+        Ok(Some(resp.ttl()).filter(|t| *t >= 0))
+    }
+
+    async fn grant(&self, key: &str, ttl: Duration) -> Result<i64, SubnetError> {
+        let secs = ttl.as_secs().max(1) as i64;
+        Ok(self
+            .call(
+                "lease-grant",
+                key,
+                self.client.clone().lease_grant(secs, None),
+            )
+            .await?
+            .id())
+    }
+
+    async fn revoke(&self, id: i64) {
+        // Best effort: an unrevoked lease only expires later with nothing attached.
+        let _ = self
+            .call("lease-revoke", "", self.client.clone().lease_revoke(id))
+            .await;
+    }
+
+    /// Put `attrs` at `subnet`'s key on a fresh etcd lease if `compare` holds; the new etcd
+    /// lease id, or `None` (and the lease revoked) when it did not.
+    async fn put_if(
+        &self,
+        op: &'static str,
+        subnet: Ipv4Net,
+        compare: Compare,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<i64>, SubnetError> {
+        let key = self.lease_key(subnet);
+        let id = self.grant(&key, ttl).await?;
+        let put = TxnOp::put(
+            key.as_str(),
+            attrs.to_json(),
+            Some(PutOptions::new().with_lease(id)),
+        );
+        let txn = Txn::new().when([compare]).and_then([put]);
+        if self
+            .call(op, &key, self.client.clone().txn(txn))
+            .await?
+            .succeeded()
+        {
+            return Ok(Some(id));
+        }
+        self.revoke(id).await;
+        Ok(None)
+    }
+
+    /// Create `subnet`'s key if nobody holds it (flannel's `version == 0` transaction).
+    /// `None` means another host won it.
+    pub async fn create(
+        &self,
+        subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        let compare = Compare::version(self.lease_key(subnet), CompareOp::Equal, 0);
+        let id = self.put_if("create", subnet, compare, attrs, ttl).await?;
+        Ok(id.map(|etcd_lease| Lease {
+            subnet,
+            attrs: attrs.clone(),
+            etcd_lease,
+        }))
+    }
+
+    /// Re-put `current` with `attrs` on a fresh etcd lease, only if the key still holds
+    /// `current`'s value. `None` means the key is gone or someone else's now.
+    pub async fn renew(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        let compare = Compare::value(
+            self.lease_key(current.subnet),
+            CompareOp::Equal,
+            current.attrs.to_json(),
+        );
+        let Some(id) = self
+            .put_if("renew", current.subnet, compare, attrs, ttl)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if current.etcd_lease != 0 && current.etcd_lease != id {
+            self.revoke(current.etcd_lease).await;
+        }
+        Ok(Some(Lease {
+            subnet: current.subnet,
+            attrs: attrs.clone(),
+            etcd_lease: id,
+        }))
+    }
+
+    /// Delete a lease key (operators and tests).
+    pub async fn delete_lease(&self, subnet: Ipv4Net) -> Result<(), SubnetError> {
+        let key = self.lease_key(subnet);
+        self.call(
+            "delete",
+            &key,
+            self.client.clone().delete(key.as_str(), None),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Follow `<prefix>/subnets`: a snapshot, then watch events from the snapshot's revision.
+    /// Reconnects with backoff (100 ms doubling to 5 s); a compacted revision means re-list.
+    /// Ends when `cancel` fires or the receiver is dropped.
+    pub async fn watch_leases(&self, tx: mpsc::Sender<WatchUpdate>, cancel: CancellationToken) {
+        let prefix = self.subnets_prefix();
+        let mut backoff = BACKOFF_MIN;
+        let mut next_rev: Option<i64> = None;
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            let rev = match next_rev {
+                Some(r) => r,
+                None => match self.list_leases().await {
+                    Ok(listing) => {
+                        let r = listing.revision + 1;
+                        if tx.send(WatchUpdate::Snapshot(listing)).await.is_err() {
+                            return;
+                        }
+                        next_rev = Some(r);
+                        r
+                    }
+                    Err(e) => {
+                        tracing::warn!(retry_in = ?backoff, "listing leases: {e}");
+                        if sleep_or_cancel(&cancel, &mut backoff).await {
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let opts = WatchOptions::new().with_prefix().with_start_revision(rev);
+            let mut stream = match self.client.clone().watch(prefix.as_str(), Some(opts)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(retry_in = ?backoff, "watching {prefix}: {e}; reconnecting");
+                    if sleep_or_cancel(&cancel, &mut backoff).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            loop {
+                let msg = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    m = stream.message() => m,
+                };
+                let resp = match msg {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) | Err(_) => {
+                        tracing::warn!(retry_in = ?backoff, revision = rev, "lease watch broke; reconnecting");
+                        break;
+                    }
+                };
+                if resp.compact_revision() > 0 {
+                    tracing::warn!(
+                        compacted_to = resp.compact_revision(),
+                        "lease watch revision was compacted; re-listing"
+                    );
+                    next_rev = None;
+                    break;
+                }
+                if resp.canceled() {
+                    tracing::warn!(
+                        reason = resp.cancel_reason(),
+                        "etcd cancelled the lease watch; re-listing"
+                    );
+                    next_rev = None;
+                    break;
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    next_rev = Some(kv.mod_revision() + 1);
+                    backoff = BACKOFF_MIN;
+                    let key = String::from_utf8_lossy(kv.key());
+                    let update = match ev.event_type() {
+                        EventType::Delete => match parse_subnet_key(&key) {
+                            Ok(s) => WatchUpdate::Delete(s),
+                            Err(e) => {
+                                tracing::warn!(key = %key, "{e}");
+                                continue;
+                            }
+                        },
+                        EventType::Put => match Lease::from_kv(&key, kv.value(), kv.lease()) {
+                            Ok(l) => WatchUpdate::Put(l),
+                            Err(e) => {
+                                tracing::warn!(key = %key, "{e}");
+                                continue;
+                            }
+                        },
+                    };
+                    if tx.send(update).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if sleep_or_cancel(&cancel, &mut backoff).await {
+                return;
+            }
+        }
+    }
+}
+
+/// Sleep the current backoff and double it; true when cancelled meanwhile.
+async fn sleep_or_cancel(cancel: &CancellationToken, backoff: &mut Duration) -> bool {
+    let d = *backoff;
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    tokio::select! {
+        _ = cancel.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}

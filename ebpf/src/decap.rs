@@ -1,0 +1,179 @@
+//! VXLAN decapsulation on the underlay: XDP (default on physical NICs) and TC
+//! ingress (default on veth, where XDP costs TSO on the peer).
+//!
+//! Both hooks share [`classify`], so they accept exactly the same packets.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, xdp_action,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK,
+        TC_ACT_REDIRECT,
+    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
+use weft_common::{
+    counter,
+    wire::{ETH_P_IPV4, IPPROTO_UDP, VXLAN_FLAG_I, VXLAN_OVERHEAD},
+    NodeConfig,
+};
+
+use crate::{
+    maps::{self, Verdict},
+    parse::{off, EthHdr, Ipv4Hdr, Packet, UdpHdr, VxlanHdr},
+};
+
+const AF_INET: u8 = 2;
+
+/// Shrinks the frame to [outer Ethernet][inner IP]: the outer Ethernet header
+/// already carries our NIC's MAC as destination.
+const DECAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64;
+
+/// Decides whether a frame is VXLAN for us from a known peer. `Ok` means
+/// "decapsulate"; `Err` carries what to do instead.
+#[inline(always)]
+fn classify<C: Packet>(ctx: &C) -> Result<&'static NodeConfig, Verdict> {
+    let cfg = maps::config().ok_or(Verdict::Pass(counter::PASS_NOT_CONFIGURED))?;
+    let eth: EthHdr = ctx.read(0).ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
+    if eth.proto() != ETH_P_IPV4 {
+        return Err(Verdict::Pass(counter::PASS_NOT_IPV4));
+    }
+    let ip: Ipv4Hdr = ctx.read(off::OUTER_IP).ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
+    if ip.version() != 4 || ip.ihl_bytes() < 20 {
+        return Err(Verdict::Pass(counter::PASS_MALFORMED));
+    }
+    if ip.protocol != IPPROTO_UDP || ip.daddr_be != cfg.vtep_ip_be {
+        return Err(Verdict::Pass(counter::PASS_NOT_VXLAN));
+    }
+    if ip.is_fragment() {
+        // The kernel reassembles and flannel.N decapsulates.
+        return Err(Verdict::Pass(counter::PASS_FRAGMENT));
+    }
+    if ip.ihl_bytes() != 20 {
+        // Outer IP options: rare enough to leave to the kernel path.
+        return Err(Verdict::Pass(counter::PASS_MALFORMED));
+    }
+    let udp: UdpHdr = ctx.read(off::OUTER_UDP).ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
+    if udp.dest_be != cfg.port_be.to_be_bytes() {
+        return Err(Verdict::Pass(counter::PASS_NOT_VXLAN));
+    }
+    // VXLAN aimed at us. From here on, whatever is not deliverable is dropped.
+    if !maps::is_known_vtep(ip.saddr_be) {
+        return Err(Verdict::Drop(counter::DROP_UNKNOWN_SOURCE));
+    }
+    let vxlan: VxlanHdr = ctx.read(off::VXLAN).ok_or(Verdict::Drop(counter::DROP_MALFORMED))?;
+    if vxlan.flags & VXLAN_FLAG_I == 0 {
+        return Err(Verdict::Drop(counter::DROP_MALFORMED));
+    }
+    if vxlan.vni() != cfg.vni_ne {
+        return Err(Verdict::Drop(counter::DROP_WRONG_VNI));
+    }
+    let frame_l3 = ctx.data_end() - ctx.data() - off::OUTER_IP;
+    let tot_len = ip.tot_len() as usize;
+    if tot_len < VXLAN_OVERHEAD + 20 || tot_len > frame_l3 {
+        return Err(Verdict::Drop(counter::DROP_MALFORMED));
+    }
+    let inner_eth: EthHdr = ctx.read(off::INNER_ETH).ok_or(Verdict::Drop(counter::DROP_MALFORMED))?;
+    if inner_eth.proto() != ETH_P_IPV4 || inner_eth.dst != cfg.vtep_mac {
+        // IPv6 of a dual-stack peer, or a frame flannel.N would judge: not ours to decide.
+        return Err(Verdict::Pass(counter::PASS_INNER_NOT_OURS));
+    }
+    let inner: Ipv4Hdr = ctx.read(off::INNER_IP).ok_or(Verdict::Drop(counter::DROP_MALFORMED))?;
+    if inner.version() != 4 || inner.ihl_bytes() < 20 {
+        return Err(Verdict::Drop(counter::DROP_MALFORMED));
+    }
+    Ok(cfg)
+}
+
+pub fn xdp_decapsulate(ctx: &XdpContext) -> Verdict {
+    let cfg = match classify(ctx) {
+        Ok(cfg) => cfg,
+        Err(v) => return v,
+    };
+    let Some(outer) = ctx.read::<EthHdr>(0) else {
+        return Verdict::Pass(counter::PASS_MALFORMED);
+    };
+    // SAFETY: the context pointer is the live xdp_md of this invocation.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), VXLAN_OVERHEAD as i32) } != 0 {
+        return Verdict::Pass(counter::PASS_HELPER_FAIL);
+    }
+    let Some(eth) = ctx.ptr_at::<EthHdr>(0) else {
+        // Unreachable after classify checked the inner headers; the verifier needs the check.
+        return Verdict::Drop(counter::DROP_MALFORMED);
+    };
+    // The inner destination is our VTEP MAC, which the NIC does not own: the stack
+    // would mark the frame PACKET_OTHERHOST and drop it. Address it to the NIC.
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst = cfg.underlay_mac;
+        (*eth).src = outer.src;
+    }
+    Verdict::Done(xdp_action::XDP_PASS as i32, counter::DECAPSULATED)
+}
+
+pub fn tc_decapsulate(ctx: &TcContext) -> Verdict {
+    // Headers of a received skb may sit in fragments; the ones we read must be linear.
+    let need = (off::INNER_IP + core::mem::size_of::<Ipv4Hdr>()) as u32;
+    if ctx.data() + need as usize > ctx.data_end() && ctx.len() >= need {
+        let _ = ctx.pull_data(need);
+    }
+    if let Err(v) = classify(ctx) {
+        return v;
+    }
+    if ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS).is_err() {
+        return Verdict::Pass(counter::PASS_HELPER_FAIL);
+    }
+    // Decapsulated: the frame is now an ordinary IPv4 frame addressed to this host.
+    // Forward it ourselves when the route and neighbour are known, else let the stack.
+    Verdict::Done(forward_inner(ctx), counter::DECAPSULATED)
+}
+
+/// Routes the decapsulated packet like the stack would (TTL included), or
+/// returns TC_ACT_OK so the stack does it.
+#[inline(always)]
+fn forward_inner(ctx: &TcContext) -> i32 {
+    let Some(ip) = ctx.ptr_at::<Ipv4Hdr>(off::OUTER_IP) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (saddr, daddr, tos, ttl) = unsafe { ((*ip).saddr_be, (*ip).daddr_be, (*ip).tos, (*ip).ttl) };
+    if ttl <= 1 {
+        return TC_ACT_OK;
+    }
+    // SAFETY: plain data; all-zero is valid.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    // SAFETY: ctx.skb.skb is the live __sk_buff.
+    params.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    params.__bindgen_anon_2.tos = tos;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+    // SAFETY: params lives on our stack for the duration of the call.
+    let rc = unsafe {
+        bpf_fib_lookup(ctx.as_ptr(), &mut params, core::mem::size_of::<FibParams>() as i32, 0)
+    };
+    if rc as u32 != BPF_FIB_LKUP_RET_SUCCESS {
+        // Local delivery, no neighbour yet, or no route: the stack knows best.
+        return TC_ACT_OK;
+    }
+    let Some(eth) = ctx.ptr_at::<EthHdr>(0) else {
+        return TC_ACT_OK;
+    };
+    let Some(ip) = ctx.ptr_at::<Ipv4Hdr>(off::OUTER_IP) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: bounds checked by ptr_at; TC may write packet data.
+    unsafe {
+        (*eth).dst = params.dmac;
+        (*eth).src = params.smac;
+        (*ip).decrement_ttl();
+    }
+    // SAFETY: plain helper call.
+    let action = unsafe { bpf_redirect(params.ifindex, 0) };
+    if action == TC_ACT_REDIRECT as i64 {
+        TC_ACT_REDIRECT
+    } else {
+        TC_ACT_OK
+    }
+}

@@ -1,0 +1,185 @@
+//! Bounds-checked packet access and the header layouts the programs read.
+//!
+//! Every packet byte the programs touch goes through [`Packet::ptr_at`]: it
+//! re-reads `data`/`data_end` each time, so a pointer taken before
+//! `adjust_room`/`adjust_head` can never be reused after it.
+
+use aya_ebpf::programs::{TcContext, XdpContext};
+use weft_common::wire::{ETH_HLEN, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN};
+
+/// A context whose packet is directly addressable.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+
+    /// A pointer to a `T` at `offset` bytes into the packet, if all of it is there.
+    #[inline(always)]
+    fn ptr_at<T>(&self, offset: usize) -> Option<*mut T> {
+        let start = self.data();
+        let end = self.data_end();
+        let size = core::mem::size_of::<T>();
+        if start + offset + size > end {
+            return None;
+        }
+        Some((start + offset) as *mut T)
+    }
+
+    /// A copy of the `T` at `offset`, if all of it is there.
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        // SAFETY: ptr_at checked the bounds; all header types are byte arrays (align 1).
+        self.ptr_at::<T>(offset).map(|p| unsafe { *p })
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+}
+
+/// Ethernet II header. All header types are byte arrays so they have alignment 1
+/// and can sit at any packet offset.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto_be: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<EthHdr>() == ETH_HLEN);
+
+impl EthHdr {
+    #[inline(always)]
+    pub fn proto(&self) -> u16 {
+        u16::from_be_bytes(self.proto_be)
+    }
+}
+
+/// IPv4 header without options.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len_be: [u8; 2],
+    pub id_be: [u8; 2],
+    pub frag_off_be: [u8; 2],
+    pub ttl: u8,
+    pub protocol: u8,
+    pub check_be: [u8; 2],
+    pub saddr_be: [u8; 4],
+    pub daddr_be: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == IPV4_HLEN);
+
+/// MF flag and fragment offset bits of `frag_off`.
+const IP_MF_OFFSET: u16 = 0x3fff;
+
+impl Ipv4Hdr {
+    #[inline(always)]
+    pub fn version(&self) -> u8 {
+        self.version_ihl >> 4
+    }
+    #[inline(always)]
+    pub fn ihl_bytes(&self) -> usize {
+        ((self.version_ihl & 0x0f) as usize) * 4
+    }
+    #[inline(always)]
+    pub fn tot_len(&self) -> u16 {
+        u16::from_be_bytes(self.tot_len_be)
+    }
+    #[inline(always)]
+    pub fn is_fragment(&self) -> bool {
+        u16::from_be_bytes(self.frag_off_be) & IP_MF_OFFSET != 0
+    }
+
+    /// Fills in the header checksum (RFC 791) over the 20 bytes.
+    #[inline(always)]
+    pub fn set_checksum(&mut self) {
+        self.check_be = [0, 0];
+        // SAFETY: Ipv4Hdr is 20 plain bytes.
+        let bytes: &[u8; IPV4_HLEN] = unsafe { &*(self as *const Self as *const [u8; IPV4_HLEN]) };
+        let mut sum: u32 = 0;
+        let mut i = 0;
+        while i < IPV4_HLEN {
+            sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
+            i += 2;
+        }
+        self.check_be = fold(sum).to_be_bytes();
+    }
+
+    /// Decrements the TTL and patches the checksum incrementally (RFC 1624).
+    #[inline(always)]
+    pub fn decrement_ttl(&mut self) {
+        let old = u16::from_be_bytes([self.ttl, self.protocol]);
+        self.ttl = self.ttl.wrapping_sub(1);
+        let new = u16::from_be_bytes([self.ttl, self.protocol]);
+        let check = u16::from_be_bytes(self.check_be);
+        // HC' = ~(~HC + ~m + m')
+        let sum = (!check as u32) + (!old as u32) + new as u32;
+        self.check_be = fold(sum).to_be_bytes();
+    }
+}
+
+/// One's-complement fold of a 32-bit sum into a 16-bit checksum.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UdpHdr {
+    pub source_be: [u8; 2],
+    pub dest_be: [u8; 2],
+    pub len_be: [u8; 2],
+    pub check_be: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<UdpHdr>() == UDP_HLEN);
+
+/// VXLAN header (RFC 7348): flags, 24 reserved bits, VNI, 8 reserved bits.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VxlanHdr {
+    pub flags: u8,
+    pub reserved1: [u8; 3],
+    pub vni_be: [u8; 3],
+    pub reserved2: u8,
+}
+const _: () = assert!(core::mem::size_of::<VxlanHdr>() == VXLAN_HLEN);
+
+impl VxlanHdr {
+    #[inline(always)]
+    pub fn vni(&self) -> u32 {
+        u32::from_be_bytes([0, self.vni_be[0], self.vni_be[1], self.vni_be[2]])
+    }
+}
+
+/// Offsets of the headers in a VXLAN frame as it arrives on the underlay.
+pub mod off {
+    use weft_common::wire::{ETH_HLEN, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN};
+    pub const OUTER_IP: usize = ETH_HLEN;
+    pub const OUTER_UDP: usize = OUTER_IP + IPV4_HLEN;
+    pub const VXLAN: usize = OUTER_UDP + UDP_HLEN;
+    pub const INNER_ETH: usize = VXLAN + VXLAN_HLEN;
+    pub const INNER_IP: usize = INNER_ETH + ETH_HLEN;
+}

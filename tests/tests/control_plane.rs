@@ -1,0 +1,892 @@
+//! The control plane against a real etcd, with `weft` as real processes: leases, renewals,
+//! watches, config validation and the files flannel users read.
+//!
+//! The agents run with the temporary logging backend (`--datapath kernel` until the real
+//! backends are merged), on 127.0.0.x public IPs: no namespaces needed, nothing leaves loopback.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use weft::lease::LeaseAttrs;
+use weft_tests::Etcd;
+
+const PREFIX: &str = "/coreos.com/network";
+const VXLAN_CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
+
+/// The `weft` binary, built once per test run so the tests exercise the current code.
+fn weft_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // <target>/debug/deps/control_plane-<hash> -> <target>
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps");
+        let target = profile_dir.parent().expect("target dir");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-q", "-p", "weft", "--bin", "weft"])
+            .env("CARGO_TARGET_DIR", target)
+            .status()
+            .expect("run cargo build -p weft");
+        assert!(status.success(), "cargo build -p weft failed");
+        profile_dir.join("weft")
+    })
+    .clone()
+}
+
+/// Run a `weft` command to completion: (exit status, stdout, stderr).
+async fn weft(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    let out = tokio::process::Command::new(weft_bin())
+        .args(args)
+        .envs(envs.iter().copied())
+        .env_remove("WEFT_ETCD_ENDPOINTS")
+        .env_remove("FLANNELD_ETCD_ENDPOINTS")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run weft");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn config_set(etcd: &Etcd, json: &str) {
+    let (st, _, err) = weft(
+        &["config", "set", "--etcd-endpoints", &etcd.endpoint(), json],
+        &[],
+    )
+    .await;
+    assert!(st.success(), "weft config set {json}: {err}");
+}
+
+/// One `weft agent` process with its own subnet file, its stderr collected line by line.
+struct Agent {
+    child: tokio::process::Child,
+    log: Arc<Mutex<Vec<String>>>,
+    dir: tempfile::TempDir,
+    ip: String,
+}
+
+impl Agent {
+    async fn start(endpoint: &str, ip: &str, extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(endpoint, ip, extra, dir, &[]).await
+    }
+
+    async fn start_in(
+        endpoint: &str,
+        ip: &str,
+        extra: &[&str],
+        dir: tempfile::TempDir,
+        envs: &[(&str, &str)],
+    ) -> Agent {
+        let mut cmd = tokio::process::Command::new(weft_bin());
+        cmd.arg("agent");
+        if !endpoint.is_empty() {
+            let subnet = dir.path().join("subnet.env");
+            let docker = dir.path().join("docker_opts.env");
+            cmd.args([
+                "--etcd-endpoints",
+                endpoint,
+                "--iface",
+                "lo",
+                "--public-ip",
+                ip,
+                "--datapath",
+                "kernel",
+            ])
+            .arg("--subnet-file")
+            .arg(subnet)
+            .arg("--docker-opts-file")
+            .arg(docker)
+            .args(["--reconcile-interval", "1s"]);
+        }
+        cmd.args(extra)
+            .envs(envs.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawn weft agent");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        Agent {
+            child,
+            log,
+            dir,
+            ip: ip.to_string(),
+        }
+    }
+
+    fn subnet_file(&self) -> PathBuf {
+        self.dir.path().join("subnet.env")
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Wait until a log line contains every needle.
+    async fn wait_log(&self, needles: &[&str], within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self
+                .log
+                .lock()
+                .expect("log lock")
+                .iter()
+                .any(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "agent {} never logged {needles:?} within {within:?}; log:\n{}",
+            self.ip,
+            self.log_text()
+        );
+    }
+
+    /// The subnet this agent holds, from its subnet file (`10.5.7.1/24` -> `10.5.7.0/24`).
+    async fn subnet(&self, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.subnet_file()) {
+                let line = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+                    .expect("FLANNEL_SUBNET line");
+                let net: ipnet::Ipv4Net = line.parse().expect("FLANNEL_SUBNET is a CIDR");
+                return net.trunc().to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {} wrote no subnet file; log:\n{}",
+                self.ip,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// SIGTERM and wait for the exit status.
+    async fn stop(&mut self) -> ExitStatus {
+        let pid = self.child.id().expect("agent pid") as i32;
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("agent exits within 10 s of SIGTERM")
+            .expect("wait")
+    }
+
+    async fn exit_within(&mut self, within: Duration) -> ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("agent still running; log:\n{}", self.log_text()))
+            .expect("wait")
+    }
+}
+
+fn lease_key(subnet: &str) -> String {
+    format!("{PREFIX}/subnets/{}", subnet.replace('/', "-"))
+}
+
+/// The lease keys in etcd: subnet -> value.
+async fn leases(etcd: &Etcd) -> BTreeMap<String, String> {
+    etcd.get_prefix(&format!("{PREFIX}/subnets/"))
+        .await
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+                    .replacen('-', "/", 1),
+                v,
+            )
+        })
+        .collect()
+}
+
+async fn eventually<F: Fn() -> Fut, Fut: std::future::Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    f: F,
+) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within {within:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_value_matches_flanneld_and_flanneld_leases_are_read() {
+    let etcd = Etcd::start_local().await;
+    config_set(&etcd, VXLAN_CONFIG).await;
+    // Leases as flanneld and older flannels wrote them, plus garbage that must be skipped.
+    let peers = [
+        (
+            "10.5.40.0-24",
+            r#"{"PublicIP":"127.0.0.40","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"f6:14:ca:9c:9a:74"}}"#,
+        ),
+        (
+            "10.5.41.0-24",
+            r#"{"PublicIP":"127.0.0.41","BackendType":"vxlan","BackendData":{"VtepMAC":"f6:14:ca:9c:9a:75"}}"#,
+        ),
+        (
+            "10.5.42.0-24",
+            r#"{"publicip":"127.0.0.42","backendtype":"vxlan","BACKENDDATA":{"vni":1,"vtepmac":"F6:14:CA:9C:9A:76"},"Future":true}"#,
+        ),
+        (
+            "10.5.43.0-24&fd00:5:43::-64",
+            r#"{"PublicIP":"127.0.0.43","PublicIPv6":"fd00::43","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"f6:14:ca:9c:9a:77"}}"#,
+        ),
+        (
+            "10.5.44.0-24",
+            r#"{"PublicIP":"127.0.0.44","BackendType":"host-gw"}"#,
+        ),
+        (
+            "10.5.45.0-24",
+            r#"{"PublicIP":"127.0.0.45","BackendType":"vxlan""#,
+        ),
+        (
+            "10.5.46.0-24",
+            r#"{"PublicIP":12,"BackendType":"vxlan","BackendData":{"VtepMAC":"f6:14:ca:9c:9a:78"}}"#,
+        ),
+        (
+            "not-a-subnet",
+            r#"{"PublicIP":"127.0.0.47","BackendType":"vxlan","BackendData":{"VtepMAC":"f6:14:ca:9c:9a:79"}}"#,
+        ),
+    ];
+    for (k, v) in peers {
+        etcd.put(&format!("{PREFIX}/subnets/{k}"), v).await;
+    }
+    let agent = Agent::start(&etcd.endpoint(), "127.0.0.2", &[]).await;
+    let subnet = agent.subnet(Duration::from_secs(10)).await;
+    assert!(![
+        "10.5.40.0/24",
+        "10.5.41.0/24",
+        "10.5.42.0/24",
+        "10.5.43.0/24",
+        "10.5.44.0/24",
+        "10.5.45.0/24",
+        "10.5.46.0/24"
+    ]
+    .contains(&subnet.as_str()));
+
+    // Byte-identical to what flanneld writes for the same attributes.
+    let value = etcd.get(&lease_key(&subnet)).await.expect("our lease key");
+    let attrs = LeaseAttrs::from_json("ours", value.as_bytes()).expect("our own value parses");
+    let mac = match attrs.backend {
+        weft::lease::BackendAttrs::Vxlan { vtep_mac, .. } => vtep_mac.to_string(),
+        other => panic!("backend {other:?}"),
+    };
+    assert_eq!(
+        value,
+        format!(
+            r#"{{"PublicIP":"127.0.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+        )
+    );
+    assert_eq!(mac, mac.to_lowercase());
+
+    // The four vxlan leases in flannel's formats are peers; host-gw and garbage are not.
+    for (s, ip) in [
+        ("10.5.40.0/24", "127.0.0.40"),
+        ("10.5.41.0/24", "127.0.0.41"),
+        ("10.5.42.0/24", "127.0.0.42"),
+        ("10.5.43.0/24", "127.0.0.43"),
+    ] {
+        agent
+            .wait_log(
+                &[
+                    "peer added",
+                    &format!("subnet={s}"),
+                    &format!("public_ip={ip}"),
+                ],
+                Duration::from_secs(5),
+            )
+            .await;
+    }
+    agent
+        .wait_log(&["ready", "peers=4"], Duration::from_secs(5))
+        .await;
+    for bad in ["10.5.45.0-24", "10.5.46.0-24", "not-a-subnet"] {
+        agent
+            .wait_log(&["WARN", bad, "skipping"], Duration::from_secs(5))
+            .await;
+    }
+    assert_eq!(
+        agent.count("10.5.44.0/24"),
+        0,
+        "host-gw lease must be ignored by a vxlan host"
+    );
+
+    // `weft leases --json` shows the same, with time to expiry from the etcd lease.
+    let (st, out, err) = weft(
+        &["leases", "--json", "--etcd-endpoints", &etcd.endpoint()],
+        &[],
+    )
+    .await;
+    assert!(st.success(), "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("leases --json is JSON");
+    let ours = rows
+        .iter()
+        .find(|r| r["subnet"] == subnet.as_str())
+        .expect("our row");
+    assert_eq!(
+        (
+            ours["public_ip"].as_str(),
+            ours["vtep_mac"].as_str(),
+            ours["backend"].as_str()
+        ),
+        (Some("127.0.0.2"), Some(mac.as_str()), Some("vxlan"))
+    );
+    let ttl = ours["expires_in_secs"].as_i64().expect("ttl");
+    assert!((86000..=86400).contains(&ttl), "ttl {ttl}");
+    let old = rows
+        .iter()
+        .find(|r| r["subnet"] == "10.5.41.0/24")
+        .expect("old lease row");
+    assert_eq!(
+        (old["vni"].is_null(), old["vtep_mac"].as_str()),
+        (true, Some("f6:14:ca:9c:9a:75"))
+    );
+    let (st, table, _) = weft(&["leases", "--etcd-endpoints", &etcd.endpoint()], &[]).await;
+    assert!(
+        st.success() && table.contains("10.5.42.0/24") && table.contains("f6:14:ca:9c:9a:76"),
+        "{table}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_agents_at_once_hold_distinct_subnets() {
+    let etcd = Etcd::start_local().await;
+    // SubnetMax leaves 30 subnets: the 20 agents contend for far fewer than flannel's 100 candidates.
+    config_set(
+        &etcd,
+        r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.30.0","Backend":{"Type":"vxlan"}}"#,
+    )
+    .await;
+    // Spawning is all `start` does, so the 20 processes start within milliseconds of each other.
+    let mut agents = Vec::new();
+    for i in 0..20 {
+        agents.push(Agent::start(&etcd.endpoint(), &format!("127.0.0.{}", 10 + i), &[]).await);
+    }
+    let mut subnets = BTreeSet::new();
+    for a in &agents {
+        subnets.insert(a.subnet(Duration::from_secs(20)).await);
+    }
+    assert_eq!(subnets.len(), 20, "subnets: {subnets:?}");
+    let held = leases(&etcd).await;
+    assert_eq!(held.keys().cloned().collect::<BTreeSet<_>>(), subnets);
+    for a in &agents {
+        let v = &held[&a.subnet(Duration::ZERO).await];
+        assert!(
+            v.contains(&format!("\"PublicIP\":\"{}\"", a.ip)),
+            "{} holds {v}",
+            a.ip
+        );
+    }
+    // Every agent sees the 19 others.
+    for a in &agents {
+        let log = a.log.clone();
+        eventually("each agent sees 19 peers", Duration::from_secs(10), || {
+            let log = log.clone();
+            async move {
+                log.lock()
+                    .expect("log")
+                    .iter()
+                    .filter(|l| l.contains("peer added"))
+                    .count()
+                    == 19
+            }
+        })
+        .await;
+    }
+    for a in &mut agents {
+        assert!(a.running(), "agent {} exited:\n{}", a.ip, a.log_text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_subnet_and_deleted_lease_comes_back() {
+    let etcd = Etcd::start_local().await;
+    config_set(&etcd, VXLAN_CONFIG).await;
+    let mut a = Agent::start(&etcd.endpoint(), "127.0.0.3", &[]).await;
+    let subnet = a.subnet(Duration::from_secs(10)).await;
+    a.wait_log(&["ready"], Duration::from_secs(5)).await;
+    let status = a.stop().await;
+    assert!(
+        status.success(),
+        "SIGTERM exit {status:?}:\n{}",
+        a.log_text()
+    );
+    assert!(
+        etcd.get(&lease_key(&subnet)).await.is_some(),
+        "a stopped agent leaves its lease for the next start"
+    );
+
+    // Same host (same public IP), fresh files: the lease holding our IP is reused.
+    let b = Agent::start(&etcd.endpoint(), "127.0.0.3", &[]).await;
+    assert_eq!(b.subnet(Duration::from_secs(10)).await, subnet);
+    b.wait_log(
+        &["reusing the lease that holds our public IP"],
+        Duration::from_secs(5),
+    )
+    .await;
+    b.wait_log(&["ready"], Duration::from_secs(5)).await;
+
+    // Lease deleted under a running agent: it takes the same subnet back, without moving.
+    assert_eq!(etcd.delete(&lease_key(&subnet)).await, 1);
+    b.wait_log(
+        &["lease re-acquired; datapath untouched", &subnet],
+        Duration::from_secs(5),
+    )
+    .await;
+    let value = etcd
+        .get(&lease_key(&subnet))
+        .await
+        .expect("lease back in etcd");
+    assert!(value.contains("\"PublicIP\":\"127.0.0.3\""));
+    assert_eq!(b.subnet(Duration::ZERO).await, subnet);
+    assert_eq!(leases(&etcd).await.len(), 1);
+
+    // Old subnet file, new host IP, the old lease gone: the subnet file's subnet is taken.
+    let mut b = b;
+    assert!(b.stop().await.success());
+    assert_eq!(etcd.delete(&lease_key(&subnet)).await, 1);
+    let dir = std::mem::replace(&mut b.dir, tempfile::tempdir().expect("temp dir"));
+    let c = Agent::start_in(&etcd.endpoint(), "127.0.0.4", &[], dir, &[]).await;
+    c.wait_log(
+        &["acquired subnet lease", &subnet, "127.0.0.4"],
+        Duration::from_secs(10),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_ttl_renews_and_stopped_agent_expires_for_every_peer() {
+    let etcd = Etcd::start_local().await;
+    config_set(&etcd, VXLAN_CONFIG).await;
+    let ttl = ["--subnet-lease-ttl", "3s"];
+    let mut a = Agent::start(&etcd.endpoint(), "127.0.0.5", &ttl).await;
+    let b = Agent::start(&etcd.endpoint(), "127.0.0.6", &ttl).await;
+    let c = Agent::start(&etcd.endpoint(), "127.0.0.7", &ttl).await;
+    let sa = a.subnet(Duration::from_secs(10)).await;
+    for peer in [&b, &c] {
+        peer.wait_log(
+            &["peer added", &format!("subnet={sa}")],
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+    // Four TTLs later A's lease is still there, and no peer ever saw it go.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        etcd.get(&lease_key(&sa)).await.is_some(),
+        "renewals kept the lease:\n{}",
+        a.log_text()
+    );
+    assert_eq!(leases(&etcd).await.len(), 3);
+    for peer in [&b, &c] {
+        assert_eq!(peer.count("peer removed"), 0, "{}", peer.log_text());
+        assert_eq!(
+            peer.count("peer changed"),
+            0,
+            "a renewal is not a change:\n{}",
+            peer.log_text()
+        );
+    }
+    assert_eq!(a.count("re-acquir"), 0, "{}", a.log_text());
+
+    // Stopped: the lease stays until its TTL runs out, then every peer drops it.
+    let stopped = Instant::now();
+    assert!(a.stop().await.success());
+    for peer in [&b, &c] {
+        peer.wait_log(
+            &[
+                "peer removed",
+                &format!("subnet={sa}"),
+                "public_ip=127.0.0.5",
+            ],
+            Duration::from_secs(8),
+        )
+        .await;
+    }
+    assert!(stopped.elapsed() < Duration::from_secs(8));
+    assert!(etcd.get(&lease_key(&sa)).await.is_none());
+}
+
+/// A TCP relay between agents and etcd that the test can cut, to make a watch fall behind.
+struct Relay {
+    port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(upstream: String) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let port = listener.local_addr().expect("relay addr").port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (cut2, conns2) = (cut.clone(), conns.clone());
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if cut2.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let up = upstream.clone();
+                conns2.lock().expect("conns").push(tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(up).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                }));
+            }
+        });
+        Relay {
+            port,
+            cut,
+            conns,
+            accept,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self, on: bool) {
+        self.cut.store(on, std::sync::atomic::Ordering::SeqCst);
+        if on {
+            for c in self.conns.lock().expect("conns").drain(..) {
+                c.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut(true);
+        self.accept.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_after_compaction_without_hot_loop() {
+    let etcd = Etcd::start_local().await;
+    config_set(&etcd, VXLAN_CONFIG).await;
+    let relay = Relay::start(etcd.endpoint()).await;
+    let peer = |n: u8| {
+        format!(
+            r#"{{"PublicIP":"127.0.0.{n}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:00:{n:02x}"}}}}"#
+        )
+    };
+    etcd.put(&lease_key("10.5.60.0/24"), &peer(60)).await;
+    etcd.put(&lease_key("10.5.61.0/24"), &peer(61)).await;
+    let a = Agent::start(&relay.endpoint(), "127.0.0.8", &[]).await;
+    a.wait_log(&["ready", "peers=2"], Duration::from_secs(10))
+        .await;
+
+    // While A is cut off: one peer leaves, one changes its MAC, one arrives, and etcd compacts
+    // away the history A's watch would resume from.
+    relay.cut(true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    etcd.delete(&lease_key("10.5.60.0/24")).await;
+    etcd.put(
+        &lease_key("10.5.61.0/24"),
+        &peer(62).replace("127.0.0.62", "127.0.0.61"),
+    )
+    .await;
+    etcd.put(&lease_key("10.5.63.0/24"), &peer(63)).await;
+    let status = etcd
+        .etcdctl(&["endpoint", "status", "-w", "json"])
+        .await
+        .expect("etcdctl status");
+    let rev = serde_json::from_str::<serde_json::Value>(&status).expect("status JSON")[0]["Status"]
+        ["header"]["revision"]
+        .as_i64()
+        .expect("revision");
+    etcd.etcdctl(&["compaction", &rev.to_string()])
+        .await
+        .expect("compact");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    relay.cut(false);
+
+    // A converges to the same peer set as a fresh listing.
+    a.wait_log(
+        &["peer removed", "subnet=10.5.60.0/24"],
+        Duration::from_secs(15),
+    )
+    .await;
+    a.wait_log(
+        &["peer changed", "subnet=10.5.61.0/24"],
+        Duration::from_secs(5),
+    )
+    .await;
+    a.wait_log(
+        &["peer added", "subnet=10.5.63.0/24"],
+        Duration::from_secs(5),
+    )
+    .await;
+    a.wait_log(&["compacted"], Duration::from_secs(1)).await;
+    // And stays quiet: no loop of re-lists or reconnects once converged.
+    let (relists, reconnects) = (a.count("re-listing"), a.count("reconnecting"));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        (a.count("re-listing"), a.count("reconnecting")),
+        (relists, reconnects),
+        "{}",
+        a.log_text()
+    );
+    assert!(
+        relists <= 2 && reconnects <= 10,
+        "relists {relists} reconnects {reconnects}:\n{}",
+        a.log_text()
+    );
+    assert_eq!(a.count("peer added"), 3);
+}
+
+/// Invalid configs with what the user must be told; flannel's own messages come first.
+const INVALID: &[(&str, &str)] = &[
+    (
+        r#"{"Backend":{"Type":"vxlan"}}"#,
+        "please define a correct Network parameter",
+    ),
+    (
+        r#"{"Network":"10.5.0.0/16","SubnetLen":31,"Backend":{"Type":"vxlan"}}"#,
+        "SubnetLen must be less than /31",
+    ),
+    (
+        r#"{"Network":"10.5.0.0/16","SubnetLen":17,"Backend":{"Type":"vxlan"}}"#,
+        "network must be able to accommodate at least four subnets",
+    ),
+    (
+        r#"{"Network":"10.5.0.0/29","Backend":{"Type":"vxlan"}}"#,
+        "network is too small. Minimum useful network prefix is /28",
+    ),
+    (
+        r#"{"Network":"10.5.0.0/16","SubnetMin":"10.6.0.0","Backend":{"Type":"vxlan"}}"#,
+        "SubnetMin is not in the range of the Network",
+    ),
+    (
+        r#"{"Network":"10.5.0.0/16","SubnetMax":"10.6.0.0","Backend":{"Type":"vxlan"}}"#,
+        "SubnetMax is not in the range of the Network",
+    ),
+    (
+        r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.7","Backend":{"Type":"vxlan"}}"#,
+        "SubnetMin is not on a SubnetLen boundary: 10.5.1.7",
+    ),
+    (
+        r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.9.128","Backend":{"Type":"vxlan"}}"#,
+        "SubnetMax is not on a SubnetLen boundary: 10.5.9.128",
+    ),
+    (r#"{"Network":"10.5.0.0/16""#, "not valid JSON"),
+    (
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#,
+        "weft supports \"vxlan\" or \"host-gw\"",
+    ),
+    (
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#,
+        "Backend.VNI is 16777216",
+    ),
+    (
+        r#"{"Network":"10.5.0.0/16","SubnetLen":"24","Backend":{"Type":"vxlan"}}"#,
+        "SubnetLen is \"24\"",
+    ),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_configs_are_rejected_by_config_set_and_agent() {
+    let etcd = Etcd::start_local().await;
+    let key = format!("{PREFIX}/config");
+    for (json, needle) in INVALID {
+        let (st, _, err) = weft(
+            &["config", "set", "--etcd-endpoints", &etcd.endpoint(), json],
+            &[],
+        )
+        .await;
+        assert_eq!(st.code(), Some(78), "config set {json}: {err}");
+        assert!(err.contains(needle), "config set {json}: {err}");
+        assert_eq!(etcd.get(&key).await, None, "{json} was stored");
+    }
+    for (json, needle) in INVALID {
+        etcd.put(&key, json).await;
+        let mut a = Agent::start(&etcd.endpoint(), "127.0.0.9", &[]).await;
+        let st = a.exit_within(Duration::from_secs(10)).await;
+        assert_eq!(st.code(), Some(78), "agent with {json}:\n{}", a.log_text());
+        assert!(
+            a.log_text().contains(needle),
+            "agent with {json}:\n{}",
+            a.log_text()
+        );
+        assert!(
+            !a.subnet_file().exists() && !a.dir.path().join("docker_opts.env").exists(),
+            "{json}: files written"
+        );
+        assert!(leases(&etcd).await.is_empty(), "{json}: a lease was taken");
+    }
+    // `config get` reports a stored invalid config too.
+    let (st, out, err) = weft(
+        &["config", "get", "--etcd-endpoints", &etcd.endpoint()],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (st.code(), out.trim()),
+        (Some(78), INVALID.last().expect("cases").0),
+        "{err}"
+    );
+    // Unreachable etcd and bad flags have their own codes.
+    let (st, _, err) = weft(
+        &["config", "get", "--etcd-endpoints", "http://127.0.0.1:1"],
+        &[],
+    )
+    .await;
+    assert_eq!(st.code(), Some(69), "{err}");
+    let (st, _, err) = weft(&["agent", "--subnet-lease-renew-margin", "1440"], &[]).await;
+    assert_eq!(st.code(), Some(64), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_and_docker_opts_match_flannel_bytes() {
+    let etcd = Etcd::start_local().await;
+    config_set(&etcd, r#"{"Network":"10.1.0.0/16","SubnetMin":"10.1.10.0","SubnetMax":"10.1.10.0","Backend":{"Type":"vxlan","MTU":1500}}"#).await;
+    // Configured the way an existing flanneld unit does it: FLANNELD_* environment only.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let subnet_file = dir.path().join("subnet.env").display().to_string();
+    let docker_file = dir
+        .path()
+        .join("flannel_docker_opts.env")
+        .display()
+        .to_string();
+    let endpoint = etcd.endpoint();
+    let envs = [
+        ("FLANNELD_ETCD_ENDPOINTS", endpoint.as_str()),
+        ("FLANNELD_IFACE", "lo"),
+        ("FLANNELD_PUBLIC_IP", "127.0.0.11"),
+        ("FLANNELD_SUBNET_FILE", subnet_file.as_str()),
+        ("FLANNELD_DOCKER_OPTS_FILE", docker_file.as_str()),
+        ("FLANNELD_IP_MASQ", "true"),
+        ("WEFT_DATAPATH", "kernel"),
+    ];
+    let a = Agent::start_in("", "127.0.0.11", &[], dir, &envs).await;
+    a.wait_log(&["ready"], Duration::from_secs(10)).await;
+    let subnet_env = std::fs::read(&subnet_file).expect("subnet file");
+    assert_eq!(String::from_utf8_lossy(&subnet_env), "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.10.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&subnet_file)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o644
+    );
+    assert_eq!(
+        std::fs::read_to_string(&docker_file).expect("docker opts file"),
+        "DOCKER_OPT_BIP=\"--bip=10.1.10.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\n"
+    );
+
+    // `weft docker-opts` = mk-docker-opts.sh, option by option.
+    let out = tempfile::tempdir().expect("temp dir");
+    let out_file = out.path().join("docker_opts.env").display().to_string();
+    let run = |args: Vec<String>| async move {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (st, _, err) = weft(&argv, &[]).await;
+        assert!(st.success(), "{args:?}: {err}");
+    };
+    let base = |extra: &[&str]| {
+        let mut v: Vec<String> = ["docker-opts", "-f", &subnet_file, "-d", &out_file]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let cases: [(&[&str], &str); 4] = [
+        (&[], "DOCKER_OPT_BIP=\"--bip=10.1.10.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\nDOCKER_OPTS=\" --bip=10.1.10.1/24 --ip-masq=false --mtu=1450\"\n"),
+        (&["-i"], "DOCKER_OPT_BIP=\"--bip=10.1.10.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\n"),
+        (&["-c", "-m"], "DOCKER_OPTS=\" --bip=10.1.10.1/24 --mtu=1450\"\n"),
+        (&["-c", "-k", "DOCKER_NETWORK_OPTIONS"], "DOCKER_NETWORK_OPTIONS=\" --bip=10.1.10.1/24 --ip-masq=false --mtu=1450\"\n"),
+    ];
+    for (extra, want) in cases {
+        run(base(extra)).await;
+        assert_eq!(
+            std::fs::read_to_string(&out_file).expect("docker opts out"),
+            want,
+            "docker-opts {extra:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_waits_for_etcd_then_for_the_config_key() {
+    let etcd = Etcd::start_local().await;
+    let relay = Relay::start(etcd.endpoint()).await;
+    relay.cut(true);
+    let mut a = Agent::start(&relay.endpoint(), "127.0.0.12", &[]).await;
+    a.wait_log(
+        &["WARN", "unreachable", &relay.endpoint()],
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(a.running(), "an agent started before etcd waits for it");
+
+    relay.cut(false);
+    a.wait_log(
+        &[
+            "network config not found",
+            "key=/coreos.com/network/config",
+            "weft config set",
+        ],
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(!a.subnet_file().exists() && leases(&etcd).await.is_empty());
+
+    config_set(&etcd, VXLAN_CONFIG).await;
+    a.wait_log(&["ready"], Duration::from_secs(10)).await;
+    let subnet = a.subnet(Duration::ZERO).await;
+    assert!(leases(&etcd).await.contains_key(&subnet));
+    assert!(a.stop().await.success());
+}
