@@ -5,6 +5,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -51,11 +52,18 @@ struct Inner {
     log_path: PathBuf,
     child: Mutex<Option<Child>>,
     keep: std::sync::atomic::AtomicBool,
+    detach: bool,
 }
 
 impl Agent {
-    /// Start `<bin> agent <args>` inside namespace `netns`, logging to `log_path`.
-    pub fn spawn(netns: &str, args: Vec<String>, log_path: &Path) -> anyhow::Result<Agent> {
+    /// Start `<bin> agent <args>` inside namespace `netns`, logging to `log_path`. `detach`: in its
+    /// own process group, so that it outlives the terminal that started it (keep mode).
+    pub fn spawn(
+        netns: &str,
+        args: Vec<String>,
+        log_path: &Path,
+        detach: bool,
+    ) -> anyhow::Result<Agent> {
         let inner = Inner {
             netns: netns.to_owned(),
             bin: weft_bin()?,
@@ -63,6 +71,7 @@ impl Agent {
             log_path: log_path.to_owned(),
             child: Mutex::new(None),
             keep: false.into(),
+            detach,
         };
         let agent = Agent {
             inner: Arc::new(inner),
@@ -93,6 +102,9 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicate the agent log handle")?)
             .stderr(log);
+        if inner.detach {
+            cmd.process_group(0);
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,weft=debug");
         }

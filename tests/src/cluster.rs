@@ -52,6 +52,9 @@ pub struct ClusterOptions {
     pub dir: Option<PathBuf>,
     /// etcd prefix the agents use.
     pub prefix: String,
+    /// Run etcd and the agents in their own process groups so they outlive the terminal (for a
+    /// cluster that will be kept); tests leave this off so Ctrl-C stops everything.
+    pub detach: bool,
 }
 
 impl ClusterOptions {
@@ -61,6 +64,7 @@ impl ClusterOptions {
             name: None,
             dir: None,
             prefix: DEFAULT_PREFIX.to_owned(),
+            detach: false,
         }
     }
 }
@@ -106,21 +110,15 @@ impl Cluster {
             switch.name(),
             UNDERLAY_GATEWAY,
             Some(dir.path().join("etcd")),
+            opts.detach,
         )
         .await
         .context("start etcd on the underlay")?;
         let mut hosts = Vec::with_capacity(opts.hosts);
         for index in 0..opts.hosts {
-            let host = Host::create(
-                &name,
-                index,
-                &switch,
-                dir.path(),
-                &etcd.endpoint(),
-                &opts.prefix,
-            )
-            .await
-            .with_context(|| format!("create host {}", index + 1))?;
+            let host = Host::create(&name, index, &switch, dir.path(), &etcd.endpoint(), &opts)
+                .await
+                .with_context(|| format!("create host {}", index + 1))?;
             hosts.push(host);
         }
         Ok(Cluster {
@@ -243,6 +241,7 @@ pub struct Host {
     dir: PathBuf,
     etcd_endpoint: String,
     prefix: String,
+    detach: bool,
     subnet: Mutex<Option<SubnetEnv>>,
     next_container: AtomicU32,
 }
@@ -254,7 +253,7 @@ impl Host {
         switch: &Netns,
         cluster_dir: &Path,
         etcd_endpoint: &str,
-        prefix: &str,
+        opts: &ClusterOptions,
     ) -> anyhow::Result<Host> {
         let octet = u8::try_from(usize::from(FIRST_HOST_OCTET) + index)
             .context("at most 234 hosts fit the underlay")?;
@@ -303,7 +302,8 @@ impl Host {
             ip,
             dir,
             etcd_endpoint: etcd_endpoint.to_owned(),
-            prefix: prefix.to_owned(),
+            prefix: opts.prefix.clone(),
+            detach: opts.detach,
             subnet: Mutex::new(None),
             next_container: AtomicU32::new(0),
         })
@@ -338,6 +338,11 @@ impl Host {
         self.dir.join("subnet.env")
     }
 
+    /// Where the agent writes Docker's options (its `--docker-opts-file`).
+    pub fn docker_opts_file(&self) -> PathBuf {
+        self.dir.join("docker_opts.env")
+    }
+
     /// The etcd endpoint as seen from the host, `http://172.16.15.1:2379`.
     pub fn etcd_endpoint(&self) -> &str {
         &self.etcd_endpoint
@@ -367,9 +372,11 @@ impl Host {
     }
 
     /// The agent flags every host gets: flanneld's, pointing at the cluster's etcd and this host's
-    /// ens32, subnet file and docker0.
+    /// ens32, subnet file and docker0. Every path is in the host's directory: the namespaces share
+    /// the machine's file system, so a default like /run/flannel/subnet.env would be shared too.
     pub fn agent_args(&self) -> Vec<String> {
         let subnet_file = self.subnet_file().display().to_string();
+        let docker_opts = self.docker_opts_file().display().to_string();
         [
             "--etcd-endpoints",
             &self.etcd_endpoint,
@@ -379,6 +386,8 @@ impl Host {
             "ens32",
             "--subnet-file",
             &subnet_file,
+            "--docker-opts-file",
+            &docker_opts,
             "--bridge",
             "docker0",
         ]
@@ -391,7 +400,7 @@ impl Host {
     pub fn spawn_agent(&self, extra: &[&str]) -> anyhow::Result<Agent> {
         let mut args = self.agent_args();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let agent = Agent::spawn(self.name(), args, &self.dir.join("agent.log"))?;
+        let agent = Agent::spawn(self.name(), args, &self.dir.join("agent.log"), self.detach)?;
         *lock(&self.agent) = Some(agent.clone());
         Ok(agent)
     }
@@ -419,6 +428,16 @@ impl Host {
                 Ok(text) => {
                     break SubnetEnv::parse(&text)
                         .with_context(|| format!("parse {}", path.display()))?
+                }
+                Err(e) if self.agent().and_then(|a| a.exit_status()).is_some() => {
+                    let agent = self.agent().expect("checked above");
+                    bail!(
+                        "the agent on {} exited ({}) without writing {} ({e}); agent log:\n{}",
+                        self.name(),
+                        agent.exit_status().expect("checked above"),
+                        path.display(),
+                        tail(&agent.log(), 40)
+                    );
                 }
                 Err(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await

@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,7 +40,16 @@ impl Etcd {
         // a few attempts make that race harmless.
         for _ in 0..3 {
             let (client_port, peer_port) = (free_port(), free_port());
-            match Self::spawn(None, Ipv4Addr::LOCALHOST, client_port, peer_port, None).await {
+            match Self::spawn(
+                None,
+                Ipv4Addr::LOCALHOST,
+                client_port,
+                peer_port,
+                None,
+                false,
+            )
+            .await
+            {
                 Ok(etcd) => return etcd,
                 Err(e) => last_err = Some(e),
             }
@@ -52,13 +62,15 @@ impl Etcd {
 
     /// Start etcd inside network namespace `netns`, listening on `ip:2379` (peer port 2380 on
     /// 127.0.0.1 of that namespace). `data_dir`: where its data goes; `None` = a fresh temp dir
-    /// removed on drop.
+    /// removed on drop. `detach`: run it in its own process group, so that it outlives the terminal
+    /// that started it (keep mode).
     pub async fn start_in_netns(
         netns: &str,
         ip: Ipv4Addr,
         data_dir: Option<PathBuf>,
+        detach: bool,
     ) -> anyhow::Result<Etcd> {
-        Self::spawn(Some(netns), ip, 2379, 2380, data_dir).await
+        Self::spawn(Some(netns), ip, 2379, 2380, data_dir, detach).await
     }
 
     async fn spawn(
@@ -67,6 +79,7 @@ impl Etcd {
         client_port: u16,
         peer_port: u16,
         data_dir: Option<PathBuf>,
+        detach: bool,
     ) -> anyhow::Result<Etcd> {
         let (dir, data_path) = match data_dir {
             Some(path) => {
@@ -117,6 +130,9 @@ impl Etcd {
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicate the etcd log handle")?)
             .stderr(log);
+        if detach {
+            cmd.process_group(0);
+        }
         let child = cmd
             .spawn()
             .context("run /usr/bin/etcd; install it with `apt-get install etcd-server`")?;

@@ -262,3 +262,93 @@ async fn a_kept_cluster_survives_drop_and_is_removed_from_its_state_file() {
     loaded.remove().unwrap();
     assert!(loaded.leftovers().is_empty());
 }
+
+/// The agent as a real process: it leases a subnet per host, its log is captured, and the handle
+/// stops (SIGTERM), kills (SIGKILL) and restarts it. Needs the `weft` binary (`cargo xtask test`).
+#[tokio::test]
+async fn agents_run_as_processes_and_obey_stop_kill_restart() {
+    let c = cluster(2).await;
+    c.write_config(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#)
+        .await;
+    let agents = c.start_agents(&["--datapath", "kernel"]).unwrap();
+    let subnets = c.wait_subnets().await.unwrap();
+    assert_ne!(
+        subnets[0].subnet, subnets[1].subnet,
+        "two hosts got one subnet"
+    );
+    for (h, env) in c.hosts().iter().zip(&subnets) {
+        assert_eq!(env.network, "10.1.0.0/16".parse().unwrap());
+        let bridge = h
+            .exec_ok(&["ip", "-o", "addr", "show", "docker0"])
+            .await
+            .unwrap();
+        assert!(bridge.contains(&format!("inet {}", env.subnet)), "{bridge}");
+    }
+    let leases = c.etcd().get_prefix("/coreos.com/network/subnets/").await;
+    assert_eq!(leases.len(), 2, "{leases:?}");
+    assert!(
+        leases
+            .iter()
+            .any(|(_, v)| v.contains(r#""PublicIP":"172.16.15.21""#)),
+        "{leases:?}"
+    );
+
+    let agent = &agents[0];
+    assert!(
+        agent.log().contains("=== weft-tests: ip netns exec"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().lines().count() > 1,
+        "the agent's own output is captured:\n{}",
+        agent.log()
+    );
+    let pid = agent.pid().unwrap();
+    let status = agent.stop().await.unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM should end the agent cleanly: {status}\n{}",
+        agent.log()
+    );
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    agent.restart().await.unwrap();
+    let restarted = agent.pid().unwrap();
+    assert_ne!(restarted, pid);
+    assert_eq!(
+        agent.exit_status(),
+        None,
+        "restarted agent runs:\n{}",
+        agent.log()
+    );
+    agent.kill();
+    assert!(!Path::new(&format!("/proc/{restarted}")).exists());
+    assert_eq!(agent.pid(), None);
+    // Restarted, it writes the subnet file again, with the same subnet: the lease holding its
+    // public IP is reused.
+    std::fs::remove_file(c.host(0).subnet_file()).unwrap();
+    agent.restart().await.unwrap();
+    let mut text = None;
+    for _ in 0..100 {
+        text = std::fs::read_to_string(c.host(0).subnet_file()).ok();
+        if text.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = text.unwrap_or_else(|| panic!("no subnet file after restart:\n{}", agent.log()));
+    assert_eq!(
+        weft_tests::SubnetEnv::parse(&text).unwrap().subnet,
+        subnets[0].subnet
+    );
+
+    let pids: Vec<u32> = agents.iter().filter_map(|a| a.pid()).collect();
+    drop(agents);
+    drop(c);
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "agent {pid} outlived its cluster"
+        );
+    }
+}

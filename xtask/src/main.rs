@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build_ebpf;
+mod demo;
 mod test;
 
 #[derive(Parser)]
@@ -19,6 +20,8 @@ enum Command {
     BuildEbpf(build_ebpf::Options),
     /// Run unit tests and the root-only integration tests.
     Test(test::Options),
+    /// Start a local 3-host demonstration cluster and leave it up (`--down` removes it).
+    Demo(demo::Options),
     /// Benchmark the datapaths (host-gw, kernel vxlan, eBPF) or, with --control-plane, the agent.
     Bench(bench::Options),
 }
@@ -27,6 +30,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf(opts) => build_ebpf::run(&opts),
         Command::Test(opts) => test::run(&opts),
+        Command::Demo(opts) => demo::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
     }
 }

@@ -23,17 +23,8 @@ pub struct Options {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    require_root()?;
-    if !opts.skip_ebpf {
-        let xtask = std::env::current_exe().context("find the xtask binary")?;
-        let mut cmd = Command::new(xtask);
-        cmd.arg("build-ebpf");
-        step("build the eBPF object", &mut cmd)?;
-    }
-    let mut build = cargo();
-    build.args(["build", "--package", "weft", "--bin", "weft"]);
-    step("build the weft binary", &mut build)?;
-    let weft_bin = target_dir()?.join("debug").join("weft");
+    require_root("test")?;
+    let weft_bin = build_weft(opts.skip_ebpf)?;
 
     let mut test = cargo();
     test.args(["test", "--workspace", "--exclude", "weft-ebpf"])
@@ -52,9 +43,23 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     std::process::exit(status.code().unwrap_or(1));
 }
 
-/// The integration tests create namespaces, veths and bridges, load BPF programs and run etcd and
-/// the agent inside namespaces: all of that needs root.
-fn require_root() -> anyhow::Result<()> {
+/// Build the eBPF object (unless `skip_ebpf`) and the `weft` binary; returns the binary's path.
+pub(crate) fn build_weft(skip_ebpf: bool) -> anyhow::Result<PathBuf> {
+    if !skip_ebpf {
+        let xtask = std::env::current_exe().context("find the xtask binary")?;
+        let mut cmd = Command::new(xtask);
+        cmd.arg("build-ebpf");
+        step("build the eBPF object", &mut cmd)?;
+    }
+    let mut build = cargo();
+    build.args(["build", "--package", "weft", "--bin", "weft"]);
+    step("build the weft binary", &mut build)?;
+    Ok(target_dir()?.join("debug").join("weft"))
+}
+
+/// The integration tests and the demo create namespaces, veths and bridges, load BPF programs and
+/// run etcd and the agent inside namespaces: all of that needs root.
+pub(crate) fn require_root(command: &str) -> anyhow::Result<()> {
     let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
     let euid = status
         .lines()
@@ -63,9 +68,9 @@ fn require_root() -> anyhow::Result<()> {
         .context("no Uid line in /proc/self/status")?;
     if euid != "0" {
         bail!(
-            "cargo xtask test must run as root (effective uid is {euid}): the integration tests create \
-             network namespaces, veths and bridges, load eBPF programs, and run etcd and the agent \
-             inside namespaces. Run it as root, e.g. `sudo -E env \"PATH=$PATH\" cargo xtask test`, or in \
+            "cargo xtask {command} must run as root (effective uid is {euid}): it creates network \
+             namespaces, veths and bridges, loads eBPF programs, and runs etcd and the agent inside \
+             namespaces. Run it as root, e.g. `sudo -E env \"PATH=$PATH\" cargo xtask {command}`, or in \
              a root shell."
         );
     }

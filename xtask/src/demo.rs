@@ -1,0 +1,426 @@
+//! `cargo xtask demo`: a local demonstration cluster, left running to explore.
+//!
+//! Built on the test harness (`weft-tests`): an underlay switch with etcd, three hosts with two
+//! containers each, `weft agent` on every host. The cluster is kept after this command exits and
+//! recorded in a state file; `cargo xtask demo --down` removes it and checks that nothing is left.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use weft_tests::{netns, Cluster, ClusterOptions, Container, Host, Kept};
+
+/// Where the demo keeps its state file and its cluster's directory.
+const STATE_DIR: &str = "/run/weft-demo";
+/// Every namespace of the demo starts with this.
+const NAME: &str = "weft-demo";
+const HOSTS: usize = 3;
+const CONTAINERS_PER_HOST: usize = 2;
+const NETWORK: &str = "10.1.0.0/16";
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Remove the demo cluster and check that nothing of it is left.
+    #[arg(long)]
+    pub down: bool,
+    /// Datapath the agents use.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kernel", "ebpf"])]
+    pub datapath: String,
+    /// Backend in the network config.
+    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
+    pub backend: String,
+    /// Do not build; use the weft binary built earlier (or $WEFT_BIN).
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    crate::test::require_root("demo")?;
+    if opts.down {
+        return down();
+    }
+    if !opts.no_build {
+        let bin = crate::test::build_weft(false)?;
+        if std::env::var_os("WEFT_BIN").is_none() {
+            // Read by the harness when it starts the agents; set before any thread exists.
+            std::env::set_var("WEFT_BIN", &bin);
+        }
+    }
+    let runtime = tokio::runtime::Runtime::new().context("start the tokio runtime")?;
+    runtime.block_on(up(opts))
+}
+
+fn state_file() -> PathBuf {
+    Path::new(STATE_DIR).join("state.json")
+}
+
+/// What the demo makes, known before it makes it, so `--down` can remove a half-built cluster too.
+fn planned() -> Kept {
+    let mut namespaces = vec![format!("{NAME}-sw")];
+    for h in 1..=HOSTS {
+        namespaces.push(format!("{NAME}-host{h}"));
+        namespaces.extend((1..=CONTAINERS_PER_HOST).map(|c| format!("{NAME}-host{h}-c{c}")));
+    }
+    Kept {
+        dir: Path::new(STATE_DIR).join("cluster"),
+        namespaces,
+        processes: Vec::new(),
+    }
+}
+
+async fn up(opts: &Options) -> anyhow::Result<()> {
+    let weft = weft_tests::weft_bin()?;
+    if state_file().exists() || netns::list().iter().any(|n| n.starts_with(NAME)) {
+        println!("==> removing the previous demo cluster");
+        down()?;
+    }
+    planned().save(&state_file())?;
+    let result = build(opts, &weft).await;
+    if result.is_err() {
+        // The cluster was dropped, and removed with it; the state file must go too.
+        let _ = std::fs::remove_file(state_file());
+        let _ = std::fs::remove_dir(STATE_DIR);
+    }
+    result
+}
+
+async fn build(opts: &Options, weft: &Path) -> anyhow::Result<()> {
+    println!(
+        "==> starting etcd on the underlay switch and {HOSTS} hosts (172.16.15.21-{})",
+        20 + HOSTS
+    );
+    let mut cluster_opts = ClusterOptions::new(HOSTS);
+    cluster_opts.name = Some(NAME.to_owned());
+    cluster_opts.dir = Some(planned().dir);
+    cluster_opts.detach = true;
+    let c = Cluster::start(cluster_opts)
+        .await
+        .context("build the demo cluster")?;
+    println!(
+        "    etcd {} in namespace {}",
+        c.etcd().endpoint(),
+        c.switch().name()
+    );
+
+    let config = format!(
+        r#"{{"Network":"{NETWORK}","Backend":{{"Type":"{}"}}}}"#,
+        opts.backend
+    );
+    println!(
+        "==> writing the network config to {}/config: {config}",
+        c.prefix()
+    );
+    c.write_config(&config).await;
+
+    println!(
+        "==> starting `weft agent --datapath {}` on every host",
+        opts.datapath
+    );
+    c.start_agents(&["--datapath", &opts.datapath])?;
+    if let Err(e) = bring_up(&c).await {
+        print_agent_logs(&c);
+        println!("==> the demo failed; removing what it made");
+        return Err(e);
+    }
+
+    println!("==> datapath in use");
+    for h in c.hosts() {
+        println!("    {:<16} {}", h.name(), datapath(h, weft).await);
+    }
+    ping_matrix(&c).await;
+    throughput(&c).await;
+
+    let commands = explore_commands(&c, weft);
+    let kept = c.keep();
+    kept.save(&state_file())?;
+    println!();
+    println!(
+        "The demo cluster stays up ({} namespaces, {} processes; state in {}). Explore it:",
+        kept.namespaces.len(),
+        kept.processes.len(),
+        state_file().display()
+    );
+    for cmd in commands {
+        println!("  {cmd}");
+    }
+    println!("Remove it: cargo xtask demo --down");
+    Ok(())
+}
+
+/// Wait for every subnet, then add the containers.
+async fn bring_up(c: &Cluster) -> anyhow::Result<()> {
+    println!("==> waiting for each host's subnet lease");
+    for h in c.hosts() {
+        let env = h.wait_subnet(weft_tests::cluster::SUBNET_TIMEOUT).await?;
+        println!(
+            "    {:<16} ens32 {:<13} subnet {:<14} docker0 {} mtu {}",
+            h.name(),
+            h.ens32_ip(),
+            env.subnet.trunc(),
+            env.subnet,
+            env.mtu
+        );
+    }
+    println!("==> adding {CONTAINERS_PER_HOST} containers per host on docker0");
+    c.add_containers(CONTAINERS_PER_HOST).await?;
+    for ct in c.containers() {
+        println!("    {:<19} {}", ct.netns(), ct.ip());
+    }
+    let (first, last) = (c.container(0), c.container(c.containers().len() - 1));
+    first
+        .ping_until(last.ip(), Duration::from_secs(20))
+        .await
+        .context("containers on different hosts cannot reach each other")?;
+    Ok(())
+}
+
+fn print_agent_logs(c: &Cluster) {
+    for h in c.hosts() {
+        if let Some(agent) = h.agent() {
+            let log = agent.log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            println!(
+                "----- {} agent log (last lines of {}) -----",
+                h.name(),
+                agent.log_path().display()
+            );
+            for line in tail.iter().rev() {
+                println!("{line}");
+            }
+        }
+    }
+}
+
+/// The datapath a host's agent uses: `weft status` when it answers, else the agent's log.
+async fn datapath(h: &Host, weft: &Path) -> String {
+    let out = h.exec(&[&weft.display().to_string(), "status"]).await;
+    if out.status.success() {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(line) = text.lines().find(|l| l.to_lowercase().contains("datapath")) {
+            return format!("{} (weft status)", line.trim());
+        }
+    }
+    let log = h.agent().map(|a| a.log()).unwrap_or_default();
+    datapath_from_log(&log)
+}
+
+/// The last agent log line about the datapath: its `datapath=` field when it has one.
+fn datapath_from_log(log: &str) -> String {
+    let Some(line) = log
+        .lines()
+        .rev()
+        .find(|l| !l.starts_with("=== weft-tests") && l.contains("datapath"))
+    else {
+        return "not reported by the agent (no `weft status`, nothing in its log)".to_owned();
+    };
+    match line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("datapath="))
+    {
+        Some(value) => format!("{} (agent log)", value.trim_matches('"')),
+        None => format!("{} (agent log)", line.trim()),
+    }
+}
+
+/// Ping every container from every other one; round-trip times in ms.
+async fn ping_matrix(c: &Cluster) {
+    let all = c.containers();
+    println!("==> ping matrix (round-trip ms; rows ping columns)");
+    let short = |ct: &Container| {
+        ct.netns()
+            .trim_start_matches(&format!("{NAME}-"))
+            .to_owned()
+    };
+    print!("    {:<10}", "");
+    for to in &all {
+        print!("{:>10}", short(to));
+    }
+    println!();
+    let (mut ok, mut failed) = (0, 0);
+    for from in &all {
+        print!("    {:<10}", short(from));
+        for to in &all {
+            let cell = if from.ip() == to.ip() {
+                "-".to_owned()
+            } else {
+                match rtt(from, to.ip()).await {
+                    Some(ms) => {
+                        ok += 1;
+                        format!("{ms:.3}")
+                    }
+                    None => {
+                        failed += 1;
+                        "FAIL".to_owned()
+                    }
+                }
+            };
+            print!("{cell:>10}");
+        }
+        println!();
+    }
+    println!("    {ok} of {} pairs answer", ok + failed);
+}
+
+/// One ping's round-trip time, two tries.
+async fn rtt(from: &Container, to: Ipv4Addr) -> Option<f64> {
+    for _ in 0..2 {
+        let out = from
+            .exec(&["ping", "-n", "-c", "1", "-W", "2", &to.to_string()])
+            .await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() {
+            return text
+                .split("time=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok();
+        }
+    }
+    None
+}
+
+/// A 3-second iperf3 TCP run between containers on the first and the last host.
+async fn throughput(c: &Cluster) {
+    let all = c.containers();
+    let (client, server) = (&all[0], &all[all.len() - CONTAINERS_PER_HOST]);
+    println!(
+        "==> throughput, iperf3 TCP for 3 s: {} -> {}",
+        client.netns(),
+        server.netns()
+    );
+    match iperf3(client, server).await {
+        Ok(bps) => println!("    {:.2} Gbit/s", bps / 1e9),
+        Err(e) => println!("    no figure: {e:#}"),
+    }
+}
+
+async fn iperf3(client: &Container, server: &Container) -> anyhow::Result<f64> {
+    let ip = server.ip().to_string();
+    let mut srv = tokio::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            server.netns(),
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            &ip,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start iperf3 -s (apt-get install iperf3)")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let result = loop {
+        let out = client.exec(&["iperf3", "-c", &ip, "-t", "3", "-J"]).await;
+        if out.status.success() {
+            let json: serde_json::Value =
+                serde_json::from_slice(&out.stdout).context("parse iperf3 -J")?;
+            break json["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .context("iperf3 reported no end.sum_received.bits_per_second");
+        }
+        if Instant::now() > deadline {
+            break Err(anyhow::anyhow!(
+                "iperf3 -c {ip} failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            ));
+        }
+        // The server may not listen yet.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = srv.kill().await;
+    result
+}
+
+/// Copy-paste commands that explore the cluster, with its real names and addresses.
+fn explore_commands(c: &Cluster, weft: &Path) -> Vec<String> {
+    let weft = weft.display();
+    let (h1, h3) = (c.host(0), c.host(c.hosts().len() - 1));
+    let (from, to) = (c.container(0), &h3.containers()[0]);
+    let etcd = c.etcd().endpoint();
+    vec![
+        format!("ip netns exec {} ping -c 3 {}", from.netns(), to.ip()),
+        format!(
+            "ip netns exec {} {weft} leases --etcd-endpoints {etcd}",
+            h1.name()
+        ),
+        format!("ip netns exec {} {weft} status", h1.name()),
+        format!("ip netns exec {} ip -d link show flannel.1", h1.name()),
+        format!("ip netns exec {} ip route", h1.name()),
+        format!("ip netns exec {} bridge fdb show dev flannel.1", h1.name()),
+        format!(
+            "ip netns exec {} tcpdump -ni ens32 udp port 8472",
+            h3.name()
+        ),
+        format!(
+            "ip netns exec {} iperf3 -s -D; ip netns exec {} iperf3 -c {}",
+            to.netns(),
+            from.netns(),
+            to.ip()
+        ),
+        format!("less {}", h1.dir().join("agent.log").display()),
+    ]
+}
+
+/// Remove the demo cluster from its state file (plus any `weft-demo-*` namespace) and verify.
+fn down() -> anyhow::Result<()> {
+    let path = state_file();
+    let mut kept = if path.exists() {
+        Kept::load(&path)?
+    } else {
+        planned()
+    };
+    for name in netns::list() {
+        if name.starts_with(&format!("{NAME}-")) && !kept.namespaces.contains(&name) {
+            kept.namespaces.push(name);
+        }
+    }
+    let present = netns::list();
+    let namespaces = kept
+        .namespaces
+        .iter()
+        .filter(|n| present.contains(n))
+        .count();
+    let processes = kept.processes.iter().filter(|p| p.alive()).count();
+    println!(
+        "==> removing the demo cluster: {namespaces} namespaces, {processes} processes, {}",
+        kept.dir.display()
+    );
+    kept.remove()?;
+    if path.exists() {
+        std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+    }
+    // The state directory only ever holds what the demo wrote.
+    let _ = std::fs::remove_dir(STATE_DIR);
+    let left: Vec<String> = netns::list()
+        .into_iter()
+        .filter(|n| n.starts_with(NAME))
+        .collect();
+    anyhow::ensure!(
+        left.is_empty(),
+        "namespaces still present after removal: {left:?}"
+    );
+    println!("    nothing left: no {NAME}-* namespace, no demo process, no {STATE_DIR}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datapath_comes_from_the_last_log_line_naming_it() {
+        let log = "=== weft-tests: ip netns exec h weft agent --datapath auto\n\
+                   INFO weft::datapath: loaded datapath=\"ebpf\" iface=ens32\n\
+                   INFO weft::agent: eBPF unavailable, falling back datapath=kernel reason=x\n";
+        assert_eq!(datapath_from_log(log), "kernel (agent log)");
+        let header_only = "=== weft-tests: ip netns exec h weft agent --datapath auto\n";
+        assert!(datapath_from_log(header_only).starts_with("not reported"));
+    }
+}
