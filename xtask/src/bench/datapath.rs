@@ -6,13 +6,13 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use rand::seq::SliceRandom as _;
 
-use crate::chart::{self, Series};
-use crate::counters::{self, Counters, RoundCheck};
-use crate::measure::{self, Servers};
-use crate::report::{self, EbpfCounters, Report, Settings, VariantReport};
-use crate::stats::{ModeSummary, Sample};
-use crate::topology::{Mode, Offload, Routing, Testbed, CONTAINER_MTU};
-use crate::{Options, Variants};
+use crate::bench::chart::{self, Series};
+use crate::bench::counters::{self, Counters, RoundCheck};
+use crate::bench::measure::{self, Servers};
+use crate::bench::report::{self, EbpfCounters, Report, Settings, VariantReport};
+use crate::bench::stats::{ModeSummary, Sample};
+use crate::bench::topology::{Mode, Offload, Routing, Testbed, CONTAINER_MTU};
+use super::{Options, Variants};
 
 struct Bed {
     bed: Testbed,
@@ -116,15 +116,15 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
 
     let report = Report {
         rounds: opts.rounds,
-        comparison: crate::stats::compare(&main_modes),
+        comparison: crate::bench::stats::compare(&main_modes),
         modes: main_modes,
         ebpf_counters: ebpf,
         variant: first.name(),
         no_offload,
         settings: settings(opts, routing, offloads).await,
     };
-    let json_path = opts.out.join("report.json");
-    let svg_path = opts.out.join("report.svg");
+    let json_path = opts.out_dir().join("report.json");
+    let svg_path = opts.out_dir().join("report.svg");
     report.write(&json_path)?;
     let mut series = vec![Series {
         name: first.name(),
@@ -161,7 +161,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
         );
     }
     std::fs::write(
-        opts.out.join("report.md"),
+        opts.out_dir().join("report.md"),
         markdown_report(&report, opts.rounds),
     )
     .context("write report.md")?;
@@ -169,7 +169,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
         "report: {}\nchart:  {}\ntable:  {}\ntook {:.0} s",
         json_path.display(),
         svg_path.display(),
-        opts.out.join("report.md").display(),
+        opts.out_dir().join("report.md").display(),
         started.elapsed().as_secs_f64()
     );
     let ebpf = &report.ebpf_counters;

@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::counters::{Counters, RoundCheck};
-use crate::stats::{compare, Comparison, ModeSummary, METRICS};
+use crate::bench::counters::{Counters, RoundCheck};
+use crate::bench::stats::{compare, Comparison, ModeSummary, METRICS};
 
 /// target/bench/report.json. The first three keys are the shape; `modes` holds the
 /// variant named in `variant` (the default underlay offloads when that variant ran).
@@ -192,7 +192,7 @@ pub fn markdown(rounds: usize, modes: &BTreeMap<String, ModeSummary>) -> String 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::Sample;
+    use crate::bench::stats::Sample;
 
     fn modes() -> BTreeMap<String, ModeSummary> {
         let s = |x: f64| Sample {

@@ -19,8 +19,8 @@ use anyhow::{anyhow, bail, Context as _};
 use serde::Serialize;
 use weft_tests::{Cluster, ClusterOptions, Host};
 
-use crate::stats::median;
-use crate::Options;
+use crate::bench::stats::median;
+use crate::bench::Options;
 
 /// A /8 holds far more /24 subnets than the 1000 peers need.
 const CONFIG: &str = r#"{"Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#;
@@ -65,9 +65,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
         print(&r);
         results.push(r);
     }
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("create {}", opts.out.display()))?;
-    let path = opts.out.join("control-plane.json");
+    std::fs::create_dir_all(opts.out_dir())
+        .with_context(|| format!("create {}", opts.out_dir().display()))?;
+    let path = opts.out_dir().join("control-plane.json");
     let json = serde_json::to_string_pretty(&serde_json::json!({ "control_plane": results }))?;
     std::fs::write(&path, json + "\n").with_context(|| format!("write {}", path.display()))?;
     println!("report: {}", path.display());

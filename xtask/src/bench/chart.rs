@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::{anyhow, Context as _};
 use plotters::prelude::*;
 
-use crate::report::fmt_value;
-use crate::stats::{ModeSummary, METRICS};
+use crate::bench::report::fmt_value;
+use crate::bench::stats::{ModeSummary, METRICS};
 
 const MODES: [(&str, RGBColor); 3] = [
     ("host-gw", RGBColor(110, 110, 110)),
@@ -49,7 +49,7 @@ pub fn draw(path: &Path, title: &str, series: &[Series<'_>]) -> anyhow::Result<(
 
 fn draw_panel(
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
-    metric: &crate::stats::Metric,
+    metric: &crate::bench::stats::Metric,
     series: &[Series<'_>],
 ) -> anyhow::Result<()> {
     let modes: Vec<(usize, &str, RGBColor)> = MODES
