@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -18,6 +19,8 @@ use crate::config::{Backend as NetBackend, ConfigError, NetworkConfig};
 use crate::files::{self, FilesError, SubnetEnv};
 use crate::iface::{self, ExtIface, IfaceChoice, IfaceError};
 use crate::lease::{Lease, LeaseAttrs, LeaseEvent, PeerSet};
+use crate::masq::{Masq, MasqKind};
+use crate::metrics::Metrics;
 use crate::subnet::{self, alloc, EtcdOptions, EtcdStore, LeaseTiming, SubnetError, WatchUpdate};
 
 /// VXLAN's overhead on an IPv4 underlay: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
@@ -69,6 +72,17 @@ pub enum AgentError {
     Files(#[from] FilesError),
     #[error("backend: {0:#}")]
     Backend(BackendError),
+    #[error(transparent)]
+    Masq(#[from] crate::masq::MasqError),
+}
+
+/// What the run loop reports to the outside: readiness (for `/readyz` and sd_notify) and
+/// the metrics registry.
+pub struct Hooks {
+    /// Turns true once the subnet file is written, the masquerade rules are in place and
+    /// the first peer snapshot is programmed.
+    pub ready: watch::Sender<bool>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The overlay MTU written to subnet.env. For vxlan, `Backend.MTU` stands in for the
@@ -160,6 +174,36 @@ struct Running<'a, B> {
     attrs: LeaseAttrs,
     own: Lease,
     peers: PeerSet,
+    metrics: Arc<Metrics>,
+    masq: Option<MasqTask>,
+}
+
+/// The masquerade rules for our subnet and the task that keeps them in place.
+struct MasqTask {
+    cancel: CancellationToken,
+}
+
+impl MasqTask {
+    /// Install the rules for `subnet` now, then re-check them every `resync`.
+    async fn start(
+        cfg: &AgentConfig,
+        net: &NetworkConfig,
+        subnet: ipnet::Ipv4Net,
+        metrics: &Arc<Metrics>,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Result<MasqTask, AgentError> {
+        let masq = Masq::new(MasqKind::from_enable_nftables(net.enable_nftables), net.network, subnet)
+            .with_forward_rules(cfg.iptables_forward_rules)
+            .with_metrics(metrics.clone());
+        for repair in masq.ensure().await? {
+            tracing::info!(rule = %repair, "masquerade rule installed");
+        }
+        let cancel = shutdown.child_token();
+        let (c, every) = (cancel.clone(), cfg.iptables_resync);
+        tracker.spawn(async move { masq.run(every, c).await });
+        Ok(MasqTask { cancel })
+    }
 }
 
 impl<B: Backend> Running<'_, B> {
@@ -167,8 +211,23 @@ impl<B: Backend> Running<'_, B> {
         for ev in events {
             if let Err(e) = self.backend.apply(&ev).await {
                 tracing::warn!("applying {ev:?}: {e:#}; the next reconcile retries");
+                continue;
+            }
+            match &ev {
+                LeaseEvent::Added(l) => {
+                    self.metrics.peers_added.inc();
+                    tracing::info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer added");
+                }
+                LeaseEvent::Changed { new, .. } => {
+                    tracing::info!(subnet = %new.subnet, public_ip = %new.attrs.public_ip, "peer changed");
+                }
+                LeaseEvent::Removed(l) => {
+                    self.metrics.peers_removed.inc();
+                    tracing::info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer removed");
+                }
             }
         }
+        self.metrics.set_leases(self.peers.len() + 1);
     }
 
     fn write_files(&self) -> Result<(), FilesError> {
@@ -183,7 +242,11 @@ impl<B: Backend> Running<'_, B> {
     }
 
     /// Our key is gone or someone else's: get a lease again, the same subnet when free.
-    async fn reacquire(&mut self) -> Result<(), AgentError> {
+    async fn reacquire(
+        &mut self,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Result<(), AgentError> {
         let old = self.own.subnet;
         let lease = subnet::acquire(
             &self.store,
@@ -204,6 +267,14 @@ impl<B: Backend> Running<'_, B> {
             .await
             .map_err(AgentError::Backend)?;
         self.write_files()?;
+        if let Some(old) = self.masq.take() {
+            // ensure() for the new subnet replaces the old subnet's rules in place.
+            old.cancel.cancel();
+            self.masq = Some(
+                MasqTask::start(self.cfg, &self.net, self.own.subnet, &self.metrics, tracker, shutdown)
+                    .await?,
+            );
+        }
         let ev = self.peers.set_own(self.own.subnet);
         self.apply(ev.into_iter().collect()).await;
         Ok(())
@@ -227,18 +298,19 @@ impl<B: Backend> Running<'_, B> {
 }
 
 /// Run the agent until `shutdown` fires. `build` makes the backend once the network config
-/// and interface are known; `ready` turns true once the subnet file is written and the
+/// and interface are known; `hooks.ready` turns true once the subnet file is written and the
 /// first peer snapshot is applied.
 pub async fn run<B, F>(
     cfg: AgentConfig,
     build: F,
     shutdown: CancellationToken,
-    ready: watch::Sender<bool>,
+    hooks: Hooks,
 ) -> Result<(), AgentError>
 where
     B: Backend,
-    F: FnOnce(&AgentConfig, &NetworkConfig, &ExtIface) -> Result<B, BackendError>,
+    F: AsyncFnOnce(&AgentConfig, &NetworkConfig, &ExtIface) -> Result<B, BackendError>,
 {
+    let Hooks { ready, metrics } = hooks;
     let iface = iface::choose(&cfg.iface)?;
     tracing::info!(iface = %iface.name, index = iface.index, addr = %iface.iface_addr, public_ip = %iface.public_ip, mtu = iface.mtu, "external interface");
     let Some(store) = connect(&cfg, &shutdown).await else {
@@ -249,7 +321,7 @@ where
     };
     tracing::info!(network = %net.network, backend = net.backend.type_name(), "network config");
 
-    let mut backend = build(&cfg, &net, &iface).map_err(AgentError::Backend)?;
+    let mut backend = build(&cfg, &net, &iface).await.map_err(AgentError::Backend)?;
     let backend_attrs = backend.prepare().await.map_err(AgentError::Backend)?;
     let attrs = LeaseAttrs {
         public_ip: iface.public_ip,
@@ -275,17 +347,21 @@ where
         attrs,
         own,
         peers,
+        metrics,
+        masq: None,
     };
     st.write_files()?;
 
     let tracker = TaskTracker::new();
+    if cfg.ip_masq {
+        st.masq = Some(MasqTask::start(&cfg, &st.net, st.own.subnet, &st.metrics, &tracker, &shutdown).await?);
+    }
     let watch_cancel = shutdown.child_token();
     let (tx, mut rx) = mpsc::channel(1024);
     {
         let (store, cancel) = (store.clone(), watch_cancel.clone());
         tracker.spawn(async move { store.watch_leases(tx, cancel).await });
     }
-    tracker.close();
 
     let mut next_renew = Instant::now() + cfg.lease.renew_after();
     let mut need_acquire = false;
@@ -317,13 +393,14 @@ where
             }
             _ = tokio::time::sleep_until(next_renew) => {
                 let result = if need_acquire {
-                    st.reacquire().await.map(|()| true)
+                    st.reacquire(&tracker, &shutdown).await.map(|()| true)
                 } else {
                     st.store.renew(&st.own, &st.attrs, cfg.lease.ttl).await.map(|l| l.map(|l| st.own = l).is_some()).map_err(AgentError::from)
                 };
                 match result {
                     Ok(true) => {
                         need_acquire = false;
+                        st.metrics.lease_renewals.inc();
                         next_renew = Instant::now() + cfg.lease.renew_after();
                         tracing::debug!(subnet = %st.own.subnet, "lease renewed");
                     }
@@ -342,7 +419,10 @@ where
             _ = reconcile.tick(), if snapshot_seen => {
                 match st.backend.reconcile(&st.peers.leases()).await {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!(repairs = n, "reconcile repaired drift"),
+                    Ok(n) => {
+                        st.metrics.reconcile_repairs.add(n as u64);
+                        tracing::info!(repairs = n, "reconcile repaired drift");
+                    }
                     Err(e) => tracing::warn!("reconcile: {e:#}"),
                 }
             }
@@ -350,6 +430,7 @@ where
     }
     tracing::info!(subnet = %st.own.subnet, "shutting down; lease and datapath left in place for the next start");
     watch_cancel.cancel();
+    tracker.close();
     if tokio::time::timeout(cfg.shutdown_grace, tracker.wait())
         .await
         .is_err()

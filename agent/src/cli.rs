@@ -7,13 +7,18 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::agent::{self, AgentConfig, AgentError, Datapath};
 use crate::config::NetworkConfig;
 use crate::files::{self, DockerOpts};
+use crate::health::HealthServer;
+use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::iface::IfaceChoice;
 use crate::lease::BackendAttrs;
 use crate::subnet::{EtcdOptions, EtcdStore, LeaseTiming, SubnetError};
@@ -619,6 +624,29 @@ fn docker_opts(a: &DockerOptsArgs) -> ExitCode {
     }
 }
 
+/// Tell systemd we are ready once the run loop says so, then feed its watchdog; say
+/// STOPPING on shutdown.
+async fn notify_when_ready(
+    notifier: Notifier,
+    mut ready: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    if !notifier.enabled() {
+        return;
+    }
+    let became_ready = tokio::select! {
+        _ = shutdown.cancelled() => false,
+        r = ready.wait_for(|r| *r) => r.is_ok(),
+    };
+    if became_ready {
+        if let Err(e) = notifier.ready() {
+            tracing::warn!("sd_notify READY: {e}");
+        }
+        notifier.run_watchdog(shutdown.clone()).await;
+    }
+    let _ = notifier.stopping();
+}
+
 fn run_agent(cfg: AgentConfig) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -642,18 +670,39 @@ fn run_agent(cfg: AgentConfig) -> ExitCode {
             }
             signals.cancel();
         });
-        let (ready, _ready_rx) = tokio::sync::watch::channel(false);
-        // TEMPORARY: the lead swaps `crate::backend_log::build` for `crate::backend::build` at merge.
-        let result = agent::run(cfg, crate::backend_log::build, shutdown.clone(), ready).await;
+        let (ready, ready_rx) = tokio::sync::watch::channel(false);
+        let metrics = Arc::new(Metrics::default());
+        let tracker = TaskTracker::new();
+        if let Some(addr) = cfg.healthz {
+            // Bind before anything else so a taken port fails the start, not a later scrape.
+            match HealthServer::bind(addr, ready_rx.clone(), metrics.clone()).await {
+                Ok(server) => {
+                    tracker.spawn(server.serve(shutdown.clone()));
+                }
+                Err(e) => return fail(exit::CONFIG, e),
+            }
+        }
+        match Notifier::from_env() {
+            Ok(notifier) => {
+                tracker.spawn(notify_when_ready(notifier, ready_rx, shutdown.clone()));
+            }
+            Err(e) => tracing::warn!("sd_notify disabled: {e}"),
+        }
+        tracker.close();
+        let hooks = agent::Hooks { ready, metrics };
+        let result = agent::run(cfg, crate::backend::build, shutdown.clone(), hooks).await;
         shutdown.cancel();
         let _ = sig_task.await;
+        tracker.wait().await;
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 let code = match &e {
                     AgentError::Config { .. } | AgentError::Iface(_) => exit::CONFIG,
                     AgentError::Subnet(s) => subnet_exit(s),
-                    AgentError::Files(_) | AgentError::Backend(_) => exit::OTHER,
+                    AgentError::Files(_) | AgentError::Backend(_) | AgentError::Masq(_) => {
+                        exit::OTHER
+                    }
                 };
                 fail(code, e)
             }

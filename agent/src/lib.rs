@@ -6,7 +6,6 @@
 
 pub mod agent;
 pub mod backend;
-pub mod backend_log;
 pub mod cli;
 pub mod config;
 pub mod datapath;
