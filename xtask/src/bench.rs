@@ -67,7 +67,7 @@ pub struct Options {
     /// Do not run `build-ebpf` first; use the eBPF object built earlier.
     #[arg(long)]
     pub skip_ebpf: bool,
-    /// Do not build; use the weft binary built earlier (or $WEFT_BIN).
+    /// Do not build; use the release weft built earlier (or $WEFT_BIN).
     #[arg(long)]
     pub no_build: bool,
 }
@@ -90,12 +90,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if opts.out.is_none() {
         opts.out = Some(target_dir()?.join("bench"));
     }
-    if !opts.no_build {
-        let bin = build_release_weft(opts.skip_ebpf)?;
-        if std::env::var_os("WEFT_BIN").is_none() {
-            // Read by the harness when it starts the agents; set before any thread exists.
-            std::env::set_var("WEFT_BIN", &bin);
-        }
+    let bin = if opts.no_build {
+        target_dir()?.join("release").join("weft")
+    } else {
+        build_release_weft(opts.skip_ebpf)?
+    };
+    if std::env::var_os("WEFT_BIN").is_none() {
+        // Read by the harness when it starts the agents; set before any thread exists.
+        std::env::set_var("WEFT_BIN", &bin);
     }
     let runtime = tokio::runtime::Runtime::new().context("start the tokio runtime")?;
     runtime.block_on(async {
