@@ -41,6 +41,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
         Variants::Off => vec![Offload::Off],
     };
     let started = Instant::now();
+    let loadavg_start = loadavg();
 
     let mut beds = BTreeMap::new();
     for &mode in &modes {
@@ -121,7 +122,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
         ebpf_counters: ebpf,
         variant: first.name(),
         no_offload,
-        settings: settings(opts, routing, offloads).await,
+        settings: Settings {
+            loadavg_start,
+            loadavg_end: loadavg(),
+            ..settings(opts, routing, offloads)
+        },
     };
     let json_path = opts.out_dir().join("report.json");
     let svg_path = opts.out_dir().join("report.svg");
@@ -166,11 +171,13 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     )
     .context("write report.md")?;
     println!(
-        "report: {}\nchart:  {}\ntable:  {}\ntook {:.0} s",
+        "report: {}\nchart:  {}\ntable:  {}\ntook {:.0} s; load average {} at the start, {} at the end",
         json_path.display(),
         svg_path.display(),
         opts.out_dir().join("report.md").display(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        report.settings.loadavg_start,
+        report.settings.loadavg_end
     );
     let ebpf = &report.ebpf_counters;
     if !ebpf.rounds.is_empty() {
@@ -311,7 +318,13 @@ fn markdown_report(report: &Report, rounds: usize) -> String {
     md
 }
 
-async fn settings(
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn settings(
     opts: &Options,
     routing: Routing,
     offloads: BTreeMap<String, String>,
@@ -341,5 +354,7 @@ async fn settings(
         offloads,
         kernel,
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg_start: String::new(),
+        loadavg_end: String::new(),
     }
 }

@@ -67,6 +67,9 @@ pub struct Settings {
     pub offloads: BTreeMap<String, String>,
     pub kernel: String,
     pub cpus: usize,
+    /// /proc/loadavg when the run started and ended: other work on the machine adds noise.
+    pub loadavg_start: String,
+    pub loadavg_end: String,
 }
 
 impl Report {
