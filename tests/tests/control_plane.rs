@@ -1,8 +1,10 @@
 //! The control plane against a real etcd, with `weft` as real processes: leases, renewals,
 //! watches, config validation and the files flannel users read.
 //!
-//! The agents run with the temporary logging backend (`--datapath kernel` until the real
-//! backends are merged), on 127.0.0.x public IPs: no namespaces needed, nothing leaves loopback.
+//! Each agent runs with the kernel vxlan backend in a network namespace of its own (so the
+//! `flannel.1` it programs never touches the machine's namespace), on `lo` with a 127.0.0.x
+//! public IP. It reaches the test's etcd through a relay that listens on the same loopback
+//! port inside its namespace: nothing but loopback is involved.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use weft::lease::LeaseAttrs;
-use weft_tests::Etcd;
+use weft_tests::{Etcd, Netns};
 
 const PREFIX: &str = "/coreos.com/network";
 const VXLAN_CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -68,12 +70,49 @@ async fn config_set(etcd: &Etcd, json: &str) {
     assert!(st.success(), "weft config set {json}: {err}");
 }
 
+/// A network namespace for one agent, with etcd's loopback port relayed into it.
+struct Sandbox {
+    ns: Netns,
+    _relay: Relay,
+}
+
+impl Sandbox {
+    async fn new(endpoint: &str) -> Sandbox {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ns = Netns::create(&format!("weft-cp-{}-{n}", std::process::id()))
+            .await
+            .expect("create the agent's namespace");
+        let upstream = endpoint.trim_start_matches("http://").to_string();
+        let port: u16 = upstream
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("etcd endpoint {endpoint} has no port"));
+        let listener = ns
+            .spawn_thread(move || {
+                let l = std::net::TcpListener::bind(("127.0.0.1", port))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+            .join()
+            .expect("relay thread")
+            .expect("bind the relay inside the namespace");
+        let listener = TcpListener::from_std(listener).expect("relay listener");
+        Sandbox {
+            ns,
+            _relay: Relay::serve(listener, upstream),
+        }
+    }
+}
+
 /// One `weft agent` process with its own subnet file, its stderr collected line by line.
 struct Agent {
     child: tokio::process::Child,
     log: Arc<Mutex<Vec<String>>>,
     dir: tempfile::TempDir,
     ip: String,
+    _sandbox: Sandbox,
 }
 
 impl Agent {
@@ -89,8 +128,19 @@ impl Agent {
         dir: tempfile::TempDir,
         envs: &[(&str, &str)],
     ) -> Agent {
-        let mut cmd = tokio::process::Command::new(weft_bin());
-        cmd.arg("agent");
+        let etcd = if endpoint.is_empty() {
+            envs.iter()
+                .find(|(k, _)| k.ends_with("ETCD_ENDPOINTS"))
+                .map(|(_, v)| *v)
+                .expect("an etcd endpoint in the flags or the environment")
+        } else {
+            endpoint
+        };
+        let sandbox = Sandbox::new(etcd).await;
+        let mut cmd = tokio::process::Command::new("ip");
+        cmd.args(["netns", "exec", sandbox.ns.name()])
+            .arg(weft_bin())
+            .arg("agent");
         if !endpoint.is_empty() {
             let subnet = dir.path().join("subnet.env");
             let docker = dir.path().join("docker_opts.env");
@@ -132,6 +182,7 @@ impl Agent {
             log,
             dir,
             ip: ip.to_string(),
+            _sandbox: sandbox,
         }
     }
 
@@ -344,7 +395,7 @@ async fn lease_value_matches_flanneld_and_flanneld_leases_are_read() {
             .await;
     }
     agent
-        .wait_log(&["ready", "peers=4"], Duration::from_secs(5))
+        .wait_log(&["weft::agent: ready", "peers=4"], Duration::from_secs(5))
         .await;
     for bad in ["10.5.45.0-24", "10.5.46.0-24", "not-a-subnet"] {
         agent
@@ -450,7 +501,7 @@ async fn restart_keeps_subnet_and_deleted_lease_comes_back() {
     config_set(&etcd, VXLAN_CONFIG).await;
     let mut a = Agent::start(&etcd.endpoint(), "127.0.0.3", &[]).await;
     let subnet = a.subnet(Duration::from_secs(10)).await;
-    a.wait_log(&["ready"], Duration::from_secs(5)).await;
+    a.wait_log(&["weft::agent: ready"], Duration::from_secs(5)).await;
     let status = a.stop().await;
     assert!(
         status.success(),
@@ -470,7 +521,7 @@ async fn restart_keeps_subnet_and_deleted_lease_comes_back() {
         Duration::from_secs(5),
     )
     .await;
-    b.wait_log(&["ready"], Duration::from_secs(5)).await;
+    b.wait_log(&["weft::agent: ready"], Duration::from_secs(5)).await;
 
     // Lease deleted under a running agent: it takes the same subnet back, without moving.
     assert_eq!(etcd.delete(&lease_key(&subnet)).await, 1);
@@ -564,6 +615,11 @@ struct Relay {
 impl Relay {
     async fn start(upstream: String) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        Relay::serve(listener, upstream)
+    }
+
+    /// Relay connections accepted on `listener` (bound in whatever namespace) to `upstream`.
+    fn serve(listener: TcpListener, upstream: String) -> Relay {
         let port = listener.local_addr().expect("relay addr").port();
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
@@ -624,7 +680,7 @@ async fn watch_resumes_after_compaction_without_hot_loop() {
     etcd.put(&lease_key("10.5.60.0/24"), &peer(60)).await;
     etcd.put(&lease_key("10.5.61.0/24"), &peer(61)).await;
     let a = Agent::start(&relay.endpoint(), "127.0.0.8", &[]).await;
-    a.wait_log(&["ready", "peers=2"], Duration::from_secs(10))
+    a.wait_log(&["weft::agent: ready", "peers=2"], Duration::from_secs(10))
         .await;
 
     // While A is cut off: one peer leaves, one changes its MAC, one arrives, and etcd compacts
@@ -810,7 +866,7 @@ async fn files_and_docker_opts_match_flannel_bytes() {
         ("WEFT_DATAPATH", "kernel"),
     ];
     let a = Agent::start_in("", "127.0.0.11", &[], dir, &envs).await;
-    a.wait_log(&["ready"], Duration::from_secs(10)).await;
+    a.wait_log(&["weft::agent: ready"], Duration::from_secs(10)).await;
     let subnet_env = std::fs::read(&subnet_file).expect("subnet file");
     assert_eq!(String::from_utf8_lossy(&subnet_env), "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.10.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n");
     use std::os::unix::fs::PermissionsExt;
@@ -885,7 +941,7 @@ async fn agent_waits_for_etcd_then_for_the_config_key() {
     assert!(!a.subnet_file().exists() && leases(&etcd).await.is_empty());
 
     config_set(&etcd, VXLAN_CONFIG).await;
-    a.wait_log(&["ready"], Duration::from_secs(10)).await;
+    a.wait_log(&["weft::agent: ready"], Duration::from_secs(10)).await;
     let subnet = a.subnet(Duration::ZERO).await;
     assert!(leases(&etcd).await.contains_key(&subnet));
     assert!(a.stop().await.success());

@@ -5,6 +5,7 @@
 //! [`Backend::apply`] follows lease events and [`Backend::reconcile`] repairs
 //! drift against the full peer set.
 
+pub mod ebpf;
 pub mod hostgw;
 pub mod vxlan;
 
