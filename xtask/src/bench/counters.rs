@@ -205,6 +205,26 @@ mod tests {
     }
 
     #[test]
+    fn reads_weft_status_json() {
+        // The shape of agent/src/status.rs's `Status` as `weft status --json` prints it.
+        let json = serde_json::json!({
+            "mode": "ebpf",
+            "pin_dir": "/sys/fs/bpf/weft/flannel.1",
+            "programs": [{"program": "weft_tc_encap", "interface": "docker0", "hook": "tcx ingress",
+                          "state": "attached", "link_id": 7, "prog_id": 42}],
+            "node": {"configured": true, "vni": 1, "port": 8472, "vtep_ip": "172.16.15.21"},
+            "peers": [{"subnet": "10.1.2.0/24", "vtep_ip": "172.16.15.22", "vtep_mac": "aa:bb:cc:dd:ee:ff"}],
+            "known_vteps": ["172.16.15.22"],
+            "counters": [{"name": "encapsulated", "value": 1234}, {"name": "decapsulated", "value": 987},
+                         {"name": "passed: not ipv4", "value": 3}]
+        });
+        let c = flatten(&json);
+        assert_eq!(find(&c, ENCAPSULATED), Some(1234.0));
+        assert_eq!(find(&c, DECAPSULATED), Some(987.0));
+        assert_eq!(c["counters.passed: not ipv4"], 3.0);
+    }
+
+    #[test]
     fn a_fallback_round_is_not_ebpf() {
         let counters = |enc: f64, dec: f64| -> Counters {
             [
