@@ -50,6 +50,10 @@ pub struct AgentConfig {
     pub healthz: Option<SocketAddr>,
     pub datapath: Datapath,
     pub bridge: String,
+    /// bpffs directory of this agent's programs, links and maps.
+    pub bpf_pin_dir: PathBuf,
+    /// Forced eBPF decapsulation hook; `None` picks by the interface's driver.
+    pub decap_hook: Option<crate::datapath::DecapHook>,
     pub reconcile_interval: Duration,
     pub shutdown_grace: Duration,
 }
@@ -322,6 +326,8 @@ where
     tracing::info!(network = %net.network, backend = net.backend.type_name(), "network config");
 
     let mut backend = build(&cfg, &net, &iface).await.map_err(AgentError::Backend)?;
+    tracing::info!(datapath = backend.mode(), "datapath chosen");
+    metrics.set_datapath_mode(backend.mode());
     let backend_attrs = backend.prepare().await.map_err(AgentError::Backend)?;
     let attrs = LeaseAttrs {
         public_ip: iface.public_ip,

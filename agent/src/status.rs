@@ -221,3 +221,30 @@ impl fmt::Display for Status {
         Ok(())
     }
 }
+
+/// `/metrics`' view of the eBPF datapath: the pinned maps, read at scrape time.
+pub struct PinnedStats {
+    pub pin_dir: PathBuf,
+}
+
+impl crate::metrics::DatapathStats for PinnedStats {
+    fn counters(&self) -> Vec<(String, u64)> {
+        match collect(&self.pin_dir) {
+            Ok(st) => st.counters.into_iter().map(|c| (c.name.to_string(), c.value)).collect(),
+            Err(e) => {
+                tracing::debug!("reading eBPF counters for /metrics: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn map_entries(&self) -> Vec<(String, u64)> {
+        match collect(&self.pin_dir) {
+            Ok(st) => vec![
+                ("peers".to_string(), st.peers.len() as u64),
+                ("vteps".to_string(), st.known_vteps.len() as u64),
+            ],
+            Err(_) => Vec::new(),
+        }
+    }
+}

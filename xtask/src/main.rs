@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod build_ebpf;
 mod demo;
+mod packages;
 mod test;
 
 #[derive(Parser)]

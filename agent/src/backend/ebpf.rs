@@ -465,6 +465,10 @@ pub fn cleanup(pin_dir: &Path) -> Result<(), Vec<DatapathError>> {
 }
 
 impl Backend for EbpfBackend {
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
     async fn prepare(&mut self) -> Result<BackendAttrs, BackendError> {
         let attrs = self.inner.prepare().await?;
         if attrs != self.attrs {

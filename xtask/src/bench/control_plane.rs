@@ -250,9 +250,9 @@ fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
 
 type PutRequest = (String, String, mpsc::Sender<anyhow::Result<Instant>>);
 
-/// An etcd client on a thread inside the switch namespace (where etcd listens), so the bench
-/// process itself never joins the underlay. Leases are attached to one 24 h etcd lease, as
-/// flanneld's are.
+/// Writes leases through etcd's JSON gateway (`/v3/lease/grant`, `/v3/kv/put`) from a thread inside
+/// the switch namespace, where etcd listens, so the bench process itself never joins the underlay
+/// and xtask needs no gRPC client. Leases are attached to one 24 h etcd lease, as flanneld's are.
 struct EtcdWriter {
     tx: Option<mpsc::Sender<PutRequest>>,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
@@ -261,33 +261,31 @@ struct EtcdWriter {
 impl EtcdWriter {
     fn start(cluster: &Cluster) -> anyhow::Result<EtcdWriter> {
         let endpoint = cluster.etcd().endpoint();
+        let addr = endpoint
+            .strip_prefix("http://")
+            .with_context(|| format!("etcd endpoint {endpoint} is not http://"))?
+            .to_owned();
         let (tx, rx) = mpsc::channel::<PutRequest>();
         let thread = cluster.switch().spawn_thread(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("start the etcd writer's runtime")?;
-            rt.block_on(async move {
-                let mut client = etcd_client::Client::connect([endpoint.as_str()], None)
-                    .await
-                    .with_context(|| format!("connect to etcd {endpoint}"))?;
-                let lease = client
-                    .lease_grant(86_400, None)
-                    .await
-                    .context("grant a 24 h etcd lease")?
-                    .id();
-                while let Ok((key, value, reply)) = rx.recv() {
-                    let at = Instant::now();
-                    let opts = etcd_client::PutOptions::new().with_lease(lease);
-                    let r = client
-                        .put(key.clone(), value, Some(opts))
-                        .await
-                        .map(|_| at)
-                        .with_context(|| format!("etcd put {key}"));
-                    let _ = reply.send(r);
-                }
-                Ok(())
-            })
+            let grant = post(&addr, "/v3/lease/grant", &serde_json::json!({ "TTL": 86_400 }))?;
+            let lease = grant["ID"]
+                .as_str()
+                .map(str::to_owned)
+                .or_else(|| grant["ID"].as_i64().map(|n| n.to_string()))
+                .with_context(|| format!("no lease ID in etcd's answer {grant}"))?;
+            while let Ok((key, value, reply)) = rx.recv() {
+                let at = Instant::now();
+                let body = serde_json::json!({
+                    "key": base64(key.as_bytes()),
+                    "value": base64(value.as_bytes()),
+                    "lease": lease,
+                });
+                let r = post(&addr, "/v3/kv/put", &body)
+                    .map(|_| at)
+                    .with_context(|| format!("etcd put {key}"));
+                let _ = reply.send(r);
+            }
+            Ok(())
         });
         Ok(EtcdWriter {
             tx: Some(tx),
@@ -319,6 +317,57 @@ impl Drop for EtcdWriter {
             eprintln!("etcd writer: {e:#}");
         }
     }
+}
+
+/// One HTTP/1.1 POST with a JSON body (`Connection: close`); the JSON answer of a 200.
+fn post(addr: &str, path: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    use std::io::{Read as _, Write as _};
+    let body = body.to_string();
+    let mut stream = std::net::TcpStream::connect(addr)
+        .with_context(|| format!("connect to etcd at {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .with_context(|| format!("read etcd's answer to {path}"))?;
+    let (head, rest) = answer
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP answer from etcd to {path}: {answer:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("etcd answered {path} with {head:?}: {rest}");
+    }
+    // The gateway may answer chunked: the JSON object is what lies between the outer braces.
+    let json = rest
+        .find('{')
+        .zip(rest.rfind('}'))
+        .map(|(a, b)| &rest[a..=b])
+        .with_context(|| format!("no JSON in etcd's answer to {path}: {rest:?}"))?;
+    serde_json::from_str(json).with_context(|| format!("parse etcd's answer to {path}: {json}"))
+}
+
+/// Standard base64 with padding, as etcd's JSON gateway wants keys and values.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// `ip monitor route` in a host namespace: when each route first appeared.
@@ -420,6 +469,15 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), 50.0);
         assert_eq!(percentile(&v, 50.0), 25.0);
         assert!(percentile(&[], 50.0).is_nan());
+    }
+
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"/coreos.com/network/subnets/10.100.0.0-24"), "L2NvcmVvcy5jb20vbmV0d29yay9zdWJuZXRzLzEwLjEwMC4wLjAtMjQ=");
     }
 
     #[test]

@@ -26,10 +26,13 @@ pub const MIN_SHARE: f64 = 0.9;
 pub async fn read_ebpf_counters(host: &Host) -> anyhow::Result<Counters> {
     let bin = weft_tests::weft_bin()?;
     let bin = bin.to_string_lossy().into_owned();
-    let out = host.exec(&[&bin, "status", "--json"]).await;
+    let pin_dir = host.bpf_pin_dir().display().to_string();
+    let out = host
+        .exec(&[&bin, "status", "--json", "--bpf-pin-dir", &pin_dir])
+        .await;
     if !out.status.success() {
         bail!(
-            "`weft status --json` in {} failed ({}): {}{}\nThe ebpf rounds cannot be verified without the \
+            "`weft status --json --bpf-pin-dir {pin_dir}` in {} failed ({}): {}{}\nThe ebpf rounds cannot be verified without the \
              datapath counters; they are not reported as eBPF.",
             host.name(),
             out.status,
