@@ -160,9 +160,22 @@ pub fn ratio(a: f64, b: f64) -> Option<f64> {
     (b != 0.0 && a.is_finite() && b.is_finite()).then(|| a / b)
 }
 
+/// `None` when host-gw is not better than kernel-vxlan by at least 2 % (in the metric's direction):
+/// then there is no overlay cost to recover and the percentage would only magnify noise.
 pub fn gap_closed(ebpf: f64, kernel_vxlan: f64, host_gw: f64) -> Option<f64> {
     let gap = host_gw - kernel_vxlan;
-    (gap.abs() > f64::EPSILON && ebpf.is_finite()).then(|| (ebpf - kernel_vxlan) / gap * 100.0)
+    (gap.abs() > 0.02 * kernel_vxlan.abs() && ebpf.is_finite())
+        .then(|| (ebpf - kernel_vxlan) / gap * 100.0)
+}
+
+/// [`gap_closed`] for a metric, `None` also when host-gw is worse than kernel-vxlan.
+pub fn gap_closed_for(metric: &Metric, ebpf: f64, kernel_vxlan: f64, host_gw: f64) -> Option<f64> {
+    let host_gw_better = if metric.higher_is_better {
+        host_gw > kernel_vxlan
+    } else {
+        host_gw < kernel_vxlan
+    };
+    gap_closed(ebpf, kernel_vxlan, host_gw).filter(|_| host_gw_better)
 }
 
 /// The targets: ebpf better than kernel-vxlan on every metric (1.3x on 64-byte UDP), and at
@@ -176,7 +189,7 @@ pub fn target_met(metric: &Metric, ebpf: f64, kernel_vxlan: f64, host_gw: f64) -
         ebpf < kernel_vxlan
     };
     // When kernel-vxlan already matches host-gw there is no gap to close: only "better" counts.
-    let closed = gap_closed(ebpf, kernel_vxlan, host_gw).is_none_or(|pct| pct >= 80.0);
+    let closed = gap_closed_for(metric, ebpf, kernel_vxlan, host_gw).is_none_or(|pct| pct >= 80.0);
     (ebpf.is_finite() && kernel_vxlan.is_finite()).then_some(better && closed)
 }
 
@@ -197,7 +210,7 @@ pub fn compare(modes: &BTreeMap<String, ModeSummary>) -> BTreeMap<&'static str, 
             let c = Comparison {
                 vs_kernel_vxlan: ratio(e, k),
                 vs_host_gw: ratio(e, h),
-                gap_closed_pct: gap_closed(e, k, h),
+                gap_closed_pct: gap_closed_for(m, e, k, h),
                 target_met: target_met(m, e, k, h),
             };
             (m.key, c)
@@ -250,6 +263,9 @@ mod tests {
         // Better than host-gw: above 100.
         assert!(gap_closed(11.0, 15.0, 12.0).unwrap() > 100.0);
         assert_eq!(gap_closed(1.0, 2.0, 2.0), None);
+        assert_eq!(gap_closed(1.0, 10.0, 10.1), None, "a 1 % gap is noise");
+        // host-gw worse than kernel-vxlan on a throughput metric: no gap to close.
+        assert_eq!(gap_closed_for(&METRICS[0], 4.6, 11.4, 11.0), None);
     }
 
     #[test]
