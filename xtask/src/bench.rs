@@ -64,6 +64,9 @@ pub struct Options {
     /// Where the results go; default `<target>/bench`.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Only redraw report.svg from the report.json in the output directory.
+    #[arg(long)]
+    pub replot: bool,
     /// Do not run `build-ebpf` first; use the eBPF object built earlier.
     #[arg(long)]
     pub skip_ebpf: bool,
@@ -90,6 +93,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if opts.out.is_none() {
         opts.out = Some(target_dir()?.join("bench"));
     }
+    if opts.replot {
+        return datapath::replot(&opts);
+    }
     let bin = if opts.no_build {
         target_dir()?.join("release").join("weft")
     } else {
@@ -115,7 +121,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 fn build_release_weft(skip_ebpf: bool) -> anyhow::Result<PathBuf> {
     if !skip_ebpf {
         let xtask = std::env::current_exe().context("find the xtask binary")?;
-        step("build the eBPF object", Command::new(xtask).arg("build-ebpf"))?;
+        step(
+            "build the eBPF object",
+            Command::new(xtask).arg("build-ebpf"),
+        )?;
     }
     let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     build.args(["build", "--release", "--package", "weft", "--bin", "weft"]);
@@ -135,7 +144,9 @@ async fn measure_all(opts: &Options) -> anyhow::Result<()> {
             .await
             .is_err()
         {
-            anyhow::bail!("`{tool}` is not on PATH; install it (Debian: apt-get install {package})");
+            anyhow::bail!(
+                "`{tool}` is not on PATH; install it (Debian: apt-get install {package})"
+            );
         }
     }
     if opts.control_plane {
@@ -148,6 +159,8 @@ async fn measure_all(opts: &Options) -> anyhow::Result<()> {
 impl Options {
     /// The output directory (set by [`run`]).
     fn out_dir(&self) -> PathBuf {
-        self.out.clone().unwrap_or_else(|| PathBuf::from("target/bench"))
+        self.out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("target/bench"))
     }
 }

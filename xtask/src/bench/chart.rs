@@ -58,13 +58,15 @@ fn draw_panel(
         .enumerate()
         .map(|(i, (m, c))| (i, *m, *c))
         .collect();
+    // Scaled to the medians: one stalled round (a p99 of milliseconds) must not flatten the bars;
+    // whiskers beyond the top are clipped at it.
     let top = series
         .iter()
         .flat_map(|s| s.modes.values())
-        .map(|summary| summary.range(metric).1)
+        .map(|summary| (metric.get)(&summary.medians()))
         .filter(|v| v.is_finite())
         .fold(0.0_f64, f64::max);
-    let top = if top > 0.0 { top * 1.18 } else { 1.0 };
+    let top = if top > 0.0 { top * 1.5 } else { 1.0 };
     let better = if metric.higher_is_better {
         "higher is better"
     } else {
@@ -72,10 +74,7 @@ fn draw_panel(
     };
     let n = modes.len().max(1) as f64;
     let mut chart = ChartBuilder::on(area)
-        .caption(
-            format!("{} ({better})", metric.label),
-            ("sans-serif", 16),
-        )
+        .caption(format!("{} ({better})", metric.label), ("sans-serif", 16))
         .margin(8)
         .x_label_area_size(28)
         .y_label_area_size(58)
@@ -122,7 +121,7 @@ fn draw_panel(
             let (lo, hi) = summary.range(metric);
             if lo.is_finite() && hi > lo {
                 chart
-                    .draw_series([PathElement::new(vec![(xc, lo), (xc, hi)], BLACK)])
+                    .draw_series([PathElement::new(vec![(xc, lo), (xc, hi.min(top))], BLACK)])
                     .map_err(plot_err)?;
             }
             chart
@@ -161,7 +160,7 @@ fn draw_legend(
         y += 24;
     }
     for line in [
-        "bar = median over rounds; whisker = min..max",
+        "bar = median over rounds; whisker = min..max (clipped)",
         "2 hosts in netns, 1 container each, MTU 1450",
     ] {
         area.draw(&Text::new(line, (20, y), font.clone()))

@@ -93,11 +93,15 @@ async fn run_one(datapath: &str, peers: usize, new_leases: usize) -> anyhow::Res
     let start = Instant::now();
     let agent = host.spawn_agent(&["--datapath", datapath])?;
     let subnet_file = host.subnet_file();
-    let subnet_at = wait_for(READY_TIMEOUT, || {
-        subnet_file.exists().then(Instant::now)
-    })
-    .await
-    .with_context(|| format!("no subnet file {}:\n{}", subnet_file.display(), tail(&agent.log())))?;
+    let subnet_at = wait_for(READY_TIMEOUT, || subnet_file.exists().then(Instant::now))
+        .await
+        .with_context(|| {
+            format!(
+                "no subnet file {}:\n{}",
+                subnet_file.display(),
+                tail(&agent.log())
+            )
+        })?;
     let want: Vec<String> = (0..peers).map(peer_subnet).collect();
     let ready_at = wait_for(READY_TIMEOUT, || monitor.all_seen(&want))
         .await
@@ -126,7 +130,10 @@ async fn run_one(datapath: &str, peers: usize, new_leases: usize) -> anyhow::Res
         let seen = wait_for(LEASE_TIMEOUT, || monitor.seen(&subnet))
             .await
             .with_context(|| {
-                format!("no route for new lease {subnet} within {LEASE_TIMEOUT:?}:\n{}", tail(&agent.log()))
+                format!(
+                    "no route for new lease {subnet} within {LEASE_TIMEOUT:?}:\n{}",
+                    tail(&agent.log())
+                )
             })?;
         latencies.push(seen.saturating_duration_since(put_at).as_secs_f64() * 1e3);
     }
@@ -267,7 +274,11 @@ impl EtcdWriter {
             .to_owned();
         let (tx, rx) = mpsc::channel::<PutRequest>();
         let thread = cluster.switch().spawn_thread(move || {
-            let grant = post(&addr, "/v3/lease/grant", &serde_json::json!({ "TTL": 86_400 }))?;
+            let grant = post(
+                &addr,
+                "/v3/lease/grant",
+                &serde_json::json!({ "TTL": 86_400 }),
+            )?;
             let lease = grant["ID"]
                 .as_str()
                 .map(str::to_owned)
@@ -323,8 +334,8 @@ impl Drop for EtcdWriter {
 fn post(addr: &str, path: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
     use std::io::{Read as _, Write as _};
     let body = body.to_string();
-    let mut stream = std::net::TcpStream::connect(addr)
-        .with_context(|| format!("connect to etcd at {addr}"))?;
+    let mut stream =
+        std::net::TcpStream::connect(addr).with_context(|| format!("connect to etcd at {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         stream,
@@ -477,7 +488,10 @@ mod tests {
         assert_eq!(base64(b"f"), "Zg==");
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"/coreos.com/network/subnets/10.100.0.0-24"), "L2NvcmVvcy5jb20vbmV0d29yay9zdWJuZXRzLzEwLjEwMC4wLjAtMjQ=");
+        assert_eq!(
+            base64(b"/coreos.com/network/subnets/10.100.0.0-24"),
+            "L2NvcmVvcy5jb20vbmV0d29yay9zdWJuZXRzLzEwLjEwMC4wLjAtMjQ="
+        );
     }
 
     #[test]

@@ -6,13 +6,13 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use rand::seq::SliceRandom as _;
 
+use super::{Options, Variants};
 use crate::bench::chart::{self, Series};
 use crate::bench::counters::{self, Counters, RoundCheck};
 use crate::bench::measure::{self, Servers};
 use crate::bench::report::{self, EbpfCounters, Report, Settings, VariantReport};
 use crate::bench::stats::{ModeSummary, Sample};
 use crate::bench::topology::{Mode, Offload, Routing, Testbed, CONTAINER_MTU};
-use super::{Options, Variants};
 
 struct Bed {
     bed: Testbed,
@@ -29,7 +29,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     modes.sort();
     modes.dedup();
     if routing == Routing::Hand && modes.contains(&Mode::Ebpf) {
-        println!("--hand-routed: no ebpf mode without the agent; measuring host-gw and kernel-vxlan");
+        println!(
+            "--hand-routed: no ebpf mode without the agent; measuring host-gw and kernel-vxlan"
+        );
         modes.retain(|m| *m != Mode::Ebpf);
     }
     if opts.rounds == 0 || modes.is_empty() {
@@ -141,11 +143,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
             modes: &no.modes,
         });
     }
-    let title = format!(
-        "weft datapaths, container to container across two hosts (netns), {} rounds x {} s, medians",
-        opts.rounds, opts.seconds
-    );
-    chart::draw(&svg_path, &title, &series)?;
+    chart::draw(
+        &svg_path,
+        &chart_title(opts.rounds as u64, opts.seconds),
+        &series,
+    )?;
 
     println!(
         "{}",
@@ -211,6 +213,50 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Redraw the chart from an earlier run's report.json.
+pub fn replot(opts: &Options) -> anyhow::Result<()> {
+    let json_path = opts.out_dir().join("report.json");
+    let text = std::fs::read_to_string(&json_path)
+        .with_context(|| format!("read {}", json_path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", json_path.display()))?;
+    let modes = |v: &serde_json::Value| -> anyhow::Result<BTreeMap<String, ModeSummary>> {
+        serde_json::from_value(v.clone()).context("read `modes`")
+    };
+    let main = modes(&v["modes"])?;
+    let no = match v.get("no_offload") {
+        Some(n) => Some(modes(&n["modes"])?),
+        None => None,
+    };
+    let mut series = vec![Series {
+        name: v["variant"].as_str().unwrap_or(Offload::On.name()),
+        modes: &main,
+    }];
+    if let Some(no) = &no {
+        series.push(Series {
+            name: Offload::Off.name(),
+            modes: no,
+        });
+    }
+    let svg = opts.out_dir().join("report.svg");
+    chart::draw(
+        &svg,
+        &chart_title(
+            v["rounds"].as_u64().unwrap_or(0),
+            v["settings"]["seconds_per_test"].as_u64().unwrap_or(0),
+        ),
+        &series,
+    )?;
+    println!("chart: {}", svg.display());
+    Ok(())
+}
+
+fn chart_title(rounds: u64, seconds: u64) -> String {
+    format!(
+        "weft datapaths, container to container across two hosts (netns), {rounds} rounds x {seconds} s, medians"
+    )
 }
 
 /// One round of one mode: TCP 1 stream, TCP 4 streams, ping-pong, 64-byte UDP; for ebpf with the
@@ -324,11 +370,7 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-fn settings(
-    opts: &Options,
-    routing: Routing,
-    offloads: BTreeMap<String, String>,
-) -> Settings {
+fn settings(opts: &Options, routing: Routing, offloads: BTreeMap<String, String>) -> Settings {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();

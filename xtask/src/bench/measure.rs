@@ -90,7 +90,15 @@ impl Servers {
         let ip = server.ip().to_string();
         let sockperf = Daemon::spawn(
             server,
-            &["sockperf", "server", "--tcp", "-i", &ip, "-p", SOCKPERF_PORT],
+            &[
+                "sockperf",
+                "server",
+                "--tcp",
+                "-i",
+                &ip,
+                "-p",
+                SOCKPERF_PORT,
+            ],
         )?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut servers = Servers { sockperf };
@@ -161,10 +169,7 @@ pub async fn rr(
 /// went wrong never leaves a server in a bad state for the next one. JSON output (`-J`).
 async fn iperf3(client: &Container, server: &Container, args: &[&str]) -> anyhow::Result<String> {
     let ip = server.ip().to_string();
-    let mut daemon = Daemon::spawn(
-        server,
-        &["iperf3", "-s", "-1", "-B", &ip, "-p", IPERF_PORT],
-    )?;
+    let mut daemon = Daemon::spawn(server, &["iperf3", "-s", "-1", "-B", &ip, "-p", IPERF_PORT])?;
     let mut argv = vec!["iperf3", "-c", &ip, "-p", IPERF_PORT, "-J"];
     argv.extend_from_slice(args);
     let mut last = String::new();
@@ -250,11 +255,7 @@ pub fn parse_iperf_tcp(json: &str) -> anyhow::Result<TcpRun> {
         .cpu_utilization_percent
         .context("no end.cpu_utilization_percent in iperf3's report")?;
     if rx.seconds <= 0.0 || rx.bytes == 0 {
-        bail!(
-            "the receiver got {} bytes in {} s",
-            rx.bytes,
-            rx.seconds
-        );
+        bail!("the receiver got {} bytes in {} s", rx.bytes, rx.seconds);
     }
     Ok(TcpRun {
         gbps: rx.bits_per_second / 1e9,
@@ -267,7 +268,10 @@ pub fn parse_iperf_tcp(json: &str) -> anyhow::Result<TcpRun> {
 /// Packets the receiver got: sent minus lost (the server's count, reported back to the client).
 pub fn parse_iperf_udp(json: &str) -> anyhow::Result<UdpRun> {
     let report = parse_iperf(json)?;
-    let sum = report.end.sum.context("no end.sum in iperf3's UDP report")?;
+    let sum = report
+        .end
+        .sum
+        .context("no end.sum in iperf3's UDP report")?;
     let (Some(sent), Some(lost)) = (sum.packets, sum.lost_packets) else {
         bail!("no packets/lost_packets in end.sum: not a UDP report");
     };
@@ -418,13 +422,18 @@ sockperf: ---> <MIN> observation =   11.687
         let run = parse_iperf_udp(UDP).unwrap();
         assert_eq!(run.received, 174_240 - 116_661);
         assert_eq!(run.received * 64, 3_685_056);
-        assert!(parse_iperf_udp(TCP).is_err(), "a TCP report is not a UDP one");
+        assert!(
+            parse_iperf_udp(TCP).is_err(),
+            "a TCP report is not a UDP one"
+        );
     }
 
     #[test]
     fn iperf_errors_are_reported() {
-        let err = parse_iperf_tcp(r#"{"start":{},"end":{},"error":"unable to connect to server: Connection refused"}"#)
-            .unwrap_err();
+        let err = parse_iperf_tcp(
+            r#"{"start":{},"end":{},"error":"unable to connect to server: Connection refused"}"#,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("Connection refused"));
     }
 

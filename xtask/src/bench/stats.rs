@@ -282,7 +282,10 @@ mod tests {
     fn compare_needs_all_three_modes() {
         let mut modes = BTreeMap::new();
         modes.insert("host-gw".to_owned(), ModeSummary::of(vec![sample(1, 3.0)]));
-        modes.insert("kernel-vxlan".to_owned(), ModeSummary::of(vec![sample(1, 2.0)]));
+        modes.insert(
+            "kernel-vxlan".to_owned(),
+            ModeSummary::of(vec![sample(1, 2.0)]),
+        );
         assert!(compare(&modes).is_empty());
         modes.insert("ebpf".to_owned(), ModeSummary::of(vec![sample(1, 2.9)]));
         let c = compare(&modes);

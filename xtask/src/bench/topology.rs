@@ -271,8 +271,22 @@ async fn hand_route(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
             let ns = host.netns();
             let local = host.ens32_ip().to_string();
             ns.ip(&[
-                "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", &local, "dev",
-                "ens32", "dstport", "8472", "nolearning", "ttl", "inherit",
+                "link",
+                "add",
+                "flannel.1",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &local,
+                "dev",
+                "ens32",
+                "dstport",
+                "8472",
+                "nolearning",
+                "ttl",
+                "inherit",
             ])
             .await?;
             ns.ip(&["link", "set", "flannel.1", "mtu", "1450", "up"])
