@@ -19,7 +19,7 @@ use crate::files::{self, DockerOpts};
 use crate::health::HealthServer;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
-use crate::iface::IfaceChoice;
+use crate::iface::{ExtIface, IfaceChoice};
 use crate::lease::BackendAttrs;
 use crate::subnet::{EtcdOptions, EtcdStore, LeaseTiming, SubnetError};
 
@@ -701,8 +701,14 @@ fn run_agent(cfg: AgentConfig) -> ExitCode {
             Err(e) => tracing::warn!("sd_notify disabled: {e}"),
         }
         tracker.close();
+        let mode = metrics.clone();
+        let build = async move |cfg: &AgentConfig, net: &NetworkConfig, iface: &ExtIface| {
+            let backend = crate::backend::build(cfg, net, iface).await?;
+            mode.set_datapath_mode(backend.mode());
+            Ok(backend)
+        };
         let hooks = agent::Hooks { ready, metrics };
-        let result = agent::run(cfg, crate::backend::build, shutdown.clone(), hooks).await;
+        let result = agent::run(cfg, build, shutdown.clone(), hooks).await;
         shutdown.cancel();
         let _ = sig_task.await;
         tracker.wait().await;
