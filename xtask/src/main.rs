@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod build_ebpf;
 mod demo;
+mod install;
 mod test;
 
 #[derive(Parser)]
@@ -21,6 +22,8 @@ enum Command {
     Test(test::Options),
     /// Start a local 3-host demonstration cluster and leave it up (`--down` removes it).
     Demo(demo::Options),
+    /// Build weft in release (eBPF included) and install the binary, the systemd unit and weft.env.
+    Install(install::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,5 +31,6 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf(opts) => build_ebpf::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
+        Command::Install(opts) => install::run(&opts),
     }
 }
