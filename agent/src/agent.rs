@@ -125,15 +125,21 @@ async fn wait_for_config(
     }
 }
 
-async fn connect(cfg: &AgentConfig, shutdown: &CancellationToken) -> Option<EtcdStore> {
+/// Connect, retrying while etcd is unreachable; a certificate or credential refusal ends the
+/// start at once, as retrying cannot fix it. `Ok(None)` when shut down first.
+async fn connect(
+    cfg: &AgentConfig,
+    shutdown: &CancellationToken,
+) -> Result<Option<EtcdStore>, AgentError> {
     let mut backoff = Duration::from_millis(500);
     loop {
         match EtcdStore::connect(&cfg.etcd).await {
-            Ok(s) => return Some(s),
+            Ok(s) => return Ok(Some(s)),
+            Err(e @ (SubnetError::Tls { .. } | SubnetError::Auth { .. })) => return Err(e.into()),
             Err(e) => tracing::warn!(retry_in = ?backoff, "{e}"),
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -317,7 +323,7 @@ where
     let Hooks { ready, metrics } = hooks;
     let iface = iface::choose(&cfg.iface)?;
     tracing::info!(iface = %iface.name, index = iface.index, addr = %iface.iface_addr, public_ip = %iface.public_ip, mtu = iface.mtu, "external interface");
-    let Some(store) = connect(&cfg, &shutdown).await else {
+    let Some(store) = connect(&cfg, &shutdown).await? else {
         return Ok(());
     };
     let Some(net) = wait_for_config(&store, &shutdown).await? else {

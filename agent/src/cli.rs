@@ -380,6 +380,15 @@ impl EtcdArgs {
                 "--etcd-certfile and --etcd-keyfile go together",
             ));
         }
+        if self.etcd_cafile.is_some() || self.etcd_certfile.is_some() {
+            if let Some(plain) = self.etcd_endpoints.iter().find(|e| e.starts_with("http://")) {
+                return Err(usage(
+                    "etcd-endpoints",
+                    plain,
+                    "TLS files are given, so every endpoint must be https://",
+                ));
+            }
+        }
         if self.etcd_username.is_some() != self.etcd_password.is_some() {
             return Err(usage(
                 "etcd-username",
@@ -528,7 +537,10 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 fn subnet_exit(e: &SubnetError) -> u8 {
     match e {
         SubnetError::Unavailable { .. } => exit::UNAVAILABLE,
-        SubnetError::BadConfig { .. } | SubnetError::TlsFile { .. } => exit::CONFIG,
+        SubnetError::BadConfig { .. }
+        | SubnetError::TlsFile { .. }
+        | SubnetError::Tls { .. }
+        | SubnetError::Auth { .. } => exit::CONFIG,
         _ => exit::OTHER,
     }
 }
@@ -871,6 +883,10 @@ mod tests {
             (&["--public-ip", "1.2.3"][..], "--public-ip"),
             (&["--iface-regex", "("][..], "--iface-regex"),
             (&["--etcd-endpoints", "127.0.0.1:2379"][..], "http://"),
+            (
+                &["--etcd-cafile", "/proc/self/status", "--etcd-endpoints", "http://127.0.0.1:2379"][..],
+                "must be https://",
+            ),
             (&["--etcd-prefix", "coreos.com"][..], "--etcd-prefix"),
             (
                 &["--etcd-cafile", "/nonexistent/ca.pem"][..],

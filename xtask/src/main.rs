@@ -6,6 +6,7 @@ mod bench;
 mod build_ebpf;
 mod demo;
 mod packages;
+mod install;
 mod test;
 
 #[derive(Parser)]
@@ -25,6 +26,8 @@ enum Command {
     Demo(demo::Options),
     /// Benchmark the datapaths (host-gw, kernel vxlan, eBPF) or, with --control-plane, the agent.
     Bench(bench::Options),
+    /// Build weft in release (eBPF included) and install the binary, the systemd unit and weft.env.
+    Install(install::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
+        Command::Install(opts) => install::run(&opts),
     }
 }
