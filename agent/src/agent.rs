@@ -372,7 +372,9 @@ where
     let (tx, mut rx) = mpsc::channel(1024);
     {
         let (store, cancel) = (store.clone(), watch_cancel.clone());
-        tracker.spawn(async move { store.watch_leases(tx, cancel).await });
+        let metrics = st.metrics.clone();
+        let on_reconnect = move || metrics.etcd_reconnects.inc();
+        tracker.spawn(async move { store.watch_leases(tx, cancel, on_reconnect).await });
     }
 
     let mut next_renew = Instant::now() + cfg.lease.renew_after();

@@ -329,8 +329,14 @@ impl EtcdStore {
 
     /// Follow `<prefix>/subnets`: a snapshot, then watch events from the snapshot's revision.
     /// Reconnects with backoff (100 ms doubling to 5 s); a compacted revision means re-list.
-    /// Ends when `cancel` fires or the receiver is dropped.
-    pub async fn watch_leases(&self, tx: mpsc::Sender<WatchUpdate>, cancel: CancellationToken) {
+    /// Ends when `cancel` fires or the receiver is dropped. `on_reconnect` runs each time the
+    /// watch has to be set up again after a failure (for the reconnect metric).
+    pub async fn watch_leases(
+        &self,
+        tx: mpsc::Sender<WatchUpdate>,
+        cancel: CancellationToken,
+        on_reconnect: impl Fn() + Send,
+    ) {
         let prefix = self.subnets_prefix();
         let mut backoff = BACKOFF_MIN;
         let mut next_rev: Option<i64> = None;
@@ -351,6 +357,7 @@ impl EtcdStore {
                     }
                     Err(e) => {
                         tracing::warn!(retry_in = ?backoff, "listing leases: {e}");
+                        on_reconnect();
                         if sleep_or_cancel(&cancel, &mut backoff).await {
                             return;
                         }
@@ -363,6 +370,7 @@ impl EtcdStore {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(retry_in = ?backoff, "watching {prefix}: {e}; reconnecting");
+                    on_reconnect();
                     if sleep_or_cancel(&cancel, &mut backoff).await {
                         return;
                     }
@@ -378,6 +386,7 @@ impl EtcdStore {
                     Ok(Some(resp)) => resp,
                     Ok(None) | Err(_) => {
                         tracing::warn!(retry_in = ?backoff, revision = rev, "lease watch broke; reconnecting");
+                        on_reconnect();
                         break;
                     }
                 };
