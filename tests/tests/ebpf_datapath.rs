@@ -849,6 +849,8 @@ async fn agent_restarts_sigterm_and_kill9_lose_no_ping_at_100_per_second() {
         .spawn()
         .unwrap();
     let mut timeline = vec![format!("{:.3} ping started", unix_now())];
+    let backlog_drops = softnet_drops();
+    let attached = attachments(&status(host).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // SIGTERM: the agent exits cleanly; the pinned programs keep forwarding while it is away.
@@ -888,6 +890,7 @@ async fn agent_restarts_sigterm_and_kill9_lose_no_ping_at_100_per_second() {
     let out = ping.wait_with_output().await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let (sent, received) = ping_summary(&text);
+    let backlog_drops = softnet_drops() - backlog_drops;
     let grown = Seen::of(host).await.since(mid);
     eprintln!(
         "ping at 100/s across SIGTERM + restart (ready again in {after_term:?}) and kill -9 + restart \
@@ -903,7 +906,8 @@ async fn agent_restarts_sigterm_and_kill9_lose_no_ping_at_100_per_second() {
     assert_eq!(
         sent - received,
         0,
-        "pings lost across the restarts:\n{}\ntimeline:\n{}\n{}",
+        "pings lost across the restarts:\n{}\ntimeline:\n{}\n{}\n(meanwhile the machine's \
+         per-CPU input backlogs, shared by every namespace, dropped {backlog_drops} packets)",
         unanswered(&text, COUNT).join("\n"),
         timeline.join("\n"),
         tail(&text, 3)
@@ -921,14 +925,54 @@ async fn agent_restarts_sigterm_and_kill9_lose_no_ping_at_100_per_second() {
         (0, 0),
         "fell back to flannel.1: {grown:?}"
     );
-    // Both restarts adopted the pinned links instead of attaching anew.
-    let adopted = count_in_log(&agent, "adopted=true");
+    // Both restarts adopted the pinned links: the same kernel links, each now running the
+    // program the last agent loaded.
+    let adopted = attachments(&st);
+    eprintln!("(program, interface, link id, program id) before: {attached:?}, after: {adopted:?}");
+    for (before, after) in attached.iter().zip(&adopted) {
+        assert_eq!(
+            (&before.0, &before.1, before.2),
+            (&after.0, &after.1, after.2),
+            "link replaced, not adopted"
+        );
+        assert_ne!(
+            before.3, after.3,
+            "{} still runs the first agent's program",
+            before.0
+        );
+    }
+    assert_eq!(adopted.len(), 2);
+    let logged = count_in_log(&agent, "adopted=true");
     assert!(
-        adopted >= 4,
-        "expected both programs adopted twice, log says {adopted}:\n{}",
+        logged >= 4,
+        "expected both programs adopted twice, log says {logged}:\n{}",
         tail(&agent.log(), 60)
     );
-    eprintln!("{st:#}");
+}
+
+/// (program, interface, link id, program id) of every attachment `weft status` lists.
+fn attachments(st: &Value) -> Vec<(String, String, u64, u64)> {
+    st["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let s = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
+            let n = |k: &str| p[k].as_u64().unwrap_or_default();
+            (s("program"), s("interface"), n("link_id"), n("prog_id"))
+        })
+        .collect()
+}
+
+/// Packets the kernel dropped because a CPU's input backlog was full (`/proc/net/softnet_stat`,
+/// second column, summed over CPUs): machine-wide, so it includes other tests' traffic.
+fn softnet_drops() -> u64 {
+    std::fs::read_to_string("/proc/net/softnet_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+        .sum()
 }
 
 // ---- 5. large transfers and oversize packets -------------------------------------------------------
@@ -1009,16 +1053,6 @@ async fn large_tcp_at_mtu_1450_and_oversize_non_gso_packets() {
 
 // ---- 6. --cleanup ----------------------------------------------------------------------------------
 
-/// The kernel ids of the links `weft status` lists.
-fn link_ids(st: &Value) -> Vec<u64> {
-    st["programs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["link_id"].as_u64())
-        .collect()
-}
-
 /// Whether the kernel still has BPF link `id` (`bpftool link show id`).
 async fn link_exists(host: &Host, id: u64) -> bool {
     host.exec(&["bpftool", "link", "show", "id", &id.to_string()])
@@ -1033,7 +1067,7 @@ async fn cleanup_removes_programs_and_maps_and_traffic_moves_to_flannel1() {
     let (h1, h2) = (c.host(0), c.host(1));
     let (a, b) = (c.container(0), c.container(1));
     a.ping(b.ip()).await.unwrap();
-    let links = link_ids(&status(h1).await);
+    let links: Vec<u64> = attachments(&status(h1).await).iter().map(|a| a.2).collect();
     assert_eq!(links.len(), 2);
     for id in &links {
         assert!(
