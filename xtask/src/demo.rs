@@ -370,9 +370,10 @@ async fn iperf3(client: &Container, server: &Container) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let result = loop {
         let out = client.exec(&["iperf3", "-c", &ip, "-t", "3", "-J"]).await;
-        if out.status.success() {
-            let json: serde_json::Value =
-                serde_json::from_slice(&out.stdout).context("parse iperf3 -J")?;
+        // iperf3 3.12 exits 0 when it cannot connect; only its JSON's "error" says so.
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let error = json["error"].as_str().map(str::to_owned);
+        if out.status.success() && error.is_none() {
             break json["end"]["sum_received"]["bits_per_second"]
                 .as_f64()
                 .context("iperf3 reported no end.sum_received.bits_per_second");
@@ -380,7 +381,7 @@ async fn iperf3(client: &Container, server: &Container) -> anyhow::Result<f64> {
         if Instant::now() > deadline {
             break Err(anyhow::anyhow!(
                 "iperf3 -c {ip} failed: {}",
-                String::from_utf8_lossy(&out.stdout)
+                error.unwrap_or_else(|| String::from_utf8_lossy(&out.stdout).into_owned())
             ));
         }
         // The server may not listen yet.
@@ -464,19 +465,4 @@ fn down() -> anyhow::Result<()> {
     );
     println!("    nothing left: no {NAME}-* namespace, no demo process, no {STATE_DIR}");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn datapath_comes_from_the_last_log_line_naming_it() {
-        let log = "=== weft-tests: ip netns exec h weft agent --datapath auto\n\
-                   INFO weft::datapath: loaded datapath=\"ebpf\" iface=ens32\n\
-                   INFO weft::agent: eBPF unavailable, falling back datapath=kernel reason=x\n";
-        assert_eq!(datapath_from_log(log), "kernel (agent log)");
-        let header_only = "=== weft-tests: ip netns exec h weft agent --datapath auto\n";
-        assert!(datapath_from_log(header_only).starts_with("not reported"));
-    }
 }
