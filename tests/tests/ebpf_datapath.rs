@@ -2,8 +2,9 @@
 //! processes in host namespaces, containers on docker0), asserting what a user would notice:
 //! containers reach each other, bytes arrive intact, `weft status` counters prove which path carried
 //! the traffic, spoofed VXLAN is dropped, restarts lose no packet, `--cleanup` and a detached program
-//! leave the overlay working, and `--datapath auto` falls back with a reason. Root only
-//! (`cargo xtask test -- ebpf_datapath`).
+//! leave the overlay working, and `--datapath auto` falls back with a reason. Root only:
+//! `cargo xtask test` runs it; this file alone, after `cargo xtask build-ebpf && cargo build -p
+//! weft`: `WEFT_BIN=<target>/debug/weft cargo test -p weft-tests --test ebpf_datapath`.
 //!
 //! "Which path" is read from two independent sources: the programs' own per-CPU counters (`weft
 //! status --json`) and the kernel's packet counters of `flannel.1` (`ip -s -j link`), which move
