@@ -173,11 +173,22 @@ fn tail(text: &str, n: usize) -> String {
 /// A cluster whose hosts all run `weft agent --datapath ebpf <extra>`, `per_host` containers each,
 /// every host's programs attached with every peer in its maps.
 async fn ebpf_cluster(hosts: usize, per_host: usize, extra: &[&str]) -> Cluster {
+    ebpf_cluster_each(hosts, per_host, |_| extra.to_vec()).await
+}
+
+/// [`ebpf_cluster`] with flags per host: `extra(i)` for host `i`.
+async fn ebpf_cluster_each<'a>(
+    hosts: usize,
+    per_host: usize,
+    extra: impl Fn(usize) -> Vec<&'a str>,
+) -> Cluster {
     let c = cluster(hosts).await;
     c.write_config(CONFIG).await;
-    let mut args = vec!["--datapath", "ebpf"];
-    args.extend_from_slice(extra);
-    c.start_agents(&args).unwrap();
+    for (i, h) in c.hosts().iter().enumerate() {
+        let mut args = vec!["--datapath", "ebpf"];
+        args.extend(extra(i));
+        h.spawn_agent(&args).unwrap();
+    }
     c.add_containers(per_host).await.unwrap();
     for h in c.hosts() {
         wait_ebpf_ready(h, hosts - 1).await;
@@ -279,19 +290,28 @@ fn ping_summary(text: &str) -> (u32, u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_cross_host_pairs_ping_and_transfer_over_ebpf_not_flannel1() {
-    let c = ebpf_cluster(3, 2, &[]).await;
-    let st = status(c.host(0)).await;
-    let programs = st["programs"].as_array().unwrap();
-    assert!(
-        programs
-            .iter()
-            .any(|p| p["interface"] == "docker0" && p["program"] == "weft_tc_encap"),
-        "encapsulation on docker0: {st:#}"
-    );
-    assert!(
-        programs.iter().any(|p| p["interface"] == "ens32"),
-        "decapsulation on ens32: {st:#}"
-    );
+    // Decapsulation by driver (TC on these veth NICs) on hosts 1 and 2, native XDP on host 3.
+    let c = ebpf_cluster_each(3, 2, |i| {
+        if i == 2 {
+            vec!["--decap-hook", "xdp"]
+        } else {
+            vec![]
+        }
+    })
+    .await;
+    for (h, decap) in c
+        .hosts()
+        .iter()
+        .zip(["weft_tc_decap", "weft_tc_decap", "weft_xdp_decap"])
+    {
+        let attached = attachments(&status(h).await);
+        let on = |program: &str, dev: &str| attached.iter().any(|a| a.0 == program && a.1 == dev);
+        assert!(
+            on("weft_tc_encap", "docker0") && on(decap, "ens32"),
+            "{}: {attached:?}",
+            h.name()
+        );
+    }
 
     let mut before = Vec::new();
     for h in c.hosts() {
