@@ -175,6 +175,11 @@ impl Cluster {
         &self.etcd
     }
 
+    /// The cluster's etcd, to kill and start it again ([`Etcd::kill`], [`Etcd::start_again`]).
+    pub fn etcd_mut(&mut self) -> &mut Etcd {
+        &mut self.etcd
+    }
+
     /// The etcd prefix the agents use (default `/coreos.com/network`).
     pub fn prefix(&self) -> &str {
         &self.prefix
