@@ -280,6 +280,27 @@ impl<B: Backend> Running<'_, B> {
         Ok(())
     }
 
+    /// Whether a peer lease is one of this network's subnets. Anything else (a /16 over
+    /// everyone, a subnet outside Network) would route other hosts' traffic to its holder:
+    /// skipped with a warning.
+    fn fits(&self, lease: &Lease) -> bool {
+        let ok = lease.subnet.prefix_len() == self.net.subnet_len
+            && self.net.network.contains(&lease.subnet);
+        if !ok {
+            tracing::warn!(
+                subnet = %lease.subnet,
+                public_ip = %lease.attrs.public_ip,
+                network = %self.net.network,
+                subnet_len = self.net.subnet_len,
+                "lease {} is not a /{} inside {} and would overlap other subnets; skipping it",
+                lease.subnet,
+                self.net.subnet_len,
+                self.net.network
+            );
+        }
+        ok
+    }
+
     /// Whether a watch update says we lost our own key.
     fn lost_own(&self, update: &WatchUpdate) -> bool {
         let own = self.own.subnet;
@@ -379,7 +400,11 @@ where
                     next_renew = Instant::now();
                 }
                 let events = match update {
-                    WatchUpdate::Snapshot(listing) => st.peers.reset(listing.leases),
+                    WatchUpdate::Snapshot(listing) => {
+                        let leases = listing.leases.into_iter().filter(|l| st.fits(l)).collect();
+                        st.peers.reset(leases)
+                    }
+                    WatchUpdate::Put(lease) if !st.fits(&lease) => Vec::new(),
                     WatchUpdate::Put(lease) => st.peers.put(lease).into_iter().collect(),
                     WatchUpdate::Delete(subnet) => st.peers.delete(subnet).into_iter().collect(),
                 };
