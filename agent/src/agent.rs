@@ -248,6 +248,19 @@ impl<B: Backend> Running<'_, B> {
         shutdown: &CancellationToken,
     ) -> Result<(), AgentError> {
         let old = self.own.subnet;
+        // Overwritten while our etcd lease still runs: the subnet was ours, not free. Moving
+        // would cut every container on docker0 off; take the key back instead.
+        if self.store.ttl_left(self.own.etcd_lease).await?.is_some() {
+            if let Some(lease) = self
+                .store
+                .reclaim(&self.own, &self.attrs, self.cfg.lease.ttl)
+                .await?
+            {
+                tracing::warn!(subnet = %old, "another writer overwrote our lease while we held it; reclaimed it");
+                self.own = lease;
+                return Ok(());
+            }
+        }
         let lease = subnet::acquire(
             &self.store,
             &self.net,

@@ -305,6 +305,43 @@ impl EtcdStore {
         }))
     }
 
+    /// Take `current`'s key back from a writer that overwrote it with another PublicIP (or
+    /// garbage) while our etcd lease was alive: put `attrs` on a fresh etcd lease only if the
+    /// key still holds what we read, so a third writer is never overwritten blindly. `None`
+    /// when the key is gone, holds our PublicIP again, or changed meanwhile.
+    pub async fn reclaim(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        let key = self.lease_key(current.subnet);
+        let resp = self
+            .call("get", &key, self.client.clone().get(key.as_str(), None))
+            .await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        if LeaseAttrs::from_json(&key, kv.value()).is_ok_and(|a| a.public_ip == attrs.public_ip) {
+            return Ok(None);
+        }
+        let compare = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
+        let Some(id) = self
+            .put_if("reclaim", current.subnet, compare, attrs, ttl)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if current.etcd_lease != 0 && current.etcd_lease != id {
+            self.revoke(current.etcd_lease).await;
+        }
+        Ok(Some(Lease {
+            subnet: current.subnet,
+            attrs: attrs.clone(),
+            etcd_lease: id,
+        }))
+    }
+
     /// Delete a lease key (operators and tests).
     pub async fn delete_lease(&self, subnet: Ipv4Net) -> Result<(), SubnetError> {
         let key = self.lease_key(subnet);
