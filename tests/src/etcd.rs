@@ -262,7 +262,6 @@ impl Spec {
 }
 
 impl Etcd {
-
     async fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -522,7 +521,8 @@ impl EtcdCluster {
             else {
                 continue;
             };
-            let v: serde_json::Value = serde_json::from_str(&out).context("parse endpoint status")?;
+            let v: serde_json::Value =
+                serde_json::from_str(&out).context("parse endpoint status")?;
             let status = &v[0]["Status"];
             let (leader, me) = (&status["leader"], &status["header"]["member_id"]);
             if leader.is_u64() && leader == me {

@@ -68,7 +68,9 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(Value::from),
         any::<u64>().prop_map(Value::from),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
         ".{0,24}".prop_map(Value::String),
         ipv4().prop_map(|ip| Value::String(ip.to_string())),
         ipv4_net().prop_map(|n| Value::String(n.to_string())),
@@ -86,10 +88,28 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
 /// Field names weft reads, in random letter case, and some it does not.
 fn field_name() -> impl Strategy<Value = String> {
     let known = prop::sample::select(vec![
-        "Network", "SubnetLen", "SubnetMin", "SubnetMax", "EnableIPv4", "EnableIPv6",
-        "IPv6Network", "IPv6SubnetLen", "EnableNFTables", "Backend", "Type", "VNI", "Port", "MTU",
-        "GBP", "Learning", "DirectRouting", "PublicIP", "PublicIPv6", "BackendType",
-        "BackendData", "VtepMAC",
+        "Network",
+        "SubnetLen",
+        "SubnetMin",
+        "SubnetMax",
+        "EnableIPv4",
+        "EnableIPv6",
+        "IPv6Network",
+        "IPv6SubnetLen",
+        "EnableNFTables",
+        "Backend",
+        "Type",
+        "VNI",
+        "Port",
+        "MTU",
+        "GBP",
+        "Learning",
+        "DirectRouting",
+        "PublicIP",
+        "PublicIPv6",
+        "BackendType",
+        "BackendData",
+        "VtepMAC",
     ]);
     prop_oneof![
         4 => (known, any::<u32>()).prop_map(|(k, bits)| k
