@@ -39,6 +39,14 @@ fn flannel_value(public_ip: Ipv4Addr, mac: &str) -> String {
     )
 }
 
+/// A peer that exists only as data: subnet 10.1.`n`.0/24 on PublicIP 172.16.15.`n`, as
+/// (subnet, key, value).
+fn fake_peer(n: u8) -> (Ipv4Net, String, String) {
+    let subnet = Ipv4Net::new(Ipv4Addr::new(10, 1, n, 0), 24).expect("a /24");
+    let value = flannel_value(Ipv4Addr::new(172, 16, 15, n), &fake_mac(n.into()));
+    (subnet, subnets_key(subnet), value)
+}
+
 fn fake_mac(n: u32) -> String {
     let b = n.to_be_bytes();
     format!("0e:77:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
@@ -381,18 +389,10 @@ async fn etcd_member_failover_keeps_leases_and_watches() {
         etcd.members[victim].kill();
         let survivor = (0..3).find(|i| *i != victim).unwrap();
         // A peer that leases after the failover must reach both agents through their watch.
-        let peer_subnet: Ipv4Net = format!("10.1.{}.0/24", 200 + round).parse().unwrap();
-        let peer_ip = Ipv4Addr::new(172, 16, 15, 200 + round as u8);
+        let (peer_subnet, key, value) = fake_peer(200 + round as u8);
         let started = Instant::now();
         let put = loop {
-            match etcd.members[survivor]
-                .etcdctl(&[
-                    "put",
-                    &subnets_key(peer_subnet),
-                    &flannel_value(peer_ip, &fake_mac(round)),
-                ])
-                .await
-            {
+            match etcd.members[survivor].etcdctl(&["put", &key, &value]).await {
                 Ok(_) => break started.elapsed(),
                 Err(e) if started.elapsed() > Duration::from_secs(15) => panic!("{e:#}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -447,13 +447,8 @@ async fn etcd_restart_and_compaction_converge_without_hot_loop() {
     c.etcd_mut().kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
     c.etcd_mut().start_again().await.unwrap();
-    let peer: Ipv4Net = "10.1.210.0/24".parse().unwrap();
-    c.etcd()
-        .put(
-            &subnets_key(peer),
-            &flannel_value([172, 16, 15, 210].into(), &fake_mac(210)),
-        )
-        .await;
+    let (_, peer, value) = fake_peer(210);
+    c.etcd().put(&peer, &value).await;
     let hosts: Vec<&Host> = c.hosts().iter().collect();
     let t = converge_all(&c, &hosts, CONVERGE).await;
     println!("etcd restarted with its data: a peer written afterwards programmed within {t:?}");
@@ -480,14 +475,9 @@ async fn etcd_restart_and_compaction_converge_without_hot_loop() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!("host1 cut off etcd: watch broke after {:?}", cut.elapsed());
-    c.etcd().delete(&subnets_key(peer)).await;
-    let peer2: Ipv4Net = "10.1.211.0/24".parse().unwrap();
-    c.etcd()
-        .put(
-            &subnets_key(peer2),
-            &flannel_value([172, 16, 15, 211].into(), &fake_mac(211)),
-        )
-        .await;
+    c.etcd().delete(&peer).await;
+    let (_, peer2, value) = fake_peer(211);
+    c.etcd().put(&peer2, &value).await;
     for i in 0..20 {
         c.etcd().put("/unrelated/churn", &i.to_string()).await;
     }
@@ -556,27 +546,19 @@ async fn sigkill_at_random_moments_converges_every_time() {
     let c = overlay(3, 3, &[]).await;
     let hosts: Vec<&Host> = c.hosts().iter().collect();
     converge_all(&c, &hosts, CONVERGE).await;
-    let mut fakes: Vec<Ipv4Net> = Vec::new();
+    let mut fakes: Vec<String> = Vec::new();
     let mut worst = Duration::ZERO;
     for round in 0..rounds {
         let host = c.host(round % 3);
         let agent = host.agent().unwrap();
         agent.kill();
         // While it is dead the peer set changes: one fake peer comes, an older one goes.
-        let fake: Ipv4Net = format!("10.1.{}.0/24", 150 + round).parse().unwrap();
-        c.etcd()
-            .put(
-                &subnets_key(fake),
-                &flannel_value(
-                    Ipv4Addr::new(172, 16, 15, 150 + round as u8),
-                    &fake_mac(round as u32),
-                ),
-            )
-            .await;
+        let (_, fake, value) = fake_peer(150 + round as u8);
+        c.etcd().put(&fake, &value).await;
         fakes.push(fake);
         if fakes.len() > 2 {
             let gone = fakes.remove(0);
-            c.etcd().delete(&subnets_key(gone)).await;
+            c.etcd().delete(&gone).await;
         }
         if round % 2 == 1 {
             // Now and then the subnet file is gone too: the lease is found by PublicIP.

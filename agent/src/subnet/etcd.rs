@@ -305,15 +305,17 @@ impl EtcdStore {
         }))
     }
 
-    /// Take `current`'s key back from a writer that overwrote it with another PublicIP (or
-    /// garbage) while our etcd lease was alive: put `attrs` on a fresh etcd lease only if the
-    /// key still holds what we read, so a third writer is never overwritten blindly. `None`
-    /// when the key is gone, holds our PublicIP again, or changed meanwhile.
-    pub async fn reclaim(
+    /// Re-put `current`'s key with `attrs` on a fresh etcd lease if `accept` approves of what
+    /// the key holds now (its attrs, `None` when unparsable) and nobody writes it in between
+    /// (compared by mod revision, so a value in any writer's spelling is taken as it is). `None`
+    /// when the key is gone, `accept` refused, or it changed meanwhile. `current`'s etcd lease is
+    /// revoked once replaced.
+    pub async fn take_over(
         &self,
         current: &Lease,
         attrs: &LeaseAttrs,
         ttl: Duration,
+        accept: impl Fn(Option<&LeaseAttrs>) -> bool,
     ) -> Result<Option<Lease>, SubnetError> {
         let key = self.lease_key(current.subnet);
         let resp = self
@@ -322,12 +324,12 @@ impl EtcdStore {
         let Some(kv) = resp.kvs().first() else {
             return Ok(None);
         };
-        if LeaseAttrs::from_json(&key, kv.value()).is_ok_and(|a| a.public_ip == attrs.public_ip) {
+        if !accept(LeaseAttrs::from_json(&key, kv.value()).ok().as_ref()) {
             return Ok(None);
         }
         let compare = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
         let Some(id) = self
-            .put_if("reclaim", current.subnet, compare, attrs, ttl)
+            .put_if("take-over", current.subnet, compare, attrs, ttl)
             .await?
         else {
             return Ok(None);
@@ -340,6 +342,20 @@ impl EtcdStore {
             attrs: attrs.clone(),
             etcd_lease: id,
         }))
+    }
+
+    /// Take our subnet's key back from a writer that overwrote it with another PublicIP (or
+    /// garbage) while our etcd lease was alive.
+    pub async fn reclaim(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        self.take_over(current, attrs, ttl, |held| {
+            held.is_none_or(|h| h.public_ip != attrs.public_ip)
+        })
+        .await
     }
 
     /// Delete a lease key (operators and tests).
