@@ -928,6 +928,30 @@ async fn garbage_leases_are_skipped_while_peers_keep_working() {
     );
 }
 
+/// A lease for our PublicIP in an older writer's spelling (no VNI, other field case, an extra
+/// field): the agent takes it over instead of looping on a value compare that never matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_in_an_older_spelling_is_adopted() {
+    let c = cluster(1).await;
+    c.write_config(NET).await;
+    let h = c.host(0);
+    let old: Ipv4Net = "10.1.42.0/24".parse().unwrap();
+    let value = format!(
+        r#"{{"publicip":"{}","BackendType":"vxlan","backenddata":{{"VtepMAC":"0e:00:00:00:00:42"}},"Note":"from flanneld 0.9"}}"#,
+        h.ens32_ip()
+    );
+    c.etcd().put(&subnets_key(old), &value).await;
+    let agent = h.spawn_agent(KERNEL).unwrap();
+    let env = h.wait_subnet(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(env.subnet.trunc(), old, "{}", agent.log());
+    let all = c.etcd().get_prefix(&format!("{PREFIX}/subnets/")).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    let lease = Lease::from_kv(&all[0].0, all[0].1.as_bytes(), 0).unwrap();
+    assert!(all[0].1.contains(r#""VNI":1"#), "{all:?}");
+    assert_eq!(lease.attrs.public_ip, h.ens32_ip());
+    assert_eq!(agent.exit_status(), None, "{}", agent.log());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Scale
 // ---------------------------------------------------------------------------------------------
