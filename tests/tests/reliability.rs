@@ -1076,4 +1076,3 @@ async fn bulk(c: &Cluster, kvs: Vec<(String, String)>, delete: bool) {
         .expect("bulk writer thread")
         .expect("bulk write to etcd");
 }
-
