@@ -50,6 +50,10 @@ pub struct AgentConfig {
     pub healthz: Option<SocketAddr>,
     pub datapath: Datapath,
     pub bridge: String,
+    /// bpffs directory of this agent's programs, links and maps.
+    pub bpf_pin_dir: PathBuf,
+    /// Forced eBPF decapsulation hook; `None` picks by the interface's driver.
+    pub decap_hook: Option<crate::datapath::DecapHook>,
     pub reconcile_interval: Duration,
     pub shutdown_grace: Duration,
 }
@@ -121,15 +125,21 @@ async fn wait_for_config(
     }
 }
 
-async fn connect(cfg: &AgentConfig, shutdown: &CancellationToken) -> Option<EtcdStore> {
+/// Connect, retrying while etcd is unreachable; a certificate or credential refusal ends the
+/// start at once, as retrying cannot fix it. `Ok(None)` when shut down first.
+async fn connect(
+    cfg: &AgentConfig,
+    shutdown: &CancellationToken,
+) -> Result<Option<EtcdStore>, AgentError> {
     let mut backoff = Duration::from_millis(500);
     loop {
         match EtcdStore::connect(&cfg.etcd).await {
-            Ok(s) => return Some(s),
+            Ok(s) => return Ok(Some(s)),
+            Err(e @ (SubnetError::Tls { .. } | SubnetError::Auth { .. })) => return Err(e.into()),
             Err(e) => tracing::warn!(retry_in = ?backoff, "{e}"),
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -347,7 +357,7 @@ where
     let Hooks { ready, metrics } = hooks;
     let iface = iface::choose(&cfg.iface)?;
     tracing::info!(iface = %iface.name, index = iface.index, addr = %iface.iface_addr, public_ip = %iface.public_ip, mtu = iface.mtu, "external interface");
-    let Some(store) = connect(&cfg, &shutdown).await else {
+    let Some(store) = connect(&cfg, &shutdown).await? else {
         return Ok(());
     };
     let Some(net) = wait_for_config(&store, &shutdown).await? else {
@@ -356,6 +366,8 @@ where
     tracing::info!(network = %net.network, backend = net.backend.type_name(), "network config");
 
     let mut backend = build(&cfg, &net, &iface).await.map_err(AgentError::Backend)?;
+    tracing::info!(datapath = backend.mode(), "datapath chosen");
+    metrics.set_datapath_mode(backend.mode());
     let backend_attrs = backend.prepare().await.map_err(AgentError::Backend)?;
     let attrs = LeaseAttrs {
         public_ip: iface.public_ip,
@@ -394,7 +406,9 @@ where
     let (tx, mut rx) = mpsc::channel(1024);
     {
         let (store, cancel) = (store.clone(), watch_cancel.clone());
-        tracker.spawn(async move { store.watch_leases(tx, cancel).await });
+        let metrics = st.metrics.clone();
+        let on_reconnect = move || metrics.etcd_reconnects.inc();
+        tracker.spawn(async move { store.watch_leases(tx, cancel, on_reconnect).await });
     }
 
     let mut next_renew = Instant::now() + cfg.lease.renew_after();

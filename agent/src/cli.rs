@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agent::{self, AgentConfig, AgentError, Datapath};
+use crate::datapath::DecapHook;
 use crate::config::NetworkConfig;
 use crate::files::{self, DockerOpts};
 use crate::health::HealthServer;
@@ -62,6 +63,13 @@ struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+enum DecapChoice {
+    Auto,
+    Xdp,
+    Tc,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -87,6 +95,46 @@ enum Command {
     /// Write Docker daemon options derived from the subnet file, as mk-docker-opts.sh does.
     #[command(after_help = EXIT_CODES)]
     DockerOpts(DockerOptsArgs),
+    /// Show the datapath of this host (run it in the agent's network namespace):
+    /// mode, attached programs, map entries, counters.
+    #[command(after_help = EXIT_CODES)]
+    Status {
+        /// Pin directory, as given to `weft agent --bpf-pin-dir`.
+        #[arg(long, env = "WEFT_BPF_PIN_DIR")]
+        bpf_pin_dir: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The default pin directory: one per network namespace, so agents of several
+/// namespaces on one machine (and of the test harness) never share maps.
+fn default_pin_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata("/proc/self/ns/net")?.ino();
+    Ok(PathBuf::from(format!("/sys/fs/bpf/weft/netns-{ino}")))
+}
+
+fn status(pin_dir: Option<PathBuf>, json: bool) -> ExitCode {
+    let dir = match pin_dir.map_or_else(default_pin_dir, Ok) {
+        Ok(d) => d,
+        Err(e) => return fail(exit::OTHER, format!("find this namespace's pin directory: {e}")),
+    };
+    match crate::status::collect(&dir) {
+        Ok(st) if json => match serde_json::to_string_pretty(&st) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(exit::OTHER, e),
+        },
+        Ok(st) => {
+            print!("{st}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(exit::OTHER, e),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,6 +237,18 @@ struct AgentArgs {
     /// Docker bridge the containers hang off.
     #[arg(long, env = "WEFT_BRIDGE", default_value = "docker0")]
     bridge: String,
+    /// Where the eBPF programs, links and maps are pinned (bpffs); default
+    /// /sys/fs/bpf/weft/netns-<inode of this network namespace>.
+    #[arg(long, env = "WEFT_BPF_PIN_DIR")]
+    bpf_pin_dir: Option<PathBuf>,
+    /// eBPF decapsulation hook on the external interface: by driver (TC on veth, XDP
+    /// elsewhere), or forced.
+    #[arg(long, env = "WEFT_DECAP_HOOK", value_enum, default_value = "auto")]
+    decap_hook: DecapChoice,
+    /// Detach and unpin weft's eBPF programs and maps, then exit. flannel.<VNI> and its
+    /// routes stay, so traffic keeps flowing on the kernel path.
+    #[arg(long)]
+    cleanup: bool,
     /// How often to compare kernel state with the peer set, e.g. 10s.
     #[arg(long, env = "WEFT_RECONCILE_INTERVAL", default_value = "10s")]
     reconcile_interval: String,
@@ -320,6 +380,15 @@ impl EtcdArgs {
                 "--etcd-certfile and --etcd-keyfile go together",
             ));
         }
+        if self.etcd_cafile.is_some() || self.etcd_certfile.is_some() {
+            if let Some(plain) = self.etcd_endpoints.iter().find(|e| e.starts_with("http://")) {
+                return Err(usage(
+                    "etcd-endpoints",
+                    plain,
+                    "TLS files are given, so every endpoint must be https://",
+                ));
+            }
+        }
         if self.etcd_username.is_some() != self.etcd_password.is_some() {
             return Err(usage(
                 "etcd-username",
@@ -420,6 +489,16 @@ impl AgentArgs {
             healthz: (healthz_port != 0).then_some(SocketAddr::new(healthz_ip, healthz_port)),
             datapath: self.datapath,
             bridge: self.bridge.clone(),
+            bpf_pin_dir: match &self.bpf_pin_dir {
+                Some(dir) => dir.clone(),
+                None => default_pin_dir()
+                    .map_err(|e| usage("bpf-pin-dir", "", &format!("{e}; pass --bpf-pin-dir")))?,
+            },
+            decap_hook: match self.decap_hook {
+                DecapChoice::Auto => None,
+                DecapChoice::Xdp => Some(DecapHook::Xdp),
+                DecapChoice::Tc => Some(DecapHook::Tc),
+            },
             reconcile_interval: duration_flag(
                 "reconcile-interval",
                 &self.reconcile_interval,
@@ -458,7 +537,10 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 fn subnet_exit(e: &SubnetError) -> u8 {
     match e {
         SubnetError::Unavailable { .. } => exit::UNAVAILABLE,
-        SubnetError::BadConfig { .. } | SubnetError::TlsFile { .. } => exit::CONFIG,
+        SubnetError::BadConfig { .. }
+        | SubnetError::TlsFile { .. }
+        | SubnetError::Tls { .. }
+        | SubnetError::Auth { .. } => exit::CONFIG,
         _ => exit::OTHER,
     }
 }
@@ -489,9 +571,11 @@ pub fn main() -> ExitCode {
     }
     match cli.command {
         Command::Agent(args) => match args.validate() {
+            Ok(cfg) if args.cleanup => cleanup(&cfg),
             Ok(cfg) => run_agent(cfg),
             Err(e) => fail(exit::USAGE, e),
         },
+        Command::Status { bpf_pin_dir, json } => status(bpf_pin_dir, json),
         Command::Config(ConfigCmd::Set { etcd, json }) => {
             let opts = match etcd.validate() {
                 Ok(o) => o,
@@ -624,6 +708,24 @@ fn docker_opts(a: &DockerOptsArgs) -> ExitCode {
     }
 }
 
+fn cleanup(cfg: &AgentConfig) -> ExitCode {
+    match crate::backend::ebpf::cleanup(&cfg.bpf_pin_dir) {
+        Ok(()) => {
+            println!(
+                "removed weft's eBPF programs, links and maps under {}; flannel.<VNI> and its routes stay (traffic continues on the kernel path)",
+                cfg.bpf_pin_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("weft: cleanup: {e}");
+            }
+            ExitCode::from(exit::OTHER)
+        }
+    }
+}
+
 /// Tell systemd we are ready once the run loop says so, then feed its watchdog; say
 /// STOPPING on shutdown.
 async fn notify_when_ready(
@@ -672,6 +774,9 @@ fn run_agent(cfg: AgentConfig) -> ExitCode {
         });
         let (ready, ready_rx) = tokio::sync::watch::channel(false);
         let metrics = Arc::new(Metrics::default());
+        metrics.set_datapath_stats(Arc::new(crate::status::PinnedStats {
+            pin_dir: cfg.bpf_pin_dir.clone(),
+        }));
         let tracker = TaskTracker::new();
         if let Some(addr) = cfg.healthz {
             // Bind before anything else so a taken port fails the start, not a later scrape.
@@ -778,6 +883,10 @@ mod tests {
             (&["--public-ip", "1.2.3"][..], "--public-ip"),
             (&["--iface-regex", "("][..], "--iface-regex"),
             (&["--etcd-endpoints", "127.0.0.1:2379"][..], "http://"),
+            (
+                &["--etcd-cafile", "/proc/self/status", "--etcd-endpoints", "http://127.0.0.1:2379"][..],
+                "must be https://",
+            ),
             (&["--etcd-prefix", "coreos.com"][..], "--etcd-prefix"),
             (
                 &["--etcd-cafile", "/nonexistent/ca.pem"][..],

@@ -20,7 +20,7 @@ pub enum IfaceError {
         "no interface matches --iface-regex {wanted}; interfaces with an IPv4 address: {available}"
     )]
     NoRegexMatch { wanted: String, available: String },
-    #[error("no default IPv4 route in /proc/net/route; pass --iface or --public-ip")]
+    #[error("no default IPv4 route in /proc/net/route; pass --iface or --iface-regex")]
     NoDefaultRoute,
     #[error(
         "interface {name} has no IPv4 address; give it one or pass --iface with another interface"

@@ -17,5 +17,6 @@ pub mod masq;
 pub mod metrics;
 pub mod netlink;
 pub mod notify;
+pub mod status;
 pub mod subnet;
 pub mod telemetry;

@@ -69,7 +69,7 @@ fn classify<C: Packet>(ctx: &C) -> Result<&'static NodeConfig, Verdict> {
     if vxlan.vni() != cfg.vni_ne {
         return Err(Verdict::Drop(counter::DROP_WRONG_VNI));
     }
-    let frame_l3 = ctx.data_end() - ctx.data() - off::OUTER_IP;
+    let frame_l3 = ctx.frame_len().saturating_sub(off::OUTER_IP);
     let tot_len = ip.tot_len() as usize;
     if tot_len < VXLAN_OVERHEAD + 20 || tot_len > frame_l3 {
         return Err(Verdict::Drop(counter::DROP_MALFORMED));

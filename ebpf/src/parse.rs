@@ -12,6 +12,13 @@ pub trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
 
+    /// The whole frame's length. For TC this is skb->len, which includes paged
+    /// data beyond `data_end` (every GSO/GRO packet); XDP without frags sees it all.
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+
     /// A pointer to a `T` at `offset` bytes into the packet, if all of it is there.
     #[inline(always)]
     fn ptr_at<T>(&self, offset: usize) -> Option<*mut T> {
@@ -40,6 +47,10 @@ impl Packet for TcContext {
     #[inline(always)]
     fn data_end(&self) -> usize {
         TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.len() as usize
     }
 }
 

@@ -382,6 +382,13 @@ impl Host {
         self.exec_ok(&argv).await
     }
 
+    /// Where this host's agent pins its eBPF programs and maps (on the cluster's bpffs); pass it
+    /// to `weft status --bpf-pin-dir`.
+    pub fn bpf_pin_dir(&self) -> PathBuf {
+        let cluster_dir = self.dir.parent().unwrap_or(&self.dir);
+        cluster_dir.join(BPFFS).join(self.name())
+    }
+
     /// The agent flags every host gets: flanneld's, pointing at the cluster's etcd and this host's
     /// ens32, subnet file and docker0. Every path is in the host's directory: the namespaces share
     /// the machine's file system, so a default like /run/flannel/subnet.env would be shared too.
@@ -401,6 +408,8 @@ impl Host {
             &docker_opts,
             "--bridge",
             "docker0",
+            "--bpf-pin-dir",
+            &self.bpf_pin_dir().display().to_string(),
         ]
         .map(str::to_owned)
         .to_vec()
@@ -588,6 +597,10 @@ impl ClusterDir {
                 .context("create the cluster's temp dir")?
                 .keep(),
         };
+        // One bpffs for the cluster's agents, mounted in the machine's mount namespace: each
+        // `ip netns exec` gets a fresh /sys, so pins under /sys/fs/bpf would be private to one
+        // agent process and lost on restart. This mount is seen by every host and survives.
+        mount_bpffs(&path.join(BPFFS))?;
         Ok(ClusterDir { path, remove: true })
     }
 
@@ -600,9 +613,20 @@ impl ClusterDir {
     }
 }
 
+/// The cluster directory's bpffs mount point, holding one pin directory per host.
+pub const BPFFS: &str = "bpffs";
+
+fn mount_bpffs(at: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(at).with_context(|| format!("create {}", at.display()))?;
+    crate::netns::run_blocking("mount", &["-t", "bpf", "bpf", &at.display().to_string()])
+        .with_context(|| format!("mount bpffs at {}", at.display()))
+        .map(drop)
+}
+
 impl Drop for ClusterDir {
     fn drop(&mut self) {
         if self.remove {
+            crate::keep::unmount_below(&self.path);
             if let Err(e) = std::fs::remove_dir_all(&self.path) {
                 eprintln!("weft-tests cleanup: remove {}: {e}", self.path.display());
             }

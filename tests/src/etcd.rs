@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+#[cfg(feature = "client")]
 use etcd_client::{Client, GetOptions};
+#[cfg(feature = "client")]
 use tokio::sync::OnceCell;
 
 /// How long a fresh etcd may take to answer before the start counts as failed.
@@ -30,6 +32,8 @@ pub struct Etcd {
     netns: Option<String>,
     dir: Option<tempfile::TempDir>,
     keep: bool,
+    #[cfg(feature = "client")]
+    #[cfg(feature = "client")]
     client: OnceCell<Client>,
 }
 
@@ -130,6 +134,7 @@ impl Etcd {
             spec,
             dir,
             keep: false,
+            #[cfg(feature = "client")]
             client: OnceCell::new(),
         })
     }
@@ -268,10 +273,7 @@ impl Etcd {
             if let Some(status) = self.child.try_wait().context("poll the etcd process")? {
                 bail!("etcd for {} exited at start with {status}", self.endpoint);
             }
-            let probe = match &self.netns {
-                Some(_) => self.etcdctl(&["endpoint", "health"]).await.map(drop),
-                None => probe_local(&self.endpoint).await,
-            };
+            let probe = self.etcdctl(&["endpoint", "health"]).await.map(drop);
             match probe {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
@@ -302,6 +304,7 @@ impl Etcd {
 
     /// An `etcd-client` connected to this etcd. Only for a local etcd: an etcd inside a namespace is
     /// not reachable from the test process (use the helpers, which run `etcdctl` in the namespace).
+    #[cfg(feature = "client")]
     pub async fn client(&self) -> Client {
         if let Some(ns) = &self.netns {
             panic!("etcd {} lives in netns {ns}, unreachable from the test process; use put/get/delete/get_prefix", self.endpoint);
@@ -318,17 +321,18 @@ impl Etcd {
 
     /// Put `key` = `value`. Panics when etcd refuses.
     pub async fn put(&self, key: &str, value: &str) {
-        if self.netns.is_some() {
-            self.etcdctl(&["put", key, value])
+        #[cfg(feature = "client")]
+        if self.netns.is_none() {
+            self.client()
                 .await
-                .unwrap_or_else(|e| panic!("{e:#}"));
+                .put(key, value, None)
+                .await
+                .unwrap_or_else(|e| panic!("etcd put {key} on {}: {e}", self.endpoint));
             return;
         }
-        self.client()
+        self.etcdctl(&["put", key, value])
             .await
-            .put(key, value, None)
-            .await
-            .unwrap_or_else(|e| panic!("etcd put {key} on {}: {e}", self.endpoint));
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     /// The value of `key`, `None` when absent.
@@ -347,52 +351,55 @@ impl Etcd {
 
     /// Delete `key`; returns how many keys were deleted (0 or 1).
     pub async fn delete(&self, key: &str) -> i64 {
-        if self.netns.is_some() {
-            let out = self
-                .etcdctl(&["del", key])
+        #[cfg(feature = "client")]
+        if self.netns.is_none() {
+            return self
+                .client()
                 .await
-                .unwrap_or_else(|e| panic!("{e:#}"));
-            return out
-                .trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("etcdctl del {key} printed {out:?}"));
+                .delete(key, None)
+                .await
+                .unwrap_or_else(|e| panic!("etcd delete {key} on {}: {e}", self.endpoint))
+                .deleted();
         }
-        self.client()
+        let out = self
+            .etcdctl(&["del", key])
             .await
-            .delete(key, None)
-            .await
-            .unwrap_or_else(|e| panic!("etcd delete {key} on {}: {e}", self.endpoint))
-            .deleted()
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("etcdctl del {key} printed {out:?}"))
     }
 
     async fn get_matching(&self, key: &str, prefix: bool) -> Vec<(String, String)> {
-        if self.netns.is_some() {
-            let mut args = vec!["get", key, "-w", "json"];
-            if prefix {
-                args.push("--prefix");
-            }
-            let out = self
-                .etcdctl(&args)
+        #[cfg(feature = "client")]
+        if self.netns.is_none() {
+            let opts = prefix.then(GetOptions::new).map(GetOptions::with_prefix);
+            let resp = self
+                .client()
                 .await
-                .unwrap_or_else(|e| panic!("{e:#}"));
-            return parse_etcdctl_json(&out).unwrap_or_else(|e| panic!("etcdctl get {key}: {e:#}"));
+                .get(key, opts)
+                .await
+                .unwrap_or_else(|e| panic!("etcd get {key} on {}: {e}", self.endpoint));
+            return resp
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                    )
+                })
+                .collect();
         }
-        let opts = prefix.then(GetOptions::new).map(GetOptions::with_prefix);
-        let resp = self
-            .client()
+        let mut args = vec!["get", key, "-w", "json"];
+        if prefix {
+            args.push("--prefix");
+        }
+        let out = self
+            .etcdctl(&args)
             .await
-            .get(key, opts)
-            .await
-            .unwrap_or_else(|e| panic!("etcd get {key} on {}: {e}", self.endpoint));
-        resp.kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    String::from_utf8_lossy(kv.value()).into_owned(),
-                )
-            })
-            .collect()
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        parse_etcdctl_json(&out).unwrap_or_else(|e| panic!("etcdctl get {key}: {e:#}"))
     }
 
     /// Run `etcdctl <args>` (API v3) against this etcd, inside its namespace when it has one;
@@ -533,14 +540,6 @@ impl EtcdCluster {
     }
 }
 
-async fn probe_local(endpoint: &str) -> anyhow::Result<()> {
-    let opts = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_millis(500))
-        .with_timeout(Duration::from_secs(1));
-    let mut client = Client::connect([endpoint], Some(opts)).await?;
-    client.status().await?;
-    Ok(())
-}
 
 /// A port that was free a moment ago on 127.0.0.1.
 fn free_port() -> u16 {

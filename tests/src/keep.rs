@@ -78,6 +78,7 @@ impl Kept {
             }
         }
         if self.dir.exists() {
+            unmount_below(&self.dir);
             if let Err(e) = std::fs::remove_dir_all(&self.dir) {
                 errors.push(format!("remove {}: {e}", self.dir.display()));
             }
@@ -108,5 +109,27 @@ impl Kept {
             left.push(format!("directory {} still exists", self.dir.display()));
         }
         left
+    }
+}
+
+/// Lazily unmount every mount at or below `dir` (the cluster's bpffs), deepest first.
+pub fn unmount_below(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| Path::new(p).starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let Ok(c) = std::ffi::CString::new(p) else {
+            continue;
+        };
+        // SAFETY: umount2 with a valid NUL-terminated path; MNT_DETACH never blocks.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            eprintln!("weft-tests cleanup: unmount {p}: {}", std::io::Error::last_os_error());
+        }
     }
 }

@@ -203,3 +203,14 @@ fn check(what: &str, out: Output) -> anyhow::Result<String> {
     }
     Ok(stdout)
 }
+
+/// [`run`] for synchronous contexts (setup outside the runtime, Drop).
+pub fn run_blocking(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let what = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run `{what}`"))?;
+    check(&what, out)
+}

@@ -78,7 +78,11 @@ fn clean_command(program: impl AsRef<OsStr>) -> Command {
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -97,14 +101,19 @@ fn install_step(opts: &Options, what: &str, cmd: &mut Command, manual: &str) -> 
 }
 
 fn ensure_nightly(opts: &Options) -> Result<()> {
-    let toolchains = output(clean_command("rustup").args(["toolchain", "list"])).context(
-        "rustup is needed for the nightly toolchain; install it from https://rustup.rs",
-    )?;
+    let toolchains = output(clean_command("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed for the nightly toolchain; install it from https://rustup.rs")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         install_step(
             opts,
             "the nightly toolchain",
-            clean_command("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]),
+            clean_command("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]),
             "rustup toolchain install nightly --profile minimal",
         )?;
     }
@@ -119,7 +128,13 @@ fn ensure_nightly(opts: &Options) -> Result<()> {
         install_step(
             opts,
             "nightly rust-src",
-            clean_command("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+            clean_command("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                "nightly",
+            ]),
             "rustup component add rust-src --toolchain nightly",
         )?;
     }
@@ -136,14 +151,24 @@ struct NightlyLlvm {
 fn nightly_llvm() -> Result<NightlyLlvm> {
     let sysroot = output(clean_command("rustc").args(["+nightly", "--print", "sysroot"]))?;
     let lib_dir = Path::new(sysroot.trim()).join("lib");
-    let entries = std::fs::read_dir(&lib_dir).with_context(|| format!("list {}", lib_dir.display()))?;
+    let entries =
+        std::fs::read_dir(&lib_dir).with_context(|| format!("list {}", lib_dir.display()))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         // e.g. libLLVM.so.22.1-rust-1.97.0-nightly
-        let Some(version) = name.strip_prefix("libLLVM.so.") else { continue };
-        let major = version.split(['.', '-']).next().and_then(|m| m.parse().ok());
+        let Some(version) = name.strip_prefix("libLLVM.so.") else {
+            continue;
+        };
+        let major = version
+            .split(['.', '-'])
+            .next()
+            .and_then(|m| m.parse().ok());
         if let Some(major) = major {
-            return Ok(NightlyLlvm { library: entry.path(), file_name: name, major });
+            return Ok(NightlyLlvm {
+                library: entry.path(),
+                file_name: name,
+                major,
+            });
         }
     }
     bail!(
@@ -155,7 +180,10 @@ fn nightly_llvm() -> Result<NightlyLlvm> {
 /// Whether a working bpf-linker is found (it loads its libLLVM at start, so a
 /// broken rpath after a nightly update shows up here).
 fn linker_works(bin: &OsStr) -> bool {
-    Command::new(bin).arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Returns the directory to prepend to PATH when bpf-linker was installed under a custom root.
@@ -185,19 +213,37 @@ fn ensure_bpf_linker(opts: &Options) -> Result<Option<PathBuf>> {
     }
     let feature = format!("llvm-{}", llvm.major);
     let mut cmd = clean_command("cargo");
-    cmd.args(["install", "bpf-linker", "--no-default-features", "--features", &feature, "--force"])
-        .env("LLVM_PREFIX", &prefix);
+    cmd.args([
+        "install",
+        "bpf-linker",
+        "--no-default-features",
+        "--features",
+        &feature,
+        "--force",
+    ])
+    .env("LLVM_PREFIX", &prefix);
     if let Some(root) = &opts.linker_root {
         cmd.arg("--root").arg(root);
     }
     let manual = format!(
         "LLVM_PREFIX={} cargo install bpf-linker --no-default-features --features {feature}{}",
         prefix.display(),
-        opts.linker_root.as_ref().map(|r| format!(" --root {}", r.display())).unwrap_or_default()
+        opts.linker_root
+            .as_ref()
+            .map(|r| format!(" --root {}", r.display()))
+            .unwrap_or_default()
     );
-    install_step(opts, "bpf-linker (built against nightly's LLVM)", &mut cmd, &manual)?;
+    install_step(
+        opts,
+        "bpf-linker (built against nightly's LLVM)",
+        &mut cmd,
+        &manual,
+    )?;
     if !linker_works(&candidate) {
-        bail!("bpf-linker was installed but `{} --version` fails; run by hand: {manual}", candidate.to_string_lossy());
+        bail!(
+            "bpf-linker was installed but `{} --version` fails; run by hand: {manual}",
+            candidate.to_string_lossy()
+        );
     }
     Ok(root_bin)
 }
@@ -206,7 +252,8 @@ fn home_cargo_dir() -> Result<PathBuf> {
     if let Some(home) = std::env::var_os("CARGO_HOME") {
         return Ok(PathBuf::from(home));
     }
-    let home = std::env::var_os("HOME").context("neither CARGO_HOME nor HOME is set; set CARGO_HOME")?;
+    let home =
+        std::env::var_os("HOME").context("neither CARGO_HOME nor HOME is set; set CARGO_HOME")?;
     Ok(PathBuf::from(home).join(".cargo"))
 }
 
@@ -229,13 +276,18 @@ fn build_object(linker_bin: Option<&Path>) -> Result<PathBuf> {
         paths.extend(std::env::split_paths(&path));
         cmd.env("PATH", std::env::join_paths(paths).context("join PATH")?);
     }
-    let status = cmd.status().context("run cargo +nightly build for the eBPF crate")?;
+    let status = cmd
+        .status()
+        .context("run cargo +nightly build for the eBPF crate")?;
     if !status.success() {
         bail!("building the eBPF crate failed ({status}); the compiler output above says why");
     }
     let object = target_dir().join(TARGET).join("release").join(EBPF_PACKAGE);
     if !object.is_file() {
-        bail!("cargo reported success but {} does not exist", object.display());
+        bail!(
+            "cargo reported success but {} does not exist",
+            object.display()
+        );
     }
     Ok(object)
 }

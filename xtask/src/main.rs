@@ -2,8 +2,11 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod build_ebpf;
 mod demo;
+mod packages;
+mod install;
 mod test;
 
 #[derive(Parser)]
@@ -21,6 +24,10 @@ enum Command {
     Test(test::Options),
     /// Start a local 3-host demonstration cluster and leave it up (`--down` removes it).
     Demo(demo::Options),
+    /// Benchmark the datapaths (host-gw, kernel vxlan, eBPF) or, with --control-plane, the agent.
+    Bench(bench::Options),
+    /// Build weft in release (eBPF included) and install the binary, the systemd unit and weft.env.
+    Install(install::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,5 +35,7 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf(opts) => build_ebpf::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
+        Command::Bench(opts) => bench::run(&opts),
+        Command::Install(opts) => install::run(&opts),
     }
 }

@@ -122,6 +122,10 @@ fn route_err(l: &Lease) -> impl FnOnce(NetlinkError) -> HostGwError + '_ {
 }
 
 impl Backend for HostGwBackend {
+    fn mode(&self) -> &'static str {
+        "host-gw"
+    }
+
     async fn prepare(&mut self) -> Result<BackendAttrs, BackendError> {
         Ok(BackendAttrs::HostGw)
     }

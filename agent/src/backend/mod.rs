@@ -5,6 +5,7 @@
 //! [`Backend::apply`] follows lease events and [`Backend::reconcile`] repairs
 //! drift against the full peer set.
 
+pub mod ebpf;
 pub mod hostgw;
 pub mod vxlan;
 
@@ -16,6 +17,8 @@ use crate::lease::{BackendAttrs, Lease, LeaseEvent};
 pub type BackendError = anyhow::Error;
 
 pub trait Backend: Send {
+    /// The datapath in use, for logs, metrics and `weft status`: "ebpf", "kernel", "host-gw".
+    fn mode(&self) -> &'static str;
     /// Create the local device or programs; returns the backend attributes to advertise.
     fn prepare(&mut self) -> impl Future<Output = Result<BackendAttrs, BackendError>> + Send;
     /// Our own lease is known (or was re-acquired): address the local device.
@@ -27,7 +30,7 @@ pub trait Backend: Send {
     fn reconcile(&mut self, peers: &[Lease]) -> impl Future<Output = Result<usize, BackendError>> + Send;
 }
 
-use crate::agent::AgentConfig;
+use crate::agent::{AgentConfig, Datapath};
 use crate::config::{Backend as NetBackend, NetworkConfig};
 use crate::iface::ExtIface;
 use crate::netlink::{ExternalIface, Netlink};
@@ -36,16 +39,7 @@ use crate::netlink::{ExternalIface, Netlink};
 pub enum AnyBackend {
     Vxlan(vxlan::VxlanBackend),
     HostGw(hostgw::HostGwBackend),
-}
-
-impl AnyBackend {
-    /// Name for logs, metrics and `weft status`.
-    pub fn mode(&self) -> &'static str {
-        match self {
-            AnyBackend::Vxlan(_) => "kernel",
-            AnyBackend::HostGw(_) => "host-gw",
-        }
-    }
+    Ebpf(Box<ebpf::EbpfBackend>),
 }
 
 /// Forward each trait method to whichever backend is inside.
@@ -54,11 +48,15 @@ macro_rules! delegate {
         match $self {
             AnyBackend::Vxlan($b) => $call,
             AnyBackend::HostGw($b) => $call,
+            AnyBackend::Ebpf($b) => $call,
         }
     };
 }
 
 impl Backend for AnyBackend {
+    fn mode(&self) -> &'static str {
+        delegate!(self, b => b.mode())
+    }
     async fn prepare(&mut self) -> Result<BackendAttrs, BackendError> {
         delegate!(self, b => b.prepare().await)
     }
@@ -74,8 +72,12 @@ impl Backend for AnyBackend {
 }
 
 /// Build the backend for this host once the network config and the interface are known.
+///
+/// `--datapath auto` tries the eBPF datapath and falls back to the kernel vxlan device,
+/// logging why; `kernel` removes eBPF programs left pinned by an earlier eBPF run (their
+/// maps would go stale and their anti-spoofing would drop new peers).
 pub async fn build(
-    _cfg: &AgentConfig,
+    cfg: &AgentConfig,
     net: &NetworkConfig,
     iface: &ExtIface,
 ) -> Result<AnyBackend, BackendError> {
@@ -86,26 +88,64 @@ pub async fn build(
         ipv4: iface.iface_addr,
         mtu: iface.mtu,
     };
-    Ok(match net.backend {
-        NetBackend::Vxlan(v) => AnyBackend::Vxlan(vxlan::VxlanBackend::new(
-            nl,
-            vxlan::VxlanSettings {
-                network: net.network,
-                vni: v.vni,
-                port: v.port,
-                mtu: v.mtu,
-                gbp: v.gbp,
-                learning: v.learning,
-                direct_routing: v.direct_routing,
-                external,
-            },
-        )),
-        NetBackend::HostGw => AnyBackend::HostGw(hostgw::HostGwBackend::new(
-            nl,
-            hostgw::HostGwSettings {
+    let v = match net.backend {
+        NetBackend::HostGw => {
+            if cfg.datapath == Datapath::Ebpf {
+                tracing::info!("host-gw needs no encapsulation: the eBPF datapath is not used");
+            }
+            drop_stale_pins(cfg);
+            let settings = hostgw::HostGwSettings {
                 network: net.network,
                 external,
-            },
-        )),
-    })
+            };
+            return Ok(AnyBackend::HostGw(hostgw::HostGwBackend::new(nl, settings)));
+        }
+        NetBackend::Vxlan(v) => v,
+    };
+    let settings = vxlan::VxlanSettings {
+        network: net.network,
+        vni: v.vni,
+        port: v.port,
+        mtu: v.mtu,
+        gbp: v.gbp,
+        learning: v.learning,
+        direct_routing: v.direct_routing,
+        external,
+    };
+    let ebpf_settings = |vxlan| ebpf::EbpfSettings {
+        vxlan,
+        pin_dir: cfg.bpf_pin_dir.clone(),
+        bridge: cfg.bridge.clone(),
+        decap_hook: cfg.decap_hook,
+    };
+    match cfg.datapath {
+        Datapath::Kernel => drop_stale_pins(cfg),
+        Datapath::Ebpf => {
+            let b = ebpf::EbpfBackend::try_new(nl, ebpf_settings(settings)).await?;
+            return Ok(AnyBackend::Ebpf(Box::new(b)));
+        }
+        Datapath::Auto => {
+            match ebpf::EbpfBackend::try_new(nl.clone(), ebpf_settings(settings.clone())).await {
+                Ok(b) => return Ok(AnyBackend::Ebpf(Box::new(b))),
+                Err(e) => tracing::warn!(
+                    "eBPF datapath unavailable, using the kernel vxlan device instead: {e}"
+                ),
+            }
+        }
+    }
+    Ok(AnyBackend::Vxlan(vxlan::VxlanBackend::new(nl, settings)))
+}
+
+fn drop_stale_pins(cfg: &AgentConfig) {
+    if !cfg.bpf_pin_dir.exists() {
+        return;
+    }
+    match ebpf::cleanup(&cfg.bpf_pin_dir) {
+        Ok(()) => tracing::info!(pin_dir = %cfg.bpf_pin_dir.display(), "removed eBPF programs pinned by an earlier run"),
+        Err(errors) => {
+            for e in errors {
+                tracing::warn!(pin_dir = %cfg.bpf_pin_dir.display(), "removing stale eBPF pins: {e}");
+            }
+        }
+    }
 }

@@ -521,6 +521,10 @@ fn disable_accept_ra(dev: &str) {
 }
 
 impl Backend for VxlanBackend {
+    fn mode(&self) -> &'static str {
+        "kernel"
+    }
+
     async fn prepare(&mut self) -> Result<BackendAttrs, BackendError> {
         let (link, created) = self.ensure_device(self.dev.map(|d| d.1)).await?;
         let mac = link.mac.ok_or_else(|| {

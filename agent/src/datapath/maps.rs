@@ -1,6 +1,6 @@
 //! Typed access to the programs' maps: remote subnets, known VTEPs, node config, counters.
 
-use std::net::Ipv4Addr;
+use std::{borrow::Borrow, net::Ipv4Addr};
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
 use ipnet::Ipv4Net;
@@ -30,7 +30,7 @@ impl Counters {
     }
 }
 
-fn map_err(operation: impl Into<String>, map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+pub(super) fn map_err(operation: impl Into<String>, map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     let operation = operation.into();
     move |source| DatapathError::Map { operation, map, source: Box::new(source) }
 }
@@ -80,16 +80,7 @@ impl Datapath {
 
     /// Every remote subnet in the map, sorted.
     pub fn peers(&mut self) -> Result<Vec<PeerEntry>, DatapathError> {
-        let map = self.remotes()?;
-        let mut peers = Vec::new();
-        for item in map.iter() {
-            let (key, value) = item.map_err(map_err("list", map_names::REMOTES))?;
-            let addr = Ipv4Addr::from(key.data().addr_be);
-            let Ok(subnet) = Ipv4Net::new(addr, key.prefix_len() as u8) else { continue };
-            peers.push(PeerEntry { subnet, vtep_ip: Ipv4Addr::from(value.vtep_ip_be), vtep_mac: MacAddr(value.vtep_mac) });
-        }
-        peers.sort_by_key(|p| p.subnet);
-        Ok(peers)
+        list_peers(&self.remotes()?)
     }
 
     /// Accepts VXLAN from `ip` (a host holding a lease).
@@ -109,13 +100,7 @@ impl Datapath {
 
     /// The known VTEP addresses, sorted.
     pub fn vteps_list(&mut self) -> Result<Vec<Ipv4Addr>, DatapathError> {
-        let map = self.vteps()?;
-        let mut out = Vec::new();
-        for key in map.keys() {
-            out.push(Ipv4Addr::from(key.map_err(map_err("list", map_names::KNOWN_VTEPS))?));
-        }
-        out.sort();
-        Ok(out)
+        list_vteps(&self.vteps()?)
     }
 
     /// The node configuration currently in the map.
@@ -127,11 +112,38 @@ impl Datapath {
     pub fn counters(&mut self) -> Result<Counters, DatapathError> {
         let map: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map_data(map_names::COUNTERS)?)
             .map_err(map_err("open", map_names::COUNTERS))?;
-        let mut values = Vec::with_capacity(counter::COUNT as usize);
-        for (index, name) in counter::NAMES.iter().enumerate() {
-            let per_cpu = map.get(&(index as u32), 0).map_err(map_err(format!("read counter {name}"), map_names::COUNTERS))?;
-            values.push((*name, per_cpu.iter().sum()));
-        }
-        Ok(Counters { values })
+        sum_counters(&map)
     }
+}
+
+// Readers shared by the loaded datapath and the pinned-state inspector.
+
+pub(super) fn list_peers<T: Borrow<MapData>>(map: &LpmTrie<T, Ipv4LpmData, PeerValue>) -> Result<Vec<PeerEntry>, DatapathError> {
+    let mut peers = Vec::new();
+    for item in map.iter() {
+        let (key, value) = item.map_err(map_err("list", map_names::REMOTES))?;
+        let addr = Ipv4Addr::from(key.data().addr_be);
+        let Ok(subnet) = Ipv4Net::new(addr, key.prefix_len() as u8) else { continue };
+        peers.push(PeerEntry { subnet, vtep_ip: Ipv4Addr::from(value.vtep_ip_be), vtep_mac: MacAddr(value.vtep_mac) });
+    }
+    peers.sort_by_key(|p| p.subnet);
+    Ok(peers)
+}
+
+pub(super) fn list_vteps<T: Borrow<MapData>>(map: &HashMap<T, [u8; 4], VtepValue>) -> Result<Vec<Ipv4Addr>, DatapathError> {
+    let mut out = Vec::new();
+    for key in map.keys() {
+        out.push(Ipv4Addr::from(key.map_err(map_err("list", map_names::KNOWN_VTEPS))?));
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub(super) fn sum_counters<T: Borrow<MapData>>(map: &PerCpuArray<T, u64>) -> Result<Counters, DatapathError> {
+    let mut values = Vec::with_capacity(counter::COUNT as usize);
+    for (index, name) in counter::NAMES.iter().enumerate() {
+        let per_cpu = map.get(&(index as u32), 0).map_err(map_err(format!("read counter {name}"), map_names::COUNTERS))?;
+        values.push((*name, per_cpu.iter().sum()));
+    }
+    Ok(Counters { values })
 }

@@ -19,6 +19,7 @@
 //! ```
 
 mod attach;
+mod inspect;
 mod maps;
 mod test_run;
 
@@ -33,6 +34,7 @@ use weft_common::{config_flags, wire, NodeConfig};
 use crate::lease::MacAddr;
 
 pub use attach::{Attachment, DecapHook};
+pub use inspect::{if_index, LinkState, PinnedLinkState, PinnedMaps};
 pub use maps::{Counters, PeerEntry};
 pub use test_run::{ProgramKind, TestRunOutput};
 
@@ -118,7 +120,8 @@ pub struct NodeSettings {
 }
 
 impl NodeSettings {
-    fn to_map_value(&self) -> NodeConfig {
+    /// The map value the programs read.
+    pub fn to_map_value(&self) -> NodeConfig {
         let mut flags = 0;
         if self.decrement_ttl {
             flags |= config_flags::DECREMENT_TTL;

@@ -78,7 +78,11 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
         if let (Some(u), Some(p)) = (&opts.username, &opts.password) {
-            co = co.with_user(u.clone(), p.clone());
+            // etcd's simple tokens expire after --auth-token-ttl (5 min) without use; a renewal
+            // an hour later would otherwise fail with "invalid auth token".
+            co = co
+                .with_user(u.clone(), p.clone())
+                .with_auto_token_refresh(true);
         }
         if opts.cafile.is_some() || opts.certfile.is_some() {
             let mut tls = TlsOptions::new();
@@ -93,19 +97,25 @@ impl EtcdStore {
             }
             co = co.with_tls(tls);
         }
+        let refused = |e: etcd_client::Error| {
+            tracing::debug!("etcd connect error: {e:?}");
+            diagnose(opts, &e).unwrap_or_else(|| unavailable(e.to_string()))
+        };
         let client = tokio::time::timeout(CALL_TIMEOUT, Client::connect(&opts.endpoints, Some(co)))
             .await
             .map_err(|_| unavailable("connect timed out".into()))?
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(refused)?;
         let store = EtcdStore {
             client,
             prefix: opts.prefix.trim_end_matches('/').to_string(),
             endpoints: endpoints.clone(),
         };
-        store
-            .get_config()
+        // One real request: TLS handshakes and permissions are only checked here.
+        let key = store.config_key();
+        tokio::time::timeout(CALL_TIMEOUT, store.client.clone().get(key, None))
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(|_| unavailable("no answer within 10s".into()))?
+            .map_err(refused)?;
         Ok(store)
     }
 
@@ -372,8 +382,14 @@ impl EtcdStore {
 
     /// Follow `<prefix>/subnets`: a snapshot, then watch events from the snapshot's revision.
     /// Reconnects with backoff (100 ms doubling to 5 s); a compacted revision means re-list.
-    /// Ends when `cancel` fires or the receiver is dropped.
-    pub async fn watch_leases(&self, tx: mpsc::Sender<WatchUpdate>, cancel: CancellationToken) {
+    /// Ends when `cancel` fires or the receiver is dropped. `on_reconnect` runs each time the
+    /// watch has to be set up again after a failure (for the reconnect metric).
+    pub async fn watch_leases(
+        &self,
+        tx: mpsc::Sender<WatchUpdate>,
+        cancel: CancellationToken,
+        on_reconnect: impl Fn() + Send,
+    ) {
         let prefix = self.subnets_prefix();
         let mut backoff = BACKOFF_MIN;
         let mut next_rev: Option<i64> = None;
@@ -394,6 +410,7 @@ impl EtcdStore {
                     }
                     Err(e) => {
                         tracing::warn!(retry_in = ?backoff, "listing leases: {e}");
+                        on_reconnect();
                         if sleep_or_cancel(&cancel, &mut backoff).await {
                             return;
                         }
@@ -406,6 +423,7 @@ impl EtcdStore {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(retry_in = ?backoff, "watching {prefix}: {e}; reconnecting");
+                    on_reconnect();
                     if sleep_or_cancel(&cancel, &mut backoff).await {
                         return;
                     }
@@ -421,6 +439,7 @@ impl EtcdStore {
                     Ok(Some(resp)) => resp,
                     Ok(None) | Err(_) => {
                         tracing::warn!(retry_in = ?backoff, revision = rev, "lease watch broke; reconnecting");
+                        on_reconnect();
                         break;
                     }
                 };
@@ -471,6 +490,130 @@ impl EtcdStore {
             }
         }
     }
+}
+
+/// A refusal that retrying cannot fix (certificate, credentials, permissions) as an error that
+/// names the flag to change; `None` for anything else (etcd down, network).
+fn diagnose(opts: &EtcdOptions, e: &etcd_client::Error) -> Option<SubnetError> {
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return None;
+    };
+    let endpoints = opts.endpoints.join(",");
+    let auth = |fix: String| SubnetError::Auth {
+        endpoints: endpoints.clone(),
+        reason: status.message().to_string(),
+        fix,
+    };
+    match (status.code(), &opts.username) {
+        // etcd answers a bad password and a missing user name with InvalidArgument.
+        (tonic::Code::InvalidArgument | tonic::Code::Unauthenticated, Some(user)) => {
+            return Some(auth(format!(
+                "check --etcd-username ({user}) and --etcd-password against etcd's users (`etcdctl user list`)"
+            )))
+        }
+        (tonic::Code::InvalidArgument | tonic::Code::Unauthenticated, None) => {
+            return Some(auth(
+                "etcd has authentication enabled: pass --etcd-username and --etcd-password".into(),
+            ))
+        }
+        (tonic::Code::PermissionDenied, user) => {
+            return Some(auth(format!(
+                "grant user {} read and write on the prefix: `etcdctl role grant-permission <role> --prefix=true readwrite {}`",
+                user.as_deref().unwrap_or("(none)"),
+                opts.prefix
+            )))
+        }
+        _ => {}
+    }
+    let tls = |reason: String, fix: String| {
+        Some(SubnetError::Tls {
+            endpoints: endpoints.clone(),
+            reason,
+            fix,
+        })
+    };
+    let shown = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .map_or("none".into(), |p| p.display().to_string())
+    };
+    match tls_failure(status) {
+        Some(TlsFailure::Rustls(
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+            | rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext {
+                ..
+            }),
+        )) => tls(
+            "etcd's certificate does not name the endpoint's host".into(),
+            "use an endpoint host that etcd's certificate lists in its subjectAltName, or reissue the certificate".into(),
+        ),
+        Some(TlsFailure::Rustls(e @ rustls::Error::InvalidCertificate(_))) => tls(
+            format!("etcd's certificate is not trusted ({e})"),
+            format!(
+                "pass the CA that signed etcd's --cert-file with --etcd-cafile (now: {})",
+                shown(&opts.cafile)
+            ),
+        ),
+        Some(TlsFailure::Rustls(e @ rustls::Error::AlertReceived(_))) => tls(
+            format!("etcd rejected our client certificate ({e})"),
+            client_cert_fix(opts),
+        ),
+        Some(TlsFailure::Rustls(e)) => tls(
+            e.to_string(),
+            "check --etcd-cafile, --etcd-certfile and --etcd-keyfile".into(),
+        ),
+        // tokio-rustls hands a received alert up as a plain InvalidData I/O error: the server
+        // ended the handshake, which with client-cert-auth means our certificate.
+        Some(TlsFailure::Alert(e)) => tls(
+            format!("etcd rejected our client certificate ({e})"),
+            client_cert_fix(opts),
+        ),
+        // With TLS 1.3 the client finishes its handshake before the server checks the client
+        // certificate; etcd then just closes the connection, which is all we see.
+        None if status.code() == tonic::Code::Cancelled && uses_tls(opts) => tls(
+            "etcd closed the connection right after the handshake: it did not accept our client certificate".into(),
+            client_cert_fix(opts),
+        ),
+        None => None,
+    }
+}
+
+fn uses_tls(opts: &EtcdOptions) -> bool {
+    opts.endpoints.iter().any(|e| e.starts_with("https://"))
+}
+
+fn client_cert_fix(opts: &EtcdOptions) -> String {
+    match &opts.certfile {
+        Some(cert) => format!(
+            "--etcd-certfile {} must be signed by a CA in etcd's --trusted-ca-file",
+            cert.display()
+        ),
+        None => "etcd wants a client certificate (--client-cert-auth): pass --etcd-certfile and --etcd-keyfile".into(),
+    }
+}
+
+/// What ended a TLS handshake, found behind a gRPC status (tonic -> hyper -> io::Error).
+enum TlsFailure<'a> {
+    Rustls(&'a rustls::Error),
+    Alert(&'a std::io::Error),
+}
+
+fn tls_failure(status: &tonic::Status) -> Option<TlsFailure<'_>> {
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        if let Some(t) = e.downcast_ref::<rustls::Error>() {
+            return Some(TlsFailure::Rustls(t));
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(t) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return Some(TlsFailure::Rustls(t));
+            }
+            if io.kind() == std::io::ErrorKind::InvalidData {
+                return Some(TlsFailure::Alert(io));
+            }
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// Sleep the current backoff and double it; true when cancelled meanwhile.

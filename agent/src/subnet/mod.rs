@@ -32,6 +32,20 @@ pub enum SubnetError {
         key: String,
         reason: String,
     },
+    /// The TLS handshake failed: a certificate problem, not an outage; retrying does not help.
+    #[error("etcd at {endpoints} refused the TLS connection: {reason}; {fix}")]
+    Tls {
+        endpoints: String,
+        reason: String,
+        fix: String,
+    },
+    /// etcd answered but refused our credentials (or wanted some); retrying does not help.
+    #[error("etcd at {endpoints} refused access: {reason}; {fix}")]
+    Auth {
+        endpoints: String,
+        reason: String,
+        fix: String,
+    },
     #[error("read {what} {path}: {source}; check --etcd-{what}")]
     TlsFile {
         what: &'static str,

@@ -1,0 +1,534 @@
+//! The eBPF backend: the kernel `flannel.<VNI>` backend plus the eBPF fast path.
+//!
+//! [`VxlanBackend`] keeps programming `flannel.N` exactly as flanneld does: its
+//! MAC is the one advertised in our lease, and its neighbours, fdb entries and
+//! routes carry whatever the programs pass on (fragments, oversize non-GSO
+//! packets, traffic from the host itself). On top of that this backend loads
+//! the datapath, attaches encapsulation to the container bridge's TC ingress
+//! and decapsulation to the external interface, and keeps the programs' maps
+//! (remote subnets, known VTEPs) equal to the peer set.
+//!
+//! Programs, links and maps are pinned under the pin directory, so they keep
+//! forwarding while the agent restarts; a new [`EbpfBackend::try_new`] adopts
+//! them without a gap. [`cleanup`] removes them (`weft agent --cleanup`).
+//!
+//! ```no_run
+//! # async fn f(nl: weft::netlink::Netlink, vxlan: weft::backend::vxlan::VxlanSettings) -> anyhow::Result<()> {
+//! use weft::backend::{ebpf::{EbpfBackend, EbpfSettings}, vxlan::VxlanBackend, Backend};
+//! let settings = EbpfSettings::new(vxlan.clone(), "/sys/fs/bpf/weft/flannel.1");
+//! match EbpfBackend::try_new(nl.clone(), settings).await {
+//!     Ok(backend) => { /* run it */ }
+//!     Err(e) => {
+//!         tracing::warn!(error = %e, "eBPF datapath unavailable; using the kernel path");
+//!         let backend = VxlanBackend::new(nl, vxlan);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::Ipv4Net;
+use tracing::{debug, info, warn};
+
+use super::{
+    vxlan::{VxlanBackend, VxlanSettings},
+    Backend, BackendError,
+};
+use crate::{
+    datapath::{if_index, Datapath, DatapathError, DecapHook, NodeSettings, PeerEntry, PinnedLinkState},
+    lease::{BackendAttrs, Lease, LeaseEvent, MacAddr},
+    netlink::{Netlink, NetlinkError},
+};
+
+/// Where bpffs is mounted on every systemd host.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+/// The container bridge flanneld users run Docker with.
+pub const DEFAULT_BRIDGE: &str = "docker0";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The eBPF backend's settings: the kernel backend's, plus where to pin and attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EbpfSettings {
+    pub vxlan: VxlanSettings,
+    /// Pin directory of this agent instance, by default `/sys/fs/bpf/weft/<instance>`
+    /// ([`Datapath::default_pin_dir`]); agents in different network namespaces of
+    /// one machine need different ones.
+    pub pin_dir: PathBuf,
+    /// The container bridge whose TC ingress gets the encapsulation program.
+    pub bridge: String,
+    /// Decapsulation hook on the external interface; `None` picks by driver
+    /// ([`DecapHook::for_interface`]: TC on veth, XDP elsewhere).
+    pub decap_hook: Option<DecapHook>,
+}
+
+impl EbpfSettings {
+    /// Defaults: bridge `docker0`, decap hook chosen by the external interface's driver.
+    pub fn new(vxlan: VxlanSettings, pin_dir: impl Into<PathBuf>) -> Self {
+        Self { vxlan, pin_dir: pin_dir.into(), bridge: DEFAULT_BRIDGE.to_string(), decap_hook: None }
+    }
+}
+
+/// Why the eBPF datapath could not be set up; each names the step, so that
+/// `--datapath auto` can log why it fell back to the kernel path.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfBackendError {
+    #[error("mount bpffs at {path}: {source}; mount it (`mount -t bpf bpf {path}`) or use --datapath kernel")]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pin directory {path} is not on a bpffs mount; choose one under {BPFFS_ROOT}")]
+    NotBpffs { path: PathBuf },
+    #[error("load the eBPF datapath: {source}")]
+    Load {
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("read external interface {interface}: {source}")]
+    Interface {
+        interface: String,
+        #[source]
+        source: NetlinkError,
+    },
+    #[error("external interface {interface} has no MAC address; the eBPF datapath needs an Ethernet underlay, use --datapath kernel")]
+    NoMac { interface: String },
+    #[error("prepare the kernel vxlan device the eBPF path falls back to: {source}")]
+    Vxlan {
+        #[source]
+        source: BackendError,
+    },
+    #[error("write the node configuration map: {source}")]
+    Configure {
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("attach {what} ({hook}) on {interface}: {source}")]
+    Attach {
+        what: &'static str,
+        hook: &'static str,
+        interface: String,
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("set {path} to 2 (loose) so decapsulated packets from remote subnets pass reverse-path filtering: {source}")]
+    RpFilter {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{operation}: {source}")]
+    Map {
+        operation: String,
+        #[source]
+        source: Box<DatapathError>,
+    },
+}
+
+/// `flannel.<VNI>` plus the eBPF programs and their maps.
+pub struct EbpfBackend {
+    inner: VxlanBackend,
+    s: EbpfSettings,
+    dp: Datapath,
+    hook: DecapHook,
+    node: NodeSettings,
+    /// The advertised attributes (flannel.N's MAC), as `prepare` returns them.
+    attrs: BackendAttrs,
+    own: Option<Ipv4Net>,
+    /// Encapsulation is attached to the bridge (false while it does not exist yet).
+    encap_attached: bool,
+}
+
+impl EbpfBackend {
+    /// Sets everything up: bpffs, the datapath (adopting pinned maps and links
+    /// of a previous agent), `flannel.N`, the node configuration, decapsulation
+    /// on the external interface, encapsulation on the bridge (deferred to
+    /// [`Backend::reconcile`] while the bridge does not exist), and loose
+    /// rp_filter on the external interface. On error, whatever this call
+    /// attached or pinned is removed again so the kernel path runs alone.
+    pub async fn try_new(nl: Netlink, settings: EbpfSettings) -> Result<Self, EbpfBackendError> {
+        ensure_bpffs(&settings.pin_dir)?;
+        let pin_dir = settings.pin_dir.clone();
+        let result = Self::setup(nl, settings).await;
+        if result.is_err() {
+            if let Err(errors) = Datapath::detach_and_unpin(&pin_dir) {
+                for e in errors {
+                    warn!(error = %e, "cleaning up after a failed eBPF setup");
+                }
+            }
+        }
+        result
+    }
+
+    async fn setup(nl: Netlink, s: EbpfSettings) -> Result<Self, EbpfBackendError> {
+        let dp = Datapath::load(&s.pin_dir).map_err(|source| EbpfBackendError::Load { source: Box::new(source) })?;
+        let mut inner = VxlanBackend::new(nl.clone(), s.vxlan.clone());
+        let attrs = inner.prepare().await.map_err(|source| EbpfBackendError::Vxlan { source })?;
+        let BackendAttrs::Vxlan { vtep_mac, .. } = attrs else {
+            unreachable!("the vxlan backend advertises vxlan attributes");
+        };
+        let node = node_settings(&nl, &s, vtep_mac).await?;
+        let hook = s.decap_hook.unwrap_or_else(|| DecapHook::for_interface(&s.vxlan.external.name));
+        let mut backend = Self { inner, s, dp, hook, node, attrs, own: None, encap_attached: false };
+        backend.configure_and_attach()?;
+        relax_rp_filter(&backend.s.vxlan.external.name)?;
+        Ok(backend)
+    }
+
+    /// Writes the node configuration and attaches both programs (adopting pinned links).
+    fn configure_and_attach(&mut self) -> Result<(), EbpfBackendError> {
+        self.dp.configure(&self.node).map_err(|source| EbpfBackendError::Configure { source: Box::new(source) })?;
+        let ext = self.s.vxlan.external.name.clone();
+        let a = self.dp.attach_decap(&ext, self.hook).map_err(|source| EbpfBackendError::Attach {
+            what: "decapsulation",
+            hook: hook_name(self.hook),
+            interface: ext.clone(),
+            source: Box::new(source),
+        })?;
+        info!(program = a.program, interface = %a.interface, hook = a.hook, adopted = a.adopted, "decapsulation attached");
+        self.encap_attached = false;
+        self.attach_encap_if_bridge()?;
+        Ok(())
+    }
+
+    /// Attaches encapsulation when the bridge exists; returns whether it did.
+    fn attach_encap_if_bridge(&mut self) -> Result<bool, EbpfBackendError> {
+        let bridge = self.s.bridge.clone();
+        let index = if_index(&bridge);
+        if index == 0 {
+            info!(bridge = %bridge, "bridge does not exist yet; encapsulation is attached once it appears, the kernel path carries traffic meanwhile");
+            return Ok(false);
+        }
+        if self.node.bridge_ifindex != index {
+            self.node.bridge_ifindex = index;
+            self.dp.configure(&self.node).map_err(|source| EbpfBackendError::Configure { source: Box::new(source) })?;
+        }
+        let a = self.dp.attach_encap(&bridge).map_err(|source| EbpfBackendError::Attach {
+            what: "encapsulation",
+            hook: "tcx ingress",
+            interface: bridge.clone(),
+            source: Box::new(source),
+        })?;
+        info!(program = a.program, interface = %a.interface, hook = a.hook, adopted = a.adopted, "encapsulation attached");
+        self.encap_attached = true;
+        Ok(true)
+    }
+
+    /// The pin directory this backend uses (for `weft status` and `--cleanup`).
+    pub fn pin_dir(&self) -> &Path {
+        &self.s.pin_dir
+    }
+
+    /// The decapsulation hook in use.
+    pub fn decap_hook(&self) -> DecapHook {
+        self.hook
+    }
+
+    /// Whether encapsulation is attached (false while the bridge is missing).
+    pub fn encap_attached(&self) -> bool {
+        self.encap_attached
+    }
+
+    /// The programs' counters, summed over CPUs.
+    pub fn counters(&mut self) -> Result<crate::datapath::Counters, DatapathError> {
+        self.dp.counters()
+    }
+
+    /// The remote-subnet map's entries.
+    pub fn peer_entries(&mut self) -> Result<Vec<PeerEntry>, DatapathError> {
+        self.dp.peers()
+    }
+
+    /// The known-VTEP map's entries.
+    pub fn known_vteps(&mut self) -> Result<Vec<Ipv4Addr>, DatapathError> {
+        self.dp.vteps_list()
+    }
+
+    fn map_err(operation: String) -> impl FnOnce(DatapathError) -> EbpfBackendError {
+        move |source| EbpfBackendError::Map { operation, source: Box::new(source) }
+    }
+
+    /// The map entry a peer lease needs; `None` for our own subnet and non-vxlan leases.
+    fn entry_for(&self, lease: &Lease) -> Option<PeerEntry> {
+        match lease.attrs.backend {
+            BackendAttrs::Vxlan { vtep_mac, .. } if Some(lease.subnet) != self.own => {
+                Some(PeerEntry { subnet: lease.subnet.trunc(), vtep_ip: lease.attrs.public_ip, vtep_mac })
+            }
+            _ => None,
+        }
+    }
+
+    /// Adds the VTEP before the subnet, so replies are accepted once we send.
+    fn add_entry(&mut self, e: &PeerEntry) -> Result<(), EbpfBackendError> {
+        self.dp.add_vtep(e.vtep_ip).map_err(Self::map_err(format!("accept VXLAN from {}", e.vtep_ip)))?;
+        self.dp
+            .upsert_peer(e.subnet, e.vtep_ip, e.vtep_mac)
+            .map_err(Self::map_err(format!("route {} to VTEP {}", e.subnet, e.vtep_ip)))
+    }
+
+    /// Removes `subnet`'s entry, and `vtep` from the known VTEPs unless another
+    /// subnet still uses it.
+    fn remove_entry(&mut self, subnet: Ipv4Net, vtep: Ipv4Addr) -> Result<(), EbpfBackendError> {
+        self.dp.remove_peer(subnet).map_err(Self::map_err(format!("remove {subnet}")))?;
+        self.remove_vtep_if_unused(vtep)
+    }
+
+    fn remove_vtep_if_unused(&mut self, vtep: Ipv4Addr) -> Result<(), EbpfBackendError> {
+        let peers = self.dp.peers().map_err(Self::map_err("list remote subnets".into()))?;
+        if !peers.iter().any(|p| p.vtep_ip == vtep) {
+            self.dp.remove_vtep(vtep).map_err(Self::map_err(format!("stop accepting VXLAN from {vtep}")))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the maps equal `peers`; returns the number of changes.
+    fn sync_maps(&mut self, peers: &[Lease]) -> Result<usize, EbpfBackendError> {
+        let want: BTreeMap<Ipv4Net, PeerEntry> =
+            peers.iter().filter_map(|l| self.entry_for(l)).map(|e| (e.subnet, e)).collect();
+        let want_vteps: BTreeSet<Ipv4Addr> = want.values().map(|e| e.vtep_ip).collect();
+        let have = self.dp.peers().map_err(Self::map_err("list remote subnets".into()))?;
+        let have_vteps = self.dp.vteps_list().map_err(Self::map_err("list known VTEPs".into()))?;
+        let mut changes = 0;
+        for e in want.values() {
+            if !have.contains(e) || !have_vteps.contains(&e.vtep_ip) {
+                info!(subnet = %e.subnet, vtep = %e.vtep_ip, "adding missing map entry");
+                self.add_entry(e)?;
+                changes += 1;
+            }
+        }
+        for stale in have.iter().filter(|h| !want.contains_key(&h.subnet)) {
+            info!(subnet = %stale.subnet, vtep = %stale.vtep_ip, "removing map entry no lease justifies");
+            self.dp.remove_peer(stale.subnet).map_err(Self::map_err(format!("remove {}", stale.subnet)))?;
+            changes += 1;
+        }
+        for stale in have_vteps.iter().filter(|v| !want_vteps.contains(v)) {
+            info!(vtep = %stale, "no longer accepting VXLAN from a host without a lease");
+            self.dp.remove_vtep(*stale).map_err(Self::map_err(format!("stop accepting VXLAN from {stale}")))?;
+            changes += 1;
+        }
+        Ok(changes)
+    }
+
+    /// Re-attaches programs that were detached (by hand, or because their
+    /// interface was deleted and recreated), attaches encapsulation once the
+    /// bridge exists, and rewrites an altered node configuration. Returns the
+    /// number of repairs.
+    fn repair_attachments(&mut self) -> Result<usize, EbpfBackendError> {
+        let mut broken = Vec::new();
+        let decap = (hook_program(self.hook), self.s.vxlan.external.name.clone());
+        let encap = (weft_common::program_names::TC_ENCAP, self.s.bridge.clone());
+        for (program, interface) in [&decap, &encap] {
+            if *program == encap.0 && !self.encap_attached {
+                continue;
+            }
+            let path = self.s.pin_dir.join("links").join(format!("{program}@{interface}"));
+            let link = PinnedLinkState { program: program.to_string(), interface: interface.clone(), state: Datapath::link_state(&path), path };
+            if !link.is_live() {
+                warn!(program, interface = %interface, state = ?link.state, "program is no longer attached; re-attaching");
+                broken.push(program);
+            }
+        }
+        let mut repairs = broken.len();
+        if !broken.is_empty() {
+            // Reload rather than re-attach one link: a link whose pin was removed
+            // is still held by our fd, and only dropping the old datapath frees it.
+            let fresh = Datapath::load(&self.s.pin_dir).map_err(|source| EbpfBackendError::Load { source: Box::new(source) })?;
+            drop(std::mem::replace(&mut self.dp, fresh));
+            self.configure_and_attach()?;
+        } else if !self.encap_attached && self.attach_encap_if_bridge()? {
+            repairs += 1;
+        }
+        let current = self.dp.node_config().map_err(Self::map_err("read node config".into()))?;
+        if current != self.node.to_map_value() {
+            warn!("node configuration map was altered; rewriting it");
+            self.dp.configure(&self.node).map_err(|source| EbpfBackendError::Configure { source: Box::new(source) })?;
+            repairs += 1;
+        }
+        Ok(repairs)
+    }
+}
+
+/// What the programs need to know about this node.
+async fn node_settings(nl: &Netlink, s: &EbpfSettings, vtep_mac: MacAddr) -> Result<NodeSettings, EbpfBackendError> {
+    let ext = &s.vxlan.external;
+    let link = nl
+        .link_by_name(&ext.name)
+        .await
+        .map_err(|source| EbpfBackendError::Interface { interface: ext.name.clone(), source })?
+        .ok_or_else(|| EbpfBackendError::Interface {
+            interface: ext.name.clone(),
+            source: NetlinkError::NoSuchLink { name: ext.name.clone() },
+        })?;
+    let underlay_mac = link.mac.ok_or_else(|| EbpfBackendError::NoMac { interface: ext.name.clone() })?;
+    Ok(NodeSettings {
+        vni: s.vxlan.vni,
+        port: if s.vxlan.port == 0 { crate::netlink::VXLAN_DEFAULT_PORT } else { s.vxlan.port },
+        vtep_ip: ext.ipv4,
+        vtep_mac,
+        underlay_ifindex: link.index,
+        underlay_mac,
+        // The MTU flannel assumes for the underlay: a configured MTU is the path's.
+        underlay_mtu: s.vxlan.mtu.unwrap_or(link.mtu).min(u32::from(u16::MAX)) as u16,
+        bridge_ifindex: if_index(&s.bridge),
+        // As the kernel path: flannel.N routes (TTL - 1) and inherits the TTL outside.
+        decrement_ttl: true,
+        ttl_inherit: true,
+    })
+}
+
+fn hook_program(hook: DecapHook) -> &'static str {
+    match hook {
+        DecapHook::Xdp => weft_common::program_names::XDP_DECAP,
+        DecapHook::Tc => weft_common::program_names::TC_DECAP,
+    }
+}
+
+fn hook_name(hook: DecapHook) -> &'static str {
+    match hook {
+        DecapHook::Xdp => "xdp native",
+        DecapHook::Tc => "tcx ingress",
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf when the pin directory lives there and nothing
+/// is mounted; otherwise checks that the pin directory is on bpffs.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfBackendError> {
+    let root = Path::new(BPFFS_ROOT);
+    if pin_dir.starts_with(root) && !is_bpffs(root) {
+        info!(path = BPFFS_ROOT, "mounting bpffs");
+        mount_bpffs(root).map_err(|source| EbpfBackendError::MountBpffs { path: root.to_path_buf(), source })?;
+    }
+    let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(root);
+    if !is_bpffs(existing) {
+        return Err(EbpfBackendError::NotBpffs { path: pin_dir.to_path_buf() });
+    }
+    Ok(())
+}
+
+fn c_path(path: &Path) -> std::io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = c_path(path) else { return false };
+    // SAFETY: statfs fills a plain struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and output pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn mount_bpffs(path: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    let target = c_path(path)?;
+    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Decapsulated packets enter the stack on the external interface with a
+/// source in a remote subnet, whose route points at flannel.N: strict reverse
+/// path filtering (1) would drop them. The effective value is the maximum of
+/// `all` and the interface's, so raising the interface to loose (2) suffices
+/// and `all` stays as the administrator set it; 0 (off) is left alone.
+fn relax_rp_filter(interface: &str) -> Result<(), EbpfBackendError> {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u8>().ok())
+            .unwrap_or(0)
+    };
+    let effective = read("all").max(read(interface));
+    if effective != 1 {
+        debug!(interface, rp_filter = effective, "reverse path filtering already lets decapsulated traffic in");
+        return Ok(());
+    }
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/rp_filter");
+    std::fs::write(&path, "2").map_err(|source| EbpfBackendError::RpFilter { path: path.clone(), source })?;
+    info!(path = %path, "set reverse path filtering to loose for decapsulated traffic");
+    Ok(())
+}
+
+/// Detaches and unpins everything a (stopped) agent pinned under `pin_dir`
+/// (`weft agent --cleanup`). `flannel.N` and its routes stay: traffic keeps
+/// flowing through the kernel path, as it does after flanneld stops; the
+/// kernel backend's own cleanup removes the device if wanted. rp_filter stays
+/// loose. Keeps going after errors and reports them all.
+pub fn cleanup(pin_dir: &Path) -> Result<(), Vec<DatapathError>> {
+    Datapath::detach_and_unpin(pin_dir)
+}
+
+impl Backend for EbpfBackend {
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
+    async fn prepare(&mut self) -> Result<BackendAttrs, BackendError> {
+        let attrs = self.inner.prepare().await?;
+        if attrs != self.attrs {
+            if let BackendAttrs::Vxlan { vtep_mac, .. } = attrs {
+                self.node.vtep_mac = vtep_mac;
+                self.dp.configure(&self.node).map_err(|source| EbpfBackendError::Configure { source: Box::new(source) })?;
+            }
+            self.attrs = attrs.clone();
+        }
+        Ok(attrs)
+    }
+
+    async fn own_lease(&mut self, lease: &Lease) -> Result<(), BackendError> {
+        self.inner.own_lease(lease).await?;
+        if self.own != Some(lease.subnet) {
+            // A subnet that was a peer's (re-acquired after expiry) must not be encapsulated.
+            self.dp.remove_peer(lease.subnet).map_err(Self::map_err(format!("remove own subnet {}", lease.subnet)))?;
+            self.own = Some(lease.subnet);
+        }
+        Ok(())
+    }
+
+    async fn apply(&mut self, event: &LeaseEvent) -> Result<(), BackendError> {
+        match event {
+            LeaseEvent::Added(lease) => {
+                self.inner.apply(event).await?;
+                if let Some(e) = self.entry_for(lease) {
+                    self.add_entry(&e)?;
+                    info!(subnet = %e.subnet, vtep = %e.vtep_ip, "peer added to the eBPF maps");
+                }
+            }
+            LeaseEvent::Changed { old, new } => {
+                self.inner.apply(event).await?;
+                match self.entry_for(new) {
+                    Some(e) => self.add_entry(&e)?,
+                    None => self.dp.remove_peer(old.subnet).map_err(Self::map_err(format!("remove {}", old.subnet)))?,
+                }
+                if old.attrs.public_ip != new.attrs.public_ip || self.entry_for(new).is_none() {
+                    self.remove_vtep_if_unused(old.attrs.public_ip)?;
+                }
+                info!(subnet = %new.subnet, vtep = %new.attrs.public_ip, "peer changed in the eBPF maps");
+            }
+            LeaseEvent::Removed(lease) => {
+                // Stop encapsulating first; the kernel entries go after.
+                self.remove_entry(lease.subnet, lease.attrs.public_ip)?;
+                info!(subnet = %lease.subnet, vtep = %lease.attrs.public_ip, "peer removed from the eBPF maps");
+                self.inner.apply(event).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
+        // The kernel path first: it is the fallback for anything the programs pass on.
+        let kernel = self.inner.reconcile(peers).await;
+        let mut repairs = self.repair_attachments()?;
+        repairs += self.sync_maps(peers)?;
+        if repairs > 0 {
+            info!(repairs, "reconciled the eBPF datapath with leases");
+        }
+        Ok(repairs + kernel?)
+    }
+}

@@ -1,0 +1,250 @@
+//! `weft status`: what the datapath is doing, read from the pinned programs,
+//! links and maps, so it works whether or not the agent is running.
+//!
+//! ```no_run
+//! let status = weft::status::collect(std::path::Path::new("/sys/fs/bpf/weft/flannel.1"))?;
+//! println!("{status}");
+//! println!("{}", serde_json::to_string_pretty(&status)?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::{
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use weft_common::{config_flags, NodeConfig};
+
+use crate::{
+    datapath::{Datapath, DatapathError, LinkState, PinnedLinkState, PinnedMaps},
+    lease::MacAddr,
+    netlink::fmt_mac,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("read the pinned eBPF state in {pin_dir}: {source}; is weft's pin directory right (--bpf-pin-dir) and are you root?")]
+    Read {
+        pin_dir: PathBuf,
+        #[source]
+        source: DatapathError,
+    },
+}
+
+/// Which datapath carries the overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// At least one weft program is attached.
+    Ebpf,
+    /// No weft program is attached: flannel.N carries everything.
+    Kernel,
+}
+
+/// One pinned program attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProgramStatus {
+    pub program: String,
+    pub interface: String,
+    /// `xdp`, `tcx ingress`, ... as the kernel reports the link; empty when detached.
+    pub hook: String,
+    /// `attached`, `detached`, `stale` (the interface was recreated) or `unreadable: <why>`.
+    pub state: String,
+    pub link_id: Option<u32>,
+    pub prog_id: Option<u32>,
+}
+
+/// The node configuration the programs use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeStatus {
+    pub configured: bool,
+    pub vni: u32,
+    pub port: u16,
+    pub vtep_ip: Ipv4Addr,
+    pub vtep_mac: String,
+    pub underlay_ifindex: u32,
+    pub underlay_mac: String,
+    pub underlay_mtu: u16,
+    pub bridge_ifindex: u32,
+    pub decrement_ttl: bool,
+    pub ttl_inherit: bool,
+}
+
+/// One remote subnet and its VTEP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerStatus {
+    pub subnet: Ipv4Net,
+    pub vtep_ip: Ipv4Addr,
+    pub vtep_mac: String,
+}
+
+/// One counter, summed over all CPUs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CounterStatus {
+    pub name: &'static str,
+    pub value: u64,
+}
+
+/// Everything `weft status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status {
+    pub mode: Mode,
+    pub pin_dir: PathBuf,
+    pub programs: Vec<ProgramStatus>,
+    /// `None` when no maps are pinned (the agent never ran in eBPF mode, or was cleaned up).
+    pub node: Option<NodeStatus>,
+    pub peers: Vec<PeerStatus>,
+    pub known_vteps: Vec<Ipv4Addr>,
+    pub counters: Vec<CounterStatus>,
+}
+
+impl Status {
+    /// A counter's value by name, 0 when absent.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters.iter().find(|c| c.name == name).map_or(0, |c| c.value)
+    }
+}
+
+/// Reads the state pinned under `pin_dir`. Nothing pinned is not an error:
+/// it is the kernel datapath.
+pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
+    let read_err = |source| StatusError::Read { pin_dir: pin_dir.to_path_buf(), source };
+    let programs: Vec<ProgramStatus> = Datapath::inspect_links(pin_dir).iter().map(program_status).collect();
+    let mode = if programs.iter().any(|p| p.link_id.is_some() && p.prog_id.is_some()) { Mode::Ebpf } else { Mode::Kernel };
+    let mut status = Status {
+        mode,
+        pin_dir: pin_dir.to_path_buf(),
+        programs,
+        node: None,
+        peers: Vec::new(),
+        known_vteps: Vec::new(),
+        counters: Vec::new(),
+    };
+    let Some(maps) = PinnedMaps::open(pin_dir).map_err(read_err)? else {
+        return Ok(status);
+    };
+    status.node = Some(node_status(&maps.node_config().map_err(read_err)?));
+    status.peers = maps
+        .peers()
+        .map_err(read_err)?
+        .into_iter()
+        .map(|p| PeerStatus { subnet: p.subnet, vtep_ip: p.vtep_ip, vtep_mac: fmt_mac(&p.vtep_mac) })
+        .collect();
+    status.known_vteps = maps.vteps().map_err(read_err)?;
+    status.counters = maps
+        .counters()
+        .map_err(read_err)?
+        .values
+        .into_iter()
+        .map(|(name, value)| CounterStatus { name, value })
+        .collect();
+    Ok(status)
+}
+
+fn program_status(link: &PinnedLinkState) -> ProgramStatus {
+    let (hook, state, link_id, prog_id) = match &link.state {
+        LinkState::Attached { hook, link_id, prog_id, .. } => {
+            let state = if link.is_live() { "attached" } else { "stale" };
+            (hook.to_string(), state.to_string(), Some(*link_id), Some(*prog_id))
+        }
+        LinkState::Detached { link_id } => (String::new(), "detached".to_string(), Some(*link_id), None),
+        LinkState::Unreadable { reason } => (String::new(), format!("unreadable: {reason}"), None, None),
+    };
+    ProgramStatus { program: link.program.clone(), interface: link.interface.clone(), hook, state, link_id, prog_id }
+}
+
+fn node_status(c: &NodeConfig) -> NodeStatus {
+    NodeStatus {
+        configured: c.vni_ne != 0 || c.vtep_ip_be != [0; 4],
+        vni: c.vni_ne,
+        // Holds the port as a number; the programs convert it when they compare or write it.
+        port: c.port_be,
+        vtep_ip: Ipv4Addr::from(c.vtep_ip_be),
+        vtep_mac: fmt_mac(&MacAddr(c.vtep_mac)),
+        underlay_ifindex: c.underlay_ifindex_ne,
+        underlay_mac: fmt_mac(&MacAddr(c.underlay_mac)),
+        underlay_mtu: c.underlay_mtu_ne,
+        bridge_ifindex: c.bridge_ifindex_ne,
+        decrement_ttl: c.flags_ne & config_flags::DECREMENT_TTL != 0,
+        ttl_inherit: c.flags_ne & config_flags::TTL_INHERIT != 0,
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mode = match self.mode {
+            Mode::Ebpf => "ebpf",
+            Mode::Kernel => "kernel (no weft program attached; flannel.N carries all traffic)",
+        };
+        writeln!(f, "datapath:  {mode}")?;
+        writeln!(f, "pins:      {}", self.pin_dir.display())?;
+        match &self.node {
+            Some(n) if n.configured => writeln!(
+                f,
+                "node:      vtep {} mac {}, vni {}, port {}, underlay ifindex {} mac {} mtu {}, bridge ifindex {}",
+                n.vtep_ip, n.vtep_mac, n.vni, n.port, n.underlay_ifindex, n.underlay_mac, n.underlay_mtu, n.bridge_ifindex
+            )?,
+            Some(_) => writeln!(f, "node:      not configured (the programs pass everything)")?,
+            None => writeln!(f, "node:      no pinned maps")?,
+        }
+        writeln!(f, "\nprograms:")?;
+        if self.programs.is_empty() {
+            writeln!(f, "  (none pinned)")?;
+        } else {
+            writeln!(f, "  {:<16} {:<12} {:<16} {:<10} {:>6} {:>6}", "PROGRAM", "HOOK", "INTERFACE", "STATE", "LINK", "PROG")?;
+            let id = |v: Option<u32>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+            for p in &self.programs {
+                let hook = if p.hook.is_empty() { "-" } else { &p.hook };
+                writeln!(f, "  {:<16} {:<12} {:<16} {:<10} {:>6} {:>6}", p.program, hook, p.interface, p.state, id(p.link_id), id(p.prog_id))?;
+            }
+        }
+        writeln!(f, "\nremote subnets:")?;
+        if self.peers.is_empty() {
+            writeln!(f, "  (none)")?;
+        } else {
+            writeln!(f, "  {:<20} {:<16} VTEP MAC", "SUBNET", "VTEP")?;
+            for p in &self.peers {
+                writeln!(f, "  {:<20} {:<16} {}", p.subnet.to_string(), p.vtep_ip.to_string(), p.vtep_mac)?;
+            }
+        }
+        let vteps: Vec<String> = self.known_vteps.iter().map(ToString::to_string).collect();
+        writeln!(f, "\nknown VTEPs: {}", if vteps.is_empty() { "(none)".to_string() } else { vteps.join(", ") })?;
+        if !self.counters.is_empty() {
+            writeln!(f, "\ncounters (all CPUs):")?;
+            for c in &self.counters {
+                writeln!(f, "  {:<32} {:>14}", c.name, c.value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `/metrics`' view of the eBPF datapath: the pinned maps, read at scrape time.
+pub struct PinnedStats {
+    pub pin_dir: PathBuf,
+}
+
+impl crate::metrics::DatapathStats for PinnedStats {
+    fn counters(&self) -> Vec<(String, u64)> {
+        match collect(&self.pin_dir) {
+            Ok(st) => st.counters.into_iter().map(|c| (c.name.to_string(), c.value)).collect(),
+            Err(e) => {
+                tracing::debug!("reading eBPF counters for /metrics: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn map_entries(&self) -> Vec<(String, u64)> {
+        match collect(&self.pin_dir) {
+            Ok(st) => vec![
+                ("peers".to_string(), st.peers.len() as u64),
+                ("vteps".to_string(), st.known_vteps.len() as u64),
+            ],
+            Err(_) => Vec::new(),
+        }
+    }
+}

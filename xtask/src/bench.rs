@@ -1,0 +1,166 @@
+//! `cargo xtask bench`: weft's datapaths measured against each other, or its control plane.
+//!
+//! Datapath benchmark: the harness's two hosts with one container each, in three modes side by
+//! side (host-gw, weft's kernel vxlan, weft's eBPF), every round measuring each mode once in a
+//! freshly shuffled order. Results: a table on the terminal, `<target>/bench/report.json`,
+//! `report.svg` (chart) and `report.md` (the table for README).
+//! `--control-plane`: peer programming latency, start-to-ready and memory with 1000 peers
+//! (`control-plane.json`).
+//!
+//! Builds the eBPF object and a release agent first. Needs root; everything it makes is removed
+//! when it ends, also on Ctrl-C.
+
+mod chart;
+mod control_plane;
+mod counters;
+mod datapath;
+mod measure;
+mod report;
+mod stats;
+mod topology;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::Context as _;
+
+use self::topology::Mode;
+use crate::test::{require_root, step, target_dir};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Options {
+    /// Rounds; each measures every mode once, in a freshly shuffled order.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Seconds per test (TCP 1 stream, TCP 4 streams, TCP ping-pong, 64-byte UDP).
+    #[arg(long, default_value_t = 3)]
+    pub seconds: u64,
+    /// Smoke test: 1 round of 1-second tests (and at most 20 new leases with --control-plane).
+    #[arg(long)]
+    pub quick: bool,
+    /// Modes to measure (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Mode::ALL)]
+    pub modes: Vec<Mode>,
+    /// Underlay offload variants: `both` measures each mode with the veth defaults and with TSO/GSO
+    /// off on the underlay, in every round.
+    #[arg(long, value_enum, default_value_t = Variants::Both)]
+    pub offload: Variants,
+    /// Program host-gw and flannel.1 with `ip` commands as flanneld would, instead of running weft
+    /// (a reference, and a check of the bench itself; no ebpf mode).
+    #[arg(long)]
+    pub hand_routed: bool,
+    /// Run the control-plane benchmark instead.
+    #[arg(long)]
+    pub control_plane: bool,
+    /// Control plane: peer leases in etcd before the agent starts.
+    #[arg(long, default_value_t = 1000)]
+    pub peers: usize,
+    /// Control plane: new leases timed one by one after the agent is ready.
+    #[arg(long, default_value_t = 50)]
+    pub new_leases: usize,
+    /// Control plane: agent datapaths to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "kernel")]
+    pub cp_datapaths: Vec<String>,
+    /// Where the results go; default `<target>/bench`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Only redraw report.svg from the report.json in the output directory.
+    #[arg(long)]
+    pub replot: bool,
+    /// Do not run `build-ebpf` first; use the eBPF object built earlier.
+    #[arg(long)]
+    pub skip_ebpf: bool,
+    /// Do not build; use the release weft built earlier (or $WEFT_BIN).
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Variants {
+    Both,
+    On,
+    Off,
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    require_root("bench")?;
+    let mut opts = opts.clone();
+    if opts.quick {
+        opts.rounds = 1;
+        opts.seconds = 1;
+        opts.new_leases = opts.new_leases.min(20);
+    }
+    if opts.out.is_none() {
+        opts.out = Some(target_dir()?.join("bench"));
+    }
+    if opts.replot {
+        return datapath::replot(&opts);
+    }
+    let bin = if opts.no_build {
+        target_dir()?.join("release").join("weft")
+    } else {
+        build_release_weft(opts.skip_ebpf)?
+    };
+    if std::env::var_os("WEFT_BIN").is_none() {
+        // Read by the harness when it starts the agents; set before any thread exists.
+        std::env::set_var("WEFT_BIN", &bin);
+    }
+    let runtime = tokio::runtime::Runtime::new().context("start the tokio runtime")?;
+    runtime.block_on(async {
+        tokio::select! {
+            r = measure_all(&opts) => r,
+            _ = tokio::signal::ctrl_c() => {
+                Err(anyhow::anyhow!("interrupted; what the benchmark made is being removed"))
+            }
+        }
+    })
+}
+
+/// The agent in release mode: the control-plane figures (memory, reaction time) are the ones an
+/// operator would see.
+fn build_release_weft(skip_ebpf: bool) -> anyhow::Result<PathBuf> {
+    if !skip_ebpf {
+        let xtask = std::env::current_exe().context("find the xtask binary")?;
+        step(
+            "build the eBPF object",
+            Command::new(xtask).arg("build-ebpf"),
+        )?;
+    }
+    let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    build.args(["build", "--release", "--package", "weft", "--bin", "weft"]);
+    step("build the weft binary (release)", &mut build)?;
+    Ok(target_dir()?.join("release").join("weft"))
+}
+
+async fn measure_all(opts: &Options) -> anyhow::Result<()> {
+    for (tool, package) in [
+        ("iperf3", "iperf3"),
+        ("sockperf", "sockperf"),
+        ("ethtool", "ethtool"),
+        ("etcd", "etcd-server"),
+        ("etcdctl", "etcd-client"),
+    ] {
+        if weft_tests::netns::run("sh", &["-c", &format!("command -v {tool}")])
+            .await
+            .is_err()
+        {
+            anyhow::bail!(
+                "`{tool}` is not on PATH; install it (Debian: apt-get install {package})"
+            );
+        }
+    }
+    if opts.control_plane {
+        control_plane::run(opts).await
+    } else {
+        datapath::run(opts).await
+    }
+}
+
+impl Options {
+    /// The output directory (set by [`run`]).
+    fn out_dir(&self) -> PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("target/bench"))
+    }
+}

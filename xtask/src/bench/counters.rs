@@ -1,0 +1,261 @@
+//! The eBPF datapath's own counters, read with `weft status --json` in a host namespace, and the
+//! check that an `ebpf` round really went through eBPF.
+//!
+//! A round counts as eBPF only when, on the sending host, the encap program encapsulated and, on
+//! the receiving host, the decap program decapsulated at least 90 % of the 64-byte UDP packets the
+//! receiver got in that round. A silent fallback to flannel.1 fails that check, loudly.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context as _};
+use serde::Serialize;
+use weft_tests::Host;
+
+/// Numeric leaves of `weft status --json`, by dotted path (`counters.encapsulated`, ...).
+pub type Counters = BTreeMap<String, f64>;
+
+/// Counter names (common::counter::NAMES) the check needs.
+pub const ENCAPSULATED: &str = "encapsulated";
+pub const DECAPSULATED: &str = "decapsulated";
+/// Share of the received UDP packets the eBPF programs must have handled.
+pub const MIN_SHARE: f64 = 0.9;
+
+/// Run `weft status --json` in `host`'s namespace and flatten its counters. Fails, naming what is
+/// missing, when the command fails or reports no encapsulated/decapsulated counters: without them
+/// nothing proves the eBPF path carried the traffic.
+pub async fn read_ebpf_counters(host: &Host) -> anyhow::Result<Counters> {
+    let bin = weft_tests::weft_bin()?;
+    let bin = bin.to_string_lossy().into_owned();
+    let pin_dir = host.bpf_pin_dir().display().to_string();
+    let out = host
+        .exec(&[&bin, "status", "--json", "--bpf-pin-dir", &pin_dir])
+        .await;
+    if !out.status.success() {
+        bail!(
+            "`weft status --json --bpf-pin-dir {pin_dir}` in {} failed ({}): {}{}\nThe ebpf rounds cannot be verified without the \
+             datapath counters; they are not reported as eBPF.",
+            host.name(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parse `weft status --json` from {}", host.name()))?;
+    let counters = flatten(&json);
+    for name in [ENCAPSULATED, DECAPSULATED] {
+        if find(&counters, name).is_none() {
+            bail!(
+                "`weft status --json` in {} has no `{name}` counter (numeric fields: {:?}); the ebpf \
+                 rounds cannot be verified",
+                host.name(),
+                counters.keys().collect::<Vec<_>>()
+            );
+        }
+    }
+    Ok(counters)
+}
+
+/// Every numeric leaf by dotted path. Array elements that name themselves (`{"name": "x", "value": 3}`)
+/// are keyed by that name, others by index; per-CPU arrays of plain numbers are summed.
+pub fn flatten(v: &serde_json::Value) -> Counters {
+    let mut out = Counters::new();
+    walk(v, String::new(), &mut out);
+    out
+}
+
+fn walk(v: &serde_json::Value, path: String, out: &mut Counters) {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match v {
+        Value::Number(n) => {
+            if let Some(x) = n.as_f64() {
+                out.insert(path, x);
+            }
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                walk(v, join(k), out);
+            }
+        }
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            out.insert(path, items.iter().filter_map(Value::as_f64).sum());
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let name = item.get("name").and_then(Value::as_str);
+                let value = ["value", "count", "packets", "total"]
+                    .iter()
+                    .find_map(|k| item.get(*k).and_then(Value::as_f64));
+                match (name, value) {
+                    (Some(name), Some(value)) => {
+                        out.insert(join(name), value);
+                    }
+                    (Some(name), None) => walk(item, join(name), out),
+                    _ => walk(item, join(&i.to_string()), out),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The sum of every counter whose last path component is `name` (several programs or interfaces
+/// may each report one).
+pub fn find(counters: &Counters, name: &str) -> Option<f64> {
+    let hits: Vec<f64> = counters
+        .iter()
+        .filter(|(path, _)| path.rsplit('.').next() == Some(name))
+        .map(|(_, v)| *v)
+        .collect();
+    (!hits.is_empty()).then(|| hits.iter().sum())
+}
+
+/// `after - before` for every counter present in both.
+pub fn delta(before: &Counters, after: &Counters) -> Counters {
+    after
+        .iter()
+        .filter_map(|(k, a)| before.get(k).map(|b| (k.clone(), a - b)))
+        .collect()
+}
+
+/// The verdict on one ebpf round.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundCheck {
+    pub round: usize,
+    pub variant: &'static str,
+    /// UDP packets the receiving container got in this round's 64-byte test.
+    pub udp_received: u64,
+    /// Packets the sending host's encap program encapsulated during the round.
+    pub sender_encapsulated: f64,
+    /// Packets the receiving host's decap program decapsulated during the round.
+    pub receiver_decapsulated: f64,
+    /// flannel.1 tx packets on the sending host during the round, when the device exists: traffic
+    /// that took the kernel path.
+    pub sender_flannel1_tx: Option<u64>,
+    pub through_ebpf: bool,
+    /// Every counter's change on the sending and the receiving host.
+    pub sender_delta: Counters,
+    pub receiver_delta: Counters,
+}
+
+impl RoundCheck {
+    pub fn new(
+        round: usize,
+        variant: &'static str,
+        udp_received: u64,
+        sender_delta: Counters,
+        receiver_delta: Counters,
+        sender_flannel1_tx: Option<u64>,
+    ) -> RoundCheck {
+        let sender_encapsulated = find(&sender_delta, ENCAPSULATED).unwrap_or(0.0);
+        let receiver_decapsulated = find(&receiver_delta, DECAPSULATED).unwrap_or(0.0);
+        let need = MIN_SHARE * udp_received as f64;
+        RoundCheck {
+            round,
+            variant,
+            udp_received,
+            sender_encapsulated,
+            receiver_decapsulated,
+            sender_flannel1_tx,
+            through_ebpf: udp_received > 0
+                && sender_encapsulated >= need
+                && receiver_decapsulated >= need,
+            sender_delta,
+            receiver_delta,
+        }
+    }
+}
+
+/// flannel.1's tx packet count in `host`, `None` when there is no flannel.1.
+pub async fn flannel1_tx_packets(host: &Host) -> Option<u64> {
+    let text = host
+        .exec_ok(&["cat", "/sys/class/net/flannel.1/statistics/tx_packets"])
+        .await
+        .ok()?;
+    text.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flattens_named_and_per_cpu_counters() {
+        let json = serde_json::json!({
+            "datapath": "ebpf",
+            "counters": [
+                {"name": "encapsulated", "value": 10},
+                {"name": "decapsulated", "value": 7},
+                {"name": "passed: not ipv4", "value": 1}
+            ],
+            "percpu": {"encapsulated": [1, 2, 3]},
+            "peers": 1
+        });
+        let c = flatten(&json);
+        assert_eq!(c["counters.encapsulated"], 10.0);
+        assert_eq!(c["percpu.encapsulated"], 6.0);
+        assert_eq!(c["peers"], 1.0);
+        assert_eq!(find(&c, ENCAPSULATED), Some(16.0));
+        assert_eq!(find(&c, DECAPSULATED), Some(7.0));
+        assert_eq!(find(&c, "missing"), None);
+    }
+
+    #[test]
+    fn reads_weft_status_json() {
+        // The shape of agent/src/status.rs's `Status` as `weft status --json` prints it.
+        let json = serde_json::json!({
+            "mode": "ebpf",
+            "pin_dir": "/sys/fs/bpf/weft/flannel.1",
+            "programs": [{"program": "weft_tc_encap", "interface": "docker0", "hook": "tcx ingress",
+                          "state": "attached", "link_id": 7, "prog_id": 42}],
+            "node": {"configured": true, "vni": 1, "port": 8472, "vtep_ip": "172.16.15.21"},
+            "peers": [{"subnet": "10.1.2.0/24", "vtep_ip": "172.16.15.22", "vtep_mac": "aa:bb:cc:dd:ee:ff"}],
+            "known_vteps": ["172.16.15.22"],
+            "counters": [{"name": "encapsulated", "value": 1234}, {"name": "decapsulated", "value": 987},
+                         {"name": "passed: not ipv4", "value": 3}]
+        });
+        let c = flatten(&json);
+        assert_eq!(find(&c, ENCAPSULATED), Some(1234.0));
+        assert_eq!(find(&c, DECAPSULATED), Some(987.0));
+        assert_eq!(c["counters.passed: not ipv4"], 3.0);
+    }
+
+    #[test]
+    fn a_fallback_round_is_not_ebpf() {
+        let counters = |enc: f64, dec: f64| -> Counters {
+            [
+                ("c.encapsulated".to_owned(), enc),
+                ("c.decapsulated".to_owned(), dec),
+            ]
+            .into()
+        };
+        let before = counters(100.0, 100.0);
+        let ok = RoundCheck::new(
+            1,
+            "offload",
+            1000,
+            delta(&before, &counters(1200.0, 150.0)),
+            delta(&before, &counters(130.0, 1100.0)),
+            Some(0),
+        );
+        assert!(ok.through_ebpf);
+        let fallback = RoundCheck::new(
+            1,
+            "offload",
+            1000,
+            delta(&before, &counters(120.0, 100.0)),
+            delta(&before, &counters(100.0, 1100.0)),
+            Some(1000),
+        );
+        assert!(!fallback.through_ebpf);
+        let nothing = RoundCheck::new(1, "offload", 0, Counters::new(), Counters::new(), None);
+        assert!(!nothing.through_ebpf);
+    }
+}

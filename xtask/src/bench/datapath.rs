@@ -1,0 +1,402 @@
+//! The datapath benchmark: rounds over the modes, the measurements, the eBPF check, the outputs.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use rand::seq::SliceRandom as _;
+
+use super::{Options, Variants};
+use crate::bench::chart::{self, Series};
+use crate::bench::counters::{self, Counters, RoundCheck};
+use crate::bench::measure::{self, Servers};
+use crate::bench::report::{self, EbpfCounters, Report, Settings, VariantReport};
+use crate::bench::stats::{ModeSummary, Sample};
+use crate::bench::topology::{Mode, Offload, Routing, Testbed, CONTAINER_MTU};
+
+struct Bed {
+    bed: Testbed,
+    servers: Servers,
+}
+
+pub async fn run(opts: &Options) -> anyhow::Result<()> {
+    let routing = if opts.hand_routed {
+        Routing::Hand
+    } else {
+        Routing::Agent
+    };
+    let mut modes = opts.modes.clone();
+    modes.sort();
+    modes.dedup();
+    if routing == Routing::Hand && modes.contains(&Mode::Ebpf) {
+        println!(
+            "--hand-routed: no ebpf mode without the agent; measuring host-gw and kernel-vxlan"
+        );
+        modes.retain(|m| *m != Mode::Ebpf);
+    }
+    if opts.rounds == 0 || modes.is_empty() {
+        bail!("nothing to measure: --rounds must be at least 1 and --modes not empty");
+    }
+    let variants: Vec<Offload> = match opts.offload {
+        Variants::Both => vec![Offload::On, Offload::Off],
+        Variants::On => vec![Offload::On],
+        Variants::Off => vec![Offload::Off],
+    };
+    let started = Instant::now();
+    let loadavg_start = loadavg();
+
+    let mut beds = BTreeMap::new();
+    for &mode in &modes {
+        println!("==> set up {mode}");
+        let bed = Testbed::start(mode, routing)
+            .await
+            .with_context(|| format!("set up the {mode} test bed"))?;
+        let servers = Servers::start(&bed.server).await?;
+        beds.insert(mode, Bed { bed, servers });
+    }
+
+    let mut ebpf = EbpfCounters {
+        source: "weft status --json (in each host namespace)",
+        ..Default::default()
+    };
+    if let Some(b) = beds.get(&Mode::Ebpf) {
+        for host in b.bed.hosts() {
+            let c = counters::read_ebpf_counters(host).await?;
+            ebpf.before.insert(host_label(host.index()), c);
+        }
+    }
+
+    let mut samples: BTreeMap<(Offload, Mode), Vec<Sample>> = BTreeMap::new();
+    let mut offloads = BTreeMap::new();
+    let mut rng = rand::rng();
+    for round in 1..=opts.rounds {
+        let mut order = modes.clone();
+        order.shuffle(&mut rng);
+        let names: Vec<&str> = order.iter().map(|m| m.name()).collect();
+        println!("==> round {round}/{}: {}", opts.rounds, names.join(", "));
+        for mode in order {
+            let b = beds.get_mut(&mode).context("every mode has a test bed")?;
+            let mut vs = variants.clone();
+            vs.shuffle(&mut rng);
+            for variant in vs {
+                b.bed.set_offload(variant).await?;
+                offloads.insert(
+                    format!("{mode} {}", variant.name()),
+                    b.bed.offload_state().await?,
+                );
+                let (sample, check) = measure_mode(b, round, variant, opts.seconds)
+                    .await
+                    .with_context(|| format!("round {round}, {mode}, {}", variant.name()))?;
+                print_sample(mode, variant, &sample, check.as_ref());
+                if let Some(check) = check {
+                    ebpf.rounds.push(check);
+                }
+                samples.entry((variant, mode)).or_default().push(sample);
+            }
+        }
+    }
+
+    if let Some(b) = beds.get(&Mode::Ebpf) {
+        for host in b.bed.hosts() {
+            let c = counters::read_ebpf_counters(host).await?;
+            ebpf.after.insert(host_label(host.index()), c);
+        }
+    }
+    ebpf.all_rounds_through_ebpf =
+        !ebpf.rounds.is_empty() && ebpf.rounds.iter().all(|c| c.through_ebpf);
+    drop(beds);
+
+    let by_variant = |v: Offload| -> BTreeMap<String, ModeSummary> {
+        samples
+            .iter()
+            .filter(|((variant, _), _)| *variant == v)
+            .map(|((_, mode), s)| (mode.name().to_owned(), ModeSummary::of(s.clone())))
+            .collect()
+    };
+    let first = variants[0];
+    let main_modes = by_variant(first);
+    let no_offload = (variants.len() > 1).then(|| VariantReport::new(by_variant(Offload::Off)));
+
+    let report = Report {
+        rounds: opts.rounds,
+        comparison: crate::bench::stats::compare(&main_modes),
+        modes: main_modes,
+        ebpf_counters: ebpf,
+        variant: first.name(),
+        no_offload,
+        settings: Settings {
+            loadavg_start,
+            loadavg_end: loadavg(),
+            ..settings(opts, routing, offloads)
+        },
+    };
+    let json_path = opts.out_dir().join("report.json");
+    let svg_path = opts.out_dir().join("report.svg");
+    report.write(&json_path)?;
+    let mut series = vec![Series {
+        name: first.name(),
+        modes: &report.modes,
+    }];
+    if let Some(no) = &report.no_offload {
+        series.push(Series {
+            name: Offload::Off.name(),
+            modes: &no.modes,
+        });
+    }
+    chart::draw(
+        &svg_path,
+        &chart_title(opts.rounds as u64, opts.seconds),
+        &series,
+    )?;
+
+    println!(
+        "{}",
+        report::table(
+            &format!("underlay: {}", describe(first)),
+            opts.rounds,
+            &report.modes
+        )
+    );
+    if let Some(no) = &report.no_offload {
+        println!(
+            "{}",
+            report::table(
+                &format!("underlay: {}", describe(Offload::Off)),
+                opts.rounds,
+                &no.modes
+            )
+        );
+    }
+    std::fs::write(
+        opts.out_dir().join("report.md"),
+        markdown_report(&report, opts.rounds),
+    )
+    .context("write report.md")?;
+    println!(
+        "report: {}\nchart:  {}\ntable:  {}\ntook {:.0} s; load average {} at the start, {} at the end",
+        json_path.display(),
+        svg_path.display(),
+        opts.out_dir().join("report.md").display(),
+        started.elapsed().as_secs_f64(),
+        report.settings.loadavg_start,
+        report.settings.loadavg_end
+    );
+    let ebpf = &report.ebpf_counters;
+    if !ebpf.rounds.is_empty() {
+        if ebpf.all_rounds_through_ebpf {
+            println!(
+                "eBPF counters: every ebpf round encapsulated and decapsulated >= {:.0} % of its UDP packets in eBPF",
+                counters::MIN_SHARE * 100.0
+            );
+        } else {
+            let bad: Vec<String> = ebpf
+                .rounds
+                .iter()
+                .filter(|c| !c.through_ebpf)
+                .map(|c| {
+                    format!(
+                        "round {} {}: {} UDP packets received, {} encapsulated, {} decapsulated, flannel.1 tx {:?}",
+                        c.round,
+                        c.variant,
+                        c.udp_received,
+                        c.sender_encapsulated,
+                        c.receiver_decapsulated,
+                        c.sender_flannel1_tx
+                    )
+                })
+                .collect();
+            bail!(
+                "the ebpf mode did NOT go through eBPF in every round (kernel fallback?); its figures are \
+                 not eBPF figures:\n  {}",
+                bad.join("\n  ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Redraw the chart from an earlier run's report.json.
+pub fn replot(opts: &Options) -> anyhow::Result<()> {
+    let json_path = opts.out_dir().join("report.json");
+    let text = std::fs::read_to_string(&json_path)
+        .with_context(|| format!("read {}", json_path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", json_path.display()))?;
+    let modes = |v: &serde_json::Value| -> anyhow::Result<BTreeMap<String, ModeSummary>> {
+        serde_json::from_value(v.clone()).context("read `modes`")
+    };
+    let main = modes(&v["modes"])?;
+    let no = match v.get("no_offload") {
+        Some(n) => Some(modes(&n["modes"])?),
+        None => None,
+    };
+    let mut series = vec![Series {
+        name: v["variant"].as_str().unwrap_or(Offload::On.name()),
+        modes: &main,
+    }];
+    if let Some(no) = &no {
+        series.push(Series {
+            name: Offload::Off.name(),
+            modes: no,
+        });
+    }
+    let svg = opts.out_dir().join("report.svg");
+    chart::draw(
+        &svg,
+        &chart_title(
+            v["rounds"].as_u64().unwrap_or(0),
+            v["settings"]["seconds_per_test"].as_u64().unwrap_or(0),
+        ),
+        &series,
+    )?;
+    println!("chart: {}", svg.display());
+    Ok(())
+}
+
+fn chart_title(rounds: u64, seconds: u64) -> String {
+    format!(
+        "weft datapaths, container to container across two hosts (netns), {rounds} rounds x {seconds} s, medians"
+    )
+}
+
+/// One round of one mode: TCP 1 stream, TCP 4 streams, ping-pong, 64-byte UDP; for ebpf with the
+/// datapath counters read around it.
+async fn measure_mode(
+    b: &mut Bed,
+    round: usize,
+    variant: Offload,
+    secs: u64,
+) -> anyhow::Result<(Sample, Option<RoundCheck>)> {
+    let ebpf = b.bed.mode == Mode::Ebpf;
+    let hosts = b.bed.hosts();
+    let (sender, receiver) = (&hosts[0], &hosts[1]);
+    let before = if ebpf {
+        Some((
+            counters::read_ebpf_counters(sender).await?,
+            counters::read_ebpf_counters(receiver).await?,
+            counters::flannel1_tx_packets(sender).await,
+        ))
+    } else {
+        None
+    };
+    let (client, server) = (&b.bed.client, &b.bed.server);
+    let tcp1 = measure::tcp(client, server, 1, secs).await?;
+    let tcp4 = measure::tcp(client, server, 4, secs).await?;
+    let rr = measure::rr(client, server, &mut b.servers, secs).await?;
+    let udp = measure::udp64(client, server, secs).await?;
+    let sample = Sample {
+        round,
+        tcp1_gbps: tcp1.gbps,
+        tcp4_gbps: tcp4.gbps,
+        rr_p50_us: rr.p50_us,
+        rr_p99_us: rr.p99_us,
+        rr_tps: rr.tps,
+        udp64_pps: udp.pps(),
+        cpu_s_per_gb: tcp1.cpu_seconds / (tcp1.bytes as f64 / 1e9),
+    };
+    let check = match before {
+        Some((s0, r0, f0)) => {
+            let s1: Counters = counters::read_ebpf_counters(sender).await?;
+            let r1 = counters::read_ebpf_counters(receiver).await?;
+            let f1 = counters::flannel1_tx_packets(sender).await;
+            let flannel_tx = f0.zip(f1).map(|(a, b)| b.saturating_sub(a));
+            Some(RoundCheck::new(
+                round,
+                variant.name(),
+                udp.received,
+                counters::delta(&s0, &s1),
+                counters::delta(&r0, &r1),
+                flannel_tx,
+            ))
+        }
+        None => None,
+    };
+    Ok((sample, check))
+}
+
+fn print_sample(mode: Mode, variant: Offload, s: &Sample, check: Option<&RoundCheck>) {
+    let verdict = match check {
+        Some(c) if c.through_ebpf => " [eBPF counters ok]".to_owned(),
+        Some(c) => format!(
+            " [NOT through eBPF: {} encapsulated, {} decapsulated of {} UDP packets]",
+            c.sender_encapsulated, c.receiver_decapsulated, c.udp_received
+        ),
+        None => String::new(),
+    };
+    println!(
+        "    {:<13}{:<11} tcp1 {:>6.2} Gbit/s  tcp4 {:>6.2} Gbit/s  rr p50 {:>6.1} µs p99 {:>7.1} µs {:>7.0}/s  udp64 {:>8.0} pkt/s  cpu {:>5.2} s/GB{verdict}",
+        mode.name(),
+        variant.name(),
+        s.tcp1_gbps,
+        s.tcp4_gbps,
+        s.rr_p50_us,
+        s.rr_p99_us,
+        s.rr_tps,
+        s.udp64_pps,
+        s.cpu_s_per_gb
+    );
+}
+
+fn host_label(index: usize) -> String {
+    format!("host{}", index + 1)
+}
+
+fn describe(o: Offload) -> &'static str {
+    match o {
+        Offload::On => "veth defaults (TSO/GSO on), GRO on at ens32",
+        Offload::Off => "TSO/GSO off on both ends of each wire, GRO on at ens32",
+    }
+}
+
+fn markdown_report(report: &Report, rounds: usize) -> String {
+    let mut md = format!(
+        "Underlay: {}.\n\n{}",
+        describe(Offload::On),
+        report::markdown(rounds, &report.modes)
+    );
+    if let Some(no) = &report.no_offload {
+        md.push_str(&format!(
+            "\nUnderlay: {}.\n\n{}",
+            describe(Offload::Off),
+            report::markdown(rounds, &no.modes)
+        ));
+    }
+    md
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn settings(opts: &Options, routing: Routing, offloads: BTreeMap<String, String>) -> Settings {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    Settings {
+        command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+        seconds_per_test: opts.seconds,
+        container_mtu: CONTAINER_MTU,
+        routing: match routing {
+            Routing::Agent => "weft agent",
+            Routing::Hand => "by hand, as flanneld programs it (no agent)",
+        },
+        rr_tool: format!(
+            "sockperf ping-pong --tcp -m {} --full-rtt (round-trip times; transactions/s = messages of the valid period / its length)",
+            measure::RR_MESSAGE_BYTES
+        ),
+        udp_tool: format!(
+            "iperf3 -u -l {} -b 0; received = sent - lost as the server counted",
+            measure::UDP_PAYLOAD_BYTES
+        ),
+        cpu_method: "TCP 1 stream: iperf3 client + server CPU (getrusage, as iperf3 -J reports it) plus \
+                     ksoftirqd threads' utime+stime, divided by the bytes received"
+            .to_owned(),
+        offloads,
+        kernel,
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg_start: String::new(),
+        loadavg_end: String::new(),
+    }
+}

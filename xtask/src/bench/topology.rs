@@ -1,0 +1,363 @@
+//! One test bed per mode: the harness's two hosts with one container each, configured for host-gw,
+//! weft's kernel vxlan datapath or weft's eBPF datapath. All three live side by side for the whole
+//! run so rounds can alternate between them.
+
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use weft_tests::{Cluster, ClusterOptions, Container, Host};
+
+/// Container MTU in every mode (underlay 1500 minus the 50 bytes of VXLAN), as the issue requires.
+pub const CONTAINER_MTU: u32 = 1450;
+/// The overlay network all modes use.
+pub const NETWORK: &str = "10.1.0.0/16";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum Mode {
+    /// Plain routing via the peer's underlay address: no encapsulation, the practical limit.
+    HostGw,
+    /// weft with `--datapath kernel`: flannel.1 as flanneld programs it.
+    KernelVxlan,
+    /// weft with `--datapath ebpf`.
+    Ebpf,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::HostGw, Mode::KernelVxlan, Mode::Ebpf];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::HostGw => "host-gw",
+            Mode::KernelVxlan => "kernel-vxlan",
+            Mode::Ebpf => "ebpf",
+        }
+    }
+
+    fn config(self) -> String {
+        let backend = match self {
+            Mode::HostGw => "host-gw",
+            Mode::KernelVxlan | Mode::Ebpf => "vxlan",
+        };
+        format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"{backend}"}}}}"#)
+    }
+
+    fn datapath(self) -> &'static str {
+        match self {
+            Mode::HostGw | Mode::KernelVxlan => "kernel",
+            Mode::Ebpf => "ebpf",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Who programs the routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// `weft agent` on both hosts.
+    Agent,
+    /// `ip` commands, exactly as flanneld programs host-gw and flannel.1 (no agent; no eBPF mode).
+    /// A reference for the kernel modes, and a way to check the bench itself.
+    Hand,
+}
+
+/// The underlay's offload settings for a measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Offload {
+    /// veth defaults (TSO/GSO on: the wire carries 64 KB frames) with GRO on at each host's ens32.
+    On,
+    /// TSO and GSO off on both ends of each wire, GRO still on at ens32: every frame on the wire is
+    /// at most MTU-sized, as on a physical link, and the receiver coalesces as a NIC's GRO would.
+    Off,
+}
+
+impl Offload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Offload::On => "offload",
+            Offload::Off => "no-offload",
+        }
+    }
+}
+
+/// Two hosts, one container on each, ready to measure.
+pub struct Testbed {
+    pub mode: Mode,
+    // Containers before the cluster: the cluster's drop deletes their namespaces too, and the
+    // handles must not outlive that.
+    pub client: Container,
+    pub server: Container,
+    pub cluster: Cluster,
+}
+
+impl Testbed {
+    pub async fn start(mode: Mode, routing: Routing) -> anyhow::Result<Testbed> {
+        let cluster = Cluster::start(ClusterOptions::new(2))
+            .await
+            .context("build the two-host cluster")?;
+        cluster.write_config(&mode.config()).await;
+        match routing {
+            Routing::Agent => {
+                cluster
+                    .start_agents(&["--datapath", mode.datapath()])
+                    .with_context(|| format!("start weft agents for {mode}"))?;
+            }
+            Routing::Hand => {
+                if mode == Mode::Ebpf {
+                    bail!("the ebpf mode needs the weft agent; drop --hand-routed");
+                }
+                write_subnet_files(&cluster, mode)?;
+            }
+        }
+        cluster.wait_subnets().await?;
+        cluster.add_containers(1).await?;
+        if routing == Routing::Hand {
+            hand_route(&cluster, mode).await?;
+        }
+        let client = cluster.container(0);
+        let server = cluster.container(1);
+        let bed = Testbed {
+            mode,
+            client,
+            server,
+            cluster,
+        };
+        bed.force_mtu().await?;
+        bed.set_offload(Offload::On).await?;
+        bed.client
+            .ping_until(bed.server.ip(), Duration::from_secs(30))
+            .await
+            .with_context(|| format!("{mode}: container to container across hosts"))?;
+        Ok(bed)
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        self.cluster.hosts()
+    }
+
+    /// host-gw's subnet file says 1500 (nothing to encapsulate); the comparison needs 1450 in every
+    /// mode, so docker0 and both ends of each container veth get 1450. Then check all modes alike.
+    async fn force_mtu(&self) -> anyhow::Result<()> {
+        let mtu = CONTAINER_MTU.to_string();
+        for (host, c) in self.hosts().iter().zip([&self.client, &self.server]) {
+            host.netns()
+                .ip(&["link", "set", c.host_veth(), "mtu", &mtu])
+                .await?;
+            host.netns()
+                .ip(&["link", "set", "docker0", "mtu", &mtu])
+                .await?;
+            c.exec_ok(&["ip", "link", "set", "eth0", "mtu", &mtu])
+                .await?;
+            let shown = c.exec_ok(&["ip", "-o", "link", "show", "eth0"]).await?;
+            if !shown.contains(&format!(" mtu {mtu} ")) {
+                bail!("{}: container eth0 is not at MTU {mtu}: {shown}", self.mode);
+            }
+        }
+        Ok(())
+    }
+
+    /// TSO/GSO on or off on both ends of both underlay wires; GRO on at each ens32 either way.
+    pub async fn set_offload(&self, offload: Offload) -> anyhow::Result<()> {
+        let seg = match offload {
+            Offload::On => "on",
+            Offload::Off => "off",
+        };
+        for (i, host) in self.hosts().iter().enumerate() {
+            let port = format!("port-h{}", i + 1);
+            ethtool(
+                self.cluster.switch().name(),
+                &port,
+                &["tso", seg, "gso", seg],
+            )
+            .await?;
+            ethtool(host.name(), "ens32", &["tso", seg, "gso", seg, "gro", "on"]).await?;
+        }
+        Ok(())
+    }
+
+    /// `ethtool -k` of the four underlay ends, tso/gso/gro lines only: what a run really had.
+    pub async fn offload_state(&self) -> anyhow::Result<String> {
+        let mut out = Vec::new();
+        for (i, host) in self.hosts().iter().enumerate() {
+            let port = format!("port-h{}", i + 1);
+            for (ns, dev) in [
+                (self.cluster.switch().name(), port.as_str()),
+                (host.name(), "ens32"),
+            ] {
+                let text = run_in(ns, &["ethtool", "-k", dev]).await?;
+                let flags: Vec<String> = text
+                    .lines()
+                    .filter_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        let short = match k.trim() {
+                            "tcp-segmentation-offload" => "tso",
+                            "generic-segmentation-offload" => "gso",
+                            "generic-receive-offload" => "gro",
+                            _ => return None,
+                        };
+                        Some(format!("{short} {}", v.split_whitespace().next()?))
+                    })
+                    .collect();
+                let who = if dev == "ens32" {
+                    format!("host{} ens32", i + 1)
+                } else {
+                    format!("switch {dev}")
+                };
+                out.push(format!("{who}: {}", flags.join(", ")));
+            }
+        }
+        Ok(out.join("; "))
+    }
+}
+
+/// `ethtool -K dev <features>` in namespace `ns`. A feature the driver cannot change (veth with
+/// XDP on its peer cannot do TSO) is not an error here: [`Testbed::offload_state`] records what
+/// the run really had.
+async fn ethtool(ns: &str, dev: &str, features: &[&str]) -> anyhow::Result<()> {
+    let mut argv = vec!["ethtool", "-K", dev];
+    argv.extend_from_slice(features);
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(&argv)
+        .output()
+        .await
+        .with_context(|| format!("run {} in {ns}", argv.join(" ")))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && !stderr.contains("Could not change any device features") {
+        bail!("`{}` in {ns} failed: {stderr}", argv.join(" "));
+    }
+    Ok(())
+}
+
+async fn run_in(ns: &str, argv: &[&str]) -> anyhow::Result<String> {
+    let mut full = vec!["netns", "exec", ns];
+    full.extend_from_slice(argv);
+    weft_tests::netns::run("ip", &full).await
+}
+
+/// Host i (0-based) gets 10.1.(i+1).0/24, as subnet files the harness reads like the agent's.
+fn hand_subnet(i: usize) -> String {
+    format!("10.1.{}.0/24", i + 1)
+}
+
+fn write_subnet_files(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
+    let mtu = match mode {
+        Mode::HostGw => 1500,
+        Mode::KernelVxlan | Mode::Ebpf => CONTAINER_MTU,
+    };
+    for (i, host) in cluster.hosts().iter().enumerate() {
+        let text = format!(
+            "FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET=10.1.{}.1/24\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n",
+            i + 1
+        );
+        std::fs::write(host.subnet_file(), text)
+            .with_context(|| format!("write {}", host.subnet_file().display()))?;
+    }
+    Ok(())
+}
+
+/// flanneld's programming, by hand: host-gw routes via the peer's underlay address, or flannel.1
+/// with neighbour, fdb entry and onlink route per peer (FLANNEL-COMPAT.md).
+async fn hand_route(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
+    let hosts = cluster.hosts();
+    let mut macs = Vec::new();
+    if mode == Mode::KernelVxlan {
+        for (i, host) in hosts.iter().enumerate() {
+            let ns = host.netns();
+            let local = host.ens32_ip().to_string();
+            ns.ip(&[
+                "link",
+                "add",
+                "flannel.1",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &local,
+                "dev",
+                "ens32",
+                "dstport",
+                "8472",
+                "nolearning",
+                "ttl",
+                "inherit",
+            ])
+            .await?;
+            ns.ip(&["link", "set", "flannel.1", "mtu", "1450", "up"])
+                .await?;
+            let addr = hand_subnet(i).replace("/24", "/32");
+            ns.ip(&["addr", "add", &addr, "dev", "flannel.1"]).await?;
+            let link = ns.ip(&["-o", "link", "show", "flannel.1"]).await?;
+            let mac = link
+                .split_once("link/ether ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .with_context(|| format!("no MAC in {link}"))?
+                .to_owned();
+            macs.push(mac);
+        }
+    }
+    for (i, host) in hosts.iter().enumerate() {
+        let ns = host.netns();
+        for (j, peer) in hosts.iter().enumerate().filter(|(j, _)| *j != i) {
+            let subnet = hand_subnet(j);
+            let peer_ip = peer.ens32_ip().to_string();
+            match mode {
+                Mode::HostGw => {
+                    ns.ip(&["route", "replace", &subnet, "via", &peer_ip])
+                        .await?;
+                }
+                Mode::KernelVxlan | Mode::Ebpf => {
+                    let gw = subnet.trim_end_matches("/24");
+                    let mac = &macs[j];
+                    ns.ip(&[
+                        "neigh",
+                        "replace",
+                        gw,
+                        "dev",
+                        "flannel.1",
+                        "lladdr",
+                        mac,
+                        "nud",
+                        "permanent",
+                    ])
+                    .await?;
+                    weft_tests::netns::run(
+                        "bridge",
+                        &[
+                            "-n",
+                            ns.name(),
+                            "fdb",
+                            "replace",
+                            mac,
+                            "dev",
+                            "flannel.1",
+                            "dst",
+                            &peer_ip,
+                            "self",
+                            "permanent",
+                        ],
+                    )
+                    .await?;
+                    ns.ip(&[
+                        "route",
+                        "replace",
+                        &subnet,
+                        "via",
+                        gw,
+                        "dev",
+                        "flannel.1",
+                        "onlink",
+                    ])
+                    .await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
