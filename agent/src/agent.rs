@@ -258,6 +258,19 @@ impl<B: Backend> Running<'_, B> {
         shutdown: &CancellationToken,
     ) -> Result<(), AgentError> {
         let old = self.own.subnet;
+        // Overwritten while our etcd lease still runs: the subnet was ours, not free. Moving
+        // would cut every container on docker0 off; take the key back instead.
+        if self.store.ttl_left(self.own.etcd_lease).await?.is_some() {
+            if let Some(lease) = self
+                .store
+                .reclaim(&self.own, &self.attrs, self.cfg.lease.ttl)
+                .await?
+            {
+                tracing::warn!(subnet = %old, "another writer overwrote our lease while we held it; reclaimed it");
+                self.own = lease;
+                return Ok(());
+            }
+        }
         let lease = subnet::acquire(
             &self.store,
             &self.net,
@@ -288,6 +301,27 @@ impl<B: Backend> Running<'_, B> {
         let ev = self.peers.set_own(self.own.subnet);
         self.apply(ev.into_iter().collect()).await;
         Ok(())
+    }
+
+    /// Whether a peer lease is one of this network's subnets. Anything else (a /16 over
+    /// everyone, a subnet outside Network) would route other hosts' traffic to its holder:
+    /// skipped with a warning.
+    fn fits(&self, lease: &Lease) -> bool {
+        let ok = lease.subnet.prefix_len() == self.net.subnet_len
+            && self.net.network.contains(&lease.subnet);
+        if !ok {
+            tracing::warn!(
+                subnet = %lease.subnet,
+                public_ip = %lease.attrs.public_ip,
+                network = %self.net.network,
+                subnet_len = self.net.subnet_len,
+                "lease {} is not a /{} inside {} and would overlap other subnets; skipping it",
+                lease.subnet,
+                self.net.subnet_len,
+                self.net.network
+            );
+        }
+        ok
     }
 
     /// Whether a watch update says we lost our own key.
@@ -393,7 +427,11 @@ where
                     next_renew = Instant::now();
                 }
                 let events = match update {
-                    WatchUpdate::Snapshot(listing) => st.peers.reset(listing.leases),
+                    WatchUpdate::Snapshot(listing) => {
+                        let leases = listing.leases.into_iter().filter(|l| st.fits(l)).collect();
+                        st.peers.reset(leases)
+                    }
+                    WatchUpdate::Put(lease) if !st.fits(&lease) => Vec::new(),
                     WatchUpdate::Put(lease) => st.peers.put(lease).into_iter().collect(),
                     WatchUpdate::Delete(subnet) => st.peers.delete(subnet).into_iter().collect(),
                 };

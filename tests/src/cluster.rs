@@ -103,6 +103,12 @@ impl Cluster {
         let dir = ClusterDir::create(opts.dir.clone(), &name)?;
         let switch = Netns::create(&format!("{name}-sw")).await?;
         switch.ip(&["link", "add", "br0", "type", "bridge"]).await?;
+        // A bridge without an address of its own takes its lowest port MAC and changes it when
+        // that port goes: every host's ARP entry for etcd would then point nowhere for seconds
+        // after a host is removed. A fixed MAC keeps etcd reachable.
+        switch
+            .ip(&["link", "set", "br0", "address", "02:77:65:66:74:01"])
+            .await?;
         let gw = format!("{UNDERLAY_GATEWAY}/{UNDERLAY_PREFIX_LEN}");
         switch.ip(&["addr", "add", &gw, "dev", "br0"]).await?;
         switch.ip(&["link", "set", "br0", "up"]).await?;
@@ -173,6 +179,11 @@ impl Cluster {
     /// The cluster's etcd (on the underlay; its helpers run `etcdctl` inside the switch namespace).
     pub fn etcd(&self) -> &Etcd {
         &self.etcd
+    }
+
+    /// The cluster's etcd, to kill and start it again ([`Etcd::kill`], [`Etcd::start_again`]).
+    pub fn etcd_mut(&mut self) -> &mut Etcd {
+        &mut self.etcd
     }
 
     /// The etcd prefix the agents use (default `/coreos.com/network`).

@@ -6,7 +6,7 @@
 //! convenience helpers reach it by running `etcdctl` inside the namespace (`ip netns exec`).
 //! Either way the data lives in a temporary directory, and drop kills the process and removes it.
 
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -25,11 +25,14 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// A running etcd server owned by the test; dropped = killed and its data removed.
 pub struct Etcd {
     child: Child,
+    /// How it was started, so [`Etcd::start_again`] can bring it back with the same data.
+    spec: Spec,
     endpoint: String,
     /// `Some(ns)`: etcd listens inside that namespace and is reached through `ip netns exec ns etcdctl`.
     netns: Option<String>,
     dir: Option<tempfile::TempDir>,
     keep: bool,
+    #[cfg(feature = "client")]
     #[cfg(feature = "client")]
     client: OnceCell<Client>,
 }
@@ -84,6 +87,24 @@ impl Etcd {
         data_dir: Option<PathBuf>,
         detach: bool,
     ) -> anyhow::Result<Etcd> {
+        let mut etcd = Self::spawn_member(
+            netns,
+            Member::single(ip, client_port, peer_port),
+            data_dir,
+            detach,
+        )?;
+        etcd.wait_started().await?;
+        Ok(etcd)
+    }
+
+    /// Start one member without waiting for it to serve: members of a multi-member cluster only
+    /// become healthy once a quorum of them runs.
+    fn spawn_member(
+        netns: Option<&str>,
+        member: Member,
+        data_dir: Option<PathBuf>,
+        detach: bool,
+    ) -> anyhow::Result<Etcd> {
         let (dir, data_path) = match data_dir {
             Some(path) => {
                 std::fs::create_dir_all(&path)
@@ -99,11 +120,115 @@ impl Etcd {
                 (Some(dir), path)
             }
         };
-        let endpoint = format!("http://{ip}:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
+        let spec = Spec {
+            netns: netns.map(str::to_owned),
+            member,
+            data_path,
+            detach,
+        };
+        let child = spec.spawn()?;
+        Ok(Etcd {
+            child,
+            endpoint: spec.member.endpoint(),
+            netns: spec.netns.clone(),
+            spec,
+            dir,
+            keep: false,
+            #[cfg(feature = "client")]
+            client: OnceCell::new(),
+        })
+    }
+
+    /// Wait until it serves; on failure the error carries the tail of etcd's log.
+    async fn wait_started(&mut self) -> anyhow::Result<()> {
+        if let Err(e) = self.wait_healthy().await {
+            let log_path = self.spec.data_path.join("etcd.log");
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!(
+                "{e:#}\n--- etcd log ({}) ---\n{}",
+                log_path.display(),
+                tail(&log, 30)
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGKILL etcd (as a crash or a dead machine would) and reap it; its data stays on disk for
+    /// [`Etcd::start_again`]. Idempotent.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the etcd process runs (it may still be starting).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Start etcd again with the same name, addresses and data directory (after [`Etcd::kill`])
+    /// and wait until it serves (for a cluster member: until its cluster has a quorum).
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.child = self.spec.spawn()?;
+        self.wait_started().await
+    }
+}
+
+/// One etcd member's name and addresses.
+#[derive(Debug, Clone)]
+struct Member {
+    name: String,
+    ip: Ipv4Addr,
+    client_port: u16,
+    peer_ip: Ipv4Addr,
+    peer_port: u16,
+    /// `--initial-cluster`: every member's `name=peer URL`.
+    initial_cluster: String,
+}
+
+impl Member {
+    fn single(ip: Ipv4Addr, client_port: u16, peer_port: u16) -> Member {
+        let mut m = Member {
+            name: "weft-test".into(),
+            ip,
+            client_port,
+            peer_ip: Ipv4Addr::LOCALHOST,
+            peer_port,
+            initial_cluster: String::new(),
+        };
+        m.initial_cluster = format!("{}={}", m.name, m.peer_url());
+        m
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}:{}", self.ip, self.client_port)
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://{}:{}", self.peer_ip, self.peer_port)
+    }
+}
+
+/// Everything needed to (re)start one etcd process.
+#[derive(Debug, Clone)]
+struct Spec {
+    netns: Option<String>,
+    member: Member,
+    data_path: PathBuf,
+    detach: bool,
+}
+
+impl Spec {
+    fn spawn(&self) -> anyhow::Result<Child> {
+        let (netns, data_path, detach) = (self.netns.as_deref(), &self.data_path, self.detach);
+        let endpoint = self.member.endpoint();
+        let peer = self.member.peer_url();
         let log_path = data_path.join("etcd.log");
-        let log =
-            File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("open {}", log_path.display()))?;
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -113,7 +238,7 @@ impl Etcd {
             None => Command::new("etcd"),
         };
         cmd.arg("--name")
-            .arg("weft-test")
+            .arg(&self.member.name)
             .arg("--data-dir")
             .arg(data_path.join("data"))
             .args([
@@ -129,36 +254,19 @@ impl Etcd {
                 &peer,
             ])
             .arg("--initial-cluster")
-            .arg(format!("weft-test={peer}"))
+            .arg(&self.member.initial_cluster)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicate the etcd log handle")?)
             .stderr(log);
         if detach {
             cmd.process_group(0);
         }
-        let child = cmd
-            .spawn()
-            .context("run /usr/bin/etcd; install it with `apt-get install etcd-server`")?;
-        let mut etcd = Etcd {
-            child,
-            endpoint,
-            netns: netns.map(str::to_owned),
-            dir,
-            keep: false,
-            #[cfg(feature = "client")]
-            client: OnceCell::new(),
-        };
-        if let Err(e) = etcd.wait_healthy().await {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            bail!(
-                "{e:#}\n--- etcd log ({}) ---\n{}",
-                log_path.display(),
-                tail(&log, 30)
-            );
-        }
-        Ok(etcd)
+        cmd.spawn()
+            .context("run /usr/bin/etcd; install it with `apt-get install etcd-server`")
     }
+}
 
+impl Etcd {
     async fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -350,6 +458,85 @@ impl Drop for Etcd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         // `dir` (a TempDir) removes itself after this.
+    }
+}
+
+/// A multi-member etcd cluster inside one namespace (the underlay switch), member `i` listening
+/// for clients on `ips[i]:2379` and for peers on `ips[i]:2380`: etcd the way production runs it,
+/// to kill members one at a time. Each member is an [`Etcd`] (kill, start again, etcdctl).
+pub struct EtcdCluster {
+    pub members: Vec<Etcd>,
+}
+
+impl EtcdCluster {
+    /// Start one member per address of `ips` (which must already be configured in `netns`), data
+    /// under `dir/member<i>`, and wait until every member serves.
+    pub async fn start_in_netns(
+        netns: &str,
+        ips: &[Ipv4Addr],
+        dir: &Path,
+    ) -> anyhow::Result<EtcdCluster> {
+        let mut members: Vec<Member> = ips
+            .iter()
+            .enumerate()
+            .map(|(i, &ip)| Member {
+                name: format!("member{}", i + 1),
+                ip,
+                client_port: 2379,
+                peer_ip: ip,
+                peer_port: 2380,
+                initial_cluster: String::new(),
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster = initial.clone();
+        }
+        let mut started = Vec::with_capacity(members.len());
+        for m in members {
+            let data = dir.join(&m.name);
+            started.push(Etcd::spawn_member(Some(netns), m, Some(data), false)?);
+        }
+        for etcd in &mut started {
+            etcd.wait_started().await?;
+        }
+        Ok(EtcdCluster { members: started })
+    }
+
+    /// Every member's client URL, comma-separated, as `--etcd-endpoints` takes them.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(Etcd::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the current leader, asked of the running members.
+    pub async fn leader(&mut self) -> anyhow::Result<usize> {
+        for i in 0..self.members.len() {
+            if !self.members[i].running() {
+                continue;
+            }
+            let Ok(out) = self.members[i]
+                .etcdctl(&["endpoint", "status", "-w", "json"])
+                .await
+            else {
+                continue;
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(&out).context("parse endpoint status")?;
+            let status = &v[0]["Status"];
+            let (leader, me) = (&status["leader"], &status["header"]["member_id"]);
+            if leader.is_u64() && leader == me {
+                return Ok(i);
+            }
+        }
+        bail!("no etcd member reports itself as leader")
     }
 }
 

@@ -315,6 +315,59 @@ impl EtcdStore {
         }))
     }
 
+    /// Re-put `current`'s key with `attrs` on a fresh etcd lease if `accept` approves of what
+    /// the key holds now (its attrs, `None` when unparsable) and nobody writes it in between
+    /// (compared by mod revision, so a value in any writer's spelling is taken as it is). `None`
+    /// when the key is gone, `accept` refused, or it changed meanwhile. `current`'s etcd lease is
+    /// revoked once replaced.
+    pub async fn take_over(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        accept: impl Fn(Option<&LeaseAttrs>) -> bool,
+    ) -> Result<Option<Lease>, SubnetError> {
+        let key = self.lease_key(current.subnet);
+        let resp = self
+            .call("get", &key, self.client.clone().get(key.as_str(), None))
+            .await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        if !accept(LeaseAttrs::from_json(&key, kv.value()).ok().as_ref()) {
+            return Ok(None);
+        }
+        let compare = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
+        let Some(id) = self
+            .put_if("take-over", current.subnet, compare, attrs, ttl)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if current.etcd_lease != 0 && current.etcd_lease != id {
+            self.revoke(current.etcd_lease).await;
+        }
+        Ok(Some(Lease {
+            subnet: current.subnet,
+            attrs: attrs.clone(),
+            etcd_lease: id,
+        }))
+    }
+
+    /// Take our subnet's key back from a writer that overwrote it with another PublicIP (or
+    /// garbage) while our etcd lease was alive.
+    pub async fn reclaim(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        self.take_over(current, attrs, ttl, |held| {
+            held.is_none_or(|h| h.public_ip != attrs.public_ip)
+        })
+        .await
+    }
+
     /// Delete a lease key (operators and tests).
     pub async fn delete_lease(&self, subnet: Ipv4Net) -> Result<(), SubnetError> {
         let key = self.lease_key(subnet);

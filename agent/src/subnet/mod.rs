@@ -106,7 +106,11 @@ pub async fn acquire(
             .iter()
             .find(|l| l.attrs.public_ip == attrs.public_ip && alloc::fits(cfg, l.subnet))
         {
-            if let Some(lease) = store.renew(own, attrs, ttl).await? {
+            // Compared by revision, not by value: a lease flanneld (or an older weft) wrote
+            // in another spelling (no VNI, other field case) is still ours to re-put.
+            let ours =
+                |held: Option<&LeaseAttrs>| held.is_some_and(|h| h.public_ip == attrs.public_ip);
+            if let Some(lease) = store.take_over(own, attrs, ttl, ours).await? {
                 tracing::info!(subnet = %lease.subnet, "reusing the lease that holds our public IP");
                 return Ok(lease);
             }
