@@ -540,7 +540,6 @@ impl EtcdCluster {
     }
 }
 
-
 /// A port that was free a moment ago on 127.0.0.1.
 fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

@@ -129,7 +129,10 @@ pub fn unmount_below(dir: &Path) {
         };
         // SAFETY: umount2 with a valid NUL-terminated path; MNT_DETACH never blocks.
         if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!("weft-tests cleanup: unmount {p}: {}", std::io::Error::last_os_error());
+            eprintln!(
+                "weft-tests cleanup: unmount {p}: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }

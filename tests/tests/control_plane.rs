@@ -501,7 +501,8 @@ async fn restart_keeps_subnet_and_deleted_lease_comes_back() {
     config_set(&etcd, VXLAN_CONFIG).await;
     let mut a = Agent::start(&etcd.endpoint(), "127.0.0.3", &[]).await;
     let subnet = a.subnet(Duration::from_secs(10)).await;
-    a.wait_log(&["weft::agent: ready"], Duration::from_secs(5)).await;
+    a.wait_log(&["weft::agent: ready"], Duration::from_secs(5))
+        .await;
     let status = a.stop().await;
     assert!(
         status.success(),
@@ -521,7 +522,8 @@ async fn restart_keeps_subnet_and_deleted_lease_comes_back() {
         Duration::from_secs(5),
     )
     .await;
-    b.wait_log(&["weft::agent: ready"], Duration::from_secs(5)).await;
+    b.wait_log(&["weft::agent: ready"], Duration::from_secs(5))
+        .await;
 
     // Lease deleted under a running agent: it takes the same subnet back, without moving.
     assert_eq!(etcd.delete(&lease_key(&subnet)).await, 1);
@@ -866,7 +868,8 @@ async fn files_and_docker_opts_match_flannel_bytes() {
         ("WEFT_DATAPATH", "kernel"),
     ];
     let a = Agent::start_in("", "127.0.0.11", &[], dir, &envs).await;
-    a.wait_log(&["weft::agent: ready"], Duration::from_secs(10)).await;
+    a.wait_log(&["weft::agent: ready"], Duration::from_secs(10))
+        .await;
     let subnet_env = std::fs::read(&subnet_file).expect("subnet file");
     assert_eq!(String::from_utf8_lossy(&subnet_env), "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.10.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n");
     use std::os::unix::fs::PermissionsExt;
@@ -941,7 +944,8 @@ async fn agent_waits_for_etcd_then_for_the_config_key() {
     assert!(!a.subnet_file().exists() && leases(&etcd).await.is_empty());
 
     config_set(&etcd, VXLAN_CONFIG).await;
-    a.wait_log(&["weft::agent: ready"], Duration::from_secs(10)).await;
+    a.wait_log(&["weft::agent: ready"], Duration::from_secs(10))
+        .await;
     let subnet = a.subnet(Duration::ZERO).await;
     assert!(leases(&etcd).await.contains_key(&subnet));
     assert!(a.stop().await.success());

@@ -54,8 +54,16 @@ macro_rules! require_root {
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -80,7 +88,11 @@ impl Netns {
     }
 
     fn exec(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ip").args(["netns", "exec", &self.name]).args(args).output().expect("ip netns exec")
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .expect("ip netns exec")
     }
 
     fn spawn(&self, args: &[&str]) -> Child {
@@ -103,7 +115,11 @@ impl Netns {
         args.extend(extra);
         args.push(dst);
         let out = self.exec(&args);
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let (sent, received) = ping_summary(&text);
         (sent, received, text)
     }
@@ -112,29 +128,48 @@ impl Netns {
     fn flannel_packets(&self) -> (u64, u64) {
         let v: Value = serde_json::from_str(&self.ip("-s -j link show flannel.1")).expect("json");
         let s = &v[0]["stats64"];
-        (s["tx"]["packets"].as_u64().unwrap_or(0), s["rx"]["packets"].as_u64().unwrap_or(0))
+        (
+            s["tx"]["packets"].as_u64().unwrap_or(0),
+            s["rx"]["packets"].as_u64().unwrap_or(0),
+        )
     }
 
     fn sysctl(&self, path: &str) -> String {
-        run("ip", &["netns", "exec", &self.name, "cat", path]).trim().to_string()
+        run("ip", &["netns", "exec", &self.name, "cat", path])
+            .trim()
+            .to_string()
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 fn ping_summary(text: &str) -> (u32, u32) {
     // "3 packets transmitted, 3 received, ..."
-    let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or("");
-    let nums: Vec<u32> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect();
-    (nums.first().copied().unwrap_or(0), nums.get(1).copied().unwrap_or(0))
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("");
+    let nums: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    (
+        nums.first().copied().unwrap_or(0),
+        nums.get(1).copied().unwrap_or(0),
+    )
 }
 
 /// Runs `f` on a fresh thread inside the namespace at `path`.
-fn in_netns<T: Send + 'static>(path: String, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+fn in_netns<T: Send + 'static>(
+    path: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
     std::thread::spawn(move || {
         enter(&path);
         f()
@@ -153,8 +188,14 @@ struct BpfFs(tempfile::TempDir);
 
 impl BpfFs {
     fn mount() -> Self {
-        let dir = tempfile::Builder::new().prefix("weft-bpffs-").tempdir().expect("tempdir");
-        run("mount", &["-t", "bpf", "bpf", &dir.path().to_string_lossy()]);
+        let dir = tempfile::Builder::new()
+            .prefix("weft-bpffs-")
+            .tempdir()
+            .expect("tempdir");
+        run(
+            "mount",
+            &["-t", "bpf", "bpf", &dir.path().to_string_lossy()],
+        );
         BpfFs(dir)
     }
 }
@@ -179,7 +220,11 @@ struct Topology {
 
 impl Topology {
     fn new() -> Self {
-        let prefix = format!("wfb-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let prefix = format!(
+            "wfb-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
         let switch = Netns::new(&prefix, "sw");
         switch.ip("link add br0 type bridge");
         switch.ip("link set br0 up");
@@ -189,7 +234,10 @@ impl Topology {
         let underlay = [&hosts[0], &hosts[1], &stranger];
         for (i, host) in underlay.iter().enumerate() {
             let port = format!("p{i}");
-            switch.ip(&format!("link add {port} type veth peer name ens32 netns {}", host.name));
+            switch.ip(&format!(
+                "link add {port} type veth peer name ens32 netns {}",
+                host.name
+            ));
             switch.ip(&format!("link set {port} master br0 up"));
             host.ip(&format!("addr add {}/24 dev ens32", UNDERLAY[i]));
             host.ip("link set ens32 up");
@@ -199,20 +247,53 @@ impl Topology {
             host.ip("link add docker0 type bridge");
             host.ip(&format!("addr add 10.1.{n}.1/24 dev docker0"));
             host.ip("link set docker0 mtu 1450 up");
-            host.ip(&format!("link add vethc{n} mtu 1450 type veth peer name eth0 netns {}", c.name));
+            host.ip(&format!(
+                "link add vethc{n} mtu 1450 type veth peer name eth0 netns {}",
+                c.name
+            ));
             host.ip(&format!("link set vethc{n} master docker0 up"));
             c.ip(&format!("addr add 10.1.{n}.2/24 dev eth0"));
             c.ip("link set eth0 mtu 1450 up");
             c.ip(&format!("route add default via 10.1.{n}.1"));
-            run("ip", &["netns", "exec", &host.name, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &host.name,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                ],
+            );
             // A distribution default the backend has to cope with.
-            run("ip", &["netns", "exec", &host.name, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"]);
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &host.name,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.conf.all.rp_filter=1",
+                ],
+            );
         }
-        Self { bpffs: BpfFs::mount(), hosts, containers, stranger, _switch: switch }
+        Self {
+            bpffs: BpfFs::mount(),
+            hosts,
+            containers,
+            stranger,
+            _switch: switch,
+        }
     }
 
     fn pin_dir(&self, host: usize) -> PathBuf {
-        self.bpffs.0.path().join("weft").join(format!("h{}", host + 1))
+        self.bpffs
+            .0
+            .path()
+            .join("weft")
+            .join(format!("h{}", host + 1))
     }
 }
 
@@ -225,7 +306,10 @@ fn lease(host: usize, mac: MacAddr) -> Lease {
         subnet: format!("10.1.{}.0/24", host + 1).parse().expect("subnet"),
         attrs: LeaseAttrs {
             public_ip: UNDERLAY[host].parse().expect("ip"),
-            backend: BackendAttrs::Vxlan { vni: Some(1), vtep_mac: mac },
+            backend: BackendAttrs::Vxlan {
+                vni: Some(1),
+                vtep_mac: mac,
+            },
         },
         etcd_lease: 0,
     }
@@ -269,7 +353,10 @@ impl Agent {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<MacAddr, String>>();
         let pin_dir = topo.pin_dir(host);
         let thread = in_netns(topo.hosts[host].path(), move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async move {
                 let started = start_backend(host, kind, pin_dir).await;
                 let mut backend = match started {
@@ -285,31 +372,52 @@ impl Agent {
                 while let Ok((cmd, reply)) = rx.recv() {
                     let result = match (cmd, &mut backend) {
                         (Cmd::Exit, _) => return,
-                        (Cmd::Apply(ev), AnyBackend::Ebpf(b)) => b.apply(&ev).await.map(|_| Reply::Done(0)),
-                        (Cmd::Apply(ev), AnyBackend::Kernel(b)) => b.apply(&ev).await.map(|_| Reply::Done(0)),
-                        (Cmd::Reconcile(p), AnyBackend::Ebpf(b)) => b.reconcile(&p).await.map(Reply::Done),
-                        (Cmd::Reconcile(p), AnyBackend::Kernel(b)) => b.reconcile(&p).await.map(Reply::Done),
-                        (Cmd::Counters, AnyBackend::Ebpf(b)) => b.counters().map(Reply::Counters).map_err(Into::into),
-                        (Cmd::Counters, AnyBackend::Kernel(_)) => Err(anyhow::anyhow!("kernel backend has no counters")),
+                        (Cmd::Apply(ev), AnyBackend::Ebpf(b)) => {
+                            b.apply(&ev).await.map(|_| Reply::Done(0))
+                        }
+                        (Cmd::Apply(ev), AnyBackend::Kernel(b)) => {
+                            b.apply(&ev).await.map(|_| Reply::Done(0))
+                        }
+                        (Cmd::Reconcile(p), AnyBackend::Ebpf(b)) => {
+                            b.reconcile(&p).await.map(Reply::Done)
+                        }
+                        (Cmd::Reconcile(p), AnyBackend::Kernel(b)) => {
+                            b.reconcile(&p).await.map(Reply::Done)
+                        }
+                        (Cmd::Counters, AnyBackend::Ebpf(b)) => {
+                            b.counters().map(Reply::Counters).map_err(Into::into)
+                        }
+                        (Cmd::Counters, AnyBackend::Kernel(_)) => {
+                            Err(anyhow::anyhow!("kernel backend has no counters"))
+                        }
                     };
                     let _ = reply.send(result.map_err(|e| format!("{e:#}")));
                 }
             })
         });
         match ready_rx.recv() {
-            Ok(Ok(mac)) => Ok(Self { tx, thread: Some(thread), mac }),
+            Ok(Ok(mac)) => Ok(Self {
+                tx,
+                thread: Some(thread),
+                mac,
+            }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
             }
-            Err(_) => Err(format!("agent thread died: {:?}", thread.join().err().map(|p| panic_text(&p)))),
+            Err(_) => Err(format!(
+                "agent thread died: {:?}",
+                thread.join().err().map(|p| panic_text(&p))
+            )),
         }
     }
 
     fn call(&self, cmd: Cmd) -> Reply {
         let (tx, rx) = mpsc::channel();
         self.tx.send((cmd, tx)).expect("agent thread alive");
-        rx.recv().expect("agent replied").unwrap_or_else(|e| panic!("agent command failed: {e}"))
+        rx.recv()
+            .expect("agent replied")
+            .unwrap_or_else(|e| panic!("agent command failed: {e}"))
     }
 
     fn apply(&self, ev: LeaseEvent) {
@@ -351,7 +459,10 @@ impl Drop for Agent {
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 /// flannel's defaults on this thread's `ens32`.
@@ -369,11 +480,19 @@ async fn vxlan_settings(nl: &Netlink) -> Result<VxlanSettings, String> {
     })
 }
 
-async fn start_backend(host: usize, kind: Kind, pin_dir: PathBuf) -> Result<(AnyBackend, MacAddr), String> {
+async fn start_backend(
+    host: usize,
+    kind: Kind,
+    pin_dir: PathBuf,
+) -> Result<(AnyBackend, MacAddr), String> {
     let nl = Netlink::connect().map_err(|e| e.to_string())?;
     let vx = vxlan_settings(&nl).await?;
     let mut backend = match kind {
-        Kind::Ebpf => AnyBackend::Ebpf(Box::new(EbpfBackend::try_new(nl, EbpfSettings::new(vx, pin_dir)).await.map_err(|e| e.to_string())?)),
+        Kind::Ebpf => AnyBackend::Ebpf(Box::new(
+            EbpfBackend::try_new(nl, EbpfSettings::new(vx, pin_dir))
+                .await
+                .map_err(|e| e.to_string())?,
+        )),
         Kind::Kernel => AnyBackend::Kernel(VxlanBackend::new(nl, vx)),
     };
     let attrs = match &mut backend {
@@ -381,7 +500,9 @@ async fn start_backend(host: usize, kind: Kind, pin_dir: PathBuf) -> Result<(Any
         AnyBackend::Kernel(b) => b.prepare().await,
     }
     .map_err(|e| format!("{e:#}"))?;
-    let BackendAttrs::Vxlan { vtep_mac, .. } = attrs else { return Err("not vxlan attributes".into()) };
+    let BackendAttrs::Vxlan { vtep_mac, .. } = attrs else {
+        return Err("not vxlan attributes".into());
+    };
     let own = lease(host, vtep_mac);
     match &mut backend {
         AnyBackend::Ebpf(b) => b.own_lease(&own).await,
@@ -407,7 +528,9 @@ fn delta(after: &Counters, before: &Counters, index: u32) -> u64 {
 // ---- TCP with checked bytes -------------------------------------------------
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[0] ^ seed ^ (i >> 12) as u8).collect()
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[0] ^ seed ^ (i >> 12) as u8)
+        .collect()
 }
 
 /// Sends `len` bytes from container `from` to container `to` over TCP and
@@ -415,27 +538,43 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 fn tcp_transfer(topo: &Topology, from: usize, to: usize, len: usize) -> Result<(), String> {
     let dst: Ipv4Addr = container_ip(to).parse().expect("ip");
     let (ready_tx, ready_rx) = mpsc::channel();
-    let server = in_netns(topo.containers[to].path(), move || -> std::io::Result<Vec<u8>> {
-        let listener = TcpListener::bind(SocketAddrV4::new(dst, 5201))?;
-        let _ = ready_tx.send(());
-        let (mut conn, _) = listener.accept()?;
-        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut got = Vec::with_capacity(len);
-        conn.read_to_end(&mut got).map(|_| got)
-    });
-    ready_rx.recv().map_err(|_| "server did not start".to_string())?;
-    let client = in_netns(topo.containers[from].path(), move || -> std::io::Result<()> {
-        let mut conn = TcpStream::connect_timeout(&SocketAddrV4::new(dst, 5201).into(), Duration::from_secs(5))?;
-        conn.set_write_timeout(Some(Duration::from_secs(10)))?;
-        conn.write_all(&pattern(len, from as u8))?;
-        conn.shutdown(std::net::Shutdown::Write)
-    });
+    let server = in_netns(
+        topo.containers[to].path(),
+        move || -> std::io::Result<Vec<u8>> {
+            let listener = TcpListener::bind(SocketAddrV4::new(dst, 5201))?;
+            let _ = ready_tx.send(());
+            let (mut conn, _) = listener.accept()?;
+            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut got = Vec::with_capacity(len);
+            conn.read_to_end(&mut got).map(|_| got)
+        },
+    );
+    ready_rx
+        .recv()
+        .map_err(|_| "server did not start".to_string())?;
+    let client = in_netns(
+        topo.containers[from].path(),
+        move || -> std::io::Result<()> {
+            let mut conn = TcpStream::connect_timeout(
+                &SocketAddrV4::new(dst, 5201).into(),
+                Duration::from_secs(5),
+            )?;
+            conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+            conn.write_all(&pattern(len, from as u8))?;
+            conn.shutdown(std::net::Shutdown::Write)
+        },
+    );
     let sent = client.join().map_err(|_| "client panicked".to_string())?;
     let got = server.join().map_err(|_| "server panicked".to_string())?;
     let got = got.map_err(|e| format!("TCP c{}->c{}: receive: {e}", from + 1, to + 1))?;
     sent.map_err(|e| format!("TCP c{}->c{}: send: {e}", from + 1, to + 1))?;
     if got.len() != len || got != pattern(len, from as u8) {
-        return Err(format!("TCP c{}->c{}: {} of {len} bytes arrived, or they differ", from + 1, to + 1, got.len()));
+        return Err(format!(
+            "TCP c{}->c{}: {} of {len} bytes arrived, or they differ",
+            from + 1,
+            to + 1,
+            got.len()
+        ));
     }
     Ok(())
 }
@@ -443,12 +582,20 @@ fn tcp_transfer(topo: &Topology, from: usize, to: usize, len: usize) -> Result<(
 /// `weft status` for `host`, run inside its namespace as the operator would.
 fn status_of(topo: &Topology, host: usize) -> status::Status {
     let pin = topo.pin_dir(host);
-    in_netns(topo.hosts[host].path(), move || status::collect(&pin)).join().expect("status thread").expect("status")
+    in_netns(topo.hosts[host].path(), move || status::collect(&pin))
+        .join()
+        .expect("status thread")
+        .expect("status")
 }
 
 fn assert_pings(topo: &Topology, from: usize, to: usize, extra: &[&str]) {
     let (sent, received, text) = topo.containers[from].ping(&container_ip(to), extra);
-    assert!(sent > 0 && received == sent, "ping c{}->c{} {extra:?}: {text}", from + 1, to + 1);
+    assert!(
+        sent > 0 && received == sent,
+        "ping c{}->c{} {extra:?}: {text}",
+        from + 1,
+        to + 1
+    );
 }
 
 // ---- tests -------------------------------------------------------------------
@@ -460,29 +607,64 @@ fn ebpf_hosts_carry_container_traffic_through_the_programs() {
     let agents = start_pair(&topo, [Kind::Ebpf, Kind::Ebpf]);
 
     // Decapsulated traffic enters on ens32 with a remote source: strict rp_filter is relaxed there.
-    assert_eq!(topo.hosts[0].sysctl("/proc/sys/net/ipv4/conf/ens32/rp_filter"), "2");
-    assert_eq!(topo.hosts[0].sysctl("/proc/sys/net/ipv4/conf/all/rp_filter"), "1", "`all` is left alone");
+    assert_eq!(
+        topo.hosts[0].sysctl("/proc/sys/net/ipv4/conf/ens32/rp_filter"),
+        "2"
+    );
+    assert_eq!(
+        topo.hosts[0].sysctl("/proc/sys/net/ipv4/conf/all/rp_filter"),
+        "1",
+        "`all` is left alone"
+    );
 
     let before = [agents[0].counters(), agents[1].counters()];
-    let flannel_before = [topo.hosts[0].flannel_packets(), topo.hosts[1].flannel_packets()];
+    let flannel_before = [
+        topo.hosts[0].flannel_packets(),
+        topo.hosts[1].flannel_packets(),
+    ];
     assert_pings(&topo, 0, 1, &[]);
     assert_pings(&topo, 1, 0, &[]);
-    let tcp = [tcp_transfer(&topo, 0, 1, 8 * MB), tcp_transfer(&topo, 1, 0, 8 * MB)];
+    let tcp = [
+        tcp_transfer(&topo, 0, 1, 8 * MB),
+        tcp_transfer(&topo, 1, 0, 8 * MB),
+    ];
     let after = [agents[0].counters(), agents[1].counters()];
     for r in &tcp {
-        assert!(r.is_ok(), "{r:?}\nhost 1: {:?}\nhost 2: {:?}", after[0], after[1]);
+        assert!(
+            r.is_ok(),
+            "{r:?}\nhost 1: {:?}\nhost 2: {:?}",
+            after[0],
+            after[1]
+        );
     }
-    let flannel_after = [topo.hosts[0].flannel_packets(), topo.hosts[1].flannel_packets()];
+    let flannel_after = [
+        topo.hosts[0].flannel_packets(),
+        topo.hosts[1].flannel_packets(),
+    ];
     for h in 0..2 {
         let enc = delta(&after[h], &before[h], counter::ENCAPSULATED);
         let dec = delta(&after[h], &before[h], counter::DECAPSULATED);
         let too_big = delta(&after[h], &before[h], counter::PASS_TOO_BIG);
-        let (tx, rx) = (flannel_after[h].0 - flannel_before[h].0, flannel_after[h].1 - flannel_before[h].1);
+        let (tx, rx) = (
+            flannel_after[h].0 - flannel_before[h].0,
+            flannel_after[h].1 - flannel_before[h].1,
+        );
         eprintln!("host {}: encapsulated {enc}, decapsulated {dec}, passed too big {too_big}, flannel.1 tx {tx} rx {rx}", h + 1);
         // 6 pings + 8 MB each way: at least the pings and thousands of TCP segments (fewer when GSO-sized).
-        assert!(enc >= 6 + 100 && dec >= 6 + 100, "host {}: traffic did not use the eBPF path: {after:?}", h + 1);
-        assert_eq!(too_big, 0, "GSO packets must not be handed to the kernel as too big");
-        assert!(tx <= 3 && rx <= 3, "host {}: flannel.1 carried the traffic (tx {tx}, rx {rx})", h + 1);
+        assert!(
+            enc >= 6 + 100 && dec >= 6 + 100,
+            "host {}: traffic did not use the eBPF path: {after:?}",
+            h + 1
+        );
+        assert_eq!(
+            too_big, 0,
+            "GSO packets must not be handed to the kernel as too big"
+        );
+        assert!(
+            tx <= 3 && rx <= 3,
+            "host {}: flannel.1 carried the traffic (tx {tx}, rx {rx})",
+            h + 1
+        );
     }
 
     // Oversize: fragments of a 1600-byte ping from a 1450-MTU container still go through the programs.
@@ -500,13 +682,21 @@ fn ebpf_hosts_carry_container_traffic_through_the_programs() {
     let too_big = delta(&agents[0].counters(), &before, counter::PASS_TOO_BIG);
     let flannel_tx = topo.hosts[0].flannel_packets().0 - flannel_before.0;
     eprintln!("oversize non-GSO: passed too big {too_big}, flannel.1 tx {flannel_tx}");
-    assert!(too_big >= 3 && flannel_tx >= 6, "too big {too_big}, flannel.1 tx {flannel_tx}");
+    assert!(
+        too_big >= 3 && flannel_tx >= 6,
+        "too big {too_big}, flannel.1 tx {flannel_tx}"
+    );
     // With DF set the sender learns the path MTU instead of losing packets silently.
-    let (_, received, text) = topo.containers[0].ping(&container_ip(1), &["-s", "1460", "-M", "do"]);
+    let (_, received, text) =
+        topo.containers[0].ping(&container_ip(1), &["-s", "1460", "-M", "do"]);
     assert_eq!(received, 0, "{text}");
     // "+N errors": ICMP fragmentation-needed came back (ping -q hides the lines).
     assert!(text.contains("errors"), "no path MTU signal: {text}");
-    for (ns, dev) in [(&topo.containers[0], "eth0"), (&topo.hosts[0], "vethc1"), (&topo.hosts[0], "docker0")] {
+    for (ns, dev) in [
+        (&topo.containers[0], "eth0"),
+        (&topo.hosts[0], "vethc1"),
+        (&topo.hosts[0], "docker0"),
+    ] {
         ns.ip(&format!("link set {dev} mtu 1450"));
     }
 
@@ -515,13 +705,26 @@ fn ebpf_hosts_carry_container_traffic_through_the_programs() {
     assert_eq!(st.mode, Mode::Ebpf);
     assert_eq!(st.programs.len(), 2, "{st}");
     assert!(st.programs.iter().all(|p| p.state == "attached"), "{st}");
-    assert!(st.programs.iter().any(|p| p.program == "weft_tc_encap" && p.interface == "docker0" && p.hook == "tcx ingress"), "{st}");
-    assert!(st.programs.iter().any(|p| p.program == "weft_tc_decap" && p.interface == "ens32"), "{st}");
+    assert!(
+        st.programs.iter().any(|p| p.program == "weft_tc_encap"
+            && p.interface == "docker0"
+            && p.hook == "tcx ingress"),
+        "{st}"
+    );
+    assert!(
+        st.programs
+            .iter()
+            .any(|p| p.program == "weft_tc_decap" && p.interface == "ens32"),
+        "{st}"
+    );
     assert_eq!(st.peers.len(), 1);
     assert_eq!(st.peers[0].subnet.to_string(), "10.1.2.0/24");
     assert_eq!(st.peers[0].vtep_ip.to_string(), UNDERLAY[1]);
     assert_eq!(st.peers[0].vtep_mac, weft::netlink::fmt_mac(&agents[1].mac));
-    assert_eq!(st.known_vteps, vec![UNDERLAY[1].parse::<Ipv4Addr>().unwrap()]);
+    assert_eq!(
+        st.known_vteps,
+        vec![UNDERLAY[1].parse::<Ipv4Addr>().unwrap()]
+    );
     assert!(st.counter("encapsulated") > 0);
     let json = serde_json::to_value(&st).expect("json");
     assert_eq!(json["mode"], "ebpf");
@@ -534,7 +737,20 @@ fn vxlan_payload(inner_dst_mac: MacAddr, src: Ipv4Addr, dst: Ipv4Addr, body: &[u
     f.extend(inner_dst_mac.0);
     f.extend([0x02, 0, 0, 0, 0, 0x99, 0x08, 0x00]);
     let total = 20 + 8 + body.len();
-    let mut ip = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0, 0, 64, 17, 0, 0];
+    let mut ip = vec![
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        1,
+        0,
+        0,
+        64,
+        17,
+        0,
+        0,
+    ];
     ip.extend(src.octets());
     ip.extend(dst.octets());
     let sum = checksum(&ip);
@@ -547,7 +763,10 @@ fn vxlan_payload(inner_dst_mac: MacAddr, src: Ipv4Addr, dst: Ipv4Addr, body: &[u
 }
 
 fn checksum(b: &[u8]) -> u16 {
-    let mut sum: u32 = b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -572,7 +791,8 @@ fn receive_in_container2(topo: &Topology, wait: Duration, send: impl FnOnce()) -
     let (ready_tx, ready_rx) = mpsc::channel();
     let listener = in_netns(topo.containers[1].path(), move || {
         let sock = UdpSocket::bind("10.1.2.2:9999").expect("bind");
-        sock.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
         ready_tx.send(()).expect("ready");
         let deadline = Instant::now() + wait;
         let mut got = Vec::new();
@@ -599,16 +819,29 @@ fn spoofed_vxlan_never_reaches_a_container_and_peer_removal_empties_the_maps() {
 
     // Control: the same frame from host 1, which holds a lease, is delivered.
     let frame = vxlan_payload(agents[1].mac, inner_src, inner_dst, b"from-a-peer");
-    let got = receive_in_container2(&topo, Duration::from_secs(2), || send_vxlan_from(&topo.hosts[0], frame));
-    assert!(got.iter().any(|g| g == b"from-a-peer"), "control frame from a peer was not delivered: {got:?}");
+    let got = receive_in_container2(&topo, Duration::from_secs(2), || {
+        send_vxlan_from(&topo.hosts[0], frame)
+    });
+    assert!(
+        got.iter().any(|g| g == b"from-a-peer"),
+        "control frame from a peer was not delivered: {got:?}"
+    );
 
     let before = agents[1].counters();
     let frame = vxlan_payload(agents[1].mac, inner_src, inner_dst, b"spoofed");
-    let got = receive_in_container2(&topo, Duration::from_secs(2), || send_vxlan_from(&topo.stranger, frame));
+    let got = receive_in_container2(&topo, Duration::from_secs(2), || {
+        send_vxlan_from(&topo.stranger, frame)
+    });
     let dropped = delta(&agents[1].counters(), &before, counter::DROP_UNKNOWN_SOURCE);
     eprintln!("spoofed frames dropped: {dropped}");
-    assert!(got.is_empty(), "spoofed VXLAN reached the container: {got:?}");
-    assert!(dropped >= 5, "spoofed frames were not counted as dropped: {dropped}");
+    assert!(
+        got.is_empty(),
+        "spoofed VXLAN reached the container: {got:?}"
+    );
+    assert!(
+        dropped >= 5,
+        "spoofed frames were not counted as dropped: {dropped}"
+    );
 
     // Peer removal: the map entries go, and the VTEP is no longer accepted.
     agents[0].apply(LeaseEvent::Removed(lease(1, agents[1].mac)));
@@ -616,11 +849,17 @@ fn spoofed_vxlan_never_reaches_a_container_and_peer_removal_empties_the_maps() {
     assert!(st.peers.is_empty() && st.known_vteps.is_empty(), "{st}");
     // Changed: a new VTEP MAC replaces the entry; the old VTEP stays known only if still used.
     let new_mac = MacAddr([0x0a, 0, 0, 0, 0, 0x42]);
-    agents[1].apply(LeaseEvent::Changed { old: lease(0, agents[0].mac), new: lease(0, new_mac) });
+    agents[1].apply(LeaseEvent::Changed {
+        old: lease(0, agents[0].mac),
+        new: lease(0, new_mac),
+    });
     let st = status_of(&topo, 1);
     assert_eq!(st.peers.len(), 1);
     assert_eq!(st.peers[0].vtep_mac, weft::netlink::fmt_mac(&new_mac));
-    assert_eq!(st.known_vteps, vec![UNDERLAY[0].parse::<Ipv4Addr>().unwrap()]);
+    assert_eq!(
+        st.known_vteps,
+        vec![UNDERLAY[0].parse::<Ipv4Addr>().unwrap()]
+    );
 }
 
 #[test]
@@ -630,36 +869,81 @@ fn reconcile_repairs_detached_programs_stale_and_missing_entries() {
     let agents = start_pair(&topo, [Kind::Ebpf, Kind::Ebpf]);
     let pin = topo.pin_dir(0);
     let peers = vec![lease(1, agents[1].mac)];
-    assert_eq!(agents[0].reconcile(peers.clone()), 0, "nothing to repair after setup");
+    assert_eq!(
+        agents[0].reconcile(peers.clone()),
+        0,
+        "nothing to repair after setup"
+    );
 
     // Detached by hand with bpftool: the link stays pinned but no longer runs.
     let decap_pin = pin.join("links").join("weft_tc_decap@ens32");
-    run("ip", &["netns", "exec", &topo.hosts[0].name, "bpftool", "link", "detach", "pinned", &decap_pin.to_string_lossy()]);
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &topo.hosts[0].name,
+            "bpftool",
+            "link",
+            "detach",
+            "pinned",
+            &decap_pin.to_string_lossy(),
+        ],
+    );
     let st = status_of(&topo, 0);
-    assert!(st.programs.iter().any(|p| p.program == "weft_tc_decap" && p.state == "detached"), "{st}");
+    assert!(
+        st.programs
+            .iter()
+            .any(|p| p.program == "weft_tc_decap" && p.state == "detached"),
+        "{st}"
+    );
     // The pinned encap link removed by hand.
     let encap_pin = pin.join("links").join("weft_tc_encap@docker0");
     std::fs::remove_file(&encap_pin).expect("rm pinned link");
     // A stale map entry and a missing one.
     let stale: Ipv4Net = "10.1.99.0/24".parse().unwrap();
-    let stale_lease = Lease { subnet: stale, ..lease(1, agents[1].mac) };
-    agents[0].apply(LeaseEvent::Added(Lease { attrs: LeaseAttrs { public_ip: "192.168.77.50".parse().unwrap(), ..stale_lease.attrs.clone() }, ..stale_lease }));
+    let stale_lease = Lease {
+        subnet: stale,
+        ..lease(1, agents[1].mac)
+    };
+    agents[0].apply(LeaseEvent::Added(Lease {
+        attrs: LeaseAttrs {
+            public_ip: "192.168.77.50".parse().unwrap(),
+            ..stale_lease.attrs.clone()
+        },
+        ..stale_lease
+    }));
 
     let repairs = agents[0].reconcile(peers.clone());
     eprintln!("repairs made: {repairs}");
-    assert!(repairs >= 3, "expected re-attach of 2 programs and removal of the stale entry, got {repairs}");
+    assert!(
+        repairs >= 3,
+        "expected re-attach of 2 programs and removal of the stale entry, got {repairs}"
+    );
     let st = status_of(&topo, 0);
     assert_eq!(st.programs.len(), 2, "{st}");
     assert!(st.programs.iter().all(|p| p.state == "attached"), "{st}");
     assert_eq!(st.peers.len(), 1, "{st}");
-    assert_eq!(st.known_vteps, vec![UNDERLAY[1].parse::<Ipv4Addr>().unwrap()], "{st}");
+    assert_eq!(
+        st.known_vteps,
+        vec![UNDERLAY[1].parse::<Ipv4Addr>().unwrap()],
+        "{st}"
+    );
     assert!(encap_pin.exists() && decap_pin.exists());
     // And the repaired programs carry the traffic again.
     let before = agents[0].counters();
     assert_pings(&topo, 0, 1, &[]);
     let after = agents[0].counters();
-    assert!(delta(&after, &before, counter::ENCAPSULATED) >= 3 && delta(&after, &before, counter::DECAPSULATED) >= 3, "{after:?}");
-    assert_eq!(agents[0].reconcile(peers), 0, "a second reconcile finds nothing to do");
+    assert!(
+        delta(&after, &before, counter::ENCAPSULATED) >= 3
+            && delta(&after, &before, counter::DECAPSULATED) >= 3,
+        "{after:?}"
+    );
+    assert_eq!(
+        agents[0].reconcile(peers),
+        0,
+        "a second reconcile finds nothing to do"
+    );
 }
 
 #[test]
@@ -667,22 +951,40 @@ fn restart_adopts_pinned_programs_without_losing_a_ping() {
     require_root!();
     let topo = Topology::new();
     let [a, b] = start_pair(&topo, [Kind::Ebpf, Kind::Ebpf]);
-    let ping = topo.containers[0].spawn(&["ping", "-n", "-q", "-i", "0.01", "-c", "400", &container_ip(1)]);
+    let ping = topo.containers[0].spawn(&[
+        "ping",
+        "-n",
+        "-q",
+        "-i",
+        "0.01",
+        "-c",
+        "400",
+        &container_ip(1),
+    ]);
     std::thread::sleep(Duration::from_millis(500));
     let before = b.counters();
     a.stop();
     std::thread::sleep(Duration::from_millis(1000));
     // Host 1's agent is down; its programs still decapsulate what host 2 sends.
-    assert!(delta(&b.counters(), &before, counter::ENCAPSULATED) >= 50, "host 2 stopped encapsulating");
+    assert!(
+        delta(&b.counters(), &before, counter::ENCAPSULATED) >= 50,
+        "host 2 stopped encapsulating"
+    );
     let a = Agent::start(&topo, 0, Kind::Ebpf).expect("restart adopts");
     a.apply(LeaseEvent::Added(lease(1, b.mac)));
     let out = ping.wait_with_output().expect("ping");
     let text = String::from_utf8_lossy(&out.stdout);
     let (sent, received) = ping_summary(&text);
     eprintln!("ping at 100/s across the restart: {sent} sent, {received} received");
-    assert!(sent == 400 && received == sent, "packets lost across the restart: {text}");
+    assert!(
+        sent == 400 && received == sent,
+        "packets lost across the restart: {text}"
+    );
     let st = status_of(&topo, 0);
-    assert!(st.programs.iter().all(|p| p.state == "attached") && st.programs.len() == 2, "{st}");
+    assert!(
+        st.programs.iter().all(|p| p.state == "attached") && st.programs.len() == 2,
+        "{st}"
+    );
     drop(a);
 
     // --cleanup: everything pinned goes, traffic falls back to flannel.1.
@@ -697,7 +999,10 @@ fn restart_adopts_pinned_programs_without_losing_a_ping() {
     }
     let flannel_before = topo.hosts[0].flannel_packets();
     assert_pings(&topo, 0, 1, &[]);
-    assert!(topo.hosts[0].flannel_packets().0 - flannel_before.0 >= 3, "after cleanup flannel.1 carries the traffic");
+    assert!(
+        topo.hosts[0].flannel_packets().0 - flannel_before.0 >= 3,
+        "after cleanup flannel.1 carries the traffic"
+    );
     drop(b);
 }
 
@@ -713,14 +1018,23 @@ fn mixed_ebpf_and_kernel_hosts_reach_each_other() {
     tcp_transfer(&topo, 0, 1, 4 * MB).expect("TCP eBPF -> kernel");
     tcp_transfer(&topo, 1, 0, 4 * MB).expect("TCP kernel -> eBPF");
     let after = agents[0].counters();
-    let (tx, rx) = (topo.hosts[1].flannel_packets().0 - kernel_before.0, topo.hosts[1].flannel_packets().1 - kernel_before.1);
+    let (tx, rx) = (
+        topo.hosts[1].flannel_packets().0 - kernel_before.0,
+        topo.hosts[1].flannel_packets().1 - kernel_before.1,
+    );
     eprintln!(
         "mixed: eBPF host encapsulated {}, decapsulated {}; kernel host flannel.1 tx {tx} rx {rx}",
         delta(&after, &before, counter::ENCAPSULATED),
         delta(&after, &before, counter::DECAPSULATED)
     );
-    assert!(delta(&after, &before, counter::ENCAPSULATED) >= 100 && delta(&after, &before, counter::DECAPSULATED) >= 100);
-    assert!(tx >= 100 && rx >= 100, "the kernel host's flannel.1 must carry its side");
+    assert!(
+        delta(&after, &before, counter::ENCAPSULATED) >= 100
+            && delta(&after, &before, counter::DECAPSULATED) >= 100
+    );
+    assert!(
+        tx >= 100 && rx >= 100,
+        "the kernel host's flannel.1 must carry its side"
+    );
 }
 
 #[test]
@@ -733,14 +1047,22 @@ fn setup_failure_names_the_step_and_leaves_nothing_attached() {
     let path = topo.hosts[0].path();
     let err = in_netns(path, move || {
         let mut other = weft::datapath::Datapath::load(&blocker).expect("load blocker");
-        other.attach_decap("ens32", weft::datapath::DecapHook::Xdp).expect("blocker attaches");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        other
+            .attach_decap("ens32", weft::datapath::DecapHook::Xdp)
+            .expect("blocker attaches");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         let err = rt.block_on(async {
             let nl = Netlink::connect().expect("netlink");
             let vx = vxlan_settings(&nl).await.expect("settings");
             let mut s = EbpfSettings::new(vx, &pin);
             s.decap_hook = Some(weft::datapath::DecapHook::Xdp);
-            EbpfBackend::try_new(nl, s).await.err().map(|e| e.to_string())
+            EbpfBackend::try_new(nl, s)
+                .await
+                .err()
+                .map(|e| e.to_string())
         });
         let _ = weft::datapath::Datapath::detach_and_unpin(&blocker);
         (err, pin_left(&pin))
@@ -750,7 +1072,10 @@ fn setup_failure_names_the_step_and_leaves_nothing_attached() {
     let (err, left) = err;
     let err = err.expect("try_new must fail while another XDP program holds ens32");
     eprintln!("{err}");
-    assert!(err.contains("decapsulation") && err.contains("ens32") && err.contains("xdp"), "{err}");
+    assert!(
+        err.contains("decapsulation") && err.contains("ens32") && err.contains("xdp"),
+        "{err}"
+    );
     assert!(!left, "a failed setup left pins behind");
 }
 
@@ -768,9 +1093,17 @@ fn a_bridge_created_later_gets_encapsulation_on_reconcile() {
     a.apply(LeaseEvent::Added(lease(1, b.mac)));
     b.apply(LeaseEvent::Added(lease(0, a.mac)));
     let st = status_of(&topo, 0);
-    assert_eq!(st.programs.len(), 1, "only decap before docker0 exists: {st}");
+    assert_eq!(
+        st.programs.len(),
+        1,
+        "only decap before docker0 exists: {st}"
+    );
     topo.hosts[0].ip("link set docker-old name docker0");
-    assert_eq!(a.reconcile(vec![lease(1, b.mac)]), 1, "attaching to the new bridge is one repair");
+    assert_eq!(
+        a.reconcile(vec![lease(1, b.mac)]),
+        1,
+        "attaching to the new bridge is one repair"
+    );
     let before = a.counters();
     assert_pings(&topo, 0, 1, &[]);
     assert!(delta(&a.counters(), &before, counter::ENCAPSULATED) >= 3);

@@ -1201,6 +1201,115 @@ async fn a_decap_program_detached_by_hand_is_reattached_within_seconds() {
     );
 }
 
+/// The admin accidents of an eBPF host: the XDP decapsulation detached by hand, then `docker0`
+/// deleted and recreated the way Docker does at its restart (same address and MTU, the
+/// containers' veths attached again). The agent re-attaches both and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_xdp_and_recreated_docker0_are_repaired() {
+    let c = ebpf_cluster_each(2, 1, |i| {
+        let mut extra = vec!["--reconcile-interval", "1s"];
+        if i == 0 {
+            extra.extend(["--decap-hook", "xdp"]);
+        }
+        extra
+    })
+    .await;
+    let (h1, agent) = (c.host(0), c.host(0).agent().unwrap());
+    let (a, b) = (c.container(0), c.container(1));
+
+    let decap = std::fs::read_dir(h1.bpf_pin_dir().join("links"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().ends_with("@ens32"))
+        .expect("pinned decap link");
+    let repairs = count_in_log(&agent, "re-attaching");
+    h1.exec_ok(&[
+        "bpftool",
+        "link",
+        "detach",
+        "pinned",
+        &decap.display().to_string(),
+    ])
+    .await
+    .unwrap();
+    let st = status(h1).await;
+    assert!(
+        st["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["interface"] == "ens32" && p["state"] == "detached"),
+        "bpftool did not detach the XDP program: {st:#}"
+    );
+    wait_status(h1, "with XDP re-attached", Duration::from_secs(5), |st| {
+        ebpf_ready(st, 1)
+    })
+    .await;
+    assert!(
+        count_in_log(&agent, "re-attaching") > repairs,
+        "repair not logged:\n{}",
+        tail(&agent.log(), 30)
+    );
+    let before = Seen::of(h1).await;
+    b.ping(a.ip()).await.unwrap();
+    let d = Seen::of(h1).await.since(before);
+    assert!(
+        d.decapsulated >= 1 && d.flannel_rx == 0,
+        "re-attached XDP does not decapsulate: {d:?}"
+    );
+
+    let env = h1.subnet().unwrap();
+    h1.exec_ok(&["ip", "link", "del", "docker0"]).await.unwrap();
+    assert!(
+        a.ping(b.ip()).await.is_err(),
+        "traffic flowed without docker0"
+    );
+    let (addr, mtu) = (env.subnet.to_string(), env.mtu.to_string());
+    for cmd in [
+        &["ip", "link", "add", "docker0", "type", "bridge"][..],
+        &["ip", "addr", "add", &addr, "dev", "docker0"],
+        &["ip", "link", "set", "docker0", "mtu", &mtu, "up"],
+        &[
+            "ip",
+            "link",
+            "set",
+            a.host_veth(),
+            "master",
+            "docker0",
+            "up",
+        ],
+    ] {
+        h1.exec_ok(cmd).await.unwrap();
+    }
+    let recreated = Instant::now();
+    a.ping_until(b.ip(), Duration::from_secs(10)).await.unwrap();
+    wait_status(
+        h1,
+        "with encapsulation on the new docker0",
+        Duration::from_secs(5),
+        |st| ebpf_ready(st, 1),
+    )
+    .await;
+    eprintln!(
+        "docker0 recreated: encapsulation back after {:?}",
+        recreated.elapsed()
+    );
+    let before = Seen::of(h1).await;
+    a.ping(b.ip()).await.unwrap();
+    let d = Seen::of(h1).await.since(before);
+    assert!(
+        d.encapsulated >= 1 && d.flannel_tx == 0,
+        "the new docker0 is not encapsulated in eBPF: {d:?}"
+    );
+    assert_eq!(
+        agent.exit_status(),
+        None,
+        "the agent exited:\n{}",
+        tail(&agent.log(), 30)
+    );
+}
+
 // ---- 8. --datapath auto falls back ------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

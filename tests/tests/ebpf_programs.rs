@@ -56,8 +56,15 @@ macro_rules! require_root {
 }
 
 fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn");
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn ifindex(name: &str) -> u32 {
@@ -83,7 +90,10 @@ struct BpfFs(tempfile::TempDir);
 
 impl BpfFs {
     fn mount() -> Self {
-        let dir = tempfile::Builder::new().prefix("weft-bpffs-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("weft-bpffs-")
+            .tempdir()
+            .expect("tempdir");
         run(&["mount", "-t", "bpf", "bpf", &dir.path().to_string_lossy()]);
         BpfFs(dir)
     }
@@ -104,19 +114,71 @@ impl Drop for Env {
 
 fn env(name: &str) -> Env {
     // SAFETY: affects only this thread's network namespace.
-    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
+    assert_eq!(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) },
+        0,
+        "unshare(CLONE_NEWNET)"
+    );
     let mac = |m: [u8; 6]| fmt_mac(m);
     run(&["ip", "link", "set", "lo", "up"]);
-    run(&["ip", "link", "add", "ul0", "address", &mac(UNDERLAY_MAC), "mtu", "1500", "type", "veth", "peer", "name", "ul0-wire"]);
+    run(&[
+        "ip",
+        "link",
+        "add",
+        "ul0",
+        "address",
+        &mac(UNDERLAY_MAC),
+        "mtu",
+        "1500",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ul0-wire",
+    ]);
     run(&["ip", "link", "set", "ul0-wire", "up"]);
     run(&["ip", "addr", "add", "172.16.15.21/24", "dev", "ul0"]);
     run(&["ip", "link", "set", "ul0", "up"]);
-    run(&["ip", "neigh", "replace", "172.16.15.22", "lladdr", &mac(PEER_NIC_MAC), "dev", "ul0", "nud", "permanent"]);
-    run(&["ip", "link", "add", "br0", "address", &mac(BRIDGE_MAC), "type", "veth", "peer", "name", "br0-peer"]);
+    run(&[
+        "ip",
+        "neigh",
+        "replace",
+        "172.16.15.22",
+        "lladdr",
+        &mac(PEER_NIC_MAC),
+        "dev",
+        "ul0",
+        "nud",
+        "permanent",
+    ]);
+    run(&[
+        "ip",
+        "link",
+        "add",
+        "br0",
+        "address",
+        &mac(BRIDGE_MAC),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "br0-peer",
+    ]);
     run(&["ip", "link", "set", "br0-peer", "up"]);
     run(&["ip", "addr", "add", "10.1.10.1/24", "dev", "br0"]);
     run(&["ip", "link", "set", "br0", "up"]);
-    run(&["ip", "neigh", "replace", "10.1.10.5", "lladdr", &mac(CONTAINER_MAC), "dev", "br0", "nud", "permanent"]);
+    run(&[
+        "ip",
+        "neigh",
+        "replace",
+        "10.1.10.5",
+        "lladdr",
+        &mac(CONTAINER_MAC),
+        "dev",
+        "br0",
+        "nud",
+        "permanent",
+    ]);
     run(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
 
     static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -141,22 +203,43 @@ fn env(name: &str) -> Env {
         ttl_inherit: true,
     })
     .expect("configure");
-    dp.upsert_peer("10.1.54.0/24".parse().unwrap(), PEER_IP, MacAddr(PEER_VTEP_MAC)).expect("peer");
+    dp.upsert_peer(
+        "10.1.54.0/24".parse().unwrap(),
+        PEER_IP,
+        MacAddr(PEER_VTEP_MAC),
+    )
+    .expect("peer");
     dp.add_vtep(PEER_IP).expect("vtep");
-    Env { dp, pin_dir, ul0, br0, bpffs }
+    Env {
+        dp,
+        pin_dir,
+        ul0,
+        br0,
+        bpffs,
+    }
 }
 
 // ---- packet building -------------------------------------------------------
 
 fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
 }
 
-fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, ttl: u8, payload_len: usize, frag: u16) -> Vec<u8> {
+fn ipv4_header(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    ttl: u8,
+    payload_len: usize,
+    frag: u16,
+) -> Vec<u8> {
     let mut h = vec![0x45, 0];
     h.extend_from_slice(&((20 + payload_len) as u16).to_be_bytes());
     h.extend_from_slice(&0x1234u16.to_be_bytes());
@@ -178,15 +261,32 @@ fn eth(dst: [u8; 6], src: [u8; 6], proto: u16) -> Vec<u8> {
 
 /// A container's ICMP echo as it enters the bridge: DF set, TTL 64.
 fn container_frame(dst: Ipv4Addr) -> Vec<u8> {
-    let payload: Vec<u8> = [8u8, 0, 0, 0, 0, 1, 0, 1].into_iter().chain(0..56u8).collect();
+    let payload: Vec<u8> = [8u8, 0, 0, 0, 0, 1, 0, 1]
+        .into_iter()
+        .chain(0..56u8)
+        .collect();
     let mut f = eth(BRIDGE_MAC, CONTAINER_MAC, 0x0800);
-    f.extend(ipv4_header(Ipv4Addr::new(10, 1, 10, 5), dst, 1, 64, payload.len(), 0x4000));
+    f.extend(ipv4_header(
+        Ipv4Addr::new(10, 1, 10, 5),
+        dst,
+        1,
+        64,
+        payload.len(),
+        0x4000,
+    ));
     f.extend(payload);
     f
 }
 
 /// A VXLAN frame as a peer's flannel.1 sends it to us.
-fn vxlan_frame(src: Ipv4Addr, dst: Ipv4Addr, port: u16, flags: u8, vni: u32, inner: &[u8]) -> Vec<u8> {
+fn vxlan_frame(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    port: u16,
+    flags: u8,
+    vni: u32,
+    inner: &[u8],
+) -> Vec<u8> {
     let mut f = eth(UNDERLAY_MAC, PEER_NIC_MAC, 0x0800);
     f.extend(ipv4_header(src, dst, 17, 64, 16 + inner.len(), 0));
     f.extend_from_slice(&40000u16.to_be_bytes());
@@ -203,7 +303,14 @@ fn vxlan_frame(src: Ipv4Addr, dst: Ipv4Addr, port: u16, flags: u8, vni: u32, inn
 fn inner_for_local() -> Vec<u8> {
     let mut f = eth(OUR_VTEP_MAC, PEER_VTEP_MAC, 0x0800);
     let payload = [0u8, 0, 0, 0, 0, 1, 0, 1, 0xde, 0xad, 0xbe, 0xef];
-    f.extend(ipv4_header(REMOTE_CONTAINER, LOCAL_CONTAINER, 1, 63, payload.len(), 0x4000));
+    f.extend(ipv4_header(
+        REMOTE_CONTAINER,
+        LOCAL_CONTAINER,
+        1,
+        63,
+        payload.len(),
+        0x4000,
+    ));
     f.extend_from_slice(&payload);
     f
 }
@@ -213,7 +320,8 @@ fn good_vxlan() -> Vec<u8> {
 }
 
 fn test_run(e: &Env, kind: ProgramKind, packet: &[u8], ifindex: u32) -> TestRunOutput {
-    try_test_run(e, kind, packet, ifindex).unwrap_or_else(|| panic!("the kernel refused a test run of {kind:?}"))
+    try_test_run(e, kind, packet, ifindex)
+        .unwrap_or_else(|| panic!("the kernel refused a test run of {kind:?}"))
 }
 
 /// Like [`test_run`], but `None` where BPF_PROG_TEST_RUN itself refuses the
@@ -222,13 +330,27 @@ fn test_run(e: &Env, kind: ProgramKind, packet: &[u8], ifindex: u32) -> TestRunO
 fn try_test_run(e: &Env, kind: ProgramKind, packet: &[u8], ifindex: u32) -> Option<TestRunOutput> {
     match e.dp.test_run(kind, packet, ifindex) {
         Ok(out) => Some(out),
-        Err(_) if kind != ProgramKind::XdpDecap && packet.len() < 34 && packet[12..14] == [0x08, 0x00] => None,
-        Err(err) => panic!("test_run {kind:?} on {} bytes {packet:02x?}: {err}", packet.len()),
+        Err(_)
+            if kind != ProgramKind::XdpDecap
+                && packet.len() < 34
+                && packet[12..14] == [0x08, 0x00] =>
+        {
+            None
+        }
+        Err(err) => panic!(
+            "test_run {kind:?} on {} bytes {packet:02x?}: {err}",
+            packet.len()
+        ),
     }
 }
 
 fn total_counted(e: &mut Env) -> u64 {
-    e.dp.counters().expect("counters").values.iter().map(|(_, v)| v).sum()
+    e.dp.counters()
+        .expect("counters")
+        .values
+        .iter()
+        .map(|(_, v)| v)
+        .sum()
 }
 
 // ---- encapsulation ----------------------------------------------------------
@@ -239,7 +361,10 @@ fn encap_emits_rfc7348_vxlan_as_flannel_expects() {
     let mut e = env("encap");
     let input = container_frame(REMOTE_CONTAINER);
     let out = test_run(&e, ProgramKind::TcEncap, &input, e.br0);
-    assert_eq!(out.action, TC_ACT_REDIRECT, "encapsulated and redirected to the underlay");
+    assert_eq!(
+        out.action, TC_ACT_REDIRECT,
+        "encapsulated and redirected to the underlay"
+    );
     let p = &out.packet;
     assert_eq!(p.len(), input.len() + 50);
     // Outer Ethernet from the FIB: peer NIC <- our NIC, IPv4.
@@ -249,8 +374,16 @@ fn encap_emits_rfc7348_vxlan_as_flannel_expects() {
     // Outer IPv4.
     let ip = &p[14..34];
     assert_eq!(ip[0], 0x45, "version 4, IHL 5");
-    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, p.len() - 14, "total length");
-    assert_eq!(u16::from_be_bytes([ip[6], ip[7]]) & 0x4000, 0, "DF clear like the kernel vxlan device");
+    assert_eq!(
+        u16::from_be_bytes([ip[2], ip[3]]) as usize,
+        p.len() - 14,
+        "total length"
+    );
+    assert_eq!(
+        u16::from_be_bytes([ip[6], ip[7]]) & 0x4000,
+        0,
+        "DF clear like the kernel vxlan device"
+    );
     assert_eq!(ip[8], 63, "ttl inherit: the decremented inner TTL");
     assert_eq!(ip[9], 17, "UDP");
     assert_eq!(checksum(ip), 0, "valid header checksum");
@@ -259,7 +392,10 @@ fn encap_emits_rfc7348_vxlan_as_flannel_expects() {
     // UDP.
     let udp = &p[34..42];
     let sport = u16::from_be_bytes([udp[0], udp[1]]);
-    assert!((32768..61000).contains(&sport), "source port {sport} in the kernel's range");
+    assert!(
+        (32768..61000).contains(&sport),
+        "source port {sport} in the kernel's range"
+    );
     assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 8472);
     assert_eq!(u16::from_be_bytes([udp[4], udp[5]]) as usize, p.len() - 34);
     // VXLAN: I flag, VNI 1.
@@ -289,18 +425,65 @@ fn encap_leaves_what_is_not_ours_untouched() {
     require_root!();
     let mut e = env("encap-pass");
     let cases: Vec<(&str, Vec<u8>, u32)> = vec![
-        ("local subnet", container_frame(Ipv4Addr::new(10, 1, 10, 7)), counter::PASS_NOT_REMOTE),
-        ("internet", container_frame(Ipv4Addr::new(8, 8, 8, 8)), counter::PASS_NOT_REMOTE),
-        ("arp", { let mut f = eth([0xff; 6], CONTAINER_MAC, 0x0806); f.extend([0u8; 28]); f }, counter::PASS_NOT_IPV4),
-        ("truncated ip", container_frame(REMOTE_CONTAINER)[..30].to_vec(), counter::PASS_MALFORMED),
-        ("ip header longer than the frame", { let mut f = container_frame(REMOTE_CONTAINER)[..34].to_vec(); f[14] = 0x4f; f }, counter::PASS_MALFORMED),
-        ("ttl 1", { let mut f = container_frame(REMOTE_CONTAINER); f[22] = 1; f }, counter::PASS_TTL_EXPIRED),
-        ("too big, not gso", {
-            let mut f = eth(BRIDGE_MAC, CONTAINER_MAC, 0x0800);
-            f.extend(ipv4_header(LOCAL_CONTAINER, REMOTE_CONTAINER, 17, 64, 1480 - 20, 0));
-            f.extend(vec![0u8; 1460]);
-            f
-        }, counter::PASS_TOO_BIG),
+        (
+            "local subnet",
+            container_frame(Ipv4Addr::new(10, 1, 10, 7)),
+            counter::PASS_NOT_REMOTE,
+        ),
+        (
+            "internet",
+            container_frame(Ipv4Addr::new(8, 8, 8, 8)),
+            counter::PASS_NOT_REMOTE,
+        ),
+        (
+            "arp",
+            {
+                let mut f = eth([0xff; 6], CONTAINER_MAC, 0x0806);
+                f.extend([0u8; 28]);
+                f
+            },
+            counter::PASS_NOT_IPV4,
+        ),
+        (
+            "truncated ip",
+            container_frame(REMOTE_CONTAINER)[..30].to_vec(),
+            counter::PASS_MALFORMED,
+        ),
+        (
+            "ip header longer than the frame",
+            {
+                let mut f = container_frame(REMOTE_CONTAINER)[..34].to_vec();
+                f[14] = 0x4f;
+                f
+            },
+            counter::PASS_MALFORMED,
+        ),
+        (
+            "ttl 1",
+            {
+                let mut f = container_frame(REMOTE_CONTAINER);
+                f[22] = 1;
+                f
+            },
+            counter::PASS_TTL_EXPIRED,
+        ),
+        (
+            "too big, not gso",
+            {
+                let mut f = eth(BRIDGE_MAC, CONTAINER_MAC, 0x0800);
+                f.extend(ipv4_header(
+                    LOCAL_CONTAINER,
+                    REMOTE_CONTAINER,
+                    17,
+                    64,
+                    1480 - 20,
+                    0,
+                ));
+                f.extend(vec![0u8; 1460]);
+                f
+            },
+            counter::PASS_TOO_BIG,
+        ),
     ];
     let mut refused = 0;
     for (what, input, reason) in &cases {
@@ -311,15 +494,29 @@ fn encap_leaves_what_is_not_ours_untouched() {
         };
         assert_eq!(out.action, TC_ACT_OK, "{what}: passed to the kernel");
         assert_eq!(&out.packet, input, "{what}: untouched");
-        assert_eq!(e.dp.counters().unwrap().get(*reason), before + 1, "{what}: counted as {}", counter::name(*reason).unwrap());
+        assert_eq!(
+            e.dp.counters().unwrap().get(*reason),
+            before + 1,
+            "{what}: counted as {}",
+            counter::name(*reason).unwrap()
+        );
     }
     // No route to the peer's VTEP: the kernel path (flannel.1) carries it.
-    e.dp.upsert_peer("10.1.99.0/24".parse().unwrap(), Ipv4Addr::new(192, 0, 2, 1), MacAddr(PEER_VTEP_MAC)).unwrap();
+    e.dp.upsert_peer(
+        "10.1.99.0/24".parse().unwrap(),
+        Ipv4Addr::new(192, 0, 2, 1),
+        MacAddr(PEER_VTEP_MAC),
+    )
+    .unwrap();
     let input = container_frame(Ipv4Addr::new(10, 1, 99, 1));
     let out = test_run(&e, ProgramKind::TcEncap, &input, e.br0);
     assert_eq!((out.action, &out.packet), (TC_ACT_OK, &input));
     assert_eq!(e.dp.counters().unwrap().get(counter::PASS_FIB_FAIL), 1);
-    assert_eq!(total_counted(&mut e), cases.len() as u64 - refused + 1, "every packet counted exactly once");
+    assert_eq!(
+        total_counted(&mut e),
+        cases.len() as u64 - refused + 1,
+        "every packet counted exactly once"
+    );
 }
 
 /// Captures what a kernel vxlan device (configured as flanneld does) puts on
@@ -332,17 +529,69 @@ fn encap_matches_kernel_vxlan_device() {
     let e = env("encap-kernel");
     let mac = fmt_mac(OUR_VTEP_MAC);
     let peer_mac = fmt_mac(PEER_VTEP_MAC);
-    run(&["ip", "link", "add", "flannel.1", "address", &mac, "type", "vxlan", "id", "1", "local", "172.16.15.21",
-        "dev", "ul0", "dstport", "8472", "nolearning", "ttl", "inherit"]);
+    run(&[
+        "ip",
+        "link",
+        "add",
+        "flannel.1",
+        "address",
+        &mac,
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        "172.16.15.21",
+        "dev",
+        "ul0",
+        "dstport",
+        "8472",
+        "nolearning",
+        "ttl",
+        "inherit",
+    ]);
     run(&["ip", "addr", "add", "10.1.10.0/32", "dev", "flannel.1"]);
     run(&["ip", "link", "set", "flannel.1", "up"]);
-    run(&["ip", "neigh", "replace", "10.1.54.0", "dev", "flannel.1", "lladdr", &peer_mac, "nud", "permanent"]);
-    run(&["bridge", "fdb", "replace", &peer_mac, "dev", "flannel.1", "dst", "172.16.15.22", "self", "permanent"]);
-    run(&["ip", "route", "replace", "10.1.54.0/24", "via", "10.1.54.0", "dev", "flannel.1", "onlink"]);
+    run(&[
+        "ip",
+        "neigh",
+        "replace",
+        "10.1.54.0",
+        "dev",
+        "flannel.1",
+        "lladdr",
+        &peer_mac,
+        "nud",
+        "permanent",
+    ]);
+    run(&[
+        "bridge",
+        "fdb",
+        "replace",
+        &peer_mac,
+        "dev",
+        "flannel.1",
+        "dst",
+        "172.16.15.22",
+        "self",
+        "permanent",
+    ]);
+    run(&[
+        "ip",
+        "route",
+        "replace",
+        "10.1.54.0/24",
+        "via",
+        "10.1.54.0",
+        "dev",
+        "flannel.1",
+        "onlink",
+    ]);
 
     let kernel = capture_vxlan_on(e.ul0, || {
         let s = UdpSocket::bind("10.1.10.0:0").expect("bind");
-        s.send_to(b"weft wire compatibility", (REMOTE_CONTAINER, 9999)).expect("send");
+        s.send_to(b"weft wire compatibility", (REMOTE_CONTAINER, 9999))
+            .expect("send");
     });
     // Feed the kernel's inner packet, as it would have entered from a container
     // one hop earlier (TTL + 1), to our program.
@@ -357,12 +606,20 @@ fn encap_matches_kernel_vxlan_device() {
     assert_eq!(ours.action, TC_ACT_REDIRECT);
     let ours = ours.packet;
     assert_eq!(ours.len(), kernel.len(), "same length");
-    let skip = [18..20 /* IP ID */, 24..26 /* IP checksum */, 34..36 /* UDP sport */, 40..42 /* UDP checksum */];
+    let skip = [
+        18..20, /* IP ID */
+        24..26, /* IP checksum */
+        34..36, /* UDP sport */
+        40..42, /* UDP checksum */
+    ];
     for i in 0..kernel.len() {
         if skip.iter().any(|r| r.contains(&i)) {
             continue;
         }
-        assert_eq!(ours[i], kernel[i], "byte {i} differs\nkernel {kernel:02x?}\nours   {ours:02x?}");
+        assert_eq!(
+            ours[i], kernel[i],
+            "byte {i} differs\nkernel {kernel:02x?}\nours   {ours:02x?}"
+        );
     }
     assert_eq!(checksum(&ours[14..34]), 0);
 }
@@ -378,9 +635,25 @@ fn capture_vxlan_on(ifindex: u32, send: impl FnOnce()) -> Vec<u8> {
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = ETH_P_ALL.to_be();
         sll.sll_ifindex = ifindex as i32;
-        assert_eq!(libc::bind(fd, &sll as *const _ as *const libc::sockaddr, std::mem::size_of_val(&sll) as u32), 0);
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of_val(&tv) as u32);
+        assert_eq!(
+            libc::bind(
+                fd,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of_val(&sll) as u32
+            ),
+            0
+        );
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of_val(&tv) as u32,
+        );
         send();
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut buf = vec![0u8; 2048];
@@ -437,14 +710,20 @@ fn tc_decap_restores_and_forwards_the_inner_packet() {
     // No route for the inner destination: decapsulated and left to the stack.
     let mut inner = inner_for_local();
     inner[30..34].copy_from_slice(&[10, 1, 77, 7]);
-    let c = { inner[24..26].copy_from_slice(&[0, 0]); checksum(&inner[14..34]) };
+    let c = {
+        inner[24..26].copy_from_slice(&[0, 0]);
+        checksum(&inner[14..34])
+    };
     inner[24..26].copy_from_slice(&c.to_be_bytes());
     let frame = vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &inner);
     let out = test_run(&e, ProgramKind::TcDecap, &frame, e.ul0);
     assert_eq!(out.action, TC_ACT_OK);
     let mut expected = frame[..14].to_vec();
     expected.extend_from_slice(&frame[64..]);
-    assert_eq!(out.packet, expected, "outer Ethernet (to our NIC) + inner IP");
+    assert_eq!(
+        out.packet, expected,
+        "outer Ethernet (to our NIC) + inner IP"
+    );
     assert_eq!(e.dp.counters().unwrap().get(counter::DECAPSULATED), 2);
 }
 
@@ -454,28 +733,102 @@ fn hostile_cases() -> Vec<(&'static str, Vec<u8>, Verdict, u32)> {
     let good = good_vxlan();
     let mut fragment = good.clone();
     fragment[20] = 0x20; // MF
-    let c = { fragment[24..26].copy_from_slice(&[0, 0]); checksum(&fragment[14..34]) };
+    let c = {
+        fragment[24..26].copy_from_slice(&[0, 0]);
+        checksum(&fragment[14..34])
+    };
     fragment[24..26].copy_from_slice(&c.to_be_bytes());
     let mut inner_v6 = inner.clone();
     inner_v6[12..14].copy_from_slice(&[0x86, 0xdd]);
     vec![
-        ("arp", { let mut f = eth([0xff; 6], PEER_NIC_MAC, 0x0806); f.extend([0u8; 28]); f }, Verdict::Pass, counter::PASS_NOT_IPV4),
-        ("udp to another port", vxlan_frame(PEER_IP, OUR_IP, 4789, 0x08, VNI, &inner), Verdict::Pass, counter::PASS_NOT_VXLAN),
-        ("vxlan to another host", vxlan_frame(PEER_IP, Ipv4Addr::new(172, 16, 15, 23), PORT, 0x08, VNI, &inner), Verdict::Pass, counter::PASS_NOT_VXLAN),
+        (
+            "arp",
+            {
+                let mut f = eth([0xff; 6], PEER_NIC_MAC, 0x0806);
+                f.extend([0u8; 28]);
+                f
+            },
+            Verdict::Pass,
+            counter::PASS_NOT_IPV4,
+        ),
+        (
+            "udp to another port",
+            vxlan_frame(PEER_IP, OUR_IP, 4789, 0x08, VNI, &inner),
+            Verdict::Pass,
+            counter::PASS_NOT_VXLAN,
+        ),
+        (
+            "vxlan to another host",
+            vxlan_frame(
+                PEER_IP,
+                Ipv4Addr::new(172, 16, 15, 23),
+                PORT,
+                0x08,
+                VNI,
+                &inner,
+            ),
+            Verdict::Pass,
+            counter::PASS_NOT_VXLAN,
+        ),
         ("fragment", fragment, Verdict::Pass, counter::PASS_FRAGMENT),
-        ("truncated outer ip", good[..30].to_vec(), Verdict::Pass, counter::PASS_MALFORMED),
-        ("truncated udp", good[..38].to_vec(), Verdict::Pass, counter::PASS_MALFORMED),
-        ("unknown source", vxlan_frame(STRANGER_IP, OUR_IP, PORT, 0x08, VNI, &inner), Verdict::Drop, counter::DROP_UNKNOWN_SOURCE),
-        ("wrong vni", vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, 7, &inner), Verdict::Drop, counter::DROP_WRONG_VNI),
-        ("no I flag", vxlan_frame(PEER_IP, OUR_IP, PORT, 0x00, VNI, &inner), Verdict::Drop, counter::DROP_MALFORMED),
-        ("truncated vxlan", good[..46].to_vec(), Verdict::Drop, counter::DROP_MALFORMED),
-        ("truncated inner", good[..70].to_vec(), Verdict::Drop, counter::DROP_MALFORMED),
-        ("inner ipv6", vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &inner_v6), Verdict::Pass, counter::PASS_INNER_NOT_OURS),
-        ("inner not our vtep mac", {
-            let mut i = inner.clone();
-            i[0..6].copy_from_slice(&PEER_VTEP_MAC);
-            vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &i)
-        }, Verdict::Pass, counter::PASS_INNER_NOT_OURS),
+        (
+            "truncated outer ip",
+            good[..30].to_vec(),
+            Verdict::Pass,
+            counter::PASS_MALFORMED,
+        ),
+        (
+            "truncated udp",
+            good[..38].to_vec(),
+            Verdict::Pass,
+            counter::PASS_MALFORMED,
+        ),
+        (
+            "unknown source",
+            vxlan_frame(STRANGER_IP, OUR_IP, PORT, 0x08, VNI, &inner),
+            Verdict::Drop,
+            counter::DROP_UNKNOWN_SOURCE,
+        ),
+        (
+            "wrong vni",
+            vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, 7, &inner),
+            Verdict::Drop,
+            counter::DROP_WRONG_VNI,
+        ),
+        (
+            "no I flag",
+            vxlan_frame(PEER_IP, OUR_IP, PORT, 0x00, VNI, &inner),
+            Verdict::Drop,
+            counter::DROP_MALFORMED,
+        ),
+        (
+            "truncated vxlan",
+            good[..46].to_vec(),
+            Verdict::Drop,
+            counter::DROP_MALFORMED,
+        ),
+        (
+            "truncated inner",
+            good[..70].to_vec(),
+            Verdict::Drop,
+            counter::DROP_MALFORMED,
+        ),
+        (
+            "inner ipv6",
+            vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &inner_v6),
+            Verdict::Pass,
+            counter::PASS_INNER_NOT_OURS,
+        ),
+        (
+            "inner not our vtep mac",
+            {
+                let mut i = inner.clone();
+                i[0..6].copy_from_slice(&PEER_VTEP_MAC);
+                vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &i)
+            },
+            Verdict::Pass,
+            counter::PASS_INNER_NOT_OURS,
+        ),
     ]
 }
 
@@ -492,7 +845,11 @@ fn decap_passes_or_drops_everything_else_exactly_as_designed() {
     let cases = hostile_cases();
     let mut runs = 2 * cases.len() as u64;
     for kind in [ProgramKind::XdpDecap, ProgramKind::TcDecap] {
-        let (pass, drop) = if kind == ProgramKind::XdpDecap { (XDP_PASS, XDP_DROP) } else { (TC_ACT_OK, TC_ACT_SHOT) };
+        let (pass, drop) = if kind == ProgramKind::XdpDecap {
+            (XDP_PASS, XDP_DROP)
+        } else {
+            (TC_ACT_OK, TC_ACT_SHOT)
+        };
         for (what, frame, verdict, reason) in &cases {
             let before = e.dp.counters().unwrap().get(*reason);
             let Some(out) = try_test_run(&e, kind, frame, e.ul0) else {
@@ -506,12 +863,21 @@ fn decap_passes_or_drops_everything_else_exactly_as_designed() {
                 }
                 Verdict::Drop => assert_eq!(out.action, drop, "{kind:?} {what}: dropped"),
             }
-            assert_eq!(e.dp.counters().unwrap().get(*reason), before + 1, "{kind:?} {what}: counted as {}", counter::name(*reason).unwrap());
+            assert_eq!(
+                e.dp.counters().unwrap().get(*reason),
+                before + 1,
+                "{kind:?} {what}: counted as {}",
+                counter::name(*reason).unwrap()
+            );
         }
     }
     let c = e.dp.counters().unwrap();
     assert_eq!(c.get(counter::DECAPSULATED), 0, "nothing decapsulated");
-    assert_eq!(total_counted(&mut e), runs, "every packet counted exactly once");
+    assert_eq!(
+        total_counted(&mut e),
+        runs,
+        "every packet counted exactly once"
+    );
 
     // Once the VTEP's lease is gone, its traffic is spoofing.
     e.dp.remove_vtep(PEER_IP).unwrap();
@@ -524,17 +890,34 @@ fn peer_map_round_trips() {
     require_root!();
     let mut e = env("maps");
     let subnet: Ipv4Net = "10.1.77.0/24".parse().unwrap();
-    e.dp.upsert_peer(subnet, Ipv4Addr::new(172, 16, 15, 30), MacAddr([2, 3, 4, 5, 6, 7])).unwrap();
-    e.dp.upsert_peer(subnet, Ipv4Addr::new(172, 16, 15, 31), MacAddr([2, 3, 4, 5, 6, 8])).unwrap();
+    e.dp.upsert_peer(
+        subnet,
+        Ipv4Addr::new(172, 16, 15, 30),
+        MacAddr([2, 3, 4, 5, 6, 7]),
+    )
+    .unwrap();
+    e.dp.upsert_peer(
+        subnet,
+        Ipv4Addr::new(172, 16, 15, 31),
+        MacAddr([2, 3, 4, 5, 6, 8]),
+    )
+    .unwrap();
     let peers = e.dp.peers().unwrap();
     assert_eq!(peers.len(), 2);
     assert_eq!(peers[1].subnet, subnet);
-    assert_eq!(peers[1].vtep_ip, Ipv4Addr::new(172, 16, 15, 31), "replace semantics");
+    assert_eq!(
+        peers[1].vtep_ip,
+        Ipv4Addr::new(172, 16, 15, 31),
+        "replace semantics"
+    );
     e.dp.remove_peer(subnet).unwrap();
     e.dp.remove_peer(subnet).unwrap();
     assert_eq!(e.dp.peers().unwrap().len(), 1);
     e.dp.add_vtep(Ipv4Addr::new(172, 16, 15, 30)).unwrap();
-    assert_eq!(e.dp.vteps_list().unwrap(), vec![PEER_IP, Ipv4Addr::new(172, 16, 15, 30)]);
+    assert_eq!(
+        e.dp.vteps_list().unwrap(),
+        vec![PEER_IP, Ipv4Addr::new(172, 16, 15, 30)]
+    );
 
     // A second load with the same pin directory adopts the maps and their entries.
     let again = Datapath::load(&e.pin_dir).unwrap();
@@ -579,10 +962,22 @@ fn may_decap(f: &[u8]) -> bool {
 fn fuzz_never_decapsulates_what_it_must_not() {
     require_root!();
     let mut e = env("fuzz");
-    let total: usize = if std::env::var_os("WEFT_LONG_TESTS").is_some() { 1_000_000 } else { 100_000 };
-    let seeds = [good_vxlan(), container_frame(REMOTE_CONTAINER), vxlan_frame(STRANGER_IP, OUR_IP, PORT, 8, VNI, &inner_for_local())];
+    let total: usize = if std::env::var_os("WEFT_LONG_TESTS").is_some() {
+        1_000_000
+    } else {
+        100_000
+    };
+    let seeds = [
+        good_vxlan(),
+        container_frame(REMOTE_CONTAINER),
+        vxlan_frame(STRANGER_IP, OUR_IP, PORT, 8, VNI, &inner_for_local()),
+    ];
     let mut rng = XorShift(0x5eed_cafe_f00d_1234);
-    let kinds = [ProgramKind::XdpDecap, ProgramKind::TcDecap, ProgramKind::TcEncap];
+    let kinds = [
+        ProgramKind::XdpDecap,
+        ProgramKind::TcDecap,
+        ProgramKind::TcEncap,
+    ];
     let (mut decapped, mut encapped) = (0u64, 0u64);
     for i in 0..total {
         let frame: Vec<u8> = if i % 4 == 0 {
@@ -603,7 +998,9 @@ fn fuzz_never_decapsulates_what_it_must_not() {
             continue; // the kernel refuses test runs shorter than an Ethernet header
         }
         let kind = kinds[i % kinds.len()];
-        let Some(out) = try_test_run(&e, kind, &frame, e.ul0) else { continue };
+        let Some(out) = try_test_run(&e, kind, &frame, e.ul0) else {
+            continue;
+        };
         match kind {
             ProgramKind::XdpDecap if out.action == XDP_PASS && out.packet != frame => {
                 assert!(may_decap(&frame), "forbidden decapsulation of {frame:02x?}");
@@ -625,22 +1022,44 @@ fn fuzz_never_decapsulates_what_it_must_not() {
     let c = e.dp.counters().unwrap();
     assert_eq!(c.get(counter::DECAPSULATED), decapped);
     assert_eq!(c.get(counter::ENCAPSULATED), encapped);
-    assert!(decapped > 0 && encapped > 0, "the mutations kept some valid packets ({decapped} decap, {encapped} encap)");
-    eprintln!("fuzz: {total} packets, {decapped} decapsulated, {encapped} encapsulated; counters {:?}", c.values);
+    assert!(
+        decapped > 0 && encapped > 0,
+        "the mutations kept some valid packets ({decapped} decap, {encapped} encap)"
+    );
+    eprintln!(
+        "fuzz: {total} packets, {decapped} decapsulated, {encapped} encapsulated; counters {:?}",
+        c.values
+    );
 }
 
 fn fmt_mac(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Names of the programs attached to `dev`: TCX ingress ones and XDP ("xdp" when `ip` shows one).
 fn attached_programs(dev: &str) -> String {
     let tcx = aya::programs::SchedClassifier::query_tcx(dev, aya::programs::TcAttachType::Ingress)
-        .map(|(_, progs)| progs.iter().filter_map(|p| p.name_as_str().map(str::to_string)).collect::<Vec<_>>().join(","))
+        .map(|(_, progs)| {
+            progs
+                .iter()
+                .filter_map(|p| p.name_as_str().map(str::to_string))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
         .unwrap_or_default();
-    let link = Command::new("ip").args(["-d", "link", "show", "dev", dev]).output().expect("ip");
+    let link = Command::new("ip")
+        .args(["-d", "link", "show", "dev", dev])
+        .output()
+        .expect("ip");
     let link = String::from_utf8_lossy(&link.stdout);
-    let xdp = if link.contains("prog/xdp") { "xdp:weft_xdp_decap" } else { "" };
+    let xdp = if link.contains("prog/xdp") {
+        "xdp:weft_xdp_decap"
+    } else {
+        ""
+    };
     format!("{tcx} {xdp}")
 }
 
@@ -648,30 +1067,60 @@ fn attached_programs(dev: &str) -> String {
 fn attach_pins_survive_the_agent_and_are_adopted_then_removed() {
     require_root!();
     let mut e = env("attach");
-    assert_eq!(weft::datapath::DecapHook::for_interface("ul0"), weft::datapath::DecapHook::Tc, "veth underlay: TC decap");
+    assert_eq!(
+        weft::datapath::DecapHook::for_interface("ul0"),
+        weft::datapath::DecapHook::Tc,
+        "veth underlay: TC decap"
+    );
     let encap = e.dp.attach_encap("br0").expect("attach encap");
-    let tc = e.dp.attach_decap("ul0", weft::datapath::DecapHook::Tc).expect("attach tc decap");
-    let xdp = e.dp.attach_decap("ul0-wire", weft::datapath::DecapHook::Xdp).expect("attach native xdp on veth");
+    let tc =
+        e.dp.attach_decap("ul0", weft::datapath::DecapHook::Tc)
+            .expect("attach tc decap");
+    let xdp =
+        e.dp.attach_decap("ul0-wire", weft::datapath::DecapHook::Xdp)
+            .expect("attach native xdp on veth");
     assert!(!encap.adopted && !tc.adopted && !xdp.adopted);
     assert_eq!(Datapath::pinned_links(&e.pin_dir).len(), 3);
 
     // The agent exits: the pinned links keep the programs attached.
     let fresh = Datapath::load(&e.pin_dir).expect("reload");
     drop(std::mem::replace(&mut e.dp, fresh));
-    assert!(attached_programs("br0").contains("weft_tc_encap"), "{}", attached_programs("br0"));
+    assert!(
+        attached_programs("br0").contains("weft_tc_encap"),
+        "{}",
+        attached_programs("br0")
+    );
     assert!(attached_programs("ul0").contains("weft_tc_decap"));
-    assert!(attached_programs("ul0-wire").contains("weft_xdp_decap"), "{}", attached_programs("ul0-wire"));
+    assert!(
+        attached_programs("ul0-wire").contains("weft_xdp_decap"),
+        "{}",
+        attached_programs("ul0-wire")
+    );
 
     // A restarted agent swaps its programs into the same links.
     assert!(e.dp.attach_encap("br0").expect("adopt encap").adopted);
-    assert!(e.dp.attach_decap("ul0", weft::datapath::DecapHook::Tc).expect("adopt tc").adopted);
-    assert!(e.dp.attach_decap("ul0-wire", weft::datapath::DecapHook::Xdp).expect("adopt xdp").adopted);
-    assert_eq!(attached_programs("br0").matches("weft_tc_encap").count(), 1, "replaced, not stacked");
+    assert!(
+        e.dp.attach_decap("ul0", weft::datapath::DecapHook::Tc)
+            .expect("adopt tc")
+            .adopted
+    );
+    assert!(
+        e.dp.attach_decap("ul0-wire", weft::datapath::DecapHook::Xdp)
+            .expect("adopt xdp")
+            .adopted
+    );
+    assert_eq!(
+        attached_programs("br0").matches("weft_tc_encap").count(),
+        1,
+        "replaced, not stacked"
+    );
 
     // A foreign XDP program on the NIC is reported, not replaced.
     let other = Datapath::load(e.pin_dir.join("other")).expect("second instance");
     let mut other = other;
-    let err = other.attach_decap("ul0-wire", weft::datapath::DecapHook::Xdp).expect_err("busy");
+    let err = other
+        .attach_decap("ul0-wire", weft::datapath::DecapHook::Xdp)
+        .expect_err("busy");
     assert!(err.to_string().contains("ul0-wire"), "{err}");
     drop(other);
     let _ = Datapath::detach_and_unpin(&e.pin_dir.join("other"));
@@ -686,6 +1135,10 @@ fn attach_pins_survive_the_agent_and_are_adopted_then_removed() {
         while attached_programs(dev).contains("weft_") && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(!attached_programs(dev).contains("weft_"), "{dev} still has a weft program: {}", attached_programs(dev));
+        assert!(
+            !attached_programs(dev).contains("weft_"),
+            "{dev} still has a weft program: {}",
+            attached_programs(dev)
+        );
     }
 }
