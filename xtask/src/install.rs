@@ -51,7 +51,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     if opts.destdir.is_none() {
         println!(
-            "next: edit {}, then `systemctl daemon-reload && systemctl enable --now weft` (see dist/README-systemd.md)",
+            "next: edit {}, then `systemctl daemon-reload && systemctl enable --now weft` (see "Run weft with systemd" in README.md)",
             opts.config_dir.join("weft.env").display()
         );
     }
