@@ -51,7 +51,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     if opts.destdir.is_none() {
         println!(
-            "next: edit {}, then `systemctl daemon-reload && systemctl enable --now weft` (see "Run weft with systemd" in README.md)",
+            "next: edit {}, then `systemctl daemon-reload && systemctl enable --now weft` (see README.md, section Run weft with systemd)",
             opts.config_dir.join("weft.env").display()
         );
     }
