@@ -492,7 +492,7 @@ impl AgentArgs {
             bpf_pin_dir: match &self.bpf_pin_dir {
                 Some(dir) => dir.clone(),
                 None => default_pin_dir()
-                    .map_err(|e| usage("bpf-pin-dir", "", &format!("{e}; pass --bpf-pin-dir")))?,
+                    .map_err(|e| usage("bpf-pin-dir", "", format!("{e}; pass --bpf-pin-dir")))?,
             },
             decap_hook: match self.decap_hook {
                 DecapChoice::Auto => None,
