@@ -1143,28 +1143,27 @@ async fn cleanup_removes_programs_and_maps_and_traffic_moves_to_flannel1() {
 
 // ---- 7. a program detached by hand -----------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_decap_program_detached_by_hand_is_reattached_within_seconds() {
-    let c = ebpf_cluster(2, 1, &["--reconcile-interval", "1s"]).await;
-    let (h1, agent) = (c.host(0), c.host(0).agent().unwrap());
-    let (a, b) = (c.container(0), c.container(1));
-    let links = h1.bpf_pin_dir().join("links");
-    let decap = std::fs::read_dir(&links)
+/// `bpftool link detach` on the host's pinned decapsulation link, as an admin might.
+async fn detach_decap_by_hand(host: &Host) {
+    let decap = std::fs::read_dir(host.bpf_pin_dir().join("links"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
         .find(|p| p.file_name().unwrap().to_string_lossy().ends_with("@ens32"))
         .expect("pinned decap link");
+    let pinned = decap.display().to_string();
+    host.exec_ok(&["bpftool", "link", "detach", "pinned", &pinned])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decap_program_detached_by_hand_is_reattached_within_seconds() {
+    let c = ebpf_cluster(2, 1, &["--reconcile-interval", "1s"]).await;
+    let (h1, agent) = (c.host(0), c.host(0).agent().unwrap());
+    let (a, b) = (c.container(0), c.container(1));
     let repairs_before = count_in_log(&agent, "re-attaching");
-    h1.exec_ok(&[
-        "bpftool",
-        "link",
-        "detach",
-        "pinned",
-        &decap.display().to_string(),
-    ])
-    .await
-    .unwrap();
+    detach_decap_by_hand(h1).await;
     let detached_at = Instant::now();
     let st = status(h1).await;
     assert!(
@@ -1217,22 +1216,8 @@ async fn detached_xdp_and_recreated_docker0_are_repaired() {
     let (h1, agent) = (c.host(0), c.host(0).agent().unwrap());
     let (a, b) = (c.container(0), c.container(1));
 
-    let decap = std::fs::read_dir(h1.bpf_pin_dir().join("links"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().ends_with("@ens32"))
-        .expect("pinned decap link");
     let repairs = count_in_log(&agent, "re-attaching");
-    h1.exec_ok(&[
-        "bpftool",
-        "link",
-        "detach",
-        "pinned",
-        &decap.display().to_string(),
-    ])
-    .await
-    .unwrap();
+    detach_decap_by_hand(h1).await;
     let st = status(h1).await;
     assert!(
         st["programs"]

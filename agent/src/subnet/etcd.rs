@@ -299,20 +299,7 @@ impl EtcdStore {
             CompareOp::Equal,
             current.attrs.to_json(),
         );
-        let Some(id) = self
-            .put_if("renew", current.subnet, compare, attrs, ttl)
-            .await?
-        else {
-            return Ok(None);
-        };
-        if current.etcd_lease != 0 && current.etcd_lease != id {
-            self.revoke(current.etcd_lease).await;
-        }
-        Ok(Some(Lease {
-            subnet: current.subnet,
-            attrs: attrs.clone(),
-            etcd_lease: id,
-        }))
+        self.replace_if("renew", current, compare, attrs, ttl).await
     }
 
     /// Re-put `current`'s key with `attrs` on a fresh etcd lease if `accept` approves of what
@@ -338,10 +325,20 @@ impl EtcdStore {
             return Ok(None);
         }
         let compare = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
-        let Some(id) = self
-            .put_if("take-over", current.subnet, compare, attrs, ttl)
-            .await?
-        else {
+        self.replace_if("take-over", current, compare, attrs, ttl).await
+    }
+
+    /// Put `current`'s key with `attrs` on a fresh etcd lease when `compare` holds, then
+    /// revoke the etcd lease it replaced. `None` when the compare failed.
+    async fn replace_if(
+        &self,
+        what: &'static str,
+        current: &Lease,
+        compare: Compare,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        let Some(id) = self.put_if(what, current.subnet, compare, attrs, ttl).await? else {
             return Ok(None);
         };
         if current.etcd_lease != 0 && current.etcd_lease != id {
