@@ -566,12 +566,31 @@ fn diagnose(opts: &EtcdOptions, e: &etcd_client::Error) -> Option<SubnetError> {
         ),
         // With TLS 1.3 the client finishes its handshake before the server checks the client
         // certificate; etcd then just closes the connection, which is all we see.
-        None if status.code() == tonic::Code::Cancelled && uses_tls(opts) => tls(
+        // Depending on timing the close shows as a cancelled request or as a broken pipe.
+        None if uses_tls(opts) && closed_by_peer(status) => tls(
             "etcd closed the connection right after the handshake: it did not accept our client certificate".into(),
             client_cert_fix(opts),
         ),
         None => None,
     }
+}
+
+/// Whether the request died because etcd closed the connection under it.
+fn closed_by_peer(status: &tonic::Status) -> bool {
+    if status.code() == tonic::Code::Cancelled {
+        return true;
+    }
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+            if matches!(io.kind(), BrokenPipe | ConnectionReset) {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
 }
 
 fn uses_tls(opts: &EtcdOptions) -> bool {
