@@ -16,7 +16,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 use weft::{
-    datapath::{Datapath, ProgramKind, TestRunOutput},
+    datapath::{Datapath, LocalEntry, ProgramKind, TestRunOutput},
     lease::MacAddr,
 };
 use weft_common::counter;
@@ -446,6 +446,42 @@ fn tc_decap_restores_and_forwards_the_inner_packet() {
     expected.extend_from_slice(&frame[64..]);
     assert_eq!(out.packet, expected, "outer Ethernet (to our NIC) + inner IP");
     assert_eq!(e.dp.counters().unwrap().get(counter::DECAPSULATED), 2);
+}
+
+#[test]
+fn tc_decap_hands_packets_for_known_local_containers_to_their_namespace() {
+    require_root!();
+    let mut e = env("tclocal");
+    // Another MAC than the neighbour table's, to tell the two paths apart.
+    let direct_mac = [0x02, 0x42, 0x0a, 0x01, 0x0a, 0x55];
+    let gateway_mac = [0x02, 0x00, 0x00, 0x00, 0x10, 0x99];
+    let entry = LocalEntry { ip: LOCAL_CONTAINER, host_ifindex: e.br0, mac: MacAddr(direct_mac), gateway_mac: MacAddr(gateway_mac) };
+    e.dp.upsert_local(&entry).expect("local entry");
+    assert_eq!(e.dp.locals().expect("list"), vec![entry]);
+
+    let frame = good_vxlan();
+    let out = test_run(&e, ProgramKind::TcDecap, &frame, e.ul0);
+    assert_eq!(out.action, TC_ACT_REDIRECT, "redirected into the container's namespace");
+    assert_eq!(&out.packet[0..6], &direct_mac);
+    assert_eq!(&out.packet[6..12], &gateway_mac);
+    let mut inner_ip = frame[64..].to_vec();
+    inner_ip[8] -= 1;
+    inner_ip[10..12].copy_from_slice(&out.packet[24..26]);
+    assert_eq!(&out.packet[14..], &inner_ip[..], "inner IP with TTL - 1");
+    assert_eq!(checksum(&out.packet[14..34]), 0);
+    let c = e.dp.counters().unwrap();
+    assert_eq!((c.get(counter::DECAPSULATED), c.get(counter::DELIVERED_TO_CONTAINER)), (1, 1));
+
+    // The container's veth is gone: the FIB path (neighbour table's MAC) takes over.
+    e.dp.upsert_local(&LocalEntry { host_ifindex: 999_999, ..entry }).expect("stale entry");
+    let out = test_run(&e, ProgramKind::TcDecap, &frame, e.ul0);
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    assert_eq!(&out.packet[0..6], &CONTAINER_MAC, "routed through the bridge");
+    assert_eq!(e.dp.counters().unwrap().get(counter::DELIVERED_TO_CONTAINER), 1);
+
+    e.dp.remove_local(LOCAL_CONTAINER).expect("remove");
+    e.dp.remove_local(LOCAL_CONTAINER).expect("removing an absent entry is fine");
+    assert!(e.dp.locals().expect("list").is_empty());
 }
 
 /// Frames that must never be decapsulated, with the expected verdict.

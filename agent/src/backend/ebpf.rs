@@ -40,7 +40,7 @@ use super::{
     Backend, BackendError,
 };
 use crate::{
-    datapath::{if_index, Datapath, DatapathError, DecapHook, NodeSettings, PeerEntry, PinnedLinkState},
+    datapath::{if_index, Datapath, DatapathError, DecapHook, LocalEntry, NodeSettings, PeerEntry, PinnedLinkState},
     lease::{BackendAttrs, Lease, LeaseEvent, MacAddr},
     netlink::{Netlink, NetlinkError},
 };
@@ -122,6 +122,12 @@ pub enum EbpfBackendError {
         #[source]
         source: std::io::Error,
     },
+    #[error("list the containers on bridge {bridge}: {source}")]
+    Bridge {
+        bridge: String,
+        #[source]
+        source: NetlinkError,
+    },
     #[error("{operation}: {source}")]
     Map {
         operation: String,
@@ -132,6 +138,7 @@ pub enum EbpfBackendError {
 
 /// `flannel.<VNI>` plus the eBPF programs and their maps.
 pub struct EbpfBackend {
+    nl: Netlink,
     inner: VxlanBackend,
     s: EbpfSettings,
     dp: Datapath,
@@ -174,7 +181,7 @@ impl EbpfBackend {
         };
         let node = node_settings(&nl, &s, vtep_mac).await?;
         let hook = s.decap_hook.unwrap_or_else(|| DecapHook::for_interface(&s.vxlan.external.name));
-        let mut backend = Self { inner, s, dp, hook, node, attrs, own: None, encap_attached: false };
+        let mut backend = Self { nl, inner, s, dp, hook, node, attrs, own: None, encap_attached: false };
         backend.configure_and_attach()?;
         relax_rp_filter(&backend.s.vxlan.external.name)?;
         Ok(backend)
@@ -314,6 +321,39 @@ impl EbpfBackend {
         Ok(changes)
     }
 
+    /// Makes the local-container map equal what the kernel knows about the
+    /// containers of our subnet on the bridge: address -> MAC from the
+    /// bridge's neighbour table, MAC -> port from its learned forwarding
+    /// entries. A container not (yet) in both is reached through the bridge.
+    /// Returns the number of changes.
+    async fn sync_local(&mut self) -> Result<usize, EbpfBackendError> {
+        let want = self.local_entries().await?;
+        let have = self.dp.locals().map_err(Self::map_err("list local containers".into()))?;
+        let mut changes = 0;
+        for e in want.iter().filter(|e| !have.contains(e)) {
+            debug!(ip = %e.ip, port = e.host_ifindex, "container delivered directly");
+            self.dp.upsert_local(e).map_err(Self::map_err(format!("deliver {} directly", e.ip)))?;
+            changes += 1;
+        }
+        for stale in have.iter().filter(|h| !want.iter().any(|w| w.ip == h.ip)) {
+            debug!(ip = %stale.ip, "container no longer on the bridge");
+            self.dp.remove_local(stale.ip).map_err(Self::map_err(format!("remove local container {}", stale.ip)))?;
+            changes += 1;
+        }
+        Ok(changes)
+    }
+
+    /// The entries [`Self::sync_local`] wants, empty while the bridge or our lease is missing.
+    async fn local_entries(&self) -> Result<Vec<LocalEntry>, EbpfBackendError> {
+        let (bridge, Some(own)) = (&self.s.bridge, self.own) else { return Ok(Vec::new()) };
+        let err = |source| EbpfBackendError::Bridge { bridge: bridge.clone(), source };
+        let Some(link) = self.nl.link_by_name(bridge).await.map_err(err)? else { return Ok(Vec::new()) };
+        let Some(gateway_mac) = link.mac else { return Ok(Vec::new()) };
+        let ports = self.nl.bridge_learned(link.index).await.map_err(err)?;
+        let neighbours = self.nl.neighbours_v4(link.index).await.map_err(err)?;
+        Ok(local_entries(own, gateway_mac, &neighbours, &ports))
+    }
+
     /// Re-attaches programs that were detached (by hand, or because their
     /// interface was deleted and recreated), attaches encapsulation once the
     /// bridge exists, and rewrites an altered node configuration. Returns the
@@ -379,6 +419,26 @@ async fn node_settings(nl: &Netlink, s: &EbpfSettings, vtep_mac: MacAddr) -> Res
         decrement_ttl: true,
         ttl_inherit: true,
     })
+}
+
+/// Containers of subnet `own` whose MAC the bridge has learned behind a port.
+fn local_entries(
+    own: Ipv4Net,
+    gateway_mac: MacAddr,
+    neighbours: &[crate::netlink::NeighEntry],
+    ports: &[crate::netlink::BridgePortEntry],
+) -> Vec<LocalEntry> {
+    let mut out: Vec<LocalEntry> = neighbours
+        .iter()
+        .filter(|n| own.contains(&n.ip))
+        .filter_map(|n| {
+            let mac = n.mac?;
+            let port = ports.iter().find(|p| p.mac == mac)?;
+            Some(LocalEntry { ip: n.ip, host_ifindex: port.port_index, mac, gateway_mac })
+        })
+        .collect();
+    out.sort_by_key(|e| e.ip);
+    out
 }
 
 fn hook_program(hook: DecapHook) -> &'static str {
@@ -526,6 +586,11 @@ impl Backend for EbpfBackend {
         let kernel = self.inner.reconcile(peers).await;
         let mut repairs = self.repair_attachments()?;
         repairs += self.sync_maps(peers)?;
+        // Not counted as repairs: containers come and go.
+        let local = self.sync_local().await?;
+        if local > 0 {
+            debug!(changes = local, "local containers updated");
+        }
         if repairs > 0 {
             info!(repairs, "reconciled the eBPF datapath with leases");
         }

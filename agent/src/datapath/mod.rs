@@ -35,7 +35,7 @@ use crate::lease::MacAddr;
 
 pub use attach::{Attachment, DecapHook};
 pub use inspect::{if_index, LinkState, PinnedLinkState, PinnedMaps};
-pub use maps::{Counters, PeerEntry};
+pub use maps::{Counters, LocalEntry, PeerEntry};
 pub use test_run::{ProgramKind, TestRunOutput};
 
 /// Errors of the datapath; each names the program, map or interface and what to do.

@@ -30,7 +30,7 @@ use rtnetlink::packet_core::ErrorMessage;
 use crate::lease::MacAddr;
 
 pub use link::{ExternalIface, LinkInfo, VxlanAttrs, VxlanSpec, VXLAN_DEFAULT_PORT};
-pub use neigh::{FdbEntry, NeighEntry};
+pub use neigh::{BridgePortEntry, FdbEntry, NeighEntry};
 pub use route::{RouteEntry, RouteSpec, SyncReport};
 
 /// Errors from kernel requests; each names the operation and its target.
