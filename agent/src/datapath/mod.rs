@@ -20,6 +20,7 @@
 
 mod attach;
 mod inspect;
+mod loader;
 mod maps;
 mod test_run;
 
@@ -28,7 +29,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{Ebpf, EbpfLoader};
+use aya::Ebpf;
 use weft_common::{config_flags, wire, NodeConfig};
 
 use crate::lease::MacAddr;
@@ -178,7 +179,7 @@ impl Datapath {
         let pin_dir = pin_dir.into();
         let map_dir = pin_dir.join("maps");
         std::fs::create_dir_all(&map_dir).map_err(|source| DatapathError::PinDir { path: map_dir.clone(), source })?;
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = loader::loader()
             .default_map_pin_directory(&map_dir)
             .load(object()?)
             .map_err(|source| DatapathError::Load { pin_dir: pin_dir.clone(), source: Box::new(source) })?;
