@@ -32,6 +32,15 @@ pub fn local_endpoint(addr_be: [u8; 4]) -> Option<LocalEndpoint> {
     Some(unsafe { *ptr })
 }
 
+/// Records that container `addr_be` sits behind `ep`, unless the map says so already
+/// (an update per packet would cost more than the lookup).
+#[inline(always)]
+pub fn learn_local(addr_be: [u8; 4], ep: &LocalEndpoint) {
+    if local_endpoint(addr_be).as_ref() != Some(ep) {
+        let _ = LOCAL.insert(addr_be, *ep, 0);
+    }
+}
+
 /// This node's configuration, `None` until the agent wrote a VNI and VTEP address.
 #[inline(always)]
 pub fn config() -> Option<&'static NodeConfig> {

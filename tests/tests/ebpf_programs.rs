@@ -285,6 +285,28 @@ fn encap_emits_rfc7348_vxlan_as_flannel_expects() {
 }
 
 #[test]
+fn encap_on_a_container_port_learns_the_container_for_decap() {
+    require_root!();
+    let mut e = env("learn");
+    // On the bridge itself the port is unknown: nothing learned.
+    test_run(&e, ProgramKind::TcEncap, &container_frame(REMOTE_CONTAINER), e.br0);
+    assert!(e.dp.locals().expect("list").is_empty());
+    // On a port (any interface but the bridge), traffic to a local address teaches nothing.
+    let port = ifindex("br0-peer");
+    test_run(&e, ProgramKind::TcEncap, &container_frame(Ipv4Addr::new(10, 1, 10, 9)), port);
+    assert!(e.dp.locals().expect("list").is_empty());
+    // Traffic to a remote subnet: the sender sits behind this port, its gateway is the frame's destination.
+    let out = test_run(&e, ProgramKind::TcEncap, &container_frame(REMOTE_CONTAINER), port);
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    let learned = LocalEntry { ip: LOCAL_CONTAINER, host_ifindex: port, mac: MacAddr(CONTAINER_MAC), gateway_mac: MacAddr(BRIDGE_MAC) };
+    assert_eq!(e.dp.locals().expect("list"), vec![learned]);
+    // And decapsulation uses it.
+    let out = test_run(&e, ProgramKind::TcDecap, &good_vxlan(), e.ul0);
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    assert_eq!(e.dp.counters().unwrap().get(counter::DELIVERED_TO_CONTAINER), 1);
+}
+
+#[test]
 fn encap_leaves_what_is_not_ours_untouched() {
     require_root!();
     let mut e = env("encap-pass");

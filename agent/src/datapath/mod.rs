@@ -152,7 +152,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     /// Links we own; dropping them closes fds, never detaches pinned links.
-    links: Vec<aya::programs::links::FdLink>,
+    /// (link pin path, link).
+    links: Vec<(PathBuf, aya::programs::links::FdLink)>,
 }
 
 #[cfg(not(weft_no_ebpf))]
