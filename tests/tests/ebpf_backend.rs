@@ -241,6 +241,8 @@ enum Cmd {
     Apply(LeaseEvent),
     Reconcile(Vec<Lease>),
     Counters,
+    /// Wait at most this long for the backend to report a local change.
+    LocalChange(Duration),
     /// Leave without cleaning up, as an agent that is stopped or killed.
     Exit,
 }
@@ -291,6 +293,10 @@ impl Agent {
                         (Cmd::Reconcile(p), AnyBackend::Kernel(b)) => b.reconcile(&p).await.map(Reply::Done),
                         (Cmd::Counters, AnyBackend::Ebpf(b)) => b.counters().map(Reply::Counters).map_err(Into::into),
                         (Cmd::Counters, AnyBackend::Kernel(_)) => Err(anyhow::anyhow!("kernel backend has no counters")),
+                        (Cmd::LocalChange(d), AnyBackend::Ebpf(b)) => {
+                            Ok(Reply::Done(usize::from(tokio::time::timeout(d, b.local_change()).await.is_ok())))
+                        }
+                        (Cmd::LocalChange(_), AnyBackend::Kernel(_)) => Err(anyhow::anyhow!("not used with the kernel backend")),
                     };
                     let _ = reply.send(result.map_err(|e| format!("{e:#}")));
                 }
@@ -321,6 +327,11 @@ impl Agent {
             Reply::Done(n) => n,
             Reply::Counters(_) => unreachable!(),
         }
+    }
+
+    /// Whether the backend reported a local change within `wait`.
+    fn local_change(&self, wait: Duration) -> bool {
+        matches!(self.call(Cmd::LocalChange(wait)), Reply::Done(1))
     }
 
     fn counters(&self) -> Counters {
@@ -815,6 +826,36 @@ fn bridge_ports_get_encapsulation_and_containers_get_packets_directly() {
     let before = agents[0].counters();
     assert_pings(&topo, 1, 0, &[]);
     assert!(delta(&agents[0].counters(), &before, counter::DELIVERED_TO_CONTAINER) >= 3, "the new container is delivered to directly");
+}
+
+#[test]
+fn a_new_port_on_the_bridge_is_reported_at_once() {
+    require_root!();
+    let topo = Topology::new();
+    let [a, _b] = start_pair(&topo, [Kind::Ebpf, Kind::Ebpf]);
+    let host = topo.hosts[0].name.clone();
+    // Interfaces that are not the bridge's ports are no reason to reconcile.
+    let other = std::thread::spawn({
+        let host = host.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(200));
+            run("ip", &["-n", &host, "link", "add", "vethx", "type", "veth", "peer", "name", "vethx-c"]);
+            run("ip", &["-n", &host, "link", "set", "vethx", "up"]);
+        }
+    });
+    assert!(!a.local_change(Duration::from_millis(1500)), "a link outside the bridge was reported");
+    other.join().expect("thread");
+    let port = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        run("ip", &["-n", &host, "link", "add", "vethz", "type", "veth", "peer", "name", "vethz-c"]);
+        run("ip", &["-n", &host, "link", "set", "vethz", "master", "docker0", "up"]);
+    });
+    let started = Instant::now();
+    assert!(a.local_change(Duration::from_secs(5)), "a new bridge port was not reported");
+    eprintln!("reported {:?} after the port was added", started.elapsed().saturating_sub(Duration::from_millis(200)));
+    port.join().expect("thread");
+    a.reconcile(vec![lease(1, _b.mac)]);
+    assert!(attached_on(&topo, 0, "weft_tc_encap", "vethz"));
 }
 
 #[test]

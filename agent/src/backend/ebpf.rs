@@ -45,7 +45,7 @@ use super::{
 use crate::{
     datapath::{if_index, Datapath, DatapathError, DecapHook, LocalEntry, NodeSettings, PeerEntry, PinnedLinkState},
     lease::{BackendAttrs, Lease, LeaseEvent, MacAddr},
-    netlink::{Netlink, NetlinkError},
+    netlink::{LinkWatch, Netlink, NetlinkError},
 };
 
 /// Where bpffs is mounted on every systemd host.
@@ -142,6 +142,8 @@ pub enum EbpfBackendError {
 /// `flannel.<VNI>` plus the eBPF programs and their maps.
 pub struct EbpfBackend {
     nl: Netlink,
+    /// Bridge port events, so a new container's port gets encapsulation at once.
+    watch: Option<LinkWatch>,
     inner: VxlanBackend,
     s: EbpfSettings,
     dp: Datapath,
@@ -186,7 +188,10 @@ impl EbpfBackend {
         };
         let node = node_settings(&nl, &s, vtep_mac).await?;
         let hook = s.decap_hook.unwrap_or_else(|| DecapHook::for_interface(&s.vxlan.external.name));
-        let mut backend = Self { nl, inner, s, dp, hook, node, attrs, own: None, encap_attached: false, ports: BTreeSet::new() };
+        let watch = LinkWatch::subscribe()
+            .inspect_err(|e| warn!(error = %e, "not watching the bridge's ports; new containers get the fast path at the next reconcile"))
+            .ok();
+        let mut backend = Self { nl, watch, inner, s, dp, hook, node, attrs, own: None, encap_attached: false, ports: BTreeSet::new() };
         backend.configure_and_attach()?;
         relax_rp_filter(&backend.s.vxlan.external.name)?;
         Ok(backend)
@@ -633,6 +638,13 @@ impl Backend for EbpfBackend {
             }
         }
         Ok(())
+    }
+
+    async fn local_change(&mut self) {
+        match (&mut self.watch, self.node.bridge_ifindex) {
+            (Some(watch), bridge) if bridge != 0 => watch.port_change(bridge).await,
+            _ => std::future::pending().await,
+        }
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
