@@ -468,6 +468,8 @@ where
                     }
                 }
             }
+            // A container joined or left the bridge: reconcile now, not at the next tick.
+            _ = st.backend.local_change(), if snapshot_seen => reconcile.reset_immediately(),
             _ = reconcile.tick(), if snapshot_seen => {
                 match st.backend.reconcile(&st.peers.leases()).await {
                     Ok(0) => {}

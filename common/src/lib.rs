@@ -17,6 +17,8 @@ pub mod map_names {
     pub const CONFIG: &str = "WEFT_CONFIG";
     /// Per-CPU array of u64 counters, indexed by [`crate::counter`].
     pub const COUNTERS: &str = "WEFT_COUNTERS";
+    /// Hash: local container IPv4 (network order) -> [`crate::LocalEndpoint`].
+    pub const LOCAL: &str = "WEFT_LOCAL";
 }
 
 /// Program (function) names in the object.
@@ -62,6 +64,24 @@ pub struct VtepValue {
     pub flags_ne: u32,
 }
 const _: () = assert!(size_of::<VtepValue>() == 4);
+
+/// Maximum entries of the local-container map.
+pub const MAX_LOCAL: u32 = 4096;
+
+/// A container on this host's bridge, so decapsulated packets can be handed
+/// straight to its network namespace (`bpf_redirect_peer`) instead of through
+/// the bridge, which would segment every GRO packet in software.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LocalEndpoint {
+    /// The host-side veth of the container (a bridge port), host order.
+    pub host_ifindex_ne: u32,
+    /// The container's MAC: the inner Ethernet destination.
+    pub mac: [u8; 6],
+    /// The bridge's MAC (the container's gateway): the inner Ethernet source.
+    pub gateway_mac: [u8; 6],
+}
+const _: () = assert!(size_of::<LocalEndpoint>() == 16);
 
 /// Per-node configuration, entry 0 of [`map_names::CONFIG`]. A zero `vni_ne`
 /// together with a zero `vtep_ip_be` means "not configured": programs pass
@@ -120,8 +140,10 @@ pub mod counter {
     pub const DROP_UNKNOWN_SOURCE: u32 = 13;
     pub const DROP_WRONG_VNI: u32 = 14;
     pub const DROP_MALFORMED: u32 = 15;
+    /// Decapsulated and handed straight to a local container (of [`DECAPSULATED`]).
+    pub const DELIVERED_TO_CONTAINER: u32 = 16;
     /// Number of counters; the map's max_entries.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Display names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -141,6 +163,7 @@ pub mod counter {
         "dropped: unknown source",
         "dropped: wrong vni",
         "dropped: malformed vxlan",
+        "decapsulated: delivered to container",
     ];
 
     /// The name of a counter index, `None` when out of range.
@@ -173,4 +196,5 @@ mod pod {
     unsafe impl aya::Pod for super::Ipv4LpmData {}
     unsafe impl aya::Pod for super::VtepValue {}
     unsafe impl aya::Pod for super::NodeConfig {}
+    unsafe impl aya::Pod for super::LocalEndpoint {}
 }

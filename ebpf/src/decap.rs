@@ -9,14 +9,14 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK,
         TC_ACT_REDIRECT,
     },
-    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
+    helpers::generated::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
 use weft_common::{
     counter,
     wire::{ETH_P_IPV4, IPPROTO_UDP, VXLAN_FLAG_I, VXLAN_OVERHEAD},
-    NodeConfig,
+    LocalEndpoint, NodeConfig,
 };
 
 use crate::{
@@ -126,21 +126,66 @@ pub fn tc_decapsulate(ctx: &TcContext) -> Verdict {
     }
     // Decapsulated: the frame is now an ordinary IPv4 frame addressed to this host.
     // Forward it ourselves when the route and neighbour are known, else let the stack.
-    Verdict::Done(forward_inner(ctx), counter::DECAPSULATED)
+    let (action, delivered) = forward_inner(ctx);
+    if delivered {
+        maps::count(counter::DELIVERED_TO_CONTAINER);
+    }
+    Verdict::Done(action, counter::DECAPSULATED)
 }
 
 /// Routes the decapsulated packet like the stack would (TTL included), or
-/// returns TC_ACT_OK so the stack does it.
+/// returns TC_ACT_OK so the stack does it. `true`: handed straight to a local container.
 #[inline(always)]
-fn forward_inner(ctx: &TcContext) -> i32 {
+fn forward_inner(ctx: &TcContext) -> (i32, bool) {
     let Some(ip) = ctx.ptr_at::<Ipv4Hdr>(off::OUTER_IP) else {
-        return TC_ACT_OK;
+        return (TC_ACT_OK, false);
     };
     // SAFETY: bounds checked by ptr_at.
     let (saddr, daddr, tos, ttl) = unsafe { ((*ip).saddr_be, (*ip).daddr_be, (*ip).tos, (*ip).ttl) };
     if ttl <= 1 {
-        return TC_ACT_OK;
+        return (TC_ACT_OK, false);
     }
+    if let Some(ep) = maps::local_endpoint(daddr) {
+        if deliver_to_container(ctx, &ep) {
+            return (TC_ACT_REDIRECT, true);
+        }
+    }
+    (route_inner(ctx, saddr, daddr, tos), false)
+}
+
+/// Hands the packet to the container's namespace (`bpf_redirect_peer` into the
+/// peer of its host-side veth), as if the bridge had delivered it: through the
+/// bridge, a GRO packet that still carries its tunnel GSO marks is segmented in
+/// software (the bridge has no tunnel offloads), which costs most of the throughput.
+#[inline(always)]
+fn deliver_to_container(ctx: &TcContext, ep: &LocalEndpoint) -> bool {
+    // The entry may be older than the container: a deleted veth must not swallow
+    // the packet (the redirect would drop it), the bridge path still knows the way.
+    let mut mtu: u32 = 0;
+    // SAFETY: plain helper call; mtu lives on our stack.
+    if unsafe { bpf_check_mtu(ctx.as_ptr(), ep.host_ifindex_ne, &mut mtu, 0, 0) } < 0 {
+        return false;
+    }
+    let Some(eth) = ctx.ptr_at::<EthHdr>(0) else { return false };
+    let Some(ip) = ctx.ptr_at::<Ipv4Hdr>(off::OUTER_IP) else { return false };
+    // Only records the target; decided before the frame is touched, so a
+    // refusal leaves it intact for the routed path.
+    // SAFETY: plain helper call.
+    if unsafe { bpf_redirect_peer(ep.host_ifindex_ne, 0) } != TC_ACT_REDIRECT as i64 {
+        return false;
+    }
+    // SAFETY: bounds checked by ptr_at; TC may write packet data.
+    unsafe {
+        (*eth).dst = ep.mac;
+        (*eth).src = ep.gateway_mac;
+        (*ip).decrement_ttl();
+    }
+    true
+}
+
+/// The FIB's next hop for the inner packet, or TC_ACT_OK for the stack.
+#[inline(always)]
+fn route_inner(ctx: &TcContext, saddr: [u8; 4], daddr: [u8; 4], tos: u8) -> i32 {
     // SAFETY: plain data; all-zero is valid.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use weft_common::{
     config_flags, counter,
     wire::{ETH_HLEN, ETH_P_IPV4, IPPROTO_UDP, VXLAN_FLAG_I, VXLAN_OVERHEAD},
-    NodeConfig, PeerValue,
+    LocalEndpoint, NodeConfig, PeerValue,
 };
 
 use crate::{
@@ -83,6 +83,7 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
         return Err(Verdict::Pass(counter::PASS_MALFORMED));
     }
     let peer = *maps::remote_peer(ip.daddr_be).ok_or(Verdict::Pass(counter::PASS_NOT_REMOTE))?;
+    learn_sender(ctx, cfg, &eth, &ip);
     let decrement = cfg.flags_ne & config_flags::DECREMENT_TTL != 0;
     if decrement && ip.ttl <= 1 {
         // The kernel path sends the ICMP time-exceeded a router owes the sender.
@@ -139,6 +140,19 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
         return Err(Verdict::Drop(counter::PASS_HELPER_FAIL));
     }
     Ok(Verdict::Done(action as i32, counter::ENCAPSULATED))
+}
+
+/// On a container's own veth (not the bridge), the sender of a frame bound for a
+/// remote subnet is that container and the frame's destination its gateway: what
+/// decapsulation needs to hand replies straight to it.
+#[inline(always)]
+fn learn_sender(ctx: &TcContext, cfg: &NodeConfig, eth: &EthHdr, ip: &Ipv4Hdr) {
+    // SAFETY: ctx.skb.skb is the live __sk_buff of this invocation.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if ifindex == 0 || ifindex == cfg.bridge_ifindex_ne || eth.src[0] & 1 != 0 {
+        return;
+    }
+    maps::learn_local(ip.saddr_be, &LocalEndpoint { host_ifindex_ne: ifindex, mac: eth.src, gateway_mac: eth.dst });
 }
 
 /// The outer route to the peer's VTEP, looked up as our own output would be.

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
 };
-use weft_common::{counter, Ipv4LpmData, NodeConfig, PeerValue, VtepValue, MAX_PEERS};
+use weft_common::{counter, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, VtepValue, MAX_LOCAL, MAX_PEERS};
 
 #[map(name = "WEFT_REMOTES")]
 static REMOTES: LpmTrie<Ipv4LpmData, PeerValue> = LpmTrie::pinned(MAX_PEERS, 0);
@@ -20,6 +20,26 @@ static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 
 #[map(name = "WEFT_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+
+#[map(name = "WEFT_LOCAL")]
+static LOCAL: HashMap<[u8; 4], LocalEndpoint> = HashMap::pinned(MAX_LOCAL, 0);
+
+/// The local container with address `addr_be`, if the agent has seen it on the bridge.
+#[inline(always)]
+pub fn local_endpoint(addr_be: [u8; 4]) -> Option<LocalEndpoint> {
+    let ptr = LOCAL.get_ptr(addr_be)?;
+    // SAFETY: a map value pointer the kernel returned, copied out at once.
+    Some(unsafe { *ptr })
+}
+
+/// Records that container `addr_be` sits behind `ep`, unless the map says so already
+/// (an update per packet would cost more than the lookup).
+#[inline(always)]
+pub fn learn_local(addr_be: [u8; 4], ep: &LocalEndpoint) {
+    if local_endpoint(addr_be).as_ref() != Some(ep) {
+        let _ = LOCAL.insert(addr_be, *ep, 0);
+    }
+}
 
 /// This node's configuration, `None` until the agent wrote a VNI and VTEP address.
 #[inline(always)]

@@ -141,14 +141,21 @@ async fn wait_status(
     }
 }
 
-/// Both programs attached and `peers` remote subnets in the map.
+/// Decapsulation on ens32 and encapsulation on docker0 (and on every bridge port) attached, and
+/// `peers` remote subnets in the map.
 fn ebpf_ready(st: &Value, peers: usize) -> bool {
     let programs = st["programs"]
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default();
+    let on = |prog: &str, iface: &str| {
+        programs.iter().any(|p| {
+            p["program"].as_str().is_some_and(|n| n.contains(prog)) && p["interface"] == iface
+        })
+    };
     st["mode"] == "ebpf"
-        && programs.len() == 2
+        && on("decap", "ens32")
+        && on("encap", "docker0")
         && programs.iter().all(|p| p["state"] == "attached")
         && st["peers"].as_array().map_or(0, Vec::len) == peers
 }

@@ -4,9 +4,12 @@
 //! MAC is the one advertised in our lease, and its neighbours, fdb entries and
 //! routes carry whatever the programs pass on (fragments, oversize non-GSO
 //! packets, traffic from the host itself). On top of that this backend loads
-//! the datapath, attaches encapsulation to the container bridge's TC ingress
-//! and decapsulation to the external interface, and keeps the programs' maps
-//! (remote subnets, known VTEPs) equal to the peer set.
+//! the datapath, attaches encapsulation to the TC ingress of the container
+//! bridge and of each of its ports (a container's frames are encapsulated
+//! before the bridge sees them), decapsulation to the external interface, and
+//! keeps the programs' maps equal to the peer set (remote subnets, known
+//! VTEPs) and to the bridge's containers (decapsulated packets go straight into
+//! the container's namespace).
 //!
 //! Programs, links and maps are pinned under the pin directory, so they keep
 //! forwarding while the agent restarts; a new [`EbpfBackend::try_new`] adopts
@@ -40,9 +43,9 @@ use super::{
     Backend, BackendError,
 };
 use crate::{
-    datapath::{if_index, Datapath, DatapathError, DecapHook, NodeSettings, PeerEntry, PinnedLinkState},
+    datapath::{if_index, Datapath, DatapathError, DecapHook, LocalEntry, NodeSettings, PeerEntry, PinnedLinkState},
     lease::{BackendAttrs, Lease, LeaseEvent, MacAddr},
-    netlink::{Netlink, NetlinkError},
+    netlink::{LinkWatch, Netlink, NetlinkError},
 };
 
 /// Where bpffs is mounted on every systemd host.
@@ -122,6 +125,12 @@ pub enum EbpfBackendError {
         #[source]
         source: std::io::Error,
     },
+    #[error("list the containers on bridge {bridge}: {source}")]
+    Bridge {
+        bridge: String,
+        #[source]
+        source: NetlinkError,
+    },
     #[error("{operation}: {source}")]
     Map {
         operation: String,
@@ -132,6 +141,9 @@ pub enum EbpfBackendError {
 
 /// `flannel.<VNI>` plus the eBPF programs and their maps.
 pub struct EbpfBackend {
+    nl: Netlink,
+    /// Bridge port events, so a new container's port gets encapsulation at once.
+    watch: Option<LinkWatch>,
     inner: VxlanBackend,
     s: EbpfSettings,
     dp: Datapath,
@@ -142,6 +154,8 @@ pub struct EbpfBackend {
     own: Option<Ipv4Net>,
     /// Encapsulation is attached to the bridge (false while it does not exist yet).
     encap_attached: bool,
+    /// Bridge ports with encapsulation attached.
+    ports: BTreeSet<String>,
 }
 
 impl EbpfBackend {
@@ -174,7 +188,10 @@ impl EbpfBackend {
         };
         let node = node_settings(&nl, &s, vtep_mac).await?;
         let hook = s.decap_hook.unwrap_or_else(|| DecapHook::for_interface(&s.vxlan.external.name));
-        let mut backend = Self { inner, s, dp, hook, node, attrs, own: None, encap_attached: false };
+        let watch = LinkWatch::subscribe()
+            .inspect_err(|e| warn!(error = %e, "not watching the bridge's ports; new containers get the fast path at the next reconcile"))
+            .ok();
+        let mut backend = Self { nl, watch, inner, s, dp, hook, node, attrs, own: None, encap_attached: false, ports: BTreeSet::new() };
         backend.configure_and_attach()?;
         relax_rp_filter(&backend.s.vxlan.external.name)?;
         Ok(backend)
@@ -314,6 +331,87 @@ impl EbpfBackend {
         Ok(changes)
     }
 
+    /// Brings the bridge's ports and containers into the datapath: encapsulation
+    /// on every port's TC ingress (a container's frames are encapsulated before
+    /// the bridge sees them; the bridge's own attachment catches the rest), and
+    /// the local-container map. Returns the number of changes.
+    async fn sync_bridge(&mut self) -> Result<usize, EbpfBackendError> {
+        let bridge = self.s.bridge.clone();
+        let err = |source| EbpfBackendError::Bridge { bridge: bridge.clone(), source };
+        let link = match self.nl.link_by_name(&bridge).await.map_err(err)? {
+            Some(link) if self.encap_attached => link,
+            _ => return Ok(0),
+        };
+        let ports = self.nl.bridge_ports(link.index).await.map_err(err)?;
+        let mut changes = self.sync_port_attachments(&ports)?;
+        let want = match (link.mac, self.own) {
+            (Some(gateway_mac), Some(own)) => {
+                let learned = self.nl.bridge_learned(link.index).await.map_err(err)?;
+                let neighbours = self.nl.neighbours_v4(link.index).await.map_err(err)?;
+                local_entries(own, gateway_mac, &neighbours, &learned)
+            }
+            _ => Vec::new(),
+        };
+        changes += self.sync_local(&want, &ports)?;
+        Ok(changes)
+    }
+
+    /// Encapsulation on exactly the current ports (re-attached where someone detached it).
+    fn sync_port_attachments(&mut self, ports: &[(u32, String)]) -> Result<usize, EbpfBackendError> {
+        let program = weft_common::program_names::TC_ENCAP;
+        let mut changes = 0;
+        for (_, name) in ports {
+            let pin = self.s.pin_dir.join("links").join(format!("{program}@{name}"));
+            let live = PinnedLinkState { program: program.into(), interface: name.clone(), state: Datapath::link_state(&pin), path: pin }.is_live();
+            if self.ports.contains(name) && live {
+                continue;
+            }
+            let a = self.dp.attach_encap(name).map_err(|source| EbpfBackendError::Attach {
+                what: "encapsulation",
+                hook: "tcx ingress",
+                interface: name.clone(),
+                source: Box::new(source),
+            })?;
+            debug!(interface = %a.interface, adopted = a.adopted, "encapsulation attached to a bridge port");
+            self.ports.insert(name.clone());
+            changes += 1;
+        }
+        // Ports that left the bridge, also those a previous agent pinned.
+        let pinned = Datapath::pinned_links(&self.s.pin_dir).into_iter().filter(|(p, _)| p == program).map(|(_, i)| i);
+        let gone: BTreeSet<String> = self
+            .ports
+            .iter()
+            .cloned()
+            .chain(pinned)
+            .filter(|i| *i != self.s.bridge && !ports.iter().any(|(_, n)| n == i))
+            .collect();
+        for name in gone {
+            self.dp.detach_encap(&name).map_err(Self::map_err(format!("detach encapsulation from {name}")))?;
+            self.ports.remove(&name);
+            changes += 1;
+        }
+        Ok(changes)
+    }
+
+    /// Adds what the kernel's tables say about our containers to the local map
+    /// (the programs learn the rest from the containers' own frames), and
+    /// removes entries whose port left the bridge. Returns the number of changes.
+    fn sync_local(&mut self, want: &[LocalEntry], ports: &[(u32, String)]) -> Result<usize, EbpfBackendError> {
+        let have = self.dp.locals().map_err(Self::map_err("list local containers".into()))?;
+        let mut changes = 0;
+        for e in want.iter().filter(|e| !have.contains(e)) {
+            debug!(ip = %e.ip, port = e.host_ifindex, "container delivered directly");
+            self.dp.upsert_local(e).map_err(Self::map_err(format!("deliver {} directly", e.ip)))?;
+            changes += 1;
+        }
+        for stale in have.iter().filter(|h| !ports.iter().any(|(i, _)| *i == h.host_ifindex)) {
+            debug!(ip = %stale.ip, "container no longer on the bridge");
+            self.dp.remove_local(stale.ip).map_err(Self::map_err(format!("remove local container {}", stale.ip)))?;
+            changes += 1;
+        }
+        Ok(changes)
+    }
+
     /// Re-attaches programs that were detached (by hand, or because their
     /// interface was deleted and recreated), attaches encapsulation once the
     /// bridge exists, and rewrites an altered node configuration. Returns the
@@ -339,6 +437,7 @@ impl EbpfBackend {
             // is still held by our fd, and only dropping the old datapath frees it.
             let fresh = Datapath::load(&self.s.pin_dir).map_err(|source| EbpfBackendError::Load { source: Box::new(source) })?;
             drop(std::mem::replace(&mut self.dp, fresh));
+            self.ports.clear();
             self.configure_and_attach()?;
         } else if !self.encap_attached && self.attach_encap_if_bridge()? {
             repairs += 1;
@@ -379,6 +478,26 @@ async fn node_settings(nl: &Netlink, s: &EbpfSettings, vtep_mac: MacAddr) -> Res
         decrement_ttl: true,
         ttl_inherit: true,
     })
+}
+
+/// Containers of subnet `own` whose MAC the bridge has learned behind a port.
+fn local_entries(
+    own: Ipv4Net,
+    gateway_mac: MacAddr,
+    neighbours: &[crate::netlink::NeighEntry],
+    ports: &[crate::netlink::BridgePortEntry],
+) -> Vec<LocalEntry> {
+    let mut out: Vec<LocalEntry> = neighbours
+        .iter()
+        .filter(|n| own.contains(&n.ip))
+        .filter_map(|n| {
+            let mac = n.mac?;
+            let port = ports.iter().find(|p| p.mac == mac)?;
+            Some(LocalEntry { ip: n.ip, host_ifindex: port.port_index, mac, gateway_mac })
+        })
+        .collect();
+    out.sort_by_key(|e| e.ip);
+    out
 }
 
 fn hook_program(hook: DecapHook) -> &'static str {
@@ -521,11 +640,23 @@ impl Backend for EbpfBackend {
         Ok(())
     }
 
+    async fn local_change(&mut self) {
+        match (&mut self.watch, self.node.bridge_ifindex) {
+            (Some(watch), bridge) if bridge != 0 => watch.port_change(bridge).await,
+            _ => std::future::pending().await,
+        }
+    }
+
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
         // The kernel path first: it is the fallback for anything the programs pass on.
         let kernel = self.inner.reconcile(peers).await;
         let mut repairs = self.repair_attachments()?;
         repairs += self.sync_maps(peers)?;
+        // Not counted as repairs: containers come and go.
+        let local = self.sync_bridge().await?;
+        if local > 0 {
+            debug!(changes = local, "bridge ports and local containers updated");
+        }
         if repairs > 0 {
             info!(repairs, "reconciled the eBPF datapath with leases");
         }

@@ -28,6 +28,12 @@ pub trait Backend: Send {
     /// Make kernel state equal the peer set: add what is missing, remove what no lease justifies.
     /// Returns how many repairs were made.
     fn reconcile(&mut self, peers: &[Lease]) -> impl Future<Output = Result<usize, BackendError>> + Send;
+    /// Resolves when local state the backend follows changed (a container's interface joined
+    /// the bridge) and a reconcile should run now rather than at the next tick. Cancel-safe.
+    /// Default: never.
+    fn local_change(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 use crate::agent::{AgentConfig, Datapath};
@@ -68,6 +74,9 @@ impl Backend for AnyBackend {
     }
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
         delegate!(self, b => b.reconcile(peers).await)
+    }
+    async fn local_change(&mut self) {
+        delegate!(self, b => b.local_change().await)
     }
 }
 

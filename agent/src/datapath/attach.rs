@@ -61,6 +61,18 @@ impl Datapath {
         self.attach(ProgramKind::TcEncap, interface)
     }
 
+    /// Detaches encapsulation from `interface` (a bridge port that is going, or
+    /// gone) and removes its pin; absent already is fine.
+    pub fn detach_encap(&mut self, interface: &str) -> Result<(), DatapathError> {
+        let link_pin = self.pin_dir.join("links").join(format!("{}@{interface}", ProgramKind::TcEncap.name()));
+        // Our fd and the pin are what keep the link; with both gone the kernel detaches it.
+        self.links.retain(|(path, _)| *path != link_pin);
+        match std::fs::remove_file(&link_pin) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DatapathError::Unpin { path: link_pin, source: e }),
+            _ => Ok(()),
+        }
+    }
+
     /// Attaches decapsulation to the underlay `interface` at `hook`.
     pub fn attach_decap(&mut self, interface: &str, hook: DecapHook) -> Result<Attachment, DatapathError> {
         self.attach(hook.program(), interface)
@@ -83,7 +95,7 @@ impl Datapath {
                     None => {
                         let id = prog.attach(interface, XdpMode::Driver).map_err(|e| attach_err(xdp_reason(interface, &e)))?;
                         let link = prog.take_link(id).map_err(|e| attach_err(format!("{e}")))?;
-                        self.links.push(pin_new(link, &link_pin, interface)?);
+                        self.links.push((link_pin.clone(), pin_new(link, &link_pin, interface)?));
                         None
                     }
                 }
@@ -100,7 +112,7 @@ impl Datapath {
                             .attach(interface, TcAttachType::Ingress)
                             .map_err(|e| attach_err(format!("{e}; does the interface exist (`ip link show {interface}`)?")))?;
                         let link = prog.take_link(id).map_err(|e| attach_err(format!("{e}")))?;
-                        self.links.push(pin_new(link, &link_pin, interface)?);
+                        self.links.push((link_pin.clone(), pin_new(link, &link_pin, interface)?));
                         None
                     }
                 }
@@ -108,7 +120,7 @@ impl Datapath {
         };
         let is_adopted = adopted.is_some();
         if let Some(link) = adopted {
-            self.links.push(link);
+            self.links.push((link_pin.clone(), link));
         }
         self.pin_program(kind)?;
         let hook = if kind == ProgramKind::XdpDecap { "xdp native" } else { "tcx ingress" };

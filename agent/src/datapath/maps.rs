@@ -1,10 +1,11 @@
-//! Typed access to the programs' maps: remote subnets, known VTEPs, node config, counters.
+//! Typed access to the programs' maps: remote subnets, known VTEPs, local
+//! containers, node config, counters.
 
 use std::{borrow::Borrow, net::Ipv4Addr};
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
 use ipnet::Ipv4Net;
-use weft_common::{counter, map_names, Ipv4LpmData, NodeConfig, PeerValue, VtepValue};
+use weft_common::{counter, map_names, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, VtepValue};
 
 use super::{Datapath, DatapathError};
 use crate::lease::MacAddr;
@@ -15,6 +16,18 @@ pub struct PeerEntry {
     pub subnet: Ipv4Net,
     pub vtep_ip: Ipv4Addr,
     pub vtep_mac: MacAddr,
+}
+
+/// A container on this host's bridge: decapsulated packets for `ip` go
+/// straight into its namespace through the peer of `host_ifindex`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalEntry {
+    pub ip: Ipv4Addr,
+    /// The host end of the container's veth (a bridge port).
+    pub host_ifindex: u32,
+    pub mac: MacAddr,
+    /// The bridge's MAC, the container's gateway.
+    pub gateway_mac: MacAddr,
 }
 
 /// Counters summed over all CPUs, in index order.
@@ -56,6 +69,10 @@ impl Datapath {
 
     fn vteps(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], VtepValue>, DatapathError> {
         HashMap::try_from(self.map_data(map_names::KNOWN_VTEPS)?).map_err(map_err("open", map_names::KNOWN_VTEPS))
+    }
+
+    fn local(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], LocalEndpoint>, DatapathError> {
+        HashMap::try_from(self.map_data(map_names::LOCAL)?).map_err(map_err("open", map_names::LOCAL))
     }
 
     pub(super) fn config_map(&mut self) -> Result<Array<&mut MapData, NodeConfig>, DatapathError> {
@@ -101,6 +118,39 @@ impl Datapath {
     /// The known VTEP addresses, sorted.
     pub fn vteps_list(&mut self) -> Result<Vec<Ipv4Addr>, DatapathError> {
         list_vteps(&self.vteps()?)
+    }
+
+    /// Delivers decapsulated packets for `e.ip` straight to its container (replace semantics).
+    pub fn upsert_local(&mut self, e: &LocalEntry) -> Result<(), DatapathError> {
+        let value = LocalEndpoint { host_ifindex_ne: e.host_ifindex, mac: e.mac.0, gateway_mac: e.gateway_mac.0 };
+        self.local()?
+            .insert(e.ip.octets(), value, 0)
+            .map_err(map_err(format!("upsert {} -> ifindex {}", e.ip, e.host_ifindex), map_names::LOCAL))
+    }
+
+    /// Sends packets for `ip` through the bridge again; absent entries are not an error.
+    pub fn remove_local(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        match self.local()?.remove(&ip.octets()) {
+            Err(e) if !is_not_found(&e) => Err(map_err(format!("remove {ip}"), map_names::LOCAL)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The local-container entries, sorted by address.
+    pub fn locals(&mut self) -> Result<Vec<LocalEntry>, DatapathError> {
+        let map = self.local()?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (ip, v) = item.map_err(map_err("list", map_names::LOCAL))?;
+            out.push(LocalEntry {
+                ip: Ipv4Addr::from(ip),
+                host_ifindex: v.host_ifindex_ne,
+                mac: MacAddr(v.mac),
+                gateway_mac: MacAddr(v.gateway_mac),
+            });
+        }
+        out.sort_by_key(|e| e.ip);
+        Ok(out)
     }
 
     /// The node configuration currently in the map.

@@ -20,6 +20,7 @@
 
 mod attach;
 mod inspect;
+mod loader;
 mod maps;
 mod test_run;
 
@@ -28,14 +29,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{Ebpf, EbpfLoader};
+use aya::Ebpf;
 use weft_common::{config_flags, wire, NodeConfig};
 
 use crate::lease::MacAddr;
 
 pub use attach::{Attachment, DecapHook};
 pub use inspect::{if_index, LinkState, PinnedLinkState, PinnedMaps};
-pub use maps::{Counters, PeerEntry};
+pub use maps::{Counters, LocalEntry, PeerEntry};
 pub use test_run::{ProgramKind, TestRunOutput};
 
 /// Errors of the datapath; each names the program, map or interface and what to do.
@@ -151,7 +152,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     /// Links we own; dropping them closes fds, never detaches pinned links.
-    links: Vec<aya::programs::links::FdLink>,
+    /// (link pin path, link).
+    links: Vec<(PathBuf, aya::programs::links::FdLink)>,
 }
 
 #[cfg(not(weft_no_ebpf))]
@@ -178,7 +180,7 @@ impl Datapath {
         let pin_dir = pin_dir.into();
         let map_dir = pin_dir.join("maps");
         std::fs::create_dir_all(&map_dir).map_err(|source| DatapathError::PinDir { path: map_dir.clone(), source })?;
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = loader::loader()
             .default_map_pin_directory(&map_dir)
             .load(object()?)
             .map_err(|source| DatapathError::Load { pin_dir: pin_dir.clone(), source: Box::new(source) })?;

@@ -21,6 +21,7 @@ mod addr;
 mod link;
 mod neigh;
 mod route;
+mod watch;
 
 use std::sync::Arc;
 
@@ -30,8 +31,9 @@ use rtnetlink::packet_core::ErrorMessage;
 use crate::lease::MacAddr;
 
 pub use link::{ExternalIface, LinkInfo, VxlanAttrs, VxlanSpec, VXLAN_DEFAULT_PORT};
-pub use neigh::{FdbEntry, NeighEntry};
+pub use neigh::{BridgePortEntry, FdbEntry, NeighEntry};
 pub use route::{RouteEntry, RouteSpec, SyncReport};
+pub use watch::LinkWatch;
 
 /// Errors from kernel requests; each names the operation and its target.
 #[derive(Debug, thiserror::Error)]

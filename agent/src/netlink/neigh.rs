@@ -1,4 +1,5 @@
-//! `ip neigh` and `bridge fdb` on the VXLAN device.
+//! `ip neigh` and `bridge fdb` on the VXLAN device, and the container
+//! bridge's learned ports (which veth a container's MAC sits behind).
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -25,6 +26,15 @@ pub struct FdbEntry {
     pub mac: MacAddr,
     pub dst: Option<Ipv4Addr>,
     pub permanent: bool,
+}
+
+/// A MAC address the bridge learned behind one of its ports (`bridge fdb show br BRIDGE`,
+/// entries without `permanent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BridgePortEntry {
+    pub mac: MacAddr,
+    /// The port (for a container: the host end of its veth).
+    pub port_index: u32,
 }
 
 fn dst_v4(msg: &NeighbourMessage) -> Option<Ipv4Addr> {
@@ -82,6 +92,19 @@ impl Netlink {
                     permanent: is_permanent(m.header.state),
                 })
             })
+            .collect())
+    }
+
+    /// The MACs bridge `bridge_index` learned on its ports, as `bridge fdb show br BRIDGE`
+    /// lists them without the permanent (port's own and static) entries.
+    pub async fn bridge_learned(&self, bridge_index: u32) -> Result<Vec<BridgePortEntry>, NetlinkError> {
+        let req = self.handle.neighbours().get().set_address_family(AddressFamily::Bridge).execute();
+        let all = collect(req, "list the forwarding entries of bridge", || format!("index {bridge_index}")).await?;
+        Ok(all
+            .iter()
+            .filter(|m| !is_permanent(m.header.state) && m.header.ifindex != bridge_index)
+            .filter(|m| m.attributes.iter().any(|a| matches!(a, NeighbourAttribute::Controller(c) if *c == bridge_index)))
+            .filter_map(|m| Some(BridgePortEntry { mac: lladdr(m)?, port_index: m.header.ifindex }))
             .collect())
     }
 
