@@ -48,7 +48,10 @@ fn main() {
     println!("cargo:rerun-if-changed={}", object.display());
     let built = match std::fs::metadata(&object).and_then(|m| m.modified()) {
         Ok(t) => t,
-        Err(e) => fail(&format!("cannot read {}: {e}; run `cargo xtask build-ebpf`", object.display())),
+        Err(e) => fail(&format!(
+            "cannot read {}: {e}; run `cargo xtask build-ebpf`",
+            object.display()
+        )),
     };
     if let Some((newest, path)) = newest_source(&sources) {
         if newest > built {
@@ -78,15 +81,23 @@ fn find_object() -> Option<PathBuf> {
         }
     }
     let out_dir = PathBuf::from(env::var_os("OUT_DIR")?);
-    out_dir.ancestors().map(|a| a.join(&relative)).find(|c| c.is_file())
+    out_dir
+        .ancestors()
+        .map(|a| a.join(&relative))
+        .find(|c| c.is_file())
 }
 
 /// The most recently modified file under the given directories' src/ and Cargo.toml.
 fn newest_source(dirs: &[PathBuf]) -> Option<(SystemTime, PathBuf)> {
     let mut newest: Option<(SystemTime, PathBuf)> = None;
-    let mut stack: Vec<PathBuf> = dirs.iter().flat_map(|d| [d.join("src"), d.join("Cargo.toml")]).collect();
+    let mut stack: Vec<PathBuf> = dirs
+        .iter()
+        .flat_map(|d| [d.join("src"), d.join("Cargo.toml")])
+        .collect();
     while let Some(path) = stack.pop() {
-        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
         if meta.is_dir() {
             if let Ok(entries) = std::fs::read_dir(&path) {
                 stack.extend(entries.flatten().map(|e| e.path()));

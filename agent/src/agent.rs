@@ -203,9 +203,13 @@ impl MasqTask {
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> Result<MasqTask, AgentError> {
-        let masq = Masq::new(MasqKind::from_enable_nftables(net.enable_nftables), net.network, subnet)
-            .with_forward_rules(cfg.iptables_forward_rules)
-            .with_metrics(metrics.clone());
+        let masq = Masq::new(
+            MasqKind::from_enable_nftables(net.enable_nftables),
+            net.network,
+            subnet,
+        )
+        .with_forward_rules(cfg.iptables_forward_rules)
+        .with_metrics(metrics.clone());
         for repair in masq.ensure().await? {
             tracing::info!(rule = %repair, "masquerade rule installed");
         }
@@ -294,8 +298,15 @@ impl<B: Backend> Running<'_, B> {
             // ensure() for the new subnet replaces the old subnet's rules in place.
             old.cancel.cancel();
             self.masq = Some(
-                MasqTask::start(self.cfg, &self.net, self.own.subnet, &self.metrics, tracker, shutdown)
-                    .await?,
+                MasqTask::start(
+                    self.cfg,
+                    &self.net,
+                    self.own.subnet,
+                    &self.metrics,
+                    tracker,
+                    shutdown,
+                )
+                .await?,
             );
         }
         let ev = self.peers.set_own(self.own.subnet);
@@ -365,7 +376,9 @@ where
     };
     tracing::info!(network = %net.network, backend = net.backend.type_name(), "network config");
 
-    let mut backend = build(&cfg, &net, &iface).await.map_err(AgentError::Backend)?;
+    let mut backend = build(&cfg, &net, &iface)
+        .await
+        .map_err(AgentError::Backend)?;
     tracing::info!(datapath = backend.mode(), "datapath chosen");
     metrics.set_datapath_mode(backend.mode());
     let backend_attrs = backend.prepare().await.map_err(AgentError::Backend)?;
@@ -400,7 +413,17 @@ where
 
     let tracker = TaskTracker::new();
     if cfg.ip_masq {
-        st.masq = Some(MasqTask::start(&cfg, &st.net, st.own.subnet, &st.metrics, &tracker, &shutdown).await?);
+        st.masq = Some(
+            MasqTask::start(
+                &cfg,
+                &st.net,
+                st.own.subnet,
+                &st.metrics,
+                &tracker,
+                &shutdown,
+            )
+            .await?,
+        );
     }
     let watch_cancel = shutdown.child_token();
     let (tx, mut rx) = mpsc::channel(1024);

@@ -6,22 +6,22 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agent::{self, AgentConfig, AgentError, Datapath};
-use crate::datapath::DecapHook;
 use crate::config::NetworkConfig;
+use crate::datapath::DecapHook;
 use crate::files::{self, DockerOpts};
 use crate::health::HealthServer;
-use crate::metrics::Metrics;
-use crate::notify::Notifier;
 use crate::iface::IfaceChoice;
 use crate::lease::BackendAttrs;
+use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::subnet::{EtcdOptions, EtcdStore, LeaseTiming, SubnetError};
 
 /// Exit codes (sysexits.h), also listed in `weft --help`.
@@ -119,7 +119,12 @@ fn default_pin_dir() -> std::io::Result<PathBuf> {
 fn status(pin_dir: Option<PathBuf>, json: bool) -> ExitCode {
     let dir = match pin_dir.map_or_else(default_pin_dir, Ok) {
         Ok(d) => d,
-        Err(e) => return fail(exit::OTHER, format!("find this namespace's pin directory: {e}")),
+        Err(e) => {
+            return fail(
+                exit::OTHER,
+                format!("find this namespace's pin directory: {e}"),
+            )
+        }
     };
     match crate::status::collect(&dir) {
         Ok(st) if json => match serde_json::to_string_pretty(&st) {
@@ -381,7 +386,11 @@ impl EtcdArgs {
             ));
         }
         if self.etcd_cafile.is_some() || self.etcd_certfile.is_some() {
-            if let Some(plain) = self.etcd_endpoints.iter().find(|e| e.starts_with("http://")) {
+            if let Some(plain) = self
+                .etcd_endpoints
+                .iter()
+                .find(|e| e.starts_with("http://"))
+            {
                 return Err(usage(
                     "etcd-endpoints",
                     plain,
@@ -884,7 +893,12 @@ mod tests {
             (&["--iface-regex", "("][..], "--iface-regex"),
             (&["--etcd-endpoints", "127.0.0.1:2379"][..], "http://"),
             (
-                &["--etcd-cafile", "/proc/self/status", "--etcd-endpoints", "http://127.0.0.1:2379"][..],
+                &[
+                    "--etcd-cafile",
+                    "/proc/self/status",
+                    "--etcd-endpoints",
+                    "http://127.0.0.1:2379",
+                ][..],
                 "must be https://",
             ),
             (&["--etcd-prefix", "coreos.com"][..], "--etcd-prefix"),

@@ -104,16 +104,32 @@ pub struct Status {
 impl Status {
     /// A counter's value by name, 0 when absent.
     pub fn counter(&self, name: &str) -> u64 {
-        self.counters.iter().find(|c| c.name == name).map_or(0, |c| c.value)
+        self.counters
+            .iter()
+            .find(|c| c.name == name)
+            .map_or(0, |c| c.value)
     }
 }
 
 /// Reads the state pinned under `pin_dir`. Nothing pinned is not an error:
 /// it is the kernel datapath.
 pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
-    let read_err = |source| StatusError::Read { pin_dir: pin_dir.to_path_buf(), source };
-    let programs: Vec<ProgramStatus> = Datapath::inspect_links(pin_dir).iter().map(program_status).collect();
-    let mode = if programs.iter().any(|p| p.link_id.is_some() && p.prog_id.is_some()) { Mode::Ebpf } else { Mode::Kernel };
+    let read_err = |source| StatusError::Read {
+        pin_dir: pin_dir.to_path_buf(),
+        source,
+    };
+    let programs: Vec<ProgramStatus> = Datapath::inspect_links(pin_dir)
+        .iter()
+        .map(program_status)
+        .collect();
+    let mode = if programs
+        .iter()
+        .any(|p| p.link_id.is_some() && p.prog_id.is_some())
+    {
+        Mode::Ebpf
+    } else {
+        Mode::Kernel
+    };
     let mut status = Status {
         mode,
         pin_dir: pin_dir.to_path_buf(),
@@ -131,7 +147,11 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
         .peers()
         .map_err(read_err)?
         .into_iter()
-        .map(|p| PeerStatus { subnet: p.subnet, vtep_ip: p.vtep_ip, vtep_mac: fmt_mac(&p.vtep_mac) })
+        .map(|p| PeerStatus {
+            subnet: p.subnet,
+            vtep_ip: p.vtep_ip,
+            vtep_mac: fmt_mac(&p.vtep_mac),
+        })
         .collect();
     status.known_vteps = maps.vteps().map_err(read_err)?;
     status.counters = maps
@@ -146,14 +166,35 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
 
 fn program_status(link: &PinnedLinkState) -> ProgramStatus {
     let (hook, state, link_id, prog_id) = match &link.state {
-        LinkState::Attached { hook, link_id, prog_id, .. } => {
+        LinkState::Attached {
+            hook,
+            link_id,
+            prog_id,
+            ..
+        } => {
             let state = if link.is_live() { "attached" } else { "stale" };
-            (hook.to_string(), state.to_string(), Some(*link_id), Some(*prog_id))
+            (
+                hook.to_string(),
+                state.to_string(),
+                Some(*link_id),
+                Some(*prog_id),
+            )
         }
-        LinkState::Detached { link_id } => (String::new(), "detached".to_string(), Some(*link_id), None),
-        LinkState::Unreadable { reason } => (String::new(), format!("unreadable: {reason}"), None, None),
+        LinkState::Detached { link_id } => {
+            (String::new(), "detached".to_string(), Some(*link_id), None)
+        }
+        LinkState::Unreadable { reason } => {
+            (String::new(), format!("unreadable: {reason}"), None, None)
+        }
     };
-    ProgramStatus { program: link.program.clone(), interface: link.interface.clone(), hook, state, link_id, prog_id }
+    ProgramStatus {
+        program: link.program.clone(),
+        interface: link.interface.clone(),
+        hook,
+        state,
+        link_id,
+        prog_id,
+    }
 }
 
 fn node_status(c: &NodeConfig) -> NodeStatus {
@@ -194,11 +235,24 @@ impl fmt::Display for Status {
         if self.programs.is_empty() {
             writeln!(f, "  (none pinned)")?;
         } else {
-            writeln!(f, "  {:<16} {:<12} {:<16} {:<10} {:>6} {:>6}", "PROGRAM", "HOOK", "INTERFACE", "STATE", "LINK", "PROG")?;
+            writeln!(
+                f,
+                "  {:<16} {:<12} {:<16} {:<10} {:>6} {:>6}",
+                "PROGRAM", "HOOK", "INTERFACE", "STATE", "LINK", "PROG"
+            )?;
             let id = |v: Option<u32>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
             for p in &self.programs {
                 let hook = if p.hook.is_empty() { "-" } else { &p.hook };
-                writeln!(f, "  {:<16} {:<12} {:<16} {:<10} {:>6} {:>6}", p.program, hook, p.interface, p.state, id(p.link_id), id(p.prog_id))?;
+                writeln!(
+                    f,
+                    "  {:<16} {:<12} {:<16} {:<10} {:>6} {:>6}",
+                    p.program,
+                    hook,
+                    p.interface,
+                    p.state,
+                    id(p.link_id),
+                    id(p.prog_id)
+                )?;
             }
         }
         writeln!(f, "\nremote subnets:")?;
@@ -207,11 +261,25 @@ impl fmt::Display for Status {
         } else {
             writeln!(f, "  {:<20} {:<16} VTEP MAC", "SUBNET", "VTEP")?;
             for p in &self.peers {
-                writeln!(f, "  {:<20} {:<16} {}", p.subnet.to_string(), p.vtep_ip.to_string(), p.vtep_mac)?;
+                writeln!(
+                    f,
+                    "  {:<20} {:<16} {}",
+                    p.subnet.to_string(),
+                    p.vtep_ip.to_string(),
+                    p.vtep_mac
+                )?;
             }
         }
         let vteps: Vec<String> = self.known_vteps.iter().map(ToString::to_string).collect();
-        writeln!(f, "\nknown VTEPs: {}", if vteps.is_empty() { "(none)".to_string() } else { vteps.join(", ") })?;
+        writeln!(
+            f,
+            "\nknown VTEPs: {}",
+            if vteps.is_empty() {
+                "(none)".to_string()
+            } else {
+                vteps.join(", ")
+            }
+        )?;
         if !self.counters.is_empty() {
             writeln!(f, "\ncounters (all CPUs):")?;
             for c in &self.counters {
@@ -230,7 +298,11 @@ pub struct PinnedStats {
 impl crate::metrics::DatapathStats for PinnedStats {
     fn counters(&self) -> Vec<(String, u64)> {
         match collect(&self.pin_dir) {
-            Ok(st) => st.counters.into_iter().map(|c| (c.name.to_string(), c.value)).collect(),
+            Ok(st) => st
+                .counters
+                .into_iter()
+                .map(|c| (c.name.to_string(), c.value))
+                .collect(),
             Err(e) => {
                 tracing::debug!("reading eBPF counters for /metrics: {e}");
                 Vec::new()

@@ -6,10 +6,12 @@
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, xdp_action,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK,
-        TC_ACT_REDIRECT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO,
+        TC_ACT_OK, TC_ACT_REDIRECT,
     },
-    helpers::generated::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head},
+    helpers::generated::{
+        bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head,
+    },
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
@@ -39,7 +41,9 @@ fn classify<C: Packet>(ctx: &C) -> Result<&'static NodeConfig, Verdict> {
     if eth.proto() != ETH_P_IPV4 {
         return Err(Verdict::Pass(counter::PASS_NOT_IPV4));
     }
-    let ip: Ipv4Hdr = ctx.read(off::OUTER_IP).ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
+    let ip: Ipv4Hdr = ctx
+        .read(off::OUTER_IP)
+        .ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
     if ip.version() != 4 || ip.ihl_bytes() < 20 {
         return Err(Verdict::Pass(counter::PASS_MALFORMED));
     }
@@ -54,7 +58,9 @@ fn classify<C: Packet>(ctx: &C) -> Result<&'static NodeConfig, Verdict> {
         // Outer IP options: rare enough to leave to the kernel path.
         return Err(Verdict::Pass(counter::PASS_MALFORMED));
     }
-    let udp: UdpHdr = ctx.read(off::OUTER_UDP).ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
+    let udp: UdpHdr = ctx
+        .read(off::OUTER_UDP)
+        .ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
     if udp.dest_be != cfg.port_be.to_be_bytes() {
         return Err(Verdict::Pass(counter::PASS_NOT_VXLAN));
     }
@@ -62,7 +68,9 @@ fn classify<C: Packet>(ctx: &C) -> Result<&'static NodeConfig, Verdict> {
     if !maps::is_known_vtep(ip.saddr_be) {
         return Err(Verdict::Drop(counter::DROP_UNKNOWN_SOURCE));
     }
-    let vxlan: VxlanHdr = ctx.read(off::VXLAN).ok_or(Verdict::Drop(counter::DROP_MALFORMED))?;
+    let vxlan: VxlanHdr = ctx
+        .read(off::VXLAN)
+        .ok_or(Verdict::Drop(counter::DROP_MALFORMED))?;
     if vxlan.flags & VXLAN_FLAG_I == 0 {
         return Err(Verdict::Drop(counter::DROP_MALFORMED));
     }
@@ -74,12 +82,16 @@ fn classify<C: Packet>(ctx: &C) -> Result<&'static NodeConfig, Verdict> {
     if tot_len < VXLAN_OVERHEAD + 20 || tot_len > frame_l3 {
         return Err(Verdict::Drop(counter::DROP_MALFORMED));
     }
-    let inner_eth: EthHdr = ctx.read(off::INNER_ETH).ok_or(Verdict::Drop(counter::DROP_MALFORMED))?;
+    let inner_eth: EthHdr = ctx
+        .read(off::INNER_ETH)
+        .ok_or(Verdict::Drop(counter::DROP_MALFORMED))?;
     if inner_eth.proto() != ETH_P_IPV4 || inner_eth.dst != cfg.vtep_mac {
         // IPv6 of a dual-stack peer, or a frame flannel.N would judge: not ours to decide.
         return Err(Verdict::Pass(counter::PASS_INNER_NOT_OURS));
     }
-    let inner: Ipv4Hdr = ctx.read(off::INNER_IP).ok_or(Verdict::Drop(counter::DROP_MALFORMED))?;
+    let inner: Ipv4Hdr = ctx
+        .read(off::INNER_IP)
+        .ok_or(Verdict::Drop(counter::DROP_MALFORMED))?;
     if inner.version() != 4 || inner.ihl_bytes() < 20 {
         return Err(Verdict::Drop(counter::DROP_MALFORMED));
     }
@@ -121,7 +133,10 @@ pub fn tc_decapsulate(ctx: &TcContext) -> Verdict {
     if let Err(v) = classify(ctx) {
         return v;
     }
-    if ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS).is_err() {
+    if ctx
+        .adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS)
+        .is_err()
+    {
         return Verdict::Pass(counter::PASS_HELPER_FAIL);
     }
     // Decapsulated: the frame is now an ordinary IPv4 frame addressed to this host.
@@ -141,7 +156,8 @@ fn forward_inner(ctx: &TcContext) -> (i32, bool) {
         return (TC_ACT_OK, false);
     };
     // SAFETY: bounds checked by ptr_at.
-    let (saddr, daddr, tos, ttl) = unsafe { ((*ip).saddr_be, (*ip).daddr_be, (*ip).tos, (*ip).ttl) };
+    let (saddr, daddr, tos, ttl) =
+        unsafe { ((*ip).saddr_be, (*ip).daddr_be, (*ip).tos, (*ip).ttl) };
     if ttl <= 1 {
         return (TC_ACT_OK, false);
     }
@@ -166,8 +182,12 @@ fn deliver_to_container(ctx: &TcContext, ep: &LocalEndpoint) -> bool {
     if unsafe { bpf_check_mtu(ctx.as_ptr(), ep.host_ifindex_ne, &mut mtu, 0, 0) } < 0 {
         return false;
     }
-    let Some(eth) = ctx.ptr_at::<EthHdr>(0) else { return false };
-    let Some(ip) = ctx.ptr_at::<Ipv4Hdr>(off::OUTER_IP) else { return false };
+    let Some(eth) = ctx.ptr_at::<EthHdr>(0) else {
+        return false;
+    };
+    let Some(ip) = ctx.ptr_at::<Ipv4Hdr>(off::OUTER_IP) else {
+        return false;
+    };
     // Only records the target; decided before the frame is touched, so a
     // refusal leaves it intact for the routed path.
     // SAFETY: plain helper call.
@@ -196,7 +216,12 @@ fn route_inner(ctx: &TcContext, saddr: [u8; 4], daddr: [u8; 4], tos: u8) -> i32 
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
     // SAFETY: params lives on our stack for the duration of the call.
     let rc = unsafe {
-        bpf_fib_lookup(ctx.as_ptr(), &mut params, core::mem::size_of::<FibParams>() as i32, 0)
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
     };
     if rc as u32 != BPF_FIB_LKUP_RET_SUCCESS {
         // Local delivery, no neighbour yet, or no route: the stack knows best.

@@ -3,10 +3,10 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
-        TC_ACT_REDIRECT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT,
     },
     helpers::generated::{
         bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect, bpf_redirect_neigh,
@@ -53,7 +53,11 @@ const _: () = assert!(core::mem::size_of::<VxlanEncap>() == VXLAN_OVERHEAD);
 /// Where the outer frame goes after encapsulation.
 enum NextHop {
     /// Neighbour known: outer MACs filled in, plain redirect.
-    Resolved { ifindex: u32, src: [u8; 6], dst: [u8; 6] },
+    Resolved {
+        ifindex: u32,
+        src: [u8; 6],
+        dst: [u8; 6],
+    },
     /// Route known, neighbour not yet: let `bpf_redirect_neigh` resolve it.
     Unresolved { ifindex: u32 },
 }
@@ -75,10 +79,16 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
     if eth.proto() != ETH_P_IPV4 {
         return Err(Verdict::Pass(counter::PASS_NOT_IPV4));
     }
-    let ip: Ipv4Hdr = ctx.read(off::OUTER_IP).ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
+    let ip: Ipv4Hdr = ctx
+        .read(off::OUTER_IP)
+        .ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
     let l3_len = ctx.len().saturating_sub(ETH_HLEN as u32);
     let tot_len = ip.tot_len() as u32;
-    if ip.version() != 4 || ip.ihl_bytes() < 20 || (ip.ihl_bytes() as u32) > tot_len || tot_len > l3_len {
+    if ip.version() != 4
+        || ip.ihl_bytes() < 20
+        || (ip.ihl_bytes() as u32) > tot_len
+        || tot_len > l3_len
+    {
         // The kernel drops these in ip_rcv; never wrap them into a tunnel.
         return Err(Verdict::Pass(counter::PASS_MALFORMED));
     }
@@ -122,7 +132,9 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
 
     let action = match next_hop {
         NextHop::Resolved { ifindex, src, dst } => {
-            let eth = ctx.ptr_at::<EthHdr>(0).ok_or(Verdict::Drop(counter::PASS_HELPER_FAIL))?;
+            let eth = ctx
+                .ptr_at::<EthHdr>(0)
+                .ok_or(Verdict::Drop(counter::PASS_HELPER_FAIL))?;
             // SAFETY: bounds checked by ptr_at.
             unsafe {
                 (*eth).dst = dst;
@@ -152,7 +164,14 @@ fn learn_sender(ctx: &TcContext, cfg: &NodeConfig, eth: &EthHdr, ip: &Ipv4Hdr) {
     if ifindex == 0 || ifindex == cfg.bridge_ifindex_ne || eth.src[0] & 1 != 0 {
         return;
     }
-    maps::learn_local(ip.saddr_be, &LocalEndpoint { host_ifindex_ne: ifindex, mac: eth.src, gateway_mac: eth.dst });
+    maps::learn_local(
+        ip.saddr_be,
+        &LocalEndpoint {
+            host_ifindex_ne: ifindex,
+            mac: eth.src,
+            gateway_mac: eth.dst,
+        },
+    );
 }
 
 /// The outer route to the peer's VTEP, looked up as our own output would be.
@@ -181,7 +200,9 @@ fn lookup_underlay(ctx: &TcContext, cfg: &NodeConfig, peer: &PeerValue) -> Optio
             src: params.smac,
             dst: params.dmac,
         }),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Some(NextHop::Unresolved { ifindex: params.ifindex }),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Some(NextHop::Unresolved {
+            ifindex: params.ifindex,
+        }),
         _ => None,
     }
 }
@@ -195,7 +216,11 @@ fn build_header(
     outer_len: u16,
     hash: u32,
 ) -> VxlanEncap {
-    let ttl = if cfg.flags_ne & config_flags::TTL_INHERIT != 0 { inner_ttl } else { 64 };
+    let ttl = if cfg.flags_ne & config_flags::TTL_INHERIT != 0 {
+        inner_ttl
+    } else {
+        64
+    };
     // SAFETY: plain helper call.
     let id = unsafe { bpf_get_prandom_u32() } as u16;
     let mut ip = Ipv4Hdr {
@@ -222,15 +247,28 @@ fn build_header(
             // Zero: allowed for IPv4 (RFC 7348), accepted by Linux receivers.
             check_be: [0, 0],
         },
-        vxlan: VxlanHdr { flags: VXLAN_FLAG_I, reserved1: [0; 3], vni_be: [vni[1], vni[2], vni[3]], reserved2: 0 },
-        inner_eth: EthHdr { dst: peer.vtep_mac, src: cfg.vtep_mac, proto_be: ETH_P_IPV4.to_be_bytes() },
+        vxlan: VxlanHdr {
+            flags: VXLAN_FLAG_I,
+            reserved1: [0; 3],
+            vni_be: [vni[1], vni[2], vni[3]],
+            reserved2: 0,
+        },
+        inner_eth: EthHdr {
+            dst: peer.vtep_mac,
+            src: cfg.vtep_mac,
+            proto_be: ETH_P_IPV4.to_be_bytes(),
+        },
     }
 }
 
 /// The kernel's `udp_flow_src_port()`: spread flows over [min, max).
 #[inline(always)]
 fn source_port(hash: u32, min: u16, max: u16) -> u16 {
-    let (min, max) = if min < max { (min as u32, max as u32) } else { (32768, 61000) };
+    let (min, max) = if min < max {
+        (min as u32, max as u32)
+    } else {
+        (32768, 61000)
+    };
     let h = hash ^ (hash << 16);
     (((h as u64 * (max - min) as u64) >> 32) as u32 + min) as u16
 }

@@ -26,7 +26,8 @@ pub fn weft_tc_encap(ctx: TcContext) -> i32 {
 
 #[xdp]
 pub fn weft_xdp_decap(ctx: XdpContext) -> u32 {
-    decap::xdp_decapsulate(&ctx).finish(xdp_action::XDP_PASS as i32, xdp_action::XDP_DROP as i32) as u32
+    decap::xdp_decapsulate(&ctx).finish(xdp_action::XDP_PASS as i32, xdp_action::XDP_DROP as i32)
+        as u32
 }
 
 #[classifier]

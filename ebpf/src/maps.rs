@@ -7,7 +7,9 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
 };
-use weft_common::{counter, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, VtepValue, MAX_LOCAL, MAX_PEERS};
+use weft_common::{
+    counter, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, VtepValue, MAX_LOCAL, MAX_PEERS,
+};
 
 #[map(name = "WEFT_REMOTES")]
 static REMOTES: LpmTrie<Ipv4LpmData, PeerValue> = LpmTrie::pinned(MAX_PEERS, 0);

@@ -374,16 +374,30 @@ impl Agent {
                 while let Ok((cmd, reply)) = rx.recv() {
                     let result = match (cmd, &mut backend) {
                         (Cmd::Exit, _) => return,
-                        (Cmd::Apply(ev), AnyBackend::Ebpf(b)) => b.apply(&ev).await.map(|_| Reply::Done(0)),
-                        (Cmd::Apply(ev), AnyBackend::Kernel(b)) => b.apply(&ev).await.map(|_| Reply::Done(0)),
-                        (Cmd::Reconcile(p), AnyBackend::Ebpf(b)) => b.reconcile(&p).await.map(Reply::Done),
-                        (Cmd::Reconcile(p), AnyBackend::Kernel(b)) => b.reconcile(&p).await.map(Reply::Done),
-                        (Cmd::Counters, AnyBackend::Ebpf(b)) => b.counters().map(Reply::Counters).map_err(Into::into),
-                        (Cmd::Counters, AnyBackend::Kernel(_)) => Err(anyhow::anyhow!("kernel backend has no counters")),
-                        (Cmd::LocalChange(d), AnyBackend::Ebpf(b)) => {
-                            Ok(Reply::Done(usize::from(tokio::time::timeout(d, b.local_change()).await.is_ok())))
+                        (Cmd::Apply(ev), AnyBackend::Ebpf(b)) => {
+                            b.apply(&ev).await.map(|_| Reply::Done(0))
                         }
-                        (Cmd::LocalChange(_), AnyBackend::Kernel(_)) => Err(anyhow::anyhow!("not used with the kernel backend")),
+                        (Cmd::Apply(ev), AnyBackend::Kernel(b)) => {
+                            b.apply(&ev).await.map(|_| Reply::Done(0))
+                        }
+                        (Cmd::Reconcile(p), AnyBackend::Ebpf(b)) => {
+                            b.reconcile(&p).await.map(Reply::Done)
+                        }
+                        (Cmd::Reconcile(p), AnyBackend::Kernel(b)) => {
+                            b.reconcile(&p).await.map(Reply::Done)
+                        }
+                        (Cmd::Counters, AnyBackend::Ebpf(b)) => {
+                            b.counters().map(Reply::Counters).map_err(Into::into)
+                        }
+                        (Cmd::Counters, AnyBackend::Kernel(_)) => {
+                            Err(anyhow::anyhow!("kernel backend has no counters"))
+                        }
+                        (Cmd::LocalChange(d), AnyBackend::Ebpf(b)) => Ok(Reply::Done(usize::from(
+                            tokio::time::timeout(d, b.local_change()).await.is_ok(),
+                        ))),
+                        (Cmd::LocalChange(_), AnyBackend::Kernel(_)) => {
+                            Err(anyhow::anyhow!("not used with the kernel backend"))
+                        }
                     };
                     let _ = reply.send(result.map_err(|e| format!("{e:#}")));
                 }
@@ -920,7 +934,11 @@ fn reconcile_repairs_detached_programs_stale_and_missing_entries() {
         "expected re-attach of 2 programs and removal of the stale entry, got {repairs}"
     );
     let st = status_of(&topo, 0);
-    assert_eq!(st.programs.len(), 3, "decap, encap on docker0 and on its port vethc1: {st}");
+    assert_eq!(
+        st.programs.len(),
+        3,
+        "decap, encap on docker0 and on its port vethc1: {st}"
+    );
     assert!(st.programs.iter().all(|p| p.state == "attached"), "{st}");
     assert_eq!(st.peers.len(), 1, "{st}");
     assert_eq!(
@@ -1084,7 +1102,10 @@ fn pin_left(pin: &Path) -> bool {
 
 /// Whether `weft status` lists `program` attached on `interface`.
 fn attached_on(topo: &Topology, host: usize, program: &str, interface: &str) -> bool {
-    status_of(topo, host).programs.iter().any(|p| p.program == program && p.interface == interface && p.state == "attached")
+    status_of(topo, host)
+        .programs
+        .iter()
+        .any(|p| p.program == program && p.interface == interface && p.state == "attached")
 }
 
 #[test]
@@ -1096,17 +1117,32 @@ fn bridge_ports_get_encapsulation_and_containers_get_packets_directly() {
     for (a, p) in agents.iter().zip(&peers) {
         a.reconcile(p.clone());
     }
-    assert!(attached_on(&topo, 0, "weft_tc_encap", "vethc1"), "{}", status_of(&topo, 0));
-    assert!(attached_on(&topo, 1, "weft_tc_encap", "vethc2"), "{}", status_of(&topo, 1));
+    assert!(
+        attached_on(&topo, 0, "weft_tc_encap", "vethc1"),
+        "{}",
+        status_of(&topo, 0)
+    );
+    assert!(
+        attached_on(&topo, 1, "weft_tc_encap", "vethc2"),
+        "{}",
+        status_of(&topo, 1)
+    );
 
     // Encapsulated at the container's port (learning the container there), handed
     // straight into the other container's namespace: the bridges see none of it.
     let bridge_rx = |h: usize| topo.hosts[h].ip("-s -j link show docker0");
-    let rx_packets = |text: String| serde_json::from_str::<Value>(&text).expect("json")[0]["stats64"]["rx"]["packets"].as_u64().unwrap_or(0);
+    let rx_packets = |text: String| {
+        serde_json::from_str::<Value>(&text).expect("json")[0]["stats64"]["rx"]["packets"]
+            .as_u64()
+            .unwrap_or(0)
+    };
     let before = [agents[0].counters(), agents[1].counters()];
     let bridge_before = [rx_packets(bridge_rx(0)), rx_packets(bridge_rx(1))];
     assert_pings(&topo, 0, 1, &[]);
-    for r in [tcp_transfer(&topo, 0, 1, 8 * MB), tcp_transfer(&topo, 1, 0, 8 * MB)] {
+    for r in [
+        tcp_transfer(&topo, 0, 1, 8 * MB),
+        tcp_transfer(&topo, 1, 0, 8 * MB),
+    ] {
         assert!(r.is_ok(), "{r:?}");
     }
     for h in 0..2 {
@@ -1115,14 +1151,25 @@ fn bridge_ports_get_encapsulation_and_containers_get_packets_directly() {
         let decapsulated = delta(&after, &before[h], counter::DECAPSULATED);
         let bridge = rx_packets(bridge_rx(h)) - bridge_before[h];
         eprintln!("host {}: decapsulated {decapsulated}, delivered to the container {delivered}, docker0 rx {bridge}", h + 1);
-        assert!(delivered >= 100 && delivered + 3 >= decapsulated, "host {}: not delivered directly: {after:?}", h + 1);
-        assert!(bridge <= 10, "host {}: docker0 received {bridge} packets", h + 1);
+        assert!(
+            delivered >= 100 && delivered + 3 >= decapsulated,
+            "host {}: not delivered directly: {after:?}",
+            h + 1
+        );
+        assert!(
+            bridge <= 10,
+            "host {}: docker0 received {bridge} packets",
+            h + 1
+        );
     }
 
     // The container on host 1 is replaced (same address, new veth, new MAC) and no
     // reconcile has run: the stale entry must not swallow its packets.
     topo.hosts[0].ip("link del vethc1");
-    topo.hosts[0].ip(&format!("link add vethc1b mtu 1450 type veth peer name eth0 netns {}", topo.containers[0].name));
+    topo.hosts[0].ip(&format!(
+        "link add vethc1b mtu 1450 type veth peer name eth0 netns {}",
+        topo.containers[0].name
+    ));
     topo.hosts[0].ip("link set vethc1b master docker0 up");
     topo.containers[0].ip("addr add 10.1.1.2/24 dev eth0");
     topo.containers[0].ip("link set eth0 mtu 1450 up");
@@ -1132,13 +1179,30 @@ fn bridge_ports_get_encapsulation_and_containers_get_packets_directly() {
     assert_pings(&topo, 1, 0, &[]);
     agents[0].reconcile(peers[0].clone());
     assert!(attached_on(&topo, 0, "weft_tc_encap", "vethc1b"));
-    assert!(!topo.pin_dir(0).join("links").join("weft_tc_encap@vethc1").exists(), "the gone port's pin is removed");
-    assert!(!status_of(&topo, 0).programs.iter().any(|p| p.interface == "vethc1"));
+    assert!(
+        !topo
+            .pin_dir(0)
+            .join("links")
+            .join("weft_tc_encap@vethc1")
+            .exists(),
+        "the gone port's pin is removed"
+    );
+    assert!(!status_of(&topo, 0)
+        .programs
+        .iter()
+        .any(|p| p.interface == "vethc1"));
     // Its first reply through the port teaches the program where it is.
     assert_pings(&topo, 1, 0, &[]);
     let before = agents[0].counters();
     assert_pings(&topo, 1, 0, &[]);
-    assert!(delta(&agents[0].counters(), &before, counter::DELIVERED_TO_CONTAINER) >= 3, "the new container is delivered to directly");
+    assert!(
+        delta(
+            &agents[0].counters(),
+            &before,
+            counter::DELIVERED_TO_CONTAINER
+        ) >= 3,
+        "the new container is delivered to directly"
+    );
 }
 
 #[test]
@@ -1152,20 +1216,44 @@ fn a_new_port_on_the_bridge_is_reported_at_once() {
         let host = host.clone();
         move || {
             std::thread::sleep(Duration::from_millis(200));
-            run("ip", &["-n", &host, "link", "add", "vethx", "type", "veth", "peer", "name", "vethx-c"]);
+            run(
+                "ip",
+                &[
+                    "-n", &host, "link", "add", "vethx", "type", "veth", "peer", "name", "vethx-c",
+                ],
+            );
             run("ip", &["-n", &host, "link", "set", "vethx", "up"]);
         }
     });
-    assert!(!a.local_change(Duration::from_millis(1500)), "a link outside the bridge was reported");
+    assert!(
+        !a.local_change(Duration::from_millis(1500)),
+        "a link outside the bridge was reported"
+    );
     other.join().expect("thread");
     let port = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(200));
-        run("ip", &["-n", &host, "link", "add", "vethz", "type", "veth", "peer", "name", "vethz-c"]);
-        run("ip", &["-n", &host, "link", "set", "vethz", "master", "docker0", "up"]);
+        run(
+            "ip",
+            &[
+                "-n", &host, "link", "add", "vethz", "type", "veth", "peer", "name", "vethz-c",
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n", &host, "link", "set", "vethz", "master", "docker0", "up",
+            ],
+        );
     });
     let started = Instant::now();
-    assert!(a.local_change(Duration::from_secs(5)), "a new bridge port was not reported");
-    eprintln!("reported {:?} after the port was added", started.elapsed().saturating_sub(Duration::from_millis(200)));
+    assert!(
+        a.local_change(Duration::from_secs(5)),
+        "a new bridge port was not reported"
+    );
+    eprintln!(
+        "reported {:?} after the port was added",
+        started.elapsed().saturating_sub(Duration::from_millis(200))
+    );
     port.join().expect("thread");
     a.reconcile(vec![lease(1, _b.mac)]);
     assert!(attached_on(&topo, 0, "weft_tc_encap", "vethz"));

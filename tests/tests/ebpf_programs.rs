@@ -425,21 +425,46 @@ fn encap_on_a_container_port_learns_the_container_for_decap() {
     require_root!();
     let mut e = env("learn");
     // On the bridge itself the port is unknown: nothing learned.
-    test_run(&e, ProgramKind::TcEncap, &container_frame(REMOTE_CONTAINER), e.br0);
+    test_run(
+        &e,
+        ProgramKind::TcEncap,
+        &container_frame(REMOTE_CONTAINER),
+        e.br0,
+    );
     assert!(e.dp.locals().expect("list").is_empty());
     // On a port (any interface but the bridge), traffic to a local address teaches nothing.
     let port = ifindex("br0-peer");
-    test_run(&e, ProgramKind::TcEncap, &container_frame(Ipv4Addr::new(10, 1, 10, 9)), port);
+    test_run(
+        &e,
+        ProgramKind::TcEncap,
+        &container_frame(Ipv4Addr::new(10, 1, 10, 9)),
+        port,
+    );
     assert!(e.dp.locals().expect("list").is_empty());
     // Traffic to a remote subnet: the sender sits behind this port, its gateway is the frame's destination.
-    let out = test_run(&e, ProgramKind::TcEncap, &container_frame(REMOTE_CONTAINER), port);
+    let out = test_run(
+        &e,
+        ProgramKind::TcEncap,
+        &container_frame(REMOTE_CONTAINER),
+        port,
+    );
     assert_eq!(out.action, TC_ACT_REDIRECT);
-    let learned = LocalEntry { ip: LOCAL_CONTAINER, host_ifindex: port, mac: MacAddr(CONTAINER_MAC), gateway_mac: MacAddr(BRIDGE_MAC) };
+    let learned = LocalEntry {
+        ip: LOCAL_CONTAINER,
+        host_ifindex: port,
+        mac: MacAddr(CONTAINER_MAC),
+        gateway_mac: MacAddr(BRIDGE_MAC),
+    };
     assert_eq!(e.dp.locals().expect("list"), vec![learned]);
     // And decapsulation uses it.
     let out = test_run(&e, ProgramKind::TcDecap, &good_vxlan(), e.ul0);
     assert_eq!(out.action, TC_ACT_REDIRECT);
-    assert_eq!(e.dp.counters().unwrap().get(counter::DELIVERED_TO_CONTAINER), 1);
+    assert_eq!(
+        e.dp.counters()
+            .unwrap()
+            .get(counter::DELIVERED_TO_CONTAINER),
+        1
+    );
 }
 
 #[test]
@@ -756,13 +781,21 @@ fn tc_decap_hands_packets_for_known_local_containers_to_their_namespace() {
     // Another MAC than the neighbour table's, to tell the two paths apart.
     let direct_mac = [0x02, 0x42, 0x0a, 0x01, 0x0a, 0x55];
     let gateway_mac = [0x02, 0x00, 0x00, 0x00, 0x10, 0x99];
-    let entry = LocalEntry { ip: LOCAL_CONTAINER, host_ifindex: e.br0, mac: MacAddr(direct_mac), gateway_mac: MacAddr(gateway_mac) };
+    let entry = LocalEntry {
+        ip: LOCAL_CONTAINER,
+        host_ifindex: e.br0,
+        mac: MacAddr(direct_mac),
+        gateway_mac: MacAddr(gateway_mac),
+    };
     e.dp.upsert_local(&entry).expect("local entry");
     assert_eq!(e.dp.locals().expect("list"), vec![entry]);
 
     let frame = good_vxlan();
     let out = test_run(&e, ProgramKind::TcDecap, &frame, e.ul0);
-    assert_eq!(out.action, TC_ACT_REDIRECT, "redirected into the container's namespace");
+    assert_eq!(
+        out.action, TC_ACT_REDIRECT,
+        "redirected into the container's namespace"
+    );
     assert_eq!(&out.packet[0..6], &direct_mac);
     assert_eq!(&out.packet[6..12], &gateway_mac);
     let mut inner_ip = frame[64..].to_vec();
@@ -771,17 +804,37 @@ fn tc_decap_hands_packets_for_known_local_containers_to_their_namespace() {
     assert_eq!(&out.packet[14..], &inner_ip[..], "inner IP with TTL - 1");
     assert_eq!(checksum(&out.packet[14..34]), 0);
     let c = e.dp.counters().unwrap();
-    assert_eq!((c.get(counter::DECAPSULATED), c.get(counter::DELIVERED_TO_CONTAINER)), (1, 1));
+    assert_eq!(
+        (
+            c.get(counter::DECAPSULATED),
+            c.get(counter::DELIVERED_TO_CONTAINER)
+        ),
+        (1, 1)
+    );
 
     // The container's veth is gone: the FIB path (neighbour table's MAC) takes over.
-    e.dp.upsert_local(&LocalEntry { host_ifindex: 999_999, ..entry }).expect("stale entry");
+    e.dp.upsert_local(&LocalEntry {
+        host_ifindex: 999_999,
+        ..entry
+    })
+    .expect("stale entry");
     let out = test_run(&e, ProgramKind::TcDecap, &frame, e.ul0);
     assert_eq!(out.action, TC_ACT_REDIRECT);
-    assert_eq!(&out.packet[0..6], &CONTAINER_MAC, "routed through the bridge");
-    assert_eq!(e.dp.counters().unwrap().get(counter::DELIVERED_TO_CONTAINER), 1);
+    assert_eq!(
+        &out.packet[0..6],
+        &CONTAINER_MAC,
+        "routed through the bridge"
+    );
+    assert_eq!(
+        e.dp.counters()
+            .unwrap()
+            .get(counter::DELIVERED_TO_CONTAINER),
+        1
+    );
 
     e.dp.remove_local(LOCAL_CONTAINER).expect("remove");
-    e.dp.remove_local(LOCAL_CONTAINER).expect("removing an absent entry is fine");
+    e.dp.remove_local(LOCAL_CONTAINER)
+        .expect("removing an absent entry is fine");
     assert!(e.dp.locals().expect("list").is_empty());
 }
 

@@ -5,8 +5,8 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod build_ebpf;
 mod demo;
-mod packages;
 mod install;
+mod packages;
 mod test;
 
 #[derive(Parser)]

@@ -43,7 +43,10 @@ use super::{
     Backend, BackendError,
 };
 use crate::{
-    datapath::{if_index, Datapath, DatapathError, DecapHook, LocalEntry, NodeSettings, PeerEntry, PinnedLinkState},
+    datapath::{
+        if_index, Datapath, DatapathError, DecapHook, LocalEntry, NodeSettings, PeerEntry,
+        PinnedLinkState,
+    },
     lease::{BackendAttrs, Lease, LeaseEvent, MacAddr},
     netlink::{LinkWatch, Netlink, NetlinkError},
 };
@@ -72,7 +75,12 @@ pub struct EbpfSettings {
 impl EbpfSettings {
     /// Defaults: bridge `docker0`, decap hook chosen by the external interface's driver.
     pub fn new(vxlan: VxlanSettings, pin_dir: impl Into<PathBuf>) -> Self {
-        Self { vxlan, pin_dir: pin_dir.into(), bridge: DEFAULT_BRIDGE.to_string(), decap_hook: None }
+        Self {
+            vxlan,
+            pin_dir: pin_dir.into(),
+            bridge: DEFAULT_BRIDGE.to_string(),
+            decap_hook: None,
+        }
     }
 }
 
@@ -180,18 +188,37 @@ impl EbpfBackend {
     }
 
     async fn setup(nl: Netlink, s: EbpfSettings) -> Result<Self, EbpfBackendError> {
-        let dp = Datapath::load(&s.pin_dir).map_err(|source| EbpfBackendError::Load { source: Box::new(source) })?;
+        let dp = Datapath::load(&s.pin_dir).map_err(|source| EbpfBackendError::Load {
+            source: Box::new(source),
+        })?;
         let mut inner = VxlanBackend::new(nl.clone(), s.vxlan.clone());
-        let attrs = inner.prepare().await.map_err(|source| EbpfBackendError::Vxlan { source })?;
+        let attrs = inner
+            .prepare()
+            .await
+            .map_err(|source| EbpfBackendError::Vxlan { source })?;
         let BackendAttrs::Vxlan { vtep_mac, .. } = attrs else {
             unreachable!("the vxlan backend advertises vxlan attributes");
         };
         let node = node_settings(&nl, &s, vtep_mac).await?;
-        let hook = s.decap_hook.unwrap_or_else(|| DecapHook::for_interface(&s.vxlan.external.name));
+        let hook = s
+            .decap_hook
+            .unwrap_or_else(|| DecapHook::for_interface(&s.vxlan.external.name));
         let watch = LinkWatch::subscribe()
             .inspect_err(|e| warn!(error = %e, "not watching the bridge's ports; new containers get the fast path at the next reconcile"))
             .ok();
-        let mut backend = Self { nl, watch, inner, s, dp, hook, node, attrs, own: None, encap_attached: false, ports: BTreeSet::new() };
+        let mut backend = Self {
+            nl,
+            watch,
+            inner,
+            s,
+            dp,
+            hook,
+            node,
+            attrs,
+            own: None,
+            encap_attached: false,
+            ports: BTreeSet::new(),
+        };
         backend.configure_and_attach()?;
         relax_rp_filter(&backend.s.vxlan.external.name)?;
         Ok(backend)
@@ -199,14 +226,21 @@ impl EbpfBackend {
 
     /// Writes the node configuration and attaches both programs (adopting pinned links).
     fn configure_and_attach(&mut self) -> Result<(), EbpfBackendError> {
-        self.dp.configure(&self.node).map_err(|source| EbpfBackendError::Configure { source: Box::new(source) })?;
+        self.dp
+            .configure(&self.node)
+            .map_err(|source| EbpfBackendError::Configure {
+                source: Box::new(source),
+            })?;
         let ext = self.s.vxlan.external.name.clone();
-        let a = self.dp.attach_decap(&ext, self.hook).map_err(|source| EbpfBackendError::Attach {
-            what: "decapsulation",
-            hook: hook_name(self.hook),
-            interface: ext.clone(),
-            source: Box::new(source),
-        })?;
+        let a =
+            self.dp
+                .attach_decap(&ext, self.hook)
+                .map_err(|source| EbpfBackendError::Attach {
+                    what: "decapsulation",
+                    hook: hook_name(self.hook),
+                    interface: ext.clone(),
+                    source: Box::new(source),
+                })?;
         info!(program = a.program, interface = %a.interface, hook = a.hook, adopted = a.adopted, "decapsulation attached");
         self.encap_attached = false;
         self.attach_encap_if_bridge()?;
@@ -223,14 +257,21 @@ impl EbpfBackend {
         }
         if self.node.bridge_ifindex != index {
             self.node.bridge_ifindex = index;
-            self.dp.configure(&self.node).map_err(|source| EbpfBackendError::Configure { source: Box::new(source) })?;
+            self.dp
+                .configure(&self.node)
+                .map_err(|source| EbpfBackendError::Configure {
+                    source: Box::new(source),
+                })?;
         }
-        let a = self.dp.attach_encap(&bridge).map_err(|source| EbpfBackendError::Attach {
-            what: "encapsulation",
-            hook: "tcx ingress",
-            interface: bridge.clone(),
-            source: Box::new(source),
-        })?;
+        let a = self
+            .dp
+            .attach_encap(&bridge)
+            .map_err(|source| EbpfBackendError::Attach {
+                what: "encapsulation",
+                hook: "tcx ingress",
+                interface: bridge.clone(),
+                source: Box::new(source),
+            })?;
         info!(program = a.program, interface = %a.interface, hook = a.hook, adopted = a.adopted, "encapsulation attached");
         self.encap_attached = true;
         Ok(true)
@@ -267,14 +308,21 @@ impl EbpfBackend {
     }
 
     fn map_err(operation: String) -> impl FnOnce(DatapathError) -> EbpfBackendError {
-        move |source| EbpfBackendError::Map { operation, source: Box::new(source) }
+        move |source| EbpfBackendError::Map {
+            operation,
+            source: Box::new(source),
+        }
     }
 
     /// The map entry a peer lease needs; `None` for our own subnet and non-vxlan leases.
     fn entry_for(&self, lease: &Lease) -> Option<PeerEntry> {
         match lease.attrs.backend {
             BackendAttrs::Vxlan { vtep_mac, .. } if Some(lease.subnet) != self.own => {
-                Some(PeerEntry { subnet: lease.subnet.trunc(), vtep_ip: lease.attrs.public_ip, vtep_mac })
+                Some(PeerEntry {
+                    subnet: lease.subnet.trunc(),
+                    vtep_ip: lease.attrs.public_ip,
+                    vtep_mac,
+                })
             }
             _ => None,
         }
@@ -282,34 +330,55 @@ impl EbpfBackend {
 
     /// Adds the VTEP before the subnet, so replies are accepted once we send.
     fn add_entry(&mut self, e: &PeerEntry) -> Result<(), EbpfBackendError> {
-        self.dp.add_vtep(e.vtep_ip).map_err(Self::map_err(format!("accept VXLAN from {}", e.vtep_ip)))?;
+        self.dp
+            .add_vtep(e.vtep_ip)
+            .map_err(Self::map_err(format!("accept VXLAN from {}", e.vtep_ip)))?;
         self.dp
             .upsert_peer(e.subnet, e.vtep_ip, e.vtep_mac)
-            .map_err(Self::map_err(format!("route {} to VTEP {}", e.subnet, e.vtep_ip)))
+            .map_err(Self::map_err(format!(
+                "route {} to VTEP {}",
+                e.subnet, e.vtep_ip
+            )))
     }
 
     /// Removes `subnet`'s entry, and `vtep` from the known VTEPs unless another
     /// subnet still uses it.
     fn remove_entry(&mut self, subnet: Ipv4Net, vtep: Ipv4Addr) -> Result<(), EbpfBackendError> {
-        self.dp.remove_peer(subnet).map_err(Self::map_err(format!("remove {subnet}")))?;
+        self.dp
+            .remove_peer(subnet)
+            .map_err(Self::map_err(format!("remove {subnet}")))?;
         self.remove_vtep_if_unused(vtep)
     }
 
     fn remove_vtep_if_unused(&mut self, vtep: Ipv4Addr) -> Result<(), EbpfBackendError> {
-        let peers = self.dp.peers().map_err(Self::map_err("list remote subnets".into()))?;
+        let peers = self
+            .dp
+            .peers()
+            .map_err(Self::map_err("list remote subnets".into()))?;
         if !peers.iter().any(|p| p.vtep_ip == vtep) {
-            self.dp.remove_vtep(vtep).map_err(Self::map_err(format!("stop accepting VXLAN from {vtep}")))?;
+            self.dp
+                .remove_vtep(vtep)
+                .map_err(Self::map_err(format!("stop accepting VXLAN from {vtep}")))?;
         }
         Ok(())
     }
 
     /// Makes the maps equal `peers`; returns the number of changes.
     fn sync_maps(&mut self, peers: &[Lease]) -> Result<usize, EbpfBackendError> {
-        let want: BTreeMap<Ipv4Net, PeerEntry> =
-            peers.iter().filter_map(|l| self.entry_for(l)).map(|e| (e.subnet, e)).collect();
+        let want: BTreeMap<Ipv4Net, PeerEntry> = peers
+            .iter()
+            .filter_map(|l| self.entry_for(l))
+            .map(|e| (e.subnet, e))
+            .collect();
         let want_vteps: BTreeSet<Ipv4Addr> = want.values().map(|e| e.vtep_ip).collect();
-        let have = self.dp.peers().map_err(Self::map_err("list remote subnets".into()))?;
-        let have_vteps = self.dp.vteps_list().map_err(Self::map_err("list known VTEPs".into()))?;
+        let have = self
+            .dp
+            .peers()
+            .map_err(Self::map_err("list remote subnets".into()))?;
+        let have_vteps = self
+            .dp
+            .vteps_list()
+            .map_err(Self::map_err("list known VTEPs".into()))?;
         let mut changes = 0;
         for e in want.values() {
             if !have.contains(e) || !have_vteps.contains(&e.vtep_ip) {
@@ -320,12 +389,16 @@ impl EbpfBackend {
         }
         for stale in have.iter().filter(|h| !want.contains_key(&h.subnet)) {
             info!(subnet = %stale.subnet, vtep = %stale.vtep_ip, "removing map entry no lease justifies");
-            self.dp.remove_peer(stale.subnet).map_err(Self::map_err(format!("remove {}", stale.subnet)))?;
+            self.dp
+                .remove_peer(stale.subnet)
+                .map_err(Self::map_err(format!("remove {}", stale.subnet)))?;
             changes += 1;
         }
         for stale in have_vteps.iter().filter(|v| !want_vteps.contains(v)) {
             info!(vtep = %stale, "no longer accepting VXLAN from a host without a lease");
-            self.dp.remove_vtep(*stale).map_err(Self::map_err(format!("stop accepting VXLAN from {stale}")))?;
+            self.dp
+                .remove_vtep(*stale)
+                .map_err(Self::map_err(format!("stop accepting VXLAN from {stale}")))?;
             changes += 1;
         }
         Ok(changes)
@@ -337,7 +410,10 @@ impl EbpfBackend {
     /// the local-container map. Returns the number of changes.
     async fn sync_bridge(&mut self) -> Result<usize, EbpfBackendError> {
         let bridge = self.s.bridge.clone();
-        let err = |source| EbpfBackendError::Bridge { bridge: bridge.clone(), source };
+        let err = |source| EbpfBackendError::Bridge {
+            bridge: bridge.clone(),
+            source,
+        };
         let link = match self.nl.link_by_name(&bridge).await.map_err(err)? {
             Some(link) if self.encap_attached => link,
             _ => return Ok(0),
@@ -357,27 +433,46 @@ impl EbpfBackend {
     }
 
     /// Encapsulation on exactly the current ports (re-attached where someone detached it).
-    fn sync_port_attachments(&mut self, ports: &[(u32, String)]) -> Result<usize, EbpfBackendError> {
+    fn sync_port_attachments(
+        &mut self,
+        ports: &[(u32, String)],
+    ) -> Result<usize, EbpfBackendError> {
         let program = weft_common::program_names::TC_ENCAP;
         let mut changes = 0;
         for (_, name) in ports {
-            let pin = self.s.pin_dir.join("links").join(format!("{program}@{name}"));
-            let live = PinnedLinkState { program: program.into(), interface: name.clone(), state: Datapath::link_state(&pin), path: pin }.is_live();
+            let pin = self
+                .s
+                .pin_dir
+                .join("links")
+                .join(format!("{program}@{name}"));
+            let live = PinnedLinkState {
+                program: program.into(),
+                interface: name.clone(),
+                state: Datapath::link_state(&pin),
+                path: pin,
+            }
+            .is_live();
             if self.ports.contains(name) && live {
                 continue;
             }
-            let a = self.dp.attach_encap(name).map_err(|source| EbpfBackendError::Attach {
-                what: "encapsulation",
-                hook: "tcx ingress",
-                interface: name.clone(),
-                source: Box::new(source),
-            })?;
+            let a = self
+                .dp
+                .attach_encap(name)
+                .map_err(|source| EbpfBackendError::Attach {
+                    what: "encapsulation",
+                    hook: "tcx ingress",
+                    interface: name.clone(),
+                    source: Box::new(source),
+                })?;
             debug!(interface = %a.interface, adopted = a.adopted, "encapsulation attached to a bridge port");
             self.ports.insert(name.clone());
             changes += 1;
         }
         // Ports that left the bridge, also those a previous agent pinned.
-        let pinned = Datapath::pinned_links(&self.s.pin_dir).into_iter().filter(|(p, _)| p == program).map(|(_, i)| i);
+        let pinned = Datapath::pinned_links(&self.s.pin_dir)
+            .into_iter()
+            .filter(|(p, _)| p == program)
+            .map(|(_, i)| i);
         let gone: BTreeSet<String> = self
             .ports
             .iter()
@@ -386,7 +481,9 @@ impl EbpfBackend {
             .filter(|i| *i != self.s.bridge && !ports.iter().any(|(_, n)| n == i))
             .collect();
         for name in gone {
-            self.dp.detach_encap(&name).map_err(Self::map_err(format!("detach encapsulation from {name}")))?;
+            self.dp
+                .detach_encap(&name)
+                .map_err(Self::map_err(format!("detach encapsulation from {name}")))?;
             self.ports.remove(&name);
             changes += 1;
         }
@@ -396,17 +493,34 @@ impl EbpfBackend {
     /// Adds what the kernel's tables say about our containers to the local map
     /// (the programs learn the rest from the containers' own frames), and
     /// removes entries whose port left the bridge. Returns the number of changes.
-    fn sync_local(&mut self, want: &[LocalEntry], ports: &[(u32, String)]) -> Result<usize, EbpfBackendError> {
-        let have = self.dp.locals().map_err(Self::map_err("list local containers".into()))?;
+    fn sync_local(
+        &mut self,
+        want: &[LocalEntry],
+        ports: &[(u32, String)],
+    ) -> Result<usize, EbpfBackendError> {
+        let have = self
+            .dp
+            .locals()
+            .map_err(Self::map_err("list local containers".into()))?;
         let mut changes = 0;
         for e in want.iter().filter(|e| !have.contains(e)) {
             debug!(ip = %e.ip, port = e.host_ifindex, "container delivered directly");
-            self.dp.upsert_local(e).map_err(Self::map_err(format!("deliver {} directly", e.ip)))?;
+            self.dp
+                .upsert_local(e)
+                .map_err(Self::map_err(format!("deliver {} directly", e.ip)))?;
             changes += 1;
         }
-        for stale in have.iter().filter(|h| !ports.iter().any(|(i, _)| *i == h.host_ifindex)) {
+        for stale in have
+            .iter()
+            .filter(|h| !ports.iter().any(|(i, _)| *i == h.host_ifindex))
+        {
             debug!(ip = %stale.ip, "container no longer on the bridge");
-            self.dp.remove_local(stale.ip).map_err(Self::map_err(format!("remove local container {}", stale.ip)))?;
+            self.dp
+                .remove_local(stale.ip)
+                .map_err(Self::map_err(format!(
+                    "remove local container {}",
+                    stale.ip
+                )))?;
             changes += 1;
         }
         Ok(changes)
@@ -424,8 +538,17 @@ impl EbpfBackend {
             if *program == encap.0 && !self.encap_attached {
                 continue;
             }
-            let path = self.s.pin_dir.join("links").join(format!("{program}@{interface}"));
-            let link = PinnedLinkState { program: program.to_string(), interface: interface.clone(), state: Datapath::link_state(&path), path };
+            let path = self
+                .s
+                .pin_dir
+                .join("links")
+                .join(format!("{program}@{interface}"));
+            let link = PinnedLinkState {
+                program: program.to_string(),
+                interface: interface.clone(),
+                state: Datapath::link_state(&path),
+                path,
+            };
             if !link.is_live() {
                 warn!(program, interface = %interface, state = ?link.state, "program is no longer attached; re-attaching");
                 broken.push(program);
@@ -435,17 +558,27 @@ impl EbpfBackend {
         if !broken.is_empty() {
             // Reload rather than re-attach one link: a link whose pin was removed
             // is still held by our fd, and only dropping the old datapath frees it.
-            let fresh = Datapath::load(&self.s.pin_dir).map_err(|source| EbpfBackendError::Load { source: Box::new(source) })?;
+            let fresh =
+                Datapath::load(&self.s.pin_dir).map_err(|source| EbpfBackendError::Load {
+                    source: Box::new(source),
+                })?;
             drop(std::mem::replace(&mut self.dp, fresh));
             self.ports.clear();
             self.configure_and_attach()?;
         } else if !self.encap_attached && self.attach_encap_if_bridge()? {
             repairs += 1;
         }
-        let current = self.dp.node_config().map_err(Self::map_err("read node config".into()))?;
+        let current = self
+            .dp
+            .node_config()
+            .map_err(Self::map_err("read node config".into()))?;
         if current != self.node.to_map_value() {
             warn!("node configuration map was altered; rewriting it");
-            self.dp.configure(&self.node).map_err(|source| EbpfBackendError::Configure { source: Box::new(source) })?;
+            self.dp
+                .configure(&self.node)
+                .map_err(|source| EbpfBackendError::Configure {
+                    source: Box::new(source),
+                })?;
             repairs += 1;
         }
         Ok(repairs)
@@ -453,20 +586,35 @@ impl EbpfBackend {
 }
 
 /// What the programs need to know about this node.
-async fn node_settings(nl: &Netlink, s: &EbpfSettings, vtep_mac: MacAddr) -> Result<NodeSettings, EbpfBackendError> {
+async fn node_settings(
+    nl: &Netlink,
+    s: &EbpfSettings,
+    vtep_mac: MacAddr,
+) -> Result<NodeSettings, EbpfBackendError> {
     let ext = &s.vxlan.external;
     let link = nl
         .link_by_name(&ext.name)
         .await
-        .map_err(|source| EbpfBackendError::Interface { interface: ext.name.clone(), source })?
+        .map_err(|source| EbpfBackendError::Interface {
+            interface: ext.name.clone(),
+            source,
+        })?
         .ok_or_else(|| EbpfBackendError::Interface {
             interface: ext.name.clone(),
-            source: NetlinkError::NoSuchLink { name: ext.name.clone() },
+            source: NetlinkError::NoSuchLink {
+                name: ext.name.clone(),
+            },
         })?;
-    let underlay_mac = link.mac.ok_or_else(|| EbpfBackendError::NoMac { interface: ext.name.clone() })?;
+    let underlay_mac = link.mac.ok_or_else(|| EbpfBackendError::NoMac {
+        interface: ext.name.clone(),
+    })?;
     Ok(NodeSettings {
         vni: s.vxlan.vni,
-        port: if s.vxlan.port == 0 { crate::netlink::VXLAN_DEFAULT_PORT } else { s.vxlan.port },
+        port: if s.vxlan.port == 0 {
+            crate::netlink::VXLAN_DEFAULT_PORT
+        } else {
+            s.vxlan.port
+        },
         vtep_ip: ext.ipv4,
         vtep_mac,
         underlay_ifindex: link.index,
@@ -493,7 +641,12 @@ fn local_entries(
         .filter_map(|n| {
             let mac = n.mac?;
             let port = ports.iter().find(|p| p.mac == mac)?;
-            Some(LocalEntry { ip: n.ip, host_ifindex: port.port_index, mac, gateway_mac })
+            Some(LocalEntry {
+                ip: n.ip,
+                host_ifindex: port.port_index,
+                mac,
+                gateway_mac,
+            })
         })
         .collect();
     out.sort_by_key(|e| e.ip);
@@ -520,11 +673,16 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfBackendError> {
     let root = Path::new(BPFFS_ROOT);
     if pin_dir.starts_with(root) && !is_bpffs(root) {
         info!(path = BPFFS_ROOT, "mounting bpffs");
-        mount_bpffs(root).map_err(|source| EbpfBackendError::MountBpffs { path: root.to_path_buf(), source })?;
+        mount_bpffs(root).map_err(|source| EbpfBackendError::MountBpffs {
+            path: root.to_path_buf(),
+            source,
+        })?;
     }
     let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(root);
     if !is_bpffs(existing) {
-        return Err(EbpfBackendError::NotBpffs { path: pin_dir.to_path_buf() });
+        return Err(EbpfBackendError::NotBpffs {
+            path: pin_dir.to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -547,8 +705,20 @@ fn mount_bpffs(path: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(path)?;
     let target = c_path(path)?;
     // SAFETY: NUL-terminated strings that outlive the call; no data argument.
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Decapsulated packets enter the stack on the external interface with a
@@ -565,11 +735,18 @@ fn relax_rp_filter(interface: &str) -> Result<(), EbpfBackendError> {
     };
     let effective = read("all").max(read(interface));
     if effective != 1 {
-        debug!(interface, rp_filter = effective, "reverse path filtering already lets decapsulated traffic in");
+        debug!(
+            interface,
+            rp_filter = effective,
+            "reverse path filtering already lets decapsulated traffic in"
+        );
         return Ok(());
     }
     let path = format!("/proc/sys/net/ipv4/conf/{interface}/rp_filter");
-    std::fs::write(&path, "2").map_err(|source| EbpfBackendError::RpFilter { path: path.clone(), source })?;
+    std::fs::write(&path, "2").map_err(|source| EbpfBackendError::RpFilter {
+        path: path.clone(),
+        source,
+    })?;
     info!(path = %path, "set reverse path filtering to loose for decapsulated traffic");
     Ok(())
 }
@@ -593,7 +770,11 @@ impl Backend for EbpfBackend {
         if attrs != self.attrs {
             if let BackendAttrs::Vxlan { vtep_mac, .. } = attrs {
                 self.node.vtep_mac = vtep_mac;
-                self.dp.configure(&self.node).map_err(|source| EbpfBackendError::Configure { source: Box::new(source) })?;
+                self.dp
+                    .configure(&self.node)
+                    .map_err(|source| EbpfBackendError::Configure {
+                        source: Box::new(source),
+                    })?;
             }
             self.attrs = attrs.clone();
         }
@@ -604,7 +785,9 @@ impl Backend for EbpfBackend {
         self.inner.own_lease(lease).await?;
         if self.own != Some(lease.subnet) {
             // A subnet that was a peer's (re-acquired after expiry) must not be encapsulated.
-            self.dp.remove_peer(lease.subnet).map_err(Self::map_err(format!("remove own subnet {}", lease.subnet)))?;
+            self.dp
+                .remove_peer(lease.subnet)
+                .map_err(Self::map_err(format!("remove own subnet {}", lease.subnet)))?;
             self.own = Some(lease.subnet);
         }
         Ok(())
@@ -623,7 +806,10 @@ impl Backend for EbpfBackend {
                 self.inner.apply(event).await?;
                 match self.entry_for(new) {
                     Some(e) => self.add_entry(&e)?,
-                    None => self.dp.remove_peer(old.subnet).map_err(Self::map_err(format!("remove {}", old.subnet)))?,
+                    None => self
+                        .dp
+                        .remove_peer(old.subnet)
+                        .map_err(Self::map_err(format!("remove {}", old.subnet)))?,
                 }
                 if old.attrs.public_ip != new.attrs.public_ip || self.entry_for(new).is_none() {
                     self.remove_vtep_if_unused(old.attrs.public_ip)?;

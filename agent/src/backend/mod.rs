@@ -22,12 +22,19 @@ pub trait Backend: Send {
     /// Create the local device or programs; returns the backend attributes to advertise.
     fn prepare(&mut self) -> impl Future<Output = Result<BackendAttrs, BackendError>> + Send;
     /// Our own lease is known (or was re-acquired): address the local device.
-    fn own_lease(&mut self, lease: &Lease) -> impl Future<Output = Result<(), BackendError>> + Send;
+    fn own_lease(&mut self, lease: &Lease)
+        -> impl Future<Output = Result<(), BackendError>> + Send;
     /// Program one peer change, with replace semantics.
-    fn apply(&mut self, event: &LeaseEvent) -> impl Future<Output = Result<(), BackendError>> + Send;
+    fn apply(
+        &mut self,
+        event: &LeaseEvent,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
     /// Make kernel state equal the peer set: add what is missing, remove what no lease justifies.
     /// Returns how many repairs were made.
-    fn reconcile(&mut self, peers: &[Lease]) -> impl Future<Output = Result<usize, BackendError>> + Send;
+    fn reconcile(
+        &mut self,
+        peers: &[Lease],
+    ) -> impl Future<Output = Result<usize, BackendError>> + Send;
     /// Resolves when local state the backend follows changed (a container's interface joined
     /// the bridge) and a reconcile should run now rather than at the next tick. Cancel-safe.
     /// Default: never.
@@ -150,7 +157,9 @@ fn drop_stale_pins(cfg: &AgentConfig) {
         return;
     }
     match ebpf::cleanup(&cfg.bpf_pin_dir) {
-        Ok(()) => tracing::info!(pin_dir = %cfg.bpf_pin_dir.display(), "removed eBPF programs pinned by an earlier run"),
+        Ok(()) => {
+            tracing::info!(pin_dir = %cfg.bpf_pin_dir.display(), "removed eBPF programs pinned by an earlier run")
+        }
         Err(errors) => {
             for e in errors {
                 tracing::warn!(pin_dir = %cfg.bpf_pin_dir.display(), "removing stale eBPF pins: {e}");

@@ -64,55 +64,87 @@ impl Datapath {
     /// Detaches encapsulation from `interface` (a bridge port that is going, or
     /// gone) and removes its pin; absent already is fine.
     pub fn detach_encap(&mut self, interface: &str) -> Result<(), DatapathError> {
-        let link_pin = self.pin_dir.join("links").join(format!("{}@{interface}", ProgramKind::TcEncap.name()));
+        let link_pin = self
+            .pin_dir
+            .join("links")
+            .join(format!("{}@{interface}", ProgramKind::TcEncap.name()));
         // Our fd and the pin are what keep the link; with both gone the kernel detaches it.
         self.links.retain(|(path, _)| *path != link_pin);
         match std::fs::remove_file(&link_pin) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DatapathError::Unpin { path: link_pin, source: e }),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DatapathError::Unpin {
+                path: link_pin,
+                source: e,
+            }),
             _ => Ok(()),
         }
     }
 
     /// Attaches decapsulation to the underlay `interface` at `hook`.
-    pub fn attach_decap(&mut self, interface: &str, hook: DecapHook) -> Result<Attachment, DatapathError> {
+    pub fn attach_decap(
+        &mut self,
+        interface: &str,
+        hook: DecapHook,
+    ) -> Result<Attachment, DatapathError> {
         self.attach(hook.program(), interface)
     }
 
     fn attach(&mut self, kind: ProgramKind, interface: &str) -> Result<Attachment, DatapathError> {
         let program = kind.name();
-        let link_pin = self.pin_dir.join("links").join(format!("{program}@{interface}"));
+        let link_pin = self
+            .pin_dir
+            .join("links")
+            .join(format!("{program}@{interface}"));
         for dir in ["links", "progs"] {
             let path = self.pin_dir.join(dir);
-            std::fs::create_dir_all(&path).map_err(|source| DatapathError::PinDir { path, source })?;
+            std::fs::create_dir_all(&path)
+                .map_err(|source| DatapathError::PinDir { path, source })?;
         }
-        let attach_err = |reason: String| DatapathError::Attach { program, interface: interface.to_string(), reason };
+        let attach_err = |reason: String| DatapathError::Attach {
+            program,
+            interface: interface.to_string(),
+            reason,
+        };
         let adopted = match kind {
             ProgramKind::XdpDecap => {
-                let prog: &mut Xdp = kind.program_mut(&mut self.ebpf)?.try_into().map_err(|e| attach_err(format!("{e}")))?;
-                let adopted = adopt::<XdpLink, _>(&link_pin, |link| prog.attach_to_link(link).and_then(|id| prog.take_link(id)));
+                let prog: &mut Xdp = kind
+                    .program_mut(&mut self.ebpf)?
+                    .try_into()
+                    .map_err(|e| attach_err(format!("{e}")))?;
+                let adopted = adopt::<XdpLink, _>(&link_pin, |link| {
+                    prog.attach_to_link(link).and_then(|id| prog.take_link(id))
+                });
                 match adopted {
                     Some(link) => Some(link),
                     None => {
-                        let id = prog.attach(interface, XdpMode::Driver).map_err(|e| attach_err(xdp_reason(interface, &e)))?;
+                        let id = prog
+                            .attach(interface, XdpMode::Driver)
+                            .map_err(|e| attach_err(xdp_reason(interface, &e)))?;
                         let link = prog.take_link(id).map_err(|e| attach_err(format!("{e}")))?;
-                        self.links.push((link_pin.clone(), pin_new(link, &link_pin, interface)?));
+                        self.links
+                            .push((link_pin.clone(), pin_new(link, &link_pin, interface)?));
                         None
                     }
                 }
             }
             ProgramKind::TcEncap | ProgramKind::TcDecap => {
-                let prog: &mut SchedClassifier =
-                    kind.program_mut(&mut self.ebpf)?.try_into().map_err(|e| attach_err(format!("{e}")))?;
-                let adopted =
-                    adopt::<SchedClassifierLink, _>(&link_pin, |link| prog.attach_to_link(link).and_then(|id| prog.take_link(id)));
+                let prog: &mut SchedClassifier = kind
+                    .program_mut(&mut self.ebpf)?
+                    .try_into()
+                    .map_err(|e| attach_err(format!("{e}")))?;
+                let adopted = adopt::<SchedClassifierLink, _>(&link_pin, |link| {
+                    prog.attach_to_link(link).and_then(|id| prog.take_link(id))
+                });
                 match adopted {
                     Some(link) => Some(link),
                     None => {
-                        let id = prog
-                            .attach(interface, TcAttachType::Ingress)
-                            .map_err(|e| attach_err(format!("{e}; does the interface exist (`ip link show {interface}`)?")))?;
+                        let id = prog.attach(interface, TcAttachType::Ingress).map_err(|e| {
+                            attach_err(format!(
+                                "{e}; does the interface exist (`ip link show {interface}`)?"
+                            ))
+                        })?;
                         let link = prog.take_link(id).map_err(|e| attach_err(format!("{e}")))?;
-                        self.links.push((link_pin.clone(), pin_new(link, &link_pin, interface)?));
+                        self.links
+                            .push((link_pin.clone(), pin_new(link, &link_pin, interface)?));
                         None
                     }
                 }
@@ -123,8 +155,18 @@ impl Datapath {
             self.links.push((link_pin.clone(), link));
         }
         self.pin_program(kind)?;
-        let hook = if kind == ProgramKind::XdpDecap { "xdp native" } else { "tcx ingress" };
-        Ok(Attachment { program, interface: interface.to_string(), hook, adopted: is_adopted, link_pin })
+        let hook = if kind == ProgramKind::XdpDecap {
+            "xdp native"
+        } else {
+            "tcx ingress"
+        };
+        Ok(Attachment {
+            program,
+            interface: interface.to_string(),
+            hook,
+            adopted: is_adopted,
+            link_pin,
+        })
     }
 
     /// Pins the program (replacing an older agent's pin) so bpftool and `weft status` see it.
@@ -132,17 +174,24 @@ impl Datapath {
         let path = self.pin_dir.join("progs").join(kind.name());
         let _ = std::fs::remove_file(&path);
         let prog = kind.program_mut(&mut self.ebpf)?;
-        prog.pin(&path).map_err(|e| DatapathError::Pin { what: format!("program {}", kind.name()), path, reason: e.to_string() })
+        prog.pin(&path).map_err(|e| DatapathError::Pin {
+            what: format!("program {}", kind.name()),
+            path,
+            reason: e.to_string(),
+        })
     }
 
     /// The links pinned under `pin_dir` as (program, interface) pairs.
     pub fn pinned_links(pin_dir: &Path) -> Vec<(String, String)> {
-        let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else {
+            return Vec::new();
+        };
         let mut out: Vec<_> = entries
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                name.split_once('@').map(|(p, i)| (p.to_string(), i.to_string()))
+                name.split_once('@')
+                    .map(|(p, i)| (p.to_string(), i.to_string()))
             })
             .collect();
         out.sort();
@@ -166,7 +215,10 @@ impl Datapath {
             };
             for entry in entries.flatten() {
                 if let Err(source) = std::fs::remove_file(entry.path()) {
-                    errors.push(DatapathError::Unpin { path: entry.path(), source });
+                    errors.push(DatapathError::Unpin {
+                        path: entry.path(),
+                        source,
+                    });
                 }
             }
             if let Err(source) = std::fs::remove_dir(&dir) {
@@ -174,10 +226,17 @@ impl Datapath {
             }
         }
         match std::fs::remove_dir(pin_dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => errors.push(DatapathError::Unpin { path: pin_dir.to_path_buf(), source: e }),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => errors.push(DatapathError::Unpin {
+                path: pin_dir.to_path_buf(),
+                source: e,
+            }),
             _ => {}
         }
-        if errors.is_empty() { Ok(()) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 
     /// Detaches this datapath's programs and removes all its pins.
@@ -210,8 +269,16 @@ where
 }
 
 /// Pins a freshly created link so it survives the agent.
-fn pin_new<L: TryInto<FdLink>>(link: L, path: &Path, interface: &str) -> Result<FdLink, DatapathError> {
-    let pin_err = |reason: String| DatapathError::Pin { what: format!("link on {interface}"), path: path.to_path_buf(), reason };
+fn pin_new<L: TryInto<FdLink>>(
+    link: L,
+    path: &Path,
+    interface: &str,
+) -> Result<FdLink, DatapathError> {
+    let pin_err = |reason: String| DatapathError::Pin {
+        what: format!("link on {interface}"),
+        path: path.to_path_buf(),
+        reason,
+    };
     let fd: FdLink = link
         .try_into()
         .map_err(|_| pin_err("the kernel attached through netlink, which cannot be pinned (needs kernel >= 6.6 for TCX, 5.9 for XDP links)".into()))?;
@@ -256,8 +323,16 @@ fn driver_name(interface: &str) -> Option<String> {
     if bytes.len() >= libc::IFNAMSIZ {
         return None;
     }
-    let mut info = DrvInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 160] };
-    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut info, pad: [0; 16] };
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut info,
+        pad: [0; 16],
+    };
     req.name[..bytes.len()].copy_from_slice(bytes);
     // SAFETY: plain socket + ioctl with buffers that outlive the call.
     let rc = unsafe {
@@ -272,6 +347,10 @@ fn driver_name(interface: &str) -> Option<String> {
     if rc != 0 {
         return None;
     }
-    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+    let end = info
+        .driver
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(info.driver.len());
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }

@@ -40,10 +40,14 @@ impl PinnedMaps {
         }
         let typed = |name: &'static str| move |e| map_err("open pinned", name)(e);
         Ok(Some(Self {
-            remotes: LpmTrie::try_from(open_pinned(pin_dir, map_names::REMOTES)?).map_err(typed(map_names::REMOTES))?,
-            vteps: HashMap::try_from(open_pinned(pin_dir, map_names::KNOWN_VTEPS)?).map_err(typed(map_names::KNOWN_VTEPS))?,
-            config: Array::try_from(open_pinned(pin_dir, map_names::CONFIG)?).map_err(typed(map_names::CONFIG))?,
-            counters: PerCpuArray::try_from(open_pinned(pin_dir, map_names::COUNTERS)?).map_err(typed(map_names::COUNTERS))?,
+            remotes: LpmTrie::try_from(open_pinned(pin_dir, map_names::REMOTES)?)
+                .map_err(typed(map_names::REMOTES))?,
+            vteps: HashMap::try_from(open_pinned(pin_dir, map_names::KNOWN_VTEPS)?)
+                .map_err(typed(map_names::KNOWN_VTEPS))?,
+            config: Array::try_from(open_pinned(pin_dir, map_names::CONFIG)?)
+                .map_err(typed(map_names::CONFIG))?,
+            counters: PerCpuArray::try_from(open_pinned(pin_dir, map_names::COUNTERS)?)
+                .map_err(typed(map_names::COUNTERS))?,
         }))
     }
 
@@ -56,7 +60,9 @@ impl PinnedMaps {
     }
 
     pub fn node_config(&self) -> Result<NodeConfig, DatapathError> {
-        self.config.get(&0, 0).map_err(map_err("read node config", map_names::CONFIG))
+        self.config
+            .get(&0, 0)
+            .map_err(map_err("read node config", map_names::CONFIG))
     }
 
     pub fn counters(&self) -> Result<Counters, DatapathError> {
@@ -68,7 +74,12 @@ impl PinnedMaps {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkState {
     /// Attached to the interface with this index (in the pinning namespace).
-    Attached { ifindex: u32, hook: &'static str, link_id: u32, prog_id: u32 },
+    Attached {
+        ifindex: u32,
+        hook: &'static str,
+        link_id: u32,
+        prog_id: u32,
+    },
     /// The link exists but its interface went away or it was detached by hand
     /// (`bpftool link detach`): the program no longer runs.
     Detached { link_id: u32 },
@@ -104,7 +115,12 @@ impl Datapath {
             .map(|(program, interface)| {
                 let path = pin_dir.join("links").join(format!("{program}@{interface}"));
                 let state = link_state(&path);
-                PinnedLinkState { program, interface, path, state }
+                PinnedLinkState {
+                    program,
+                    interface,
+                    path,
+                    state,
+                }
             })
             .collect()
     }
@@ -163,13 +179,30 @@ struct RawLinkInfo {
 }
 
 fn link_state(path: &Path) -> LinkState {
-    let unreadable = |what: &str| LinkState::Unreadable { reason: format!("{what}: {}", std::io::Error::last_os_error()) };
-    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
-        return LinkState::Unreadable { reason: "path contains NUL".into() };
+    let unreadable = |what: &str| LinkState::Unreadable {
+        reason: format!("{what}: {}", std::io::Error::last_os_error()),
     };
-    let get = ObjGetAttr { pathname: c_path.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
+    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
+        return LinkState::Unreadable {
+            reason: "path contains NUL".into(),
+        };
+    };
+    let get = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
     // SAFETY: attr points to a live, correctly laid out bpf_attr prefix.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &get as *const ObjGetAttr, size_of::<ObjGetAttr>()) };
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGetAttr,
+            size_of::<ObjGetAttr>(),
+        )
+    };
     if fd < 0 {
         return unreadable("open pinned link");
     }
@@ -182,7 +215,14 @@ fn link_state(path: &Path) -> LinkState {
         info: &mut info as *mut RawLinkInfo as u64,
     };
     // SAFETY: attr and info live across the call; info_len is info's size.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr as *const InfoByFdAttr, size_of::<InfoByFdAttr>()) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoByFdAttr,
+            size_of::<InfoByFdAttr>(),
+        )
+    };
     if rc < 0 {
         return unreadable("query link");
     }
@@ -195,5 +235,10 @@ fn link_state(path: &Path) -> LinkState {
         (BPF_LINK_TYPE_TCX, _) => "tcx egress",
         _ => "other",
     };
-    LinkState::Attached { ifindex: info.ifindex, hook, link_id: info.id, prog_id: info.prog_id }
+    LinkState::Attached {
+        ifindex: info.ifindex,
+        hook,
+        link_id: info.id,
+        prog_id: info.prog_id,
+    }
 }

@@ -15,7 +15,10 @@ use aya::EbpfLoader;
 
 /// A loader without kernel BTF.
 pub(super) fn loader() -> EbpfLoader<'static> {
-    let hidden = std::thread::scope(|s| s.spawn(|| hide_kernel_btf().map(|()| EbpfLoader::new())).join());
+    let hidden = std::thread::scope(|s| {
+        s.spawn(|| hide_kernel_btf().map(|()| EbpfLoader::new()))
+            .join()
+    });
     let mut loader = match hidden {
         Ok(Ok(loader)) => loader,
         Ok(Err(e)) => {
@@ -32,13 +35,31 @@ pub(super) fn loader() -> EbpfLoader<'static> {
 /// unshares the thread's fs_struct) a private mount namespace with an empty
 /// tmpfs over `/sys/kernel/btf`. The namespace goes away with the thread.
 fn hide_kernel_btf() -> io::Result<()> {
-    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
     // SAFETY: plain syscalls with NUL-terminated constant strings; they affect this thread only.
     unsafe {
         check(libc::unshare(libc::CLONE_NEWNS))?;
         // Nothing mounted below may propagate back to the host's namespace.
-        check(libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
-        check(libc::mount(c"none".as_ptr(), c"/sys/kernel/btf".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()))
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            c"none".as_ptr(),
+            c"/sys/kernel/btf".as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        ))
     }
 }
 
@@ -55,12 +76,23 @@ mod tests {
             eprintln!("skipped: needs root and {VMLINUX}");
             return;
         }
-        let inside = std::thread::spawn(|| hide_kernel_btf().map(|()| std::path::Path::new(VMLINUX).exists()))
-            .join()
-            .expect("thread");
-        assert!(!inside.expect("hide the kernel BTF"), "the loading thread must not see {VMLINUX}");
-        assert!(std::path::Path::new(VMLINUX).exists(), "the rest of the process still sees it");
+        let inside = std::thread::spawn(|| {
+            hide_kernel_btf().map(|()| std::path::Path::new(VMLINUX).exists())
+        })
+        .join()
+        .expect("thread");
+        assert!(
+            !inside.expect("hide the kernel BTF"),
+            "the loading thread must not see {VMLINUX}"
+        );
+        assert!(
+            std::path::Path::new(VMLINUX).exists(),
+            "the rest of the process still sees it"
+        );
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-        assert!(!mounts.contains("/sys/kernel/btf"), "nothing leaked into the process's mounts");
+        assert!(
+            !mounts.contains("/sys/kernel/btf"),
+            "nothing leaked into the process's mounts"
+        );
     }
 }

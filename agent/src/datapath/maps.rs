@@ -5,7 +5,9 @@ use std::{borrow::Borrow, net::Ipv4Addr};
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
 use ipnet::Ipv4Net;
-use weft_common::{counter, map_names, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, VtepValue};
+use weft_common::{
+    counter, map_names, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, VtepValue,
+};
 
 use super::{Datapath, DatapathError};
 use crate::lease::MacAddr;
@@ -43,9 +45,16 @@ impl Counters {
     }
 }
 
-pub(super) fn map_err(operation: impl Into<String>, map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+pub(super) fn map_err(
+    operation: impl Into<String>,
+    map: &'static str,
+) -> impl FnOnce(MapError) -> DatapathError {
     let operation = operation.into();
-    move |source| DatapathError::Map { operation, map, source: Box::new(source) }
+    move |source| DatapathError::Map {
+        operation,
+        map,
+        source: Box::new(source),
+    }
 }
 
 fn is_not_found(e: &MapError) -> bool {
@@ -55,42 +64,67 @@ fn is_not_found(e: &MapError) -> bool {
 
 fn lpm_key(subnet: Ipv4Net) -> Key<Ipv4LpmData> {
     let subnet = subnet.trunc();
-    Key::new(u32::from(subnet.prefix_len()), Ipv4LpmData { addr_be: subnet.network().octets() })
+    Key::new(
+        u32::from(subnet.prefix_len()),
+        Ipv4LpmData {
+            addr_be: subnet.network().octets(),
+        },
+    )
 }
 
 impl Datapath {
     fn map_data(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
-        self.ebpf.map_mut(name).ok_or(DatapathError::MissingMap { map: name })
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { map: name })
     }
 
     fn remotes(&mut self) -> Result<LpmTrie<&mut MapData, Ipv4LpmData, PeerValue>, DatapathError> {
-        LpmTrie::try_from(self.map_data(map_names::REMOTES)?).map_err(map_err("open", map_names::REMOTES))
+        LpmTrie::try_from(self.map_data(map_names::REMOTES)?)
+            .map_err(map_err("open", map_names::REMOTES))
     }
 
     fn vteps(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], VtepValue>, DatapathError> {
-        HashMap::try_from(self.map_data(map_names::KNOWN_VTEPS)?).map_err(map_err("open", map_names::KNOWN_VTEPS))
+        HashMap::try_from(self.map_data(map_names::KNOWN_VTEPS)?)
+            .map_err(map_err("open", map_names::KNOWN_VTEPS))
     }
 
     fn local(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], LocalEndpoint>, DatapathError> {
-        HashMap::try_from(self.map_data(map_names::LOCAL)?).map_err(map_err("open", map_names::LOCAL))
+        HashMap::try_from(self.map_data(map_names::LOCAL)?)
+            .map_err(map_err("open", map_names::LOCAL))
     }
 
     pub(super) fn config_map(&mut self) -> Result<Array<&mut MapData, NodeConfig>, DatapathError> {
-        Array::try_from(self.map_data(map_names::CONFIG)?).map_err(map_err("open", map_names::CONFIG))
+        Array::try_from(self.map_data(map_names::CONFIG)?)
+            .map_err(map_err("open", map_names::CONFIG))
     }
 
     /// Routes `subnet` to the VTEP at `vtep_ip` with MAC `vtep_mac` (replace semantics).
-    pub fn upsert_peer(&mut self, subnet: Ipv4Net, vtep_ip: Ipv4Addr, vtep_mac: MacAddr) -> Result<(), DatapathError> {
-        let value = PeerValue { vtep_ip_be: vtep_ip.octets(), vtep_mac: vtep_mac.0, pad: [0; 2] };
+    pub fn upsert_peer(
+        &mut self,
+        subnet: Ipv4Net,
+        vtep_ip: Ipv4Addr,
+        vtep_mac: MacAddr,
+    ) -> Result<(), DatapathError> {
+        let value = PeerValue {
+            vtep_ip_be: vtep_ip.octets(),
+            vtep_mac: vtep_mac.0,
+            pad: [0; 2],
+        };
         self.remotes()?
             .insert(&lpm_key(subnet), value, 0)
-            .map_err(map_err(format!("upsert {subnet} -> {vtep_ip}"), map_names::REMOTES))
+            .map_err(map_err(
+                format!("upsert {subnet} -> {vtep_ip}"),
+                map_names::REMOTES,
+            ))
     }
 
     /// Stops encapsulating for `subnet`; absent entries are not an error.
     pub fn remove_peer(&mut self, subnet: Ipv4Net) -> Result<(), DatapathError> {
         match self.remotes()?.remove(&lpm_key(subnet)) {
-            Err(e) if !is_not_found(&e) => Err(map_err(format!("remove {subnet}"), map_names::REMOTES)(e)),
+            Err(e) if !is_not_found(&e) => {
+                Err(map_err(format!("remove {subnet}"), map_names::REMOTES)(e))
+            }
             _ => Ok(()),
         }
     }
@@ -110,7 +144,9 @@ impl Datapath {
     /// Drops VXLAN from `ip` from now on; absent entries are not an error.
     pub fn remove_vtep(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
         match self.vteps()?.remove(&ip.octets()) {
-            Err(e) if !is_not_found(&e) => Err(map_err(format!("remove {ip}"), map_names::KNOWN_VTEPS)(e)),
+            Err(e) if !is_not_found(&e) => {
+                Err(map_err(format!("remove {ip}"), map_names::KNOWN_VTEPS)(e))
+            }
             _ => Ok(()),
         }
     }
@@ -122,16 +158,25 @@ impl Datapath {
 
     /// Delivers decapsulated packets for `e.ip` straight to its container (replace semantics).
     pub fn upsert_local(&mut self, e: &LocalEntry) -> Result<(), DatapathError> {
-        let value = LocalEndpoint { host_ifindex_ne: e.host_ifindex, mac: e.mac.0, gateway_mac: e.gateway_mac.0 };
+        let value = LocalEndpoint {
+            host_ifindex_ne: e.host_ifindex,
+            mac: e.mac.0,
+            gateway_mac: e.gateway_mac.0,
+        };
         self.local()?
             .insert(e.ip.octets(), value, 0)
-            .map_err(map_err(format!("upsert {} -> ifindex {}", e.ip, e.host_ifindex), map_names::LOCAL))
+            .map_err(map_err(
+                format!("upsert {} -> ifindex {}", e.ip, e.host_ifindex),
+                map_names::LOCAL,
+            ))
     }
 
     /// Sends packets for `ip` through the bridge again; absent entries are not an error.
     pub fn remove_local(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
         match self.local()?.remove(&ip.octets()) {
-            Err(e) if !is_not_found(&e) => Err(map_err(format!("remove {ip}"), map_names::LOCAL)(e)),
+            Err(e) if !is_not_found(&e) => {
+                Err(map_err(format!("remove {ip}"), map_names::LOCAL)(e))
+            }
             _ => Ok(()),
         }
     }
@@ -155,44 +200,63 @@ impl Datapath {
 
     /// The node configuration currently in the map.
     pub fn node_config(&mut self) -> Result<NodeConfig, DatapathError> {
-        self.config_map()?.get(&0, 0).map_err(map_err("read node config", map_names::CONFIG))
+        self.config_map()?
+            .get(&0, 0)
+            .map_err(map_err("read node config", map_names::CONFIG))
     }
 
     /// All counters, each summed over the CPUs.
     pub fn counters(&mut self) -> Result<Counters, DatapathError> {
-        let map: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map_data(map_names::COUNTERS)?)
-            .map_err(map_err("open", map_names::COUNTERS))?;
+        let map: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(self.map_data(map_names::COUNTERS)?)
+                .map_err(map_err("open", map_names::COUNTERS))?;
         sum_counters(&map)
     }
 }
 
 // Readers shared by the loaded datapath and the pinned-state inspector.
 
-pub(super) fn list_peers<T: Borrow<MapData>>(map: &LpmTrie<T, Ipv4LpmData, PeerValue>) -> Result<Vec<PeerEntry>, DatapathError> {
+pub(super) fn list_peers<T: Borrow<MapData>>(
+    map: &LpmTrie<T, Ipv4LpmData, PeerValue>,
+) -> Result<Vec<PeerEntry>, DatapathError> {
     let mut peers = Vec::new();
     for item in map.iter() {
         let (key, value) = item.map_err(map_err("list", map_names::REMOTES))?;
         let addr = Ipv4Addr::from(key.data().addr_be);
-        let Ok(subnet) = Ipv4Net::new(addr, key.prefix_len() as u8) else { continue };
-        peers.push(PeerEntry { subnet, vtep_ip: Ipv4Addr::from(value.vtep_ip_be), vtep_mac: MacAddr(value.vtep_mac) });
+        let Ok(subnet) = Ipv4Net::new(addr, key.prefix_len() as u8) else {
+            continue;
+        };
+        peers.push(PeerEntry {
+            subnet,
+            vtep_ip: Ipv4Addr::from(value.vtep_ip_be),
+            vtep_mac: MacAddr(value.vtep_mac),
+        });
     }
     peers.sort_by_key(|p| p.subnet);
     Ok(peers)
 }
 
-pub(super) fn list_vteps<T: Borrow<MapData>>(map: &HashMap<T, [u8; 4], VtepValue>) -> Result<Vec<Ipv4Addr>, DatapathError> {
+pub(super) fn list_vteps<T: Borrow<MapData>>(
+    map: &HashMap<T, [u8; 4], VtepValue>,
+) -> Result<Vec<Ipv4Addr>, DatapathError> {
     let mut out = Vec::new();
     for key in map.keys() {
-        out.push(Ipv4Addr::from(key.map_err(map_err("list", map_names::KNOWN_VTEPS))?));
+        out.push(Ipv4Addr::from(
+            key.map_err(map_err("list", map_names::KNOWN_VTEPS))?,
+        ));
     }
     out.sort();
     Ok(out)
 }
 
-pub(super) fn sum_counters<T: Borrow<MapData>>(map: &PerCpuArray<T, u64>) -> Result<Counters, DatapathError> {
+pub(super) fn sum_counters<T: Borrow<MapData>>(
+    map: &PerCpuArray<T, u64>,
+) -> Result<Counters, DatapathError> {
     let mut values = Vec::with_capacity(counter::COUNT as usize);
     for (index, name) in counter::NAMES.iter().enumerate() {
-        let per_cpu = map.get(&(index as u32), 0).map_err(map_err(format!("read counter {name}"), map_names::COUNTERS))?;
+        let per_cpu = map
+            .get(&(index as u32), 0)
+            .map_err(map_err(format!("read counter {name}"), map_names::COUNTERS))?;
         values.push((*name, per_cpu.iter().sum()));
     }
     Ok(Counters { values })

@@ -56,7 +56,9 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::EbpfError>,
     },
-    #[error("program {program} is missing from the eBPF object; rebuild with `cargo xtask build-ebpf`")]
+    #[error(
+        "program {program} is missing from the eBPF object; rebuild with `cargo xtask build-ebpf`"
+    )]
     MissingProgram { program: &'static str },
     #[error("load program {program} into the kernel: {source}; the verifier log above says why (needs root, kernel >= 6.6)")]
     LoadProgram {
@@ -135,7 +137,11 @@ impl NodeSettings {
             vtep_ip_be: self.vtep_ip.octets(),
             underlay_ifindex_ne: self.underlay_ifindex,
             bridge_ifindex_ne: self.bridge_ifindex,
-            port_be: if self.port == 0 { wire::DEFAULT_PORT } else { self.port },
+            port_be: if self.port == 0 {
+                wire::DEFAULT_PORT
+            } else {
+                self.port
+            },
             underlay_mtu_ne: self.underlay_mtu,
             // The kernel's default ip_local_port_range, as udp_flow_src_port uses it.
             sport_min_ne: 32768,
@@ -179,15 +185,25 @@ impl Datapath {
     pub fn load(pin_dir: impl Into<PathBuf>) -> Result<Self, DatapathError> {
         let pin_dir = pin_dir.into();
         let map_dir = pin_dir.join("maps");
-        std::fs::create_dir_all(&map_dir).map_err(|source| DatapathError::PinDir { path: map_dir.clone(), source })?;
+        std::fs::create_dir_all(&map_dir).map_err(|source| DatapathError::PinDir {
+            path: map_dir.clone(),
+            source,
+        })?;
         let mut ebpf = loader::loader()
             .default_map_pin_directory(&map_dir)
             .load(object()?)
-            .map_err(|source| DatapathError::Load { pin_dir: pin_dir.clone(), source: Box::new(source) })?;
+            .map_err(|source| DatapathError::Load {
+                pin_dir: pin_dir.clone(),
+                source: Box::new(source),
+            })?;
         for kind in ProgramKind::ALL {
             kind.load(&mut ebpf)?;
         }
-        Ok(Self { ebpf, pin_dir, links: Vec::new() })
+        Ok(Self {
+            ebpf,
+            pin_dir,
+            links: Vec::new(),
+        })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -196,10 +212,12 @@ impl Datapath {
 
     /// Writes this node's configuration; the programs pass everything until this is done.
     pub fn configure(&mut self, settings: &NodeSettings) -> Result<(), DatapathError> {
-        self.config_map()?.set(0, settings.to_map_value(), 0).map_err(|source| DatapathError::Map {
-            operation: "write node config".into(),
-            map: weft_common::map_names::CONFIG,
-            source: Box::new(source),
-        })
+        self.config_map()?
+            .set(0, settings.to_map_value(), 0)
+            .map_err(|source| DatapathError::Map {
+                operation: "write node config".into(),
+                map: weft_common::map_names::CONFIG,
+                source: Box::new(source),
+            })
     }
 }

@@ -26,7 +26,11 @@ pub struct TestRunOutput {
 }
 
 impl ProgramKind {
-    pub const ALL: [ProgramKind; 3] = [ProgramKind::TcEncap, ProgramKind::XdpDecap, ProgramKind::TcDecap];
+    pub const ALL: [ProgramKind; 3] = [
+        ProgramKind::TcEncap,
+        ProgramKind::XdpDecap,
+        ProgramKind::TcDecap,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -37,16 +41,25 @@ impl ProgramKind {
     }
 
     pub(super) fn program_mut(self, ebpf: &mut Ebpf) -> Result<&mut Program, DatapathError> {
-        ebpf.program_mut(self.name()).ok_or(DatapathError::MissingProgram { program: self.name() })
+        ebpf.program_mut(self.name())
+            .ok_or(DatapathError::MissingProgram {
+                program: self.name(),
+            })
     }
 
     fn program(self, ebpf: &Ebpf) -> Result<&Program, DatapathError> {
-        ebpf.program(self.name()).ok_or(DatapathError::MissingProgram { program: self.name() })
+        ebpf.program(self.name())
+            .ok_or(DatapathError::MissingProgram {
+                program: self.name(),
+            })
     }
 
     pub(super) fn load(self, ebpf: &mut Ebpf) -> Result<(), DatapathError> {
         let program = self.name();
-        let load_err = |source| DatapathError::LoadProgram { program, source: Box::new(source) };
+        let load_err = |source| DatapathError::LoadProgram {
+            program,
+            source: Box::new(source),
+        };
         match self.program_mut(ebpf)? {
             Program::SchedClassifier(p) => p.load().map_err(load_err),
             Program::Xdp(p) => p.load().map_err(load_err),
@@ -59,7 +72,12 @@ impl Datapath {
     /// Runs `kind` once on `packet` (a full Ethernet frame) and returns its
     /// action and the resulting bytes. `ifindex` sets the skb's device for TC
     /// programs (FIB lookups use it); 0 leaves the kernel's default (loopback).
-    pub fn test_run(&self, kind: ProgramKind, packet: &[u8], ifindex: u32) -> Result<TestRunOutput, DatapathError> {
+    pub fn test_run(
+        &self,
+        kind: ProgramKind,
+        packet: &[u8],
+        ifindex: u32,
+    ) -> Result<TestRunOutput, DatapathError> {
         let program = kind.name();
         // Room for the 50 bytes encapsulation adds, and then some.
         let mut out = vec![0u8; packet.len() + 256];
@@ -69,8 +87,16 @@ impl Datapath {
         let mut ctx = [0u8; 192];
         ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut opts = TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), repeat: 1, ..Default::default() };
-        let run_err = |source| DatapathError::TestRun { program, source: Box::new(source) };
+        let mut opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        };
+        let run_err = |source| DatapathError::TestRun {
+            program,
+            source: Box::new(source),
+        };
         let result = match kind.program(&self.ebpf)? {
             Program::SchedClassifier(p) => {
                 if ifindex != 0 {
@@ -83,6 +109,9 @@ impl Datapath {
         }
         .map_err(run_err)?;
         out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutput { action: result.return_value, packet: out })
+        Ok(TestRunOutput {
+            action: result.return_value,
+            packet: out,
+        })
     }
 }

@@ -177,7 +177,10 @@ impl Netlink {
     }
 
     /// The ports of bridge `bridge_index` as (index, name): `ip link show master BRIDGE`.
-    pub async fn bridge_ports(&self, bridge_index: u32) -> Result<Vec<(u32, String)>, NetlinkError> {
+    pub async fn bridge_ports(
+        &self,
+        bridge_index: u32,
+    ) -> Result<Vec<(u32, String)>, NetlinkError> {
         use futures::TryStreamExt;
         let links: Vec<LinkMessage> = self
             .handle
@@ -186,10 +189,18 @@ impl Netlink {
             .execute()
             .try_collect()
             .await
-            .map_err(|source| NetlinkError::Request { op: "list the ports of bridge", target: format!("index {bridge_index}"), source: Box::new(source) })?;
+            .map_err(|source| NetlinkError::Request {
+                op: "list the ports of bridge",
+                target: format!("index {bridge_index}"),
+                source: Box::new(source),
+            })?;
         Ok(links
             .into_iter()
-            .filter(|m| m.attributes.iter().any(|a| matches!(a, LinkAttribute::Controller(c) if *c == bridge_index)))
+            .filter(|m| {
+                m.attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::Controller(c) if *c == bridge_index))
+            })
             .map(|m| {
                 let index = m.header.index;
                 (index, parse_link(m).name)

@@ -97,14 +97,34 @@ impl Netlink {
 
     /// The MACs bridge `bridge_index` learned on its ports, as `bridge fdb show br BRIDGE`
     /// lists them without the permanent (port's own and static) entries.
-    pub async fn bridge_learned(&self, bridge_index: u32) -> Result<Vec<BridgePortEntry>, NetlinkError> {
-        let req = self.handle.neighbours().get().set_address_family(AddressFamily::Bridge).execute();
-        let all = collect(req, "list the forwarding entries of bridge", || format!("index {bridge_index}")).await?;
+    pub async fn bridge_learned(
+        &self,
+        bridge_index: u32,
+    ) -> Result<Vec<BridgePortEntry>, NetlinkError> {
+        let req = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute();
+        let all = collect(req, "list the forwarding entries of bridge", || {
+            format!("index {bridge_index}")
+        })
+        .await?;
         Ok(all
             .iter()
             .filter(|m| !is_permanent(m.header.state) && m.header.ifindex != bridge_index)
-            .filter(|m| m.attributes.iter().any(|a| matches!(a, NeighbourAttribute::Controller(c) if *c == bridge_index)))
-            .filter_map(|m| Some(BridgePortEntry { mac: lladdr(m)?, port_index: m.header.ifindex }))
+            .filter(|m| {
+                m.attributes
+                    .iter()
+                    .any(|a| matches!(a, NeighbourAttribute::Controller(c) if *c == bridge_index))
+            })
+            .filter_map(|m| {
+                Some(BridgePortEntry {
+                    mac: lladdr(m)?,
+                    port_index: m.header.ifindex,
+                })
+            })
             .collect())
     }
 

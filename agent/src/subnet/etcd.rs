@@ -325,7 +325,8 @@ impl EtcdStore {
             return Ok(None);
         }
         let compare = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
-        self.replace_if("take-over", current, compare, attrs, ttl).await
+        self.replace_if("take-over", current, compare, attrs, ttl)
+            .await
     }
 
     /// Put `current`'s key with `attrs` on a fresh etcd lease when `compare` holds, then
@@ -338,7 +339,10 @@ impl EtcdStore {
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> Result<Option<Lease>, SubnetError> {
-        let Some(id) = self.put_if(what, current.subnet, compare, attrs, ttl).await? else {
+        let Some(id) = self
+            .put_if(what, current.subnet, compare, attrs, ttl)
+            .await?
+        else {
             return Ok(None);
         };
         if current.etcd_lease != 0 && current.etcd_lease != id {
