@@ -54,17 +54,7 @@ macro_rules! require_root {
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    weft_tests::netns::run_blocking(cmd, args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A named network namespace, deleted on drop (also on panic).
