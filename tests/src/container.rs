@@ -248,8 +248,33 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
         .collect()
 }
 
+/// ping's summary line, "21 packets transmitted, 21 received, 0% packet loss, ...", as
+/// (transmitted, received); `None` when `text` has no summary.
+pub fn ping_summary(text: &str) -> Option<(u32, u32)> {
+    let line = text.lines().find(|l| l.contains("packets transmitted"))?;
+    let count = |what: &str| -> Option<u32> {
+        line.split(',')
+            .find(|part| part.contains(what))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((count("transmitted")?, count("received")?))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ping_summary_reads_transmitted_and_received() {
+        let text = "PING 10.1.2.3\n\n--- 10.1.2.3 ping statistics ---\n21 packets transmitted, 19 received, 9.5% packet loss, time 2115ms\n";
+        assert_eq!(super::ping_summary(text), Some((21, 19)));
+        assert_eq!(
+            super::ping_summary("ping: connect: Network is unreachable\n"),
+            None
+        );
+    }
+
     use super::*;
 
     #[test]

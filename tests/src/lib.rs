@@ -30,7 +30,7 @@ pub mod prometheus;
 
 pub use agent::{weft_bin, Agent};
 pub use cluster::{cluster, Cluster, ClusterOptions, Host, SubnetEnv};
-pub use container::{Container, Transfer};
+pub use container::{ping_summary, Container, Transfer};
 pub use etcd::{Etcd, EtcdCluster};
 pub use keep::{Kept, KeptProcess};
 pub use netns::Netns;

@@ -110,7 +110,7 @@ impl Netns {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let (sent, received) = ping_summary(&text);
+        let (sent, received) = weft_tests::ping_summary(&text).unwrap_or((0, 0));
         (sent, received, text)
     }
 
@@ -137,22 +137,6 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .status();
     }
-}
-
-fn ping_summary(text: &str) -> (u32, u32) {
-    // "3 packets transmitted, 3 received, ..."
-    let line = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or("");
-    let nums: Vec<u32> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    (
-        nums.first().copied().unwrap_or(0),
-        nums.get(1).copied().unwrap_or(0),
-    )
 }
 
 /// Runs `f` on a fresh thread inside the namespace at `path`.
@@ -981,7 +965,7 @@ fn restart_adopts_pinned_programs_without_losing_a_ping() {
     a.apply(LeaseEvent::Added(lease(1, b.mac)));
     let out = ping.wait_with_output().expect("ping");
     let text = String::from_utf8_lossy(&out.stdout);
-    let (sent, received) = ping_summary(&text);
+    let (sent, received) = weft_tests::ping_summary(&text).unwrap_or((0, 0));
     eprintln!("ping at 100/s across the restart: {sent} sent, {received} received");
     assert!(
         sent == 400 && received == sent,

@@ -273,24 +273,8 @@ async fn ping_count(
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let (sent, received) = ping_summary(&text);
+    let (sent, received) = weft_tests::ping_summary(&text).unwrap_or((0, 0));
     (sent, received, text)
-}
-
-/// "N packets transmitted, M received" -> (N, M); (0, 0) when there is no summary.
-fn ping_summary(text: &str) -> (u32, u32) {
-    let line = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or("");
-    let nums: Vec<u32> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    (
-        nums.first().copied().unwrap_or(0),
-        nums.get(1).copied().unwrap_or(0),
-    )
 }
 
 // ---- 1. all pairs over eBPF ------------------------------------------------------------------------
@@ -917,7 +901,7 @@ async fn agent_restarts_sigterm_and_kill9_lose_no_ping_at_100_per_second() {
 
     let out = ping.wait_with_output().await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let (sent, received) = ping_summary(&text);
+    let (sent, received) = weft_tests::ping_summary(&text).unwrap_or((0, 0));
     let backlog_drops = softnet_drops() - backlog_drops;
     let grown = Seen::of(host).await.since(mid);
     eprintln!(

@@ -649,18 +649,8 @@ impl Pinger {
         unsafe { libc::kill(pid, libc::SIGINT) };
         let out = self.child.wait_with_output().await.expect("ping output");
         let text = String::from_utf8_lossy(&out.stdout);
-        // "21 packets transmitted, 21 received, 0% packet loss, time 2115ms"
-        let summary = text
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .unwrap_or_else(|| panic!("ping {}: no summary in:\n{text}", self.what));
-        let count = |what: &str| -> u32 {
-            summary
-                .split(',')
-                .find_map(|part| part.trim().strip_suffix(what)?.trim().parse().ok())
-                .unwrap_or_else(|| panic!("ping {}: no '{what}' count in {summary:?}", self.what))
-        };
-        (count("packets transmitted"), count("received"))
+        weft_tests::ping_summary(&text)
+            .unwrap_or_else(|| panic!("ping {}: no summary in:\n{text}", self.what))
     }
 }
 

@@ -221,18 +221,7 @@ async fn ping_stream(from: Container, to: Ipv4Addr, count: u32) -> (u32, u32) {
         ])
         .await;
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("ping printed no summary: {text}"));
-    let num = |word: &str| -> u32 {
-        line.split(',')
-            .find(|p| p.contains(word))
-            .and_then(|p| p.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no {word} count in {line:?}"))
-    };
-    (num("transmitted"), num("received"))
+    weft_tests::ping_summary(&text).unwrap_or_else(|| panic!("ping printed no summary: {text}"))
 }
 
 fn rss_kib(pid: u32) -> u64 {
