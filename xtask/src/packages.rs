@@ -1,8 +1,7 @@
 //! The Debian packages weft's build, tests, demo and bench run: installed when missing.
 //!
-//! `.ci/run` installs the same list before it runs any cargo command (protoc is needed to build
-//! the agent); this lets `cargo xtask demo` and `cargo xtask test` work on a fresh Debian machine
-//! too, since xtask itself builds without them.
+//! `.ci/run` installs the same list before it runs any cargo command. Building weft needs none of
+//! them: etcd-client's protoc comes from crates.io (see .cargo/protoc).
 
 use std::process::Command;
 
@@ -10,7 +9,6 @@ use anyhow::bail;
 
 /// (command, Debian package that provides it). Keep in sync with `.ci/run`.
 pub const NEEDED: &[(&str, &str)] = &[
-    ("protoc", "protobuf-compiler"),
     ("etcd", "etcd-server"),
     ("etcdctl", "etcd-client"),
     ("ip", "iproute2"),
