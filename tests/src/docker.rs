@@ -46,6 +46,7 @@ pub struct Dockerd {
     opts_file: PathBuf,
     child: Mutex<Option<Child>>,
     keep: std::sync::atomic::AtomicBool,
+    detach: bool,
 }
 
 /// A container of a [`Dockerd`], by name.
@@ -86,15 +87,23 @@ impl Dockerd {
     /// Start dockerd in `host` once the agent has written its Docker options file, with exactly
     /// those options, and import [`IMAGE`]. Waits until dockerd answers.
     pub async fn start(host: &Host) -> anyhow::Result<Dockerd> {
+        Self::start_with(host, false).await
+    }
+
+    /// [`Dockerd::start`]; `detach`: in its own process group, so it outlives the terminal that
+    /// started it (the demo's keep mode).
+    pub async fn start_with(host: &Host, detach: bool) -> anyhow::Result<Dockerd> {
         let opts_file = host.docker_opts_file();
         wait_for_file(&opts_file, START_TIMEOUT).await?;
+        let (dir, cgroup_parent) = state_of(host.name(), host.dir());
         let d = Dockerd {
             netns: host.name().to_owned(),
-            dir: host.dir().join("docker"),
-            cgroup_parent: format!("{}-docker", host.name()),
+            dir,
+            cgroup_parent,
             opts_file,
             child: Mutex::new(None),
             keep: false.into(),
+            detach,
         };
         d.spawn().await?;
         d.import_image().await?;
@@ -133,11 +142,16 @@ impl Dockerd {
             .context("open the dockerd log")?;
         use std::io::Write as _;
         writeln!(&log, "=== weft-tests: nsenter {}", args.join(" "))?;
-        let child = Command::new("nsenter")
-            .args(&args)
+        let mut cmd = Command::new("nsenter");
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
+            .stderr(log);
+        if self.detach {
+            use std::os::unix::process::CommandExt as _;
+            cmd.process_group(0);
+        }
+        let child = cmd
             .spawn()
             .context("start dockerd with nsenter (install docker.io)")?;
         *self.lock() = Some(child);
@@ -256,9 +270,9 @@ impl Dockerd {
         self.spawn().await
     }
 
-    /// What [`Drop`] removes, for a kept demo's `--down`: the state dir and the cgroup parent.
-    pub fn leftovers(&self) -> (PathBuf, String) {
-        (self.dir.clone(), self.cgroup_parent.clone())
+    /// dockerd's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.lock().as_ref().map(Child::id)
     }
 
     /// Leave dockerd running after this handle is dropped (the demo's keep mode).
@@ -272,28 +286,62 @@ impl Drop for Dockerd {
         if self.keep.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        if self.lock().is_some() {
-            // Containers first, with no stop grace: dockerd would wait 10 s on each `sleep`.
-            let socket = self.socket();
-            if let Ok(ids) = docker_blocking(&socket, &["ps", "-aq"]) {
-                let ids: Vec<&str> = ids.split_whitespace().collect();
-                if !ids.is_empty() {
-                    let _ = docker_blocking(&socket, &[&["rm", "-f"][..], &ids].concat());
-                }
-            }
-        }
         if let Some(mut child) = self.lock().take() {
-            // SAFETY: kill(2) on our own child, not reaped yet.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            stop_blocking(&self.socket(), child.id() as i32);
             let _ = child.kill();
             let _ = child.wait();
         }
         remove_docker_state(&self.dir, &self.cgroup_parent);
     }
+}
+
+/// The state directory and cgroup parent of the dockerd of host `host_name` whose directory is
+/// `host_dir`: what [`Dockerd::start`] uses, for removing a kept one.
+pub fn state_of(host_name: &str, host_dir: &Path) -> (PathBuf, String) {
+    (host_dir.join("docker"), format!("{host_name}-docker"))
+}
+
+/// Stop a dockerd kept running (the demo's `--down`): its containers removed, SIGTERM to the pid
+/// in its pidfile, then [`remove_docker_state`]. Quiet when there is nothing to stop.
+pub fn stop_kept(host_name: &str, host_dir: &Path) {
+    let (dir, cgroup_parent) = state_of(host_name, host_dir);
+    let pid = std::fs::read_to_string(dir.join("dockerd.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok());
+    if let Some(pid) = pid.filter(|p| Path::new(&format!("/proc/{p}")).exists()) {
+        let socket = format!("unix://{}", dir.join("docker.sock").display());
+        stop_blocking(&socket, pid);
+        // SAFETY: kill(2) on the pid dockerd wrote to its own pidfile, if it still runs.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    remove_docker_state(&dir, &cgroup_parent);
+}
+
+/// Remove every container with no stop grace (dockerd would wait 10 s on each `sleep`), then
+/// SIGTERM dockerd and wait up to [`STOP_TIMEOUT`] for it to exit.
+fn stop_blocking(socket: &str, pid: i32) {
+    if let Ok(ids) = docker_blocking(socket, &["ps", "-aq"]) {
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        if !ids.is_empty() {
+            let _ = docker_blocking(socket, &[&["rm", "-f"][..], &ids].concat());
+        }
+    }
+    // SAFETY: kill(2) on a dockerd pid we started (or that its pidfile names).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while Instant::now() < deadline && alive(pid) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether `pid` runs (a zombie, exited but not reaped, does not).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 /// Remove what a stopped (or crashed) dockerd leaves: every process still in its cgroups
