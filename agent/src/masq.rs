@@ -132,6 +132,7 @@ pub struct Masq {
     masquerade: bool,
     forward: bool,
     random_fully: Arc<OnceLock<bool>>,
+    nft_missing_told: Arc<std::sync::atomic::AtomicBool>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -145,6 +146,7 @@ impl Masq {
             masquerade: true,
             forward: true,
             random_fully: Arc::default(),
+            nft_missing_told: Arc::default(),
             metrics: None,
         }
     }
@@ -199,7 +201,20 @@ impl Masq {
             }
             MasqKind::Nftables => ensure_nft_table(NFT_TABLE, &self.nft_rules()).await?,
         };
-        repairs.extend(ensure_nft_table(NONAT_TABLE, &self.nonat_rules()).await?);
+        match ensure_nft_table(NONAT_TABLE, &self.nonat_rules()).await {
+            Ok(more) => repairs.extend(more),
+            // An iptables-only host without nft: the forward (and masquerade) rules matter more
+            // than keeping overlay sources under Docker's masquerade; say so once, keep going.
+            Err(e @ MasqError::Spawn { .. }) if self.kind == MasqKind::Iptables => {
+                if !self
+                    .nft_missing_told
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(error = %e, "without nft, Docker's masquerade (--ip-masq=true in its options) NATs overlay traffic on the kernel path but not on eBPF; install nftables or run with --ip-masq");
+                }
+            }
+            Err(e) => return Err(e),
+        }
         Ok(repairs)
     }
 
