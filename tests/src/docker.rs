@@ -570,6 +570,10 @@ pub fn busybox_rootfs_tar() -> anyhow::Result<PathBuf> {
         .modified()?
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
+    let elf = std::fs::read(BUSYBOX).with_context(|| format!("read {BUSYBOX}"))?;
+    if has_interpreter(&elf) {
+        bail!("{BUSYBOX} is dynamically linked and cannot run in an image without libc; install busybox-static (it replaces busybox)");
+    }
     let tar = std::env::temp_dir().join(format!("weft-busybox-{}-{mtime}.tar", meta.len()));
     if tar.exists() {
         return Ok(tar);
@@ -599,8 +603,42 @@ pub fn busybox_rootfs_tar() -> anyhow::Result<PathBuf> {
     Ok(tar)
 }
 
+/// Whether a 64-bit little-endian ELF file asks for a program interpreter (PT_INTERP), i.e. is
+/// dynamically linked.
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    (0..usize::from(phnum))
+        .any(|i| u32_at(phoff as usize + i * usize::from(phentsize)) == Some(PT_INTERP))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tells_static_from_dynamic_binaries() {
+        // Debian's busybox-static (installed by xtask) must pass; a dynamically linked ls must not.
+        let busybox = std::fs::read(super::BUSYBOX).expect("busybox-static installed");
+        let ls = std::fs::read("/bin/ls").expect("coreutils");
+        assert!(
+            !super::has_interpreter(&busybox),
+            "busybox-static has no interpreter"
+        );
+        assert!(super::has_interpreter(&ls), "ls is dynamically linked");
+        assert!(!super::has_interpreter(b"not an elf"));
+    }
+
     #[test]
     fn reads_the_agents_docker_options() {
         let text = "DOCKER_OPT_BIP=\"--bip=10.1.10.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\nDOCKER_OPTS=\" --bip=10.1.10.1/24 --ip-masq=true --mtu=1450\"\n";
