@@ -48,7 +48,7 @@ use crate::{
         PinnedLinkState,
     },
     lease::{BackendAttrs, Lease, LeaseEvent, MacAddr},
-    netlink::{LinkWatch, Netlink, NetlinkError},
+    netlink::{BridgeEvents, LinkWatch, Netlink, NetlinkError},
 };
 
 /// Where bpffs is mounted on every systemd host.
@@ -152,6 +152,8 @@ pub struct EbpfBackend {
     nl: Netlink,
     /// Bridge port events, so a new container's port gets encapsulation at once.
     watch: Option<LinkWatch>,
+    /// The bridge's own events (created by dockerd, deleted, recreated), so encapsulation follows it at once.
+    bridge_events: Option<BridgeEvents>,
     inner: VxlanBackend,
     s: EbpfSettings,
     dp: Datapath,
@@ -206,9 +208,13 @@ impl EbpfBackend {
         let watch = LinkWatch::subscribe()
             .inspect_err(|e| warn!(error = %e, "not watching the bridge's ports; new containers get the fast path at the next reconcile"))
             .ok();
+        let bridge_events = BridgeEvents::subscribe(&s.bridge)
+            .inspect_err(|e| warn!(error = %e, "not watching the bridge itself; a new or recreated bridge gets encapsulation at the next reconcile"))
+            .ok();
         let mut backend = Self {
             nl,
             watch,
+            bridge_events,
             inner,
             s,
             dp,
@@ -827,9 +833,31 @@ impl Backend for EbpfBackend {
     }
 
     async fn local_change(&mut self) {
-        match (&mut self.watch, self.node.bridge_ifindex) {
-            (Some(watch), bridge) if bridge != 0 => watch.port_change(bridge).await,
-            _ => std::future::pending().await,
+        let Self {
+            watch,
+            bridge_events,
+            node,
+            s,
+            ..
+        } = self;
+        let ports = async {
+            match (watch, node.bridge_ifindex) {
+                (Some(watch), bridge) if bridge != 0 => watch.port_change(bridge).await,
+                _ => std::future::pending().await,
+            }
+        };
+        let bridge = async {
+            match bridge_events {
+                Some(events) => {
+                    let event = events.next().await;
+                    debug!(bridge = %s.bridge, ?event, "bridge link event");
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = ports => {}
+            () = bridge => {}
         }
     }
 
