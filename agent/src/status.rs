@@ -70,7 +70,10 @@ pub struct NodeStatus {
     pub underlay_mtu: u16,
     pub bridge_ifindex: u32,
     pub decrement_ttl: bool,
-    pub ttl_inherit: bool,
+    pub outer_ttl: u8,
+    pub udp_csum: bool,
+    /// This host's container subnet; `None` while unknown.
+    pub subnet: Option<Ipv4Net>,
 }
 
 /// One remote subnet and its VTEP.
@@ -210,7 +213,14 @@ fn node_status(c: &NodeConfig) -> NodeStatus {
         underlay_mtu: c.underlay_mtu_ne,
         bridge_ifindex: c.bridge_ifindex_ne,
         decrement_ttl: c.flags_ne & config_flags::DECREMENT_TTL != 0,
-        ttl_inherit: c.flags_ne & config_flags::TTL_INHERIT != 0,
+        outer_ttl: c.outer_ttl,
+        udp_csum: c.flags_ne & config_flags::UDP_CSUM != 0,
+        subnet: (c.subnet_mask_be != [0; 4])
+            .then(|| {
+                let prefix = u32::from_be_bytes(c.subnet_mask_be).count_ones() as u8;
+                Ipv4Net::new(Ipv4Addr::from(c.subnet_be), prefix).ok()
+            })
+            .flatten(),
     }
 }
 
@@ -227,7 +237,16 @@ impl fmt::Display for Status {
                 f,
                 "node:      vtep {} mac {}, vni {}, port {}, underlay ifindex {} mac {} mtu {}, bridge ifindex {}",
                 n.vtep_ip, n.vtep_mac, n.vni, n.port, n.underlay_ifindex, n.underlay_mac, n.underlay_mtu, n.bridge_ifindex
-            )?,
+            )
+            .and_then(|()| {
+                writeln!(
+                    f,
+                    "outer:     ttl {}, udp checksum {}; containers of {}",
+                    n.outer_ttl,
+                    if n.udp_csum { "on (0 on GSO packets)" } else { "off" },
+                    n.subnet.map_or_else(|| "(subnet not known yet)".to_string(), |s| s.to_string())
+                )
+            })?,
             Some(_) => writeln!(f, "node:      not configured (the programs pass everything)")?,
             None => writeln!(f, "node:      no pinned maps")?,
         }
@@ -283,7 +302,7 @@ impl fmt::Display for Status {
         if !self.counters.is_empty() {
             writeln!(f, "\ncounters (all CPUs):")?;
             for c in &self.counters {
-                writeln!(f, "  {:<32} {:>14}", c.name, c.value)?;
+                writeln!(f, "  {:<48} {:>14}", c.name, c.value)?;
             }
         }
         Ok(())
