@@ -432,6 +432,10 @@ impl EbpfBackend {
             bridge: bridge.clone(),
             source,
         };
+        // Events queued until now are covered by the tables read below.
+        if let (Some(watch), bridge) = (&mut self.watch, self.node.bridge_ifindex) {
+            watch.drain(bridge);
+        }
         let mut errors = Vec::new();
         let mut changes = 0;
         // Without the bridge (or before it is attached) nothing is bound.
