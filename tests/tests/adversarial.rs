@@ -131,14 +131,24 @@ async fn hijack(dp: Datapath) -> Observed {
         vec![from_container(&b, h1, &packet).await],
     )
     .await;
-    let through = seen.wait(1, ARRIVAL, |f| !f.outgoing).await;
-    o.note(format!(
-        "B's packet with A's source reached the remote container: {through}"
-    ));
 
     let (in_a, in_b) = where_it_lands(&remote, &a, &b, "to-a").await;
     o.set("A's traffic: landed in A", in_a);
     o.set("A's traffic: landed in B", in_b);
+
+    // Again while host 1 has no neighbour entry for A (flushed, as after it aged out): whatever
+    // answers for A now is what the kernel resolves, not what B claimed.
+    h1.netns()
+        .ip(&["neigh", "flush", "dev", "docker0"])
+        .await
+        .unwrap();
+    let spoof = marker("hijack-by-b-again");
+    let packet = Udp4::new(a.ip(), remote.ip(), PORT, &spoof).packet();
+    let frame = from_container(&b, h1, &packet).await;
+    send_frames(b.netns(), "eth0", vec![frame]).await;
+    let (in_a, in_b) = where_it_lands(&remote, &a, &b, "to-a-no-neighbour").await;
+    o.set("A's traffic, no neighbour entry: landed in A", in_a);
+    o.set("A's traffic, no neighbour entry: landed in B", in_b);
 
     // An address not yet in use: the one the harness gives the next container on host 1.
     let env = h1.subnet().expect("host 1's subnet");
@@ -151,10 +161,10 @@ async fn hijack(dp: Datapath) -> Observed {
         vec![from_container(&b, h1, &packet).await],
     )
     .await;
-    let claimed = seen.wait(2, ARRIVAL, |f| !f.outgoing).await;
+    let passed = seen.wait(3, ARRIVAL, |f| !f.outgoing).await;
     o.note(format!(
-        "B's claim of {next} passed through: {}",
-        claimed >= 2
+        "of B's 3 forged packets (A's address twice, then {next}), {passed} reached the remote \
+         container"
     ));
     let c3 = h1.add_container().await.unwrap();
     assert_eq!(
@@ -208,6 +218,14 @@ async fn adversarial_hijack_one_spoofed_packet_steals_no_traffic() {
             ("A's traffic: landed in A", Rule::Exactly(n)),
             ("A's traffic: landed in B", Rule::Exactly(0)),
             (
+                "A's traffic, no neighbour entry: landed in A",
+                Rule::Exactly(n),
+            ),
+            (
+                "A's traffic, no neighbour entry: landed in B",
+                Rule::Exactly(0),
+            ),
+            (
                 "claimed address: landed in its new owner C",
                 Rule::Exactly(n),
             ),
@@ -244,11 +262,13 @@ async fn flood(dp: Datapath) -> Observed {
             )
         })
         .collect();
+    let before = attack::counters(h1).await;
     send_frames(b.netns(), "eth0", frames).await;
     if dp == Datapath::Ebpf {
         let entries = attack::local_map(h1).expect("read the local map").len();
+        let moved = attack::counters_since(&attack::counters(h1).await, &before);
         o.note(format!(
-            "local map entries right after the flood: {entries}"
+            "right after the flood: {entries} local map entries; host 1 counters moved {moved:?}"
         ));
     }
 
@@ -902,6 +922,30 @@ async fn odd_packets(dp: Datapath) -> Observed {
         in_a.wait(&inner_big, PROBES, ARRIVAL).await as u64,
     );
 
+    // VXLAN from host 2's VTEP whose inner packet carries IPv4 options (a NOP word), then
+    // VXLAN whose outer header carries them: both legitimate, both delivered by flannel.1.
+    let with_options = marker("inner-options");
+    let mut udp = Udp4::new(r.ip(), a.ip(), PORT, &with_options);
+    udp.options = vec![1, 1, 1, 0];
+    let frame = vxlan(1, &ethernet(to_mac, from_mac, ETH_P_IPV4, &udp.packet()));
+    vxlan_from(h2, h1, &frame, PROBES, UdpOpts::default()).await;
+    o.set(
+        "VXLAN with inner IPv4 options: delivered",
+        in_a.wait(&with_options, PROBES, ARRIVAL).await as u64,
+    );
+    let outer_options = marker("outer-options");
+    let udp = Udp4::new(r.ip(), a.ip(), PORT, &outer_options);
+    let frame = vxlan(1, &ethernet(to_mac, from_mac, ETH_P_IPV4, &udp.packet()));
+    let opts = UdpOpts {
+        ip_options: vec![1, 1, 1, 0],
+        ..UdpOpts::default()
+    };
+    vxlan_from(h2, h1, &frame, PROBES, opts).await;
+    o.set(
+        "VXLAN with outer IPv4 options: delivered",
+        in_a.wait(&outer_options, PROBES, ARRIVAL).await as u64,
+    );
+
     // VXLAN from host 2's VTEP whose inner frame is addressed to another MAC.
     let (bad, fence) = (marker("wrong-mac-bad"), marker("wrong-mac-fence"));
     let wrong = [0x02, 0, 0, 0, 0, 0x99];
@@ -969,6 +1013,11 @@ async fn adversarial_odd_packets_land_no_more_than_on_the_kernel_path() {
             ("fragmented datagram: received whole", Rule::Exactly(n)),
             (
                 "VXLAN in outer fragments: inner datagram received",
+                Rule::SameAsKernel,
+            ),
+            ("VXLAN with inner IPv4 options: delivered", Rule::Exactly(n)),
+            (
+                "VXLAN with outer IPv4 options: delivered",
                 Rule::SameAsKernel,
             ),
             (
