@@ -84,6 +84,16 @@ pub struct PeerStatus {
     pub vtep_mac: String,
 }
 
+/// A local container binding: decapsulated packets for `ip` go straight to
+/// the container behind port `port`, and encapsulation accepts `ip` only from
+/// that port and `mac`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BindingStatus {
+    pub ip: Ipv4Addr,
+    pub port: u32,
+    pub mac: String,
+}
+
 /// One counter, summed over all CPUs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CounterStatus {
@@ -101,6 +111,7 @@ pub struct Status {
     pub node: Option<NodeStatus>,
     pub peers: Vec<PeerStatus>,
     pub known_vteps: Vec<Ipv4Addr>,
+    pub local_bindings: Vec<BindingStatus>,
     pub counters: Vec<CounterStatus>,
 }
 
@@ -140,6 +151,7 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
         node: None,
         peers: Vec::new(),
         known_vteps: Vec::new(),
+        local_bindings: Vec::new(),
         counters: Vec::new(),
     };
     let Some(maps) = PinnedMaps::open(pin_dir).map_err(read_err)? else {
@@ -157,6 +169,16 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
         })
         .collect();
     status.known_vteps = maps.vteps().map_err(read_err)?;
+    status.local_bindings = maps
+        .locals()
+        .map_err(read_err)?
+        .into_iter()
+        .map(|b| BindingStatus {
+            ip: b.ip,
+            port: b.host_ifindex,
+            mac: fmt_mac(&b.mac),
+        })
+        .collect();
     status.counters = maps
         .counters()
         .map_err(read_err)?
@@ -299,6 +321,22 @@ impl fmt::Display for Status {
                 vteps.join(", ")
             }
         )?;
+        writeln!(
+            f,
+            "\nlocal bindings (from the bridge's neighbour and fdb entries):"
+        )?;
+        if self.local_bindings.is_empty() {
+            writeln!(f, "  (none)")?;
+        }
+        for b in &self.local_bindings {
+            writeln!(
+                f,
+                "  {:<16} port ifindex {:<6} mac {}",
+                b.ip.to_string(),
+                b.port,
+                b.mac
+            )?;
+        }
         if !self.counters.is_empty() {
             writeln!(f, "\ncounters (all CPUs):")?;
             for c in &self.counters {
@@ -334,6 +372,7 @@ impl crate::metrics::DatapathStats for PinnedStats {
             Ok(st) => vec![
                 ("peers".to_string(), st.peers.len() as u64),
                 ("vteps".to_string(), st.known_vteps.len() as u64),
+                ("local_bindings".to_string(), st.local_bindings.len() as u64),
             ],
             Err(_) => Vec::new(),
         }
