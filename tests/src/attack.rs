@@ -322,7 +322,7 @@ pub async fn mac(ns: &str, dev: &str) -> [u8; 6] {
     parse_mac(v[0]["address"].as_str().expect("an address"))
 }
 
-pub fn parse_mac(text: &str) -> [u8; 6] {
+fn parse_mac(text: &str) -> [u8; 6] {
     let bytes: Vec<u8> = text
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).expect("hex MAC"))
@@ -859,17 +859,6 @@ pub fn ipv4_at(frame: &[u8]) -> Option<(usize, usize)> {
     let ip = at + 2;
     let hlen = usize::from(frame[ip] & 0x0f) * 4;
     (frame[ip] >> 4 == 4 && hlen >= 20 && frame.len() >= ip + hlen).then_some((ip, hlen))
-}
-
-/// The IPv4 destination of a caught frame.
-pub fn ipv4_dst(frame: &[u8]) -> Option<Ipv4Addr> {
-    let (ip, _) = ipv4_at(frame)?;
-    Some(Ipv4Addr::new(
-        frame[ip + 16],
-        frame[ip + 17],
-        frame[ip + 18],
-        frame[ip + 19],
-    ))
 }
 
 /// Datagrams a UDP socket bound in a namespace received (after reassembly), collected until drop.
