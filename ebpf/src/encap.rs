@@ -257,9 +257,12 @@ fn inner_l4_sum(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<u32, Verdict> {
     match ip.protocol {
         IPPROTO_TCP => Ok(pseudo()),
         IPPROTO_UDP => {
+            // Linear after the pull on entry; the helper copy covers a paged header.
+            let at = off::OUTER_IP + IPV4_HLEN + 6;
             let check: [u8; 2] = ctx
-                .load(off::OUTER_IP + IPV4_HLEN + 6)
-                .map_err(|_| Verdict::Pass(counter::PASS_MALFORMED))?;
+                .read(at)
+                .or_else(|| ctx.load(at).ok())
+                .ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
             if check == [0, 0] {
                 // No checksum: nothing vouches for the payload's sum.
                 return Err(Verdict::Pass(counter::PASS_CHECKSUM));
