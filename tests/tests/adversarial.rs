@@ -8,6 +8,7 @@
 //!
 //! Root only: `cargo xtask test --skip-ebpf -- adversarial --include-ignored`.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,15 @@ async fn landed_before_fence(
     );
     tokio::time::sleep(SETTLE).await;
     sink.count(attack) as u64
+}
+
+/// Notes which of `host`'s program counters moved since `before` (nothing on the kernel path):
+/// the reason the eBPF path gives for what it did.
+async fn note_counters(o: &mut Observed, host: &Host, before: &BTreeMap<String, u64>) {
+    let moved = attack::counters_since(&attack::counters(host).await, before);
+    if !moved.is_empty() {
+        o.note(format!("{} counters moved: {moved:?}", host.name()));
+    }
 }
 
 /// Sets rp_filter on every interface of `host` (all, default and docker0: the kernel uses the
@@ -389,6 +399,7 @@ async fn forged_sources(dp: Datapath) -> Observed {
     let (a, s) = (c.container(0), c.container(1));
     let in_h3 = Ipv4Addr::from(u32::from(h3.subnet().unwrap().subnet.network()) + 200);
     let sink = UdpSink::bind(&a, PORT).await;
+    let (before1, before2) = (attack::counters(h1).await, attack::counters(h2).await);
     let h2_docker0 = h2.subnet().unwrap().subnet.addr();
 
     let mut container_forges = async |case: &str, src: Ipv4Addr, rp: &str| {
@@ -447,10 +458,8 @@ async fn forged_sources(dp: Datapath) -> Observed {
     let case = "host 2's VTEP with inner source in host 3's subnet reached host 1's container";
     let n = landed_before_fence(dp, &sink, &bad, &fence, case).await;
     o.set(case, n);
-    if dp == Datapath::Ebpf {
-        o.note(format!("host 1 counters: {:?}", attack::counters(h1).await));
-        o.note(format!("host 2 counters: {:?}", attack::counters(h2).await));
-    }
+    note_counters(&mut o, h1, &before1).await;
+    note_counters(&mut o, h2, &before2).await;
     rp_filter(h2, "0").await;
     drop(sink);
     attack::legit_traffic_flows(&c, dp, "after the forged sources").await;
@@ -505,6 +514,7 @@ async fn vlan_hopping(dp: Datapath) -> Observed {
         mac(a.netns(), "eth0").await,
     );
     let packet = Udp4::new(a.ip(), remote.ip(), PORT, &bad).packet();
+    let before = attack::counters(h1).await;
     send_frames(
         a.netns(),
         "eth0",
@@ -513,6 +523,7 @@ async fn vlan_hopping(dp: Datapath) -> Observed {
     .await;
     udp_from(&a, at(remote.ip(), PORT), &fence, 1).await;
     landed_before_fence(dp, &sink, &bad, &fence, "VLAN").await;
+    note_counters(&mut o, h1, &before).await;
     let out = wire.caught();
     o.note(format!(
         "on host 1's ens32: {:?}",
@@ -588,6 +599,7 @@ async fn ecn(dp: Datapath) -> Observed {
     let (to_mac, from_mac) = (vtep_mac(&c, h1).await, vtep_mac(&c, h2).await);
     let all = marker("ecn");
     let caught = Capture::start(a.netns(), "eth0", &all).await;
+    let before = attack::counters(h1).await;
     for (outer, inner) in ECN_CASES {
         let mut body = all.clone();
         body.extend(format!("-{outer}{inner}").bytes());
@@ -605,6 +617,7 @@ async fn ecn(dp: Datapath) -> Observed {
         .wait((ECN_CASES.len() - 1) * PROBES, ARRIVAL, |f| !f.outgoing)
         .await;
     tokio::time::sleep(SETTLE).await;
+    note_counters(&mut o, h1, &before).await;
     let frames: Vec<_> = caught
         .caught()
         .into_iter()
@@ -713,7 +726,7 @@ async fn mtu(dp: Datapath) -> Observed {
             .parse::<u64>()
             .unwrap()
     };
-    let (before, r0) = (drops().await, retrans().await);
+    let (before, r0, counted) = (drops().await, retrans().await, attack::counters(h1).await);
     let t = a.tcp_transfer(&b, 8 << 20).await;
     let (after, r1) = (drops().await, retrans().await);
     o.set("8 MiB transfer completed", u64::from(t.is_ok()));
@@ -724,9 +737,7 @@ async fn mtu(dp: Datapath) -> Observed {
     o.note(format!("TCP retransmissions: {}", r1 - r0));
     o.set("host 1 ens32 tx dropped", after.0 - before.0);
     o.set("host 2 ens32 rx dropped + errors", after.1 - before.1);
-    if dp == Datapath::Ebpf {
-        o.note(format!("host 1 counters: {:?}", attack::counters(h1).await));
-    }
+    note_counters(&mut o, h1, &counted).await;
     attack::legit_traffic_flows(&c, dp, "after the MTU transfer").await;
     o
 }
@@ -874,6 +885,7 @@ async fn odd_packets(dp: Datapath) -> Observed {
     let c = attack::start(dp, 2, 1, &[]).await;
     let (h1, h2, a, r) = (c.host(0), c.host(1), c.container(0), c.container(1));
     let (in_a, in_r) = (UdpSink::bind(&a, PORT).await, UdpSink::bind(&r, PORT).await);
+    let (before1, before2) = (attack::counters(h1).await, attack::counters(h2).await);
 
     // IPv4 options between containers: NOPs, then Record Route (filled in by each router).
     for (name, ip_options) in [
@@ -987,10 +999,8 @@ async fn odd_packets(dp: Datapath) -> Observed {
         case,
         landed_before_fence(dp, &in_r, &bad, &fence, case).await,
     );
-    if dp == Datapath::Ebpf {
-        o.note(format!("host 1 counters: {:?}", attack::counters(h1).await));
-        o.note(format!("host 2 counters: {:?}", attack::counters(h2).await));
-    }
+    note_counters(&mut o, h1, &before1).await;
+    note_counters(&mut o, h2, &before2).await;
     drop((in_a, in_r));
     attack::legit_traffic_flows(&c, dp, "after the odd packets").await;
     o
