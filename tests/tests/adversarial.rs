@@ -980,6 +980,38 @@ async fn odd_packets(dp: Datapath) -> Observed {
         landed_before_fence(dp, &in_a, &bad, &fence, case).await,
     );
 
+    // TTL 1: a router must not forward it, whichever side of the tunnel it starts on.
+    let (bad, fence) = (marker("ttl1-container-bad"), marker("ttl1-container-fence"));
+    let opts = UdpOpts {
+        ttl: Some(1),
+        ..UdpOpts::default()
+    };
+    send_udp(
+        a.netns(),
+        any_port(a.ip()),
+        at(r.ip(), PORT),
+        copies(&bad, PROBES),
+        opts,
+    )
+    .await;
+    udp_from(&a, at(r.ip(), PORT), &fence, 1).await;
+    let case = "TTL 1 from a container: delivered in the remote one";
+    o.set(
+        case,
+        landed_before_fence(dp, &in_r, &bad, &fence, case).await,
+    );
+    let (bad, fence) = (marker("ttl1-vxlan-bad"), marker("ttl1-vxlan-fence"));
+    let mut udp = Udp4::new(r.ip(), a.ip(), PORT, &bad);
+    udp.ttl = 1;
+    let frame = vxlan(1, &ethernet(to_mac, from_mac, ETH_P_IPV4, &udp.packet()));
+    vxlan_from(h2, h1, &frame, PROBES, UdpOpts::default()).await;
+    vxlan_from(h2, h1, &inner(to_mac, &fence), 1, UdpOpts::default()).await;
+    let case = "VXLAN with inner TTL 1: delivered";
+    o.set(
+        case,
+        landed_before_fence(dp, &in_a, &bad, &fence, case).await,
+    );
+
     // A container aiming VXLAN straight at a remote VTEP's port 8472.
     let (bad, fence) = (marker("from-container-bad"), marker("from-container-fence"));
     let to_h2 = vtep_mac(&c, h2).await;
@@ -1038,6 +1070,11 @@ async fn adversarial_odd_packets_land_no_more_than_on_the_kernel_path() {
                 "VXLAN from a container to a remote VTEP port: delivered",
                 Rule::NoMoreThanKernel,
             ),
+            (
+                "TTL 1 from a container: delivered in the remote one",
+                Rule::NoMoreThanKernel,
+            ),
+            ("VXLAN with inner TTL 1: delivered", Rule::NoMoreThanKernel),
         ],
     );
 }
