@@ -4,7 +4,8 @@
 //! `--datapath ebpf` hosts, concurrently; each records where its packets landed (caught with packet
 //! sockets inside the namespaces) and the test then requires, case by case, that the eBPF path lands
 //! no more than the kernel path (or exactly what it does, for legitimate traffic and headers).
-//! After every attack, every container still reaches every other one.
+//! After every attack, every container still reaches every other one. The one deliberate
+//! exception, netfilter (the fast path skips FORWARD), must never be silent: the agent warns.
 //!
 //! Root only: `cargo xtask test --skip-ebpf -- adversarial --include-ignored`.
 
@@ -83,8 +84,7 @@ async fn from_container(from: &Container, host: &Host, packet: &[u8]) -> Vec<u8>
 }
 
 /// `sink` received the fence (a legitimate packet sent after the attack on the same path), then
-/// the stragglers' grace passed: how many `attack` payloads landed. Panics when the fence is lost:
-/// legitimate traffic must flow.
+/// the stragglers' grace passed: how many `attack` payloads landed.
 async fn landed_before_fence(
     dp: Datapath,
     sink: &UdpSink,
@@ -92,13 +92,19 @@ async fn landed_before_fence(
     fence: &[u8],
     case: &str,
 ) -> u64 {
+    fence_arrived(dp, sink, fence, case).await;
+    sink.count(attack) as u64
+}
+
+/// Waits for the fence in `sink`, then for the stragglers' grace. Panics when the fence is lost:
+/// legitimate traffic must flow.
+async fn fence_arrived(dp: Datapath, sink: &UdpSink, fence: &[u8], case: &str) {
     assert_eq!(
         sink.wait(fence, 1, ARRIVAL).await,
         1,
         "{dp}, {case}: the legitimate fence packet never arrived"
     );
     tokio::time::sleep(SETTLE).await;
-    sink.count(attack) as u64
 }
 
 /// Notes which of `host`'s program counters moved since `before` (nothing on the kernel path):
@@ -522,7 +528,7 @@ async fn vlan_hopping(dp: Datapath) -> Observed {
     )
     .await;
     udp_from(&a, at(remote.ip(), PORT), &fence, 1).await;
-    landed_before_fence(dp, &sink, &bad, &fence, "VLAN").await;
+    fence_arrived(dp, &sink, &fence, "VLAN").await;
     note_counters(&mut o, h1, &before).await;
     let out = wire.caught();
     o.note(format!(
@@ -1076,5 +1082,85 @@ async fn adversarial_odd_packets_land_no_more_than_on_the_kernel_path() {
             ),
             ("VXLAN with inner TTL 1: delivered", Rule::NoMoreThanKernel),
         ],
+    );
+}
+
+// ---- 9. a FORWARD rule -----------------------------------------------------------------------------
+
+/// What the FORWARD rule of [`forward_rule`] matches: UDP to this port.
+const FILTERED_PORT: u16 = 9998;
+/// The agent's warning about FORWARD filtering the fast path skips.
+const NETFILTER_WARNING: &str = "FORWARD filtering the eBPF fast path skips";
+
+/// Host 1's admin drops container A's UDP to the remote container's port 9998 in FORWARD, then
+/// restarts the agent. The fast path skips netfilter by design (README, "Netfilter hooks skipped"),
+/// so the eBPF path may deliver what the kernel path drops, but never silently: the agent must
+/// warn at start, naming the rule.
+async fn forward_rule(dp: Datapath) -> Observed {
+    let mut o = Observed::default();
+    let c = attack::start(dp, 2, 1, &[]).await;
+    let (h1, a, r) = (c.host(0), c.container(0), c.container(1));
+    let (a_ip, r_ip) = (a.ip().to_string(), r.ip().to_string());
+    let port = FILTERED_PORT.to_string();
+    h1.exec_ok(&[
+        "iptables", "-I", "FORWARD", "1", "-s", &a_ip, "-d", &r_ip, "-p", "udp", "--dport", &port,
+        "-j", "DROP",
+    ])
+    .await
+    .unwrap();
+    let agent = h1.agent().expect("host 1's agent");
+    agent.restart().await.unwrap();
+    let warned = match dp {
+        Datapath::Kernel => false,
+        Datapath::Ebpf => {
+            attack::wait_ebpf_ready(h1, 1).await;
+            let logged = agent
+                .wait_for_log(NETFILTER_WARNING, Duration::from_secs(10))
+                .await;
+            logged.is_ok()
+                && agent
+                    .log()
+                    .lines()
+                    .any(|l| l.contains(NETFILTER_WARNING) && l.contains(&a_ip))
+        }
+    };
+    let (filtered, fence) = (marker("forward-filtered"), marker("forward-fence"));
+    let (in_r, fenced) = (
+        UdpSink::bind(&r, FILTERED_PORT).await,
+        UdpSink::bind(&r, PORT).await,
+    );
+    udp_from(&a, at(r.ip(), FILTERED_PORT), &filtered, PROBES).await;
+    udp_from(&a, at(r.ip(), PORT), &fence, 1).await;
+    fence_arrived(dp, &fenced, &fence, "FORWARD DROP").await;
+    let past = in_r.count(&filtered) as u64;
+    if dp == Datapath::Kernel {
+        assert_eq!(
+            past, 0,
+            "kernel: the FORWARD rule did not drop A's datagrams"
+        );
+    }
+    o.note(format!(
+        "datagrams past the FORWARD DROP rule: {past}; the agent warned naming it: {warned}"
+    ));
+    o.set(
+        "datagrams past the FORWARD DROP rule with no warning",
+        if warned { 0 } else { past },
+    );
+    drop((in_r, fenced));
+    attack::legit_traffic_flows(&c, dp, "after the FORWARD rule").await;
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
+async fn adversarial_forward_rules_the_fast_path_skips_are_never_skipped_silently() {
+    let (kernel, ebpf) = both(forward_rule).await;
+    compare(
+        &kernel,
+        &ebpf,
+        &[(
+            "datagrams past the FORWARD DROP rule with no warning",
+            Rule::Exactly(0),
+        )],
     );
 }
