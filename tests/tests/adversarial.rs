@@ -252,7 +252,9 @@ async fn adversarial_hijack_one_spoofed_packet_steals_no_traffic() {
 
 // ---- 2. flooding the local-container map -----------------------------------------------------------
 
+/// More forged sources than the local map (4096 entries) holds.
 const FLOOD: usize = 4200;
+/// The flood scenario's `--reconcile-interval`.
 const RECONCILE: Duration = Duration::from_secs(2);
 
 /// Container B sends 4200 packets, each from another forged source, to a remote subnet; then a
@@ -260,7 +262,8 @@ const RECONCILE: Duration = Duration::from_secs(2);
 /// map must hold only what the agent bound.
 async fn flood(dp: Datapath) -> Observed {
     let mut o = Observed::default();
-    let c = attack::start(dp, 2, 2, &["--reconcile-interval", "2s"]).await;
+    let interval = format!("{}s", RECONCILE.as_secs());
+    let c = attack::start(dp, 2, 2, &["--reconcile-interval", &interval]).await;
     let (h1, b, remote) = (c.host(0), c.container(1), c.container(2));
     let (gw, b_mac) = (
         mac(h1.name(), "docker0").await,
