@@ -33,25 +33,40 @@ pub const VXLAN_PORT: u16 = 8472;
 /// How long a cluster may take from agent start to every pair of containers answering.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Which datapath the agents run: `--datapath kernel` (flannel.1) or `--datapath ebpf`.
+/// Which datapath the agents run: `--datapath kernel` (flannel.1, the reference) or `--datapath
+/// ebpf` with either decapsulation hook (TC, the default on these veth NICs, or XDP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Datapath {
     Kernel,
     Ebpf,
+    EbpfXdp,
 }
 
 impl Datapath {
-    pub fn flag(self) -> &'static str {
+    /// The eBPF datapaths, each compared with the kernel's.
+    pub const EBPF: [Datapath; 2] = [Datapath::Ebpf, Datapath::EbpfXdp];
+
+    /// The agent flags that select it.
+    pub fn args(self) -> &'static [&'static str] {
         match self {
-            Datapath::Kernel => "kernel",
-            Datapath::Ebpf => "ebpf",
+            Datapath::Kernel => &["--datapath", "kernel"],
+            Datapath::Ebpf => &["--datapath", "ebpf", "--decap-hook", "tc"],
+            Datapath::EbpfXdp => &["--datapath", "ebpf", "--decap-hook", "xdp"],
         }
+    }
+
+    pub fn is_ebpf(self) -> bool {
+        self != Datapath::Kernel
     }
 }
 
 impl fmt::Display for Datapath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.flag())
+        f.write_str(match self {
+            Datapath::Kernel => "kernel",
+            Datapath::Ebpf => "ebpf/tc",
+            Datapath::EbpfXdp => "ebpf/xdp",
+        })
     }
 }
 
@@ -65,21 +80,21 @@ pub async fn start(dp: Datapath, hosts: usize, per_host: usize, extra: &[&str]) 
         .await
         .unwrap_or_else(|e| panic!("build a {hosts}-host cluster for {dp}: {e:#}"));
     c.write_config(CONFIG).await;
-    let mut args = vec!["--datapath", dp.flag()];
+    let mut args = dp.args().to_vec();
     args.extend_from_slice(extra);
     c.start_agents(&args)
         .unwrap_or_else(|e| panic!("start the {dp} agents: {e:#}"));
     c.add_containers(per_host)
         .await
         .unwrap_or_else(|e| panic!("add containers on {dp}: {e:#}"));
-    if dp == Datapath::Ebpf {
+    if dp.is_ebpf() {
         for h in c.hosts() {
             wait_ebpf_ready(h, hosts - 1).await;
         }
     }
     match dp {
         Datapath::Kernel => ping_all(&c, dp, "at start").await,
-        Datapath::Ebpf => wait_fast_path(&c, dp).await,
+        Datapath::Ebpf | Datapath::EbpfXdp => wait_fast_path(&c, dp).await,
     }
     c
 }
@@ -968,38 +983,43 @@ impl Observed {
     }
 }
 
-/// Checks every `(case, rule)` against both datapaths' figures; panics with one table of every
-/// case (both figures, verdict) and both datapaths' notes when any rule is broken or missing.
-pub fn compare(kernel: &Observed, ebpf: &Observed, rules: &[(&str, Rule)]) {
+/// Checks every `(case, rule)` of each eBPF datapath's figures against the kernel's; panics with
+/// one table of every case (every figure, verdict) and every datapath's notes when any rule is
+/// broken or a figure is missing.
+pub fn compare(kernel: &Observed, ebpf: &[(Datapath, Observed)], rules: &[(&str, Rule)]) {
     let mut table = Vec::new();
     let mut broken = 0;
+    let figure = |o: &Observed, case: &str| o.figures.get(case).copied();
+    let shown = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
     for (case, rule) in rules {
-        let (k, e) = (kernel.figures.get(*case), ebpf.figures.get(*case));
-        let ok = match (k, e, rule) {
-            (Some(k), Some(e), Rule::NoMoreThanKernel) => e <= k,
-            (Some(k), Some(e), Rule::SameAsKernel) => e == k,
-            (Some(k), Some(e), Rule::Exactly(n)) => k == n && e == n,
-            (_, Some(e), Rule::EbpfExactly(n)) => e == n,
-            _ => false,
-        };
+        let k = figure(kernel, case);
+        let mut ok = true;
+        let mut row = format!("kernel {}", shown(k));
+        for (dp, o) in ebpf {
+            let e = figure(o, case);
+            ok &= match (k, e, rule) {
+                (Some(k), Some(e), Rule::NoMoreThanKernel) => e <= k,
+                (Some(k), Some(e), Rule::SameAsKernel) => e == k,
+                (Some(k), Some(e), Rule::Exactly(n)) => k == *n && e == *n,
+                (_, Some(e), Rule::EbpfExactly(n)) => e == *n,
+                _ => false,
+            };
+            row.push_str(&format!(" / {dp} {}", shown(e)));
+        }
         broken += usize::from(!ok);
         table.push(format!(
-            "  {:<4} {case}: kernel {} / ebpf {}  ({rule:?})",
-            if ok { "ok" } else { "FAIL" },
-            k.map_or("-".into(), u64::to_string),
-            e.map_or("-".into(), u64::to_string),
+            "  {:<4} {case}: {row}  ({rule:?})",
+            if ok { "ok" } else { "FAIL" }
         ));
     }
     let notes = |o: &Observed| match o.notes.is_empty() {
         true => "(none)".to_owned(),
         false => o.notes.join("\n  "),
     };
-    let report = format!(
-        "{}\nkernel notes:\n  {}\nebpf notes:\n  {}",
-        table.join("\n"),
-        notes(kernel),
-        notes(ebpf)
-    );
+    let mut report = format!("{}\nkernel notes:\n  {}", table.join("\n"), notes(kernel));
+    for (dp, o) in ebpf {
+        report.push_str(&format!("\n{dp} notes:\n  {}", notes(o)));
+    }
     assert!(
         broken == 0,
         "{broken} of {} cases broken:\n{report}",

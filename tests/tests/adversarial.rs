@@ -1,9 +1,10 @@
 //! The adversarial suite: what an attacker inside a container (or on a peer host) can make the
-//! overlay do, tried on both datapaths. Each attack is one scenario, run once on a cluster of
-//! `--datapath kernel` hosts (flannel.1, the reference) and once on an identical cluster of
-//! `--datapath ebpf` hosts, concurrently; each records where its packets landed (caught with packet
-//! sockets inside the namespaces) and the test then requires, case by case, that the eBPF path lands
-//! no more than the kernel path (or exactly what it does, for legitimate traffic and headers).
+//! overlay do, tried on both datapaths. Each attack is one scenario, run concurrently on a cluster
+//! of `--datapath kernel` hosts (flannel.1, the reference) and on identical clusters of `--datapath
+//! ebpf` hosts, one per decapsulation hook (TC and XDP); each records where its packets landed
+//! (caught with packet sockets inside the namespaces) and the test then requires, case by case,
+//! that each eBPF cluster lands no more than the kernel's (or exactly what it does, for legitimate
+//! traffic and headers).
 //! After every attack, every container still reaches every other one. The one deliberate
 //! exception, netfilter (the fast path skips FORWARD), must never be silent: the agent warns.
 //!
@@ -31,13 +32,17 @@ const ARRIVAL: Duration = Duration::from_secs(5);
 /// took the fast path.
 const SETTLE: Duration = Duration::from_millis(300);
 
-/// Runs `scenario` on a kernel cluster and an eBPF cluster at once.
-async fn both<F, Fut>(scenario: F) -> (Observed, Observed)
+/// Runs `scenario` on a kernel cluster and on an eBPF cluster with each decapsulation hook, all
+/// at once, and holds each eBPF cluster's figures to `rules` against the kernel's.
+async fn on_every_datapath<F, Fut>(scenario: F, rules: &[(&str, Rule)])
 where
     F: Fn(Datapath) -> Fut,
     Fut: std::future::Future<Output = Observed>,
 {
-    tokio::join!(scenario(Datapath::Kernel), scenario(Datapath::Ebpf))
+    let [tc, xdp] = Datapath::EBPF;
+    let (kernel, on_tc, on_xdp) =
+        tokio::join!(scenario(Datapath::Kernel), scenario(tc), scenario(xdp));
+    compare(&kernel, &[(tc, on_tc), (xdp, on_xdp)], rules);
 }
 
 /// A payload unique to this test process and `what`.
@@ -188,7 +193,7 @@ async fn hijack(dp: Datapath) -> Observed {
         next,
         "the harness gave the new container another address"
     );
-    if dp == Datapath::Ebpf {
+    if dp.is_ebpf() {
         attack::wait_ebpf_ready(h1, 1).await;
     }
     let (in_c, in_b) = where_it_lands(&remote, &c3, &b, "to-c").await;
@@ -225,11 +230,9 @@ async fn where_it_lands(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn adversarial_hijack_one_spoofed_packet_steals_no_traffic() {
-    let (kernel, ebpf) = both(hijack).await;
     let n = 3 * PROBES as u64;
-    compare(
-        &kernel,
-        &ebpf,
+    on_every_datapath(
+        hijack,
         &[
             ("A's traffic: landed in A", Rule::Exactly(n)),
             ("A's traffic: landed in B", Rule::Exactly(0)),
@@ -247,7 +250,8 @@ async fn adversarial_hijack_one_spoofed_packet_steals_no_traffic() {
             ),
             ("claimed address: landed in B", Rule::Exactly(0)),
         ],
-    );
+    )
+    .await;
 }
 
 // ---- 2. flooding the local-container map -----------------------------------------------------------
@@ -283,7 +287,7 @@ async fn flood(dp: Datapath) -> Observed {
         .collect();
     let before = attack::counters(h1).await;
     send_frames(b.netns(), "eth0", frames).await;
-    if dp == Datapath::Ebpf {
+    if dp.is_ebpf() {
         let entries = attack::local_map(h1).expect("read the local map").len();
         let moved = attack::counters_since(&attack::counters(h1).await, &before);
         o.note(format!(
@@ -292,7 +296,7 @@ async fn flood(dp: Datapath) -> Observed {
     }
 
     let d = h1.add_container().await.unwrap();
-    if dp == Datapath::Ebpf {
+    if dp.is_ebpf() {
         attack::wait_ebpf_ready(h1, 1).await;
     }
     let reachable = d.ping_until(remote.ip(), Duration::from_secs(10)).await;
@@ -306,9 +310,14 @@ async fn flood(dp: Datapath) -> Observed {
     if let Err(e) = reachable {
         o.note(format!("{e:#}"));
     }
-    if dp == Datapath::Ebpf {
-        // Direct delivery: decapsulated packets for D go straight into its namespace; the only
-        // traffic to host 1 meanwhile is these probes.
+    if dp.is_ebpf() {
+        // On TC, direct delivery: decapsulated packets for D go straight into its namespace. XDP
+        // hands every decapsulated packet to the stack, so there the program decapsulating them
+        // is the fast path. The only traffic to host 1 meanwhile is these probes.
+        let fast = match dp {
+            Datapath::EbpfXdp => "decapsulated",
+            _ => "decapsulated: delivered to container",
+        };
         let probe = marker("to-new");
         let sink = UdpSink::bind(&d, PORT).await;
         // The slack pays for the `weft status` runs of this loop.
@@ -316,19 +325,19 @@ async fn flood(dp: Datapath) -> Observed {
         let mut direct = false;
         let mut sent = 0;
         while !direct && Instant::now() < deadline {
-            let before = counter(&status(h1).await, "decapsulated: delivered to container");
+            let before = counter(&status(h1).await, fast);
             udp_from(&remote, at(d.ip(), PORT), &probe, 1).await;
             sent += 1;
             let arrived = sink.wait(&probe, sent, Duration::from_millis(500)).await >= sent;
-            let after = counter(&status(h1).await, "decapsulated: delivered to container");
+            let after = counter(&status(h1).await, fast);
             direct = arrived && after > before;
         }
         o.note(format!(
-            "direct delivery to the new container: {direct}, {:?} after its first ping ({sent} probes)",
+            "\"{fast}\" for the new container: {direct}, {:?} after its first ping ({sent} probes)",
             known.elapsed()
         ));
         o.set(
-            "new container gets direct delivery within one reconcile",
+            "new container gets the fast path within one reconcile",
             u64::from(direct),
         );
         let (entries, unbound) = unbound_entries(&c, h1).await;
@@ -377,14 +386,12 @@ async fn unbound_entries(c: &Cluster, host: &Host) -> (usize, Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn adversarial_flood_leaves_the_map_clean_and_new_containers_fast() {
-    let (kernel, ebpf) = both(flood).await;
-    compare(
-        &kernel,
-        &ebpf,
+    on_every_datapath(
+        flood,
         &[
             ("new container reaches the remote one", Rule::Exactly(1)),
             (
-                "new container gets direct delivery within one reconcile",
+                "new container gets the fast path within one reconcile",
                 Rule::EbpfExactly(1),
             ),
             (
@@ -392,7 +399,8 @@ async fn adversarial_flood_leaves_the_map_clean_and_new_containers_fast() {
                 Rule::EbpfExactly(0),
             ),
         ],
-    );
+    )
+    .await;
 }
 
 // ---- 3. forged sources: containers and peers -------------------------------------------------------
@@ -478,10 +486,8 @@ async fn forged_sources(dp: Datapath) -> Observed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn adversarial_forged_sources_reach_no_more_than_on_the_kernel_path() {
-    let (kernel, ebpf) = both(forged_sources).await;
-    compare(
-        &kernel,
-        &ebpf,
+    on_every_datapath(
+        forged_sources,
         &[
             (
                 "host 2 rp_filter=1: source in host 3's subnet reached host 1's container",
@@ -504,7 +510,8 @@ async fn adversarial_forged_sources_reach_no_more_than_on_the_kernel_path() {
                 Rule::NoMoreThanKernel,
             ),
         ],
-    );
+    )
+    .await;
 }
 
 // ---- 4. VLAN hopping -------------------------------------------------------------------------------
@@ -558,10 +565,8 @@ async fn vlan_hopping(dp: Datapath) -> Observed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn adversarial_vlan_tagged_frames_never_leave_tagged_or_arrive() {
-    let (kernel, ebpf) = both(vlan_hopping).await;
-    compare(
-        &kernel,
-        &ebpf,
+    on_every_datapath(
+        vlan_hopping,
         &[
             (
                 "frames with the tagged payload on host 1's ens32",
@@ -573,7 +578,8 @@ async fn adversarial_vlan_tagged_frames_never_leave_tagged_or_arrive() {
                 Rule::Exactly(0),
             ),
         ],
-    );
+    )
+    .await;
 }
 
 // ---- 5. ECN on decapsulation -----------------------------------------------------------------------
@@ -665,7 +671,6 @@ async fn ecn(dp: Datapath) -> Observed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn adversarial_ecn_decapsulation_follows_rfc6040_like_the_kernel() {
-    let (kernel, ebpf) = both(ecn).await;
     let n = PROBES as u64;
     let mut rules = Vec::new();
     let names: Vec<(String, String)> = ECN_CASES
@@ -688,7 +693,7 @@ async fn adversarial_ecn_decapsulation_follows_rfc6040_like_the_kernel() {
         rules.push((delivered.as_str(), d));
         rules.push((arrived.as_str(), e));
     }
-    compare(&kernel, &ebpf, &rules);
+    on_every_datapath(ecn, &rules).await;
 }
 
 // ---- 6. MTU with segmentation before the wire ------------------------------------------------------
@@ -754,16 +759,15 @@ async fn mtu(dp: Datapath) -> Observed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn adversarial_mtu_segmentation_before_the_wire_drops_nothing() {
-    let (kernel, ebpf) = both(mtu).await;
-    compare(
-        &kernel,
-        &ebpf,
+    on_every_datapath(
+        mtu,
         &[
             ("8 MiB transfer completed", Rule::Exactly(1)),
             ("host 1 ens32 tx dropped", Rule::Exactly(0)),
             ("host 2 ens32 rx dropped + errors", Rule::Exactly(0)),
         ],
-    );
+    )
+    .await;
 }
 
 // ---- 7. outer headers ------------------------------------------------------------------------------
@@ -854,9 +858,12 @@ async fn outer_header(dp: Datapath) -> Observed {
         .exec_ok(&["sysctl", "-n", "net.ipv4.ip_default_ttl"])
         .await
         .unwrap();
+    let default_ttl: u64 = default_ttl.trim().parse().unwrap();
+    o.note(format!("host 1's net.ipv4.ip_default_ttl: {default_ttl}"));
+    // flannel.1 is `ttl auto`: the outer TTL is the namespace's default, whatever the inner one.
     o.set(
-        "host 1's ip_default_ttl",
-        default_ttl.trim().parse().unwrap(),
+        "outer TTL is host 1's ip_default_ttl",
+        u64::from(uniform(&outer_ttls) == default_ttl),
     );
     drop(wire);
     attack::legit_traffic_flows(&c, dp, "after the TTL probe").await;
@@ -866,25 +873,20 @@ async fn outer_header(dp: Datapath) -> Observed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn adversarial_outer_header_has_flannels_ttl_and_a_valid_udp_checksum() {
-    let (kernel, ebpf) = both(outer_header).await;
-    let ttl = kernel
-        .figures
-        .get("host 1's ip_default_ttl")
-        .copied()
-        .unwrap_or(64);
-    compare(
-        &kernel,
-        &ebpf,
+    on_every_datapath(
+        outer_header,
         &[
             ("VXLAN frames on host 1's ens32", Rule::Exactly(3)),
-            ("outer TTL", Rule::Exactly(ttl)),
+            ("outer TTL is host 1's ip_default_ttl", Rule::Exactly(1)),
+            ("outer TTL", Rule::SameAsKernel),
             ("inner TTL", Rule::SameAsKernel),
             (
                 "frames with a zero or invalid outer UDP checksum",
                 Rule::Exactly(0),
             ),
         ],
-    );
+    )
+    .await;
 }
 
 // ---- 8. options, fragments, odd VXLAN, the VTEP port from a container -------------------------------
@@ -1050,11 +1052,9 @@ async fn odd_packets(dp: Datapath) -> Observed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn adversarial_odd_packets_land_no_more_than_on_the_kernel_path() {
-    let (kernel, ebpf) = both(odd_packets).await;
     let n = PROBES as u64;
-    compare(
-        &kernel,
-        &ebpf,
+    on_every_datapath(
+        odd_packets,
         &[
             ("IPv4 options (NOP): datagrams received", Rule::Exactly(n)),
             (
@@ -1085,7 +1085,8 @@ async fn adversarial_odd_packets_land_no_more_than_on_the_kernel_path() {
             ),
             ("VXLAN with inner TTL 1: delivered", Rule::NoMoreThanKernel),
         ],
-    );
+    )
+    .await;
 }
 
 // ---- 9. a FORWARD rule -----------------------------------------------------------------------------
@@ -1115,7 +1116,7 @@ async fn forward_rule(dp: Datapath) -> Observed {
     agent.restart().await.unwrap();
     let warned = match dp {
         Datapath::Kernel => false,
-        Datapath::Ebpf => {
+        Datapath::Ebpf | Datapath::EbpfXdp => {
             attack::wait_ebpf_ready(h1, 1).await;
             let logged = agent
                 .wait_for_log(NETFILTER_WARNING, Duration::from_secs(10))
@@ -1157,13 +1158,12 @@ async fn forward_rule(dp: Datapath) -> Observed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn adversarial_forward_rules_the_fast_path_skips_are_never_skipped_silently() {
-    let (kernel, ebpf) = both(forward_rule).await;
-    compare(
-        &kernel,
-        &ebpf,
+    on_every_datapath(
+        forward_rule,
         &[(
             "datagrams past the FORWARD DROP rule with no warning",
             Rule::Exactly(0),
         )],
-    );
+    )
+    .await;
 }
