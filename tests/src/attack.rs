@@ -1027,3 +1027,65 @@ pub fn compare(kernel: &Observed, ebpf: &[(Datapath, Observed)], rules: &[(&str,
     );
     eprintln!("{report}");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 2);
+    const B: Ipv4Addr = Ipv4Addr::new(10, 1, 2, 2);
+
+    #[test]
+    fn udp4_packets_carry_options_and_a_valid_header_checksum() {
+        let mut udp = Udp4::new(A, B, 9999, b"probe");
+        udp.options = vec![1, 1, 1, 0];
+        let p = udp.packet();
+        assert_eq!(p[0], 0x46, "version 4, 24-byte header");
+        assert_eq!(usize::from(u16::from_be_bytes([p[2], p[3]])), p.len());
+        assert_eq!(checksum(&p[..24]), 0, "header checksum");
+        assert_eq!(&p[24..26], &40000u16.to_be_bytes());
+        assert_eq!(&p[26..28], &9999u16.to_be_bytes());
+        assert!(p.ends_with(b"probe"));
+    }
+
+    #[test]
+    fn ipv4_is_found_behind_inline_vlan_tags() {
+        let packet = Udp4::new(A, B, 9, b"x").packet();
+        let plain = ethernet([2; 6], [4; 6], ETH_P_IPV4, &packet);
+        assert_eq!(ipv4_at(&plain), Some((14, 20)));
+        let tagged = vlan_frame([2; 6], [4; 6], 5, ETH_P_IPV4, &packet);
+        assert_eq!(ipv4_at(&tagged), Some((18, 20)));
+        assert_eq!(ipv4_at(&plain[..30]), None, "truncated header");
+    }
+
+    fn observed(figures: &[(&str, u64)]) -> Observed {
+        let mut o = Observed::default();
+        for (case, value) in figures {
+            o.set(case, *value);
+        }
+        o
+    }
+
+    #[test]
+    fn compare_fails_an_ebpf_path_looser_than_the_kernel() {
+        let kernel = observed(&[("landed", 0), ("ttl", 64)]);
+        let same = observed(&[("landed", 0), ("ttl", 64)]);
+        let rules = [
+            ("landed", Rule::NoMoreThanKernel),
+            ("ttl", Rule::SameAsKernel),
+        ];
+        compare(&kernel, &[(Datapath::Ebpf, same.clone())], &rules);
+        let looser = observed(&[("landed", 3), ("ttl", 64)]);
+        let missing = observed(&[("landed", 0)]);
+        for bad in [looser, missing] {
+            let result = std::panic::catch_unwind(|| {
+                compare(
+                    &kernel,
+                    &[(Datapath::Ebpf, same.clone()), (Datapath::EbpfXdp, bad)],
+                    &rules,
+                )
+            });
+            assert!(result.is_err(), "compare accepted a broken rule");
+        }
+    }
+}
