@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub bpf_pin_dir: PathBuf,
     /// Forced eBPF decapsulation hook; `None` picks by the interface's driver.
     pub decap_hook: Option<crate::datapath::DecapHook>,
+    /// Outer UDP checksum on eBPF-encapsulated packets (flannel.N's `udpcsum`).
+    pub ebpf_udp_csum: bool,
     pub reconcile_interval: Duration,
     pub shutdown_grace: Duration,
 }
@@ -508,7 +510,10 @@ where
                         st.metrics.reconcile_repairs.add(n as u64);
                         tracing::info!(repairs = n, "reconcile repaired drift");
                     }
-                    Err(e) => tracing::warn!("reconcile: {e:#}"),
+                    Err(e) => {
+                        st.metrics.reconcile_errors.inc();
+                        tracing::warn!("reconcile: {e:#}");
+                    }
                 }
             }
         }

@@ -251,6 +251,10 @@ struct AgentArgs {
     /// elsewhere), or forced.
     #[arg(long, env = "WEFT_DECAP_HOOK", value_enum, default_value = "auto")]
     decap_hook: DecapChoice,
+    /// Fill the outer UDP checksum of eBPF-encapsulated packets, as flannel.N
+    /// (`udpcsum`) does; GSO packets leave with 0 either way (see README).
+    #[arg(long, env = "WEFT_EBPF_UDP_CSUM", num_args = 0..=1, default_missing_value = "true", default_value = "true", action = clap::ArgAction::Set)]
+    ebpf_udp_csum: String,
     /// Detach and unpin weft's eBPF programs and maps, then exit. flannel.<VNI> and its
     /// routes stay, so traffic keeps flowing on the kernel path.
     #[arg(long)]
@@ -509,6 +513,7 @@ impl AgentArgs {
                 DecapChoice::Xdp => Some(DecapHook::Xdp),
                 DecapChoice::Tc => Some(DecapHook::Tc),
             },
+            ebpf_udp_csum: parse_bool("ebpf-udp-csum", &self.ebpf_udp_csum)?,
             reconcile_interval: duration_flag(
                 "reconcile-interval",
                 &self.reconcile_interval,

@@ -22,6 +22,7 @@
 //! the agents print their logs.
 
 pub mod agent;
+pub mod attack;
 pub mod cluster;
 pub mod container;
 pub mod docker;
