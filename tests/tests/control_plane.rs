@@ -307,6 +307,7 @@ async fn eventually<F: Fn() -> Fut, Fut: std::future::Future<Output = bool>>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn lease_value_matches_flanneld_and_flanneld_leases_are_read() {
     let etcd = Etcd::start_local().await;
     config_set(&etcd, VXLAN_CONFIG).await;
@@ -446,6 +447,7 @@ async fn lease_value_matches_flanneld_and_flanneld_leases_are_read() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn twenty_agents_at_once_hold_distinct_subnets() {
     let etcd = Etcd::start_local().await;
     // SubnetMax leaves 30 subnets: the 20 agents contend for far fewer than flannel's 100 candidates.
@@ -496,6 +498,7 @@ async fn twenty_agents_at_once_hold_distinct_subnets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn restart_keeps_subnet_and_deleted_lease_comes_back() {
     let etcd = Etcd::start_local().await;
     config_set(&etcd, VXLAN_CONFIG).await;
@@ -554,6 +557,7 @@ async fn restart_keeps_subnet_and_deleted_lease_comes_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn short_ttl_renews_and_stopped_agent_expires_for_every_peer() {
     let etcd = Etcd::start_local().await;
     config_set(&etcd, VXLAN_CONFIG).await;
@@ -670,6 +674,7 @@ impl Drop for Relay {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn watch_resumes_after_compaction_without_hot_loop() {
     let etcd = Etcd::start_local().await;
     config_set(&etcd, VXLAN_CONFIG).await;
@@ -794,6 +799,7 @@ const INVALID: &[(&str, &str)] = &[
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn invalid_configs_are_rejected_by_config_set_and_agent() {
     let etcd = Etcd::start_local().await;
     let key = format!("{PREFIX}/config");
@@ -846,6 +852,7 @@ async fn invalid_configs_are_rejected_by_config_set_and_agent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn files_and_docker_opts_match_flannel_bytes() {
     let etcd = Etcd::start_local().await;
     config_set(&etcd, r#"{"Network":"10.1.0.0/16","SubnetMin":"10.1.10.0","SubnetMax":"10.1.10.0","Backend":{"Type":"vxlan","MTU":1500}}"#).await;
@@ -919,6 +926,7 @@ async fn files_and_docker_opts_match_flannel_bytes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn agent_waits_for_etcd_then_for_the_config_key() {
     let etcd = Etcd::start_local().await;
     let relay = Relay::start(etcd.endpoint()).await;

@@ -280,6 +280,7 @@ async fn ping_count(
 // ---- 1. all pairs over eBPF ------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn all_cross_host_pairs_ping_and_transfer_over_ebpf_not_flannel1() {
     // Decapsulation by driver (TC on these veth NICs) on hosts 1 and 2, native XDP on host 3.
     let c = ebpf_cluster_each(3, 2, |i| {
@@ -488,6 +489,7 @@ async fn flanneld_add_peer(host: &Host, subnet: ipnet::Ipv4Net, public_ip: Ipv4A
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn mixed_ebpf_kernel_and_flanneld_hosts_all_reach_all() {
     let c = cluster(3).await;
     c.write_config(CONFIG).await;
@@ -681,6 +683,7 @@ async fn probe(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn spoofed_vxlan_from_a_host_without_lease_and_wrong_vni_never_reach_a_container() {
     let c = cluster(3).await;
     c.write_config(CONFIG).await;
@@ -832,6 +835,7 @@ fn unanswered(ping_output: &str, count: u32) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn agent_restarts_sigterm_and_kill9_lose_no_ping_at_100_per_second() {
     let c = ebpf_cluster(2, 1, &[]).await;
     let (host, agent) = (c.host(0), c.host(0).agent().unwrap());
@@ -991,6 +995,7 @@ fn softnet_drops() -> u64 {
 // ---- 5. large transfers and oversize packets -------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn large_tcp_at_mtu_1450_and_oversize_non_gso_packets() {
     let c = ebpf_cluster(2, 1, &[]).await;
     let (h1, h2) = (c.host(0), c.host(1));
@@ -1075,6 +1080,7 @@ async fn link_exists(host: &Host, id: u64) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn cleanup_removes_programs_and_maps_and_traffic_moves_to_flannel1() {
     let c = ebpf_cluster(2, 1, &[]).await;
     let (h1, h2) = (c.host(0), c.host(1));
@@ -1151,6 +1157,7 @@ async fn detach_decap_by_hand(host: &Host) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn a_decap_program_detached_by_hand_is_reattached_within_seconds() {
     let c = ebpf_cluster(2, 1, &["--reconcile-interval", "1s"]).await;
     let (h1, agent) = (c.host(0), c.host(0).agent().unwrap());
@@ -1197,6 +1204,7 @@ async fn a_decap_program_detached_by_hand_is_reattached_within_seconds() {
 /// deleted and recreated the way Docker does at its restart (same address and MTU, the
 /// containers' veths attached again). The agent re-attaches both and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn detached_xdp_and_recreated_docker0_are_repaired() {
     let c = ebpf_cluster_each(2, 1, |i| {
         let mut extra = vec!["--reconcile-interval", "1s"];
@@ -1291,6 +1299,7 @@ async fn detached_xdp_and_recreated_docker0_are_repaired() {
 // ---- 8. --datapath auto falls back ------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn auto_falls_back_to_the_kernel_path_with_the_reason_and_traffic_works() {
     let c = cluster(3).await;
     c.write_config(CONFIG).await;

@@ -41,20 +41,6 @@ const TC_ACT_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
-fn is_root() -> bool {
-    // SAFETY: no arguments, no side effects.
-    unsafe { libc::geteuid() == 0 }
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (BPF_PROG_TEST_RUN, netns); run `cargo xtask test`");
-            return;
-        }
-    };
-}
-
 fn run(args: &[&str]) {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -356,8 +342,8 @@ fn total_counted(e: &mut Env) -> u64 {
 // ---- encapsulation ----------------------------------------------------------
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn encap_emits_rfc7348_vxlan_as_flannel_expects() {
-    require_root!();
     let mut e = env("encap");
     let input = container_frame(REMOTE_CONTAINER);
     let out = test_run(&e, ProgramKind::TcEncap, &input, e.br0);
@@ -421,8 +407,8 @@ fn encap_emits_rfc7348_vxlan_as_flannel_expects() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn encap_on_a_container_port_learns_the_container_for_decap() {
-    require_root!();
     let mut e = env("learn");
     // On the bridge itself the port is unknown: nothing learned.
     test_run(
@@ -468,8 +454,8 @@ fn encap_on_a_container_port_learns_the_container_for_decap() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn encap_leaves_what_is_not_ours_untouched() {
-    require_root!();
     let mut e = env("encap-pass");
     let cases: Vec<(&str, Vec<u8>, u32)> = vec![
         (
@@ -571,8 +557,8 @@ fn encap_leaves_what_is_not_ours_untouched() {
 /// for the same inner packet, except where the standard leaves a choice (IP
 /// ID, outer checksum, UDP source port and checksum).
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn encap_matches_kernel_vxlan_device() {
-    require_root!();
     let e = env("encap-kernel");
     let mac = fmt_mac(OUR_VTEP_MAC);
     let peer_mac = fmt_mac(PEER_VTEP_MAC);
@@ -727,8 +713,8 @@ fn expected_decap(frame: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn xdp_decap_restores_the_inner_frame() {
-    require_root!();
     let mut e = env("xdp");
     let frame = good_vxlan();
     let out = test_run(&e, ProgramKind::XdpDecap, &frame, 0);
@@ -738,8 +724,8 @@ fn xdp_decap_restores_the_inner_frame() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn tc_decap_restores_and_forwards_the_inner_packet() {
-    require_root!();
     let mut e = env("tcdecap");
     let frame = good_vxlan();
     let out = test_run(&e, ProgramKind::TcDecap, &frame, e.ul0);
@@ -775,8 +761,8 @@ fn tc_decap_restores_and_forwards_the_inner_packet() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn tc_decap_hands_packets_for_known_local_containers_to_their_namespace() {
-    require_root!();
     let mut e = env("tclocal");
     // Another MAC than the neighbour table's, to tell the two paths apart.
     let direct_mac = [0x02, 0x42, 0x0a, 0x01, 0x0a, 0x55];
@@ -950,8 +936,8 @@ enum Verdict {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn decap_passes_or_drops_everything_else_exactly_as_designed() {
-    require_root!();
     let mut e = env("decap-hostile");
     let cases = hostile_cases();
     let mut runs = 2 * cases.len() as u64;
@@ -997,8 +983,8 @@ fn decap_passes_or_drops_everything_else_exactly_as_designed() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn peer_map_round_trips() {
-    require_root!();
     let mut e = env("maps");
     let subnet: Ipv4Net = "10.1.77.0/24".parse().unwrap();
     e.dp.upsert_peer(
@@ -1070,8 +1056,8 @@ fn may_decap(f: &[u8]) -> bool {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn fuzz_never_decapsulates_what_it_must_not() {
-    require_root!();
     let mut e = env("fuzz");
     let total: usize = if std::env::var_os("WEFT_LONG_TESTS").is_some() {
         1_000_000
@@ -1175,8 +1161,8 @@ fn attached_programs(dev: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn attach_pins_survive_the_agent_and_are_adopted_then_removed() {
-    require_root!();
     let mut e = env("attach");
     assert_eq!(
         weft::datapath::DecapHook::for_interface("ul0"),

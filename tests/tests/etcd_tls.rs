@@ -423,6 +423,7 @@ fn lease_of(json: &str, public_ip: &str) -> Option<(String, i64)> {
 // Tests
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn client_certificates() {
     let pki = Pki::generate();
     let site = Site::start(
@@ -576,6 +577,7 @@ async fn client_certificates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn username_and_password() {
     // A 1 s token TTL: the agent's renewals (every 3 s with a 9 s lease) always find the token
     // expired, so they only work when the client re-authenticates.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use weft_tests::{cluster, netns, Cluster, Etcd, KeptProcess};
 
 #[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
 async fn local_etcd_serves_and_cleans_up() {
     let etcd = Etcd::start_local().await;
     assert!(etcd.endpoint().starts_with("http://127.0.0.1:"));
@@ -86,6 +87,7 @@ fn write_subnet_file(path: &Path, third_octet: u8) {
 }
 
 #[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
 async fn three_hosts_with_containers_etcd_and_cleanup() {
     let c = cluster(3).await;
     assert_eq!(c.hosts().len(), 3);
@@ -202,6 +204,7 @@ async fn three_hosts_with_containers_etcd_and_cleanup() {
 }
 
 #[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
 async fn cleanup_happens_when_a_test_panics() {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
@@ -217,6 +220,7 @@ async fn cleanup_happens_when_a_test_panics() {
 }
 
 #[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
 async fn a_container_waits_for_the_subnet_file() {
     let c = cluster(1).await;
     let host = c.host(0);
@@ -244,6 +248,7 @@ async fn a_container_waits_for_the_subnet_file() {
 }
 
 #[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
 async fn a_kept_cluster_survives_drop_and_is_removed_from_its_state_file() {
     let c = cluster(1).await;
     write_subnet_file(&c.host(0).subnet_file(), 5);
@@ -266,6 +271,7 @@ async fn a_kept_cluster_survives_drop_and_is_removed_from_its_state_file() {
 /// The agent as a real process: it leases a subnet per host, its log is captured, and the handle
 /// stops (SIGTERM), kills (SIGKILL) and restarts it. Needs the `weft` binary (`cargo xtask test`).
 #[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
 async fn agents_run_as_processes_and_obey_stop_kill_restart() {
     let c = cluster(2).await;
     c.write_config(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#)

@@ -314,6 +314,7 @@ fn assert_same_peers(ours: &Netns, reference: &Netns) {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn vxlan_device_is_what_flanneld_creates() {
     let host = Netns::host();
     let advertised = host.run(|| async {
@@ -352,6 +353,7 @@ fn vxlan_device_is_what_flanneld_creates() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn peers_are_added_changed_and_removed_as_flanneld_does() {
     let host = Netns::host();
     let a = vx("10.1.54.0/24", NEAR_PEER, mac(1));
@@ -383,6 +385,7 @@ fn peers_are_added_changed_and_removed_as_flanneld_does() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn a_failed_route_rolls_back_neighbour_and_fdb() {
     let host = Netns::host();
     let peer = vx("10.1.54.0/24", NEAR_PEER, mac(1));
@@ -405,6 +408,7 @@ fn a_failed_route_rolls_back_neighbour_and_fdb() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn a_compatible_device_is_reused_with_its_mac() {
     let host = Netns::host();
     host.ip(&format!(
@@ -429,6 +433,7 @@ fn a_compatible_device_is_reused_with_its_mac() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn an_incompatible_device_is_replaced() {
     for (why, args) in [
         (
@@ -478,6 +483,7 @@ fn plant_stale(host: &Netns) {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn reconcile_removes_stale_adds_missing_and_is_then_quiet() {
     let host = Netns::host();
     let peers = [
@@ -511,6 +517,7 @@ fn reconcile_removes_stale_adds_missing_and_is_then_quiet() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn reconcile_recreates_a_deleted_device_with_the_advertised_mac() {
     let host = Netns::host();
     let peers = [vx("10.1.54.0/24", NEAR_PEER, mac(1))];
@@ -539,6 +546,7 @@ fn reconcile_recreates_a_deleted_device_with_the_advertised_mac() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn direct_routing_uses_plain_routes_for_peers_on_our_network() {
     let host = Netns::host();
     let near = vx("10.1.54.0/24", NEAR_PEER, mac(1));
@@ -574,6 +582,7 @@ async fn hostgw_backend() -> HostGwBackend {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn host_gw_routes_match_flanneld_and_reconcile() {
     let host = Netns::host();
     let a = hostgw_lease("10.1.54.0/24", NEAR_PEER);
@@ -610,6 +619,7 @@ fn host_gw_routes_match_flanneld_and_reconcile() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn host_gw_refuses_a_peer_behind_a_router_with_a_clear_error() {
     let host = Netns::host();
     let far = hostgw_lease("10.1.77.0/24", FAR_PEER);
@@ -637,6 +647,7 @@ fn host_gw_refuses_a_peer_behind_a_router_with_a_clear_error() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn external_interface_is_found_by_name_address_and_default_route() {
     let host = Netns::host();
     host.ip("route add default via 192.168.50.254");

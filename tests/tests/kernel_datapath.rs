@@ -385,6 +385,7 @@ async fn assert_programmed_as_flanneld(c: &Cluster, hosts: &[usize]) {
 // ---- 1 and 2: reachability and kernel state, vxlan and host-gw ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn vxlan_containers_reach_each_other_and_kernel_state_is_flanneld_s() {
     let c = running(VXLAN, 2).await;
     assert_all_reach_each_other(&c, &c.containers()).await;
@@ -399,6 +400,7 @@ async fn vxlan_containers_reach_each_other_and_kernel_state_is_flanneld_s() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn host_gw_containers_reach_each_other_and_routes_are_flanneld_s() {
     let c = running(HOST_GW, 2).await;
     assert_all_reach_each_other(&c, &c.containers()).await;
@@ -409,6 +411,7 @@ async fn host_gw_containers_reach_each_other_and_routes_are_flanneld_s() {
 // ---- 3: a host configured by hand as flanneld does it ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn a_host_set_up_by_hand_like_flanneld_interoperates() {
     let c = cluster(3).await;
     c.write_config(VXLAN).await;
@@ -503,6 +506,7 @@ fn mentions(state: &KernelState, lease: &EtcdLease) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn deleted_stale_and_changed_leases_are_followed() {
     let c = cluster(3).await;
     c.write_config(VXLAN).await;
@@ -661,6 +665,7 @@ fn readies(log: &str) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn agent_restart_loses_no_packets() {
     let c = running(VXLAN, 1).await;
     let (a, b) = (c.container(0), c.container(1));

@@ -151,6 +151,7 @@ const FLANNEL_FWD: [&str; 3] = [
 ];
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn iptables_rules_match_flannel_are_idempotent_and_replace_a_stale_subnet() -> Result<()> {
     let ns = Netns::new("ipt")?;
     // A previous run on another subnet left its rules; the new subnet's must replace them in place.
@@ -220,6 +221,7 @@ async fn time_to_restore(
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn iptables_chain_deleted_by_hand_is_restored_by_run() -> Result<()> {
     let ns = Netns::new("iptrun")?;
     let ns_name = ns.name.clone();
@@ -267,6 +269,7 @@ fn iptables_chain_deleted_by_hand_is_restored_by_run() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn nftables_variant_matches_and_is_restored() -> Result<()> {
     let ns = Netns::new("nft")?;
     let ns_name = ns.name.clone();
@@ -358,6 +361,7 @@ fn nftables_variant_matches_and_is_restored() -> Result<()> {
 ///                                   host 10.1.20.1    ── 10.1.20.2    peer (stands in for the overlay)
 /// ```
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn container_traffic_is_masqueraded_to_the_world_but_not_inside_the_overlay() -> Result<()> {
     for kind in [MasqKind::Iptables, MasqKind::Nftables] {
         let (world_src, peer_src) = sources_seen(kind)?;

@@ -192,6 +192,7 @@ async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn ip_masq_readyz_and_metrics_on_running_agents() {
     let c = cluster(3).await;
     let world = world(&c).await;
@@ -377,6 +378,7 @@ async fn ip_masq_readyz_and_metrics_on_running_agents() {
 /// The interface flags, as flanneld reads them. Each host gets a second interface `ens33`
 /// (192.168.50.1/24 on host1), and its default route points there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn interface_choice() {
     let c = cluster(1).await;
     c.write_config(CONFIG).await;
@@ -552,6 +554,7 @@ fn read_env_file(path: &Path) -> Vec<(String, String)> {
 /// The unit's ExecStartPre and ExecStart, as systemd would run them with the env file, by hand in
 /// a harness host: the config gets written, the agent comes up, writes the subnet file, gets ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn unit_command_lines_run_by_hand_in_a_host() {
     let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist");
     let unit = std::fs::read_to_string(dist.join("weft.service")).expect("dist/weft.service");

@@ -283,6 +283,7 @@ async fn holders(c: &Cluster) -> BTreeMap<Ipv4Addr, Vec<Ipv4Net>> {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn etcd_outage_loses_no_packet_and_no_lease() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let outage = Duration::from_secs(if long() { 30 } else { 10 });
@@ -357,6 +358,7 @@ async fn etcd_outage_loses_no_packet_and_no_lease() {
 
 /// Agents with all three endpoints of a 3-member etcd: the leader dies, then another member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn etcd_member_failover_keeps_leases_and_watches() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let c = cluster(2).await;
@@ -447,6 +449,7 @@ fn parse_leases(kvs: &[(String, String)]) -> Vec<Lease> {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn etcd_restart_and_compaction_converge_without_hot_loop() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mut c = overlay(2, 2, &[]).await;
@@ -551,6 +554,7 @@ async fn etcd_restart_and_compaction_converge_without_hot_loop() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn sigkill_at_random_moments_converges_every_time() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let rounds = if long() { 20 } else { 8 };
@@ -627,6 +631,7 @@ fn rand_below(n: u64) -> u64 {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn vanished_peer_expires_and_is_dropped_everywhere() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let c = overlay(3, 3, &["--subnet-lease-ttl", "5s"]).await;
@@ -667,6 +672,7 @@ async fn vanished_peer_expires_and_is_dropped_everywhere() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn deleted_flannel1_and_recreated_docker0_are_repaired() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let c = overlay(2, 2, &[]).await;
@@ -793,6 +799,7 @@ const BAD_CONFIGS: &[(&str, &str)] = &[
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn malformed_configs_are_rejected_with_exit_78_touching_nothing() {
     let _serial = ONE_AT_A_TIME.lock().await;
     assert!(BAD_CONFIGS.len() >= 25);
@@ -874,6 +881,7 @@ async fn malformed_configs_are_rejected_with_exit_78_touching_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn garbage_leases_are_skipped_while_peers_keep_working() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let c = overlay(2, 2, &[]).await;
@@ -959,6 +967,7 @@ async fn garbage_leases_are_skipped_while_peers_keep_working() {
 /// A lease for our PublicIP in an older writer's spelling (no VNI, other field case, an extra
 /// field): the agent takes it over instead of looping on a value compare that never matches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn a_lease_in_an_older_spelling_is_adopted() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let c = cluster(1).await;
@@ -986,6 +995,7 @@ async fn a_lease_in_an_older_spelling_is_adopted() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn a_thousand_peers_are_programmed_and_removed() {
     let _serial = ONE_AT_A_TIME.lock().await;
     const PEERS: u32 = 1000;
