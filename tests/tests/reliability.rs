@@ -306,6 +306,8 @@ async fn etcd_outage_loses_no_packet_and_no_lease() {
     let count = (outage.as_secs() as u32 + 6) * 10;
     let p1 = tokio::spawn(ping_stream(c0.clone(), c1.ip(), count));
     let p2 = tokio::spawn(ping_stream(c2.clone(), c0.ip(), count));
+    // The scenario's timeline, not waits: 2 s of traffic before the outage, a host joining 2 s
+    // into it, etcd back after `outage`. Every step after it polls state (converge_all, pings).
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.etcd_mut().kill();
     let down_at = Instant::now();
@@ -458,6 +460,7 @@ async fn etcd_restart_and_compaction_converge_without_hot_loop() {
     let before = holders(&c).await;
 
     c.etcd_mut().kill();
+    // The scenario: etcd stays away for a second (kill has already reaped it).
     tokio::time::sleep(Duration::from_secs(1)).await;
     c.etcd_mut().start_again().await.unwrap();
     let (_, peer, value) = fake_peer(210);
@@ -479,14 +482,16 @@ async fn etcd_restart_and_compaction_converge_without_hot_loop() {
     let agent = h.agent().unwrap();
     let breaks = agent.log().matches("lease watch broke").count();
     let cut = Instant::now();
-    while agent.log().matches("lease watch broke").count() == breaks {
-        assert!(
-            cut.elapsed() < Duration::from_secs(30),
-            "the agent never noticed it lost etcd:\n{}",
-            tail(&agent.log(), 30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    weft_tests::poll::until(
+        "host1's agent to notice it lost etcd",
+        Duration::from_secs(30),
+        || async {
+            let log = agent.log();
+            let n = log.matches("lease watch broke").count();
+            weft_tests::poll::check(n > breaks, ()).map_err(|_| tail(&log, 30))
+        },
+    )
+    .await;
     println!("host1 cut off etcd: watch broke after {:?}", cut.elapsed());
     c.etcd().delete(&peer).await;
     let (_, peer2, value) = fake_peer(211);
@@ -528,6 +533,7 @@ async fn etcd_restart_and_compaction_converge_without_hot_loop() {
             (pid, cpu_ticks(pid), a.log().lines().count())
         })
         .collect();
+    // An observation window, not a wait: a hot loop would burn CPU and log within it.
     tokio::time::sleep(Duration::from_secs(5)).await;
     for ((pid, ticks, lines), h) in pids.into_iter().zip(&hosts) {
         let cpu = cpu_ticks(pid) - ticks;
@@ -582,18 +588,19 @@ async fn sigkill_at_random_moments_converges_every_time() {
         // Killed again somewhere in start, lease acquisition or the first reconcile.
         agent.restart().await.unwrap();
         let at = Duration::from_millis(rand_below(1500));
+        // The random moment of the kill is what the test varies; not a wait.
         tokio::time::sleep(at).await;
         agent.kill();
         agent.restart().await.unwrap();
-        let back = Instant::now();
-        while !host.subnet_file().exists() {
-            assert!(
-                back.elapsed() < Duration::from_secs(20),
-                "no subnet file after the restart:\n{}",
-                tail(&agent.log(), 40)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        weft_tests::poll::until(
+            "the subnet file after the restart",
+            Duration::from_secs(20),
+            || async {
+                weft_tests::poll::check(host.subnet_file().exists(), ())
+                    .map_err(|_| tail(&agent.log(), 40))
+            },
+        )
+        .await;
         assert_eq!(
             own_subnet(host),
             host.subnet().unwrap().subnet.trunc(),
@@ -641,20 +648,25 @@ async fn vanished_peer_expires_and_is_dropped_everywhere() {
     a.ping_until(b.ip(), Duration::from_secs(10)).await.unwrap();
     let gone = own_subnet(c.host(2));
     let pinger = tokio::spawn(ping_stream(a.clone(), b.ip(), 150));
+    // The scenario: a second of traffic between the survivors before the peer dies.
     tokio::time::sleep(Duration::from_secs(1)).await;
     c.host(2).agent().unwrap().kill();
     weft_tests::netns::delete(c.host(2).name()).unwrap();
     let start = Instant::now();
     let survivors = [c.host(0), c.host(1)];
-    let mut expired = None;
-    while start.elapsed() < Duration::from_secs(20) {
-        if c.etcd().get(&subnets_key(gone)).await.is_none() {
-            expired = Some(start.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let expired = expired.unwrap_or_else(|| panic!("lease {gone} still there after 20 s"));
+    let key = subnets_key(gone);
+    weft_tests::poll::until(
+        &format!("the dead host's lease {key} to expire"),
+        Duration::from_secs(20),
+        || async {
+            match c.etcd().get(&key).await {
+                None => Ok(()),
+                Some(v) => Err(v),
+            }
+        },
+    )
+    .await;
+    let expired = start.elapsed();
     let dropped = converge_all(&c, &survivors, CONVERGE).await;
     for h in survivors {
         assert!(!vteps(h).await.routes.iter().any(|(s, _)| *s == gone));
@@ -927,7 +939,21 @@ async fn garbage_leases_are_skipped_while_peers_keep_working() {
     c.etcd()
         .put(&subnets_key(own1), &good([172, 16, 15, 88]))
         .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The watch delivers events in order: once a valid lease written after the garbage is on
+    // flannel.1, every garbage event before it has been handled; once it is gone again, what is
+    // left is what the garbage did. Without this the checks below could pass on the old state.
+    let (sentinel_net, sentinel_key, sentinel_value) = fake_peer(90);
+    c.etcd().put(&sentinel_key, &sentinel_value).await;
+    let sentinel = Lease::from_kv(&sentinel_key, sentinel_value.as_bytes(), 0).unwrap();
+    for (host, valid) in [(c.host(0), &valid), (c.host(1), &valid1)] {
+        let mut with_sentinel = valid.clone();
+        let extra = Vteps::expected(std::slice::from_ref(&sentinel), own_subnet(host));
+        with_sentinel.routes.extend(extra.routes);
+        with_sentinel.neigh.extend(extra.neigh);
+        with_sentinel.fdb.extend(extra.fdb);
+        converge_to(host, &with_sentinel, CONVERGE).await;
+    }
+    assert_eq!(c.etcd().delete(&sentinel_key).await, 1, "{sentinel_net}");
     let t0 = converge_to(c.host(0), &valid, CONVERGE).await;
     let t1 = converge_to(c.host(1), &valid1, CONVERGE).await;
     a.ping_until(b.ip(), Duration::from_secs(5)).await.unwrap();
@@ -1038,6 +1064,7 @@ async fn a_thousand_peers_are_programmed_and_removed() {
     bulk(&c, kvs, true).await;
     let removed = converge_to(h, &Vteps::default(), Duration::from_secs(120)).await;
     let removed_total = start.elapsed();
+    // Pacing for the measurement: give the allocator a moment to hand memory back.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss_kib(pid);
     println!(
