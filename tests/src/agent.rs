@@ -169,6 +169,7 @@ impl Agent {
                     tail(&log, 40)
                 );
             }
+            // Pacing between two looks; the deadline decides.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -194,6 +195,7 @@ impl Agent {
                     tail(&self.log(), 40)
                 );
             }
+            // Pacing between two looks; the deadline decides.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

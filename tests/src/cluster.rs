@@ -460,6 +460,7 @@ impl Host {
                     );
                 }
                 Err(_) if Instant::now() < deadline => {
+                    // Pacing between two looks; the deadline decides.
                     tokio::time::sleep(Duration::from_millis(100)).await
                 }
                 Err(e) => {

@@ -282,6 +282,7 @@ impl Etcd {
                         self.endpoint
                     )
                 }
+                // Pacing between two tries; the deadline decides.
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }

@@ -127,6 +127,7 @@ pub fn delete(name: &str) -> anyhow::Result<()> {
             // SAFETY: kill(2) has no memory effects; the pids are inside a namespace this harness made.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
+        // Pacing between two looks; the deadline decides.
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = Command::new("ip")

@@ -137,6 +137,7 @@ async fn wait_status(
                 tail(&log, 60)
             );
         }
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -526,6 +527,7 @@ async fn mixed_ebpf_kernel_and_flanneld_hosts_all_reach_all() {
             Instant::now() < deadline,
             "kernel host lacks flannel.1 routes:\n{routes}"
         );
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -670,6 +672,7 @@ async fn probe(
         let sock = UdpSocket::bind("0.0.0.0:0")?;
         for _ in 0..PROBES {
             sock.send_to(&payload, (vtep, VXLAN_PORT))?;
+            // Pacing between two probes, not a wait for anything.
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
@@ -804,6 +807,7 @@ async fn wait_ready_again(agent: &Agent, before: usize) -> Duration {
             "agent not ready again:\n{}",
             tail(&agent.log(), 40)
         );
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     start.elapsed()
@@ -867,6 +871,9 @@ async fn agent_restarts_sigterm_and_kill9_lose_no_ping_at_100_per_second() {
     let mut timeline = vec![format!("{:.3} ping started", unix_now())];
     let backlog_drops = softnet_drops();
     let attached = attachments(&status(host).await);
+    // The scenario's timeline from here on, not waits: half a second of traffic in each phase
+    // (before SIGTERM, while the agent is away, after it is ready, while it is killed); the ping
+    // counts every packet, and each restart is followed by polling for readiness.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // SIGTERM: the agent exits cleanly; the pinned programs keep forwarding while it is away.
@@ -879,6 +886,7 @@ async fn agent_restarts_sigterm_and_kill9_lose_no_ping_at_100_per_second() {
         "SIGTERM exit: {status_code}\n{}",
         tail(&agent.log(), 30)
     );
+    // Timeline: the next phase after half a second.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let while_down = Seen::of(host).await.since(down);
     timeline.push(format!("{:.3} restart", unix_now()));
@@ -1113,6 +1121,7 @@ async fn cleanup_removes_programs_and_maps_and_traffic_moves_to_flannel1() {
                 Instant::now() < deadline,
                 "link {id} still exists after cleanup"
             );
+            // Pacing between two looks; the deadline decides.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

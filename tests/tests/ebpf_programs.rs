@@ -1226,16 +1226,15 @@ fn attach_pins_survive_the_agent_and_are_adopted_then_removed() {
     drop(std::mem::replace(&mut e.dp, fresh));
     Datapath::detach_and_unpin(&e.pin_dir).expect("cleanup");
     assert!(!e.pin_dir.join("links").exists());
-    // The kernel frees unpinned links asynchronously (RCU): allow it a moment.
+    // The kernel frees unpinned links asynchronously (RCU).
     for dev in ["br0", "ul0", "ul0-wire"] {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while attached_programs(dev).contains("weft_") && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(
-            !attached_programs(dev).contains("weft_"),
-            "{dev} still has a weft program: {}",
-            attached_programs(dev)
+        weft_tests::poll::until_blocking(
+            &format!("weft's programs to leave {dev} after cleanup"),
+            Duration::from_secs(5),
+            || {
+                let attached = attached_programs(dev);
+                weft_tests::poll::check(!attached.contains("weft_"), attached)
+            },
         );
     }
 }

@@ -199,6 +199,7 @@ impl Site {
                 "etcd not healthy:\n{}",
                 self.etcd_log()
             );
+            // Pacing between two looks; the deadline decides.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -381,6 +382,7 @@ async fn wait_file(path: &Path, agent: &Agent) -> String {
             path.display(),
             agent.log()
         );
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -397,6 +399,7 @@ async fn agent_refused(agent: &Agent, needles: &[&str]) {
             "the agent still runs after {PROMPT:?} with bad credentials:\n{}",
             agent.log()
         );
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let log = agent.log();
@@ -691,7 +694,8 @@ async fn username_and_password() {
         env.contains(&subnet.replace(".0/", ".1/")),
         "{env} vs {subnet}"
     );
-    // Past the lease's TTL: only renewals (each with an expired token) keep it.
+    // Past the lease's TTL: only renewals (each with an expired token) keep it. An observation
+    // window, not a wait: the lease must survive all of it.
     tokio::time::sleep(Duration::from_secs(12)).await;
     let (after, ttl) = lease_of(&site.leases(&good).await, "192.168.211.1")
         .unwrap_or_else(|| panic!("the lease expired: renewals failed\n{}", agent.log()));

@@ -377,6 +377,7 @@ async fn assert_programmed_as_flanneld(c: &Cluster, hosts: &[usize]) {
                 host.name(),
                 diff.join("\n")
             );
+            // Pacing between two looks; the deadline decides.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -578,6 +579,7 @@ async fn deleted_stale_and_changed_leases_are_followed() {
             "host 3 kept VTEP MAC {:?}",
             old.mac
         );
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(changed.subnet, old.subnet);
@@ -607,6 +609,7 @@ async fn deleted_stale_and_changed_leases_are_followed() {
             "1 s after its lease was deleted, host 3's entries are still there:\n{}",
             left.join("\n")
         );
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("deleted lease's entries gone after {:?}", deleted.elapsed());
@@ -675,6 +678,7 @@ async fn agent_restart_loses_no_packets() {
     for how in ["SIGTERM", "kill -9"] {
         let seen = readies(&agent.log());
         let pings = [Pinger::start(&a, &b), Pinger::start(&b, &a)];
+        // The scenario: a second of traffic before the restart (the pingers count every packet).
         tokio::time::sleep(Duration::from_secs(1)).await;
         if how == "SIGTERM" {
             let status = agent.stop().await.unwrap();
@@ -683,21 +687,21 @@ async fn agent_restart_loses_no_packets() {
             agent.kill();
         }
         agent.restart().await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while readies(&agent.log()) == seen {
-            assert!(
-                Instant::now() < deadline,
-                "restarted agent not ready:\n{}",
-                agent.log()
-            );
-            assert!(
-                agent.exit_status().is_none(),
-                "restarted agent exited:\n{}",
-                agent.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        // Keep pinging through the restarted agent's first reconcile.
+        weft_tests::poll::until(
+            "the restarted agent to be ready",
+            Duration::from_secs(20),
+            || async {
+                assert!(
+                    agent.exit_status().is_none(),
+                    "restarted agent exited:\n{}",
+                    agent.log()
+                );
+                let log = agent.log();
+                weft_tests::poll::check(readies(&log) > seen, ()).map_err(|_| log)
+            },
+        )
+        .await;
+        // An observation window: keep pinging through the restarted agent's first reconcile.
         tokio::time::sleep(Duration::from_secs(1)).await;
         for p in pings {
             let what = p.what.clone();

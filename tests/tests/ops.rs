@@ -126,6 +126,7 @@ async fn wait_until(
         if check()? {
             return Ok(start.elapsed());
         }
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     bail!("not restored within {deadline:?}")
@@ -205,14 +206,15 @@ fn iptables_rules_match_flannel_are_idempotent_and_replace_a_stale_subnet() -> R
 async fn time_to_restore(
     masq: &Masq,
     break_it: impl FnOnce() -> Result<()>,
-    restored: impl FnMut() -> Result<bool>,
+    mut restored: impl FnMut() -> Result<bool>,
 ) -> Result<Duration> {
     let shutdown = CancellationToken::new();
     let runner = tokio::spawn({
         let (masq, shutdown) = (masq.clone(), shutdown.clone());
         async move { masq.run(Duration::from_secs(5), shutdown).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its first check has run once the rules are there; only then is breaking them a repair test.
+    wait_until(Duration::from_secs(5), &mut restored).await?;
     break_it()?;
     let elapsed = wait_until(Duration::from_secs(12), restored).await;
     shutdown.cancel();

@@ -77,6 +77,7 @@ fn world_listener(world: &Netns, port: u16) -> std::thread::JoinHandle<anyhow::R
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     anyhow::ensure!(Instant::now() < deadline, "nobody connected to the world");
+                    // Pacing between two looks; the deadline decides.
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => return Err(e.into()),
@@ -187,6 +188,7 @@ async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
             return v;
         }
         assert!(Instant::now() < deadline, "{what} (waited {timeout:?})");
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -166,6 +166,7 @@ async fn converge_to(host: &Host, want: &Vteps, within: Duration) -> Duration {
                 tail(&log, 60)
             );
         }
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -191,6 +192,7 @@ async fn converge_all(c: &Cluster, hosts: &[&Host], within: Duration) -> Duratio
             // One last look with the same expectation, failing with the difference.
             converge_to(h, &want, Duration::ZERO).await;
         }
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -312,8 +314,10 @@ async fn etcd_outage_loses_no_packet_and_no_lease() {
     c.etcd_mut().kill();
     let down_at = Instant::now();
     // A host joins while etcd is away: its agent waits, then leases and is programmed.
+    // Timeline: 2 s into the outage.
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.host(3).spawn_agent(KERNEL).unwrap();
+    // Timeline: etcd comes back after `outage`.
     tokio::time::sleep(outage.saturating_sub(down_at.elapsed())).await;
     c.etcd_mut().start_again().await.unwrap();
     let up_at = Instant::now();
@@ -408,6 +412,7 @@ async fn etcd_member_failover_keeps_leases_and_watches() {
             match etcd.members[survivor].etcdctl(&["put", &key, &value]).await {
                 Ok(_) => break started.elapsed(),
                 Err(e) if started.elapsed() > Duration::from_secs(15) => panic!("{e:#}"),
+                // Pacing between two tries; the deadline decides.
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         };
