@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::etcd::tail;
+use crate::tail;
 
 /// How long `stop` waits after SIGTERM before it gives up and kills.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);

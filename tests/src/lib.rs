@@ -21,11 +21,14 @@
 //! the agents print their logs.
 
 pub mod agent;
+pub mod bpffs;
 pub mod cluster;
 pub mod container;
 pub mod etcd;
+pub mod flanneld;
 pub mod keep;
 pub mod netns;
+pub mod packet;
 pub mod poll;
 pub mod prometheus;
 
@@ -35,3 +38,9 @@ pub use container::{ping_summary, Container, Transfer};
 pub use etcd::{Etcd, EtcdCluster};
 pub use keep::{Kept, KeptProcess};
 pub use netns::Netns;
+
+/// The last `n` lines of `text` (an agent's or etcd's log), for failure messages.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

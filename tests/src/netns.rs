@@ -158,6 +158,23 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
+/// Run `f` on a fresh thread inside namespace `ns`: a name in `/run/netns`, or a path to a
+/// namespace file. Panics on that thread when the namespace cannot be joined.
+pub fn spawn_in<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = if ns.contains('/') {
+        Path::new(ns).to_owned()
+    } else {
+        Path::new("/run/netns").join(ns)
+    };
+    std::thread::spawn(move || {
+        enter(&path).unwrap_or_else(|e| panic!("{e:#}"));
+        f()
+    })
+}
+
 /// Every namespace name currently in `/run/netns`.
 pub fn list() -> Vec<String> {
     std::fs::read_dir("/run/netns")

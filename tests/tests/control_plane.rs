@@ -7,9 +7,9 @@
 //! port inside its namespace: nothing but loopback is involved.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -20,27 +20,9 @@ use weft_tests::{Etcd, Netns};
 const PREFIX: &str = "/coreos.com/network";
 const VXLAN_CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
 
-/// The `weft` binary, built once per test run so the tests exercise the current code.
+/// The `weft` binary the harness runs (`cargo xtask test` sets WEFT_BIN to the one it built).
 fn weft_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // <target>/debug/deps/control_plane-<hash> -> <target>
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps");
-        let target = profile_dir.parent().expect("target dir");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-q", "-p", "weft", "--bin", "weft"])
-            .env("CARGO_TARGET_DIR", target)
-            .status()
-            .expect("run cargo build -p weft");
-        assert!(status.success(), "cargo build -p weft failed");
-        profile_dir.join("weft")
-    })
-    .clone()
+    weft_tests::weft_bin().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Run a `weft` command to completion: (exit status, stdout, stderr).
@@ -719,8 +701,9 @@ async fn watch_resumes_after_compaction_without_hot_loop() {
     config_set(&etcd, VXLAN_CONFIG).await;
     let relay = Relay::start(etcd.endpoint()).await;
     let peer = |n: u8| {
-        format!(
-            r#"{{"PublicIP":"127.0.0.{n}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:00:{n:02x}"}}}}"#
+        weft_tests::flanneld::lease_value(
+            std::net::Ipv4Addr::new(127, 0, 0, n),
+            &format!("02:00:00:00:00:{n:02x}"),
         )
     };
     etcd.put(&lease_key("10.5.60.0/24"), &peer(60)).await;

@@ -10,7 +10,6 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -35,6 +34,8 @@ use weft::{
     status::{self, Mode},
 };
 use weft_common::counter;
+use weft_tests::bpffs::BpfFs;
+use weft_tests::netns::spawn_in;
 use weft_tests::poll;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -126,47 +127,6 @@ impl Drop for Netns {
     }
 }
 
-/// Runs `f` on a fresh thread inside the namespace at `path`.
-fn in_netns<T: Send + 'static>(
-    path: String,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    std::thread::spawn(move || {
-        enter(&path);
-        f()
-    })
-}
-
-fn enter(path: &str) {
-    let file = std::fs::File::open(path).expect("open netns");
-    // SAFETY: setns on a valid namespace fd affects only this thread.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-}
-
-/// A private bpffs instance, unmounted on drop.
-struct BpfFs(tempfile::TempDir);
-
-impl BpfFs {
-    fn mount() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("weft-bpffs-")
-            .tempdir()
-            .expect("tempdir");
-        run(
-            "mount",
-            &["-t", "bpf", "bpf", &dir.path().to_string_lossy()],
-        );
-        BpfFs(dir)
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
-
 const UNDERLAY: [&str; 3] = ["192.168.77.1", "192.168.77.2", "192.168.77.3"];
 
 /// Two hosts, their containers, a stranger on the underlay, and a switch.
@@ -251,7 +211,6 @@ impl Topology {
 
     fn pin_dir(&self, host: usize) -> PathBuf {
         self.bpffs
-            .0
             .path()
             .join("weft")
             .join(format!("h{}", host + 1))
@@ -315,7 +274,7 @@ impl Agent {
         let (tx, rx) = mpsc::channel::<(Cmd, mpsc::Sender<Result<Reply, String>>)>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<MacAddr, String>>();
         let pin_dir = topo.pin_dir(host);
-        let thread = in_netns(topo.hosts[host].path(), move || {
+        let thread = spawn_in(&topo.hosts[host].path(), move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -512,8 +471,8 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 fn tcp_transfer(topo: &Topology, from: usize, to: usize, len: usize) -> Result<(), String> {
     let dst: Ipv4Addr = container_ip(to).parse().expect("ip");
     let (ready_tx, ready_rx) = mpsc::channel();
-    let server = in_netns(
-        topo.containers[to].path(),
+    let server = spawn_in(
+        &topo.containers[to].path(),
         move || -> std::io::Result<Vec<u8>> {
             let listener = TcpListener::bind(SocketAddrV4::new(dst, 5201))?;
             let _ = ready_tx.send(());
@@ -526,8 +485,8 @@ fn tcp_transfer(topo: &Topology, from: usize, to: usize, len: usize) -> Result<(
     ready_rx
         .recv()
         .map_err(|_| "server did not start".to_string())?;
-    let client = in_netns(
-        topo.containers[from].path(),
+    let client = spawn_in(
+        &topo.containers[from].path(),
         move || -> std::io::Result<()> {
             let mut conn = TcpStream::connect_timeout(
                 &SocketAddrV4::new(dst, 5201).into(),
@@ -556,7 +515,7 @@ fn tcp_transfer(topo: &Topology, from: usize, to: usize, len: usize) -> Result<(
 /// `weft status` for `host`, run inside its namespace as the operator would.
 fn status_of(topo: &Topology, host: usize) -> status::Status {
     let pin = topo.pin_dir(host);
-    in_netns(topo.hosts[host].path(), move || status::collect(&pin))
+    spawn_in(&topo.hosts[host].path(), move || status::collect(&pin))
         .join()
         .expect("status thread")
         .expect("status")
@@ -707,49 +666,12 @@ fn ebpf_hosts_carry_container_traffic_through_the_programs() {
 
 /// A VXLAN frame as a peer's flannel.1 would send it, carrying UDP to `dst:9999`.
 fn vxlan_payload(inner_dst_mac: MacAddr, src: Ipv4Addr, dst: Ipv4Addr, body: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x08, 0, 0, 0, 0, 0, 1, 0]; // I flag, VNI 1
-    f.extend(inner_dst_mac.0);
-    f.extend([0x02, 0, 0, 0, 0, 0x99, 0x08, 0x00]);
-    let total = 20 + 8 + body.len();
-    let mut ip = vec![
-        0x45,
-        0,
-        (total >> 8) as u8,
-        total as u8,
-        0,
-        1,
-        0,
-        0,
-        64,
-        17,
-        0,
-        0,
-    ];
-    ip.extend(src.octets());
-    ip.extend(dst.octets());
-    let sum = checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    f.extend(ip);
-    let ulen = 8 + body.len();
-    f.extend([0x30, 0x39, 0x27, 0x0f, (ulen >> 8) as u8, ulen as u8, 0, 0]); // 12345 -> 9999, no checksum
-    f.extend(body);
-    f
-}
-
-fn checksum(b: &[u8]) -> u16 {
-    let mut sum: u32 = b
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    weft_tests::packet::vxlan_payload(1, inner_dst_mac.0, src, dst, 9999, body)
 }
 
 /// Sends `frame` as UDP to host 2's VXLAN port from inside `ns`.
 fn send_vxlan_from(ns: &Netns, frame: Vec<u8>) {
-    in_netns(ns.path(), move || {
+    spawn_in(&ns.path(), move || {
         let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
         for _ in 0..5 {
             sock.send_to(&frame, (UNDERLAY[1], 8472)).expect("send");
@@ -764,7 +686,7 @@ fn send_vxlan_from(ns: &Netns, frame: Vec<u8>) {
 /// What container 2 receives on UDP 9999 within `wait`.
 fn receive_in_container2(topo: &Topology, wait: Duration, send: impl FnOnce()) -> Vec<Vec<u8>> {
     let (ready_tx, ready_rx) = mpsc::channel();
-    let listener = in_netns(topo.containers[1].path(), move || {
+    let listener = spawn_in(&topo.containers[1].path(), move || {
         let sock = UdpSocket::bind("10.1.2.2:9999").expect("bind");
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
@@ -1043,9 +965,9 @@ fn setup_failure_names_the_step_and_leaves_nothing_attached() {
     let topo = Topology::new();
     // Another program already holds native XDP on ens32: the XDP decap attach must fail.
     let pin = topo.pin_dir(0);
-    let blocker = topo.bpffs.0.path().join("weft").join("blocker");
+    let blocker = topo.bpffs.path().join("weft").join("blocker");
     let path = topo.hosts[0].path();
-    let err = in_netns(path, move || {
+    let err = spawn_in(&path, move || {
         let mut other = weft::datapath::Datapath::load(&blocker).expect("load blocker");
         other
             .attach_decap("ens32", weft::datapath::DecapHook::Xdp)

@@ -11,15 +11,13 @@
 //! only when the kernel vxlan device encapsulates or decapsulates.
 
 use std::net::{Ipv4Addr, UdpSocket};
-use std::os::fd::AsRawFd as _;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use serde_json::Value;
 use tokio::task::JoinSet;
-use weft_tests::{cluster, weft_bin, Agent, Cluster, Container, Host, Netns};
+use weft_tests::{cluster, flanneld, tail, weft_bin, Agent, Cluster, Container, Host, Netns};
 
 const CONFIG: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const VXLAN_PORT: u16 = 8472;
@@ -169,11 +167,6 @@ async fn wait_ebpf_ready(host: &Host, peers: usize) -> Value {
         |st| ebpf_ready(st, peers),
     )
     .await
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 // ---- clusters --------------------------------------------------------------------------------------
@@ -368,127 +361,6 @@ async fn leases(c: &Cluster) -> Vec<(ipnet::Ipv4Net, Ipv4Addr, String)> {
         .collect()
 }
 
-/// `flannel.1`'s MAC on `host`.
-async fn flannel_mac(host: &Host) -> String {
-    let out = host
-        .netns()
-        .ip(&["-j", "link", "show", "flannel.1"])
-        .await
-        .unwrap();
-    let v: Value = serde_json::from_str(&out).unwrap();
-    v[0]["address"].as_str().expect("flannel.1 MAC").to_owned()
-}
-
-/// Configure `host` as flanneld would with `subnet`: flannel.1, its lease in etcd (an 86400 s etcd
-/// lease, flanneld's exact bytes), and the subnet file (from which the harness addresses docker0).
-async fn flanneld_by_hand(c: &Cluster, host: &Host, subnet: ipnet::Ipv4Net) {
-    let ip = host.ens32_ip().to_string();
-    let ns = host.netns();
-    ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &ip,
-        "dev",
-        "ens32",
-        "dstport",
-        "8472",
-        "nolearning",
-    ])
-    .await
-    .unwrap();
-    ns.ip(&["link", "set", "flannel.1", "mtu", "1450"])
-        .await
-        .unwrap();
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{}/32", subnet.network()),
-        "dev",
-        "flannel.1",
-    ])
-    .await
-    .unwrap();
-    ns.ip(&["link", "set", "flannel.1", "up"]).await.unwrap();
-    let mac = flannel_mac(host).await;
-    let value = format!(
-        r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
-    );
-    let key = format!(
-        "{}/subnets/{}-{}",
-        c.prefix(),
-        subnet.network(),
-        subnet.prefix_len()
-    );
-    let granted = host.etcdctl(&["lease", "grant", "86400"]).await.unwrap();
-    // "lease 694d7b5f2ae3a10c granted with TTL(86400s)"
-    let id = granted
-        .split_whitespace()
-        .nth(1)
-        .expect("lease id")
-        .to_owned();
-    host.etcdctl(&["put", &format!("--lease={id}"), &key, &value])
-        .await
-        .unwrap();
-    assert_eq!(c.etcd().get(&key).await.as_deref(), Some(value.as_str()));
-    let env = format!(
-        "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
-        Ipv4Addr::from(u32::from(subnet.network()) + 1),
-        subnet.prefix_len()
-    );
-    std::fs::write(host.subnet_file(), env).unwrap();
-}
-
-/// What flanneld does on `host` for a remote lease: neighbour, fdb entry, route.
-async fn flanneld_add_peer(host: &Host, subnet: ipnet::Ipv4Net, public_ip: Ipv4Addr, mac: &str) {
-    let gw = subnet.network().to_string();
-    let ns = host.netns();
-    ns.ip(&[
-        "neigh",
-        "replace",
-        &gw,
-        "dev",
-        "flannel.1",
-        "lladdr",
-        mac,
-        "nud",
-        "permanent",
-    ])
-    .await
-    .unwrap();
-    host.exec_ok(&[
-        "bridge",
-        "fdb",
-        "replace",
-        mac,
-        "dev",
-        "flannel.1",
-        "dst",
-        &public_ip.to_string(),
-        "self",
-        "permanent",
-    ])
-    .await
-    .unwrap();
-    ns.ip(&[
-        "route",
-        "replace",
-        &subnet.to_string(),
-        "via",
-        &gw,
-        "dev",
-        "flannel.1",
-        "onlink",
-    ])
-    .await
-    .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn mixed_ebpf_kernel_and_flanneld_hosts_all_reach_all() {
@@ -496,7 +368,9 @@ async fn mixed_ebpf_kernel_and_flanneld_hosts_all_reach_all() {
     c.write_config(CONFIG).await;
     let (ebpf, kernel, flanneld) = (c.host(0), c.host(1), c.host(2));
     let flanneld_subnet: ipnet::Ipv4Net = "10.1.200.0/24".parse().unwrap();
-    flanneld_by_hand(&c, flanneld, flanneld_subnet).await;
+    flanneld::host_by_hand(&c, flanneld, "10.1.0.0/16", flanneld_subnet)
+        .await
+        .unwrap();
     ebpf.spawn_agent(&["--datapath", "ebpf"]).unwrap();
     kernel.spawn_agent(&["--datapath", "kernel"]).unwrap();
     c.add_containers(1).await.unwrap();
@@ -505,7 +379,12 @@ async fn mixed_ebpf_kernel_and_flanneld_hosts_all_reach_all() {
     assert_eq!(all.len(), 3, "{all:?}");
     for (subnet, ip, mac) in &all {
         if *ip != flanneld.ens32_ip() {
-            flanneld_add_peer(flanneld, *subnet, *ip, mac).await;
+            flanneld::run(
+                flanneld.netns().name(),
+                &flanneld::vxlan_peer(*subnet, *ip, mac),
+            )
+            .await
+            .unwrap();
         }
     }
     // The kernel host's agent programs flannel.1 from the watch; wait for both routes.
@@ -565,75 +444,12 @@ async fn mixed_ebpf_kernel_and_flanneld_hosts_all_reach_all() {
 
 // ---- 3. spoofed VXLAN ------------------------------------------------------------------------------
 
-/// Run `f` on a thread that joined namespace `ns` (`/run/netns/<ns>`).
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> std::thread::JoinHandle<anyhow::Result<T>> {
-    let path = PathBuf::from("/run/netns").join(ns);
-    std::thread::spawn(move || {
-        let file =
-            std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
-        // SAFETY: setns on a valid namespace fd changes only this thread's network namespace.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "setns {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        f()
-    })
-}
-
 fn parse_mac(mac: &str) -> [u8; 6] {
     let bytes: Vec<u8> = mac
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).expect("hex MAC"))
         .collect();
     bytes.try_into().expect("6-byte MAC")
-}
-
-/// A VXLAN payload (what goes after the outer UDP header) as a peer's flannel.1 builds it, carrying
-/// UDP `src:12345 -> dst:port` with `body`.
-fn vxlan_payload(
-    vni: u32,
-    inner_dst_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    port: u16,
-    body: &[u8],
-) -> Vec<u8> {
-    let mut f = vec![0x08, 0, 0, 0];
-    f.extend(&(vni << 8).to_be_bytes());
-    f.extend(inner_dst_mac);
-    f.extend([0x02, 0x42, 0xde, 0xad, 0xbe, 0xef, 0x08, 0x00]);
-    let total = (20 + 8 + body.len()) as u16;
-    let mut ip = vec![0x45, 0];
-    ip.extend(total.to_be_bytes());
-    ip.extend([0, 1, 0, 0, 64, 17, 0, 0]);
-    ip.extend(src.octets());
-    ip.extend(dst.octets());
-    let sum = ip_checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    f.extend(ip);
-    f.extend(12345u16.to_be_bytes());
-    f.extend(port.to_be_bytes());
-    f.extend(((8 + body.len()) as u16).to_be_bytes());
-    f.extend([0, 0]); // no UDP checksum, valid for IPv4
-    f.extend(body);
-    f
-}
-
-fn ip_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 const PROBE_PORT: u16 = 9999;
@@ -650,7 +466,7 @@ async fn probe(
 ) -> usize {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let ip = to.ip();
-    let listener = in_netns(to.netns(), move || {
+    let listener = weft_tests::netns::spawn_in(to.netns(), move || {
         let sock = UdpSocket::bind((ip, PROBE_PORT)).context("bind the probe listener")?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         ready_tx.send(()).ok();
@@ -662,20 +478,20 @@ async fn probe(
                 got += usize::from(&buf[..n] == body);
             }
         }
-        Ok(got)
+        anyhow::Ok(got)
     });
     tokio::task::spawn_blocking(move || ready_rx.recv_timeout(Duration::from_secs(5)))
         .await
         .unwrap()
         .expect("probe listener ready");
-    let sender = in_netns(from_ns, move || {
+    let sender = weft_tests::netns::spawn_in(from_ns, move || {
         let sock = UdpSocket::bind("0.0.0.0:0")?;
         for _ in 0..PROBES {
             sock.send_to(&payload, (vtep, VXLAN_PORT))?;
             // Pacing between two probes, not a wait for anything.
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(())
+        anyhow::Ok(())
     });
     tokio::task::spawn_blocking(move || {
         sender.join().expect("sender thread").expect("send VXLAN");
@@ -742,7 +558,14 @@ async fn spoofed_vxlan_from_a_host_without_lease_and_wrong_vni_never_reach_a_con
                 .find(|l| l.1 == to_host.ens32_ip())
                 .expect("lease")
                 .2;
-            let frame = vxlan_payload(vni, parse_mac(mac), src.ip(), to.ip(), PROBE_PORT, body);
+            let frame = weft_tests::packet::vxlan_payload(
+                vni,
+                parse_mac(mac),
+                src.ip(),
+                to.ip(),
+                PROBE_PORT,
+                body,
+            );
             probe(to, from_ns, to_host.ens32_ip(), frame, body).await
         };
 

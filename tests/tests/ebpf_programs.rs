@@ -20,6 +20,8 @@ use weft::{
     lease::MacAddr,
 };
 use weft_common::counter;
+use weft_tests::bpffs::BpfFs;
+use weft_tests::packet::{eth, ipv4_checksum, ipv4_header, udp, vxlan_header, ETH_P_IP, UDP};
 
 const OUR_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 15, 21);
 const PEER_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 15, 22);
@@ -70,25 +72,6 @@ struct Env {
     br0: u32,
     /// A private bpffs instance, unmounted on drop.
     bpffs: BpfFs,
-}
-
-struct BpfFs(tempfile::TempDir);
-
-impl BpfFs {
-    fn mount() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("weft-bpffs-")
-            .tempdir()
-            .expect("tempdir");
-        run(&["mount", "-t", "bpf", "bpf", &dir.path().to_string_lossy()]);
-        BpfFs(dir)
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
 }
 
 impl Drop for Env {
@@ -169,7 +152,7 @@ fn env(name: &str) -> Env {
 
     static SEQ: AtomicU32 = AtomicU32::new(0);
     let bpffs = BpfFs::mount();
-    let pin_dir = bpffs.0.path().join("weft").join(format!(
+    let pin_dir = bpffs.path().join("weft").join(format!(
         "test-{}-{}-{name}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
@@ -207,44 +190,6 @@ fn env(name: &str) -> Env {
 
 // ---- packet building -------------------------------------------------------
 
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn ipv4_header(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: u8,
-    ttl: u8,
-    payload_len: usize,
-    frag: u16,
-) -> Vec<u8> {
-    let mut h = vec![0x45, 0];
-    h.extend_from_slice(&((20 + payload_len) as u16).to_be_bytes());
-    h.extend_from_slice(&0x1234u16.to_be_bytes());
-    h.extend_from_slice(&frag.to_be_bytes());
-    h.extend_from_slice(&[ttl, proto, 0, 0]);
-    h.extend_from_slice(&src.octets());
-    h.extend_from_slice(&dst.octets());
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h
-}
-
-fn eth(dst: [u8; 6], src: [u8; 6], proto: u16) -> Vec<u8> {
-    let mut e = dst.to_vec();
-    e.extend_from_slice(&src);
-    e.extend_from_slice(&proto.to_be_bytes());
-    e
-}
-
 /// A container's ICMP echo as it enters the bridge: DF set, TTL 64.
 fn container_frame(dst: Ipv4Addr) -> Vec<u8> {
     let payload: Vec<u8> = [8u8, 0, 0, 0, 0, 1, 0, 1]
@@ -273,15 +218,12 @@ fn vxlan_frame(
     vni: u32,
     inner: &[u8],
 ) -> Vec<u8> {
-    let mut f = eth(UNDERLAY_MAC, PEER_NIC_MAC, 0x0800);
-    f.extend(ipv4_header(src, dst, 17, 64, 16 + inner.len(), 0));
-    f.extend_from_slice(&40000u16.to_be_bytes());
-    f.extend_from_slice(&port.to_be_bytes());
-    f.extend_from_slice(&((16 + inner.len()) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0, flags, 0, 0, 0]);
-    f.extend_from_slice(&vni.to_be_bytes()[1..]);
-    f.push(0);
-    f.extend_from_slice(inner);
+    let mut payload = vxlan_header(flags, vni).to_vec();
+    payload.extend_from_slice(inner);
+    let datagram = udp(40000, port, &payload);
+    let mut f = eth(UNDERLAY_MAC, PEER_NIC_MAC, ETH_P_IP);
+    f.extend(ipv4_header(src, dst, UDP, 64, datagram.len(), 0));
+    f.extend(datagram);
     f
 }
 
@@ -372,7 +314,7 @@ fn encap_emits_rfc7348_vxlan_as_flannel_expects() {
     );
     assert_eq!(ip[8], 63, "ttl inherit: the decremented inner TTL");
     assert_eq!(ip[9], 17, "UDP");
-    assert_eq!(checksum(ip), 0, "valid header checksum");
+    assert_eq!(ipv4_checksum(ip), 0, "valid header checksum");
     assert_eq!(&ip[12..16], &OUR_IP.octets());
     assert_eq!(&ip[16..20], &PEER_IP.octets());
     // UDP.
@@ -393,7 +335,7 @@ fn encap_emits_rfc7348_vxlan_as_flannel_expects() {
     // Inner IP: the original, TTL decremented, checksum still valid.
     let inner = &p[64..];
     assert_eq!(inner[8], 63);
-    assert_eq!(checksum(&inner[..20]), 0);
+    assert_eq!(ipv4_checksum(&inner[..20]), 0);
     let mut expected = input[14..].to_vec();
     expected[8] = 63;
     expected[10..12].copy_from_slice(&inner[10..12]);
@@ -631,7 +573,7 @@ fn encap_matches_kernel_vxlan_device() {
     let mut inner_ip = kernel[64..].to_vec();
     inner_ip[8] += 1;
     inner_ip[10..12].copy_from_slice(&[0, 0]);
-    let c = checksum(&inner_ip[..20]);
+    let c = ipv4_checksum(&inner_ip[..20]);
     inner_ip[10..12].copy_from_slice(&c.to_be_bytes());
     let mut input = eth(BRIDGE_MAC, CONTAINER_MAC, 0x0800);
     input.extend(inner_ip);
@@ -654,7 +596,7 @@ fn encap_matches_kernel_vxlan_device() {
             "byte {i} differs\nkernel {kernel:02x?}\nours   {ours:02x?}"
         );
     }
-    assert_eq!(checksum(&ours[14..34]), 0);
+    assert_eq!(ipv4_checksum(&ours[14..34]), 0);
 }
 
 /// Runs `send` and returns the first VXLAN frame leaving `ifindex`.
@@ -736,7 +678,7 @@ fn tc_decap_restores_and_forwards_the_inner_packet() {
     assert_eq!(&out.packet[12..14], &[0x08, 0x00]);
     let mut inner_ip = frame[64..].to_vec();
     inner_ip[8] -= 1;
-    assert_eq!(checksum(&out.packet[14..34]), 0);
+    assert_eq!(ipv4_checksum(&out.packet[14..34]), 0);
     inner_ip[10..12].copy_from_slice(&out.packet[24..26]);
     assert_eq!(&out.packet[14..], &inner_ip[..]);
 
@@ -745,7 +687,7 @@ fn tc_decap_restores_and_forwards_the_inner_packet() {
     inner[30..34].copy_from_slice(&[10, 1, 77, 7]);
     let c = {
         inner[24..26].copy_from_slice(&[0, 0]);
-        checksum(&inner[14..34])
+        ipv4_checksum(&inner[14..34])
     };
     inner[24..26].copy_from_slice(&c.to_be_bytes());
     let frame = vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &inner);
@@ -788,7 +730,7 @@ fn tc_decap_hands_packets_for_known_local_containers_to_their_namespace() {
     inner_ip[8] -= 1;
     inner_ip[10..12].copy_from_slice(&out.packet[24..26]);
     assert_eq!(&out.packet[14..], &inner_ip[..], "inner IP with TTL - 1");
-    assert_eq!(checksum(&out.packet[14..34]), 0);
+    assert_eq!(ipv4_checksum(&out.packet[14..34]), 0);
     let c = e.dp.counters().unwrap();
     assert_eq!(
         (
@@ -832,7 +774,7 @@ fn hostile_cases() -> Vec<(&'static str, Vec<u8>, Verdict, u32)> {
     fragment[20] = 0x20; // MF
     let c = {
         fragment[24..26].copy_from_slice(&[0, 0]);
-        checksum(&fragment[14..34])
+        ipv4_checksum(&fragment[14..34])
     };
     fragment[24..26].copy_from_slice(&c.to_be_bytes());
     let mut inner_v6 = inner.clone();

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use weft_tests::{weft_bin, Agent, Netns};
+use weft_tests::{tail, weft_bin, Agent, Netns};
 
 const CONFIG: &str = r#"{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const ENDPOINT_TLS: &str = "https://127.0.0.1:2379";
@@ -341,11 +341,6 @@ impl Drop for Site {
             eprintln!("----- etcd log -----\n{}", tail(&self.etcd_log(), 30));
         }
     }
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn strs(v: &[String]) -> Vec<&str> {

@@ -18,6 +18,7 @@ use weft::backend::vxlan::{VxlanBackend, VxlanSettings};
 use weft::backend::Backend;
 use weft::lease::{BackendAttrs, Lease, LeaseAttrs, LeaseEvent, MacAddr};
 use weft::netlink::{fmt_mac, Netlink};
+use weft_tests::flanneld;
 
 const HOST_IP: &str = "192.168.50.1";
 /// A peer on ens32's network.
@@ -265,35 +266,19 @@ fn apply_restarted(host: &Netns, direct_routing: bool, event: &LeaseEvent) {
 /// A host programmed by hand exactly as FLANNEL-COMPAT.md says flanneld does it.
 fn flanneld_reference(own_mac: &str, peers: &[Lease], direct_routing: bool) -> Netns {
     let ns = Netns::host();
-    ns.ip(&format!(
-        "link add flannel.1 address {own_mac} mtu 1450 type vxlan id 1 local {HOST_IP} dev ens32 \
-         dstport 8472 nolearning"
-    ));
-    ns.ip("addr add 10.1.10.0/32 dev flannel.1");
-    ns.ip("link set flannel.1 up");
+    let mut cmds = flanneld::vxlan_device(ip(HOST_IP), net(OWN), Some(own_mac), 1450, &[]);
     for p in peers {
         let BackendAttrs::Vxlan { vtep_mac, .. } = p.attrs.backend else {
             continue;
         };
-        let (sn, gw, pip, m) = (
-            p.subnet,
-            p.subnet.network(),
-            p.attrs.public_ip,
-            fmt_mac(&vtep_mac),
-        );
-        let direct = direct_routing && pip.to_string().starts_with("192.168.50.");
-        if direct {
-            ns.ip(&format!("route replace {sn} via {pip}"));
-            continue;
+        let pip = p.attrs.public_ip;
+        if direct_routing && pip.to_string().starts_with("192.168.50.") {
+            cmds.extend(flanneld::host_gw_peer(p.subnet, pip, None));
+        } else {
+            cmds.extend(flanneld::vxlan_peer(p.subnet, pip, &fmt_mac(&vtep_mac)));
         }
-        ns.ip(&format!(
-            "neigh replace {gw} dev flannel.1 lladdr {m} nud permanent"
-        ));
-        ns.bridge(&format!(
-            "fdb replace {m} dev flannel.1 dst {pip} self permanent"
-        ));
-        ns.ip(&format!("route replace {sn} via {gw} dev flannel.1 onlink"));
     }
+    flanneld::run_blocking(&ns.name, &cmds).unwrap_or_else(|e| panic!("{e:#}"));
     ns
 }
 

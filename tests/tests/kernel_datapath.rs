@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use serde_json::Value;
-use weft_tests::{cluster, Cluster, Container, Host, Netns};
+use weft_tests::{cluster, flanneld, Cluster, Container, Host, Netns};
 
 const VXLAN: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#;
@@ -294,61 +294,30 @@ async fn program_as_flanneld(ns: &Netns, local: Ipv4Addr, own: &EtcdLease, lease
     let peers = leases
         .iter()
         .filter(|l| l.subnet != own.subnet && l.backend == own.backend);
+    let mut cmds = Vec::new();
     if own.backend == "host-gw" {
         for p in peers {
-            sh(
-                ns,
-                &format!(
-                    "ip route replace {} via {} dev ens32",
-                    p.subnet, p.public_ip
-                ),
-            )
-            .await;
+            cmds.extend(flanneld::host_gw_peer(p.subnet, p.public_ip, Some("ens32")));
         }
-        return;
+    } else {
+        if ns.ip(&["link", "show", "flannel.1"]).await.is_err() {
+            let mac = own.mac.as_deref().expect("a vxlan lease has a VtepMAC");
+            cmds.extend(flanneld::vxlan_device(
+                local,
+                own.subnet,
+                Some(mac),
+                FLANNEL_MTU,
+                &[],
+            ));
+        }
+        for p in peers {
+            let mac = p.mac.as_deref().expect("VtepMAC");
+            cmds.extend(flanneld::vxlan_peer(p.subnet, p.public_ip, mac));
+        }
     }
-    if ns.ip(&["link", "show", "flannel.1"]).await.is_err() {
-        let mac = own.mac.as_deref().expect("a vxlan lease has a VtepMAC");
-        sh(
-            ns,
-            &format!(
-                "ip link add flannel.1 address {mac} type vxlan id 1 local {local} dev ens32 \
-             dstport 8472 nolearning"
-            ),
-        )
-        .await;
-        sh(ns, &format!("ip link set flannel.1 mtu {FLANNEL_MTU}")).await;
-        sh(
-            ns,
-            &format!("ip addr add {}/32 dev flannel.1", own.subnet.network()),
-        )
-        .await;
-        sh(ns, "ip link set flannel.1 up").await;
-    }
-    for p in peers {
-        let (gw, mac) = (p.subnet.network(), p.mac.as_deref().expect("VtepMAC"));
-        sh(
-            ns,
-            &format!("ip neigh replace {gw} dev flannel.1 lladdr {mac} nud permanent"),
-        )
-        .await;
-        sh(
-            ns,
-            &format!(
-                "bridge fdb replace {mac} dev flannel.1 dst {} self permanent",
-                p.public_ip
-            ),
-        )
-        .await;
-        sh(
-            ns,
-            &format!(
-                "ip route replace {} via {gw} dev flannel.1 onlink",
-                p.subnet
-            ),
-        )
-        .await;
-    }
+    flanneld::run(ns.name(), &cmds)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// On each of `hosts`, the kernel state equals what flanneld programs for the leases now in
@@ -419,45 +388,9 @@ async fn a_host_set_up_by_hand_like_flanneld_interoperates() {
     let hand = c.host(2);
     let subnet: Ipv4Net = "10.1.99.0/24".parse().unwrap();
     let ns = hand.netns();
-    sh(
-        ns,
-        &format!(
-            "ip link add flannel.1 type vxlan id 1 local {} dev ens32 dstport 8472 nolearning",
-            hand.ens32_ip()
-        ),
-    )
-    .await;
-    sh(ns, &format!("ip link set flannel.1 mtu {FLANNEL_MTU}")).await;
-    sh(
-        ns,
-        &format!("ip addr add {}/32 dev flannel.1", subnet.network()),
-    )
-    .await;
-    sh(ns, "ip link set flannel.1 up").await;
-    let mac = mac_of(ns, "flannel.1").await;
-    // flanneld's lease: an etcd lease of 24 h, then the value in its exact format.
-    let grant = c
-        .etcd()
-        .etcdctl(&["lease", "grant", "86400"])
+    flanneld::host_by_hand(&c, hand, "10.1.0.0/16", subnet)
         .await
         .unwrap();
-    let id = grant.split_whitespace().nth(1).expect("lease <id> granted");
-    let value = format!(
-        r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#,
-        hand.ens32_ip()
-    );
-    c.etcd()
-        .etcdctl(&["put", &format!("--lease={id}"), &lease_key(subnet), &value])
-        .await
-        .unwrap();
-    // flanneld's subnet file, from which the harness addresses docker0 as Docker would.
-    std::fs::write(
-        hand.subnet_file(),
-        format!(
-            "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.99.1/24\nFLANNEL_MTU={FLANNEL_MTU}\nFLANNEL_IPMASQ=false\n"
-        ),
-    )
-    .unwrap();
 
     for h in &c.hosts()[..2] {
         h.spawn_agent(&["--datapath", "kernel"]).unwrap();
@@ -474,14 +407,6 @@ async fn a_host_set_up_by_hand_like_flanneld_interoperates() {
     // Both ways: weft <-> hand-made host, and weft <-> weft.
     assert_all_reach_each_other(&c, &c.containers()).await;
     assert_programmed_as_flanneld(&c, &[0, 1]).await;
-}
-
-async fn mac_of(ns: &Netns, dev: &str) -> String {
-    let link = parse_json(&ns.ip(&["-j", "link", "show", dev]).await.unwrap());
-    link[0]["address"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{dev} has no MAC: {link}"))
-        .to_owned()
 }
 
 // ---- 4: deleted, stale and changed leases ----

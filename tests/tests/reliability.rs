@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use weft::lease::Lease;
-use weft_tests::{cluster, weft_bin, Agent, Cluster, Container, EtcdCluster, Host};
+use weft_tests::{cluster, flanneld, tail, weft_bin, Agent, Cluster, Container, EtcdCluster, Host};
 
 const NET: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const PREFIX: &str = "/coreos.com/network";
@@ -25,25 +25,14 @@ fn long() -> bool {
 }
 
 fn subnets_key(subnet: Ipv4Net) -> String {
-    format!(
-        "{PREFIX}/subnets/{}-{}",
-        subnet.network(),
-        subnet.prefix_len()
-    )
-}
-
-/// A lease value exactly as flanneld writes it for a vxlan node.
-fn flannel_value(public_ip: Ipv4Addr, mac: &str) -> String {
-    format!(
-        r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
-    )
+    flanneld::lease_key(PREFIX, subnet)
 }
 
 /// A peer that exists only as data: subnet 10.1.`n`.0/24 on PublicIP 172.16.15.`n`, as
 /// (subnet, key, value).
 fn fake_peer(n: u8) -> (Ipv4Net, String, String) {
     let subnet = Ipv4Net::new(Ipv4Addr::new(10, 1, n, 0), 24).expect("a /24");
-    let value = flannel_value(Ipv4Addr::new(172, 16, 15, n), &fake_mac(n.into()));
+    let value = flanneld::lease_value(Ipv4Addr::new(172, 16, 15, n), &fake_mac(n.into()));
     (subnet, subnets_key(subnet), value)
 }
 
@@ -200,11 +189,6 @@ async fn converge_all(c: &Cluster, hosts: &[&Host], within: Duration) -> Duratio
 /// The fault tests run one at a time: each builds a cluster with real etcd and agents, and on a
 /// 2-core machine several at once starve etcd's fsync long enough to expire 5 s leases.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 /// `ping` at 10/s for `count` packets from `from` to `to`: (sent, received).
 async fn ping_stream(from: Container, to: Ipv4Addr, count: u32) -> (u32, u32) {
@@ -910,7 +894,7 @@ async fn garbage_leases_are_skipped_while_peers_keep_working() {
     let valid1 = Vteps::expected(&leases(&c).await, own_subnet(c.host(1)));
     let own1 = own_subnet(c.host(1));
     let mac = fake_mac(99);
-    let good = |ip: [u8; 4]| flannel_value(ip.into(), &mac);
+    let good = |ip: [u8; 4]| flanneld::lease_value(ip.into(), &mac);
     let garbage: Vec<(String, String, &str)> = vec![
         (format!("{PREFIX}/subnets/10.1.77.0-24"), "not json {".into(), "not a JSON object"),
         (format!("{PREFIX}/subnets/10.1.78.0-24"), "[1,2,3]".into(), "not a JSON object"),
@@ -1049,7 +1033,7 @@ async fn a_thousand_peers_are_programmed_and_removed() {
             let ip = Ipv4Addr::new(198, 18, (i / 250) as u8, (i % 250 + 1) as u8);
             (
                 format!("{PREFIX}/subnets/{subnet}"),
-                flannel_value(ip, &fake_mac(i)),
+                flanneld::lease_value(ip, &fake_mac(i)),
             )
         })
         .collect();
