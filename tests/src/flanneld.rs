@@ -183,10 +183,11 @@ mod tests {
 
     #[test]
     fn lease_value_is_flanneld_s_bytes() {
-        let v = lease_value(Ipv4Addr::new(172, 16, 15, 21), "f6:14:ca:9c:9a:75");
+        // Observed on flanneld v0.20.2 (FLANNEL-COMPAT.md): 122 bytes, no trailing newline.
+        let v = lease_value(Ipv4Addr::new(172, 31, 250, 21), "a6:f8:8a:19:15:7a");
         assert_eq!(
             v,
-            r#"{"PublicIP":"172.16.15.21","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"f6:14:ca:9c:9a:75"}}"#
+            r#"{"PublicIP":"172.31.250.21","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"a6:f8:8a:19:15:7a"}}"#
         );
         assert_eq!(v.len(), 122);
         assert_eq!(
