@@ -43,6 +43,21 @@ impl Netns {
         run("ip", &full).await
     }
 
+    /// An up interface `name` with address `cidr` (e.g. `192.168.50.1/24`): a veth whose peer
+    /// `<name>-peer` stays in the namespace, up, since this kernel may lack the dummy driver.
+    pub async fn add_interface(&self, name: &str, cidr: &str) -> anyhow::Result<()> {
+        let peer = format!("{name}-peer");
+        for args in [
+            &["link", "add", name, "type", "veth", "peer", "name", &peer][..],
+            &["addr", "add", cidr, "dev", name],
+            &["link", "set", &peer, "up"],
+            &["link", "set", name, "up"],
+        ] {
+            self.ip(args).await?;
+        }
+        Ok(())
+    }
+
     /// A command that runs `program args` inside the namespace.
     pub fn command(&self, program: &str, args: &[&str]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new("ip");

@@ -55,6 +55,32 @@ fn run(args: &[&str]) {
     );
 }
 
+/// In this thread's namespace: veth `dev` (MAC, address) whose `peer` end is up, and a
+/// permanent neighbour (IP, MAC) on it, so frames can be addressed without ARP.
+fn veth_with_neighbour(dev: (&str, [u8; 6], &str), peer: &str, neighbour: (&str, [u8; 6])) {
+    let ((name, mac, cidr), (ip, lladdr)) = (dev, neighbour);
+    let (mac, lladdr) = (fmt_mac(mac), fmt_mac(lladdr));
+    run(&[
+        "ip", "link", "add", name, "address", &mac, "mtu", "1500", "type", "veth", "peer", "name",
+        peer,
+    ]);
+    run(&["ip", "link", "set", peer, "up"]);
+    run(&["ip", "addr", "add", cidr, "dev", name]);
+    run(&["ip", "link", "set", name, "up"]);
+    run(&[
+        "ip",
+        "neigh",
+        "replace",
+        ip,
+        "lladdr",
+        &lladdr,
+        "dev",
+        name,
+        "nud",
+        "permanent",
+    ]);
+}
+
 fn ifindex(name: &str) -> u32 {
     let c = std::ffi::CString::new(name).expect("name");
     // SAFETY: valid C string.
@@ -88,66 +114,17 @@ fn env(name: &str) -> Env {
         0,
         "unshare(CLONE_NEWNET)"
     );
-    let mac = |m: [u8; 6]| fmt_mac(m);
     run(&["ip", "link", "set", "lo", "up"]);
-    run(&[
-        "ip",
-        "link",
-        "add",
-        "ul0",
-        "address",
-        &mac(UNDERLAY_MAC),
-        "mtu",
-        "1500",
-        "type",
-        "veth",
-        "peer",
-        "name",
+    veth_with_neighbour(
+        ("ul0", UNDERLAY_MAC, "172.16.15.21/24"),
         "ul0-wire",
-    ]);
-    run(&["ip", "link", "set", "ul0-wire", "up"]);
-    run(&["ip", "addr", "add", "172.16.15.21/24", "dev", "ul0"]);
-    run(&["ip", "link", "set", "ul0", "up"]);
-    run(&[
-        "ip",
-        "neigh",
-        "replace",
-        "172.16.15.22",
-        "lladdr",
-        &mac(PEER_NIC_MAC),
-        "dev",
-        "ul0",
-        "nud",
-        "permanent",
-    ]);
-    run(&[
-        "ip",
-        "link",
-        "add",
-        "br0",
-        "address",
-        &mac(BRIDGE_MAC),
-        "type",
-        "veth",
-        "peer",
-        "name",
+        ("172.16.15.22", PEER_NIC_MAC),
+    );
+    veth_with_neighbour(
+        ("br0", BRIDGE_MAC, "10.1.10.1/24"),
         "br0-peer",
-    ]);
-    run(&["ip", "link", "set", "br0-peer", "up"]);
-    run(&["ip", "addr", "add", "10.1.10.1/24", "dev", "br0"]);
-    run(&["ip", "link", "set", "br0", "up"]);
-    run(&[
-        "ip",
-        "neigh",
-        "replace",
-        "10.1.10.5",
-        "lladdr",
-        &mac(CONTAINER_MAC),
-        "dev",
-        "br0",
-        "nud",
-        "permanent",
-    ]);
+        ("10.1.10.5", CONTAINER_MAC),
+    );
     run(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
 
     static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -767,7 +744,10 @@ fn tc_decap_hands_packets_for_known_local_containers_to_their_namespace() {
 }
 
 /// Frames that must never be decapsulated, with the expected verdict.
+#[rustfmt::skip] // a table: one case a line reads better than rustfmt's one field a line
 fn hostile_cases() -> Vec<(&'static str, Vec<u8>, Verdict, u32)> {
+    use counter::*;
+    use Verdict::{Drop, Pass};
     let inner = inner_for_local();
     let good = good_vxlan();
     let mut fragment = good.clone();
@@ -779,95 +759,25 @@ fn hostile_cases() -> Vec<(&'static str, Vec<u8>, Verdict, u32)> {
     fragment[24..26].copy_from_slice(&c.to_be_bytes());
     let mut inner_v6 = inner.clone();
     inner_v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    let mut not_our_mac = inner.clone();
+    not_our_mac[0..6].copy_from_slice(&PEER_VTEP_MAC);
+    let mut arp = eth([0xff; 6], PEER_NIC_MAC, 0x0806);
+    arp.extend([0u8; 28]);
+    let another_host = Ipv4Addr::new(172, 16, 15, 23);
     vec![
-        (
-            "arp",
-            {
-                let mut f = eth([0xff; 6], PEER_NIC_MAC, 0x0806);
-                f.extend([0u8; 28]);
-                f
-            },
-            Verdict::Pass,
-            counter::PASS_NOT_IPV4,
-        ),
-        (
-            "udp to another port",
-            vxlan_frame(PEER_IP, OUR_IP, 4789, 0x08, VNI, &inner),
-            Verdict::Pass,
-            counter::PASS_NOT_VXLAN,
-        ),
-        (
-            "vxlan to another host",
-            vxlan_frame(
-                PEER_IP,
-                Ipv4Addr::new(172, 16, 15, 23),
-                PORT,
-                0x08,
-                VNI,
-                &inner,
-            ),
-            Verdict::Pass,
-            counter::PASS_NOT_VXLAN,
-        ),
-        ("fragment", fragment, Verdict::Pass, counter::PASS_FRAGMENT),
-        (
-            "truncated outer ip",
-            good[..30].to_vec(),
-            Verdict::Pass,
-            counter::PASS_MALFORMED,
-        ),
-        (
-            "truncated udp",
-            good[..38].to_vec(),
-            Verdict::Pass,
-            counter::PASS_MALFORMED,
-        ),
-        (
-            "unknown source",
-            vxlan_frame(STRANGER_IP, OUR_IP, PORT, 0x08, VNI, &inner),
-            Verdict::Drop,
-            counter::DROP_UNKNOWN_SOURCE,
-        ),
-        (
-            "wrong vni",
-            vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, 7, &inner),
-            Verdict::Drop,
-            counter::DROP_WRONG_VNI,
-        ),
-        (
-            "no I flag",
-            vxlan_frame(PEER_IP, OUR_IP, PORT, 0x00, VNI, &inner),
-            Verdict::Drop,
-            counter::DROP_MALFORMED,
-        ),
-        (
-            "truncated vxlan",
-            good[..46].to_vec(),
-            Verdict::Drop,
-            counter::DROP_MALFORMED,
-        ),
-        (
-            "truncated inner",
-            good[..70].to_vec(),
-            Verdict::Drop,
-            counter::DROP_MALFORMED,
-        ),
-        (
-            "inner ipv6",
-            vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &inner_v6),
-            Verdict::Pass,
-            counter::PASS_INNER_NOT_OURS,
-        ),
-        (
-            "inner not our vtep mac",
-            {
-                let mut i = inner.clone();
-                i[0..6].copy_from_slice(&PEER_VTEP_MAC);
-                vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &i)
-            },
-            Verdict::Pass,
-            counter::PASS_INNER_NOT_OURS,
-        ),
+        ("arp", arp, Pass, PASS_NOT_IPV4),
+        ("udp to another port", vxlan_frame(PEER_IP, OUR_IP, 4789, 0x08, VNI, &inner), Pass, PASS_NOT_VXLAN),
+        ("vxlan to another host", vxlan_frame(PEER_IP, another_host, PORT, 0x08, VNI, &inner), Pass, PASS_NOT_VXLAN),
+        ("fragment", fragment, Pass, PASS_FRAGMENT),
+        ("truncated outer ip", good[..30].to_vec(), Pass, PASS_MALFORMED),
+        ("truncated udp", good[..38].to_vec(), Pass, PASS_MALFORMED),
+        ("unknown source", vxlan_frame(STRANGER_IP, OUR_IP, PORT, 0x08, VNI, &inner), Drop, DROP_UNKNOWN_SOURCE),
+        ("wrong vni", vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, 7, &inner), Drop, DROP_WRONG_VNI),
+        ("no I flag", vxlan_frame(PEER_IP, OUR_IP, PORT, 0x00, VNI, &inner), Drop, DROP_MALFORMED),
+        ("truncated vxlan", good[..46].to_vec(), Drop, DROP_MALFORMED),
+        ("truncated inner", good[..70].to_vec(), Drop, DROP_MALFORMED),
+        ("inner ipv6", vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &inner_v6), Pass, PASS_INNER_NOT_OURS),
+        ("inner not our vtep mac", vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &not_our_mac), Pass, PASS_INNER_NOT_OURS),
     ]
 }
 

@@ -128,23 +128,9 @@ impl Site {
         let ns = Netns::create(&format!("weft-tls-{}-{tag}{n}", std::process::id()))
             .await
             .expect("create the namespace");
-        for args in [
-            &[
-                "link",
-                "add",
-                "ext0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "ext0-peer",
-            ][..],
-            &["addr", "add", "192.168.211.1/24", "dev", "ext0"],
-            &["link", "set", "ext0-peer", "up"],
-            &["link", "set", "ext0", "up"],
-        ] {
-            ns.ip(args).await.expect("set up ext0");
-        }
+        ns.add_interface("ext0", "192.168.211.1/24")
+            .await
+            .expect("set up ext0");
         let dir = tempfile::Builder::new()
             .prefix("weft-tls-etcd-")
             .tempdir()

@@ -275,14 +275,9 @@ async fn flanneld_reference(c: &Cluster, host: &Host, leases: &[EtcdLease]) -> N
     let ns = Netns::create(&format!("{}-ref{}", c.name(), host.index() + 1))
         .await
         .unwrap();
-    sh(&ns, "ip link add ens32 type veth peer name ens32-peer").await;
-    sh(
-        &ns,
-        &format!("ip addr add {}/24 dev ens32", host.ens32_ip()),
-    )
-    .await;
-    sh(&ns, "ip link set ens32 up").await;
-    sh(&ns, "ip link set ens32-peer up").await;
+    ns.add_interface("ens32", &format!("{}/24", host.ens32_ip()))
+        .await
+        .unwrap();
     let own = lease_of(leases, host);
     program_as_flanneld(&ns, host.ens32_ip(), &own, leases).await;
     ns

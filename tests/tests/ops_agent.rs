@@ -385,23 +385,10 @@ async fn interface_choice() {
     let c = cluster(1).await;
     c.write_config(CONFIG).await;
     let h = c.host(0);
-    for args in [
-        &[
-            "link",
-            "add",
-            "ens33",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ens33-peer",
-        ][..],
-        &["addr", "add", "192.168.50.1/24", "dev", "ens33"],
-        &["link", "set", "ens33-peer", "up"],
-        &["link", "set", "ens33", "up"],
-    ] {
-        h.netns().ip(args).await.expect("second interface");
-    }
+    h.netns()
+        .add_interface("ens33", "192.168.50.1/24")
+        .await
+        .expect("second interface");
     let base: Vec<String> = {
         let all = h.agent_args();
         let at = all
