@@ -31,6 +31,38 @@ impl Netns {
         Ok(ns)
     }
 
+    /// [`Netns::create`] for synchronous tests.
+    pub fn create_blocking(name: &str) -> anyhow::Result<Netns> {
+        run_blocking("ip", &["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_owned(),
+            keep: AtomicBool::new(false),
+        };
+        ns.ip_blocking(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// [`Netns::ip`] for synchronous tests.
+    pub fn ip_blocking(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run_blocking("ip", &full)
+    }
+
+    /// A blocking command that runs `program args` inside the namespace.
+    pub fn command_blocking(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program])
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// The namespace's file, for `setns` ([`spawn_in`] takes it too).
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
     /// The namespace name, as `ip netns exec NAME` takes it.
     pub fn name(&self) -> &str {
         &self.name
@@ -179,15 +211,21 @@ pub fn spawn_in<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
-    let path = if ns.contains('/') {
-        Path::new(ns).to_owned()
-    } else {
-        Path::new("/run/netns").join(ns)
-    };
+    let ns = ns.to_owned();
     std::thread::spawn(move || {
-        enter(&path).unwrap_or_else(|e| panic!("{e:#}"));
+        join(&ns).unwrap_or_else(|e| panic!("{e:#}"));
         f()
     })
+}
+
+/// Move the calling thread (only it) into namespace `ns`, a name or a path as for [`spawn_in`].
+/// For threads the caller made itself, e.g. scoped ones; never call it on a test's own thread.
+pub fn join(ns: &str) -> anyhow::Result<()> {
+    if ns.contains('/') {
+        enter(Path::new(ns))
+    } else {
+        enter(&Path::new("/run/netns").join(ns))
+    }
 }
 
 /// Every namespace name currently in `/run/netns`.

@@ -11,7 +11,7 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
         mpsc,
@@ -45,38 +45,39 @@ fn run(cmd: &str, args: &[&str]) -> String {
     weft_tests::netns::run_blocking(cmd, args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// A named network namespace, deleted on drop (also on panic).
+/// A host, container or switch: the harness's namespace (deleted on drop, also on panic) plus
+/// what these tests read from it.
 struct Netns {
+    ns: weft_tests::Netns,
     name: String,
 }
 
 impl Netns {
     fn new(prefix: &str, role: &str) -> Self {
         let name = format!("{prefix}-{role}");
-        run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        ns.ip("link set lo up");
-        ns
+        let ns = weft_tests::Netns::create_blocking(&name).unwrap_or_else(|e| panic!("{e:#}"));
+        Self { ns, name }
     }
 
     fn ip(&self, args: &str) -> String {
-        let mut full = vec!["-n", &self.name];
-        full.extend(args.split_whitespace());
-        run("ip", &full)
+        let args: Vec<&str> = args.split_whitespace().collect();
+        self.ns
+            .ip_blocking(&args)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     fn exec(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
+        let (program, args) = args.split_first().expect("a program");
+        self.ns
+            .command_blocking(program, args)
             .output()
             .expect("ip netns exec")
     }
 
     fn spawn(&self, args: &[&str]) -> Child {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
+        let (program, args) = args.split_first().expect("a program");
+        self.ns
+            .command_blocking(program, args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -84,7 +85,7 @@ impl Netns {
     }
 
     fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
+        self.ns.path()
     }
 
     /// `count` pings to `dst`; returns (sent, received) and the output.
@@ -116,14 +117,6 @@ impl Netns {
         run("ip", &["netns", "exec", &self.name, "cat", path])
             .trim()
             .to_string()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 

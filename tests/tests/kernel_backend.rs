@@ -7,8 +7,6 @@
 
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ipnet::Ipv4Net;
@@ -29,8 +27,10 @@ const OWN: &str = "10.1.10.0/24";
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-/// A network namespace named `wft-nl-<pid>-<n>`, deleted on drop (also on panic).
+/// The harness's namespace `wft-nl-<pid>-<n>` (deleted on drop, also on panic) plus what these
+/// tests read from it.
 struct Netns {
+    ns: weft_tests::Netns,
     name: String,
 }
 
@@ -41,10 +41,8 @@ impl Netns {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)
         );
-        run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        ns.ip("link set lo up");
-        ns
+        let ns = weft_tests::Netns::create_blocking(&name).unwrap_or_else(|e| panic!("{e:#}"));
+        Self { ns, name }
     }
 
     /// A host like flanneld's: `ens32` with 192.168.50.1/24 (a veth, since this
@@ -60,9 +58,10 @@ impl Netns {
     }
 
     fn ip(&self, args: &str) -> String {
-        let mut full = vec!["-n", &self.name];
-        full.extend(args.split_whitespace());
-        run("ip", &full)
+        let args: Vec<&str> = args.split_whitespace().collect();
+        self.ns
+            .ip_blocking(&args)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     fn bridge(&self, args: &str) -> String {
@@ -125,13 +124,9 @@ impl Netns {
     /// Run `f` on a thread that lives in this namespace, with its own runtime, so
     /// the netlink socket weft opens belongs to the namespace.
     fn run<T: Send, Fut: Future<Output = T>>(&self, f: impl FnOnce() -> Fut + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
         std::thread::scope(|s| {
-            s.spawn(move || {
-                let file = std::fs::File::open(&path).expect("open netns");
-                // SAFETY: setns on a valid namespace fd affects only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            s.spawn(|| {
+                weft_tests::netns::join(&self.name).unwrap_or_else(|e| panic!("{e:#}"));
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -141,14 +136,6 @@ impl Netns {
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
         })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 

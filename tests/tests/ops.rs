@@ -19,18 +19,17 @@ use weft::notify::Notifier;
 // ---------------------------------------------------------------------------------------------------
 // Namespaces
 
-/// A network namespace of our own, deleted on drop (veths inside it go with it).
+/// The harness's namespace (deleted on drop, its processes killed) with the runners these tests use.
 struct Netns {
+    ns: weft_tests::Netns,
     name: String,
 }
 
 impl Netns {
     fn new(tag: &str) -> Result<Self> {
         let name = format!("weft-ops-{tag}-{}-{}", std::process::id(), rand_suffix());
-        sh("ip", &["netns", "add", &name])?;
-        let ns = Self { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"])?;
-        Ok(ns)
+        let ns = weft_tests::Netns::create_blocking(&name)?;
+        Ok(Self { ns, name })
     }
 
     /// Run a command inside the namespace, returning stdout; fails on a non-zero exit.
@@ -43,17 +42,9 @@ impl Netns {
     /// Run `f` on a thread that has entered this namespace. Processes it spawns and sockets it opens
     /// live in the namespace; nothing else in the test process moves.
     fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || -> Result<T> {
-            let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-            use std::os::fd::AsRawFd as _;
-            // SAFETY: setns on a valid namespace fd only changes this thread's network namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            ensure!(rc == 0, "setns {path}: {}", std::io::Error::last_os_error());
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+        weft_tests::netns::spawn_in(&self.ns.path(), f)
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))
     }
 
     /// Like [`Netns::enter`] with a current-thread tokio runtime, so every task stays on that thread.
@@ -71,14 +62,6 @@ impl Netns {
                 .expect("runtime")
                 .block_on(f())
         })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
