@@ -49,6 +49,7 @@ struct Inner {
     netns: String,
     bin: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     log_path: PathBuf,
     child: Mutex<Option<Child>>,
     keep: std::sync::atomic::AtomicBool,
@@ -64,10 +65,26 @@ impl Agent {
         log_path: &Path,
         detach: bool,
     ) -> anyhow::Result<Agent> {
+        Self::spawn_with_env(netns, args, &[], log_path, detach)
+    }
+
+    /// [`Agent::spawn`] with environment variables set for the agent (they override RUST_LOG's
+    /// default too).
+    pub fn spawn_with_env(
+        netns: &str,
+        args: Vec<String>,
+        env: &[(&str, &str)],
+        log_path: &Path,
+        detach: bool,
+    ) -> anyhow::Result<Agent> {
         let inner = Inner {
             netns: netns.to_owned(),
             bin: weft_bin()?,
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             log_path: log_path.to_owned(),
             child: Mutex::new(None),
             keep: false.into(),
@@ -108,6 +125,7 @@ impl Agent {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,weft=debug");
         }
+        cmd.envs(inner.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().with_context(|| format!("start `{cmdline}`"))?;
         *self.child() = Some(child);
         Ok(())

@@ -12,7 +12,6 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use weft::lease::LeaseAttrs;
 use weft_tests::{Etcd, Netns};
@@ -88,11 +87,13 @@ impl Sandbox {
     }
 }
 
-/// One `weft agent` process with its own subnet file, its stderr collected line by line.
+/// One `weft agent` (the harness's [`weft_tests::Agent`]) in its own sandbox namespace, with its
+/// own subnet file.
 struct Agent {
-    child: tokio::process::Child,
-    log: Arc<Mutex<Vec<String>>>,
+    // Field order is drop order: the process goes before its files and its namespace.
+    agent: weft_tests::Agent,
     dir: tempfile::TempDir,
+    _log_dir: tempfile::TempDir,
     ip: String,
     sandbox: Sandbox,
 }
@@ -119,50 +120,47 @@ impl Agent {
             endpoint
         };
         let sandbox = Sandbox::new(etcd).await;
-        let mut cmd = tokio::process::Command::new("ip");
-        cmd.args(["netns", "exec", sandbox.ns.name()])
-            .arg(weft_bin())
-            .arg("agent");
+        let mut args: Vec<String> = Vec::new();
         if !endpoint.is_empty() {
-            let subnet = dir.path().join("subnet.env");
-            let docker = dir.path().join("docker_opts.env");
-            cmd.args([
-                "--etcd-endpoints",
-                endpoint,
-                "--iface",
-                "lo",
-                "--public-ip",
-                ip,
-                "--datapath",
-                "kernel",
-            ])
-            .arg("--subnet-file")
-            .arg(subnet)
-            .arg("--docker-opts-file")
-            .arg(docker)
-            .args(["--reconcile-interval", "1s"]);
+            let path = |name: &str| dir.path().join(name).display().to_string();
+            args.extend(
+                [
+                    "--etcd-endpoints",
+                    endpoint,
+                    "--iface",
+                    "lo",
+                    "--public-ip",
+                    ip,
+                    "--datapath",
+                    "kernel",
+                    "--subnet-file",
+                    &path("subnet.env"),
+                    "--docker-opts-file",
+                    &path("docker_opts.env"),
+                    "--reconcile-interval",
+                    "1s",
+                ]
+                .map(str::to_owned),
+            );
         }
-        cmd.args(extra)
-            .envs(envs.iter().copied())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("spawn weft agent");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = log.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                sink.lock().expect("log lock").push(line);
-            }
-        });
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        // The log counts below are of info lines: no debug lines that repeat their words.
+        let mut env = vec![("RUST_LOG", "info")];
+        env.extend_from_slice(envs);
+        // Its own directory: a test hands `dir` to the next agent, the log stays with this one.
+        let log_dir = tempfile::tempdir().expect("temp dir");
+        let agent = weft_tests::Agent::spawn_with_env(
+            sandbox.ns.name(),
+            args,
+            &env,
+            &log_dir.path().join("agent.log"),
+            false,
+        )
+        .expect("spawn weft agent");
         Agent {
-            child,
-            log,
+            agent,
             dir,
+            _log_dir: log_dir,
             ip: ip.to_string(),
             sandbox,
         }
@@ -173,14 +171,12 @@ impl Agent {
     }
 
     fn log_text(&self) -> String {
-        self.log.lock().expect("log lock").join("\n")
+        self.agent.log()
     }
 
     fn count(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .expect("log lock")
-            .iter()
+        self.log_text()
+            .lines()
             .filter(|l| l.contains(needle))
             .count()
     }
@@ -189,9 +185,9 @@ impl Agent {
     async fn wait_log(&self, needles: &[&str], within: Duration) {
         let what = format!("agent {} to log {needles:?}", self.ip);
         weft_tests::poll::until(&what, within, || async {
-            let log = self.log.lock().expect("log lock");
-            let found = log.iter().any(|l| needles.iter().all(|n| l.contains(n)));
-            weft_tests::poll::check(found, ()).map_err(|_| format!("log:\n{}", log.join("\n")))
+            let log = self.log_text();
+            let found = log.lines().any(|l| needles.iter().all(|n| l.contains(n)));
+            weft_tests::poll::check(found, ()).map_err(|_| format!("log:\n{log}"))
         })
         .await;
     }
@@ -267,25 +263,21 @@ impl Agent {
     }
 
     fn running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
+        self.agent.pid().is_some() && self.agent.exit_status().is_none()
     }
 
     /// SIGTERM and wait for the exit status.
     async fn stop(&mut self) -> ExitStatus {
-        let pid = self.child.id().expect("agent pid") as i32;
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .expect("agent exits within 10 s of SIGTERM")
-            .expect("wait")
+        self.agent.stop().await.unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     async fn exit_within(&mut self, within: Duration) -> ExitStatus {
-        tokio::time::timeout(within, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("agent still running; log:\n{}", self.log_text()))
-            .expect("wait")
+        weft_tests::poll::until("the agent to exit", within, || async {
+            self.agent
+                .exit_status()
+                .ok_or_else(|| format!("still running; log:\n{}", self.log_text()))
+        })
+        .await
     }
 }
 
