@@ -84,10 +84,11 @@ fn planned() -> Kept {
 
 /// What is left of a demo that is up (or was half-built): its namespaces and state file.
 fn already_up() -> Option<String> {
-    let namespaces: Vec<String> = netns::list()
+    let mut namespaces: Vec<String> = netns::list()
         .into_iter()
         .filter(|n| n.starts_with(&format!("{NAME}-")))
         .collect();
+    namespaces.sort();
     let mut what = Vec::new();
     if !namespaces.is_empty() {
         what.push(format!("namespaces {}", namespaces.join(" ")));
