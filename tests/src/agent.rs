@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::etcd::tail;
+use crate::tail;
 
 /// How long `stop` waits after SIGTERM before it gives up and kills.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +49,7 @@ struct Inner {
     netns: String,
     bin: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     log_path: PathBuf,
     child: Mutex<Option<Child>>,
     keep: std::sync::atomic::AtomicBool,
@@ -64,10 +65,26 @@ impl Agent {
         log_path: &Path,
         detach: bool,
     ) -> anyhow::Result<Agent> {
+        Self::spawn_with_env(netns, args, &[], log_path, detach)
+    }
+
+    /// [`Agent::spawn`] with environment variables set for the agent (they override RUST_LOG's
+    /// default too).
+    pub fn spawn_with_env(
+        netns: &str,
+        args: Vec<String>,
+        env: &[(&str, &str)],
+        log_path: &Path,
+        detach: bool,
+    ) -> anyhow::Result<Agent> {
         let inner = Inner {
             netns: netns.to_owned(),
             bin: weft_bin()?,
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             log_path: log_path.to_owned(),
             child: Mutex::new(None),
             keep: false.into(),
@@ -108,6 +125,7 @@ impl Agent {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,weft=debug");
         }
+        cmd.envs(inner.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().with_context(|| format!("start `{cmdline}`"))?;
         *self.child() = Some(child);
         Ok(())
@@ -169,6 +187,7 @@ impl Agent {
                     tail(&log, 40)
                 );
             }
+            // Pacing between two looks; the deadline decides.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -194,6 +213,7 @@ impl Agent {
                     tail(&self.log(), 40)
                 );
             }
+            // Pacing between two looks; the deadline decides.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -25,9 +25,10 @@ use ipnet::Ipv4Net;
 
 use crate::agent::Agent;
 use crate::container::Container;
-use crate::etcd::{tail, Etcd};
+use crate::etcd::Etcd;
 use crate::keep::{Kept, KeptProcess};
 use crate::netns::{self, Netns};
+use crate::tail;
 
 /// The underlay: the CoreOS example's 172.16.15.0/24.
 pub const UNDERLAY_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 16, 15, 1);
@@ -460,6 +461,7 @@ impl Host {
                     );
                 }
                 Err(_) if Instant::now() < deadline => {
+                    // Pacing between two looks; the deadline decides.
                     tokio::time::sleep(Duration::from_millis(100)).await
                 }
                 Err(e) => {

@@ -145,6 +145,7 @@ impl Container {
                 Err(e) if Instant::now() > deadline => {
                     return Err(e.context(format!("no answer within {timeout:?}")))
                 }
+                // Pacing between two tries; the deadline decides.
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
@@ -214,6 +215,7 @@ fn accept(listener: &TcpListener) -> anyhow::Result<(TcpStream, SocketAddr)> {
                 return Ok((stream, peer));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                // Pacing between two looks; the deadline decides.
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => return Err(e).context("no connection arrived"),

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use crate::cluster::{Host, SubnetEnv};
-use crate::etcd::tail;
+use crate::tail;
 
 /// The image every container runs: busybox, `sleep` as its command.
 pub const IMAGE: &str = "weft-busybox:latest";

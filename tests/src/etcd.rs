@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::tail;
 use anyhow::{bail, Context as _};
 #[cfg(feature = "client")]
 use etcd_client::{Client, GetOptions};
@@ -282,6 +283,7 @@ impl Etcd {
                         self.endpoint
                     )
                 }
+                // Pacing between two tries; the deadline decides.
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
@@ -581,12 +583,6 @@ fn base64_decode(s: &str) -> anyhow::Result<Vec<u8>> {
         }
     }
     Ok(out)
-}
-
-/// The last `n` lines of `text`.
-pub(crate) fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[cfg(test)]

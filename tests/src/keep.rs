@@ -24,7 +24,7 @@ pub struct Kept {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeptProcess {
     pub pid: u32,
-    /// Field 22 of /proc/<pid>/stat (clock ticks since boot).
+    /// Field 22 of `/proc/<pid>/stat` (clock ticks since boot).
     pub start_time: u64,
 }
 

@@ -15,6 +15,9 @@
 //! - [`Cluster`], [`Host`], [`Container`]: namespaces wired like hosts on one L2 network running Docker.
 //! - [`Dockerd`]: a real dockerd per host, started from the agent's Docker options.
 //! - [`Agent`]: `weft agent` as a real process inside a host, its log printed when the test panics.
+//! - [`poll`]: waiting on observable state with a deadline, never on a fixed sleep.
+//! - [`netns`], [`bpffs`], [`packet`], [`flanneld`]: namespaces, a private bpffs, hand-built frames,
+//!   and flanneld's own kernel setup and lease bytes (the reference weft is compared with).
 //!
 //! Every name (namespace, temp dir) carries the test process id and a counter so tests run in
 //! parallel, and every handle cleans up what it made on drop, also when the test panics. A test
@@ -23,12 +26,16 @@
 
 pub mod agent;
 pub mod attack;
+pub mod bpffs;
 pub mod cluster;
 pub mod container;
 pub mod docker;
 pub mod etcd;
+pub mod flanneld;
 pub mod keep;
 pub mod netns;
+pub mod packet;
+pub mod poll;
 pub mod prometheus;
 
 pub use agent::{weft_bin, Agent};
@@ -38,3 +45,9 @@ pub use docker::{DockerContainer, Dockerd};
 pub use etcd::{Etcd, EtcdCluster};
 pub use keep::{Kept, KeptProcess};
 pub use netns::Netns;
+
+/// The last `n` lines of `text` (an agent's or etcd's log), for failure messages.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -31,6 +31,38 @@ impl Netns {
         Ok(ns)
     }
 
+    /// [`Netns::create`] for synchronous tests.
+    pub fn create_blocking(name: &str) -> anyhow::Result<Netns> {
+        run_blocking("ip", &["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_owned(),
+            keep: AtomicBool::new(false),
+        };
+        ns.ip_blocking(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// [`Netns::ip`] for synchronous tests.
+    pub fn ip_blocking(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run_blocking("ip", &full)
+    }
+
+    /// A blocking command that runs `program args` inside the namespace.
+    pub fn command_blocking(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program])
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// The namespace's file, for `setns` ([`spawn_in`] takes it too).
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
     /// The namespace name, as `ip netns exec NAME` takes it.
     pub fn name(&self) -> &str {
         &self.name
@@ -41,6 +73,21 @@ impl Netns {
         let mut full = vec!["-n", self.name.as_str()];
         full.extend_from_slice(args);
         run("ip", &full).await
+    }
+
+    /// An up interface `name` with address `cidr` (e.g. `192.168.50.1/24`): a veth whose peer
+    /// `<name>-peer` stays in the namespace, up, since this kernel may lack the dummy driver.
+    pub async fn add_interface(&self, name: &str, cidr: &str) -> anyhow::Result<()> {
+        let peer = format!("{name}-peer");
+        for args in [
+            &["link", "add", name, "type", "veth", "peer", "name", &peer][..],
+            &["addr", "add", cidr, "dev", name],
+            &["link", "set", &peer, "up"],
+            &["link", "set", name, "up"],
+        ] {
+            self.ip(args).await?;
+        }
+        Ok(())
     }
 
     /// A command that runs `program args` inside the namespace.
@@ -127,6 +174,7 @@ pub fn delete(name: &str) -> anyhow::Result<()> {
             // SAFETY: kill(2) has no memory effects; the pids are inside a namespace this harness made.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
+        // Pacing between two looks; the deadline decides.
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = Command::new("ip")
@@ -155,6 +203,29 @@ fn is_zombie(pid: u32) -> bool {
                 .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
         })
         .unwrap_or(true)
+}
+
+/// Run `f` on a fresh thread inside namespace `ns`: a name in `/run/netns`, or a path to a
+/// namespace file. Panics on that thread when the namespace cannot be joined.
+pub fn spawn_in<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        join(&ns).unwrap_or_else(|e| panic!("{e:#}"));
+        f()
+    })
+}
+
+/// Move the calling thread (only it) into namespace `ns`, a name or a path as for [`spawn_in`].
+/// For threads the caller made itself, e.g. scoped ones; never call it on a test's own thread.
+pub fn join(ns: &str) -> anyhow::Result<()> {
+    if ns.contains('/') {
+        enter(Path::new(ns))
+    } else {
+        enter(&Path::new("/run/netns").join(ns))
+    }
 }
 
 /// Every namespace name currently in `/run/netns`.

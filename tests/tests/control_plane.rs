@@ -7,12 +7,11 @@
 //! port inside its namespace: nothing but loopback is involved.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use weft::lease::LeaseAttrs;
 use weft_tests::{Etcd, Netns};
@@ -20,27 +19,9 @@ use weft_tests::{Etcd, Netns};
 const PREFIX: &str = "/coreos.com/network";
 const VXLAN_CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
 
-/// The `weft` binary, built once per test run so the tests exercise the current code.
+/// The `weft` binary the harness runs (`cargo xtask test` sets WEFT_BIN to the one it built).
 fn weft_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // <target>/debug/deps/control_plane-<hash> -> <target>
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps");
-        let target = profile_dir.parent().expect("target dir");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-q", "-p", "weft", "--bin", "weft"])
-            .env("CARGO_TARGET_DIR", target)
-            .status()
-            .expect("run cargo build -p weft");
-        assert!(status.success(), "cargo build -p weft failed");
-        profile_dir.join("weft")
-    })
-    .clone()
+    weft_tests::weft_bin().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Run a `weft` command to completion: (exit status, stdout, stderr).
@@ -106,13 +87,15 @@ impl Sandbox {
     }
 }
 
-/// One `weft agent` process with its own subnet file, its stderr collected line by line.
+/// One `weft agent` (the harness's [`weft_tests::Agent`]) in its own sandbox namespace, with its
+/// own subnet file.
 struct Agent {
-    child: tokio::process::Child,
-    log: Arc<Mutex<Vec<String>>>,
+    // Field order is drop order: the process goes before its files and its namespace.
+    agent: weft_tests::Agent,
     dir: tempfile::TempDir,
+    _log_dir: tempfile::TempDir,
     ip: String,
-    _sandbox: Sandbox,
+    sandbox: Sandbox,
 }
 
 impl Agent {
@@ -137,52 +120,49 @@ impl Agent {
             endpoint
         };
         let sandbox = Sandbox::new(etcd).await;
-        let mut cmd = tokio::process::Command::new("ip");
-        cmd.args(["netns", "exec", sandbox.ns.name()])
-            .arg(weft_bin())
-            .arg("agent");
+        let mut args: Vec<String> = Vec::new();
         if !endpoint.is_empty() {
-            let subnet = dir.path().join("subnet.env");
-            let docker = dir.path().join("docker_opts.env");
-            cmd.args([
-                "--etcd-endpoints",
-                endpoint,
-                "--iface",
-                "lo",
-                "--public-ip",
-                ip,
-                "--datapath",
-                "kernel",
-            ])
-            .arg("--subnet-file")
-            .arg(subnet)
-            .arg("--docker-opts-file")
-            .arg(docker)
-            .args(["--reconcile-interval", "1s"]);
+            let path = |name: &str| dir.path().join(name).display().to_string();
+            args.extend(
+                [
+                    "--etcd-endpoints",
+                    endpoint,
+                    "--iface",
+                    "lo",
+                    "--public-ip",
+                    ip,
+                    "--datapath",
+                    "kernel",
+                    "--subnet-file",
+                    &path("subnet.env"),
+                    "--docker-opts-file",
+                    &path("docker_opts.env"),
+                    "--reconcile-interval",
+                    "1s",
+                ]
+                .map(str::to_owned),
+            );
         }
-        cmd.args(extra)
-            .envs(envs.iter().copied())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("spawn weft agent");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = log.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                sink.lock().expect("log lock").push(line);
-            }
-        });
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        // The log counts below are of info lines: no debug lines that repeat their words.
+        let mut env = vec![("RUST_LOG", "info")];
+        env.extend_from_slice(envs);
+        // Its own directory: a test hands `dir` to the next agent, the log stays with this one.
+        let log_dir = tempfile::tempdir().expect("temp dir");
+        let agent = weft_tests::Agent::spawn_with_env(
+            sandbox.ns.name(),
+            args,
+            &env,
+            &log_dir.path().join("agent.log"),
+            false,
+        )
+        .expect("spawn weft agent");
         Agent {
-            child,
-            log,
+            agent,
             dir,
+            _log_dir: log_dir,
             ip: ip.to_string(),
-            _sandbox: sandbox,
+            sandbox,
         }
     }
 
@@ -191,82 +171,113 @@ impl Agent {
     }
 
     fn log_text(&self) -> String {
-        self.log.lock().expect("log lock").join("\n")
+        self.agent.log()
     }
 
     fn count(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .expect("log lock")
-            .iter()
+        self.log_text()
+            .lines()
             .filter(|l| l.contains(needle))
             .count()
     }
 
     /// Wait until a log line contains every needle.
     async fn wait_log(&self, needles: &[&str], within: Duration) {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self
-                .log
-                .lock()
-                .expect("log lock")
-                .iter()
-                .any(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "agent {} never logged {needles:?} within {within:?}; log:\n{}",
-            self.ip,
-            self.log_text()
-        );
+        let what = format!("agent {} to log {needles:?}", self.ip);
+        weft_tests::poll::until(&what, within, || async {
+            let log = self.log_text();
+            let found = log.lines().any(|l| needles.iter().all(|n| l.contains(n)));
+            weft_tests::poll::check(found, ()).map_err(|_| format!("log:\n{log}"))
+        })
+        .await;
     }
 
     /// The subnet this agent holds, from its subnet file (`10.5.7.1/24` -> `10.5.7.0/24`).
     async fn subnet(&self, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(text) = std::fs::read_to_string(self.subnet_file()) {
-                let line = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
-                    .expect("FLANNEL_SUBNET line");
-                let net: ipnet::Ipv4Net = line.parse().expect("FLANNEL_SUBNET is a CIDR");
-                return net.trunc().to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent {} wrote no subnet file; log:\n{}",
-                self.ip,
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("agent {} to write its subnet file", self.ip);
+        let text = weft_tests::poll::until(&what, within, || async {
+            std::fs::read_to_string(self.subnet_file())
+                .map_err(|e| format!("{e}; log:\n{}", self.log_text()))
+        })
+        .await;
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+            .expect("FLANNEL_SUBNET line");
+        let net: ipnet::Ipv4Net = line.parse().expect("FLANNEL_SUBNET is a CIDR");
+        net.trunc().to_string()
+    }
+
+    /// The peers this agent programmed on flannel.1 in its namespace: subnet -> VTEP MAC (the
+    /// route's gateway looked up in the neighbour table; "" while the neighbour is missing).
+    async fn peers(&self) -> BTreeMap<String, String> {
+        let ns = self.sandbox.ns.name();
+        let json = |args: &'static [&'static str]| async move {
+            let out = tokio::process::Command::new("ip")
+                .args(["-n", ns, "-j", "-4"])
+                .args(args)
+                .output()
+                .await
+                .expect("run ip");
+            serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap_or_default()
+        };
+        let neigh: BTreeMap<String, String> = json(&["neigh", "show", "dev", "flannel.1"])
+            .await
+            .iter()
+            .filter_map(|n| {
+                Some((
+                    n["dst"].as_str()?.to_owned(),
+                    n["lladdr"].as_str()?.to_owned(),
+                ))
+            })
+            .collect();
+        json(&["route", "show", "dev", "flannel.1"])
+            .await
+            .iter()
+            .filter_map(|r| {
+                let mac = neigh
+                    .get(r["gateway"].as_str()?)
+                    .cloned()
+                    .unwrap_or_default();
+                Some((r["dst"].as_str()?.to_owned(), mac))
+            })
+            .collect()
+    }
+
+    /// Wait until flannel.1 holds exactly the peers `want` (subnet -> MAC; "" matches any MAC).
+    async fn wait_peers(&self, want: &[(&str, &str)], within: Duration) {
+        weft_tests::poll::until(
+            &format!("agent {} to program exactly the peers {want:?}", self.ip),
+            within,
+            || async {
+                let got = self.peers().await;
+                let same = got.len() == want.len()
+                    && want
+                        .iter()
+                        .all(|(s, m)| got.get(*s).is_some_and(|g| m.is_empty() || g == m));
+                weft_tests::poll::check(same, &got)
+                    .map_err(|e| format!("{e}; log:\n{}", self.log_text()))
+            },
+        )
+        .await;
     }
 
     fn running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
+        self.agent.pid().is_some() && self.agent.exit_status().is_none()
     }
 
     /// SIGTERM and wait for the exit status.
     async fn stop(&mut self) -> ExitStatus {
-        let pid = self.child.id().expect("agent pid") as i32;
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .expect("agent exits within 10 s of SIGTERM")
-            .expect("wait")
+        self.agent.stop().await.unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     async fn exit_within(&mut self, within: Duration) -> ExitStatus {
-        tokio::time::timeout(within, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("agent still running; log:\n{}", self.log_text()))
-            .expect("wait")
+        weft_tests::poll::until("the agent to exit", within, || async {
+            self.agent
+                .exit_status()
+                .ok_or_else(|| format!("still running; log:\n{}", self.log_text()))
+        })
+        .await
     }
 }
 
@@ -291,22 +302,8 @@ async fn leases(etcd: &Etcd) -> BTreeMap<String, String> {
         .collect()
 }
 
-async fn eventually<F: Fn() -> Fut, Fut: std::future::Future<Output = bool>>(
-    what: &str,
-    within: Duration,
-    f: F,
-) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not within {within:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn lease_value_matches_flanneld_and_flanneld_leases_are_read() {
     let etcd = Etcd::start_local().await;
     config_set(&etcd, VXLAN_CONFIG).await;
@@ -377,23 +374,17 @@ async fn lease_value_matches_flanneld_and_flanneld_leases_are_read() {
     assert_eq!(mac, mac.to_lowercase());
 
     // The four vxlan leases in flannel's formats are peers; host-gw and garbage are not.
-    for (s, ip) in [
-        ("10.5.40.0/24", "127.0.0.40"),
-        ("10.5.41.0/24", "127.0.0.41"),
-        ("10.5.42.0/24", "127.0.0.42"),
-        ("10.5.43.0/24", "127.0.0.43"),
-    ] {
-        agent
-            .wait_log(
-                &[
-                    "peer added",
-                    &format!("subnet={s}"),
-                    &format!("public_ip={ip}"),
-                ],
-                Duration::from_secs(5),
-            )
-            .await;
-    }
+    agent
+        .wait_peers(
+            &[
+                ("10.5.40.0/24", ""),
+                ("10.5.41.0/24", ""),
+                ("10.5.42.0/24", ""),
+                ("10.5.43.0/24", ""),
+            ],
+            Duration::from_secs(5),
+        )
+        .await;
     agent
         .wait_log(&["weft::agent: ready", "peers=4"], Duration::from_secs(5))
         .await;
@@ -446,6 +437,7 @@ async fn lease_value_matches_flanneld_and_flanneld_leases_are_read() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn twenty_agents_at_once_hold_distinct_subnets() {
     let etcd = Etcd::start_local().await;
     // SubnetMax leaves 30 subnets: the 20 agents contend for far fewer than flannel's 100 candidates.
@@ -474,21 +466,15 @@ async fn twenty_agents_at_once_hold_distinct_subnets() {
             a.ip
         );
     }
-    // Every agent sees the 19 others.
+    // Every agent programs the 19 others.
     for a in &agents {
-        let log = a.log.clone();
-        eventually("each agent sees 19 peers", Duration::from_secs(10), || {
-            let log = log.clone();
-            async move {
-                log.lock()
-                    .expect("log")
-                    .iter()
-                    .filter(|l| l.contains("peer added"))
-                    .count()
-                    == 19
-            }
-        })
-        .await;
+        let own = a.subnet(Duration::ZERO).await;
+        let others: Vec<(&str, &str)> = subnets
+            .iter()
+            .filter(|s| **s != own)
+            .map(|s| (s.as_str(), ""))
+            .collect();
+        a.wait_peers(&others, Duration::from_secs(10)).await;
     }
     for a in &mut agents {
         assert!(a.running(), "agent {} exited:\n{}", a.ip, a.log_text());
@@ -496,6 +482,7 @@ async fn twenty_agents_at_once_hold_distinct_subnets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn restart_keeps_subnet_and_deleted_lease_comes_back() {
     let etcd = Etcd::start_local().await;
     config_set(&etcd, VXLAN_CONFIG).await;
@@ -554,6 +541,7 @@ async fn restart_keeps_subnet_and_deleted_lease_comes_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn short_ttl_renews_and_stopped_agent_expires_for_every_peer() {
     let etcd = Etcd::start_local().await;
     config_set(&etcd, VXLAN_CONFIG).await;
@@ -562,14 +550,16 @@ async fn short_ttl_renews_and_stopped_agent_expires_for_every_peer() {
     let b = Agent::start(&etcd.endpoint(), "127.0.0.6", &ttl).await;
     let c = Agent::start(&etcd.endpoint(), "127.0.0.7", &ttl).await;
     let sa = a.subnet(Duration::from_secs(10)).await;
-    for peer in [&b, &c] {
-        peer.wait_log(
-            &["peer added", &format!("subnet={sa}")],
-            Duration::from_secs(10),
-        )
+    let (sb, sc) = (
+        b.subnet(Duration::from_secs(10)).await,
+        c.subnet(Duration::from_secs(10)).await,
+    );
+    b.wait_peers(&[(&sa, ""), (&sc, "")], Duration::from_secs(10))
         .await;
-    }
-    // Four TTLs later A's lease is still there, and no peer ever saw it go.
+    c.wait_peers(&[(&sa, ""), (&sb, "")], Duration::from_secs(10))
+        .await;
+    // An observation window, not a wait: for four TTLs A's lease must stay and no peer may see it
+    // go, which only renewals make true.
     tokio::time::sleep(Duration::from_secs(12)).await;
     assert!(
         etcd.get(&lease_key(&sa)).await.is_some(),
@@ -591,17 +581,8 @@ async fn short_ttl_renews_and_stopped_agent_expires_for_every_peer() {
     // Stopped: the lease stays until its TTL runs out, then every peer drops it.
     let stopped = Instant::now();
     assert!(a.stop().await.success());
-    for peer in [&b, &c] {
-        peer.wait_log(
-            &[
-                "peer removed",
-                &format!("subnet={sa}"),
-                "public_ip=127.0.0.5",
-            ],
-            Duration::from_secs(8),
-        )
-        .await;
-    }
+    b.wait_peers(&[(&sc, "")], Duration::from_secs(8)).await;
+    c.wait_peers(&[(&sb, "")], Duration::from_secs(8)).await;
     assert!(stopped.elapsed() < Duration::from_secs(8));
     assert!(etcd.get(&lease_key(&sa)).await.is_none());
 }
@@ -610,6 +591,9 @@ async fn short_ttl_renews_and_stopped_agent_expires_for_every_peer() {
 struct Relay {
     port: u16,
     cut: Arc<std::sync::atomic::AtomicBool>,
+    /// Relayed connections still open (a guard in each copying task counts it down when the task
+    /// ends or is aborted).
+    live: Arc<std::sync::atomic::AtomicUsize>,
     conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -625,7 +609,8 @@ impl Relay {
         let port = listener.local_addr().expect("relay addr").port();
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (cut2, conns2) = (cut.clone(), conns.clone());
+        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (cut2, conns2, live2) = (cut.clone(), conns.clone(), live.clone());
         let upstream = upstream.trim_start_matches("http://").to_string();
         let accept = tokio::spawn(async move {
             while let Ok((mut down, _)) = listener.accept().await {
@@ -633,7 +618,9 @@ impl Relay {
                     continue; // dropped: connection refused in effect
                 }
                 let up = upstream.clone();
+                let open = Open::count(&live2);
                 conns2.lock().expect("conns").push(tokio::spawn(async move {
+                    let _open = open;
                     if let Ok(mut up) = tokio::net::TcpStream::connect(up).await {
                         let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
                     }
@@ -643,9 +630,23 @@ impl Relay {
         Relay {
             port,
             cut,
+            live,
             conns,
             accept,
         }
+    }
+
+    /// Wait until no relayed connection is open: whoever used the relay is cut off from etcd.
+    async fn wait_closed(&self) {
+        weft_tests::poll::until(
+            "every relayed connection to close",
+            Duration::from_secs(5),
+            || async {
+                let n = self.live.load(std::sync::atomic::Ordering::SeqCst);
+                weft_tests::poll::check(n == 0, format!("{n} open"))
+            },
+        )
+        .await;
     }
 
     fn endpoint(&self) -> String {
@@ -662,6 +663,22 @@ impl Relay {
     }
 }
 
+/// One open relayed connection, counted while it lives.
+struct Open(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Open {
+    fn count(live: &Arc<std::sync::atomic::AtomicUsize>) -> Open {
+        live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Open(live.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Drop for Relay {
     fn drop(&mut self) {
         self.cut(true);
@@ -670,25 +687,33 @@ impl Drop for Relay {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn watch_resumes_after_compaction_without_hot_loop() {
     let etcd = Etcd::start_local().await;
     config_set(&etcd, VXLAN_CONFIG).await;
     let relay = Relay::start(etcd.endpoint()).await;
     let peer = |n: u8| {
-        format!(
-            r#"{{"PublicIP":"127.0.0.{n}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:00:{n:02x}"}}}}"#
+        weft_tests::flanneld::lease_value(
+            std::net::Ipv4Addr::new(127, 0, 0, n),
+            &format!("02:00:00:00:00:{n:02x}"),
         )
     };
     etcd.put(&lease_key("10.5.60.0/24"), &peer(60)).await;
     etcd.put(&lease_key("10.5.61.0/24"), &peer(61)).await;
     let a = Agent::start(&relay.endpoint(), "127.0.0.8", &[]).await;
-    a.wait_log(&["weft::agent: ready", "peers=2"], Duration::from_secs(10))
-        .await;
+    a.wait_peers(
+        &[
+            ("10.5.60.0/24", "02:00:00:00:00:3c"),
+            ("10.5.61.0/24", "02:00:00:00:00:3d"),
+        ],
+        Duration::from_secs(10),
+    )
+    .await;
 
     // While A is cut off: one peer leaves, one changes its MAC, one arrives, and etcd compacts
     // away the history A's watch would resume from.
     relay.cut(true);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.wait_closed().await;
     etcd.delete(&lease_key("10.5.60.0/24")).await;
     etcd.put(
         &lease_key("10.5.61.0/24"),
@@ -704,30 +729,25 @@ async fn watch_resumes_after_compaction_without_hot_loop() {
         ["header"]["revision"]
         .as_i64()
         .expect("revision");
-    etcd.etcdctl(&["compaction", &rev.to_string()])
+    // --physical: the command returns once the history is gone, so A cannot resume from it.
+    etcd.etcdctl(&["compaction", "--physical", &rev.to_string()])
         .await
         .expect("compact");
-    tokio::time::sleep(Duration::from_secs(2)).await;
     relay.cut(false);
 
     // A converges to the same peer set as a fresh listing.
-    a.wait_log(
-        &["peer removed", "subnet=10.5.60.0/24"],
-        Duration::from_secs(15),
+    a.wait_peers(
+        &[
+            ("10.5.61.0/24", "02:00:00:00:00:3e"),
+            ("10.5.63.0/24", "02:00:00:00:00:3f"),
+        ],
+        Duration::from_secs(20),
     )
     .await;
-    a.wait_log(
-        &["peer changed", "subnet=10.5.61.0/24"],
-        Duration::from_secs(5),
-    )
-    .await;
-    a.wait_log(
-        &["peer added", "subnet=10.5.63.0/24"],
-        Duration::from_secs(5),
-    )
-    .await;
+    // Only the log tells how it got there: through the compaction error, by listing again.
     a.wait_log(&["compacted"], Duration::from_secs(1)).await;
-    // And stays quiet: no loop of re-lists or reconnects once converged.
+    // And stays quiet: no loop of re-lists or reconnects once converged. An observation window,
+    // not a wait: a hot loop would show as more of either within it.
     let (relists, reconnects) = (a.count("re-listing"), a.count("reconnecting"));
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
@@ -794,6 +814,7 @@ const INVALID: &[(&str, &str)] = &[
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn invalid_configs_are_rejected_by_config_set_and_agent() {
     let etcd = Etcd::start_local().await;
     let key = format!("{PREFIX}/config");
@@ -846,6 +867,7 @@ async fn invalid_configs_are_rejected_by_config_set_and_agent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn files_and_docker_opts_match_flannel_bytes() {
     let etcd = Etcd::start_local().await;
     config_set(&etcd, r#"{"Network":"10.1.0.0/16","SubnetMin":"10.1.10.0","SubnetMax":"10.1.10.0","Backend":{"Type":"vxlan","MTU":1500}}"#).await;
@@ -919,6 +941,7 @@ async fn files_and_docker_opts_match_flannel_bytes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn agent_waits_for_etcd_then_for_the_config_key() {
     let etcd = Etcd::start_local().await;
     let relay = Relay::start(etcd.endpoint()).await;

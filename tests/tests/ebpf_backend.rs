@@ -10,9 +10,8 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
         mpsc,
@@ -35,60 +34,50 @@ use weft::{
     status::{self, Mode},
 };
 use weft_common::counter;
+use weft_tests::bpffs::BpfFs;
+use weft_tests::netns::spawn_in;
+use weft_tests::poll;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 const MB: usize = 1 << 20;
-
-fn is_root() -> bool {
-    // SAFETY: no arguments, no side effects.
-    unsafe { libc::geteuid() == 0 }
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (netns, bpffs, BPF); run `cargo xtask test`");
-            return;
-        }
-    };
-}
 
 fn run(cmd: &str, args: &[&str]) -> String {
     weft_tests::netns::run_blocking(cmd, args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// A named network namespace, deleted on drop (also on panic).
+/// A host, container or switch: the harness's namespace (deleted on drop, also on panic) plus
+/// what these tests read from it.
 struct Netns {
+    ns: weft_tests::Netns,
     name: String,
 }
 
 impl Netns {
     fn new(prefix: &str, role: &str) -> Self {
         let name = format!("{prefix}-{role}");
-        run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        ns.ip("link set lo up");
-        ns
+        let ns = weft_tests::Netns::create_blocking(&name).unwrap_or_else(|e| panic!("{e:#}"));
+        Self { ns, name }
     }
 
     fn ip(&self, args: &str) -> String {
-        let mut full = vec!["-n", &self.name];
-        full.extend(args.split_whitespace());
-        run("ip", &full)
+        let args: Vec<&str> = args.split_whitespace().collect();
+        self.ns
+            .ip_blocking(&args)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     fn exec(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
+        let (program, args) = args.split_first().expect("a program");
+        self.ns
+            .command_blocking(program, args)
             .output()
             .expect("ip netns exec")
     }
 
     fn spawn(&self, args: &[&str]) -> Child {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
+        let (program, args) = args.split_first().expect("a program");
+        self.ns
+            .command_blocking(program, args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -96,7 +85,7 @@ impl Netns {
     }
 
     fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
+        self.ns.path()
     }
 
     /// `count` pings to `dst`; returns (sent, received) and the output.
@@ -128,55 +117,6 @@ impl Netns {
         run("ip", &["netns", "exec", &self.name, "cat", path])
             .trim()
             .to_string()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// Runs `f` on a fresh thread inside the namespace at `path`.
-fn in_netns<T: Send + 'static>(
-    path: String,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    std::thread::spawn(move || {
-        enter(&path);
-        f()
-    })
-}
-
-fn enter(path: &str) {
-    let file = std::fs::File::open(path).expect("open netns");
-    // SAFETY: setns on a valid namespace fd affects only this thread.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-}
-
-/// A private bpffs instance, unmounted on drop.
-struct BpfFs(tempfile::TempDir);
-
-impl BpfFs {
-    fn mount() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("weft-bpffs-")
-            .tempdir()
-            .expect("tempdir");
-        run(
-            "mount",
-            &["-t", "bpf", "bpf", &dir.path().to_string_lossy()],
-        );
-        BpfFs(dir)
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
     }
 }
 
@@ -264,7 +204,6 @@ impl Topology {
 
     fn pin_dir(&self, host: usize) -> PathBuf {
         self.bpffs
-            .0
             .path()
             .join("weft")
             .join(format!("h{}", host + 1))
@@ -328,7 +267,7 @@ impl Agent {
         let (tx, rx) = mpsc::channel::<(Cmd, mpsc::Sender<Result<Reply, String>>)>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<MacAddr, String>>();
         let pin_dir = topo.pin_dir(host);
-        let thread = in_netns(topo.hosts[host].path(), move || {
+        let thread = spawn_in(&topo.hosts[host].path(), move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -535,8 +474,8 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 fn tcp_transfer(topo: &Topology, from: usize, to: usize, len: usize) -> Result<(), String> {
     let dst: Ipv4Addr = container_ip(to).parse().expect("ip");
     let (ready_tx, ready_rx) = mpsc::channel();
-    let server = in_netns(
-        topo.containers[to].path(),
+    let server = spawn_in(
+        &topo.containers[to].path(),
         move || -> std::io::Result<Vec<u8>> {
             let listener = TcpListener::bind(SocketAddrV4::new(dst, 5201))?;
             let _ = ready_tx.send(());
@@ -549,8 +488,8 @@ fn tcp_transfer(topo: &Topology, from: usize, to: usize, len: usize) -> Result<(
     ready_rx
         .recv()
         .map_err(|_| "server did not start".to_string())?;
-    let client = in_netns(
-        topo.containers[from].path(),
+    let client = spawn_in(
+        &topo.containers[from].path(),
         move || -> std::io::Result<()> {
             let mut conn = TcpStream::connect_timeout(
                 &SocketAddrV4::new(dst, 5201).into(),
@@ -579,7 +518,7 @@ fn tcp_transfer(topo: &Topology, from: usize, to: usize, len: usize) -> Result<(
 /// `weft status` for `host`, run inside its namespace as the operator would.
 fn status_of(topo: &Topology, host: usize) -> status::Status {
     let pin = topo.pin_dir(host);
-    in_netns(topo.hosts[host].path(), move || status::collect(&pin))
+    spawn_in(&topo.hosts[host].path(), move || status::collect(&pin))
         .join()
         .expect("status thread")
         .expect("status")
@@ -598,8 +537,8 @@ fn assert_pings(topo: &Topology, from: usize, to: usize, extra: &[&str]) {
 // ---- tests -------------------------------------------------------------------
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn ebpf_hosts_carry_container_traffic_through_the_programs() {
-    require_root!();
     let topo = Topology::new();
     let agents = start_pair(&topo, [Kind::Ebpf, Kind::Ebpf]);
 
@@ -733,52 +672,16 @@ fn ebpf_hosts_carry_container_traffic_through_the_programs() {
 
 /// A VXLAN frame as a peer's flannel.1 would send it, carrying UDP to `dst:9999`.
 fn vxlan_payload(inner_dst_mac: MacAddr, src: Ipv4Addr, dst: Ipv4Addr, body: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x08, 0, 0, 0, 0, 0, 1, 0]; // I flag, VNI 1
-    f.extend(inner_dst_mac.0);
-    f.extend([0x02, 0, 0, 0, 0, 0x99, 0x08, 0x00]);
-    let total = 20 + 8 + body.len();
-    let mut ip = vec![
-        0x45,
-        0,
-        (total >> 8) as u8,
-        total as u8,
-        0,
-        1,
-        0,
-        0,
-        64,
-        17,
-        0,
-        0,
-    ];
-    ip.extend(src.octets());
-    ip.extend(dst.octets());
-    let sum = checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    f.extend(ip);
-    let ulen = 8 + body.len();
-    f.extend([0x30, 0x39, 0x27, 0x0f, (ulen >> 8) as u8, ulen as u8, 0, 0]); // 12345 -> 9999, no checksum
-    f.extend(body);
-    f
-}
-
-fn checksum(b: &[u8]) -> u16 {
-    let mut sum: u32 = b
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    weft_tests::packet::vxlan_payload(1, inner_dst_mac.0, src, dst, 9999, body)
 }
 
 /// Sends `frame` as UDP to host 2's VXLAN port from inside `ns`.
 fn send_vxlan_from(ns: &Netns, frame: Vec<u8>) {
-    in_netns(ns.path(), move || {
+    spawn_in(&ns.path(), move || {
         let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
         for _ in 0..5 {
             sock.send_to(&frame, (UNDERLAY[1], 8472)).expect("send");
+            // Pacing between the copies, not a wait for anything.
             std::thread::sleep(Duration::from_millis(20));
         }
     })
@@ -789,7 +692,7 @@ fn send_vxlan_from(ns: &Netns, frame: Vec<u8>) {
 /// What container 2 receives on UDP 9999 within `wait`.
 fn receive_in_container2(topo: &Topology, wait: Duration, send: impl FnOnce()) -> Vec<Vec<u8>> {
     let (ready_tx, ready_rx) = mpsc::channel();
-    let listener = in_netns(topo.containers[1].path(), move || {
+    let listener = spawn_in(&topo.containers[1].path(), move || {
         let sock = UdpSocket::bind("10.1.2.2:9999").expect("bind");
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
@@ -810,8 +713,8 @@ fn receive_in_container2(topo: &Topology, wait: Duration, send: impl FnOnce()) -
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn spoofed_vxlan_never_reaches_a_container_and_peer_removal_empties_the_maps() {
-    require_root!();
     let topo = Topology::new();
     let agents = start_pair(&topo, [Kind::Ebpf, Kind::Ebpf]);
     let inner_src: Ipv4Addr = "10.1.1.2".parse().unwrap();
@@ -863,8 +766,8 @@ fn spoofed_vxlan_never_reaches_a_container_and_peer_removal_empties_the_maps() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn reconcile_repairs_detached_programs_stale_and_missing_entries() {
-    require_root!();
     let topo = Topology::new();
     let agents = start_pair(&topo, [Kind::Ebpf, Kind::Ebpf]);
     let pin = topo.pin_dir(0);
@@ -951,11 +854,11 @@ fn reconcile_repairs_detached_programs_stale_and_missing_entries() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn restart_adopts_pinned_programs_without_losing_a_ping() {
-    require_root!();
     let topo = Topology::new();
     let [a, b] = start_pair(&topo, [Kind::Ebpf, Kind::Ebpf]);
-    let ping = topo.containers[0].spawn(&[
+    let mut ping = topo.containers[0].spawn(&[
         "ping",
         "-n",
         "-q",
@@ -965,16 +868,33 @@ fn restart_adopts_pinned_programs_without_losing_a_ping() {
         "400",
         &container_ip(1),
     ]);
-    std::thread::sleep(Duration::from_millis(500));
+    let encapsulated_by_b = |since: &Counters| delta(&b.counters(), since, counter::ENCAPSULATED);
+    let start = b.counters();
+    poll::until_blocking(
+        "host 2 to encapsulate ping replies",
+        Duration::from_secs(10),
+        || {
+            let n = encapsulated_by_b(&start);
+            poll::check(n >= 5, n)
+        },
+    );
     let before = b.counters();
     a.stop();
-    std::thread::sleep(Duration::from_millis(1000));
-    // Host 1's agent is down; its programs still decapsulate what host 2 sends.
-    assert!(
-        delta(&b.counters(), &before, counter::ENCAPSULATED) >= 50,
-        "host 2 stopped encapsulating"
+    // Host 1's agent is down; its programs still decapsulate what host 2 sends, so the requests
+    // keep arriving and host 2 keeps encapsulating replies.
+    poll::until_blocking(
+        "host 2 to keep encapsulating replies with host 1's agent stopped",
+        Duration::from_secs(3),
+        || {
+            let n = encapsulated_by_b(&before);
+            poll::check(n >= 20, n)
+        },
     );
     let a = Agent::start(&topo, 0, Kind::Ebpf).expect("restart adopts");
+    assert!(
+        ping.try_wait().expect("ping status").is_none(),
+        "the ping ended before the agent restarted: the test saw no restart under traffic"
+    );
     a.apply(LeaseEvent::Added(lease(1, b.mac)));
     let out = ping.wait_with_output().expect("ping");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -997,10 +917,14 @@ fn restart_adopts_pinned_programs_without_losing_a_ping() {
     assert_eq!(st.mode, Mode::Kernel, "{st}");
     assert!(st.node.is_none() && st.programs.is_empty());
     // The unpinned links are released asynchronously.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && topo.hosts[0].ip("-d link show ens32").contains("weft") {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll::until_blocking(
+        "the XDP program to leave ens32 after cleanup",
+        Duration::from_secs(5),
+        || {
+            let link = topo.hosts[0].ip("-d link show ens32");
+            poll::check(!link.contains("weft"), link)
+        },
+    );
     let flannel_before = topo.hosts[0].flannel_packets();
     assert_pings(&topo, 0, 1, &[]);
     assert!(
@@ -1011,8 +935,8 @@ fn restart_adopts_pinned_programs_without_losing_a_ping() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn mixed_ebpf_and_kernel_hosts_reach_each_other() {
-    require_root!();
     let topo = Topology::new();
     let agents = start_pair(&topo, [Kind::Ebpf, Kind::Kernel]);
     let before = agents[0].counters();
@@ -1042,14 +966,14 @@ fn mixed_ebpf_and_kernel_hosts_reach_each_other() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn setup_failure_names_the_step_and_leaves_nothing_attached() {
-    require_root!();
     let topo = Topology::new();
     // Another program already holds native XDP on ens32: the XDP decap attach must fail.
     let pin = topo.pin_dir(0);
-    let blocker = topo.bpffs.0.path().join("weft").join("blocker");
+    let blocker = topo.bpffs.path().join("weft").join("blocker");
     let path = topo.hosts[0].path();
-    let err = in_netns(path, move || {
+    let err = spawn_in(&path, move || {
         let mut other = weft::datapath::Datapath::load(&blocker).expect("load blocker");
         other
             .attach_decap("ens32", weft::datapath::DecapHook::Xdp)
@@ -1096,8 +1020,8 @@ fn attached_on(topo: &Topology, host: usize, program: &str, interface: &str) -> 
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn bridge_ports_get_encapsulation_and_containers_get_packets_directly() {
-    require_root!();
     let topo = Topology::new();
     let agents = start_pair(&topo, [Kind::Ebpf, Kind::Ebpf]);
     let peers = [vec![lease(1, agents[1].mac)], vec![lease(0, agents[0].mac)]];
@@ -1193,62 +1117,50 @@ fn bridge_ports_get_encapsulation_and_containers_get_packets_directly() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn a_new_port_on_the_bridge_is_reported_at_once() {
-    require_root!();
     let topo = Topology::new();
     let [a, _b] = start_pair(&topo, [Kind::Ebpf, Kind::Ebpf]);
     let host = topo.hosts[0].name.clone();
-    // Interfaces that are not the bridge's ports are no reason to reconcile.
-    let other = std::thread::spawn({
-        let host = host.clone();
-        move || {
-            std::thread::sleep(Duration::from_millis(200));
-            run(
-                "ip",
-                &[
-                    "-n", &host, "link", "add", "vethx", "type", "veth", "peer", "name", "vethx-c",
-                ],
-            );
-            run("ip", &["-n", &host, "link", "set", "vethx", "up"]);
-        }
-    });
+    // Interfaces that are not the bridge's ports are no reason to reconcile. The backend's link
+    // watch is subscribed since start, so a change made before `local_change` is queued for it.
+    run(
+        "ip",
+        &[
+            "-n", &host, "link", "add", "vethx", "type", "veth", "peer", "name", "vethx-c",
+        ],
+    );
+    run("ip", &["-n", &host, "link", "set", "vethx", "up"]);
+    // An observation window for something that must not happen.
     assert!(
         !a.local_change(Duration::from_millis(1500)),
         "a link outside the bridge was reported"
     );
-    other.join().expect("thread");
-    let port = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(200));
-        run(
-            "ip",
-            &[
-                "-n", &host, "link", "add", "vethz", "type", "veth", "peer", "name", "vethz-c",
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n", &host, "link", "set", "vethz", "master", "docker0", "up",
-            ],
-        );
-    });
+    run(
+        "ip",
+        &[
+            "-n", &host, "link", "add", "vethz", "type", "veth", "peer", "name", "vethz-c",
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n", &host, "link", "set", "vethz", "master", "docker0", "up",
+        ],
+    );
     let started = Instant::now();
     assert!(
         a.local_change(Duration::from_secs(5)),
         "a new bridge port was not reported"
     );
-    eprintln!(
-        "reported {:?} after the port was added",
-        started.elapsed().saturating_sub(Duration::from_millis(200))
-    );
-    port.join().expect("thread");
+    eprintln!("reported {:?} after the port was added", started.elapsed());
     a.reconcile(vec![lease(1, _b.mac)]);
     assert!(attached_on(&topo, 0, "weft_tc_encap", "vethz"));
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn a_bridge_created_later_gets_encapsulation_on_reconcile() {
-    require_root!();
     let topo = Topology::new();
     topo.hosts[0].ip("link set docker0 name docker-old");
     let a = Agent::start(&topo, 0, Kind::Ebpf).expect("a missing bridge is not fatal");

@@ -11,15 +11,13 @@
 //! only when the kernel vxlan device encapsulates or decapsulates.
 
 use std::net::{Ipv4Addr, UdpSocket};
-use std::os::fd::AsRawFd as _;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use serde_json::Value;
 use tokio::task::JoinSet;
-use weft_tests::{cluster, weft_bin, Agent, Cluster, Container, Host, Netns};
+use weft_tests::{cluster, flanneld, tail, weft_bin, Agent, Cluster, Container, Host, Netns};
 
 const CONFIG: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const VXLAN_PORT: u16 = 8472;
@@ -137,6 +135,7 @@ async fn wait_status(
                 tail(&log, 60)
             );
         }
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -187,11 +186,6 @@ async fn bind_containers(host: &Host) {
         |st| st["local_bindings"].as_array().map_or(0, Vec::len) >= n,
     )
     .await;
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 // ---- clusters --------------------------------------------------------------------------------------
@@ -300,6 +294,7 @@ async fn ping_count(
 // ---- 1. all pairs over eBPF ------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn all_cross_host_pairs_ping_and_transfer_over_ebpf_not_flannel1() {
     // Decapsulation by driver (TC on these veth NICs) on hosts 1 and 2, native XDP on host 3.
     let c = ebpf_cluster_each(3, 2, |i| {
@@ -386,134 +381,16 @@ async fn leases(c: &Cluster) -> Vec<(ipnet::Ipv4Net, Ipv4Addr, String)> {
         .collect()
 }
 
-/// `flannel.1`'s MAC on `host`.
-async fn flannel_mac(host: &Host) -> String {
-    let out = host
-        .netns()
-        .ip(&["-j", "link", "show", "flannel.1"])
-        .await
-        .unwrap();
-    let v: Value = serde_json::from_str(&out).unwrap();
-    v[0]["address"].as_str().expect("flannel.1 MAC").to_owned()
-}
-
-/// Configure `host` as flanneld would with `subnet`: flannel.1, its lease in etcd (an 86400 s etcd
-/// lease, flanneld's exact bytes), and the subnet file (from which the harness addresses docker0).
-async fn flanneld_by_hand(c: &Cluster, host: &Host, subnet: ipnet::Ipv4Net) {
-    let ip = host.ens32_ip().to_string();
-    let ns = host.netns();
-    ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &ip,
-        "dev",
-        "ens32",
-        "dstport",
-        "8472",
-        "nolearning",
-    ])
-    .await
-    .unwrap();
-    ns.ip(&["link", "set", "flannel.1", "mtu", "1450"])
-        .await
-        .unwrap();
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{}/32", subnet.network()),
-        "dev",
-        "flannel.1",
-    ])
-    .await
-    .unwrap();
-    ns.ip(&["link", "set", "flannel.1", "up"]).await.unwrap();
-    let mac = flannel_mac(host).await;
-    let value = format!(
-        r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
-    );
-    let key = format!(
-        "{}/subnets/{}-{}",
-        c.prefix(),
-        subnet.network(),
-        subnet.prefix_len()
-    );
-    let granted = host.etcdctl(&["lease", "grant", "86400"]).await.unwrap();
-    // "lease 694d7b5f2ae3a10c granted with TTL(86400s)"
-    let id = granted
-        .split_whitespace()
-        .nth(1)
-        .expect("lease id")
-        .to_owned();
-    host.etcdctl(&["put", &format!("--lease={id}"), &key, &value])
-        .await
-        .unwrap();
-    assert_eq!(c.etcd().get(&key).await.as_deref(), Some(value.as_str()));
-    let env = format!(
-        "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
-        Ipv4Addr::from(u32::from(subnet.network()) + 1),
-        subnet.prefix_len()
-    );
-    std::fs::write(host.subnet_file(), env).unwrap();
-}
-
-/// What flanneld does on `host` for a remote lease: neighbour, fdb entry, route.
-async fn flanneld_add_peer(host: &Host, subnet: ipnet::Ipv4Net, public_ip: Ipv4Addr, mac: &str) {
-    let gw = subnet.network().to_string();
-    let ns = host.netns();
-    ns.ip(&[
-        "neigh",
-        "replace",
-        &gw,
-        "dev",
-        "flannel.1",
-        "lladdr",
-        mac,
-        "nud",
-        "permanent",
-    ])
-    .await
-    .unwrap();
-    host.exec_ok(&[
-        "bridge",
-        "fdb",
-        "replace",
-        mac,
-        "dev",
-        "flannel.1",
-        "dst",
-        &public_ip.to_string(),
-        "self",
-        "permanent",
-    ])
-    .await
-    .unwrap();
-    ns.ip(&[
-        "route",
-        "replace",
-        &subnet.to_string(),
-        "via",
-        &gw,
-        "dev",
-        "flannel.1",
-        "onlink",
-    ])
-    .await
-    .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn mixed_ebpf_kernel_and_flanneld_hosts_all_reach_all() {
     let c = cluster(3).await;
     c.write_config(CONFIG).await;
     let (ebpf, kernel, flanneld) = (c.host(0), c.host(1), c.host(2));
     let flanneld_subnet: ipnet::Ipv4Net = "10.1.200.0/24".parse().unwrap();
-    flanneld_by_hand(&c, flanneld, flanneld_subnet).await;
+    flanneld::host_by_hand(&c, flanneld, "10.1.0.0/16", flanneld_subnet)
+        .await
+        .unwrap();
     ebpf.spawn_agent(&["--datapath", "ebpf"]).unwrap();
     kernel.spawn_agent(&["--datapath", "kernel"]).unwrap();
     c.add_containers(1).await.unwrap();
@@ -522,7 +399,12 @@ async fn mixed_ebpf_kernel_and_flanneld_hosts_all_reach_all() {
     assert_eq!(all.len(), 3, "{all:?}");
     for (subnet, ip, mac) in &all {
         if *ip != flanneld.ens32_ip() {
-            flanneld_add_peer(flanneld, *subnet, *ip, mac).await;
+            flanneld::run(
+                flanneld.netns().name(),
+                &flanneld::vxlan_peer(*subnet, *ip, mac),
+            )
+            .await
+            .unwrap();
         }
     }
     // The kernel host's agent programs flannel.1 from the watch; wait for both routes.
@@ -544,6 +426,7 @@ async fn mixed_ebpf_kernel_and_flanneld_hosts_all_reach_all() {
             Instant::now() < deadline,
             "kernel host lacks flannel.1 routes:\n{routes}"
         );
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -582,75 +465,12 @@ async fn mixed_ebpf_kernel_and_flanneld_hosts_all_reach_all() {
 
 // ---- 3. spoofed VXLAN ------------------------------------------------------------------------------
 
-/// Run `f` on a thread that joined namespace `ns` (`/run/netns/<ns>`).
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> std::thread::JoinHandle<anyhow::Result<T>> {
-    let path = PathBuf::from("/run/netns").join(ns);
-    std::thread::spawn(move || {
-        let file =
-            std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
-        // SAFETY: setns on a valid namespace fd changes only this thread's network namespace.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "setns {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        f()
-    })
-}
-
 fn parse_mac(mac: &str) -> [u8; 6] {
     let bytes: Vec<u8> = mac
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).expect("hex MAC"))
         .collect();
     bytes.try_into().expect("6-byte MAC")
-}
-
-/// A VXLAN payload (what goes after the outer UDP header) as a peer's flannel.1 builds it, carrying
-/// UDP `src:12345 -> dst:port` with `body`.
-fn vxlan_payload(
-    vni: u32,
-    inner_dst_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    port: u16,
-    body: &[u8],
-) -> Vec<u8> {
-    let mut f = vec![0x08, 0, 0, 0];
-    f.extend(&(vni << 8).to_be_bytes());
-    f.extend(inner_dst_mac);
-    f.extend([0x02, 0x42, 0xde, 0xad, 0xbe, 0xef, 0x08, 0x00]);
-    let total = (20 + 8 + body.len()) as u16;
-    let mut ip = vec![0x45, 0];
-    ip.extend(total.to_be_bytes());
-    ip.extend([0, 1, 0, 0, 64, 17, 0, 0]);
-    ip.extend(src.octets());
-    ip.extend(dst.octets());
-    let sum = ip_checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    f.extend(ip);
-    f.extend(12345u16.to_be_bytes());
-    f.extend(port.to_be_bytes());
-    f.extend(((8 + body.len()) as u16).to_be_bytes());
-    f.extend([0, 0]); // no UDP checksum, valid for IPv4
-    f.extend(body);
-    f
-}
-
-fn ip_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 const PROBE_PORT: u16 = 9999;
@@ -667,7 +487,7 @@ async fn probe(
 ) -> usize {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let ip = to.ip();
-    let listener = in_netns(to.netns(), move || {
+    let listener = weft_tests::netns::spawn_in(to.netns(), move || {
         let sock = UdpSocket::bind((ip, PROBE_PORT)).context("bind the probe listener")?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         ready_tx.send(()).ok();
@@ -679,19 +499,20 @@ async fn probe(
                 got += usize::from(&buf[..n] == body);
             }
         }
-        Ok(got)
+        anyhow::Ok(got)
     });
     tokio::task::spawn_blocking(move || ready_rx.recv_timeout(Duration::from_secs(5)))
         .await
         .unwrap()
         .expect("probe listener ready");
-    let sender = in_netns(from_ns, move || {
+    let sender = weft_tests::netns::spawn_in(from_ns, move || {
         let sock = UdpSocket::bind("0.0.0.0:0")?;
         for _ in 0..PROBES {
             sock.send_to(&payload, (vtep, VXLAN_PORT))?;
+            // Pacing between two probes, not a wait for anything.
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(())
+        anyhow::Ok(())
     });
     tokio::task::spawn_blocking(move || {
         sender.join().expect("sender thread").expect("send VXLAN");
@@ -702,6 +523,7 @@ async fn probe(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn spoofed_vxlan_from_a_host_without_lease_and_wrong_vni_never_reach_a_container() {
     let c = cluster(3).await;
     c.write_config(CONFIG).await;
@@ -757,7 +579,14 @@ async fn spoofed_vxlan_from_a_host_without_lease_and_wrong_vni_never_reach_a_con
                 .find(|l| l.1 == to_host.ens32_ip())
                 .expect("lease")
                 .2;
-            let frame = vxlan_payload(vni, parse_mac(mac), src.ip(), to.ip(), PROBE_PORT, body);
+            let frame = weft_tests::packet::vxlan_payload(
+                vni,
+                parse_mac(mac),
+                src.ip(),
+                to.ip(),
+                PROBE_PORT,
+                body,
+            );
             probe(to, from_ns, to_host.ens32_ip(), frame, body).await
         };
 
@@ -822,6 +651,7 @@ async fn wait_ready_again(agent: &Agent, before: usize) -> Duration {
             "agent not ready again:\n{}",
             tail(&agent.log(), 40)
         );
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     start.elapsed()
@@ -853,6 +683,7 @@ fn unanswered(ping_output: &str, count: u32) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn agent_restarts_sigterm_and_kill9_lose_no_ping_at_100_per_second() {
     let c = ebpf_cluster(2, 1, &[]).await;
     let (host, agent) = (c.host(0), c.host(0).agent().unwrap());
@@ -884,6 +715,9 @@ async fn agent_restarts_sigterm_and_kill9_lose_no_ping_at_100_per_second() {
     let mut timeline = vec![format!("{:.3} ping started", unix_now())];
     let backlog_drops = softnet_drops();
     let attached = attachments(&status(host).await);
+    // The scenario's timeline from here on, not waits: half a second of traffic in each phase
+    // (before SIGTERM, while the agent is away, after it is ready, while it is killed); the ping
+    // counts every packet, and each restart is followed by polling for readiness.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // SIGTERM: the agent exits cleanly; the pinned programs keep forwarding while it is away.
@@ -896,6 +730,7 @@ async fn agent_restarts_sigterm_and_kill9_lose_no_ping_at_100_per_second() {
         "SIGTERM exit: {status_code}\n{}",
         tail(&agent.log(), 30)
     );
+    // Timeline: the next phase after half a second.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let while_down = Seen::of(host).await.since(down);
     timeline.push(format!("{:.3} restart", unix_now()));
@@ -1012,6 +847,7 @@ fn softnet_drops() -> u64 {
 // ---- 5. large transfers and oversize packets -------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn large_tcp_at_mtu_1450_and_oversize_non_gso_packets() {
     let c = ebpf_cluster(2, 1, &[]).await;
     let (h1, h2) = (c.host(0), c.host(1));
@@ -1096,6 +932,7 @@ async fn link_exists(host: &Host, id: u64) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn cleanup_removes_programs_and_maps_and_traffic_moves_to_flannel1() {
     let c = ebpf_cluster(2, 1, &[]).await;
     let (h1, h2) = (c.host(0), c.host(1));
@@ -1128,6 +965,7 @@ async fn cleanup_removes_programs_and_maps_and_traffic_moves_to_flannel1() {
                 Instant::now() < deadline,
                 "link {id} still exists after cleanup"
             );
+            // Pacing between two looks; the deadline decides.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -1172,6 +1010,7 @@ async fn detach_decap_by_hand(host: &Host) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn a_decap_program_detached_by_hand_is_reattached_within_seconds() {
     let c = ebpf_cluster(2, 1, &["--reconcile-interval", "1s"]).await;
     let (h1, agent) = (c.host(0), c.host(0).agent().unwrap());
@@ -1218,6 +1057,7 @@ async fn a_decap_program_detached_by_hand_is_reattached_within_seconds() {
 /// deleted and recreated the way Docker does at its restart (same address and MTU, the
 /// containers' veths attached again). The agent re-attaches both and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn detached_xdp_and_recreated_docker0_are_repaired() {
     let c = ebpf_cluster_each(2, 1, |i| {
         let mut extra = vec!["--reconcile-interval", "1s"];
@@ -1312,6 +1152,7 @@ async fn detached_xdp_and_recreated_docker0_are_repaired() {
 // ---- 8. --datapath auto falls back ------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn auto_falls_back_to_the_kernel_path_with_the_reason_and_traffic_works() {
     let c = cluster(3).await;
     c.write_config(CONFIG).await;

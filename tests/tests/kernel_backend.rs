@@ -7,8 +7,6 @@
 
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ipnet::Ipv4Net;
@@ -18,6 +16,7 @@ use weft::backend::vxlan::{VxlanBackend, VxlanSettings};
 use weft::backend::Backend;
 use weft::lease::{BackendAttrs, Lease, LeaseAttrs, LeaseEvent, MacAddr};
 use weft::netlink::{fmt_mac, Netlink};
+use weft_tests::flanneld;
 
 const HOST_IP: &str = "192.168.50.1";
 /// A peer on ens32's network.
@@ -28,8 +27,10 @@ const OWN: &str = "10.1.10.0/24";
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-/// A network namespace named `wft-nl-<pid>-<n>`, deleted on drop (also on panic).
+/// The harness's namespace `wft-nl-<pid>-<n>` (deleted on drop, also on panic) plus what these
+/// tests read from it.
 struct Netns {
+    ns: weft_tests::Netns,
     name: String,
 }
 
@@ -40,10 +41,8 @@ impl Netns {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)
         );
-        run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        ns.ip("link set lo up");
-        ns
+        let ns = weft_tests::Netns::create_blocking(&name).unwrap_or_else(|e| panic!("{e:#}"));
+        Self { ns, name }
     }
 
     /// A host like flanneld's: `ens32` with 192.168.50.1/24 (a veth, since this
@@ -59,9 +58,10 @@ impl Netns {
     }
 
     fn ip(&self, args: &str) -> String {
-        let mut full = vec!["-n", &self.name];
-        full.extend(args.split_whitespace());
-        run("ip", &full)
+        let args: Vec<&str> = args.split_whitespace().collect();
+        self.ns
+            .ip_blocking(&args)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     fn bridge(&self, args: &str) -> String {
@@ -124,13 +124,9 @@ impl Netns {
     /// Run `f` on a thread that lives in this namespace, with its own runtime, so
     /// the netlink socket weft opens belongs to the namespace.
     fn run<T: Send, Fut: Future<Output = T>>(&self, f: impl FnOnce() -> Fut + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
         std::thread::scope(|s| {
-            s.spawn(move || {
-                let file = std::fs::File::open(&path).expect("open netns");
-                // SAFETY: setns on a valid namespace fd affects only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            s.spawn(|| {
+                weft_tests::netns::join(&self.name).unwrap_or_else(|e| panic!("{e:#}"));
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -140,14 +136,6 @@ impl Netns {
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
         })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
@@ -265,35 +253,19 @@ fn apply_restarted(host: &Netns, direct_routing: bool, event: &LeaseEvent) {
 /// A host programmed by hand exactly as FLANNEL-COMPAT.md says flanneld does it.
 fn flanneld_reference(own_mac: &str, peers: &[Lease], direct_routing: bool) -> Netns {
     let ns = Netns::host();
-    ns.ip(&format!(
-        "link add flannel.1 address {own_mac} mtu 1450 type vxlan id 1 local {HOST_IP} dev ens32 \
-         dstport 8472 nolearning"
-    ));
-    ns.ip("addr add 10.1.10.0/32 dev flannel.1");
-    ns.ip("link set flannel.1 up");
+    let mut cmds = flanneld::vxlan_device(ip(HOST_IP), net(OWN), Some(own_mac), 1450, &[]);
     for p in peers {
         let BackendAttrs::Vxlan { vtep_mac, .. } = p.attrs.backend else {
             continue;
         };
-        let (sn, gw, pip, m) = (
-            p.subnet,
-            p.subnet.network(),
-            p.attrs.public_ip,
-            fmt_mac(&vtep_mac),
-        );
-        let direct = direct_routing && pip.to_string().starts_with("192.168.50.");
-        if direct {
-            ns.ip(&format!("route replace {sn} via {pip}"));
-            continue;
+        let pip = p.attrs.public_ip;
+        if direct_routing && pip.to_string().starts_with("192.168.50.") {
+            cmds.extend(flanneld::host_gw_peer(p.subnet, pip, None));
+        } else {
+            cmds.extend(flanneld::vxlan_peer(p.subnet, pip, &fmt_mac(&vtep_mac)));
         }
-        ns.ip(&format!(
-            "neigh replace {gw} dev flannel.1 lladdr {m} nud permanent"
-        ));
-        ns.bridge(&format!(
-            "fdb replace {m} dev flannel.1 dst {pip} self permanent"
-        ));
-        ns.ip(&format!("route replace {sn} via {gw} dev flannel.1 onlink"));
     }
+    flanneld::run_blocking(&ns.name, &cmds).unwrap_or_else(|e| panic!("{e:#}"));
     ns
 }
 
@@ -314,6 +286,7 @@ fn assert_same_peers(ours: &Netns, reference: &Netns) {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn vxlan_device_is_what_flanneld_creates() {
     let host = Netns::host();
     let advertised = host.run(|| async {
@@ -352,6 +325,7 @@ fn vxlan_device_is_what_flanneld_creates() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn peers_are_added_changed_and_removed_as_flanneld_does() {
     let host = Netns::host();
     let a = vx("10.1.54.0/24", NEAR_PEER, mac(1));
@@ -383,6 +357,7 @@ fn peers_are_added_changed_and_removed_as_flanneld_does() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn a_failed_route_rolls_back_neighbour_and_fdb() {
     let host = Netns::host();
     let peer = vx("10.1.54.0/24", NEAR_PEER, mac(1));
@@ -405,6 +380,7 @@ fn a_failed_route_rolls_back_neighbour_and_fdb() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn a_compatible_device_is_reused_with_its_mac() {
     let host = Netns::host();
     host.ip(&format!(
@@ -429,6 +405,7 @@ fn a_compatible_device_is_reused_with_its_mac() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn an_incompatible_device_is_replaced() {
     for (why, args) in [
         (
@@ -478,6 +455,7 @@ fn plant_stale(host: &Netns) {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn reconcile_removes_stale_adds_missing_and_is_then_quiet() {
     let host = Netns::host();
     let peers = [
@@ -511,6 +489,7 @@ fn reconcile_removes_stale_adds_missing_and_is_then_quiet() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn reconcile_recreates_a_deleted_device_with_the_advertised_mac() {
     let host = Netns::host();
     let peers = [vx("10.1.54.0/24", NEAR_PEER, mac(1))];
@@ -539,6 +518,7 @@ fn reconcile_recreates_a_deleted_device_with_the_advertised_mac() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn direct_routing_uses_plain_routes_for_peers_on_our_network() {
     let host = Netns::host();
     let near = vx("10.1.54.0/24", NEAR_PEER, mac(1));
@@ -574,6 +554,7 @@ async fn hostgw_backend() -> HostGwBackend {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn host_gw_routes_match_flanneld_and_reconcile() {
     let host = Netns::host();
     let a = hostgw_lease("10.1.54.0/24", NEAR_PEER);
@@ -610,6 +591,7 @@ fn host_gw_routes_match_flanneld_and_reconcile() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn host_gw_refuses_a_peer_behind_a_router_with_a_clear_error() {
     let host = Netns::host();
     let far = hostgw_lease("10.1.77.0/24", FAR_PEER);
@@ -637,6 +619,7 @@ fn host_gw_refuses_a_peer_behind_a_router_with_a_clear_error() {
 }
 
 #[test]
+#[ignore = "needs root: run cargo xtask test"]
 fn external_interface_is_found_by_name_address_and_default_route() {
     let host = Netns::host();
     host.ip("route add default via 192.168.50.254");

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use serde_json::Value;
-use weft_tests::{cluster, Cluster, Container, Host, Netns};
+use weft_tests::{cluster, flanneld, Cluster, Container, Host, Netns};
 
 const VXLAN: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#;
@@ -275,14 +275,9 @@ async fn flanneld_reference(c: &Cluster, host: &Host, leases: &[EtcdLease]) -> N
     let ns = Netns::create(&format!("{}-ref{}", c.name(), host.index() + 1))
         .await
         .unwrap();
-    sh(&ns, "ip link add ens32 type veth peer name ens32-peer").await;
-    sh(
-        &ns,
-        &format!("ip addr add {}/24 dev ens32", host.ens32_ip()),
-    )
-    .await;
-    sh(&ns, "ip link set ens32 up").await;
-    sh(&ns, "ip link set ens32-peer up").await;
+    ns.add_interface("ens32", &format!("{}/24", host.ens32_ip()))
+        .await
+        .unwrap();
     let own = lease_of(leases, host);
     program_as_flanneld(&ns, host.ens32_ip(), &own, leases).await;
     ns
@@ -294,61 +289,30 @@ async fn program_as_flanneld(ns: &Netns, local: Ipv4Addr, own: &EtcdLease, lease
     let peers = leases
         .iter()
         .filter(|l| l.subnet != own.subnet && l.backend == own.backend);
+    let mut cmds = Vec::new();
     if own.backend == "host-gw" {
         for p in peers {
-            sh(
-                ns,
-                &format!(
-                    "ip route replace {} via {} dev ens32",
-                    p.subnet, p.public_ip
-                ),
-            )
-            .await;
+            cmds.extend(flanneld::host_gw_peer(p.subnet, p.public_ip, Some("ens32")));
         }
-        return;
+    } else {
+        if ns.ip(&["link", "show", "flannel.1"]).await.is_err() {
+            let mac = own.mac.as_deref().expect("a vxlan lease has a VtepMAC");
+            cmds.extend(flanneld::vxlan_device(
+                local,
+                own.subnet,
+                Some(mac),
+                FLANNEL_MTU,
+                &[],
+            ));
+        }
+        for p in peers {
+            let mac = p.mac.as_deref().expect("VtepMAC");
+            cmds.extend(flanneld::vxlan_peer(p.subnet, p.public_ip, mac));
+        }
     }
-    if ns.ip(&["link", "show", "flannel.1"]).await.is_err() {
-        let mac = own.mac.as_deref().expect("a vxlan lease has a VtepMAC");
-        sh(
-            ns,
-            &format!(
-                "ip link add flannel.1 address {mac} type vxlan id 1 local {local} dev ens32 \
-             dstport 8472 nolearning"
-            ),
-        )
-        .await;
-        sh(ns, &format!("ip link set flannel.1 mtu {FLANNEL_MTU}")).await;
-        sh(
-            ns,
-            &format!("ip addr add {}/32 dev flannel.1", own.subnet.network()),
-        )
-        .await;
-        sh(ns, "ip link set flannel.1 up").await;
-    }
-    for p in peers {
-        let (gw, mac) = (p.subnet.network(), p.mac.as_deref().expect("VtepMAC"));
-        sh(
-            ns,
-            &format!("ip neigh replace {gw} dev flannel.1 lladdr {mac} nud permanent"),
-        )
-        .await;
-        sh(
-            ns,
-            &format!(
-                "bridge fdb replace {mac} dev flannel.1 dst {} self permanent",
-                p.public_ip
-            ),
-        )
-        .await;
-        sh(
-            ns,
-            &format!(
-                "ip route replace {} via {gw} dev flannel.1 onlink",
-                p.subnet
-            ),
-        )
-        .await;
-    }
+    flanneld::run(ns.name(), &cmds)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// On each of `hosts`, the kernel state equals what flanneld programs for the leases now in
@@ -377,6 +341,7 @@ async fn assert_programmed_as_flanneld(c: &Cluster, hosts: &[usize]) {
                 host.name(),
                 diff.join("\n")
             );
+            // Pacing between two looks; the deadline decides.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -385,6 +350,7 @@ async fn assert_programmed_as_flanneld(c: &Cluster, hosts: &[usize]) {
 // ---- 1 and 2: reachability and kernel state, vxlan and host-gw ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn vxlan_containers_reach_each_other_and_kernel_state_is_flanneld_s() {
     let c = running(VXLAN, 2).await;
     assert_all_reach_each_other(&c, &c.containers()).await;
@@ -399,6 +365,7 @@ async fn vxlan_containers_reach_each_other_and_kernel_state_is_flanneld_s() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn host_gw_containers_reach_each_other_and_routes_are_flanneld_s() {
     let c = running(HOST_GW, 2).await;
     assert_all_reach_each_other(&c, &c.containers()).await;
@@ -409,51 +376,16 @@ async fn host_gw_containers_reach_each_other_and_routes_are_flanneld_s() {
 // ---- 3: a host configured by hand as flanneld does it ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn a_host_set_up_by_hand_like_flanneld_interoperates() {
     let c = cluster(3).await;
     c.write_config(VXLAN).await;
     let hand = c.host(2);
     let subnet: Ipv4Net = "10.1.99.0/24".parse().unwrap();
     let ns = hand.netns();
-    sh(
-        ns,
-        &format!(
-            "ip link add flannel.1 type vxlan id 1 local {} dev ens32 dstport 8472 nolearning",
-            hand.ens32_ip()
-        ),
-    )
-    .await;
-    sh(ns, &format!("ip link set flannel.1 mtu {FLANNEL_MTU}")).await;
-    sh(
-        ns,
-        &format!("ip addr add {}/32 dev flannel.1", subnet.network()),
-    )
-    .await;
-    sh(ns, "ip link set flannel.1 up").await;
-    let mac = mac_of(ns, "flannel.1").await;
-    // flanneld's lease: an etcd lease of 24 h, then the value in its exact format.
-    let grant = c
-        .etcd()
-        .etcdctl(&["lease", "grant", "86400"])
+    flanneld::host_by_hand(&c, hand, "10.1.0.0/16", subnet)
         .await
         .unwrap();
-    let id = grant.split_whitespace().nth(1).expect("lease <id> granted");
-    let value = format!(
-        r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#,
-        hand.ens32_ip()
-    );
-    c.etcd()
-        .etcdctl(&["put", &format!("--lease={id}"), &lease_key(subnet), &value])
-        .await
-        .unwrap();
-    // flanneld's subnet file, from which the harness addresses docker0 as Docker would.
-    std::fs::write(
-        hand.subnet_file(),
-        format!(
-            "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.99.1/24\nFLANNEL_MTU={FLANNEL_MTU}\nFLANNEL_IPMASQ=false\n"
-        ),
-    )
-    .unwrap();
 
     for h in &c.hosts()[..2] {
         h.spawn_agent(&["--datapath", "kernel"]).unwrap();
@@ -470,14 +402,6 @@ async fn a_host_set_up_by_hand_like_flanneld_interoperates() {
     // Both ways: weft <-> hand-made host, and weft <-> weft.
     assert_all_reach_each_other(&c, &c.containers()).await;
     assert_programmed_as_flanneld(&c, &[0, 1]).await;
-}
-
-async fn mac_of(ns: &Netns, dev: &str) -> String {
-    let link = parse_json(&ns.ip(&["-j", "link", "show", dev]).await.unwrap());
-    link[0]["address"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{dev} has no MAC: {link}"))
-        .to_owned()
 }
 
 // ---- 4: deleted, stale and changed leases ----
@@ -503,6 +427,7 @@ fn mentions(state: &KernelState, lease: &EtcdLease) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn deleted_stale_and_changed_leases_are_followed() {
     let c = cluster(3).await;
     c.write_config(VXLAN).await;
@@ -574,6 +499,7 @@ async fn deleted_stale_and_changed_leases_are_followed() {
             "host 3 kept VTEP MAC {:?}",
             old.mac
         );
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(changed.subnet, old.subnet);
@@ -603,6 +529,7 @@ async fn deleted_stale_and_changed_leases_are_followed() {
             "1 s after its lease was deleted, host 3's entries are still there:\n{}",
             left.join("\n")
         );
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("deleted lease's entries gone after {:?}", deleted.elapsed());
@@ -661,6 +588,7 @@ fn readies(log: &str) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn agent_restart_loses_no_packets() {
     let c = running(VXLAN, 1).await;
     let (a, b) = (c.container(0), c.container(1));
@@ -670,6 +598,7 @@ async fn agent_restart_loses_no_packets() {
     for how in ["SIGTERM", "kill -9"] {
         let seen = readies(&agent.log());
         let pings = [Pinger::start(&a, &b), Pinger::start(&b, &a)];
+        // The scenario: a second of traffic before the restart (the pingers count every packet).
         tokio::time::sleep(Duration::from_secs(1)).await;
         if how == "SIGTERM" {
             let status = agent.stop().await.unwrap();
@@ -678,21 +607,21 @@ async fn agent_restart_loses_no_packets() {
             agent.kill();
         }
         agent.restart().await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while readies(&agent.log()) == seen {
-            assert!(
-                Instant::now() < deadline,
-                "restarted agent not ready:\n{}",
-                agent.log()
-            );
-            assert!(
-                agent.exit_status().is_none(),
-                "restarted agent exited:\n{}",
-                agent.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        // Keep pinging through the restarted agent's first reconcile.
+        weft_tests::poll::until(
+            "the restarted agent to be ready",
+            Duration::from_secs(20),
+            || async {
+                assert!(
+                    agent.exit_status().is_none(),
+                    "restarted agent exited:\n{}",
+                    agent.log()
+                );
+                let log = agent.log();
+                weft_tests::poll::check(readies(&log) > seen, ()).map_err(|_| log)
+            },
+        )
+        .await;
+        // An observation window: keep pinging through the restarted agent's first reconcile.
         tokio::time::sleep(Duration::from_secs(1)).await;
         for p in pings {
             let what = p.what.clone();

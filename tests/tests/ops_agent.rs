@@ -77,6 +77,7 @@ fn world_listener(world: &Netns, port: u16) -> std::thread::JoinHandle<anyhow::R
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     anyhow::ensure!(Instant::now() < deadline, "nobody connected to the world");
+                    // Pacing between two looks; the deadline decides.
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => return Err(e.into()),
@@ -187,11 +188,13 @@ async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
             return v;
         }
         assert!(Instant::now() < deadline, "{what} (waited {timeout:?})");
+        // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn ip_masq_readyz_and_metrics_on_running_agents() {
     let c = cluster(3).await;
     let world = world(&c).await;
@@ -377,27 +380,15 @@ async fn ip_masq_readyz_and_metrics_on_running_agents() {
 /// The interface flags, as flanneld reads them. Each host gets a second interface `ens33`
 /// (192.168.50.1/24 on host1), and its default route points there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn interface_choice() {
     let c = cluster(1).await;
     c.write_config(CONFIG).await;
     let h = c.host(0);
-    for args in [
-        &[
-            "link",
-            "add",
-            "ens33",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ens33-peer",
-        ][..],
-        &["addr", "add", "192.168.50.1/24", "dev", "ens33"],
-        &["link", "set", "ens33-peer", "up"],
-        &["link", "set", "ens33", "up"],
-    ] {
-        h.netns().ip(args).await.expect("second interface");
-    }
+    h.netns()
+        .add_interface("ens33", "192.168.50.1/24")
+        .await
+        .expect("second interface");
     let base: Vec<String> = {
         let all = h.agent_args();
         let at = all
@@ -552,6 +543,7 @@ fn read_env_file(path: &Path) -> Vec<(String, String)> {
 /// The unit's ExecStartPre and ExecStart, as systemd would run them with the env file, by hand in
 /// a harness host: the config gets written, the agent comes up, writes the subnet file, gets ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
 async fn unit_command_lines_run_by_hand_in_a_host() {
     let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist");
     let unit = std::fs::read_to_string(dist.join("weft.service")).expect("dist/weft.service");

@@ -30,7 +30,7 @@ pub struct Options {
     /// Backend in the network config.
     #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
     pub backend: String,
-    /// Do not build; use the weft binary built earlier (or $WEFT_BIN).
+    /// Do not build; use the release binary built earlier (`cargo xtask install` builds it), or $WEFT_BIN.
     #[arg(long)]
     pub no_build: bool,
     /// Run a real dockerd per host, started from the agent's Docker options, and `docker run`
@@ -44,12 +44,25 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if opts.down {
         return down();
     }
-    if !opts.no_build {
-        let bin = crate::test::build_weft(false)?;
-        if std::env::var_os("WEFT_BIN").is_none() {
-            // Read by the harness when it starts the agents; set before any thread exists.
-            std::env::set_var("WEFT_BIN", &bin);
-        }
+    if let Some(what) = already_up() {
+        // Checked before building: a second demo would fight the first over names and addresses.
+        eprintln!(
+            "A demo cluster is already up ({what}).\n\
+             Explore it with the commands `cargo xtask demo` printed, or remove it with \
+             `cargo xtask demo --down` and run `cargo xtask demo` again."
+        );
+        std::process::exit(1);
+    }
+    // The demo runs the binary users install: the release build of `cargo xtask install`.
+    let bin = if opts.no_build {
+        crate::test::target_dir()?.join("release").join("weft")
+    } else {
+        crate::packages::ensure()?;
+        crate::install::build_release()?
+    };
+    if std::env::var_os("WEFT_BIN").is_none() {
+        // Read by the harness when it starts the agents; set before any thread exists.
+        std::env::set_var("WEFT_BIN", &bin);
     }
     let runtime = tokio::runtime::Runtime::new().context("start the tokio runtime")?;
     runtime.block_on(up(opts))
@@ -73,12 +86,26 @@ fn planned() -> Kept {
     }
 }
 
+/// What is left of a demo that is up (or was half-built): its namespaces and state file.
+fn already_up() -> Option<String> {
+    let mut namespaces: Vec<String> = netns::list()
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{NAME}-")))
+        .collect();
+    namespaces.sort();
+    let mut what = Vec::new();
+    if !namespaces.is_empty() {
+        what.push(format!("namespaces {}", namespaces.join(" ")));
+    }
+    let state = state_file();
+    if state.exists() {
+        what.push(format!("state in {}", state.display()));
+    }
+    (!what.is_empty()).then(|| what.join("; "))
+}
+
 async fn up(opts: &Options) -> anyhow::Result<()> {
     let weft = weft_tests::weft_bin()?;
-    if state_file().exists() || netns::list().iter().any(|n| n.starts_with(NAME)) {
-        println!("==> removing the previous demo cluster");
-        down()?;
-    }
     planned().save(&state_file())?;
     let result = build(opts, &weft).await;
     if result.is_err() {

@@ -59,7 +59,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 }
 
 /// `cargo xtask build-ebpf`, then `cargo build --release -p weft --bin weft`; the binary's path.
-fn build_release() -> anyhow::Result<PathBuf> {
+pub(crate) fn build_release() -> anyhow::Result<PathBuf> {
     let xtask = std::env::current_exe().context("find the xtask binary")?;
     step(
         "build the eBPF object",

@@ -1,8 +1,12 @@
 //! `cargo xtask test`: unit tests and the root-only integration tests.
 //!
 //! Builds the eBPF object (`build-ebpf`) and the `weft` binary first, then runs
-//! `cargo test --workspace --exclude weft-ebpf` with `WEFT_BIN` pointing at that binary, so the
-//! integration tests run the agent that was just built. The output ends with cargo test's summary.
+//! `cargo test --workspace --exclude weft-ebpf -- --include-ignored` with `WEFT_BIN` pointing at that
+//! binary, so the integration tests run the agent that was just built. Root-only tests are
+//! `#[ignore = "needs root: run cargo xtask test"]`: a plain `cargo test` reports them as ignored,
+//! never as passed, and this command (which runs as root) runs them. A full run (no test arguments)
+//! first checks that the build needs no protoc from the system (see [`check_hermetic_build`]). The
+//! output ends with cargo test's summary.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,6 +29,12 @@ pub struct Options {
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     require_root("test")?;
     let weft_bin = build_weft(opts.skip_ebpf)?;
+    if opts.test_args.is_empty() {
+        check_hermetic_build()?;
+    } else {
+        // A filtered run is a developer's inner loop; the full run (CI's) keeps the check.
+        println!("==> build without a system protoc: not checked (test arguments given)");
+    }
 
     let mut test = cargo();
     test.args(["test", "--workspace", "--exclude", "weft-ebpf"])
@@ -32,9 +42,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if opts.long {
         test.env("WEFT_LONG_TESTS", "1");
     }
-    if !opts.test_args.is_empty() {
-        test.arg("--").args(&opts.test_args);
-    }
+    test.arg("--").args(libtest_args(&opts.test_args));
     let long = if opts.long { "WEFT_LONG_TESTS=1 " } else { "" };
     println!("==> run the unit and integration tests");
     println!("$ WEFT_BIN={} {long}{}", weft_bin.display(), show(&test));
@@ -44,7 +52,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 }
 
 /// Build the eBPF object (unless `skip_ebpf`) and the `weft` binary; returns the binary's path.
-pub(crate) fn build_weft(skip_ebpf: bool) -> anyhow::Result<PathBuf> {
+fn build_weft(skip_ebpf: bool) -> anyhow::Result<PathBuf> {
     crate::packages::ensure()?;
     if !skip_ebpf {
         let xtask = std::env::current_exe().context("find the xtask binary")?;
@@ -56,6 +64,70 @@ pub(crate) fn build_weft(skip_ebpf: bool) -> anyhow::Result<PathBuf> {
     build.args(["build", "--package", "weft", "--bin", "weft"]);
     step("build the weft binary", &mut build)?;
     Ok(target_dir()?.join("debug").join("weft"))
+}
+
+/// What follows `--`: the user's arguments, plus `--include-ignored` so the root-only tests run,
+/// unless the user already chose (`--ignored` and `--include-ignored` exclude each other in libtest,
+/// and either one given twice is an error).
+fn libtest_args(user: &[String]) -> Vec<String> {
+    let chosen = user
+        .iter()
+        .any(|a| a == "--ignored" || a == "--include-ignored");
+    let mut args = user.to_vec();
+    if !chosen {
+        args.push("--include-ignored".to_owned());
+    }
+    args
+}
+
+/// Hides every `protoc` on PATH and `/usr/include/google` (when present), then makes
+/// etcd-client's build script run again and builds the agent.
+const HERMETIC_BUILD: &str = r#"set -eu
+cargo=$1
+IFS=:
+for dir in $PATH; do
+    if [ -e "$dir/protoc" ]; then
+        mount --bind /dev/null "$dir/protoc"
+        echo "    hidden: $dir/protoc"
+    fi
+done
+unset IFS
+for dir in /usr/include/google /usr/local/include/google; do
+    if [ -d "$dir" ]; then
+        mount -t tmpfs -o ro weft-no-protobuf "$dir"
+        echo "    hidden: $dir"
+    fi
+done
+"$cargo" clean --package etcd-client
+"$cargo" build --package weft --bin weft
+"#;
+
+/// The agent builds with nothing from the system's protobuf packages: in a private mount namespace
+/// every `protoc` on PATH and `/usr/include/google` are hidden, etcd-client is cleaned so its
+/// build script (the one that runs protoc) really runs again, and `weft` is built. A green run on a
+/// development machine that happens to have protobuf installed then still proves a fresh machine
+/// builds. Reuses the main target directory: the cost is rebuilding etcd-client and the agent.
+fn check_hermetic_build() -> anyhow::Result<()> {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(HERMETIC_BUILD)
+        .arg("sh")
+        .arg(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        // The repo's own mechanism (.cargo/config.toml) must supply protoc, not the caller's shell.
+        .env_remove("PROTOC")
+        .env_remove("PROTOC_INCLUDE");
+    println!("==> build weft with the system's protoc and /usr/include/google hidden");
+    println!("$ unshare --mount --propagation private sh -c <hide protoc; cargo clean -p etcd-client; cargo build -p weft --bin weft>");
+    let status = cmd.status().context("run unshare (util-linux)")?;
+    if !status.success() {
+        bail!(
+            "building weft with the system's protoc and /usr/include/google hidden failed ({status}): \
+             the build depends on a system protoc or protobuf include files again. etcd-client must \
+             get protoc from .cargo/protoc (PROTOC in .cargo/config.toml, protoc-bin-vendored-* \
+             build-dependencies of the agent); see README.md, Layout."
+        );
+    }
+    Ok(())
 }
 
 /// The integration tests and the demo create namespaces, veths and bridges, load BPF programs and
@@ -131,4 +203,27 @@ pub(crate) fn target_dir() -> anyhow::Result<PathBuf> {
         .as_str()
         .map(PathBuf::from)
         .context("cargo metadata has no target_directory")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::libtest_args;
+
+    fn args(user: &[&str]) -> Vec<String> {
+        libtest_args(&user.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn root_only_tests_run_unless_the_user_chose_otherwise() {
+        assert_eq!(args(&[]), ["--include-ignored"]);
+        assert_eq!(
+            args(&["ebpf_", "--nocapture"]),
+            ["ebpf_", "--nocapture", "--include-ignored"]
+        );
+        assert_eq!(args(&["--ignored"]), ["--ignored"]);
+        assert_eq!(
+            args(&["x", "--include-ignored"]),
+            ["x", "--include-ignored"]
+        );
+    }
 }

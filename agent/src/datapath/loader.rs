@@ -70,12 +70,12 @@ mod tests {
     const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
     #[test]
+    #[ignore = "needs root: run cargo xtask test"]
     fn kernel_btf_is_hidden_from_the_loading_thread_only() {
-        // SAFETY: plain getter.
-        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new(VMLINUX).exists() {
-            eprintln!("skipped: needs root and {VMLINUX}");
-            return;
-        }
+        assert!(
+            std::path::Path::new(VMLINUX).exists(),
+            "the kernel exposes no {VMLINUX}: weft's eBPF datapath needs a kernel built with BTF"
+        );
         let inside = std::thread::spawn(|| {
             hide_kernel_btf().map(|()| std::path::Path::new(VMLINUX).exists())
         })

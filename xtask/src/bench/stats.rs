@@ -27,50 +27,34 @@ pub struct Metric {
 }
 
 /// Every metric, in report order.
+#[rustfmt::skip] // a table: one metric a line
 pub const METRICS: [Metric; 7] = [
-    Metric {
-        key: "tcp1_gbps",
-        label: "TCP 1 stream, Gbit/s",
-        higher_is_better: true,
-        get: |s| s.tcp1_gbps,
-    },
-    Metric {
-        key: "tcp4_gbps",
-        label: "TCP 4 streams, Gbit/s",
-        higher_is_better: true,
-        get: |s| s.tcp4_gbps,
-    },
-    Metric {
-        key: "rr_p50_us",
-        label: "TCP RR p50 RTT, µs",
-        higher_is_better: false,
-        get: |s| s.rr_p50_us,
-    },
-    Metric {
-        key: "rr_p99_us",
-        label: "TCP RR p99 RTT, µs",
-        higher_is_better: false,
-        get: |s| s.rr_p99_us,
-    },
-    Metric {
-        key: "rr_tps",
-        label: "TCP RR transactions/s",
-        higher_is_better: true,
-        get: |s| s.rr_tps,
-    },
-    Metric {
-        key: "udp64_pps",
-        label: "UDP 64 B received, pkt/s",
-        higher_is_better: true,
-        get: |s| s.udp64_pps,
-    },
-    Metric {
-        key: "cpu_s_per_gb",
-        label: "CPU s per GB (TCP 1 stream)",
-        higher_is_better: false,
-        get: |s| s.cpu_s_per_gb,
-    },
+    metric("tcp1_gbps", "TCP 1 stream, Gbit/s", HIGHER, |s| s.tcp1_gbps),
+    metric("tcp4_gbps", "TCP 4 streams, Gbit/s", HIGHER, |s| s.tcp4_gbps),
+    metric("rr_p50_us", "TCP RR p50 RTT, µs", LOWER, |s| s.rr_p50_us),
+    metric("rr_p99_us", "TCP RR p99 RTT, µs", LOWER, |s| s.rr_p99_us),
+    metric("rr_tps", "TCP RR transactions/s", HIGHER, |s| s.rr_tps),
+    metric("udp64_pps", "UDP 64 B received, pkt/s", HIGHER, |s| s.udp64_pps),
+    metric("cpu_s_per_gb", "CPU s per GB (TCP 1 stream)", LOWER, |s| s.cpu_s_per_gb),
 ];
+
+const HIGHER: bool = true;
+const LOWER: bool = false;
+
+/// One row of [`METRICS`]; `higher_is_better` is [`HIGHER`] or [`LOWER`].
+const fn metric(
+    key: &'static str,
+    label: &'static str,
+    higher_is_better: bool,
+    get: fn(&Sample) -> f64,
+) -> Metric {
+    Metric {
+        key,
+        label,
+        higher_is_better,
+        get,
+    }
+}
 
 /// The median; the mean of the middle two for an even count; `NaN` for none.
 pub fn median(values: &[f64]) -> f64 {

@@ -3,9 +3,12 @@
 //! run so rounds can alternate between them.
 
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+
+use weft_tests::flanneld::{self, Ipv4Net};
 use weft_tests::{Cluster, ClusterOptions, Container, Host};
 
 /// Container MTU in every mode (underlay 1500 minus the 50 bytes of VXLAN), as the issue requires.
@@ -241,8 +244,8 @@ async fn run_in(ns: &str, argv: &[&str]) -> anyhow::Result<String> {
 }
 
 /// Host i (0-based) gets 10.1.(i+1).0/24, as subnet files the harness reads like the agent's.
-fn hand_subnet(i: usize) -> String {
-    format!("10.1.{}.0/24", i + 1)
+fn hand_subnet(i: usize) -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::new(10, 1, i as u8 + 1, 0), 24).expect("a /24")
 }
 
 fn write_subnet_files(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
@@ -251,112 +254,44 @@ fn write_subnet_files(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
         Mode::KernelVxlan | Mode::Ebpf => CONTAINER_MTU,
     };
     for (i, host) in cluster.hosts().iter().enumerate() {
-        let text = format!(
-            "FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET=10.1.{}.1/24\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n",
-            i + 1
-        );
-        std::fs::write(host.subnet_file(), text)
-            .with_context(|| format!("write {}", host.subnet_file().display()))?;
+        std::fs::write(
+            host.subnet_file(),
+            flanneld::subnet_env(NETWORK, hand_subnet(i), mtu),
+        )
+        .with_context(|| format!("write {}", host.subnet_file().display()))?;
     }
     Ok(())
 }
 
-/// flanneld's programming, by hand: host-gw routes via the peer's underlay address, or flannel.1
-/// with neighbour, fdb entry and onlink route per peer (FLANNEL-COMPAT.md).
+/// flanneld's programming, by hand (weft_tests::flanneld, FLANNEL-COMPAT.md): host-gw routes via
+/// the peer's underlay address, or flannel.1 with neighbour, fdb entry and onlink route per peer.
+/// flannel.1 inherits the inner TTL here, as weft's eBPF path does, so the modes compare alike.
 async fn hand_route(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
     let hosts = cluster.hosts();
     let mut macs = Vec::new();
     if mode == Mode::KernelVxlan {
         for (i, host) in hosts.iter().enumerate() {
-            let ns = host.netns();
-            let local = host.ens32_ip().to_string();
-            ns.ip(&[
-                "link",
-                "add",
-                "flannel.1",
-                "type",
-                "vxlan",
-                "id",
-                "1",
-                "local",
-                &local,
-                "dev",
-                "ens32",
-                "dstport",
-                "8472",
-                "nolearning",
-                "ttl",
-                "inherit",
-            ])
-            .await?;
-            ns.ip(&["link", "set", "flannel.1", "mtu", "1450", "up"])
-                .await?;
-            let addr = hand_subnet(i).replace("/24", "/32");
-            ns.ip(&["addr", "add", &addr, "dev", "flannel.1"]).await?;
-            let link = ns.ip(&["-o", "link", "show", "flannel.1"]).await?;
-            let mac = link
-                .split_once("link/ether ")
-                .and_then(|(_, r)| r.split_whitespace().next())
-                .with_context(|| format!("no MAC in {link}"))?
-                .to_owned();
-            macs.push(mac);
+            let ns = host.netns().name();
+            let device = flanneld::vxlan_device(
+                host.ens32_ip(),
+                hand_subnet(i),
+                None,
+                CONTAINER_MTU,
+                &["ttl", "inherit"],
+            );
+            flanneld::run(ns, &device).await?;
+            macs.push(flanneld::device_mac(host.netns()).await?);
         }
     }
     for (i, host) in hosts.iter().enumerate() {
-        let ns = host.netns();
         for (j, peer) in hosts.iter().enumerate().filter(|(j, _)| *j != i) {
-            let subnet = hand_subnet(j);
-            let peer_ip = peer.ens32_ip().to_string();
-            match mode {
-                Mode::HostGw => {
-                    ns.ip(&["route", "replace", &subnet, "via", &peer_ip])
-                        .await?;
-                }
+            let cmds = match mode {
+                Mode::HostGw => flanneld::host_gw_peer(hand_subnet(j), peer.ens32_ip(), None),
                 Mode::KernelVxlan | Mode::Ebpf => {
-                    let gw = subnet.trim_end_matches("/24");
-                    let mac = &macs[j];
-                    ns.ip(&[
-                        "neigh",
-                        "replace",
-                        gw,
-                        "dev",
-                        "flannel.1",
-                        "lladdr",
-                        mac,
-                        "nud",
-                        "permanent",
-                    ])
-                    .await?;
-                    weft_tests::netns::run(
-                        "bridge",
-                        &[
-                            "-n",
-                            ns.name(),
-                            "fdb",
-                            "replace",
-                            mac,
-                            "dev",
-                            "flannel.1",
-                            "dst",
-                            &peer_ip,
-                            "self",
-                            "permanent",
-                        ],
-                    )
-                    .await?;
-                    ns.ip(&[
-                        "route",
-                        "replace",
-                        &subnet,
-                        "via",
-                        gw,
-                        "dev",
-                        "flannel.1",
-                        "onlink",
-                    ])
-                    .await?;
+                    flanneld::vxlan_peer(hand_subnet(j), peer.ens32_ip(), &macs[j])
                 }
-            }
+            };
+            flanneld::run(host.netns().name(), &cmds).await?;
         }
     }
     Ok(())
