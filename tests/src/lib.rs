@@ -26,6 +26,7 @@ pub mod container;
 pub mod etcd;
 pub mod keep;
 pub mod netns;
+pub mod nspawn;
 pub mod prometheus;
 
 pub use agent::{weft_bin, Agent};
