@@ -23,6 +23,9 @@ pub const NEEDED: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("openssl", "openssl"),
     ("systemd-analyze", "systemd"),
+    // tests/tests/systemd.rs: a Debian root file system booted under systemd-nspawn.
+    ("debootstrap", "debootstrap"),
+    ("systemd-nspawn", "systemd-container"),
 ];
 
 fn on_path(cmd: &str) -> bool {
