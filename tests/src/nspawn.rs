@@ -18,6 +18,7 @@
 //!   (this harness often runs where PID 1 is not systemd, hence `--register=no --keep-unit`).
 //! - The machine gets its own bpffs at `/sys/fs/bpf` (nspawn mounts /sys read-only and without one).
 
+use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -72,7 +73,10 @@ pub fn rootfs() -> anyhow::Result<PathBuf> {
     let tmp = cache.join(format!("debian-{SUITE}.building"));
     let _ = std::fs::remove_dir_all(&tmp);
     let log = cache.join(format!("debian-{SUITE}.debootstrap.log"));
-    eprintln!(
+    // Straight to fd 2, not eprintln!: the test harness captures that, and a silent minute would
+    // look like a hang.
+    let _ = writeln!(
+        std::io::stderr(),
         "weft-tests: building the Debian {SUITE} root file system for the systemd tests in {} \
          (debootstrap from {mirror}, a minute or more; cached for later runs; log {})",
         dir.display(),
@@ -100,7 +104,8 @@ pub fn rootfs() -> anyhow::Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir)
         .with_context(|| format!("rename {} to {}", tmp.display(), dir.display()))?;
-    eprintln!(
+    let _ = writeln!(
+        std::io::stderr(),
         "weft-tests: root file system ready in {:.0?}",
         started.elapsed()
     );
@@ -179,11 +184,12 @@ impl Machine {
     /// Boot the cached root file system in network namespace `netns` (a name under /run/netns) and
     /// wait until systemd reports the system running.
     pub async fn boot(netns: &str, opts: MachineOptions) -> anyhow::Result<Machine> {
+        sweep_stale();
         let lower = tokio::task::spawn_blocking(rootfs)
             .await
             .context("the rootfs task")??;
         let name = format!(
-            "weft-{}-{}",
+            "weft-nspawn-{}-{}",
             std::process::id(),
             NEXT_MACHINE.fetch_add(1, Ordering::Relaxed)
         );
@@ -411,6 +417,45 @@ fn mount_and_spawn(
         .stderr(console);
     cmd.spawn()
         .context("start systemd-nspawn; install it with `apt-get install systemd-container`")
+}
+
+/// Machines of test processes that died without cleaning up (killed test binaries): their nspawn
+/// killed, their overlay and bpffs unmounted, their directory removed.
+fn sweep_stale() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for dir in entries.flatten().map(|e| e.path()) {
+            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let Some(pid) = name
+                .strip_prefix("weft-nspawn-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            // The nspawn (by its --directory) and the machine's processes (by their root).
+            let root = dir.join("root");
+            let arg = format!("--directory={}", root.display());
+            for proc_dir in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                let cmdline = std::fs::read(proc_dir.path().join("cmdline")).unwrap_or_default();
+                let ours = cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes())
+                    || std::fs::read_link(proc_dir.path().join("root")).is_ok_and(|r| r == root);
+                if let (true, Ok(p)) = (ours, proc_dir.file_name().to_string_lossy().parse::<i32>())
+                {
+                    // SAFETY: kill(2) on a stale systemd-nspawn of a dead test process.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+            }
+            eprintln!("weft-tests: removing stale machine {}", dir.display());
+            cleanup_dir(&dir);
+        }
+    });
 }
 
 fn cleanup_dir(dir: &Path) {
