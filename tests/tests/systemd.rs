@@ -154,8 +154,9 @@ async fn run_journal(m: &Machine, invocation: &str) -> String {
 }
 
 /// A machine in host 1 of `c` with weft installed by `cargo xtask install`, its weft.env pointing at
-/// the cluster's etcd and ens32 and carrying the network config for `ExecStartPre`; not started.
-async fn machine_with_weft(c: &Cluster, opts: MachineOptions) -> Machine {
+/// the cluster's etcd and ens32 and (`config`) carrying the network config for `ExecStartPre`; not
+/// started.
+async fn machine_with_weft(c: &Cluster, opts: MachineOptions, config: bool) -> Machine {
     let m = Machine::boot(c.host(0).name(), opts)
         .await
         .unwrap_or_else(|e| panic!("boot the machine: {e:#}"));
@@ -163,9 +164,12 @@ async fn machine_with_weft(c: &Cluster, opts: MachineOptions) -> Machine {
     let env_path = m.root().join("etc/weft/weft.env");
     let mut env = std::fs::read_to_string(&env_path).unwrap();
     env.push_str(&format!(
-        "WEFT_ETCD_ENDPOINTS={}\nWEFT_IFACE=ens32\nWEFT_NETWORK_CONFIG='{CONFIG}'\n",
+        "WEFT_ETCD_ENDPOINTS={}\nWEFT_IFACE=ens32\n",
         c.host(0).etcd_endpoint()
     ));
+    if config {
+        env.push_str(&format!("WEFT_NETWORK_CONFIG='{CONFIG}'\n"));
+    }
     std::fs::write(&env_path, env).unwrap();
     m.exec_ok(&["systemctl", "daemon-reload"]).await.unwrap();
     m
@@ -221,27 +225,82 @@ async fn assert_results(m: &Machine, watchdogs: usize) {
 }
 
 /// The unit as it was shipped before, without a watchdog (it then SIGKILLed weft every 35 s): 90 s
-/// `active (running)`, then a clean stop. Runs beside the main test, on its own cluster.
+/// `active (running)`, then a clean stop. Runs beside the main test, on its own cluster. Starts
+/// before the network config exists: `systemctl start` must block, `activating` with a status that
+/// says what it waits for, until the config is written and the subnet file is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn weft_service_without_watchdog() {
-    let c = cluster_with_peer().await;
-    let m = machine_with_weft(&c, MachineOptions::ebpf()).await;
+    let c = cluster(1).await;
+    let m = machine_with_weft(&c, MachineOptions::ebpf(), false).await;
     write_dropin(&m, Some("[Service]\nWatchdogSec=0\n")).await;
-    let start = timed_systemctl(&m, &["start", "weft"]).await;
+    let mut start = std::process::Command::new("nsenter")
+        .args(["-t", &m.leader().to_string(), "-a", "--"])
+        .args(["systemctl", "start", "weft"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("run systemctl start in the machine");
+    let waiting = "waiting for the network config at /coreos.com/network/config";
+    let u = wait_unit(
+        &m,
+        "the status of a start waiting for the config",
+        Duration::from_secs(30),
+        |u| u.get("StatusText") == waiting,
+    )
+    .await;
+    assert_eq!(u.get("ActiveState"), "activating", "{u:?}");
+    assert!(
+        start.try_wait().unwrap().is_none(),
+        "systemctl start returned while the config is missing"
+    );
+    assert!(
+        !m.exec(&["test", "-e", "/run/flannel/subnet.env"])
+            .await
+            .status
+            .success(),
+        "subnet.env before the config exists"
+    );
+    let written = Instant::now();
+    c.write_config(CONFIG).await;
+    let start_deadline = written + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = start.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < start_deadline,
+            "systemctl start still blocked 30 s after the config was written\n{}",
+            context(&m).await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let start = written.elapsed();
+    assert!(
+        status.success(),
+        "systemctl start: {status}\n{}",
+        context(&m).await
+    );
+    m.exec_ok(&["cat", "/run/flannel/subnet.env"])
+        .await
+        .expect("subnet.env when `systemctl start` returns");
     let u = Unit::read(&m).await;
     assert!(u.running() && u.get("WatchdogUSec") == "0", "{u:?}");
+    assert!(
+        u.get("StatusText")
+            .starts_with("datapath ebpf on ens32, 0 peers"),
+        "{u:?}"
+    );
     stays_running(&m, Duration::from_secs(90), "WatchdogSec=0").await;
     let stop = stop_cleanly(&m).await;
     assert_results(&m, 0).await;
-    eprintln!("systemd: WatchdogSec=0: start {start:?}, active (running) for 90 s, stop {stop:?}");
+    eprintln!("systemd: WatchdogSec=0: start blocked until the config came, returned {start:?} after it; active (running) for 90 s; stop {stop:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn weft_service_under_systemd() {
     let c = cluster_with_peer().await;
-    let m = machine_with_weft(&c, MachineOptions::ebpf()).await;
+    let m = machine_with_weft(&c, MachineOptions::ebpf(), true).await;
 
     // Start: returns once READY=1 came, which is once the subnet file is written.
     let start = timed_systemctl(&m, &["start", "weft"]).await;
@@ -393,7 +452,7 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
 async fn default_nspawn_sandbox_falls_back_naming_the_cause() {
     let c = cluster(1).await;
     c.write_config(CONFIG).await;
-    let m = machine_with_weft(&c, MachineOptions::default_sandbox()).await;
+    let m = machine_with_weft(&c, MachineOptions::default_sandbox(), true).await;
     timed_systemctl(&m, &["start", "weft"]).await;
     let u = Unit::read(&m).await;
     assert!(
