@@ -14,6 +14,7 @@
 //! - [`Etcd`]: a real etcd per test, on 127.0.0.1 ([`Etcd::start_local`]) or on a cluster's underlay.
 //! - [`Cluster`], [`Host`], [`Container`]: namespaces wired like hosts on one L2 network running Docker.
 //! - [`Agent`]: `weft agent` as a real process inside a host, its log printed when the test panics.
+//! - [`nspawn::Machine`]: a Debian machine with a real systemd (`systemd-nspawn --boot`) inside a host.
 //!
 //! Every name (namespace, temp dir) carries the test process id and a counter so tests run in
 //! parallel, and every handle cleans up what it made on drop, also when the test panics. A test
