@@ -55,6 +55,8 @@ pub struct AgentConfig {
     pub bpf_pin_dir: PathBuf,
     /// Forced eBPF decapsulation hook; `None` picks by the interface's driver.
     pub decap_hook: Option<crate::datapath::DecapHook>,
+    /// Outer UDP checksum on eBPF-encapsulated packets (flannel.N's `udpcsum`).
+    pub ebpf_udp_csum: bool,
     pub reconcile_interval: Duration,
     pub shutdown_grace: Duration,
 }
@@ -195,7 +197,7 @@ struct Running<'a, B> {
     status: String,
 }
 
-/// The masquerade rules for our subnet and the task that keeps them in place.
+/// The masquerade, forward and no-NAT rules for our subnet and the task that keeps them in place.
 struct MasqTask {
     cancel: CancellationToken,
 }
@@ -215,10 +217,18 @@ impl MasqTask {
             net.network,
             subnet,
         )
+        .with_masquerade(cfg.ip_masq)
         .with_forward_rules(cfg.iptables_forward_rules)
         .with_metrics(metrics.clone());
+        match masq.accept_forward_policy().await {
+            Ok(true) => tracing::info!("FORWARD policy set to ACCEPT, as flanneld does"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not set the FORWARD policy to ACCEPT; the FLANNEL-FWD rules still accept overlay traffic")
+            }
+        }
         for repair in masq.ensure().await? {
-            tracing::info!(rule = %repair, "masquerade rule installed");
+            tracing::info!(rule = %repair, "firewall rule installed");
         }
         let cancel = shutdown.child_token();
         let (c, every) = (cancel.clone(), cfg.iptables_resync);
@@ -458,19 +468,19 @@ where
     st.write_files()?;
 
     let tracker = TaskTracker::new();
-    if cfg.ip_masq {
-        st.masq = Some(
-            MasqTask::start(
-                &cfg,
-                &st.net,
-                st.own.subnet,
-                &st.metrics,
-                &tracker,
-                &shutdown,
-            )
-            .await?,
-        );
-    }
+    // Always: forward rules are independent of --ip-masq, and without it weft keeps overlay
+    // traffic's source when Docker masquerades (masq.rs).
+    st.masq = Some(
+        MasqTask::start(
+            &cfg,
+            &st.net,
+            st.own.subnet,
+            &st.metrics,
+            &tracker,
+            &shutdown,
+        )
+        .await?,
+    );
     let watch_cancel = shutdown.child_token();
     let (tx, mut rx) = mpsc::channel(1024);
     {
@@ -549,7 +559,10 @@ where
                         st.metrics.reconcile_repairs.add(n as u64);
                         tracing::info!(repairs = n, "reconcile repaired drift");
                     }
-                    Err(e) => tracing::warn!("reconcile: {e:#}"),
+                    Err(e) => {
+                        st.metrics.reconcile_errors.inc();
+                        tracing::warn!("reconcile: {e:#}");
+                    }
                 }
             }
         }

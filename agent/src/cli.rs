@@ -224,10 +224,11 @@ struct AgentArgs {
     /// Masquerade traffic leaving the overlay.
     #[arg(long, env = "WEFT_IP_MASQ", num_args = 0..=1, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set)]
     ip_masq: String,
-    /// Seconds between checks of the masquerade rules.
+    /// Seconds between checks of the masquerade and forward rules.
     #[arg(long, env = "WEFT_IPTABLES_RESYNC", default_value = "5")]
     iptables_resync: String,
-    /// Add FORWARD accept rules for the overlay.
+    /// Accept overlay traffic in FORWARD (flanneld's FLANNEL-FWD chain), with or without --ip-masq,
+    /// so a container that has not sent yet is reachable where Docker set the policy to DROP.
     #[arg(long, env = "WEFT_IPTABLES_FORWARD_RULES", num_args = 0..=1, default_missing_value = "true", default_value = "true", action = clap::ArgAction::Set)]
     iptables_forward_rules: String,
     /// Address for /healthz and /readyz.
@@ -250,6 +251,10 @@ struct AgentArgs {
     /// elsewhere), or forced.
     #[arg(long, env = "WEFT_DECAP_HOOK", value_enum, default_value = "auto")]
     decap_hook: DecapChoice,
+    /// Fill the outer UDP checksum of eBPF-encapsulated packets, as flannel.N
+    /// (`udpcsum`) does; GSO packets leave with 0 either way (see README).
+    #[arg(long, env = "WEFT_EBPF_UDP_CSUM", num_args = 0..=1, default_missing_value = "true", default_value = "true", action = clap::ArgAction::Set)]
+    ebpf_udp_csum: String,
     /// Detach and unpin weft's eBPF programs and maps, then exit. flannel.<VNI> and its
     /// routes stay, so traffic keeps flowing on the kernel path.
     #[arg(long)]
@@ -508,6 +513,7 @@ impl AgentArgs {
                 DecapChoice::Xdp => Some(DecapHook::Xdp),
                 DecapChoice::Tc => Some(DecapHook::Tc),
             },
+            ebpf_udp_csum: parse_bool("ebpf-udp-csum", &self.ebpf_udp_csum)?,
             reconcile_interval: duration_flag(
                 "reconcile-interval",
                 &self.reconcile_interval,
@@ -870,6 +876,9 @@ mod tests {
         assert_eq!(c.lease.ttl, Duration::from_secs(30));
         assert_eq!(c.healthz, Some("0.0.0.0:8471".parse().unwrap()));
         assert!(agent(&["--ip-masq=false"]).map(|c| !c.ip_masq).unwrap());
+        // Forward rules are flanneld's own switch, independent of --ip-masq.
+        let c = agent(&["--iptables-forward-rules=false", "--ip-masq"]).unwrap();
+        assert!(c.ip_masq && !c.iptables_forward_rules);
     }
 
     #[test]

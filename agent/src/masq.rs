@@ -1,4 +1,4 @@
-//! `--ip-masq`: flanneld's masquerade and forward rules, kept in place.
+//! `--ip-masq` and `--iptables-forward-rules`: flanneld's masquerade and forward rules, kept in place.
 //!
 //! With N the overlay network and SN this node's subnet, traffic from containers to the outside world is
 //! masqueraded to the host's address while traffic inside N keeps its source. The rules are exactly
@@ -14,8 +14,20 @@
 //! -A FLANNEL-POSTRTG ! -s N -d N -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
 //! ```
 //!
-//! plus `FORWARD -j FLANNEL-FWD` accepting `-s N` and `-d N` in the filter table. With `EnableNFTables`
-//! the same logic lives in the nftables table `ip flannel-ipv4`, chains `postrtg` and `forward`.
+//! plus, whether or not masquerading is on (`--iptables-forward-rules`, default true), `FORWARD -j
+//! FLANNEL-FWD` accepting `-s N` and `-d N` in the filter table, so a host where Docker set the FORWARD
+//! policy to DROP still delivers to a container that has not sent anything yet. With `EnableNFTables` the
+//! same logic lives in the nftables table `ip flannel-ipv4`, chains `postrtg` and `forward`.
+//!
+//! **weft:** without `--ip-masq` the Docker options say `--ip-masq=true` (as `mk-docker-opts.sh` writes
+//! them), so Docker adds `-s <bip> ! -o docker0 -j MASQUERADE`. On the kernel path that NATs container
+//! traffic leaving through flannel.1 to flannel.1's address, while the eBPF path redirects it past
+//! netfilter with the container's address: the receiver would see a different source per datapath.
+//! weft keeps overlay traffic's source on both: the nftables table `ip weft-nonat` binds `N -> N`
+//! connections to their own address (`snat to ip saddr`) in a NAT chain at priority `srcnat - 1`. The
+//! kernel evaluates NAT chains in priority order and stops at the first that sets up a binding, so
+//! Docker's MASQUERADE (iptables, priority srcnat) never sees them, whatever order Docker inserts it in.
+//! Traffic to the outside world is still masqueraded by Docker.
 //!
 //! **weft:** where flanneld, when one rule was missing, deleted and re-added them all (a window in which
 //! traffic leaves un-NATed), [`Masq::ensure`] only inserts what is missing, at its place, and only then
@@ -51,6 +63,8 @@ const FWD_COMMENT: &str = "flanneld forward";
 pub const NAT_CHAIN: &str = "FLANNEL-POSTRTG";
 pub const FORWARD_CHAIN: &str = "FLANNEL-FWD";
 pub const NFT_TABLE: &str = "flannel-ipv4";
+/// weft's own table that keeps overlay traffic's source when Docker masquerades (no `--ip-masq`).
+pub const NONAT_TABLE: &str = "weft-nonat";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasqError {
@@ -99,14 +113,26 @@ struct IptChain {
     rules: Vec<Vec<String>>,
 }
 
+/// One nftables base chain we own: its hook line, comment and rules as `nft list` prints them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftChain {
+    pub name: &'static str,
+    hook: &'static str,
+    comment: &'static str,
+    pub rules: Vec<String>,
+}
+
 /// flanneld's rules for network `network` and this node's `subnet`, kept in place by [`Masq::run`].
 #[derive(Debug, Clone)]
 pub struct Masq {
     kind: MasqKind,
     network: Ipv4Net,
     subnet: Ipv4Net,
+    /// `--ip-masq`: flanneld's NAT chain; when off, the `weft-nonat` table instead.
+    masquerade: bool,
     forward: bool,
     random_fully: Arc<OnceLock<bool>>,
+    nft_missing_told: Arc<std::sync::atomic::AtomicBool>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -117,10 +143,19 @@ impl Masq {
             kind,
             network: network.trunc(),
             subnet: subnet.trunc(),
+            masquerade: true,
             forward: true,
             random_fully: Arc::default(),
+            nft_missing_told: Arc::default(),
             metrics: None,
         }
+    }
+
+    /// Whether to masquerade (`--ip-masq`). Off, weft leaves the outside world to Docker's own
+    /// masquerade and only keeps overlay traffic's source (the `weft-nonat` table).
+    pub fn with_masquerade(mut self, masquerade: bool) -> Self {
+        self.masquerade = masquerade;
+        self
     }
 
     /// Whether to add the FORWARD accept rules (flanneld's `--iptables-forward-rules`, default on).
@@ -141,16 +176,67 @@ impl Masq {
 
     /// Put every missing rule in place; returns one line per repair (empty when all was in place).
     pub async fn ensure(&self) -> Result<Vec<String>, MasqError> {
-        match self.kind {
+        let mut repairs = match self.kind {
             MasqKind::Iptables => {
                 let random_fully = self.iptables_random_fully().await;
                 let mut repairs = Vec::new();
-                for chain in self.iptables_chains(random_fully) {
-                    repairs.extend(ensure_iptables_chain(&chain).await?);
+                for chain in self.all_iptables_chains(random_fully) {
+                    if self.wants(chain.chain) {
+                        repairs.extend(ensure_iptables_chain(&chain).await?);
+                    } else {
+                        // Turned off since the last run (e.g. restarted without --ip-masq).
+                        let mut errors = Vec::new();
+                        if remove_iptables_chain(&chain, &mut errors).await {
+                            repairs.push(format!(
+                                "{} {}: removed, no longer configured",
+                                chain.table, chain.chain
+                            ));
+                        }
+                        if let Some(e) = errors.pop() {
+                            return Err(e);
+                        }
+                    }
                 }
-                Ok(repairs)
+                repairs
             }
-            MasqKind::Nftables => self.ensure_nft().await,
+            MasqKind::Nftables => ensure_nft_table(NFT_TABLE, &self.nft_rules()).await?,
+        };
+        match ensure_nft_table(NONAT_TABLE, &self.nonat_rules()).await {
+            Ok(more) => repairs.extend(more),
+            // An iptables-only host without nft: the forward (and masquerade) rules matter more
+            // than keeping overlay sources under Docker's masquerade; say so once, keep going.
+            Err(e @ MasqError::Spawn { .. }) if self.kind == MasqKind::Iptables => {
+                if !self
+                    .nft_missing_told
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(error = %e, "without nft, Docker's masquerade (--ip-masq=true in its options) NATs overlay traffic on the kernel path but not on eBPF; install nftables or run with --ip-masq");
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(repairs)
+    }
+
+    /// flanneld sets the FORWARD policy to ACCEPT at start (only then: Docker, started later, may set
+    /// DROP again, which the FLANNEL-FWD rules make harmless for overlay traffic). Returns whether it
+    /// changed the policy.
+    pub async fn accept_forward_policy(&self) -> Result<bool, MasqError> {
+        if !self.forward {
+            return Ok(false);
+        }
+        let listing = run("iptables", &["-w", "-S", "FORWARD"]).await?;
+        if listing.lines().any(|l| l.trim() == "-P FORWARD ACCEPT") {
+            return Ok(false);
+        }
+        run("iptables", &["-w", "-P", "FORWARD", "ACCEPT"]).await?;
+        Ok(true)
+    }
+
+    fn wants(&self, chain: &str) -> bool {
+        match chain {
+            NAT_CHAIN | "postrtg" => self.masquerade,
+            _ => self.forward,
         }
     }
 
@@ -166,13 +252,13 @@ impl Masq {
                     Ok(repairs) if repairs.is_empty() => {}
                     Ok(repairs) => {
                         for repair in &repairs {
-                            tracing::warn!(repair = %repair, "ip-masq rule was missing, restored");
+                            tracing::warn!(repair = %repair, "firewall rule was missing, restored");
                         }
                         if let Some(m) = &self.metrics {
                             m.reconcile_repairs.add(repairs.len() as u64);
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "ip-masq check failed; retrying in {interval:?}"),
+                    Err(e) => tracing::warn!(error = %e, "firewall rule check failed; retrying in {interval:?}"),
                 },
             }
         }
@@ -182,18 +268,26 @@ impl Masq {
     /// Not called on a plain stop: the rules stay so traffic keeps its NAT while the agent restarts.
     pub async fn remove(&self) -> Result<(), MasqError> {
         let mut errors = Vec::new();
-        match self.kind {
-            MasqKind::Iptables => {
-                for chain in self.iptables_chains(true) {
-                    remove_iptables_chain(&chain, &mut errors).await;
-                }
+        if self.kind == MasqKind::Iptables {
+            for chain in self.all_iptables_chains(true) {
+                remove_iptables_chain(&chain, &mut errors).await;
             }
-            MasqKind::Nftables => {
-                if nft_list_table().await?.is_some() {
-                    if let Err(e) = run("nft", &["delete", "table", "ip", NFT_TABLE]).await {
+        }
+        let tables = match self.kind {
+            MasqKind::Iptables => &[NONAT_TABLE][..],
+            MasqKind::Nftables => &[NFT_TABLE, NONAT_TABLE][..],
+        };
+        for table in tables {
+            match nft_list_table(table).await {
+                Ok(None) => {}
+                Ok(Some(_)) => {
+                    if let Err(e) = run("nft", &["delete", "table", "ip", table]).await {
                         errors.push(e);
                     }
                 }
+                // No nft binary: there is no nftables table of ours to remove either.
+                Err(MasqError::Spawn { .. }) if self.kind == MasqKind::Iptables => {}
+                Err(e) => errors.push(e),
             }
         }
         if errors.is_empty() {
@@ -206,7 +300,11 @@ impl Masq {
     /// The rules as `iptables-save` lists them (`-A CHAIN ...`), nat table first. For logs and tests.
     pub fn iptables_listing(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for c in self.iptables_chains(true) {
+        for c in self
+            .all_iptables_chains(true)
+            .into_iter()
+            .filter(|c| self.wants(c.chain))
+        {
             out.push(format!("-A {} {}", c.hook, canonical(&c.jump)));
             out.extend(
                 c.rules
@@ -217,7 +315,8 @@ impl Masq {
         out
     }
 
-    fn iptables_chains(&self, random_fully: bool) -> Vec<IptChain> {
+    /// Both chains, wanted or not: [`Masq::ensure`] removes the ones switched off.
+    fn all_iptables_chains(&self, random_fully: bool) -> Vec<IptChain> {
         let (n, sn) = (self.network.to_string(), self.subnet.to_string());
         // Every masq rule ends in the same comment and target; MASQUERADE adds --random-fully.
         let rule = |spec: &[&str], target: &str| {
@@ -251,7 +350,7 @@ impl Masq {
                 masq(&["!", "-s", &n, "-d", &n]),
             ],
         }];
-        if self.forward {
+        {
             let accept = |dir: &str| {
                 words(&[
                     dir,
@@ -298,91 +397,131 @@ impl Masq {
         *self.random_fully.get_or_init(|| supported)
     }
 
-    /// nftables rules, one `(chain, rule lines)` per chain, written the way `nft list` prints them so the
-    /// listing can be compared as text.
+    /// The chains of table `ip flannel-ipv4` (with `EnableNFTables`), written the way `nft list` prints
+    /// them so the listing can be compared as text.
     ///
     /// **weft:** flanneld's nftables code returns on `ip saddr != SN ip daddr N` and matches the mark with
     /// `meta mark 0x4000`; both differ from its own iptables rules (the first shadows the host-to-overlay
     /// masquerade). weft writes the iptables logic here, as FLANNEL-COMPAT.md asks: `! -s N -d SN` and
     /// the masked mark. The table is node-local, so peers cannot tell.
-    pub fn nft_rules(&self) -> Vec<(&'static str, Vec<String>)> {
+    pub fn nft_rules(&self) -> Vec<NftChain> {
         let (n, sn) = (self.network, self.subnet);
-        let mut chains = vec![(
-            "postrtg",
-            vec![
-                "meta mark & 0x00004000 == 0x00004000 return".to_string(),
-                format!("ip saddr {sn} ip daddr {n} return"),
-                format!("ip saddr {n} ip daddr {sn} return"),
-                format!("ip saddr != {n} ip daddr {sn} return"),
-                format!("ip saddr {n} ip daddr != {MULTICAST} masquerade fully-random"),
-                format!("ip saddr != {n} ip daddr {n} masquerade fully-random"),
-            ],
-        )];
+        let mut chains = Vec::new();
+        if self.masquerade {
+            chains.push(NftChain {
+                name: "postrtg",
+                hook: "type nat hook postrouting priority srcnat",
+                comment: "chain to manage traffic masquerading by flannel",
+                rules: vec![
+                    "meta mark & 0x00004000 == 0x00004000 return".to_string(),
+                    format!("ip saddr {sn} ip daddr {n} return"),
+                    format!("ip saddr {n} ip daddr {sn} return"),
+                    format!("ip saddr != {n} ip daddr {sn} return"),
+                    format!("ip saddr {n} ip daddr != {MULTICAST} masquerade fully-random"),
+                    format!("ip saddr != {n} ip daddr {n} masquerade fully-random"),
+                ],
+            });
+        }
         if self.forward {
-            chains.push((
-                "forward",
-                vec![
+            chains.push(NftChain {
+                name: "forward",
+                hook: "type filter hook forward priority filter",
+                comment: "chain to accept flannel traffic",
+                rules: vec![
                     format!("ip saddr {n} accept"),
                     format!("ip daddr {n} accept"),
                 ],
-            ));
+            });
         }
         chains
     }
 
-    async fn ensure_nft(&self) -> Result<Vec<String>, MasqError> {
-        let listing = nft_list_table().await?;
-        let mut script = String::new();
-        let mut repairs = Vec::new();
-        if listing.is_none() {
-            repairs.push(format!("nftables: created table ip {NFT_TABLE}"));
+    /// The chain of table `ip weft-nonat`: only without `--ip-masq`, when Docker masquerades (see the
+    /// module docs). The identity binding runs before any srcnat-priority chain and ends NAT evaluation.
+    pub fn nonat_rules(&self) -> Vec<NftChain> {
+        if self.masquerade {
+            return Vec::new();
         }
-        script.push_str(&format!(
-            "add table ip {NFT_TABLE} {{ comment \"rules for {NFT_TABLE}\"; }}\n"
-        ));
-        for (chain, rules) in self.nft_rules() {
-            let have = listing
-                .as_deref()
-                .map(|l| nft_chain_rules(l, chain))
-                .unwrap_or_default();
-            if have == rules {
-                continue;
-            }
-            let missing: Vec<_> = rules.iter().filter(|r| !have.contains(r)).collect();
-            repairs.push(format!(
-                "nftables: rewrote chain ip {NFT_TABLE} {chain} ({} rule(s) missing{})",
-                missing.len(),
-                if missing.is_empty() {
-                    ", order or extra rules fixed"
-                } else {
-                    ""
-                }
-            ));
-            let (hook, comment) = match chain {
-                "postrtg" => (
-                    "type nat hook postrouting priority srcnat",
-                    "chain to manage traffic masquerading by flannel",
-                ),
-                _ => (
-                    "type filter hook forward priority filter",
-                    "chain to accept flannel traffic",
-                ),
-            };
-            // add + flush + add rules in one `nft -f` transaction: the kernel swaps the chain atomically,
-            // so no packet ever sees it empty.
-            script.push_str(&format!(
-                "add chain ip {NFT_TABLE} {chain} {{ {hook}; comment \"{comment}\"; }}\n"
-            ));
-            script.push_str(&format!("flush chain ip {NFT_TABLE} {chain}\n"));
-            for rule in &rules {
-                script.push_str(&format!("add rule ip {NFT_TABLE} {chain} {rule}\n"));
-            }
-        }
-        if !repairs.is_empty() {
-            run_stdin("nft", &["-f", "-"], &script).await?;
-        }
-        Ok(repairs)
+        let n = self.network;
+        vec![NftChain {
+            name: "postrouting",
+            hook: "type nat hook postrouting priority srcnat - 1",
+            comment: "overlay traffic keeps its source address",
+            rules: vec![format!("ip saddr {n} ip daddr {n} snat to ip saddr")],
+        }]
     }
+}
+
+/// Make table `ip <table>` hold exactly `chains`: missing or altered chains are rewritten in one
+/// atomic `nft -f` transaction, chains no longer wanted are deleted, and an empty table goes away.
+async fn ensure_nft_table(table: &str, chains: &[NftChain]) -> Result<Vec<String>, MasqError> {
+    let listing = match nft_list_table(table).await {
+        // Nothing wanted and no nft to ask: there is nothing of ours to remove either.
+        Err(MasqError::Spawn { .. }) if chains.is_empty() => return Ok(Vec::new()),
+        other => other?,
+    };
+    let mut repairs = Vec::new();
+    if chains.is_empty() {
+        if listing.is_some() {
+            run("nft", &["delete", "table", "ip", table]).await?;
+            repairs.push(format!(
+                "nftables: removed table ip {table}, no longer configured"
+            ));
+        }
+        return Ok(repairs);
+    }
+    let mut script = String::new();
+    if listing.is_none() {
+        repairs.push(format!("nftables: created table ip {table}"));
+    }
+    script.push_str(&format!(
+        "add table ip {table} {{ comment \"rules for {table}\"; }}\n"
+    ));
+    for stale in listing
+        .as_deref()
+        .map(nft_chain_names)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|name| !chains.iter().any(|c| c.name == name))
+    {
+        script.push_str(&format!("delete chain ip {table} {stale}\n"));
+        repairs.push(format!(
+            "nftables: removed chain ip {table} {stale}, no longer configured"
+        ));
+    }
+    for c in chains {
+        let have = listing
+            .as_deref()
+            .map(|l| nft_chain_rules(l, c.name))
+            .unwrap_or_default();
+        if have == c.rules {
+            continue;
+        }
+        let missing = c.rules.iter().filter(|r| !have.contains(r)).count();
+        repairs.push(format!(
+            "nftables: rewrote chain ip {table} {} ({missing} rule(s) missing{})",
+            c.name,
+            if missing == 0 {
+                ", order or extra rules fixed"
+            } else {
+                ""
+            }
+        ));
+        // add + flush + add rules in one `nft -f` transaction: the kernel swaps the chain atomically,
+        // so no packet ever sees it empty.
+        script.push_str(&format!(
+            "add chain ip {table} {} {{ {}; comment \"{}\"; }}\n",
+            c.name, c.hook, c.comment
+        ));
+        script.push_str(&format!("flush chain ip {table} {}\n", c.name));
+        for rule in &c.rules {
+            script.push_str(&format!("add rule ip {table} {} {rule}\n", c.name));
+        }
+    }
+    if !repairs.is_empty() {
+        run_stdin("nft", &["-f", "-"], &script).await?;
+    }
+    Ok(repairs)
 }
 
 async fn ensure_iptables_chain(c: &IptChain) -> Result<Vec<String>, MasqError> {
@@ -433,11 +572,16 @@ async fn ensure_iptables_chain(c: &IptChain) -> Result<Vec<String>, MasqError> {
     Ok(repairs)
 }
 
-async fn remove_iptables_chain(c: &IptChain, errors: &mut Vec<MasqError>) {
+/// Removes chain `c` and every jump into it; returns whether there was anything to remove.
+async fn remove_iptables_chain(c: &IptChain, errors: &mut Vec<MasqError>) -> bool {
     let listing = match run("iptables", &["-w", "-t", c.table, "-S"]).await {
         Ok(l) => l,
-        Err(e) => return errors.push(e),
+        Err(e) => {
+            errors.push(e);
+            return false;
+        }
     };
+    let mut found = false;
     // The jump may have been added more than once (by hand, by an old flanneld); remove every copy.
     // The rules are matched by chain and target only: the random-fully flag may differ by version.
     let jump_prefix = format!("-A {} ", c.hook);
@@ -446,6 +590,7 @@ async fn remove_iptables_chain(c: &IptChain, errors: &mut Vec<MasqError>) {
         .lines()
         .filter(|l| l.starts_with(&jump_prefix) && l.ends_with(&jump_suffix))
     {
+        found = true;
         let spec = split_listing(&line[jump_prefix.len()..]);
         let mut args = vec!["-w", "-t", c.table, "-D", c.hook];
         args.extend(spec.iter().map(String::as_str));
@@ -454,25 +599,35 @@ async fn remove_iptables_chain(c: &IptChain, errors: &mut Vec<MasqError>) {
         }
     }
     if listing.lines().any(|l| l == format!("-N {}", c.chain)) {
+        found = true;
         for op in ["-F", "-X"] {
             if let Err(e) = run("iptables", &["-w", "-t", c.table, op, c.chain]).await {
                 errors.push(e);
             }
         }
     }
+    found
 }
 
-/// `nft list table ip flannel-ipv4`, or `None` when the table does not exist. Existence is read from
+/// `nft list table ip <table>`, or `None` when the table does not exist. Existence is read from
 /// the table list rather than guessed from an error message.
-async fn nft_list_table() -> Result<Option<String>, MasqError> {
+async fn nft_list_table(table: &str) -> Result<Option<String>, MasqError> {
     let tables = run("nft", &["list", "tables", "ip"]).await?;
-    let ours = format!("table ip {NFT_TABLE}");
+    let ours = format!("table ip {table}");
     if !tables.lines().any(|l| l.trim() == ours) {
         return Ok(None);
     }
-    run("nft", &["list", "table", "ip", NFT_TABLE])
-        .await
-        .map(Some)
+    run("nft", &["list", "table", "ip", table]).await.map(Some)
+}
+
+/// The chain names in an `nft list table` listing.
+fn nft_chain_names(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("chain "))
+        .filter_map(|l| l.strip_suffix(" {"))
+        .map(String::from)
+        .collect()
 }
 
 /// The rule lines of `chain` in an `nft list table` listing.
@@ -618,7 +773,7 @@ mod tests {
 
     #[test]
     fn without_random_fully() {
-        let chains = masq().iptables_chains(false);
+        let chains = masq().all_iptables_chains(false);
         assert!(chains
             .iter()
             .flat_map(|c| &c.rules)
@@ -628,21 +783,38 @@ mod tests {
     #[test]
     fn nft_rules_use_iptables_logic() {
         let rules = masq().nft_rules();
-        assert_eq!(rules[0].0, "postrtg");
+        assert_eq!(rules[0].name, "postrtg");
         assert_eq!(
-            rules[0].1[3],
+            rules[0].rules[3],
             "ip saddr != 10.1.0.0/16 ip daddr 10.1.10.0/24 return"
         );
+        assert_eq!(rules[1].name, "forward");
         assert_eq!(
-            rules[1],
-            (
-                "forward",
-                vec![
-                    "ip saddr 10.1.0.0/16 accept".into(),
-                    "ip daddr 10.1.0.0/16 accept".into()
-                ]
-            )
+            rules[1].rules,
+            ["ip saddr 10.1.0.0/16 accept", "ip daddr 10.1.0.0/16 accept"]
         );
+        assert!(masq().nonat_rules().is_empty(), "weft masquerades itself");
+    }
+
+    #[test]
+    fn forward_rules_without_masquerade() {
+        let m = masq().with_masquerade(false);
+        assert_eq!(
+            m.iptables_listing(),
+            [
+                r#"-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD"#,
+                r#"-A FLANNEL-FWD -s 10.1.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT"#,
+                r#"-A FLANNEL-FWD -d 10.1.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT"#,
+            ]
+        );
+        let nft: Vec<_> = m.nft_rules().into_iter().map(|c| c.name).collect();
+        assert_eq!(nft, ["forward"]);
+        let nonat = m.nonat_rules();
+        assert_eq!(
+            nonat[0].rules,
+            ["ip saddr 10.1.0.0/16 ip daddr 10.1.0.0/16 snat to ip saddr"]
+        );
+        assert!(nonat[0].hook.ends_with("priority srcnat - 1"));
     }
 
     #[test]
@@ -654,6 +826,7 @@ mod tests {
         );
         assert!(nft_chain_rules(listing, "forward").is_empty());
         assert!(nft_chain_rules(listing, "nope").is_empty());
+        assert_eq!(nft_chain_names(listing), ["postrtg", "forward"]);
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub struct Metrics {
     pub lease_renewals: Counter,
     /// Kernel, map or firewall state that drifted and was put back by a reconcile pass.
     pub reconcile_repairs: Counter,
+    /// Reconcile passes in which a step failed (each failure is logged); the
+    /// pass still ran every other step.
+    pub reconcile_errors: Counter,
     /// Peers programmed into the datapath.
     pub peers_added: Counter,
     /// Peers removed from the datapath.
@@ -89,6 +92,7 @@ impl std::fmt::Debug for Metrics {
             .field("etcd_reconnects", &self.etcd_reconnects)
             .field("lease_renewals", &self.lease_renewals)
             .field("reconcile_repairs", &self.reconcile_repairs)
+            .field("reconcile_errors", &self.reconcile_errors)
             .field("peers_added", &self.peers_added)
             .field("peers_removed", &self.peers_removed)
             .finish_non_exhaustive()
@@ -146,7 +150,7 @@ impl Metrics {
             sample(&mut out, "weft_datapath_mode", Some(("mode", &mode)), 1);
         }
 
-        let counters: [(&str, &str, &Counter); 5] = [
+        let counters: [(&str, &str, &Counter); 6] = [
             (
                 "weft_etcd_reconnects_total",
                 "Times the etcd connection or watch was re-established.",
@@ -161,6 +165,11 @@ impl Metrics {
                 "weft_reconcile_repairs_total",
                 "Drifted kernel, map or firewall state put back by reconcile.",
                 &self.reconcile_repairs,
+            ),
+            (
+                "weft_reconcile_errors_total",
+                "Reconcile passes in which a step failed (see the log); the other steps still ran.",
+                &self.reconcile_errors,
             ),
             (
                 "weft_peers_added_total",

@@ -70,7 +70,10 @@ pub struct NodeStatus {
     pub underlay_mtu: u16,
     pub bridge_ifindex: u32,
     pub decrement_ttl: bool,
-    pub ttl_inherit: bool,
+    pub outer_ttl: u8,
+    pub udp_csum: bool,
+    /// This host's container subnet; `None` while unknown.
+    pub subnet: Option<Ipv4Net>,
 }
 
 /// One remote subnet and its VTEP.
@@ -79,6 +82,16 @@ pub struct PeerStatus {
     pub subnet: Ipv4Net,
     pub vtep_ip: Ipv4Addr,
     pub vtep_mac: String,
+}
+
+/// A local container binding: decapsulated packets for `ip` go straight to
+/// the container behind port `port`, and encapsulation accepts `ip` only from
+/// that port and `mac`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BindingStatus {
+    pub ip: Ipv4Addr,
+    pub port: u32,
+    pub mac: String,
 }
 
 /// One counter, summed over all CPUs.
@@ -98,6 +111,7 @@ pub struct Status {
     pub node: Option<NodeStatus>,
     pub peers: Vec<PeerStatus>,
     pub known_vteps: Vec<Ipv4Addr>,
+    pub local_bindings: Vec<BindingStatus>,
     pub counters: Vec<CounterStatus>,
 }
 
@@ -137,6 +151,7 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
         node: None,
         peers: Vec::new(),
         known_vteps: Vec::new(),
+        local_bindings: Vec::new(),
         counters: Vec::new(),
     };
     let Some(maps) = PinnedMaps::open(pin_dir).map_err(read_err)? else {
@@ -154,6 +169,16 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
         })
         .collect();
     status.known_vteps = maps.vteps().map_err(read_err)?;
+    status.local_bindings = maps
+        .locals()
+        .map_err(read_err)?
+        .into_iter()
+        .map(|b| BindingStatus {
+            ip: b.ip,
+            port: b.host_ifindex,
+            mac: fmt_mac(&b.mac),
+        })
+        .collect();
     status.counters = maps
         .counters()
         .map_err(read_err)?
@@ -210,7 +235,14 @@ fn node_status(c: &NodeConfig) -> NodeStatus {
         underlay_mtu: c.underlay_mtu_ne,
         bridge_ifindex: c.bridge_ifindex_ne,
         decrement_ttl: c.flags_ne & config_flags::DECREMENT_TTL != 0,
-        ttl_inherit: c.flags_ne & config_flags::TTL_INHERIT != 0,
+        outer_ttl: c.outer_ttl,
+        udp_csum: c.flags_ne & config_flags::UDP_CSUM != 0,
+        subnet: (c.subnet_mask_be != [0; 4])
+            .then(|| {
+                let prefix = u32::from_be_bytes(c.subnet_mask_be).count_ones() as u8;
+                Ipv4Net::new(Ipv4Addr::from(c.subnet_be), prefix).ok()
+            })
+            .flatten(),
     }
 }
 
@@ -227,7 +259,16 @@ impl fmt::Display for Status {
                 f,
                 "node:      vtep {} mac {}, vni {}, port {}, underlay ifindex {} mac {} mtu {}, bridge ifindex {}",
                 n.vtep_ip, n.vtep_mac, n.vni, n.port, n.underlay_ifindex, n.underlay_mac, n.underlay_mtu, n.bridge_ifindex
-            )?,
+            )
+            .and_then(|()| {
+                writeln!(
+                    f,
+                    "outer:     ttl {}, udp checksum {}; containers of {}",
+                    n.outer_ttl,
+                    if n.udp_csum { "on (0 on GSO packets)" } else { "off" },
+                    n.subnet.map_or_else(|| "(subnet not known yet)".to_string(), |s| s.to_string())
+                )
+            })?,
             Some(_) => writeln!(f, "node:      not configured (the programs pass everything)")?,
             None => writeln!(f, "node:      no pinned maps")?,
         }
@@ -280,10 +321,26 @@ impl fmt::Display for Status {
                 vteps.join(", ")
             }
         )?;
+        writeln!(
+            f,
+            "\nlocal bindings (from the bridge's neighbour and fdb entries):"
+        )?;
+        if self.local_bindings.is_empty() {
+            writeln!(f, "  (none)")?;
+        }
+        for b in &self.local_bindings {
+            writeln!(
+                f,
+                "  {:<16} port ifindex {:<6} mac {}",
+                b.ip.to_string(),
+                b.port,
+                b.mac
+            )?;
+        }
         if !self.counters.is_empty() {
             writeln!(f, "\ncounters (all CPUs):")?;
             for c in &self.counters {
-                writeln!(f, "  {:<32} {:>14}", c.name, c.value)?;
+                writeln!(f, "  {:<48} {:>14}", c.name, c.value)?;
             }
         }
         Ok(())
@@ -315,6 +372,7 @@ impl crate::metrics::DatapathStats for PinnedStats {
             Ok(st) => vec![
                 ("peers".to_string(), st.peers.len() as u64),
                 ("vteps".to_string(), st.known_vteps.len() as u64),
+                ("local_bindings".to_string(), st.local_bindings.len() as u64),
             ],
             Err(_) => Vec::new(),
         }

@@ -65,12 +65,18 @@ pub struct VtepValue {
 }
 const _: () = assert!(size_of::<VtepValue>() == 4);
 
-/// Maximum entries of the local-container map.
-pub const MAX_LOCAL: u32 = 4096;
+/// Maximum entries of the local-container map. Only the agent writes it, and
+/// only bindings of this host's subnet the kernel's tables agree on (the
+/// neighbour table caps those at `gc_thresh3`, 1024 by default): generous on
+/// purpose, so a legitimate container always finds room.
+pub const MAX_LOCAL: u32 = 16384;
 
-/// A container on this host's bridge, so decapsulated packets can be handed
-/// straight to its network namespace (`bpf_redirect_peer`) instead of through
-/// the bridge, which would segment every GRO packet in software.
+/// A container on this host's bridge, as the kernel would deliver to it: its
+/// address's neighbour entry on the bridge (IP -> MAC) and the bridge's
+/// forwarding entry (MAC -> port). Decapsulated packets are handed straight to
+/// its network namespace (`bpf_redirect_peer`) instead of through the bridge,
+/// which would segment every GRO packet in software; encapsulation accepts a
+/// source address only from the port and MAC bound to it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LocalEndpoint {
@@ -110,19 +116,32 @@ pub struct NodeConfig {
     pub underlay_mac: [u8; 6],
     /// [`config_flags`] bits, host order.
     pub flags_ne: u32,
+    /// This host's container subnet (network order) and its netmask: an
+    /// unbound source inside it goes to the kernel path, outside it is
+    /// dropped. A zero mask means "not known yet": every unbound source goes
+    /// to the kernel path, which judges it.
+    pub subnet_be: [u8; 4],
+    pub subnet_mask_be: [u8; 4],
+    /// Outer IPv4 TTL: the namespace's `net.ipv4.ip_default_ttl`, what a vxlan
+    /// device with `ttl auto` (flannel's) uses.
+    pub outer_ttl: u8,
+    pub pad: [u8; 3],
 }
-const _: () = assert!(size_of::<NodeConfig>() == 40);
+const _: () = assert!(size_of::<NodeConfig>() == 52);
 
 /// Bits of [`NodeConfig::flags_ne`].
 pub mod config_flags {
     /// Decrement the inner TTL on encapsulation, as the kernel path's forwarding does.
     pub const DECREMENT_TTL: u32 = 1 << 0;
-    /// Outer TTL copies the (decremented) inner TTL (`ttl inherit`, flannel's
-    /// setting); otherwise 64.
-    pub const TTL_INHERIT: u32 = 1 << 1;
+    /// Fill the outer UDP checksum (`udpcsum`, flannel.N's default) on
+    /// packets that are not GSO; without it every outer checksum is 0.
+    pub const UDP_CSUM: u32 = 1 << 2;
 }
 
-/// Indices into the per-CPU counter array.
+/// Indices into the per-CPU counter array. Every packet a program sees is
+/// counted exactly once under `encapsulated`, `decapsulated`, a `passed:`
+/// reason (handed to the kernel untouched) or a `dropped:` reason; the
+/// `decapsulated: ...` counters say more about some decapsulated packets.
 pub mod counter {
     pub const ENCAPSULATED: u32 = 0;
     pub const DECAPSULATED: u32 = 1;
@@ -135,6 +154,7 @@ pub mod counter {
     pub const PASS_TTL_EXPIRED: u32 = 8;
     pub const PASS_MALFORMED: u32 = 9;
     pub const PASS_NOT_CONFIGURED: u32 = 10;
+    /// A helper refused before the packet was changed (e.g. adjust_room).
     pub const PASS_HELPER_FAIL: u32 = 11;
     pub const PASS_INNER_NOT_OURS: u32 = 12;
     pub const DROP_UNKNOWN_SOURCE: u32 = 13;
@@ -142,8 +162,34 @@ pub mod counter {
     pub const DROP_MALFORMED: u32 = 15;
     /// Decapsulated and handed straight to a local container (of [`DECAPSULATED`]).
     pub const DELIVERED_TO_CONTAINER: u32 = 16;
+    /// 802.1Q/802.1ad, in skb metadata or inline: never tunnelled with its tag.
+    pub const PASS_VLAN: u32 = 17;
+    /// GSO packet whose segments would not fit the underlay once encapsulated:
+    /// the kernel path sends "fragmentation needed".
+    pub const PASS_GSO_TOO_BIG: u32 = 18;
+    /// IPv4 options (outer on decap, inner on encap): valid, left to the kernel.
+    pub const PASS_IP_OPTIONS: u32 = 19;
+    /// Source inside this host's subnet but not bound to this port and MAC.
+    pub const PASS_SOURCE_UNBOUND: u32 = 20;
+    /// The outer UDP checksum cannot be derived from the headers (UDP without
+    /// checksum, or a protocol other than TCP/UDP/ICMP): the kernel path sums it.
+    pub const PASS_CHECKSUM: u32 = 21;
+    /// Source address bound to another container's port: forged.
+    pub const DROP_SOURCE_OTHER_PORT: u32 = 22;
+    /// Source address outside this host's subnet: forged.
+    pub const DROP_SOURCE_OUTSIDE: u32 = 23;
+    /// Inner source outside every subnet leased by the sending VTEP: forged.
+    pub const DROP_INNER_SOURCE: u32 = 24;
+    /// Outer CE with inner Not-ECT (RFC 6040, as the kernel's vxlan).
+    pub const DROP_ECN: u32 = 25;
+    /// A helper failed after the packet was rewritten: dropped, never sent half-built.
+    pub const DROP_HELPER_FAIL: u32 = 26;
+    /// Outer CE copied into the inner header (of [`DECAPSULATED`]).
+    pub const ECN_CE_SET: u32 = 27;
+    /// Too big for the container's link: left to the stack (of [`DECAPSULATED`]).
+    pub const DECAP_TOO_BIG: u32 = 28;
     /// Number of counters; the map's max_entries.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 29;
 
     /// Display names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -158,12 +204,24 @@ pub mod counter {
         "passed: ttl expired",
         "passed: malformed",
         "passed: not configured",
-        "passed: helper failed",
+        "passed: helper refused",
         "passed: inner frame not ours",
         "dropped: unknown source",
         "dropped: wrong vni",
         "dropped: malformed vxlan",
         "decapsulated: delivered to container",
+        "passed: vlan tagged",
+        "passed: gso segments too big",
+        "passed: ip options",
+        "passed: source not bound to this port",
+        "passed: checksum left to the kernel",
+        "dropped: source bound to another port",
+        "dropped: source outside this host's subnet",
+        "dropped: inner source not leased by the sender",
+        "dropped: ce on not-ect (rfc 6040)",
+        "dropped: helper failed after rewrite",
+        "decapsulated: ce set (rfc 6040)",
+        "decapsulated: too big for direct delivery",
     ];
 
     /// The name of a counter index, `None` when out of range.
@@ -182,6 +240,10 @@ pub mod wire {
     /// UDP + VXLAN + inner Ethernet.
     pub const VXLAN_OVERHEAD: usize = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
     pub const ETH_P_IPV4: u16 = 0x0800;
+    pub const ETH_P_8021Q: u16 = 0x8100;
+    pub const ETH_P_8021AD: u16 = 0x88a8;
+    pub const IPPROTO_ICMP: u8 = 1;
+    pub const IPPROTO_TCP: u8 = 6;
     pub const IPPROTO_UDP: u8 = 17;
     /// VXLAN flags byte: I (valid VNI).
     pub const VXLAN_FLAG_I: u8 = 0x08;

@@ -5,9 +5,9 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, xdp_action,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO,
-        TC_ACT_OK, TC_ACT_REDIRECT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT,
     },
     helpers::generated::{
         bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head,
@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use weft_common::{
     counter,
-    wire::{ETH_P_IPV4, IPPROTO_UDP, VXLAN_FLAG_I, VXLAN_OVERHEAD},
+    wire::{ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, UDP_HLEN, VXLAN_FLAG_I, VXLAN_OVERHEAD},
     LocalEndpoint, NodeConfig,
 };
 
@@ -27,15 +27,24 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+const ECN_NOT_ECT: u8 = 0;
+const ECN_CE: u8 = 3;
 
 /// Shrinks the frame to [outer Ethernet][inner IP]: the outer Ethernet header
 /// already carries our NIC's MAC as destination.
 const DECAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64;
 
+/// What [`classify`] found in a frame to decapsulate.
+struct Accepted {
+    cfg: &'static NodeConfig,
+    /// Outer CE over inner ECT: the inner header must carry CE (RFC 6040).
+    set_ce: bool,
+}
+
 /// Decides whether a frame is VXLAN for us from a known peer. `Ok` means
 /// "decapsulate"; `Err` carries what to do instead.
 #[inline(always)]
-fn classify<C: Packet>(ctx: &C) -> Result<&'static NodeConfig, Verdict> {
+fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
     let cfg = maps::config().ok_or(Verdict::Pass(counter::PASS_NOT_CONFIGURED))?;
     let eth: EthHdr = ctx.read(0).ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
     if eth.proto() != ETH_P_IPV4 {
@@ -55,7 +64,11 @@ fn classify<C: Packet>(ctx: &C) -> Result<&'static NodeConfig, Verdict> {
         return Err(Verdict::Pass(counter::PASS_FRAGMENT));
     }
     if ip.ihl_bytes() != 20 {
-        // Outer IP options: rare enough to leave to the kernel path.
+        // Outer IP options: valid, rare; flannel.N decapsulates them.
+        return Err(Verdict::Pass(counter::PASS_IP_OPTIONS));
+    }
+    if !ip.checksum_ok() {
+        // ip_rcv drops it on the kernel path.
         return Err(Verdict::Pass(counter::PASS_MALFORMED));
     }
     let udp: UdpHdr = ctx
@@ -95,19 +108,50 @@ fn classify<C: Packet>(ctx: &C) -> Result<&'static NodeConfig, Verdict> {
     if inner.version() != 4 || inner.ihl_bytes() < 20 {
         return Err(Verdict::Drop(counter::DROP_MALFORMED));
     }
-    Ok(cfg)
+    // The sender may only speak for the subnets it leased: the TC hook runs
+    // before rp_filter, and rp_filter would only ask for *some* remote subnet.
+    match maps::remote_peer(inner.saddr_be) {
+        Some(owner) if owner.vtep_ip_be == ip.saddr_be => {}
+        _ => return Err(Verdict::Drop(counter::DROP_INNER_SOURCE)),
+    }
+    // RFC 6040 as the kernel's INET_ECN_decapsulate: CE over Not-ECT is
+    // dropped, CE over ECT marks the inner packet, everything else is kept.
+    let set_ce = match (ip.ecn(), inner.ecn()) {
+        (ECN_CE, ECN_NOT_ECT) => return Err(Verdict::Drop(counter::DROP_ECN)),
+        (ECN_CE, inner) => inner != ECN_CE,
+        _ => false,
+    };
+    Ok(Accepted { cfg, set_ce })
+}
+
+/// Writes CE into the inner IPv4 header (still at its encapsulated offset).
+#[inline(always)]
+fn mark_ce<C: Packet>(ctx: &C) -> Result<(), Verdict> {
+    let inner = ctx
+        .ptr_at::<Ipv4Hdr>(off::INNER_IP)
+        .ok_or(Verdict::Drop(counter::DROP_MALFORMED))?;
+    // SAFETY: bounds checked by ptr_at; both hooks may write packet data.
+    unsafe { (*inner).set_ce() };
+    maps::count(counter::ECN_CE_SET);
+    Ok(())
 }
 
 pub fn xdp_decapsulate(ctx: &XdpContext) -> Verdict {
-    let cfg = match classify(ctx) {
-        Ok(cfg) => cfg,
+    let accepted = match classify(ctx) {
+        Ok(a) => a,
         Err(v) => return v,
     };
     let Some(outer) = ctx.read::<EthHdr>(0) else {
         return Verdict::Pass(counter::PASS_MALFORMED);
     };
+    if accepted.set_ce {
+        if let Err(v) = mark_ce(ctx) {
+            return v;
+        }
+    }
     // SAFETY: the context pointer is the live xdp_md of this invocation.
     if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), VXLAN_OVERHEAD as i32) } != 0 {
+        // Only the CE mark may have changed, which the kernel's vxlan would set too.
         return Verdict::Pass(counter::PASS_HELPER_FAIL);
     }
     let Some(eth) = ctx.ptr_at::<EthHdr>(0) else {
@@ -118,7 +162,7 @@ pub fn xdp_decapsulate(ctx: &XdpContext) -> Verdict {
     // would mark the frame PACKET_OTHERHOST and drop it. Address it to the NIC.
     // SAFETY: bounds checked by ptr_at.
     unsafe {
-        (*eth).dst = cfg.underlay_mac;
+        (*eth).dst = accepted.cfg.underlay_mac;
         (*eth).src = outer.src;
     }
     Verdict::Done(xdp_action::XDP_PASS as i32, counter::DECAPSULATED)
@@ -130,13 +174,20 @@ pub fn tc_decapsulate(ctx: &TcContext) -> Verdict {
     if ctx.data() + need as usize > ctx.data_end() && ctx.len() >= need {
         let _ = ctx.pull_data(need);
     }
-    if let Err(v) = classify(ctx) {
-        return v;
+    let accepted = match classify(ctx) {
+        Ok(a) => a,
+        Err(v) => return v,
+    };
+    if accepted.set_ce {
+        if let Err(v) = mark_ce(ctx) {
+            return v;
+        }
     }
     if ctx
         .adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS)
         .is_err()
     {
+        // Only the CE mark may have changed, which the kernel's vxlan would set too.
         return Verdict::Pass(counter::PASS_HELPER_FAIL);
     }
     // Decapsulated: the frame is now an ordinary IPv4 frame addressed to this host.
@@ -162,8 +213,15 @@ fn forward_inner(ctx: &TcContext) -> (i32, bool) {
         return (TC_ACT_OK, false);
     }
     if let Some(ep) = maps::local_endpoint(daddr) {
-        if deliver_to_container(ctx, &ep) {
-            return (TC_ACT_REDIRECT, true);
+        match fits(ctx, ep.host_ifindex_ne) {
+            Some(true) if deliver_to_container(ctx, &ep) => return (TC_ACT_REDIRECT, true),
+            Some(false) => {
+                // The stack fragments or answers "fragmentation needed", as for flannel.N.
+                maps::count(counter::DECAP_TOO_BIG);
+                return (TC_ACT_OK, false);
+            }
+            // The port is gone (a stale binding) or refused: the routed path knows the way.
+            _ => {}
         }
     }
     (route_inner(ctx, saddr, daddr, tos), false)
@@ -175,13 +233,6 @@ fn forward_inner(ctx: &TcContext) -> (i32, bool) {
 /// software (the bridge has no tunnel offloads), which costs most of the throughput.
 #[inline(always)]
 fn deliver_to_container(ctx: &TcContext, ep: &LocalEndpoint) -> bool {
-    // The entry may be older than the container: a deleted veth must not swallow
-    // the packet (the redirect would drop it), the bridge path still knows the way.
-    let mut mtu: u32 = 0;
-    // SAFETY: plain helper call; mtu lives on our stack.
-    if unsafe { bpf_check_mtu(ctx.as_ptr(), ep.host_ifindex_ne, &mut mtu, 0, 0) } < 0 {
-        return false;
-    }
     let Some(eth) = ctx.ptr_at::<EthHdr>(0) else {
         return false;
     };
@@ -201,6 +252,37 @@ fn deliver_to_container(ctx: &TcContext, ep: &LocalEndpoint) -> bool {
         (*ip).decrement_ttl();
     }
     true
+}
+
+/// Whether the decapsulated packet fits port `ifindex`: `None` when the port
+/// does not exist (a binding older than the container). `bpf_check_mtu`
+/// returns a positive code for "too big" and passes any GSO packet, whose
+/// segments (inner IP and L4 headers plus `gso_size`) are checked here.
+#[inline(always)]
+fn fits(ctx: &TcContext, ifindex: u32) -> Option<bool> {
+    let mut mtu: u32 = 0;
+    // SAFETY: plain helper call; mtu lives on our stack.
+    let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, 0, 0) };
+    if rc < 0 {
+        return None;
+    }
+    if rc != BPF_MTU_CHK_RET_SUCCESS as i64 {
+        return Some(false);
+    }
+    // SAFETY: ctx.skb.skb is the live __sk_buff.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return Some(true);
+    }
+    let ip: Ipv4Hdr = ctx.read(off::OUTER_IP)?;
+    let ihl = ip.ihl_bytes() & 0x3c;
+    let l4_header = if ip.protocol == IPPROTO_TCP {
+        let doff: u8 = ctx.load(off::OUTER_IP + ihl + 12).ok()?;
+        ((doff >> 4) as u32) * 4
+    } else {
+        UDP_HLEN as u32
+    };
+    Some(ihl as u32 + l4_header + gso_size <= mtu)
 }
 
 /// The FIB's next hop for the inner packet, or TC_ACT_OK for the stack.

@@ -16,13 +16,16 @@ use aya_ebpf::{
 };
 use weft_common::{
     config_flags, counter,
-    wire::{ETH_HLEN, ETH_P_IPV4, IPPROTO_UDP, VXLAN_FLAG_I, VXLAN_OVERHEAD},
-    LocalEndpoint, NodeConfig, PeerValue,
+    wire::{
+        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+        IPV4_HLEN, UDP_HLEN, VXLAN_FLAG_I, VXLAN_HLEN, VXLAN_OVERHEAD,
+    },
+    NodeConfig, PeerValue,
 };
 
 use crate::{
     maps::{self, Verdict},
-    parse::{off, EthHdr, Ipv4Hdr, Packet, UdpHdr, VxlanHdr},
+    parse::{fold, off, sum_words, EthHdr, Ipv4Hdr, Packet, UdpHdr, VxlanHdr},
 };
 
 const AF_INET: u8 = 2;
@@ -71,13 +74,25 @@ pub fn encapsulate(ctx: &TcContext) -> Verdict {
 #[inline(always)]
 fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
     let cfg = maps::config().ok_or(Verdict::Pass(counter::PASS_NOT_CONFIGURED))?;
+    // SAFETY: ctx.skb.skb is the live __sk_buff of this invocation.
+    let (vlan_present, ifindex, gso_size) = unsafe {
+        let skb = &*ctx.skb.skb;
+        (skb.vlan_present, skb.ingress_ifindex, skb.gso_size)
+    };
+    if vlan_present != 0 {
+        // veth receive moved the tag into metadata; bpf_redirect would keep it
+        // and the next device would emit it: the kernel path decides instead.
+        return Err(Verdict::Pass(counter::PASS_VLAN));
+    }
     // Headers of a routed skb are normally linear already; pulling is cheap when they are.
-    if ctx.data() + ETH_HLEN + core::mem::size_of::<Ipv4Hdr>() > ctx.data_end() {
-        let _ = ctx.pull_data((ETH_HLEN + core::mem::size_of::<Ipv4Hdr>()) as u32);
+    if ctx.data() + off::INNER_IP > ctx.data_end() {
+        let _ = ctx.pull_data(off::INNER_IP as u32);
     }
     let eth: EthHdr = ctx.read(0).ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
-    if eth.proto() != ETH_P_IPV4 {
-        return Err(Verdict::Pass(counter::PASS_NOT_IPV4));
+    match eth.proto() {
+        ETH_P_IPV4 => {}
+        ETH_P_8021Q | ETH_P_8021AD => return Err(Verdict::Pass(counter::PASS_VLAN)),
+        _ => return Err(Verdict::Pass(counter::PASS_NOT_IPV4)),
     }
     let ip: Ipv4Hdr = ctx
         .read(off::OUTER_IP)
@@ -88,45 +103,53 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
         || ip.ihl_bytes() < 20
         || (ip.ihl_bytes() as u32) > tot_len
         || tot_len > l3_len
+        || (ip.ihl_bytes() == 20 && !ip.checksum_ok())
     {
         // The kernel drops these in ip_rcv; never wrap them into a tunnel.
         return Err(Verdict::Pass(counter::PASS_MALFORMED));
     }
     let peer = *maps::remote_peer(ip.daddr_be).ok_or(Verdict::Pass(counter::PASS_NOT_REMOTE))?;
-    learn_sender(ctx, cfg, &eth, &ip);
+    check_source(cfg, ifindex, &eth, &ip)?;
+    if ip.ihl_bytes() != 20 {
+        // Valid but rare: the kernel path forwards them (and checks the options).
+        return Err(Verdict::Pass(counter::PASS_IP_OPTIONS));
+    }
     let decrement = cfg.flags_ne & config_flags::DECREMENT_TTL != 0;
     if decrement && ip.ttl <= 1 {
         // The kernel path sends the ICMP time-exceeded a router owes the sender.
         return Err(Verdict::Pass(counter::PASS_TTL_EXPIRED));
     }
-    // SAFETY: ctx.skb.skb is the live __sk_buff of this invocation.
-    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-    if gso_size == 0 && l3_len + VXLAN_OVERHEAD as u32 > cfg.underlay_mtu_ne as u32 {
-        // bpf_redirect never fragments: the kernel path fragments or sends
-        // "fragmentation needed" instead of silently dropping.
-        return Err(Verdict::Pass(counter::PASS_TOO_BIG));
-    }
+    check_size(ctx, cfg, &ip, l3_len, gso_size)?;
+    // GSO: the kernel's tunnel segmentation copies the outer UDP header into
+    // every segment and fills the checksum only for SKB_GSO_UDP_TUNNEL_CSUM,
+    // which bpf_skb_adjust_room cannot set: 0 (no checksum) is the only
+    // value that stays correct in every segment.
+    let l4_sum = if cfg.flags_ne & config_flags::UDP_CSUM != 0 && gso_size == 0 {
+        Some(inner_l4_sum(ctx, &ip)?)
+    } else {
+        None
+    };
     let next_hop = lookup_underlay(ctx, cfg, &peer).ok_or(Verdict::Pass(counter::PASS_FIB_FAIL))?;
 
     // Read before adjust_room: afterwards the skb hash would cover the outer header.
     // SAFETY: helper on the live skb.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
-    let inner_ttl = if decrement { ip.ttl - 1 } else { ip.ttl };
 
     ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
         .map_err(|_| Verdict::Pass(counter::PASS_HELPER_FAIL))?;
 
     let outer_len = ctx.len().saturating_sub(ETH_HLEN as u32) as u16;
-    let header = build_header(cfg, &peer, &ip, inner_ttl, outer_len, hash);
+    let header = build_header(cfg, &peer, &ip, outer_len, hash, l4_sum);
     // From here on the packet is a VXLAN frame: failures drop it rather than
     // hand a half-built frame to the kernel.
     ctx.store(off::OUTER_IP, &header, 0)
-        .map_err(|_| Verdict::Drop(counter::PASS_HELPER_FAIL))?;
+        .map_err(|_| Verdict::Drop(counter::DROP_HELPER_FAIL))?;
     if decrement {
         let inner = ctx
             .ptr_at::<Ipv4Hdr>(off::INNER_IP)
-            .ok_or(Verdict::Drop(counter::PASS_HELPER_FAIL))?;
+            .ok_or(Verdict::Drop(counter::DROP_HELPER_FAIL))?;
         // SAFETY: bounds checked by ptr_at after adjust_room; TC may write packet data.
+        // The checksum stays valid, so the outer UDP checksum (which covers it) does too.
         unsafe { (*inner).decrement_ttl() };
     }
 
@@ -134,7 +157,7 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
         NextHop::Resolved { ifindex, src, dst } => {
             let eth = ctx
                 .ptr_at::<EthHdr>(0)
-                .ok_or(Verdict::Drop(counter::PASS_HELPER_FAIL))?;
+                .ok_or(Verdict::Drop(counter::DROP_HELPER_FAIL))?;
             // SAFETY: bounds checked by ptr_at.
             unsafe {
                 (*eth).dst = dst;
@@ -149,29 +172,106 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
         }
     };
     if action != TC_ACT_REDIRECT as i64 {
-        return Err(Verdict::Drop(counter::PASS_HELPER_FAIL));
+        return Err(Verdict::Drop(counter::DROP_HELPER_FAIL));
     }
     Ok(Verdict::Done(action as i32, counter::ENCAPSULATED))
 }
 
-/// On a container's own veth (not the bridge), the sender of a frame bound for a
-/// remote subnet is that container and the frame's destination its gateway: what
-/// decapsulation needs to hand replies straight to it.
+/// The source must be the address bound to the port the frame came in on,
+/// from the MAC bound to it (the agent binds them from the kernel's
+/// neighbour and forwarding tables). On the bridge itself the port is no
+/// longer known, so the MAC alone must match. Anything else inside this
+/// host's subnet goes to the kernel path, which judges it as it always did;
+/// a source outside the subnet is forged.
 #[inline(always)]
-fn learn_sender(ctx: &TcContext, cfg: &NodeConfig, eth: &EthHdr, ip: &Ipv4Hdr) {
-    // SAFETY: ctx.skb.skb is the live __sk_buff of this invocation.
-    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    if ifindex == 0 || ifindex == cfg.bridge_ifindex_ne || eth.src[0] & 1 != 0 {
-        return;
+fn check_source(cfg: &NodeConfig, ifindex: u32, eth: &EthHdr, ip: &Ipv4Hdr) -> Result<(), Verdict> {
+    let on_bridge = ifindex == cfg.bridge_ifindex_ne;
+    if let Some(bound) = maps::local_endpoint(ip.saddr_be) {
+        let same_port = on_bridge || bound.host_ifindex_ne == ifindex;
+        if !same_port {
+            return Err(Verdict::Drop(counter::DROP_SOURCE_OTHER_PORT));
+        }
+        if bound.mac == eth.src {
+            return Ok(());
+        }
+        return Err(Verdict::Pass(counter::PASS_SOURCE_UNBOUND));
     }
-    maps::learn_local(
-        ip.saddr_be,
-        &LocalEndpoint {
-            host_ifindex_ne: ifindex,
-            mac: eth.src,
-            gateway_mac: eth.dst,
-        },
-    );
+    let s = u32::from_be_bytes(ip.saddr_be);
+    let mask = u32::from_be_bytes(cfg.subnet_mask_be);
+    // A zero mask (subnet not known yet) leaves every unbound source to the kernel.
+    if s & mask == u32::from_be_bytes(cfg.subnet_be) & mask {
+        Err(Verdict::Pass(counter::PASS_SOURCE_UNBOUND))
+    } else {
+        Err(Verdict::Drop(counter::DROP_SOURCE_OUTSIDE))
+    }
+}
+
+/// Whether the packet, once encapsulated, fits the underlay. `bpf_redirect`
+/// never fragments; the kernel path fragments or sends "fragmentation
+/// needed". A GSO packet is judged by its segments: inner IP and L4 headers
+/// plus `gso_size`, plus the 50 bytes of VXLAN.
+#[inline(always)]
+fn check_size(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    ip: &Ipv4Hdr,
+    l3_len: u32,
+    gso_size: u32,
+) -> Result<(), Verdict> {
+    let mtu = cfg.underlay_mtu_ne as u32;
+    if gso_size == 0 {
+        if l3_len + VXLAN_OVERHEAD as u32 > mtu {
+            return Err(Verdict::Pass(counter::PASS_TOO_BIG));
+        }
+        return Ok(());
+    }
+    let l4_header = if ip.protocol == IPPROTO_TCP {
+        // Data offset: the high nibble of byte 12 of the TCP header.
+        let doff: u8 = ctx
+            .load(off::OUTER_IP + IPV4_HLEN + 12)
+            .map_err(|_| Verdict::Pass(counter::PASS_MALFORMED))?;
+        ((doff >> 4) as u32) * 4
+    } else {
+        UDP_HLEN as u32
+    };
+    if IPV4_HLEN as u32 + l4_header + gso_size + VXLAN_OVERHEAD as u32 > mtu {
+        return Err(Verdict::Pass(counter::PASS_GSO_TOO_BIG));
+    }
+    Ok(())
+}
+
+/// The one's-complement sum of the inner L4 bytes as they will be on the
+/// wire, without summing them: a correct TCP/UDP checksum makes them sum to
+/// the complement of the pseudo-header, and so does a checksum still
+/// pending (CHECKSUM_PARTIAL holds the pseudo-header sum and is completed
+/// before the wire): the kernel's local checksum offload (`lco_csum`) rests
+/// on the same identity. A correct ICMP message sums to zero. Anything else
+/// would need the payload summed: the kernel path does that.
+#[inline(always)]
+fn inner_l4_sum(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<u32, Verdict> {
+    if ip.is_fragment() {
+        // The L4 checksum covers the whole datagram, not this fragment.
+        return Err(Verdict::Pass(counter::PASS_FRAGMENT));
+    }
+    let pseudo = || fold(ip.pseudo_header_sum(ip.tot_len() - IPV4_HLEN as u16)) as u32;
+    match ip.protocol {
+        IPPROTO_TCP => Ok(pseudo()),
+        IPPROTO_UDP => {
+            // Linear after the pull on entry; the helper copy covers a paged header.
+            let at = off::OUTER_IP + IPV4_HLEN + 6;
+            let check: [u8; 2] = ctx
+                .read(at)
+                .or_else(|| ctx.load(at).ok())
+                .ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
+            if check == [0, 0] {
+                // No checksum: nothing vouches for the payload's sum.
+                return Err(Verdict::Pass(counter::PASS_CHECKSUM));
+            }
+            Ok(pseudo())
+        }
+        IPPROTO_ICMP => Ok(0),
+        _ => Err(Verdict::Pass(counter::PASS_CHECKSUM)),
+    }
 }
 
 /// The outer route to the peer's VTEP, looked up as our own output would be.
@@ -212,15 +312,10 @@ fn build_header(
     cfg: &NodeConfig,
     peer: &PeerValue,
     inner: &Ipv4Hdr,
-    inner_ttl: u8,
     outer_len: u16,
     hash: u32,
+    l4_sum: Option<u32>,
 ) -> VxlanEncap {
-    let ttl = if cfg.flags_ne & config_flags::TTL_INHERIT != 0 {
-        inner_ttl
-    } else {
-        64
-    };
     // SAFETY: plain helper call.
     let id = unsafe { bpf_get_prandom_u32() } as u16;
     let mut ip = Ipv4Hdr {
@@ -230,7 +325,8 @@ fn build_header(
         id_be: id.to_be_bytes(),
         // DF clear, as the kernel vxlan device flannel creates sends it.
         frag_off_be: [0, 0],
-        ttl,
+        // `ttl auto`: the route's hop limit, i.e. the namespace's default TTL.
+        ttl: cfg.outer_ttl,
         protocol: IPPROTO_UDP,
         check_be: [0, 0],
         saddr_be: cfg.vtep_ip_be,
@@ -238,13 +334,13 @@ fn build_header(
     };
     ip.set_checksum();
     let vni = cfg.vni_ne.to_be_bytes();
-    VxlanEncap {
+    let udp_len = outer_len.wrapping_sub(IPV4_HLEN as u16);
+    let mut header = VxlanEncap {
         ip,
         udp: UdpHdr {
             source_be: source_port(hash, cfg.sport_min_ne, cfg.sport_max_ne).to_be_bytes(),
             dest_be: cfg.port_be.to_be_bytes(),
-            len_be: outer_len.wrapping_sub(20).to_be_bytes(),
-            // Zero: allowed for IPv4 (RFC 7348), accepted by Linux receivers.
+            len_be: udp_len.to_be_bytes(),
             check_be: [0, 0],
         },
         vxlan: VxlanHdr {
@@ -258,6 +354,31 @@ fn build_header(
             src: cfg.vtep_mac,
             proto_be: ETH_P_IPV4.to_be_bytes(),
         },
+    };
+    if let Some(l4_sum) = l4_sum {
+        header.udp.check_be = udp_checksum(&header, udp_len, l4_sum).to_be_bytes();
+    }
+    header
+}
+
+/// The outer UDP checksum (RFC 768): pseudo-header, our 30 bytes of UDP,
+/// VXLAN and inner Ethernet, the inner IPv4 header (whose valid checksum
+/// makes it sum to zero) and `l4_sum` for the rest. All parts start at even
+/// offsets, so their sums add up.
+#[inline(always)]
+fn udp_checksum(h: &VxlanEncap, udp_len: u16, l4_sum: u32) -> u16 {
+    let pseudo = Ipv4Hdr {
+        protocol: IPPROTO_UDP,
+        ..h.ip
+    }
+    .pseudo_header_sum(udp_len);
+    const TUNNEL: usize = UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
+    // SAFETY: udp, vxlan and inner_eth are adjacent byte arrays in a repr(C) struct.
+    let tunnel: &[u8; TUNNEL] = unsafe { &*(&h.udp as *const UdpHdr as *const [u8; TUNNEL]) };
+    match fold(sum_words(tunnel, pseudo + l4_sum)) {
+        // 0 means "no checksum": a computed 0 is sent as its equivalent.
+        0 => 0xffff,
+        c => c,
     }
 }
 

@@ -26,21 +26,13 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 #[map(name = "WEFT_LOCAL")]
 static LOCAL: HashMap<[u8; 4], LocalEndpoint> = HashMap::pinned(MAX_LOCAL, 0);
 
-/// The local container with address `addr_be`, if the agent has seen it on the bridge.
+/// The container bound to address `addr_be`, if the agent found one in the
+/// kernel's tables (neighbour entry on the bridge, forwarding entry on a port).
 #[inline(always)]
 pub fn local_endpoint(addr_be: [u8; 4]) -> Option<LocalEndpoint> {
     let ptr = LOCAL.get_ptr(addr_be)?;
     // SAFETY: a map value pointer the kernel returned, copied out at once.
     Some(unsafe { *ptr })
-}
-
-/// Records that container `addr_be` sits behind `ep`, unless the map says so already
-/// (an update per packet would cost more than the lookup).
-#[inline(always)]
-pub fn learn_local(addr_be: [u8; 4], ep: &LocalEndpoint) {
-    if local_endpoint(addr_be).as_ref() != Some(ep) {
-        let _ = LOCAL.insert(addr_be, *ep, 0);
-    }
 }
 
 /// This node's configuration, `None` until the agent wrote a VNI and VTEP address.
@@ -78,7 +70,7 @@ pub fn count(index: u32) {
 pub enum Verdict {
     /// Not ours, or not safe for the fast path: hand the packet on untouched.
     Pass(u32),
-    /// Spoofed or broken VXLAN aimed at us: drop it.
+    /// Forged, broken, or what the kernel would drop: drop it.
     Drop(u32),
     /// Handled: return this action (redirect, pass after decap).
     Done(i32, u32),

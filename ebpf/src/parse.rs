@@ -121,18 +121,47 @@ impl Ipv4Hdr {
         u16::from_be_bytes(self.frag_off_be) & IP_MF_OFFSET != 0
     }
 
+    /// The ECN field (RFC 3168): 0 Not-ECT, 1 ECT(1), 2 ECT(0), 3 CE.
+    #[inline(always)]
+    pub fn ecn(&self) -> u8 {
+        self.tos & 0x3
+    }
+
     /// Fills in the header checksum (RFC 791) over the 20 bytes.
     #[inline(always)]
     pub fn set_checksum(&mut self) {
         self.check_be = [0, 0];
+        self.check_be = fold(sum_words(self.bytes(), 0)).to_be_bytes();
+    }
+
+    /// Whether the 20-byte header's checksum is right (the kernel's `ip_rcv`
+    /// drops the packet otherwise).
+    #[inline(always)]
+    pub fn checksum_ok(&self) -> bool {
+        fold(sum_words(self.bytes(), 0)) == 0
+    }
+
+    #[inline(always)]
+    fn bytes(&self) -> &[u8; IPV4_HLEN] {
         // SAFETY: Ipv4Hdr is 20 plain bytes.
-        let bytes: &[u8; IPV4_HLEN] = unsafe { &*(self as *const Self as *const [u8; IPV4_HLEN]) };
-        let mut sum: u32 = 0;
-        let mut i = 0;
-        while i < IPV4_HLEN {
-            sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
-            i += 2;
-        }
+        unsafe { &*(self as *const Self as *const [u8; IPV4_HLEN]) }
+    }
+
+    /// Marks an ECT packet Congestion Experienced and patches the checksum, as
+    /// the kernel's `IP_ECN_set_ce`.
+    #[inline(always)]
+    pub fn set_ce(&mut self) {
+        let old = u16::from_be_bytes([self.version_ihl, self.tos]);
+        self.tos |= 0x3;
+        let new = u16::from_be_bytes([self.version_ihl, self.tos]);
+        self.replace_word(old, new);
+    }
+
+    /// RFC 1624: HC' = ~(~HC + ~m + m').
+    #[inline(always)]
+    fn replace_word(&mut self, old: u16, new: u16) {
+        let check = u16::from_be_bytes(self.check_be);
+        let sum = (!check as u32) + (!old as u32) + new as u32;
         self.check_be = fold(sum).to_be_bytes();
     }
 
@@ -142,16 +171,38 @@ impl Ipv4Hdr {
         let old = u16::from_be_bytes([self.ttl, self.protocol]);
         self.ttl = self.ttl.wrapping_sub(1);
         let new = u16::from_be_bytes([self.ttl, self.protocol]);
-        let check = u16::from_be_bytes(self.check_be);
-        // HC' = ~(~HC + ~m + m')
-        let sum = (!check as u32) + (!old as u32) + new as u32;
-        self.check_be = fold(sum).to_be_bytes();
+        self.replace_word(old, new);
+    }
+
+    /// The one's-complement sum of the TCP/UDP pseudo-header (RFC 793/768)
+    /// for an L4 payload of `l4_len` bytes, not yet folded or complemented.
+    #[inline(always)]
+    pub fn pseudo_header_sum(&self, l4_len: u16) -> u32 {
+        let s = self.saddr_be;
+        let d = self.daddr_be;
+        u16::from_be_bytes([s[0], s[1]]) as u32
+            + u16::from_be_bytes([s[2], s[3]]) as u32
+            + u16::from_be_bytes([d[0], d[1]]) as u32
+            + u16::from_be_bytes([d[2], d[3]]) as u32
+            + self.protocol as u32
+            + l4_len as u32
     }
 }
 
-/// One's-complement fold of a 32-bit sum into a 16-bit checksum.
+/// Adds the big-endian 16-bit words of `bytes` (even length) to `sum`.
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub fn sum_words<const N: usize>(bytes: &[u8; N], mut sum: u32) -> u32 {
+    let mut i = 0;
+    while i + 1 < N {
+        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+/// One's-complement fold of a 32-bit sum into a 16-bit checksum (complemented).
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)

@@ -13,6 +13,7 @@
 //!
 //! - [`Etcd`]: a real etcd per test, on 127.0.0.1 ([`Etcd::start_local`]) or on a cluster's underlay.
 //! - [`Cluster`], [`Host`], [`Container`]: namespaces wired like hosts on one L2 network running Docker.
+//! - [`Dockerd`]: a real dockerd per host, started from the agent's Docker options.
 //! - [`Agent`]: `weft agent` as a real process inside a host, its log printed when the test panics.
 //! - [`nspawn::Machine`]: a Debian machine with a real systemd (`systemd-nspawn --boot`) inside a host.
 //!
@@ -22,8 +23,10 @@
 //! the agents print their logs.
 
 pub mod agent;
+pub mod attack;
 pub mod cluster;
 pub mod container;
+pub mod docker;
 pub mod etcd;
 pub mod keep;
 pub mod netns;
@@ -33,6 +36,7 @@ pub mod prometheus;
 pub use agent::{weft_bin, Agent};
 pub use cluster::{cluster, Cluster, ClusterOptions, Host, SubnetEnv};
 pub use container::{ping_summary, Container, Transfer};
+pub use docker::{DockerContainer, Dockerd};
 pub use etcd::{Etcd, EtcdCluster};
 pub use keep::{Kept, KeptProcess};
 pub use netns::Netns;

@@ -167,7 +167,7 @@ pub fn list() -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn enter(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn enter(path: &Path) -> anyhow::Result<()> {
     let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
     // SAFETY: setns on a valid namespace fd; it changes only this thread's network namespace.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {

@@ -170,6 +170,25 @@ async fn wait_ebpf_ready(host: &Host, peers: usize) -> Value {
     .await
 }
 
+/// Each container's first packet (here: to its gateway, so nothing crosses the overlay) gives the
+/// host the neighbour and forwarding entries the eBPF path binds it by; waits until the agent,
+/// woken by those netlink events, has bound them all. Until then a container's traffic to other
+/// hosts takes the kernel path (flannel.1).
+async fn bind_containers(host: &Host) {
+    let containers = host.containers();
+    for ct in &containers {
+        ct.ping(ct.gateway()).await.unwrap();
+    }
+    let n = containers.len();
+    wait_status(
+        host,
+        &format!("with {n} containers bound"),
+        READY_TIMEOUT,
+        |st| st["local_bindings"].as_array().map_or(0, Vec::len) >= n,
+    )
+    .await;
+}
+
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -199,6 +218,7 @@ async fn ebpf_cluster_each<'a>(
     c.add_containers(per_host).await.unwrap();
     for h in c.hosts() {
         wait_ebpf_ready(h, hosts - 1).await;
+        bind_containers(h).await;
     }
     c
 }
@@ -527,6 +547,7 @@ async fn mixed_ebpf_kernel_and_flanneld_hosts_all_reach_all() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    bind_containers(ebpf).await;
     let mut before = Vec::new();
     for h in c.hosts() {
         let (tx, rx) = flannel_packets(h).await;
@@ -1367,6 +1388,7 @@ async fn auto_falls_back_to_the_kernel_path_with_the_reason_and_traffic_works() 
         );
     }
     wait_ebpf_ready(ok, 2).await;
+    bind_containers(ok).await;
     let st = status_at(no_bpffs, &not_bpffs).await;
     assert_eq!(st["mode"], "kernel", "{st:#}");
 

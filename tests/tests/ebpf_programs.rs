@@ -200,7 +200,9 @@ fn env(name: &str) -> Env {
         underlay_mtu: 1500,
         bridge_ifindex: br0,
         decrement_ttl: true,
-        ttl_inherit: true,
+        outer_ttl: 64,
+        udp_csum: true,
+        subnet: Some("10.1.10.0/24".parse().unwrap()),
     })
     .expect("configure");
     dp.upsert_peer(
@@ -315,6 +317,19 @@ fn inner_for_local() -> Vec<u8> {
     f
 }
 
+/// Binds `ip` to the container MAC on `br0-peer`, as the agent does from the
+/// bridge's neighbour and forwarding entries: encapsulation accepts its
+/// frames (on br0, the bridge, the MAC alone is checked).
+fn bind(e: &mut Env, ip: Ipv4Addr) {
+    e.dp.upsert_local(&LocalEntry {
+        ip,
+        host_ifindex: ifindex("br0-peer"),
+        mac: MacAddr(CONTAINER_MAC),
+        gateway_mac: MacAddr(BRIDGE_MAC),
+    })
+    .expect("bind");
+}
+
 fn good_vxlan() -> Vec<u8> {
     vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &inner_for_local())
 }
@@ -359,6 +374,7 @@ fn total_counted(e: &mut Env) -> u64 {
 fn encap_emits_rfc7348_vxlan_as_flannel_expects() {
     require_root!();
     let mut e = env("encap");
+    bind(&mut e, LOCAL_CONTAINER);
     let input = container_frame(REMOTE_CONTAINER);
     let out = test_run(&e, ProgramKind::TcEncap, &input, e.br0);
     assert_eq!(
@@ -384,7 +400,7 @@ fn encap_emits_rfc7348_vxlan_as_flannel_expects() {
         0,
         "DF clear like the kernel vxlan device"
     );
-    assert_eq!(ip[8], 63, "ttl inherit: the decremented inner TTL");
+    assert_eq!(ip[8], 64, "ttl auto: the namespace's default TTL");
     assert_eq!(ip[9], 17, "UDP");
     assert_eq!(checksum(ip), 0, "valid header checksum");
     assert_eq!(&ip[12..16], &OUR_IP.octets());
@@ -421,41 +437,21 @@ fn encap_emits_rfc7348_vxlan_as_flannel_expects() {
 }
 
 #[test]
-fn encap_on_a_container_port_learns_the_container_for_decap() {
+fn encap_learns_nothing_from_what_containers_send() {
     require_root!();
     let mut e = env("learn");
-    // On the bridge itself the port is unknown: nothing learned.
-    test_run(
-        &e,
-        ProgramKind::TcEncap,
-        &container_frame(REMOTE_CONTAINER),
-        e.br0,
-    );
-    assert!(e.dp.locals().expect("list").is_empty());
-    // On a port (any interface but the bridge), traffic to a local address teaches nothing.
+    // From a port, unbound: handed to the kernel path, and nothing is learned.
     let port = ifindex("br0-peer");
-    test_run(
-        &e,
-        ProgramKind::TcEncap,
-        &container_frame(Ipv4Addr::new(10, 1, 10, 9)),
-        port,
-    );
+    let input = container_frame(REMOTE_CONTAINER);
+    let out = test_run(&e, ProgramKind::TcEncap, &input, port);
+    assert_eq!((out.action, &out.packet), (TC_ACT_OK, &input));
     assert!(e.dp.locals().expect("list").is_empty());
-    // Traffic to a remote subnet: the sender sits behind this port, its gateway is the frame's destination.
-    let out = test_run(
-        &e,
-        ProgramKind::TcEncap,
-        &container_frame(REMOTE_CONTAINER),
-        port,
-    );
+    // Bound by the agent to this port and MAC: encapsulated; the binding is unchanged.
+    bind(&mut e, LOCAL_CONTAINER);
+    let bound = e.dp.locals().expect("list");
+    let out = test_run(&e, ProgramKind::TcEncap, &input, port);
     assert_eq!(out.action, TC_ACT_REDIRECT);
-    let learned = LocalEntry {
-        ip: LOCAL_CONTAINER,
-        host_ifindex: port,
-        mac: MacAddr(CONTAINER_MAC),
-        gateway_mac: MacAddr(BRIDGE_MAC),
-    };
-    assert_eq!(e.dp.locals().expect("list"), vec![learned]);
+    assert_eq!(e.dp.locals().expect("list"), bound);
     // And decapsulation uses it.
     let out = test_run(&e, ProgramKind::TcDecap, &good_vxlan(), e.ul0);
     assert_eq!(out.action, TC_ACT_REDIRECT);
@@ -471,6 +467,7 @@ fn encap_on_a_container_port_learns_the_container_for_decap() {
 fn encap_leaves_what_is_not_ours_untouched() {
     require_root!();
     let mut e = env("encap-pass");
+    bind(&mut e, LOCAL_CONTAINER);
     let cases: Vec<(&str, Vec<u8>, u32)> = vec![
         (
             "local subnet",
@@ -510,6 +507,9 @@ fn encap_leaves_what_is_not_ours_untouched() {
             {
                 let mut f = container_frame(REMOTE_CONTAINER);
                 f[22] = 1;
+                f[24..26].copy_from_slice(&[0, 0]);
+                let c = checksum(&f[14..34]);
+                f[24..26].copy_from_slice(&c.to_be_bytes());
                 f
             },
             counter::PASS_TTL_EXPIRED,
@@ -573,7 +573,9 @@ fn encap_leaves_what_is_not_ours_untouched() {
 #[test]
 fn encap_matches_kernel_vxlan_device() {
     require_root!();
-    let e = env("encap-kernel");
+    let mut e = env("encap-kernel");
+    // The kernel's packet comes from flannel.1's address; here a container sends it.
+    bind(&mut e, Ipv4Addr::new(10, 1, 10, 0));
     let mac = fmt_mac(OUR_VTEP_MAC);
     let peer_mac = fmt_mac(PEER_VTEP_MAC);
     run(&[
@@ -595,7 +597,8 @@ fn encap_matches_kernel_vxlan_device() {
         "8472",
         "nolearning",
         "ttl",
-        "inherit",
+        "auto",
+        "udpcsum",
     ]);
     run(&["ip", "addr", "add", "10.1.10.0/32", "dev", "flannel.1"]);
     run(&["ip", "link", "set", "flannel.1", "up"]);
@@ -653,11 +656,12 @@ fn encap_matches_kernel_vxlan_device() {
     assert_eq!(ours.action, TC_ACT_REDIRECT);
     let ours = ours.packet;
     assert_eq!(ours.len(), kernel.len(), "same length");
+    // The UDP checksum covers the source port: compare it once both are equal.
     let skip = [
         18..20, /* IP ID */
         24..26, /* IP checksum */
         34..36, /* UDP sport */
-        40..42, /* UDP checksum */
+        40..42, /* UDP checksum, compared below */
     ];
     for i in 0..kernel.len() {
         if skip.iter().any(|r| r.contains(&i)) {
@@ -669,6 +673,24 @@ fn encap_matches_kernel_vxlan_device() {
         );
     }
     assert_eq!(checksum(&ours[14..34]), 0);
+    let sport = |p: &[u8]| u16::from_be_bytes([p[34], p[35]]);
+    let (kernel_sum, ours_sum) = (
+        u16::from_be_bytes([kernel[40], kernel[41]]),
+        u16::from_be_bytes([ours[40], ours[41]]),
+    );
+    assert_ne!(kernel_sum, 0, "flannel.1 (udpcsum) fills the UDP checksum");
+    // RFC 1624: the kernel's checksum with our source port in place of its own.
+    let adjusted = {
+        let mut sum = u32::from(!kernel_sum) + u32::from(!sport(&kernel)) + u32::from(sport(&ours));
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    };
+    assert_eq!(
+        ours_sum, adjusted,
+        "the kernel's outer UDP checksum, for our source port"
+    );
 }
 
 /// Runs `send` and returns the first VXLAN frame leaving `ifindex`.
@@ -718,11 +740,24 @@ fn capture_vxlan_on(ifindex: u32, send: impl FnOnce()) -> Vec<u8> {
 
 // ---- decapsulation ----------------------------------------------------------
 
-/// What decapsulation must produce from `frame`: the inner frame, addressed to our NIC.
+/// What decapsulation must produce from `frame`: the inner frame, addressed to
+/// our NIC, with an outer CE copied onto an ECT inner header (RFC 6040).
 fn expected_decap(frame: &[u8]) -> Vec<u8> {
     let mut inner = frame[50..].to_vec();
     inner[0..6].copy_from_slice(&UNDERLAY_MAC);
     inner[6..12].copy_from_slice(&frame[6..12]);
+    if frame[15] & 3 == 3 && matches!(inner[15] & 3, 1 | 2) {
+        // RFC 1624 on the word [version/ihl, tos].
+        let old = u16::from_be_bytes([inner[14], inner[15]]);
+        inner[15] |= 3;
+        let new = u16::from_be_bytes([inner[14], inner[15]]);
+        let check = u16::from_be_bytes([inner[24], inner[25]]);
+        let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        inner[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
     inner
 }
 
@@ -1057,6 +1092,7 @@ fn may_decap(f: &[u8]) -> bool {
     f.len() >= 64 + 20
         && f[12..14] == [0x08, 0x00]
         && f[14] == 0x45
+        && checksum(&f[14..34]) == 0
         && f[23] == 17
         && u16::from_be_bytes([f[20], f[21]]) & 0x3fff == 0
         && f[30..34] == OUR_IP.octets()
@@ -1067,12 +1103,24 @@ fn may_decap(f: &[u8]) -> bool {
         && f[62..64] == [0x08, 0x00]
         && f[50..56] == OUR_VTEP_MAC
         && f[64] >> 4 == 4
+        // The inner source lies in the sender's subnet (10.1.54.0/24).
+        && f[76..79] == [10, 1, 54]
+        // RFC 6040: CE over Not-ECT is dropped.
+        && !(f[15] & 3 == 3 && f[65] & 3 == 0)
 }
 
 #[test]
 fn fuzz_never_decapsulates_what_it_must_not() {
     require_root!();
     let mut e = env("fuzz");
+    // Every run has ul0 as its ingress: it stands in for the container's port here.
+    e.dp.upsert_local(&LocalEntry {
+        ip: LOCAL_CONTAINER,
+        host_ifindex: e.ul0,
+        mac: MacAddr(CONTAINER_MAC),
+        gateway_mac: MacAddr(BRIDGE_MAC),
+    })
+    .expect("bind");
     let total: usize = if std::env::var_os("WEFT_LONG_TESTS").is_some() {
         1_000_000
     } else {
@@ -1123,6 +1171,10 @@ fn fuzz_never_decapsulates_what_it_must_not() {
                 decapped += 1;
             }
             ProgramKind::TcEncap if out.action == TC_ACT_REDIRECT => encapped += 1,
+            // A forged source (not the bound one, outside our subnet).
+            ProgramKind::TcEncap if out.action == TC_ACT_SHOT => {
+                assert_ne!(frame[26..30], LOCAL_CONTAINER.octets(), "{frame:02x?}")
+            }
             ProgramKind::TcEncap => {
                 assert_eq!(out.action, TC_ACT_OK);
                 assert_eq!(out.packet, frame, "encap passes untouched or redirects");

@@ -350,6 +350,92 @@ fn nftables_variant_matches_and_is_restored() -> Result<()> {
     Ok(())
 }
 
+/// `--iptables-forward-rules` without `--ip-masq`: flanneld's FLANNEL-FWD rules alone (a NAT chain
+/// from an earlier `--ip-masq` run is removed), plus weft's `ip weft-nonat` table that keeps overlay
+/// traffic's source when Docker masquerades; both restored within one resync period when deleted,
+/// and gone after `remove`. The Docker scenarios (tests/tests/docker.rs) show what they do for
+/// packets: first contact with FORWARD policy DROP, and the receiver seeing the sender's address.
+#[test]
+#[ignore = "needs root: run cargo xtask test"]
+fn forward_rules_without_ip_masq_are_installed_restored_and_removed() -> Result<()> {
+    for kind in [MasqKind::Iptables, MasqKind::Nftables] {
+        let ns = Netns::new("fwd")?;
+        let ns_name = ns.name.clone();
+        let elapsed = ns.block_on(move || async move {
+            let masq = |on: bool| {
+                Masq::new(kind, net("10.1.0.0/16"), net("10.1.10.0/24")).with_masquerade(on)
+            };
+            masq(true).ensure().await?;
+            let forward_only = masq(false);
+            let repairs = forward_only.ensure().await?;
+            ensure!(
+                repairs.iter().any(|r| r.contains("no longer configured")),
+                "{kind:?}: the NAT chain of the --ip-masq run must go: {repairs:?}"
+            );
+            let in_ns = |cmd: &[&str]| sh("ip", &[&["netns", "exec", &ns_name], cmd].concat());
+            let delete: Vec<&str> = match kind {
+                MasqKind::Iptables => vec!["iptables", "-w", "-F", "FLANNEL-FWD"],
+                MasqKind::Nftables => {
+                    vec!["nft", "flush", "chain", "ip", "flannel-ipv4", "forward"]
+                }
+            };
+            time_to_restore(
+                &forward_only,
+                || {
+                    in_ns(&delete)?;
+                    in_ns(&["nft", "delete", "table", "ip", "weft-nonat"])?;
+                    Ok(())
+                },
+                || {
+                    let rules = match kind {
+                        MasqKind::Iptables => in_ns(&["iptables-save", "-t", "filter"])?,
+                        MasqKind::Nftables => {
+                            in_ns(&["nft", "list", "table", "ip", "flannel-ipv4"])?
+                        }
+                    };
+                    let nonat = in_ns(&["nft", "list", "tables"])?;
+                    Ok(rules.contains("10.1.0.0/16") && nonat.contains("weft-nonat"))
+                },
+            )
+            .await
+        })??;
+        assert!(
+            elapsed < Duration::from_secs(7),
+            "{kind:?}: restored after {elapsed:?}"
+        );
+        match kind {
+            MasqKind::Iptables => {
+                assert_eq!(saved(&ns, "filter", "FLANNEL-FWD")?, FLANNEL_FWD);
+                assert_eq!(saved(&ns, "nat", "FLANNEL")?, Vec::<String>::new());
+            }
+            MasqKind::Nftables => {
+                let listing = ns.exec(&["nft", "list", "table", "ip", "flannel-ipv4"])?;
+                assert!(listing.contains("ip daddr 10.1.0.0/16 accept"), "{listing}");
+                assert!(!listing.contains("postrtg"), "{listing}");
+            }
+        }
+        let nonat = ns.exec(&["nft", "list", "table", "ip", "weft-nonat"])?;
+        assert!(
+            nonat.contains("ip saddr 10.1.0.0/16 ip daddr 10.1.0.0/16 snat to ip saddr"),
+            "{nonat}"
+        );
+        ns.block_on(move || async move {
+            Masq::new(kind, net("10.1.0.0/16"), net("10.1.10.0/24"))
+                .with_masquerade(false)
+                .remove()
+                .await
+        })??;
+        let left = ns.exec(&["nft", "list", "ruleset"])? + &ns.exec(&["iptables-save"])?;
+        ensure!(
+            !left.contains("FLANNEL")
+                && !left.contains("flannel-ipv4")
+                && !left.contains("weft-nonat"),
+            "{kind:?}: rules left after remove:\n{left}"
+        );
+    }
+    Ok(())
+}
+
 /// A container behind a host reaches a "world" address with its source masqueraded to the host's
 /// address, while a packet to another overlay subnet keeps the container's source.
 ///

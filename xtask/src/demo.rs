@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use weft_tests::{netns, Cluster, ClusterOptions, Container, Host, Kept};
+use weft_tests::{netns, Cluster, ClusterOptions, Container, DockerContainer, Dockerd, Host, Kept};
 
 /// Where the demo keeps its state file and its cluster's directory.
 const STATE_DIR: &str = "/run/weft-demo";
@@ -33,6 +33,10 @@ pub struct Options {
     /// Do not build; use the weft binary built earlier (or $WEFT_BIN).
     #[arg(long)]
     pub no_build: bool,
+    /// Run a real dockerd per host, started from the agent's Docker options, and `docker run`
+    /// containers instead of the harness's namespaces (the flanneld + Docker flow end to end).
+    #[arg(long)]
+    pub docker: bool,
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -117,6 +121,14 @@ async fn build(opts: &Options, weft: &Path) -> anyhow::Result<()> {
         "==> starting `weft agent --datapath {}` on every host",
         opts.datapath
     );
+    if opts.docker {
+        // dockerd creates docker0 from the agent's options; the agent starts without one.
+        for h in c.hosts() {
+            weft_tests::docker::remove_simulated_bridge(h).await?;
+        }
+        c.start_agents(&["--datapath", &opts.datapath])?;
+        return docker_demo(c, weft).await;
+    }
     c.start_agents(&["--datapath", &opts.datapath])?;
     if let Err(e) = bring_up(&c).await {
         print_agent_logs(&c);
@@ -320,18 +332,22 @@ async fn rtt(from: &Container, to: Ipv4Addr) -> Option<f64> {
         let out = from
             .exec(&["ping", "-n", "-c", "1", "-W", "2", &to.to_string()])
             .await;
-        let text = String::from_utf8_lossy(&out.stdout);
         if out.status.success() {
-            return text
-                .split("time=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok();
+            return ping_rtt(&String::from_utf8_lossy(&out.stdout));
         }
     }
     None
+}
+
+/// The round-trip time of ping's first reply line (`time=0.123 ms`), in ms.
+fn ping_rtt(text: &str) -> Option<f64> {
+    text.split("time=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .trim_end_matches("ms")
+        .parse()
+        .ok()
 }
 
 /// A 3-second iperf3 TCP run between containers on the first and the last host.
@@ -449,6 +465,11 @@ fn down() -> anyhow::Result<()> {
         "==> removing the demo cluster: {namespaces} namespaces, {processes} processes, {}",
         kept.dir.display()
     );
+    // dockerds first: their containers' cgroups and mounts are outside the namespaces.
+    for h in 1..=HOSTS {
+        let host = format!("{NAME}-host{h}");
+        weft_tests::docker::stop_kept(&host, &kept.dir.join(format!("host{h}")));
+    }
     kept.remove()?;
     if path.exists() {
         std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
@@ -465,4 +486,132 @@ fn down() -> anyhow::Result<()> {
     );
     println!("    nothing left: no {NAME}-* namespace, no demo process, no {STATE_DIR}");
     Ok(())
+}
+
+/// `--docker`: a dockerd per host from the agent's options file, `docker run` containers, the ping
+/// matrix between them, which path carried it, and docker commands to explore.
+async fn docker_demo(c: Cluster, weft: &Path) -> anyhow::Result<()> {
+    let mut dockerds = Vec::new();
+    let mut containers = Vec::new();
+    let result = async {
+        for h in c.hosts() {
+            let env = weft_tests::docker::subnet_env(h).await?;
+            let d = Dockerd::start_with(h, true).await?;
+            println!(
+                "==> {}: dockerd {} (from {})",
+                h.name(),
+                d.network_opts()?.join(" "),
+                h.docker_opts_file().display()
+            );
+            for k in 1..=CONTAINERS_PER_HOST {
+                let name = format!("h{}c{k}", h.index() + 1);
+                let ct = d.run(&name).await?;
+                println!(
+                    "    docker run {name}: {} in {}",
+                    ct.ip(),
+                    env.subnet.trunc()
+                );
+                containers.push((h.index(), ct));
+            }
+            dockerds.push(d);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        print_agent_logs(&c);
+        println!("==> the demo failed; removing what it made");
+        return Err(e);
+    }
+    println!("==> datapath in use");
+    for h in c.hosts() {
+        println!("    {:<16} {}", h.name(), datapath(h, weft).await);
+    }
+    docker_ping_matrix(&containers).await;
+    counters(&c, weft).await;
+
+    let (d1, (_, from), (_, to)) = (
+        &dockerds[0],
+        &containers[0],
+        &containers[containers.len() - 1],
+    );
+    let socket = d1.socket();
+    let commands = [
+        format!("docker -H {socket} ps"),
+        format!("docker -H {socket} exec -it {} sh", from.name()),
+        format!(
+            "docker -H {socket} exec {} ping -c 3 {}",
+            from.name(),
+            to.ip()
+        ),
+        format!("docker -H {socket} network inspect bridge"),
+        format!("cat {}", c.host(0).docker_opts_file().display()),
+        format!(
+            "ip netns exec {} iptables-save | grep -e FLANNEL -e DOCKER",
+            c.host(0).name()
+        ),
+        format!(
+            "ip netns exec {} nft list table ip weft-nonat",
+            c.host(0).name()
+        ),
+        format!(
+            "ip netns exec {} {} status --bpf-pin-dir {}",
+            c.host(0).name(),
+            weft.display(),
+            c.host(0).bpf_pin_dir().display()
+        ),
+    ];
+    let mut kept = c.keep();
+    for d in &dockerds {
+        d.keep();
+        kept.processes
+            .extend(d.pid().and_then(weft_tests::KeptProcess::of));
+    }
+    kept.save(&state_file())?;
+    println!();
+    println!(
+        "The demo cluster stays up with a dockerd per host (state in {}). Explore it:",
+        state_file().display()
+    );
+    for cmd in commands {
+        println!("  {cmd}");
+    }
+    println!("Remove it (dockerds, their mounts, cgroups and state too): cargo xtask demo --down");
+    Ok(())
+}
+
+/// Ping every Docker container from every other one; round-trip times in ms.
+async fn docker_ping_matrix(all: &[(usize, DockerContainer)]) {
+    println!("==> ping matrix between Docker containers (round-trip ms; rows ping columns)");
+    print!("    {:<6}", "");
+    for (_, to) in all {
+        print!("{:>8}", to.name());
+    }
+    println!();
+    let (mut ok, mut failed) = (0, 0);
+    for (_, from) in all {
+        print!("    {:<6}", from.name());
+        for (_, to) in all {
+            let cell = if from.ip() == to.ip() {
+                "-".to_owned()
+            } else {
+                let out = from
+                    .exec(&["ping", "-n", "-c", "1", "-W", "2", &to.ip().to_string()])
+                    .await;
+                match out.ok().as_deref().and_then(ping_rtt) {
+                    Some(ms) => {
+                        ok += 1;
+                        format!("{ms:.3}")
+                    }
+                    None => {
+                        failed += 1;
+                        "FAIL".to_owned()
+                    }
+                }
+            };
+            print!("{cell:>8}");
+        }
+        println!();
+    }
+    println!("    {ok} of {} pairs answer", ok + failed);
 }

@@ -23,6 +23,13 @@ pub const NEEDED: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("openssl", "openssl"),
     ("systemd-analyze", "systemd"),
+    // The Docker scenarios and `demo --docker`: a real dockerd per host, and an image built from
+    // busybox-static (a static binary, so the image needs no libc).
+    ("dockerd", "docker.io"),
+    ("docker", "docker.io"),
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("busybox", "busybox-static"),
     // tests/tests/systemd.rs: a Debian root file system booted under systemd-nspawn.
     ("debootstrap", "debootstrap"),
     ("systemd-nspawn", "systemd-container"),

@@ -8,8 +8,11 @@
 //! bridge and of each of its ports (a container's frames are encapsulated
 //! before the bridge sees them), decapsulation to the external interface, and
 //! keeps the programs' maps equal to the peer set (remote subnets, known
-//! VTEPs) and to the bridge's containers (decapsulated packets go straight into
-//! the container's namespace).
+//! VTEPs) and to the bridge's containers: bindings of address, MAC and port
+//! taken from the kernel's own tables (the bridge's neighbour entries and
+//! forwarding entries), never from what containers send. Decapsulated packets
+//! for a bound address go straight into that container's namespace, and
+//! encapsulation accepts a source address only from the port bound to it.
 //!
 //! Programs, links and maps are pinned under the pin directory, so they keep
 //! forwarding while the agent restarts; a new [`EbpfBackend::try_new`] adopts
@@ -44,11 +47,11 @@ use super::{
 };
 use crate::{
     datapath::{
-        if_index, Datapath, DatapathError, DecapHook, LocalEntry, NodeSettings, PeerEntry,
-        PinnedLinkState,
+        default_ttl, if_index, Datapath, DatapathError, DecapHook, LocalEntry, NodeSettings,
+        PeerEntry, PinnedLinkState,
     },
     lease::{BackendAttrs, Lease, LeaseEvent, MacAddr},
-    netlink::{LinkWatch, Netlink, NetlinkError},
+    netlink::{BridgeEvents, LinkWatch, Netlink, NetlinkError},
 };
 
 /// Where bpffs is mounted on every systemd host.
@@ -70,6 +73,8 @@ pub struct EbpfSettings {
     /// Decapsulation hook on the external interface; `None` picks by driver
     /// ([`DecapHook::for_interface`]: TC on veth, XDP elsewhere).
     pub decap_hook: Option<DecapHook>,
+    /// Fill the outer UDP checksum (flannel.N's `udpcsum`); GSO packets leave with 0.
+    pub udp_csum: bool,
 }
 
 impl EbpfSettings {
@@ -80,6 +85,7 @@ impl EbpfSettings {
             pin_dir: pin_dir.into(),
             bridge: DEFAULT_BRIDGE.to_string(),
             decap_hook: None,
+            udp_csum: true,
         }
     }
 }
@@ -148,6 +154,17 @@ pub enum EbpfBackendError {
         #[source]
         source: Box<DatapathError>,
     },
+    /// Reconcile went through every step; these failed (each logged as it happened).
+    #[error("{} reconcile step(s) failed: {}", .0.len(), join_errors(.0))]
+    Steps(Vec<EbpfBackendError>),
+}
+
+fn join_errors(errors: &[EbpfBackendError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `flannel.<VNI>` plus the eBPF programs and their maps.
@@ -155,6 +172,8 @@ pub struct EbpfBackend {
     nl: Netlink,
     /// Bridge port events, so a new container's port gets encapsulation at once.
     watch: Option<LinkWatch>,
+    /// The bridge's own events (created by dockerd, deleted, recreated), so encapsulation follows it at once.
+    bridge_events: Option<BridgeEvents>,
     inner: VxlanBackend,
     s: EbpfSettings,
     dp: Datapath,
@@ -209,9 +228,13 @@ impl EbpfBackend {
         let watch = LinkWatch::subscribe()
             .inspect_err(|e| warn!(error = %e, "not watching the bridge's ports; new containers get the fast path at the next reconcile"))
             .ok();
+        let bridge_events = BridgeEvents::subscribe(&s.bridge)
+            .inspect_err(|e| warn!(error = %e, "not watching the bridge itself; a new or recreated bridge gets encapsulation at the next reconcile"))
+            .ok();
         let mut backend = Self {
             nl,
             watch,
+            bridge_events,
             inner,
             s,
             dp,
@@ -224,6 +247,7 @@ impl EbpfBackend {
         };
         backend.configure_and_attach()?;
         relax_rp_filter(&backend.s.vxlan.external.name)?;
+        warn_skipped_netfilter().await;
         Ok(backend)
     }
 
@@ -417,22 +441,36 @@ impl EbpfBackend {
             bridge: bridge.clone(),
             source,
         };
-        let link = match self.nl.link_by_name(&bridge).await.map_err(err)? {
-            Some(link) if self.encap_attached => link,
-            _ => return Ok(0),
+        // Events queued until now are covered by the tables read below.
+        if let (Some(watch), bridge) = (&mut self.watch, self.node.bridge_ifindex) {
+            watch.drain(bridge);
+        }
+        let mut errors = Vec::new();
+        let mut changes = 0;
+        // Without the bridge (or before it is attached) nothing is bound.
+        let mut want = Vec::new();
+        let link = match self.nl.link_by_name(&bridge).await {
+            Ok(link) => link.filter(|_| self.encap_attached),
+            Err(e) => return Err(err(e)),
         };
-        let ports = self.nl.bridge_ports(link.index).await.map_err(err)?;
-        let mut changes = self.sync_port_attachments(&ports)?;
-        let want = match (link.mac, self.own) {
-            (Some(gateway_mac), Some(own)) => {
+        if let Some(link) = link {
+            let ports = self.nl.bridge_ports(link.index).await.map_err(err)?;
+            match self.sync_port_attachments(&ports) {
+                Ok(n) => changes += n,
+                Err(e) => errors.push(e),
+            }
+            if let (Some(gateway_mac), Some(own)) = (link.mac, self.own) {
                 let learned = self.nl.bridge_learned(link.index).await.map_err(err)?;
                 let neighbours = self.nl.neighbours_v4(link.index).await.map_err(err)?;
-                local_entries(own, gateway_mac, &neighbours, &learned)
+                want = local_entries(own, gateway_mac, &neighbours, &learned, &ports);
             }
-            _ => Vec::new(),
-        };
-        changes += self.sync_local(&want, &ports)?;
-        Ok(changes)
+        }
+        let (local, local_errors) = self.sync_local(&want);
+        errors.extend(local_errors);
+        if !errors.is_empty() {
+            return Err(EbpfBackendError::Steps(errors));
+        }
+        Ok(changes + local)
     }
 
     /// Encapsulation on exactly the current ports (re-attached where someone detached it).
@@ -493,40 +531,42 @@ impl EbpfBackend {
         Ok(changes)
     }
 
-    /// Adds what the kernel's tables say about our containers to the local map
-    /// (the programs learn the rest from the containers' own frames), and
-    /// removes entries whose port left the bridge. Returns the number of changes.
-    fn sync_local(
-        &mut self,
-        want: &[LocalEntry],
-        ports: &[(u32, String)],
-    ) -> Result<usize, EbpfBackendError> {
-        let have = self
-            .dp
-            .locals()
-            .map_err(Self::map_err("list local containers".into()))?;
+    /// Makes the local map hold exactly the bindings the kernel's tables
+    /// give (`want`): first removes every other entry (stale, or written by
+    /// anyone else), then writes the missing ones. Keeps going past errors, so
+    /// a failed write never keeps a stale entry alive; returns the number of
+    /// changes and the errors.
+    fn sync_local(&mut self, want: &[LocalEntry]) -> (usize, Vec<EbpfBackendError>) {
+        let mut errors = Vec::new();
+        let have = match self.dp.locals() {
+            Ok(have) => have,
+            Err(e) => {
+                errors.push(Self::map_err("list local containers".into())(e));
+                return (0, errors);
+            }
+        };
         let mut changes = 0;
+        for stale in have.iter().filter(|h| !want.iter().any(|w| w.ip == h.ip)) {
+            debug!(ip = %stale.ip, port = stale.host_ifindex, "binding no longer in the bridge's tables");
+            match self.dp.remove_local(stale.ip) {
+                Ok(()) => changes += 1,
+                Err(e) => errors.push(Self::map_err(format!("unbind {}", stale.ip))(e)),
+            }
+        }
         for e in want.iter().filter(|e| !have.contains(e)) {
-            debug!(ip = %e.ip, port = e.host_ifindex, "container delivered directly");
-            self.dp
-                .upsert_local(e)
-                .map_err(Self::map_err(format!("deliver {} directly", e.ip)))?;
-            changes += 1;
+            debug!(ip = %e.ip, port = e.host_ifindex, mac = %crate::netlink::fmt_mac(&e.mac), "container bound");
+            match self.dp.upsert_local(e) {
+                Ok(()) => changes += 1,
+                Err(err) => errors.push(Self::map_err(format!(
+                    "bind {} to port {}",
+                    e.ip, e.host_ifindex
+                ))(err)),
+            }
         }
-        for stale in have
-            .iter()
-            .filter(|h| !ports.iter().any(|(i, _)| *i == h.host_ifindex))
-        {
-            debug!(ip = %stale.ip, "container no longer on the bridge");
-            self.dp
-                .remove_local(stale.ip)
-                .map_err(Self::map_err(format!(
-                    "remove local container {}",
-                    stale.ip
-                )))?;
-            changes += 1;
+        for e in &errors {
+            warn!(error = %e, "local container binding");
         }
-        Ok(changes)
+        (changes, errors)
     }
 
     /// Re-attaches programs that were detached (by hand, or because their
@@ -570,6 +610,16 @@ impl EbpfBackend {
             self.configure_and_attach()?;
         } else if !self.encap_attached && self.attach_encap_if_bridge()? {
             repairs += 1;
+        }
+        // `ttl auto` follows the sysctl; so does the outer TTL.
+        let ttl = default_ttl();
+        if ttl != self.node.outer_ttl {
+            info!(
+                from = self.node.outer_ttl,
+                to = ttl,
+                "net.ipv4.ip_default_ttl changed; outer TTL follows"
+            );
+            self.node.outer_ttl = ttl;
         }
         let current = self
             .dp
@@ -625,25 +675,33 @@ async fn node_settings(
         // The MTU flannel assumes for the underlay: a configured MTU is the path's.
         underlay_mtu: s.vxlan.mtu.unwrap_or(link.mtu).min(u32::from(u16::MAX)) as u16,
         bridge_ifindex: if_index(&s.bridge),
-        // As the kernel path: flannel.N routes (TTL - 1) and inherits the TTL outside.
+        // As the kernel path: flannel.N routes (TTL - 1), and its `ttl auto`
+        // takes the namespace's default TTL for the outer header.
         decrement_ttl: true,
-        ttl_inherit: true,
+        outer_ttl: default_ttl(),
+        udp_csum: s.udp_csum,
+        subnet: None,
     })
 }
 
-/// Containers of subnet `own` whose MAC the bridge has learned behind a port.
+/// The bindings the kernel itself would deliver by: addresses of subnet
+/// `own` whose neighbour entry on the bridge names a MAC (IP -> MAC) that the
+/// bridge forwards to one of its current ports (MAC -> port).
 fn local_entries(
     own: Ipv4Net,
     gateway_mac: MacAddr,
     neighbours: &[crate::netlink::NeighEntry],
-    ports: &[crate::netlink::BridgePortEntry],
+    learned: &[crate::netlink::BridgePortEntry],
+    ports: &[(u32, String)],
 ) -> Vec<LocalEntry> {
     let mut out: Vec<LocalEntry> = neighbours
         .iter()
         .filter(|n| own.contains(&n.ip))
         .filter_map(|n| {
             let mac = n.mac?;
-            let port = ports.iter().find(|p| p.mac == mac)?;
+            let port = learned
+                .iter()
+                .find(|p| p.mac == mac && ports.iter().any(|(i, _)| *i == p.port_index))?;
             Some(LocalEntry {
                 ip: n.ip,
                 host_ifindex: port.port_index,
@@ -792,6 +850,13 @@ impl Backend for EbpfBackend {
                 .remove_peer(lease.subnet)
                 .map_err(Self::map_err(format!("remove own subnet {}", lease.subnet)))?;
             self.own = Some(lease.subnet);
+            // Unbound sources outside it are forged from now on.
+            self.node.subnet = Some(lease.subnet);
+            self.dp
+                .configure(&self.node)
+                .map_err(|source| EbpfBackendError::Configure {
+                    source: Box::new(source),
+                })?;
         }
         Ok(())
     }
@@ -830,25 +895,169 @@ impl Backend for EbpfBackend {
     }
 
     async fn local_change(&mut self) {
-        match (&mut self.watch, self.node.bridge_ifindex) {
-            (Some(watch), bridge) if bridge != 0 => watch.port_change(bridge).await,
-            _ => std::future::pending().await,
+        let Self {
+            watch,
+            bridge_events,
+            node,
+            s,
+            ..
+        } = self;
+        let ports = async {
+            match (watch, node.bridge_ifindex) {
+                (Some(watch), bridge) if bridge != 0 => watch.port_change(bridge).await,
+                _ => std::future::pending().await,
+            }
+        };
+        let bridge = async {
+            match bridge_events {
+                Some(events) => {
+                    let event = events.next().await;
+                    debug!(bridge = %s.bridge, ?event, "bridge link event");
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = ports => {}
+            () = bridge => {}
         }
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
         // The kernel path first: it is the fallback for anything the programs pass on.
         let kernel = self.inner.reconcile(peers).await;
-        let mut repairs = self.repair_attachments()?;
-        repairs += self.sync_maps(peers)?;
+        // Every step runs whatever an earlier one hit: a failed attach must not
+        // keep stale map entries, nor a full map keep stale bindings.
+        let mut errors = Vec::new();
+        let mut repairs = 0;
+        for step in [self.repair_attachments(), self.sync_maps(peers)] {
+            match step {
+                Ok(n) => repairs += n,
+                Err(e) => errors.push(e),
+            }
+        }
         // Not counted as repairs: containers come and go.
-        let local = self.sync_bridge().await?;
-        if local > 0 {
-            debug!(changes = local, "bridge ports and local containers updated");
+        match self.sync_bridge().await {
+            Ok(0) => {}
+            Ok(local) => debug!(changes = local, "bridge ports and local containers updated"),
+            Err(EbpfBackendError::Steps(e)) => errors.extend(e),
+            Err(e) => errors.push(e),
         }
         if repairs > 0 {
             info!(repairs, "reconciled the eBPF datapath with leases");
         }
-        Ok(repairs + kernel?)
+        let kernel = kernel?;
+        if !errors.is_empty() {
+            return Err(EbpfBackendError::Steps(errors).into());
+        }
+        Ok(repairs + kernel)
+    }
+}
+
+/// Warns when FORWARD holds anything the fast path skips: redirected packets
+/// never meet netfilter, so a FORWARD policy or rule (iptables or nftables)
+/// that applies on the kernel path does not apply to container traffic
+/// between hosts here. flannel's own FORWARD accept rules are the exception.
+async fn warn_skipped_netfilter() {
+    let mut skipped = Vec::new();
+    if let Some(listing) = command_output("iptables", &["-S", "FORWARD"]).await {
+        skipped.extend(iptables_forward_skipped(&listing));
+    }
+    if let Some(listing) = command_output("nft", &["list", "ruleset"]).await {
+        skipped.extend(nft_forward_skipped(&listing));
+    }
+    if !skipped.is_empty() {
+        warn!(
+            rules = %skipped.join(" | "),
+            "FORWARD filtering the eBPF fast path skips: container traffic to and from remote subnets bypasses these (and conntrack and NAT); use --datapath kernel if they must apply"
+        );
+    }
+}
+
+async fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The policy (unless ACCEPT) and rules of `iptables -S FORWARD` that are not flannel's.
+fn iptables_forward_skipped(listing: &str) -> Vec<String> {
+    let flannel = format!("-j {}", crate::masq::FORWARD_CHAIN);
+    listing
+        .lines()
+        .map(str::trim)
+        .filter(|l| match l.strip_prefix("-P FORWARD ") {
+            Some(policy) => policy != "ACCEPT",
+            None => l.starts_with("-A FORWARD ") && !l.ends_with(&flannel),
+        })
+        .map(|l| format!("iptables {l}"))
+        .collect()
+}
+
+/// Native nftables chains on the forward hook with a drop policy or any rule,
+/// except iptables-nft's own tables (listed by `iptables -S`) and flannel's.
+fn nft_forward_skipped(listing: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut table = "";
+    let mut chain: Option<(&str, bool, Vec<&str>)> = None;
+    for line in listing.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("table ") {
+            table = rest.trim_end_matches('{').trim();
+        } else if let Some(rest) = line.strip_prefix("chain ") {
+            chain = Some((rest.trim_end_matches('{').trim(), false, Vec::new()));
+        } else if line == "}" {
+            if let Some((name, true, rules)) = chain.take() {
+                let iptables_nft = ["ip filter", "ip6 filter", "inet filter"].contains(&table)
+                    && name == "FORWARD";
+                if !iptables_nft && !table.ends_with(crate::masq::NFT_TABLE) && !rules.is_empty() {
+                    out.push(format!(
+                        "nft table {table} chain {name}: {}",
+                        rules.join("; ")
+                    ));
+                }
+            }
+        } else if let Some((_, hooked, rules)) = chain.as_mut() {
+            if line.starts_with("type filter hook forward") {
+                *hooked = true;
+                if line.contains("policy drop") {
+                    rules.push("policy drop");
+                }
+            } else if !line.is_empty() && !line.starts_with("comment ") {
+                rules.push(line);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_rules_other_than_flannels_are_reported() {
+        let listing = "-P FORWARD DROP\n-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n-A FORWARD -j DOCKER-USER\n";
+        assert_eq!(
+            iptables_forward_skipped(listing),
+            vec![
+                "iptables -P FORWARD DROP",
+                "iptables -A FORWARD -j DOCKER-USER"
+            ]
+        );
+        assert!(iptables_forward_skipped("-P FORWARD ACCEPT\n").is_empty());
+    }
+
+    #[test]
+    fn nft_forward_chains_are_reported() {
+        let listing = "table inet fw {\n\tchain fwd {\n\t\ttype filter hook forward priority filter; policy drop;\n\t\tct state established accept\n\t}\n\tchain out {\n\t\ttype filter hook output priority filter; policy accept;\n\t}\n}\ntable ip filter {\n\tchain FORWARD {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tcounter jump DOCKER-USER\n\t}\n}\n";
+        assert_eq!(
+            nft_forward_skipped(listing),
+            vec!["nft table inet fw chain fwd: policy drop; ct state established accept"]
+        );
     }
 }

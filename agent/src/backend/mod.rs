@@ -133,6 +133,7 @@ pub async fn build(
         pin_dir: cfg.bpf_pin_dir.clone(),
         bridge: cfg.bridge.clone(),
         decap_hook: cfg.decap_hook,
+        udp_csum: cfg.ebpf_udp_csum,
     };
     match cfg.datapath {
         Datapath::Kernel => drop_stale_pins(cfg),

@@ -9,11 +9,11 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
-use weft_common::{map_names, Ipv4LpmData, NodeConfig, PeerValue, VtepValue};
+use weft_common::{map_names, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, VtepValue};
 
 use super::{
-    maps::{list_peers, list_vteps, map_err, sum_counters},
-    Counters, Datapath, DatapathError, PeerEntry,
+    maps::{list_locals, list_peers, list_vteps, map_err, sum_counters},
+    Counters, Datapath, DatapathError, LocalEntry, PeerEntry,
 };
 
 /// The maps a datapath pinned under `<pin_dir>/maps`, opened read-only in spirit.
@@ -23,6 +23,7 @@ pub struct PinnedMaps {
     vteps: HashMap<MapData, [u8; 4], VtepValue>,
     config: Array<MapData, NodeConfig>,
     counters: PerCpuArray<MapData, u64>,
+    local: HashMap<MapData, [u8; 4], LocalEndpoint>,
 }
 
 fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
@@ -48,6 +49,8 @@ impl PinnedMaps {
                 .map_err(typed(map_names::CONFIG))?,
             counters: PerCpuArray::try_from(open_pinned(pin_dir, map_names::COUNTERS)?)
                 .map_err(typed(map_names::COUNTERS))?,
+            local: HashMap::try_from(open_pinned(pin_dir, map_names::LOCAL)?)
+                .map_err(typed(map_names::LOCAL))?,
         }))
     }
 
@@ -67,6 +70,11 @@ impl PinnedMaps {
 
     pub fn counters(&self) -> Result<Counters, DatapathError> {
         sum_counters(&self.counters)
+    }
+
+    /// The local container bindings the agent made.
+    pub fn locals(&self) -> Result<Vec<LocalEntry>, DatapathError> {
+        list_locals(&self.local)
     }
 }
 

@@ -181,21 +181,9 @@ impl Datapath {
         }
     }
 
-    /// The local-container entries, sorted by address.
+    /// The local-container bindings, sorted by address.
     pub fn locals(&mut self) -> Result<Vec<LocalEntry>, DatapathError> {
-        let map = self.local()?;
-        let mut out = Vec::new();
-        for item in map.iter() {
-            let (ip, v) = item.map_err(map_err("list", map_names::LOCAL))?;
-            out.push(LocalEntry {
-                ip: Ipv4Addr::from(ip),
-                host_ifindex: v.host_ifindex_ne,
-                mac: MacAddr(v.mac),
-                gateway_mac: MacAddr(v.gateway_mac),
-            });
-        }
-        out.sort_by_key(|e| e.ip);
-        Ok(out)
+        list_locals(&self.local()?)
     }
 
     /// The node configuration currently in the map.
@@ -246,6 +234,23 @@ pub(super) fn list_vteps<T: Borrow<MapData>>(
         ));
     }
     out.sort();
+    Ok(out)
+}
+
+pub(super) fn list_locals<T: Borrow<MapData>>(
+    map: &HashMap<T, [u8; 4], LocalEndpoint>,
+) -> Result<Vec<LocalEntry>, DatapathError> {
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (ip, v) = item.map_err(map_err("list", map_names::LOCAL))?;
+        out.push(LocalEntry {
+            ip: Ipv4Addr::from(ip),
+            host_ifindex: v.host_ifindex_ne,
+            mac: MacAddr(v.mac),
+            gateway_mac: MacAddr(v.gateway_mac),
+        });
+    }
+    out.sort_by_key(|e| e.ip);
     Ok(out)
 }
 

@@ -31,6 +31,7 @@ use std::{
 };
 
 use aya::Ebpf;
+use ipnet::Ipv4Net;
 use weft_common::{config_flags, wire, NodeConfig};
 
 use crate::lease::MacAddr;
@@ -39,7 +40,7 @@ pub use attach::{Attachment, DecapHook};
 pub use cause::{bpffs_mount_fix, Cause};
 pub use inspect::{if_index, LinkState, PinnedLinkState, PinnedMaps};
 pub use maps::{Counters, LocalEntry, PeerEntry};
-pub use test_run::{ProgramKind, TestRunOutput};
+pub use test_run::{ProgramKind, SkbContext, TestRunOutput};
 
 /// Errors of the datapath; each names the program, map or interface and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -132,8 +133,25 @@ pub struct NodeSettings {
     pub bridge_ifindex: u32,
     /// Decrement the inner TTL on encapsulation like a router (the kernel path does).
     pub decrement_ttl: bool,
-    /// Outer TTL = inner TTL (flannel's `ttl inherit`); otherwise 64.
-    pub ttl_inherit: bool,
+    /// Outer TTL: what `ttl auto` (flannel.N's setting) uses, the namespace's
+    /// `net.ipv4.ip_default_ttl` ([`default_ttl`]).
+    pub outer_ttl: u8,
+    /// Fill the outer UDP checksum as flannel.N (`udpcsum`) does; GSO packets
+    /// still leave with 0 (see the README's eBPF datapath section).
+    pub udp_csum: bool,
+    /// This host's container subnet: unbound sources inside it go to the
+    /// kernel path, outside it are dropped. `None` until the lease is known
+    /// (every unbound source goes to the kernel path meanwhile).
+    pub subnet: Option<Ipv4Net>,
+}
+
+/// The namespace's default IPv4 TTL (`net.ipv4.ip_default_ttl`), the outer TTL
+/// of a vxlan device with `ttl auto`; 64 (the kernel's default) if unreadable.
+pub fn default_ttl() -> u8 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_default_ttl")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(64)
 }
 
 impl NodeSettings {
@@ -143,9 +161,12 @@ impl NodeSettings {
         if self.decrement_ttl {
             flags |= config_flags::DECREMENT_TTL;
         }
-        if self.ttl_inherit {
-            flags |= config_flags::TTL_INHERIT;
+        if self.udp_csum {
+            flags |= config_flags::UDP_CSUM;
         }
+        let (subnet, mask) = self.subnet.map_or(([0; 4], [0; 4]), |n| {
+            (n.trunc().network().octets(), n.netmask().octets())
+        });
         NodeConfig {
             vni_ne: self.vni,
             vtep_ip_be: self.vtep_ip.octets(),
@@ -163,6 +184,10 @@ impl NodeSettings {
             vtep_mac: self.vtep_mac.0,
             underlay_mac: self.underlay_mac.0,
             flags_ne: flags,
+            subnet_be: subnet,
+            subnet_mask_be: mask,
+            outer_ttl: self.outer_ttl,
+            pad: [0; 3],
         }
     }
 }

@@ -68,6 +68,31 @@ impl ProgramKind {
     }
 }
 
+/// The `__sk_buff` fields BPF_PROG_TEST_RUN lets a TC test run set (the
+/// kernel refuses the others, VLAN metadata included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SkbContext {
+    /// The skb's device and ingress device (FIB lookups and port checks use it);
+    /// 0 leaves the kernel's default (loopback).
+    pub ifindex: u32,
+    /// Marks the packet GSO with segments of this many payload bytes.
+    pub gso_size: u32,
+    pub gso_segs: u32,
+}
+
+impl SkbContext {
+    /// `struct __sk_buff` as bytes: ingress_ifindex at 36, ifindex at 40,
+    /// gso_segs at 164, gso_size at 176; the kernel requires the rest to be zero.
+    fn to_bytes(self) -> [u8; 192] {
+        let mut ctx = [0u8; 192];
+        ctx[36..40].copy_from_slice(&self.ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
+        ctx[164..168].copy_from_slice(&self.gso_segs.to_ne_bytes());
+        ctx[176..180].copy_from_slice(&self.gso_size.to_ne_bytes());
+        ctx
+    }
+}
+
 impl Datapath {
     /// Runs `kind` once on `packet` (a full Ethernet frame) and returns its
     /// action and the resulting bytes. `ifindex` sets the skb's device for TC
@@ -78,15 +103,27 @@ impl Datapath {
         packet: &[u8],
         ifindex: u32,
     ) -> Result<TestRunOutput, DatapathError> {
+        self.test_run_skb(
+            kind,
+            packet,
+            SkbContext {
+                ifindex,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Like [`Datapath::test_run`], with more of the skb set for TC programs.
+    pub fn test_run_skb(
+        &self,
+        kind: ProgramKind,
+        packet: &[u8],
+        skb: SkbContext,
+    ) -> Result<TestRunOutput, DatapathError> {
         let program = kind.name();
         // Room for the 50 bytes encapsulation adds, and then some.
         let mut out = vec![0u8; packet.len() + 256];
-        // struct __sk_buff: ingress_ifindex at byte 36, ifindex at 40 (after len,
-        // pkt_type, mark, queue_mapping, protocol, vlan_present, vlan_tci,
-        // vlan_proto, priority); the kernel requires the rest to be zero.
-        let mut ctx = [0u8; 192];
-        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let ctx = skb.to_bytes();
         let mut opts = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
@@ -99,7 +136,7 @@ impl Datapath {
         };
         let result = match kind.program(&self.ebpf)? {
             Program::SchedClassifier(p) => {
-                if ifindex != 0 {
+                if skb != SkbContext::default() {
                     opts.ctx_in = Some(&ctx);
                 }
                 p.test_run(opts)

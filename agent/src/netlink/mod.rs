@@ -18,6 +18,7 @@
 //! ```
 
 mod addr;
+mod bridge_events;
 mod link;
 mod neigh;
 mod route;
@@ -30,6 +31,7 @@ use rtnetlink::packet_core::ErrorMessage;
 
 use crate::lease::MacAddr;
 
+pub use bridge_events::{BridgeEvent, BridgeEvents};
 pub use link::{ExternalIface, LinkInfo, VxlanAttrs, VxlanSpec, VXLAN_DEFAULT_PORT};
 pub use neigh::{BridgePortEntry, FdbEntry, NeighEntry};
 pub use route::{RouteEntry, RouteSpec, SyncReport};
