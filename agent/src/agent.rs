@@ -21,6 +21,7 @@ use crate::iface::{self, ExtIface, IfaceChoice, IfaceError};
 use crate::lease::{Lease, LeaseAttrs, LeaseEvent, PeerSet};
 use crate::masq::{Masq, MasqKind};
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::subnet::{self, alloc, EtcdOptions, EtcdStore, LeaseTiming, SubnetError, WatchUpdate};
 
 /// VXLAN's overhead on an IPv4 underlay: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
@@ -82,13 +83,16 @@ pub enum AgentError {
     Masq(#[from] crate::masq::MasqError),
 }
 
-/// What the run loop reports to the outside: readiness (for `/readyz` and sd_notify) and
-/// the metrics registry.
+/// What the run loop reports to the outside: readiness (for `/readyz`), systemd's
+/// notifications and the metrics registry.
 pub struct Hooks {
     /// Turns true once the subnet file is written, the masquerade rules are in place and
     /// the first peer snapshot is programmed.
     pub ready: watch::Sender<bool>,
     pub metrics: Arc<Metrics>,
+    /// Gets `STATUS=` for every step the start waits on, `READY=1` at the moment `ready` turns
+    /// true, and a new `STATUS=` whenever the peers or our subnet change.
+    pub notifier: Notifier,
 }
 
 /// The overlay MTU written to subnet.env. For vxlan, `Backend.MTU` stands in for the
@@ -188,6 +192,9 @@ struct Running<'a, B> {
     peers: PeerSet,
     metrics: Arc<Metrics>,
     masq: Option<MasqTask>,
+    notifier: Notifier,
+    /// The last `STATUS=` sent, so an unchanged line is not sent again.
+    status: String,
 }
 
 /// The masquerade, forward and no-NAT rules for our subnet and the task that keeps them in place.
@@ -252,6 +259,34 @@ impl<B: Backend> Running<'_, B> {
             }
         }
         self.metrics.set_leases(self.peers.len() + 1);
+    }
+
+    /// What `systemctl status` shows while running, e.g.
+    /// "datapath ebpf on ens32, 2 peers, subnet 10.1.10.0/24".
+    fn status_line(&self) -> String {
+        let n = self.peers.len();
+        format!(
+            "datapath {} on {}, {n} peer{}, subnet {}",
+            self.backend.mode(),
+            self.iface.name,
+            if n == 1 { "" } else { "s" },
+            self.own.subnet
+        )
+    }
+
+    /// READY=1 with the first status line; from then on, a new STATUS= when the line changes.
+    fn announce(&mut self, ready: bool) {
+        let line = self.status_line();
+        if !ready && line == self.status {
+            return;
+        }
+        let sent = if ready {
+            self.notifier.ready(&line)
+        } else {
+            self.notifier.status(&line)
+        };
+        warn_notify(sent);
+        self.status = line;
     }
 
     fn write_files(&self) -> Result<(), FilesError> {
@@ -375,12 +410,20 @@ where
     B: Backend,
     F: AsyncFnOnce(&AgentConfig, &NetworkConfig, &ExtIface) -> Result<B, BackendError>,
 {
-    let Hooks { ready, metrics } = hooks;
+    let Hooks {
+        ready,
+        metrics,
+        notifier,
+    } = hooks;
     let iface = iface::choose(&cfg.iface)?;
     tracing::info!(iface = %iface.name, index = iface.index, addr = %iface.iface_addr, public_ip = %iface.public_ip, mtu = iface.mtu, "external interface");
+    let endpoints = cfg.etcd.endpoints.join(",");
+    warn_notify(notifier.status(&format!("waiting for etcd at {endpoints}")));
     let Some(store) = connect(&cfg, &shutdown).await? else {
         return Ok(());
     };
+    let config_key = store.config_key();
+    warn_notify(notifier.status(&format!("waiting for the network config at {config_key}")));
     let Some(net) = wait_for_config(&store, &shutdown).await? else {
         return Ok(());
     };
@@ -400,6 +443,7 @@ where
         env.get("FLANNEL_SUBNET")
             .and_then(|s| alloc::from_subnet_file(&net, s))
     });
+    warn_notify(notifier.status(&format!("waiting for a subnet lease in {}", net.network)));
     let Some(own) = first_lease(&store, &net, &attrs, &cfg, prefer, &shutdown).await? else {
         return Ok(());
     };
@@ -418,6 +462,8 @@ where
         peers,
         metrics,
         masq: None,
+        notifier,
+        status: String::new(),
     };
     st.write_files()?;
 
@@ -469,12 +515,14 @@ where
                     WatchUpdate::Delete(subnet) => st.peers.delete(subnet).into_iter().collect(),
                 };
                 st.apply(events).await;
-                if !snapshot_seen {
+                let first = !snapshot_seen;
+                if first {
                     snapshot_seen = true;
                     reconcile.reset_immediately();
                     let _ = ready.send(true);
                     tracing::info!(subnet = %st.own.subnet, peers = st.peers.len(), "ready");
                 }
+                st.announce(first);
             }
             _ = tokio::time::sleep_until(next_renew) => {
                 let result = if need_acquire {
@@ -485,6 +533,7 @@ where
                 match result {
                     Ok(true) => {
                         need_acquire = false;
+                        st.announce(false);
                         st.metrics.lease_renewals.inc();
                         next_renew = Instant::now() + cfg.lease.renew_after();
                         tracing::debug!(subnet = %st.own.subnet, "lease renewed");
@@ -528,6 +577,14 @@ where
         tracing::warn!(grace = ?cfg.shutdown_grace, "tasks did not stop within the grace period");
     }
     Ok(())
+}
+
+/// A notification that does not reach systemd is logged, never fatal: the agent's job does not
+/// depend on systemd listening.
+fn warn_notify(sent: Result<(), crate::notify::NotifyError>) {
+    if let Err(e) = sent {
+        tracing::warn!("sd_notify: {e}");
+    }
 }
 
 #[cfg(test)]

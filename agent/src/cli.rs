@@ -741,37 +741,19 @@ fn cleanup(cfg: &AgentConfig) -> ExitCode {
     }
 }
 
-/// Tell systemd we are ready once the run loop says so, then feed its watchdog; say
-/// STOPPING on shutdown.
-async fn notify_when_ready(
-    notifier: Notifier,
-    mut ready: tokio::sync::watch::Receiver<bool>,
-    shutdown: CancellationToken,
-) {
-    if !notifier.enabled() {
-        return;
-    }
-    let became_ready = tokio::select! {
-        _ = shutdown.cancelled() => false,
-        r = ready.wait_for(|r| *r) => r.is_ok(),
-    };
-    if became_ready {
-        if let Err(e) = notifier.ready() {
-            tracing::warn!("sd_notify READY: {e}");
-        }
-        notifier.run_watchdog(shutdown.clone()).await;
-    }
-    let _ = notifier.stopping();
-}
-
 fn run_agent(cfg: AgentConfig) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(exit::OTHER, format!("start the async runtime: {e}")),
     };
     rt.block_on(async move {
+        let notifier = Notifier::from_env().unwrap_or_else(|e| {
+            tracing::warn!("sd_notify disabled: {e}");
+            Notifier::default()
+        });
         let shutdown = CancellationToken::new();
         let signals = shutdown.clone();
+        let stopping = notifier.clone();
         let sig_task = tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
             let (Ok(mut term), Ok(mut int)) = (
@@ -783,7 +765,13 @@ fn run_agent(cfg: AgentConfig) -> ExitCode {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM"),
                 _ = int.recv() => tracing::info!("SIGINT"),
-                _ = signals.cancelled() => {}
+                // The run loop ended by itself (an error): systemd sees the exit, no STOPPING.
+                _ = signals.cancelled() => return,
+            }
+            if let Err(e) =
+                stopping.stopping("stopping: lease and datapath stay for the next start")
+            {
+                tracing::warn!("sd_notify: {e}");
             }
             signals.cancel();
         });
@@ -795,21 +783,25 @@ fn run_agent(cfg: AgentConfig) -> ExitCode {
         let tracker = TaskTracker::new();
         if let Some(addr) = cfg.healthz {
             // Bind before anything else so a taken port fails the start, not a later scrape.
-            match HealthServer::bind(addr, ready_rx.clone(), metrics.clone()).await {
+            match HealthServer::bind(addr, ready_rx, metrics.clone()).await {
                 Ok(server) => {
                     tracker.spawn(server.serve(shutdown.clone()));
                 }
                 Err(e) => return fail(exit::CONFIG, e),
             }
         }
-        match Notifier::from_env() {
-            Ok(notifier) => {
-                tracker.spawn(notify_when_ready(notifier, ready_rx, shutdown.clone()));
-            }
-            Err(e) => tracing::warn!("sd_notify disabled: {e}"),
-        }
+        // From the start, not from READY: systemd arms WatchdogSec= when it starts the process, and
+        // waiting for etcd or the config may take longer than the watchdog.
+        tracker.spawn({
+            let (notifier, shutdown) = (notifier.clone(), shutdown.clone());
+            async move { notifier.run_watchdog(shutdown).await }
+        });
         tracker.close();
-        let hooks = agent::Hooks { ready, metrics };
+        let hooks = agent::Hooks {
+            ready,
+            metrics,
+            notifier,
+        };
         let result = agent::run(cfg, crate::backend::build, shutdown.clone(), hooks).await;
         shutdown.cancel();
         let _ = sig_task.await;

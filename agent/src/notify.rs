@@ -7,12 +7,21 @@
 //! ```no_run
 //! # async fn demo(shutdown: tokio_util::sync::CancellationToken) -> Result<(), weft::notify::NotifyError> {
 //! let notifier = weft::notify::Notifier::from_env()?;
+//! tokio::spawn({ let n = notifier.clone(); async move { n.run_watchdog(shutdown).await } });
 //! notifier.status("waiting for the network config in etcd")?;
 //! // ... subnet file written, datapath programmed ...
-//! notifier.ready()?;
-//! tokio::spawn({ let n = notifier.clone(); async move { n.run_watchdog(shutdown).await } });
+//! notifier.ready("datapath kernel on eth0, 2 peers, subnet 10.1.10.0/24")?;
+//! // ... on SIGTERM or SIGINT, and only then:
+//! notifier.stopping("stopping: lease and datapath stay for the next start")?;
 //! # Ok(()) }
 //! ```
+//!
+//! What systemd does with each message, and so when the agent may send it: `READY=1` ends
+//! `activating` (once); `STATUS=` is the `Status:` line of `systemctl status`; `WATCHDOG=1` resets the
+//! `WatchdogSec=` timer, so it is sent only when `$WATCHDOG_USEC` asks for it; `STOPPING=1` moves
+//! the unit to `deactivating` and starts `TimeoutStopSec=`, after which systemd SIGKILLs everything,
+//! so it is sent only when the agent is really about to exit. weft has no reload, so it never sends
+//! `RELOADING=1`.
 
 use std::os::linux::net::SocketAddrExt as _;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
@@ -110,19 +119,21 @@ impl Notifier {
         self.watchdog
     }
 
-    /// Startup is complete: subnet file written and datapath programmed.
-    pub fn ready(&self) -> Result<(), NotifyError> {
-        self.send("READY=1")
+    /// Startup is complete (subnet file written, datapath programmed), with the status line that
+    /// says so in the same datagram, so `systemctl status` never shows `active` with a stale status.
+    pub fn ready(&self, status: &str) -> Result<(), NotifyError> {
+        self.send(&format!("READY=1\n{}", status_line(status)))
     }
 
     /// One line of free text shown by `systemctl status`.
     pub fn status(&self, text: &str) -> Result<(), NotifyError> {
-        // A newline would start a new KEY=VALUE assignment.
-        self.send(&format!("STATUS={}", text.replace('\n', " ")))
+        self.send(&status_line(text))
     }
 
-    pub fn stopping(&self) -> Result<(), NotifyError> {
-        self.send("STOPPING=1")
+    /// The agent is exiting because it was asked to (SIGTERM, SIGINT); never sent otherwise, as
+    /// systemd would then wait for an exit that does not come and SIGKILL the agent.
+    pub fn stopping(&self, status: &str) -> Result<(), NotifyError> {
+        self.send(&format!("STOPPING=1\n{}", status_line(status)))
     }
 
     pub fn watchdog(&self) -> Result<(), NotifyError> {
@@ -162,6 +173,11 @@ impl Notifier {
     }
 }
 
+fn status_line(text: &str) -> String {
+    // A newline would start a new KEY=VALUE assignment.
+    format!("STATUS={}", text.replace('\n', " "))
+}
+
 fn parse_address(name: &str) -> Result<SocketAddr, NotifyError> {
     let addr = match name.strip_prefix('@') {
         Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes()),
@@ -185,7 +201,7 @@ mod tests {
     fn outside_systemd_is_a_noop() {
         let n = Notifier::from_vars(None, None, None).unwrap();
         assert!(!n.enabled());
-        n.ready().unwrap();
+        n.ready("ready").unwrap();
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! - [`poll`]: waiting on observable state with a deadline, never on a fixed sleep.
 //! - [`netns`], [`bpffs`], [`packet`], [`flanneld`]: namespaces, a private bpffs, hand-built frames,
 //!   and flanneld's own kernel setup and lease bytes (the reference weft is compared with).
+//! - [`nspawn::Machine`]: a Debian machine with a real systemd (`systemd-nspawn --boot`) inside a host.
 //!
 //! Every name (namespace, temp dir) carries the test process id and a counter so tests run in
 //! parallel, and every handle cleans up what it made on drop, also when the test panics. A test
@@ -34,6 +35,7 @@ pub mod etcd;
 pub mod flanneld;
 pub mod keep;
 pub mod netns;
+pub mod nspawn;
 pub mod packet;
 pub mod poll;
 pub mod prometheus;

@@ -640,8 +640,8 @@ async fn sd_notify_reaches_a_path_socket_and_an_abstract_one() -> Result<()> {
     assert!(n.enabled());
     n.status("waiting for\nthe network config")?;
     assert_eq!(recv(&sock)?, "STATUS=waiting for the network config");
-    n.ready()?;
-    assert_eq!(recv(&sock)?, "READY=1");
+    n.ready("running")?;
+    assert_eq!(recv(&sock)?, "READY=1\nSTATUS=running");
 
     // The watchdog pings at half of WATCHDOG_USEC (200 ms -> every 100 ms) until shutdown.
     let shutdown = CancellationToken::new();
@@ -657,13 +657,13 @@ async fn sd_notify_reaches_a_path_socket_and_an_abstract_one() -> Result<()> {
     assert_eq!(msgs, ["WATCHDOG=1"; 3]);
     shutdown.cancel();
     dog.await?;
-    n.stopping()?;
+    n.stopping("bye")?;
     // Drain stray pings that raced with the cancel.
     let mut last = recv(&sock)?;
     while last == "WATCHDOG=1" {
         last = recv(&sock)?;
     }
-    assert_eq!(last, "STOPPING=1");
+    assert_eq!(last, "STOPPING=1\nSTATUS=bye");
 
     let name = format!("weft-ops-notify-{}-{}", std::process::id(), rand_suffix());
     use std::os::linux::net::SocketAddrExt as _;
@@ -671,13 +671,13 @@ async fn sd_notify_reaches_a_path_socket_and_an_abstract_one() -> Result<()> {
         &std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?,
     )?;
     abstract_sock.set_read_timeout(Some(Duration::from_secs(2)))?;
-    Notifier::from_vars(Some(&format!("@{name}")), None, None)?.ready()?;
-    assert_eq!(recv(&abstract_sock)?, "READY=1");
+    Notifier::from_vars(Some(&format!("@{name}")), None, None)?.ready("up")?;
+    assert_eq!(recv(&abstract_sock)?, "READY=1\nSTATUS=up");
 
     // A socket nobody listens on is an error that says what to check.
     drop(abstract_sock);
     let err = Notifier::from_vars(Some(&format!("@{name}")), None, None)?
-        .ready()
+        .ready("up")
         .unwrap_err()
         .to_string();
     assert!(

@@ -30,6 +30,9 @@ pub const NEEDED: &[(&str, &str)] = &[
     ("containerd", "containerd"),
     ("runc", "runc"),
     ("busybox", "busybox-static"),
+    // tests/tests/systemd.rs: a Debian root file system booted under systemd-nspawn.
+    ("debootstrap", "debootstrap"),
+    ("systemd-nspawn", "systemd-container"),
 ];
 
 fn on_path(cmd: &str) -> bool {

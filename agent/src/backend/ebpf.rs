@@ -94,7 +94,10 @@ impl EbpfSettings {
 /// `--datapath auto` can log why it fell back to the kernel path.
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfBackendError {
-    #[error("mount bpffs at {path}: {source}; mount it (`mount -t bpf bpf {path}`) or use --datapath kernel")]
+    #[error(
+        "mount bpffs at {path}: {source}{}",
+        crate::datapath::bpffs_mount_fix(source, path)
+    )]
     MountBpffs {
         path: PathBuf,
         #[source]

@@ -19,6 +19,7 @@
 //! ```
 
 mod attach;
+mod cause;
 mod inspect;
 mod loader;
 mod maps;
@@ -36,6 +37,7 @@ use weft_common::{config_flags, wire, NodeConfig};
 use crate::lease::MacAddr;
 
 pub use attach::{Attachment, DecapHook};
+pub use cause::{bpffs_mount_fix, Cause};
 pub use inspect::{if_index, LinkState, PinnedLinkState, PinnedMaps};
 pub use maps::{Counters, LocalEntry, PeerEntry};
 pub use test_run::{ProgramKind, SkbContext, TestRunOutput};
@@ -45,17 +47,19 @@ pub use test_run::{ProgramKind, SkbContext, TestRunOutput};
 pub enum DatapathError {
     #[error("this weft was built without the eBPF object (WEFT_NO_EBPF was set at build time); run `cargo xtask build-ebpf` and rebuild, or use --datapath kernel")]
     NoObject,
-    #[error("create pin directory {path}: {source}; is bpffs mounted at /sys/fs/bpf (`mount -t bpf bpf /sys/fs/bpf`)?")]
+    #[error("create pin directory {path}: {source}{}", pin_dir_fix(source))]
     PinDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("load the eBPF object (maps pinned in {pin_dir}): {source}; if the pinned maps are from an incompatible weft, remove them with `weft agent --cleanup`")]
+    /// `cause` is worked out when the load fails: a failed start removes the pins afterwards.
+    #[error("load the eBPF object (maps pinned in {pin_dir}): {source}{cause}")]
     Load {
         pin_dir: PathBuf,
         #[source]
         source: Box<aya::EbpfError>,
+        cause: Cause,
     },
     #[error(
         "program {program} is missing from the eBPF object; rebuild with `cargo xtask build-ebpf`"
@@ -100,6 +104,16 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+}
+
+/// A pin directory that cannot be created: bpffs is missing or /sys is read-only, or permissions.
+fn pin_dir_fix(error: &std::io::Error) -> String {
+    match error.raw_os_error() {
+        Some(errno @ (libc::EROFS | libc::EPERM | libc::EACCES)) => {
+            Cause::of_errno(errno, Path::new("")).to_string()
+        }
+        _ => "; is bpffs mounted at /sys/fs/bpf (`mount -t bpf bpf /sys/fs/bpf`)?".to_owned(),
+    }
 }
 
 /// What the programs need to know about this node.
@@ -218,6 +232,7 @@ impl Datapath {
             .default_map_pin_directory(&map_dir)
             .load(object()?)
             .map_err(|source| DatapathError::Load {
+                cause: Cause::of(&source, &map_dir),
                 pin_dir: pin_dir.clone(),
                 source: Box::new(source),
             })?;
