@@ -692,7 +692,7 @@ const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
 const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
 
 /// A packet socket on one interface of one namespace that keeps every frame (either direction)
-/// containing `marker`, with its VLAN tag if it had one. Stops when dropped.
+/// it is asked for, with its VLAN tag if it had one. Stops when dropped.
 pub struct Capture {
     caught: Arc<Mutex<Vec<Caught>>>,
     stop: Arc<AtomicBool>,
@@ -701,18 +701,23 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Start capturing; returns once the socket is bound.
+    /// Start capturing frames that contain `marker`; returns once the socket is bound.
     pub async fn start(ns: &str, dev: &str, marker: &[u8]) -> Capture {
+        let marker = marker.to_vec();
+        Capture::matching(ns, dev, move |frame| find(frame, &marker).is_some()).await
+    }
+
+    /// Start capturing frames `keep_it` accepts; returns once the socket is bound.
+    pub async fn matching(
+        ns: &str,
+        dev: &str,
+        keep_it: impl Fn(&[u8]) -> bool + Send + 'static,
+    ) -> Capture {
         let what = format!("capture on {dev} in {ns}");
         let caught = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
-        let (keep, halt, dev, marker) = (
-            caught.clone(),
-            stop.clone(),
-            dev.to_owned(),
-            marker.to_vec(),
-        );
+        let (keep, halt, dev) = (caught.clone(), stop.clone(), dev.to_owned());
         let thread = spawn_in(ns, move || {
             let all = libc::ETH_P_ALL as u16;
             let sock = packet_socket(all)?;
@@ -740,7 +745,7 @@ impl Capture {
             let mut buf = vec![0u8; 70_000];
             while !halt.load(Ordering::Relaxed) {
                 if let Some(c) = receive(fd, &mut buf)? {
-                    if find(&c.data, &marker).is_some() {
+                    if keep_it(&c.data) {
                         keep.lock().unwrap_or_else(|p| p.into_inner()).push(c);
                     }
                 }

@@ -772,8 +772,41 @@ async fn adversarial_mtu_segmentation_before_the_wire_drops_nothing() {
 
 // ---- 7. outer headers ------------------------------------------------------------------------------
 
-/// `ping -t 2` from host 1's container to host 2's, caught on host 1's ens32: outer TTL, outer UDP
-/// checksum and inner TTL of the VXLAN frames.
+/// Whether a frame is VXLAN: IPv4, UDP to port 8472.
+fn is_vxlan(frame: &[u8]) -> bool {
+    ipv4_at(frame).is_some_and(|(ip, hlen)| {
+        frame[ip + 9] == 17
+            && frame.len() >= ip + hlen + 8
+            && frame[ip + hlen + 2..ip + hlen + 4] == VXLAN_PORT.to_be_bytes()
+    })
+}
+
+/// Offsets of the outer and the inner IPv4 header of a VXLAN frame.
+fn outer_and_inner(frame: &[u8]) -> Option<(usize, usize)> {
+    let (outer, hlen) = ipv4_at(frame)?;
+    // After the outer UDP (8) and VXLAN (8) headers comes the inner Ethernet frame.
+    let inner_frame = outer + hlen + 16;
+    let (inner, _) = ipv4_at(frame.get(inner_frame..)?)?;
+    Some((outer, inner_frame + inner))
+}
+
+/// The outer UDP checksum of the VXLAN frame whose outer IPv4 header is at `ip` is non-zero and
+/// right (pseudo-header, UDP header and payload sum to zero).
+fn outer_udp_checksum_ok(frame: &[u8], ip: usize) -> bool {
+    let udp = ip + usize::from(frame[ip] & 0x0f) * 4;
+    let len = usize::from(u16::from_be_bytes([frame[udp + 4], frame[udp + 5]]));
+    let Some(datagram) = frame.get(udp..udp + len) else {
+        return false;
+    };
+    let mut pseudo = frame[ip + 12..ip + 20].to_vec();
+    pseudo.extend([0, 17]);
+    pseudo.extend((len as u16).to_be_bytes());
+    pseudo.extend(datagram);
+    datagram[6..8] != [0, 0] && attack::checksum(&pseudo) == 0
+}
+
+/// From host 1's container to host 2's, caught on host 1's ens32: `ping -t 2` (outer and inner
+/// TTL), then UDP and a short TCP exchange (the outer UDP checksum of every frame).
 async fn outer_header(dp: Datapath) -> Observed {
     let mut o = Observed::default();
     let c = attack::start(dp, 2, 1, &[]).await;
@@ -784,10 +817,11 @@ async fn outer_header(dp: Datapath) -> Observed {
         .await
         .unwrap();
     let pattern = "7765667474746c32"; // "wefttl2"
-    let marker: Vec<u8> = (0..8)
+    let filled: Vec<u8> = (0..8)
         .map(|i| u8::from_str_radix(&pattern[2 * i..2 * i + 2], 16).unwrap())
         .collect();
-    let wire = Capture::start(h1.name(), "ens32", &marker).await;
+    let wire = Capture::matching(h1.name(), "ens32", is_vxlan).await;
+    let before = attack::counters(h1).await;
     let out = a
         .exec(&[
             "ping",
@@ -812,48 +846,66 @@ async fn outer_header(dp: Datapath) -> Observed {
             .find(|l| l.contains("packets transmitted"))
             .unwrap_or_default()
     ));
-    wire.wait(3, ARRIVAL, |f| f.outgoing).await;
-    let frames: Vec<_> = wire.caught().into_iter().filter(|f| f.outgoing).collect();
-    o.set("VXLAN frames on host 1's ens32", frames.len() as u64);
-    let mut bad_csum = 0;
+    let pinged = |f: &attack::Caught| f.outgoing && find(&f.data, &filled).is_some();
+    wire.wait(3, ARRIVAL, pinged).await;
+    let frames: Vec<_> = wire.caught().into_iter().filter(pinged).collect();
+    o.set(
+        "VXLAN frames of the ping on host 1's ens32",
+        frames.len() as u64,
+    );
     let (mut outer_ttls, mut inner_ttls) = (Vec::new(), Vec::new());
     for f in &frames {
-        let Some((ip, hlen)) = ipv4_at(&f.data) else {
+        let Some((outer, inner)) = outer_and_inner(&f.data) else {
             continue;
         };
-        let d = &f.data;
-        outer_ttls.push(d[ip + 8]);
-        let udp = ip + hlen;
-        let udp_len = usize::from(u16::from_be_bytes([d[udp + 4], d[udp + 5]]));
-        let csum = u16::from_be_bytes([d[udp + 6], d[udp + 7]]);
-        let mut pseudo = d[ip + 12..ip + 20].to_vec();
-        pseudo.extend([0, 17]);
-        pseudo.extend((udp_len as u16).to_be_bytes());
-        pseudo.extend(&d[udp..udp + udp_len]);
-        let valid = csum != 0 && attack::checksum(&pseudo) == 0 && !f.csum_not_ready;
-        bad_csum += usize::from(!valid);
-        o.note(format!(
-            "outer UDP checksum {csum:#06x} valid={valid} (left to the device: {})",
-            f.csum_not_ready
-        ));
-        // Inner IPv4 after UDP (8), VXLAN (8) and the inner Ethernet header (14).
-        if let Some((inner, _)) = ipv4_at(&d[udp + 16..]) {
-            inner_ttls.push(d[udp + 16 + inner + 8]);
-        }
+        outer_ttls.push(f.data[outer + 8]);
+        inner_ttls.push(f.data[inner + 8]);
     }
     let uniform = |v: &[u8]| match v.first() {
         Some(x) if v.iter().all(|y| y == x) => u64::from(*x),
         _ => 999,
     };
     o.note(format!(
-        "outer TTLs {outer_ttls:?}, inner TTLs {inner_ttls:?}"
+        "ping: outer TTLs {outer_ttls:?}, inner TTLs {inner_ttls:?}"
     ));
     o.set("outer TTL", uniform(&outer_ttls));
     o.set("inner TTL", uniform(&inner_ttls));
+
+    // UDP and a short TCP exchange (every segment smaller than the MTU, so none is GSO): their
+    // inner checksums are still pending (CHECKSUM_PARTIAL) when encapsulation sees them.
+    let datagram = marker("outer-checksum-udp");
+    let sink = UdpSink::bind(&remote, PORT).await;
+    udp_from(&a, at(remote.ip(), PORT), &datagram, 3).await;
+    assert_eq!(sink.wait(&datagram, 3, ARRIVAL).await, 3, "{dp}: UDP lost");
+    a.tcp_transfer(&remote, 1000).await.unwrap();
+    note_counters(&mut o, h1, &before).await;
+    let mut checked = BTreeMap::<&str, (usize, usize)>::new();
+    for f in wire.caught().iter().filter(|f| f.outgoing) {
+        let Some((outer, inner)) = outer_and_inner(&f.data) else {
+            continue;
+        };
+        let protocol = match f.data[inner + 9] {
+            1 => "icmp",
+            6 => "tcp",
+            17 => "udp",
+            _ => "other",
+        };
+        let entry = checked.entry(protocol).or_default();
+        entry.0 += 1;
+        entry.1 += usize::from(!outer_udp_checksum_ok(&f.data, outer) || f.csum_not_ready);
+    }
+    o.note(format!(
+        "VXLAN frames on host 1's ens32 by inner protocol, (all, zero or invalid outer checksum): \
+         {checked:?}"
+    ));
     o.set(
         "frames with a zero or invalid outer UDP checksum",
-        bad_csum as u64,
+        checked.values().map(|c| c.1 as u64).sum(),
     );
+    for protocol in ["icmp", "udp", "tcp"] {
+        let seen = checked.get(protocol).map_or(0, |c| c.0);
+        o.set(&format!("{protocol} frames checked"), u64::from(seen > 0));
+    }
     let default_ttl = h1
         .exec_ok(&["sysctl", "-n", "net.ipv4.ip_default_ttl"])
         .await
@@ -876,7 +928,13 @@ async fn adversarial_outer_header_has_flannels_ttl_and_a_valid_udp_checksum() {
     on_every_datapath(
         outer_header,
         &[
-            ("VXLAN frames on host 1's ens32", Rule::Exactly(3)),
+            (
+                "VXLAN frames of the ping on host 1's ens32",
+                Rule::Exactly(3),
+            ),
+            ("icmp frames checked", Rule::Exactly(1)),
+            ("udp frames checked", Rule::Exactly(1)),
+            ("tcp frames checked", Rule::Exactly(1)),
             ("outer TTL is host 1's ip_default_ttl", Rule::Exactly(1)),
             ("outer TTL", Rule::SameAsKernel),
             ("inner TTL", Rule::SameAsKernel),
