@@ -467,6 +467,34 @@ pub fn vlan_frame(dst: [u8; 6], src: [u8; 6], vid: u16, proto: u16, payload: &[u
     ethernet(dst, src, ETH_P_8021Q, &tagged)
 }
 
+pub const ETH_P_ARP: u16 = 0x0806;
+
+/// An ARP reply frame, "`sender_ip` is at `sender_mac`", addressed to `target`.
+pub fn arp_reply(
+    sender_mac: [u8; 6],
+    sender_ip: Ipv4Addr,
+    target_mac: [u8; 6],
+    target_ip: Ipv4Addr,
+) -> Vec<u8> {
+    // Ethernet, IPv4, 6-byte hardware and 4-byte protocol addresses, operation 2 (reply).
+    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 2];
+    arp.extend(sender_mac);
+    arp.extend(sender_ip.octets());
+    arp.extend(target_mac);
+    arp.extend(target_ip.octets());
+    ethernet(target_mac, sender_mac, ETH_P_ARP, &arp)
+}
+
+/// The link-layer address `ns` has for `ip` on `dev`, if it has a neighbour entry with one.
+pub async fn neighbour(ns: &str, dev: &str, ip: Ipv4Addr) -> Option<[u8; 6]> {
+    let ip = ip.to_string();
+    let out = crate::netns::run("ip", &["-n", ns, "-j", "neigh", "show", &ip, "dev", dev])
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let v: Value = serde_json::from_str(&out).expect("ip -j output");
+    v[0]["lladdr"].as_str().map(parse_mac)
+}
+
 /// A VXLAN payload (what follows the outer UDP header): I flag, `vni`, then `inner` (an Ethernet frame).
 pub fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
     let mut f = vec![0x08, 0, 0, 0];

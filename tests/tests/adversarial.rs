@@ -15,9 +15,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use weft_tests::attack::{
-    self, compare, counter, ethernet, find, ipv4_at, mac, send_frames, send_udp, status,
-    vlan_frame, vtep_mac, vxlan, Capture, Datapath, Observed, Rule, Udp4, UdpOpts, UdpSink,
-    ETH_P_IPV4, VXLAN_PORT,
+    self, arp_reply, compare, counter, ethernet, find, ipv4_at, mac, neighbour, send_frames,
+    send_udp, status, vlan_frame, vtep_mac, vxlan, Capture, Datapath, Observed, Rule, Udp4,
+    UdpOpts, UdpSink, ETH_P_IPV4, VXLAN_PORT,
 };
 use weft_tests::{Cluster, Container, Host};
 
@@ -249,6 +249,99 @@ async fn adversarial_hijack_one_spoofed_packet_steals_no_traffic() {
                 Rule::Exactly(n),
             ),
             ("claimed address: landed in B", Rule::Exactly(0)),
+        ],
+    )
+    .await;
+}
+
+// ---- 1b. ARP poisoning, then its end ---------------------------------------------------------------
+
+/// How long the agent may take to follow a neighbour change: its default reconcile interval.
+const DEFAULT_RECONCILE: Duration = Duration::from_secs(10);
+
+/// Container B poisons host 1's neighbour entry for A ("A is at B's MAC"): the kernel path then
+/// delivers A's traffic to B too, so the eBPF path may do the same, no more. Then A answers for
+/// itself, the kernel delivers to A again, and so must the eBPF path once the agent has followed
+/// (within one reconcile interval): a binding must not outlive what the kernel says.
+async fn arp_poisoning(dp: Datapath) -> Observed {
+    let mut o = Observed::default();
+    let c = attack::start(dp, 2, 2, &[]).await;
+    let (h1, a, b, remote) = (c.host(0), c.container(0), c.container(1), c.container(2));
+    let (gw_ip, gw) = (a.gateway(), mac(h1.name(), "docker0").await);
+    let (a_mac, b_mac) = (mac(a.netns(), "eth0").await, mac(b.netns(), "eth0").await);
+
+    // The kernel ignores a new address for an entry updated within the last second (locktime):
+    // repeat until the entry shows the claimed one.
+    let claim = async |from: &Container, claimed: [u8; 6]| {
+        let deadline = Instant::now() + ARRIVAL;
+        while neighbour(h1.name(), "docker0", a.ip()).await != Some(claimed) {
+            assert!(
+                Instant::now() < deadline,
+                "{dp}: host 1 never took {claimed:02x?} for {}",
+                a.ip()
+            );
+            let reply = arp_reply(claimed, a.ip(), gw, gw_ip);
+            send_frames(from.netns(), "eth0", vec![reply]).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    claim(&b, b_mac).await;
+    let (in_a, in_b) = where_it_lands(&remote, &a, &b, "poisoned").await;
+    o.set("poisoned: A's traffic landed in B", in_b);
+    o.note(format!("poisoned: A's traffic landed in A: {in_a}"));
+
+    claim(&a, a_mac).await;
+    let recovered = Instant::now();
+    if dp.is_ebpf() {
+        // The binding for A may only name A's port and MAC, or be gone (the bridge path then).
+        let a_port: u32 = h1
+            .exec_ok(&["cat", &format!("/sys/class/net/{}/ifindex", a.host_veth())])
+            .await
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let follows = || {
+            attack::local_map(h1)
+                .expect("read the local map")
+                .iter()
+                .filter(|(ip, _)| *ip == a.ip())
+                .all(|(_, ep)| ep.host_ifindex_ne == a_port && ep.mac == a_mac)
+        };
+        while !follows() && recovered.elapsed() < DEFAULT_RECONCILE {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        o.note(format!(
+            "binding for A followed the neighbour entry: {}, after {:?}",
+            follows(),
+            recovered.elapsed()
+        ));
+        o.set(
+            "binding for A follows the kernel within one reconcile",
+            u64::from(follows()),
+        );
+    }
+    let (in_a, in_b) = where_it_lands(&remote, &a, &b, "recovered").await;
+    o.set("recovered: A's traffic landed in A", in_a);
+    o.set("recovered: A's traffic landed in B", in_b);
+    attack::legit_traffic_flows(&c, dp, "after the ARP poisoning").await;
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
+async fn adversarial_arp_poisoning_lands_no_more_than_on_the_kernel_path_and_ends_with_it() {
+    let n = 3 * PROBES as u64;
+    on_every_datapath(
+        arp_poisoning,
+        &[
+            ("poisoned: A's traffic landed in B", Rule::NoMoreThanKernel),
+            (
+                "binding for A follows the kernel within one reconcile",
+                Rule::EbpfExactly(1),
+            ),
+            ("recovered: A's traffic landed in A", Rule::Exactly(n)),
+            ("recovered: A's traffic landed in B", Rule::Exactly(0)),
         ],
     )
     .await;
