@@ -1,10 +1,11 @@
-//! Tools for the adversarial suite (`tests/tests/adversarial.rs`): the same cluster on either
-//! datapath, hand-built frames sent from inside a namespace, packet captures that say where
-//! frames landed, and the comparison "the eBPF path lands no more than the kernel path".
+//! Tools for the adversarial suite (`tests/tests/adversarial.rs`): the same cluster on the kernel
+//! datapath and on the eBPF one (with either decapsulation hook), hand-built frames sent from
+//! inside a namespace, packet captures that say where frames landed, and the comparison "the eBPF
+//! path lands no more than the kernel path".
 //!
-//! Frames are sent and caught with `AF_PACKET` sockets opened by threads that joined the namespace
-//! (as [`Netns::spawn_thread`](crate::Netns::spawn_thread) does): no tool inside the namespaces is needed
-//! and the test process itself never joins them.
+//! Frames are sent and caught with `AF_PACKET` sockets opened by threads that joined the
+//! namespace (as [`Netns::spawn_thread`](crate::Netns::spawn_thread) does): no tool inside the
+//! namespaces is needed and the test process itself never joins them.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -192,8 +193,9 @@ pub async fn wait_ebpf_ready(host: &Host, peers: usize) {
 
 /// Legitimate traffic after an attack: every container pings every other one (same host and
 /// across hosts) and every host pings a container on each other host (from its own address, as
-/// the kernel routes it). Panics naming each pair that failed. On eBPF, every host's programs must
-/// have encapsulated some of it: a silent fallback to flannel.1 would compare the kernel with itself.
+/// the kernel routes it). Panics naming each pair that failed. On eBPF, every host's programs
+/// must have encapsulated some of it: a silent fallback to flannel.1 would compare the kernel with
+/// itself.
 pub async fn legit_traffic_flows(c: &Cluster, dp: Datapath, when: &str) {
     if dp == Datapath::Kernel {
         return ping_all(c, dp, when).await;
@@ -495,7 +497,8 @@ pub async fn neighbour(ns: &str, dev: &str, ip: Ipv4Addr) -> Option<[u8; 6]> {
     v[0]["lladdr"].as_str().map(parse_mac)
 }
 
-/// A VXLAN payload (what follows the outer UDP header): I flag, `vni`, then `inner` (an Ethernet frame).
+/// A VXLAN payload (what follows the outer UDP header): I flag, `vni`, then `inner` (an Ethernet
+/// frame).
 pub fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
     let mut f = vec![0x08, 0, 0, 0];
     f.extend((vni << 8).to_be_bytes());
@@ -698,7 +701,8 @@ pub struct Caught {
     pub outgoing: bool,
     /// The VLAN ID when the frame carried a tag, inline or in the skb's metadata.
     pub vlan: Option<u16>,
-    /// The checksum was left to the device (`TP_STATUS_CSUMNOTREADY`): the field holds a partial sum.
+    /// The checksum was left to the device (`TP_STATUS_CSUMNOTREADY`): the field holds a partial
+    /// sum.
     pub csum_not_ready: bool,
 }
 

@@ -1040,7 +1040,7 @@ async fn adversarial_outer_header_has_flannels_ttl_and_a_valid_udp_checksum() {
     .await;
 }
 
-// ---- 8. options, fragments, odd VXLAN, the VTEP port from a container -------------------------------
+// ---- 8. options, fragments, odd VXLAN, the VTEP port from a container ------------------------------
 
 async fn odd_packets(dp: Datapath) -> Observed {
     let mut o = Observed::default();
