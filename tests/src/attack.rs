@@ -339,7 +339,7 @@ pub async fn mac(ns: &str, dev: &str) -> [u8; 6] {
     parse_mac(v[0]["address"].as_str().expect("an address"))
 }
 
-fn parse_mac(text: &str) -> [u8; 6] {
+pub fn parse_mac(text: &str) -> [u8; 6] {
     let bytes: Vec<u8> = text
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).expect("hex MAC"))
