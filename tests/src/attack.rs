@@ -390,16 +390,7 @@ pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_8021Q: u16 = 0x8100;
 
 /// The Internet checksum of `bytes`.
-pub fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
+pub use crate::packet::ipv4_checksum as checksum;
 
 /// What goes into an IPv4/UDP packet.
 #[derive(Debug, Clone)]
