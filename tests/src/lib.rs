@@ -28,6 +28,7 @@ pub mod docker;
 pub mod etcd;
 pub mod keep;
 pub mod netns;
+pub mod pinger;
 pub mod prometheus;
 
 pub use agent::{weft_bin, Agent};
@@ -37,3 +38,4 @@ pub use docker::{DockerContainer, Dockerd};
 pub use etcd::{Etcd, EtcdCluster};
 pub use keep::{Kept, KeptProcess};
 pub use netns::Netns;
+pub use pinger::{PingCount, Pinger};
