@@ -439,3 +439,102 @@ fn draw_panel(area: &Area<'_>, label: &str, minutes: f64, lines: &[Line]) -> any
         .map_err(plot_err)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn host(rss: u64) -> HostSample {
+        HostSample {
+            pid: Some(1),
+            rss_kib: Some(rss),
+            fds: Some(20),
+            pinned: Some(10),
+            forwarding_entries: Some(50),
+            iptables_rules: Some(3),
+            nft_rules: Some(4),
+        }
+    }
+
+    /// A 30-minute report sampled every 10 s, RSS given by `rss(t)`, one flap of host 1 at 300 s.
+    fn report(rss: fn(f64) -> u64, lost: Vec<(u32, f64)>) -> Report {
+        let samples = (0..=180)
+            .map(|k| {
+                let t = k as f64 * 10.0;
+                Sample {
+                    t,
+                    hosts: vec![host(rss(t)), host(rss(t))],
+                    etcd: EtcdSample {
+                        keys: 3,
+                        subnet_keys: 2,
+                        revision: 10 + k,
+                        db_bytes: 20480,
+                    },
+                    live_fakes: 0,
+                }
+            })
+            .collect();
+        Report {
+            hosts: 2,
+            datapath: "ebpf".into(),
+            schedule: super::super::Schedule::new(30),
+            started_unix: 1000.0,
+            samples,
+            pings: vec![PingStream {
+                from_host: 0,
+                to_host: 1,
+                sent: 18000,
+                received: 18000 - lost.len() as u32,
+                lost,
+            }],
+            flaps: vec![(0, 1300.0, 1303.0)],
+            restarts: vec![],
+            fakes_joined: 1450,
+            end: EndState {
+                subnet_keys: 2,
+                live_fakes: 0,
+                own_leases: 2,
+                agents_alive: 2,
+            },
+            errors: vec![],
+        }
+    }
+
+    #[test]
+    fn flat_series_and_flap_losses_pass() {
+        let r = report(
+            |t| 20000 + (t as u64 % 7) * 10,
+            vec![(3001, 1301.0), (3002, 1305.5)],
+        );
+        let v = r.verdict();
+        assert!(v.pass, "{}", v.text);
+        assert_eq!(v.lost_in_flaps, 2);
+        assert_eq!(r.schedule.drain, Duration::from_secs(50));
+    }
+
+    #[test]
+    fn growth_after_the_tenth_minute_fails() {
+        // 10 % more RSS over the last 10 minutes than at the 10th.
+        let r = report(|t| if t > 1300.0 { 22000 } else { 20000 }, vec![]);
+        let v = r.verdict();
+        assert!(!v.pass);
+        assert!(v.text.contains("FAIL rss_kib"), "{}", v.text);
+    }
+
+    #[test]
+    fn a_loss_outside_the_flaps_fails() {
+        let r = report(|_| 20000, vec![(7, 1200.0)]);
+        let v = r.verdict();
+        assert!(!v.pass);
+        assert_eq!(v.lost_outside_flaps, vec![(0, 1, 7, 200.0)]);
+    }
+
+    #[test]
+    fn a_leftover_key_fails() {
+        let mut r = report(|_| 20000, vec![]);
+        r.end.subnet_keys = 3;
+        assert!(!r.verdict().pass);
+    }
+}
