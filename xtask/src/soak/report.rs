@@ -335,7 +335,7 @@ pub fn draw(path: &Path, r: &Report) -> anyhow::Result<()> {
     let (head, body) = root.split_vertically(50);
     head.draw(&Text::new(
         format!(
-            "weft soak: {} hosts, --datapath {}, {:.0} min ({} flaps, {} agent restarts, {} fake peers)",
+            "weft soak: {} hosts, --datapath {}, {:.0} min ({} docker0 flaps: grey marks; {} agent restarts: red marks; {} fake peers)",
             r.hosts,
             r.datapath,
             r.total() / 60.0,
@@ -347,6 +347,13 @@ pub fn draw(path: &Path, r: &Report) -> anyhow::Result<()> {
         ("sans-serif", 22).into_font().style(FontStyle::Bold),
     ))
     .map_err(plot_err)?;
+    let minute = |unix: f64| (unix - r.started_unix) / 60.0;
+    let marks: Vec<(f64, RGBColor)> = r
+        .restarts
+        .iter()
+        .map(|&(_, at, _)| (minute(at), RESTART_MARK))
+        .chain(r.flaps.iter().map(|&(_, at, _)| (minute(at), FLAP_MARK)))
+        .collect();
     let panels = body.split_evenly((3, 3));
     for (panel, s) in panels.iter().zip(HOST_SERIES.iter()) {
         let lines: Vec<Line> = (0..r.hosts)
@@ -364,7 +371,7 @@ pub fn draw(path: &Path, r: &Report) -> anyhow::Result<()> {
                 (format!("host{}", h + 1), pts)
             })
             .collect();
-        draw_panel(panel, s.label, r.total() / 60.0, &lines)?;
+        draw_panel(panel, s.label, r.total() / 60.0, &lines, &marks)?;
     }
     let etcd = |f: fn(&Sample) -> f64| -> Vec<(f64, f64)> {
         r.samples.iter().map(|x| (x.t / 60.0, f(x))).collect()
@@ -394,14 +401,24 @@ pub fn draw(path: &Path, r: &Report) -> anyhow::Result<()> {
         .skip(HOST_SERIES.len())
         .zip(etcd_panels.iter())
     {
-        draw_panel(panel, label, r.total() / 60.0, lines)?;
+        draw_panel(panel, label, r.total() / 60.0, lines, &marks)?;
     }
     root.present()
         .with_context(|| format!("write {}", path.display()))?;
     Ok(())
 }
 
-fn draw_panel(area: &Area<'_>, label: &str, minutes: f64, lines: &[Line]) -> anyhow::Result<()> {
+/// Vertical marks: agent restarts (red) and docker0 flaps (grey), in minutes.
+const RESTART_MARK: RGBColor = RGBColor(230, 150, 150);
+const FLAP_MARK: RGBColor = RGBColor(180, 180, 180);
+
+fn draw_panel(
+    area: &Area<'_>,
+    label: &str,
+    minutes: f64,
+    lines: &[Line],
+    marks: &[(f64, RGBColor)],
+) -> anyhow::Result<()> {
     let top = lines
         .iter()
         .flat_map(|(_, pts)| pts.iter().map(|p| p.1))
@@ -419,6 +436,13 @@ fn draw_panel(area: &Area<'_>, label: &str, minutes: f64, lines: &[Line]) -> any
         .x_desc("minutes")
         .light_line_style(WHITE)
         .draw()
+        .map_err(plot_err)?;
+    chart
+        .draw_series(
+            marks
+                .iter()
+                .map(|&(x, color)| PathElement::new(vec![(x, 0.0), (x, top)], color)),
+        )
         .map_err(plot_err)?;
     for (i, (name, pts)) in lines.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
@@ -529,6 +553,18 @@ mod tests {
         let v = r.verdict();
         assert!(!v.pass);
         assert_eq!(v.lost_outside_flaps, vec![(0, 1, 7, 200.0)]);
+    }
+
+    #[test]
+    fn the_chart_has_a_panel_per_series() {
+        let path = std::env::temp_dir().join(format!("weft-soak-chart-{}.svg", std::process::id()));
+        draw(&path, &report(|_| 20000, vec![])).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        for s in &HOST_SERIES {
+            assert!(svg.contains(s.label), "no panel {}", s.label);
+        }
+        assert!(svg.contains("etcd revision") && svg.contains("<polyline"));
     }
 
     #[test]
