@@ -37,6 +37,7 @@ pub mod keep;
 pub mod netns;
 pub mod nspawn;
 pub mod packet;
+pub mod pinger;
 pub mod poll;
 pub mod prometheus;
 
@@ -47,6 +48,7 @@ pub use docker::{DockerContainer, Dockerd};
 pub use etcd::{Etcd, EtcdCluster};
 pub use keep::{Kept, KeptProcess};
 pub use netns::Netns;
+pub use pinger::{PingCount, Pinger};
 
 /// The last `n` lines of `text` (an agent's or etcd's log), for failure messages.
 pub fn tail(text: &str, n: usize) -> String {
