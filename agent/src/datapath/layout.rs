@@ -1,0 +1,332 @@
+//! Versioned pinned state: which layout the pinned maps have, and carrying an
+//! incompatible set over into maps of this build's layout.
+//!
+//! The kernel itself records each map's type, key size, value size and
+//! entries; a pinned set is compatible when every map matches what this
+//! build's programs declare. An incompatible set (another layout version) is
+//! moved aside, fresh maps are created and filled from it (remote subnets,
+//! VTEPs, local bindings; the node configuration is written by the agent), the
+//! pinned links are switched to the new programs with `BPF_LINK_UPDATE` (the
+//! old programs forward with the old maps until that instant), the old
+//! counters are added to the new ones, and the old maps are unpinned.
+
+use std::{
+    io,
+    mem::size_of,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, MapType, PerCpuArray, PerCpuValues};
+use weft_common::{
+    counter, map_names, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, VtepValue,
+    LAYOUT_VERSION, MAX_LOCAL, MAX_PEERS,
+};
+
+use super::{maps::map_err, pins::PinDir, DatapathError};
+
+/// What one map must look like for this build's programs.
+struct Shape {
+    name: &'static str,
+    map_type: MapType,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+const fn size<T>() -> u32 {
+    size_of::<T>() as u32
+}
+
+const SHAPES: [Shape; 5] = [
+    Shape {
+        name: map_names::REMOTES,
+        map_type: MapType::LpmTrie,
+        // The prefix length (u32) before the address.
+        key_size: 4 + size::<Ipv4LpmData>(),
+        value_size: size::<PeerValue>(),
+        max_entries: MAX_PEERS,
+    },
+    Shape {
+        name: map_names::KNOWN_VTEPS,
+        map_type: MapType::Hash,
+        key_size: 4,
+        value_size: size::<VtepValue>(),
+        max_entries: MAX_PEERS,
+    },
+    Shape {
+        name: map_names::CONFIG,
+        map_type: MapType::Array,
+        key_size: 4,
+        value_size: size::<NodeConfig>(),
+        max_entries: 1,
+    },
+    Shape {
+        name: map_names::COUNTERS,
+        map_type: MapType::PerCpuArray,
+        key_size: 4,
+        value_size: 8,
+        max_entries: counter::COUNT,
+    },
+    Shape {
+        name: map_names::LOCAL,
+        map_type: MapType::Hash,
+        key_size: 4,
+        value_size: size::<LocalEndpoint>(),
+        max_entries: MAX_LOCAL,
+    },
+];
+
+/// A pinned map set another layout made.
+#[derive(Debug)]
+pub(super) struct Previous {
+    /// Where the old maps are pinned now (moved aside when they were the plain `maps`).
+    pub dir: PathBuf,
+    /// The layout version in its name; `None` for a set from before layout versions.
+    pub version: Option<u32>,
+    /// How it differs from ours, for the log.
+    pub differences: Vec<String>,
+}
+
+impl Previous {
+    pub fn describe(&self) -> String {
+        self.version.map_or_else(
+            || "from before layout versions".to_string(),
+            |v| format!("layout {v}"),
+        )
+    }
+}
+
+/// The layout version in a map directory's name (`maps.v<N>`).
+fn version_of(dir: &Path) -> Option<u32> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("maps.v")?
+        .parse()
+        .ok()
+}
+
+/// How the pinned set in `dir` differs from this build's; empty when compatible.
+fn differences(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for shape in &SHAPES {
+        let path = dir.join(shape.name);
+        let info = match MapData::from_pin(&path).and_then(|m| m.info()) {
+            Ok(info) => info,
+            Err(e) => {
+                out.push(format!("{}: unreadable ({e})", shape.name));
+                continue;
+            }
+        };
+        let theirs = (
+            info.map_type().ok(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        let ours = (
+            Some(shape.map_type),
+            shape.key_size,
+            shape.value_size,
+            shape.max_entries,
+        );
+        if theirs != ours {
+            out.push(format!(
+                "{}: key {} value {} entries {} (this build: key {} value {} entries {})",
+                shape.name, theirs.1, theirs.2, theirs.3, ours.1, ours.2, ours.3
+            ));
+        }
+    }
+    out
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
+    move |source| DatapathError::PinDir {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Makes `maps.v<LAYOUT_VERSION>` the place to load into. Returns the pinned
+/// set of another layout when there is one (moved out of the way, still
+/// pinned, its programs still forwarding).
+pub(super) fn prepare(pins: &PinDir) -> Result<Option<Previous>, DatapathError> {
+    let live = pins.live_maps();
+    let ours = pins.maps_of(LAYOUT_VERSION);
+    std::fs::create_dir_all(pins.root()).map_err(io_err(pins.root()))?;
+    let current = if live.is_symlink() {
+        let target = std::fs::read_link(&live).map_err(io_err(&live))?;
+        Some(pins.root().join(target))
+    } else if live.is_dir() {
+        Some(live.clone())
+    } else {
+        None
+    };
+    let previous = match current {
+        Some(dir) if dir.join(map_names::CONFIG).exists() => {
+            let differences = differences(&dir);
+            if differences.is_empty() {
+                if dir != ours {
+                    // A plain `maps` of our layout (a build from before
+                    // versions): give it its versioned name, no reload needed.
+                    clear(&ours)?;
+                    std::fs::rename(&dir, &ours).map_err(io_err(&dir))?;
+                }
+                None
+            } else {
+                let version = version_of(&dir);
+                let dir = if dir == live {
+                    let aside = pins.root().join("maps.unversioned");
+                    clear(&aside)?;
+                    std::fs::rename(&dir, &aside).map_err(io_err(&dir))?;
+                    aside
+                } else {
+                    dir
+                };
+                Some(Previous {
+                    dir,
+                    version,
+                    differences,
+                })
+            }
+        }
+        _ => None,
+    };
+    if previous.is_some() {
+        // Leftovers of an interrupted migration into our layout: start afresh.
+        clear(&ours)?;
+    }
+    std::fs::create_dir_all(&ours).map_err(io_err(&ours))?;
+    Ok(previous)
+}
+
+/// Points `maps` at this build's set (atomically: a new link renamed over the old one).
+pub(super) fn publish(pins: &PinDir) -> Result<(), DatapathError> {
+    let live = pins.live_maps();
+    if live.is_dir() && !live.is_symlink() {
+        return Ok(()); // moved aside by `prepare` unless it is ours, which it renamed
+    }
+    let tmp = pins.root().join("maps.publishing");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("maps.v{LAYOUT_VERSION}"), &tmp).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &live).map_err(io_err(&live))
+}
+
+/// Removes the pins of a map set that is not live.
+fn clear(dir: &Path) -> Result<(), DatapathError> {
+    let mut errors = Vec::new();
+    super::pins::remove_dir(dir, &mut errors);
+    errors.pop().map_or(Ok(()), Err)
+}
+
+fn open(dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
+    MapData::from_pin(dir.join(name))
+        .and_then(Map::from_map_data)
+        .map_err(map_err("open previous", name))
+}
+
+fn typed<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, DatapathError> {
+    r.map_err(|e| DatapathError::Incompatible {
+        map: name,
+        reason: format!("{e}"),
+    })
+}
+
+/// Entries carried over into the new maps.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Carried {
+    pub remotes: usize,
+    pub vteps: usize,
+    pub locals: usize,
+    /// Counters added (per index) into the new map.
+    pub counters: usize,
+}
+
+/// Copies remote subnets, VTEPs and local bindings from the previous set into
+/// ours (`maps` of the loaded object). A map whose entries changed shape
+/// cannot be converted: that is an error naming it.
+pub(super) fn copy_entries(
+    previous: &Previous,
+    ebpf: &mut aya::Ebpf,
+) -> Result<Carried, DatapathError> {
+    let old: LpmTrie<MapData, Ipv4LpmData, PeerValue> = typed(
+        map_names::REMOTES,
+        LpmTrie::try_from(open(&previous.dir, map_names::REMOTES)?),
+    )?;
+    let map = ebpf
+        .map_mut(map_names::REMOTES)
+        .ok_or(DatapathError::MissingMap {
+            map: map_names::REMOTES,
+        })?;
+    let mut ours: LpmTrie<&mut MapData, Ipv4LpmData, PeerValue> =
+        LpmTrie::try_from(map).map_err(map_err("open", map_names::REMOTES))?;
+    let mut remotes = 0;
+    for item in old.iter() {
+        let (key, value) = item.map_err(map_err("list previous", map_names::REMOTES))?;
+        ours.insert(&key, value, 0)
+            .map_err(map_err("carry over", map_names::REMOTES))?;
+        remotes += 1;
+    }
+    Ok(Carried {
+        remotes,
+        vteps: copy_hash::<VtepValue>(previous, ebpf, map_names::KNOWN_VTEPS)?,
+        locals: copy_hash::<LocalEndpoint>(previous, ebpf, map_names::LOCAL)?,
+        counters: 0,
+    })
+}
+
+fn copy_hash<V: aya::Pod>(
+    previous: &Previous,
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+) -> Result<usize, DatapathError> {
+    let old: HashMap<MapData, [u8; 4], V> =
+        typed(name, HashMap::try_from(open(&previous.dir, name)?))?;
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(DatapathError::MissingMap { map: name })?;
+    let mut ours: HashMap<&mut MapData, [u8; 4], V> =
+        HashMap::try_from(map).map_err(map_err("open", name))?;
+    let mut n = 0;
+    for item in old.iter() {
+        let (key, value) = item.map_err(map_err("list previous", name))?;
+        ours.insert(key, value, 0)
+            .map_err(map_err("carry over", name))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Adds the previous counters (per CPU, by index: layouts only append
+/// counters) into ours. Run after the links were switched, so nothing counts
+/// into the old map any more.
+pub(super) fn add_counters(
+    previous: &Previous,
+    ours: &mut PerCpuArray<&mut MapData, u64>,
+) -> Result<usize, DatapathError> {
+    let old: PerCpuArray<MapData, u64> = typed(
+        map_names::COUNTERS,
+        PerCpuArray::try_from(open(&previous.dir, map_names::COUNTERS)?),
+    )?;
+    let n = old.len().min(ours.len());
+    for index in 0..n {
+        let theirs = old
+            .get(&index, 0)
+            .map_err(map_err("read previous", map_names::COUNTERS))?;
+        let mine = ours
+            .get(&index, 0)
+            .map_err(map_err("read", map_names::COUNTERS))?;
+        let sum: Vec<u64> = mine.iter().zip(theirs.iter()).map(|(a, b)| a + b).collect();
+        let values = PerCpuValues::try_from(sum).map_err(|e| DatapathError::Incompatible {
+            map: map_names::COUNTERS,
+            reason: format!("{e}"),
+        })?;
+        ours.set(index, values, 0)
+            .map_err(map_err("carry over", map_names::COUNTERS))?;
+    }
+    Ok(n as usize)
+}
+
+/// Unpins the previous set; the maps go once no program holds them.
+pub(super) fn unpin(previous: &Previous) -> Result<(), DatapathError> {
+    clear(&previous.dir)
+}
