@@ -23,7 +23,7 @@ pub mod map_names {
 
 /// The layout of the pinned maps this build's programs expect: bumped whenever
 /// a map's key, value or size changes. Maps are pinned under
-/// `maps.v<LAYOUT_VERSION>/` (with `maps` a link to the live set, where
+/// `maps-v<LAYOUT_VERSION>/` (with `maps` a link to the live set, where
 /// builds before versioning look). Layout 1 (before it was recorded): a
 /// 40-byte [`NodeConfig`], 17 counters, 4096 local entries. Layout 2: the
 /// 52-byte [`NodeConfig`], 29 counters, 16384 local entries. Layouts only

@@ -96,11 +96,11 @@ impl Previous {
     }
 }
 
-/// The layout version in a map directory's name (`maps.v<N>`).
+/// The layout version in a map directory's name (`maps-v<N>`).
 fn version_of(dir: &Path) -> Option<u32> {
     dir.file_name()?
         .to_str()?
-        .strip_prefix("maps.v")?
+        .strip_prefix("maps-v")?
         .parse()
         .ok()
 }
@@ -146,7 +146,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
     }
 }
 
-/// Makes `maps.v<LAYOUT_VERSION>` the place to load into. Returns the pinned
+/// Makes `maps-v<LAYOUT_VERSION>` the place to load into. Returns the pinned
 /// set of another layout when there is one (moved out of the way, still
 /// pinned, its programs still forwarding).
 pub(super) fn prepare(pins: &PinDir) -> Result<Option<Previous>, DatapathError> {
@@ -169,15 +169,15 @@ pub(super) fn prepare(pins: &PinDir) -> Result<Option<Previous>, DatapathError> 
                     // A plain `maps` of our layout (a build from before
                     // versions): give it its versioned name, no reload needed.
                     clear(&ours)?;
-                    std::fs::rename(&dir, &ours).map_err(io_err(&dir))?;
+                    move_pins(&dir, &ours)?;
                 }
                 None
             } else {
                 let version = version_of(&dir);
                 let dir = if dir == live {
-                    let aside = pins.root().join("maps.unversioned");
+                    let aside = pins.root().join("maps-unversioned");
                     clear(&aside)?;
-                    std::fs::rename(&dir, &aside).map_err(io_err(&dir))?;
+                    move_pins(&dir, &aside)?;
                     aside
                 } else {
                     dir
@@ -199,15 +199,35 @@ pub(super) fn prepare(pins: &PinDir) -> Result<Option<Previous>, DatapathError> 
     Ok(previous)
 }
 
+/// Moves the map pins of directory `from` into `to` and removes `from`
+/// (bpffs cannot rename directories): each map is pinned again under `to`
+/// before its old pin goes, so it is never unpinned in between.
+fn move_pins(from: &Path, to: &Path) -> Result<(), DatapathError> {
+    std::fs::create_dir_all(to).map_err(io_err(to))?;
+    let entries = std::fs::read_dir(from).map_err(io_err(from))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let target = to.join(&name);
+        let map = MapData::from_pin(entry.path()).map_err(|e| DatapathError::Pin {
+            what: format!("map {}", name.to_string_lossy()),
+            path: entry.path(),
+            reason: e.to_string(),
+        })?;
+        map.pin(&target).map_err(|e| DatapathError::Pin {
+            what: format!("map {}", name.to_string_lossy()),
+            path: target.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    clear(from)
+}
+
 /// Points `maps` at this build's set (atomically: a new link renamed over the old one).
 pub(super) fn publish(pins: &PinDir) -> Result<(), DatapathError> {
     let live = pins.live_maps();
-    if live.is_dir() && !live.is_symlink() {
-        return Ok(()); // moved aside by `prepare` unless it is ours, which it renamed
-    }
-    let tmp = pins.root().join("maps.publishing");
+    let tmp = pins.root().join("maps-publishing");
     let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(format!("maps.v{LAYOUT_VERSION}"), &tmp).map_err(io_err(&tmp))?;
+    std::os::unix::fs::symlink(format!("maps-v{LAYOUT_VERSION}"), &tmp).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &live).map_err(io_err(&live))
 }
 

@@ -3,10 +3,10 @@
 //! its maps through typed wrappers.
 //!
 //! Layout under the pin directory (by default `/sys/fs/bpf/weft/<instance>`,
-//! see [`PinDir`]): `maps.v<N>/WEFT_*` (the maps of layout N, adopted with
+//! see [`PinDir`]): `maps-v<N>/WEFT_*` (the maps of layout N, adopted with
 //! their entries on restart, or carried over into new maps when the layout
 //! changed, see [`layout`]), `maps` (a link to the live set),
-//! `progs/<program>.v<N>` and `links/<program>@<interface>` (the attachments;
+//! `progs/<program>-v<N>` and `links/<program>@<interface>` (the attachments;
 //! a pinned link keeps its program attached after the agent exits, and a new
 //! agent swaps its own program into it atomically).
 //!
@@ -210,7 +210,7 @@ impl Datapath {
     }
 
     /// Loads the embedded object with its maps pinned in
-    /// `pin_dir/maps.v<LAYOUT_VERSION>`, adopting maps (and entries) a
+    /// `pin_dir/maps-v<LAYOUT_VERSION>`, adopting maps (and entries) a
     /// previous agent of this layout left there. Maps of another layout are
     /// carried over into new maps (see [`layout`]); the old ones keep serving
     /// the attached programs until [`Datapath::finish_migration`]. Programs

@@ -2,11 +2,14 @@
 //! under the pin directory, mounts bpffs when needed, and removes it all.
 //!
 //! ```text
-//! <pin_dir>/maps.v<N>/WEFT_*          the maps of layout N (weft_common::LAYOUT_VERSION)
-//! <pin_dir>/maps -> maps.v<N>         the live set; builds before layout versions look here
-//! <pin_dir>/progs/<program>.v<N>      the programs (for bpftool and `weft status`)
+//! <pin_dir>/maps-v<N>/WEFT_*          the maps of layout N (weft_common::LAYOUT_VERSION)
+//! <pin_dir>/maps -> maps-v<N>         the live set; builds before layout versions look here
+//! <pin_dir>/progs/<program>-v<N>      the programs (for bpftool and `weft status`)
 //! <pin_dir>/links/<program>@<iface>   the attachments; a new agent swaps its program into them
 //! ```
+//!
+//! Names carry no dot: bpffs reserves dotted names for itself and refuses
+//! even to look them up (EPERM).
 
 use std::{
     io,
@@ -45,14 +48,14 @@ impl PinDir {
 
     /// The maps of layout `version`.
     pub fn maps_of(&self, version: u32) -> PathBuf {
-        self.root.join(format!("{LIVE_MAPS}.v{version}"))
+        self.root.join(format!("{LIVE_MAPS}-v{version}"))
     }
 
     /// Where this build pins `program`: its name carries the layout version.
     pub fn program(&self, program: &str) -> PathBuf {
         self.root
             .join("progs")
-            .join(format!("{program}.v{LAYOUT_VERSION}"))
+            .join(format!("{program}-v{LAYOUT_VERSION}"))
     }
 
     /// The pinned link of `program` on `interface`.
@@ -95,13 +98,13 @@ impl PinDir {
     }
 
     /// Program pins other than this build's (`progs/<program>` of builds
-    /// before layout versions, `progs/<program>.v<M>` of others): their links
+    /// before layout versions, `progs/<program>-v<M>` of others): their links
     /// now run our programs, so these only keep dead programs alive.
     pub(super) fn foreign_programs(&self) -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(self.root.join("progs")) else {
             return Vec::new();
         };
-        let suffix = format!(".v{LAYOUT_VERSION}");
+        let suffix = format!("-v{LAYOUT_VERSION}");
         entries
             .flatten()
             .filter(|e| !e.file_name().to_string_lossy().ends_with(&suffix))

@@ -1,0 +1,426 @@
+//! Replacing the agent on a live host with another build whose pinned maps have another layout:
+//! the previous weft (layout 1, built from git at [`PREVIOUS_COMMIT`]) and this one (layout 2).
+//! Two hosts run `weft agent --datapath ebpf`, a container on one pings a container on the other
+//! at 100 packets per second, and one host's agent after the other is replaced by the other build.
+//! What a user would notice is asserted: not one ping lost, and the programs' counters carried
+//! over. Root only: `cargo xtask test -- upgrade --include-ignored`.
+//!
+//! The previous build comes from this repository's history: a `git worktree` of
+//! [`PREVIOUS_COMMIT`] under `<target>/weft-prev/src`, built (its own eBPF object included) into
+//! `<target>/weft-prev/target` the first time and reused afterwards. `WEFT_PREV_BIN` names an
+//! already built binary instead.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+use weft_tests::{cluster, weft_bin, Cluster, Container, Host};
+
+/// The last commit whose eBPF maps have layout 1 (a 40-byte node config, 17 counters).
+const PREVIOUS_COMMIT: &str = "96d6bbb";
+const CONFIG: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pings at 100 per second while agents are replaced.
+const PING_INTERVAL: &str = "0.01";
+
+// ---- the previous build -----------------------------------------------------------------------------
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The weft binary of [`PREVIOUS_COMMIT`], built on first use.
+fn previous_bin() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("WEFT_PREV_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let ws = workspace();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ws.join("target"));
+    let root = target.join("weft-prev");
+    let src = root.join("src");
+    let prev_target = root.join("target");
+    let bin = prev_target.join("debug").join("weft");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    if !src.join("Cargo.toml").is_file() {
+        std::fs::create_dir_all(&root)?;
+        run(Command::new("git")
+            .current_dir(&ws)
+            .args(["worktree", "add", "--force", "--detach"])
+            .arg(&src)
+            .arg(PREVIOUS_COMMIT))
+        .context(format!(
+            "check out {PREVIOUS_COMMIT} (a clone with history is needed; or set WEFT_PREV_BIN)"
+        ))?;
+    }
+    eprintln!(
+        "building weft {PREVIOUS_COMMIT} into {} (once; takes minutes)",
+        prev_target.display()
+    );
+    let cargo = |args: &[&str]| {
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.current_dir(&src)
+            .args(args)
+            .env("CARGO_TARGET_DIR", &prev_target)
+            .env("PROTOC", ws.join(".cargo").join("protoc"))
+            .env_remove("WEFT_EBPF_OBJECT")
+            .env_remove("RUSTFLAGS");
+        cmd
+    };
+    run(&mut cargo(&["xtask", "build-ebpf", "--no-install"]))?;
+    run(&mut cargo(&["build", "-p", "weft", "--bin", "weft"]))?;
+    Ok(bin)
+}
+
+// ---- agents of either build -------------------------------------------------------------------------
+
+/// `weft agent` of a given build in a host's namespace; killed on drop.
+struct BuildAgent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl BuildAgent {
+    fn start(host: &Host, bin: &Path, label: &str) -> anyhow::Result<Self> {
+        let log = host.dir().join(format!("agent-{label}.log"));
+        let out = File::options().create(true).append(true).open(&log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", host.name()])
+            .arg(bin)
+            .arg("agent")
+            .args(host.agent_args())
+            .args(["--datapath", "ebpf"])
+            .env("RUST_LOG", "info,weft=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("start {} agent", bin.display()))?;
+        Ok(Self { child, log })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait: the agent exits leaving its programs attached and pinned.
+    fn stop(mut self) -> anyhow::Result<()> {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                bail!("agent did not exit within 10 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BuildAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `weft status --json` of build `bin` (each build reads the maps of its own layout).
+async fn status(host: &Host, bin: &Path) -> anyhow::Result<Value> {
+    let bin = bin.display().to_string();
+    let dir = host.bpf_pin_dir().display().to_string();
+    let out = host
+        .exec_ok(&[&bin, "status", "--json", "--bpf-pin-dir", &dir])
+        .await?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+fn counter(st: &Value, name: &str) -> u64 {
+    st["counters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == name)
+        .and_then(|c| c["value"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Decapsulation on ens32, encapsulation on docker0, every program attached, one peer.
+fn ready(st: &Value) -> bool {
+    let programs = st["programs"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let on = |prog: &str, iface: &str| {
+        programs.iter().any(|p| {
+            p["program"].as_str().is_some_and(|n| n.contains(prog)) && p["interface"] == iface
+        })
+    };
+    st["mode"] == "ebpf"
+        && on("decap", "ens32")
+        && on("encap", "docker0")
+        && programs.iter().all(|p| p["state"] == "attached")
+        && st["peers"].as_array().map_or(0, Vec::len) == 1
+}
+
+/// Polls `status` of build `bin` until `ok`; the last status and the log otherwise.
+async fn wait_status(
+    host: &Host,
+    bin: &Path,
+    agent: &BuildAgent,
+    what: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let st = status(host, bin).await;
+        if let Ok(st) = &st {
+            if ok(st) {
+                return st.clone();
+            }
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{}: not {what} within {READY_TIMEOUT:?}; status: {st:?}\nagent log:\n{}",
+                host.name(),
+                agent.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two hosts running build `bin`, one container each, bound and reachable over eBPF.
+async fn cluster_on(bin: &Path, label: &str) -> (Cluster, Vec<BuildAgent>) {
+    let c = cluster(2).await;
+    c.write_config(CONFIG).await;
+    let agents: Vec<_> = c
+        .hosts()
+        .iter()
+        .map(|h| BuildAgent::start(h, bin, label).expect("start agent"))
+        .collect();
+    c.add_containers(1).await.expect("containers");
+    for (h, a) in c.hosts().iter().zip(&agents) {
+        wait_status(h, bin, a, "on eBPF with its peer", ready).await;
+    }
+    let [a, b] = [c.container(0), c.container(1)];
+    a.ping_until(b.ip(), READY_TIMEOUT)
+        .await
+        .expect("a reaches b");
+    b.ping_until(a.ip(), READY_TIMEOUT)
+        .await
+        .expect("b reaches a");
+    (c, agents)
+}
+
+/// Pings from `from` to `to` at 100 per second, `count` of them, in the background.
+fn ping_in_background(
+    from: &Container,
+    to: std::net::Ipv4Addr,
+    count: u32,
+) -> tokio::task::JoinHandle<(u32, u32, String)> {
+    let from = from.clone();
+    tokio::spawn(async move {
+        let count = count.to_string();
+        let dst = to.to_string();
+        let out = from
+            .exec(&["ping", "-n", "-q", "-c", &count, "-i", PING_INTERVAL, &dst])
+            .await;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (sent, received) = weft_tests::ping_summary(&text).unwrap_or((0, 0));
+        (sent, received, text)
+    })
+}
+
+/// What one replacement saw: "encapsulated" just before and once the new agent is ready, the
+/// time between the two readings, and how long the new agent took from start to ready.
+struct Switch {
+    before: u64,
+    after: u64,
+    between: Duration,
+    took: Duration,
+}
+
+impl Switch {
+    /// Counters carried over: without them the new count could be at most what 100 pings per
+    /// second each way add in `between`, which the assertion first checks is less than `before`.
+    fn assert_carried(&self, host: usize, log: &str) {
+        let possible = (self.between.as_secs_f64() * 200.0) as u64 + 20;
+        assert!(
+            self.before > possible,
+            "host {host}: too little traffic before the switch ({}) to tell carried counters from new ones ({possible})",
+            self.before
+        );
+        assert!(
+            self.after >= self.before,
+            "host {host}: counters not carried over: encapsulated {} before, {} after\n{log}",
+            self.before,
+            self.after
+        );
+    }
+}
+
+/// Replaces a host's agent (`old`) by build `to` while traffic flows. `status_before` and
+/// `status_after` are the builds whose `weft status` reads the maps before and after (a
+/// build reads the layouts it knows).
+async fn replace(
+    host: &Host,
+    old: BuildAgent,
+    status_before: &Path,
+    to: &Path,
+    status_after: &Path,
+    label: &str,
+) -> (BuildAgent, Switch) {
+    old.stop().expect("stop the old agent");
+    // Its programs keep forwarding with its maps; read what they counted so far.
+    let before = status(host, status_before)
+        .await
+        .expect("status before the switch");
+    let read = Instant::now();
+    let before = counter(&before, "encapsulated");
+    let started = Instant::now();
+    let new = BuildAgent::start(host, to, label).expect("start the new agent");
+    let st = wait_status(host, status_after, &new, "on eBPF after the switch", ready).await;
+    let switch = Switch {
+        before,
+        after: counter(&st, "encapsulated"),
+        between: read.elapsed(),
+        took: started.elapsed(),
+    };
+    (new, switch)
+}
+
+// ---- the tests --------------------------------------------------------------------------------------
+
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn upgrade_from_the_previous_layout_loses_no_packet_and_keeps_the_counters() {
+    let prev = previous_bin().expect("the previous weft build");
+    let current = weft_bin().unwrap();
+    let (c, agents) = cluster_on(&prev, "previous").await;
+    let (a, b) = (c.container(0), c.container(1));
+    let ping = ping_in_background(&a, b.ip(), 1500);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut kept = Vec::new();
+    for (i, old) in agents.into_iter().enumerate() {
+        let host = c.host(i);
+        let (new, sw) = replace(host, old, &prev, &current, &current, "current").await;
+        eprintln!(
+            "host {}: layout 1 -> 2 in {:?} (agent start to every program switched); encapsulated {} before, {} after",
+            i + 1,
+            sw.took,
+            sw.before,
+            sw.after
+        );
+        sw.assert_carried(i + 1, &new.log());
+        assert!(
+            new.log().contains("layout change complete"),
+            "host {}: the agent did not report the layout change:\n{}",
+            i + 1,
+            new.log()
+        );
+        // Only this build's state is pinned: the live maps are layout 2, the old ones are gone.
+        let pins = host.bpf_pin_dir();
+        assert_eq!(
+            std::fs::read_link(pins.join("maps")).ok(),
+            Some(PathBuf::from("maps-v2")),
+            "maps links to the layout 2 set"
+        );
+        let entries: Vec<String> = std::fs::read_dir(&pins)
+            .unwrap()
+            .chain(std::fs::read_dir(pins.join("progs")).unwrap())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !entries
+                .iter()
+                .any(|e| e == "maps-unversioned" || e.starts_with("weft_") && !e.ends_with("-v2")),
+            "old pins left behind: {entries:?}"
+        );
+        kept.push(new);
+    }
+    let (sent, received, text) = ping.await.unwrap();
+    eprintln!("ping at 100/s across both upgrades: {sent} sent, {received} received");
+    assert!(
+        sent == 1500 && received == sent,
+        "packets lost across the upgrade: {text}"
+    );
+    // The new programs carry the traffic (the maps hold the carried-over peer).
+    let st = status(c.host(0), &current).await.unwrap();
+    assert!(ready(&st), "{st:#}");
+}
+
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn downgrade_to_the_previous_build_loses_no_packet_and_keeps_the_counters() {
+    let prev = previous_bin().expect("the previous weft build");
+    let current = weft_bin().unwrap();
+    let (c, agents) = cluster_on(&current, "current").await;
+    let (a, b) = (c.container(0), c.container(1));
+    let ping = ping_in_background(&a, b.ip(), 1500);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut kept = Vec::new();
+    for (i, new) in agents.into_iter().enumerate() {
+        let host = c.host(i);
+        // The previous build's own `weft status` refuses maps of layout 2 (it checks their
+        // sizes); this build's reads what its agent runs on.
+        let (old, sw) = replace(host, new, &current, &prev, &current, "previous").await;
+        eprintln!(
+            "host {}: layout 2 -> build {PREVIOUS_COMMIT} in {:?}; encapsulated {} before, {} after",
+            i + 1,
+            sw.took,
+            sw.before,
+            sw.after
+        );
+        sw.assert_carried(i + 1, &old.log());
+        // The previous build runs its own programs, swapped into the pinned links.
+        assert!(
+            old.log().contains("decapsulation attached")
+                && old.log().contains("encapsulation attached")
+                && old.log().contains("adopted=true"),
+            "host {}: the previous build did not adopt the links:\n{}",
+            i + 1,
+            old.log()
+        );
+        kept.push(old);
+    }
+    let (sent, received, text) = ping.await.unwrap();
+    eprintln!("ping at 100/s across both downgrades: {sent} sent, {received} received");
+    assert!(
+        sent == 1500 && received == sent,
+        "packets lost across the downgrade: {text}"
+    );
+    // And upgrading again adopts the same maps (they are layout 2 throughout).
+    let host = c.host(0);
+    let old = kept.remove(0);
+    let (new, sw) = replace(host, old, &current, &current, &current, "current-again").await;
+    assert!(sw.after >= sw.before, "{} then {}", sw.before, sw.after);
+    assert!(
+        !new.log().contains("another layout"),
+        "maps of layout 2 are adopted, not migrated:\n{}",
+        new.log()
+    );
+}
