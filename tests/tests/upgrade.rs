@@ -25,6 +25,10 @@ use weft_tests::{cluster, weft_bin, Cluster, Container, Host};
 const PREVIOUS_COMMIT: &str = "96d6bbb";
 const CONFIG: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// What this build logs once every link runs its programs after a layout change.
+const COMPLETE: &str = "layout change complete";
+/// What both builds log once their encapsulation program is swapped into the pinned link.
+const ATTACHED: &str = "encapsulation attached";
 /// Pings at 100 per second while agents are replaced.
 const PING_INTERVAL: &str = "0.01";
 
@@ -124,6 +128,21 @@ impl BuildAgent {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the agent logged `needle` (the pinned state alone says nothing about which
+    /// agent made it).
+    async fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !self.log().contains(needle) {
+            if Instant::now() > deadline {
+                panic!(
+                    "the agent did not log {needle:?} within {READY_TIMEOUT:?}:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// SIGTERM and wait: the agent exits leaving its programs attached and pinned.
@@ -283,14 +302,14 @@ impl Switch {
     }
 }
 
-/// Replaces a host's agent (`old`) by build `to` while traffic flows. `status_before` and
-/// `status_after` are the builds whose `weft status` reads the maps before and after (a
-/// build reads the layouts it knows).
+/// Replaces a host's agent (`old`) by build `to` while traffic flows, until the new agent logged
+/// `done`. `status_before` and `status_after` are the builds whose `weft status` reads the maps
+/// before and after (a build reads the layouts it knows).
 async fn replace(
     host: &Host,
     old: BuildAgent,
     status_before: &Path,
-    to: &Path,
+    (to, done): (&Path, &str),
     status_after: &Path,
     label: &str,
 ) -> (BuildAgent, Switch) {
@@ -303,6 +322,7 @@ async fn replace(
     let before = counter(&before, "encapsulated");
     let started = Instant::now();
     let new = BuildAgent::start(host, to, label).expect("start the new agent");
+    new.wait_log(done).await;
     let st = wait_status(host, status_after, &new, "on eBPF after the switch", ready).await;
     let switch = Switch {
         before,
@@ -327,7 +347,7 @@ async fn upgrade_from_the_previous_layout_loses_no_packet_and_keeps_the_counters
     let mut kept = Vec::new();
     for (i, old) in agents.into_iter().enumerate() {
         let host = c.host(i);
-        let (new, sw) = replace(host, old, &prev, &current, &current, "current").await;
+        let (new, sw) = replace(host, old, &prev, (&current, COMPLETE), &current, "current").await;
         eprintln!(
             "host {}: layout 1 -> 2 in {:?} (agent start to every program switched); encapsulated {} before, {} after",
             i + 1,
@@ -387,7 +407,7 @@ async fn downgrade_to_the_previous_build_loses_no_packet_and_keeps_the_counters(
         let host = c.host(i);
         // The previous build's own `weft status` refuses maps of layout 2 (it checks their
         // sizes); this build's reads what its agent runs on.
-        let (old, sw) = replace(host, new, &current, &prev, &current, "previous").await;
+        let (old, sw) = replace(host, new, &current, (&prev, ATTACHED), &current, "previous").await;
         eprintln!(
             "host {}: layout 2 -> build {PREVIOUS_COMMIT} in {:?}; encapsulated {} before, {} after",
             i + 1,
@@ -416,7 +436,15 @@ async fn downgrade_to_the_previous_build_loses_no_packet_and_keeps_the_counters(
     // And upgrading again adopts the same maps (they are layout 2 throughout).
     let host = c.host(0);
     let old = kept.remove(0);
-    let (new, sw) = replace(host, old, &current, &current, &current, "current-again").await;
+    let (new, sw) = replace(
+        host,
+        old,
+        &current,
+        (&current, ATTACHED),
+        &current,
+        "current-again",
+    )
+    .await;
     assert!(sw.after >= sw.before, "{} then {}", sw.before, sw.after);
     assert!(
         !new.log().contains("another layout"),
