@@ -341,6 +341,14 @@ async fn upgrade_from_the_previous_layout_loses_no_packet_and_keeps_the_counters
     let prev = previous_bin().expect("the previous weft build");
     let current = weft_bin().unwrap();
     let (c, agents) = cluster_on(&prev, "previous").await;
+    // This build's `weft status` says what the pinned maps are rather than misreading them.
+    let err = status(c.host(0), &current)
+        .await
+        .expect_err("this build's status on layout 1 maps");
+    assert!(
+        format!("{err:#}").contains("another weft build's layout"),
+        "{err:#}"
+    );
     let (a, b) = (c.container(0), c.container(1));
     let ping = ping_in_background(&a, b.ip(), 1500);
     tokio::time::sleep(Duration::from_secs(5)).await;

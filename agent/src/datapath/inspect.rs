@@ -36,12 +36,16 @@ impl PinnedMaps {
     /// Opens the pinned maps; `Ok(None)` when nothing is pinned under `pin_dir`
     /// (no eBPF datapath ever ran with this directory, or it was cleaned up).
     pub fn open(pin_dir: &Path) -> Result<Option<Self>, DatapathError> {
-        if !PinDir::new(pin_dir)
-            .live_maps()
-            .join(map_names::CONFIG)
-            .exists()
-        {
+        let live = PinDir::new(pin_dir).live_maps();
+        if !live.join(map_names::CONFIG).exists() {
             return Ok(None);
+        }
+        let differences = super::layout::differences(&live);
+        if !differences.is_empty() {
+            return Err(DatapathError::OtherLayout {
+                dir: live,
+                differences: differences.join("; "),
+            });
         }
         let typed = |name: &'static str| move |e| map_err("open pinned", name)(e);
         Ok(Some(Self {

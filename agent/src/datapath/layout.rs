@@ -106,7 +106,7 @@ fn version_of(dir: &Path) -> Option<u32> {
 }
 
 /// How the pinned set in `dir` differs from this build's; empty when compatible.
-fn differences(dir: &Path) -> Vec<String> {
+pub(super) fn differences(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for shape in &SHAPES {
         let path = dir.join(shape.name);

@@ -104,6 +104,8 @@ pub enum DatapathError {
     },
     #[error("the pinned map {map} of another weft cannot be carried over ({reason}); stop the agent, run `weft agent --cleanup` (traffic takes the kernel path meanwhile), and start it again")]
     Incompatible { map: &'static str, reason: String },
+    #[error("the maps pinned in {} are of another weft build's layout ({differences}); this build's `weft agent` carries them over when it starts, that build's `weft status` reads them meanwhile", dir.display())]
+    OtherLayout { dir: PathBuf, differences: String },
     #[error("test run of {program}: {source}")]
     TestRun {
         program: &'static str,
