@@ -189,7 +189,14 @@ impl EbpfBackend {
         ensure_bpffs(&settings.pin_dir)?;
         let pin_dir = settings.pin_dir.clone();
         let result = Self::setup(nl, settings).await;
-        if result.is_err() {
+        // Maps of another build that cannot be carried over: nothing was
+        // touched, and that build's programs keep forwarding until the
+        // operator chooses (the error names the command).
+        let refused = matches!(
+            &result,
+            Err(EbpfBackendError::Load { source }) if matches!(**source, DatapathError::Incompatible { .. })
+        );
+        if result.is_err() && !refused {
             if let Err(errors) = Datapath::detach_and_unpin(&pin_dir) {
                 for e in errors {
                     warn!(error = %e, "cleaning up after a failed eBPF setup");

@@ -105,15 +105,25 @@ fn version_of(dir: &Path) -> Option<u32> {
         .ok()
 }
 
-/// How the pinned set in `dir` differs from this build's; empty when compatible.
-pub(super) fn differences(dir: &Path) -> Vec<String> {
+/// One way a pinned map differs from this build's.
+struct Difference {
+    text: String,
+    /// Its entries can be carried over: the node config (rewritten anyway),
+    /// counters of another count, other maps with the same entry shape.
+    convertible: bool,
+}
+
+fn compare(dir: &Path) -> Vec<Difference> {
     let mut out = Vec::new();
     for shape in &SHAPES {
         let path = dir.join(shape.name);
         let info = match MapData::from_pin(&path).and_then(|m| m.info()) {
             Ok(info) => info,
             Err(e) => {
-                out.push(format!("{}: unreadable ({e})", shape.name));
+                out.push(Difference {
+                    text: format!("{}: unreadable ({e})", shape.name),
+                    convertible: false,
+                });
                 continue;
             }
         };
@@ -130,13 +140,22 @@ pub(super) fn differences(dir: &Path) -> Vec<String> {
             shape.max_entries,
         );
         if theirs != ours {
-            out.push(format!(
-                "{}: key {} value {} entries {} (this build: key {} value {} entries {})",
-                shape.name, theirs.1, theirs.2, theirs.3, ours.1, ours.2, ours.3
-            ));
+            let same_entries = theirs.0 == ours.0 && theirs.1 == ours.1 && theirs.2 == ours.2;
+            out.push(Difference {
+                text: format!(
+                    "{}: key {} value {} entries {} (this build: key {} value {} entries {})",
+                    shape.name, theirs.1, theirs.2, theirs.3, ours.1, ours.2, ours.3
+                ),
+                convertible: shape.name == map_names::CONFIG || same_entries,
+            });
         }
     }
     out
+}
+
+/// How the pinned set in `dir` differs from this build's; empty when compatible.
+pub(super) fn differences(dir: &Path) -> Vec<String> {
+    compare(dir).into_iter().map(|d| d.text).collect()
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
@@ -163,7 +182,14 @@ pub(super) fn prepare(pins: &PinDir) -> Result<Option<Previous>, DatapathError> 
     };
     let previous = match current {
         Some(dir) if dir.join(map_names::CONFIG).exists() => {
-            let differences = differences(&dir);
+            let compared = compare(&dir);
+            // Refuse before anything moves: the old programs keep forwarding.
+            if let Some(d) = compared.iter().find(|d| !d.convertible) {
+                return Err(DatapathError::Incompatible {
+                    reason: d.text.clone(),
+                });
+            }
+            let differences: Vec<String> = compared.into_iter().map(|d| d.text).collect();
             if differences.is_empty() {
                 if dir != ours {
                     // A plain `maps` of our layout (a build from before
@@ -246,8 +272,7 @@ fn open(dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
 
 fn typed<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, DatapathError> {
     r.map_err(|e| DatapathError::Incompatible {
-        map: name,
-        reason: format!("{e}"),
+        reason: format!("{name}: {e}"),
     })
 }
 
@@ -337,8 +362,7 @@ pub(super) fn add_counters(
             .map_err(map_err("read", map_names::COUNTERS))?;
         let sum: Vec<u64> = mine.iter().zip(theirs.iter()).map(|(a, b)| a + b).collect();
         let values = PerCpuValues::try_from(sum).map_err(|e| DatapathError::Incompatible {
-            map: map_names::COUNTERS,
-            reason: format!("{e}"),
+            reason: format!("{}: {e}", map_names::COUNTERS),
         })?;
         ours.set(index, values, 0)
             .map_err(map_err("carry over", map_names::COUNTERS))?;

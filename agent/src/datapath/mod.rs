@@ -102,8 +102,8 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the pinned map {map} of another weft cannot be carried over ({reason}); stop the agent, run `weft agent --cleanup` (traffic takes the kernel path meanwhile), and start it again")]
-    Incompatible { map: &'static str, reason: String },
+    #[error("pinned maps of another weft build cannot be carried over ({reason}); its programs keep forwarding: to switch, stop the agent, run this build's `weft agent --cleanup` (traffic takes flannel.1 meanwhile) and start it again")]
+    Incompatible { reason: String },
     #[error("the maps pinned in {} are of another weft build's layout ({differences}); this build's `weft agent` carries them over when it starts, that build's `weft status` reads them meanwhile", dir.display())]
     OtherLayout { dir: PathBuf, differences: String },
     #[error("test run of {program}: {source}")]
