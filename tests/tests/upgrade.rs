@@ -460,3 +460,64 @@ async fn downgrade_to_the_previous_build_loses_no_packet_and_keeps_the_counters(
         new.log()
     );
 }
+
+/// Maps whose entries changed shape cannot be carried over: the agent refuses before touching
+/// anything, names the command that makes the switch safe, and leaves the pinned maps in place.
+/// The maps are made with bpftool in the shape of a build whose remote-subnet values grew.
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn maps_whose_entries_changed_shape_are_refused_and_left_in_place() {
+    let c = cluster(1).await;
+    c.write_config(CONFIG).await;
+    let host = c.host(0);
+    let maps = host.bpf_pin_dir().join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    // (name, type, key, value, entries, flags): layout 1, but 16-byte remote-subnet values.
+    let shapes = [
+        ("WEFT_REMOTES", "lpm_trie", 8, 16, 16384, 1),
+        ("WEFT_VTEPS", "hash", 4, 4, 16384, 0),
+        ("WEFT_CONFIG", "array", 4, 40, 1, 0),
+        ("WEFT_COUNTERS", "percpu_array", 4, 8, 17, 0),
+        ("WEFT_LOCAL", "hash", 4, 16, 4096, 0),
+    ];
+    for (name, kind, key, value, entries, flags) in shapes {
+        let path = maps.join(name);
+        run(Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&path)
+            .args(["type", kind, "key", &key.to_string(), "value"])
+            .args([&value.to_string(), "entries", &entries.to_string()])
+            .args(["name", name, "flags", &flags.to_string()]))
+        .expect("bpftool map create");
+    }
+    let mut agent = BuildAgent::start(host, &weft_bin().unwrap(), "refused").unwrap();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let status = loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent kept running on maps it cannot carry over:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = agent.log();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("cannot be carried over")
+            && log.contains("WEFT_REMOTES: key 8 value 16")
+            && log.contains("weft agent --cleanup"),
+        "the refusal names the map and the command:\n{log}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&maps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 5, "the maps stay where they were: {left:?}");
+    assert!(
+        !host.bpf_pin_dir().join("maps-v2").exists(),
+        "nothing of this build was pinned"
+    );
+}
