@@ -374,3 +374,27 @@ pub(super) fn add_counters(
 pub(super) fn unpin(previous: &Previous) -> Result<(), DatapathError> {
     clear(&previous.dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_layout_version_is_read_from_the_directory_name() {
+        assert_eq!(version_of(Path::new("/p/maps-v2")), Some(2));
+        assert_eq!(version_of(Path::new("/p/maps-v17")), Some(17));
+        assert_eq!(version_of(Path::new("/p/maps")), None);
+        assert_eq!(version_of(Path::new("/p/maps-unversioned")), None);
+    }
+
+    #[test]
+    fn shapes_follow_the_shared_types() {
+        let config = SHAPES.iter().find(|s| s.name == map_names::CONFIG).unwrap();
+        assert_eq!(config.value_size, 52);
+        let counters = SHAPES
+            .iter()
+            .find(|s| s.name == map_names::COUNTERS)
+            .unwrap();
+        assert_eq!(counters.max_entries, counter::COUNT);
+    }
+}

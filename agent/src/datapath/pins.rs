@@ -269,3 +269,49 @@ fn mount_bpffs(path: &Path) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pin_name_is_versioned_and_free_of_dots() {
+        let pins = PinDir::new("/sys/fs/bpf/weft/netns-1");
+        let names = [
+            pins.maps_of(LAYOUT_VERSION),
+            pins.live_maps(),
+            pins.program("weft_tc_encap"),
+            pins.link("weft_tc_encap", "docker0").path,
+        ];
+        for path in &names {
+            let name = path.file_name().unwrap().to_string_lossy();
+            // bpffs refuses to look up dotted names (EPERM).
+            assert!(!name.contains('.'), "{}", path.display());
+        }
+        assert!(names[0].ends_with(format!("maps-v{LAYOUT_VERSION}")));
+        assert!(names[2].ends_with(format!("progs/weft_tc_encap-v{LAYOUT_VERSION}")));
+        assert!(names[3].ends_with("links/weft_tc_encap@docker0"));
+    }
+
+    #[test]
+    fn links_are_listed_from_their_pin_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = PinDir::new(dir.path());
+        std::fs::create_dir_all(dir.path().join("links")).unwrap();
+        for name in ["weft_tc_encap@docker0", "weft_tc_decap@ens32", "stray"] {
+            std::fs::write(dir.path().join("links").join(name), b"").unwrap();
+        }
+        let links: Vec<_> = pins
+            .links()
+            .into_iter()
+            .map(|l| (l.program, l.interface))
+            .collect();
+        assert_eq!(
+            links,
+            [
+                ("weft_tc_decap".to_string(), "ens32".to_string()),
+                ("weft_tc_encap".to_string(), "docker0".to_string())
+            ]
+        );
+    }
+}
