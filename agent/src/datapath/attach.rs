@@ -4,10 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::programs::{
-    links::{FdLink, PinnedLink},
-    tc::SchedClassifierLink,
-    xdp::XdpLink,
-    SchedClassifier, TcAttachType, Xdp, XdpMode,
+    tc::SchedClassifierLink, xdp::XdpLink, SchedClassifier, TcAttachType, Xdp, XdpMode,
 };
 
 use super::{layout, Carried, Datapath, DatapathError, PinDir, ProgramKind};
@@ -78,7 +75,8 @@ impl Datapath {
 
     fn attach(&mut self, kind: ProgramKind, interface: &str) -> Result<Attachment, DatapathError> {
         let program = kind.name();
-        let link_pin = self.pins.link(program, interface).path;
+        let pin = self.pins.link(program, interface);
+        let link_pin = pin.path.clone();
         self.pins.create_attach_dirs()?;
         let attach_err = |reason: String| DatapathError::Attach {
             program,
@@ -91,7 +89,7 @@ impl Datapath {
                     .program_mut(&mut self.ebpf)?
                     .try_into()
                     .map_err(|e| attach_err(format!("{e}")))?;
-                let adopted = adopt::<XdpLink, _>(&link_pin, |link| {
+                let adopted = pin.adopt::<XdpLink, _>(|link| {
                     prog.attach_to_link(link).and_then(|id| prog.take_link(id))
                 });
                 match adopted {
@@ -101,8 +99,7 @@ impl Datapath {
                             .attach(interface, XdpMode::Driver)
                             .map_err(|e| attach_err(xdp_reason(interface, &e)))?;
                         let link = prog.take_link(id).map_err(|e| attach_err(format!("{e}")))?;
-                        self.links
-                            .push((link_pin.clone(), pin_new(link, &link_pin, interface)?));
+                        self.links.push((link_pin.clone(), pin.replace(link)?));
                         None
                     }
                 }
@@ -112,7 +109,7 @@ impl Datapath {
                     .program_mut(&mut self.ebpf)?
                     .try_into()
                     .map_err(|e| attach_err(format!("{e}")))?;
-                let adopted = adopt::<SchedClassifierLink, _>(&link_pin, |link| {
+                let adopted = pin.adopt::<SchedClassifierLink, _>(|link| {
                     prog.attach_to_link(link).and_then(|id| prog.take_link(id))
                 });
                 match adopted {
@@ -124,8 +121,7 @@ impl Datapath {
                             ))
                         })?;
                         let link = prog.take_link(id).map_err(|e| attach_err(format!("{e}")))?;
-                        self.links
-                            .push((link_pin.clone(), pin_new(link, &link_pin, interface)?));
+                        self.links.push((link_pin.clone(), pin.replace(link)?));
                         None
                     }
                 }
@@ -230,45 +226,6 @@ impl Datapath {
             ..Carried::default()
         }))
     }
-}
-
-/// Swaps our program into the link pinned at `path`, if there is a live one.
-/// A stale pin (interface gone, wrong link type) is removed so a fresh attach follows.
-fn adopt<L, F>(path: &Path, swap: F) -> Option<FdLink>
-where
-    L: TryFrom<FdLink> + TryInto<FdLink>,
-    F: FnOnce(L) -> Result<L, aya::programs::ProgramError>,
-{
-    let pinned = PinnedLink::from_pin(path).ok()?;
-    let link = L::try_from(FdLink::from(pinned)).ok();
-    if let Some(link) = link {
-        if let Ok(swapped) = swap(link) {
-            if let Ok(fd) = swapped.try_into() {
-                return Some(fd);
-            }
-        }
-    }
-    let _ = std::fs::remove_file(path);
-    None
-}
-
-/// Pins a freshly created link so it survives the agent.
-fn pin_new<L: TryInto<FdLink>>(
-    link: L,
-    path: &Path,
-    interface: &str,
-) -> Result<FdLink, DatapathError> {
-    let pin_err = |reason: String| DatapathError::Pin {
-        what: format!("link on {interface}"),
-        path: path.to_path_buf(),
-        reason,
-    };
-    let fd: FdLink = link
-        .try_into()
-        .map_err(|_| pin_err("the kernel attached through netlink, which cannot be pinned (needs kernel >= 6.6 for TCX, 5.9 for XDP links)".into()))?;
-    let _ = std::fs::remove_file(path);
-    let pinned = fd.pin(path).map_err(|e| pin_err(e.to_string()))?;
-    Ok(FdLink::from(pinned))
 }
 
 fn xdp_reason(interface: &str, e: &aya::programs::ProgramError) -> String {

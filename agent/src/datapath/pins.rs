@@ -1,5 +1,6 @@
 //! Where the datapath's state lives on bpffs: one type that knows every path
-//! under the pin directory, mounts bpffs when needed, and removes it all.
+//! under the pin directory, mounts bpffs when needed, and removes it all;
+//! and one for a pinned link (its path, adopting it, replacing it, removing it).
 //!
 //! ```text
 //! <pin_dir>/maps-v<N>/WEFT_*          the maps of layout N (weft_common::LAYOUT_VERSION)
@@ -16,6 +17,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use aya::programs::links::{FdLink, PinnedLink};
 use weft_common::LAYOUT_VERSION;
 
 use super::{inspect::link_state, DatapathError, LinkState};
@@ -193,6 +195,43 @@ impl LinkPin {
     /// attached by (a deleted and recreated docker0 has a new index).
     pub fn is_live(&self) -> bool {
         self.state().is_live_on(&self.interface)
+    }
+
+    /// Swaps our program into the pinned link, if there is a live one
+    /// (`swap` is the program's `attach_to_link`: `BPF_LINK_UPDATE`, so the
+    /// interface never runs without a program). A stale pin (interface gone,
+    /// wrong link type) is removed so a fresh attach follows.
+    pub(super) fn adopt<L, F>(&self, swap: F) -> Option<FdLink>
+    where
+        L: TryFrom<FdLink> + TryInto<FdLink>,
+        F: FnOnce(L) -> Result<L, aya::programs::ProgramError>,
+    {
+        let pinned = PinnedLink::from_pin(&self.path).ok()?;
+        let link = L::try_from(FdLink::from(pinned)).ok();
+        if let Some(link) = link {
+            if let Ok(swapped) = swap(link) {
+                if let Ok(fd) = swapped.try_into() {
+                    return Some(fd);
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+        None
+    }
+
+    /// Pins a freshly created link in place of whatever was pinned here, so it survives the agent.
+    pub(super) fn replace<L: TryInto<FdLink>>(&self, link: L) -> Result<FdLink, DatapathError> {
+        let pin_err = |reason: String| DatapathError::Pin {
+            what: format!("link on {}", self.interface),
+            path: self.path.clone(),
+            reason,
+        };
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|_| pin_err("the kernel attached through netlink, which cannot be pinned (needs kernel >= 6.6 for TCX, 5.9 for XDP links)".into()))?;
+        let _ = std::fs::remove_file(&self.path);
+        let pinned = fd.pin(&self.path).map_err(|e| pin_err(e.to_string()))?;
+        Ok(FdLink::from(pinned))
     }
 
     /// Removes the pin; with no fd left the kernel detaches the link. Absent is fine.
