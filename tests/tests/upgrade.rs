@@ -53,8 +53,16 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The weft binary of [`PREVIOUS_COMMIT`], built on first use.
+/// The weft binary of [`PREVIOUS_COMMIT`], built on first use (once for all tests here).
 fn previous_bin() -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| build_previous().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn build_previous() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("WEFT_PREV_BIN") {
         return Ok(PathBuf::from(bin));
     }
@@ -84,6 +92,7 @@ fn previous_bin() -> anyhow::Result<PathBuf> {
         "building weft {PREVIOUS_COMMIT} into {} (once; takes minutes)",
         prev_target.display()
     );
+    seed(&target.join("debug"), &prev_target.join("debug"))?;
     let cargo = |args: &[&str]| {
         let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
         cmd.current_dir(&src)
@@ -97,6 +106,24 @@ fn previous_bin() -> anyhow::Result<PathBuf> {
     run(&mut cargo(&["xtask", "build-ebpf", "--no-install"]))?;
     run(&mut cargo(&["build", "-p", "weft", "--bin", "weft"]))?;
     Ok(bin)
+}
+
+/// Both commits share Cargo.lock: copying this build's compiled dependencies (not its test
+/// binaries or incremental caches) spares the previous build from compiling them again.
+fn seed(from: &Path, to: &Path) -> anyhow::Result<()> {
+    if to.join("deps").exists() || !from.join("deps").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(to.join("deps"))?;
+    for dir in ["build", ".fingerprint"] {
+        run(Command::new("cp").arg("-a").arg(from.join(dir)).arg(to))?;
+    }
+    let libs: Vec<PathBuf> = std::fs::read_dir(from.join("deps"))?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("lib"))
+        .map(|e| e.path())
+        .collect();
+    run(Command::new("cp").arg("-a").args(libs).arg(to.join("deps")))
 }
 
 // ---- agents of either build -------------------------------------------------------------------------
