@@ -391,6 +391,14 @@ async fn upgrade_from_the_previous_layout_loses_no_packet_and_keeps_the_counters
             sw.after
         );
         sw.assert_carried(i + 1, &new.log());
+        // The peer's subnet and VTEP were in the new maps before the new programs ran (an
+        // unknown VTEP would have been dropped as "unknown source").
+        assert!(
+            new.log().contains("remotes=1 vteps=1"),
+            "host {}: the peer was not carried over:\n{}",
+            i + 1,
+            new.log()
+        );
         assert!(
             new.log().contains("layout change complete"),
             "host {}: the agent did not report the layout change:\n{}",
@@ -423,9 +431,13 @@ async fn upgrade_from_the_previous_layout_loses_no_packet_and_keeps_the_counters
         sent == 1500 && received == sent,
         "packets lost across the upgrade: {text}"
     );
-    // The new programs carry the traffic (the maps hold the carried-over peer).
-    let st = status(c.host(0), &current).await.unwrap();
-    assert!(ready(&st), "{st:#}");
+    // The new programs carry the traffic, and no VXLAN was dropped for a VTEP missing from the
+    // maps during either switch.
+    for host in c.hosts() {
+        let st = status(host, &current).await.unwrap();
+        assert!(ready(&st), "{st:#}");
+        assert_eq!(counter(&st, "dropped: unknown source"), 0, "{st:#}");
+    }
 }
 
 #[tokio::test]
