@@ -329,19 +329,30 @@ impl Switch {
     }
 }
 
-/// Replaces a host's agent (`old`) by build `to` while traffic flows, until the new agent logged
-/// `done`. `status_before` and `status_after` are the builds whose `weft status` reads the maps
-/// before and after (a build reads the layouts it knows).
+/// Replaces a host's agent (`old`) by build `to` while traffic flows (see [`start_after`]).
 async fn replace(
     host: &Host,
     old: BuildAgent,
+    status_before: &Path,
+    to: (&Path, &str),
+    status_after: &Path,
+    label: &str,
+) -> (BuildAgent, Switch) {
+    old.stop().expect("stop the old agent");
+    start_after(host, status_before, to, status_after, label).await
+}
+
+/// Starts build `to` on a host whose agent stopped, until it logged `done`. `status_before`
+/// and `status_after` are the builds whose `weft status` reads the maps before and after (a
+/// build reads the layouts it knows).
+async fn start_after(
+    host: &Host,
     status_before: &Path,
     (to, done): (&Path, &str),
     status_after: &Path,
     label: &str,
 ) -> (BuildAgent, Switch) {
-    old.stop().expect("stop the old agent");
-    // Its programs keep forwarding with its maps; read what they counted so far.
+    // The stopped agent's programs keep forwarding with its maps; read what they counted so far.
     let before = status(host, status_before)
         .await
         .expect("status before the switch");
@@ -559,4 +570,77 @@ async fn maps_whose_entries_changed_shape_are_refused_and_left_in_place() {
         !host.bpf_pin_dir().join("maps-v2").exists(),
         "nothing of this build was pinned"
     );
+}
+
+/// `bpftool <kind> pin pinned <from> <to>`, then the old pin removed: the object moves.
+fn repin(kind: &str, from: &Path, to: &Path) {
+    run(Command::new("bpftool")
+        .args([kind, "pin", "pinned"])
+        .arg(from)
+        .arg(to))
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    std::fs::remove_file(from).unwrap();
+}
+
+/// The builds between layout 2 and layout versions (e.g. 6e392c6) pinned the same maps in a plain
+/// `maps/` and programs without a version. That state is made here from this build's own pins;
+/// the agent adopts the maps in place (no carrying over), under traffic, and versions the names.
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn unversioned_pins_of_this_layout_are_adopted_in_place() {
+    let current = weft_bin().unwrap();
+    let (c, mut agents) = cluster_on(&current, "current").await;
+    let (a, b) = (c.container(0), c.container(1));
+    let ping = ping_in_background(&a, b.ip(), 800);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let host = c.host(0);
+    let pins = host.bpf_pin_dir();
+    agents.remove(0).stop().unwrap();
+    std::fs::remove_file(pins.join("maps")).unwrap();
+    std::fs::create_dir(pins.join("maps")).unwrap();
+    for entry in std::fs::read_dir(pins.join("maps-v2")).unwrap() {
+        let entry = entry.unwrap();
+        repin(
+            "map",
+            &entry.path(),
+            &pins.join("maps").join(entry.file_name()),
+        );
+    }
+    std::fs::remove_dir(pins.join("maps-v2")).unwrap();
+    for entry in std::fs::read_dir(pins.join("progs")).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let unversioned = name.strip_suffix("-v2").expect("versioned program pin");
+        repin("prog", &entry.path(), &pins.join("progs").join(unversioned));
+    }
+    let (new, sw) = start_after(
+        host,
+        &current,
+        (&current, ATTACHED),
+        &current,
+        "current-again",
+    )
+    .await;
+    eprintln!(
+        "unversioned -> versioned in {:?}; encapsulated {} before, {} after",
+        sw.took, sw.before, sw.after
+    );
+    sw.assert_carried(1, &new.log());
+    assert!(
+        !new.log().contains("another layout"),
+        "maps of this layout are adopted, not carried over:\n{}",
+        new.log()
+    );
+    assert_eq!(
+        std::fs::read_link(pins.join("maps")).ok(),
+        Some(PathBuf::from("maps-v2"))
+    );
+    let progs: Vec<String> = std::fs::read_dir(pins.join("progs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(progs.iter().all(|p| p.ends_with("-v2")), "{progs:?}");
+    let (sent, received, text) = ping.await.unwrap();
+    eprintln!("ping at 100/s across the adoption: {sent} sent, {received} received");
+    assert!(sent == 800 && received == sent, "packets lost: {text}");
 }

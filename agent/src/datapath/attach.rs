@@ -155,7 +155,17 @@ impl Datapath {
             what: format!("program {}", kind.name()),
             path,
             reason: e.to_string(),
-        })
+        })?;
+        // Its link runs ours now: another build's pin of it only keeps a dead program alive.
+        for stale in self.pins.foreign_programs() {
+            let name = stale.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name
+                .is_some_and(|n| n == kind.name() || n.starts_with(&format!("{}-v", kind.name())))
+            {
+                let _ = std::fs::remove_file(stale);
+            }
+        }
+        Ok(())
     }
 
     /// The links pinned under `pin_dir` as (program, interface) pairs.
