@@ -153,6 +153,19 @@ fn compare(dir: &Path) -> Vec<Difference> {
     out
 }
 
+/// How the set in `dir` differs from this build's (empty: compatible); an
+/// error, before anything moves, when its entries cannot be carried over
+/// (the old programs keep forwarding).
+fn convertible(dir: &Path) -> Result<Vec<String>, DatapathError> {
+    let compared = compare(dir);
+    if let Some(d) = compared.iter().find(|d| !d.convertible) {
+        return Err(DatapathError::Incompatible {
+            reason: d.text.clone(),
+        });
+    }
+    Ok(compared.into_iter().map(|d| d.text).collect())
+}
+
 /// How the pinned set in `dir` differs from this build's; empty when compatible.
 pub(super) fn differences(dir: &Path) -> Vec<String> {
     compare(dir).into_iter().map(|d| d.text).collect()
@@ -178,18 +191,11 @@ pub(super) fn prepare(pins: &PinDir) -> Result<Option<Previous>, DatapathError> 
     } else if live.is_dir() {
         Some(live.clone())
     } else {
-        None
+        interrupted(pins, &ours)
     };
     let previous = match current {
         Some(dir) if dir.join(map_names::CONFIG).exists() => {
-            let compared = compare(&dir);
-            // Refuse before anything moves: the old programs keep forwarding.
-            if let Some(d) = compared.iter().find(|d| !d.convertible) {
-                return Err(DatapathError::Incompatible {
-                    reason: d.text.clone(),
-                });
-            }
-            let differences: Vec<String> = compared.into_iter().map(|d| d.text).collect();
+            let differences = convertible(&dir)?;
             if differences.is_empty() {
                 if dir != ours {
                     // A plain `maps` of our layout (a build from before
@@ -197,7 +203,16 @@ pub(super) fn prepare(pins: &PinDir) -> Result<Option<Previous>, DatapathError> 
                     clear(&ours)?;
                     move_pins(&dir, &ours)?;
                 }
-                None
+                // Ours is live; an older set left by a change that stopped
+                // before its end (the agent died) is carried over now.
+                match interrupted(pins, &ours) {
+                    Some(dir) => Some(Previous {
+                        version: version_of(&dir),
+                        differences: convertible(&dir)?,
+                        dir,
+                    }),
+                    None => None,
+                }
             } else {
                 let version = version_of(&dir);
                 let dir = if dir == live {
@@ -208,6 +223,8 @@ pub(super) fn prepare(pins: &PinDir) -> Result<Option<Previous>, DatapathError> 
                 } else {
                     dir
                 };
+                // Ours is not live: what is there is from an attempt that stopped.
+                clear(&ours)?;
                 Some(Previous {
                     dir,
                     version,
@@ -217,10 +234,6 @@ pub(super) fn prepare(pins: &PinDir) -> Result<Option<Previous>, DatapathError> 
         }
         _ => None,
     };
-    if previous.is_some() {
-        // Leftovers of an interrupted migration into our layout: start afresh.
-        clear(&ours)?;
-    }
     std::fs::create_dir_all(&ours).map_err(io_err(&ours))?;
     Ok(previous)
 }
@@ -246,6 +259,22 @@ fn move_pins(from: &Path, to: &Path) -> Result<(), DatapathError> {
         })?;
     }
     clear(from)
+}
+
+/// A map set of another layout left by a layout change that stopped before
+/// `maps` pointed at the new set (the agent died in between): carried over again.
+fn interrupted(pins: &PinDir, ours: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(pins.root())
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p != ours
+                && !p.is_symlink()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("maps-"))
+                && p.join(map_names::CONFIG).exists()
+        })
 }
 
 /// Points `maps` at this build's set (atomically: a new link renamed over the old one).
