@@ -3,7 +3,7 @@
 //! Two hosts run `weft agent --datapath ebpf`, a container on one pings a container on the other
 //! at 100 packets per second, and one host's agent after the other is replaced by the other build.
 //! What a user would notice is asserted: not one ping lost, and the programs' counters carried
-//! over. Root only: `cargo xtask test -- upgrade --include-ignored`.
+//! over. Root only: `cargo xtask test -- grade unversioned shape --include-ignored`.
 //!
 //! The previous build comes from this repository's history: a `git worktree` of
 //! [`PREVIOUS_COMMIT`] under `<target>/weft-prev/src`, built (its own eBPF object included) into
