@@ -372,7 +372,9 @@ fn copy_hash<V: aya::Pod>(
 
 /// Adds the previous counters (per CPU, by index: layouts only append
 /// counters) into ours. Run after the links were switched, so nothing counts
-/// into the old map any more.
+/// into the old map any more. The kernel has no add for a per-CPU array: a
+/// packet our programs count between the read and the write of one index is
+/// lost from the sum (a window of microseconds, once per upgrade).
 pub(super) fn add_counters(
     previous: &Previous,
     ours: &mut PerCpuArray<&mut MapData, u64>,
