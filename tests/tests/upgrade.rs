@@ -582,6 +582,33 @@ fn repin(kind: &str, from: &Path, to: &Path) {
     std::fs::remove_file(from).unwrap();
 }
 
+/// Every map pinned in `from` re-pinned into `to` (which exists); `from` removed.
+fn repin_maps(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        repin("map", &entry.path(), &to.join(entry.file_name()));
+    }
+    std::fs::remove_dir(from).unwrap();
+}
+
+/// Two hosts on build `bin`, 800 pings at 100 per second from one container to the other
+/// running, and host 1's agent stopped (its programs keep forwarding).
+async fn first_agent_stopped_under_traffic(
+    bin: &Path,
+    label: &str,
+) -> (
+    Cluster,
+    Vec<BuildAgent>,
+    tokio::task::JoinHandle<(u32, u32, String)>,
+) {
+    let (c, mut agents) = cluster_on(bin, label).await;
+    let (a, b) = (c.container(0), c.container(1));
+    let ping = ping_in_background(&a, b.ip(), 800);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    agents.remove(0).stop().unwrap();
+    (c, agents, ping)
+}
+
 /// The builds between layout 2 and layout versions (e.g. 6e392c6) pinned the same maps in a plain
 /// `maps/` and programs without a version. That state is made here from this build's own pins;
 /// the agent adopts the maps in place (no carrying over), under traffic, and versions the names.
@@ -589,24 +616,12 @@ fn repin(kind: &str, from: &Path, to: &Path) {
 #[ignore = "needs root: run cargo xtask test"]
 async fn unversioned_pins_of_this_layout_are_adopted_in_place() {
     let current = weft_bin().unwrap();
-    let (c, mut agents) = cluster_on(&current, "current").await;
-    let (a, b) = (c.container(0), c.container(1));
-    let ping = ping_in_background(&a, b.ip(), 800);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (c, _agents, ping) = first_agent_stopped_under_traffic(&current, "current").await;
     let host = c.host(0);
     let pins = host.bpf_pin_dir();
-    agents.remove(0).stop().unwrap();
     std::fs::remove_file(pins.join("maps")).unwrap();
     std::fs::create_dir(pins.join("maps")).unwrap();
-    for entry in std::fs::read_dir(pins.join("maps-v2")).unwrap() {
-        let entry = entry.unwrap();
-        repin(
-            "map",
-            &entry.path(),
-            &pins.join("maps").join(entry.file_name()),
-        );
-    }
-    std::fs::remove_dir(pins.join("maps-v2")).unwrap();
+    repin_maps(&pins.join("maps-v2"), &pins.join("maps"));
     for entry in std::fs::read_dir(pins.join("progs")).unwrap() {
         let entry = entry.unwrap();
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -642,5 +657,42 @@ async fn unversioned_pins_of_this_layout_are_adopted_in_place() {
     assert!(progs.iter().all(|p| p.ends_with("-v2")), "{progs:?}");
     let (sent, received, text) = ping.await.unwrap();
     eprintln!("ping at 100/s across the adoption: {sent} sent, {received} received");
+    assert!(sent == 800 && received == sent, "packets lost: {text}");
+}
+
+/// An agent that died during a layout change, right after moving the old maps aside (they are
+/// pinned as `maps-unversioned`, nothing is at `maps`): the next start carries them over as if
+/// nothing had happened. The state is made by re-pinning the previous build's maps by hand.
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn an_upgrade_interrupted_after_moving_the_old_maps_is_finished_at_the_next_start() {
+    let prev = previous_bin().expect("the previous weft build");
+    let current = weft_bin().unwrap();
+    let (c, _agents, ping) = first_agent_stopped_under_traffic(&prev, "previous").await;
+    let host = c.host(0);
+    let pins = host.bpf_pin_dir();
+    let before = status(host, &prev).await.unwrap();
+    let aside = pins.join("maps-unversioned");
+    std::fs::create_dir(&aside).unwrap();
+    repin_maps(&pins.join("maps"), &aside);
+    let read = Instant::now();
+    let new = BuildAgent::start(host, &current, "current").unwrap();
+    new.wait_log(COMPLETE).await;
+    let st = wait_status(host, &current, &new, "on eBPF after the switch", ready).await;
+    let sw = Switch {
+        before: counter(&before, "encapsulated"),
+        after: counter(&st, "encapsulated"),
+        between: read.elapsed(),
+        took: read.elapsed(),
+    };
+    sw.assert_carried(1, &new.log());
+    assert!(
+        new.log().contains("remotes=1 vteps=1"),
+        "the peer was not carried over:\n{}",
+        new.log()
+    );
+    assert!(!aside.exists(), "the old maps were unpinned");
+    let (sent, received, text) = ping.await.unwrap();
+    eprintln!("ping at 100/s across the finished upgrade: {sent} sent, {received} received");
     assert!(sent == 800 && received == sent, "packets lost: {text}");
 }
