@@ -21,6 +21,15 @@ pub mod map_names {
     pub const LOCAL: &str = "WEFT_LOCAL";
 }
 
+/// The layout of the pinned maps this build's programs expect: bumped whenever
+/// a map's key, value or size changes. Maps are pinned under
+/// `maps-v<LAYOUT_VERSION>/` (with `maps` a link to the live set, where
+/// builds before versioning look). Layout 1 (before it was recorded): a
+/// 40-byte [`NodeConfig`], 17 counters, 4096 local entries. Layout 2: the
+/// 52-byte [`NodeConfig`], 29 counters, 16384 local entries. Layouts only
+/// append: counters keep their indices, [`NodeConfig`] grows at its end.
+pub const LAYOUT_VERSION: u32 = 2;
+
 /// Program (function) names in the object.
 pub mod program_names {
     /// TC classifier: VXLAN-encapsulate container traffic bound for remote subnets.

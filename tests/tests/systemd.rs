@@ -70,11 +70,6 @@ async fn context(m: &Machine) -> String {
     )
 }
 
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// Poll the unit until `done` holds; panics with the unit's status and journal otherwise.
 async fn wait_unit(
     m: &Machine,

@@ -52,7 +52,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 }
 
 /// Build the eBPF object (unless `skip_ebpf`) and the `weft` binary; returns the binary's path.
-fn build_weft(skip_ebpf: bool) -> anyhow::Result<PathBuf> {
+pub(crate) fn build_weft(skip_ebpf: bool) -> anyhow::Result<PathBuf> {
     crate::packages::ensure()?;
     if !skip_ebpf {
         let xtask = std::env::current_exe().context("find the xtask binary")?;

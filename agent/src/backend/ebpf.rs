@@ -47,18 +47,16 @@ use super::{
 };
 use crate::{
     datapath::{
-        default_ttl, if_index, Datapath, DatapathError, DecapHook, LocalEntry, NodeSettings,
-        PeerEntry, PinnedLinkState,
+        default_ttl, ensure_bpffs, if_index, relax_rp_filter, BpffsError, Datapath, DatapathError,
+        DecapHook, LocalEntry, NodeSettings, PeerEntry, RpFilterError,
     },
     lease::{BackendAttrs, Lease, LeaseEvent, MacAddr},
     netlink::{BridgeEvents, LinkWatch, Netlink, NetlinkError},
 };
 
-/// Where bpffs is mounted on every systemd host.
-pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+pub use crate::datapath::BPFFS_ROOT;
 /// The container bridge flanneld users run Docker with.
 pub const DEFAULT_BRIDGE: &str = "docker0";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The eBPF backend's settings: the kernel backend's, plus where to pin and attach.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,17 +92,8 @@ impl EbpfSettings {
 /// `--datapath auto` can log why it fell back to the kernel path.
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfBackendError {
-    #[error(
-        "mount bpffs at {path}: {source}{}",
-        crate::datapath::bpffs_mount_fix(source, path)
-    )]
-    MountBpffs {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("pin directory {path} is not on a bpffs mount; choose one under {BPFFS_ROOT}")]
-    NotBpffs { path: PathBuf },
+    #[error(transparent)]
+    Bpffs(#[from] BpffsError),
     #[error("load the eBPF datapath: {source}")]
     Load {
         #[source]
@@ -136,11 +125,12 @@ pub enum EbpfBackendError {
         #[source]
         source: Box<DatapathError>,
     },
-    #[error("set {path} to 2 (loose) so decapsulated packets from remote subnets pass reverse-path filtering: {source}")]
-    RpFilter {
-        path: String,
+    #[error(transparent)]
+    RpFilter(#[from] RpFilterError),
+    #[error("finish switching to this build's map layout: {source}")]
+    Migrate {
         #[source]
-        source: std::io::Error,
+        source: Box<DatapathError>,
     },
     #[error("list the containers on bridge {bridge}: {source}")]
     Bridge {
@@ -199,7 +189,14 @@ impl EbpfBackend {
         ensure_bpffs(&settings.pin_dir)?;
         let pin_dir = settings.pin_dir.clone();
         let result = Self::setup(nl, settings).await;
-        if result.is_err() {
+        // Maps of another build that cannot be carried over: nothing was
+        // touched, and that build's programs keep forwarding until the
+        // operator chooses (the error names the command).
+        let refused = matches!(
+            &result,
+            Err(EbpfBackendError::Load { source }) if matches!(**source, DatapathError::Incompatible { .. })
+        );
+        if result.is_err() && !refused {
             if let Err(errors) = Datapath::detach_and_unpin(&pin_dir) {
                 for e in errors {
                     warn!(error = %e, "cleaning up after a failed eBPF setup");
@@ -247,6 +244,7 @@ impl EbpfBackend {
             ports: BTreeSet::new(),
         };
         backend.configure_and_attach()?;
+        backend.finish_migration()?;
         relax_rp_filter(&backend.s.vxlan.external.name)?;
         warn_skipped_netfilter().await;
         Ok(backend)
@@ -272,6 +270,33 @@ impl EbpfBackend {
         info!(program = a.program, interface = %a.interface, hook = a.hook, adopted = a.adopted, "decapsulation attached");
         self.encap_attached = false;
         self.attach_encap_if_bridge()?;
+        Ok(())
+    }
+
+    /// After a layout change, once our programs are attached: every other
+    /// pinned link switched, counters carried, the old maps unpinned.
+    fn finish_migration(&mut self) -> Result<(), EbpfBackendError> {
+        if !self.dp.migrating() {
+            return Ok(());
+        }
+        // Bridge ports attached by the previous agent are switched in place,
+        // so the new agent knows them as its own.
+        let ports: Vec<String> = self
+            .dp
+            .pins()
+            .links()
+            .into_iter()
+            .filter(|l| {
+                l.program == weft_common::program_names::TC_ENCAP && l.interface != self.s.bridge
+            })
+            .map(|l| l.interface)
+            .collect();
+        self.dp
+            .finish_migration()
+            .map_err(|source| EbpfBackendError::Migrate {
+                source: Box::new(source),
+            })?;
+        self.ports.extend(ports);
         Ok(())
     }
 
@@ -485,18 +510,7 @@ impl EbpfBackend {
         let program = weft_common::program_names::TC_ENCAP;
         let mut changes = 0;
         for (_, name) in ports {
-            let pin = self
-                .s
-                .pin_dir
-                .join("links")
-                .join(format!("{program}@{name}"));
-            let live = PinnedLinkState {
-                program: program.into(),
-                interface: name.clone(),
-                state: Datapath::link_state(&pin),
-                path: pin,
-            }
-            .is_live();
+            let live = self.dp.pins().link(program, name).is_live();
             if self.ports.contains(name) && live {
                 continue;
             }
@@ -514,10 +528,13 @@ impl EbpfBackend {
             changes += 1;
         }
         // Ports that left the bridge, also those a previous agent pinned.
-        let pinned = Datapath::pinned_links(&self.s.pin_dir)
+        let pinned = self
+            .dp
+            .pins()
+            .links()
             .into_iter()
-            .filter(|(p, _)| p == program)
-            .map(|(_, i)| i);
+            .filter(|l| l.program == program)
+            .map(|l| l.interface);
         let gone: BTreeSet<String> = self
             .ports
             .iter()
@@ -585,19 +602,10 @@ impl EbpfBackend {
             if *program == encap.0 && !self.encap_attached {
                 continue;
             }
-            let path = self
-                .s
-                .pin_dir
-                .join("links")
-                .join(format!("{program}@{interface}"));
-            let link = PinnedLinkState {
-                program: program.to_string(),
-                interface: interface.clone(),
-                state: Datapath::link_state(&path),
-                path,
-            };
-            if !link.is_live() {
-                warn!(program, interface = %interface, state = ?link.state, "program is no longer attached; re-attaching");
+            let link = self.dp.pins().link(program, interface);
+            let state = link.state();
+            if !state.is_live_on(interface) {
+                warn!(program, interface = %interface, state = ?state, "program is no longer attached; re-attaching");
                 broken.push(program);
             }
         }
@@ -730,90 +738,6 @@ fn hook_name(hook: DecapHook) -> &'static str {
         DecapHook::Xdp => "xdp native",
         DecapHook::Tc => "tcx ingress",
     }
-}
-
-/// Mounts bpffs at /sys/fs/bpf when the pin directory lives there and nothing
-/// is mounted; otherwise checks that the pin directory is on bpffs.
-fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfBackendError> {
-    let root = Path::new(BPFFS_ROOT);
-    if pin_dir.starts_with(root) && !is_bpffs(root) {
-        info!(path = BPFFS_ROOT, "mounting bpffs");
-        mount_bpffs(root).map_err(|source| EbpfBackendError::MountBpffs {
-            path: root.to_path_buf(),
-            source,
-        })?;
-    }
-    let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(root);
-    if !is_bpffs(existing) {
-        return Err(EbpfBackendError::NotBpffs {
-            path: pin_dir.to_path_buf(),
-        });
-    }
-    Ok(())
-}
-
-fn c_path(path: &Path) -> std::io::Result<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = c_path(path) else { return false };
-    // SAFETY: statfs fills a plain struct we own.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid path and output pointer.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
-}
-
-fn mount_bpffs(path: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(path)?;
-    let target = c_path(path)?;
-    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Decapsulated packets enter the stack on the external interface with a
-/// source in a remote subnet, whose route points at flannel.N: strict reverse
-/// path filtering (1) would drop them. The effective value is the maximum of
-/// `all` and the interface's, so raising the interface to loose (2) suffices
-/// and `all` stays as the administrator set it; 0 (off) is left alone.
-fn relax_rp_filter(interface: &str) -> Result<(), EbpfBackendError> {
-    let read = |name: &str| {
-        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"))
-            .ok()
-            .and_then(|v| v.trim().parse::<u8>().ok())
-            .unwrap_or(0)
-    };
-    let effective = read("all").max(read(interface));
-    if effective != 1 {
-        debug!(
-            interface,
-            rp_filter = effective,
-            "reverse path filtering already lets decapsulated traffic in"
-        );
-        return Ok(());
-    }
-    let path = format!("/proc/sys/net/ipv4/conf/{interface}/rp_filter");
-    std::fs::write(&path, "2").map_err(|source| EbpfBackendError::RpFilter {
-        path: path.clone(),
-        source,
-    })?;
-    info!(path = %path, "set reverse path filtering to loose for decapsulated traffic");
-    Ok(())
 }
 
 /// Detaches and unpins everything a (stopped) agent pinned under `pin_dir`

@@ -144,9 +144,14 @@ pub async fn build(
         Datapath::Auto => {
             match ebpf::EbpfBackend::try_new(nl.clone(), ebpf_settings(settings.clone())).await {
                 Ok(b) => return Ok(AnyBackend::Ebpf(Box::new(b))),
-                Err(e) => tracing::warn!(
-                    "eBPF datapath unavailable, using the kernel vxlan device instead: {e}"
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        "eBPF datapath unavailable, using the kernel vxlan device instead: {e}"
+                    );
+                    // Programs another build left (maps it refused to carry over)
+                    // would forward with maps nobody keeps: the kernel path alone.
+                    drop_stale_pins(cfg);
+                }
             }
         }
     }

@@ -1,19 +1,13 @@
 //! Attaching programs to interfaces, pinning the links, adopting pinned links
 //! on restart, and removing everything again.
 
-use std::{
-    io,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use aya::programs::{
-    links::{FdLink, PinnedLink},
-    tc::SchedClassifierLink,
-    xdp::XdpLink,
-    SchedClassifier, TcAttachType, Xdp, XdpMode,
+    tc::SchedClassifierLink, xdp::XdpLink, SchedClassifier, TcAttachType, Xdp, XdpMode,
 };
 
-use super::{Datapath, DatapathError, ProgramKind};
+use super::{layout, Carried, Datapath, DatapathError, PinDir, ProgramKind};
 
 /// Where decapsulation runs on the underlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,19 +58,10 @@ impl Datapath {
     /// Detaches encapsulation from `interface` (a bridge port that is going, or
     /// gone) and removes its pin; absent already is fine.
     pub fn detach_encap(&mut self, interface: &str) -> Result<(), DatapathError> {
-        let link_pin = self
-            .pin_dir
-            .join("links")
-            .join(format!("{}@{interface}", ProgramKind::TcEncap.name()));
+        let pin = self.pins.link(ProgramKind::TcEncap.name(), interface);
         // Our fd and the pin are what keep the link; with both gone the kernel detaches it.
-        self.links.retain(|(path, _)| *path != link_pin);
-        match std::fs::remove_file(&link_pin) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DatapathError::Unpin {
-                path: link_pin,
-                source: e,
-            }),
-            _ => Ok(()),
-        }
+        self.links.retain(|(path, _)| *path != pin.path);
+        pin.remove()
     }
 
     /// Attaches decapsulation to the underlay `interface` at `hook`.
@@ -90,15 +75,9 @@ impl Datapath {
 
     fn attach(&mut self, kind: ProgramKind, interface: &str) -> Result<Attachment, DatapathError> {
         let program = kind.name();
-        let link_pin = self
-            .pin_dir
-            .join("links")
-            .join(format!("{program}@{interface}"));
-        for dir in ["links", "progs"] {
-            let path = self.pin_dir.join(dir);
-            std::fs::create_dir_all(&path)
-                .map_err(|source| DatapathError::PinDir { path, source })?;
-        }
+        let pin = self.pins.link(program, interface);
+        let link_pin = pin.path.clone();
+        self.pins.create_attach_dirs()?;
         let attach_err = |reason: String| DatapathError::Attach {
             program,
             interface: interface.to_string(),
@@ -110,7 +89,7 @@ impl Datapath {
                     .program_mut(&mut self.ebpf)?
                     .try_into()
                     .map_err(|e| attach_err(format!("{e}")))?;
-                let adopted = adopt::<XdpLink, _>(&link_pin, |link| {
+                let adopted = pin.adopt::<XdpLink, _>(|link| {
                     prog.attach_to_link(link).and_then(|id| prog.take_link(id))
                 });
                 match adopted {
@@ -120,8 +99,7 @@ impl Datapath {
                             .attach(interface, XdpMode::Driver)
                             .map_err(|e| attach_err(xdp_reason(interface, &e)))?;
                         let link = prog.take_link(id).map_err(|e| attach_err(format!("{e}")))?;
-                        self.links
-                            .push((link_pin.clone(), pin_new(link, &link_pin, interface)?));
+                        self.links.push((link_pin.clone(), pin.replace(link)?));
                         None
                     }
                 }
@@ -131,7 +109,7 @@ impl Datapath {
                     .program_mut(&mut self.ebpf)?
                     .try_into()
                     .map_err(|e| attach_err(format!("{e}")))?;
-                let adopted = adopt::<SchedClassifierLink, _>(&link_pin, |link| {
+                let adopted = pin.adopt::<SchedClassifierLink, _>(|link| {
                     prog.attach_to_link(link).and_then(|id| prog.take_link(id))
                 });
                 match adopted {
@@ -143,8 +121,7 @@ impl Datapath {
                             ))
                         })?;
                         let link = prog.take_link(id).map_err(|e| attach_err(format!("{e}")))?;
-                        self.links
-                            .push((link_pin.clone(), pin_new(link, &link_pin, interface)?));
+                        self.links.push((link_pin.clone(), pin.replace(link)?));
                         None
                     }
                 }
@@ -171,72 +148,41 @@ impl Datapath {
 
     /// Pins the program (replacing an older agent's pin) so bpftool and `weft status` see it.
     fn pin_program(&mut self, kind: ProgramKind) -> Result<(), DatapathError> {
-        let path = self.pin_dir.join("progs").join(kind.name());
+        let path = self.pins.program(kind.name());
         let _ = std::fs::remove_file(&path);
         let prog = kind.program_mut(&mut self.ebpf)?;
         prog.pin(&path).map_err(|e| DatapathError::Pin {
             what: format!("program {}", kind.name()),
             path,
             reason: e.to_string(),
-        })
+        })?;
+        // Its link runs ours now: another build's pin of it only keeps a dead program alive.
+        for stale in self.pins.foreign_programs() {
+            let name = stale.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name
+                .is_some_and(|n| n == kind.name() || n.starts_with(&format!("{}-v", kind.name())))
+            {
+                let _ = std::fs::remove_file(stale);
+            }
+        }
+        Ok(())
     }
 
     /// The links pinned under `pin_dir` as (program, interface) pairs.
     pub fn pinned_links(pin_dir: &Path) -> Vec<(String, String)> {
-        let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else {
-            return Vec::new();
-        };
-        let mut out: Vec<_> = entries
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.split_once('@')
-                    .map(|(p, i)| (p.to_string(), i.to_string()))
-            })
-            .collect();
-        out.sort();
-        out
+        PinDir::new(pin_dir)
+            .links()
+            .into_iter()
+            .map(|l| (l.program, l.interface))
+            .collect()
     }
 
     /// Detaches every program pinned under `pin_dir` and removes the pins
-    /// (links, programs, maps). Keeps going after errors and reports them all.
-    /// Programs attached by a running agent detach once it also drops them.
+    /// (links, programs, maps of every layout). Keeps going after errors and
+    /// reports them all. Programs attached by a running agent detach once it
+    /// also drops them.
     pub fn detach_and_unpin(pin_dir: &Path) -> Result<(), Vec<DatapathError>> {
-        let mut errors = Vec::new();
-        for sub in ["links", "progs", "maps"] {
-            let dir = pin_dir.join(sub);
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(source) => {
-                    errors.push(DatapathError::Unpin { path: dir, source });
-                    continue;
-                }
-            };
-            for entry in entries.flatten() {
-                if let Err(source) = std::fs::remove_file(entry.path()) {
-                    errors.push(DatapathError::Unpin {
-                        path: entry.path(),
-                        source,
-                    });
-                }
-            }
-            if let Err(source) = std::fs::remove_dir(&dir) {
-                errors.push(DatapathError::Unpin { path: dir, source });
-            }
-        }
-        match std::fs::remove_dir(pin_dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => errors.push(DatapathError::Unpin {
-                path: pin_dir.to_path_buf(),
-                source: e,
-            }),
-            _ => {}
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors)
-        }
+        PinDir::new(pin_dir).remove_all()
     }
 
     /// Detaches this datapath's programs and removes all its pins.
@@ -246,45 +192,50 @@ impl Datapath {
         drop(self);
         Self::detach_and_unpin(&pin_dir)
     }
-}
 
-/// Swaps our program into the link pinned at `path`, if there is a live one.
-/// A stale pin (interface gone, wrong link type) is removed so a fresh attach follows.
-fn adopt<L, F>(path: &Path, swap: F) -> Option<FdLink>
-where
-    L: TryFrom<FdLink> + TryInto<FdLink>,
-    F: FnOnce(L) -> Result<L, aya::programs::ProgramError>,
-{
-    let pinned = PinnedLink::from_pin(path).ok()?;
-    let link = L::try_from(FdLink::from(pinned)).ok();
-    if let Some(link) = link {
-        if let Ok(swapped) = swap(link) {
-            if let Ok(fd) = swapped.try_into() {
-                return Some(fd);
+    /// Whether maps of another layout are still waiting for
+    /// [`Datapath::finish_migration`].
+    pub fn migrating(&self) -> bool {
+        self.previous.is_some()
+    }
+
+    /// Completes a layout change once the agent attached its own programs:
+    /// swaps every other live pinned link (bridge ports) to this build's
+    /// programs, adds the old counters to the new ones, and unpins the old
+    /// maps and programs. Links whose interface is gone are left for the
+    /// agent's reconcile to remove. `Ok(None)` when there was nothing to do.
+    pub fn finish_migration(&mut self) -> Result<Option<Carried>, DatapathError> {
+        let Some(previous) = self.previous.take() else {
+            return Ok(None);
+        };
+        for pin in self.pins.links() {
+            if self.links.iter().any(|(path, _)| *path == pin.path) || !pin.is_live() {
+                continue;
+            }
+            let Some(kind) = ProgramKind::ALL
+                .into_iter()
+                .find(|k| k.name() == pin.program)
+            else {
+                continue;
+            };
+            if let Err(e) = self.attach(kind, &pin.interface) {
+                tracing::warn!(error = %e, link = %pin.path.display(), "could not switch a pinned link to the new programs; the next reconcile re-attaches it");
             }
         }
+        let counters = {
+            let mut ours = self.counter_map()?;
+            layout::add_counters(&previous, &mut ours)?
+        };
+        layout::unpin(&previous)?;
+        for stale in self.pins.foreign_programs() {
+            let _ = std::fs::remove_file(stale);
+        }
+        tracing::info!(from = %previous.describe(), to = weft_common::LAYOUT_VERSION, counters, "layout change complete: every link runs the new programs, the old maps are unpinned");
+        Ok(Some(Carried {
+            counters,
+            ..Carried::default()
+        }))
     }
-    let _ = std::fs::remove_file(path);
-    None
-}
-
-/// Pins a freshly created link so it survives the agent.
-fn pin_new<L: TryInto<FdLink>>(
-    link: L,
-    path: &Path,
-    interface: &str,
-) -> Result<FdLink, DatapathError> {
-    let pin_err = |reason: String| DatapathError::Pin {
-        what: format!("link on {interface}"),
-        path: path.to_path_buf(),
-        reason,
-    };
-    let fd: FdLink = link
-        .try_into()
-        .map_err(|_| pin_err("the kernel attached through netlink, which cannot be pinned (needs kernel >= 6.6 for TCX, 5.9 for XDP links)".into()))?;
-    let _ = std::fs::remove_file(path);
-    let pinned = fd.pin(path).map_err(|e| pin_err(e.to_string()))?;
-    Ok(FdLink::from(pinned))
 }
 
 fn xdp_reason(interface: &str, e: &aya::programs::ProgramError) -> String {

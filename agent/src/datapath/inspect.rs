@@ -13,7 +13,7 @@ use weft_common::{map_names, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, 
 
 use super::{
     maps::{list_locals, list_peers, list_vteps, map_err, sum_counters},
-    Counters, Datapath, DatapathError, LocalEntry, PeerEntry,
+    Counters, Datapath, DatapathError, LocalEntry, PeerEntry, PinDir,
 };
 
 /// The maps a datapath pinned under `<pin_dir>/maps`, opened read-only in spirit.
@@ -27,7 +27,7 @@ pub struct PinnedMaps {
 }
 
 fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
-    MapData::from_pin(pin_dir.join("maps").join(name))
+    MapData::from_pin(PinDir::new(pin_dir).live_maps().join(name))
         .and_then(Map::from_map_data)
         .map_err(map_err("open pinned", name))
 }
@@ -36,8 +36,16 @@ impl PinnedMaps {
     /// Opens the pinned maps; `Ok(None)` when nothing is pinned under `pin_dir`
     /// (no eBPF datapath ever ran with this directory, or it was cleaned up).
     pub fn open(pin_dir: &Path) -> Result<Option<Self>, DatapathError> {
-        if !pin_dir.join("maps").join(map_names::CONFIG).exists() {
+        let live = PinDir::new(pin_dir).live_maps();
+        if !live.join(map_names::CONFIG).exists() {
             return Ok(None);
+        }
+        let differences = super::layout::differences(&live);
+        if !differences.is_empty() {
+            return Err(DatapathError::OtherLayout {
+                dir: live,
+                differences: differences.join("; "),
+            });
         }
         let typed = |name: &'static str| move |e| map_err("open pinned", name)(e);
         Ok(Some(Self {
@@ -108,8 +116,15 @@ impl PinnedLinkState {
     /// Attached, and to the interface that now carries the name it was attached by
     /// (a deleted and recreated docker0 has a new index).
     pub fn is_live(&self) -> bool {
-        match self.state {
-            LinkState::Attached { ifindex, .. } => ifindex == if_index(&self.interface),
+        self.state.is_live_on(&self.interface)
+    }
+}
+
+impl LinkState {
+    /// Attached to the interface now named `interface`.
+    pub fn is_live_on(&self, interface: &str) -> bool {
+        match self {
+            LinkState::Attached { ifindex, .. } => *ifindex == if_index(interface),
             _ => false,
         }
     }
@@ -118,17 +133,14 @@ impl PinnedLinkState {
 impl Datapath {
     /// Every link pinned under `pin_dir`, with what the kernel says about it.
     pub fn inspect_links(pin_dir: &Path) -> Vec<PinnedLinkState> {
-        Self::pinned_links(pin_dir)
+        PinDir::new(pin_dir)
+            .links()
             .into_iter()
-            .map(|(program, interface)| {
-                let path = pin_dir.join("links").join(format!("{program}@{interface}"));
-                let state = link_state(&path);
-                PinnedLinkState {
-                    program,
-                    interface,
-                    path,
-                    state,
-                }
+            .map(|pin| PinnedLinkState {
+                state: pin.state(),
+                program: pin.program,
+                interface: pin.interface,
+                path: pin.path,
             })
             .collect()
     }
@@ -186,7 +198,7 @@ struct RawLinkInfo {
     _rest: [u64; 6],
 }
 
-fn link_state(path: &Path) -> LinkState {
+pub(super) fn link_state(path: &Path) -> LinkState {
     let unreadable = |what: &str| LinkState::Unreadable {
         reason: format!("{what}: {}", std::io::Error::last_os_error()),
     };

@@ -193,12 +193,14 @@ impl Datapath {
             .map_err(map_err("read node config", map_names::CONFIG))
     }
 
+    pub(super) fn counter_map(&mut self) -> Result<PerCpuArray<&mut MapData, u64>, DatapathError> {
+        PerCpuArray::try_from(self.map_data(map_names::COUNTERS)?)
+            .map_err(map_err("open", map_names::COUNTERS))
+    }
+
     /// All counters, each summed over the CPUs.
     pub fn counters(&mut self) -> Result<Counters, DatapathError> {
-        let map: PerCpuArray<&mut MapData, u64> =
-            PerCpuArray::try_from(self.map_data(map_names::COUNTERS)?)
-                .map_err(map_err("open", map_names::COUNTERS))?;
-        sum_counters(&map)
+        sum_counters(&self.counter_map()?)
     }
 }
 

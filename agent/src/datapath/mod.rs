@@ -2,10 +2,12 @@
 //! pin it under bpffs, adopt what a previous agent pinned, and read and write
 //! its maps through typed wrappers.
 //!
-//! Layout under the pin directory (by default `/sys/fs/bpf/weft/<instance>`):
-//! `maps/WEFT_*` (the maps, adopted with their entries on restart),
-//! `progs/<program>` and `links/<program>@<interface>` (the attachments; a
-//! pinned link keeps its program attached after the agent exits, and a new
+//! Layout under the pin directory (by default `/sys/fs/bpf/weft/<instance>`,
+//! see [`PinDir`]): `maps-v<N>/WEFT_*` (the maps of layout N, adopted with
+//! their entries on restart, or carried over into new maps when the layout
+//! changed, see [`layout`]), `maps` (a link to the live set),
+//! `progs/<program>-v<N>` and `links/<program>@<interface>` (the attachments;
+//! a pinned link keeps its program attached after the agent exits, and a new
 //! agent swaps its own program into it atomically).
 //!
 //! ```no_run
@@ -21,8 +23,11 @@
 mod attach;
 mod cause;
 mod inspect;
+pub mod layout;
 mod loader;
 mod maps;
+mod pins;
+mod sysctl;
 mod test_run;
 
 use std::{
@@ -39,7 +44,10 @@ use crate::lease::MacAddr;
 pub use attach::{Attachment, DecapHook};
 pub use cause::{bpffs_mount_fix, Cause};
 pub use inspect::{if_index, LinkState, PinnedLinkState, PinnedMaps};
+pub use layout::Carried;
 pub use maps::{Counters, LocalEntry, PeerEntry};
+pub use pins::{ensure_bpffs, BpffsError, LinkPin, PinDir, BPFFS_ROOT};
+pub use sysctl::{default_ttl, relax_rp_filter, RpFilterError};
 pub use test_run::{ProgramKind, SkbContext, TestRunOutput};
 
 /// Errors of the datapath; each names the program, map or interface and what to do.
@@ -98,6 +106,10 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("pinned maps of another weft build cannot be carried over ({reason}); its programs keep forwarding: to switch, stop the agent, run this build's `weft agent --cleanup` (traffic takes flannel.1 meanwhile) and start it again")]
+    Incompatible { reason: String },
+    #[error("the maps pinned in {} are of another weft build's layout ({differences}); this build's `weft agent` carries them over when it starts, that build's `weft status` reads them meanwhile", dir.display())]
+    OtherLayout { dir: PathBuf, differences: String },
     #[error("test run of {program}: {source}")]
     TestRun {
         program: &'static str,
@@ -145,15 +157,6 @@ pub struct NodeSettings {
     pub subnet: Option<Ipv4Net>,
 }
 
-/// The namespace's default IPv4 TTL (`net.ipv4.ip_default_ttl`), the outer TTL
-/// of a vxlan device with `ttl auto`; 64 (the kernel's default) if unreadable.
-pub fn default_ttl() -> u8 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_default_ttl")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(64)
-}
-
 impl NodeSettings {
     /// The map value the programs read.
     pub fn to_map_value(&self) -> NodeConfig {
@@ -196,6 +199,10 @@ impl NodeSettings {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    pins: PinDir,
+    /// Maps of another layout whose contents were carried over; their
+    /// programs forward until [`Datapath::finish_migration`] swaps every link.
+    previous: Option<layout::Previous>,
     /// Links we own; dropping them closes fds, never detaches pinned links.
     /// (link pin path, link).
     links: Vec<(PathBuf, aya::programs::links::FdLink)>,
@@ -218,16 +225,17 @@ impl Datapath {
         Path::new("/sys/fs/bpf/weft").join(instance)
     }
 
-    /// Loads the embedded object with its maps pinned in `pin_dir/maps`,
-    /// adopting maps (and entries) a previous agent left there. Programs are
-    /// loaded into the kernel but not attached.
+    /// Loads the embedded object with its maps pinned in
+    /// `pin_dir/maps-v<LAYOUT_VERSION>`, adopting maps (and entries) a
+    /// previous agent of this layout left there. Maps of another layout are
+    /// carried over into new maps (see [`layout`]); the old ones keep serving
+    /// the attached programs until [`Datapath::finish_migration`]. Programs
+    /// are loaded into the kernel but not attached.
     pub fn load(pin_dir: impl Into<PathBuf>) -> Result<Self, DatapathError> {
         let pin_dir = pin_dir.into();
-        let map_dir = pin_dir.join("maps");
-        std::fs::create_dir_all(&map_dir).map_err(|source| DatapathError::PinDir {
-            path: map_dir.clone(),
-            source,
-        })?;
+        let pins = PinDir::new(&pin_dir);
+        let previous = layout::prepare(&pins)?;
+        let map_dir = pins.maps_of(weft_common::LAYOUT_VERSION);
         let mut ebpf = loader::loader()
             .default_map_pin_directory(&map_dir)
             .load(object()?)
@@ -236,14 +244,34 @@ impl Datapath {
                 pin_dir: pin_dir.clone(),
                 source: Box::new(source),
             })?;
+        if let Some(previous) = &previous {
+            let carried = layout::copy_entries(previous, &mut ebpf)?;
+            tracing::info!(
+                from = %previous.describe(),
+                to = weft_common::LAYOUT_VERSION,
+                differences = %previous.differences.join("; "),
+                remotes = carried.remotes,
+                vteps = carried.vteps,
+                locals = carried.locals,
+                "pinned maps of another layout: entries carried over into new maps; the old programs forward until the links are switched"
+            );
+        }
+        layout::publish(&pins)?;
         for kind in ProgramKind::ALL {
             kind.load(&mut ebpf)?;
         }
         Ok(Self {
             ebpf,
             pin_dir,
+            pins,
+            previous,
             links: Vec::new(),
         })
+    }
+
+    /// Where this datapath's state is pinned.
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
     }
 
     pub fn pin_dir(&self) -> &Path {
