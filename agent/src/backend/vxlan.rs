@@ -19,12 +19,15 @@ use tracing::{debug, info, warn};
 use super::{Backend, BackendError};
 use crate::lease::{BackendAttrs, Lease, LeaseEvent, MacAddr};
 use crate::netlink::{
-    fmt_mac, ExternalIface, LinkInfo, Netlink, NetlinkError, RouteEntry, RouteSpec, SyncReport,
-    VxlanSpec, VXLAN_DEFAULT_PORT,
+    ExternalIface, LinkInfo, Netlink, NetlinkError, RouteEntry, RouteSpec, SyncReport, VxlanSpec,
 };
+use weft_common::wire;
 
-/// VXLAN encapsulation overhead flanneld subtracts from the underlay MTU.
-pub const ENCAP_OVERHEAD: u32 = 50;
+/// The overlay MTU under an underlay of `underlay_mtu`: what VXLAN adds in front of the
+/// inner IP header comes off, as flanneld sizes `flannel.<VNI>`.
+pub fn overlay_mtu(underlay_mtu: u32) -> u32 {
+    underlay_mtu.saturating_sub(wire::VXLAN_OVERHEAD as u32)
+}
 
 /// The vxlan backend's settings, built from the network config's `Backend` object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +36,7 @@ pub struct VxlanSettings {
     pub network: Ipv4Net,
     /// `VNI` (flannel default 1); the device is `flannel.<VNI>`.
     pub vni: u32,
-    /// `Port`; 0 means the kernel's 8472.
+    /// `Port`; 0 means the kernel's default ([`wire::DEFAULT_PORT`]).
     pub port: u16,
     /// `MTU`: the underlay MTU to assume instead of the interface's; the device
     /// gets this minus 50, as in flanneld.
@@ -51,14 +54,13 @@ impl VxlanSettings {
 
     /// MTU of `flannel.<VNI>`: (configured or interface MTU) - 50.
     pub fn device_mtu(&self) -> u32 {
-        self.mtu
-            .unwrap_or(self.external.mtu)
-            .saturating_sub(ENCAP_OVERHEAD)
+        overlay_mtu(self.mtu.unwrap_or(self.external.mtu))
     }
 
-    fn port(&self) -> u16 {
+    /// The UDP port in use: `Port`, or the kernel's default for 0.
+    pub fn port(&self) -> u16 {
         if self.port == 0 {
-            VXLAN_DEFAULT_PORT
+            wire::DEFAULT_PORT
         } else {
             self.port
         }
@@ -181,8 +183,8 @@ impl VxlanBackend {
             let why = spec.incompatibility(&link).or_else(|| match keep_mac {
                 Some(m) if link.mac != Some(m) => Some(format!(
                     "MAC {} instead of the advertised {}",
-                    link.mac.as_ref().map(fmt_mac).unwrap_or_default(),
-                    fmt_mac(&m)
+                    link.mac.map(|m| m.to_string()).unwrap_or_default(),
+                    m
                 )),
                 _ => None,
             });
@@ -203,7 +205,7 @@ impl VxlanBackend {
                 created = true;
                 link = self.fetch(&name).await?;
             } else {
-                info!(device = %name, mac = %link.mac.as_ref().map(fmt_mac).unwrap_or_default(),
+                info!(device = %name, mac = %link.mac.map(|m| m.to_string()).unwrap_or_default(),
                       "reusing existing compatible device");
             }
         }
@@ -430,7 +432,7 @@ impl VxlanBackend {
         });
         if !healthy {
             if current.is_none() {
-                warn!(device = %self.s.device_name(), mac = %fmt_mac(&mac), "device was deleted; recreating it with the advertised MAC");
+                warn!(device = %self.s.device_name(), mac = %mac, "device was deleted; recreating it with the advertised MAC");
             }
             let (link, _) = self.ensure_device(Some(mac)).await?;
             self.dev = Some((link.index, mac));
@@ -489,7 +491,7 @@ impl VxlanBackend {
             .iter()
             .filter(|f| f.permanent && !want.iter().any(|w| Some(w.2) == f.dst && w.1 == f.mac))
         {
-            info!(mac = %fmt_mac(&f.mac), dst = ?f.dst, "removing fdb entry no lease justifies");
+            info!(mac = %f.mac, dst = ?f.dst, "removing fdb entry no lease justifies");
             report.record(self.nl.del_fdb(index, f.mac, f.dst).await);
         }
         Ok(report)
@@ -532,7 +534,7 @@ impl Backend for VxlanBackend {
                 name: format!("{} (it has no MAC address)", link.name),
             })
         })?;
-        info!(device = %link.name, index = link.index, mac = %fmt_mac(&mac), created, mtu = self.s.device_mtu(), "vxlan device ready");
+        info!(device = %link.name, index = link.index, mac = %mac, created, mtu = self.s.device_mtu(), "vxlan device ready");
         self.dev = Some((link.index, mac));
         Ok(BackendAttrs::Vxlan {
             vni: Some(self.s.vni),

@@ -1,6 +1,5 @@
 //! The etcd v3 store: the only module that touches etcd-client.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::SubnetError;
+use super::{Listing, SubnetError, SubnetStore, WatchUpdate};
 use crate::lease::{parse_subnet_key, subnet_key, Lease, LeaseAttrs};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,25 +28,6 @@ pub struct EtcdOptions {
     pub keyfile: Option<PathBuf>,
     pub username: Option<String>,
     pub password: Option<String>,
-}
-
-/// Every lease key under `<prefix>/subnets` at one revision.
-#[derive(Debug, Clone, Default)]
-pub struct Listing {
-    /// Leases whose key and value parse.
-    pub leases: Vec<Lease>,
-    /// Every subnet with a key, parsable value or not: none of these may be handed out.
-    pub taken: BTreeSet<Ipv4Net>,
-    pub revision: i64,
-}
-
-/// What the lease watch reports.
-#[derive(Debug, Clone)]
-pub enum WatchUpdate {
-    /// A full listing (at start, after a reconnect that lost history, or after compaction).
-    Snapshot(Listing),
-    Put(Lease),
-    Delete(Ipv4Net),
 }
 
 #[derive(Clone)]
@@ -355,32 +335,6 @@ impl EtcdStore {
         }))
     }
 
-    /// Take our subnet's key back from a writer that overwrote it with another PublicIP (or
-    /// garbage) while our etcd lease was alive.
-    pub async fn reclaim(
-        &self,
-        current: &Lease,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<Option<Lease>, SubnetError> {
-        self.take_over(current, attrs, ttl, |held| {
-            held.is_none_or(|h| h.public_ip != attrs.public_ip)
-        })
-        .await
-    }
-
-    /// Delete a lease key (operators and tests).
-    pub async fn delete_lease(&self, subnet: Ipv4Net) -> Result<(), SubnetError> {
-        let key = self.lease_key(subnet);
-        self.call(
-            "delete",
-            &key,
-            self.client.clone().delete(key.as_str(), None),
-        )
-        .await
-        .map(|_| ())
-    }
-
     /// Follow `<prefix>/subnets`: a snapshot, then watch events from the snapshot's revision.
     /// Reconnects with backoff (100 ms doubling to 5 s); a compacted revision means re-list.
     /// Ends when `cancel` fires or the receiver is dropped. `on_reconnect` runs each time the
@@ -490,6 +444,54 @@ impl EtcdStore {
                 return;
             }
         }
+    }
+}
+
+impl SubnetStore for EtcdStore {
+    fn config_key(&self) -> String {
+        EtcdStore::config_key(self)
+    }
+    async fn get_config(&self) -> Result<Option<String>, SubnetError> {
+        EtcdStore::get_config(self).await
+    }
+    async fn list_leases(&self) -> Result<Listing, SubnetError> {
+        EtcdStore::list_leases(self).await
+    }
+    async fn ttl_left(&self, lease_id: i64) -> Result<Option<i64>, SubnetError> {
+        EtcdStore::ttl_left(self, lease_id).await
+    }
+    async fn create(
+        &self,
+        subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        EtcdStore::create(self, subnet, attrs, ttl).await
+    }
+    async fn renew(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        EtcdStore::renew(self, current, attrs, ttl).await
+    }
+    async fn take_over(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        accept: impl Fn(Option<&LeaseAttrs>) -> bool + Send,
+    ) -> Result<Option<Lease>, SubnetError> {
+        EtcdStore::take_over(self, current, attrs, ttl, accept).await
+    }
+    async fn watch_leases(
+        &self,
+        tx: mpsc::Sender<WatchUpdate>,
+        cancel: CancellationToken,
+        on_reconnect: impl Fn() + Send,
+    ) {
+        EtcdStore::watch_leases(self, tx, cancel, on_reconnect).await
     }
 }
 
