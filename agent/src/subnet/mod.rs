@@ -45,6 +45,10 @@ pub enum SubnetError {
         reason: String,
         fix: String,
     },
+    /// etcd closed the connection right after the TLS handshake: a rejected client
+    /// certificate when it repeats, a transient reset when it does not. Retried.
+    #[error("etcd at {endpoints} closed the TLS connection right after the handshake; retrying")]
+    ClosedAfterHandshake { endpoints: String },
     /// etcd answered but refused our credentials (or wanted some); retrying does not help.
     #[error("etcd at {endpoints} refused access: {reason}; {fix}")]
     Auth {
