@@ -37,7 +37,8 @@ pub enum BackendError {
     Steps(Vec<BackendError>),
 }
 
-fn join(errors: &[BackendError]) -> String {
+/// Errors for one message, `; `-separated.
+pub(crate) fn join<E: std::fmt::Display>(errors: &[E]) -> String {
     errors
         .iter()
         .map(ToString::to_string)

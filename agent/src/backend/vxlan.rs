@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use tracing::{debug, info, warn};
 
-use super::{Backend, BackendError};
+use super::{join, Backend, BackendError};
 use crate::lease::{BackendAttrs, Lease, LeaseEvent, MacAddr};
 use crate::netlink::{
     ExternalIface, LinkInfo, Netlink, NetlinkError, RouteEntry, RouteSpec, SyncReport, VxlanSpec,
@@ -38,8 +38,7 @@ pub struct VxlanSettings {
     pub vni: u32,
     /// `Port`; 0 means the kernel's default ([`wire::DEFAULT_PORT`]).
     pub port: u16,
-    /// `MTU`: the underlay MTU to assume instead of the interface's; the device
-    /// gets this minus 50, as in flanneld.
+    /// `MTU`: the underlay MTU to assume instead of the interface's ([`overlay_mtu`]).
     pub mtu: Option<u32>,
     pub gbp: bool,
     pub learning: bool,
@@ -99,13 +98,6 @@ pub enum VxlanError {
     },
 }
 
-fn join(errs: &[NetlinkError]) -> String {
-    errs.iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 /// What the kernel holds for one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PeerPlan {
@@ -131,10 +123,6 @@ impl VxlanBackend {
             dev: None,
             own: None,
         }
-    }
-
-    pub fn settings(&self) -> &VxlanSettings {
-        &self.s
     }
 
     fn spec(&self, mac: MacAddr) -> VxlanSpec {
@@ -172,7 +160,7 @@ impl VxlanBackend {
         keep_mac: Option<MacAddr>,
     ) -> Result<(LinkInfo, bool), VxlanError> {
         let name = self.s.device_name();
-        let spec = self.spec(keep_mac.unwrap_or_else(random_mac));
+        let spec = self.spec(keep_mac.unwrap_or_else(MacAddr::random));
         let mut created = self
             .nl
             .add_vxlan(&spec)
@@ -506,13 +494,6 @@ fn partial(what: String, failures: Vec<NetlinkError>) -> Result<(), VxlanError> 
     }
 }
 
-/// A random locally administered unicast MAC, as flanneld generates.
-fn random_mac() -> MacAddr {
-    let mut m: [u8; 6] = rand::random();
-    m[0] = (m[0] & 0xfe) | 0x02;
-    MacAddr(m)
-}
-
 /// flanneld sets `accept_ra` 0 so router advertisements never configure the overlay.
 /// Best effort, as in flanneld: the file is absent when IPv6 is disabled.
 fn disable_accept_ra(dev: &str) {
@@ -563,8 +544,14 @@ impl Backend for VxlanBackend {
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
+        // Every step runs whatever an earlier one hit; the failures are reported together
+        // and the next round retries them.
+        let mut steps: Vec<BackendError> = Vec::new();
         let mut report = SyncReport::default();
-        report.repairs += self.repair_device().await?;
+        match self.repair_device().await {
+            Ok(n) => report.repairs += n,
+            Err(e) => steps.push(e.into()),
+        }
         let (index, _) = self.dev()?;
         let mut plans = Vec::new();
         let mut failures = Vec::new();
@@ -578,34 +565,32 @@ impl Backend for VxlanBackend {
                     unchecked.push(lease.subnet);
                     failures.push(source);
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => steps.push(e.into()),
             }
         }
-        report.merge(
-            self.sync_vtep_entries(index, &plans)
-                .await
-                .map_err(|e| self.device_err(e))?,
-        );
+        let vtep = self.sync_vtep_entries(index, &plans).await;
         let routes: Vec<RouteSpec> = plans.iter().map(|p| p.route).collect();
         let owned = |r: &RouteEntry| self.owns_route(index, r) && !unchecked.contains(&r.dst);
-        report.merge(
-            self.nl
-                .sync_routes(owned, &routes)
-                .await
-                .map_err(|e| self.device_err(e))?,
-        );
+        let synced = self.nl.sync_routes(owned, &routes).await;
+        for step in [vtep, synced] {
+            match step {
+                Ok(r) => report.merge(r),
+                Err(e) => steps.push(self.device_err(e).into()),
+            }
+        }
         failures.extend(report.failures);
         if report.repairs > 0 {
             info!(device = %self.s.device_name(), repairs = report.repairs, "reconciled kernel state with leases");
         }
-        partial(
-            format!(
-                "reconcile {} ({} repairs made)",
-                self.s.device_name(),
-                report.repairs
-            ),
-            failures,
-        )?;
+        let what = format!(
+            "reconcile {} ({} repairs made)",
+            self.s.device_name(),
+            report.repairs
+        );
+        if let Err(e) = partial(what, failures) {
+            steps.push(e.into());
+        }
+        BackendError::from_steps(steps)?;
         Ok(report.repairs)
     }
 }
