@@ -22,7 +22,7 @@ pub enum IfaceError {
     )]
     NoRegexMatch { wanted: String, available: String },
     #[error(
-        "no IPv4 default route to pick the external interface from; pass --iface or --iface-regex"
+        "no default IPv4 route to pick the external interface from; pass --iface or --iface-regex"
     )]
     NoDefaultRoute,
     #[error(
