@@ -185,6 +185,8 @@ struct Member {
     peer_port: u16,
     /// `--initial-cluster`: every member's `name=peer URL`.
     initial_cluster: String,
+    /// Joins a running cluster (`--initial-cluster-state existing`) rather than forming one.
+    joining: bool,
 }
 
 impl Member {
@@ -196,6 +198,7 @@ impl Member {
             peer_ip: Ipv4Addr::LOCALHOST,
             peer_port,
             initial_cluster: String::new(),
+            joining: false,
         };
         m.initial_cluster = format!("{}={}", m.name, m.peer_url());
         m
@@ -256,6 +259,13 @@ impl Spec {
             ])
             .arg("--initial-cluster")
             .arg(&self.member.initial_cluster)
+            .args(
+                self.member
+                    .joining
+                    .then_some(["--initial-cluster-state", "existing"])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicate the etcd log handle")?)
             .stderr(log);
@@ -443,6 +453,20 @@ impl Etcd {
         String::from_utf8(out.stdout).context("etcdctl printed non-UTF-8")
     }
 
+    /// [`Etcd::etcdctl`], retried for up to 30 s while it fails (an election, a reconfiguration
+    /// etcd is not ready for); the last error after that.
+    pub async fn etcdctl_retrying(&self, args: &[&str]) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.etcdctl(args).await {
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
     /// Leave the process and its data running after drop (the demo's keep mode).
     pub fn keep(&mut self) {
         self.keep = true;
@@ -488,6 +512,7 @@ impl EtcdCluster {
                 peer_ip: ip,
                 peer_port: 2380,
                 initial_cluster: String::new(),
+                joining: false,
             })
             .collect();
         let initial = members
@@ -516,6 +541,72 @@ impl EtcdCluster {
             .map(Etcd::endpoint)
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Replace member `i` by a new member on `ip` (already configured in the namespace) with a
+    /// new name and an empty data directory under `dir`, the way an operator replaces a dead
+    /// machine: `etcdctl member remove`, `member add`, then start it with
+    /// `--initial-cluster-state existing`. Waits until the new member serves; `members[i]` is
+    /// the new one afterwards (the old process is killed, its data left on disk).
+    pub async fn replace_member(
+        &mut self,
+        i: usize,
+        ip: Ipv4Addr,
+        dir: &Path,
+    ) -> anyhow::Result<()> {
+        let survivor = (0..self.members.len())
+            .find(|&k| k != i && self.members[k].running())
+            .context("no other member runs to ask")?;
+        let old_name = self.members[i].spec.member.name.clone();
+        let list = self.members[survivor]
+            .etcdctl(&["member", "list", "-w", "json"])
+            .await?;
+        let list: serde_json::Value =
+            serde_json::from_str(&list).context("parse etcdctl member list")?;
+        let id = list["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == old_name.as_str())
+            .and_then(|m| m["ID"].as_u64())
+            .with_context(|| format!("member {old_name} not in the member list: {list}"))?;
+        // etcd refuses a reconfiguration ("unhealthy cluster") until every member has been
+        // connected for a few seconds, as right after a rolling restart.
+        let id = format!("{id:x}");
+        self.members[survivor]
+            .etcdctl_retrying(&["member", "remove", &id])
+            .await?;
+        self.members[i].kill();
+        let mut member = Member {
+            // A new name, as etcd wants for a new member (member4 replacing one of three).
+            name: format!("member{}", self.members.len() + 1),
+            ip,
+            client_port: 2379,
+            peer_ip: ip,
+            peer_port: 2380,
+            initial_cluster: String::new(),
+            joining: true,
+        };
+        let peer_urls = format!("--peer-urls={}", member.peer_url());
+        self.members[survivor]
+            .etcdctl_retrying(&["member", "add", &member.name, &peer_urls])
+            .await?;
+        member.initial_cluster = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| k != i)
+            .map(|(_, m)| &m.spec.member)
+            .chain(std::iter::once(&member))
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let data = dir.join(&member.name);
+        let netns = self.members[i].netns.clone();
+        let mut new = Etcd::spawn_member(netns.as_deref(), member, Some(data), false)?;
+        new.wait_started().await?;
+        self.members[i] = new;
+        Ok(())
     }
 
     /// The index of the current leader, asked of the running members.

@@ -38,6 +38,7 @@ pub mod keep;
 pub mod netns;
 pub mod nspawn;
 pub mod packet;
+pub mod pinger;
 pub mod poll;
 pub mod prometheus;
 pub mod relay;
@@ -49,6 +50,7 @@ pub use docker::{DockerContainer, Dockerd};
 pub use etcd::{Etcd, EtcdCluster};
 pub use keep::{Kept, KeptProcess};
 pub use netns::Netns;
+pub use pinger::{PingCount, Pinger};
 pub use relay::Relay;
 
 /// The last `n` lines of `text` (an agent's or etcd's log), for failure messages.

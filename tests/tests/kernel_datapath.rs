@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use serde_json::Value;
-use weft_tests::{cluster, flanneld, Cluster, Container, Host, Netns};
+use weft_tests::{cluster, flanneld, Cluster, Container, Host, Netns, PingCount, Pinger};
 
 const VXLAN: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#;
@@ -538,49 +538,6 @@ async fn deleted_stale_and_changed_leases_are_followed() {
 
 // ---- 5: agent restarts under traffic ----
 
-/// `ping -i 0.1` from `from` to `to`, running until the returned handle is stopped.
-struct Pinger {
-    child: tokio::process::Child,
-    what: String,
-}
-
-impl Pinger {
-    fn start(from: &Container, to: &Container) -> Pinger {
-        let child = tokio::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                from.netns(),
-                "ping",
-                "-n",
-                "-q",
-                "-i",
-                "0.1",
-            ])
-            .arg(to.ip().to_string())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start ping");
-        Pinger {
-            child,
-            what: format!("{} -> {}", from.ip(), to.ip()),
-        }
-    }
-
-    /// SIGINT (ping prints its summary), then (transmitted, received).
-    async fn stop(self) -> (u32, u32) {
-        let pid = self.child.id().expect("ping runs") as libc::pid_t;
-        // SAFETY: kill(2) on our own child (`ip netns exec` execs ping in place), not yet reaped.
-        unsafe { libc::kill(pid, libc::SIGINT) };
-        let out = self.child.wait_with_output().await.expect("ping output");
-        let text = String::from_utf8_lossy(&out.stdout);
-        weft_tests::ping_summary(&text)
-            .unwrap_or_else(|| panic!("ping {}: no summary in:\n{text}", self.what))
-    }
-}
-
 fn readies(log: &str) -> usize {
     log.lines()
         .filter(|l| l.contains(" ready") && l.contains("peers="))
@@ -597,7 +554,10 @@ async fn agent_restart_loses_no_packets() {
     let agent = c.host(1).agent().unwrap();
     for how in ["SIGTERM", "kill -9"] {
         let seen = readies(&agent.log());
-        let pings = [Pinger::start(&a, &b), Pinger::start(&b, &a)];
+        let pings = [
+            Pinger::start(&a, &b, "0.1").unwrap(),
+            Pinger::start(&b, &a, "0.1").unwrap(),
+        ];
         // The scenario: a second of traffic before the restart (the pingers count every packet).
         tokio::time::sleep(Duration::from_secs(1)).await;
         if how == "SIGTERM" {
@@ -624,8 +584,11 @@ async fn agent_restart_loses_no_packets() {
         // An observation window: keep pinging through the restarted agent's first reconcile.
         tokio::time::sleep(Duration::from_secs(1)).await;
         for p in pings {
-            let what = p.what.clone();
-            let (sent, got) = p.stop().await;
+            let PingCount {
+                what,
+                sent,
+                received: got,
+            } = p.finish().await.unwrap();
             println!(
                 "agent restart ({how}): ping {what}: {sent} sent, {} lost",
                 sent - got

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use weft_tests::nspawn::{Machine, MachineOptions};
-use weft_tests::{cluster, Cluster, SubnetEnv};
+use weft_tests::{cluster, tail, Cluster, SubnetEnv};
 
 const CONFIG: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const DROPIN: &str = "etc/systemd/system/weft.service.d/50-weft-tests.conf";

@@ -7,6 +7,7 @@ mod build_ebpf;
 mod demo;
 mod install;
 mod packages;
+mod soak;
 mod test;
 
 #[derive(Parser)]
@@ -26,6 +27,8 @@ enum Command {
     Demo(demo::Options),
     /// Benchmark the datapaths (host-gw, kernel vxlan, eBPF) or, with --control-plane, the agent.
     Bench(bench::Options),
+    /// A cluster under churn for N minutes, sampled: does anything grow? (report.json, report.svg)
+    Soak(soak::Options),
     /// Build weft in release (eBPF included) and install the binary, the systemd unit and weft.env.
     Install(install::Options),
 }
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(opts) => demo::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
         Command::Install(opts) => install::run(&opts),
+        Command::Soak(opts) => soak::run(&opts),
     }
 }

@@ -10,10 +10,11 @@ use plotters::prelude::*;
 use crate::bench::report::fmt_value;
 use crate::bench::stats::{ModeSummary, METRICS};
 
-const MODES: [(&str, RGBColor); 3] = [
+const MODES: [(&str, RGBColor); 4] = [
     ("host-gw", RGBColor(110, 110, 110)),
     ("kernel-vxlan", RGBColor(225, 130, 20)),
     ("ebpf", RGBColor(30, 100, 200)),
+    ("ebpf-nocsum", RGBColor(120, 170, 230)),
 ];
 
 /// One variant's medians, named ("offload", "no-offload").

@@ -28,11 +28,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     let mut modes = opts.modes.clone();
     modes.sort();
     modes.dedup();
-    if routing == Routing::Hand && modes.contains(&Mode::Ebpf) {
+    if routing == Routing::Hand && modes.iter().any(|m| m.is_ebpf()) {
         println!(
             "--hand-routed: no ebpf mode without the agent; measuring host-gw and kernel-vxlan"
         );
-        modes.retain(|m| *m != Mode::Ebpf);
+        modes.retain(|m| !m.is_ebpf());
     }
     if opts.rounds == 0 || modes.is_empty() {
         bail!("nothing to measure: --rounds must be at least 1 and --modes not empty");
@@ -267,7 +267,7 @@ async fn measure_mode(
     variant: Offload,
     secs: u64,
 ) -> anyhow::Result<(Sample, Option<RoundCheck>)> {
-    let ebpf = b.bed.mode == Mode::Ebpf;
+    let ebpf = b.bed.mode.is_ebpf();
     let hosts = b.bed.hosts();
     let (sender, receiver) = (&hosts[0], &hosts[1]);
     let before = if ebpf {

@@ -86,7 +86,7 @@ impl Report {
 /// issue's target is met.
 pub fn table(title: &str, rounds: usize, modes: &BTreeMap<String, ModeSummary>) -> String {
     let cmp = compare(&modes.clone());
-    let order = ["host-gw", "kernel-vxlan", "ebpf"];
+    let order = ["host-gw", "kernel-vxlan", "ebpf", "ebpf-nocsum"];
     let present: Vec<&str> = order
         .iter()
         .copied()
@@ -151,7 +151,7 @@ pub fn fmt_value(v: f64) -> String {
 /// The same table as Markdown, for README.
 pub fn markdown(rounds: usize, modes: &BTreeMap<String, ModeSummary>) -> String {
     let cmp = compare(modes);
-    let order: Vec<&str> = ["host-gw", "kernel-vxlan", "ebpf"]
+    let order: Vec<&str> = ["host-gw", "kernel-vxlan", "ebpf", "ebpf-nocsum"]
         .into_iter()
         .filter(|m| modes.contains_key(*m))
         .collect();

@@ -24,6 +24,9 @@ pub enum Mode {
     KernelVxlan,
     /// weft with `--datapath ebpf`.
     Ebpf,
+    /// weft with `--datapath ebpf --ebpf-udp-csum=false`: what the outer UDP checksum costs.
+    /// Not measured unless named in `--modes`.
+    EbpfNocsum,
 }
 
 impl Mode {
@@ -34,21 +37,28 @@ impl Mode {
             Mode::HostGw => "host-gw",
             Mode::KernelVxlan => "kernel-vxlan",
             Mode::Ebpf => "ebpf",
+            Mode::EbpfNocsum => "ebpf-nocsum",
         }
+    }
+
+    /// The eBPF datapath (whose counters each round checks).
+    pub fn is_ebpf(self) -> bool {
+        matches!(self, Mode::Ebpf | Mode::EbpfNocsum)
     }
 
     fn config(self) -> String {
         let backend = match self {
             Mode::HostGw => "host-gw",
-            Mode::KernelVxlan | Mode::Ebpf => "vxlan",
+            Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum => "vxlan",
         };
         format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"{backend}"}}}}"#)
     }
 
-    fn datapath(self) -> &'static str {
+    fn agent_args(self) -> &'static [&'static str] {
         match self {
-            Mode::HostGw | Mode::KernelVxlan => "kernel",
-            Mode::Ebpf => "ebpf",
+            Mode::HostGw | Mode::KernelVxlan => &["--datapath", "kernel"],
+            Mode::Ebpf => &["--datapath", "ebpf"],
+            Mode::EbpfNocsum => &["--datapath", "ebpf", "--ebpf-udp-csum=false"],
         }
     }
 }
@@ -107,11 +117,11 @@ impl Testbed {
         match routing {
             Routing::Agent => {
                 cluster
-                    .start_agents(&["--datapath", mode.datapath()])
+                    .start_agents(mode.agent_args())
                     .with_context(|| format!("start weft agents for {mode}"))?;
             }
             Routing::Hand => {
-                if mode == Mode::Ebpf {
+                if mode.is_ebpf() {
                     bail!("the ebpf mode needs the weft agent; drop --hand-routed");
                 }
                 write_subnet_files(&cluster, mode)?;
@@ -251,7 +261,7 @@ fn hand_subnet(i: usize) -> Ipv4Net {
 fn write_subnet_files(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
     let mtu = match mode {
         Mode::HostGw => 1500,
-        Mode::KernelVxlan | Mode::Ebpf => CONTAINER_MTU,
+        Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum => CONTAINER_MTU,
     };
     for (i, host) in cluster.hosts().iter().enumerate() {
         std::fs::write(
@@ -287,7 +297,7 @@ async fn hand_route(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
         for (j, peer) in hosts.iter().enumerate().filter(|(j, _)| *j != i) {
             let cmds = match mode {
                 Mode::HostGw => flanneld::host_gw_peer(hand_subnet(j), peer.ens32_ip(), None),
-                Mode::KernelVxlan | Mode::Ebpf => {
+                Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum => {
                     flanneld::vxlan_peer(hand_subnet(j), peer.ens32_ip(), &macs[j])
                 }
             };
