@@ -14,27 +14,22 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backend::{Backend, BackendError};
+pub use crate::backend::Datapath;
+use crate::backend::{vxlan, Backend, BackendError, BackendOptions};
 use crate::config::{Backend as NetBackend, ConfigError, NetworkConfig};
-use crate::files::{self, FilesError, SubnetEnv};
-use crate::iface::{self, ExtIface, IfaceChoice, IfaceError};
-use crate::lease::{Lease, LeaseAttrs, LeaseEvent, PeerSet};
-use crate::masq::{Masq, MasqKind};
+use crate::files::{self, FilesError};
+use crate::iface::{self, IfaceChoice, IfaceError};
+use crate::lease::{LeaseAttrs, PeerSet};
 use crate::metrics::Metrics;
+use crate::netlink::{ExternalIface, Netlink};
 use crate::notify::Notifier;
-use crate::subnet::{self, alloc, EtcdOptions, EtcdStore, LeaseTiming, SubnetError, WatchUpdate};
+use crate::subnet::{self, alloc, EtcdOptions, EtcdStore, LeaseTiming, SubnetError, SubnetStore};
 
-/// VXLAN's overhead on an IPv4 underlay: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
-pub const VXLAN_OVERHEAD: u32 = 50;
+mod running;
+#[cfg(test)]
+mod tests;
 
-/// Which datapath to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Datapath {
-    /// eBPF when the kernel supports it, else the kernel's vxlan device.
-    Auto,
-    Ebpf,
-    Kernel,
-}
+use running::{warn_notify, Running};
 
 /// Everything `weft agent` was told, validated.
 #[derive(Debug, Clone)]
@@ -61,6 +56,19 @@ pub struct AgentConfig {
     pub shutdown_grace: Duration,
 }
 
+impl AgentConfig {
+    /// What the backend needs from the flags.
+    pub fn backend_options(&self) -> BackendOptions {
+        BackendOptions {
+            datapath: self.datapath,
+            bridge: self.bridge.clone(),
+            bpf_pin_dir: self.bpf_pin_dir.clone(),
+            decap_hook: self.decap_hook,
+            udp_csum: self.ebpf_udp_csum,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
@@ -81,6 +89,10 @@ pub enum AgentError {
     Backend(BackendError),
     #[error(transparent)]
     Masq(#[from] crate::masq::MasqError),
+    /// The running network config no longer matches the store's; exiting lets the service
+    /// manager start weft again with the new one (the lease and datapath stay in place).
+    #[error("the network config at {key} changed ({what}); exiting so that weft restarts with it")]
+    ConfigChanged { key: String, what: String },
 }
 
 /// What the run loop reports to the outside: readiness (for `/readyz`), systemd's
@@ -98,16 +110,16 @@ pub struct Hooks {
 /// The overlay MTU written to subnet.env. For vxlan, `Backend.MTU` stands in for the
 /// interface's MTU and the encapsulation overhead comes off either (as the vxlan backend
 /// sizes `flannel.<VNI>`).
-pub fn overlay_mtu(net: &NetworkConfig, iface: &ExtIface) -> u32 {
+pub fn overlay_mtu(net: &NetworkConfig, iface: &ExternalIface) -> u32 {
     match net.backend {
-        NetBackend::Vxlan(v) => v.mtu.unwrap_or(iface.mtu).saturating_sub(VXLAN_OVERHEAD),
+        NetBackend::Vxlan(v) => vxlan::overlay_mtu(v.mtu.unwrap_or(iface.mtu)),
         NetBackend::HostGw => iface.mtu,
     }
 }
 
 /// Wait for `<prefix>/config`, logging the key to write once a second.
 async fn wait_for_config(
-    store: &EtcdStore,
+    store: &impl SubnetStore,
     shutdown: &CancellationToken,
 ) -> Result<Option<NetworkConfig>, AgentError> {
     let key = store.config_key();
@@ -154,13 +166,13 @@ async fn connect(
 
 /// The first lease, retrying while etcd is flaky; `None` when shut down first.
 async fn first_lease(
-    store: &EtcdStore,
+    store: &impl SubnetStore,
     net: &NetworkConfig,
     attrs: &LeaseAttrs,
     cfg: &AgentConfig,
     prefer: Option<ipnet::Ipv4Net>,
     shutdown: &CancellationToken,
-) -> Result<Option<Lease>, AgentError> {
+) -> Result<Option<crate::lease::Lease>, AgentError> {
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
@@ -180,226 +192,8 @@ async fn first_lease(
     }
 }
 
-/// State of a running agent that the loop's steps share.
-struct Running<'a, B> {
-    cfg: &'a AgentConfig,
-    net: NetworkConfig,
-    iface: ExtIface,
-    store: EtcdStore,
-    backend: B,
-    attrs: LeaseAttrs,
-    own: Lease,
-    peers: PeerSet,
-    metrics: Arc<Metrics>,
-    masq: Option<MasqTask>,
-    notifier: Notifier,
-    /// The last `STATUS=` sent, so an unchanged line is not sent again.
-    status: String,
-}
-
-/// The masquerade, forward and no-NAT rules for our subnet and the task that keeps them in place.
-struct MasqTask {
-    cancel: CancellationToken,
-}
-
-impl MasqTask {
-    /// Install the rules for `subnet` now, then re-check them every `resync`.
-    async fn start(
-        cfg: &AgentConfig,
-        net: &NetworkConfig,
-        subnet: ipnet::Ipv4Net,
-        metrics: &Arc<Metrics>,
-        tracker: &TaskTracker,
-        shutdown: &CancellationToken,
-    ) -> Result<MasqTask, AgentError> {
-        let masq = Masq::new(
-            MasqKind::from_enable_nftables(net.enable_nftables),
-            net.network,
-            subnet,
-        )
-        .with_masquerade(cfg.ip_masq)
-        .with_forward_rules(cfg.iptables_forward_rules)
-        .with_metrics(metrics.clone());
-        match masq.accept_forward_policy().await {
-            Ok(true) => tracing::info!("FORWARD policy set to ACCEPT, as flanneld does"),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "could not set the FORWARD policy to ACCEPT; the FLANNEL-FWD rules still accept overlay traffic")
-            }
-        }
-        for repair in masq.ensure().await? {
-            tracing::info!(rule = %repair, "firewall rule installed");
-        }
-        let cancel = shutdown.child_token();
-        let (c, every) = (cancel.clone(), cfg.iptables_resync);
-        tracker.spawn(async move { masq.run(every, c).await });
-        Ok(MasqTask { cancel })
-    }
-}
-
-impl<B: Backend> Running<'_, B> {
-    async fn apply(&mut self, events: Vec<LeaseEvent>) {
-        for ev in events {
-            if let Err(e) = self.backend.apply(&ev).await {
-                tracing::warn!("applying {ev:?}: {e:#}; the next reconcile retries");
-                continue;
-            }
-            match &ev {
-                LeaseEvent::Added(l) => {
-                    self.metrics.peers_added.inc();
-                    tracing::info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer added");
-                }
-                LeaseEvent::Changed { new, .. } => {
-                    tracing::info!(subnet = %new.subnet, public_ip = %new.attrs.public_ip, "peer changed");
-                }
-                LeaseEvent::Removed(l) => {
-                    self.metrics.peers_removed.inc();
-                    tracing::info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer removed");
-                }
-            }
-        }
-        self.metrics.set_leases(self.peers.len() + 1);
-    }
-
-    /// What `systemctl status` shows while running, e.g.
-    /// "datapath ebpf on ens32, 2 peers, subnet 10.1.10.0/24".
-    fn status_line(&self) -> String {
-        let n = self.peers.len();
-        format!(
-            "datapath {} on {}, {n} peer{}, subnet {}",
-            self.backend.mode(),
-            self.iface.name,
-            if n == 1 { "" } else { "s" },
-            self.own.subnet
-        )
-    }
-
-    /// READY=1 with the first status line; from then on, a new STATUS= when the line changes.
-    fn announce(&mut self, ready: bool) {
-        let line = self.status_line();
-        if !ready && line == self.status {
-            return;
-        }
-        let sent = if ready {
-            self.notifier.ready(&line)
-        } else {
-            self.notifier.status(&line)
-        };
-        warn_notify(sent);
-        self.status = line;
-    }
-
-    fn write_files(&self) -> Result<(), FilesError> {
-        let env = SubnetEnv {
-            network: self.net.network,
-            subnet: self.own.subnet,
-            mtu: overlay_mtu(&self.net, &self.iface),
-            ipmasq: self.cfg.ip_masq,
-        };
-        files::write_atomic(&self.cfg.subnet_file, env.render().as_bytes())?;
-        files::write_atomic(&self.cfg.docker_opts_file, env.docker_opts().as_bytes())
-    }
-
-    /// Our key is gone or someone else's: get a lease again, the same subnet when free.
-    async fn reacquire(
-        &mut self,
-        tracker: &TaskTracker,
-        shutdown: &CancellationToken,
-    ) -> Result<(), AgentError> {
-        let old = self.own.subnet;
-        // Overwritten while our etcd lease still runs: the subnet was ours, not free. Moving
-        // would cut every container on docker0 off; take the key back instead.
-        if self.store.ttl_left(self.own.etcd_lease).await?.is_some() {
-            if let Some(lease) = self
-                .store
-                .reclaim(&self.own, &self.attrs, self.cfg.lease.ttl)
-                .await?
-            {
-                tracing::warn!(subnet = %old, "another writer overwrote our lease while we held it; reclaimed it");
-                self.own = lease;
-                return Ok(());
-            }
-        }
-        let lease = subnet::acquire(
-            &self.store,
-            &self.net,
-            &self.attrs,
-            self.cfg.lease.ttl,
-            Some(old),
-        )
-        .await?;
-        self.own = lease;
-        if self.own.subnet == old {
-            tracing::info!(subnet = %old, "lease re-acquired; datapath untouched");
-            return Ok(());
-        }
-        tracing::warn!(old = %old, new = %self.own.subnet, "our subnet was taken; moved to a new one");
-        self.backend
-            .own_lease(&self.own)
-            .await
-            .map_err(AgentError::Backend)?;
-        self.write_files()?;
-        if let Some(old) = self.masq.take() {
-            // ensure() for the new subnet replaces the old subnet's rules in place.
-            old.cancel.cancel();
-            self.masq = Some(
-                MasqTask::start(
-                    self.cfg,
-                    &self.net,
-                    self.own.subnet,
-                    &self.metrics,
-                    tracker,
-                    shutdown,
-                )
-                .await?,
-            );
-        }
-        let ev = self.peers.set_own(self.own.subnet);
-        self.apply(ev.into_iter().collect()).await;
-        Ok(())
-    }
-
-    /// Whether a peer lease is one of this network's subnets. Anything else (a /16 over
-    /// everyone, a subnet outside Network) would route other hosts' traffic to its holder:
-    /// skipped with a warning.
-    fn fits(&self, lease: &Lease) -> bool {
-        let ok = lease.subnet.prefix_len() == self.net.subnet_len
-            && self.net.network.contains(&lease.subnet);
-        if !ok {
-            tracing::warn!(
-                subnet = %lease.subnet,
-                public_ip = %lease.attrs.public_ip,
-                network = %self.net.network,
-                subnet_len = self.net.subnet_len,
-                "lease {} is not a /{} inside {} and would overlap other subnets; skipping it",
-                lease.subnet,
-                self.net.subnet_len,
-                self.net.network
-            );
-        }
-        ok
-    }
-
-    /// Whether a watch update says we lost our own key.
-    fn lost_own(&self, update: &WatchUpdate) -> bool {
-        let own = self.own.subnet;
-        match update {
-            WatchUpdate::Delete(s) => *s == own,
-            WatchUpdate::Put(l) => l.subnet == own && l.attrs != self.attrs,
-            WatchUpdate::Snapshot(listing) => {
-                !listing.taken.contains(&own)
-                    || listing
-                        .leases
-                        .iter()
-                        .any(|l| l.subnet == own && l.attrs != self.attrs)
-            }
-        }
-    }
-}
-
-/// Run the agent until `shutdown` fires. `build` makes the backend once the network config
-/// and interface are known; `hooks.ready` turns true once the subnet file is written and the
-/// first peer snapshot is applied.
+/// Run the agent until `shutdown` fires: choose the interface, connect to etcd, then
+/// [`follow`]. `build` makes the backend once the network config and interface are known.
 pub async fn run<B, F>(
     cfg: AgentConfig,
     build: F,
@@ -408,20 +202,58 @@ pub async fn run<B, F>(
 ) -> Result<(), AgentError>
 where
     B: Backend,
-    F: AsyncFnOnce(&AgentConfig, &NetworkConfig, &ExtIface) -> Result<B, BackendError>,
+    F: AsyncFnOnce(&BackendOptions, &NetworkConfig, &ExternalIface) -> Result<B, BackendError>,
+{
+    let nl = Netlink::connect().map_err(|source| IfaceError::List { source })?;
+    let iface = iface::choose(&nl, &cfg.iface).await?;
+    drop(nl);
+    tracing::info!(iface = %iface.name, index = iface.index, addr = %iface.ipv4, public_ip = %iface.public_ip, mtu = iface.mtu, "external interface");
+    let endpoints = cfg.etcd.endpoints.join(",");
+    warn_notify(
+        hooks
+            .notifier
+            .status(&format!("waiting for etcd at {endpoints}")),
+    );
+    let Some(store) = connect(&cfg, &shutdown).await? else {
+        return Ok(());
+    };
+    let host = Host {
+        iface,
+        firewall: true,
+    };
+    follow(&cfg, store, host, build, shutdown, hooks).await
+}
+
+/// What the agent runs on besides the store.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub iface: ExternalIface,
+    /// Install the masquerade and forward rules (iptables or nftables). Off only where the
+    /// loop is tested without root; the rules have their own tests.
+    pub firewall: bool,
+}
+
+/// The agent's life on a connected store: network config, backend, lease, files and firewall,
+/// then follow the peers, renew the lease and reconcile until `shutdown` fires. `hooks.ready`
+/// turns true once the subnet file is written and the first peer snapshot is applied.
+pub async fn follow<S, B, F>(
+    cfg: &AgentConfig,
+    store: S,
+    host: Host,
+    build: F,
+    shutdown: CancellationToken,
+    hooks: Hooks,
+) -> Result<(), AgentError>
+where
+    S: SubnetStore,
+    B: Backend,
+    F: AsyncFnOnce(&BackendOptions, &NetworkConfig, &ExternalIface) -> Result<B, BackendError>,
 {
     let Hooks {
         ready,
         metrics,
         notifier,
     } = hooks;
-    let iface = iface::choose(&cfg.iface)?;
-    tracing::info!(iface = %iface.name, index = iface.index, addr = %iface.iface_addr, public_ip = %iface.public_ip, mtu = iface.mtu, "external interface");
-    let endpoints = cfg.etcd.endpoints.join(",");
-    warn_notify(notifier.status(&format!("waiting for etcd at {endpoints}")));
-    let Some(store) = connect(&cfg, &shutdown).await? else {
-        return Ok(());
-    };
     let config_key = store.config_key();
     warn_notify(notifier.status(&format!("waiting for the network config at {config_key}")));
     let Some(net) = wait_for_config(&store, &shutdown).await? else {
@@ -429,14 +261,14 @@ where
     };
     tracing::info!(network = %net.network, backend = net.backend.type_name(), "network config");
 
-    let mut backend = build(&cfg, &net, &iface)
+    let mut backend = build(&cfg.backend_options(), &net, &host.iface)
         .await
         .map_err(AgentError::Backend)?;
     tracing::info!(datapath = backend.mode(), "datapath chosen");
     metrics.set_datapath_mode(backend.mode());
     let backend_attrs = backend.prepare().await.map_err(AgentError::Backend)?;
     let attrs = LeaseAttrs {
-        public_ip: iface.public_ip,
+        public_ip: host.iface.public_ip,
         backend: backend_attrs,
     };
     let prefer = files::read_env(&cfg.subnet_file).ok().and_then(|env| {
@@ -444,17 +276,18 @@ where
             .and_then(|s| alloc::from_subnet_file(&net, s))
     });
     warn_notify(notifier.status(&format!("waiting for a subnet lease in {}", net.network)));
-    let Some(own) = first_lease(&store, &net, &attrs, &cfg, prefer, &shutdown).await? else {
+    let Some(own) = first_lease(&store, &net, &attrs, cfg, prefer, &shutdown).await? else {
         return Ok(());
     };
     backend.own_lease(&own).await.map_err(AgentError::Backend)?;
 
     let mut peers = PeerSet::new(attrs.backend.type_name());
     peers.set_own(own.subnet);
+    let tracker = TaskTracker::new();
     let mut st = Running {
-        cfg: &cfg,
+        cfg,
         net,
-        iface,
+        iface: host.iface,
         store: store.clone(),
         backend,
         attrs,
@@ -462,25 +295,16 @@ where
         peers,
         metrics,
         masq: None,
+        firewall: host.firewall,
         notifier,
         status: String::new(),
+        tracker: tracker.clone(),
+        shutdown: shutdown.clone(),
     };
     st.write_files()?;
-
-    let tracker = TaskTracker::new();
     // Always: forward rules are independent of --ip-masq, and without it weft keeps overlay
     // traffic's source when Docker masquerades (masq.rs).
-    st.masq = Some(
-        MasqTask::start(
-            &cfg,
-            &st.net,
-            st.own.subnet,
-            &st.metrics,
-            &tracker,
-            &shutdown,
-        )
-        .await?,
-    );
+    st.start_masq().await?;
     let watch_cancel = shutdown.child_token();
     let (tx, mut rx) = mpsc::channel(1024);
     {
@@ -495,26 +319,17 @@ where
     let mut reconcile = tokio::time::interval(cfg.reconcile_interval);
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut snapshot_seen = false;
-    loop {
+    let result = loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => break Ok(()),
             update = rx.recv() => {
-                let Some(update) = update else { break };
+                let Some(update) = update else { break Ok(()) };
                 if st.lost_own(&update) {
                     tracing::warn!(subnet = %st.own.subnet, "our lease was deleted or taken over; re-acquiring");
                     need_acquire = true;
                     next_renew = Instant::now();
                 }
-                let events = match update {
-                    WatchUpdate::Snapshot(listing) => {
-                        let leases = listing.leases.into_iter().filter(|l| st.fits(l)).collect();
-                        st.peers.reset(leases)
-                    }
-                    WatchUpdate::Put(lease) if !st.fits(&lease) => Vec::new(),
-                    WatchUpdate::Put(lease) => st.peers.put(lease).into_iter().collect(),
-                    WatchUpdate::Delete(subnet) => st.peers.delete(subnet).into_iter().collect(),
-                };
-                st.apply(events).await;
+                st.follow(update).await;
                 let first = !snapshot_seen;
                 if first {
                     snapshot_seen = true;
@@ -525,18 +340,10 @@ where
                 st.announce(first);
             }
             _ = tokio::time::sleep_until(next_renew) => {
-                let result = if need_acquire {
-                    st.reacquire(&tracker, &shutdown).await.map(|()| true)
-                } else {
-                    st.store.renew(&st.own, &st.attrs, cfg.lease.ttl).await.map(|l| l.map(|l| st.own = l).is_some()).map_err(AgentError::from)
-                };
-                match result {
+                match st.renew(need_acquire).await {
                     Ok(true) => {
                         need_acquire = false;
-                        st.announce(false);
-                        st.metrics.lease_renewals.inc();
                         next_renew = Instant::now() + cfg.lease.renew_after();
-                        tracing::debug!(subnet = %st.own.subnet, "lease renewed");
                     }
                     Ok(false) => {
                         tracing::warn!(subnet = %st.own.subnet, "our lease vanished before renewal; re-acquiring");
@@ -553,21 +360,20 @@ where
             // A container joined or left the bridge: reconcile now, not at the next tick.
             _ = st.backend.local_change(), if snapshot_seen => reconcile.reset_immediately(),
             _ = reconcile.tick(), if snapshot_seen => {
-                match st.backend.reconcile(&st.peers.leases()).await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        st.metrics.reconcile_repairs.add(n as u64);
-                        tracing::info!(repairs = n, "reconcile repaired drift");
-                    }
-                    Err(e) => {
-                        st.metrics.reconcile_errors.inc();
-                        tracing::warn!("reconcile: {e:#}");
-                    }
+                st.reconcile().await;
+                if let Err(e) = st.config_unchanged().await {
+                    break Err(e);
                 }
             }
         }
+    };
+    match &result {
+        Ok(()) => {
+            tracing::info!(subnet = %st.own.subnet, "shutting down; lease and datapath left in place for the next start")
+        }
+        Err(e) => tracing::error!(subnet = %st.own.subnet, "{e}; lease and datapath left in place"),
     }
-    tracing::info!(subnet = %st.own.subnet, "shutting down; lease and datapath left in place for the next start");
+    st.stop_masq();
     watch_cancel.cancel();
     tracker.close();
     if tokio::time::timeout(cfg.shutdown_grace, tracker.wait())
@@ -576,38 +382,5 @@ where
     {
         tracing::warn!(grace = ?cfg.shutdown_grace, "tasks did not stop within the grace period");
     }
-    Ok(())
-}
-
-/// A notification that does not reach systemd is logged, never fatal: the agent's job does not
-/// depend on systemd listening.
-fn warn_notify(sent: Result<(), crate::notify::NotifyError>) {
-    if let Err(e) = sent {
-        tracing::warn!("sd_notify: {e}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn overlay_mtu_takes_the_encapsulation_off() {
-        let iface = ExtIface {
-            name: "eth0".into(),
-            index: 2,
-            iface_addr: [10, 0, 0, 1].into(),
-            public_ip: [10, 0, 0, 1].into(),
-            mtu: 9000,
-        };
-        let cfg = |b: &str| {
-            NetworkConfig::parse(&format!(r#"{{"Network":"10.1.0.0/16","Backend":{b}}}"#)).unwrap()
-        };
-        assert_eq!(overlay_mtu(&cfg(r#"{"Type":"vxlan"}"#), &iface), 8950);
-        assert_eq!(
-            overlay_mtu(&cfg(r#"{"Type":"vxlan","MTU":1500}"#), &iface),
-            1450
-        );
-        assert_eq!(overlay_mtu(&cfg(r#"{"Type":"host-gw"}"#), &iface), 9000);
-    }
+    result
 }

@@ -812,9 +812,10 @@ fn run_agent(cfg: AgentConfig) -> ExitCode {
                 let code = match &e {
                     AgentError::Config { .. } | AgentError::Iface(_) => exit::CONFIG,
                     AgentError::Subnet(s) => subnet_exit(s),
-                    AgentError::Files(_) | AgentError::Backend(_) | AgentError::Masq(_) => {
-                        exit::OTHER
-                    }
+                    AgentError::Files(_)
+                    | AgentError::Backend(_)
+                    | AgentError::Masq(_)
+                    | AgentError::ConfigChanged { .. } => exit::OTHER,
                 };
                 fail(code, e)
             }

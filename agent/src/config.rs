@@ -10,7 +10,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{Map, Value};
 
 /// The kernel's default VXLAN port (flannel leaves `Port` 0 to mean this).
-pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+pub const DEFAULT_VXLAN_PORT: u16 = weft_common::wire::DEFAULT_PORT;
 const MAX_VNI: u64 = (1 << 24) - 1;
 const SUPPORTED: &str = "\"vxlan\" or \"host-gw\"";
 

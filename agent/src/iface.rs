@@ -1,18 +1,19 @@
 //! External interface choice, as flanneld makes it: `--iface` (name or IP, first match),
 //! `--iface-regex`, else the interface of the default route; `--public-ip` overrides the
-//! address advertised. Reads interfaces with getifaddrs(3) and /proc, not netlink.
+//! address advertised. The interfaces, addresses and routes come from rtnetlink.
 
-use std::ffi::CStr;
 use std::net::Ipv4Addr;
 
 use regex::Regex;
+
+use crate::netlink::{ExternalIface, Interface, Netlink, NetlinkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IfaceError {
     #[error("list interfaces: {source}")]
     List {
         #[source]
-        source: std::io::Error,
+        source: NetlinkError,
     },
     #[error("no interface matches --iface {wanted}; interfaces with an IPv4 address: {available}")]
     NoMatch { wanted: String, available: String },
@@ -20,33 +21,14 @@ pub enum IfaceError {
         "no interface matches --iface-regex {wanted}; interfaces with an IPv4 address: {available}"
     )]
     NoRegexMatch { wanted: String, available: String },
-    #[error("no default IPv4 route in /proc/net/route; pass --iface or --iface-regex")]
+    #[error(
+        "no default IPv4 route to pick the external interface from; pass --iface or --iface-regex"
+    )]
     NoDefaultRoute,
     #[error(
         "interface {name} has no IPv4 address; give it one or pass --iface with another interface"
     )]
     NoAddress { name: String },
-}
-
-/// One interface with its IPv4 addresses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Interface {
-    pub name: String,
-    pub index: u32,
-    pub addrs: Vec<Ipv4Addr>,
-    pub mtu: u32,
-}
-
-/// The interface weft sends overlay traffic through and the address it advertises.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExtIface {
-    pub name: String,
-    pub index: u32,
-    /// The interface's own IPv4 address (the VXLAN `local`).
-    pub iface_addr: Ipv4Addr,
-    /// The address peers reach us at (`--public-ip`, else `iface_addr`).
-    pub public_ip: Ipv4Addr,
-    pub mtu: u32,
 }
 
 /// What the flags ask for.
@@ -55,78 +37,6 @@ pub struct IfaceChoice {
     pub iface: Vec<String>,
     pub iface_regex: Vec<Regex>,
     pub public_ip: Option<Ipv4Addr>,
-}
-
-/// All interfaces, ordered by index, with their IPv4 addresses.
-pub fn list() -> Result<Vec<Interface>, IfaceError> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(IfaceError::List {
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    let mut out: Vec<Interface> = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned and has not been freed.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
-            .to_string_lossy()
-            .into_owned();
-        let entry = match out.iter_mut().position(|i| i.name == name) {
-            Some(p) => &mut out[p],
-            None => {
-                let index = std::ffi::CString::new(name.clone())
-                    // SAFETY: a valid NUL-terminated name.
-                    .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) })
-                    .unwrap_or(0);
-                let mtu = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok())
-                    .unwrap_or(1500);
-                out.push(Interface {
-                    name,
-                    index,
-                    addrs: Vec::new(),
-                    mtu,
-                });
-                out.last_mut().expect("just pushed")
-            }
-        };
-        // SAFETY: ifa_addr is null or points at a sockaddr whose family says its real type.
-        if !ifa.ifa_addr.is_null()
-            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
-        {
-            // SAFETY: family AF_INET means the storage is a sockaddr_in.
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            entry
-                .addrs
-                .push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-        }
-    }
-    // SAFETY: head came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    out.sort_by_key(|i| i.index);
-    Ok(out)
-}
-
-/// The interface of the lowest-metric IPv4 default route, from /proc/net/route.
-pub fn default_route_iface() -> Option<String> {
-    let table = std::fs::read_to_string("/proc/net/route").ok()?;
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            // Iface Destination Gateway Flags RefCnt Use Metric Mask
-            (f.len() >= 8 && f[1] == "00000000" && f[7] == "00000000")
-                .then(|| (f[6].parse::<u32>().unwrap_or(0), f[0].to_string()))
-        })
-        .min()
-        .map(|(_, name)| name)
 }
 
 fn available(ifaces: &[Interface]) -> String {
@@ -152,25 +62,20 @@ fn available(ifaces: &[Interface]) -> String {
     }
 }
 
-/// Choose among `ifaces` as flanneld does; `default_route` is the default route's interface.
+/// Choose among `ifaces` as flanneld does; `default_route` is the index of the default
+/// route's interface.
 pub fn choose_from(
     choice: &IfaceChoice,
     ifaces: &[Interface],
-    default_route: Option<&str>,
-) -> Result<ExtIface, IfaceError> {
-    let pick = |iface: &Interface, addr: Option<Ipv4Addr>| -> Result<ExtIface, IfaceError> {
-        let iface_addr = addr
+    default_route: Option<u32>,
+) -> Result<ExternalIface, IfaceError> {
+    let pick = |iface: &Interface, addr: Option<Ipv4Addr>| -> Result<ExternalIface, IfaceError> {
+        let addr = addr
             .or_else(|| iface.addrs.first().copied())
             .ok_or_else(|| IfaceError::NoAddress {
                 name: iface.name.clone(),
             })?;
-        Ok(ExtIface {
-            name: iface.name.clone(),
-            index: iface.index,
-            iface_addr,
-            public_ip: choice.public_ip.unwrap_or(iface_addr),
-            mtu: iface.mtu,
-        })
+        Ok(ExternalIface::new(iface, addr, choice.public_ip))
     };
     for wanted in &choice.iface {
         let by_ip: Option<Ipv4Addr> = wanted.parse().ok();
@@ -214,17 +119,20 @@ pub fn choose_from(
             available: available(ifaces),
         });
     }
-    let name = default_route.ok_or(IfaceError::NoDefaultRoute)?;
+    let index = default_route.ok_or(IfaceError::NoDefaultRoute)?;
     let i = ifaces
         .iter()
-        .find(|i| i.name == name)
+        .find(|i| i.index == index)
         .ok_or(IfaceError::NoDefaultRoute)?;
     pick(i, None)
 }
 
-/// Choose on this host.
-pub fn choose(choice: &IfaceChoice) -> Result<ExtIface, IfaceError> {
-    choose_from(choice, &list()?, default_route_iface().as_deref())
+/// Choose in `nl`'s network namespace.
+pub async fn choose(nl: &Netlink, choice: &IfaceChoice) -> Result<ExternalIface, IfaceError> {
+    let list = |source| IfaceError::List { source };
+    let ifaces = nl.interfaces().await.map_err(list)?;
+    let default_route = nl.default_route_index().await.map_err(list)?;
+    choose_from(choice, &ifaces, default_route)
 }
 
 #[cfg(test)]
@@ -268,7 +176,7 @@ mod tests {
         };
         let e = choose_from(&c, &ifaces(), None).unwrap();
         assert_eq!(
-            (e.name.as_str(), e.iface_addr.to_string(), e.mtu, e.index),
+            (e.name.as_str(), e.ipv4.to_string(), e.mtu, e.index),
             ("eth1", "172.16.0.6".into(), 9000, 3)
         );
         let c = IfaceChoice {
@@ -278,7 +186,7 @@ mod tests {
         };
         let e = choose_from(&c, &ifaces(), None).unwrap();
         assert_eq!(
-            (e.iface_addr.to_string(), e.public_ip.to_string()),
+            (e.ipv4.to_string(), e.public_ip.to_string()),
             ("192.168.1.5".into(), "1.2.3.4".into())
         );
     }
@@ -295,14 +203,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            choose_from(&c, &ifaces(), None)
-                .unwrap()
-                .iface_addr
-                .to_string(),
+            choose_from(&c, &ifaces(), None).unwrap().ipv4.to_string(),
             "172.16.0.6"
         );
         assert_eq!(
-            choose_from(&IfaceChoice::default(), &ifaces(), Some("eth1"))
+            choose_from(&IfaceChoice::default(), &ifaces(), Some(3))
                 .unwrap()
                 .name,
             "eth1"
@@ -334,10 +239,15 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn real_host_has_loopback() {
-        let all = list().unwrap();
+    /// Dumps need no privilege: this reads the real host through rtnetlink.
+    #[tokio::test]
+    async fn real_host_has_loopback() {
+        let nl = Netlink::connect().unwrap();
+        let all = nl.interfaces().await.unwrap();
         let lo = all.iter().find(|i| i.name == "lo").expect("lo");
-        assert!(lo.addrs.contains(&Ipv4Addr::LOCALHOST) && lo.index > 0);
+        assert!(
+            lo.addrs.contains(&Ipv4Addr::LOCALHOST) && lo.index > 0,
+            "{lo:?}"
+        );
     }
 }

@@ -18,6 +18,7 @@
 //! - [`poll`]: waiting on observable state with a deadline, never on a fixed sleep.
 //! - [`netns`], [`bpffs`], [`packet`], [`flanneld`]: namespaces, a private bpffs, hand-built frames,
 //!   and flanneld's own kernel setup and lease bytes (the reference weft is compared with).
+//! - [`Relay`]: a TCP relay between agents and etcd that a test cuts to reset their connections.
 //! - [`nspawn::Machine`]: a Debian machine with a real systemd (`systemd-nspawn --boot`) inside a host.
 //!
 //! Every name (namespace, temp dir) carries the test process id and a counter so tests run in
@@ -40,6 +41,7 @@ pub mod packet;
 pub mod pinger;
 pub mod poll;
 pub mod prometheus;
+pub mod relay;
 
 pub use agent::{weft_bin, Agent};
 pub use cluster::{cluster, Cluster, ClusterOptions, Host, SubnetEnv};
@@ -49,6 +51,7 @@ pub use etcd::{Etcd, EtcdCluster};
 pub use keep::{Kept, KeptProcess};
 pub use netns::Netns;
 pub use pinger::{PingCount, Pinger};
+pub use relay::Relay;
 
 /// The last `n` lines of `text` (an agent's or etcd's log), for failure messages.
 pub fn tail(text: &str, n: usize) -> String {

@@ -9,12 +9,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use weft::lease::LeaseAttrs;
-use weft_tests::{Etcd, Netns};
+use weft_tests::{Etcd, Netns, Relay};
 
 const PREFIX: &str = "/coreos.com/network";
 const VXLAN_CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -585,105 +584,6 @@ async fn short_ttl_renews_and_stopped_agent_expires_for_every_peer() {
     c.wait_peers(&[(&sb, "")], Duration::from_secs(8)).await;
     assert!(stopped.elapsed() < Duration::from_secs(8));
     assert!(etcd.get(&lease_key(&sa)).await.is_none());
-}
-
-/// A TCP relay between agents and etcd that the test can cut, to make a watch fall behind.
-struct Relay {
-    port: u16,
-    cut: Arc<std::sync::atomic::AtomicBool>,
-    /// Relayed connections still open (a guard in each copying task counts it down when the task
-    /// ends or is aborted).
-    live: Arc<std::sync::atomic::AtomicUsize>,
-    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(upstream: String) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-        Relay::serve(listener, upstream)
-    }
-
-    /// Relay connections accepted on `listener` (bound in whatever namespace) to `upstream`.
-    fn serve(listener: TcpListener, upstream: String) -> Relay {
-        let port = listener.local_addr().expect("relay addr").port();
-        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (cut2, conns2, live2) = (cut.clone(), conns.clone(), live.clone());
-        let upstream = upstream.trim_start_matches("http://").to_string();
-        let accept = tokio::spawn(async move {
-            while let Ok((mut down, _)) = listener.accept().await {
-                if cut2.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue; // dropped: connection refused in effect
-                }
-                let up = upstream.clone();
-                let open = Open::count(&live2);
-                conns2.lock().expect("conns").push(tokio::spawn(async move {
-                    let _open = open;
-                    if let Ok(mut up) = tokio::net::TcpStream::connect(up).await {
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                    }
-                }));
-            }
-        });
-        Relay {
-            port,
-            cut,
-            live,
-            conns,
-            accept,
-        }
-    }
-
-    /// Wait until no relayed connection is open: whoever used the relay is cut off from etcd.
-    async fn wait_closed(&self) {
-        weft_tests::poll::until(
-            "every relayed connection to close",
-            Duration::from_secs(5),
-            || async {
-                let n = self.live.load(std::sync::atomic::Ordering::SeqCst);
-                weft_tests::poll::check(n == 0, format!("{n} open"))
-            },
-        )
-        .await;
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn cut(&self, on: bool) {
-        self.cut.store(on, std::sync::atomic::Ordering::SeqCst);
-        if on {
-            for c in self.conns.lock().expect("conns").drain(..) {
-                c.abort();
-            }
-        }
-    }
-}
-
-/// One open relayed connection, counted while it lives.
-struct Open(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Open {
-    fn count(live: &Arc<std::sync::atomic::AtomicUsize>) -> Open {
-        live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Open(live.clone())
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.cut(true);
-        self.accept.abort();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

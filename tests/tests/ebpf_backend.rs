@@ -287,21 +287,30 @@ impl Agent {
                 while let Ok((cmd, reply)) = rx.recv() {
                     let result = match (cmd, &mut backend) {
                         (Cmd::Exit, _) => return,
-                        (Cmd::Apply(ev), AnyBackend::Ebpf(b)) => {
-                            b.apply(&ev).await.map(|_| Reply::Done(0))
-                        }
-                        (Cmd::Apply(ev), AnyBackend::Kernel(b)) => {
-                            b.apply(&ev).await.map(|_| Reply::Done(0))
-                        }
-                        (Cmd::Reconcile(p), AnyBackend::Ebpf(b)) => {
-                            b.reconcile(&p).await.map(Reply::Done)
-                        }
-                        (Cmd::Reconcile(p), AnyBackend::Kernel(b)) => {
-                            b.reconcile(&p).await.map(Reply::Done)
-                        }
-                        (Cmd::Counters, AnyBackend::Ebpf(b)) => {
-                            b.counters().map(Reply::Counters).map_err(Into::into)
-                        }
+                        (Cmd::Apply(ev), AnyBackend::Ebpf(b)) => b
+                            .apply(&ev)
+                            .await
+                            .map(|_| Reply::Done(0))
+                            .map_err(anyhow::Error::from),
+                        (Cmd::Apply(ev), AnyBackend::Kernel(b)) => b
+                            .apply(&ev)
+                            .await
+                            .map(|_| Reply::Done(0))
+                            .map_err(anyhow::Error::from),
+                        (Cmd::Reconcile(p), AnyBackend::Ebpf(b)) => b
+                            .reconcile(&p)
+                            .await
+                            .map(Reply::Done)
+                            .map_err(anyhow::Error::from),
+                        (Cmd::Reconcile(p), AnyBackend::Kernel(b)) => b
+                            .reconcile(&p)
+                            .await
+                            .map(Reply::Done)
+                            .map_err(anyhow::Error::from),
+                        (Cmd::Counters, AnyBackend::Ebpf(b)) => b
+                            .counters()
+                            .map(Reply::Counters)
+                            .map_err(anyhow::Error::from),
                         (Cmd::Counters, AnyBackend::Kernel(_)) => {
                             Err(anyhow::anyhow!("kernel backend has no counters"))
                         }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use weft_tests::{tail, weft_bin, Agent, Netns};
+use weft_tests::{tail, weft_bin, Agent, Netns, Relay};
 
 const CONFIG: &str = r#"{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const ENDPOINT_TLS: &str = "https://127.0.0.1:2379";
@@ -281,7 +281,18 @@ impl Site {
 
     /// `weft agent` here with `etcd_flags`, on ext0, files in the site's directory.
     fn agent(&self, name: &str, etcd_flags: &[String], extra: &[&str]) -> Agent {
-        let mut args: Vec<String> = ["--etcd-endpoints", self.endpoint, "--iface", "ext0"]
+        self.agent_via(self.endpoint, name, etcd_flags, extra)
+    }
+
+    /// [`Site::agent`] reaching etcd at `endpoint` (a relay) instead of etcd's own.
+    fn agent_via(
+        &self,
+        endpoint: &str,
+        name: &str,
+        etcd_flags: &[String],
+        extra: &[&str],
+    ) -> Agent {
+        let mut args: Vec<String> = ["--etcd-endpoints", endpoint, "--iface", "ext0"]
             .map(String::from)
             .to_vec();
         args.extend_from_slice(etcd_flags);
@@ -342,6 +353,29 @@ fn with<'a>(args: &[&'a str], more: &'a [String]) -> Vec<&'a str> {
 }
 
 /// Wait for `path` to exist; its contents.
+/// etcd over TLS demanding client certificates signed by `pki`'s "ca".
+async fn client_cert_site(pki: &Pki, tag: &str) -> Site {
+    Site::start(
+        tag,
+        ENDPOINT_TLS,
+        &[
+            "--cert-file".into(),
+            pki.p("server.pem"),
+            "--key-file".into(),
+            pki.p("server-key.pem"),
+            "--client-cert-auth".into(),
+            "--trusted-ca-file".into(),
+            pki.p("ca.pem"),
+        ],
+        vec![
+            format!("--cacert={}", pki.p("ca.pem")),
+            format!("--cert={}", pki.p("client.pem")),
+            format!("--key={}", pki.p("client-key.pem")),
+        ],
+    )
+    .await
+}
+
 async fn wait_file(path: &Path, agent: &Agent) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -410,25 +444,7 @@ fn lease_of(json: &str, public_ip: &str) -> Option<(String, i64)> {
 #[ignore = "needs root: run cargo xtask test"]
 async fn client_certificates() {
     let pki = Pki::generate();
-    let site = Site::start(
-        "cert",
-        ENDPOINT_TLS,
-        &[
-            "--cert-file".into(),
-            pki.p("server.pem"),
-            "--key-file".into(),
-            pki.p("server-key.pem"),
-            "--client-cert-auth".into(),
-            "--trusted-ca-file".into(),
-            pki.p("ca.pem"),
-        ],
-        vec![
-            format!("--cacert={}", pki.p("ca.pem")),
-            format!("--cert={}", pki.p("client.pem")),
-            format!("--key={}", pki.p("client-key.pem")),
-        ],
-    )
-    .await;
+    let site = client_cert_site(&pki, "cert").await;
     let good = pki.flags("ca", "client");
     // Without the client certificate etcd refuses etcdctl too: the server really demands one.
     let bare = site
@@ -692,4 +708,94 @@ async fn username_and_password() {
         "a renewal failed:\n{log}"
     );
     assert!(agent.exit_status().is_none(), "{log}");
+}
+
+/// A reset of the TLS connection to etcd in the middle of the lease watch is a reconnect, not
+/// a rejected client certificate: the agent keeps running and keeps its lease and subnet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
+async fn tls_reset_mid_watch_is_a_reconnect() {
+    let pki = Pki::generate();
+    let site = client_cert_site(&pki, "reset").await;
+    let good = pki.flags("ca", "client");
+    site.weft_ok(
+        &[
+            with(&["config", "set", "--etcd-endpoints", ENDPOINT_TLS], &good),
+            vec![CONFIG],
+        ]
+        .concat(),
+    )
+    .await;
+    // etcd's certificate names 127.0.0.1, so the relay's endpoint verifies as etcd's own.
+    let relay = Relay::in_namespace(&site.ns, 2479, ENDPOINT_TLS.into());
+    let via = format!("https://127.0.0.1:{}", relay.port());
+    // Connections dropped as they open, before any TLS handshake: an outage to wait out,
+    // not a certificate etcd rejected.
+    relay.cut(true);
+    let agent = site.agent_via(&via, "a", &good, &["--subnet-lease-ttl", "9s"]);
+    weft_tests::poll::until(
+        "the agent waiting for etcd",
+        Duration::from_secs(10),
+        || async {
+            assert!(
+                agent.exit_status().is_none(),
+                "the agent exited:\n{}",
+                agent.log()
+            );
+            let log = agent.log();
+            weft_tests::poll::check(log.matches("unreachable").count() >= 3, log)
+        },
+    )
+    .await;
+    // Then two connections closed right after the handshake, which TLS 1.3 also shows for a
+    // rejected client certificate: once or twice is a reset, to retry.
+    relay.close_after_handshake(2);
+    relay.cut(false);
+    let env = wait_file(&site.subnet_file("a"), &agent).await;
+    let (subnet, _) = lease_of(&site.leases(&good).await, "192.168.211.1").expect("lease listed");
+    assert!(
+        env.contains(&subnet.replace(".0/", ".1/")),
+        "{env} vs {subnet}"
+    );
+    // The agent's log shows `watch` once the lease watch is set up and whenever it breaks.
+    let logged = |what: &'static str, needle: &'static str, times: usize| {
+        let agent = &agent;
+        async move {
+            weft_tests::poll::until(what, Duration::from_secs(15), || async {
+                let log = agent.log();
+                assert!(agent.exit_status().is_none(), "the agent exited:\n{log}");
+                weft_tests::poll::check(log.matches(needle).count() >= times, log)
+            })
+            .await
+        }
+    };
+    logged(
+        "the agent ready, its watch running",
+        "INFO weft::agent: ready",
+        1,
+    )
+    .await;
+    for round in 1..=3 {
+        // Mid-watch: the watch stream (and anything else in flight) loses its connection.
+        relay.cut(true);
+        relay.cut(false);
+        let noticed = "lease watch broke; reconnecting";
+        logged("the watch to notice the reset", noticed, round).await;
+        let resumed = "lease watch re-established";
+        logged("the watch to come back", resumed, round).await;
+    }
+    // Past the lease's TTL: only renewals over the new connections keep it. An observation
+    // window, not a wait: the lease must survive all of it.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let log = agent.log();
+    let (after, ttl) = lease_of(&site.leases(&good).await, "192.168.211.1")
+        .unwrap_or_else(|| panic!("the lease expired: renewals failed\n{log}"));
+    assert_eq!(after, subnet, "{log}");
+    assert!(ttl > 3, "{ttl} s left: renewals stopped\n{log}");
+    assert!(agent.exit_status().is_none(), "{log}");
+    assert!(!log.contains("client certificate"), "{log}");
+    assert!(
+        log.contains("closed the TLS connection after the handshake"),
+        "the closes after the handshake did not happen:\n{log}"
+    );
 }

@@ -627,11 +627,19 @@ fn external_interface_is_found_by_name_address_and_default_route() {
     let index = host.ifindex("ens32") as u32;
     let (by_name, by_addr, by_default, missing) = host.run(|| async {
         let nl = Netlink::connect().expect("netlink");
+        let choose = |wanted: &[&str]| {
+            let choice = weft::iface::IfaceChoice {
+                iface: wanted.iter().map(|w| w.to_string()).collect(),
+                ..Default::default()
+            };
+            let nl = nl.clone();
+            async move { weft::iface::choose(&nl, &choice).await }
+        };
         (
-            nl.iface_by_name("ens32").await.expect("by name"),
-            nl.iface_by_addr(ip(HOST_IP)).await.expect("by address"),
-            nl.default_route_iface().await.expect("by default route"),
-            nl.iface_by_name("ens99")
+            choose(&["ens32"]).await.expect("by name"),
+            choose(&[HOST_IP]).await.expect("by address"),
+            choose(&[]).await.expect("by default route"),
+            choose(&["ens99"])
                 .await
                 .expect_err("no such interface")
                 .to_string(),

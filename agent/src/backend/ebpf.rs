@@ -675,11 +675,7 @@ async fn node_settings(
     })?;
     Ok(NodeSettings {
         vni: s.vxlan.vni,
-        port: if s.vxlan.port == 0 {
-            crate::netlink::VXLAN_DEFAULT_PORT
-        } else {
-            s.vxlan.port
-        },
+        port: s.vxlan.port(),
         vtep_ip: ext.ipv4,
         vtep_mac,
         underlay_ifindex: link.index,

@@ -11,7 +11,7 @@ use tracing::{debug, info};
 
 use super::{Backend, BackendError};
 use crate::lease::{BackendAttrs, Lease, LeaseEvent};
-use crate::netlink::{ExternalIface, Netlink, NetlinkError, RouteEntry, RouteSpec};
+use crate::netlink::{ExternalIface, Netlink, NetlinkError, RouteEntry, RouteSpec, SyncReport};
 
 /// The host-gw backend's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,7 +175,14 @@ impl Backend for HostGwBackend {
             }
         }
         let owned = |r: &RouteEntry| self.owns_route(r) && !unchecked.contains(&r.dst);
-        let report = self.nl.sync_routes(owned, &desired).await?;
+        // The peers' checks and the sync are reported together; the next round retries both.
+        let report = match self.nl.sync_routes(owned, &desired).await {
+            Ok(report) => report,
+            Err(e) => {
+                failures.push(e.to_string());
+                SyncReport::default()
+            }
+        };
         failures.extend(report.failures.iter().map(ToString::to_string));
         if report.repairs > 0 {
             info!(

@@ -4,17 +4,100 @@
 //! is acquired and returns the attributes to advertise (the VTEP MAC), then
 //! [`Backend::apply`] follows lease events and [`Backend::reconcile`] repairs
 //! drift against the full peer set.
+//!
+//! Configuration flows down: the agent builds [`BackendOptions`] from its flags and
+//! hands them here; nothing in this module knows the agent.
 
 pub mod ebpf;
 pub mod hostgw;
 pub mod vxlan;
 
 use std::future::Future;
+use std::path::PathBuf;
 
+use crate::config::{Backend as NetBackend, NetworkConfig};
+use crate::datapath::DecapHook;
 use crate::lease::{BackendAttrs, Lease, LeaseEvent};
+use crate::netlink::{ExternalIface, Netlink, NetlinkError};
 
-/// Errors a backend reports; each names the kernel object and what to do.
-pub type BackendError = anyhow::Error;
+/// What a backend reports; each variant keeps the layer's own message, which names the
+/// kernel object and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Vxlan(#[from] vxlan::VxlanError),
+    #[error(transparent)]
+    HostGw(#[from] hostgw::HostGwError),
+    #[error(transparent)]
+    Ebpf(Box<ebpf::EbpfBackendError>),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// A reconcile went through every step; these failed. The next round retries them.
+    #[error("{} reconcile step(s) failed: {}", .0.len(), join(.0))]
+    Steps(Vec<BackendError>),
+}
+
+/// Errors for one message, `; `-separated.
+pub(crate) fn join<E: std::fmt::Display>(errors: &[E]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl From<ebpf::EbpfBackendError> for BackendError {
+    fn from(e: ebpf::EbpfBackendError) -> Self {
+        match e {
+            ebpf::EbpfBackendError::Steps(steps) => {
+                Self::Steps(steps.into_iter().map(Self::from).collect())
+            }
+            e => Self::Ebpf(Box::new(e)),
+        }
+    }
+}
+
+impl BackendError {
+    /// `Ok(())` when nothing failed, else the failures as one error (a single one unwrapped).
+    pub fn from_steps(mut failures: Vec<BackendError>) -> Result<(), BackendError> {
+        match failures.len() {
+            0 => Ok(()),
+            1 => Err(failures.remove(0)),
+            _ => Err(Self::Steps(failures)),
+        }
+    }
+
+    /// The individual failures: the steps of a partial reconcile, or this error alone.
+    pub fn failures(&self) -> Vec<&BackendError> {
+        match self {
+            Self::Steps(steps) => steps.iter().flat_map(|s| s.failures()).collect(),
+            e => vec![e],
+        }
+    }
+}
+
+/// Which datapath to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Datapath {
+    /// eBPF when the kernel supports it, else the kernel's vxlan device.
+    Auto,
+    Ebpf,
+    Kernel,
+}
+
+/// The host-side choices `build` needs beyond the network config (from `weft agent`'s flags).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendOptions {
+    pub datapath: Datapath,
+    /// The container bridge whose ports get eBPF encapsulation.
+    pub bridge: String,
+    /// bpffs directory of this agent's programs, links and maps.
+    pub bpf_pin_dir: PathBuf,
+    /// Forced eBPF decapsulation hook; `None` picks by the interface's driver.
+    pub decap_hook: Option<DecapHook>,
+    /// Outer UDP checksum on eBPF-encapsulated packets (flannel.N's `udpcsum`).
+    pub udp_csum: bool,
+}
 
 pub trait Backend: Send {
     /// The datapath in use, for logs, metrics and `weft status`: "ebpf", "kernel", "host-gw".
@@ -42,11 +125,6 @@ pub trait Backend: Send {
         std::future::pending()
     }
 }
-
-use crate::agent::{AgentConfig, Datapath};
-use crate::config::{Backend as NetBackend, NetworkConfig};
-use crate::iface::ExtIface;
-use crate::netlink::{ExternalIface, Netlink};
 
 /// The backend a running agent uses, chosen from the network config and `--datapath`.
 pub enum AnyBackend {
@@ -93,17 +171,12 @@ impl Backend for AnyBackend {
 /// logging why; `kernel` removes eBPF programs left pinned by an earlier eBPF run (their
 /// maps would go stale and their anti-spoofing would drop new peers).
 pub async fn build(
-    cfg: &AgentConfig,
+    cfg: &BackendOptions,
     net: &NetworkConfig,
-    iface: &ExtIface,
+    external: &ExternalIface,
 ) -> Result<AnyBackend, BackendError> {
     let nl = Netlink::connect()?;
-    let external = ExternalIface {
-        name: iface.name.clone(),
-        index: iface.index,
-        ipv4: iface.iface_addr,
-        mtu: iface.mtu,
-    };
+    let external = external.clone();
     let v = match net.backend {
         NetBackend::HostGw => {
             if cfg.datapath == Datapath::Ebpf {
@@ -133,7 +206,7 @@ pub async fn build(
         pin_dir: cfg.bpf_pin_dir.clone(),
         bridge: cfg.bridge.clone(),
         decap_hook: cfg.decap_hook,
-        udp_csum: cfg.ebpf_udp_csum,
+        udp_csum: cfg.udp_csum,
     };
     match cfg.datapath {
         Datapath::Kernel => drop_stale_pins(cfg),
@@ -158,7 +231,7 @@ pub async fn build(
     Ok(AnyBackend::Vxlan(vxlan::VxlanBackend::new(nl, settings)))
 }
 
-fn drop_stale_pins(cfg: &AgentConfig) {
+fn drop_stale_pins(cfg: &BackendOptions) {
     if !cfg.bpf_pin_dir.exists() {
         return;
     }

@@ -16,15 +16,18 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use tracing::{debug, info, warn};
 
-use super::{Backend, BackendError};
+use super::{join, Backend, BackendError};
 use crate::lease::{BackendAttrs, Lease, LeaseEvent, MacAddr};
 use crate::netlink::{
-    fmt_mac, ExternalIface, LinkInfo, Netlink, NetlinkError, RouteEntry, RouteSpec, SyncReport,
-    VxlanSpec, VXLAN_DEFAULT_PORT,
+    ExternalIface, LinkInfo, Netlink, NetlinkError, RouteEntry, RouteSpec, SyncReport, VxlanSpec,
 };
+use weft_common::wire;
 
-/// VXLAN encapsulation overhead flanneld subtracts from the underlay MTU.
-pub const ENCAP_OVERHEAD: u32 = 50;
+/// The overlay MTU under an underlay of `underlay_mtu`: what VXLAN adds in front of the
+/// inner IP header comes off, as flanneld sizes `flannel.<VNI>`.
+pub fn overlay_mtu(underlay_mtu: u32) -> u32 {
+    underlay_mtu.saturating_sub(wire::VXLAN_OVERHEAD as u32)
+}
 
 /// The vxlan backend's settings, built from the network config's `Backend` object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,10 +36,9 @@ pub struct VxlanSettings {
     pub network: Ipv4Net,
     /// `VNI` (flannel default 1); the device is `flannel.<VNI>`.
     pub vni: u32,
-    /// `Port`; 0 means the kernel's 8472.
+    /// `Port`; 0 means the kernel's default ([`wire::DEFAULT_PORT`]).
     pub port: u16,
-    /// `MTU`: the underlay MTU to assume instead of the interface's; the device
-    /// gets this minus 50, as in flanneld.
+    /// `MTU`: the underlay MTU to assume instead of the interface's ([`overlay_mtu`]).
     pub mtu: Option<u32>,
     pub gbp: bool,
     pub learning: bool,
@@ -51,14 +53,13 @@ impl VxlanSettings {
 
     /// MTU of `flannel.<VNI>`: (configured or interface MTU) - 50.
     pub fn device_mtu(&self) -> u32 {
-        self.mtu
-            .unwrap_or(self.external.mtu)
-            .saturating_sub(ENCAP_OVERHEAD)
+        overlay_mtu(self.mtu.unwrap_or(self.external.mtu))
     }
 
-    fn port(&self) -> u16 {
+    /// The UDP port in use: `Port`, or the kernel's default for 0.
+    pub fn port(&self) -> u16 {
         if self.port == 0 {
-            VXLAN_DEFAULT_PORT
+            wire::DEFAULT_PORT
         } else {
             self.port
         }
@@ -97,13 +98,6 @@ pub enum VxlanError {
     },
 }
 
-fn join(errs: &[NetlinkError]) -> String {
-    errs.iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 /// What the kernel holds for one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PeerPlan {
@@ -129,10 +123,6 @@ impl VxlanBackend {
             dev: None,
             own: None,
         }
-    }
-
-    pub fn settings(&self) -> &VxlanSettings {
-        &self.s
     }
 
     fn spec(&self, mac: MacAddr) -> VxlanSpec {
@@ -170,7 +160,7 @@ impl VxlanBackend {
         keep_mac: Option<MacAddr>,
     ) -> Result<(LinkInfo, bool), VxlanError> {
         let name = self.s.device_name();
-        let spec = self.spec(keep_mac.unwrap_or_else(random_mac));
+        let spec = self.spec(keep_mac.unwrap_or_else(MacAddr::random));
         let mut created = self
             .nl
             .add_vxlan(&spec)
@@ -181,8 +171,8 @@ impl VxlanBackend {
             let why = spec.incompatibility(&link).or_else(|| match keep_mac {
                 Some(m) if link.mac != Some(m) => Some(format!(
                     "MAC {} instead of the advertised {}",
-                    link.mac.as_ref().map(fmt_mac).unwrap_or_default(),
-                    fmt_mac(&m)
+                    link.mac.map(|m| m.to_string()).unwrap_or_default(),
+                    m
                 )),
                 _ => None,
             });
@@ -203,7 +193,7 @@ impl VxlanBackend {
                 created = true;
                 link = self.fetch(&name).await?;
             } else {
-                info!(device = %name, mac = %link.mac.as_ref().map(fmt_mac).unwrap_or_default(),
+                info!(device = %name, mac = %link.mac.map(|m| m.to_string()).unwrap_or_default(),
                       "reusing existing compatible device");
             }
         }
@@ -430,7 +420,7 @@ impl VxlanBackend {
         });
         if !healthy {
             if current.is_none() {
-                warn!(device = %self.s.device_name(), mac = %fmt_mac(&mac), "device was deleted; recreating it with the advertised MAC");
+                warn!(device = %self.s.device_name(), mac = %mac, "device was deleted; recreating it with the advertised MAC");
             }
             let (link, _) = self.ensure_device(Some(mac)).await?;
             self.dev = Some((link.index, mac));
@@ -489,7 +479,7 @@ impl VxlanBackend {
             .iter()
             .filter(|f| f.permanent && !want.iter().any(|w| Some(w.2) == f.dst && w.1 == f.mac))
         {
-            info!(mac = %fmt_mac(&f.mac), dst = ?f.dst, "removing fdb entry no lease justifies");
+            info!(mac = %f.mac, dst = ?f.dst, "removing fdb entry no lease justifies");
             report.record(self.nl.del_fdb(index, f.mac, f.dst).await);
         }
         Ok(report)
@@ -502,13 +492,6 @@ fn partial(what: String, failures: Vec<NetlinkError>) -> Result<(), VxlanError> 
     } else {
         Err(VxlanError::Partial { what, failures })
     }
-}
-
-/// A random locally administered unicast MAC, as flanneld generates.
-fn random_mac() -> MacAddr {
-    let mut m: [u8; 6] = rand::random();
-    m[0] = (m[0] & 0xfe) | 0x02;
-    MacAddr(m)
 }
 
 /// flanneld sets `accept_ra` 0 so router advertisements never configure the overlay.
@@ -532,7 +515,7 @@ impl Backend for VxlanBackend {
                 name: format!("{} (it has no MAC address)", link.name),
             })
         })?;
-        info!(device = %link.name, index = link.index, mac = %fmt_mac(&mac), created, mtu = self.s.device_mtu(), "vxlan device ready");
+        info!(device = %link.name, index = link.index, mac = %mac, created, mtu = self.s.device_mtu(), "vxlan device ready");
         self.dev = Some((link.index, mac));
         Ok(BackendAttrs::Vxlan {
             vni: Some(self.s.vni),
@@ -561,8 +544,14 @@ impl Backend for VxlanBackend {
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
+        // Every step runs whatever an earlier one hit; the failures are reported together
+        // and the next round retries them.
+        let mut steps: Vec<BackendError> = Vec::new();
         let mut report = SyncReport::default();
-        report.repairs += self.repair_device().await?;
+        match self.repair_device().await {
+            Ok(n) => report.repairs += n,
+            Err(e) => steps.push(e.into()),
+        }
         let (index, _) = self.dev()?;
         let mut plans = Vec::new();
         let mut failures = Vec::new();
@@ -576,34 +565,32 @@ impl Backend for VxlanBackend {
                     unchecked.push(lease.subnet);
                     failures.push(source);
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => steps.push(e.into()),
             }
         }
-        report.merge(
-            self.sync_vtep_entries(index, &plans)
-                .await
-                .map_err(|e| self.device_err(e))?,
-        );
+        let vtep = self.sync_vtep_entries(index, &plans).await;
         let routes: Vec<RouteSpec> = plans.iter().map(|p| p.route).collect();
         let owned = |r: &RouteEntry| self.owns_route(index, r) && !unchecked.contains(&r.dst);
-        report.merge(
-            self.nl
-                .sync_routes(owned, &routes)
-                .await
-                .map_err(|e| self.device_err(e))?,
-        );
+        let synced = self.nl.sync_routes(owned, &routes).await;
+        for step in [vtep, synced] {
+            match step {
+                Ok(r) => report.merge(r),
+                Err(e) => steps.push(self.device_err(e).into()),
+            }
+        }
         failures.extend(report.failures);
         if report.repairs > 0 {
             info!(device = %self.s.device_name(), repairs = report.repairs, "reconciled kernel state with leases");
         }
-        partial(
-            format!(
-                "reconcile {} ({} repairs made)",
-                self.s.device_name(),
-                report.repairs
-            ),
-            failures,
-        )?;
+        let what = format!(
+            "reconcile {} ({} repairs made)",
+            self.s.device_name(),
+            report.repairs
+        );
+        if let Err(e) = partial(what, failures) {
+            steps.push(e.into());
+        }
+        BackendError::from_steps(steps)?;
         Ok(report.repairs)
     }
 }

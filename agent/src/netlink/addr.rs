@@ -8,7 +8,7 @@ use rtnetlink::packet_route::AddressFamily;
 
 use super::{collect, tolerate, Netlink, NetlinkError};
 
-fn parse_v4(msg: &AddressMessage) -> Option<Ipv4Net> {
+pub(super) fn parse_v4(msg: &AddressMessage) -> Option<Ipv4Net> {
     if msg.header.family != AddressFamily::Inet {
         return None;
     }
@@ -27,7 +27,7 @@ fn parse_v4(msg: &AddressMessage) -> Option<Ipv4Net> {
 }
 
 impl Netlink {
-    async fn address_dump(&self) -> Result<Vec<AddressMessage>, NetlinkError> {
+    pub(super) async fn address_dump(&self) -> Result<Vec<AddressMessage>, NetlinkError> {
         let req = self.handle.address().get().execute();
         collect(req, "list addresses", String::new).await
     }
@@ -41,16 +41,6 @@ impl Netlink {
             .filter(|m| m.header.index == index)
             .filter_map(parse_v4)
             .collect())
-    }
-
-    /// The index of the interface that holds `ip`, if any.
-    pub(super) async fn find_addr_owner(&self, ip: Ipv4Addr) -> Result<Option<u32>, NetlinkError> {
-        Ok(self
-            .address_dump()
-            .await?
-            .iter()
-            .find(|m| parse_v4(m).is_some_and(|n| n.addr() == ip))
-            .map(|m| m.header.index))
     }
 
     /// `ip addr add ADDR/LEN dev IFINDEX`; present already is fine.

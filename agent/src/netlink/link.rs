@@ -10,17 +10,39 @@ use rtnetlink::{LinkUnspec, LinkVxlan};
 use super::{is_errno, mac_from_bytes, tolerate, Netlink, NetlinkError};
 use crate::lease::MacAddr;
 
-/// The kernel's VXLAN port when none is configured (flannel's `Port` 0).
-pub const VXLAN_DEFAULT_PORT: u16 = 8472;
+/// One interface with its IPv4 addresses, as `ip -4 addr` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+    pub addrs: Vec<Ipv4Addr>,
+    pub mtu: u32,
+}
 
-/// The interface weft's traffic leaves by (flannel's `ExternalInterface`).
+/// The interface weft's traffic leaves by (flannel's `ExternalInterface`) and the address
+/// it advertises.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExternalIface {
     pub name: String,
     pub index: u32,
-    /// Its first IPv4 address: the VXLAN `local` address unless a public IP overrides it.
+    /// The interface's own IPv4 address: the VXLAN `local` address.
     pub ipv4: Ipv4Addr,
+    /// The address peers reach us at (`--public-ip`, else `ipv4`).
+    pub public_ip: Ipv4Addr,
     pub mtu: u32,
+}
+
+impl ExternalIface {
+    /// `iface` with `addr` as its address and `public_ip` (default `addr`) advertised.
+    pub fn new(iface: &Interface, addr: Ipv4Addr, public_ip: Option<Ipv4Addr>) -> Self {
+        Self {
+            name: iface.name.clone(),
+            index: iface.index,
+            ipv4: addr,
+            public_ip: public_ip.unwrap_or(addr),
+            mtu: iface.mtu,
+        }
+    }
 }
 
 /// A link as `ip -d link show` reports it, reduced to what weft checks.
@@ -60,7 +82,7 @@ pub struct VxlanSpec {
     pub vni: u32,
     pub local: Ipv4Addr,
     pub dev_index: u32,
-    /// Destination port; [`VXLAN_DEFAULT_PORT`] for flannel's `Port: 0`.
+    /// Destination port; `weft_common::wire::DEFAULT_PORT` for flannel's `Port: 0`.
     pub port: u16,
     pub learning: bool,
     pub gbp: bool,
@@ -285,7 +307,7 @@ impl Netlink {
         })
     }
 
-    /// The external interface by name, with its first IPv4 address.
+    /// The external interface by name, with its first IPv4 address (advertised as is).
     pub async fn iface_by_name(&self, name: &str) -> Result<ExternalIface, NetlinkError> {
         let link = self
             .link_by_name(name)
@@ -305,41 +327,45 @@ impl Netlink {
             name: link.name,
             index: link.index,
             ipv4,
+            public_ip: ipv4,
             mtu: link.mtu,
         })
     }
 
-    /// The external interface that holds `ip` (flanneld's `--iface=<ip>`).
-    pub async fn iface_by_addr(&self, ip: Ipv4Addr) -> Result<ExternalIface, NetlinkError> {
-        let index = self
-            .find_addr_owner(ip)
-            .await?
-            .ok_or(NetlinkError::NoIfaceWithAddr { ip })?;
-        let link = self
-            .link_by_index(index)
-            .await?
-            .ok_or(NetlinkError::NoIfaceWithAddr { ip })?;
-        Ok(ExternalIface {
-            name: link.name,
-            index,
-            ipv4: ip,
-            mtu: link.mtu,
-        })
+    /// Every interface with its IPv4 addresses (in the kernel's order), ordered by index.
+    pub async fn interfaces(&self) -> Result<Vec<Interface>, NetlinkError> {
+        let req = self.handle.link().get().execute();
+        let links = super::collect(req, "list links", String::new).await?;
+        let addrs = self.address_dump().await?;
+        let mut out: Vec<Interface> = links
+            .into_iter()
+            .map(|m| {
+                let link = parse_link(m);
+                Interface {
+                    addrs: addrs
+                        .iter()
+                        .filter(|a| a.header.index == link.index)
+                        .filter_map(super::addr::parse_v4)
+                        .map(|n| n.addr())
+                        .collect(),
+                    name: link.name,
+                    index: link.index,
+                    mtu: link.mtu,
+                }
+            })
+            .collect();
+        out.sort_by_key(|i| i.index);
+        Ok(out)
     }
 
-    /// The interface of the IPv4 default route (flanneld without `--iface`).
-    pub async fn default_route_iface(&self) -> Result<ExternalIface, NetlinkError> {
-        let index = self
+    /// The interface index of the main table's first IPv4 default route (the kernel lists
+    /// the lowest metric first), as flanneld picks the external interface without `--iface`.
+    pub async fn default_route_index(&self) -> Result<Option<u32>, NetlinkError> {
+        Ok(self
             .routes_v4()
             .await?
             .into_iter()
             .find(|r| r.dst.prefix_len() == 0 && r.oif.is_some())
-            .and_then(|r| r.oif)
-            .ok_or(NetlinkError::NoDefaultRoute)?;
-        let link = self
-            .link_by_index(index)
-            .await?
-            .ok_or(NetlinkError::NoDefaultRoute)?;
-        self.iface_by_name(&link.name).await
+            .and_then(|r| r.oif))
     }
 }

@@ -32,7 +32,7 @@ use rtnetlink::packet_core::ErrorMessage;
 use crate::lease::MacAddr;
 
 pub use bridge_events::{BridgeEvent, BridgeEvents};
-pub use link::{ExternalIface, LinkInfo, VxlanAttrs, VxlanSpec, VXLAN_DEFAULT_PORT};
+pub use link::{ExternalIface, Interface, LinkInfo, VxlanAttrs, VxlanSpec};
 pub use neigh::{BridgePortEntry, FdbEntry, NeighEntry};
 pub use route::{RouteEntry, RouteSpec, SyncReport};
 pub use watch::LinkWatch;
@@ -54,12 +54,8 @@ pub enum NetlinkError {
     },
     #[error("interface {name} not found; check the name (`ip link`) or --iface")]
     NoSuchLink { name: String },
-    #[error("no interface has address {ip}; check --iface / --public-ip (`ip -4 addr`)")]
-    NoIfaceWithAddr { ip: std::net::Ipv4Addr },
     #[error("interface {name} has no IPv4 address; add one or choose another with --iface")]
     NoIpv4 { name: String },
-    #[error("no IPv4 default route to pick the external interface from; pass --iface")]
-    NoDefaultRoute,
 }
 
 /// The kernel's errno as text ("File exists (os error 17)") for error messages.
@@ -153,13 +149,9 @@ fn mac_from_bytes(b: &[u8]) -> Option<MacAddr> {
     <[u8; 6]>::try_from(b).ok().map(MacAddr)
 }
 
-/// `aa:bb:cc:dd:ee:ff`, as flannel and iproute2 print MACs.
+/// `aa:bb:cc:dd:ee:ff`: [`MacAddr`]'s Display, kept for callers outside this module.
 pub fn fmt_mac(mac: &MacAddr) -> String {
-    let m = mac.0;
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
+    mac.to_string()
 }
 
 #[cfg(test)]

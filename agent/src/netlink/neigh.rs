@@ -9,7 +9,7 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::route::RouteType;
 use rtnetlink::packet_route::AddressFamily;
 
-use super::{collect, fmt_mac, mac_from_bytes, tolerate, Netlink, NetlinkError};
+use super::{collect, mac_from_bytes, tolerate, Netlink, NetlinkError};
 use crate::lease::MacAddr;
 
 /// An IPv4 neighbour (ARP) entry.
@@ -146,7 +146,7 @@ impl Netlink {
             .execute()
             .await;
         tolerate(res, &[], "replace neighbour", || {
-            format!("{ip} lladdr {}", fmt_mac(&mac))
+            format!("{ip} lladdr {mac}")
         })
     }
 
@@ -199,9 +199,7 @@ impl Netlink {
             .replace()
             .execute()
             .await;
-        tolerate(res, &[], "replace fdb entry", || {
-            format!("{} dst {dst}", fmt_mac(&mac))
-        })
+        tolerate(res, &[], "replace fdb entry", || format!("{mac} dst {dst}"))
     }
 
     /// `bridge fdb del MAC dev IFINDEX [dst IP] self`; without `dst` the whole
@@ -227,7 +225,7 @@ impl Netlink {
             res,
             &[libc::ENOENT, libc::ENODEV],
             "delete fdb entry",
-            || format!("{} dst {dst:?}", fmt_mac(&mac)),
+            || format!("{mac} dst {dst:?}"),
         )
     }
 }

@@ -1,6 +1,5 @@
 //! The etcd v3 store: the only module that touches etcd-client.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,12 +11,18 @@ use ipnet::Ipv4Net;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::SubnetError;
+use super::{Listing, SubnetError, SubnetStore, WatchUpdate};
+
+mod diagnose;
+
 use crate::lease::{parse_subnet_key, subnet_key, Lease, LeaseAttrs};
+use diagnose::{client_cert_fix, diagnose};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Bare closes after the TLS handshake in a row that make a client-certificate rejection.
+const CLOSES_MEAN_REJECTED: u32 = 3;
 
 /// How to reach etcd (flanneld's `--etcd-*` flags).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -29,25 +34,6 @@ pub struct EtcdOptions {
     pub keyfile: Option<PathBuf>,
     pub username: Option<String>,
     pub password: Option<String>,
-}
-
-/// Every lease key under `<prefix>/subnets` at one revision.
-#[derive(Debug, Clone, Default)]
-pub struct Listing {
-    /// Leases whose key and value parse.
-    pub leases: Vec<Lease>,
-    /// Every subnet with a key, parsable value or not: none of these may be handed out.
-    pub taken: BTreeSet<Ipv4Net>,
-    pub revision: i64,
-}
-
-/// What the lease watch reports.
-#[derive(Debug, Clone)]
-pub enum WatchUpdate {
-    /// A full listing (at start, after a reconnect that lost history, or after compaction).
-    Snapshot(Listing),
-    Put(Lease),
-    Delete(Ipv4Net),
 }
 
 #[derive(Clone)]
@@ -66,8 +52,35 @@ fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, SubnetError> {
 }
 
 impl EtcdStore {
-    /// Connect and make one read, so an unreachable etcd is reported here.
+    /// Connect and make one read, so an unreachable etcd is reported here. etcd closing the
+    /// connection right after the TLS handshake is how TLS 1.3 shows a rejected client
+    /// certificate, but a transient reset looks the same: tried again a few times, it is
+    /// reported as a rejection (fatal) only when every attempt ends so.
     pub async fn connect(opts: &EtcdOptions) -> Result<Self, SubnetError> {
+        let mut attempt = 1;
+        loop {
+            match Self::connect_once(opts).await {
+                Err(SubnetError::ClosedAfterHandshake { endpoints }) => {
+                    if attempt == CLOSES_MEAN_REJECTED {
+                        return Err(SubnetError::Tls {
+                            endpoints,
+                            reason: format!("etcd closed the connection right after the handshake {attempt} times in a row: it did not accept our client certificate"),
+                            fix: client_cert_fix(opts),
+                        });
+                    }
+                    tracing::warn!(
+                        attempt,
+                        "etcd closed the TLS connection after the handshake; trying again"
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(BACKOFF_MIN).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn connect_once(opts: &EtcdOptions) -> Result<Self, SubnetError> {
         let endpoints = opts.endpoints.join(",");
         let unavailable = |reason: String| SubnetError::Unavailable {
             endpoints: endpoints.clone(),
@@ -355,32 +368,6 @@ impl EtcdStore {
         }))
     }
 
-    /// Take our subnet's key back from a writer that overwrote it with another PublicIP (or
-    /// garbage) while our etcd lease was alive.
-    pub async fn reclaim(
-        &self,
-        current: &Lease,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<Option<Lease>, SubnetError> {
-        self.take_over(current, attrs, ttl, |held| {
-            held.is_none_or(|h| h.public_ip != attrs.public_ip)
-        })
-        .await
-    }
-
-    /// Delete a lease key (operators and tests).
-    pub async fn delete_lease(&self, subnet: Ipv4Net) -> Result<(), SubnetError> {
-        let key = self.lease_key(subnet);
-        self.call(
-            "delete",
-            &key,
-            self.client.clone().delete(key.as_str(), None),
-        )
-        .await
-        .map(|_| ())
-    }
-
     /// Follow `<prefix>/subnets`: a snapshot, then watch events from the snapshot's revision.
     /// Reconnects with backoff (100 ms doubling to 5 s); a compacted revision means re-list.
     /// Ends when `cancel` fires or the receiver is dropped. `on_reconnect` runs each time the
@@ -394,6 +381,7 @@ impl EtcdStore {
         let prefix = self.subnets_prefix();
         let mut backoff = BACKOFF_MIN;
         let mut next_rev: Option<i64> = None;
+        let mut after_break = false;
         loop {
             if cancel.is_cancelled() {
                 return;
@@ -412,6 +400,7 @@ impl EtcdStore {
                     Err(e) => {
                         tracing::warn!(retry_in = ?backoff, "listing leases: {e}");
                         on_reconnect();
+                        after_break = true;
                         if sleep_or_cancel(&cancel, &mut backoff).await {
                             return;
                         }
@@ -421,10 +410,17 @@ impl EtcdStore {
             };
             let opts = WatchOptions::new().with_prefix().with_start_revision(rev);
             let mut stream = match self.client.clone().watch(prefix.as_str(), Some(opts)).await {
-                Ok(s) => s,
+                Ok(s) => {
+                    if after_break {
+                        tracing::info!(revision = rev, "lease watch re-established");
+                        after_break = false;
+                    }
+                    s
+                }
                 Err(e) => {
                     tracing::warn!(retry_in = ?backoff, "watching {prefix}: {e}; reconnecting");
                     on_reconnect();
+                    after_break = true;
                     if sleep_or_cancel(&cancel, &mut backoff).await {
                         return;
                     }
@@ -441,6 +437,7 @@ impl EtcdStore {
                     Ok(None) | Err(_) => {
                         tracing::warn!(retry_in = ?backoff, revision = rev, "lease watch broke; reconnecting");
                         on_reconnect();
+                        after_break = true;
                         break;
                     }
                 };
@@ -493,147 +490,52 @@ impl EtcdStore {
     }
 }
 
-/// A refusal that retrying cannot fix (certificate, credentials, permissions) as an error that
-/// names the flag to change; `None` for anything else (etcd down, network).
-fn diagnose(opts: &EtcdOptions, e: &etcd_client::Error) -> Option<SubnetError> {
-    let etcd_client::Error::GRpcStatus(status) = e else {
-        return None;
-    };
-    let endpoints = opts.endpoints.join(",");
-    let auth = |fix: String| SubnetError::Auth {
-        endpoints: endpoints.clone(),
-        reason: status.message().to_string(),
-        fix,
-    };
-    match (status.code(), &opts.username) {
-        // etcd answers a bad password and a missing user name with InvalidArgument.
-        (tonic::Code::InvalidArgument | tonic::Code::Unauthenticated, Some(user)) => {
-            return Some(auth(format!(
-                "check --etcd-username ({user}) and --etcd-password against etcd's users (`etcdctl user list`)"
-            )))
-        }
-        (tonic::Code::InvalidArgument | tonic::Code::Unauthenticated, None) => {
-            return Some(auth(
-                "etcd has authentication enabled: pass --etcd-username and --etcd-password".into(),
-            ))
-        }
-        (tonic::Code::PermissionDenied, user) => {
-            return Some(auth(format!(
-                "grant user {} read and write on the prefix: `etcdctl role grant-permission <role> --prefix=true readwrite {}`",
-                user.as_deref().unwrap_or("(none)"),
-                opts.prefix
-            )))
-        }
-        _ => {}
+impl SubnetStore for EtcdStore {
+    fn config_key(&self) -> String {
+        EtcdStore::config_key(self)
     }
-    let tls = |reason: String, fix: String| {
-        Some(SubnetError::Tls {
-            endpoints: endpoints.clone(),
-            reason,
-            fix,
-        })
-    };
-    let shown = |p: &Option<PathBuf>| {
-        p.as_ref()
-            .map_or("none".into(), |p| p.display().to_string())
-    };
-    match tls_failure(status) {
-        Some(TlsFailure::Rustls(
-            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
-            | rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext {
-                ..
-            }),
-        )) => tls(
-            "etcd's certificate does not name the endpoint's host".into(),
-            "use an endpoint host that etcd's certificate lists in its subjectAltName, or reissue the certificate".into(),
-        ),
-        Some(TlsFailure::Rustls(e @ rustls::Error::InvalidCertificate(_))) => tls(
-            format!("etcd's certificate is not trusted ({e})"),
-            format!(
-                "pass the CA that signed etcd's --cert-file with --etcd-cafile (now: {})",
-                shown(&opts.cafile)
-            ),
-        ),
-        Some(TlsFailure::Rustls(e @ rustls::Error::AlertReceived(_))) => tls(
-            format!("etcd rejected our client certificate ({e})"),
-            client_cert_fix(opts),
-        ),
-        Some(TlsFailure::Rustls(e)) => tls(
-            e.to_string(),
-            "check --etcd-cafile, --etcd-certfile and --etcd-keyfile".into(),
-        ),
-        // tokio-rustls hands a received alert up as a plain InvalidData I/O error: the server
-        // ended the handshake, which with client-cert-auth means our certificate.
-        Some(TlsFailure::Alert(e)) => tls(
-            format!("etcd rejected our client certificate ({e})"),
-            client_cert_fix(opts),
-        ),
-        // With TLS 1.3 the client finishes its handshake before the server checks the client
-        // certificate; etcd then just closes the connection, which is all we see.
-        // Depending on timing the close shows as a cancelled request or as a broken pipe.
-        None if uses_tls(opts) && closed_by_peer(status) => tls(
-            "etcd closed the connection right after the handshake: it did not accept our client certificate".into(),
-            client_cert_fix(opts),
-        ),
-        None => None,
+    async fn get_config(&self) -> Result<Option<String>, SubnetError> {
+        EtcdStore::get_config(self).await
     }
-}
-
-/// Whether the request died because etcd closed the connection under it.
-fn closed_by_peer(status: &tonic::Status) -> bool {
-    if status.code() == tonic::Code::Cancelled {
-        return true;
+    async fn list_leases(&self) -> Result<Listing, SubnetError> {
+        EtcdStore::list_leases(self).await
     }
-    let mut next = std::error::Error::source(status);
-    while let Some(e) = next {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
-            if matches!(io.kind(), BrokenPipe | ConnectionReset) {
-                return true;
-            }
-        }
-        next = e.source();
+    async fn ttl_left(&self, lease_id: i64) -> Result<Option<i64>, SubnetError> {
+        EtcdStore::ttl_left(self, lease_id).await
     }
-    false
-}
-
-fn uses_tls(opts: &EtcdOptions) -> bool {
-    opts.endpoints.iter().any(|e| e.starts_with("https://"))
-}
-
-fn client_cert_fix(opts: &EtcdOptions) -> String {
-    match &opts.certfile {
-        Some(cert) => format!(
-            "--etcd-certfile {} must be signed by a CA in etcd's --trusted-ca-file",
-            cert.display()
-        ),
-        None => "etcd wants a client certificate (--client-cert-auth): pass --etcd-certfile and --etcd-keyfile".into(),
+    async fn create(
+        &self,
+        subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        EtcdStore::create(self, subnet, attrs, ttl).await
     }
-}
-
-/// What ended a TLS handshake, found behind a gRPC status (tonic -> hyper -> io::Error).
-enum TlsFailure<'a> {
-    Rustls(&'a rustls::Error),
-    Alert(&'a std::io::Error),
-}
-
-fn tls_failure(status: &tonic::Status) -> Option<TlsFailure<'_>> {
-    let mut next = std::error::Error::source(status);
-    while let Some(e) = next {
-        if let Some(t) = e.downcast_ref::<rustls::Error>() {
-            return Some(TlsFailure::Rustls(t));
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(t) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return Some(TlsFailure::Rustls(t));
-            }
-            if io.kind() == std::io::ErrorKind::InvalidData {
-                return Some(TlsFailure::Alert(io));
-            }
-        }
-        next = e.source();
+    async fn renew(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        EtcdStore::renew(self, current, attrs, ttl).await
     }
-    None
+    async fn take_over(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        accept: impl Fn(Option<&LeaseAttrs>) -> bool + Send,
+    ) -> Result<Option<Lease>, SubnetError> {
+        EtcdStore::take_over(self, current, attrs, ttl, accept).await
+    }
+    async fn watch_leases(
+        &self,
+        tx: mpsc::Sender<WatchUpdate>,
+        cancel: CancellationToken,
+        on_reconnect: impl Fn() + Send,
+    ) {
+        EtcdStore::watch_leases(self, tx, cancel, on_reconnect).await
+    }
 }
 
 /// Sleep the current backoff and double it; true when cancelled meanwhile.

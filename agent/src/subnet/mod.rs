@@ -1,4 +1,5 @@
-//! Subnet leases: the etcd store, the pure allocator, and the acquire/renew policy.
+//! Subnet leases: the [`SubnetStore`] interface with the etcd store and an in-memory one, the
+//! pure allocator, and the acquire/renew policy.
 //!
 //! Policy (flannel's, with weft's fixes): reuse a lease holding our PublicIP, else the subnet
 //! of the old subnet file, else a random one among the first 100 free; a lost
@@ -6,13 +7,18 @@
 
 pub mod alloc;
 pub mod etcd;
+pub mod memory;
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-pub use etcd::{EtcdOptions, EtcdStore, Listing, WatchUpdate};
+pub use etcd::{EtcdOptions, EtcdStore};
+pub use memory::MemoryStore;
 
 use crate::config::{ConfigError, NetworkConfig};
 use crate::lease::{Lease, LeaseAttrs};
@@ -39,6 +45,10 @@ pub enum SubnetError {
         reason: String,
         fix: String,
     },
+    /// etcd closed the connection right after the TLS handshake: a rejected client
+    /// certificate when it repeats, a transient reset when it does not. Retried.
+    #[error("etcd at {endpoints} closed the TLS connection right after the handshake; retrying")]
+    ClosedAfterHandshake { endpoints: String },
     /// etcd answered but refused our credentials (or wanted some); retrying does not help.
     #[error("etcd at {endpoints} refused access: {reason}; {fix}")]
     Auth {
@@ -70,6 +80,89 @@ pub enum SubnetError {
     TooManyRaces { races: usize },
 }
 
+/// Every lease key under `<prefix>/subnets` at one revision.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    /// Leases whose key and value parse.
+    pub leases: Vec<Lease>,
+    /// Every subnet with a key, parsable value or not: none of these may be handed out.
+    pub taken: BTreeSet<Ipv4Net>,
+    pub revision: i64,
+}
+
+/// What the lease watch reports.
+#[derive(Debug, Clone)]
+pub enum WatchUpdate {
+    /// A full listing (at start, after a reconnect that lost history, or after compaction).
+    Snapshot(Listing),
+    Put(Lease),
+    Delete(Ipv4Net),
+}
+
+/// Where the network config and the leases live (flannel's subnet manager interface): the
+/// agent loop speaks only this, so it runs the same on etcd and on [`MemoryStore`].
+///
+/// A lease is a subnet key holding [`LeaseAttrs`] on a store lease (`Lease::etcd_lease`)
+/// that expires after its TTL unless renewed.
+pub trait SubnetStore: Clone + Send + Sync + 'static {
+    /// Where the network config lives, for messages (`/coreos.com/network/config`).
+    fn config_key(&self) -> String;
+    /// The raw network config JSON; `None` when absent.
+    fn get_config(&self) -> impl Future<Output = Result<Option<String>, SubnetError>> + Send;
+    /// Every lease at one revision.
+    fn list_leases(&self) -> impl Future<Output = Result<Listing, SubnetError>> + Send;
+    /// Seconds left on a store lease; `None` when it has expired or the id is 0.
+    fn ttl_left(
+        &self,
+        lease_id: i64,
+    ) -> impl Future<Output = Result<Option<i64>, SubnetError>> + Send;
+    /// Create `subnet`'s key if nobody holds it; `None` when another host won it.
+    fn create(
+        &self,
+        subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<Lease>, SubnetError>> + Send;
+    /// Re-put `current` with `attrs` on a fresh store lease if the key still holds
+    /// `current`'s attributes; `None` when it is gone or someone else's.
+    fn renew(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<Lease>, SubnetError>> + Send;
+    /// Re-put `current`'s key with `attrs` if `accept` approves of what it holds now (`None`
+    /// when unparsable) and nobody writes it in between; `None` otherwise.
+    fn take_over(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        accept: impl Fn(Option<&LeaseAttrs>) -> bool + Send,
+    ) -> impl Future<Output = Result<Option<Lease>, SubnetError>> + Send;
+    /// Take our subnet's key back from a writer that overwrote it with another PublicIP (or
+    /// garbage) while our store lease was alive.
+    fn reclaim(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<Lease>, SubnetError>> + Send {
+        let ip = attrs.public_ip;
+        self.take_over(current, attrs, ttl, move |held| {
+            held.is_none_or(|h| h.public_ip != ip)
+        })
+    }
+    /// Send a snapshot, then every change; after a break, reconnect (calling `on_reconnect`)
+    /// and resume or re-snapshot. Ends when `cancel` fires or the receiver is dropped.
+    fn watch_leases(
+        &self,
+        tx: mpsc::Sender<WatchUpdate>,
+        cancel: CancellationToken,
+        on_reconnect: impl Fn() + Send,
+    ) -> impl Future<Output = ()> + Send;
+}
+
 /// Lease timing: the TTL granted and how long before expiry to renew.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseTiming {
@@ -92,7 +185,7 @@ impl LeaseTiming {
 /// Get a lease for `attrs`: reuse ours (by PublicIP), else `prefer` (the old subnet file, or
 /// the subnet we just lost), else a random free one.
 pub async fn acquire(
-    store: &EtcdStore,
+    store: &impl SubnetStore,
     cfg: &NetworkConfig,
     attrs: &LeaseAttrs,
     ttl: Duration,
