@@ -528,7 +528,10 @@ where
                 let result = if need_acquire {
                     st.reacquire(&tracker, &shutdown).await.map(|()| true)
                 } else {
-                    st.store.renew(&st.own, &st.attrs, cfg.lease.ttl).await.map(|l| l.map(|l| st.own = l).is_some()).map_err(AgentError::from)
+                    let asked = Instant::now();
+                    let renewed = st.store.renew(&st.own, &st.attrs, cfg.lease.ttl).await;
+                    st.metrics.observe_etcd(asked.elapsed());
+                    renewed.map(|l| l.map(|l| st.own = l).is_some()).map_err(AgentError::from)
                 };
                 match result {
                     Ok(true) => {
@@ -553,7 +556,10 @@ where
             // A container joined or left the bridge: reconcile now, not at the next tick.
             _ = st.backend.local_change(), if snapshot_seen => reconcile.reset_immediately(),
             _ = reconcile.tick(), if snapshot_seen => {
-                match st.backend.reconcile(&st.peers.leases()).await {
+                let started = Instant::now();
+                let result = st.backend.reconcile(&st.peers.leases()).await;
+                st.metrics.observe_reconcile(started.elapsed());
+                match result {
                     Ok(0) => {}
                     Ok(n) => {
                         st.metrics.reconcile_repairs.add(n as u64);
