@@ -107,6 +107,11 @@ impl HealthServer {
                             let served = hyper::server::conn::http1::Builder::new()
                                 .timer(TokioTimer::new())
                                 .header_read_timeout(READ_TIMEOUT)
+                                // One request per connection, as probers and scrapers use them;
+                                // nothing idles after the answer.
+                                .keep_alive(false)
+                                // Header names as the old hand-written server sent them.
+                                .title_case_headers(true)
                                 .serve_connection(TokioIo::new(stream), service)
                                 .await;
                             if let Err(e) = served {
@@ -195,7 +200,7 @@ mod tests {
         let status = |path: &'static str, method: &'static str| async move {
             let r = exchange(
                 addr,
-                &format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+                &format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
             )
             .await;
             r.split(' ').nth(1).unwrap_or_default().to_string()
@@ -206,14 +211,9 @@ mod tests {
         assert_eq!(status("/readyz?verbose", "GET").await, "200");
         assert_eq!(status("/healthz", "POST").await, "405");
         assert_eq!(status("/nope", "GET").await, "404");
-        let head = exchange(
-            addr,
-            "HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .await;
+        let head = exchange(addr, "HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(
-            head.to_ascii_lowercase().contains("content-length: 3\r\n")
-                && head.ends_with("\r\n\r\n"),
+            head.contains("Content-Length: 3\r\n") && head.ends_with("\r\n\r\n"),
             "{head}"
         );
         let garbage = exchange(addr, "garbage\r\n\r\n").await;
