@@ -30,9 +30,11 @@
 //! Traffic to the outside world is still masqueraded by Docker.
 //!
 //! **weft:** where flanneld, when one rule was missing, deleted and re-added them all (a window in which
-//! traffic leaves un-NATed), [`Masq::ensure`] only inserts what is missing, at its place, and only then
-//! drops rules that no longer belong (e.g. an old subnet's). The jump into our chain is added last, so
-//! packets never enter a half-built chain. nftables chains are rewritten in one atomic transaction.
+//! traffic leaves un-NATed), [`Masq::ensure`] checks each rule with `iptables -C` (as flanneld does, so
+//! no version's `iptables -S` spelling matters) and counts the chain's rules; when one is missing or a
+//! stale one is there (e.g. an old subnet's), the chain is rewritten in one `iptables-restore
+//! --noflush` transaction, so packets never see it half-built. The jump into our chain is added last.
+//! nftables tables are read with `nft -j` and chains rewritten in one atomic `nft -f` transaction.
 //! The binaries are driven as they are installed: `iptables` is whichever backend (nf_tables or legacy)
 //! the host's alternatives select, always with `-w` so we wait for the xtables lock instead of failing.
 //!
@@ -59,7 +61,6 @@ mod iptables;
 mod nftables;
 
 use iptables::{canonical, IptChain};
-use nftables::{Match, Verdict};
 pub use nftables::{NftChain, NftRule};
 
 /// The mark kube-proxy sets on packets it will masquerade itself; flannel leaves them alone.
@@ -388,74 +389,6 @@ impl Masq {
             Err(_) => return true,
         };
         *self.random_fully.get_or_init(|| supported)
-    }
-
-    /// The chains of table `ip flannel-ipv4` (with `EnableNFTables`).
-    ///
-    /// **weft:** flanneld's nftables code returns on `ip saddr != SN ip daddr N` and matches the mark with
-    /// `meta mark 0x4000`; both differ from its own iptables rules (the first shadows the host-to-overlay
-    /// masquerade). weft writes the iptables logic here, as FLANNEL-COMPAT.md asks: `! -s N -d SN` and
-    /// the masked mark. The table is node-local, so peers cannot tell.
-    pub fn nft_rules(&self) -> Vec<NftChain> {
-        let (n, sn) = (self.network, self.subnet);
-        let saddr = |net| Match::Saddr { not: false, net };
-        let daddr = |net| Match::Daddr { not: false, net };
-        let not_saddr = |net| Match::Saddr { not: true, net };
-        let not_daddr = |net| Match::Daddr { not: true, net };
-        let rule = |matches: Vec<Match>, verdict| NftRule { matches, verdict };
-        let mut chains = Vec::new();
-        if self.masquerade {
-            let multicast: Ipv4Net = MULTICAST.parse().expect("a valid prefix");
-            chains.push(NftChain {
-                name: "postrtg",
-                hook: "type nat hook postrouting priority srcnat",
-                comment: "chain to manage traffic masquerading by flannel",
-                rules: vec![
-                    rule(vec![Match::KubeProxyMark], Verdict::Return),
-                    rule(vec![saddr(sn), daddr(n)], Verdict::Return),
-                    rule(vec![saddr(n), daddr(sn)], Verdict::Return),
-                    rule(vec![not_saddr(n), daddr(sn)], Verdict::Return),
-                    rule(
-                        vec![saddr(n), not_daddr(multicast)],
-                        Verdict::MasqueradeFullyRandom,
-                    ),
-                    rule(vec![not_saddr(n), daddr(n)], Verdict::MasqueradeFullyRandom),
-                ],
-            });
-        }
-        if self.forward {
-            chains.push(NftChain {
-                name: "forward",
-                hook: "type filter hook forward priority filter",
-                comment: "chain to accept flannel traffic",
-                rules: vec![
-                    rule(vec![saddr(n)], Verdict::Accept),
-                    rule(vec![daddr(n)], Verdict::Accept),
-                ],
-            });
-        }
-        chains
-    }
-
-    /// The chain of table `ip weft-nonat`: only without `--ip-masq`, when Docker masquerades (see the
-    /// module docs). The identity binding runs before any srcnat-priority chain and ends NAT evaluation.
-    pub fn nonat_rules(&self) -> Vec<NftChain> {
-        if self.masquerade {
-            return Vec::new();
-        }
-        let n = self.network;
-        vec![NftChain {
-            name: "postrouting",
-            hook: "type nat hook postrouting priority srcnat - 1",
-            comment: "overlay traffic keeps its source address",
-            rules: vec![NftRule {
-                matches: vec![
-                    Match::Saddr { not: false, net: n },
-                    Match::Daddr { not: false, net: n },
-                ],
-                verdict: Verdict::SnatToSaddr,
-            }],
-        }]
     }
 }
 

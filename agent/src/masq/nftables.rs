@@ -8,7 +8,7 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{run, run_stdin, MasqError};
+use super::{run, run_stdin, Masq, MasqError, MULTICAST};
 
 /// One nftables base chain we own: its hook line, comment and rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +104,76 @@ impl NftRule {
             Verdict::SnatToSaddr => json!({"snat": {"addr": payload("saddr")}}),
         });
         expr
+    }
+}
+
+impl Masq {
+    /// The chains of table `ip flannel-ipv4` (with `EnableNFTables`).
+    ///
+    /// **weft:** flanneld's nftables code returns on `ip saddr != SN ip daddr N` and matches the mark with
+    /// `meta mark 0x4000`; both differ from its own iptables rules (the first shadows the host-to-overlay
+    /// masquerade). weft writes the iptables logic here, as FLANNEL-COMPAT.md asks: `! -s N -d SN` and
+    /// the masked mark. The table is node-local, so peers cannot tell.
+    pub fn nft_rules(&self) -> Vec<NftChain> {
+        let (n, sn) = (self.network, self.subnet);
+        let saddr = |net| Match::Saddr { not: false, net };
+        let daddr = |net| Match::Daddr { not: false, net };
+        let not_saddr = |net| Match::Saddr { not: true, net };
+        let not_daddr = |net| Match::Daddr { not: true, net };
+        let rule = |matches: Vec<Match>, verdict| NftRule { matches, verdict };
+        let mut chains = Vec::new();
+        if self.masquerade {
+            let multicast: Ipv4Net = MULTICAST.parse().expect("a valid prefix");
+            chains.push(NftChain {
+                name: "postrtg",
+                hook: "type nat hook postrouting priority srcnat",
+                comment: "chain to manage traffic masquerading by flannel",
+                rules: vec![
+                    rule(vec![Match::KubeProxyMark], Verdict::Return),
+                    rule(vec![saddr(sn), daddr(n)], Verdict::Return),
+                    rule(vec![saddr(n), daddr(sn)], Verdict::Return),
+                    rule(vec![not_saddr(n), daddr(sn)], Verdict::Return),
+                    rule(
+                        vec![saddr(n), not_daddr(multicast)],
+                        Verdict::MasqueradeFullyRandom,
+                    ),
+                    rule(vec![not_saddr(n), daddr(n)], Verdict::MasqueradeFullyRandom),
+                ],
+            });
+        }
+        if self.forward {
+            chains.push(NftChain {
+                name: "forward",
+                hook: "type filter hook forward priority filter",
+                comment: "chain to accept flannel traffic",
+                rules: vec![
+                    rule(vec![saddr(n)], Verdict::Accept),
+                    rule(vec![daddr(n)], Verdict::Accept),
+                ],
+            });
+        }
+        chains
+    }
+
+    /// The chain of table `ip weft-nonat`: only without `--ip-masq`, when Docker masquerades (see the
+    /// module docs). The identity binding runs before any srcnat-priority chain and ends NAT evaluation.
+    pub fn nonat_rules(&self) -> Vec<NftChain> {
+        if self.masquerade {
+            return Vec::new();
+        }
+        let n = self.network;
+        vec![NftChain {
+            name: "postrouting",
+            hook: "type nat hook postrouting priority srcnat - 1",
+            comment: "overlay traffic keeps its source address",
+            rules: vec![NftRule {
+                matches: vec![
+                    Match::Saddr { not: false, net: n },
+                    Match::Daddr { not: false, net: n },
+                ],
+                verdict: Verdict::SnatToSaddr,
+            }],
+        }]
     }
 }
 
