@@ -1,10 +1,11 @@
-//! Tools for the adversarial suite (`tests/tests/adversarial.rs`): the same cluster on either
-//! datapath, hand-built frames sent from inside a namespace, packet captures that say where
-//! frames landed, and the comparison "the eBPF path lands no more than the kernel path".
+//! Tools for the adversarial suite (`tests/tests/adversarial.rs`): the same cluster on the kernel
+//! datapath and on the eBPF one (with either decapsulation hook), hand-built frames sent from
+//! inside a namespace, packet captures that say where frames landed, and the comparison "the eBPF
+//! path lands no more than the kernel path".
 //!
-//! Frames are sent and caught with `AF_PACKET` sockets opened by threads that joined the namespace
-//! (as [`Netns::spawn_thread`](crate::Netns::spawn_thread) does): no tool inside the namespaces is needed
-//! and the test process itself never joins them.
+//! Frames are sent and caught with `AF_PACKET` sockets opened by threads that joined the
+//! namespace (as [`Netns::spawn_thread`](crate::Netns::spawn_thread) does): no tool inside the
+//! namespaces is needed and the test process itself never joins them.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -192,8 +193,9 @@ pub async fn wait_ebpf_ready(host: &Host, peers: usize) {
 
 /// Legitimate traffic after an attack: every container pings every other one (same host and
 /// across hosts) and every host pings a container on each other host (from its own address, as
-/// the kernel routes it). Panics naming each pair that failed. On eBPF, every host's programs must
-/// have encapsulated some of it: a silent fallback to flannel.1 would compare the kernel with itself.
+/// the kernel routes it). Panics naming each pair that failed. On eBPF, every host's programs
+/// must have encapsulated some of it: a silent fallback to flannel.1 would compare the kernel with
+/// itself.
 pub async fn legit_traffic_flows(c: &Cluster, dp: Datapath, when: &str) {
     if dp == Datapath::Kernel {
         return ping_all(c, dp, when).await;
@@ -337,7 +339,7 @@ pub async fn mac(ns: &str, dev: &str) -> [u8; 6] {
     parse_mac(v[0]["address"].as_str().expect("an address"))
 }
 
-fn parse_mac(text: &str) -> [u8; 6] {
+pub fn parse_mac(text: &str) -> [u8; 6] {
     let bytes: Vec<u8> = text
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).expect("hex MAC"))
@@ -388,16 +390,7 @@ pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_8021Q: u16 = 0x8100;
 
 /// The Internet checksum of `bytes`.
-pub fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
+pub use crate::packet::ipv4_checksum as checksum;
 
 /// What goes into an IPv4/UDP packet.
 #[derive(Debug, Clone)]
@@ -467,7 +460,36 @@ pub fn vlan_frame(dst: [u8; 6], src: [u8; 6], vid: u16, proto: u16, payload: &[u
     ethernet(dst, src, ETH_P_8021Q, &tagged)
 }
 
-/// A VXLAN payload (what follows the outer UDP header): I flag, `vni`, then `inner` (an Ethernet frame).
+pub const ETH_P_ARP: u16 = 0x0806;
+
+/// An ARP reply frame, "`sender_ip` is at `sender_mac`", addressed to `target`.
+pub fn arp_reply(
+    sender_mac: [u8; 6],
+    sender_ip: Ipv4Addr,
+    target_mac: [u8; 6],
+    target_ip: Ipv4Addr,
+) -> Vec<u8> {
+    // Ethernet, IPv4, 6-byte hardware and 4-byte protocol addresses, operation 2 (reply).
+    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 2];
+    arp.extend(sender_mac);
+    arp.extend(sender_ip.octets());
+    arp.extend(target_mac);
+    arp.extend(target_ip.octets());
+    ethernet(target_mac, sender_mac, ETH_P_ARP, &arp)
+}
+
+/// The link-layer address `ns` has for `ip` on `dev`, if it has a neighbour entry with one.
+pub async fn neighbour(ns: &str, dev: &str, ip: Ipv4Addr) -> Option<[u8; 6]> {
+    let ip = ip.to_string();
+    let out = crate::netns::run("ip", &["-n", ns, "-j", "neigh", "show", &ip, "dev", dev])
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let v: Value = serde_json::from_str(&out).expect("ip -j output");
+    v[0]["lladdr"].as_str().map(parse_mac)
+}
+
+/// A VXLAN payload (what follows the outer UDP header): I flag, `vni`, then `inner` (an Ethernet
+/// frame).
 pub fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
     let mut f = vec![0x08, 0, 0, 0];
     f.extend((vni << 8).to_be_bytes());
@@ -670,7 +692,8 @@ pub struct Caught {
     pub outgoing: bool,
     /// The VLAN ID when the frame carried a tag, inline or in the skb's metadata.
     pub vlan: Option<u16>,
-    /// The checksum was left to the device (`TP_STATUS_CSUMNOTREADY`): the field holds a partial sum.
+    /// The checksum was left to the device (`TP_STATUS_CSUMNOTREADY`): the field holds a partial
+    /// sum.
     pub csum_not_ready: bool,
 }
 
@@ -692,7 +715,7 @@ const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
 const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
 
 /// A packet socket on one interface of one namespace that keeps every frame (either direction)
-/// containing `marker`, with its VLAN tag if it had one. Stops when dropped.
+/// it is asked for, with its VLAN tag if it had one. Stops when dropped.
 pub struct Capture {
     caught: Arc<Mutex<Vec<Caught>>>,
     stop: Arc<AtomicBool>,
@@ -701,18 +724,23 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Start capturing; returns once the socket is bound.
+    /// Start capturing frames that contain `marker`; returns once the socket is bound.
     pub async fn start(ns: &str, dev: &str, marker: &[u8]) -> Capture {
+        let marker = marker.to_vec();
+        Capture::matching(ns, dev, move |frame| find(frame, &marker).is_some()).await
+    }
+
+    /// Start capturing frames `keep_it` accepts; returns once the socket is bound.
+    pub async fn matching(
+        ns: &str,
+        dev: &str,
+        keep_it: impl Fn(&[u8]) -> bool + Send + 'static,
+    ) -> Capture {
         let what = format!("capture on {dev} in {ns}");
         let caught = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
-        let (keep, halt, dev, marker) = (
-            caught.clone(),
-            stop.clone(),
-            dev.to_owned(),
-            marker.to_vec(),
-        );
+        let (keep, halt, dev) = (caught.clone(), stop.clone(), dev.to_owned());
         let thread = spawn_in(ns, move || {
             let all = libc::ETH_P_ALL as u16;
             let sock = packet_socket(all)?;
@@ -740,7 +768,7 @@ impl Capture {
             let mut buf = vec![0u8; 70_000];
             while !halt.load(Ordering::Relaxed) {
                 if let Some(c) = receive(fd, &mut buf)? {
-                    if find(&c.data, &marker).is_some() {
+                    if keep_it(&c.data) {
                         keep.lock().unwrap_or_else(|p| p.into_inner()).push(c);
                     }
                 }

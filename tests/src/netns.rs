@@ -275,6 +275,12 @@ fn check(what: &str, out: Output) -> anyhow::Result<String> {
     Ok(stdout)
 }
 
+/// `argv` run to completion in this thread's namespace; panics naming the command and its stderr.
+/// For test setup steps that cannot fail in a working environment.
+pub fn sh(argv: &[&str]) -> String {
+    run_blocking(argv[0], &argv[1..]).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
 /// [`run`] for synchronous contexts (setup outside the runtime, Drop).
 pub fn run_blocking(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let what = format!("{program} {}", args.join(" "));

@@ -5,7 +5,20 @@ use std::net::Ipv4Addr;
 
 /// IPv4 protocol numbers the tests use.
 pub const ICMP: u8 = 1;
+pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
+/// flannel's VXLAN network identifier and UDP port.
+pub const VNI: u32 = 1;
+pub const VXLAN_PORT: u16 = 8472;
+
+/// What TC and XDP programs return (`BPF_PROG_TEST_RUN`'s retval).
+pub mod verdict {
+    pub const TC_ACT_OK: u32 = 0;
+    pub const TC_ACT_SHOT: u32 = 2;
+    pub const TC_ACT_REDIRECT: u32 = 7;
+    pub const XDP_DROP: u32 = 1;
+    pub const XDP_PASS: u32 = 2;
+}
 /// EtherType IPv4.
 pub const ETH_P_IP: u16 = 0x0800;
 /// The inner source MAC of frames a made-up peer's flannel.1 sends.

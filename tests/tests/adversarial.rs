@@ -15,9 +15,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use weft_tests::attack::{
-    self, compare, counter, ethernet, find, ipv4_at, mac, send_frames, send_udp, status,
-    vlan_frame, vtep_mac, vxlan, Capture, Datapath, Observed, Rule, Udp4, UdpOpts, UdpSink,
-    ETH_P_IPV4, VXLAN_PORT,
+    self, arp_reply, compare, counter, ethernet, find, ipv4_at, mac, neighbour, send_frames,
+    send_udp, status, vlan_frame, vtep_mac, vxlan, Capture, Datapath, Observed, Rule, Udp4,
+    UdpOpts, UdpSink, ETH_P_IPV4, VXLAN_PORT,
 };
 use weft_tests::{Cluster, Container, Host};
 
@@ -249,6 +249,181 @@ async fn adversarial_hijack_one_spoofed_packet_steals_no_traffic() {
                 Rule::Exactly(n),
             ),
             ("claimed address: landed in B", Rule::Exactly(0)),
+        ],
+    )
+    .await;
+}
+
+// ---- 1b. ARP poisoning, then its end ---------------------------------------------------------------
+
+/// How long the agent may take to follow a neighbour change: its default reconcile interval.
+const DEFAULT_RECONCILE: Duration = Duration::from_secs(10);
+
+/// Container B poisons host 1's neighbour entry for A ("A is at B's MAC"): the kernel path then
+/// delivers A's traffic to B too, so the eBPF path may do the same, no more. Then A answers for
+/// itself, the kernel delivers to A again, and so must the eBPF path once the agent has followed
+/// (within one reconcile interval): a binding must not outlive what the kernel says.
+async fn arp_poisoning(dp: Datapath) -> Observed {
+    let mut o = Observed::default();
+    let c = attack::start(dp, 2, 2, &[]).await;
+    let (h1, a, b, remote) = (c.host(0), c.container(0), c.container(1), c.container(2));
+    let (gw_ip, gw) = (a.gateway(), mac(h1.name(), "docker0").await);
+    let (a_mac, b_mac) = (mac(a.netns(), "eth0").await, mac(b.netns(), "eth0").await);
+
+    // The kernel ignores a new address for an entry updated within the last second (locktime):
+    // repeat until the entry shows the claimed one.
+    let claim = async |from: &Container, claimed: [u8; 6]| {
+        let deadline = Instant::now() + ARRIVAL;
+        while neighbour(h1.name(), "docker0", a.ip()).await != Some(claimed) {
+            assert!(
+                Instant::now() < deadline,
+                "{dp}: host 1 never took {claimed:02x?} for {}",
+                a.ip()
+            );
+            let reply = arp_reply(claimed, a.ip(), gw, gw_ip);
+            send_frames(from.netns(), "eth0", vec![reply]).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    claim(&b, b_mac).await;
+    let (in_a, in_b) = where_it_lands(&remote, &a, &b, "poisoned").await;
+    o.set("poisoned: A's traffic landed in B", in_b);
+    o.note(format!("poisoned: A's traffic landed in A: {in_a}"));
+
+    claim(&a, a_mac).await;
+    binding_follows(&mut o, dp, h1, &a).await;
+    let (in_a, in_b) = where_it_lands(&remote, &a, &b, "recovered").await;
+    o.set("recovered: A's traffic landed in A", in_a);
+    o.set("recovered: A's traffic landed in B", in_b);
+    attack::legit_traffic_flows(&c, dp, "after the ARP poisoning").await;
+    o
+}
+
+/// Once the kernel says A is A again: on eBPF, waits (one reconcile interval at most) until the
+/// binding for A names only A's port and MAC, or is gone (the bridge path then), and records
+/// whether it got there.
+async fn binding_follows(o: &mut Observed, dp: Datapath, host: &Host, a: &Container) {
+    if !dp.is_ebpf() {
+        return;
+    }
+    let since = Instant::now();
+    let a_mac = mac(a.netns(), "eth0").await;
+    let a_port: u32 = host
+        .exec_ok(&["cat", &format!("/sys/class/net/{}/ifindex", a.host_veth())])
+        .await
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let follows = || {
+        attack::local_map(host)
+            .expect("read the local map")
+            .iter()
+            .filter(|(ip, _)| *ip == a.ip())
+            .all(|(_, ep)| ep.host_ifindex_ne == a_port && ep.mac == a_mac)
+    };
+    while !follows() && since.elapsed() < DEFAULT_RECONCILE {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    o.note(format!(
+        "binding for A follows the kernel: {}, after {:?}",
+        follows(),
+        since.elapsed()
+    ));
+    o.set(
+        "binding for A follows the kernel within one reconcile",
+        u64::from(follows()),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
+async fn adversarial_arp_poisoning_lands_no_more_than_on_the_kernel_path_and_ends_with_it() {
+    let n = 3 * PROBES as u64;
+    on_every_datapath(
+        arp_poisoning,
+        &[
+            ("poisoned: A's traffic landed in B", Rule::NoMoreThanKernel),
+            (
+                "binding for A follows the kernel within one reconcile",
+                Rule::EbpfExactly(1),
+            ),
+            ("recovered: A's traffic landed in A", Rule::Exactly(n)),
+            ("recovered: A's traffic landed in B", Rule::Exactly(0)),
+        ],
+    )
+    .await;
+}
+
+/// Container B sends a frame with A's MAC as source: the bridge then places A's MAC on B's port, and
+/// the kernel path may deliver A's traffic to B. (Not an IPv4 frame: one with A's address too is
+/// dropped at B's port by the eBPF path, see the hijack; this one reaches the bridge on every
+/// datapath.) Then A sends a frame of its own, the bridge moves its MAC back, and A's traffic must
+/// land in A on every datapath: on eBPF once the agent has followed, within one reconcile interval,
+/// a binding must not keep A's address on B's port.
+async fn mac_impersonation(dp: Datapath) -> Observed {
+    let mut o = Observed::default();
+    let c = attack::start(dp, 2, 2, &[]).await;
+    let (h1, a, b, remote) = (c.host(0), c.container(0), c.container(1), c.container(2));
+    let gw = mac(h1.name(), "docker0").await;
+    let a_mac = mac(a.netns(), "eth0").await;
+    // IEEE 802 local experimental ethertype: nothing on the way interprets it.
+    let as_a = |body: &[u8]| ethernet(gw, a_mac, 0x88b5, body);
+    // Where the bridge puts A's MAC: the port name of its fdb entry.
+    let port_of_a = async || {
+        let out = h1
+            .exec_ok(&["bridge", "-j", "fdb", "show", "br", "docker0"])
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).expect("bridge -j output");
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["mac"].as_str().map(attack::parse_mac) == Some(a_mac))
+            .and_then(|e| e["ifname"].as_str().map(str::to_owned))
+    };
+    let moved_to = async |from: &Container, port: &str, what: &str| {
+        let deadline = Instant::now() + ARRIVAL;
+        while port_of_a().await.as_deref() != Some(port) {
+            assert!(
+                Instant::now() < deadline,
+                "{dp}: the bridge never moved A's MAC to {port}"
+            );
+            send_frames(from.netns(), "eth0", vec![as_a(&marker(what))]).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    moved_to(&b, b.host_veth(), "impersonation").await;
+    // Not compared: on the kernel path it depends on the neighbour entry's state (a REACHABLE one
+    // sends to the MAC the bridge now places on B's port; a STALE one probes, and A's answer
+    // moves the MAC back mid-burst), so the split differs from run to run on every datapath.
+    let (in_a, in_b) = where_it_lands(&remote, &a, &b, "impersonated").await;
+    o.note(format!(
+        "while impersonated, A's traffic landed in A: {in_a}, in B: {in_b}"
+    ));
+
+    moved_to(&a, a.host_veth(), "a-again").await;
+    binding_follows(&mut o, dp, h1, &a).await;
+    let (in_a, in_b) = where_it_lands(&remote, &a, &b, "a-again").await;
+    o.set("A again: A's traffic landed in A", in_a);
+    o.set("A again: A's traffic landed in B", in_b);
+    attack::legit_traffic_flows(&c, dp, "after the MAC impersonation").await;
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
+async fn adversarial_mac_impersonation_ends_with_the_bridges_on_every_datapath() {
+    let n = 3 * PROBES as u64;
+    on_every_datapath(
+        mac_impersonation,
+        &[
+            (
+                "binding for A follows the kernel within one reconcile",
+                Rule::EbpfExactly(1),
+            ),
+            ("A again: A's traffic landed in A", Rule::Exactly(n)),
+            ("A again: A's traffic landed in B", Rule::Exactly(0)),
         ],
     )
     .await;
@@ -772,8 +947,41 @@ async fn adversarial_mtu_segmentation_before_the_wire_drops_nothing() {
 
 // ---- 7. outer headers ------------------------------------------------------------------------------
 
-/// `ping -t 2` from host 1's container to host 2's, caught on host 1's ens32: outer TTL, outer UDP
-/// checksum and inner TTL of the VXLAN frames.
+/// Whether a frame is VXLAN: IPv4, UDP to port 8472.
+fn is_vxlan(frame: &[u8]) -> bool {
+    ipv4_at(frame).is_some_and(|(ip, hlen)| {
+        frame[ip + 9] == 17
+            && frame.len() >= ip + hlen + 8
+            && frame[ip + hlen + 2..ip + hlen + 4] == VXLAN_PORT.to_be_bytes()
+    })
+}
+
+/// Offsets of the outer and the inner IPv4 header of a VXLAN frame.
+fn outer_and_inner(frame: &[u8]) -> Option<(usize, usize)> {
+    let (outer, hlen) = ipv4_at(frame)?;
+    // After the outer UDP (8) and VXLAN (8) headers comes the inner Ethernet frame.
+    let inner_frame = outer + hlen + 16;
+    let (inner, _) = ipv4_at(frame.get(inner_frame..)?)?;
+    Some((outer, inner_frame + inner))
+}
+
+/// The outer UDP checksum of the VXLAN frame whose outer IPv4 header is at `ip` is non-zero and
+/// right (pseudo-header, UDP header and payload sum to zero).
+fn outer_udp_checksum_ok(frame: &[u8], ip: usize) -> bool {
+    let udp = ip + usize::from(frame[ip] & 0x0f) * 4;
+    let len = usize::from(u16::from_be_bytes([frame[udp + 4], frame[udp + 5]]));
+    let Some(datagram) = frame.get(udp..udp + len) else {
+        return false;
+    };
+    let mut pseudo = frame[ip + 12..ip + 20].to_vec();
+    pseudo.extend([0, 17]);
+    pseudo.extend((len as u16).to_be_bytes());
+    pseudo.extend(datagram);
+    datagram[6..8] != [0, 0] && attack::checksum(&pseudo) == 0
+}
+
+/// From host 1's container to host 2's, caught on host 1's ens32: `ping -t 2` (outer and inner
+/// TTL), then UDP and a short TCP exchange (the outer UDP checksum of every frame).
 async fn outer_header(dp: Datapath) -> Observed {
     let mut o = Observed::default();
     let c = attack::start(dp, 2, 1, &[]).await;
@@ -784,10 +992,11 @@ async fn outer_header(dp: Datapath) -> Observed {
         .await
         .unwrap();
     let pattern = "7765667474746c32"; // "wefttl2"
-    let marker: Vec<u8> = (0..8)
+    let filled: Vec<u8> = (0..8)
         .map(|i| u8::from_str_radix(&pattern[2 * i..2 * i + 2], 16).unwrap())
         .collect();
-    let wire = Capture::start(h1.name(), "ens32", &marker).await;
+    let wire = Capture::matching(h1.name(), "ens32", is_vxlan).await;
+    let before = attack::counters(h1).await;
     let out = a
         .exec(&[
             "ping",
@@ -812,48 +1021,66 @@ async fn outer_header(dp: Datapath) -> Observed {
             .find(|l| l.contains("packets transmitted"))
             .unwrap_or_default()
     ));
-    wire.wait(3, ARRIVAL, |f| f.outgoing).await;
-    let frames: Vec<_> = wire.caught().into_iter().filter(|f| f.outgoing).collect();
-    o.set("VXLAN frames on host 1's ens32", frames.len() as u64);
-    let mut bad_csum = 0;
+    let pinged = |f: &attack::Caught| f.outgoing && find(&f.data, &filled).is_some();
+    wire.wait(3, ARRIVAL, pinged).await;
+    let frames: Vec<_> = wire.caught().into_iter().filter(pinged).collect();
+    o.set(
+        "VXLAN frames of the ping on host 1's ens32",
+        frames.len() as u64,
+    );
     let (mut outer_ttls, mut inner_ttls) = (Vec::new(), Vec::new());
     for f in &frames {
-        let Some((ip, hlen)) = ipv4_at(&f.data) else {
+        let Some((outer, inner)) = outer_and_inner(&f.data) else {
             continue;
         };
-        let d = &f.data;
-        outer_ttls.push(d[ip + 8]);
-        let udp = ip + hlen;
-        let udp_len = usize::from(u16::from_be_bytes([d[udp + 4], d[udp + 5]]));
-        let csum = u16::from_be_bytes([d[udp + 6], d[udp + 7]]);
-        let mut pseudo = d[ip + 12..ip + 20].to_vec();
-        pseudo.extend([0, 17]);
-        pseudo.extend((udp_len as u16).to_be_bytes());
-        pseudo.extend(&d[udp..udp + udp_len]);
-        let valid = csum != 0 && attack::checksum(&pseudo) == 0 && !f.csum_not_ready;
-        bad_csum += usize::from(!valid);
-        o.note(format!(
-            "outer UDP checksum {csum:#06x} valid={valid} (left to the device: {})",
-            f.csum_not_ready
-        ));
-        // Inner IPv4 after UDP (8), VXLAN (8) and the inner Ethernet header (14).
-        if let Some((inner, _)) = ipv4_at(&d[udp + 16..]) {
-            inner_ttls.push(d[udp + 16 + inner + 8]);
-        }
+        outer_ttls.push(f.data[outer + 8]);
+        inner_ttls.push(f.data[inner + 8]);
     }
     let uniform = |v: &[u8]| match v.first() {
         Some(x) if v.iter().all(|y| y == x) => u64::from(*x),
         _ => 999,
     };
     o.note(format!(
-        "outer TTLs {outer_ttls:?}, inner TTLs {inner_ttls:?}"
+        "ping: outer TTLs {outer_ttls:?}, inner TTLs {inner_ttls:?}"
     ));
     o.set("outer TTL", uniform(&outer_ttls));
     o.set("inner TTL", uniform(&inner_ttls));
+
+    // UDP and a short TCP exchange (every segment smaller than the MTU, so none is GSO): their
+    // inner checksums are still pending (CHECKSUM_PARTIAL) when encapsulation sees them.
+    let datagram = marker("outer-checksum-udp");
+    let sink = UdpSink::bind(&remote, PORT).await;
+    udp_from(&a, at(remote.ip(), PORT), &datagram, 3).await;
+    assert_eq!(sink.wait(&datagram, 3, ARRIVAL).await, 3, "{dp}: UDP lost");
+    a.tcp_transfer(&remote, 1000).await.unwrap();
+    note_counters(&mut o, h1, &before).await;
+    let mut checked = BTreeMap::<&str, (usize, usize)>::new();
+    for f in wire.caught().iter().filter(|f| f.outgoing) {
+        let Some((outer, inner)) = outer_and_inner(&f.data) else {
+            continue;
+        };
+        let protocol = match f.data[inner + 9] {
+            1 => "icmp",
+            6 => "tcp",
+            17 => "udp",
+            _ => "other",
+        };
+        let entry = checked.entry(protocol).or_default();
+        entry.0 += 1;
+        entry.1 += usize::from(!outer_udp_checksum_ok(&f.data, outer) || f.csum_not_ready);
+    }
+    o.note(format!(
+        "VXLAN frames on host 1's ens32 by inner protocol, (all, zero or invalid outer checksum): \
+         {checked:?}"
+    ));
     o.set(
         "frames with a zero or invalid outer UDP checksum",
-        bad_csum as u64,
+        checked.values().map(|c| c.1 as u64).sum(),
     );
+    for protocol in ["icmp", "udp", "tcp"] {
+        let seen = checked.get(protocol).map_or(0, |c| c.0);
+        o.set(&format!("{protocol} frames checked"), u64::from(seen > 0));
+    }
     let default_ttl = h1
         .exec_ok(&["sysctl", "-n", "net.ipv4.ip_default_ttl"])
         .await
@@ -876,7 +1103,13 @@ async fn adversarial_outer_header_has_flannels_ttl_and_a_valid_udp_checksum() {
     on_every_datapath(
         outer_header,
         &[
-            ("VXLAN frames on host 1's ens32", Rule::Exactly(3)),
+            (
+                "VXLAN frames of the ping on host 1's ens32",
+                Rule::Exactly(3),
+            ),
+            ("icmp frames checked", Rule::Exactly(1)),
+            ("udp frames checked", Rule::Exactly(1)),
+            ("tcp frames checked", Rule::Exactly(1)),
             ("outer TTL is host 1's ip_default_ttl", Rule::Exactly(1)),
             ("outer TTL", Rule::SameAsKernel),
             ("inner TTL", Rule::SameAsKernel),
@@ -889,7 +1122,7 @@ async fn adversarial_outer_header_has_flannels_ttl_and_a_valid_udp_checksum() {
     .await;
 }
 
-// ---- 8. options, fragments, odd VXLAN, the VTEP port from a container -------------------------------
+// ---- 8. options, fragments, odd VXLAN, the VTEP port from a container ------------------------------
 
 async fn odd_packets(dp: Datapath) -> Observed {
     let mut o = Observed::default();

@@ -21,53 +21,32 @@ use weft::{
 };
 use weft_common::counter;
 use weft_tests::bpffs::BpfFs;
-use weft_tests::packet::{eth, ipv4_checksum, ipv4_header, udp, vxlan_header, ETH_P_IP, UDP};
+use weft_tests::netns::sh;
+use weft_tests::packet::verdict::*;
+use weft_tests::packet::{
+    eth, ipv4_checksum, ipv4_header, udp, vxlan_header, ETH_P_IP, UDP, VNI, VXLAN_PORT,
+};
 
-const OUR_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 15, 21);
-const PEER_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 15, 22);
+mod testrun;
+use testrun::*;
+
 const STRANGER_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 15, 99);
-const OUR_VTEP_MAC: [u8; 6] = [0x0a, 0x11, 0x11, 0x11, 0x11, 0x11];
-const PEER_VTEP_MAC: [u8; 6] = [0x0a, 0x22, 0x22, 0x22, 0x22, 0x22];
-const UNDERLAY_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x15, 0x21];
-const PEER_NIC_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x15, 0x22];
-const BRIDGE_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x10, 0x01];
-const CONTAINER_MAC: [u8; 6] = [0x02, 0x42, 0x0a, 0x01, 0x0a, 0x05];
 const LOCAL_CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 1, 10, 5);
 const REMOTE_CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 1, 54, 3);
-const VNI: u32 = 1;
-const PORT: u16 = 8472;
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// In this thread's namespace: veth `dev` (MAC, address) whose `peer` end is up, and a
 /// permanent neighbour (IP, MAC) on it, so frames can be addressed without ARP.
 fn veth_with_neighbour(dev: (&str, [u8; 6], &str), peer: &str, neighbour: (&str, [u8; 6])) {
     let ((name, mac, cidr), (ip, lladdr)) = (dev, neighbour);
     let (mac, lladdr) = (fmt_mac(mac), fmt_mac(lladdr));
-    run(&[
+    sh(&[
         "ip", "link", "add", name, "address", &mac, "mtu", "1500", "type", "veth", "peer", "name",
         peer,
     ]);
-    run(&["ip", "link", "set", peer, "up"]);
-    run(&["ip", "addr", "add", cidr, "dev", name]);
-    run(&["ip", "link", "set", name, "up"]);
-    run(&[
+    sh(&["ip", "link", "set", peer, "up"]);
+    sh(&["ip", "addr", "add", cidr, "dev", name]);
+    sh(&["ip", "link", "set", name, "up"]);
+    sh(&[
         "ip",
         "neigh",
         "replace",
@@ -114,7 +93,7 @@ fn env(name: &str) -> Env {
         0,
         "unshare(CLONE_NEWNET)"
     );
-    run(&["ip", "link", "set", "lo", "up"]);
+    sh(&["ip", "link", "set", "lo", "up"]);
     veth_with_neighbour(
         ("ul0", UNDERLAY_MAC, "172.16.15.21/24"),
         "ul0-wire",
@@ -125,7 +104,7 @@ fn env(name: &str) -> Env {
         "br0-peer",
         ("10.1.10.5", CONTAINER_MAC),
     );
-    run(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
+    sh(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
 
     static SEQ: AtomicU32 = AtomicU32::new(0);
     let bpffs = BpfFs::mount();
@@ -136,21 +115,7 @@ fn env(name: &str) -> Env {
     ));
     let mut dp = Datapath::load(&pin_dir).expect("load the eBPF object");
     let (ul0, br0) = (ifindex("ul0"), ifindex("br0"));
-    dp.configure(&weft::datapath::NodeSettings {
-        vni: VNI,
-        port: PORT,
-        vtep_ip: OUR_IP,
-        vtep_mac: MacAddr(OUR_VTEP_MAC),
-        underlay_ifindex: ul0,
-        underlay_mac: MacAddr(UNDERLAY_MAC),
-        underlay_mtu: 1500,
-        bridge_ifindex: br0,
-        decrement_ttl: true,
-        outer_ttl: 64,
-        udp_csum: true,
-        subnet: Some("10.1.10.0/24".parse().unwrap()),
-    })
-    .expect("configure");
+    dp.configure(&node_settings(ul0, br0)).expect("configure");
     dp.upsert_peer(
         "10.1.54.0/24".parse().unwrap(),
         PEER_IP,
@@ -236,7 +201,7 @@ fn bind(e: &mut Env, ip: Ipv4Addr) {
 }
 
 fn good_vxlan() -> Vec<u8> {
-    vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &inner_for_local())
+    vxlan_frame(PEER_IP, OUR_IP, VXLAN_PORT, 0x08, VNI, &inner_for_local())
 }
 
 fn test_run(e: &Env, kind: ProgramKind, packet: &[u8], ifindex: u32) -> TestRunOutput {
@@ -483,7 +448,7 @@ fn encap_matches_kernel_vxlan_device() {
     bind(&mut e, Ipv4Addr::new(10, 1, 10, 0));
     let mac = fmt_mac(OUR_VTEP_MAC);
     let peer_mac = fmt_mac(PEER_VTEP_MAC);
-    run(&[
+    sh(&[
         "ip",
         "link",
         "add",
@@ -505,9 +470,9 @@ fn encap_matches_kernel_vxlan_device() {
         "auto",
         "udpcsum",
     ]);
-    run(&["ip", "addr", "add", "10.1.10.0/32", "dev", "flannel.1"]);
-    run(&["ip", "link", "set", "flannel.1", "up"]);
-    run(&[
+    sh(&["ip", "addr", "add", "10.1.10.0/32", "dev", "flannel.1"]);
+    sh(&["ip", "link", "set", "flannel.1", "up"]);
+    sh(&[
         "ip",
         "neigh",
         "replace",
@@ -519,7 +484,7 @@ fn encap_matches_kernel_vxlan_device() {
         "nud",
         "permanent",
     ]);
-    run(&[
+    sh(&[
         "bridge",
         "fdb",
         "replace",
@@ -531,7 +496,7 @@ fn encap_matches_kernel_vxlan_device() {
         "self",
         "permanent",
     ]);
-    run(&[
+    sh(&[
         "ip",
         "route",
         "replace",
@@ -633,7 +598,7 @@ fn capture_vxlan_on(ifindex: u32, send: impl FnOnce()) -> Vec<u8> {
         let mut buf = vec![0u8; 2048];
         while Instant::now() < deadline {
             let n = libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0);
-            if n > 42 && buf[23] == 17 && u16::from_be_bytes([buf[36], buf[37]]) == PORT {
+            if n > 42 && buf[23] == 17 && u16::from_be_bytes([buf[36], buf[37]]) == VXLAN_PORT {
                 libc::close(fd);
                 return buf[..n as usize].to_vec();
             }
@@ -702,7 +667,7 @@ fn tc_decap_restores_and_forwards_the_inner_packet() {
         ipv4_checksum(&inner[14..34])
     };
     inner[24..26].copy_from_slice(&c.to_be_bytes());
-    let frame = vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &inner);
+    let frame = vxlan_frame(PEER_IP, OUR_IP, VXLAN_PORT, 0x08, VNI, &inner);
     let out = test_run(&e, ProgramKind::TcDecap, &frame, e.ul0);
     assert_eq!(out.action, TC_ACT_OK);
     let mut expected = frame[..14].to_vec();
@@ -802,17 +767,17 @@ fn hostile_cases() -> Vec<(&'static str, Vec<u8>, Verdict, u32)> {
     vec![
         ("arp", arp, Pass, PASS_NOT_IPV4),
         ("udp to another port", vxlan_frame(PEER_IP, OUR_IP, 4789, 0x08, VNI, &inner), Pass, PASS_NOT_VXLAN),
-        ("vxlan to another host", vxlan_frame(PEER_IP, another_host, PORT, 0x08, VNI, &inner), Pass, PASS_NOT_VXLAN),
+        ("vxlan to another host", vxlan_frame(PEER_IP, another_host, VXLAN_PORT, 0x08, VNI, &inner), Pass, PASS_NOT_VXLAN),
         ("fragment", fragment, Pass, PASS_FRAGMENT),
         ("truncated outer ip", good[..30].to_vec(), Pass, PASS_MALFORMED),
         ("truncated udp", good[..38].to_vec(), Pass, PASS_MALFORMED),
-        ("unknown source", vxlan_frame(STRANGER_IP, OUR_IP, PORT, 0x08, VNI, &inner), Drop, DROP_UNKNOWN_SOURCE),
-        ("wrong vni", vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, 7, &inner), Drop, DROP_WRONG_VNI),
-        ("no I flag", vxlan_frame(PEER_IP, OUR_IP, PORT, 0x00, VNI, &inner), Drop, DROP_MALFORMED),
+        ("unknown source", vxlan_frame(STRANGER_IP, OUR_IP, VXLAN_PORT, 0x08, VNI, &inner), Drop, DROP_UNKNOWN_SOURCE),
+        ("wrong vni", vxlan_frame(PEER_IP, OUR_IP, VXLAN_PORT, 0x08, 7, &inner), Drop, DROP_WRONG_VNI),
+        ("no I flag", vxlan_frame(PEER_IP, OUR_IP, VXLAN_PORT, 0x00, VNI, &inner), Drop, DROP_MALFORMED),
         ("truncated vxlan", good[..46].to_vec(), Drop, DROP_MALFORMED),
         ("truncated inner", good[..70].to_vec(), Drop, DROP_MALFORMED),
-        ("inner ipv6", vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &inner_v6), Pass, PASS_INNER_NOT_OURS),
-        ("inner not our vtep mac", vxlan_frame(PEER_IP, OUR_IP, PORT, 0x08, VNI, &not_our_mac), Pass, PASS_INNER_NOT_OURS),
+        ("inner ipv6", vxlan_frame(PEER_IP, OUR_IP, VXLAN_PORT, 0x08, VNI, &inner_v6), Pass, PASS_INNER_NOT_OURS),
+        ("inner not our vtep mac", vxlan_frame(PEER_IP, OUR_IP, VXLAN_PORT, 0x08, VNI, &not_our_mac), Pass, PASS_INNER_NOT_OURS),
     ]
 }
 
@@ -935,7 +900,7 @@ fn may_decap(f: &[u8]) -> bool {
         && u16::from_be_bytes([f[20], f[21]]) & 0x3fff == 0
         && f[30..34] == OUR_IP.octets()
         && f[26..30] == PEER_IP.octets()
-        && u16::from_be_bytes([f[36], f[37]]) == PORT
+        && u16::from_be_bytes([f[36], f[37]]) == VXLAN_PORT
         && f[42] & 0x08 != 0
         && f[46..49] == VNI.to_be_bytes()[1..]
         && f[62..64] == [0x08, 0x00]
@@ -967,7 +932,7 @@ fn fuzz_never_decapsulates_what_it_must_not() {
     let seeds = [
         good_vxlan(),
         container_frame(REMOTE_CONTAINER),
-        vxlan_frame(STRANGER_IP, OUR_IP, PORT, 8, VNI, &inner_for_local()),
+        vxlan_frame(STRANGER_IP, OUR_IP, VXLAN_PORT, 8, VNI, &inner_for_local()),
     ];
     let mut rng = XorShift(0x5eed_cafe_f00d_1234);
     let kinds = [

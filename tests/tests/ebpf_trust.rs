@@ -18,16 +18,14 @@ use weft::{
     lease::MacAddr,
 };
 use weft_common::counter;
+use weft_tests::netns::sh;
+use weft_tests::packet::verdict::*;
+use weft_tests::packet::{ipv4_checksum as checksum, ICMP, TCP, UDP, VNI, VXLAN_PORT};
 
-const OUR_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 15, 21);
-const PEER_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 15, 22);
+mod testrun;
+use testrun::*;
+
 const PEER2_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 15, 23);
-const OUR_VTEP_MAC: [u8; 6] = [0x0a, 0x11, 0x11, 0x11, 0x11, 0x11];
-const PEER_VTEP_MAC: [u8; 6] = [0x0a, 0x22, 0x22, 0x22, 0x22, 0x22];
-const PEER_NIC_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x15, 0x22];
-const UNDERLAY_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x15, 0x21];
-const BRIDGE_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x10, 0x01];
-const CONTAINER_MAC: [u8; 6] = [0x02, 0x42, 0x0a, 0x01, 0x0a, 0x05];
 const OTHER_MAC: [u8; 6] = [0x02, 0x42, 0x0a, 0x01, 0x0a, 0x06];
 /// Bound to port `c0` with `CONTAINER_MAC`.
 const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 1, 10, 5);
@@ -35,32 +33,8 @@ const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 1, 10, 5);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 1, 54, 3);
 /// In PEER2_IP's subnet 10.1.55.0/24.
 const REMOTE2: Ipv4Addr = Ipv4Addr::new(10, 1, 55, 3);
-const VNI: u32 = 1;
-const PORT: u16 = 8472;
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMP: u8 = 1;
 
 // ---- environment -------------------------------------------------------------
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn ifindex(name: &str) -> u32 {
     let c = std::ffi::CString::new(name).expect("name");
@@ -135,7 +109,7 @@ link set c1p up
     let mut dp = Datapath::load(&pin_dir).expect("load the eBPF object");
     let e = |name| ifindex(name);
     let (ul0, br0, c0, c1) = (e("ul0"), e("br0"), e("c0"), e("c1"));
-    dp.configure(&settings(ul0, br0)).expect("configure");
+    dp.configure(&node_settings(ul0, br0)).expect("configure");
     for (subnet, vtep) in [("10.1.54.0/24", PEER_IP), ("10.1.55.0/24", PEER2_IP)] {
         dp.upsert_peer(subnet.parse().unwrap(), vtep, MacAddr(PEER_VTEP_MAC))
             .expect("peer");
@@ -156,23 +130,6 @@ link set c1p up
         c0,
         c1,
         bpffs,
-    }
-}
-
-fn settings(ul0: u32, br0: u32) -> NodeSettings {
-    NodeSettings {
-        vni: VNI,
-        port: PORT,
-        vtep_ip: OUR_IP,
-        vtep_mac: MacAddr(OUR_VTEP_MAC),
-        underlay_ifindex: ul0,
-        underlay_mac: MacAddr(UNDERLAY_MAC),
-        underlay_mtu: 1500,
-        bridge_ifindex: br0,
-        decrement_ttl: true,
-        outer_ttl: 64,
-        udp_csum: true,
-        subnet: Some("10.1.10.0/24".parse().unwrap()),
     }
 }
 
@@ -243,10 +200,6 @@ fn sum(bytes: &[u8]) -> u32 {
         s = (s & 0xffff) + (s >> 16);
     }
     s
-}
-
-fn checksum(bytes: &[u8]) -> u16 {
-    !(sum(bytes) as u16)
 }
 
 fn pseudo(src: &[u8], dst: &[u8], proto: u8, len: usize) -> Vec<u8> {
@@ -350,7 +303,7 @@ fn from_container(src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
 /// VXLAN from `vtep` (outer TOS `outer_tos`, outer IP `options`) carrying `inner_ip`.
 fn vxlan(vtep: Ipv4Addr, outer_tos: u8, options: &[u8], inner_ip: &[u8]) -> Vec<u8> {
     let mut payload = vec![0x9c, 0x40];
-    payload.extend_from_slice(&PORT.to_be_bytes());
+    payload.extend_from_slice(&VXLAN_PORT.to_be_bytes());
     payload.extend_from_slice(&((16 + 14 + inner_ip.len()) as u16).to_be_bytes());
     payload.extend_from_slice(&[0, 0, 0x08, 0, 0, 0]);
     payload.extend_from_slice(&VNI.to_be_bytes()[1..]);
@@ -589,7 +542,7 @@ fn outer_ttl_is_the_namespace_default_not_the_inner_ttl() {
     let (ul0, br0) = (e.ul0, e.br0);
     e.dp.configure(&NodeSettings {
         outer_ttl: weft::datapath::default_ttl(),
-        ..settings(ul0, br0)
+        ..node_settings(ul0, br0)
     })
     .expect("configure");
     for inner_ttl in [2u8, 64, 255] {
@@ -698,7 +651,7 @@ fn outer_udp_checksum_is_right_for_every_inner_packet() {
     let (ul0, br0) = (e.ul0, e.br0);
     e.dp.configure(&NodeSettings {
         udp_csum: false,
-        ..settings(ul0, br0)
+        ..node_settings(ul0, br0)
     })
     .expect("configure");
     let frame = ether(BRIDGE_MAC, CONTAINER_MAC, 0x0800, &cases[0].1);

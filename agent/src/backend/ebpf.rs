@@ -228,7 +228,8 @@ impl EbpfBackend {
         let watch = LinkWatch::subscribe()
             .inspect_err(|e| warn!(error = %e, "not watching the bridge's ports; new containers get the fast path at the next reconcile"))
             .ok();
-        let bridge_events = BridgeEvents::subscribe(&s.bridge)
+        let bridge_index = Some(node.bridge_ifindex).filter(|&i| i != 0);
+        let bridge_events = BridgeEvents::subscribe(&s.bridge, bridge_index)
             .inspect_err(|e| warn!(error = %e, "not watching the bridge itself; a new or recreated bridge gets encapsulation at the next reconcile"))
             .ok();
         let mut backend = Self {
@@ -462,6 +463,9 @@ impl EbpfBackend {
             if let (Some(gateway_mac), Some(own)) = (link.mac, self.own) {
                 let learned = self.nl.bridge_learned(link.index).await.map_err(err)?;
                 let neighbours = self.nl.neighbours_v4(link.index).await.map_err(err)?;
+                if let Some(watch) = &mut self.watch {
+                    watch.remember(&neighbours, &learned);
+                }
                 want = local_entries(own, gateway_mac, &neighbours, &learned, &ports);
             }
         }

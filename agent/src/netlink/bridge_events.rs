@@ -17,8 +17,9 @@ type Messages =
 /// What happened to the bridge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BridgeEvent {
-    /// RTM_NEWLINK: created, or its state changed (e.g. brought up).
-    Changed { index: u32 },
+    /// RTM_NEWLINK of a bridge by that name with an index not seen before: created or recreated.
+    /// Other changes of the same bridge (carrier, flags, features) are no reason to re-attach.
+    Created { index: u32 },
     /// RTM_DELLINK.
     Deleted { index: u32 },
 }
@@ -26,17 +27,21 @@ pub enum BridgeEvent {
 /// A subscription to the link events of one bridge, by name, in the caller's network namespace.
 pub struct BridgeEvents {
     name: String,
+    /// The index of the bridge as last reported; `None` before the first event or once deleted.
+    index: Option<u32>,
     messages: Messages,
     _conn: Connection,
 }
 
 impl BridgeEvents {
-    /// Subscribes; must be called inside a tokio runtime, which drives the socket.
-    pub fn subscribe(name: &str) -> Result<Self, NetlinkError> {
+    /// Subscribes; must be called inside a tokio runtime, which drives the socket. `index` is
+    /// the bridge's index as the caller knows it (`None`: no such bridge yet).
+    pub fn subscribe(name: &str, index: Option<u32>) -> Result<Self, NetlinkError> {
         let (conn, _, messages) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
             .map_err(|source| NetlinkError::Connect { source })?;
         Ok(Self {
             name: name.to_string(),
+            index,
             messages,
             _conn: Connection(tokio::spawn(conn)),
         })
@@ -47,15 +52,17 @@ impl BridgeEvents {
         while let Some((msg, _)) = self.messages.next().await {
             let event = match msg.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link))
-                    if is_named(&link, &self.name) =>
+                    if is_named(&link, &self.name) && self.index != Some(link.header.index) =>
                 {
-                    BridgeEvent::Changed {
+                    self.index = Some(link.header.index);
+                    BridgeEvent::Created {
                         index: link.header.index,
                     }
                 }
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link))
                     if is_named(&link, &self.name) =>
                 {
+                    self.index = None;
                     BridgeEvent::Deleted {
                         index: link.header.index,
                     }

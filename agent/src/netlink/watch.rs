@@ -5,16 +5,20 @@
 //! next reconcile.
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 
 use futures::StreamExt;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::{
-    link::LinkAttribute, link::LinkMessage, neighbour::NeighbourAttribute,
-    neighbour::NeighbourMessage, RouteNetlinkMessage,
+    link::LinkAttribute,
+    link::LinkMessage,
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
+    AddressFamily, RouteNetlinkMessage,
 };
 use rtnetlink::sys::SocketAddr;
 use rtnetlink::MulticastGroup;
 
+use super::neigh::{BridgePortEntry, NeighEntry};
 use super::{Connection, NetlinkError};
 
 type Messages =
@@ -28,7 +32,7 @@ pub struct LinkWatch {
     /// the binding (REACHABLE -> STALE and back) are no reason to reconcile.
     /// Keys: a neighbour's address bytes, or an fdb entry's MAC; values: the
     /// neighbour's MAC, or the fdb entry's port.
-    seen: HashMap<Vec<u8>, Vec<u8>>,
+    seen: HashMap<BindingKey, Vec<u8>>,
 }
 
 impl LinkWatch {
@@ -65,6 +69,23 @@ impl LinkWatch {
         }
     }
 
+    /// Records the bridge's tables as just read, so that events repeating what they hold (a
+    /// neighbour going REACHABLE -> STALE, an entry refreshed) are no reason to reconcile, and
+    /// only a real change of an address's MAC or a MAC's port is.
+    pub fn remember(&mut self, neighbours: &[NeighEntry], learned: &[BridgePortEntry]) {
+        self.seen.clear();
+        for n in neighbours.iter().filter(|n| !n.ip.is_multicast()) {
+            let mac = n.mac.map(|m| m.0.to_vec()).unwrap_or_default();
+            self.seen.insert(BindingKey::Addr(n.ip), mac);
+        }
+        for l in learned {
+            self.seen.insert(
+                BindingKey::Mac(l.mac.0.to_vec()),
+                l.port_index.to_ne_bytes().to_vec(),
+            );
+        }
+    }
+
     fn relevant(&mut self, msg: NetlinkMessage<RouteNetlinkMessage>, bridge_index: u32) -> bool {
         match msg.payload {
             NetlinkPayload::InnerMessage(
@@ -73,38 +94,52 @@ impl LinkWatch {
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n))
                 if is_bridge_neighbour(&n, bridge_index) =>
             {
-                let (key, value) = binding_part(&n);
-                self.seen.insert(key, value.clone()) != Some(value)
+                binding_part(&n)
+                    .is_some_and(|(key, value)| self.seen.insert(key, value.clone()) != Some(value))
             }
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(n))
                 if is_bridge_neighbour(&n, bridge_index) =>
             {
-                self.seen.remove(&binding_part(&n).0).is_some()
+                binding_part(&n).is_some_and(|(key, _)| self.seen.remove(&key).is_some())
             }
             _ => false,
         }
     }
 }
 
-/// The part of a neighbour or fdb entry a binding depends on, as (key, value).
-fn binding_part(n: &NeighbourMessage) -> (Vec<u8>, Vec<u8>) {
-    let lladdr = n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::LinkLayerAddress(b) => Some(b.clone()),
-        _ => None,
-    });
-    let dst = n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(d) => Some(format!("{d:?}").into_bytes()),
-        _ => None,
-    });
-    match dst {
-        // ARP entry: address -> MAC.
-        Some(dst) => (dst, lladdr.unwrap_or_default()),
+/// What a binding is keyed by: a neighbour's IPv4 address, or an fdb entry's MAC.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum BindingKey {
+    Addr(Ipv4Addr),
+    Mac(Vec<u8>),
+}
+
+/// The part of a neighbour or fdb entry a binding depends on, as (key, value); `None` for
+/// entries no binding depends on (IPv6 neighbours: bindings are IPv4).
+fn binding_part(n: &NeighbourMessage) -> Option<(BindingKey, Vec<u8>)> {
+    let lladdr = n
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            NeighbourAttribute::LinkLayerAddress(b) => Some(b.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    if n.header.family == AddressFamily::Bridge {
         // fdb entry: MAC -> port.
-        None => (
-            lladdr.unwrap_or_default(),
+        return Some((
+            BindingKey::Mac(lladdr),
             n.header.ifindex.to_ne_bytes().to_vec(),
-        ),
+        ));
     }
+    n.attributes.iter().find_map(|a| match a {
+        // ARP entry: address -> MAC.
+        // Multicast entries (224.0.0.22 for IGMP, ...) come and go with group membership.
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) if !ip.is_multicast() => {
+            Some((BindingKey::Addr(*ip), lladdr.clone()))
+        }
+        _ => None,
+    })
 }
 
 fn is_port_of(link: &LinkMessage, bridge_index: u32) -> bool {

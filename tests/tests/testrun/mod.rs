@@ -1,0 +1,36 @@
+//! What the BPF_PROG_TEST_RUN suites (ebpf_programs.rs, ebpf_trust.rs) share: the addresses of
+//! the made-up node and its peer, and the node settings the programs are configured with.
+#![allow(dead_code)] // each suite uses its own subset
+
+use std::net::Ipv4Addr;
+
+use weft::{datapath::NodeSettings, lease::MacAddr};
+use weft_tests::packet::{VNI, VXLAN_PORT};
+
+pub const OUR_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 15, 21);
+pub const PEER_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 15, 22);
+pub const OUR_VTEP_MAC: [u8; 6] = [0x0a, 0x11, 0x11, 0x11, 0x11, 0x11];
+pub const PEER_VTEP_MAC: [u8; 6] = [0x0a, 0x22, 0x22, 0x22, 0x22, 0x22];
+pub const UNDERLAY_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x15, 0x21];
+pub const PEER_NIC_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x15, 0x22];
+pub const BRIDGE_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x10, 0x01];
+pub const CONTAINER_MAC: [u8; 6] = [0x02, 0x42, 0x0a, 0x01, 0x0a, 0x05];
+
+/// This node (10.1.10.0/24 behind OUR_IP) with underlay `ul0` and bridge `br0`, as the agent
+/// configures it: TTL decremented, outer TTL 64 (`ttl auto`), outer UDP checksum on.
+pub fn node_settings(ul0: u32, br0: u32) -> NodeSettings {
+    NodeSettings {
+        vni: VNI,
+        port: VXLAN_PORT,
+        vtep_ip: OUR_IP,
+        vtep_mac: MacAddr(OUR_VTEP_MAC),
+        underlay_ifindex: ul0,
+        underlay_mac: MacAddr(UNDERLAY_MAC),
+        underlay_mtu: 1500,
+        bridge_ifindex: br0,
+        decrement_ttl: true,
+        outer_ttl: 64,
+        udp_csum: true,
+        subnet: Some("10.1.10.0/24".parse().unwrap()),
+    }
+}
