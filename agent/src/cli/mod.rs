@@ -277,7 +277,10 @@ mod tests {
             (&["--healthz-port", "70000"][..], "--healthz-port"),
             (&["--ip-masq=yes"][..], "true or false"),
             (&["--datapath", "xdp"][..], "invalid value"),
-            (&["--bridge", "a-very-long-bridge"][..], "1 to 15 characters"),
+            (
+                &["--bridge", "a-very-long-bridge"][..],
+                "1 to 15 characters",
+            ),
             (&["--reconcile-interval", "50ms"][..], "at least 100ms"),
             (&["--iptables-resync", "0"][..], "--iptables-resync"),
             (&["--etcd-username", "u"][..], "go together"),
