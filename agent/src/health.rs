@@ -1,12 +1,12 @@
-//! `/healthz`, `/readyz` and `/metrics` over a deliberately tiny HTTP/1.1 server.
-//!
-//! Three fixed GET endpoints do not justify a web framework: each connection gets one request and one
-//! response with `Connection: close`, which every prober and Prometheus scraper handles.
+//! `/healthz`, `/readyz` and `/metrics`: axum routes served by hyper over HTTP/1.1.
 //!
 //! - `/healthz`: 200 while the process is alive (flanneld's meaning).
 //! - `/readyz`: 200 once the run loop has set the readiness `watch` to `true` (subnet file written and
 //!   datapath programmed), 503 before and whenever it goes back to `false`.
 //! - `/metrics`: [`Metrics::render`].
+//!
+//! The accept loop is ours rather than `axum::serve`'s so each connection gets a header read
+//! timeout (idle probers cannot pile up) and shutdown drops connections instead of waiting on them.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), weft::health::HealthError> {
@@ -26,17 +26,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, MethodRouter};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{self, Metrics};
 
-/// Requests larger than this are refused; ours are a request line and a few headers.
-const MAX_REQUEST: usize = 8 * 1024;
-/// A client that has not sent its request by then is dropped, so idle connections cannot pile up.
+/// A client that has not sent its request headers by then is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +63,11 @@ pub enum HealthError {
 #[derive(Debug)]
 pub struct HealthServer {
     listener: TcpListener,
+    router: Router,
+}
+
+#[derive(Clone)]
+struct Shared {
     ready: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
 }
@@ -74,8 +83,7 @@ impl HealthServer {
             .map_err(|source| HealthError::Bind { addr, source })?;
         Ok(Self {
             listener,
-            ready,
-            metrics,
+            router: router(Shared { ready, metrics }),
         })
     }
 
@@ -94,10 +102,19 @@ impl HealthServer {
                 _ = shutdown.cancelled() => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        let ready = *self.ready.borrow();
-                        let metrics = self.metrics.clone();
+                        let service = TowerToHyperService::new(self.router.clone());
                         conns.spawn(async move {
-                            if let Err(e) = handle(stream, ready, &metrics).await {
+                            let served = hyper::server::conn::http1::Builder::new()
+                                .timer(TokioTimer::new())
+                                .header_read_timeout(READ_TIMEOUT)
+                                // One request per connection, as probers and scrapers use them;
+                                // nothing idles after the answer.
+                                .keep_alive(false)
+                                // Header names as the old hand-written server sent them.
+                                .title_case_headers(true)
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                            if let Err(e) = served {
                                 tracing::debug!(error = %e, "health connection ended with an error");
                             }
                         });
@@ -115,131 +132,93 @@ impl HealthServer {
     }
 }
 
-async fn handle(mut stream: TcpStream, ready: bool, metrics: &Metrics) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_) => return Ok(()),
+fn router(shared: Shared) -> Router {
+    // GET routes answer HEAD too (without the body); any other method gets 405 with a hint.
+    let route = |r: MethodRouter<Shared>| {
+        r.fallback(|| async { (StatusCode::METHOD_NOT_ALLOWED, text("GET or HEAD only\n")) })
     };
-    let response = match head {
-        Some(head) => respond(&head, ready, metrics),
-        None => Response::text(400, "Bad Request", "bad request\n"),
-    };
-    stream.write_all(&response.into_bytes()).await?;
-    stream.shutdown().await
+    Router::new()
+        .route("/healthz", route(get(|| async { text("ok\n") })))
+        .route("/readyz", route(get(readyz)))
+        .route("/metrics", route(get(metrics)))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                text("try /healthz, /readyz or /metrics\n"),
+            )
+        })
+        .with_state(shared)
 }
 
-/// Read until the blank line that ends the headers. `None` when the request is malformed or too large.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        if buf.len() > MAX_REQUEST {
-            return Ok(None);
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok(String::from_utf8(buf).ok())
+fn text(body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
-struct Response {
-    status: u16,
-    reason: &'static str,
-    content_type: &'static str,
-    body: String,
-    head_only: bool,
+async fn readyz(State(s): State<Shared>) -> Response {
+    if *s.ready.borrow() {
+        return text("ok\n");
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        text("not ready: subnet file or datapath not in place yet\n"),
+    )
+        .into_response()
 }
 
-impl Response {
-    fn text(status: u16, reason: &'static str, body: &str) -> Self {
-        Self {
-            status,
-            reason,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into(),
-            head_only: false,
-        }
-    }
-
-    fn into_bytes(self) -> Vec<u8> {
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.status,
-            self.reason,
-            self.content_type,
-            self.body.len()
-        )
-        .into_bytes();
-        if !self.head_only {
-            out.extend_from_slice(self.body.as_bytes());
-        }
-        out
-    }
-}
-
-fn respond(head: &str, ready: bool, metrics: &Metrics) -> Response {
-    let mut parts = head.lines().next().unwrap_or_default().split(' ');
-    let (method, target, version) = (parts.next(), parts.next(), parts.next());
-    let (Some(method), Some(target), Some(version)) = (method, target, version) else {
-        return Response::text(400, "Bad Request", "bad request\n");
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Response::text(505, "HTTP Version Not Supported", "HTTP/1.x only\n");
-    }
-    let head_only = match method {
-        "GET" => false,
-        "HEAD" => true,
-        _ => return Response::text(405, "Method Not Allowed", "GET or HEAD only\n"),
-    };
-    let path = target.split('?').next().unwrap_or(target);
-    let mut response = match path {
-        "/healthz" => Response::text(200, "OK", "ok\n"),
-        "/readyz" if ready => Response::text(200, "OK", "ok\n"),
-        "/readyz" => Response::text(
-            503,
-            "Service Unavailable",
-            "not ready: subnet file or datapath not in place yet\n",
-        ),
-        "/metrics" => Response {
-            content_type: metrics::CONTENT_TYPE,
-            ..Response::text(200, "OK", &metrics.render())
-        },
-        _ => Response::text(404, "Not Found", "try /healthz, /readyz or /metrics\n"),
-    };
-    response.head_only = head_only;
-    response
+async fn metrics(State(s): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        s.metrics.render(),
+    )
+        .into_response()
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
-    fn status(head: &str, ready: bool) -> u16 {
-        respond(head, ready, &Metrics::default()).status
+    /// Send one raw request over loopback and return the whole response.
+    async fn exchange(addr: SocketAddr, request: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
     }
 
-    #[test]
-    fn routes() {
-        assert_eq!(status("GET /healthz HTTP/1.1\r\n\r\n", false), 200);
-        assert_eq!(status("GET /readyz HTTP/1.1\r\n\r\n", false), 503);
-        assert_eq!(status("GET /readyz?verbose HTTP/1.0\r\n\r\n", true), 200);
-        assert_eq!(status("HEAD /metrics HTTP/1.1\r\n\r\n", true), 200);
-        assert_eq!(status("POST /healthz HTTP/1.1\r\n\r\n", true), 405);
-        assert_eq!(status("GET /nope HTTP/1.1\r\n\r\n", true), 404);
-        assert_eq!(status("GET /healthz SPDY/3\r\n\r\n", true), 505);
-        assert_eq!(status("garbage\r\n\r\n", true), 400);
-    }
-
-    #[test]
-    fn head_has_length_but_no_body() {
-        let r = respond("HEAD /healthz HTTP/1.1\r\n\r\n", true, &Metrics::default());
-        let bytes = String::from_utf8(r.into_bytes()).unwrap();
+    #[tokio::test]
+    async fn routes_methods_and_head() {
+        let (ready_tx, ready) = watch::channel(false);
+        let server = HealthServer::bind("127.0.0.1:0".parse().unwrap(), ready, Arc::default())
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.serve(shutdown.clone()));
+        let status = |path: &'static str, method: &'static str| async move {
+            let r = exchange(
+                addr,
+                &format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+            )
+            .await;
+            r.split(' ').nth(1).unwrap_or_default().to_string()
+        };
+        assert_eq!(status("/healthz", "GET").await, "200");
+        assert_eq!(status("/readyz", "GET").await, "503");
+        ready_tx.send_replace(true);
+        assert_eq!(status("/readyz?verbose", "GET").await, "200");
+        assert_eq!(status("/healthz", "POST").await, "405");
+        assert_eq!(status("/nope", "GET").await, "404");
+        let head = exchange(addr, "HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(
-            bytes.ends_with("Content-Length: 3\r\nConnection: close\r\n\r\n"),
-            "{bytes}"
+            head.contains("Content-Length: 3\r\n") && head.ends_with("\r\n\r\n"),
+            "{head}"
         );
+        let garbage = exchange(addr, "garbage\r\n\r\n").await;
+        assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+        shutdown.cancel();
+        task.await.unwrap();
     }
 }

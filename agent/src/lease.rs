@@ -51,7 +51,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use serde_json::{Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::{lowercase_keys, Typed};
 
 /// Why a lease key or value could not be read. Readers skip such leases with a warning.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -151,30 +154,79 @@ pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseError> {
     Ok(net)
 }
 
-/// Look a field up in a JSON object ignoring letter case, as Go's encoding/json does.
-pub(crate) fn field_ci<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    obj.get(name).or_else(|| {
-        obj.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
-    })
+/// A lease value as flanneld writes it: Go's field order, `PublicIPv6` null, `BackendData` left out
+/// when the backend has none.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct WireOut<'a> {
+    #[serde(rename = "PublicIP")]
+    public_ip: Ipv4Addr,
+    #[serde(rename = "PublicIPv6")]
+    public_ipv6: Option<Ipv4Addr>,
+    backend_type: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend_data: Option<VxlanOut>,
+}
+
+#[derive(Serialize)]
+struct VxlanOut {
+    #[serde(rename = "VNI")]
+    vni: u32,
+    #[serde(rename = "VtepMAC")]
+    vtep_mac: String,
+}
+
+/// A lease value as read, keys already lowercased (Go matches field names in any case). Each field
+/// keeps what it found when it is not of the expected type, so the error can show it.
+#[derive(Deserialize)]
+struct WireIn {
+    publicip: Option<Typed<Ipv4Addr>>,
+    backendtype: Option<Typed<String>>,
+    backenddata: Option<Typed<AnyCase<VxlanIn>>>,
+}
+
+/// A `T` read from an object whose keys may be in any letter case.
+struct AnyCase<T>(T);
+
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for AnyCase<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let obj = lowercase_keys(serde_json::Map::deserialize(d)?).map_err(D::Error::custom)?;
+        T::deserialize(obj).map(AnyCase).map_err(D::Error::custom)
+    }
+}
+
+#[derive(Deserialize)]
+struct VxlanIn {
+    vni: Option<Typed<u32>>,
+    vtepmac: Option<Typed<MacAddr>>,
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl LeaseAttrs {
-    /// Serialise exactly as flanneld does (Go field order, `PublicIPv6` null, `BackendData`
-    /// left out when the backend has none).
+    /// Serialise exactly as flanneld does.
     pub fn to_json(&self) -> String {
-        let head = format!(
-            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"#,
-            self.public_ip
-        );
-        match &self.backend {
-            BackendAttrs::Vxlan { vni, vtep_mac } => format!(
-                r#"{head}"vxlan","BackendData":{{"VNI":{},"VtepMAC":"{vtep_mac}"}}}}"#,
-                vni.unwrap_or(0)
-            ),
-            other => format!("{head}{}}}", Value::String(other.type_name().to_string())),
-        }
+        let backend_data = match &self.backend {
+            BackendAttrs::Vxlan { vni, vtep_mac } => Some(VxlanOut {
+                vni: vni.unwrap_or(0),
+                vtep_mac: vtep_mac.to_string(),
+            }),
+            _ => None,
+        };
+        let wire = WireOut {
+            public_ip: self.public_ip,
+            public_ipv6: None,
+            backend_type: self.backend.type_name(),
+            backend_data,
+        };
+        // Addresses, strings and numbers always serialise.
+        serde_json::to_string(&wire).unwrap_or_default()
     }
 
     /// Parse a lease value in flanneld's format: any field-name case, unknown fields ignored,
@@ -185,52 +237,71 @@ impl LeaseAttrs {
             reason,
         };
         let v: Value = serde_json::from_slice(value).map_err(|e| bad_json(e.to_string()))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| bad_json(format!("found {v}")))?;
-        let bad = |field: &'static str, value: Option<&Value>, expected: &'static str| {
+        let Value::Object(obj) = v else {
+            return Err(bad_json(format!("found {v}")));
+        };
+        let obj = lowercase_keys(obj).map_err(|e| bad_json(e.to_string()))?;
+        let wire: WireIn = serde_json::from_value(obj).map_err(|e| bad_json(e.to_string()))?;
+        let bad = |field: &'static str, found: Option<Value>, expected: &'static str| {
             LeaseError::BadField {
                 key: key.to_string(),
                 field,
-                value: value.map_or("missing".to_string(), |v| v.to_string()),
+                value: found.map_or("missing".to_string(), |v| v.to_string()),
                 expected,
             }
         };
-        let ip_val = field_ci(obj, "PublicIP");
-        let public_ip = ip_val
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse::<Ipv4Addr>().ok())
-            .ok_or_else(|| bad("PublicIP", ip_val, "an IPv4 address string"))?;
-        let type_val = field_ci(obj, "BackendType");
-        let backend_type = match type_val {
-            None | Some(Value::Null) => "",
-            Some(Value::String(s)) => s.as_str(),
-            Some(_) => return Err(bad("BackendType", type_val, "a string")),
+        let public_ip = match wire.publicip {
+            Some(Typed::Ok(ip)) => ip,
+            other => {
+                return Err(bad(
+                    "PublicIP",
+                    Typed::found(other),
+                    "an IPv4 address string",
+                ))
+            }
         };
-        let backend = match backend_type {
+        let backend_type = match wire.backendtype {
+            None => String::new(),
+            Some(Typed::Ok(t)) => t,
+            other => return Err(bad("BackendType", Typed::found(other), "a string")),
+        };
+        let backend = match backend_type.as_str() {
             "vxlan" => {
-                let data_val = field_ci(obj, "BackendData");
-                let data = data_val
-                    .and_then(Value::as_object)
-                    .ok_or_else(|| bad("BackendData", data_val, "an object with VtepMAC"))?;
-                let mac_val = field_ci(data, "VtepMAC");
-                let vtep_mac = mac_val
-                    .and_then(Value::as_str)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| bad("BackendData.VtepMAC", mac_val, "a MAC address string"))?;
-                let vni =
-                    match field_ci(data, "VNI") {
-                        None | Some(Value::Null) => None,
-                        Some(v) => {
-                            Some(v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(
-                                || bad("BackendData.VNI", Some(v), "an unsigned integer"),
-                            )?)
-                        }
-                    };
+                let data = match wire.backenddata {
+                    Some(Typed::Ok(AnyCase(d))) => d,
+                    other => {
+                        return Err(bad(
+                            "BackendData",
+                            Typed::found(other),
+                            "an object with VtepMAC",
+                        ))
+                    }
+                };
+                let vtep_mac = match data.vtepmac {
+                    Some(Typed::Ok(m)) => m,
+                    other => {
+                        return Err(bad(
+                            "BackendData.VtepMAC",
+                            Typed::found(other),
+                            "a MAC address string",
+                        ))
+                    }
+                };
+                let vni = match data.vni {
+                    None => None,
+                    Some(Typed::Ok(n)) => Some(n),
+                    other => {
+                        return Err(bad(
+                            "BackendData.VNI",
+                            Typed::found(other),
+                            "an unsigned integer",
+                        ))
+                    }
+                };
                 BackendAttrs::Vxlan { vni, vtep_mac }
             }
             "host-gw" => BackendAttrs::HostGw,
-            other => BackendAttrs::Other(other.to_string()),
+            _ => BackendAttrs::Other(backend_type),
         };
         Ok(LeaseAttrs { public_ip, backend })
     }

@@ -21,7 +21,6 @@ use weft_common::{config_flags, NodeConfig};
 use crate::{
     datapath::{Datapath, DatapathError, LinkState, PinnedLinkState, PinnedMaps},
     lease::MacAddr,
-    netlink::fmt_mac,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +164,7 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
         .map(|p| PeerStatus {
             subnet: p.subnet,
             vtep_ip: p.vtep_ip,
-            vtep_mac: fmt_mac(&p.vtep_mac),
+            vtep_mac: p.vtep_mac.to_string(),
         })
         .collect();
     status.known_vteps = maps.vteps().map_err(read_err)?;
@@ -176,7 +175,7 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
         .map(|b| BindingStatus {
             ip: b.ip,
             port: b.host_ifindex,
-            mac: fmt_mac(&b.mac),
+            mac: b.mac.to_string(),
         })
         .collect();
     status.counters = maps
@@ -229,9 +228,9 @@ fn node_status(c: &NodeConfig) -> NodeStatus {
         // Holds the port as a number; the programs convert it when they compare or write it.
         port: c.port_be,
         vtep_ip: Ipv4Addr::from(c.vtep_ip_be),
-        vtep_mac: fmt_mac(&MacAddr(c.vtep_mac)),
+        vtep_mac: MacAddr(c.vtep_mac).to_string(),
         underlay_ifindex: c.underlay_ifindex_ne,
-        underlay_mac: fmt_mac(&MacAddr(c.underlay_mac)),
+        underlay_mac: MacAddr(c.underlay_mac).to_string(),
         underlay_mtu: c.underlay_mtu_ne,
         bridge_ifindex: c.bridge_ifindex_ne,
         decrement_ttl: c.flags_ne & config_flags::DECREMENT_TTL != 0,

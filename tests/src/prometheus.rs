@@ -54,8 +54,14 @@ pub fn parse(text: &str) -> Result<BTreeMap<String, f64>> {
             let value: f64 = value.parse().with_context(at)?;
             let name = key.split('{').next().unwrap_or(key);
             ensure!(valid_name(name), "bad metric name at {}", at());
+            // A histogram's samples carry the family name plus _bucket, _sum or _count.
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| types.get(*f).is_some_and(|k| k == "histogram"))
+                .unwrap_or(name);
             ensure!(
-                types.contains_key(name),
+                types.contains_key(family),
                 "sample before its TYPE at {}",
                 at()
             );
@@ -121,5 +127,12 @@ mod tests {
             "non-numeric value"
         );
         assert!(parse("# HELP x h\n# TYPE x gauge\nx{a=\"q\\\"\",b=\"2\"} 1\n").is_ok());
+        let histogram =
+            "# HELP h h\n# TYPE h histogram\nh_bucket{le=\"1.0\"} 0\nh_sum 0.0\nh_count 0\n";
+        assert!(parse(histogram).is_ok());
+        assert!(
+            parse("# HELP g h\n# TYPE g gauge\ng_count 0\n").is_err(),
+            "_count of a gauge"
+        );
     }
 }

@@ -124,11 +124,13 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
             self.reacquire().await?;
             true
         } else {
+            let asked = std::time::Instant::now();
             let lease = self
                 .store
                 .renew(&self.own, &self.attrs, self.cfg.lease.ttl)
-                .await?;
-            lease.map(|l| self.own = l).is_some()
+                .await;
+            self.metrics.observe_etcd(asked.elapsed());
+            lease?.map(|l| self.own = l).is_some()
         };
         if renewed {
             self.announce(false);
@@ -141,7 +143,10 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
     /// Make the datapath equal the peer set. Every failed step is logged and counted; the
     /// next round tries it again.
     pub async fn reconcile(&mut self) {
-        match self.backend.reconcile(&self.peers.leases()).await {
+        let started = std::time::Instant::now();
+        let result = self.backend.reconcile(&self.peers.leases()).await;
+        self.metrics.observe_reconcile(started.elapsed());
+        match result {
             Ok(0) => {}
             Ok(n) => {
                 self.metrics.reconcile_repairs.add(n as u64);

@@ -7,7 +7,12 @@
 use std::net::Ipv4Addr;
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+mod raw;
+
+use raw::{boolean, ip, raw, string, uint, RawBackend, RawConfig};
+pub(crate) use raw::{lowercase_keys, Typed};
 
 /// The kernel's default VXLAN port (flannel leaves `Port` 0 to mean this).
 pub const DEFAULT_VXLAN_PORT: u16 = weft_common::wire::DEFAULT_PORT;
@@ -107,121 +112,22 @@ pub struct NetworkConfig {
     pub backend: Backend,
 }
 
-/// The top-level object with keys lowercased; two keys differing only in case are an error
-/// (Go would silently pick one, which hides typos).
-fn lowercase_keys(obj: &Map<String, Value>) -> Result<Map<String, Value>, ConfigError> {
-    let mut out = Map::new();
-    let mut original: std::collections::HashMap<String, String> = Default::default();
-    for (k, v) in obj {
-        let lk = k.to_ascii_lowercase();
-        if let Some(first) = original.get(&lk) {
-            return Err(ConfigError::Duplicate {
-                field: lk,
-                first: first.clone(),
-                second: k.clone(),
-            });
-        }
-        original.insert(lk.clone(), k.clone());
-        out.insert(lk, v.clone());
-    }
-    Ok(out)
-}
-
-fn get_bool(
-    obj: &Map<String, Value>,
-    key: &str,
-    field: &'static str,
-    default: bool,
-) -> Result<bool, ConfigError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(ConfigError::WrongType {
-            field,
-            value: v.to_string(),
-            expected: "true or false",
-            fix: "write it without quotes",
-        }),
-    }
-}
-
-/// An optional unsigned integer field no larger than `max`.
-fn get_uint(
-    obj: &Map<String, Value>,
-    key: &str,
-    field: &'static str,
-    max: u64,
-) -> Result<Option<u64>, ConfigError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v @ Value::Number(n)) => match n.as_u64() {
-            Some(x) if x <= max => Ok(Some(x)),
-            _ => Err(invalid(
-                field,
-                v,
-                format!("must be a whole number from 0 to {max}"),
-                "use a value in range",
-            )),
-        },
-        Some(v) => Err(ConfigError::WrongType {
-            field,
-            value: v.to_string(),
-            expected: "a number",
-            fix: "write it as a number without quotes",
-        }),
-    }
-}
-
-fn get_str<'a>(
-    obj: &'a Map<String, Value>,
-    key: &str,
-    field: &'static str,
-) -> Result<Option<&'a str>, ConfigError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(v) => Err(ConfigError::WrongType {
-            field,
-            value: v.to_string(),
-            expected: "a string",
-            fix: "put the value in quotes",
-        }),
-    }
-}
-
-fn get_ip(
-    obj: &Map<String, Value>,
-    key: &str,
-    field: &'static str,
-) -> Result<Option<Ipv4Addr>, ConfigError> {
-    get_str(obj, key, field)?
-        .map(|s| {
-            s.parse().map_err(|_| {
-                invalid(
-                    field,
-                    format!("{s:?}"),
-                    "not an IPv4 address",
-                    "write e.g. \"10.1.10.0\"",
-                )
-            })
-        })
-        .transpose()
-}
-
 impl NetworkConfig {
     /// Parse and validate the JSON stored at `<prefix>/config`.
     pub fn parse(json: &str) -> Result<Self, ConfigError> {
         let v: Value = serde_json::from_str(json).map_err(|e| ConfigError::Syntax {
             reason: e.to_string(),
         })?;
-        let obj = v.as_object().ok_or_else(|| ConfigError::NotObject {
-            value: v.to_string(),
-        })?;
-        let obj = lowercase_keys(obj)?;
+        let Value::Object(obj) = v else {
+            return Err(ConfigError::NotObject {
+                value: v.to_string(),
+            });
+        };
+        let raw: RawConfig = raw(obj)?;
 
-        let enable_ipv4 = get_bool(&obj, "enableipv4", "EnableIPv4", true)?;
-        let enable_ipv6 = get_bool(&obj, "enableipv6", "EnableIPv6", false)?;
-        let enable_nftables = get_bool(&obj, "enablenftables", "EnableNFTables", false)?;
+        let enable_ipv4 = boolean(raw.enableipv4, "EnableIPv4", true)?;
+        let enable_ipv6 = boolean(raw.enableipv6, "EnableIPv6", false)?;
+        let enable_nftables = boolean(raw.enablenftables, "EnableNFTables", false)?;
         if !enable_ipv4 {
             return Err(invalid(
                 "EnableIPv4",
@@ -238,7 +144,7 @@ impl NetworkConfig {
                 "remove EnableIPv6 or set it to false",
             ));
         }
-        let ipv6_network = get_str(&obj, "ipv6network", "IPv6Network")?
+        let ipv6_network = string(raw.ipv6network, "IPv6Network")?
             .map(|s| {
                 s.parse::<Ipv6Net>().map_err(|_| {
                     invalid(
@@ -250,20 +156,19 @@ impl NetworkConfig {
                 })
             })
             .transpose()?;
-        let ipv6_subnet_len =
-            get_uint(&obj, "ipv6subnetlen", "IPv6SubnetLen", 128)?.map(|n| n as u8);
+        let ipv6_subnet_len = uint(raw.ipv6subnetlen, "IPv6SubnetLen", 128)?.map(|n| n as u8);
 
-        let network = Self::network(&obj)?;
-        let subnet_len = Self::subnet_len(&obj, network)?;
+        let network = Self::network(raw.network)?;
+        let subnet_len = Self::subnet_len(raw.subnetlen, network)?;
         let size = 1u64 << (32 - subnet_len);
         let net_start = u64::from(u32::from(network.network()));
         let net_end = net_start + (1u64 << (32 - network.prefix_len()));
         let default_min = Ipv4Addr::from((net_start + size) as u32);
         let default_max = Ipv4Addr::from((net_end - size) as u32);
-        let subnet_min = Self::bound(&obj, "subnetmin", "SubnetMin", network, subnet_len)?
-            .unwrap_or(default_min);
-        let subnet_max = Self::bound(&obj, "subnetmax", "SubnetMax", network, subnet_len)?
-            .unwrap_or(default_max);
+        let subnet_min =
+            Self::bound(raw.subnetmin, "SubnetMin", network, subnet_len)?.unwrap_or(default_min);
+        let subnet_max =
+            Self::bound(raw.subnetmax, "SubnetMax", network, subnet_len)?.unwrap_or(default_max);
         if subnet_min > subnet_max {
             return Err(invalid(
                 "SubnetMin",
@@ -272,7 +177,7 @@ impl NetworkConfig {
                 "make SubnetMin lower than SubnetMax, or remove both",
             ));
         }
-        let backend = parse_backend(obj.get("backend"))?;
+        let backend = parse_backend(raw.backend)?;
         Ok(NetworkConfig {
             network,
             subnet_len,
@@ -287,11 +192,11 @@ impl NetworkConfig {
         })
     }
 
-    fn network(obj: &Map<String, Value>) -> Result<Ipv4Net, ConfigError> {
-        let s = match obj.get("network") {
-            None | Some(Value::Null) => return Err(ConfigError::MissingNetwork),
-            Some(Value::String(s)) => s,
-            Some(v) => {
+    fn network(v: Option<Typed<String>>) -> Result<Ipv4Net, ConfigError> {
+        let s = match v {
+            None => return Err(ConfigError::MissingNetwork),
+            Some(Typed::Ok(s)) => s,
+            Some(Typed::Other(v)) => {
                 return Err(ConfigError::WrongType {
                     field: "Network",
                     value: v.to_string(),
@@ -319,9 +224,9 @@ impl NetworkConfig {
         Ok(net)
     }
 
-    fn subnet_len(obj: &Map<String, Value>, network: Ipv4Net) -> Result<u8, ConfigError> {
+    fn subnet_len(v: Option<Typed<u64>>, network: Ipv4Net) -> Result<u8, ConfigError> {
         let prefix = network.prefix_len();
-        match get_uint(obj, "subnetlen", "SubnetLen", 32)? {
+        match uint(v, "SubnetLen", 32)? {
             // flannel treats 0 as "not set".
             None | Some(0) => {
                 if prefix > 28 {
@@ -349,13 +254,12 @@ impl NetworkConfig {
     }
 
     fn bound(
-        obj: &Map<String, Value>,
-        key: &str,
+        v: Option<Typed<String>>,
         field: &'static str,
         network: Ipv4Net,
         subnet_len: u8,
     ) -> Result<Option<Ipv4Addr>, ConfigError> {
-        let Some(ip) = get_ip(obj, key, field)? else {
+        let Some(ip) = ip(v, field)? else {
             return Ok(None);
         };
         // flannel treats 0.0.0.0 as "not set".
@@ -390,15 +294,15 @@ impl NetworkConfig {
     }
 }
 
-fn parse_backend(v: Option<&Value>) -> Result<Backend, ConfigError> {
-    let obj = match v {
+fn parse_backend(v: Option<Value>) -> Result<Backend, ConfigError> {
+    let b: RawBackend = match v {
         // flanneld falls back to the udp backend when none is given; weft has no udp.
         None | Some(Value::Null) => {
             return Err(ConfigError::UnsupportedBackend {
                 value: "missing because Backend is missing (flannel's default is \"udp\")".into(),
             })
         }
-        Some(Value::Object(o)) => lowercase_keys(o)?,
+        Some(Value::Object(o)) => raw(o)?,
         Some(v) => {
             return Err(ConfigError::WrongType {
                 field: "Backend",
@@ -408,14 +312,14 @@ fn parse_backend(v: Option<&Value>) -> Result<Backend, ConfigError> {
             })
         }
     };
-    let ty = match obj.get("type") {
-        None | Some(Value::Null) => {
+    let ty = match b.ty {
+        None => {
             return Err(ConfigError::UnsupportedBackend {
                 value: "missing (flannel's default is \"udp\")".into(),
             })
         }
-        Some(Value::String(s)) => s.as_str(),
-        Some(v) => {
+        Some(Typed::Ok(s)) => s,
+        Some(Typed::Other(v)) => {
             return Err(ConfigError::WrongType {
                 field: "Backend.Type",
                 value: v.to_string(),
@@ -424,12 +328,11 @@ fn parse_backend(v: Option<&Value>) -> Result<Backend, ConfigError> {
             })
         }
     };
-    match ty {
+    match ty.as_str() {
         "vxlan" => {
-            let vni = get_uint(&obj, "vni", "Backend.VNI", MAX_VNI)?.unwrap_or(1) as u32;
-            let port =
-                get_uint(&obj, "port", "Backend.Port", u64::from(u16::MAX))?.unwrap_or(0) as u16;
-            let mtu = get_uint(&obj, "mtu", "Backend.MTU", 65535)?.map(|m| m as u32);
+            let vni = uint(b.vni, "Backend.VNI", MAX_VNI)?.unwrap_or(1) as u32;
+            let port = uint(b.port, "Backend.Port", u64::from(u16::MAX))?.unwrap_or(0) as u16;
+            let mtu = uint(b.mtu, "Backend.MTU", 65535)?.map(|m| m as u32);
             if let Some(m) = mtu.filter(|m| *m < 576) {
                 return Err(invalid(
                     "Backend.MTU",
@@ -442,9 +345,9 @@ fn parse_backend(v: Option<&Value>) -> Result<Backend, ConfigError> {
                 vni,
                 port: if port == 0 { DEFAULT_VXLAN_PORT } else { port },
                 mtu,
-                gbp: get_bool(&obj, "gbp", "Backend.GBP", false)?,
-                learning: get_bool(&obj, "learning", "Backend.Learning", false)?,
-                direct_routing: get_bool(&obj, "directrouting", "Backend.DirectRouting", false)?,
+                gbp: boolean(b.gbp, "Backend.GBP", false)?,
+                learning: boolean(b.learning, "Backend.Learning", false)?,
+                direct_routing: boolean(b.directrouting, "Backend.DirectRouting", false)?,
             }))
         }
         "host-gw" => Ok(Backend::HostGw),

@@ -1,0 +1,169 @@
+//! The iptables side: chains checked rule by rule with `iptables -C` (as flanneld does), rewritten in
+//! one `iptables-restore --noflush` transaction when anything is off, so no packet sees a half-built
+//! chain and no `iptables -S` text is compared by position (its spelling varies across versions).
+
+use super::{run, run_stdin, MasqError};
+
+/// One chain we own, the rules it must hold in order, and the jump into it from a built-in chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct IptChain {
+    pub table: &'static str,
+    pub chain: &'static str,
+    /// Built-in chain that jumps to `chain`.
+    pub hook: &'static str,
+    pub jump: Vec<String>,
+    pub rules: Vec<Vec<String>>,
+}
+
+/// iptables exits 1 when `-C` finds no such rule or `-S`/`-D` no such chain; other codes are failures.
+fn absent(e: &MasqError) -> bool {
+    matches!(e, MasqError::Command { status, .. } if status.code() == Some(1))
+}
+
+/// Does `-C` find `rule` in `chain`?
+async fn has_rule(table: &str, chain: &str, rule: &[String]) -> Result<bool, MasqError> {
+    let mut args = vec!["-w", "-t", table, "-C", chain];
+    args.extend(rule.iter().map(String::as_str));
+    match run("iptables", &args).await {
+        Ok(_) => Ok(true),
+        Err(e) if absent(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// How many rules `chain` holds, or `None` when it does not exist. Only the `-A` lines are counted,
+/// which every iptables version prints one per rule.
+async fn rule_count(table: &str, chain: &str) -> Result<Option<usize>, MasqError> {
+    match run("iptables", &["-w", "-t", table, "-S", chain]).await {
+        Ok(listing) => Ok(Some(
+            listing.lines().filter(|l| l.starts_with("-A ")).count(),
+        )),
+        Err(e) if absent(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Put chain `c`, its rules (in order, nothing else) and the jump into it in place; one line per repair.
+pub(super) async fn ensure_chain(c: &IptChain) -> Result<Vec<String>, MasqError> {
+    let at = |what: &str| format!("{} {}: {what}", c.table, c.chain);
+    let mut repairs = Vec::new();
+    let count = rule_count(c.table, c.chain).await?;
+    let mut present = 0;
+    if count.is_none() {
+        repairs.push(at("created chain"));
+    }
+    for (i, rule) in c.rules.iter().enumerate() {
+        if count.is_some() && has_rule(c.table, c.chain, rule).await? {
+            present += 1;
+        } else {
+            repairs.push(at(&format!("inserted rule {}: {}", i + 1, canonical(rule))));
+        }
+    }
+    let stale = count.unwrap_or(0).saturating_sub(present);
+    if stale > 0 {
+        repairs.push(at(&format!("removed stale rule(s): {stale} not ours")));
+    }
+    if !repairs.is_empty() {
+        // With --noflush, declaring a user chain creates it or flushes it, in the same transaction
+        // that adds the rules: the kernel swaps the whole chain at once.
+        let mut script = format!("*{}\n:{} - [0:0]\n", c.table, c.chain);
+        for rule in &c.rules {
+            script.push_str(&format!("-A {} {}\n", c.chain, canonical(rule)));
+        }
+        script.push_str("COMMIT\n");
+        run_stdin("iptables-restore", &["-w", "--noflush"], &script).await?;
+    }
+    // The jump goes in last, so packets never enter a chain that is still being built.
+    if !has_rule(c.table, c.hook, &c.jump).await? {
+        let mut args = vec!["-w", "-t", c.table, "-I", c.hook, "1"];
+        args.extend(c.jump.iter().map(String::as_str));
+        run("iptables", &args).await?;
+        repairs.push(format!(
+            "{} {}: inserted jump to {}",
+            c.table, c.hook, c.chain
+        ));
+    }
+    Ok(repairs)
+}
+
+/// Removes chain `c` and every jump into it; returns whether there was anything to remove.
+pub(super) async fn remove_chain(c: &IptChain, errors: &mut Vec<MasqError>) -> bool {
+    match rule_count(c.table, c.chain).await {
+        // iptables refuses a jump to a chain that does not exist, so there is none to remove
+        // (and `-D` of one would fail with "Couldn't load target").
+        Ok(None) => return false,
+        Ok(Some(_)) => {}
+        Err(e) => {
+            errors.push(e);
+            return false;
+        }
+    }
+    let mut jump = vec!["-w", "-t", c.table, "-D", c.hook];
+    jump.extend(c.jump.iter().map(String::as_str));
+    // The jump may have been added more than once (by hand, by an old flanneld); remove every copy.
+    // Bounded, in case something re-adds it as fast as we delete it.
+    for _ in 0..16 {
+        match run("iptables", &jump).await {
+            Ok(_) => {}
+            Err(e) if absent(&e) => break,
+            Err(e) => {
+                errors.push(e);
+                break;
+            }
+        }
+    }
+    for op in ["-F", "-X"] {
+        if let Err(e) = run("iptables", &["-w", "-t", c.table, op, c.chain]).await {
+            errors.push(e);
+        }
+    }
+    true
+}
+
+/// A rule spec as `iptables-save` prints it and `iptables-restore` reads it: arguments with spaces in
+/// double quotes.
+pub(super) fn canonical(spec: &[String]) -> String {
+    spec.iter()
+        .map(|a| {
+            if a.contains(' ') {
+                format!("\"{a}\"")
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Does `iptables v1.8.9 (nf_tables)` name a version at least `min`?
+pub(super) fn version_at_least(text: &str, min: (u32, u32, u32)) -> bool {
+    let Some(v) = text.split_whitespace().find_map(|w| w.strip_prefix('v')) else {
+        return false;
+    };
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let got = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    got >= min
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_and_versions() {
+        let spec: Vec<String> = ["-m", "comment", "--comment", "flanneld masq", "-j", "X"]
+            .map(String::from)
+            .into();
+        assert_eq!(
+            canonical(&spec),
+            r#"-m comment --comment "flanneld masq" -j X"#
+        );
+        assert!(version_at_least("iptables v1.8.9 (nf_tables)", (1, 6, 2)));
+        assert!(!version_at_least("iptables v1.6.1", (1, 6, 2)));
+        assert!(!version_at_least("garbage", (1, 6, 2)));
+    }
+}
