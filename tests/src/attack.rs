@@ -116,16 +116,7 @@ pub async fn status(host: &Host) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("weft status --json: {e}:\n{out}"))
 }
 
-/// A counter of a `weft status --json` document by its display name, 0 when absent.
-pub fn counter(st: &Value, name: &str) -> u64 {
-    st["counters"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["name"] == name)
-        .and_then(|c| c["value"].as_u64())
-        .unwrap_or(0)
-}
+pub use crate::status::counter;
 
 /// Every counter of the host's programs that is not zero, by name (empty on the kernel datapath).
 pub async fn counters(host: &Host) -> BTreeMap<String, u64> {

@@ -42,6 +42,7 @@ pub mod pinger;
 pub mod poll;
 pub mod prometheus;
 pub mod relay;
+pub mod status;
 
 pub use agent::{weft_bin, Agent};
 pub use cluster::{cluster, Cluster, ClusterOptions, Host, SubnetEnv};

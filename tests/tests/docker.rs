@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use weft_tests::docker::{remove_simulated_bridge, subnet_env};
+use weft_tests::status::counter;
 use weft_tests::{cluster, weft_bin, Cluster, DockerContainer, Dockerd, Host};
 
 const CONFIG: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -79,16 +80,6 @@ fn encap_on_docker0(st: &Value) -> bool {
             && p["interface"] == "docker0"
             && p["state"] == "attached"
     })
-}
-
-fn counter(st: &Value, name: &str) -> u64 {
-    st["counters"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["name"] == name)
-        .and_then(|c| c["value"].as_u64())
-        .unwrap_or(0)
 }
 
 /// flannel.1's tx + rx packets: they move only when the kernel vxlan device carries traffic.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::Value;
 use tokio::task::JoinSet;
+use weft_tests::status::{counter, ebpf_ready};
 use weft_tests::{cluster, flanneld, tail, weft_bin, Agent, Cluster, Container, Host, Netns};
 
 const CONFIG: &str = r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -45,17 +46,6 @@ async fn status_at(host: &Host, pin_dir: &std::path::Path) -> Value {
         .await
         .unwrap_or_else(|e| panic!("weft status on {}: {e:#}", host.name()));
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("weft status --json: {e}:\n{out}"))
-}
-
-/// A counter of a `weft status --json` document by its display name, 0 when absent.
-fn counter(st: &Value, name: &str) -> u64 {
-    st["counters"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["name"] == name)
-        .and_then(|c| c["value"].as_u64())
-        .unwrap_or(0)
 }
 
 /// The counters that tell the paths apart, as one comparable snapshot.
@@ -138,25 +128,6 @@ async fn wait_status(
         // Pacing between two looks; the deadline decides.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Decapsulation on ens32 and encapsulation on docker0 (and on every bridge port) attached, and
-/// `peers` remote subnets in the map.
-fn ebpf_ready(st: &Value, peers: usize) -> bool {
-    let programs = st["programs"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let on = |prog: &str, iface: &str| {
-        programs.iter().any(|p| {
-            p["program"].as_str().is_some_and(|n| n.contains(prog)) && p["interface"] == iface
-        })
-    };
-    st["mode"] == "ebpf"
-        && on("decap", "ens32")
-        && on("encap", "docker0")
-        && programs.iter().all(|p| p["state"] == "attached")
-        && st["peers"].as_array().map_or(0, Vec::len) == peers
 }
 
 async fn wait_ebpf_ready(host: &Host, peers: usize) -> Value {

@@ -19,6 +19,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use serde_json::Value;
+use weft_tests::status::{counter, ebpf_ready};
 use weft_tests::{cluster, weft_bin, Cluster, Container, Host};
 
 /// The last commit whose eBPF maps have layout 1 (a 40-byte node config, 17 counters).
@@ -204,32 +205,9 @@ async fn status(host: &Host, bin: &Path) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(&out)?)
 }
 
-fn counter(st: &Value, name: &str) -> u64 {
-    st["counters"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["name"] == name)
-        .and_then(|c| c["value"].as_u64())
-        .unwrap_or(0)
-}
-
 /// Decapsulation on ens32, encapsulation on docker0, every program attached, one peer.
 fn ready(st: &Value) -> bool {
-    let programs = st["programs"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let on = |prog: &str, iface: &str| {
-        programs.iter().any(|p| {
-            p["program"].as_str().is_some_and(|n| n.contains(prog)) && p["interface"] == iface
-        })
-    };
-    st["mode"] == "ebpf"
-        && on("decap", "ens32")
-        && on("encap", "docker0")
-        && programs.iter().all(|p| p["state"] == "attached")
-        && st["peers"].as_array().map_or(0, Vec::len) == 1
+    ebpf_ready(st, 1)
 }
 
 /// Polls `status` of build `bin` until `ok`; the last status and the log otherwise.
