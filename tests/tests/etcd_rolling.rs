@@ -262,7 +262,12 @@ async fn rolling_restart_and_member_replacement_lose_nothing() {
     );
     args.extend(KERNEL.iter().map(|s| s.to_string()));
     let late_agent = Agent::spawn(late.name(), args, &late.dir().join("agent.log"), false).unwrap();
-    let joined = late.add_container().await.unwrap();
+    let joined = late.add_container().await.unwrap_or_else(|e| {
+        panic!(
+            "the late agent (removed member first in its list) got no subnet: {e:#}\n{}",
+            late_agent.log()
+        )
+    });
     containers[0]
         .ping_until(joined.ip(), Duration::from_secs(20))
         .await
