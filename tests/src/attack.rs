@@ -143,32 +143,15 @@ pub fn counters_since(
         .collect()
 }
 
-fn ebpf_ready(st: &Value, host: &Host, peers: usize) -> bool {
-    let programs = st["programs"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let on = |prog: &str, iface: &str| {
-        programs.iter().any(|p| {
-            p["program"].as_str().is_some_and(|n| n.contains(prog))
-                && p["interface"] == iface
-                && p["state"] == "attached"
-        })
-    };
-    st["mode"] == "ebpf"
-        && on("decap", "ens32")
-        && on("encap", "docker0")
-        && host.containers().iter().all(|c| on("encap", c.host_veth()))
-        && st["peers"].as_array().map_or(0, Vec::len) == peers
-}
-
 /// Wait until the host runs its programs on ens32, docker0 and every container port, with `peers`
 /// remote subnets in its map.
 pub async fn wait_ebpf_ready(host: &Host, peers: usize) {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let st = status(host).await;
-        if ebpf_ready(&st, host, peers) {
+        let containers = host.containers();
+        let ports: Vec<&str> = containers.iter().map(|c| c.host_veth()).collect();
+        if crate::status::ebpf_ready_on(&st, peers, &ports) {
             return;
         }
         if Instant::now() > deadline {

@@ -16,6 +16,12 @@ pub fn counter(st: &Value, name: &str) -> u64 {
 /// Decapsulation on ens32 and encapsulation on docker0 (and on every bridge port) attached, and
 /// `peers` remote subnets in the map.
 pub fn ebpf_ready(st: &Value, peers: usize) -> bool {
+    ebpf_ready_on(st, peers, &[])
+}
+
+/// [`ebpf_ready`], and encapsulation attached on each of `ports` too (container veths the test
+/// made, which the status lists only once the agent has seen them).
+pub fn ebpf_ready_on(st: &Value, peers: usize, ports: &[&str]) -> bool {
     let programs = st["programs"]
         .as_array()
         .map(Vec::as_slice)
@@ -28,6 +34,7 @@ pub fn ebpf_ready(st: &Value, peers: usize) -> bool {
     st["mode"] == "ebpf"
         && on("decap", "ens32")
         && on("encap", "docker0")
+        && ports.iter().all(|port| on("encap", port))
         && programs.iter().all(|p| p["state"] == "attached")
         && st["peers"].as_array().map_or(0, Vec::len) == peers
 }
