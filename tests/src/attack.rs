@@ -254,18 +254,11 @@ async fn ping_all(c: &Cluster, dp: Datapath, when: &str) {
             }
         }
     }
-    let failures: Vec<String> = set
-        .join_all()
-        .await
-        .into_iter()
-        .filter_map(Result::err)
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{dp}, {when}: legitimate traffic broken, {} pings failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    crate::assert_all_ok(
+        set,
+        &format!("{dp}, {when}: legitimate traffic broken, pings"),
+    )
+    .await;
 }
 
 /// Each host's "encapsulated" counter.

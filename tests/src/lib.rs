@@ -59,3 +59,17 @@ pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// Waits for every task of `set` and panics listing the ones that failed, as "`what`: N of M
+/// failed" followed by their messages.
+pub async fn assert_all_ok(set: tokio::task::JoinSet<Result<(), String>>, what: &str) {
+    let results = set.join_all().await;
+    let total = results.len();
+    let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {total} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

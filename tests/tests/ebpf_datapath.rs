@@ -225,19 +225,7 @@ async fn ping_and_transfer(pairs: &[(Container, Container)], bytes: usize) {
             r.map_err(|e: anyhow::Error| format!("{} -> {}: {e:#}", from.ip(), to.ip()))
         });
     }
-    let failures: Vec<String> = set
-        .join_all()
-        .await
-        .into_iter()
-        .filter_map(Result::err)
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} pairs failed:\n{}",
-        failures.len(),
-        pairs.len(),
-        failures.join("\n")
-    );
+    weft_tests::assert_all_ok(set, "container pairs").await;
 }
 
 /// `ping -c <count> -i <interval> <args>` in a container; (transmitted, received, output).
