@@ -24,6 +24,23 @@ pub const MIN_SHARE: f64 = 0.9;
 /// missing, when the command fails or reports no encapsulated/decapsulated counters: without them
 /// nothing proves the eBPF path carried the traffic.
 pub async fn read_ebpf_counters(host: &Host) -> anyhow::Result<Counters> {
+    let json = status_json(host).await?;
+    let counters = flatten(&json);
+    for name in [ENCAPSULATED, DECAPSULATED] {
+        if find(&counters, name).is_none() {
+            bail!(
+                "`weft status --json` in {} has no `{name}` counter (numeric fields: {:?}); the ebpf \
+                 rounds cannot be verified",
+                host.name(),
+                counters.keys().collect::<Vec<_>>()
+            );
+        }
+    }
+    Ok(counters)
+}
+
+/// `weft status --json` in `host`'s namespace, parsed.
+pub async fn status_json(host: &Host) -> anyhow::Result<serde_json::Value> {
     let bin = weft_tests::weft_bin()?;
     let bin = bin.to_string_lossy().into_owned();
     let pin_dir = host.bpf_pin_dir().display().to_string();
@@ -40,20 +57,8 @@ pub async fn read_ebpf_counters(host: &Host) -> anyhow::Result<Counters> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("parse `weft status --json` from {}", host.name()))?;
-    let counters = flatten(&json);
-    for name in [ENCAPSULATED, DECAPSULATED] {
-        if find(&counters, name).is_none() {
-            bail!(
-                "`weft status --json` in {} has no `{name}` counter (numeric fields: {:?}); the ebpf \
-                 rounds cannot be verified",
-                host.name(),
-                counters.keys().collect::<Vec<_>>()
-            );
-        }
-    }
-    Ok(counters)
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parse `weft status --json` from {}", host.name()))
 }
 
 /// Every numeric leaf by dotted path. Array elements that name themselves (`{"name": "x", "value": 3}`)
