@@ -72,8 +72,11 @@ pub struct Options {
     #[arg(long, default_value_t = 50)]
     pub new_leases: usize,
     /// Control plane: agent datapaths to measure (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "kernel")]
+    #[arg(long, value_delimiter = ',', default_value = "kernel,ebpf")]
     pub cp_datapaths: Vec<String>,
+    /// Control plane: seconds the agent is left alone to measure its idle CPU and etcd traffic.
+    #[arg(long, default_value_t = 30)]
+    pub idle_seconds: u64,
     /// Where the results go; default `<target>/bench`.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -103,6 +106,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         opts.max_rounds = 1;
         opts.seconds = 1;
         opts.new_leases = opts.new_leases.min(20);
+        opts.idle_seconds = opts.idle_seconds.min(5);
     }
     if opts.out.is_none() {
         opts.out = Some(target_dir()?.join("bench"));
