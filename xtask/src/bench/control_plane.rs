@@ -228,9 +228,8 @@ async fn run_one(
                 if map_at.is_none() && map.contains(i) {
                     map_at = Some(Instant::now());
                 }
-                if map_at.is_none() {
-                    return None;
-                }
+                // Both must have happened; the map is looked up first, it is what encapsulation reads.
+                map_at?;
             }
             monitor.seen(&subnet)
         })
