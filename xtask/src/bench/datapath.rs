@@ -169,7 +169,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
             })
             .await
             .context("BPF_PROG_TEST_RUN timings")?;
-            Some(Programs { live, test_run })
+            Some(Programs {
+                target_ns: programs::TARGET_NS,
+                live,
+                test_run,
+            })
         }
         _ => None,
     };

@@ -4,31 +4,43 @@
 //!   program's `run_time_ns` and counts it in `run_cnt`; the difference over the ebpf mode's 64-byte
 //!   UDP test, divided, is the average cost per packet under load (it includes the two clock reads
 //!   the accounting itself adds, some tens of ns). The sysctl is restored when the run ends.
-//! - test run: BPF_PROG_TEST_RUN (`bpftool prog run ... repeat N`) of the loaded programs, with
-//!   their live maps, on a fixed packet each: a container's 64-byte UDP datagram for encapsulation,
-//!   the VXLAN frame host 2 would send for it back for decapsulation. The kernel times the N runs
-//!   and reports the average; the action and the length of the packet the program left show it
-//!   really encapsulated (+50 bytes) or decapsulated (-50 bytes).
+//! - test run: BPF_PROG_TEST_RUN (`bpftool prog run`, [`TEST_RUNS`] calls of one run each) of the
+//!   loaded programs, with their live maps, on a fixed packet each: a container's 64-byte UDP
+//!   datagram (with its checksum, as a socket sends it) for encapsulation, the VXLAN frame host 2
+//!   would send back for decapsulation. The kernel times each run; the median goes into the
+//!   report. The datapath counters that moved and the length of the packet the program left show
+//!   it really encapsulated (+50 bytes) or decapsulated (-50 bytes).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context as _};
+use aya::programs::{loaded_programs, SchedClassifier, TestRun as _, TestRunOptions};
 use serde::Serialize;
-use weft_tests::packet::{eth, ipv4_header, udp, verdict, vxlan_header, ETH_P_IP, UDP, VXLAN_PORT};
-use weft_tests::{Container, Host};
+use weft_tests::packet::{
+    eth, ipv4_checksum, ipv4_header, udp, verdict, vxlan_header, ETH_P_IP, UDP, VXLAN_PORT,
+};
+use weft_tests::{Container, Host, Netns};
 
-use crate::bench::counters::status_json;
+use crate::bench::counters::{self, status_json};
 use crate::bench::measure::UDP_PAYLOAD_BYTES;
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-/// Runs per BPF_PROG_TEST_RUN call: long enough that the kernel's timer resolution does not matter.
-pub const TEST_RUN_REPEAT: u32 = 1_000_000;
+/// BPF_PROG_TEST_RUN calls per program. Each runs the program once (`repeat 1`): with a larger
+/// repeat the kernel runs it again on the same skb, which the first run already encapsulated or
+/// decapsulated, so every later run would time a different packet (decapsulation then sees plain
+/// IPv4 and passes it). The kernel's per-call figure includes its two clock reads.
+pub const TEST_RUNS: u32 = 20_000;
 /// VXLAN's overhead: outer Ethernet, IPv4, UDP and VXLAN headers.
 const VXLAN_OVERHEAD: usize = 14 + 20 + 8 + 8;
 
+/// Issue 16: encapsulation and decapsulation each below this per packet on this machine.
+pub const TARGET_NS: f64 = 150.0;
+
 #[derive(Debug, Default, Serialize)]
 pub struct Programs {
+    /// The issue's per-packet target.
+    pub target_ns: f64,
     /// Per program and host, summed over the ebpf mode's UDP tests.
     pub live: Vec<LiveCost>,
     pub test_run: Vec<TestRunCost>,
@@ -50,14 +62,22 @@ pub struct TestRunCost {
     pub program: String,
     pub packet: String,
     pub packet_bytes: usize,
-    pub repeat: u32,
-    /// The kernel's average over `repeat` runs.
+    /// BPF_PROG_TEST_RUN calls, one run each.
+    pub runs: u32,
+    /// The median of the kernel's timings.
     pub ns_per_run: f64,
+    pub ns_mean: f64,
     pub action: u32,
     pub bytes_out: usize,
-    /// The action and the length change the packet must produce.
+    /// The action of the fastest path (a redirect); a pass back to the stack after the work
+    /// (`counters_per_run` says why) is still a measured run of the program.
     pub expected_action: u32,
     pub expected_bytes_out: usize,
+    /// The datapath counters that moved, per run (`encapsulated: 1`, `delivered to container: 1`,
+    /// a `passed: ...` counter when the program handed the packet back): which path it took.
+    pub counters_per_run: BTreeMap<String, f64>,
+    /// The packet grew (encapsulation) or shrank (decapsulation) by the VXLAN headers and the
+    /// program counted it as such.
     pub as_expected: bool,
 }
 
@@ -182,7 +202,7 @@ pub async fn test_runs(e: &Endpoints<'_>) -> anyhow::Result<Vec<TestRunCost>> {
 
     let body = vec![0x5a; UDP_PAYLOAD_BYTES];
     let inner_ip = |src: Ipv4Addr, dst: Ipv4Addr, ttl: u8| {
-        let datagram = udp(40_000, 5201, &body);
+        let datagram = udp_with_checksum(src, dst, 40_000, 5201, &body);
         let mut f = ipv4_header(src, dst, UDP, ttl, datagram.len(), 0x4000);
         f.extend(datagram);
         f
@@ -216,46 +236,55 @@ pub async fn test_runs(e: &Endpoints<'_>) -> anyhow::Result<Vec<TestRunCost>> {
     let mut out = Vec::new();
     let cases = [
         (
-            "weft_tc_encap",
+            weft_common::program_names::TC_ENCAP,
             "container UDP, 64-byte payload, to the remote container (bridge port ingress)",
             &encap_in,
             Some(port),
             verdict::TC_ACT_REDIRECT,
             encap_in.len() + VXLAN_OVERHEAD,
+            counters::ENCAPSULATED,
         ),
         (
-            "weft_tc_decap",
+            weft_common::program_names::TC_DECAP,
             "VXLAN from host 2 for the local container (ens32 ingress)",
             &decap_in,
             Some(ens32),
             verdict::TC_ACT_REDIRECT,
             decap_in.len() - VXLAN_OVERHEAD,
-        ),
-        (
-            "weft_xdp_decap",
-            "VXLAN from host 2 for the local container (ens32 XDP)",
-            &decap_in,
-            None,
-            verdict::XDP_PASS,
-            decap_in.len() - VXLAN_OVERHEAD,
+            counters::DECAPSULATED,
         ),
     ];
-    for (name, what, packet, ifindex, action, bytes_out) in cases {
+    // The agent attaches decapsulation at TC (XDP only where asked); the TC programs are timed.
+    for (name, what, packet, ifindex, action, bytes_out, counted) in cases {
         let Some(id) = id_of(name) else {
             continue;
         };
-        let (ns, got_action, got_bytes) = prog_run(e.sender.name(), id, packet, ifindex).await?;
+        let before = counters::flatten(&status_json(e.sender).await?);
+        let run = prog_run(e.sender.netns(), id, packet, ifindex).await?;
+        let after = counters::flatten(&status_json(e.sender).await?);
+        let counters_per_run: BTreeMap<String, f64> = counters::delta(&before, &after)
+            .into_iter()
+            .filter(|(k, v)| k.starts_with("counters.") && *v > 0.0)
+            .map(|(k, v)| {
+                let name = k.trim_start_matches("counters.").to_owned();
+                (name, v / f64::from(TEST_RUNS))
+            })
+            .collect();
+        let did_it = counters_per_run.get(counted).is_some_and(|n| *n >= 0.99);
+        let got_action = run.action;
         out.push(TestRunCost {
             program: name.to_owned(),
             packet: what.to_owned(),
             packet_bytes: packet.len(),
-            repeat: TEST_RUN_REPEAT,
-            ns_per_run: ns,
+            runs: TEST_RUNS,
+            ns_per_run: run.median_ns,
+            ns_mean: run.mean_ns,
             action: got_action,
-            bytes_out: got_bytes,
+            bytes_out: run.bytes_out,
             expected_action: action,
             expected_bytes_out: bytes_out,
-            as_expected: got_action == action && got_bytes == bytes_out,
+            as_expected: did_it && run.bytes_out == bytes_out,
+            counters_per_run,
         });
     }
     if out.is_empty() {
@@ -267,53 +296,77 @@ pub async fn test_runs(e: &Endpoints<'_>) -> anyhow::Result<Vec<TestRunCost>> {
     Ok(out)
 }
 
-/// `bpftool -j prog run id ID ... repeat N` in namespace `ns`: the average ns, the action and the
-/// length of the packet the program left.
+struct ProgRun {
+    median_ns: f64,
+    mean_ns: f64,
+    /// The last run's action.
+    action: u32,
+    bytes_out: usize,
+}
+
+/// [`TEST_RUNS`] BPF_PROG_TEST_RUN calls of TC program `id` on `packet`, one run each, from a thread
+/// inside namespace `ns` (FIB lookups and the skb's device are that namespace's). In one process
+/// and back to back, the program and its maps stay in the caches as under traffic.
 async fn prog_run(
-    ns: &str,
+    ns: &Netns,
     id: u64,
     packet: &[u8],
     ifindex: Option<u32>,
-) -> anyhow::Result<(f64, u32, usize)> {
-    let dir = std::env::temp_dir().join(format!("weft-bench-prog-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let (data_in, data_out, ctx) = (dir.join("in"), dir.join("out"), dir.join("ctx"));
-    std::fs::write(&data_in, packet)?;
-    let id_s = id.to_string();
-    let repeat = TEST_RUN_REPEAT.to_string();
-    let (din, dout, dctx) = (
-        data_in.display().to_string(),
-        data_out.display().to_string(),
-        ctx.display().to_string(),
-    );
-    let mut argv = vec![
-        "netns",
-        "exec",
-        ns,
-        "bpftool",
-        "-j",
-        "prog",
-        "run",
-        "id",
-        &id_s,
-        "data_in",
-        &din,
-        "data_out",
-        &dout,
-        "data_size_out",
-        "2048",
-    ];
-    if let Some(ifindex) = ifindex {
-        std::fs::write(&ctx, skb_context(ifindex))?;
-        argv.extend(["ctx_in", &dctx]);
-    }
-    argv.extend(["repeat", &repeat]);
-    let result = weft_tests::netns::run("ip", &argv).await;
-    let bytes_out = std::fs::metadata(&data_out).map_or(0, |m| m.len() as usize);
-    let _ = std::fs::remove_dir_all(&dir);
-    let text = result.with_context(|| format!("bpftool prog run id {id} in {ns}"))?;
-    let (ns_per_run, action) = parse_prog_run(&text)?;
-    Ok((ns_per_run, action, bytes_out))
+) -> anyhow::Result<ProgRun> {
+    let packet = packet.to_vec();
+    let handle = ns.spawn_thread(move || {
+        let info = loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| u64::from(p.id()) == id)
+            .with_context(|| format!("no loaded program with id {id}"))?;
+        let name: std::borrow::Cow<'static, str> = format!("prog-{id}").into();
+        let program = SchedClassifier::from_program_info(info, name)?;
+        let ctx = ifindex.map(skb_context);
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut ns_each = Vec::with_capacity(TEST_RUNS as usize);
+        let (mut action, mut bytes_out) = (0, 0);
+        for _ in 0..TEST_RUNS {
+            let opts = TestRunOptions {
+                data_in: Some(&packet),
+                data_out: Some(&mut out),
+                ctx_in: ctx.as_ref().map(|c| c.as_slice()),
+                repeat: 1,
+                ..Default::default()
+            };
+            let r = program
+                .test_run(opts)
+                .with_context(|| format!("BPF_PROG_TEST_RUN of program {id}"))?;
+            ns_each.push(r.duration.as_nanos() as f64);
+            (action, bytes_out) = (r.return_value, r.data_size_out as usize);
+        }
+        Ok(ProgRun {
+            median_ns: crate::bench::stats::median(&ns_each),
+            mean_ns: ns_each.iter().sum::<f64>() / ns_each.len().max(1) as f64,
+            action,
+            bytes_out,
+        })
+    });
+    tokio::task::spawn_blocking(move || handle.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the test-run thread panicked"))?
+}
+
+/// A UDP header and `body` with the checksum a socket would send (RFC 768: over the pseudo
+/// header, the header and the data).
+fn udp_with_checksum(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, body: &[u8]) -> Vec<u8> {
+    let mut datagram = udp(sport, dport, body);
+    let mut sum = Vec::with_capacity(12 + datagram.len());
+    sum.extend(src.octets());
+    sum.extend(dst.octets());
+    sum.extend([0, UDP]);
+    sum.extend((datagram.len() as u16).to_be_bytes());
+    sum.extend(&datagram);
+    let c = match ipv4_checksum(&sum) {
+        0 => 0xffff,
+        c => c,
+    };
+    datagram[6..8].copy_from_slice(&c.to_be_bytes());
+    datagram
 }
 
 /// `struct __sk_buff` for BPF_PROG_TEST_RUN: ingress_ifindex (offset 36) and ifindex (40) set,
@@ -323,19 +376,6 @@ fn skb_context(ifindex: u32) -> [u8; 192] {
     ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
-}
-
-/// `{"retval": 7, "duration": 35}` (ns, the average over the repeats).
-pub fn parse_prog_run(json: &str) -> anyhow::Result<(f64, u32)> {
-    let v: serde_json::Value = serde_json::from_str(json.trim())
-        .with_context(|| format!("parse `bpftool -j prog run` output {json:?}"))?;
-    let duration = v["duration"]
-        .as_f64()
-        .with_context(|| format!("no duration in {v}"))?;
-    let retval = v["retval"]
-        .as_u64()
-        .with_context(|| format!("no retval in {v}"))?;
-    Ok((duration, retval as u32))
 }
 
 fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
@@ -367,28 +407,44 @@ async fn ifindex(ns: &str, dev: &str) -> anyhow::Result<u32> {
 
 /// The terminal's summary.
 pub fn summary(p: &Programs) -> String {
-    let mut out = String::from("\neBPF programs, per packet\n");
+    let verdict = |ns: f64| {
+        if ns < p.target_ns {
+            "met"
+        } else {
+            "NOT met"
+        }
+    };
+    let mut out = format!(
+        "\neBPF programs, per packet (target < {:.0} ns)\n",
+        p.target_ns
+    );
     for c in &p.live {
         out.push_str(&format!(
-            "  live (bpf_stats, UDP tests)  {:<16} {:<8} {:>7.0} ns  ({} runs)\n",
-            c.program, c.host, c.ns_per_packet, c.run_cnt
+            "  live (bpf_stats, UDP tests)  {:<16} {:<8} {:>7.0} ns  ({} runs){}\n",
+            c.program,
+            c.host,
+            c.ns_per_packet,
+            c.run_cnt,
+            // A program that ran a handful of times (the other direction's ARP, replies) is no figure.
+            if c.run_cnt >= 1000 {
+                format!("  {}", verdict(c.ns_per_packet))
+            } else {
+                String::new()
+            }
         ));
     }
     for t in &p.test_run {
         out.push_str(&format!(
-            "  BPF_PROG_TEST_RUN x{}  {:<16} {:>7.0} ns  action {} ({}), {} -> {} bytes{}  [{}]\n",
-            t.repeat,
+            "  BPF_PROG_TEST_RUN        {:<16} {:>7.0} ns median  {}; {:.0} mean of {} runs; {} -> {} bytes, counted per run {:?}{}  [{}]\n",
             t.program,
             t.ns_per_run,
-            t.action,
-            t.expected_action,
+            verdict(t.ns_per_run),
+            t.ns_mean,
+            t.runs,
             t.packet_bytes,
             t.bytes_out,
-            if t.as_expected {
-                ""
-            } else {
-                "  NOT AS EXPECTED"
-            },
+            t.counters_per_run,
+            if t.as_expected { "" } else { "  NOT AS EXPECTED" },
             t.packet
         ));
     }
@@ -400,17 +456,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_bpftool_prog_show_and_run() {
+    fn reads_bpftool_prog_show() {
         let show = r#"[{"id":12,"type":"sched_cls","name":"weft_tc_encap","run_time_ns":5000,"run_cnt":100},
                       {"id":13,"type":"xdp","name":"weft_xdp_decap"}]"#;
         let s = parse_prog_show(show).unwrap();
         assert_eq!(s[&12], (100, 5000));
         assert_eq!(s[&13], (0, 0), "no stats yet: zero");
-        assert_eq!(
-            parse_prog_run(r#"{"retval":7,"duration":41}"#).unwrap(),
-            (41.0, 7)
-        );
-        assert!(parse_prog_run("{}").is_err());
     }
 
     #[test]
@@ -435,6 +486,21 @@ mod tests {
         assert_eq!(live.len(), 1);
         assert_eq!((live[0].run_cnt, live[0].run_time_ns), (400, 26000));
         assert_eq!(live[0].ns_per_packet, 65.0);
+    }
+
+    #[test]
+    fn udp_checksum_verifies() {
+        let (src, dst) = (Ipv4Addr::new(10, 1, 1, 2), Ipv4Addr::new(10, 1, 2, 2));
+        let d = udp_with_checksum(src, dst, 40_000, 5201, &[0x5a; 63]);
+        // Summed with its checksum, a datagram and its pseudo header come to zero.
+        let mut all = Vec::new();
+        all.extend(src.octets());
+        all.extend(dst.octets());
+        all.extend([0, UDP]);
+        all.extend((d.len() as u16).to_be_bytes());
+        all.extend(&d);
+        assert_eq!(ipv4_checksum(&all), 0);
+        assert_ne!(&d[6..8], &[0, 0]);
     }
 
     #[test]
