@@ -30,6 +30,7 @@ use weft_common::{map_names, Ipv4LpmData, PeerValue};
 use weft_tests::{Cluster, ClusterOptions, Host};
 
 use crate::bench::measure::{clock_ticks_per_second, process_ticks};
+use crate::bench::report::Grid;
 use crate::bench::stats::median;
 use crate::bench::Options;
 
@@ -61,11 +62,16 @@ pub struct ControlPlane {
     pub lease_to_route: Latencies,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_to_map: Option<Latencies>,
+    pub lease_put: PutTimes,
     pub rss_ready_mb: f64,
     /// After the idle window: what the agent keeps.
     pub rss_steady_mb: f64,
     pub rss_peak_mb: f64,
     pub idle: Idle,
+    /// The agent's own `weft_reconcile_duration_seconds` at the end: a pass holds the event loop,
+    /// so a lease that arrives meanwhile waits for it.
+    pub reconcile_passes: f64,
+    pub reconcile_mean_ms: f64,
     pub targets: Targets,
 }
 
@@ -75,6 +81,13 @@ pub struct Latencies {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub samples_ms: Vec<f64>,
+}
+
+/// When each new lease was written, in ms after `/readyz` first answered 200 (to line outliers
+/// up with the agent's reconcile passes: one right after ready, then every --reconcile-interval).
+#[derive(Debug, Serialize)]
+pub struct PutTimes {
+    pub since_ready_ms: Vec<f64>,
 }
 
 impl Latencies {
@@ -126,6 +139,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(opts.out_dir())
         .with_context(|| format!("create {}", opts.out_dir().display()))?;
+    let md = opts.out_dir().join("control-plane.md");
+    std::fs::write(&md, markdown(&results).markdown())
+        .with_context(|| format!("write {}", md.display()))?;
+    println!("table:  {}", md.display());
     let path = opts.out_dir().join("control-plane.json");
     let json = serde_json::to_string_pretty(&serde_json::json!({ "control_plane": results }))?;
     std::fs::write(&path, json + "\n").with_context(|| format!("write {}", path.display()))?;
@@ -218,10 +235,12 @@ async fn run_one(
 
     let mut to_route = Vec::with_capacity(new_leases);
     let mut to_map = Vec::with_capacity(new_leases);
+    let mut put_since_ready = Vec::with_capacity(new_leases);
     for k in 0..new_leases {
         let i = peers + k;
         let subnet = peer_subnet(i);
         let put_at = etcd.put_lease(&prefix, i)?;
+        put_since_ready.push(ms(put_at.saturating_duration_since(ready_at)));
         let mut map_at = None;
         let route_at = wait_for(LEASE_TIMEOUT, || {
             if let Some(map) = &mut peer_map {
@@ -249,6 +268,7 @@ async fn run_one(
     let idle = measure_idle(&cluster, pid, Duration::from_secs(idle_seconds)).await?;
     let rss_steady = memory_kb(pid, "VmRSS")?;
     let rss_peak = memory_kb(pid, "VmHWM")?;
+    let (reconcile_passes, reconcile_s) = agent_reconcile(host, HEALTHZ_PORT)?;
     drop(monitor);
     agent.stop().await.ok();
     drop(etcd);
@@ -276,6 +296,11 @@ async fn run_one(
         new_leases,
         lease_to_route,
         lease_to_map,
+        lease_put: PutTimes {
+            since_ready_ms: put_since_ready,
+        },
+        reconcile_passes,
+        reconcile_mean_ms: reconcile_s / reconcile_passes * 1e3,
         rss_ready_mb: rss_mb(rss_ready),
         rss_steady_mb: rss_mb(rss_steady),
         rss_peak_mb: rss_mb(rss_peak),
@@ -297,6 +322,9 @@ async fn measure_idle(cluster: &Cluster, pid: u32, window: Duration) -> anyhow::
         process_ticks(&stat).with_context(|| format!("parse /proc/{pid}/stat: {stat}"))
     };
     let before = etcd_metrics(cluster)?;
+    if before.is_empty() {
+        bail!("etcd's /metrics has no grpc_server_msg_received_total: the idle etcd traffic cannot be counted");
+    }
     let (t0, at) = (ticks()?, Instant::now());
     tokio::time::sleep(window).await;
     let (t1, seconds) = (ticks()?, at.elapsed().as_secs_f64());
@@ -314,10 +342,31 @@ async fn measure_idle(cluster: &Cluster, pid: u32, window: Duration) -> anyhow::
     Ok(Idle {
         seconds,
         cpu_percent: (t1 - t0) as f64 / clock_ticks_per_second() / seconds * 100.0,
-        etcd_requests_per_minute: etcd_messages.values().sum::<f64>() * 60.0 / seconds,
+        // `0.0 +`: an empty f64 sum is -0.0.
+        etcd_requests_per_minute: 0.0 + etcd_messages.values().sum::<f64>() * 60.0 / seconds,
         etcd_messages,
         renewal_messages: 2.0 * grants,
     })
+}
+
+/// The agent's reconcile passes so far and their total seconds, from its `/metrics`.
+fn agent_reconcile(host: &Host, port: u16) -> anyhow::Result<(f64, f64)> {
+    let text = host
+        .netns()
+        .spawn_thread(move || http(&format!("127.0.0.1:{port}"), "GET", "/metrics", None))
+        .join()
+        .map_err(|_| anyhow!("the agent /metrics reader panicked"))??;
+    let series = weft_tests::prometheus::parse(&text).context("parse the agent's /metrics")?;
+    let get = |name: &str| {
+        series
+            .get(name)
+            .copied()
+            .with_context(|| format!("no {name} in the agent's /metrics"))
+    };
+    Ok((
+        get("weft_reconcile_duration_seconds_count")?,
+        get("weft_reconcile_duration_seconds_sum")?,
+    ))
 }
 
 /// etcd's `grpc_server_msg_received_total` by `service/method`, from its /metrics (read from the
@@ -463,6 +512,10 @@ fn print(r: &ControlPlane) {
         ok(r.targets.rss_under_40_mb)
     );
     println!(
+        "    reconcile passes          {:.0}, {:.1} ms each on average (a lease arriving during one waits for it)",
+        r.reconcile_passes, r.reconcile_mean_ms
+    );
+    println!(
         "    idle {:.0} s                 CPU {:.2} %, etcd {:.1} requests/min {:?}   (only renewals: {})",
         r.idle.seconds,
         r.idle.cpu_percent,
@@ -470,6 +523,72 @@ fn print(r: &ControlPlane) {
         r.idle.etcd_messages,
         ok(r.targets.idle_sends_only_renewals)
     );
+}
+
+/// One row per datapath, the targets' verdicts in the cells that carry them.
+pub fn markdown(results: &[ControlPlane]) -> Grid {
+    let ok = |b: bool| if b { "met" } else { "**not met**" };
+    let header = [
+        "datapath",
+        "peers",
+        "start to all routed (in map)",
+        "start to ready",
+        "new lease to route p50 / p99 / max",
+        "new lease to map entry p50 / p99 / max",
+        "resident memory ready / steady / peak",
+        "idle: CPU, etcd requests/min",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let lat = |l: &Latencies| format!("{:.1} / {:.1} / {:.1} ms", l.p50_ms, l.p99_ms, l.max_ms);
+    let rows = results
+        .iter()
+        .map(|r| {
+            vec![
+                r.datapath.clone(),
+                r.peers.to_string(),
+                match r.start_to_all_in_map_ms {
+                    Some(m) => format!("{:.0} ms ({m:.0} ms)", r.start_to_all_routed_ms),
+                    None => format!("{:.0} ms", r.start_to_all_routed_ms),
+                },
+                format!(
+                    "{:.0} ms, {}",
+                    r.start_to_ready_ms,
+                    ok(r.targets.ready_under_2_s)
+                ),
+                format!(
+                    "{}, {}",
+                    lat(&r.lease_to_route),
+                    ok(r.targets.p99_under_50_ms)
+                ),
+                r.lease_to_map.as_ref().map_or("-".to_owned(), lat),
+                format!(
+                    "{:.1} / {:.1} / {:.1} MB, {}",
+                    r.rss_ready_mb,
+                    r.rss_steady_mb,
+                    r.rss_peak_mb,
+                    ok(r.targets.rss_under_40_mb)
+                ),
+                format!(
+                    "{:.2} %, {:.1} ({}), {}",
+                    r.idle.cpu_percent,
+                    r.idle.etcd_requests_per_minute,
+                    if r.idle.etcd_messages.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        r.idle
+                            .etcd_messages
+                            .iter()
+                            .map(|(k, v)| format!("{v:.0} {}", k.rsplit('/').next().unwrap_or(k)))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
+                    ok(r.targets.idle_sends_only_renewals)
+                ),
+            ]
+        })
+        .collect();
+    Grid { header, rows }
 }
 
 /// Nearest-rank percentile (with 50 samples p99 is the largest).
