@@ -133,7 +133,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
             .iter()
             .map(|&v| compare_variant(&samples, v).inconclusive())
             .sum();
-        if open == 0 || round >= max_rounds {
+        // Below the rounds a verdict needs, added rounds could not settle anything.
+        if open == 0 || round >= max_rounds || max_rounds < targets::MIN_ROUNDS_FOR_VERDICT {
             if open > 0 {
                 println!(
                     "==> {open} targets still inconclusive after {round} rounds (--max-rounds {max_rounds})"
