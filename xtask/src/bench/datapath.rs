@@ -484,6 +484,12 @@ fn markdown_report(report: &Report, rounds: usize) -> String {
             report::markdown(rounds, &no.modes, &no.comparison)
         ));
     }
+    if let Some(p) = &report.programs {
+        md.push_str(&format!(
+            "\nPer packet in the eBPF programs:\n\n{}",
+            programs::grid(p).markdown()
+        ));
+    }
     md
 }
 

@@ -24,6 +24,7 @@ use weft_tests::{Container, Host, Netns};
 
 use crate::bench::counters::{self, status_json};
 use crate::bench::measure::UDP_PAYLOAD_BYTES;
+use crate::bench::report::Grid;
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// BPF_PROG_TEST_RUN calls per program. Each runs the program once (`repeat 1`): with a larger
@@ -405,6 +406,54 @@ async fn ifindex(ns: &str, dev: &str) -> anyhow::Result<u32> {
         .with_context(|| format!("no ifindex for {dev} in {ns}: {text}"))
 }
 
+/// The per-packet costs as a table (report.md): the programs that ran for the UDP test's
+/// packets, and the test runs.
+pub fn grid(p: &Programs) -> Grid {
+    let header = ["program", "host", "how", "ns per packet", "runs", "target"]
+        .map(str::to_owned)
+        .to_vec();
+    let verdict = |ns: f64| {
+        if ns < p.target_ns {
+            format!("< {:.0} ns: met", p.target_ns)
+        } else {
+            format!("< {:.0} ns: **not met**", p.target_ns)
+        }
+    };
+    let mut rows: Vec<Vec<String>> = p
+        .live
+        .iter()
+        .filter(|c| c.run_cnt >= 1000)
+        .map(|c| {
+            vec![
+                c.program.clone(),
+                c.host.clone(),
+                "bpf_stats during the UDP tests".to_owned(),
+                format!("{:.0}", c.ns_per_packet),
+                c.run_cnt.to_string(),
+                verdict(c.ns_per_packet),
+            ]
+        })
+        .collect();
+    rows.extend(p.test_run.iter().map(|t| {
+        vec![
+            t.program.clone(),
+            "host1".to_owned(),
+            format!(
+                "BPF_PROG_TEST_RUN, median ({})",
+                if t.as_expected {
+                    "fast path every run"
+                } else {
+                    "NOT the fast path"
+                }
+            ),
+            format!("{:.0}", t.ns_per_run),
+            t.runs.to_string(),
+            verdict(t.ns_per_run),
+        ]
+    }));
+    Grid { header, rows }
+}
+
 /// The terminal's summary.
 pub fn summary(p: &Programs) -> String {
     let verdict = |ns: f64| {
@@ -486,6 +535,29 @@ mod tests {
         assert_eq!(live.len(), 1);
         assert_eq!((live[0].run_cnt, live[0].run_time_ns), (400, 26000));
         assert_eq!(live[0].ns_per_packet, 65.0);
+    }
+
+    #[test]
+    fn the_table_leaves_out_programs_that_barely_ran() {
+        let cost = |host: &str, n: u64, ns: u64| LiveCost {
+            host: host.to_owned(),
+            program: "weft_tc_encap".to_owned(),
+            prog_id: 1,
+            run_cnt: n,
+            run_time_ns: ns,
+            ns_per_packet: ns as f64 / n as f64,
+        };
+        let p = Programs {
+            target_ns: TARGET_NS,
+            live: vec![
+                cost("host1", 100_000, 12_000_000),
+                cost("host2", 30, 300_000),
+            ],
+            test_run: Vec::new(),
+        };
+        let md = grid(&p).markdown();
+        assert_eq!(md.lines().count(), 3, "{md}");
+        assert!(md.contains("| 120 |") && md.contains("met"), "{md}");
     }
 
     #[test]
