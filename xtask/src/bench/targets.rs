@@ -235,6 +235,8 @@ fn gap(modes: &Modes, metric: &Metric, seed: &str) -> Option<Interval> {
         metric,
     );
     let hib = metric.higher_is_better;
+    // Resamples in which host-gw happens not to beat kernel-vxlan have no gap and drop out of the
+    // interval; when that is most of them the estimate itself is NaN and there is no gap target.
     let i = bootstrap(
         &rows,
         seed_for(&format!("{seed} {} gap", metric.key)),
