@@ -145,6 +145,10 @@ pub struct RoundCheck {
     /// that took the kernel path.
     pub sender_flannel1_tx: Option<u64>,
     pub through_ebpf: bool,
+    /// The host-originated tests (TCP and ping-pong from host 1 to the remote container): which
+    /// path they took. Not part of `through_ebpf`: host traffic may use flannel.1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_tests: Option<HostPath>,
     /// Every counter's change on the sending and the receiving host.
     pub sender_delta: Counters,
     pub receiver_delta: Counters,
@@ -172,10 +176,19 @@ impl RoundCheck {
             through_ebpf: udp_received > 0
                 && sender_encapsulated >= need
                 && receiver_decapsulated >= need,
+            host_tests: None,
             sender_delta,
             receiver_delta,
         }
     }
+}
+
+/// Packets host 1's encapsulation program handled and flannel.1 sent during the host-originated
+/// tests.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostPath {
+    pub encapsulated: f64,
+    pub flannel1_tx: Option<u64>,
 }
 
 /// flannel.1's tx packet count in `host`, `None` when there is no flannel.1.

@@ -8,7 +8,7 @@ use rand::seq::SliceRandom as _;
 
 use super::{Options, Variants};
 use crate::bench::chart::{self, Series};
-use crate::bench::counters::{self, Counters, RoundCheck};
+use crate::bench::counters::{self, Counters, HostPath, RoundCheck};
 use crate::bench::measure::{self, Servers};
 use crate::bench::programs::{self, LiveCost, Programs};
 use crate::bench::report::{self, EbpfCounters, Report, Settings, VariantReport};
@@ -391,6 +391,16 @@ async fn measure_mode(
         }
     }
     // In bare the client is host 1's namespace already: the host-originated test is the main one.
+    // Which path host 1's own traffic took (ebpf): encapsulations and flannel.1 packets during
+    // the host-originated tests.
+    let host_before = if ebpf {
+        Some((
+            counters::read_ebpf_counters(sender).await?,
+            counters::flannel1_tx_packets(sender).await,
+        ))
+    } else {
+        None
+    };
     let (host_tcp1_gbps, host_rr_p50_us) = if b.bed.mode == Mode::Bare {
         (tcp1.gbps, rr.p50_us)
     } else {
@@ -421,14 +431,25 @@ async fn measure_mode(
             let r1 = counters::read_ebpf_counters(receiver).await?;
             let f1 = counters::flannel1_tx_packets(sender).await;
             let flannel_tx = f0.zip(f1).map(|(a, b)| b.saturating_sub(a));
-            Some(RoundCheck::new(
+            let mut check = RoundCheck::new(
                 round,
                 variant.name(),
                 udp.received,
                 counters::delta(&s0, &s1),
                 counters::delta(&r0, &r1),
                 flannel_tx,
-            ))
+            );
+            if let Some((h0, hf0)) = host_before {
+                check.host_tests = Some(HostPath {
+                    encapsulated: counters::find(
+                        &counters::delta(&h0, &s1),
+                        counters::ENCAPSULATED,
+                    )
+                    .unwrap_or(0.0),
+                    flannel1_tx: hf0.zip(f1).map(|(a, b)| b.saturating_sub(a)),
+                });
+            }
+            Some(check)
         }
         None => None,
     };
@@ -437,7 +458,14 @@ async fn measure_mode(
 
 fn print_sample(mode: Mode, variant: Offload, s: &Sample, check: Option<&RoundCheck>) {
     let verdict = match check {
-        Some(c) if c.through_ebpf => " [eBPF counters ok]".to_owned(),
+        Some(c) if c.through_ebpf => format!(
+            " [eBPF counters ok{}]",
+            c.host_tests.as_ref().map_or(String::new(), |h| format!(
+                "; host tests: {:.0} encapsulated, {} on flannel.1",
+                h.encapsulated,
+                h.flannel1_tx.map_or("-".to_owned(), |n| n.to_string())
+            ))
+        ),
         Some(c) => format!(
             " [NOT through eBPF: {} encapsulated, {} decapsulated of {} UDP packets]",
             c.sender_encapsulated, c.receiver_decapsulated, c.udp_received
