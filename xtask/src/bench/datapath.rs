@@ -91,60 +91,14 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
         }
     }
 
-    let mut samples: BTreeMap<(Offload, Mode), Vec<Sample>> = BTreeMap::new();
-    let mut offloads = BTreeMap::new();
-    let mut live = Vec::new();
-    let mut rng = rand::rng();
-    let mut round = 0;
-    loop {
-        round += 1;
-        let mut order = modes.clone();
-        order.shuffle(&mut rng);
-        let names: Vec<&str> = order.iter().map(|m| m.name()).collect();
-        println!(
-            "==> round {round} (of {} to {max_rounds}): {}",
-            opts.rounds,
-            names.join(", ")
-        );
-        for mode in order {
-            let b = beds.get_mut(&mode).context("every mode has a test bed")?;
-            let mut vs = variants.clone();
-            vs.shuffle(&mut rng);
-            for variant in vs {
-                b.bed.set_offload(variant).await?;
-                offloads.insert(
-                    format!("{mode} {}", variant.name()),
-                    b.bed.offload_state().await?,
-                );
-                let (sample, check) = measure_mode(b, round, variant, opts.seconds, &mut live)
-                    .await
-                    .with_context(|| format!("round {round}, {mode}, {}", variant.name()))?;
-                print_sample(mode, variant, &sample, check.as_ref());
-                if let Some(check) = check {
-                    ebpf.rounds.push(check);
-                }
-                samples.entry((variant, mode)).or_default().push(sample);
-            }
-        }
-        if round < opts.rounds {
-            continue;
-        }
-        let open: usize = variants
-            .iter()
-            .map(|&v| compare_variant(&samples, v).inconclusive())
-            .sum();
-        // Below the rounds a verdict needs, added rounds could not settle anything.
-        if open == 0 || round >= max_rounds || max_rounds < targets::MIN_ROUNDS_FOR_VERDICT {
-            if open > 0 {
-                println!(
-                    "==> {open} targets still inconclusive after {round} rounds (--max-rounds {max_rounds})"
-                );
-            }
-            break;
-        }
-        println!("==> {open} targets inconclusive after {round} rounds: one more round");
-    }
-    let rounds = round;
+    let Measured {
+        samples,
+        offloads,
+        live,
+        checks,
+        rounds,
+    } = run_rounds(opts, &modes, &variants, max_rounds, &mut beds).await?;
+    ebpf.rounds = checks;
 
     if let Some(b) = beds.get(&Mode::Ebpf) {
         for host in b.bed.hosts() {
@@ -155,27 +109,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     ebpf.all_rounds_through_ebpf =
         !ebpf.rounds.is_empty() && ebpf.rounds.iter().all(|c| c.through_ebpf);
     let programs = match (opts.programs, beds.get(&Mode::Ebpf)) {
-        (true, Some(b)) => {
-            let hosts = b.bed.hosts();
-            let (client, server) = b
-                .bed
-                .containers
-                .as_ref()
-                .context("the ebpf test bed has containers")?;
-            let test_run = programs::test_runs(&programs::Endpoints {
-                sender: &hosts[0],
-                receiver: &hosts[1],
-                client,
-                server,
-            })
-            .await
-            .context("BPF_PROG_TEST_RUN timings")?;
-            Some(Programs {
-                target_ns: programs::TARGET_NS,
-                live,
-                test_run,
-            })
-        }
+        (true, Some(b)) => Some(program_costs(b, live).await?),
         _ => None,
     };
     drop(beds);
@@ -207,6 +141,115 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
             loadavg_end: loadavg(),
             ..settings(opts, max_rounds, routing, offloads)
         },
+    };
+    write_outputs(&report, opts, started)
+}
+
+/// What the rounds gathered.
+#[derive(Default)]
+struct Measured {
+    samples: BTreeMap<(Offload, Mode), Vec<Sample>>,
+    /// `ethtool -k` of the underlay per mode and variant.
+    offloads: BTreeMap<String, String>,
+    live: Vec<LiveCost>,
+    checks: Vec<RoundCheck>,
+    rounds: usize,
+}
+
+/// `--rounds` rounds, then more while a target is inconclusive, up to `max_rounds`. Each round
+/// measures every mode once, in a fresh order, and each mode in every variant, in a fresh order.
+async fn run_rounds(
+    opts: &Options,
+    modes: &[Mode],
+    variants: &[Offload],
+    max_rounds: usize,
+    beds: &mut BTreeMap<Mode, Bed>,
+) -> anyhow::Result<Measured> {
+    let mut m = Measured::default();
+    let mut rng = rand::rng();
+    let mut round = 0;
+    loop {
+        round += 1;
+        let mut order = modes.to_vec();
+        order.shuffle(&mut rng);
+        let names: Vec<&str> = order.iter().map(|mode| mode.name()).collect();
+        println!(
+            "==> round {round} (of {} to {max_rounds}): {}",
+            opts.rounds,
+            names.join(", ")
+        );
+        for mode in order {
+            let b = beds.get_mut(&mode).context("every mode has a test bed")?;
+            let mut vs = variants.to_vec();
+            vs.shuffle(&mut rng);
+            for variant in vs {
+                b.bed.set_offload(variant).await?;
+                m.offloads.insert(
+                    format!("{mode} {}", variant.name()),
+                    b.bed.offload_state().await?,
+                );
+                let (sample, check) = measure_mode(b, round, variant, opts.seconds, &mut m.live)
+                    .await
+                    .with_context(|| format!("round {round}, {mode}, {}", variant.name()))?;
+                print_sample(mode, variant, &sample, check.as_ref());
+                if let Some(check) = check {
+                    m.checks.push(check);
+                }
+                m.samples.entry((variant, mode)).or_default().push(sample);
+            }
+        }
+        if round < opts.rounds {
+            continue;
+        }
+        let open: usize = variants
+            .iter()
+            .map(|&v| compare_variant(&m.samples, v).inconclusive())
+            .sum();
+        // Below the rounds a verdict needs, added rounds could not settle anything.
+        if open == 0 || round >= max_rounds || max_rounds < targets::MIN_ROUNDS_FOR_VERDICT {
+            if open > 0 {
+                println!(
+                    "==> {open} targets still inconclusive after {round} rounds (--max-rounds {max_rounds})"
+                );
+            }
+            m.rounds = round;
+            return Ok(m);
+        }
+        println!("==> {open} targets inconclusive after {round} rounds: one more round");
+    }
+}
+
+/// BPF_PROG_TEST_RUN of the ebpf bed's programs, with the live costs gathered in the rounds.
+async fn program_costs(b: &Bed, live: Vec<LiveCost>) -> anyhow::Result<Programs> {
+    let hosts = b.bed.hosts();
+    let (client, server) = b
+        .bed
+        .containers
+        .as_ref()
+        .context("the ebpf test bed has containers")?;
+    let test_run = programs::test_runs(&programs::Endpoints {
+        sender: &hosts[0],
+        receiver: &hosts[1],
+        client,
+        server,
+    })
+    .await
+    .context("BPF_PROG_TEST_RUN timings")?;
+    Ok(Programs {
+        target_ns: programs::TARGET_NS,
+        live,
+        test_run,
+    })
+}
+
+/// report.json, report.svg, report.md and the terminal's tables; an error when an ebpf round did
+/// not go through eBPF (its figures are then not eBPF figures).
+fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::Result<()> {
+    let rounds = report.rounds;
+    let first = if report.variant == Offload::Off.name() {
+        Offload::Off
+    } else {
+        Offload::On
     };
     let json_path = opts.out_dir().join("report.json");
     let svg_path = opts.out_dir().join("report.svg");
@@ -252,7 +295,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     }
     std::fs::write(
         opts.out_dir().join("report.md"),
-        markdown_report(&report, rounds),
+        markdown_report(report, first, rounds),
     )
     .context("write report.md")?;
     println!(
@@ -499,10 +542,10 @@ fn describe(o: Offload) -> &'static str {
     }
 }
 
-fn markdown_report(report: &Report, rounds: usize) -> String {
+fn markdown_report(report: &Report, first: Offload, rounds: usize) -> String {
     let mut md = format!(
         "Underlay: {}.\n\n{}",
-        describe(Offload::On),
+        describe(first),
         report::markdown(rounds, &report.modes, &report.comparison)
     );
     if let Some(no) = &report.no_offload {
