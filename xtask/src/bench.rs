@@ -39,9 +39,9 @@ pub struct Options {
     /// straddles it (inconclusive), up to this many.
     #[arg(long, default_value_t = 10)]
     pub max_rounds: usize,
-    /// Also measure the eBPF programs' own cost per packet: run-time statistics
-    /// (kernel.bpf_stats_enabled, restored afterwards) during the ebpf UDP tests, and
-    /// BPF_PROG_TEST_RUN timings on fixed packets.
+    /// Also measure the eBPF programs' own cost per packet: run-time statistics (BPF_ENABLE_STATS,
+    /// for the life of the run) during the ebpf UDP tests, and BPF_PROG_TEST_RUN timings on fixed
+    /// packets.
     #[arg(long)]
     pub programs: bool,
     /// Seconds per test (TCP 1 stream, TCP 4 streams, TCP ping-pong, 64-byte UDP).

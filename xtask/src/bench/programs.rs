@@ -1,9 +1,9 @@
 //! `--programs`: what one packet costs inside weft's eBPF programs, two ways.
 //!
-//! - live: with `kernel.bpf_stats_enabled` on, the kernel adds each program run's time to the
-//!   program's `run_time_ns` and counts it in `run_cnt`; the difference over the ebpf mode's 64-byte
-//!   UDP test, divided, is the average cost per packet under load (it includes the two clock reads
-//!   the accounting itself adds, some tens of ns). The sysctl is restored when the run ends.
+//! - live: with run-time statistics on ([`StatsEnabled`]), the kernel adds each program run's time
+//!   to the program's `run_time_ns` and counts it in `run_cnt`; the difference over the ebpf mode's
+//!   64-byte UDP test, divided, is the average cost per packet under load (it includes the two clock
+//!   reads the accounting itself adds, some tens of ns).
 //! - test run: BPF_PROG_TEST_RUN (`bpftool prog run`, [`TEST_RUNS`] calls of one run each) of the
 //!   loaded programs, with their live maps, on a fixed packet each: a container's 64-byte UDP
 //!   datagram (with its checksum, as a socket sends it) for encapsulation, the VXLAN frame host 2
@@ -26,7 +26,6 @@ use crate::bench::counters::{self, status_json};
 use crate::bench::measure::UDP_PAYLOAD_BYTES;
 use crate::bench::report::Grid;
 
-const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// BPF_PROG_TEST_RUN calls per program. Each runs the program once (`repeat 1`): with a larger
 /// repeat the kernel runs it again on the same skb, which the first run already encapsulated or
 /// decapsulated, so every later run would time a different packet (decapsulation then sees plain
@@ -82,27 +81,37 @@ pub struct TestRunCost {
     pub as_expected: bool,
 }
 
-/// `kernel.bpf_stats_enabled` on for the life of the guard, then back to what it was.
+/// Run-time statistics on for the life of the guard: BPF_ENABLE_STATS (BPF_STATS_RUN_TIME) hands
+/// out a file descriptor that keeps them on until it is closed, counted apart from
+/// `kernel.bpf_stats_enabled`. Another user of the machine turning the sysctl off mid-run cannot stop
+/// our counting, we never turn theirs off, and the kernel closes ours even if the bench dies.
 pub struct StatsEnabled {
-    before: String,
+    _fd: std::os::fd::OwnedFd,
 }
 
 impl StatsEnabled {
     pub fn enable() -> anyhow::Result<StatsEnabled> {
-        let before = std::fs::read_to_string(BPF_STATS)
-            .with_context(|| format!("read {BPF_STATS}"))?
-            .trim()
-            .to_owned();
-        std::fs::write(BPF_STATS, "1").with_context(|| format!("enable {BPF_STATS}"))?;
-        Ok(StatsEnabled { before })
-    }
-}
-
-impl Drop for StatsEnabled {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::write(BPF_STATS, &self.before) {
-            eprintln!("restore {BPF_STATS} to {}: {e}", self.before);
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        const BPF_STATS_RUN_TIME: u32 = 0;
+        // `union bpf_attr`'s enable_stats member: one u32, the stats type; the kernel zero-fills
+        // the rest of the attribute.
+        let attr = BPF_STATS_RUN_TIME;
+        // SAFETY: a valid pointer to a 4-byte attribute and its size; the kernel only reads it.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                std::ptr::from_ref(&attr),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("BPF_ENABLE_STATS (kernel 5.8 or later, as root)");
         }
+        // SAFETY: the kernel returned a new descriptor that nothing else owns.
+        let fd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) };
+        Ok(StatsEnabled { _fd: fd })
     }
 }
 
