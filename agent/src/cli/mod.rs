@@ -218,6 +218,20 @@ mod tests {
     }
 
     #[test]
+    fn ebpf_log_is_off_unless_asked_for() {
+        let ebpf_log = |args: &[&str]| {
+            let argv = ["weft", "agent"].iter().chain(args).copied();
+            match Cli::try_parse_from(argv).unwrap().command {
+                Command::Agent(a) => a.ebpf_log,
+                _ => unreachable!(),
+            }
+        };
+        assert!(!ebpf_log(&[]));
+        assert!(ebpf_log(&["--ebpf-log"]));
+        assert!(!ebpf_log(&["--ebpf-log=false"]));
+    }
+
+    #[test]
     fn agent_flags() {
         let c = agent(&[]).unwrap();
         assert_eq!(
