@@ -212,7 +212,8 @@ mod tests {
 
     #[test]
     fn ebpf_log_shows_the_programs_lines_and_nothing_else() {
-        let filter = with_program_logs(parse_filter("warn").unwrap());
+        // The flag wins over a RUST_LOG that names the target.
+        let filter = with_program_logs(parse_filter("warn,weft::ebpf=off").unwrap());
         let text = capture_with(LogFormat::Text, filter, || {
             tracing::debug!(target: PROGRAM_LOG_TARGET, "decap drop: VXLAN from 10.9.9.9");
             tracing::debug!(target: "weft::backend", "hidden");

@@ -14,7 +14,7 @@ use weft_tests::attack::{
 };
 use weft_tests::{netns, poll, Cluster, ClusterOptions, Host};
 
-/// Only the flag may turn the programs' logging on: the harness's default `weft=debug` would too.
+/// Only the flag may turn the programs' logging on, whatever RUST_LOG the tests run with.
 const RUST_LOG: (&str, &str) = ("RUST_LOG", "info");
 const DROPPED: &str = "dropped: inner source not leased by the sender";
 /// How long a logged drop may take to reach the agent's log (also after a restart).
