@@ -243,7 +243,8 @@ impl Datapath {
         let log_level = log::program_level();
         let mut ebpf = loader::loader()
             .default_map_pin_directory(&map_dir)
-            .override_global(aya_log::LEVEL, log_level, true)
+            // Not required: an object without log calls simply has nothing to switch.
+            .override_global(aya_log::LEVEL, log_level, false)
             .load(object()?)
             .map_err(|source| DatapathError::Load {
                 cause: Cause::of(&source, &map_dir),
