@@ -4,9 +4,9 @@
 //! The log calls are compiled into the programs and switched by
 //! `AYA_LOG_LEVEL`, a read-only global fixed when the object is loaded. Off,
 //! the verifier sees a constant and prunes the log code as dead: a drop site
-//! keeps at most the load of the constant and a jump; on, each drop reserves a record in the object's ring
-//! buffer (`AYA_LOGS`), which a task reads while the [`super::Datapath`]
-//! lives. Logging is on when the subscriber shows debug events of [`TARGET`]:
+//! keeps at most the load of the constant and a jump. On, each drop reserves
+//! a record in the object's ring buffer (`AYA_LOGS`), which a task reads
+//! while the [`super::Datapath`] lives. Logging is on when the subscriber shows debug events of [`TARGET`]:
 //! `--ebpf-log` adds that directive, `RUST_LOG=debug` (or `weft=debug`)
 //! includes it.
 //!
