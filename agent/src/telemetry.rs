@@ -1,11 +1,13 @@
 //! Log output: `tracing` events to stderr, readable text by default or one JSON object per line.
 //!
-//! `RUST_LOG` filters (default `info`). Records emitted through the `log` crate, which is how aya and
-//! aya-log report (including the eBPF programs' own log lines), are bridged into tracing, so they are
-//! filtered and formatted like everything else.
+//! `RUST_LOG` filters (default `info`). Records emitted through the `log` crate, which is how aya
+//! reports, are bridged into tracing, so they are filtered and formatted like everything else. The
+//! eBPF programs' own log lines (their drops, with addresses) arrive as debug events under the target
+//! [`PROGRAM_LOG_TARGET`] (see `datapath/log.rs`); the programs only write them when that target's
+//! debug events are shown: `--ebpf-log` adds the directive, `RUST_LOG=debug` includes it.
 //!
 //! ```no_run
-//! weft::telemetry::init(weft::telemetry::LogFormat::Text).expect("logging set up once");
+//! weft::telemetry::init(weft::telemetry::LogFormat::Text, false).expect("logging set up once");
 //! tracing::info!(subnet = "10.1.54.0/24", vtep = "172.16.15.22", "peer added");
 //! ```
 
@@ -15,6 +17,8 @@ use std::str::FromStr;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::EnvFilter;
+
+pub use crate::datapath::PROGRAM_LOG_TARGET;
 
 /// Filter used when `RUST_LOG` is unset or empty.
 pub const DEFAULT_FILTER: &str = "info";
@@ -79,10 +83,24 @@ pub fn parse_filter(value: &str) -> Result<EnvFilter, TelemetryError> {
         })
 }
 
-/// Install the global subscriber writing to stderr, and the `log` bridge. Call once, early in main.
-pub fn init(format: LogFormat) -> Result<(), TelemetryError> {
+/// `filter` with the eBPF programs' log lines shown (`--ebpf-log`), whatever else it hides.
+pub fn with_program_logs(filter: EnvFilter) -> EnvFilter {
+    filter.add_directive(
+        format!("{PROGRAM_LOG_TARGET}=debug")
+            .parse()
+            .expect("a target=level directive parses"),
+    )
+}
+
+/// Install the global subscriber writing to stderr, and the `log` bridge; `program_logs` shows the
+/// eBPF programs' log lines ([`with_program_logs`]). Call once, early in main.
+pub fn init(format: LogFormat, program_logs: bool) -> Result<(), TelemetryError> {
     let ansi = std::io::stderr().is_terminal();
-    subscriber(format, env_filter()?, std::io::stderr, ansi)
+    let mut filter = env_filter()?;
+    if program_logs {
+        filter = with_program_logs(filter);
+    }
+    subscriber(format, filter, std::io::stderr, ansi)
         .try_init()
         .map_err(|source| TelemetryError::Install { source })
 }
@@ -145,8 +163,12 @@ mod tests {
     }
 
     fn capture(format: LogFormat, filter: &str, f: impl FnOnce()) -> String {
+        capture_with(format, parse_filter(filter).unwrap(), f)
+    }
+
+    fn capture_with(format: LogFormat, filter: EnvFilter, f: impl FnOnce()) -> String {
         let out = Capture::default();
-        let sub = subscriber(format, parse_filter(filter).unwrap(), out.clone(), false);
+        let sub = subscriber(format, filter, out.clone(), false);
         // set_default also installs the process-wide `log` -> tracing bridge (idempotent).
         let _guard = tracing_subscriber::util::SubscriberInitExt::set_default(sub);
         f();
@@ -186,6 +208,19 @@ mod tests {
         });
         assert!(text.contains("program detached"), "{text}");
         assert!(!text.contains("filtered out"), "{text}");
+    }
+
+    #[test]
+    fn ebpf_log_shows_the_programs_lines_and_nothing_else() {
+        // The flag wins over a RUST_LOG that names the target.
+        let filter = with_program_logs(parse_filter("warn,weft::ebpf=off").unwrap());
+        let text = capture_with(LogFormat::Text, filter, || {
+            tracing::debug!(target: PROGRAM_LOG_TARGET, "decap drop: VXLAN from 10.9.9.9");
+            tracing::debug!(target: "weft::backend", "hidden");
+            tracing::info!("hidden too");
+        });
+        assert!(text.contains("decap drop: VXLAN from 10.9.9.9"), "{text}");
+        assert!(!text.contains("hidden"), "{text}");
     }
 
     #[test]

@@ -21,6 +21,8 @@ use weft_common::{
     LocalEndpoint, NodeConfig,
 };
 
+use aya_log_ebpf::debug;
+
 use crate::{
     maps::{self, Verdict},
     parse::{off, EthHdr, Ipv4Hdr, Packet, UdpHdr, VxlanHdr},
@@ -81,6 +83,10 @@ fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
     }
     // VXLAN aimed at us. From here on, whatever is not deliverable is dropped.
     if !maps::is_known_vtep(ip.saddr_be) {
+        debug!(
+            ctx,
+            "decap drop: VXLAN from {:i}, which holds no lease", ip.saddr_be
+        );
         return Err(Verdict::Drop(counter::DROP_UNKNOWN_SOURCE));
     }
     let vxlan: VxlanHdr = ctx
@@ -90,6 +96,13 @@ fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
         return Err(Verdict::Drop(counter::DROP_MALFORMED));
     }
     if vxlan.vni() != cfg.vni_ne {
+        debug!(
+            ctx,
+            "decap drop: VNI {} from {:i}, ours is {}",
+            vxlan.vni(),
+            ip.saddr_be,
+            cfg.vni_ne
+        );
         return Err(Verdict::Drop(counter::DROP_WRONG_VNI));
     }
     let frame_l3 = ctx.frame_len().saturating_sub(off::OUTER_IP);
@@ -114,12 +127,28 @@ fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
     // before rp_filter, and rp_filter would only ask for *some* remote subnet.
     match maps::remote_peer(inner.saddr_be) {
         Some(owner) if owner.vtep_ip_be == ip.saddr_be => {}
-        _ => return Err(Verdict::Drop(counter::DROP_INNER_SOURCE)),
+        _ => {
+            debug!(
+                ctx,
+                "decap drop: inner source {:i} from VTEP {:i}, outside the subnets it leased",
+                inner.saddr_be,
+                ip.saddr_be
+            );
+            return Err(Verdict::Drop(counter::DROP_INNER_SOURCE));
+        }
     }
     // RFC 6040 as the kernel's INET_ECN_decapsulate: CE over Not-ECT is
     // dropped, CE over ECT marks the inner packet, everything else is kept.
     let set_ce = match (ip.ecn(), inner.ecn()) {
-        (ECN_CE, ECN_NOT_ECT) => return Err(Verdict::Drop(counter::DROP_ECN)),
+        (ECN_CE, ECN_NOT_ECT) => {
+            debug!(
+                ctx,
+                "decap drop: CE over Not-ECT, inner {:i} from VTEP {:i}",
+                inner.saddr_be,
+                ip.saddr_be
+            );
+            return Err(Verdict::Drop(counter::DROP_ECN));
+        }
         (ECN_CE, inner) => inner != ECN_CE,
         _ => false,
     };

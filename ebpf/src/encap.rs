@@ -23,6 +23,8 @@ use weft_common::{
     NodeConfig, PeerValue,
 };
 
+use aya_log_ebpf::debug;
+
 use crate::{
     maps::{self, Verdict},
     parse::{fold, off, sum_words, EthHdr, Ipv4Hdr, Packet, UdpHdr, VxlanHdr},
@@ -109,7 +111,7 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
         return Err(Verdict::Pass(counter::PASS_MALFORMED));
     }
     let peer = *maps::remote_peer(ip.daddr_be).ok_or(Verdict::Pass(counter::PASS_NOT_REMOTE))?;
-    check_source(cfg, ifindex, &eth, &ip)?;
+    check_source(ctx, cfg, ifindex, &eth, &ip)?;
     if ip.ihl_bytes() != 20 {
         // Valid but rare: the kernel path forwards them (and checks the options).
         return Err(Verdict::Pass(counter::PASS_IP_OPTIONS));
@@ -172,6 +174,12 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
         }
     };
     if action != TC_ACT_REDIRECT as i64 {
+        debug!(
+            ctx,
+            "encap drop: redirect to the underlay failed for {:i} via VTEP {:i}",
+            ip.daddr_be,
+            peer.vtep_ip_be
+        );
         return Err(Verdict::Drop(counter::DROP_HELPER_FAIL));
     }
     Ok(Verdict::Done(action as i32, counter::ENCAPSULATED))
@@ -184,11 +192,25 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
 /// host's subnet goes to the kernel path, which judges it as it always did;
 /// a source outside the subnet is forged.
 #[inline(always)]
-fn check_source(cfg: &NodeConfig, ifindex: u32, eth: &EthHdr, ip: &Ipv4Hdr) -> Result<(), Verdict> {
+fn check_source(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    ifindex: u32,
+    eth: &EthHdr,
+    ip: &Ipv4Hdr,
+) -> Result<(), Verdict> {
     let on_bridge = ifindex == cfg.bridge_ifindex_ne;
     if let Some(bound) = maps::local_endpoint(ip.saddr_be) {
         let same_port = on_bridge || bound.host_ifindex_ne == ifindex;
         if !same_port {
+            debug!(
+                ctx,
+                "encap drop: source {:i} ({:mac}) on port {}, bound to port {}",
+                ip.saddr_be,
+                eth.src,
+                ifindex,
+                bound.host_ifindex_ne
+            );
             return Err(Verdict::Drop(counter::DROP_SOURCE_OTHER_PORT));
         }
         if bound.mac == eth.src {
@@ -202,6 +224,13 @@ fn check_source(cfg: &NodeConfig, ifindex: u32, eth: &EthHdr, ip: &Ipv4Hdr) -> R
     if s & mask == u32::from_be_bytes(cfg.subnet_be) & mask {
         Err(Verdict::Pass(counter::PASS_SOURCE_UNBOUND))
     } else {
+        debug!(
+            ctx,
+            "encap drop: source {:i} ({:mac}) on port {} is outside this host's subnet",
+            ip.saddr_be,
+            eth.src,
+            ifindex
+        );
         Err(Verdict::Drop(counter::DROP_SOURCE_OUTSIDE))
     }
 }

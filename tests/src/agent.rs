@@ -123,7 +123,9 @@ impl Agent {
             cmd.process_group(0);
         }
         if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info,weft=debug");
+            // weft::ebpf=info: the programs as they run by default, without their drop lines
+            // (`weft=debug` alone would switch them on); the bench measures these programs.
+            cmd.env("RUST_LOG", "info,weft=debug,weft::ebpf=info");
         }
         cmd.envs(inner.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().with_context(|| format!("start `{cmdline}`"))?;

@@ -419,9 +419,19 @@ impl Host {
     /// Start `weft agent` in this host with [`Host::agent_args`] plus `extra`; the host keeps a
     /// handle ([`Host::agent`]) and kills it on drop.
     pub fn spawn_agent(&self, extra: &[&str]) -> anyhow::Result<Agent> {
+        self.spawn_agent_with_env(extra, &[])
+    }
+
+    /// [`Host::spawn_agent`] with environment variables for the agent (e.g. its own RUST_LOG).
+    pub fn spawn_agent_with_env(
+        &self,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Agent> {
         let mut args = self.agent_args();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let agent = Agent::spawn(self.name(), args, &self.dir.join("agent.log"), self.detach)?;
+        let log = self.dir.join("agent.log");
+        let agent = Agent::spawn_with_env(self.name(), args, env, &log, self.detach)?;
         *lock(&self.agent) = Some(agent.clone());
         Ok(agent)
     }

@@ -96,6 +96,10 @@ pub struct AgentArgs {
     /// (`udpcsum`) does; GSO packets leave with 0 either way (see README).
     #[arg(long, env = "WEFT_EBPF_UDP_CSUM", num_args = 0..=1, default_missing_value = "true", default_value = "true", action = clap::ArgAction::Set, value_parser = args::boolean)]
     ebpf_udp_csum: bool,
+    /// Have the eBPF programs log each packet they drop, why, and its addresses (debug
+    /// level, target weft::ebpf; RUST_LOG=debug does too). Off, the programs carry no log code.
+    #[arg(long, env = "WEFT_EBPF_LOG", num_args = 0..=1, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set, value_parser = args::boolean)]
+    pub ebpf_log: bool,
     /// Detach and unpin weft's eBPF programs and maps, then exit. flannel.<VNI> and its
     /// routes stay, so traffic keeps flowing on the kernel path.
     #[arg(long)]

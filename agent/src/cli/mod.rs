@@ -114,11 +114,12 @@ fn adopt_flanneld_env() {
     }
 }
 
-fn init_logging(format: LogFormat) -> Result<(), crate::telemetry::TelemetryError> {
-    crate::telemetry::init(match format {
+fn init_logging(format: LogFormat, ebpf_log: bool) -> Result<(), crate::telemetry::TelemetryError> {
+    let format = match format {
         LogFormat::Text => crate::telemetry::LogFormat::Text,
         LogFormat::Json => crate::telemetry::LogFormat::Json,
-    })
+    };
+    crate::telemetry::init(format, ebpf_log)
 }
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
@@ -158,7 +159,8 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    if let Err(e) = init_logging(cli.log_format) {
+    let ebpf_log = matches!(&cli.command, Command::Agent(a) if a.ebpf_log);
+    if let Err(e) = init_logging(cli.log_format, ebpf_log) {
         return fail(exit::USAGE, e);
     }
     match cli.command {
@@ -213,6 +215,20 @@ mod tests {
             Command::Agent(a) => a.validate().map_err(|e| e.to_string()),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn ebpf_log_is_off_unless_asked_for() {
+        let ebpf_log = |args: &[&str]| {
+            let argv = ["weft", "agent"].iter().chain(args).copied();
+            match Cli::try_parse_from(argv).unwrap().command {
+                Command::Agent(a) => a.ebpf_log,
+                _ => unreachable!(),
+            }
+        };
+        assert!(!ebpf_log(&[]));
+        assert!(ebpf_log(&["--ebpf-log"]));
+        assert!(!ebpf_log(&["--ebpf-log=false"]));
     }
 
     #[test]

@@ -25,6 +25,7 @@ mod cause;
 mod inspect;
 pub mod layout;
 mod loader;
+mod log;
 mod maps;
 mod pins;
 mod sysctl;
@@ -45,6 +46,7 @@ pub use attach::{Attachment, DecapHook};
 pub use cause::{bpffs_mount_fix, Cause};
 pub use inspect::{if_index, LinkState, PinnedLinkState, PinnedMaps};
 pub use layout::Carried;
+pub use log::TARGET as PROGRAM_LOG_TARGET;
 pub use maps::{Counters, LocalEntry, PeerEntry};
 pub use pins::{ensure_bpffs, BpffsError, LinkPin, PinDir, BPFFS_ROOT};
 pub use sysctl::{default_ttl, relax_rp_filter, RpFilterError};
@@ -206,6 +208,8 @@ pub struct Datapath {
     /// Links we own; dropping them closes fds, never detaches pinned links.
     /// (link pin path, link).
     links: Vec<(PathBuf, aya::programs::links::FdLink)>,
+    /// Reads the programs' log lines while they are switched on ([`log`]).
+    _log: Option<log::Reader>,
 }
 
 #[cfg(not(weft_no_ebpf))]
@@ -236,8 +240,11 @@ impl Datapath {
         let pins = PinDir::new(&pin_dir);
         let previous = layout::prepare(&pins)?;
         let map_dir = pins.maps_of(weft_common::LAYOUT_VERSION);
+        let log_level = log::program_level();
         let mut ebpf = loader::loader()
             .default_map_pin_directory(&map_dir)
+            // Not required: an object without log calls simply has nothing to switch.
+            .override_global(aya_log::LEVEL, log_level, false)
             .load(object()?)
             .map_err(|source| DatapathError::Load {
                 cause: Cause::of(&source, &map_dir),
@@ -260,7 +267,9 @@ impl Datapath {
         for kind in ProgramKind::ALL {
             kind.load(&mut ebpf)?;
         }
+        let log = log::start(&mut ebpf, log_level);
         Ok(Self {
+            _log: log,
             ebpf,
             pin_dir,
             pins,
