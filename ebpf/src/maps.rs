@@ -26,6 +26,51 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 #[map(name = "WEFT_LOCAL")]
 static LOCAL: HashMap<[u8; 4], LocalEndpoint> = HashMap::pinned(MAX_LOCAL, 0);
 
+/// The frame a container port's program last handed to the kernel on this
+/// CPU. Not pinned: it only links two hooks of one softirq run (the port's,
+/// then the bridge's, as the bridge passes the frame up), so a restarted
+/// agent's programs start with an empty one.
+#[map(name = "WEFT_PASSED")]
+static PASSED: PerCpuArray<Fingerprint> = PerCpuArray::with_max_entries(1, 0);
+
+/// What identifies a frame between the port's hook and the bridge's: its
+/// length and 32 bytes from its source MAC on (for IPv4 that covers the
+/// header's ID and checksum, for ARP the sender). `len == 0`: none.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Fingerprint {
+    pub len: u64,
+    pub head: [u64; 4],
+}
+
+/// Records `f` as the frame this CPU's port program just passed.
+#[inline(always)]
+pub fn remember_passed(f: Fingerprint) {
+    if let Some(slot) = PASSED.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *slot = f };
+    }
+}
+
+/// Whether `f` is the frame this CPU's port program just passed; forgets it
+/// either way, so it matches once.
+#[inline(always)]
+pub fn take_passed(f: &Fingerprint) -> bool {
+    let Some(slot) = PASSED.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot, only this CPU touches it while the program runs.
+    let seen = unsafe { &mut *slot };
+    // Word by word: a whole-struct compare may become a memcmp call, which BPF lacks.
+    let same = seen.len == f.len
+        && seen.head[0] == f.head[0]
+        && seen.head[1] == f.head[1]
+        && seen.head[2] == f.head[2]
+        && seen.head[3] == f.head[3];
+    seen.len = 0;
+    same
+}
+
 /// The container bound to address `addr_be`, if the agent found one in the
 /// kernel's tables (neighbour entry on the bridge, forwarding entry on a port).
 #[inline(always)]
@@ -74,6 +119,9 @@ pub enum Verdict {
     Drop(u32),
     /// Handled: return this action (redirect, pass after decap).
     Done(i32, u32),
+    /// Counted already by the hook that saw it first (a container port's):
+    /// hand it on untouched without counting it again.
+    Seen,
 }
 
 impl Verdict {
@@ -93,6 +141,7 @@ impl Verdict {
                 count(c);
                 action
             }
+            Verdict::Seen => pass,
         }
     }
 }
