@@ -9,7 +9,8 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT,
     },
     helpers::generated::{
-        bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect, bpf_redirect_neigh,
+        bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
+        bpf_redirect_neigh,
     },
     programs::TcContext,
     EbpfContext,
@@ -163,7 +164,7 @@ fn try_encapsulate(
     } else {
         None
     };
-    let next_hop = lookup_underlay(ctx, cfg, &peer).ok_or(Verdict::Pass(counter::PASS_FIB_FAIL))?;
+    let next_hop = next_hop(ctx, cfg, &peer).ok_or(Verdict::Pass(counter::PASS_FIB_FAIL))?;
 
     // Read before adjust_room: afterwards the skb hash would cover the outer header.
     // SAFETY: helper on the live skb.
@@ -306,6 +307,34 @@ fn inner_l4_sum(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<u32, Verdict> {
         IPPROTO_ICMP => Ok(0),
         _ => Err(Verdict::Pass(counter::PASS_CHECKSUM)),
     }
+}
+
+/// The outer route to the peer's VTEP: the FIB's answer of the last few
+/// milliseconds on this CPU ([`maps::cached_hop`]), else a fresh lookup.
+/// Only resolved answers are kept: an unresolved neighbour is asked again.
+#[inline(always)]
+fn next_hop(ctx: &TcContext, cfg: &NodeConfig, peer: &PeerValue) -> Option<NextHop> {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(hop) = maps::cached_hop(peer.vtep_ip_be, now) {
+        return Some(NextHop::Resolved {
+            ifindex: hop.ifindex,
+            src: hop.src,
+            dst: hop.dst,
+        });
+    }
+    let hop = lookup_underlay(ctx, cfg, peer)?;
+    if let NextHop::Resolved { ifindex, src, dst } = hop {
+        maps::cache_hop(maps::CachedHop {
+            vtep_ip_be: peer.vtep_ip_be,
+            ifindex,
+            src,
+            dst,
+            pad: [0; 4],
+            expires_ns: now + maps::NEXT_HOP_TTL_NS,
+        });
+    }
+    Some(hop)
 }
 
 /// The outer route to the peer's VTEP, looked up as our own output would be.

@@ -1155,3 +1155,49 @@ fn per_packet_cost_of_encapsulation_and_decapsulation() {
         report.join("\n  ")
     );
 }
+
+/// Encapsulation reuses the FIB's answer for a VTEP for a few milliseconds (per CPU): a changed
+/// underlay neighbour, then a removed route, reach it within a second here (10 ms by design).
+#[test]
+#[ignore = "needs root: run cargo xtask test"]
+fn encap_follows_underlay_neighbour_and_route_changes() {
+    let mut e = env("nexthop");
+    bind(&mut e, LOCAL_CONTAINER);
+    let input = container_frame(REMOTE_CONTAINER);
+    let port = ifindex("br0-peer");
+    let out = test_run(&e, ProgramKind::TcEncap, &input, port);
+    assert_eq!(
+        (out.action, &out.packet[0..6]),
+        (TC_ACT_REDIRECT, &PEER_NIC_MAC[..])
+    );
+    let moved = [0x02, 0x00, 0x00, 0x00, 0x15, 0x99];
+    sh(&[
+        "ip",
+        "neigh",
+        "replace",
+        "172.16.15.22",
+        "lladdr",
+        &fmt_mac(moved),
+        "dev",
+        "ul0",
+        "nud",
+        "permanent",
+    ]);
+    weft_tests::poll::until_blocking(
+        "encapsulation to use the peer's new MAC",
+        Duration::from_secs(1),
+        || {
+            let out = test_run(&e, ProgramKind::TcEncap, &input, port);
+            weft_tests::poll::check(out.packet[0..6] == moved, &out.packet[0..6]).map(|_| ())
+        },
+    );
+    sh(&["ip", "route", "add", "blackhole", "172.16.15.22/32"]);
+    weft_tests::poll::until_blocking(
+        "encapsulation to hand packets to the kernel once the peer's route is a blackhole",
+        Duration::from_secs(1),
+        || {
+            let out = test_run(&e, ProgramKind::TcEncap, &input, port);
+            weft_tests::poll::check(out.action == TC_ACT_OK, out.action)
+        },
+    );
+}
