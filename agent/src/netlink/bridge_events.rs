@@ -73,12 +73,17 @@ impl BridgeEvents {
                     }
                 }
                 // Carrier, features or statistics changes of the same bridge are no reason to
-                // reconcile; only whether it forwards at all is.
+                // reconcile; only whether it forwards at all is. The first report after
+                // subscribing is only recorded: the reconcile that follows the subscription
+                // reads the state itself (and a bridge going down disables its ports, whose
+                // own events the port watch reports).
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link))
                     if is_named(&link, &self.name) && self.up != Some(is_up(&link)) =>
                 {
                     let up = is_up(&link);
-                    self.up = Some(up);
+                    if self.up.replace(up).is_none() {
+                        continue;
+                    }
                     BridgeEvent::StateChanged {
                         index: link.header.index,
                         up,
