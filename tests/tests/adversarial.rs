@@ -1508,7 +1508,7 @@ async fn isolation(dp: Datapath) -> Observed {
         h1.exec_ok(restore)
             .await
             .unwrap_or_else(|e| panic!("{dp}: undo {way}: {e:#}"));
-        // The fence: a pair sent after the probes on the same paths gets through.
+        // Undone: the programs follow again, traffic flows both ways.
         exchange_until(
             (&a, &remote),
             (&to_remote, &to_a),
@@ -1517,29 +1517,21 @@ async fn isolation(dp: Datapath) -> Observed {
             Duration::from_secs(20),
         )
         .await;
-        tokio::time::sleep(SETTLE).await;
-        // Held in host 1's ARP queue, the kernel delivers some once the port forwards again.
-        for (what, isolated, total) in [
-            (
-                "from host 1's container that reached the remote one",
-                out_isolated,
-                to_remote.count(&out),
-            ),
-            (
-                "from the remote container that reached host 1's",
-                back_isolated,
-                to_a.count(&back),
-            ),
-        ] {
-            o.set(
-                &format!("{way}: datagrams {what} while isolated (x5)"),
-                isolated as u64,
-            );
-            o.set(
-                &format!("{way}: datagrams {what} in all (x5)"),
-                total as u64,
-            );
-        }
+        // What arrives after the isolation ended was held in host 1's ARP queue and released
+        // by the kernel on either datapath (the eBPF path hands those packets to it): noted only.
+        o.note(format!(
+            "{way}: in all, {} of {PROBES} reached the remote container, {} reached host 1's",
+            to_remote.count(&out),
+            to_a.count(&back)
+        ));
+        o.set(
+            &format!("{way}: datagrams from host 1's container that reached the remote one while isolated (x5)"),
+            out_isolated as u64,
+        );
+        o.set(
+            &format!("{way}: datagrams from the remote container that reached host 1's while isolated (x5)"),
+            back_isolated as u64,
+        );
     }
     note_counters(&mut o, h1, &before).await;
     drop((to_remote, to_a));
@@ -1559,10 +1551,6 @@ async fn adversarial_an_isolated_bridge_or_port_forwards_nothing_on_any_datapath
             cases.push((
                 format!("{way}: datagrams {what} while isolated (x5)"),
                 Rule::Exactly(0),
-            ));
-            cases.push((
-                format!("{way}: datagrams {what} in all (x5)"),
-                Rule::NoMoreThanKernel,
             ));
         }
     }
