@@ -26,9 +26,10 @@ pub mod map_names {
 /// `maps-v<LAYOUT_VERSION>/` (with `maps` a link to the live set, where
 /// builds before versioning look). Layout 1 (before it was recorded): a
 /// 40-byte [`NodeConfig`], 17 counters, 4096 local entries. Layout 2: the
-/// 52-byte [`NodeConfig`], 29 counters, 16384 local entries. Layouts only
-/// append: counters keep their indices, [`NodeConfig`] grows at its end.
-pub const LAYOUT_VERSION: u32 = 2;
+/// 52-byte [`NodeConfig`], 29 counters, 16384 local entries. Layout 3: 30
+/// counters. Layouts only append: counters keep their indices, [`NodeConfig`]
+/// grows at its end.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Program (function) names in the object.
 pub mod program_names {
@@ -145,12 +146,19 @@ pub mod config_flags {
     /// Fill the outer UDP checksum (`udpcsum`, flannel.N's default) on
     /// packets that are not GSO; without it every outer checksum is 0.
     pub const UDP_CSUM: u32 = 1 << 2;
+    /// The container bridge is administratively or operationally down: the
+    /// kernel's bridge forwards nothing (its ports are disabled), so the
+    /// programs neither encapsulate from it nor deliver into its containers.
+    /// Set by the agent from the bridge's link state and its events.
+    pub const BRIDGE_DOWN: u32 = 1 << 3;
 }
 
-/// Indices into the per-CPU counter array. Every packet a program sees is
+/// Indices into the per-CPU counter array. Every frame the programs see is
 /// counted exactly once under `encapsulated`, `decapsulated`, a `passed:`
 /// reason (handed to the kernel untouched) or a `dropped:` reason; the
-/// `decapsulated: ...` counters say more about some decapsulated packets.
+/// `decapsulated: ...` counters say more about some decapsulated packets. A
+/// frame a container port's program passed reaches the bridge's program too:
+/// it is counted on the port only.
 pub mod counter {
     pub const ENCAPSULATED: u32 = 0;
     pub const DECAPSULATED: u32 = 1;
@@ -197,8 +205,11 @@ pub mod counter {
     pub const ECN_CE_SET: u32 = 27;
     /// Too big for the container's link: left to the stack (of [`DECAPSULATED`]).
     pub const DECAP_TOO_BIG: u32 = 28;
+    /// The bridge is down ([`crate::config_flags::BRIDGE_DOWN`]): the kernel's
+    /// bridge drops what its disabled ports receive.
+    pub const PASS_BRIDGE_DOWN: u32 = 29;
     /// Number of counters; the map's max_entries.
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 30;
 
     /// Display names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -231,6 +242,7 @@ pub mod counter {
         "dropped: helper failed after rewrite",
         "decapsulated: ce set (rfc 6040)",
         "decapsulated: too big for direct delivery",
+        "passed: bridge down",
     ];
 
     /// The name of a counter index, `None` when out of range.

@@ -16,7 +16,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use weft_common::{
-    counter,
+    config_flags, counter,
     wire::{ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, UDP_HLEN, VXLAN_FLAG_I, VXLAN_OVERHEAD},
     LocalEndpoint, NodeConfig,
 };
@@ -233,7 +233,10 @@ pub fn tc_decapsulate(ctx: &TcContext) -> Verdict {
     }
     // Decapsulated: the frame is now an ordinary IPv4 frame addressed to this host.
     // Forward it ourselves when the route and neighbour are known, else let the stack.
-    let (action, delivered) = forward_inner(ctx);
+    // A down bridge delivers to none of its containers: the FIB (which lost
+    // the bridge's routes with it) or the stack decides, as on the kernel path.
+    let bridge_up = accepted.cfg.flags_ne & config_flags::BRIDGE_DOWN == 0;
+    let (action, delivered) = forward_inner(ctx, bridge_up);
     if delivered {
         maps::count(counter::DELIVERED_TO_CONTAINER);
     }
@@ -243,7 +246,7 @@ pub fn tc_decapsulate(ctx: &TcContext) -> Verdict {
 /// Routes the decapsulated packet like the stack would (TTL included), or
 /// returns TC_ACT_OK so the stack does it. `true`: handed straight to a local container.
 #[inline(always)]
-fn forward_inner(ctx: &TcContext) -> (i32, bool) {
+fn forward_inner(ctx: &TcContext, bridge_up: bool) -> (i32, bool) {
     let Some(ip) = ctx.ptr_at::<Ipv4Hdr>(off::OUTER_IP) else {
         return (TC_ACT_OK, false);
     };
@@ -253,7 +256,7 @@ fn forward_inner(ctx: &TcContext) -> (i32, bool) {
     if ttl <= 1 {
         return (TC_ACT_OK, false);
     }
-    if let Some(ep) = maps::local_endpoint(daddr) {
+    if let Some(ep) = maps::local_endpoint(daddr).filter(|_| bridge_up) {
         match fits(ctx, ep.host_ifindex_ne) {
             Some(true) if deliver_to_container(ctx, &ep) => return (TC_ACT_REDIRECT, true),
             Some(false) => {

@@ -9,7 +9,8 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT,
     },
     helpers::generated::{
-        bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect, bpf_redirect_neigh,
+        bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
+        bpf_redirect_neigh,
     },
     programs::TcContext,
     EbpfContext,
@@ -68,18 +69,52 @@ enum NextHop {
 }
 
 pub fn encapsulate(ctx: &TcContext) -> Verdict {
-    match try_encapsulate(ctx) {
-        Ok(v) | Err(v) => v,
+    let cfg = maps::config();
+    // SAFETY: ctx.skb.skb is the live __sk_buff of this invocation.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let on_bridge = cfg.is_some_and(|c| c.bridge_ifindex_ne == ifindex);
+    // What a port's program handed to the kernel reaches the bridge's next
+    // (the bridge passes it up): judged and counted once, on the port.
+    if on_bridge && fingerprint(ctx).is_some_and(|f| maps::take_passed(&f)) {
+        return Verdict::Seen;
     }
+    let verdict = match try_encapsulate(ctx, cfg, ifindex) {
+        Ok(v) | Err(v) => v,
+    };
+    if !on_bridge && matches!(verdict, Verdict::Pass(_)) {
+        if let Some(f) = fingerprint(ctx) {
+            maps::remember_passed(f);
+        }
+    }
+    verdict
+}
+
+/// The frame's length and 32 bytes from its source MAC on (copied with a
+/// helper: the bytes may lie beyond the linear part); `None` for runts.
+#[inline(always)]
+fn fingerprint(ctx: &TcContext) -> Option<maps::Fingerprint> {
+    let head: [u64; 4] = ctx.load(6).ok()?;
+    Some(maps::Fingerprint {
+        len: ctx.len() as u64,
+        head,
+    })
 }
 
 #[inline(always)]
-fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
-    let cfg = maps::config().ok_or(Verdict::Pass(counter::PASS_NOT_CONFIGURED))?;
+fn try_encapsulate(
+    ctx: &TcContext,
+    cfg: Option<&NodeConfig>,
+    ifindex: u32,
+) -> Result<Verdict, Verdict> {
+    let cfg = cfg.ok_or(Verdict::Pass(counter::PASS_NOT_CONFIGURED))?;
+    if cfg.flags_ne & config_flags::BRIDGE_DOWN != 0 {
+        // Its ports are disabled: the bridge drops what they receive.
+        return Err(Verdict::Pass(counter::PASS_BRIDGE_DOWN));
+    }
     // SAFETY: ctx.skb.skb is the live __sk_buff of this invocation.
-    let (vlan_present, ifindex, gso_size) = unsafe {
+    let (vlan_present, gso_size) = unsafe {
         let skb = &*ctx.skb.skb;
-        (skb.vlan_present, skb.ingress_ifindex, skb.gso_size)
+        (skb.vlan_present, skb.gso_size)
     };
     if vlan_present != 0 {
         // veth receive moved the tag into metadata; bpf_redirect would keep it
@@ -131,7 +166,7 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
     } else {
         None
     };
-    let next_hop = lookup_underlay(ctx, cfg, &peer).ok_or(Verdict::Pass(counter::PASS_FIB_FAIL))?;
+    let next_hop = next_hop(ctx, cfg, &peer).ok_or(Verdict::Pass(counter::PASS_FIB_FAIL))?;
 
     // Read before adjust_room: afterwards the skb hash would cover the outer header.
     // SAFETY: helper on the live skb.
@@ -301,6 +336,34 @@ fn inner_l4_sum(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<u32, Verdict> {
         IPPROTO_ICMP => Ok(0),
         _ => Err(Verdict::Pass(counter::PASS_CHECKSUM)),
     }
+}
+
+/// The outer route to the peer's VTEP: the FIB's answer of the last few
+/// milliseconds on this CPU ([`maps::cached_hop`]), else a fresh lookup.
+/// Only resolved answers are kept: an unresolved neighbour is asked again.
+#[inline(always)]
+fn next_hop(ctx: &TcContext, cfg: &NodeConfig, peer: &PeerValue) -> Option<NextHop> {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(hop) = maps::cached_hop(peer.vtep_ip_be, now) {
+        return Some(NextHop::Resolved {
+            ifindex: hop.ifindex,
+            src: hop.src,
+            dst: hop.dst,
+        });
+    }
+    let hop = lookup_underlay(ctx, cfg, peer)?;
+    if let NextHop::Resolved { ifindex, src, dst } = hop {
+        maps::cache_hop(maps::CachedHop {
+            vtep_ip_be: peer.vtep_ip_be,
+            ifindex,
+            src,
+            dst,
+            pad: [0; 4],
+            expires_ns: now + maps::NEXT_HOP_TTL_NS,
+        });
+    }
+    Some(hop)
 }
 
 /// The outer route to the peer's VTEP, looked up as our own output would be.

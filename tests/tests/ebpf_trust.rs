@@ -977,3 +977,112 @@ fn ipv4_options_are_valid_packets_not_malformed_ones() {
         counter::PASS_IP_OPTIONS,
     );
 }
+
+/// docker0 down, as the agent mirrors it into the node configuration: encapsulation hands a
+/// bound container's frame to the kernel (whose bridge drops what its disabled ports receive) and
+/// decapsulation delivers into no container (the FIB or the stack decides, as on the kernel path);
+/// up again, both resume. And a frame a port's program handed to the kernel reaches the bridge's
+/// program next: counted once, on the port.
+#[test]
+#[ignore = "needs root: run cargo xtask test"]
+fn a_down_bridge_stops_the_fast_path_and_a_passed_frame_counts_once() {
+    let mut e = env();
+    let (ul0, br0, c0) = (e.ul0, e.br0, e.c0);
+    let outgoing = from_container(CONTAINER_MAC, LOCAL, REMOTE);
+    let incoming = vxlan(PEER_IP, 0, &[], &inner_to_local(REMOTE, 0));
+    let down = NodeSettings {
+        bridge_down: true,
+        ..node_settings(ul0, br0)
+    };
+    e.dp.configure(&down).expect("configure");
+    e.expect(
+        "bound source, bridge down",
+        ProgramKind::TcEncap,
+        &outgoing,
+        c0,
+        TC_ACT_OK,
+        counter::PASS_BRIDGE_DOWN,
+    );
+    let delivered = e.count(counter::DELIVERED_TO_CONTAINER);
+    e.expect(
+        "VXLAN for a bound container, bridge down",
+        ProgramKind::TcDecap,
+        &incoming,
+        ul0,
+        TC_ACT_OK,
+        counter::DECAPSULATED,
+    );
+    assert_eq!(
+        e.count(counter::DELIVERED_TO_CONTAINER),
+        delivered,
+        "delivered into a container of a down bridge"
+    );
+    e.dp.configure(&node_settings(ul0, br0)).expect("configure");
+    e.expect(
+        "bound source, bridge up",
+        ProgramKind::TcEncap,
+        &outgoing,
+        c0,
+        TC_ACT_REDIRECT,
+        counter::ENCAPSULATED,
+    );
+    e.expect(
+        "VXLAN for a bound container, bridge up",
+        ProgramKind::TcDecap,
+        &incoming,
+        ul0,
+        TC_ACT_REDIRECT,
+        counter::DELIVERED_TO_CONTAINER,
+    );
+
+    // The port passes a frame from another MAC; the bridge then sees that same frame once. The
+    // programs link the two through a per-CPU slot, as both hooks run in one softirq: one CPU here.
+    pin_to_this_cpu();
+    let unbound = from_container(OTHER_MAC, LOCAL, REMOTE);
+    e.expect(
+        "another MAC on the port",
+        ProgramKind::TcEncap,
+        &unbound,
+        c0,
+        TC_ACT_OK,
+        counter::PASS_SOURCE_UNBOUND,
+    );
+    let before = e.dp.counters().expect("counters");
+    let out = e.run(ProgramKind::TcEncap, &unbound, br0);
+    assert_eq!(
+        (out.action, &out.packet),
+        (TC_ACT_OK, &unbound),
+        "handed on untouched"
+    );
+    assert_eq!(
+        e.dp.counters().expect("counters"),
+        before,
+        "the bridge's program counted the frame the port's program had passed"
+    );
+    // Only that once: the same frame again on the bridge (from a port without a program) is judged.
+    e.expect(
+        "the frame again, on the bridge",
+        ProgramKind::TcEncap,
+        &unbound,
+        br0,
+        TC_ACT_OK,
+        counter::PASS_SOURCE_UNBOUND,
+    );
+}
+
+/// Keeps this thread on the CPU it runs on (each test run is one syscall, and per-CPU state
+/// links a port's run to the bridge's).
+fn pin_to_this_cpu() {
+    // SAFETY: plain syscalls on this thread with a local cpu_set_t.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity"
+        );
+    }
+}

@@ -485,13 +485,25 @@ impl EbpfBackend {
                 Ok(n) => changes += n,
                 Err(e) => errors.push(e),
             }
+            let state = self.nl.bridge_state(link.index).await.map_err(err)?;
+            let state = state.unwrap_or_default();
+            match self.mirror_bridge_state(&state) {
+                Ok(n) => changes += n,
+                Err(e) => errors.push(e),
+            }
+            // The bridge neither takes frames from nor delivers to a port that does not forward.
+            let forwarding: Vec<(u32, String)> = ports
+                .iter()
+                .filter(|(i, _)| state.forwarding.contains(i))
+                .cloned()
+                .collect();
             if let (Some(gateway_mac), Some(own)) = (link.mac, self.own) {
                 let learned = self.nl.bridge_learned(link.index).await.map_err(err)?;
                 let neighbours = self.nl.neighbours_v4(link.index).await.map_err(err)?;
                 if let Some(watch) = &mut self.watch {
                     watch.remember(&neighbours, &learned);
                 }
-                want = local_entries(own, gateway_mac, &neighbours, &learned, &ports);
+                want = local_entries(own, gateway_mac, &neighbours, &learned, &forwarding);
             }
         }
         let (local, local_errors) = self.sync_local(&want);
@@ -500,6 +512,25 @@ impl EbpfBackend {
             return Err(EbpfBackendError::Steps(errors));
         }
         Ok(changes + local)
+    }
+
+    /// Tells the programs whether the bridge forwards at all (written before
+    /// the bindings change, so a bridge going down stops the fast path at once).
+    fn mirror_bridge_state(
+        &mut self,
+        state: &crate::netlink::BridgeState,
+    ) -> Result<usize, EbpfBackendError> {
+        if self.node.bridge_down != state.up {
+            return Ok(0);
+        }
+        info!(bridge = %self.s.bridge, up = state.up, "bridge state changed; the eBPF path follows it");
+        self.node.bridge_down = !state.up;
+        self.dp
+            .configure(&self.node)
+            .map_err(|source| EbpfBackendError::Configure {
+                source: Box::new(source),
+            })?;
+        Ok(1)
     }
 
     /// Encapsulation on exactly the current ports (re-attached where someone detached it).
@@ -683,6 +714,8 @@ async fn node_settings(
         // The MTU flannel assumes for the underlay: a configured MTU is the path's.
         underlay_mtu: s.vxlan.mtu.unwrap_or(link.mtu).min(u32::from(u16::MAX)) as u16,
         bridge_ifindex: if_index(&s.bridge),
+        // Until the first sync reads it: the programs forward as before.
+        bridge_down: false,
         // As the kernel path: flannel.N routes (TTL - 1), and its `ttl auto`
         // takes the namespace's default TTL for the outer header.
         decrement_ttl: true,

@@ -145,6 +145,10 @@ pub struct NodeSettings {
     pub underlay_mtu: u16,
     /// The container bridge (docker0), 0 when unknown.
     pub bridge_ifindex: u32,
+    /// The bridge is down (not up and running): the programs neither
+    /// encapsulate what its ports receive nor deliver into its containers,
+    /// as its disabled ports would not.
+    pub bridge_down: bool,
     /// Decrement the inner TTL on encapsulation like a router (the kernel path does).
     pub decrement_ttl: bool,
     /// Outer TTL: what `ttl auto` (flannel.N's setting) uses, the namespace's
@@ -168,6 +172,9 @@ impl NodeSettings {
         }
         if self.udp_csum {
             flags |= config_flags::UDP_CSUM;
+        }
+        if self.bridge_down {
+            flags |= config_flags::BRIDGE_DOWN;
         }
         let (subnet, mask) = self.subnet.map_or(([0; 4], [0; 4]), |n| {
             (n.trunc().network().octets(), n.netmask().octets())

@@ -120,6 +120,19 @@ impl Datapath {
         packet: &[u8],
         skb: SkbContext,
     ) -> Result<TestRunOutput, DatapathError> {
+        self.test_run_timed(kind, packet, skb).map(|(out, _)| out)
+    }
+
+    /// Like [`Datapath::test_run_skb`], with the time the kernel measured
+    /// around the program: its own cost for this packet, without the
+    /// redirect. One run per call (a repeated run would feed the program its
+    /// own output: an encapsulated frame is not encapsulated again).
+    pub fn test_run_timed(
+        &self,
+        kind: ProgramKind,
+        packet: &[u8],
+        skb: SkbContext,
+    ) -> Result<(TestRunOutput, std::time::Duration), DatapathError> {
         let program = kind.name();
         // Room for the 50 bytes encapsulation adds, and then some.
         let mut out = vec![0u8; packet.len() + 256];
@@ -146,9 +159,10 @@ impl Datapath {
         }
         .map_err(run_err)?;
         out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutput {
+        let output = TestRunOutput {
             action: result.return_value,
             packet: out,
-        })
+        };
+        Ok((output, result.duration))
     }
 }

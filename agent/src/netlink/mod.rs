@@ -31,7 +31,7 @@ use rtnetlink::packet_core::ErrorMessage;
 
 use crate::lease::MacAddr;
 
-pub use bridge_events::{BridgeEvent, BridgeEvents};
+pub use bridge_events::{BridgeEvent, BridgeEvents, BridgeState};
 pub use link::{ExternalIface, Interface, LinkInfo, VxlanAttrs, VxlanSpec};
 pub use neigh::{BridgePortEntry, FdbEntry, NeighEntry};
 pub use route::{RouteEntry, RouteSpec, SyncReport};

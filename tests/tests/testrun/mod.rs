@@ -28,6 +28,7 @@ pub fn node_settings(ul0: u32, br0: u32) -> NodeSettings {
         underlay_mac: MacAddr(UNDERLAY_MAC),
         underlay_mtu: 1500,
         bridge_ifindex: br0,
+        bridge_down: false,
         decrement_ttl: true,
         outer_ttl: 64,
         udp_csum: true,
