@@ -339,7 +339,7 @@ impl fmt::Display for Status {
         if !self.counters.is_empty() {
             writeln!(f, "\ncounters (all CPUs):")?;
             for c in &self.counters {
-                writeln!(f, "  {:<48} {:>14}", c.name, c.value)?;
+                writeln!(f, "  {:<52} {:>14}", c.name, c.value)?;
             }
         }
         Ok(())

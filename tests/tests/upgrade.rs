@@ -1,5 +1,5 @@
 //! Replacing the agent on a live host with another build whose pinned maps have another layout:
-//! the previous weft (layout 1, built from git at [`PREVIOUS_COMMIT`]) and this one (layout 2).
+//! the previous weft (layout 1, built from git at [`PREVIOUS_COMMIT`]) and this one (layout 3).
 //! Two hosts run `weft agent --datapath ebpf`, a container on one pings a container on the other
 //! at 100 packets per second, and one host's agent after the other is replaced by the other build.
 //! What a user would notice is asserted: not one ping lost, and the programs' counters carried
@@ -373,7 +373,7 @@ async fn upgrade_from_the_previous_layout_loses_no_packet_and_keeps_the_counters
         let host = c.host(i);
         let (new, sw) = replace(host, old, &prev, (&current, COMPLETE), &current, "current").await;
         eprintln!(
-            "host {}: layout 1 -> 2 in {:?} (agent start to every program switched); encapsulated {} before, {} after",
+            "host {}: layout 1 -> 3 in {:?} (agent start to every program switched); encapsulated {} before, {} after",
             i + 1,
             sw.took,
             sw.before,
@@ -394,12 +394,12 @@ async fn upgrade_from_the_previous_layout_loses_no_packet_and_keeps_the_counters
             i + 1,
             new.log()
         );
-        // Only this build's state is pinned: the live maps are layout 2, the old ones are gone.
+        // Only this build's state is pinned: the live maps are layout 3, the old ones are gone.
         let pins = host.bpf_pin_dir();
         assert_eq!(
             std::fs::read_link(pins.join("maps")).ok(),
-            Some(PathBuf::from("maps-v2")),
-            "maps links to the layout 2 set"
+            Some(PathBuf::from("maps-v3")),
+            "maps links to the layout 3 set"
         );
         let entries: Vec<String> = std::fs::read_dir(&pins)
             .unwrap()
@@ -409,7 +409,7 @@ async fn upgrade_from_the_previous_layout_loses_no_packet_and_keeps_the_counters
         assert!(
             !entries
                 .iter()
-                .any(|e| e == "maps-unversioned" || e.starts_with("weft_") && !e.ends_with("-v2")),
+                .any(|e| e == "maps-unversioned" || e.starts_with("weft_") && !e.ends_with("-v3")),
             "old pins left behind: {entries:?}"
         );
         kept.push(new);
@@ -441,11 +441,11 @@ async fn downgrade_to_the_previous_build_loses_no_packet_and_keeps_the_counters(
     let mut kept = Vec::new();
     for (i, new) in agents.into_iter().enumerate() {
         let host = c.host(i);
-        // The previous build's own `weft status` refuses maps of layout 2 (it checks their
+        // The previous build's own `weft status` refuses maps of layout 3 (it checks their
         // sizes); this build's reads what its agent runs on.
         let (old, sw) = replace(host, new, &current, (&prev, ATTACHED), &current, "previous").await;
         eprintln!(
-            "host {}: layout 2 -> build {PREVIOUS_COMMIT} in {:?}; encapsulated {} before, {} after",
+            "host {}: layout 3 -> build {PREVIOUS_COMMIT} in {:?}; encapsulated {} before, {} after",
             i + 1,
             sw.took,
             sw.before,
@@ -469,7 +469,7 @@ async fn downgrade_to_the_previous_build_loses_no_packet_and_keeps_the_counters(
         sent == 1500 && received == sent,
         "packets lost across the downgrade: {text}"
     );
-    // And upgrading again adopts the same maps (they are layout 2 throughout).
+    // And upgrading again adopts the same maps (they are layout 3 throughout).
     let host = c.host(0);
     let old = kept.remove(0);
     let (new, sw) = replace(
@@ -484,7 +484,7 @@ async fn downgrade_to_the_previous_build_loses_no_packet_and_keeps_the_counters(
     assert!(sw.after >= sw.before, "{} then {}", sw.before, sw.after);
     assert!(
         !new.log().contains("another layout"),
-        "maps of layout 2 are adopted, not migrated:\n{}",
+        "maps of layout 3 are adopted, not migrated:\n{}",
         new.log()
     );
 }
@@ -545,7 +545,7 @@ async fn maps_whose_entries_changed_shape_are_refused_and_left_in_place() {
         .collect();
     assert_eq!(left.len(), 5, "the maps stay where they were: {left:?}");
     assert!(
-        !host.bpf_pin_dir().join("maps-v2").exists(),
+        !host.bpf_pin_dir().join("maps-v3").exists(),
         "nothing of this build was pinned"
     );
 }
@@ -599,11 +599,11 @@ async fn unversioned_pins_of_this_layout_are_adopted_in_place() {
     let pins = host.bpf_pin_dir();
     std::fs::remove_file(pins.join("maps")).unwrap();
     std::fs::create_dir(pins.join("maps")).unwrap();
-    repin_maps(&pins.join("maps-v2"), &pins.join("maps"));
+    repin_maps(&pins.join("maps-v3"), &pins.join("maps"));
     for entry in std::fs::read_dir(pins.join("progs")).unwrap() {
         let entry = entry.unwrap();
         let name = entry.file_name().to_string_lossy().into_owned();
-        let unversioned = name.strip_suffix("-v2").expect("versioned program pin");
+        let unversioned = name.strip_suffix("-v3").expect("versioned program pin");
         repin("prog", &entry.path(), &pins.join("progs").join(unversioned));
     }
     let (new, sw) = start_after(
@@ -626,13 +626,13 @@ async fn unversioned_pins_of_this_layout_are_adopted_in_place() {
     );
     assert_eq!(
         std::fs::read_link(pins.join("maps")).ok(),
-        Some(PathBuf::from("maps-v2"))
+        Some(PathBuf::from("maps-v3"))
     );
     let progs: Vec<String> = std::fs::read_dir(pins.join("progs"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(progs.iter().all(|p| p.ends_with("-v2")), "{progs:?}");
+    assert!(progs.iter().all(|p| p.ends_with("-v3")), "{progs:?}");
     let (sent, received, text) = ping.await.unwrap();
     eprintln!("ping at 100/s across the adoption: {sent} sent, {received} received");
     assert!(sent == 800 && received == sent, "packets lost: {text}");
