@@ -56,9 +56,7 @@ struct Accepted {
 /// means "decapsulate"; `Err` carries what to do instead.
 #[inline(always)]
 fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
-    let eth: EthHdr = ctx
-        .read(0)
-        .ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
+    let eth: EthHdr = ctx.read(0).ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
     if eth.proto() != ETH_P_IPV6 {
         return Err(Verdict::Pass(counter::PASS_NOT_IPV4));
     }
@@ -105,7 +103,8 @@ fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
     }
     let frame_l3 = ctx.frame_len().saturating_sub(off6::OUTER_IP);
     let payload = ip.payload_len() as usize;
-    if payload < VXLAN6_OVERHEAD || payload + IPV6_HLEN > frame_l3 {
+    // At least UDP, VXLAN and the inner Ethernet header here; the inner IPv6 header below.
+    if payload < VXLAN6_OVERHEAD - IPV6_HLEN || payload + IPV6_HLEN > frame_l3 {
         return Err(Verdict::Drop(counter6::DROP_MALFORMED));
     }
     let inner_eth: EthHdr = ctx
@@ -119,7 +118,7 @@ fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
     let inner: Ipv6Hdr = ctx
         .read(off6::INNER_IP)
         .ok_or(Verdict::Drop(counter6::DROP_MALFORMED))?;
-    if inner.version() != 6 {
+    if inner.version() != 6 || payload < VXLAN6_OVERHEAD {
         return Err(Verdict::Drop(counter6::DROP_MALFORMED));
     }
     // The sender may only speak for the subnets it leased (one LPM lookup).

@@ -170,7 +170,8 @@ fn check_source(
         return bound_source(&bound, on_bridge, ifindex, eth);
     }
     // A zero prefix length (subnet not known yet) leaves every unbound source to the kernel.
-    if cfg6.subnet_prefix_len == 0 || in_prefix(&ip.saddr_be, &cfg6.subnet_be, cfg6.subnet_prefix_len)
+    if cfg6.subnet_prefix_len == 0
+        || in_prefix(&ip.saddr_be, &cfg6.subnet_be, cfg6.subnet_prefix_len)
     {
         Err(Verdict::Pass(counter6::PASS_SOURCE_UNBOUND))
     } else {

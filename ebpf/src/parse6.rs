@@ -89,7 +89,10 @@ impl Ipv6Hdr {
 /// IANA list): the upper-layer header is not where the fixed header ends.
 #[inline(always)]
 pub fn is_extension_header(next_header: u8) -> bool {
-    matches!(next_header, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+    matches!(
+        next_header,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
 }
 
 /// Whether `addr` lies in `prefix`/`len` (both network order). `len` 0 matches nothing:

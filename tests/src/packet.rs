@@ -252,7 +252,11 @@ mod tests {
             (ICMPV6, icmpv6_echo(a, b, b"ping")),
         ] {
             assert_eq!(l4_checksum6(a, b, nh, &m), 0, "next header {nh}");
-            assert_ne!(l4_checksum6(b, a, nh + 1, &m), 0, "the pseudo-header counts");
+            assert_ne!(
+                l4_checksum6(b, a, nh + 1, &m),
+                0,
+                "the pseudo-header counts"
+            );
         }
         let h = ipv6_header(a, b, UDP, 64, 8, 0x03, 0xabcde);
         assert_eq!(&h[..4], &[0x60, 0x3a, 0xbc, 0xde]);
