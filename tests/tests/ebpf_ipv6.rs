@@ -212,6 +212,9 @@ impl Env {
     }
 }
 
+/// What a test case sends, on which port, and the (action, counter) it expects.
+type Case = (&'static str, Vec<u8>, SkbContext, (u32, u32));
+
 fn on(ifindex: u32) -> SkbContext {
     SkbContext {
         ifindex,
@@ -424,7 +427,7 @@ fn encap_hands_to_the_kernel_what_it_must_judge_and_drops_forged_sources() {
     );
     let outside: Ipv6Addr = "fc00:0:0:99::9".parse().unwrap();
     let link_local: Ipv6Addr = "fe80::42:aff:fe01:a05".parse().unwrap();
-    let cases: Vec<(&str, Vec<u8>, SkbContext, (u32, u32))> = vec![
+    let cases: Vec<Case> = vec![
         (
             "not a remote subnet",
             from_container(
