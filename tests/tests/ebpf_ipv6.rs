@@ -373,6 +373,28 @@ fn encap_wraps_container_ipv6_in_vxlan_over_ipv6_with_a_valid_udp_checksum() {
         0,
         "IPv6 is not counted as IPv4"
     );
+    // `weft status` reads it all from the pinned maps: both families' counters, the IPv6 side.
+    let st = weft::status::collect(&e.pin_dir).expect("status");
+    assert_eq!(st.counter("ipv6: encapsulated"), 2 * cases.len() as u64);
+    let v6 = st.ipv6.clone().expect("the IPv6 side in the status");
+    assert_eq!(
+        (v6.vtep_ip, v6.subnet),
+        (OUR_IP6, Some("fc00:0:0:10::/64".parse().unwrap()))
+    );
+    assert_eq!(
+        v6.peers[0].0,
+        "fc00:0:0:54::/64".parse::<ipnet::Ipv6Net>().unwrap()
+    );
+    assert_eq!(v6.known_vteps, vec![PEER_IP6, PEER2_IP6]);
+    assert_eq!(
+        v6.local_bindings,
+        vec![(LOCAL6, e.c0, mac_text(CONTAINER_MAC))]
+    );
+    let text = st.to_string();
+    assert!(
+        text.contains("fc00:0:0:54::/64") && text.contains("ipv6: encapsulated"),
+        "{text}"
+    );
 }
 
 /// RFC 6040 on encapsulation, as the kernel's `ip_tunnel_ecn_encap`: ECT copied, CE sent as
