@@ -236,8 +236,12 @@ impl Collector for StatsSlot {
             MetricType::Counter,
         )?;
         for (counter, n) in &events {
+            // IPv6's counters are IPv4's names behind "ipv6: " (weft_common::counter6).
+            let (ip, name) = counter
+                .strip_prefix("ipv6: ")
+                .map_or(("ipv4", counter.as_str()), |name| ("ipv6", name));
             ConstCounter::new(*n)
-                .encode(family.encode_family(&[("counter", counter.as_str())])?)?;
+                .encode(family.encode_family(&[("counter", name), ("family", ip)])?)?;
         }
         Ok(())
     }
@@ -250,7 +254,11 @@ mod tests {
     struct Fixed;
     impl DatapathStats for Fixed {
         fn counters(&self) -> Vec<(String, u64)> {
-            vec![("encap_packets".into(), 7), ("drop \"bad\"".into(), 1)]
+            vec![
+                ("encap_packets".into(), 7),
+                ("drop \"bad\"".into(), 1),
+                ("ipv6: encap_packets".into(), 3),
+            ]
         }
         fn map_entries(&self) -> Vec<(String, u64)> {
             vec![("PEERS".into(), 3)]
@@ -278,8 +286,9 @@ mod tests {
             "weft_etcd_round_trip_seconds_count 0\n",
             "weft_map_entries{map=\"PEERS\"} 3\n",
             "# TYPE weft_datapath_events_total counter\n",
-            "weft_datapath_events_total{counter=\"encap_packets\"} 7\n",
-            "weft_datapath_events_total{counter=\"drop \\\"bad\\\"\"} 1\n",
+            "weft_datapath_events_total{counter=\"encap_packets\",family=\"ipv4\"} 7\n",
+            "weft_datapath_events_total{counter=\"drop \\\"bad\\\"\",family=\"ipv4\"} 1\n",
+            "weft_datapath_events_total{counter=\"encap_packets\",family=\"ipv6\"} 3\n",
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }

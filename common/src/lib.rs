@@ -27,8 +27,10 @@ pub mod map_names {
 /// builds before versioning look). Layout 1 (before it was recorded): a
 /// 40-byte [`NodeConfig`], 17 counters, 4096 local entries. Layout 2: the
 /// 52-byte [`NodeConfig`], 29 counters, 16384 local entries. Layout 3: 30
-/// counters. Layouts only append: counters keep their indices, [`NodeConfig`]
-/// grows at its end.
+/// IPv4 counters (the bridge-down pass), the IPv6 maps ([`map_names::REMOTES6`]
+/// and the rest, new and empty until the agent fills them) and the IPv6
+/// counters after the IPv4 ones. Layouts only append: counters keep their
+/// indices, [`NodeConfig`] grows at its end, new maps start empty.
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// Program (function) names in the object.
@@ -208,11 +210,14 @@ pub mod counter {
     /// The bridge is down ([`crate::config_flags::BRIDGE_DOWN`]): the kernel's
     /// bridge drops what its disabled ports receive.
     pub const PASS_BRIDGE_DOWN: u32 = 29;
-    /// Number of counters; the map's max_entries.
-    pub const COUNT: u32 = 30;
+    /// Number of counters; the map's max_entries. The IPv6 ones follow the
+    /// IPv4 ones, see [`crate::counter6`].
+    pub const COUNT: u32 = crate::counter6::END;
+    /// The IPv4 counters: every one the IPv4 path uses.
+    pub const COUNT_IPV4: u32 = 30;
 
-    /// Display names, indexed by counter.
-    pub const NAMES: [&str; COUNT as usize] = [
+    /// Display names of the IPv4 counters, indexed by counter.
+    pub const NAMES_IPV4: [&str; COUNT_IPV4 as usize] = [
         "encapsulated",
         "decapsulated",
         "passed: not ipv4",
@@ -245,6 +250,22 @@ pub mod counter {
         "passed: bridge down",
     ];
 
+    /// Display names, indexed by counter: IPv4's, then IPv6's.
+    pub const NAMES: [&str; COUNT as usize] = {
+        let mut out = [""; COUNT as usize];
+        let mut i = 0;
+        while i < NAMES_IPV4.len() {
+            out[i] = NAMES_IPV4[i];
+            i += 1;
+        }
+        let mut j = 0;
+        while j < crate::counter6::NAMES.len() {
+            out[i + j] = crate::counter6::NAMES[j];
+            j += 1;
+        }
+        out
+    };
+
     /// The name of a counter index, `None` when out of range.
     pub fn name(index: u32) -> Option<&'static str> {
         NAMES.get(index as usize).copied()
@@ -272,6 +293,170 @@ pub mod wire {
 }
 const _: () = assert!(wire::VXLAN_OVERHEAD == 50);
 
+// ---- IPv6 (layout 3) ------------------------------------------------------------------------
+// IPv6 inner packets in IPv6 outer headers, as flanneld's `flannel-v6.<VNI>` sends them. Separate
+// maps, so the IPv4 path reads exactly what it read before.
+
+/// Names of the IPv6 maps.
+pub mod map_names6 {
+    /// LPM trie: remote IPv6 subnet -> [`crate::PeerValue6`].
+    pub const REMOTES6: &str = "WEFT_REMOTES6";
+    /// Hash: VTEP IPv6 address (network order) -> [`crate::VtepValue`].
+    pub const KNOWN_VTEPS6: &str = "WEFT_VTEPS6";
+    /// Array with one [`crate::NodeConfig6`].
+    pub const CONFIG6: &str = "WEFT_CONFIG6";
+    /// Hash: local container IPv6 address (network order) -> [`crate::LocalEndpoint`].
+    pub const LOCAL6: &str = "WEFT_LOCAL6";
+}
+
+/// Where a remote IPv6 subnet's traffic goes: the peer's lease's `PublicIPv6`
+/// and the `VtepMAC` of its `BackendV6Data` (its `flannel-v6.N`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PeerValue6 {
+    /// Outer destination address, network byte order.
+    pub vtep_ip_be: [u8; 16],
+    /// Inner Ethernet destination: the peer's `flannel-v6.N` MAC.
+    pub vtep_mac: [u8; 6],
+    pub pad: [u8; 2],
+}
+const _: () = assert!(size_of::<PeerValue6>() == 24);
+
+/// LPM trie key data for an IPv6 subnet (the prefix length lives in aya's `Key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Ipv6LpmData {
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<Ipv6LpmData>() == 16);
+
+/// IPv6 settings of this node, entry 0 of [`map_names6::CONFIG6`]; the rest
+/// (VNI, port, underlay, bridge, MTU, source ports, TTL decrement) is shared
+/// with IPv4 in [`NodeConfig`]. A zero `vtep_ip_be` means "IPv6 not
+/// configured": the programs pass every IPv6 packet untouched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig6 {
+    /// Our VTEP IPv6 address (`flannel-v6.N`'s `local`): the outer source.
+    pub vtep_ip_be: [u8; 16],
+    /// This host's IPv6 container subnet, network order, and its prefix
+    /// length; 0 means "not known yet" (every unbound source goes to the kernel).
+    pub subnet_be: [u8; 16],
+    /// `flannel-v6.N`'s MAC: the inner Ethernet source, and the destination
+    /// of frames peers send us.
+    pub vtep_mac: [u8; 6],
+    pub subnet_prefix_len: u8,
+    /// Outer hop limit: what `ttl auto` uses, the underlay's
+    /// `net.ipv6.conf.<dev>.hop_limit`.
+    pub outer_hop_limit: u8,
+    /// [`config6_flags`] bits, host order.
+    pub flags_ne: u32,
+}
+const _: () = assert!(size_of::<NodeConfig6>() == 44);
+
+/// Bits of [`NodeConfig6::flags_ne`].
+pub mod config6_flags {
+    /// The underlay hands GSO packets to the receiver whole (a veth): no
+    /// segmentation on the way copies one outer UDP checksum into segments of
+    /// another length. Without it, IPv6 GSO packets go to the kernel path:
+    /// over IPv6 the outer checksum is mandatory, and `bpf_skb_adjust_room`
+    /// can only mark the packet `SKB_GSO_UDP_TUNNEL`, never
+    /// `SKB_GSO_UDP_TUNNEL_CSUM` (the kernel's per-segment checksum).
+    pub const UNDERLAY_KEEPS_GSO: u32 = 1 << 0;
+}
+
+/// Indices of the IPv6 counters, after the IPv4 ones in the same per-CPU
+/// array. As for IPv4, every IPv6 packet a program sees is counted once
+/// under `ipv6: encapsulated`, `ipv6: decapsulated`, an `ipv6: passed:` or
+/// an `ipv6: dropped:` reason.
+pub mod counter6 {
+    use crate::counter::COUNT_IPV4 as B;
+    pub const ENCAPSULATED: u32 = B;
+    pub const DECAPSULATED: u32 = B + 1;
+    /// Of [`DECAPSULATED`]: handed straight to a local container.
+    pub const DELIVERED_TO_CONTAINER: u32 = B + 2;
+    /// Of [`DECAPSULATED`]: outer CE copied into the inner header (RFC 6040).
+    pub const ECN_CE_SET: u32 = B + 3;
+    /// Of [`DECAPSULATED`]: too big for the container's link, left to the stack.
+    pub const DECAP_TOO_BIG: u32 = B + 4;
+    pub const PASS_NOT_CONFIGURED: u32 = B + 5;
+    pub const PASS_NOT_REMOTE: u32 = B + 6;
+    pub const PASS_NOT_VXLAN: u32 = B + 7;
+    /// Extension headers (inner on encap and decap, outer on decap): the kernel parses them.
+    pub const PASS_EXT_HEADERS: u32 = B + 8;
+    /// Hop limit 1: the kernel path sends the ICMPv6 time exceeded.
+    pub const PASS_HOP_LIMIT: u32 = B + 9;
+    /// Too big for the underlay once encapsulated: the kernel sends "packet too big".
+    pub const PASS_TOO_BIG: u32 = B + 10;
+    pub const PASS_GSO_TOO_BIG: u32 = B + 11;
+    /// GSO on an underlay that may segment it: see [`crate::config6_flags::UNDERLAY_KEEPS_GSO`].
+    pub const PASS_GSO_CHECKSUM: u32 = B + 12;
+    /// UDP without checksum, or a protocol other than TCP/UDP/ICMPv6: the
+    /// outer checksum would need the payload summed.
+    pub const PASS_CHECKSUM: u32 = B + 13;
+    pub const PASS_FIB_FAIL: u32 = B + 14;
+    pub const PASS_MALFORMED: u32 = B + 15;
+    pub const PASS_SOURCE_UNBOUND: u32 = B + 16;
+    pub const PASS_HELPER_FAIL: u32 = B + 17;
+    pub const PASS_INNER_NOT_OURS: u32 = B + 18;
+    pub const DROP_UNKNOWN_SOURCE: u32 = B + 19;
+    pub const DROP_WRONG_VNI: u32 = B + 20;
+    pub const DROP_MALFORMED: u32 = B + 21;
+    pub const DROP_SOURCE_OTHER_PORT: u32 = B + 22;
+    pub const DROP_SOURCE_OUTSIDE: u32 = B + 23;
+    pub const DROP_INNER_SOURCE: u32 = B + 24;
+    pub const DROP_ECN: u32 = B + 25;
+    pub const DROP_HELPER_FAIL: u32 = B + 26;
+    /// Outer UDP checksum 0: flannel-v6.N (no `udp6zerocsumrx`) drops it too.
+    pub const DROP_ZERO_CHECKSUM: u32 = B + 27;
+    /// One past the last IPv6 counter.
+    pub const END: u32 = B + 28;
+
+    /// Display names, indexed by counter minus [`crate::counter::COUNT_IPV4`].
+    pub const NAMES: [&str; (END - B) as usize] = [
+        "ipv6: encapsulated",
+        "ipv6: decapsulated",
+        "ipv6: decapsulated: delivered to container",
+        "ipv6: decapsulated: ce set (rfc 6040)",
+        "ipv6: decapsulated: too big for direct delivery",
+        "ipv6: passed: not configured",
+        "ipv6: passed: not a remote subnet",
+        "ipv6: passed: not vxlan for us",
+        "ipv6: passed: extension headers",
+        "ipv6: passed: hop limit expired",
+        "ipv6: passed: too big",
+        "ipv6: passed: gso segments too big",
+        "ipv6: passed: gso needs a per-segment udp checksum",
+        "ipv6: passed: checksum left to the kernel",
+        "ipv6: passed: fib lookup failed",
+        "ipv6: passed: malformed",
+        "ipv6: passed: source not bound to this port",
+        "ipv6: passed: helper refused",
+        "ipv6: passed: inner frame not ours",
+        "ipv6: dropped: unknown source",
+        "ipv6: dropped: wrong vni",
+        "ipv6: dropped: malformed vxlan",
+        "ipv6: dropped: source bound to another port",
+        "ipv6: dropped: source outside this host's subnet",
+        "ipv6: dropped: inner source not leased by the sender",
+        "ipv6: dropped: ce on not-ect (rfc 6040)",
+        "ipv6: dropped: helper failed after rewrite",
+        "ipv6: dropped: zero udp checksum",
+    ];
+}
+
+/// IPv6 wire constants.
+pub mod wire6 {
+    use crate::wire::{ETH_HLEN, UDP_HLEN, VXLAN_HLEN};
+    pub const IPV6_HLEN: usize = 40;
+    pub const ETH_P_IPV6: u16 = 0x86dd;
+    pub const IPPROTO_ICMPV6: u8 = 58;
+    /// Bytes VXLAN over IPv6 adds in front of the inner IP header: outer
+    /// IPv6 + UDP + VXLAN + inner Ethernet.
+    pub const VXLAN6_OVERHEAD: usize = IPV6_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
+}
+const _: () = assert!(wire6::VXLAN6_OVERHEAD == 70);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), padded explicitly, and valid for any bit pattern.
@@ -280,4 +465,7 @@ mod pod {
     unsafe impl aya::Pod for super::VtepValue {}
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::LocalEndpoint {}
+    unsafe impl aya::Pod for super::PeerValue6 {}
+    unsafe impl aya::Pod for super::Ipv6LpmData {}
+    unsafe impl aya::Pod for super::NodeConfig6 {}
 }

@@ -174,6 +174,7 @@ fn mark_ce<C: Packet>(ctx: &C) -> Result<(), Verdict> {
 pub fn xdp_decapsulate(ctx: &XdpContext) -> Verdict {
     let accepted = match classify(ctx) {
         Ok(a) => a,
+        Err(Verdict::Pass(counter::PASS_NOT_IPV4)) => return crate::decap6::xdp_decapsulate(ctx),
         Err(v) => return v,
     };
     if accepted.inner_fragment {
@@ -217,6 +218,7 @@ pub fn tc_decapsulate(ctx: &TcContext) -> Verdict {
     }
     let accepted = match classify(ctx) {
         Ok(a) => a,
+        Err(Verdict::Pass(counter::PASS_NOT_IPV4)) => return crate::decap6::tc_decapsulate(ctx),
         Err(v) => return v,
     };
     if accepted.set_ce {

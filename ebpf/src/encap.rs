@@ -79,6 +79,8 @@ pub fn encapsulate(ctx: &TcContext) -> Verdict {
         return Verdict::Seen;
     }
     let verdict = match try_encapsulate(ctx, cfg, ifindex) {
+        // Not IPv4: IPv6 has its own path, so IPv4 does no work for it.
+        Err(Verdict::Pass(counter::PASS_NOT_IPV4)) => crate::encap6::encapsulate(ctx),
         Ok(v) | Err(v) => v,
     };
     if !on_bridge && matches!(verdict, Verdict::Pass(_)) {
@@ -476,7 +478,7 @@ fn udp_checksum(h: &VxlanEncap, udp_len: u16, l4_sum: u32) -> u16 {
 
 /// The kernel's `udp_flow_src_port()`: spread flows over [min, max).
 #[inline(always)]
-fn source_port(hash: u32, min: u16, max: u16) -> u16 {
+pub(crate) fn source_port(hash: u32, min: u16, max: u16) -> u16 {
     let (min, max) = if min < max {
         (min as u32, max as u32)
     } else {
@@ -489,7 +491,7 @@ fn source_port(hash: u32, min: u16, max: u16) -> u16 {
 /// RFC 6040 as the kernel's `INET_ECN_encapsulate` with outer TOS 0: copy ECT,
 /// turn CE into ECT(0).
 #[inline(always)]
-fn ecn_encapsulate(inner_tos: u8) -> u8 {
+pub(crate) fn ecn_encapsulate(inner_tos: u8) -> u8 {
     match inner_tos & 0x3 {
         0x3 => 0x2,
         ecn => ecn,

@@ -4,9 +4,13 @@
 #![no_main]
 
 mod decap;
+mod decap6;
 mod encap;
+mod encap6;
 mod maps;
+mod maps6;
 mod parse;
+mod parse6;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},

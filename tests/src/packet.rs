@@ -1,7 +1,7 @@
-//! Hand-built frames for feeding the datapath: Ethernet, IPv4, UDP and VXLAN headers, byte by
-//! byte as RFC 791/768/7348 lay them out, so a test states exactly what is on the wire.
+//! Hand-built frames for feeding the datapath: Ethernet, IPv4, IPv6, UDP and VXLAN headers, byte
+//! by byte as RFC 791/8200/768/7348 lay them out, so a test states exactly what is on the wire.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// IPv4 protocol numbers the tests use.
 pub const ICMP: u8 = 1;
@@ -105,6 +105,122 @@ pub fn vxlan_payload(
     f
 }
 
+// ---- IPv6 ---------------------------------------------------------------------------------------
+
+/// EtherType IPv6.
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// IPv6 next-header value of ICMPv6.
+pub const ICMPV6: u8 = 58;
+
+/// A 40-byte IPv6 header: traffic class `tc` (DSCP and ECN), flow label `flow` (20 bits).
+pub fn ipv6_header(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    next_header: u8,
+    hop_limit: u8,
+    payload_len: usize,
+    tc: u8,
+    flow: u32,
+) -> Vec<u8> {
+    let first = (6u32 << 28) | (u32::from(tc) << 20) | (flow & 0xf_ffff);
+    let mut h = first.to_be_bytes().to_vec();
+    h.extend_from_slice(&(payload_len as u16).to_be_bytes());
+    h.extend_from_slice(&[next_header, hop_limit]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h
+}
+
+/// The IPv6 pseudo-header (RFC 8200 section 8.1) an upper-layer checksum covers.
+pub fn ipv6_pseudo_header(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, len: usize) -> Vec<u8> {
+    let mut p = src.octets().to_vec();
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&(len as u32).to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, next_header]);
+    p
+}
+
+/// The checksum of upper-layer message `l4` (its checksum field included): 0 when the message
+/// carries a correct TCP, UDP or ICMPv6 checksum.
+pub fn l4_checksum6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, l4: &[u8]) -> u16 {
+    let mut bytes = ipv6_pseudo_header(src, dst, next_header, l4.len());
+    bytes.extend_from_slice(l4);
+    ipv4_checksum(&bytes)
+}
+
+/// Fills the checksum at `at` in upper-layer message `l4` (a computed 0 sent as 0xffff, RFC 768).
+pub fn fill_checksum6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, l4: &mut [u8], at: usize) {
+    l4[at..at + 2].copy_from_slice(&[0, 0]);
+    let c = match l4_checksum6(src, dst, next_header, l4) {
+        0 => 0xffff,
+        c => c,
+    };
+    l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// A UDP datagram over IPv6 with its (mandatory) checksum.
+pub fn udp6(src: Ipv6Addr, dst: Ipv6Addr, src_port: u16, dst_port: u16, body: &[u8]) -> Vec<u8> {
+    let mut u = udp(src_port, dst_port, body);
+    fill_checksum6(src, dst, UDP, &mut u, 6);
+    u
+}
+
+/// A TCP segment (20-byte header, ACK|PSH) over IPv6 with its checksum.
+pub fn tcp6(src: Ipv6Addr, dst: Ipv6Addr, src_port: u16, dst_port: u16, body: &[u8]) -> Vec<u8> {
+    let mut t = src_port.to_be_bytes().to_vec();
+    t.extend_from_slice(&dst_port.to_be_bytes());
+    t.extend_from_slice(&0x0102_0304u32.to_be_bytes());
+    t.extend_from_slice(&0x0506_0708u32.to_be_bytes());
+    t.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    t.extend_from_slice(body);
+    fill_checksum6(src, dst, TCP, &mut t, 16);
+    t
+}
+
+/// An ICMPv6 echo request (RFC 4443) with its checksum.
+pub fn icmpv6_echo(src: Ipv6Addr, dst: Ipv6Addr, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![128, 0, 0, 0, 0x12, 0x34, 0, 1];
+    m.extend_from_slice(body);
+    fill_checksum6(src, dst, ICMPV6, &mut m, 2);
+    m
+}
+
+/// An IPv6 packet: header (`tc`, flow label 0) and upper-layer message `l4`.
+pub fn ipv6_packet(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    next_header: u8,
+    hop_limit: u8,
+    tc: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut p = ipv6_header(src, dst, next_header, hop_limit, l4.len(), tc, 0);
+    p.extend_from_slice(l4);
+    p
+}
+
+/// VXLAN over IPv6 as a peer's flannel-v6.N sends it: Ethernet to `nic_dst` from `nic_src`,
+/// outer IPv6 `src -> dst` with traffic class `outer_tc`, UDP to `port` with a correct checksum,
+/// VXLAN (`flags`, `vni`), then `inner` (an Ethernet frame).
+#[allow(clippy::too_many_arguments)]
+pub fn vxlan6_frame(
+    (nic_dst, nic_src): ([u8; 6], [u8; 6]),
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    outer_tc: u8,
+    port: u16,
+    flags: u8,
+    vni: u32,
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut payload = vxlan_header(flags, vni).to_vec();
+    payload.extend_from_slice(inner);
+    let datagram = udp6(src, dst, 40000, port, &payload);
+    let mut f = eth(nic_dst, nic_src, ETH_P_IPV6);
+    f.extend(ipv6_packet(src, dst, UDP, 64, outer_tc, &datagram));
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +241,26 @@ mod tests {
             ipv4_checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
             !0xddf2
         );
+    }
+
+    #[test]
+    fn ipv6_checksums_validate_and_cover_the_pseudo_header() {
+        let (a, b): (Ipv6Addr, Ipv6Addr) = ("fc00::1".parse().unwrap(), "fc00::2".parse().unwrap());
+        for (nh, m) in [
+            (UDP, udp6(a, b, 1, 2, b"odd")),
+            (TCP, tcp6(a, b, 1, 2, b"even")),
+            (ICMPV6, icmpv6_echo(a, b, b"ping")),
+        ] {
+            assert_eq!(l4_checksum6(a, b, nh, &m), 0, "next header {nh}");
+            assert_ne!(
+                l4_checksum6(b, a, nh + 1, &m),
+                0,
+                "the pseudo-header counts"
+            );
+        }
+        let h = ipv6_header(a, b, UDP, 64, 8, 0x03, 0xabcde);
+        assert_eq!(&h[..4], &[0x60, 0x3a, 0xbc, 0xde]);
+        assert_eq!((h.len(), h[4], h[5], h[6], h[7]), (40, 0, 8, UDP, 64));
     }
 
     #[test]

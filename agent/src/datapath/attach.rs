@@ -255,7 +255,7 @@ fn xdp_reason(interface: &str, e: &aya::programs::ProgramError) -> String {
 }
 
 /// The interface's driver as ethtool reports it (`veth`, `virtio_net`, ...).
-fn driver_name(interface: &str) -> Option<String> {
+pub(super) fn driver_name(interface: &str) -> Option<String> {
     #[repr(C)]
     struct DrvInfo {
         cmd: u32,

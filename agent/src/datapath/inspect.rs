@@ -9,11 +9,15 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
-use weft_common::{map_names, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, VtepValue};
+use weft_common::{
+    map_names, map_names6, Ipv4LpmData, Ipv6LpmData, LocalEndpoint, NodeConfig, NodeConfig6,
+    PeerValue, PeerValue6, VtepValue,
+};
 
 use super::{
     maps::{list_locals, list_peers, list_vteps, map_err, sum_counters},
-    Counters, Datapath, DatapathError, LocalEntry, PeerEntry, PinDir,
+    maps6::{list_locals6, list_peers6, list_vteps6},
+    Counters, Datapath, DatapathError, LocalEntry, LocalEntry6, PeerEntry, PeerEntry6, PinDir,
 };
 
 /// The maps a datapath pinned under `<pin_dir>/maps`, opened read-only in spirit.
@@ -24,6 +28,10 @@ pub struct PinnedMaps {
     config: Array<MapData, NodeConfig>,
     counters: PerCpuArray<MapData, u64>,
     local: HashMap<MapData, [u8; 4], LocalEndpoint>,
+    remotes6: LpmTrie<MapData, Ipv6LpmData, PeerValue6>,
+    vteps6: HashMap<MapData, [u8; 16], VtepValue>,
+    config6: Array<MapData, NodeConfig6>,
+    local6: HashMap<MapData, [u8; 16], LocalEndpoint>,
 }
 
 fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
@@ -59,6 +67,14 @@ impl PinnedMaps {
                 .map_err(typed(map_names::COUNTERS))?,
             local: HashMap::try_from(open_pinned(pin_dir, map_names::LOCAL)?)
                 .map_err(typed(map_names::LOCAL))?,
+            remotes6: LpmTrie::try_from(open_pinned(pin_dir, map_names6::REMOTES6)?)
+                .map_err(typed(map_names6::REMOTES6))?,
+            vteps6: HashMap::try_from(open_pinned(pin_dir, map_names6::KNOWN_VTEPS6)?)
+                .map_err(typed(map_names6::KNOWN_VTEPS6))?,
+            config6: Array::try_from(open_pinned(pin_dir, map_names6::CONFIG6)?)
+                .map_err(typed(map_names6::CONFIG6))?,
+            local6: HashMap::try_from(open_pinned(pin_dir, map_names6::LOCAL6)?)
+                .map_err(typed(map_names6::LOCAL6))?,
         }))
     }
 
@@ -83,6 +99,24 @@ impl PinnedMaps {
     /// The local container bindings the agent made.
     pub fn locals(&self) -> Result<Vec<LocalEntry>, DatapathError> {
         list_locals(&self.local)
+    }
+
+    pub fn peers6(&self) -> Result<Vec<PeerEntry6>, DatapathError> {
+        list_peers6(&self.remotes6)
+    }
+
+    pub fn vteps6(&self) -> Result<Vec<std::net::Ipv6Addr>, DatapathError> {
+        list_vteps6(&self.vteps6)
+    }
+
+    pub fn node_config6(&self) -> Result<NodeConfig6, DatapathError> {
+        self.config6
+            .get(&0, 0)
+            .map_err(map_err("read node config", map_names6::CONFIG6))
+    }
+
+    pub fn locals6(&self) -> Result<Vec<LocalEntry6>, DatapathError> {
+        list_locals6(&self.local6)
     }
 }
 

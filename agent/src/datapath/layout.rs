@@ -18,8 +18,8 @@ use std::{
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, MapType, PerCpuArray, PerCpuValues};
 use weft_common::{
-    counter, map_names, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, VtepValue,
-    LAYOUT_VERSION, MAX_LOCAL, MAX_PEERS,
+    counter, map_names, map_names6, Ipv4LpmData, Ipv6LpmData, LocalEndpoint, NodeConfig,
+    NodeConfig6, PeerValue, PeerValue6, VtepValue, LAYOUT_VERSION, MAX_LOCAL, MAX_PEERS,
 };
 
 use super::{maps::map_err, pins::PinDir, DatapathError};
@@ -27,6 +27,9 @@ use super::{maps::map_err, pins::PinDir, DatapathError};
 /// What one map must look like for this build's programs.
 struct Shape {
     name: &'static str,
+    /// The layout that introduced the map: a set of an older layout lacks it,
+    /// and the new map starts empty (the agent fills it).
+    since: u32,
     map_type: MapType,
     key_size: u32,
     value_size: u32,
@@ -37,9 +40,10 @@ const fn size<T>() -> u32 {
     size_of::<T>() as u32
 }
 
-const SHAPES: [Shape; 5] = [
+const SHAPES: [Shape; 9] = [
     Shape {
         name: map_names::REMOTES,
+        since: 1,
         map_type: MapType::LpmTrie,
         // The prefix length (u32) before the address.
         key_size: 4 + size::<Ipv4LpmData>(),
@@ -48,6 +52,7 @@ const SHAPES: [Shape; 5] = [
     },
     Shape {
         name: map_names::KNOWN_VTEPS,
+        since: 1,
         map_type: MapType::Hash,
         key_size: 4,
         value_size: size::<VtepValue>(),
@@ -55,6 +60,7 @@ const SHAPES: [Shape; 5] = [
     },
     Shape {
         name: map_names::CONFIG,
+        since: 1,
         map_type: MapType::Array,
         key_size: 4,
         value_size: size::<NodeConfig>(),
@@ -62,6 +68,7 @@ const SHAPES: [Shape; 5] = [
     },
     Shape {
         name: map_names::COUNTERS,
+        since: 1,
         map_type: MapType::PerCpuArray,
         key_size: 4,
         value_size: 8,
@@ -69,8 +76,41 @@ const SHAPES: [Shape; 5] = [
     },
     Shape {
         name: map_names::LOCAL,
+        since: 1,
         map_type: MapType::Hash,
         key_size: 4,
+        value_size: size::<LocalEndpoint>(),
+        max_entries: MAX_LOCAL,
+    },
+    Shape {
+        name: map_names6::REMOTES6,
+        since: 3,
+        key_size: 4 + size::<Ipv6LpmData>(),
+        map_type: MapType::LpmTrie,
+        value_size: size::<PeerValue6>(),
+        max_entries: MAX_PEERS,
+    },
+    Shape {
+        name: map_names6::KNOWN_VTEPS6,
+        since: 3,
+        map_type: MapType::Hash,
+        key_size: 16,
+        value_size: size::<VtepValue>(),
+        max_entries: MAX_PEERS,
+    },
+    Shape {
+        name: map_names6::CONFIG6,
+        since: 3,
+        map_type: MapType::Array,
+        key_size: 4,
+        value_size: size::<NodeConfig6>(),
+        max_entries: 1,
+    },
+    Shape {
+        name: map_names6::LOCAL6,
+        since: 3,
+        map_type: MapType::Hash,
+        key_size: 16,
         value_size: size::<LocalEndpoint>(),
         max_entries: MAX_LOCAL,
     },
@@ -117,6 +157,14 @@ fn compare(dir: &Path) -> Vec<Difference> {
     let mut out = Vec::new();
     for shape in &SHAPES {
         let path = dir.join(shape.name);
+        if shape.since > 1 && !path.exists() {
+            // A set of an older layout: this map is new and starts empty.
+            out.push(Difference {
+                text: format!("{}: absent (new in layout {})", shape.name, shape.since),
+                convertible: true,
+            });
+            continue;
+        }
         let info = match MapData::from_pin(&path).and_then(|m| m.info()) {
             Ok(info) => info,
             Err(e) => {
@@ -326,39 +374,57 @@ pub(super) fn copy_entries(
         map_names::REMOTES,
         LpmTrie::try_from(open(&previous.dir, map_names::REMOTES)?),
     )?;
-    let map = ebpf
-        .map_mut(map_names::REMOTES)
-        .ok_or(DatapathError::MissingMap {
-            map: map_names::REMOTES,
-        })?;
-    let mut ours: LpmTrie<&mut MapData, Ipv4LpmData, PeerValue> =
-        LpmTrie::try_from(map).map_err(map_err("open", map_names::REMOTES))?;
-    let mut remotes = 0;
-    for item in old.iter() {
-        let (key, value) = item.map_err(map_err("list previous", map_names::REMOTES))?;
-        ours.insert(&key, value, 0)
-            .map_err(map_err("carry over", map_names::REMOTES))?;
-        remotes += 1;
+    let mut remotes = copy_lpm(old, ebpf, map_names::REMOTES)?;
+    let mut vteps = copy_hash::<[u8; 4], VtepValue>(previous, ebpf, map_names::KNOWN_VTEPS)?;
+    let mut locals = copy_hash::<[u8; 4], LocalEndpoint>(previous, ebpf, map_names::LOCAL)?;
+    // The IPv6 maps, when the previous layout had them (layout 3 on).
+    if previous.dir.join(map_names6::REMOTES6).exists() {
+        let old: LpmTrie<MapData, Ipv6LpmData, PeerValue6> = typed(
+            map_names6::REMOTES6,
+            LpmTrie::try_from(open(&previous.dir, map_names6::REMOTES6)?),
+        )?;
+        remotes += copy_lpm(old, ebpf, map_names6::REMOTES6)?;
+        vteps += copy_hash::<[u8; 16], VtepValue>(previous, ebpf, map_names6::KNOWN_VTEPS6)?;
+        locals += copy_hash::<[u8; 16], LocalEndpoint>(previous, ebpf, map_names6::LOCAL6)?;
     }
     Ok(Carried {
         remotes,
-        vteps: copy_hash::<VtepValue>(previous, ebpf, map_names::KNOWN_VTEPS)?,
-        locals: copy_hash::<LocalEndpoint>(previous, ebpf, map_names::LOCAL)?,
+        vteps,
+        locals,
         counters: 0,
     })
 }
 
-fn copy_hash<V: aya::Pod>(
+fn copy_lpm<K: aya::Pod, V: aya::Pod>(
+    old: LpmTrie<MapData, K, V>,
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+) -> Result<usize, DatapathError> {
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(DatapathError::MissingMap { map: name })?;
+    let mut ours: LpmTrie<&mut MapData, K, V> =
+        LpmTrie::try_from(map).map_err(map_err("open", name))?;
+    let mut n = 0;
+    for item in old.iter() {
+        let (key, value) = item.map_err(map_err("list previous", name))?;
+        ours.insert(&key, value, 0)
+            .map_err(map_err("carry over", name))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn copy_hash<K: aya::Pod, V: aya::Pod>(
     previous: &Previous,
     ebpf: &mut aya::Ebpf,
     name: &'static str,
 ) -> Result<usize, DatapathError> {
-    let old: HashMap<MapData, [u8; 4], V> =
-        typed(name, HashMap::try_from(open(&previous.dir, name)?))?;
+    let old: HashMap<MapData, K, V> = typed(name, HashMap::try_from(open(&previous.dir, name)?))?;
     let map = ebpf
         .map_mut(name)
         .ok_or(DatapathError::MissingMap { map: name })?;
-    let mut ours: HashMap<&mut MapData, [u8; 4], V> =
+    let mut ours: HashMap<&mut MapData, K, V> =
         HashMap::try_from(map).map_err(map_err("open", name))?;
     let mut n = 0;
     for item in old.iter() {
@@ -427,5 +493,10 @@ mod tests {
             .find(|s| s.name == map_names::COUNTERS)
             .unwrap();
         assert_eq!(counters.max_entries, counter::COUNT);
+        let config6 = SHAPES
+            .iter()
+            .find(|s| s.name == map_names6::CONFIG6)
+            .unwrap();
+        assert_eq!((config6.value_size, config6.since), (44, 3));
     }
 }

@@ -57,7 +57,7 @@ pub(super) fn map_err(
     }
 }
 
-fn is_not_found(e: &MapError) -> bool {
+pub(super) fn is_not_found(e: &MapError) -> bool {
     matches!(e, MapError::KeyNotFound)
         || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
 }
