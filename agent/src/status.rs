@@ -225,8 +225,7 @@ fn node_status(c: &NodeConfig) -> NodeStatus {
     NodeStatus {
         configured: c.vni_ne != 0 || c.vtep_ip_be != [0; 4],
         vni: c.vni_ne,
-        // Holds the port as a number; the programs convert it when they compare or write it.
-        port: c.port_be,
+        port: c.port_ne,
         vtep_ip: Ipv4Addr::from(c.vtep_ip_be),
         vtep_mac: MacAddr(c.vtep_mac).to_string(),
         underlay_ifindex: c.underlay_ifindex_ne,

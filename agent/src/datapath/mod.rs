@@ -175,7 +175,7 @@ impl NodeSettings {
             vtep_ip_be: self.vtep_ip.octets(),
             underlay_ifindex_ne: self.underlay_ifindex,
             bridge_ifindex_ne: self.bridge_ifindex,
-            port_be: if self.port == 0 {
+            port_ne: if self.port == 0 {
                 wire::DEFAULT_PORT
             } else {
                 self.port
