@@ -2,10 +2,11 @@
 //! links and maps, so it works whether or not the agent is running.
 //!
 //! ```no_run
-//! let status = weft::status::collect(std::path::Path::new("/sys/fs/bpf/weft/flannel.1"))?;
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! let status = weft::status::collect(std::path::Path::new("/sys/fs/bpf/weft/flannel.1")).await?;
 //! println!("{status}");
 //! println!("{}", serde_json::to_string_pretty(&status)?);
-//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # Ok(()) }
 //! ```
 
 use std::{
@@ -21,6 +22,7 @@ use weft_common::{config_flags, NodeConfig};
 use crate::{
     datapath::{Datapath, DatapathError, LinkState, PinnedLinkState, PinnedMaps},
     lease::MacAddr,
+    netlink::{Interface, Netlink, NetlinkError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,11 @@ pub enum StatusError {
         pin_dir: PathBuf,
         #[source]
         source: DatapathError,
+    },
+    #[error("list this namespace's interfaces (to tell live links from stale ones): {source}")]
+    Interfaces {
+        #[source]
+        source: NetlinkError,
     },
 }
 
@@ -124,16 +131,24 @@ impl Status {
     }
 }
 
-/// Reads the state pinned under `pin_dir`. Nothing pinned is not an error:
-/// it is the kernel datapath.
-pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
+/// Reads the state pinned under `pin_dir`, judging the links against this
+/// namespace's interfaces. Nothing pinned is not an error: it is the kernel
+/// datapath. Needs a tokio runtime (for the netlink socket).
+pub async fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
+    let interfaces = async { Netlink::connect()?.interfaces().await }
+        .await
+        .map_err(|source| StatusError::Interfaces { source })?;
+    collect_with(pin_dir, &interfaces)
+}
+
+fn collect_with(pin_dir: &Path, interfaces: &[Interface]) -> Result<Status, StatusError> {
     let read_err = |source| StatusError::Read {
         pin_dir: pin_dir.to_path_buf(),
         source,
     };
     let programs: Vec<ProgramStatus> = Datapath::inspect_links(pin_dir)
         .iter()
-        .map(program_status)
+        .map(|link| program_status(link, interfaces))
         .collect();
     let mode = if programs
         .iter()
@@ -188,7 +203,7 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
     Ok(status)
 }
 
-fn program_status(link: &PinnedLinkState) -> ProgramStatus {
+fn program_status(link: &PinnedLinkState, interfaces: &[Interface]) -> ProgramStatus {
     let (hook, state, link_id, prog_id) = match &link.state {
         LinkState::Attached {
             hook,
@@ -196,7 +211,11 @@ fn program_status(link: &PinnedLinkState) -> ProgramStatus {
             prog_id,
             ..
         } => {
-            let state = if link.is_live() { "attached" } else { "stale" };
+            let state = if link.is_live(interfaces) {
+                "attached"
+            } else {
+                "stale"
+            };
             (
                 hook.to_string(),
                 state.to_string(),
@@ -350,29 +369,38 @@ pub struct PinnedStats {
     pub pin_dir: PathBuf,
 }
 
-impl crate::metrics::DatapathStats for PinnedStats {
-    fn counters(&self) -> Vec<(String, u64)> {
-        match collect(&self.pin_dir) {
-            Ok(st) => st
-                .counters
-                .into_iter()
-                .map(|c| (c.name.to_string(), c.value))
-                .collect(),
+impl PinnedStats {
+    /// `read` on the pinned maps; nothing when none are pinned or they cannot be read.
+    fn read<T: Default>(&self, read: impl FnOnce(&PinnedMaps) -> Result<T, DatapathError>) -> T {
+        match PinnedMaps::open(&self.pin_dir).and_then(|maps| maps.as_ref().map(read).transpose()) {
+            Ok(value) => value.unwrap_or_default(),
             Err(e) => {
-                tracing::debug!("reading eBPF counters for /metrics: {e}");
-                Vec::new()
+                tracing::debug!("reading the pinned eBPF maps for /metrics: {e}");
+                T::default()
             }
         }
     }
+}
+
+impl crate::metrics::DatapathStats for PinnedStats {
+    fn counters(&self) -> Vec<(String, u64)> {
+        self.read(|maps| {
+            Ok(maps
+                .counters()?
+                .values
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value))
+                .collect())
+        })
+    }
 
     fn map_entries(&self) -> Vec<(String, u64)> {
-        match collect(&self.pin_dir) {
-            Ok(st) => vec![
-                ("peers".to_string(), st.peers.len() as u64),
-                ("vteps".to_string(), st.known_vteps.len() as u64),
-                ("local_bindings".to_string(), st.local_bindings.len() as u64),
-            ],
-            Err(_) => Vec::new(),
-        }
+        self.read(|maps| {
+            Ok(vec![
+                ("peers".to_string(), maps.peers()?.len() as u64),
+                ("vteps".to_string(), maps.vteps()?.len() as u64),
+                ("local_bindings".to_string(), maps.locals()?.len() as u64),
+            ])
+        })
     }
 }

@@ -43,7 +43,7 @@ use crate::lease::MacAddr;
 
 pub use attach::{Attachment, DecapHook};
 pub use cause::{bpffs_mount_fix, Cause};
-pub use inspect::{if_index, LinkState, PinnedLinkState, PinnedMaps};
+pub use inspect::{LinkState, PinnedLinkState, PinnedMaps};
 pub use layout::Carried;
 pub use maps::{Counters, LocalEntry, PeerEntry};
 pub use pins::{ensure_bpffs, BpffsError, LinkPin, PinDir, BPFFS_ROOT};

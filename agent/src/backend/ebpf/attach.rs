@@ -7,7 +7,10 @@ use std::path::Path;
 use tracing::{info, warn};
 
 use super::{EbpfBackend, EbpfBackendError};
-use crate::datapath::{if_index, Attachment, Datapath, DecapHook};
+use crate::{
+    datapath::{Attachment, Datapath, DecapHook},
+    netlink::Interface,
+};
 
 /// Loads the eBPF object, adopting the maps pinned under `pin_dir`.
 pub(super) fn load(pin_dir: &Path) -> Result<Datapath, EbpfBackendError> {
@@ -18,7 +21,10 @@ pub(super) fn load(pin_dir: &Path) -> Result<Datapath, EbpfBackendError> {
 
 impl EbpfBackend {
     /// Writes the node configuration and attaches both programs (adopting pinned links).
-    pub(super) fn configure_and_attach(&mut self) -> Result<(), EbpfBackendError> {
+    pub(super) fn configure_and_attach(
+        &mut self,
+        interfaces: &[Interface],
+    ) -> Result<(), EbpfBackendError> {
         self.write_node()?;
         let ext = self.s.vxlan.external.name.clone();
         let a =
@@ -32,13 +38,16 @@ impl EbpfBackend {
                 })?;
         info!(program = a.program, interface = %a.interface, hook = a.hook, adopted = a.adopted, "decapsulation attached");
         self.encap_attached = false;
-        self.attach_encap_if_bridge()?;
+        self.attach_encap_if_bridge(interfaces)?;
         Ok(())
     }
 
     /// After a layout change, once our programs are attached: every other
     /// pinned link switched, counters carried, the old maps unpinned.
-    pub(super) fn finish_migration(&mut self) -> Result<(), EbpfBackendError> {
+    pub(super) fn finish_migration(
+        &mut self,
+        interfaces: &[Interface],
+    ) -> Result<(), EbpfBackendError> {
         if !self.dp.migrating() {
             return Ok(());
         }
@@ -55,7 +64,7 @@ impl EbpfBackend {
             .map(|l| l.interface)
             .collect();
         self.dp
-            .finish_migration()
+            .finish_migration(interfaces)
             .map_err(|source| EbpfBackendError::Migrate {
                 source: Box::new(source),
             })?;
@@ -64,13 +73,15 @@ impl EbpfBackend {
     }
 
     /// Attaches encapsulation when the bridge exists; returns whether it did.
-    fn attach_encap_if_bridge(&mut self) -> Result<bool, EbpfBackendError> {
+    fn attach_encap_if_bridge(
+        &mut self,
+        interfaces: &[Interface],
+    ) -> Result<bool, EbpfBackendError> {
         let bridge = self.s.bridge.clone();
-        let index = if_index(&bridge);
-        if index == 0 {
+        let Some(index) = index_of(interfaces, &bridge) else {
             info!(bridge = %bridge, "bridge does not exist yet; encapsulation is attached once it appears, the kernel path carries traffic meanwhile");
             return Ok(false);
-        }
+        };
         if self.node.bridge_ifindex != index {
             self.node.bridge_ifindex = index;
             self.write_node()?;
@@ -97,7 +108,10 @@ impl EbpfBackend {
     /// interface was deleted and recreated), attaches encapsulation once the
     /// bridge exists, and rewrites an altered node configuration. Returns the
     /// number of repairs.
-    pub(super) fn repair_attachments(&mut self) -> Result<usize, EbpfBackendError> {
+    pub(super) fn repair_attachments(
+        &mut self,
+        interfaces: &[Interface],
+    ) -> Result<usize, EbpfBackendError> {
         let mut broken = Vec::new();
         let decap = (hook_program(self.hook), self.s.vxlan.external.name.clone());
         let encap = (weft_common::program_names::TC_ENCAP, self.s.bridge.clone());
@@ -107,7 +121,7 @@ impl EbpfBackend {
             }
             let link = self.dp.pins().link(program, interface);
             let state = link.state();
-            if !state.is_live_on(interface) {
+            if !state.is_live_on(interfaces, interface) {
                 warn!(program, interface = %interface, state = ?state, "program is no longer attached; re-attaching");
                 broken.push(program);
             }
@@ -119,8 +133,8 @@ impl EbpfBackend {
             let fresh = load(&self.s.pin_dir)?;
             drop(std::mem::replace(&mut self.dp, fresh));
             self.ports.clear();
-            self.configure_and_attach()?;
-        } else if !self.encap_attached && self.attach_encap_if_bridge()? {
+            self.configure_and_attach(interfaces)?;
+        } else if !self.encap_attached && self.attach_encap_if_bridge(interfaces)? {
             repairs += 1;
         }
         repairs += self.repair_node()?;
@@ -140,4 +154,9 @@ fn hook_name(hook: DecapHook) -> &'static str {
         DecapHook::Xdp => "xdp native",
         DecapHook::Tc => "tcx ingress",
     }
+}
+
+/// The index of the interface named `name`, `None` when there is none.
+pub(super) fn index_of(interfaces: &[Interface], name: &str) -> Option<u32> {
+    interfaces.iter().find(|i| i.name == name).map(|i| i.index)
 }

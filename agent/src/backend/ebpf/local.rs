@@ -11,7 +11,7 @@ use super::{EbpfBackend, EbpfBackendError};
 use crate::{
     datapath::LocalEntry,
     lease::MacAddr,
-    netlink::{BridgePortEntry, NeighEntry},
+    netlink::{BridgePortEntry, Interface, NeighEntry},
 };
 
 impl EbpfBackend {
@@ -19,7 +19,10 @@ impl EbpfBackend {
     /// on every port's TC ingress (a container's frames are encapsulated before
     /// the bridge sees them; the bridge's own attachment catches the rest), and
     /// the local-container map. Returns the number of changes.
-    pub(super) async fn sync_bridge(&mut self) -> Result<usize, EbpfBackendError> {
+    pub(super) async fn sync_bridge(
+        &mut self,
+        interfaces: &[Interface],
+    ) -> Result<usize, EbpfBackendError> {
         let bridge = self.s.bridge.clone();
         let err = |source| EbpfBackendError::Bridge {
             bridge: bridge.clone(),
@@ -39,7 +42,7 @@ impl EbpfBackend {
         };
         if let Some(link) = link {
             let ports = self.nl.bridge_ports(link.index).await.map_err(err)?;
-            match self.sync_port_attachments(&ports) {
+            match self.sync_port_attachments(interfaces, &ports) {
                 Ok(n) => changes += n,
                 Err(e) => errors.push(e),
             }
@@ -63,12 +66,13 @@ impl EbpfBackend {
     /// Encapsulation on exactly the current ports (re-attached where someone detached it).
     fn sync_port_attachments(
         &mut self,
+        interfaces: &[Interface],
         ports: &[(u32, String)],
     ) -> Result<usize, EbpfBackendError> {
         let program = weft_common::program_names::TC_ENCAP;
         let mut changes = 0;
         for (_, name) in ports {
-            let live = self.dp.pins().link(program, name).is_live();
+            let live = self.dp.pins().link(program, name).is_live(interfaces);
             if self.ports.contains(name) && live {
                 continue;
             }

@@ -57,7 +57,7 @@ use crate::{
         NodeSettings, RpFilterError,
     },
     lease::{BackendAttrs, Lease, LeaseEvent},
-    netlink::{BridgeEvents, LinkWatch, Netlink, NetlinkError},
+    netlink::{BridgeEvents, Interface, LinkWatch, Netlink, NetlinkError},
 };
 
 pub use crate::datapath::BPFFS_ROOT;
@@ -108,6 +108,11 @@ pub enum EbpfBackendError {
     #[error("read external interface {interface}: {source}")]
     Interface {
         interface: String,
+        #[source]
+        source: NetlinkError,
+    },
+    #[error("list this namespace's interfaces: {source}")]
+    Interfaces {
         #[source]
         source: NetlinkError,
     },
@@ -214,7 +219,8 @@ impl EbpfBackend {
         let BackendAttrs::Vxlan { vtep_mac, .. } = attrs else {
             unreachable!("the vxlan backend advertises vxlan attributes");
         };
-        let node = node::node_settings(&nl, &s, vtep_mac).await?;
+        let interfaces = list_interfaces(&nl).await?;
+        let node = node::node_settings(&nl, &s, &interfaces, vtep_mac).await?;
         let hook = s
             .decap_hook
             .unwrap_or_else(|| DecapHook::for_interface(&s.vxlan.external.name));
@@ -239,11 +245,16 @@ impl EbpfBackend {
             encap_attached: false,
             ports: BTreeSet::new(),
         };
-        backend.configure_and_attach()?;
-        backend.finish_migration()?;
+        backend.configure_and_attach(&interfaces)?;
+        backend.finish_migration(&interfaces)?;
         relax_rp_filter(&backend.s.vxlan.external.name)?;
         netfilter::warn_skipped_netfilter().await;
         Ok(backend)
+    }
+
+    /// The programs' counters, summed over CPUs.
+    pub fn counters(&mut self) -> Result<crate::datapath::Counters, DatapathError> {
+        self.dp.counters()
     }
 
     fn map_err(operation: String) -> impl FnOnce(DatapathError) -> EbpfBackendError {
@@ -252,6 +263,13 @@ impl EbpfBackend {
             source: Box::new(source),
         }
     }
+}
+
+/// This namespace's interfaces, by which the programs' links are judged live.
+async fn list_interfaces(nl: &Netlink) -> Result<Vec<Interface>, EbpfBackendError> {
+    nl.interfaces()
+        .await
+        .map_err(|source| EbpfBackendError::Interfaces { source })
 }
 
 /// Detaches and unpins everything a (stopped) agent pinned under `pin_dir`
@@ -364,17 +382,27 @@ impl Backend for EbpfBackend {
         // keep stale map entries, nor a full map keep stale bindings.
         let mut errors = Vec::new();
         let mut repairs = 0;
-        for step in [self.repair_attachments(), self.sync_maps(peers)] {
+        // Without the interfaces, whether a program is still attached is unknown:
+        // only the peer maps are synced this round.
+        let interfaces = list_interfaces(&self.nl).await;
+        let attached = match &interfaces {
+            Ok(interfaces) => self.repair_attachments(interfaces),
+            Err(_) => Ok(0),
+        };
+        for step in [attached, self.sync_maps(peers)] {
             match step {
                 Ok(n) => repairs += n,
                 Err(e) => errors.push(e),
             }
         }
         // Not counted as repairs: containers come and go.
-        match self.sync_bridge().await {
-            Ok(0) => {}
-            Ok(local) => debug!(changes = local, "bridge ports and local containers updated"),
-            Err(EbpfBackendError::Steps(e)) => errors.extend(e),
+        match interfaces {
+            Ok(interfaces) => match self.sync_bridge(&interfaces).await {
+                Ok(0) => {}
+                Ok(local) => debug!(changes = local, "bridge ports and local containers updated"),
+                Err(EbpfBackendError::Steps(e)) => errors.extend(e),
+                Err(e) => errors.push(e),
+            },
             Err(e) => errors.push(e),
         }
         if repairs > 0 {

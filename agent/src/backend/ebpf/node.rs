@@ -4,17 +4,18 @@
 
 use tracing::{info, warn};
 
-use super::{EbpfBackend, EbpfBackendError, EbpfSettings};
+use super::{attach::index_of, EbpfBackend, EbpfBackendError, EbpfSettings};
 use crate::{
-    datapath::{default_ttl, if_index, NodeSettings},
+    datapath::{default_ttl, NodeSettings},
     lease::MacAddr,
-    netlink::{Netlink, NetlinkError},
+    netlink::{Interface, Netlink, NetlinkError},
 };
 
 /// What the programs need to know about this node.
 pub(super) async fn node_settings(
     nl: &Netlink,
     s: &EbpfSettings,
+    interfaces: &[Interface],
     vtep_mac: MacAddr,
 ) -> Result<NodeSettings, EbpfBackendError> {
     let ext = &s.vxlan.external;
@@ -43,7 +44,7 @@ pub(super) async fn node_settings(
         underlay_mac,
         // The MTU flannel assumes for the underlay: a configured MTU is the path's.
         underlay_mtu: s.vxlan.mtu.unwrap_or(link.mtu).min(u32::from(u16::MAX)) as u16,
-        bridge_ifindex: if_index(&s.bridge),
+        bridge_ifindex: index_of(interfaces, &s.bridge).unwrap_or(0),
         // As the kernel path: flannel.N routes (TTL - 1), and its `ttl auto`
         // takes the namespace's default TTL for the outer header.
         decrement_ttl: true,
