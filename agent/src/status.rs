@@ -1,5 +1,7 @@
 //! `weft status`: what the datapath is doing, read from the pinned programs,
-//! links and maps, so it works whether or not the agent is running.
+//! links and maps, so it works whether or not the agent is running; and what
+//! the agent's last reconcile round could not do, from the file the agent
+//! keeps for it ([`failures_file`]).
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
@@ -16,7 +18,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use weft_common::{config_flags, NodeConfig};
 
 use crate::{
@@ -33,6 +35,8 @@ pub enum StatusError {
         #[source]
         source: DatapathError,
     },
+    #[error("read the last reconcile round's failures from {path}: {reason}; the agent rewrites it after its next round")]
+    Failures { path: PathBuf, reason: String },
     #[error("list this namespace's interfaces (to tell live links from stale ones): {source}")]
     Interfaces {
         #[source]
@@ -107,6 +111,15 @@ pub struct CounterStatus {
     pub value: u64,
 }
 
+/// One step the agent's last reconcile round could not do; the next round retries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileFailure {
+    /// The layer that failed: `ebpf`, `vxlan`, `host-gw` or `netlink`.
+    pub layer: String,
+    /// What failed, on what, and why, as the agent logged it.
+    pub error: String,
+}
+
 /// Everything `weft status` shows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Status {
@@ -119,6 +132,8 @@ pub struct Status {
     pub known_vteps: Vec<Ipv4Addr>,
     pub local_bindings: Vec<BindingStatus>,
     pub counters: Vec<CounterStatus>,
+    /// The failures of the agent's last reconcile round; empty once a round succeeds.
+    pub reconcile_failures: Vec<ReconcileFailure>,
 }
 
 impl Status {
@@ -167,6 +182,7 @@ fn collect_with(pin_dir: &Path, interfaces: &[Interface]) -> Result<Status, Stat
         known_vteps: Vec::new(),
         local_bindings: Vec::new(),
         counters: Vec::new(),
+        reconcile_failures: read_failures(pin_dir)?,
     };
     let Some(maps) = PinnedMaps::open(pin_dir).map_err(read_err)? else {
         return Ok(status);
@@ -201,6 +217,57 @@ fn collect_with(pin_dir: &Path, interfaces: &[Interface]) -> Result<Status, Stat
         .map(|(name, value)| CounterStatus { name, value })
         .collect();
     Ok(status)
+}
+
+/// Where the agent pinning under `pin_dir` records its last reconcile round's
+/// failures: `/run/weft/reconcile/<pin_dir, escaped as systemd-escape --path>.json`.
+/// bpffs holds only BPF objects, so the file lives in /run, named after the pin
+/// directory that already tells one agent instance from another.
+pub fn failures_file(pin_dir: &Path) -> PathBuf {
+    let mut name = String::new();
+    for (i, b) in pin_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .bytes()
+        .enumerate()
+    {
+        match b {
+            b'/' => name.push('-'),
+            b'.' if i == 0 => name.push_str("\\x2e"),
+            b if b.is_ascii_alphanumeric() || b == b'_' || b == b'.' => name.push(b as char),
+            b => name.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    PathBuf::from(FAILURES_DIR).join(format!("{name}.json"))
+}
+
+const FAILURES_DIR: &str = "/run/weft/reconcile";
+
+/// Records the outcome of a reconcile round for `weft status`: the failures,
+/// or no file at all when the round succeeded.
+pub fn record_failures(pin_dir: &Path, failures: &[ReconcileFailure]) -> std::io::Result<()> {
+    let path = failures_file(pin_dir);
+    if failures.is_empty() {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    let json = serde_json::to_vec_pretty(failures).map_err(std::io::Error::other)?;
+    crate::files::write_atomic(&path, &json).map_err(std::io::Error::other)
+}
+
+fn read_failures(pin_dir: &Path) -> Result<Vec<ReconcileFailure>, StatusError> {
+    let path = failures_file(pin_dir);
+    let failed = |reason: String| StatusError::Failures {
+        path: path.clone(),
+        reason,
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| failed(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(failed(e.to_string())),
+    }
 }
 
 fn program_status(link: &PinnedLinkState, interfaces: &[Interface]) -> ProgramStatus {
@@ -360,6 +427,14 @@ impl fmt::Display for Status {
                 writeln!(f, "  {:<48} {:>14}", c.name, c.value)?;
             }
         }
+        if self.reconcile_failures.is_empty() {
+            writeln!(f, "\nlast reconcile: no failures")?;
+        } else {
+            writeln!(f, "\nlast reconcile failed (retried every round):")?;
+            for r in &self.reconcile_failures {
+                writeln!(f, "  {:<8} {}", r.layer, r.error)?;
+            }
+        }
         Ok(())
     }
 }
@@ -402,5 +477,23 @@ impl crate::metrics::DatapathStats for PinnedStats {
                 ("local_bindings".to_string(), maps.locals()?.len() as u64),
             ])
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_file_is_named_after_the_whole_pin_dir() {
+        assert_eq!(
+            failures_file(Path::new("/sys/fs/bpf/weft/netns-4026531840")),
+            PathBuf::from("/run/weft/reconcile/sys-fs-bpf-weft-netns\\x2d4026531840.json")
+        );
+        // Two pin dirs that differ only where one has `-` and the other `/`.
+        assert_ne!(
+            failures_file(Path::new("/tmp/a-b/c")),
+            failures_file(Path::new("/tmp/a/b-c"))
+        );
     }
 }
