@@ -392,6 +392,7 @@ impl Backend for EbpfBackend {
         for step in [attached, self.sync_maps(peers)] {
             match step {
                 Ok(n) => repairs += n,
+                Err(EbpfBackendError::Steps(e)) => errors.extend(e),
                 Err(e) => errors.push(e),
             }
         }

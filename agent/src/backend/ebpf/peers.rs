@@ -69,7 +69,8 @@ impl EbpfBackend {
         Ok(())
     }
 
-    /// Makes the maps equal `peers`; returns the number of changes.
+    /// Makes the maps equal `peers`; returns the number of changes, or every
+    /// entry that could not be written or removed.
     pub(super) fn sync_maps(&mut self, peers: &[Lease]) -> Result<usize, EbpfBackendError> {
         let want: BTreeMap<Ipv4Net, PeerEntry> = peers
             .iter()
@@ -86,26 +87,37 @@ impl EbpfBackend {
             .vteps_list()
             .map_err(Self::map_err("list known VTEPs".into()))?;
         let mut changes = 0;
-        for e in want.values() {
-            if !have.contains(e) || !have_vteps.contains(&e.vtep_ip) {
-                info!(subnet = %e.subnet, vtep = %e.vtep_ip, "adding missing map entry");
-                self.add_entry(e)?;
-                changes += 1;
-            }
-        }
+        let mut errors = Vec::new();
+        let mut count = |done: Result<(), EbpfBackendError>| match done {
+            Ok(()) => changes += 1,
+            Err(e) => errors.push(e),
+        };
+        // Stale entries first, so a full map makes room for the missing ones; every
+        // entry is tried whatever an earlier one hit.
         for stale in have.iter().filter(|h| !want.contains_key(&h.subnet)) {
             info!(subnet = %stale.subnet, vtep = %stale.vtep_ip, "removing map entry no lease justifies");
-            self.dp
-                .remove_peer(stale.subnet)
-                .map_err(Self::map_err(format!("remove {}", stale.subnet)))?;
-            changes += 1;
+            count(
+                self.dp
+                    .remove_peer(stale.subnet)
+                    .map_err(Self::map_err(format!("remove {}", stale.subnet))),
+            );
         }
         for stale in have_vteps.iter().filter(|v| !want_vteps.contains(v)) {
             info!(vtep = %stale, "no longer accepting VXLAN from a host without a lease");
-            self.dp
-                .remove_vtep(*stale)
-                .map_err(Self::map_err(format!("stop accepting VXLAN from {stale}")))?;
-            changes += 1;
+            count(
+                self.dp
+                    .remove_vtep(*stale)
+                    .map_err(Self::map_err(format!("stop accepting VXLAN from {stale}"))),
+            );
+        }
+        for e in want.values() {
+            if !have.contains(e) || !have_vteps.contains(&e.vtep_ip) {
+                info!(subnet = %e.subnet, vtep = %e.vtep_ip, "adding missing map entry");
+                count(self.add_entry(e));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(EbpfBackendError::Steps(errors));
         }
         Ok(changes)
     }
