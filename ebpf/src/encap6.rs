@@ -368,7 +368,7 @@ fn write_header(
     h.ip.saddr_be = cfg6.vtep_ip_be;
     h.ip.daddr_be = peer.vtep_ip_be;
     h.udp.source_be = source_port(hash, cfg.sport_min_ne, cfg.sport_max_ne).to_be_bytes();
-    h.udp.dest_be = cfg.port_be.to_be_bytes();
+    h.udp.dest_be = cfg.port_ne.to_be_bytes();
     h.udp.len_be = outer_len.to_be_bytes();
     h.udp.check_be = [0, 0];
     let vni = cfg.vni_ne.to_be_bytes();

@@ -374,7 +374,12 @@ fn encap_wraps_container_ipv6_in_vxlan_over_ipv6_with_a_valid_udp_checksum() {
         "IPv6 is not counted as IPv4"
     );
     // `weft status` reads it all from the pinned maps: both families' counters, the IPv6 side.
-    let st = weft::status::collect(&e.pin_dir).expect("status");
+    let st = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(weft::status::collect(&e.pin_dir))
+        .expect("status");
     assert_eq!(st.counter("ipv6: encapsulated"), 2 * cases.len() as u64);
     let v6 = st.ipv6.clone().expect("the IPv6 side in the status");
     assert_eq!(

@@ -7,6 +7,7 @@ use clap::Subcommand;
 use super::etcd::EtcdArgs;
 use super::{exit, fail, with_store};
 use crate::config::NetworkConfig;
+use crate::subnet::SubnetStore;
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCmd {

@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::etcd::EtcdArgs;
 use super::exit;
 use crate::lease::BackendAttrs;
-use crate::subnet::{EtcdStore, SubnetError};
+use crate::subnet::{EtcdStore, SubnetError, SubnetStore};
 
 #[derive(Debug, Args)]
 pub struct LeasesArgs {

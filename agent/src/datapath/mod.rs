@@ -45,7 +45,7 @@ use crate::lease::MacAddr;
 
 pub use attach::{Attachment, DecapHook};
 pub use cause::{bpffs_mount_fix, Cause};
-pub use inspect::{if_index, LinkState, PinnedLinkState, PinnedMaps};
+pub use inspect::{LinkState, PinnedLinkState, PinnedMaps};
 pub use layout::Carried;
 pub use log::TARGET as PROGRAM_LOG_TARGET;
 pub use maps::{Counters, LocalEntry, PeerEntry};
@@ -186,7 +186,7 @@ impl NodeSettings {
             vtep_ip_be: self.vtep_ip.octets(),
             underlay_ifindex_ne: self.underlay_ifindex,
             bridge_ifindex_ne: self.bridge_ifindex,
-            port_be: if self.port == 0 {
+            port_ne: if self.port == 0 {
                 wire::DEFAULT_PORT
             } else {
                 self.port

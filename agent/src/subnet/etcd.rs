@@ -132,10 +132,6 @@ impl EtcdStore {
         Ok(store)
     }
 
-    pub fn config_key(&self) -> String {
-        format!("{}/config", self.prefix)
-    }
-
     fn subnets_prefix(&self) -> String {
         format!("{}/subnets/", self.prefix)
     }
@@ -165,18 +161,6 @@ impl EtcdStore {
         }
     }
 
-    /// The raw network config JSON, `None` when the key is absent.
-    pub async fn get_config(&self) -> Result<Option<String>, SubnetError> {
-        let key = self.config_key();
-        let resp = self
-            .call("get", &key, self.client.clone().get(key.as_str(), None))
-            .await?;
-        Ok(resp
-            .kvs()
-            .first()
-            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
-    }
-
     /// Store the network config. Callers validate first.
     pub async fn put_config(&self, json: &str) -> Result<(), SubnetError> {
         let key = self.config_key();
@@ -187,51 +171,6 @@ impl EtcdStore {
         )
         .await
         .map(|_| ())
-    }
-
-    /// List every lease key; unparsable ones are skipped with a warning naming the key.
-    pub async fn list_leases(&self) -> Result<Listing, SubnetError> {
-        let prefix = self.subnets_prefix();
-        let resp = self
-            .call(
-                "list",
-                &prefix,
-                self.client
-                    .clone()
-                    .get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
-        let mut listing = Listing {
-            revision: resp.header().map_or(0, |h| h.revision()),
-            ..Listing::default()
-        };
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key());
-            if let Ok(subnet) = parse_subnet_key(&key) {
-                listing.taken.insert(subnet);
-            }
-            match Lease::from_kv(&key, kv.value(), kv.lease()) {
-                Ok(lease) => listing.leases.push(lease),
-                Err(e) => tracing::warn!(key = %key, "{e}"),
-            }
-        }
-        Ok(listing)
-    }
-
-    /// Seconds left on an etcd lease; `None` when it has expired or the key has none.
-    pub async fn ttl_left(&self, etcd_lease: i64) -> Result<Option<i64>, SubnetError> {
-        if etcd_lease == 0 {
-            return Ok(None);
-        }
-        let key = format!("lease {etcd_lease:x}");
-        let resp = self
-            .call(
-                "lease-ttl",
-                &key,
-                self.client.clone().lease_time_to_live(etcd_lease, None),
-            )
-            .await?;
-        Ok(Some(resp.ttl()).filter(|t| *t >= 0))
     }
 
     async fn grant(&self, key: &str, ttl: Duration) -> Result<i64, SubnetError> {
@@ -282,66 +221,6 @@ impl EtcdStore {
         Ok(None)
     }
 
-    /// Create `subnet`'s key if nobody holds it (flannel's `version == 0` transaction).
-    /// `None` means another host won it.
-    pub async fn create(
-        &self,
-        subnet: Ipv4Net,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<Option<Lease>, SubnetError> {
-        let compare = Compare::version(self.lease_key(subnet), CompareOp::Equal, 0);
-        let id = self.put_if("create", subnet, compare, attrs, ttl).await?;
-        Ok(id.map(|etcd_lease| Lease {
-            subnet,
-            attrs: attrs.clone(),
-            etcd_lease,
-        }))
-    }
-
-    /// Re-put `current` with `attrs` on a fresh etcd lease, only if the key still holds
-    /// `current`'s value. `None` means the key is gone or someone else's now.
-    pub async fn renew(
-        &self,
-        current: &Lease,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<Option<Lease>, SubnetError> {
-        let compare = Compare::value(
-            self.lease_key(current.subnet),
-            CompareOp::Equal,
-            current.attrs.to_json(),
-        );
-        self.replace_if("renew", current, compare, attrs, ttl).await
-    }
-
-    /// Re-put `current`'s key with `attrs` on a fresh etcd lease if `accept` approves of what
-    /// the key holds now (its attrs, `None` when unparsable) and nobody writes it in between
-    /// (compared by mod revision, so a value in any writer's spelling is taken as it is). `None`
-    /// when the key is gone, `accept` refused, or it changed meanwhile. `current`'s etcd lease is
-    /// revoked once replaced.
-    pub async fn take_over(
-        &self,
-        current: &Lease,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-        accept: impl Fn(Option<&LeaseAttrs>) -> bool,
-    ) -> Result<Option<Lease>, SubnetError> {
-        let key = self.lease_key(current.subnet);
-        let resp = self
-            .call("get", &key, self.client.clone().get(key.as_str(), None))
-            .await?;
-        let Some(kv) = resp.kvs().first() else {
-            return Ok(None);
-        };
-        if !accept(LeaseAttrs::from_json(&key, kv.value()).ok().as_ref()) {
-            return Ok(None);
-        }
-        let compare = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
-        self.replace_if("take-over", current, compare, attrs, ttl)
-            .await
-    }
-
     /// Put `current`'s key with `attrs` on a fresh etcd lease when `compare` holds, then
     /// revoke the etcd lease it replaced. `None` when the compare failed.
     async fn replace_if(
@@ -367,12 +246,135 @@ impl EtcdStore {
             etcd_lease: id,
         }))
     }
+}
+
+impl SubnetStore for EtcdStore {
+    fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    /// The raw network config JSON, `None` when the key is absent.
+    async fn get_config(&self) -> Result<Option<String>, SubnetError> {
+        let key = self.config_key();
+        let resp = self
+            .call("get", &key, self.client.clone().get(key.as_str(), None))
+            .await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// List every lease key; unparsable ones are skipped with a warning naming the key.
+    async fn list_leases(&self) -> Result<Listing, SubnetError> {
+        let prefix = self.subnets_prefix();
+        let resp = self
+            .call(
+                "list",
+                &prefix,
+                self.client
+                    .clone()
+                    .get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let mut listing = Listing {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            ..Listing::default()
+        };
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            if let Ok(subnet) = parse_subnet_key(&key) {
+                listing.taken.insert(subnet);
+            }
+            match Lease::from_kv(&key, kv.value(), kv.lease()) {
+                Ok(lease) => listing.leases.push(lease),
+                Err(e) => tracing::warn!(key = %key, "{e}"),
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Seconds left on an etcd lease; `None` when it has expired or the key has none.
+    async fn ttl_left(&self, etcd_lease: i64) -> Result<Option<i64>, SubnetError> {
+        if etcd_lease == 0 {
+            return Ok(None);
+        }
+        let key = format!("lease {etcd_lease:x}");
+        let resp = self
+            .call(
+                "lease-ttl",
+                &key,
+                self.client.clone().lease_time_to_live(etcd_lease, None),
+            )
+            .await?;
+        Ok(Some(resp.ttl()).filter(|t| *t >= 0))
+    }
+
+    /// Create `subnet`'s key if nobody holds it (flannel's `version == 0` transaction).
+    /// `None` means another host won it.
+    async fn create(
+        &self,
+        subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        let compare = Compare::version(self.lease_key(subnet), CompareOp::Equal, 0);
+        let id = self.put_if("create", subnet, compare, attrs, ttl).await?;
+        Ok(id.map(|etcd_lease| Lease {
+            subnet,
+            attrs: attrs.clone(),
+            etcd_lease,
+        }))
+    }
+
+    /// Re-put `current` with `attrs` on a fresh etcd lease, only if the key still holds
+    /// `current`'s value. `None` means the key is gone or someone else's now.
+    async fn renew(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SubnetError> {
+        let compare = Compare::value(
+            self.lease_key(current.subnet),
+            CompareOp::Equal,
+            current.attrs.to_json(),
+        );
+        self.replace_if("renew", current, compare, attrs, ttl).await
+    }
+
+    /// Re-put `current`'s key with `attrs` on a fresh etcd lease if `accept` approves of what
+    /// the key holds now (its attrs, `None` when unparsable) and nobody writes it in between
+    /// (compared by mod revision, so a value in any writer's spelling is taken as it is). `None`
+    /// when the key is gone, `accept` refused, or it changed meanwhile. `current`'s etcd lease is
+    /// revoked once replaced.
+    async fn take_over(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        accept: impl Fn(Option<&LeaseAttrs>) -> bool,
+    ) -> Result<Option<Lease>, SubnetError> {
+        let key = self.lease_key(current.subnet);
+        let resp = self
+            .call("get", &key, self.client.clone().get(key.as_str(), None))
+            .await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        if !accept(LeaseAttrs::from_json(&key, kv.value()).ok().as_ref()) {
+            return Ok(None);
+        }
+        let compare = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
+        self.replace_if("take-over", current, compare, attrs, ttl)
+            .await
+    }
 
     /// Follow `<prefix>/subnets`: a snapshot, then watch events from the snapshot's revision.
     /// Reconnects with backoff (100 ms doubling to 5 s); a compacted revision means re-list.
     /// Ends when `cancel` fires or the receiver is dropped. `on_reconnect` runs each time the
     /// watch has to be set up again after a failure (for the reconnect metric).
-    pub async fn watch_leases(
+    async fn watch_leases(
         &self,
         tx: mpsc::Sender<WatchUpdate>,
         cancel: CancellationToken,
@@ -487,54 +489,6 @@ impl EtcdStore {
                 return;
             }
         }
-    }
-}
-
-impl SubnetStore for EtcdStore {
-    fn config_key(&self) -> String {
-        EtcdStore::config_key(self)
-    }
-    async fn get_config(&self) -> Result<Option<String>, SubnetError> {
-        EtcdStore::get_config(self).await
-    }
-    async fn list_leases(&self) -> Result<Listing, SubnetError> {
-        EtcdStore::list_leases(self).await
-    }
-    async fn ttl_left(&self, lease_id: i64) -> Result<Option<i64>, SubnetError> {
-        EtcdStore::ttl_left(self, lease_id).await
-    }
-    async fn create(
-        &self,
-        subnet: Ipv4Net,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<Option<Lease>, SubnetError> {
-        EtcdStore::create(self, subnet, attrs, ttl).await
-    }
-    async fn renew(
-        &self,
-        current: &Lease,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<Option<Lease>, SubnetError> {
-        EtcdStore::renew(self, current, attrs, ttl).await
-    }
-    async fn take_over(
-        &self,
-        current: &Lease,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-        accept: impl Fn(Option<&LeaseAttrs>) -> bool + Send,
-    ) -> Result<Option<Lease>, SubnetError> {
-        EtcdStore::take_over(self, current, attrs, ttl, accept).await
-    }
-    async fn watch_leases(
-        &self,
-        tx: mpsc::Sender<WatchUpdate>,
-        cancel: CancellationToken,
-        on_reconnect: impl Fn() + Send,
-    ) {
-        EtcdStore::watch_leases(self, tx, cancel, on_reconnect).await
     }
 }
 
