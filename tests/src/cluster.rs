@@ -298,6 +298,19 @@ impl Host {
                 "ens32",
             ])
             .await?;
+        // The IPv6 underlay (fd00:16::21/64, ...), without duplicate address detection so the
+        // address is usable at once. IPv4-only agents ignore it.
+        netns
+            .ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", ipv6_of(octet)),
+                "dev",
+                "ens32",
+                "nodad",
+            ])
+            .await?;
         netns.ip(&["link", "set", "ens32", "up"]).await?;
         netns.sysctl("net.ipv4.ip_forward", "1").await?;
         netns
@@ -338,6 +351,11 @@ impl Host {
     /// The host's underlay address (its "public IP").
     pub fn ens32_ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// The host's underlay IPv6 address (its "PublicIPv6"): fd00:16::21, fd00:16::22, ...
+    pub fn ens32_ipv6(&self) -> std::net::Ipv6Addr {
+        ipv6_of(self.ip.octets()[3])
     }
 
     /// The host's directory: subnet file, agent log.
@@ -565,6 +583,13 @@ impl SubnetEnv {
             ipmasq: var("FLANNEL_IPMASQ").map(|v| v == "true").unwrap_or(false),
         })
     }
+}
+
+/// The underlay IPv6 address of the host whose IPv4 address ends in `octet` (hex digits that read
+/// like the decimal ones: .21 -> fd00:16::21).
+fn ipv6_of(octet: u8) -> std::net::Ipv6Addr {
+    let group = u16::from_str_radix(&octet.to_string(), 16).unwrap_or(u16::from(octet));
+    std::net::Ipv6Addr::new(0xfd00, 0x16, 0, 0, 0, 0, 0, group)
 }
 
 /// Docker names the host end `veth` + 7 hex digits; derived from the container's name here so it

@@ -35,6 +35,9 @@ pub fn overlay_mtu(underlay_mtu: u32) -> u32 {
     underlay_mtu.saturating_sub(wire::VXLAN_OVERHEAD as u32)
 }
 
+/// What an IPv6 outer header adds over an IPv4 one.
+const IPV6_EXTRA_OVERHEAD: u32 = 20;
+
 /// The vxlan backend's settings, built from the network config's `Backend` object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VxlanSettings {
@@ -199,11 +202,15 @@ impl VxlanBackend {
         keep_mac: Option<MacAddr>,
     ) -> Result<(LinkInfo, bool), VxlanError> {
         let name = spec.name.clone();
+        let dev_err = |name: &str, source| VxlanError::Device {
+            name: name.to_string(),
+            source,
+        };
         let mut created = self
             .nl
             .add_vxlan(&spec)
             .await
-            .map_err(|e| self.device_err(e))?;
+            .map_err(|e| dev_err(&name, e))?;
         let mut link = self.fetch(&name).await?;
         if !created {
             let why = spec.incompatibility(&link).or_else(|| match keep_mac {
@@ -219,12 +226,12 @@ impl VxlanBackend {
                 self.nl
                     .del_link(link.index)
                     .await
-                    .map_err(|e| self.device_err(e))?;
+                    .map_err(|e| dev_err(&name, e))?;
                 if !self
                     .nl
                     .add_vxlan(&spec)
                     .await
-                    .map_err(|e| self.device_err(e))?
+                    .map_err(|e| dev_err(&name, e))?
                 {
                     return Err(VxlanError::Contended { name, why });
                 }
@@ -240,19 +247,23 @@ impl VxlanBackend {
             self.nl
                 .set_link_mtu(link.index, spec.mtu)
                 .await
-                .map_err(|e| self.device_err(e))?;
+                .map_err(|e| dev_err(&name, e))?;
         }
         disable_accept_ra(&name);
         Ok((link, created))
     }
 
     async fn fetch(&self, name: &str) -> Result<LinkInfo, VxlanError> {
+        let err = |source| VxlanError::Device {
+            name: name.to_string(),
+            source,
+        };
         self.nl
             .link_by_name(name)
             .await
-            .map_err(|e| self.device_err(e))?
+            .map_err(err)?
             .ok_or_else(|| {
-                self.device_err(NetlinkError::NoSuchLink {
+                err(NetlinkError::NoSuchLink {
                     name: name.to_string(),
                 })
             })
@@ -545,7 +556,11 @@ impl VxlanBackend {
             iface: self.s.external.name.clone(),
             name: self.s.device_name_v6(),
         })?;
-        Ok(self.spec_at(self.s.device_name_v6(), local.into(), mac))
+        let mut spec = self.spec_at(self.s.device_name_v6(), local.into(), mac);
+        // An IPv6 outer header is 20 bytes longer: the kernel caps the device at the
+        // underlay's MTU - 70, as it sizes flanneld's flannel-v6 on its own.
+        spec.mtu = spec.mtu.saturating_sub(IPV6_EXTRA_OVERHEAD);
+        Ok(spec)
     }
 
     fn device6_err(&self, source: NetlinkError) -> VxlanError {

@@ -52,12 +52,8 @@ fn dst(msg: &NeighbourMessage) -> Option<IpAddr> {
         NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
         // Bridge-family (fdb) messages carry the remote as raw bytes.
         NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => match b.len() {
-            4 => <[u8; 4]>::try_from(b.as_slice())
-                .ok()
-                .map(|a| IpAddr::from(a)),
-            16 => <[u8; 16]>::try_from(b.as_slice())
-                .ok()
-                .map(|a| IpAddr::from(a)),
+            4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
             _ => None,
         },
         _ => None,

@@ -1,0 +1,154 @@
+//! IPv6 and dual stack on the kernel datapath, as flanneld v0.20 runs them: real etcd, `weft
+//! agent --datapath kernel` processes in network namespaces with an IPv6 underlay on ens32.
+//!
+//! What a user would notice: the lease in etcd is the one flanneld writes (`v4&v6` key,
+//! `PublicIPv6`, `BackendV6Data` after `BackendData`), subnet.env gains the IPv6 lines in
+//! flanneld's order, `flannel-v6.1` exists over the IPv6 underlay, and IPv6 overlay traffic
+//! crosses hosts through it. Needs root and the `weft` binary (`cargo xtask test`).
+
+use std::time::Duration;
+
+use weft_tests::{cluster, poll, Host};
+
+const DUAL: &str = r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/48","Backend":{"Type":"vxlan"}}"#;
+const SUBNETS: &str = "/coreos.com/network/subnets/";
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// `ip -d link show DEV` in the host, or what went wrong.
+async fn link(host: &Host, dev: &str) -> Result<String, String> {
+    host.exec_ok(&["ip", "-d", "link", "show", dev])
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The MAC `ip link` shows for `dev`.
+fn mac_of(link: &str) -> String {
+    link.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn dual_stack_leases_files_and_flannel_v6_are_flanneld_s_and_carry_ipv6() {
+    let c = cluster(2).await;
+    c.write_config(DUAL).await;
+    c.start_agents(&["--datapath", "kernel"]).unwrap();
+    c.wait_subnets().await.unwrap();
+
+    let mut v6_subnets = Vec::new();
+    for host in c.hosts() {
+        // subnet.env: the IPv6 lines between FLANNEL_SUBNET and FLANNEL_MTU, as flanneld writes.
+        let env = std::fs::read_to_string(host.subnet_file()).unwrap();
+        let lines: Vec<&str> = env.lines().collect();
+        assert_eq!(lines.len(), 6, "{env}");
+        assert!(
+            lines[0] == "FLANNEL_NETWORK=10.1.0.0/16"
+                && lines[1].starts_with("FLANNEL_SUBNET=10.1."),
+            "{env}"
+        );
+        assert_eq!(lines[2], "FLANNEL_IPV6_NETWORK=fd00:10::/48", "{env}");
+        let v6: ipnet::Ipv6Net = lines[3]
+            .strip_prefix("FLANNEL_IPV6_SUBNET=")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no FLANNEL_IPV6_SUBNET in\n{env}"));
+        assert_eq!(
+            (
+                v6.prefix_len(),
+                u128::from(v6.addr()) & 0xffff_ffff_ffff_ffff
+            ),
+            (64, 1),
+            "first address of a /64: {env}"
+        );
+        assert!(
+            lines[4].starts_with("FLANNEL_MTU=") && lines[5].starts_with("FLANNEL_IPMASQ="),
+            "{env}"
+        );
+        let v4: ipnet::Ipv4Net = lines[1]["FLANNEL_SUBNET=".len()..].parse().unwrap();
+        v6_subnets.push(v6.trunc());
+
+        // The lease: key `v4&v6`, value byte for byte flanneld's with both devices' MACs.
+        let flannel1 = poll::until("flannel.1", SETTLE, || link(host, "flannel.1")).await;
+        let flannel_v6 = poll::until("flannel-v6.1", SETTLE, || link(host, "flannel-v6.1")).await;
+        let key = format!(
+            "{SUBNETS}{}-{}&{}-64",
+            v4.trunc().addr(),
+            v4.prefix_len(),
+            v6.trunc().addr()
+        );
+        let value = c.etcd().get(&key).await.unwrap_or_else(|| {
+            panic!(
+                "no lease at {key} (the agent wrote {:?})",
+                std::fs::read_to_string(host.subnet_file())
+            )
+        });
+        assert_eq!(
+            value,
+            format!(
+                r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+                host.ens32_ip(),
+                host.ens32_ipv6(),
+                mac_of(&flannel1),
+                mac_of(&flannel_v6)
+            )
+        );
+        // flannel-v6.1: flanneld's attributes over the IPv6 underlay.
+        for want in [
+            "vxlan id 1 ".to_string(),
+            format!("local {} dev ens32", host.ens32_ipv6()),
+            "dstport 8472".into(),
+            "nolearning".into(),
+        ] {
+            assert!(
+                flannel_v6.contains(&want),
+                "flannel-v6.1 lacks {want:?}:\n{flannel_v6}"
+            );
+        }
+        let addr = host
+            .exec_ok(&[
+                "ip",
+                "-6",
+                "addr",
+                "show",
+                "dev",
+                "flannel-v6.1",
+                "scope",
+                "global",
+            ])
+            .await
+            .unwrap();
+        assert!(
+            addr.contains(&format!("{}/128", v6.trunc().addr())),
+            "flannel-v6.1 lacks its /128:\n{addr}"
+        );
+    }
+
+    // IPv6 overlay traffic: host 1 reaches host 2's flannel-v6.1 address through its route,
+    // neighbour and fdb entry, encapsulated over the IPv6 underlay.
+    let (h1, remote) = (&c.hosts()[0], v6_subnets[1].addr().to_string());
+    let route = poll::until("host 1's route to host 2's IPv6 subnet", SETTLE, || async {
+        let r = h1
+            .exec_ok(&["ip", "-6", "route", "show", &v6_subnets[1].to_string()])
+            .await
+            .map_err(|e| e.to_string())?;
+        poll::check(
+            r.contains(&format!("via {remote} dev flannel-v6.1")) && r.contains("onlink"),
+            r.clone(),
+        )?;
+        Ok(r)
+    })
+    .await;
+    assert!(!route.is_empty());
+    poll::until(
+        "ping -6 from host 1 to host 2's flannel-v6.1 address",
+        SETTLE,
+        || async {
+            h1.exec_ok(&["ping", "-6", "-c", "1", "-W", "1", &remote])
+                .await
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+}
