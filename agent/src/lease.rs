@@ -84,14 +84,26 @@ impl LeaseKey {
     }
 }
 
-/// flannel's spelling: `10.1.10.0-24`, `10.1.10.0-24&fd00:10:1::-64`.
+impl LeaseKey {
+    /// flannel's spelling, the last element of the etcd key: `10.1.10.0-24`,
+    /// `10.1.10.0-24&fd00:10:1::-64`, `0.0.0.0-0&fd00:10:1::-64`.
+    pub fn etcd_name(&self) -> String {
+        let mut out = format!("{}-{}", self.v4.addr(), self.v4.prefix_len());
+        if let Some(v6) = self.v6 {
+            out += &format!("&{}-{}", v6.addr(), v6.prefix_len());
+        }
+        out
+    }
+}
+
+/// For logs and messages: `10.1.10.0/24`, `10.1.10.0/24 fd00:10:1::/64`, `fd00:10:1::/64`.
 impl fmt::Display for LeaseKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.v4.addr(), self.v4.prefix_len())?;
-        if let Some(v6) = self.v6 {
-            write!(f, "&{}-{}", v6.addr(), v6.prefix_len())?;
+        match (self.ipv4(), self.v6) {
+            (Some(v4), Some(v6)) => write!(f, "{v4} {v6}"),
+            (None, Some(v6)) => write!(f, "{v6}"),
+            (_, None) => write!(f, "{}", self.v4),
         }
-        Ok(())
     }
 }
 
@@ -613,7 +625,8 @@ mod tests {
             LeaseAttrs::from_json("k", FLANNEL_DUAL.as_bytes()).unwrap(),
             l.attrs
         );
-        assert_eq!(l.key().to_string(), "10.1.10.0-24&fd00:10:1::-64");
+        assert_eq!(l.key().etcd_name(), "10.1.10.0-24&fd00:10:1::-64");
+        assert_eq!(l.key().to_string(), "10.1.10.0/24 fd00:10:1::/64");
         let read = Lease::from_kv(
             "/coreos.com/network/subnets/10.1.10.0-24&fd00:10:1::-64",
             FLANNEL_DUAL.as_bytes(),
@@ -679,10 +692,10 @@ mod tests {
             (k.v4.to_string(), k.v6.map(|n| n.to_string())),
             ("10.1.54.0/24".into(), Some("fc00:0:0:36::/64".into()))
         );
-        assert_eq!(k.to_string(), "10.1.54.0-24&fc00:0:0:36::-64");
+        assert_eq!(k.etcd_name(), "10.1.54.0-24&fc00:0:0:36::-64");
         let only6 = parse_lease_key("0.0.0.0-0&fd00:10:1::-64").unwrap();
         assert_eq!(
-            (only6.ipv4(), only6.to_string()),
+            (only6.ipv4(), only6.etcd_name()),
             (None, "0.0.0.0-0&fd00:10:1::-64".into())
         );
         for bad in [

@@ -536,6 +536,40 @@ impl Host {
         Ok(container)
     }
 
+    /// Dual stack for docker0 and this host's containers, from the agent's `FLANNEL_IPV6_SUBNET`
+    /// (`fd00:10:0:a::1/64`): docker0 gets that first address, the n-th container `::(n+2)` and
+    /// a default IPv6 route via docker0, IPv6 forwarding on. Returns each container's address, in
+    /// creation order.
+    pub async fn enable_ipv6(&self) -> anyhow::Result<Vec<(Container, std::net::Ipv6Addr)>> {
+        let text = std::fs::read_to_string(self.subnet_file())?;
+        let first: ipnet::Ipv6Net = text
+            .lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))
+            .with_context(|| format!("no FLANNEL_IPV6_SUBNET in {}:\n{text}", self.name()))?
+            .parse()?;
+        self.netns
+            .sysctl("net.ipv6.conf.all.forwarding", "1")
+            .await?;
+        self.netns
+            .ip(&[
+                "-6",
+                "addr",
+                "replace",
+                &first.to_string(),
+                "dev",
+                "docker0",
+                "nodad",
+            ])
+            .await?;
+        let mut out = Vec::new();
+        for (n, c) in self.containers().into_iter().enumerate() {
+            let ip = std::net::Ipv6Addr::from(u128::from(first.network()) + 2 + n as u128);
+            c.add_ipv6(ip, first.prefix_len(), first.addr()).await?;
+            out.push((c, ip));
+        }
+        Ok(out)
+    }
+
     /// The containers on this host, in creation order.
     pub fn containers(&self) -> Vec<Container> {
         lock(&self.containers).clone()

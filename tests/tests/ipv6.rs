@@ -152,3 +152,88 @@ async fn dual_stack_leases_files_and_flannel_v6_are_flanneld_s_and_carry_ipv6() 
     )
     .await;
 }
+
+/// Two dual-stack hosts, two containers each on docker0 with both families: every container
+/// reaches every container on the other host over IPv4 and over IPv6 (`datapath` decides how).
+async fn all_pairs_reach_each_other_over_both_families(datapath: &str) {
+    let c = cluster(2).await;
+    c.write_config(DUAL).await;
+    c.start_agents(&["--datapath", datapath]).unwrap();
+    c.add_containers(2).await.unwrap();
+    let mut all = Vec::new();
+    for h in c.hosts() {
+        for (ct, v6) in h.enable_ipv6().await.unwrap() {
+            all.push((h.index(), ct, v6));
+        }
+    }
+    for (hi, from, _) in &all {
+        for (hj, to, to6) in &all {
+            if hi == hj {
+                continue;
+            }
+            from.ping_until(to.ip(), SETTLE).await.unwrap();
+            from.ping_until(*to6, SETTLE)
+                .await
+                .unwrap_or_else(|e| panic!("IPv6 {} -> {to6}: {e:#}", from.netns()));
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn dual_stack_containers_reach_each_other_on_the_kernel_datapath() {
+    all_pairs_reach_each_other_over_both_families("kernel").await;
+}
+
+/// IPv4 through the eBPF programs, IPv6 through flannel-v6.1 until the eBPF IPv6 path lands.
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn dual_stack_containers_reach_each_other_on_the_ebpf_datapath() {
+    all_pairs_reach_each_other_over_both_families("ebpf").await;
+}
+
+/// A bad IPv6 config never reaches etcd: `weft config set` refuses it with flannel's message.
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn bad_ipv6_configs_are_refused_with_flannels_messages() {
+    let c = cluster(1).await;
+    let h = &c.hosts()[0];
+    for (json, needle) in [
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"Backend":{"Type":"vxlan"}}"#,
+            "please define a correct IPv6Network parameter in the flannel config",
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/125","Backend":{"Type":"vxlan"}}"#,
+            "IPv6Network is too small. Minimum useful network prefix is /124",
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetLen":127,"Backend":{"Type":"vxlan"}}"#,
+            "SubnetLen must be less than /127",
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMin":"fd01::","Backend":{"Type":"vxlan"}}"#,
+            "IPv6SubnetMin is not in the range of the IPv6Network",
+        ),
+    ] {
+        let bin = weft_tests::weft_bin().unwrap();
+        let out = h
+            .exec(&[
+                bin.to_str().unwrap(),
+                "config",
+                "set",
+                "--etcd-endpoints",
+                h.etcd_endpoint(),
+                json,
+            ])
+            .await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{json}: {stderr}");
+        assert!(stderr.contains(needle), "{json}: {stderr}");
+    }
+    assert_eq!(
+        c.etcd().get("/coreos.com/network/config").await,
+        None,
+        "nothing stored"
+    );
+}

@@ -240,12 +240,12 @@ mod tests {
         );
         let k = choose_key(&only6, &BTreeSet::new(), &BTreeSet::new()).unwrap();
         assert_eq!(
-            (k.ipv4(), k.to_string().starts_with("0.0.0.0-0&fd00:10:")),
+            (k.ipv4(), k.etcd_name().starts_with("0.0.0.0-0&fd00:10:")),
             (None, true)
         );
         assert!(fits(&only6, k));
         assert_eq!(
-            from_subnet_file(&only6, None, Some("fd00:10:0:7::1/64")).map(|k| k.to_string()),
+            from_subnet_file(&only6, None, Some("fd00:10:0:7::1/64")).map(|k| k.etcd_name()),
             Some("0.0.0.0-0&fd00:10:0:7::-64".to_string())
         );
         // The last of 2^16 subnets is reachable (no overflow at the top of the range).

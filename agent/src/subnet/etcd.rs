@@ -141,7 +141,7 @@ impl EtcdStore {
 
     /// The etcd key of a lease: `<prefix>/subnets/10.1.10.0-24` (`&fd00:10:1::-64` with IPv6).
     pub fn lease_key(&self, key: impl Into<LeaseKey>) -> String {
-        format!("{}{}", self.subnets_prefix(), key.into())
+        format!("{}{}", self.subnets_prefix(), key.into().etcd_name())
     }
 
     fn err(&self, op: &'static str, key: &str, e: impl ToString) -> SubnetError {
