@@ -155,9 +155,9 @@ async fn dual_stack_leases_files_and_flannel_v6_are_flanneld_s_and_carry_ipv6() 
 
 /// Two dual-stack hosts, two containers each on docker0 with both families: every container
 /// reaches every container on the other host over IPv4 and over IPv6 (`datapath` decides how).
-async fn all_pairs_reach_each_other_over_both_families(datapath: &str) {
+async fn all_pairs_reach_each_other_over_both_families(config: &str, datapath: &str) {
     let c = cluster(2).await;
-    c.write_config(DUAL).await;
+    c.write_config(config).await;
     c.start_agents(&["--datapath", datapath]).unwrap();
     c.add_containers(2).await.unwrap();
     let mut all = Vec::new();
@@ -182,14 +182,22 @@ async fn all_pairs_reach_each_other_over_both_families(datapath: &str) {
 #[tokio::test]
 #[ignore = "needs root: run cargo xtask test"]
 async fn dual_stack_containers_reach_each_other_on_the_kernel_datapath() {
-    all_pairs_reach_each_other_over_both_families("kernel").await;
+    all_pairs_reach_each_other_over_both_families(DUAL, "kernel").await;
+}
+
+/// host-gw: IPv6 subnets routed via each peer's PublicIPv6, as flanneld does.
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn dual_stack_containers_reach_each_other_with_host_gw() {
+    let host_gw = DUAL.replace("vxlan", "host-gw");
+    all_pairs_reach_each_other_over_both_families(&host_gw, "kernel").await;
 }
 
 /// IPv4 through the eBPF programs, IPv6 through flannel-v6.1 until the eBPF IPv6 path lands.
 #[tokio::test]
 #[ignore = "needs root: run cargo xtask test"]
 async fn dual_stack_containers_reach_each_other_on_the_ebpf_datapath() {
-    all_pairs_reach_each_other_over_both_families("ebpf").await;
+    all_pairs_reach_each_other_over_both_families(DUAL, "ebpf").await;
 }
 
 /// A bad IPv6 config never reaches etcd: `weft config set` refuses it with flannel's message.

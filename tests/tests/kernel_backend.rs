@@ -554,6 +554,7 @@ async fn hostgw_backend() -> HostGwBackend {
     HostGwBackend::new(
         nl,
         HostGwSettings {
+            ipv6: None,
             network: net("10.1.0.0/16"),
             external,
         },

@@ -196,6 +196,7 @@ pub async fn build(
             let settings = hostgw::HostGwSettings {
                 network: net.network,
                 external,
+                ipv6: net.ipv6_network(),
             };
             return Ok(AnyBackend::HostGw(hostgw::HostGwBackend::new(nl, settings)));
         }
