@@ -245,3 +245,68 @@ async fn bad_ipv6_configs_are_refused_with_flannels_messages() {
         "nothing stored"
     );
 }
+
+/// The dual-stack lease keys in etcd (`v4&v6`) with their values.
+async fn dual_leases(c: &weft_tests::Cluster) -> Vec<(String, String)> {
+    c.etcd()
+        .get_prefix(SUBNETS)
+        .await
+        .into_iter()
+        .filter(|(k, _)| k.contains('&'))
+        .collect()
+}
+
+/// A restarted agent keeps its dual-stack lease (found by PublicIP), a deleted lease comes back
+/// with both subnets, and IPv6 keeps flowing across both.
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn restart_and_deleted_lease_keep_both_subnets_and_ipv6_flowing() {
+    let c = cluster(2).await;
+    c.write_config(DUAL).await;
+    c.start_agents(&["--datapath", "kernel"]).unwrap();
+    c.add_containers(1).await.unwrap();
+    let mut v6 = Vec::new();
+    for h in c.hosts() {
+        v6.extend(h.enable_ipv6().await.unwrap());
+    }
+    let (from, to6) = (&v6[0].0, v6[1].1);
+    from.ping_until(to6, SETTLE).await.unwrap();
+    let before = dual_leases(&c).await;
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // Restart host 2's agent: the same key, the same value (flannel-v6.1 and its MAC adopted).
+    let h2 = &c.hosts()[1];
+    let status = h2.agent().expect("agent").stop().await.unwrap();
+    assert!(status.success(), "SIGTERM exit {status:?}");
+    h2.spawn_agent(&["--datapath", "kernel"]).unwrap();
+    let after = poll::until(
+        "host 2's lease re-put after the restart",
+        SETTLE,
+        || async {
+            let now = dual_leases(&c).await;
+            poll::check(now == before, &now)?;
+            Ok(now)
+        },
+    )
+    .await;
+    assert_eq!(after, before);
+    from.ping_until(to6, SETTLE).await.unwrap();
+
+    // An operator deletes host 2's lease: it comes back with both subnets, IPv6 still flows.
+    let key = before
+        .iter()
+        .find(|(_, v)| v.contains(&h2.ens32_ipv6().to_string()))
+        .map(|(k, _)| k.clone())
+        .unwrap();
+    assert_eq!(c.etcd().delete(&key).await, 1);
+    poll::until(
+        "host 2's deleted lease back under the same key",
+        SETTLE,
+        || async {
+            let v = c.etcd().get(&key).await;
+            poll::check(v.is_some(), &v)
+        },
+    )
+    .await;
+    from.ping_until(to6, SETTLE).await.unwrap();
+}
