@@ -310,3 +310,75 @@ async fn restart_and_deleted_lease_keep_both_subnets_and_ipv6_flowing() {
     .await;
     from.ping_until(to6, SETTLE).await.unwrap();
 }
+
+/// Two weft hosts and a dual-stack flanneld host set up by hand with `ip` and `bridge` (its
+/// lease, flannel.1 and flannel-v6.1 as flanneld makes them, weft's peers programmed in
+/// flanneld's order): every container reaches every other over both families.
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn a_dual_stack_flanneld_host_set_up_by_hand_interoperates() {
+    use weft_tests::flanneld;
+    let c = cluster(3).await;
+    c.write_config(DUAL).await;
+    let hand = &c.hosts()[2];
+    let own = ("10.1.0.0/16", "10.1.200.0/24".parse().unwrap());
+    let own6 = ("fd00:10::/48", "fd00:10:0:c8::/64".parse().unwrap());
+    flanneld::dual_host_by_hand(&c, hand, own, own6)
+        .await
+        .unwrap();
+    for h in &c.hosts()[..2] {
+        h.spawn_agent(&["--datapath", "kernel"]).unwrap();
+        h.wait_subnet(SETTLE).await.unwrap();
+    }
+    let weft: Vec<(String, String)> =
+        poll::until("both weft hosts' dual-stack leases", SETTLE, || async {
+            let l = dual_leases(&c).await;
+            poll::check(l.len() == 3, &l)?;
+            Ok(l)
+        })
+        .await;
+    for (key, value) in weft
+        .iter()
+        .filter(|(_, v)| !v.contains(&hand.ens32_ip().to_string()))
+    {
+        let name = key.rsplit('/').next().unwrap();
+        let (v4, v6) = name.split_once('&').unwrap();
+        let v4: ipnet::Ipv4Net = v4.replacen('-', "/", 1).parse().unwrap();
+        let v6: ipnet::Ipv6Net = v6
+            .rsplit_once('-')
+            .map(|(a, l)| format!("{a}/{l}"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(value).unwrap();
+        let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).unwrap().to_owned();
+        let mut cmds = flanneld::vxlan_peer(
+            v4,
+            s("/PublicIP").parse().unwrap(),
+            &s("/BackendData/VtepMAC"),
+        );
+        cmds.extend(flanneld::vxlan_peer_v6(
+            v6,
+            s("/PublicIPv6").parse().unwrap(),
+            &s("/BackendV6Data/VtepMAC"),
+        ));
+        flanneld::run(hand.name(), &cmds).await.unwrap();
+    }
+    c.add_containers(1).await.unwrap();
+    let mut all = Vec::new();
+    for h in c.hosts() {
+        for (ct, v6) in h.enable_ipv6().await.unwrap() {
+            all.push((h.index(), ct, v6));
+        }
+    }
+    for (hi, from, _) in &all {
+        for (hj, to, to6) in &all {
+            if hi != hj {
+                from.ping_until(to.ip(), SETTLE).await.unwrap();
+                from.ping_until(*to6, SETTLE)
+                    .await
+                    .unwrap_or_else(|e| panic!("IPv6 {} -> {to6}: {e:#}", from.netns()));
+            }
+        }
+    }
+}
