@@ -19,7 +19,7 @@ use crate::backend::{vxlan, Backend, BackendError, BackendOptions};
 use crate::config::{Backend as NetBackend, ConfigError, NetworkConfig};
 use crate::files::{self, FilesError};
 use crate::iface::{self, IfaceChoice, IfaceError};
-use crate::lease::{LeaseAttrs, PeerSet};
+use crate::lease::{BackendAttrs, LeaseAttrs, PeerSet, VxlanData};
 use crate::metrics::Metrics;
 use crate::netlink::{ExternalIface, Netlink};
 use crate::notify::Notifier;
@@ -165,13 +165,39 @@ async fn connect(
     }
 }
 
+/// What our lease advertises, as flanneld's `newSubnetAttrs` builds it: PublicIP and
+/// `BackendData` for IPv4 (PublicIP 0.0.0.0 and no `BackendData` on an IPv6-only host), PublicIPv6
+/// and `BackendV6Data` for IPv6.
+fn lease_attrs(
+    net: &NetworkConfig,
+    iface: &ExternalIface,
+    backend: BackendAttrs,
+    backend_v6: Option<VxlanData>,
+) -> LeaseAttrs {
+    let ipv6 = net.enable_ipv6.then_some(iface.public_ipv6).flatten();
+    let backend = match backend {
+        BackendAttrs::Vxlan { .. } if !net.enable_ipv4 => BackendAttrs::VxlanIpv6Only,
+        b => b,
+    };
+    LeaseAttrs {
+        public_ip: if net.enable_ipv4 {
+            iface.public_ip
+        } else {
+            std::net::Ipv4Addr::UNSPECIFIED
+        },
+        public_ipv6: ipv6,
+        backend,
+        backend_v6: ipv6.and(backend_v6),
+    }
+}
+
 /// The first lease, retrying while etcd is flaky; `None` when shut down first.
 async fn first_lease(
     store: &impl SubnetStore,
     net: &NetworkConfig,
     attrs: &LeaseAttrs,
     cfg: &AgentConfig,
-    prefer: Option<ipnet::Ipv4Net>,
+    prefer: Option<crate::lease::LeaseKey>,
     shutdown: &CancellationToken,
 ) -> Result<Option<crate::lease::Lease>, AgentError> {
     loop {
@@ -289,13 +315,14 @@ where
     tracing::info!(datapath = backend.mode(), "datapath chosen");
     metrics.set_datapath_mode(backend.mode());
     let backend_attrs = backend.prepare().await.map_err(AgentError::Backend)?;
-    let attrs = LeaseAttrs {
-        public_ip: host.iface.public_ip,
-        backend: backend_attrs,
-    };
+    let backend_v6 = backend.prepare_v6().await.map_err(AgentError::Backend)?;
+    let attrs = lease_attrs(&net, &host.iface, backend_attrs, backend_v6);
     let prefer = files::read_env(&cfg.subnet_file).ok().and_then(|env| {
-        env.get("FLANNEL_SUBNET")
-            .and_then(|s| alloc::from_subnet_file(&net, s))
+        alloc::from_subnet_file(
+            &net,
+            env.get("FLANNEL_SUBNET").map(String::as_str),
+            env.get("FLANNEL_IPV6_SUBNET").map(String::as_str),
+        )
     });
     warn_notify(notifier.status(&format!("waiting for a subnet lease in {}", net.network)));
     let Some(own) = first_lease(&store, &net, &attrs, cfg, prefer, &shutdown).await? else {
@@ -304,7 +331,7 @@ where
     backend.own_lease(&own).await.map_err(AgentError::Backend)?;
 
     let mut peers = PeerSet::new(attrs.backend.type_name());
-    peers.set_own(own.subnet);
+    peers.set_own(own.key());
     let tracker = TaskTracker::new();
     let mut st = Running {
         cfg,

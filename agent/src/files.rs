@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
@@ -30,24 +30,38 @@ pub enum FilesError {
 /// What flannel writes to the subnet file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubnetEnv {
+    /// 0.0.0.0/0 (with `subnet`) when IPv4 is off: the IPv4 lines are left out, as flanneld does.
     pub network: Ipv4Net,
     /// Our lease; the file carries its first host address (`10.1.10.1/24`), Docker's bridge IP.
     pub subnet: Ipv4Net,
+    /// `IPv6Network` and our IPv6 subnet, when IPv6 is on.
+    pub ipv6: Option<(Ipv6Net, Ipv6Net)>,
     pub mtu: u32,
     pub ipmasq: bool,
 }
 
 impl SubnetEnv {
+    /// flanneld's `WriteSubnetFile`: the IPv4 lines, the IPv6 lines, then MTU and IPMASQ; each
+    /// subnet as its first address with the prefix (`10.1.10.1/24`, `fd00:10:1::1/64`).
     pub fn render(&self) -> String {
-        let first = Ipv4Net::new(
-            u32::from(self.subnet.network()).wrapping_add(1).into(),
-            self.subnet.prefix_len(),
-        )
-        .unwrap_or(self.subnet);
-        format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={first}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
-            self.network, self.mtu, self.ipmasq
-        )
+        let mut out = String::new();
+        if self.subnet.prefix_len() != 0 {
+            let first = Ipv4Net::new(
+                u32::from(self.subnet.network()).wrapping_add(1).into(),
+                self.subnet.prefix_len(),
+            )
+            .unwrap_or(self.subnet);
+            out += &format!("FLANNEL_NETWORK={}\nFLANNEL_SUBNET={first}\n", self.network);
+        }
+        if let Some((network, subnet)) = self.ipv6 {
+            let first = Ipv6Net::new(
+                u128::from(subnet.network()).wrapping_add(1).into(),
+                subnet.prefix_len(),
+            )
+            .unwrap_or(subnet);
+            out += &format!("FLANNEL_IPV6_NETWORK={network}\nFLANNEL_IPV6_SUBNET={first}\n");
+        }
+        out + &format!("FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n", self.mtu, self.ipmasq)
     }
 
     /// The Docker options CoreOS wrote to `/run/flannel/flannel_docker_opts.env` (individual variables).
@@ -202,6 +216,7 @@ mod tests {
         SubnetEnv {
             network: "10.1.0.0/16".parse().unwrap(),
             subnet: "10.1.10.0/24".parse().unwrap(),
+            ipv6: None,
             mtu: 1450,
             ipmasq: true,
         }
@@ -210,6 +225,22 @@ mod tests {
     #[test]
     fn subnet_env_bytes() {
         assert_eq!(env().render(), "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.10.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n");
+        let dual = SubnetEnv {
+            ipv6: Some((
+                "fd00:10::/48".parse().unwrap(),
+                "fd00:10:0:a::/64".parse().unwrap(),
+            )),
+            ..env()
+        };
+        assert_eq!(dual.render(), "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.10.1/24\nFLANNEL_IPV6_NETWORK=fd00:10::/48\nFLANNEL_IPV6_SUBNET=fd00:10:0:a::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n");
+        let only6 = SubnetEnv {
+            network: Ipv4Net::default(),
+            subnet: Ipv4Net::default(),
+            ..dual.clone()
+        };
+        assert_eq!(only6.render(), "FLANNEL_IPV6_NETWORK=fd00:10::/48\nFLANNEL_IPV6_SUBNET=fd00:10:0:a::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n");
+        // mk-docker-opts.sh knows no IPv6 variable: the Docker options stay the IPv4 ones.
+        assert_eq!(dual.docker_opts(), env().docker_opts());
     }
 
     #[test]

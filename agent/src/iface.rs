@@ -1,8 +1,9 @@
 //! External interface choice, as flanneld makes it: `--iface` (name or IP, first match),
 //! `--iface-regex`, else the interface of the default route; `--public-ip` overrides the
-//! address advertised. The interfaces, addresses and routes come from rtnetlink.
+//! address advertised, `--public-ipv6` the IPv6 one. The interfaces, addresses and routes come
+//! from rtnetlink.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use regex::Regex;
 
@@ -37,6 +38,7 @@ pub struct IfaceChoice {
     pub iface: Vec<String>,
     pub iface_regex: Vec<Regex>,
     pub public_ip: Option<Ipv4Addr>,
+    pub public_ipv6: Option<Ipv6Addr>,
 }
 
 fn available(ifaces: &[Interface]) -> String {
@@ -69,22 +71,31 @@ pub fn choose_from(
     ifaces: &[Interface],
     default_route: Option<u32>,
 ) -> Result<ExternalIface, IfaceError> {
-    let pick = |iface: &Interface, addr: Option<Ipv4Addr>| -> Result<ExternalIface, IfaceError> {
+    let pick = |iface: &Interface,
+                addr: Option<Ipv4Addr>,
+                addr6: Option<Ipv6Addr>|
+     -> Result<ExternalIface, IfaceError> {
         let addr = addr
             .or_else(|| iface.addrs.first().copied())
             .ok_or_else(|| IfaceError::NoAddress {
                 name: iface.name.clone(),
             })?;
-        Ok(ExternalIface::new(iface, addr, choice.public_ip))
+        let mut e = ExternalIface::new(iface, addr, choice.public_ip);
+        // flanneld: the address the interface was picked by, else its first global one.
+        e.ipv6 = addr6.or(e.ipv6);
+        e.public_ipv6 = choice.public_ipv6.or(e.ipv6);
+        Ok(e)
     };
     for wanted in &choice.iface {
         let by_ip: Option<Ipv4Addr> = wanted.parse().ok();
-        let found = ifaces.iter().find(|i| match by_ip {
-            Some(ip) => i.addrs.contains(&ip),
-            None => i.name == *wanted,
+        let by_ip6: Option<Ipv6Addr> = wanted.parse().ok();
+        let found = ifaces.iter().find(|i| match (by_ip, by_ip6) {
+            (Some(ip), _) => i.addrs.contains(&ip),
+            (_, Some(ip)) => i.addrs6.contains(&ip),
+            _ => i.name == *wanted,
         });
         if let Some(i) = found {
-            return pick(i, by_ip);
+            return pick(i, by_ip, by_ip6);
         }
     }
     if !choice.iface.is_empty() {
@@ -97,14 +108,17 @@ pub fn choose_from(
         // flanneld matches the regex against addresses first, then names.
         for i in ifaces {
             if let Some(a) = i.addrs.iter().find(|a| re.is_match(&a.to_string())) {
-                return pick(i, Some(*a));
+                return pick(i, Some(*a), None);
+            }
+            if let Some(a) = i.addrs6.iter().find(|a| re.is_match(&a.to_string())) {
+                return pick(i, None, Some(*a));
             }
         }
         if let Some(i) = ifaces
             .iter()
             .find(|i| re.is_match(&i.name) && !i.addrs.is_empty())
         {
-            return pick(i, None);
+            return pick(i, None, None);
         }
     }
     if !choice.iface_regex.is_empty() {
@@ -124,7 +138,7 @@ pub fn choose_from(
         .iter()
         .find(|i| i.index == index)
         .ok_or(IfaceError::NoDefaultRoute)?;
-    pick(i, None)
+    pick(i, None, None)
 }
 
 /// Choose in `nl`'s network namespace.
@@ -145,24 +159,28 @@ mod tests {
                 name: "lo".into(),
                 index: 1,
                 addrs: vec![Ipv4Addr::LOCALHOST],
+                addrs6: vec![],
                 mtu: 65536,
             },
             Interface {
                 name: "eth0".into(),
                 index: 2,
                 addrs: vec!["192.168.1.5".parse().unwrap()],
+                addrs6: vec!["fd00:1::5".parse().unwrap()],
                 mtu: 1500,
             },
             Interface {
                 name: "eth1".into(),
                 index: 3,
                 addrs: vec!["172.16.0.5".parse().unwrap(), "172.16.0.6".parse().unwrap()],
+                addrs6: vec!["fd00:16::5".parse().unwrap(), "fd00:16::6".parse().unwrap()],
                 mtu: 9000,
             },
             Interface {
                 name: "dummy0".into(),
                 index: 4,
                 addrs: vec![],
+                addrs6: vec![],
                 mtu: 1500,
             },
         ]
@@ -189,6 +207,54 @@ mod tests {
             (e.ipv4.to_string(), e.public_ip.to_string()),
             ("192.168.1.5".into(), "1.2.3.4".into())
         );
+    }
+
+    #[test]
+    fn ipv6_address_as_flanneld_picks_it() {
+        let e = choose_from(&IfaceChoice::default(), &ifaces(), Some(3)).unwrap();
+        assert_eq!(
+            (e.ipv6, e.public_ipv6),
+            (
+                Some("fd00:16::5".parse().unwrap()),
+                Some("fd00:16::5".parse().unwrap())
+            )
+        );
+        let c = IfaceChoice {
+            iface: vec!["fd00:16::6".into()],
+            public_ipv6: Some("2001:db8::1".parse().unwrap()),
+            ..Default::default()
+        };
+        let e = choose_from(&c, &ifaces(), None).unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.ipv4.to_string()),
+            ("eth1", "172.16.0.5".into())
+        );
+        assert_eq!(
+            (e.ipv6, e.public_ipv6),
+            (
+                Some("fd00:16::6".parse().unwrap()),
+                Some("2001:db8::1".parse().unwrap())
+            )
+        );
+        let c = IfaceChoice {
+            iface_regex: vec![Regex::new("^fd00:1::").unwrap()],
+            ..Default::default()
+        };
+        let e = choose_from(&c, &ifaces(), None).unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.ipv6),
+            ("eth0", Some("fd00:1::5".parse().unwrap()))
+        );
+        let e = choose_from(
+            &IfaceChoice {
+                iface: vec!["lo".into()],
+                ..Default::default()
+            },
+            &ifaces(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(e.ipv6, None, "no global IPv6 address");
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Leases and the events that the watcher turns snapshots and watches into.
 //!
-//! A lease is one host's claim on one subnet: key `<prefix>/subnets/10.1.10.0-24`,
-//! value `{"PublicIP":...,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":...}}`.
-//! The subnet always comes from the key, never from the value.
+//! A lease is one host's claim on one subnet, or on one subnet of each family: key
+//! `<prefix>/subnets/10.1.10.0-24` (dual stack `10.1.10.0-24&fd00:10:1::-64`, IPv6 only
+//! `0.0.0.0-0&fd00:10:1::-64`), value `{"PublicIP":...,"PublicIPv6":...,"BackendType":"vxlan",
+//! "BackendData":{"VNI":1,"VtepMAC":...},"BackendV6Data":{...}}`. The subnets always come from
+//! the key, never from the value.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 /// A MAC address, printed lowercase with colons as flannel writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -15,28 +17,94 @@ pub struct MacAddr(pub [u8; 6]);
 /// What a lease advertises about its holder (flannel's `LeaseAttrs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseAttrs {
+    /// 0.0.0.0 on an IPv6-only host (flanneld writes that).
     pub public_ip: Ipv4Addr,
+    /// `PublicIPv6`: the host's underlay IPv6 address when it carries IPv6, else `null`.
+    pub public_ipv6: Option<Ipv6Addr>,
     pub backend: BackendAttrs,
+    /// `BackendV6Data` of a vxlan host carrying IPv6: VNI and MAC of its `flannel-v6.<VNI>`.
+    pub backend_v6: Option<VxlanData>,
+}
+
+/// A vxlan VTEP as `BackendData` (`flannel.<VNI>`) and `BackendV6Data` (`flannel-v6.<VNI>`) carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VxlanData {
+    /// `None` for writers that left it out.
+    pub vni: Option<u32>,
+    pub vtep_mac: MacAddr,
 }
 
 /// The backend-specific part of a lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendAttrs {
-    /// `"BackendType":"vxlan"`; `vni` is `None` for old writers that left it out.
+    /// `"BackendType":"vxlan"` with `BackendData` (the IPv4 VTEP, `flannel.<VNI>`); `vni` is
+    /// `None` for old writers that left it out.
     Vxlan { vni: Option<u32>, vtep_mac: MacAddr },
+    /// `"BackendType":"vxlan"` without `BackendData`: an IPv6-only host, whose only VTEP is in
+    /// [`LeaseAttrs::backend_v6`].
+    VxlanIpv6Only,
     /// `"BackendType":"host-gw"` (no backend data).
     HostGw,
     /// Any other backend type; receivers ignore these leases.
     Other(String),
 }
 
-/// One host's lease on one subnet.
+/// One host's lease on one subnet of each family it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
+    /// The IPv4 subnet; 0.0.0.0/0 on an IPv6-only lease (as flannel's key spells it), see
+    /// [`Lease::ipv4_subnet`].
     pub subnet: Ipv4Net,
+    /// The IPv6 subnet of a dual-stack or IPv6-only lease.
+    pub ipv6_subnet: Option<Ipv6Net>,
     pub attrs: LeaseAttrs,
     /// etcd lease id the key is attached to (0 when unknown or none).
     pub etcd_lease: i64,
+}
+
+/// What names a lease: the subnets in its key (`10.1.10.0-24&fd00:10:1::-64`). Two leases with
+/// the same IPv4 subnet but different IPv6 subnets are different keys, as in etcd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseKey {
+    /// 0.0.0.0/0 when the lease has no IPv4 subnet.
+    pub v4: Ipv4Net,
+    pub v6: Option<Ipv6Net>,
+}
+
+impl From<Ipv4Net> for LeaseKey {
+    fn from(v4: Ipv4Net) -> Self {
+        LeaseKey { v4, v6: None }
+    }
+}
+
+impl LeaseKey {
+    /// The IPv4 subnet, `None` for an IPv6-only key (0.0.0.0-0).
+    pub fn ipv4(&self) -> Option<Ipv4Net> {
+        Some(self.v4).filter(|n| n.prefix_len() != 0)
+    }
+}
+
+impl LeaseKey {
+    /// flannel's spelling, the last element of the etcd key: `10.1.10.0-24`,
+    /// `10.1.10.0-24&fd00:10:1::-64`, `0.0.0.0-0&fd00:10:1::-64`.
+    pub fn etcd_name(&self) -> String {
+        let mut out = format!("{}-{}", self.v4.addr(), self.v4.prefix_len());
+        if let Some(v6) = self.v6 {
+            out += &format!("&{}-{}", v6.addr(), v6.prefix_len());
+        }
+        out
+    }
+}
+
+/// For logs and messages: `10.1.10.0/24`, `10.1.10.0/24 fd00:10:1::/64`, `fd00:10:1::/64`.
+impl fmt::Display for LeaseKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.ipv4(), self.v6) {
+            (Some(v4), Some(v6)) => write!(f, "{v4} {v6}"),
+            (None, Some(v6)) => write!(f, "{v6}"),
+            (_, None) => write!(f, "{}", self.v4),
+        }
+    }
 }
 
 /// A change in the peer set, as backends consume it. Our own lease is never sent.
@@ -59,7 +127,7 @@ use crate::config::{lowercase_keys, Typed};
 /// Why a lease key or value could not be read. Readers skip such leases with a warning.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LeaseError {
-    #[error("lease key {key:?} is not `<ip>-<prefix len>` (like 10.1.10.0-24); skipping it")]
+    #[error("lease key {key:?} is not `<ip>-<prefix len>` (like 10.1.10.0-24, or 10.1.10.0-24&fd00:10:1::-64 with IPv6); skipping it")]
     BadKey { key: String },
     #[error("lease value under {key:?} is not a JSON object ({reason}); skipping it")]
     BadJson { key: String, reason: String },
@@ -124,7 +192,7 @@ impl BackendAttrs {
     /// flannel's `BackendType` string.
     pub fn type_name(&self) -> &str {
         match self {
-            BackendAttrs::Vxlan { .. } => "vxlan",
+            BackendAttrs::Vxlan { .. } | BackendAttrs::VxlanIpv6Only => "vxlan",
             BackendAttrs::HostGw => "host-gw",
             BackendAttrs::Other(t) => t,
         }
@@ -138,20 +206,39 @@ pub fn subnet_key(subnet: Ipv4Net) -> String {
 
 /// Parse a lease key (full path or last element). Dual-stack keys `a&b` give their IPv4 part.
 pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseError> {
+    parse_lease_key(key).map(|k| k.v4)
+}
+
+/// Parse a lease key (full path or last element), both parts of a dual-stack one. The IPv4 part
+/// is always there (0.0.0.0-0 on IPv6-only leases), as flannel's key pattern requires.
+pub fn parse_lease_key(key: &str) -> Result<LeaseKey, LeaseError> {
     let bad = || LeaseError::BadKey {
         key: key.to_string(),
     };
     let last = key.rsplit('/').next().unwrap_or(key);
-    let v4 = last.split('&').next().unwrap_or(last);
-    let (ip, len) = v4.rsplit_once('-').ok_or_else(bad)?;
-    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
-    let len: u8 = len.parse().map_err(|_| bad())?;
-    let net = Ipv4Net::new(ip, len).map_err(|_| bad())?;
-    // A key with host bits set names no subnet flannel would have written.
-    if net.network() != ip {
-        return Err(bad());
+    let (v4, v6) = match last.split_once('&') {
+        Some((v4, v6)) => (v4, Some(v6)),
+        None => (last, None),
+    };
+    fn net<A: std::str::FromStr, N>(part: &str, new: impl Fn(A, u8) -> Option<N>) -> Option<N> {
+        let (ip, len) = part.rsplit_once('-')?;
+        new(ip.parse().ok()?, len.parse().ok()?)
     }
-    Ok(net)
+    // A key with host bits set names no subnet flannel would have written.
+    let v4 = net(v4, |ip: Ipv4Addr, len| {
+        Ipv4Net::new(ip, len).ok().filter(|n| n.network() == ip)
+    })
+    .ok_or_else(bad)?;
+    let v6 = match v6 {
+        None => None,
+        Some(v6) => Some(
+            net(v6, |ip: Ipv6Addr, len| {
+                Ipv6Net::new(ip, len).ok().filter(|n| n.network() == ip)
+            })
+            .ok_or_else(bad)?,
+        ),
+    };
+    Ok(LeaseKey { v4, v6 })
 }
 
 /// A lease value as flanneld writes it: Go's field order, `PublicIPv6` null, `BackendData` left out
@@ -162,10 +249,12 @@ struct WireOut<'a> {
     #[serde(rename = "PublicIP")]
     public_ip: Ipv4Addr,
     #[serde(rename = "PublicIPv6")]
-    public_ipv6: Option<Ipv4Addr>,
+    public_ipv6: Option<Ipv6Addr>,
     backend_type: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     backend_data: Option<VxlanOut>,
+    #[serde(rename = "BackendV6Data", skip_serializing_if = "Option::is_none")]
+    backend_v6_data: Option<VxlanOut>,
 }
 
 #[derive(Serialize)]
@@ -181,8 +270,11 @@ struct VxlanOut {
 #[derive(Deserialize)]
 struct WireIn {
     publicip: Option<Typed<Ipv4Addr>>,
+    /// `null` reads as `None`, like a missing field.
+    publicipv6: Option<Typed<Ipv6Addr>>,
     backendtype: Option<Typed<String>>,
     backenddata: Option<Typed<AnyCase<VxlanIn>>>,
+    backendv6data: Option<Typed<AnyCase<VxlanIn>>>,
 }
 
 /// A `T` read from an object whose keys may be in any letter case.
@@ -212,18 +304,20 @@ impl<'de> Deserialize<'de> for MacAddr {
 impl LeaseAttrs {
     /// Serialise exactly as flanneld does.
     pub fn to_json(&self) -> String {
+        let vxlan = |vni: Option<u32>, mac: MacAddr| VxlanOut {
+            vni: vni.unwrap_or(0),
+            vtep_mac: mac.to_string(),
+        };
         let backend_data = match &self.backend {
-            BackendAttrs::Vxlan { vni, vtep_mac } => Some(VxlanOut {
-                vni: vni.unwrap_or(0),
-                vtep_mac: vtep_mac.to_string(),
-            }),
+            BackendAttrs::Vxlan { vni, vtep_mac } => Some(vxlan(*vni, *vtep_mac)),
             _ => None,
         };
         let wire = WireOut {
             public_ip: self.public_ip,
-            public_ipv6: None,
+            public_ipv6: self.public_ipv6,
             backend_type: self.backend.type_name(),
             backend_data,
+            backend_v6_data: self.backend_v6.map(|v| vxlan(v.vni, v.vtep_mac)),
         };
         // Addresses, strings and numbers always serialise.
         serde_json::to_string(&wire).unwrap_or_default()
@@ -265,58 +359,132 @@ impl LeaseAttrs {
             Some(Typed::Ok(t)) => t,
             other => return Err(bad("BackendType", Typed::found(other), "a string")),
         };
+        let public_ipv6 = match wire.publicipv6 {
+            None => None,
+            Some(Typed::Ok(ip)) => Some(ip),
+            other => {
+                return Err(bad(
+                    "PublicIPv6",
+                    Typed::found(other),
+                    "null or an IPv6 address string",
+                ))
+            }
+        };
+        let vxlan = |field: &'static str,
+                     mac_field: &'static str,
+                     vni_field: &'static str,
+                     data: Option<Typed<AnyCase<VxlanIn>>>|
+         -> Result<Option<VxlanData>, LeaseError> {
+            let data = match data {
+                None => return Ok(None),
+                Some(Typed::Ok(AnyCase(d))) => d,
+                other => return Err(bad(field, Typed::found(other), "an object with VtepMAC")),
+            };
+            let vtep_mac = match data.vtepmac {
+                Some(Typed::Ok(m)) => m,
+                other => return Err(bad(mac_field, Typed::found(other), "a MAC address string")),
+            };
+            let vni = match data.vni {
+                None => None,
+                Some(Typed::Ok(n)) => Some(n),
+                other => return Err(bad(vni_field, Typed::found(other), "an unsigned integer")),
+            };
+            Ok(Some(VxlanData { vni, vtep_mac }))
+        };
+        let mut backend_v6 = None;
         let backend = match backend_type.as_str() {
             "vxlan" => {
-                let data = match wire.backenddata {
-                    Some(Typed::Ok(AnyCase(d))) => d,
-                    other => {
-                        return Err(bad(
-                            "BackendData",
-                            Typed::found(other),
-                            "an object with VtepMAC",
-                        ))
+                backend_v6 = vxlan(
+                    "BackendV6Data",
+                    "BackendV6Data.VtepMAC",
+                    "BackendV6Data.VNI",
+                    wire.backendv6data,
+                )?;
+                let v4 = vxlan(
+                    "BackendData",
+                    "BackendData.VtepMAC",
+                    "BackendData.VNI",
+                    wire.backenddata,
+                )?;
+                match (v4, backend_v6) {
+                    (Some(VxlanData { vni, vtep_mac }), _) => BackendAttrs::Vxlan { vni, vtep_mac },
+                    (None, Some(_)) if public_ipv6.is_some() => BackendAttrs::VxlanIpv6Only,
+                    (None, _) => {
+                        return Err(bad("BackendData", None, "an object with VtepMAC"));
                     }
-                };
-                let vtep_mac = match data.vtepmac {
-                    Some(Typed::Ok(m)) => m,
-                    other => {
-                        return Err(bad(
-                            "BackendData.VtepMAC",
-                            Typed::found(other),
-                            "a MAC address string",
-                        ))
-                    }
-                };
-                let vni = match data.vni {
-                    None => None,
-                    Some(Typed::Ok(n)) => Some(n),
-                    other => {
-                        return Err(bad(
-                            "BackendData.VNI",
-                            Typed::found(other),
-                            "an unsigned integer",
-                        ))
-                    }
-                };
-                BackendAttrs::Vxlan { vni, vtep_mac }
+                }
             }
             "host-gw" => BackendAttrs::HostGw,
             _ => BackendAttrs::Other(backend_type),
         };
-        Ok(LeaseAttrs { public_ip, backend })
+        Ok(LeaseAttrs {
+            public_ip,
+            public_ipv6,
+            backend,
+            backend_v6,
+        })
+    }
+
+    /// Whether `other` was written by the same host: the same PublicIP, or on IPv6-only hosts
+    /// (whose PublicIP is 0.0.0.0) the same PublicIPv6. flanneld compares PublicIP only, so its
+    /// IPv6-only hosts would all claim each other's leases.
+    pub fn same_host(&self, other: &LeaseAttrs) -> bool {
+        if self.public_ip.is_unspecified() {
+            self.public_ipv6.is_some() && self.public_ipv6 == other.public_ipv6
+        } else {
+            self.public_ip == other.public_ip
+        }
     }
 }
 
 impl Lease {
     /// Build a lease from an etcd key and value, as the watcher sees them.
     pub fn from_kv(key: &str, value: &[u8], etcd_lease: i64) -> Result<Self, LeaseError> {
-        let subnet = parse_subnet_key(key)?;
+        let k = parse_lease_key(key)?;
         let attrs = LeaseAttrs::from_json(key, value)?;
-        Ok(Lease {
-            subnet,
+        Ok(Lease::new(k, attrs, etcd_lease))
+    }
+
+    pub fn new(key: LeaseKey, attrs: LeaseAttrs, etcd_lease: i64) -> Self {
+        Lease {
+            subnet: key.v4,
+            ipv6_subnet: key.v6,
             attrs,
             etcd_lease,
-        })
+        }
+    }
+
+    /// The subnets naming this lease (its etcd key).
+    pub fn key(&self) -> LeaseKey {
+        LeaseKey {
+            v4: self.subnet,
+            v6: self.ipv6_subnet,
+        }
+    }
+
+    /// The IPv4 subnet, `None` on an IPv6-only lease.
+    pub fn ipv4_subnet(&self) -> Option<Ipv4Net> {
+        self.key().ipv4()
+    }
+
+    /// The IPv4 VTEP (`flannel.<VNI>`): the subnet, PublicIP and VtepMAC, when the lease has one.
+    pub fn vtep_v4(&self) -> Option<(Ipv4Net, Ipv4Addr, MacAddr)> {
+        match self.attrs.backend {
+            BackendAttrs::Vxlan { vtep_mac, .. } => {
+                Some((self.ipv4_subnet()?, self.attrs.public_ip, vtep_mac))
+            }
+            _ => None,
+        }
+    }
+
+    /// The IPv6 VTEP (`flannel-v6.<VNI>`): the IPv6 subnet, PublicIPv6 and the MAC of
+    /// `BackendV6Data`, when the lease has all three.
+    pub fn vtep_v6(&self) -> Option<(Ipv6Net, Ipv6Addr, MacAddr)> {
+        Some((
+            self.ipv6_subnet?,
+            self.attrs.public_ipv6?,
+            self.attrs.backend_v6?.vtep_mac,
+        ))
     }
 }
 
@@ -327,9 +495,9 @@ impl Lease {
 /// id produce no event.
 #[derive(Debug, Clone)]
 pub struct PeerSet {
-    own: Option<Ipv4Net>,
+    own: Option<LeaseKey>,
     backend_type: String,
-    peers: BTreeMap<Ipv4Net, Lease>,
+    peers: BTreeMap<LeaseKey, Lease>,
 }
 
 impl PeerSet {
@@ -343,13 +511,14 @@ impl PeerSet {
     }
 
     /// Set our own subnet; a peer entry for it (seen before we knew) is reported removed.
-    pub fn set_own(&mut self, own: Ipv4Net) -> Option<LeaseEvent> {
+    pub fn set_own(&mut self, own: impl Into<LeaseKey>) -> Option<LeaseEvent> {
+        let own = own.into();
         self.own = Some(own);
         self.peers.remove(&own).map(LeaseEvent::Removed)
     }
 
     fn wanted(&self, lease: &Lease) -> bool {
-        Some(lease.subnet) != self.own && lease.attrs.backend.type_name() == self.backend_type
+        Some(lease.key()) != self.own && lease.attrs.backend.type_name() == self.backend_type
     }
 
     /// A lease was put (added, changed or renewed).
@@ -357,10 +526,10 @@ impl PeerSet {
         if !self.wanted(&lease) {
             // A known peer that switched to another backend type is gone for us.
             return self
-                .delete(lease.subnet)
-                .filter(|_| Some(lease.subnet) != self.own);
+                .delete(lease.key())
+                .filter(|_| Some(lease.key()) != self.own);
         }
-        match self.peers.insert(lease.subnet, lease.clone()) {
+        match self.peers.insert(lease.key(), lease.clone()) {
             None => Some(LeaseEvent::Added(lease)),
             Some(old) if old.attrs != lease.attrs => Some(LeaseEvent::Changed { old, new: lease }),
             Some(_) => None,
@@ -368,8 +537,8 @@ impl PeerSet {
     }
 
     /// A lease key was deleted (expired or removed).
-    pub fn delete(&mut self, subnet: Ipv4Net) -> Option<LeaseEvent> {
-        self.peers.remove(&subnet).map(LeaseEvent::Removed)
+    pub fn delete(&mut self, key: impl Into<LeaseKey>) -> Option<LeaseEvent> {
+        self.peers.remove(&key.into()).map(LeaseEvent::Removed)
     }
 
     /// Replace the whole set with a fresh listing and return the difference as events.
@@ -377,10 +546,10 @@ impl PeerSet {
         let mut events = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         for lease in snapshot {
-            seen.insert(lease.subnet);
+            seen.insert(lease.key());
             events.extend(self.put(lease));
         }
-        let gone: Vec<Ipv4Net> = self
+        let gone: Vec<LeaseKey> = self
             .peers
             .keys()
             .filter(|s| !seen.contains(s))
@@ -412,8 +581,11 @@ mod tests {
 
     fn vx(subnet: &str, ip: &str, mac: &str) -> Lease {
         Lease {
+            ipv6_subnet: None,
             subnet: subnet.parse().unwrap(),
             attrs: LeaseAttrs {
+                backend_v6: None,
+                public_ipv6: None,
                 public_ip: ip.parse().unwrap(),
                 backend: BackendAttrs::Vxlan {
                     vni: Some(1),
@@ -434,9 +606,124 @@ mod tests {
         );
     }
 
+    /// What flanneld v0.20 writes for a dual-stack vxlan host: PublicIPv6, then BackendV6Data
+    /// (flannel-v6.1's VNI and MAC) after BackendData.
+    const FLANNEL_DUAL: &str = r#"{"PublicIP":"172.16.15.21","PublicIPv6":"fd00:16::21","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"f6:14:ca:9c:9a:74"},"BackendV6Data":{"VNI":1,"VtepMAC":"8e:51:3f:0a:22:01"}}"#;
+    const FLANNEL_V6_ONLY: &str = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:16::21","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"8e:51:3f:0a:22:01"}}"#;
+
+    #[test]
+    fn dual_stack_and_ipv6_only_values_are_byte_identical_to_flanneld() {
+        let mut l = vx("10.1.10.0/24", "172.16.15.21", "f6:14:ca:9c:9a:74");
+        l.ipv6_subnet = Some("fd00:10:1::/64".parse().unwrap());
+        l.attrs.public_ipv6 = Some("fd00:16::21".parse().unwrap());
+        l.attrs.backend_v6 = Some(VxlanData {
+            vni: Some(1),
+            vtep_mac: "8e:51:3f:0a:22:01".parse().unwrap(),
+        });
+        assert_eq!(l.attrs.to_json(), FLANNEL_DUAL);
+        assert_eq!(
+            LeaseAttrs::from_json("k", FLANNEL_DUAL.as_bytes()).unwrap(),
+            l.attrs
+        );
+        assert_eq!(l.key().etcd_name(), "10.1.10.0-24&fd00:10:1::-64");
+        assert_eq!(l.key().to_string(), "10.1.10.0/24 fd00:10:1::/64");
+        let read = Lease::from_kv(
+            "/coreos.com/network/subnets/10.1.10.0-24&fd00:10:1::-64",
+            FLANNEL_DUAL.as_bytes(),
+            7,
+        )
+        .unwrap();
+        assert_eq!(
+            read.vtep_v6(),
+            Some((
+                "fd00:10:1::/64".parse().unwrap(),
+                "fd00:16::21".parse().unwrap(),
+                "8e:51:3f:0a:22:01".parse().unwrap()
+            ))
+        );
+        assert_eq!(
+            read.vtep_v4().map(|v| v.2.to_string()),
+            Some("f6:14:ca:9c:9a:74".into())
+        );
+
+        let only6 = LeaseAttrs {
+            public_ip: Ipv4Addr::UNSPECIFIED,
+            backend: BackendAttrs::VxlanIpv6Only,
+            ..l.attrs.clone()
+        };
+        assert_eq!(only6.to_json(), FLANNEL_V6_ONLY);
+        assert_eq!(
+            LeaseAttrs::from_json("k", FLANNEL_V6_ONLY.as_bytes()).unwrap(),
+            only6
+        );
+        let read =
+            Lease::from_kv("0.0.0.0-0&fd00:10:1::-64", FLANNEL_V6_ONLY.as_bytes(), 0).unwrap();
+        assert_eq!((read.ipv4_subnet(), read.vtep_v4()), (None, None));
+        assert!(read.vtep_v6().is_some());
+        // IPv6-only hosts share PublicIP 0.0.0.0: they are told apart by PublicIPv6.
+        let other = LeaseAttrs {
+            public_ipv6: Some("fd00:16::22".parse().unwrap()),
+            ..only6.clone()
+        };
+        assert!(only6.same_host(&only6) && !only6.same_host(&other));
+
+        for (bad, needle) in [
+            (
+                r#"{"PublicIP":"1.1.1.1","PublicIPv6":"1.1.1.1","BackendType":"host-gw"}"#,
+                "PublicIPv6",
+            ),
+            (
+                r#"{"PublicIP":"1.1.1.1","PublicIPv6":"fd00::1","BackendType":"vxlan","BackendData":{"VtepMAC":"f6:14:ca:9c:9a:74"},"BackendV6Data":{"VtepMAC":7}}"#,
+                "BackendV6Data.VtepMAC",
+            ),
+        ] {
+            let e = LeaseAttrs::from_json("k", bad.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn dual_stack_keys() {
+        let k =
+            parse_lease_key("/coreos.com/network/subnets/10.1.54.0-24&fc00:0:0:36::-64").unwrap();
+        assert_eq!(
+            (k.v4.to_string(), k.v6.map(|n| n.to_string())),
+            ("10.1.54.0/24".into(), Some("fc00:0:0:36::/64".into()))
+        );
+        assert_eq!(k.etcd_name(), "10.1.54.0-24&fc00:0:0:36::-64");
+        let only6 = parse_lease_key("0.0.0.0-0&fd00:10:1::-64").unwrap();
+        assert_eq!(
+            (only6.ipv4(), only6.etcd_name()),
+            (None, "0.0.0.0-0&fd00:10:1::-64".into())
+        );
+        for bad in [
+            "10.1.54.0-24&fd00::1-64",
+            "10.1.54.0-24&fd00::-129",
+            "10.1.54.0-24&",
+            "10.1.54.0-24&x-64",
+        ] {
+            assert!(parse_lease_key(bad).is_err(), "{bad}");
+        }
+        // Same IPv4 subnet, different IPv6 subnets: two peers, as two etcd keys are.
+        let mut ps = PeerSet::new("vxlan");
+        let mut a = vx("10.1.2.0/24", "1.1.1.2", "02:00:00:00:00:02");
+        a.ipv6_subnet = Some("fd00::/64".parse().unwrap());
+        let b = Lease {
+            ipv6_subnet: Some("fd00:0:0:1::/64".parse().unwrap()),
+            ..a.clone()
+        };
+        assert!(ps.put(a.clone()).is_some() && ps.put(b.clone()).is_some());
+        assert_eq!(ps.delete(a.key()), Some(LeaseEvent::Removed(a)));
+        assert_eq!(ps.leases(), vec![b]);
+    }
+
     #[test]
     fn host_gw_value_has_no_backend_data() {
         let a = LeaseAttrs {
+            backend_v6: None,
+            public_ipv6: None,
             public_ip: "10.0.0.5".parse().unwrap(),
             backend: BackendAttrs::HostGw,
         };
@@ -510,7 +797,7 @@ mod tests {
     #[test]
     fn peer_set_events() {
         let mut ps = PeerSet::new("vxlan");
-        assert_eq!(ps.set_own("10.1.1.0/24".parse().unwrap()), None);
+        assert_eq!(ps.set_own("10.1.1.0/24".parse::<Ipv4Net>().unwrap()), None);
         let a = vx("10.1.2.0/24", "1.1.1.2", "02:00:00:00:00:02");
         assert_eq!(
             ps.put(vx("10.1.1.0/24", "1.1.1.1", "02:00:00:00:00:01")),

@@ -298,6 +298,19 @@ impl Host {
                 "ens32",
             ])
             .await?;
+        // The IPv6 underlay (fd00:16::21/64, ...), without duplicate address detection so the
+        // address is usable at once. IPv4-only agents ignore it.
+        netns
+            .ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", ipv6_of(octet)),
+                "dev",
+                "ens32",
+                "nodad",
+            ])
+            .await?;
         netns.ip(&["link", "set", "ens32", "up"]).await?;
         netns.sysctl("net.ipv4.ip_forward", "1").await?;
         netns
@@ -338,6 +351,11 @@ impl Host {
     /// The host's underlay address (its "public IP").
     pub fn ens32_ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// The host's underlay IPv6 address (its "PublicIPv6"): fd00:16::21, fd00:16::22, ...
+    pub fn ens32_ipv6(&self) -> std::net::Ipv6Addr {
+        ipv6_of(self.ip.octets()[3])
     }
 
     /// The host's directory: subnet file, agent log.
@@ -528,6 +546,40 @@ impl Host {
         Ok(container)
     }
 
+    /// Dual stack for docker0 and this host's containers, from the agent's `FLANNEL_IPV6_SUBNET`
+    /// (`fd00:10:0:a::1/64`): docker0 gets that first address, the n-th container `::(n+2)` and
+    /// a default IPv6 route via docker0, IPv6 forwarding on. Returns each container's address, in
+    /// creation order.
+    pub async fn enable_ipv6(&self) -> anyhow::Result<Vec<(Container, std::net::Ipv6Addr)>> {
+        let text = std::fs::read_to_string(self.subnet_file())?;
+        let first: ipnet::Ipv6Net = text
+            .lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))
+            .with_context(|| format!("no FLANNEL_IPV6_SUBNET in {}:\n{text}", self.name()))?
+            .parse()?;
+        self.netns
+            .sysctl("net.ipv6.conf.all.forwarding", "1")
+            .await?;
+        self.netns
+            .ip(&[
+                "-6",
+                "addr",
+                "replace",
+                &first.to_string(),
+                "dev",
+                "docker0",
+                "nodad",
+            ])
+            .await?;
+        let mut out = Vec::new();
+        for (n, c) in self.containers().into_iter().enumerate() {
+            let ip = std::net::Ipv6Addr::from(u128::from(first.network()) + 2 + n as u128);
+            c.add_ipv6(ip, first.prefix_len(), first.addr()).await?;
+            out.push((c, ip));
+        }
+        Ok(out)
+    }
+
     /// The containers on this host, in creation order.
     pub fn containers(&self) -> Vec<Container> {
         lock(&self.containers).clone()
@@ -575,6 +627,13 @@ impl SubnetEnv {
             ipmasq: var("FLANNEL_IPMASQ").map(|v| v == "true").unwrap_or(false),
         })
     }
+}
+
+/// The underlay IPv6 address of the host whose IPv4 address ends in `octet` (hex digits that read
+/// like the decimal ones: .21 -> fd00:16::21).
+fn ipv6_of(octet: u8) -> std::net::Ipv6Addr {
+    let group = u16::from_str_radix(&octet.to_string(), 16).unwrap_or(u16::from(octet));
+    std::net::Ipv6Addr::new(0xfd00, 0x16, 0, 0, 0, 0, 0, group)
 }
 
 /// Docker names the host end `veth` + 7 hex digits; derived from the container's name here so it

@@ -117,10 +117,39 @@ impl Container {
         self.inner.netns.exec_ok(argv).await
     }
 
-    /// One ICMP echo to `ip`, answered within 2 s, or an error with ping's output.
-    pub async fn ping(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
+    /// Give eth0 the IPv6 address `ip/prefix_len` and a default IPv6 route via `gateway` (the
+    /// host's docker0 IPv6 address), as Docker does with `--ipv6 --fixed-cidr-v6`.
+    pub async fn add_ipv6(
+        &self,
+        ip: std::net::Ipv6Addr,
+        prefix_len: u8,
+        gateway: std::net::Ipv6Addr,
+    ) -> anyhow::Result<()> {
+        let netns = &self.inner.netns;
+        netns
+            .ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/{prefix_len}"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])
+            .await?;
+        netns
+            .ip(&["-6", "route", "add", "default", "via", &gateway.to_string()])
+            .await?;
+        Ok(())
+    }
+
+    /// One ICMP echo (or ICMPv6 echo, `ping -6`, for an IPv6 address) to `ip`, answered within
+    /// 2 s, or an error with ping's output.
+    pub async fn ping(&self, ip: impl Into<std::net::IpAddr>) -> anyhow::Result<()> {
+        let ip = ip.into();
+        let family = if ip.is_ipv6() { "-6" } else { "-4" };
         let out = self
-            .exec(&["ping", "-n", "-c", "1", "-W", "2", &ip.to_string()])
+            .exec(&["ping", family, "-n", "-c", "1", "-W", "2", &ip.to_string()])
             .await;
         if !out.status.success() {
             bail!(
@@ -137,7 +166,12 @@ impl Container {
     }
 
     /// Ping `ip` until it answers or `timeout` passes (then the last ping's error).
-    pub async fn ping_until(&self, ip: Ipv4Addr, timeout: Duration) -> anyhow::Result<()> {
+    pub async fn ping_until(
+        &self,
+        ip: impl Into<std::net::IpAddr>,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let ip = ip.into();
         let deadline = Instant::now() + timeout;
         loop {
             match self.ping(ip).await {

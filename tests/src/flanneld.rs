@@ -98,6 +98,97 @@ pub async fn host_by_hand(
     Ok(mac)
 }
 
+/// flanneld's IPv6 VXLAN device (dual stack).
+pub const DEVICE_V6: &str = "flannel-v6.1";
+
+/// The lease value flanneld writes for a dual-stack vxlan node: `PublicIPv6` and `BackendV6Data`.
+pub fn dual_lease_value(
+    public_ip: Ipv4Addr,
+    public_ipv6: std::net::Ipv6Addr,
+    vtep_mac: &str,
+    vtep_mac6: &str,
+) -> String {
+    format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":"{public_ipv6}","BackendType":"vxlan","BackendData":{{"VNI":{VNI},"VtepMAC":"{vtep_mac}"}},"BackendV6Data":{{"VNI":{VNI},"VtepMAC":"{vtep_mac6}"}}}}"#
+    )
+}
+
+/// flannel-v6.1 as flanneld creates it over the IPv6 underlay on ens32, holding `<own>/128`.
+pub fn vxlan_device_v6(local: std::net::Ipv6Addr, own: ipnet::Ipv6Net) -> Vec<Vec<String>> {
+    vec![
+        argv(format!(
+            "ip link add {DEVICE_V6} type vxlan id {VNI} local {local} dev ens32 \
+             dstport {VXLAN_PORT} nolearning"
+        )),
+        argv(format!(
+            "ip -6 addr add {}/128 dev {DEVICE_V6} nodad",
+            own.network()
+        )),
+        argv(format!("ip link set {DEVICE_V6} up")),
+    ]
+}
+
+/// flanneld's three IPv6 entries for a dual-stack vxlan peer, on flannel-v6.1.
+pub fn vxlan_peer_v6(
+    subnet: ipnet::Ipv6Net,
+    public_ipv6: std::net::Ipv6Addr,
+    vtep_mac: &str,
+) -> Vec<Vec<String>> {
+    let gw = subnet.network();
+    vec![
+        argv(format!(
+            "ip -6 neigh replace {gw} dev {DEVICE_V6} lladdr {vtep_mac} nud permanent"
+        )),
+        argv(format!(
+            "bridge fdb replace {vtep_mac} dev {DEVICE_V6} dst {public_ipv6} self permanent"
+        )),
+        argv(format!(
+            "ip -6 route replace {subnet} via {gw} dev {DEVICE_V6} onlink"
+        )),
+    ]
+}
+
+/// [`host_by_hand`] for a dual-stack flanneld host: flannel.1 and flannel-v6.1, the `v4&v6` lease
+/// with flanneld's value, and the subnet file with its IPv6 lines. Returns both MACs.
+pub async fn dual_host_by_hand(
+    c: &Cluster,
+    host: &Host,
+    (network, subnet): (&str, Ipv4Net),
+    (network6, subnet6): (&str, ipnet::Ipv6Net),
+) -> anyhow::Result<(String, String)> {
+    let ns = host.netns();
+    run(
+        ns.name(),
+        &vxlan_device(host.ens32_ip(), subnet, None, MTU, &[]),
+    )
+    .await?;
+    run(ns.name(), &vxlan_device_v6(host.ens32_ipv6(), subnet6)).await?;
+    let mac = device_mac(ns).await?;
+    let out = ns.ip(&["-j", "link", "show", DEVICE_V6]).await?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("parse ip -j link")?;
+    let mac6 = v[0]["address"].as_str().unwrap_or_default().to_owned();
+    let key = format!(
+        "{}&{}-{}",
+        lease_key(c.prefix(), subnet),
+        subnet6.network(),
+        subnet6.prefix_len()
+    );
+    let value = dual_lease_value(host.ens32_ip(), host.ens32_ipv6(), &mac, &mac6);
+    c.etcd().etcdctl(&["put", &key, &value]).await?;
+    let env = subnet_env(network, subnet, MTU).replacen(
+        "FLANNEL_MTU",
+        &format!(
+            "FLANNEL_IPV6_NETWORK={network6}\nFLANNEL_IPV6_SUBNET={}/{}\nFLANNEL_MTU",
+            std::net::Ipv6Addr::from(u128::from(subnet6.network()) + 1),
+            subnet6.prefix_len()
+        ),
+        1,
+    );
+    std::fs::write(host.subnet_file(), env)
+        .with_context(|| format!("write {}", host.subnet_file().display()))?;
+    Ok((mac, mac6))
+}
+
 fn argv(line: String) -> Vec<String> {
     line.split_whitespace().map(str::to_owned).collect()
 }

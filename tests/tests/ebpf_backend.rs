@@ -216,8 +216,11 @@ fn container_ip(host: usize) -> String {
 
 fn lease(host: usize, mac: MacAddr) -> Lease {
     Lease {
+        ipv6_subnet: None,
         subnet: format!("10.1.{}.0/24", host + 1).parse().expect("subnet"),
         attrs: LeaseAttrs {
+            backend_v6: None,
+            public_ipv6: None,
             public_ip: UNDERLAY[host].parse().expect("ip"),
             backend: BackendAttrs::Vxlan {
                 vni: Some(1),
@@ -404,6 +407,7 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 async fn vxlan_settings(nl: &Netlink) -> Result<VxlanSettings, String> {
     let external = nl.iface_by_name("ens32").await.map_err(|e| e.to_string())?;
     Ok(VxlanSettings {
+        ipv6: None,
         network: "10.1.0.0/16".parse().expect("net"),
         vni: 1,
         port: 0,

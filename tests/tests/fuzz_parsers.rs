@@ -38,8 +38,9 @@ fn ipv4_net() -> impl Strategy<Value = Ipv4Net> {
 }
 
 /// A subnet a lease can hold: SubnetLen is at most 30.
+/// A subnet flannel could hand out: /0 is never one (it stands for "no IPv4" in IPv6-only keys).
 fn subnet() -> impl Strategy<Value = Ipv4Net> {
-    (ipv4(), 0u8..=30).prop_map(|(ip, len)| Ipv4Net::new(ip, len).unwrap().trunc())
+    (ipv4(), 1u8..=30).prop_map(|(ip, len)| Ipv4Net::new(ip, len).unwrap().trunc())
 }
 
 fn mac() -> impl Strategy<Value = MacAddr> {
@@ -57,7 +58,12 @@ fn lease_attrs() -> impl Strategy<Value = LeaseAttrs> {
             .prop_filter("named types", |t| t != "vxlan" && t != "host-gw")
             .prop_map(BackendAttrs::Other),
     ];
-    (ipv4(), backend).prop_map(|(public_ip, backend)| LeaseAttrs { public_ip, backend })
+    (ipv4(), backend).prop_map(|(public_ip, backend)| LeaseAttrs {
+        backend_v6: None,
+        public_ipv6: None,
+        public_ip,
+        backend,
+    })
 }
 
 /// `attrs` as weft writes it: a missing VNI becomes 0.
@@ -247,7 +253,7 @@ proptest! {
 
     #[test]
     fn subnet_files_round_trip(network in ipv4_net(), own in subnet(), mtu in any::<u32>(), ipmasq in any::<bool>()) {
-        let env = SubnetEnv { network, subnet: own, mtu, ipmasq };
+        let env = SubnetEnv { ipv6: None, network, subnet: own, mtu, ipmasq };
         let vars = parse_env(&env.render());
         prop_assert_eq!(vars.get("FLANNEL_NETWORK").unwrap(), &network.to_string());
         prop_assert_eq!(vars.get("FLANNEL_MTU").unwrap(), &mtu.to_string());
@@ -262,11 +268,11 @@ proptest! {
         for t in [&text, &junk] {
             let vars = parse_env(t);
             if let Some(s) = vars.get("FLANNEL_SUBNET") {
-                if let Some(net) = alloc::from_subnet_file(&cfg, s) {
+                if let Some(net) = alloc::from_subnet_file(&cfg, Some(s), vars.get("FLANNEL_IPV6_SUBNET").map(String::as_str)) {
                     prop_assert!(alloc::fits(&cfg, net));
                 }
             }
-            let _ = alloc::from_subnet_file(&cfg, t);
+            let _ = alloc::from_subnet_file(&cfg, Some(t), Some(t));
         }
     }
 }

@@ -176,8 +176,11 @@ fn mac(last: u8) -> MacAddr {
 
 fn vx(subnet: &str, public_ip: &str, m: MacAddr) -> Lease {
     Lease {
+        ipv6_subnet: None,
         subnet: net(subnet),
         attrs: LeaseAttrs {
+            backend_v6: None,
+            public_ipv6: None,
             public_ip: ip(public_ip),
             backend: BackendAttrs::Vxlan {
                 vni: Some(1),
@@ -190,8 +193,11 @@ fn vx(subnet: &str, public_ip: &str, m: MacAddr) -> Lease {
 
 fn hostgw_lease(subnet: &str, public_ip: &str) -> Lease {
     Lease {
+        ipv6_subnet: None,
         subnet: net(subnet),
         attrs: LeaseAttrs {
+            backend_v6: None,
+            public_ipv6: None,
             public_ip: ip(public_ip),
             backend: BackendAttrs::HostGw,
         },
@@ -207,6 +213,7 @@ async fn vxlan_backend(direct_routing: bool) -> VxlanBackend {
     let nl = Netlink::connect().expect("netlink");
     let external = nl.iface_by_name("ens32").await.expect("ens32");
     let settings = VxlanSettings {
+        ipv6: None,
         network: net("10.1.0.0/16"),
         vni: 1,
         port: 0,
@@ -547,6 +554,7 @@ async fn hostgw_backend() -> HostGwBackend {
     HostGwBackend::new(
         nl,
         HostGwSettings {
+            ipv6: None,
             network: net("10.1.0.0/16"),
             external,
         },

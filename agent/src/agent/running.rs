@@ -284,6 +284,7 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
         let env = SubnetEnv {
             network: self.net.network,
             subnet: self.own.subnet,
+            ipv6: self.net.ipv6_network().zip(self.own.ipv6_subnet),
             mtu: super::overlay_mtu(&self.net, &self.iface),
             ipmasq: self.cfg.ip_masq,
         };
@@ -293,7 +294,7 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
 
     /// Our key is gone or someone else's: get a lease again, the same subnet when free.
     async fn reacquire(&mut self) -> Result<(), AgentError> {
-        let old = self.own.subnet;
+        let old = self.own.key();
         // Overwritten while our etcd lease still runs: the subnet was ours, not free. Moving
         // would cut every container on docker0 off; take the key back instead.
         if self.store.ttl_left(self.own.etcd_lease).await?.is_some() {
@@ -316,11 +317,11 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
         )
         .await?;
         self.own = lease;
-        if self.own.subnet == old {
+        if self.own.key() == old {
             tracing::info!(subnet = %old, "lease re-acquired; datapath untouched");
             return Ok(());
         }
-        tracing::warn!(old = %old, new = %self.own.subnet, "our subnet was taken; moved to a new one");
+        tracing::warn!(old = %old, new = %self.own.key(), "our subnet was taken; moved to a new one");
         self.backend
             .own_lease(&self.own)
             .await
@@ -341,12 +342,22 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
     /// Whether a peer lease is one of this network's subnets. Anything else (a /16 over
     /// everyone, a subnet outside Network) would route other hosts' traffic to its holder:
     /// skipped with a warning.
+    /// A lease with an IPv4 and an IPv6 part fits when either family's part does (and the
+    /// backends program only the families that fit).
     pub fn fits(&self, lease: &Lease) -> bool {
-        let ok = lease.subnet.prefix_len() == self.net.subnet_len
-            && self.net.network.contains(&lease.subnet);
+        let v4 = lease.ipv4_subnet().is_some_and(|s| {
+            self.net.enable_ipv4
+                && s.prefix_len() == self.net.subnet_len
+                && self.net.network.contains(&s)
+        });
+        let v6 = match (self.net.ipv6, lease.ipv6_subnet) {
+            (Some(c), Some(s)) => s.prefix_len() == c.subnet_len && c.network.contains(&s),
+            _ => false,
+        };
+        let ok = v4 || v6;
         if !ok {
             tracing::warn!(
-                subnet = %lease.subnet,
+                subnet = %lease.key(),
                 public_ip = %lease.attrs.public_ip,
                 network = %self.net.network,
                 subnet_len = self.net.subnet_len,
@@ -361,16 +372,16 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
 
     /// Whether a watch update says we lost our own key.
     pub fn lost_own(&self, update: &WatchUpdate) -> bool {
-        let own = self.own.subnet;
+        let own = self.own.key();
         match update {
             WatchUpdate::Delete(s) => *s == own,
-            WatchUpdate::Put(l) => l.subnet == own && l.attrs != self.attrs,
+            WatchUpdate::Put(l) => l.key() == own && l.attrs != self.attrs,
             WatchUpdate::Snapshot(listing) => {
                 !listing.taken.contains(&own)
                     || listing
                         .leases
                         .iter()
-                        .any(|l| l.subnet == own && l.attrs != self.attrs)
+                        .any(|l| l.key() == own && l.attrs != self.attrs)
             }
         }
     }

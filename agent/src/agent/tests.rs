@@ -36,6 +36,8 @@ fn overlay_mtu_takes_the_encapsulation_off() {
 
 fn iface() -> ExternalIface {
     ExternalIface {
+        ipv6: None,
+        public_ipv6: None,
         name: "eth0".into(),
         index: 2,
         ipv4: OWN_IP,
@@ -224,6 +226,8 @@ fn peer(i: u32, generation: u8) -> (Ipv4Net, LeaseAttrs) {
     );
     let ip = Ipv4Addr::from(0xac10_1000 + i);
     let attrs = LeaseAttrs {
+        backend_v6: None,
+        public_ipv6: None,
         public_ip: ip,
         backend: BackendAttrs::Vxlan {
             vni: Some(1),

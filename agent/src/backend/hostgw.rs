@@ -6,12 +6,15 @@
 
 use std::net::Ipv4Addr;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info};
 
 use super::{Backend, BackendError};
 use crate::lease::{BackendAttrs, Lease, LeaseEvent};
-use crate::netlink::{ExternalIface, Netlink, NetlinkError, RouteEntry, RouteSpec, SyncReport};
+use crate::netlink::{
+    ExternalIface, Netlink, NetlinkError, RouteEntry, RouteEntry6, RouteSpec, RouteSpec6,
+    SyncReport,
+};
 
 /// The host-gw backend's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +22,8 @@ pub struct HostGwSettings {
     /// The overlay `Network`; routes into it via the external interface are ours.
     pub network: Ipv4Net,
     pub external: ExternalIface,
+    /// `IPv6Network` when IPv6 is enabled: peers' IPv6 subnets are routed via their PublicIPv6.
+    pub ipv6: Option<Ipv6Net>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +59,7 @@ pub struct HostGwBackend {
     nl: Netlink,
     s: HostGwSettings,
     own: Option<Ipv4Net>,
+    own6: Option<Ipv6Net>,
 }
 
 impl HostGwBackend {
@@ -62,12 +68,34 @@ impl HostGwBackend {
             nl,
             s: settings,
             own: None,
+            own6: None,
         }
+    }
+
+    /// flanneld's IPv6 host-gw route: `<v6 subnet> via <PublicIPv6> dev <external>`; `None` for
+    /// leases without an IPv6 subnet in IPv6Network or without a PublicIPv6.
+    fn route6_for(&self, lease: &Lease) -> Option<RouteSpec6> {
+        let (dst, via) = (lease.ipv6_subnet?, lease.attrs.public_ipv6?);
+        let fits = self.s.ipv6.is_some_and(|n| n.contains(&dst)) && Some(dst) != self.own6;
+        (lease.attrs.backend == BackendAttrs::HostGw && fits).then_some(RouteSpec6 {
+            dst,
+            gateway: Some(via),
+            oif: Some(self.s.external.index),
+            onlink: false,
+        })
+    }
+
+    fn owns_route6(&self, r: &RouteEntry6) -> bool {
+        r.oif == Some(self.s.external.index)
+            && r.gateway.is_some()
+            && self.s.ipv6.is_some_and(|n| n.contains(&r.dst))
+            && Some(r.dst) != self.own6
     }
 
     /// The route for a host-gw lease, after checking the peer is on our L2 network.
     async fn route_for(&self, lease: &Lease) -> Result<Option<RouteSpec>, HostGwError> {
-        if lease.attrs.backend != BackendAttrs::HostGw {
+        // An IPv6-only lease (0.0.0.0/0) has no IPv4 route.
+        if lease.attrs.backend != BackendAttrs::HostGw || lease.ipv4_subnet().is_none() {
             return Ok(None);
         }
         let (subnet, public_ip) = (lease.subnet, lease.attrs.public_ip);
@@ -131,13 +159,26 @@ impl Backend for HostGwBackend {
     }
 
     async fn own_lease(&mut self, lease: &Lease) -> Result<(), BackendError> {
-        self.own = Some(lease.subnet);
+        self.own = lease.ipv4_subnet();
+        self.own6 = lease.ipv6_subnet;
         Ok(())
     }
 
     async fn apply(&mut self, event: &LeaseEvent) -> Result<(), BackendError> {
+        if let LeaseEvent::Changed { old, new } = event {
+            if let Some(r) = self
+                .route6_for(old)
+                .filter(|r| Some(*r) != self.route6_for(new))
+            {
+                self.nl.del_route(&r).await.map_err(route_err(old))?;
+            }
+        }
         match event {
             LeaseEvent::Added(l) | LeaseEvent::Changed { new: l, .. } => {
+                if let Some(r) = self.route6_for(l) {
+                    self.nl.replace_route(&r).await.map_err(route_err(l))?;
+                    info!(subnet = %r.dst, via = ?r.gateway, "IPv6 peer route programmed");
+                }
                 let Some(route) = self.route_for(l).await? else {
                     debug!(subnet = %l.subnet, "ignoring lease of another backend type");
                     return Ok(());
@@ -146,6 +187,12 @@ impl Backend for HostGwBackend {
                 info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer route programmed");
             }
             LeaseEvent::Removed(l) => {
+                if let Some(r) = self.route6_for(l) {
+                    self.nl.del_route(&r).await.map_err(route_err(l))?;
+                }
+                if l.ipv4_subnet().is_none() {
+                    return Ok(());
+                }
                 let route = RouteSpec {
                     dst: l.subnet,
                     gateway: Some(l.attrs.public_ip),
@@ -183,6 +230,19 @@ impl Backend for HostGwBackend {
                 SyncReport::default()
             }
         };
+        let mut report = report;
+        if self.s.ipv6.is_some() {
+            let desired6: Vec<RouteSpec6> =
+                peers.iter().filter_map(|l| self.route6_for(l)).collect();
+            match self
+                .nl
+                .sync_routes(|r| self.owns_route6(r), &desired6)
+                .await
+            {
+                Ok(r6) => report.merge(r6),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
         failures.extend(report.failures.iter().map(ToString::to_string));
         if report.repairs > 0 {
             info!(

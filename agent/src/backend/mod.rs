@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use crate::config::{Backend as NetBackend, NetworkConfig};
 use crate::datapath::DecapHook;
-use crate::lease::{BackendAttrs, Lease, LeaseEvent};
+use crate::lease::{BackendAttrs, Lease, LeaseEvent, VxlanData};
 use crate::netlink::{ExternalIface, Netlink, NetlinkError};
 
 /// What a backend reports; each variant keeps the layer's own message, which names the
@@ -115,6 +115,13 @@ pub trait Backend: Send {
     fn mode(&self) -> &'static str;
     /// Create the local device or programs; returns the backend attributes to advertise.
     fn prepare(&mut self) -> impl Future<Output = Result<BackendAttrs, BackendError>> + Send;
+    /// With IPv6 enabled, create the IPv6 device (`flannel-v6.<VNI>`); returns its
+    /// `BackendV6Data`. Default: none (a backend without an IPv6 VTEP).
+    fn prepare_v6(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<VxlanData>, BackendError>> + Send {
+        std::future::ready(Ok(None))
+    }
     /// Our own lease is known (or was re-acquired): address the local device.
     fn own_lease(&mut self, lease: &Lease)
         -> impl Future<Output = Result<(), BackendError>> + Send;
@@ -162,6 +169,9 @@ impl Backend for AnyBackend {
     async fn prepare(&mut self) -> Result<BackendAttrs, BackendError> {
         delegate!(self, b => b.prepare().await)
     }
+    async fn prepare_v6(&mut self) -> Result<Option<VxlanData>, BackendError> {
+        delegate!(self, b => b.prepare_v6().await)
+    }
     async fn own_lease(&mut self, lease: &Lease) -> Result<(), BackendError> {
         delegate!(self, b => b.own_lease(lease).await)
     }
@@ -197,6 +207,7 @@ pub async fn build(
             let settings = hostgw::HostGwSettings {
                 network: net.network,
                 external,
+                ipv6: net.ipv6_network(),
             };
             return Ok(AnyBackend::HostGw(hostgw::HostGwBackend::new(nl, settings)));
         }
@@ -211,6 +222,7 @@ pub async fn build(
         learning: v.learning,
         direct_routing: v.direct_routing,
         external,
+        ipv6: net.ipv6_network(),
     };
     let ebpf_settings = |vxlan| ebpf::EbpfSettings {
         vxlan,

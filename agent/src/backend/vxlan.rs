@@ -10,16 +10,22 @@
 //! `ip route replace 10.1.54.0/24 via P`. Unlike flanneld, [`VxlanBackend::reconcile`]
 //! removes entries no lease justifies and recreates a deleted device with the MAC
 //! already advertised in our lease.
+//!
+//! With IPv6 enabled a second device, `flannel-v6.<VNI>` (`local` = the interface's IPv6
+//! address, same VNI and port), gets `<v6 subnet>::/128` and the same three entries per peer
+//! over the IPv6 underlay: neighbour `<v6 subnet>::` -> MAC of `BackendV6Data`, fdb
+//! MAC -> PublicIPv6, route `<v6 subnet> via <v6 subnet>:: dev flannel-v6.1 onlink`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
 
 use super::{join, Backend, BackendError};
-use crate::lease::{BackendAttrs, Lease, LeaseEvent, MacAddr};
+use crate::lease::{BackendAttrs, Lease, LeaseEvent, MacAddr, VxlanData};
 use crate::netlink::{
-    ExternalIface, LinkInfo, Netlink, NetlinkError, RouteEntry, RouteSpec, SyncReport, VxlanSpec,
+    ExternalIface, LinkInfo, Netlink, NetlinkError, RouteEntry, RouteEntry6, RouteSpec, RouteSpec6,
+    SyncReport, VxlanSpec,
 };
 use weft_common::wire;
 
@@ -28,6 +34,9 @@ use weft_common::wire;
 pub fn overlay_mtu(underlay_mtu: u32) -> u32 {
     underlay_mtu.saturating_sub(wire::VXLAN_OVERHEAD as u32)
 }
+
+/// What an IPv6 outer header adds over an IPv4 one.
+const IPV6_EXTRA_OVERHEAD: u32 = 20;
 
 /// The vxlan backend's settings, built from the network config's `Backend` object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,11 +53,18 @@ pub struct VxlanSettings {
     pub learning: bool,
     pub direct_routing: bool,
     pub external: ExternalIface,
+    /// `IPv6Network` when IPv6 is enabled: `flannel-v6.<VNI>` carries it.
+    pub ipv6: Option<Ipv6Net>,
 }
 
 impl VxlanSettings {
     pub fn device_name(&self) -> String {
         format!("flannel.{}", self.vni)
+    }
+
+    /// flanneld's name of the IPv6 device.
+    pub fn device_name_v6(&self) -> String {
+        format!("flannel-v6.{}", self.vni)
     }
 
     /// MTU of `flannel.<VNI>`: (configured or interface MTU) - 50.
@@ -91,6 +107,11 @@ pub enum VxlanError {
         #[source]
         source: NetlinkError,
     },
+    #[error(
+        "IPv6 is enabled but {iface} has no global IPv6 address for {name}'s local end; give \
+         it one (e.g. `ip -6 addr add fd00:16::21/64 dev {iface}`) or pass --iface with another interface"
+    )]
+    NoIpv6 { iface: String, name: String },
     #[error("{what}: {} kernel operations failed: {}", failures.len(), join(failures))]
     Partial {
         what: String,
@@ -113,6 +134,9 @@ pub struct VxlanBackend {
     /// Index of the device and the MAC advertised in our lease, once prepared.
     dev: Option<(u32, MacAddr)>,
     own: Option<Ipv4Net>,
+    /// `flannel-v6.<VNI>`: index and advertised MAC, once prepared.
+    dev6: Option<(u32, MacAddr)>,
+    own6: Option<Ipv6Net>,
 }
 
 impl VxlanBackend {
@@ -122,14 +146,20 @@ impl VxlanBackend {
             s: settings,
             dev: None,
             own: None,
+            dev6: None,
+            own6: None,
         }
     }
 
     fn spec(&self, mac: MacAddr) -> VxlanSpec {
+        self.spec_at(self.s.device_name(), self.s.external.ipv4.into(), mac)
+    }
+
+    fn spec_at(&self, name: String, local: IpAddr, mac: MacAddr) -> VxlanSpec {
         VxlanSpec {
-            name: self.s.device_name(),
+            name,
             vni: self.s.vni,
-            local: self.s.external.ipv4,
+            local,
             dev_index: self.s.external.index,
             port: self.s.port(),
             learning: self.s.learning,
@@ -159,13 +189,28 @@ impl VxlanBackend {
         &self,
         keep_mac: Option<MacAddr>,
     ) -> Result<(LinkInfo, bool), VxlanError> {
-        let name = self.s.device_name();
-        let spec = self.spec(keep_mac.unwrap_or_else(MacAddr::random));
+        self.ensure_device_spec(
+            self.spec(keep_mac.unwrap_or_else(MacAddr::random)),
+            keep_mac,
+        )
+        .await
+    }
+
+    async fn ensure_device_spec(
+        &self,
+        spec: VxlanSpec,
+        keep_mac: Option<MacAddr>,
+    ) -> Result<(LinkInfo, bool), VxlanError> {
+        let name = spec.name.clone();
+        let dev_err = |name: &str, source| VxlanError::Device {
+            name: name.to_string(),
+            source,
+        };
         let mut created = self
             .nl
             .add_vxlan(&spec)
             .await
-            .map_err(|e| self.device_err(e))?;
+            .map_err(|e| dev_err(&name, e))?;
         let mut link = self.fetch(&name).await?;
         if !created {
             let why = spec.incompatibility(&link).or_else(|| match keep_mac {
@@ -181,12 +226,12 @@ impl VxlanBackend {
                 self.nl
                     .del_link(link.index)
                     .await
-                    .map_err(|e| self.device_err(e))?;
+                    .map_err(|e| dev_err(&name, e))?;
                 if !self
                     .nl
                     .add_vxlan(&spec)
                     .await
-                    .map_err(|e| self.device_err(e))?
+                    .map_err(|e| dev_err(&name, e))?
                 {
                     return Err(VxlanError::Contended { name, why });
                 }
@@ -202,19 +247,23 @@ impl VxlanBackend {
             self.nl
                 .set_link_mtu(link.index, spec.mtu)
                 .await
-                .map_err(|e| self.device_err(e))?;
+                .map_err(|e| dev_err(&name, e))?;
         }
         disable_accept_ra(&name);
         Ok((link, created))
     }
 
     async fn fetch(&self, name: &str) -> Result<LinkInfo, VxlanError> {
+        let err = |source| VxlanError::Device {
+            name: name.to_string(),
+            source,
+        };
         self.nl
             .link_by_name(name)
             .await
-            .map_err(|e| self.device_err(e))?
+            .map_err(err)?
             .ok_or_else(|| {
-                self.device_err(NetlinkError::NoSuchLink {
+                err(NetlinkError::NoSuchLink {
                     name: name.to_string(),
                 })
             })
@@ -268,6 +317,10 @@ impl VxlanBackend {
         let BackendAttrs::Vxlan { vtep_mac, .. } = lease.attrs.backend else {
             return Ok(None);
         };
+        // An IPv6-only lease (0.0.0.0/0) has nothing for flannel.N.
+        if lease.ipv4_subnet().is_none() {
+            return Ok(None);
+        }
         let public_ip = lease.attrs.public_ip;
         let gw = lease.subnet.network();
         if self.s.direct_routing {
@@ -332,7 +385,7 @@ impl VxlanBackend {
             warn!(error = %e, "rollback: could not remove neighbour");
         }
         if let Some((mac, ip)) = fdb {
-            if let Err(e) = self.nl.del_fdb(index, mac, Some(ip)).await {
+            if let Err(e) = self.nl.del_fdb(index, mac, Some(ip.into())).await {
                 warn!(error = %e, "rollback: could not remove fdb entry");
             }
         }
@@ -350,7 +403,11 @@ impl VxlanBackend {
         };
         keep(self.nl.del_neighbour(index, gw).await);
         if let BackendAttrs::Vxlan { vtep_mac, .. } = lease.attrs.backend {
-            keep(self.nl.del_fdb(index, vtep_mac, Some(public_ip)).await);
+            keep(
+                self.nl
+                    .del_fdb(index, vtep_mac, Some(public_ip.into()))
+                    .await,
+            );
         }
         let vxlan_route = RouteSpec {
             dst: lease.subnet,
@@ -387,7 +444,11 @@ impl VxlanBackend {
         {
             let old_fdb = (old_mac, old.attrs.public_ip);
             if plan.vtep.map(|(_, m, ip)| (m, ip)) != Some(old_fdb) {
-                if let Err(e) = self.nl.del_fdb(index, old_fdb.0, Some(old_fdb.1)).await {
+                if let Err(e) = self
+                    .nl
+                    .del_fdb(index, old_fdb.0, Some(old_fdb.1.into()))
+                    .await
+                {
                     failures.push(e);
                 }
             }
@@ -463,7 +524,7 @@ impl VxlanBackend {
         for &(_, mac, ip) in &want {
             if !fdb
                 .iter()
-                .any(|f| f.mac == mac && f.dst == Some(ip) && f.permanent)
+                .any(|f| f.mac == mac && f.dst == Some(ip.into()) && f.permanent)
             {
                 report.record(self.nl.replace_fdb(index, mac, ip).await);
             }
@@ -475,14 +536,236 @@ impl VxlanBackend {
             info!(ip = %n.ip, "removing neighbour no lease justifies");
             report.record(self.nl.del_neighbour(index, n.ip).await);
         }
-        for f in fdb
-            .iter()
-            .filter(|f| f.permanent && !want.iter().any(|w| Some(w.2) == f.dst && w.1 == f.mac))
-        {
+        for f in fdb.iter().filter(|f| {
+            f.permanent
+                && !want
+                    .iter()
+                    .any(|w| Some(w.2.into()) == f.dst && w.1 == f.mac)
+        }) {
             info!(mac = %f.mac, dst = ?f.dst, "removing fdb entry no lease justifies");
             report.record(self.nl.del_fdb(index, f.mac, f.dst).await);
         }
         Ok(report)
+    }
+}
+
+/// `flannel-v6.<VNI>`: the IPv6 half of the kernel datapath.
+impl VxlanBackend {
+    fn spec6(&self, mac: MacAddr) -> Result<VxlanSpec, VxlanError> {
+        let local = self.s.external.ipv6.ok_or_else(|| VxlanError::NoIpv6 {
+            iface: self.s.external.name.clone(),
+            name: self.s.device_name_v6(),
+        })?;
+        let mut spec = self.spec_at(self.s.device_name_v6(), local.into(), mac);
+        // An IPv6 outer header is 20 bytes longer: the kernel caps the device at the
+        // underlay's MTU - 70, as it sizes flanneld's flannel-v6 on its own.
+        spec.mtu = spec.mtu.saturating_sub(IPV6_EXTRA_OVERHEAD);
+        Ok(spec)
+    }
+
+    fn device6_err(&self, source: NetlinkError) -> VxlanError {
+        VxlanError::Device {
+            name: self.s.device_name_v6(),
+            source,
+        }
+    }
+
+    /// Create (or adopt, or repair) `flannel-v6.<VNI>` with flanneld's attributes over the IPv6
+    /// underlay; its `BackendV6Data`. `None` when IPv6 is not enabled.
+    pub async fn prepare_ipv6(&mut self) -> Result<Option<VxlanData>, VxlanError> {
+        if self.s.ipv6.is_none() {
+            return Ok(None);
+        }
+        let keep = self.dev6.map(|d| d.1);
+        let spec = self.spec6(keep.unwrap_or_else(MacAddr::random))?;
+        let (link, created) = self.ensure_device_spec(spec, keep).await?;
+        let mac = link.mac.ok_or_else(|| {
+            self.device6_err(NetlinkError::NoSuchLink {
+                name: format!("{} (it has no MAC address)", link.name),
+            })
+        })?;
+        info!(device = %link.name, index = link.index, mac = %mac, created, "IPv6 vxlan device ready");
+        self.dev6 = Some((link.index, mac));
+        Ok(Some(VxlanData {
+            vni: Some(self.s.vni),
+            vtep_mac: mac,
+        }))
+    }
+
+    /// `<v6 subnet>::/128` on `flannel-v6.<VNI>`, other addresses inside IPv6Network removed, up.
+    async fn ensure_address6(&self, index: u32, subnet: Ipv6Net) -> Result<usize, VxlanError> {
+        let want = Ipv6Net::new(subnet.network(), 128).unwrap_or(subnet);
+        let network = self.s.ipv6.unwrap_or(subnet);
+        let err = |e| self.device6_err(e);
+        let have = self.nl.addresses_v6(index).await.map_err(err)?;
+        let mut changes = 0;
+        for stray in have
+            .iter()
+            .filter(|a| **a != want && network.contains(&a.addr()))
+        {
+            self.nl.del_address6(index, *stray).await.map_err(err)?;
+            changes += 1;
+        }
+        if !have.contains(&want) {
+            self.nl.add_address6(index, want).await.map_err(err)?;
+            changes += 1;
+        }
+        if !self
+            .nl
+            .link_by_index(index)
+            .await
+            .map_err(err)?
+            .is_some_and(|l| l.up)
+        {
+            self.nl.set_link_up(index).await.map_err(err)?;
+            changes += 1;
+        }
+        Ok(changes)
+    }
+
+    /// The IPv6 entries a peer needs: (gateway, MAC, PublicIPv6) and the route; `None` when the
+    /// lease carries no IPv6 VTEP inside IPv6Network.
+    fn plan6(
+        &self,
+        lease: &Lease,
+        index: u32,
+    ) -> Option<((Ipv6Addr, MacAddr, Ipv6Addr), RouteSpec6)> {
+        let (subnet, public, mac) = lease.vtep_v6()?;
+        if !self.s.ipv6.is_some_and(|n| n.contains(&subnet)) || Some(subnet) == self.own6 {
+            return None;
+        }
+        let gw = subnet.network();
+        let route = RouteSpec6 {
+            dst: subnet,
+            gateway: Some(gw),
+            oif: Some(index),
+            onlink: true,
+        };
+        Some(((gw, mac, public), route))
+    }
+
+    /// Program a peer's IPv6 entries in flannel's order, rolling back on failure.
+    async fn program6(&self, lease: &Lease) -> Result<(), VxlanError> {
+        let Some((index, _)) = self.dev6 else {
+            return Ok(());
+        };
+        let Some(((gw, mac, public), route)) = self.plan6(lease, index) else {
+            return Ok(());
+        };
+        let peer_err = |source| VxlanError::Peer {
+            subnet: lease.subnet,
+            public_ip: lease.attrs.public_ip,
+            source,
+        };
+        self.nl
+            .replace_neighbour(index, gw, mac)
+            .await
+            .map_err(peer_err)?;
+        if let Err(e) = self.nl.replace_fdb(index, mac, public).await {
+            let _ = self.nl.del_neighbour(index, gw).await;
+            return Err(peer_err(e));
+        }
+        if let Err(e) = self.nl.replace_route(&route).await {
+            let _ = self.nl.del_neighbour(index, gw).await;
+            let _ = self.nl.del_fdb(index, mac, Some(public.into())).await;
+            return Err(peer_err(e));
+        }
+        info!(subnet = %route.dst, public_ipv6 = %public, "IPv6 peer programmed");
+        Ok(())
+    }
+
+    /// Remove what a lease put on `flannel-v6.<VNI>`.
+    async fn unprogram6(&self, lease: &Lease) -> Result<(), VxlanError> {
+        let (Some((index, _)), Some((subnet, public, mac))) = (self.dev6, lease.vtep_v6()) else {
+            return Ok(());
+        };
+        let gw = subnet.network();
+        let route = RouteSpec6 {
+            dst: subnet,
+            gateway: Some(gw),
+            oif: Some(index),
+            onlink: true,
+        };
+        let mut failures = Vec::new();
+        for r in [
+            self.nl.del_neighbour(index, gw).await,
+            self.nl.del_fdb(index, mac, Some(public.into())).await,
+            self.nl.del_route(&route).await,
+        ] {
+            failures.extend(r.err());
+        }
+        partial(format!("remove IPv6 peer {subnet}"), failures)
+    }
+
+    /// Make `flannel-v6.<VNI>`'s device, address, neighbours, fdb and routes match `peers`.
+    async fn reconcile6(&mut self, peers: &[Lease]) -> Result<usize, VxlanError> {
+        let Some((old_index, mac)) = self.dev6 else {
+            return Ok(0);
+        };
+        let mut repairs = 0;
+        let current = self
+            .nl
+            .link_by_name(&self.s.device_name_v6())
+            .await
+            .map_err(|e| self.device6_err(e))?;
+        let spec = self.spec6(mac)?;
+        let healthy = current.as_ref().is_some_and(|l| {
+            l.index == old_index && l.mac == Some(mac) && spec.incompatibility(l).is_none()
+        });
+        if !healthy {
+            warn!(device = %spec.name, mac = %mac, "IPv6 device missing or altered; recreating it with the advertised MAC");
+            let (link, _) = self.ensure_device_spec(spec, Some(mac)).await?;
+            self.dev6 = Some((link.index, mac));
+            repairs += 1;
+        }
+        let index = self.dev6.map_or(old_index, |d| d.0);
+        if let Some(own) = self.own6 {
+            repairs += self.ensure_address6(index, own).await?;
+        }
+        let plans: Vec<_> = peers.iter().filter_map(|l| self.plan6(l, index)).collect();
+        let err = |e| self.device6_err(e);
+        let mut report = SyncReport::default();
+        let neighs = self.nl.neighbours_v6(index).await.map_err(err)?;
+        for &((gw, mac, _), _) in &plans {
+            if !neighs
+                .iter()
+                .any(|n| n.ip == gw && n.mac == Some(mac) && n.permanent)
+            {
+                report.record(self.nl.replace_neighbour(index, gw, mac).await);
+            }
+        }
+        let fdb = self.nl.fdb_entries(index).await.map_err(err)?;
+        for &((_, mac, ip), _) in &plans {
+            if !fdb
+                .iter()
+                .any(|f| f.mac == mac && f.dst == Some(ip.into()) && f.permanent)
+            {
+                report.record(self.nl.replace_fdb(index, mac, ip).await);
+            }
+        }
+        for n in neighs
+            .iter()
+            .filter(|n| n.permanent && !plans.iter().any(|p| p.0 .0 == n.ip))
+        {
+            report.record(self.nl.del_neighbour(index, n.ip).await);
+        }
+        for f in fdb.iter().filter(|f| {
+            f.permanent
+                && !plans
+                    .iter()
+                    .any(|p| Some(p.0 .2.into()) == f.dst && p.0 .1 == f.mac)
+        }) {
+            report.record(self.nl.del_fdb(index, f.mac, f.dst).await);
+        }
+        let routes: Vec<RouteSpec6> = plans.iter().map(|p| p.1).collect();
+        let owned = |r: &RouteEntry6| r.oif == Some(index);
+        report.merge(self.nl.sync_routes(owned, &routes).await.map_err(err)?);
+        repairs += report.repairs;
+        partial(
+            format!("reconcile {}", self.s.device_name_v6()),
+            report.failures,
+        )?;
+        Ok(repairs)
     }
 }
 
@@ -523,21 +806,43 @@ impl Backend for VxlanBackend {
         })
     }
 
+    async fn prepare_v6(&mut self) -> Result<Option<VxlanData>, BackendError> {
+        Ok(self.prepare_ipv6().await?)
+    }
+
     async fn own_lease(&mut self, lease: &Lease) -> Result<(), BackendError> {
         let (index, _) = self.dev()?;
-        self.ensure_address(index, lease.subnet).await?;
-        self.own = Some(lease.subnet);
+        if let Some(v4) = lease.ipv4_subnet() {
+            self.ensure_address(index, v4).await?;
+            self.own = Some(v4);
+        }
+        if let (Some((index6, _)), Some(v6)) = (self.dev6, lease.ipv6_subnet) {
+            self.ensure_address6(index6, v6).await?;
+            self.own6 = Some(v6);
+        }
         Ok(())
     }
 
     async fn apply(&mut self, event: &LeaseEvent) -> Result<(), BackendError> {
         match event {
-            LeaseEvent::Added(l) => self.add_or_change(None, l).await?,
-            LeaseEvent::Changed { old, new } => self.add_or_change(Some(old), new).await?,
+            LeaseEvent::Added(l) => {
+                self.add_or_change(None, l).await?;
+                self.program6(l).await?;
+            }
+            LeaseEvent::Changed { old, new } => {
+                self.add_or_change(Some(old), new).await?;
+                if old.vtep_v6() != new.vtep_v6() {
+                    self.unprogram6(old).await?;
+                }
+                self.program6(new).await?;
+            }
             LeaseEvent::Removed(l) => {
                 let (index, _) = self.dev()?;
-                self.unprogram(l, index).await?;
-                info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer removed");
+                if l.ipv4_subnet().is_some() {
+                    self.unprogram(l, index).await?;
+                }
+                self.unprogram6(l).await?;
+                info!(subnet = %l.key(), public_ip = %l.attrs.public_ip, "peer removed");
             }
         }
         Ok(())
@@ -549,6 +854,10 @@ impl Backend for VxlanBackend {
         let mut steps: Vec<BackendError> = Vec::new();
         let mut report = SyncReport::default();
         match self.repair_device().await {
+            Ok(n) => report.repairs += n,
+            Err(e) => steps.push(e.into()),
+        }
+        match self.reconcile6(peers).await {
             Ok(n) => report.repairs += n,
             Err(e) => steps.push(e.into()),
         }

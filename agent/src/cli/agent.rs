@@ -1,6 +1,6 @@
 //! `weft agent`: its flags, and the runtime wiring around [`crate::agent::run`].
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -42,6 +42,10 @@ pub struct AgentArgs {
     /// IP to advertise to peers (default: the interface's).
     #[arg(long, env = "WEFT_PUBLIC_IP", value_parser = args::ipv4)]
     public_ip: Option<Ipv4Addr>,
+    /// IPv6 address to advertise to peers when IPv6 is enabled (default: the interface's first
+    /// global IPv6 address).
+    #[arg(long, env = "WEFT_PUBLIC_IPV6", value_parser = args::ipv6)]
+    public_ipv6: Option<Ipv6Addr>,
     /// Subnet file to write.
     #[arg(
         long,
@@ -121,6 +125,7 @@ impl AgentArgs {
                 iface: self.iface.clone(),
                 iface_regex: self.iface_regex.clone(),
                 public_ip: self.public_ip,
+                public_ipv6: self.public_ipv6,
             },
             subnet_file: self.subnet_file.clone(),
             docker_opts_file: self.docker_opts_file.clone(),

@@ -2,7 +2,7 @@
 //! says what a good value looks like. clap shows it as `invalid value '<v>' for '--<flag>': <message>`
 //! and exits 64 (EX_USAGE), before tokio starts.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -86,6 +86,10 @@ pub fn ip(v: &str) -> Result<IpAddr, String> {
 
 pub fn ipv4(v: &str) -> Result<Ipv4Addr, String> {
     v.parse().map_err(|_| "expected an IPv4 address".into())
+}
+
+pub fn ipv6(v: &str) -> Result<Ipv6Addr, String> {
+    v.parse().map_err(|_| "expected an IPv6 address".into())
 }
 
 pub fn regex(v: &str) -> Result<Regex, regex::Error> {

@@ -4,19 +4,22 @@
 //! flanneld (Go's encoding/json) does. Defaults and checks follow flannel's
 //! `CheckNetworkConfig`; every error names the field, the value and the fix.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
 
 mod raw;
 
-use raw::{boolean, ip, raw, string, uint, RawBackend, RawConfig};
+use raw::{boolean, ip, ip6, parsed, raw, uint, RawBackend, RawConfig};
 pub(crate) use raw::{lowercase_keys, Typed};
 
 /// The kernel's default VXLAN port (flannel leaves `Port` 0 to mean this).
 pub const DEFAULT_VXLAN_PORT: u16 = weft_common::wire::DEFAULT_PORT;
 const MAX_VNI: u64 = (1 << 24) - 1;
+/// IPv6's minimum link MTU (1280) plus the 50 bytes the overlay MTU gives up to VXLAN: below this
+/// the overlay cannot carry IPv6 at all (the kernel disables IPv6 on such a link).
+const MIN_IPV6_UNDERLAY_MTU: u32 = 1330;
 const SUPPORTED: &str = "\"vxlan\" or \"host-gw\"";
 
 /// A network config that failed to parse or validate.
@@ -34,6 +37,8 @@ pub enum ConfigError {
     },
     #[error("please define a correct Network parameter in the flannel config: field Network is missing; add e.g. \"Network\": \"10.1.0.0/16\"")]
     MissingNetwork,
+    #[error("please define a correct IPv6Network parameter in the flannel config: EnableIPv6 is true but IPv6Network is missing; add e.g. \"IPv6Network\": \"fd00:10::/56\"")]
+    MissingIpv6Network,
     #[error("field {field} is {value}, expected {expected}; {fix}")]
     WrongType {
         field: &'static str,
@@ -97,6 +102,122 @@ impl Backend {
     }
 }
 
+/// The IPv6 part of a network config (`IPv6Network`, `IPv6SubnetLen`, `IPv6SubnetMin`,
+/// `IPv6SubnetMax`), defaults filled in as flannel's `CheckNetworkConfig` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Config {
+    pub network: Ipv6Net,
+    pub subnet_len: u8,
+    pub subnet_min: Ipv6Addr,
+    pub subnet_max: Ipv6Addr,
+}
+
+impl Ipv6Config {
+    fn parse(
+        network: Option<Ipv6Net>,
+        subnet_len: Option<Typed<u64>>,
+        min: Option<Typed<String>>,
+        max: Option<Typed<String>>,
+    ) -> Result<Self, ConfigError> {
+        let Some(network) = network else {
+            return Err(ConfigError::MissingIpv6Network);
+        };
+        if network.network() != network.addr() {
+            return Err(invalid(
+                "IPv6Network",
+                format!("\"{network}\""),
+                "host bits are set",
+                format!("write the network address, \"{}\"", network.trunc()),
+            ));
+        }
+        let prefix = network.prefix_len();
+        let subnet_len = match uint(subnet_len, "IPv6SubnetLen", 128)? {
+            // flannel treats 0 as "not set".
+            None | Some(0) => {
+                if prefix > 124 {
+                    return Err(invalid(
+                        "IPv6Network",
+                        network,
+                        "IPv6Network is too small. Minimum useful network prefix is /124",
+                        "use a /124 or larger IPv6Network",
+                    ));
+                } else if prefix <= 62 {
+                    64
+                } else {
+                    prefix + 2
+                }
+            }
+            Some(len) if len > 126 => {
+                return Err(invalid(
+                    "IPv6SubnetLen",
+                    len,
+                    "SubnetLen must be less than /127",
+                    "use 126 or less (64 is usual)",
+                ))
+            }
+            Some(len) if (len as u8) < prefix + 2 => {
+                return Err(invalid(
+                    "IPv6SubnetLen",
+                    len,
+                    format!("network must be able to accommodate at least four subnets ({network} holds fewer than four /{len})"),
+                    format!("use IPv6SubnetLen {} or more, or a larger IPv6Network", prefix + 2),
+                ))
+            }
+            Some(len) => len as u8,
+        };
+        let size = 1u128 << (128 - subnet_len);
+        let start = u128::from(network.network());
+        let end = start.wrapping_add(1u128.checked_shl(128 - u32::from(prefix)).unwrap_or(0));
+        let bound = |v, field| -> Result<Option<Ipv6Addr>, ConfigError> {
+            let Some(ip) = ip6(v, field)? else {
+                return Ok(None);
+            };
+            // flannel treats :: as "not set".
+            if ip.is_unspecified() {
+                return Ok(None);
+            }
+            if !network.contains(&ip) {
+                return Err(invalid(
+                    field,
+                    ip,
+                    format!("{field} is not in the range of the IPv6Network {network}"),
+                    "pick an address inside IPv6Network or remove the field",
+                ));
+            }
+            let aligned = Ipv6Net::new(ip, subnet_len).map_or(ip, |n| n.network());
+            if aligned != ip {
+                return Err(invalid(
+                    field,
+                    ip,
+                    format!("{field} is not on a SubnetLen boundary: {ip}"),
+                    format!("use {aligned}, the start of its /{subnet_len}"),
+                ));
+            }
+            Ok(Some(ip))
+        };
+        let subnet_min =
+            bound(min, "IPv6SubnetMin")?.unwrap_or(Ipv6Addr::from(start.wrapping_add(size)));
+        let subnet_max =
+            bound(max, "IPv6SubnetMax")?.unwrap_or(Ipv6Addr::from(end.wrapping_sub(size)));
+        if subnet_min > subnet_max {
+            return Err(invalid(
+                "IPv6SubnetMin",
+                subnet_min,
+                format!(
+                    "it is above IPv6SubnetMax {subnet_max}, which leaves no subnet to hand out"
+                ),
+                "make IPv6SubnetMin lower than IPv6SubnetMax, or remove both",
+            ));
+        }
+        Ok(Ipv6Config {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+        })
+    }
+}
+
 /// A validated network config with defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkConfig {
@@ -105,9 +226,11 @@ pub struct NetworkConfig {
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
     pub enable_ipv4: bool,
+    /// When false, `network` is 0.0.0.0/0, `subnet_len` 0 and the bounds 0.0.0.0 (flannel's
+    /// zero values): there is no IPv4 overlay. Prefer [`NetworkConfig::ipv4_network`].
     pub enable_ipv6: bool,
-    pub ipv6_network: Option<Ipv6Net>,
-    pub ipv6_subnet_len: Option<u8>,
+    /// The IPv6 half, present exactly when `EnableIPv6` is true.
+    pub ipv6: Option<Ipv6Config>,
     pub enable_nftables: bool,
     pub backend: Backend,
 }
@@ -128,47 +251,83 @@ impl NetworkConfig {
         let enable_ipv4 = boolean(raw.enableipv4, "EnableIPv4", true)?;
         let enable_ipv6 = boolean(raw.enableipv6, "EnableIPv6", false)?;
         let enable_nftables = boolean(raw.enablenftables, "EnableNFTables", false)?;
-        if !enable_ipv4 {
+        if !enable_ipv4 && !enable_ipv6 {
             return Err(invalid(
                 "EnableIPv4",
                 false,
-                "weft runs IPv4 overlays only",
-                "remove EnableIPv4 or set it to true",
+                "EnableIPv6 is off too, so the overlay would carry nothing",
+                "remove EnableIPv4 (it defaults to true), or set \"EnableIPv6\": true with an IPv6Network",
             ));
         }
-        if enable_ipv6 {
-            return Err(invalid(
-                "EnableIPv6",
-                true,
-                "weft does not carry IPv6 overlays yet",
-                "remove EnableIPv6 or set it to false",
-            ));
-        }
-        let ipv6_network = string(raw.ipv6network, "IPv6Network")?
-            .map(|s| {
-                s.parse::<Ipv6Net>().map_err(|_| {
-                    invalid(
-                        "IPv6Network",
-                        format!("{s:?}"),
-                        "not an IPv6 CIDR",
-                        "write e.g. \"fd00:10::/56\"",
-                    )
-                })
-            })
-            .transpose()?;
-        let ipv6_subnet_len = uint(raw.ipv6subnetlen, "IPv6SubnetLen", 128)?.map(|n| n as u8);
+        // Read even when IPv6 is off: flanneld fails to decode a malformed IPv6Network either way.
+        let ipv6_network: Option<Ipv6Net> = parsed(
+            raw.ipv6network,
+            "IPv6Network",
+            "please define a correct IPv6Network parameter in the flannel config: not an IPv6 CIDR",
+            "write e.g. \"fd00:10::/56\"",
+        )?;
+        let ipv6 = if enable_ipv6 {
+            Some(Ipv6Config::parse(
+                ipv6_network,
+                raw.ipv6subnetlen,
+                raw.ipv6subnetmin,
+                raw.ipv6subnetmax,
+            )?)
+        } else {
+            uint(raw.ipv6subnetlen, "IPv6SubnetLen", 128)?;
+            ip6(raw.ipv6subnetmin, "IPv6SubnetMin")?;
+            ip6(raw.ipv6subnetmax, "IPv6SubnetMax")?;
+            None
+        };
 
-        let network = Self::network(raw.network)?;
-        let subnet_len = Self::subnet_len(raw.subnetlen, network)?;
+        // flanneld leaves the IPv4 fields at their zero values (and never reads Network) when
+        // EnableIPv4 is false; so does weft: 0.0.0.0/0 stands for "no IPv4" as in flannel's keys.
+        let (network, subnet_len, subnet_min, subnet_max) = if enable_ipv4 {
+            Self::ipv4(raw.network, raw.subnetlen, raw.subnetmin, raw.subnetmax)?
+        } else {
+            let zero = Ipv4Addr::UNSPECIFIED;
+            (Ipv4Net::default(), 0, zero, zero)
+        };
+        let backend = parse_backend(raw.backend)?;
+        if let (Backend::Vxlan(VxlanConfig { mtu: Some(m), .. }), true) = (backend, enable_ipv6) {
+            if m < MIN_IPV6_UNDERLAY_MTU {
+                return Err(invalid(
+                    "Backend.MTU",
+                    m,
+                    format!("with EnableIPv6 the overlay MTU ({m} - 50) is below 1280, the smallest MTU IPv6 allows, and flannel-v6 would carry no IPv6"),
+                    format!("use {MIN_IPV6_UNDERLAY_MTU} or more, or remove MTU to use the interface's"),
+                ));
+            }
+        }
+        Ok(NetworkConfig {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            enable_ipv4,
+            enable_ipv6,
+            ipv6,
+            enable_nftables,
+            backend,
+        })
+    }
+
+    /// The IPv4 half: Network, SubnetLen, SubnetMin, SubnetMax with flannel's defaults.
+    fn ipv4(
+        network: Option<Typed<String>>,
+        subnet_len: Option<Typed<u64>>,
+        min: Option<Typed<String>>,
+        max: Option<Typed<String>>,
+    ) -> Result<(Ipv4Net, u8, Ipv4Addr, Ipv4Addr), ConfigError> {
+        let network = Self::network(network)?;
+        let subnet_len = Self::subnet_len(subnet_len, network)?;
         let size = 1u64 << (32 - subnet_len);
         let net_start = u64::from(u32::from(network.network()));
         let net_end = net_start + (1u64 << (32 - network.prefix_len()));
         let default_min = Ipv4Addr::from((net_start + size) as u32);
         let default_max = Ipv4Addr::from((net_end - size) as u32);
-        let subnet_min =
-            Self::bound(raw.subnetmin, "SubnetMin", network, subnet_len)?.unwrap_or(default_min);
-        let subnet_max =
-            Self::bound(raw.subnetmax, "SubnetMax", network, subnet_len)?.unwrap_or(default_max);
+        let subnet_min = Self::bound(min, "SubnetMin", network, subnet_len)?.unwrap_or(default_min);
+        let subnet_max = Self::bound(max, "SubnetMax", network, subnet_len)?.unwrap_or(default_max);
         if subnet_min > subnet_max {
             return Err(invalid(
                 "SubnetMin",
@@ -177,19 +336,17 @@ impl NetworkConfig {
                 "make SubnetMin lower than SubnetMax, or remove both",
             ));
         }
-        let backend = parse_backend(raw.backend)?;
-        Ok(NetworkConfig {
-            network,
-            subnet_len,
-            subnet_min,
-            subnet_max,
-            enable_ipv4,
-            enable_ipv6,
-            ipv6_network,
-            ipv6_subnet_len,
-            enable_nftables,
-            backend,
-        })
+        Ok((network, subnet_len, subnet_min, subnet_max))
+    }
+
+    /// The IPv4 network when IPv4 is enabled.
+    pub fn ipv4_network(&self) -> Option<Ipv4Net> {
+        self.enable_ipv4.then_some(self.network)
+    }
+
+    /// The IPv6 network when IPv6 is enabled.
+    pub fn ipv6_network(&self) -> Option<Ipv6Net> {
+        self.ipv6.map(|v6| v6.network)
     }
 
     fn network(v: Option<Typed<String>>) -> Result<Ipv4Net, ConfigError> {
@@ -404,6 +561,73 @@ mod tests {
         );
     }
 
+    #[test]
+    fn ipv6_defaults_follow_flannel() {
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/48","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert!(c.enable_ipv4 && c.enable_ipv6);
+        let v6 = c.ipv6.unwrap();
+        assert_eq!(v6.network, "fd00:10::/48".parse::<Ipv6Net>().unwrap());
+        assert_eq!(v6.subnet_len, 64);
+        assert_eq!(
+            v6.subnet_min,
+            "fd00:10:0:1::".parse::<Ipv6Addr>().unwrap(),
+            "the first subnet is skipped"
+        );
+        assert_eq!(
+            v6.subnet_max,
+            "fd00:10:0:ffff::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(c.ipv6_network(), Some(v6.network));
+
+        // Narrower than /62: four subnets of prefix + 2.
+        let c = NetworkConfig::parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/120","Backend":{"Type":"host-gw"}}"#,
+        )
+        .unwrap();
+        let v6 = c.ipv6.unwrap();
+        assert_eq!(
+            (v6.subnet_len, v6.subnet_min, v6.subnet_max),
+            (
+                122,
+                "fd00::40".parse().unwrap(),
+                "fd00::c0".parse().unwrap()
+            )
+        );
+        assert_eq!(
+            c.ipv4_network(),
+            None,
+            "IPv6-only: no IPv4 network, Network not required"
+        );
+
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.1.0.0/16","enableipv6":true,"ipv6network":"fd00::/56","IPv6SubnetLen":60,"IPv6SubnetMin":"fd00:0:0:20::","IPv6SubnetMax":"::","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let v6 = c.ipv6.unwrap();
+        assert_eq!(
+            (v6.subnet_len, v6.subnet_min, v6.subnet_max),
+            (
+                60,
+                "fd00:0:0:20::".parse().unwrap(),
+                "fd00:0:0:f0::".parse().unwrap()
+            )
+        );
+
+        // EnableIPv6 off: the IPv6 fields are read but not used, as flanneld does.
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetLen":200,"Backend":{"Type":"vxlan"}}"#,
+        );
+        assert!(c.unwrap_err().to_string().contains("IPv6SubnetLen is 200"));
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetLen":20,"Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!((c.enable_ipv6, c.ipv6), (false, None));
+    }
+
     /// Each malformed config gets its own error; the needles are what a user must read.
     pub(crate) const MALFORMED: &[(&str, &[&str])] = &[
         (r#"{"Network":"10.1.0.0/16""#, &["not valid JSON"]),
@@ -493,11 +717,61 @@ mod tests {
         ),
         (
             r#"{"Network":"10.1.0.0/16","EnableIPv4":false,"Backend":{"Type":"vxlan"}}"#,
-            &["EnableIPv4 is false", "IPv4 overlays only"],
+            &["EnableIPv4 is false", "EnableIPv6 is off too"],
         ),
         (
-            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#,
-            &["EnableIPv6 is true"],
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"Backend":{"Type":"vxlan"}}"#,
+            &["please define a correct IPv6Network parameter in the flannel config"],
+        ),
+        (
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetLen":127,"Backend":{"Type":"vxlan"}}"#,
+            &["IPv6SubnetLen is 127", "SubnetLen must be less than /127"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetLen":57,"Backend":{"Type":"vxlan"}}"#,
+            &[
+                "network must be able to accommodate at least four subnets",
+                "IPv6SubnetLen 58",
+            ],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/125","Backend":{"Type":"vxlan"}}"#,
+            &["IPv6Network is too small. Minimum useful network prefix is /124"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMin":"fd01::","Backend":{"Type":"vxlan"}}"#,
+            &["IPv6SubnetMin is not in the range of the IPv6Network"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMax":"fd01::","Backend":{"Type":"vxlan"}}"#,
+            &["IPv6SubnetMax is not in the range of the IPv6Network"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMin":"fd00:0:0:1::1","Backend":{"Type":"vxlan"}}"#,
+            &[
+                "IPv6SubnetMin is not on a SubnetLen boundary: fd00:0:0:1::1",
+                "use fd00:0:0:1::",
+            ],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMin":"fd00:0:0:9::","IPv6SubnetMax":"fd00:0:0:3::","Backend":{"Type":"vxlan"}}"#,
+            &["above IPv6SubnetMax"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::1/56","Backend":{"Type":"vxlan"}}"#,
+            &["IPv6Network", "host bits are set", "\"fd00::/56\""],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMax":"banana","Backend":{"Type":"vxlan"}}"#,
+            &["IPv6SubnetMax is \"banana\"", "not an IPv6 address"],
+        ),
+        (
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","MTU":1300}}"#,
+            &["Backend.MTU is 1300", "1280", "1330"],
+        ),
+        (
+            r#"{"EnableIPv4":false,"EnableIPv6":"yes","Backend":{"Type":"vxlan"}}"#,
+            &["EnableIPv6 is \"yes\"", "true or false"],
         ),
         (
             r#"{"Network":"10.1.0.0/16","IPv6Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#,

@@ -2,7 +2,7 @@
 //! names in any case), every field optional and [`Typed`], so a value of the wrong type reaches the
 //! checks in [`super`] with what was there and gets flannel's message instead of serde's.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -60,6 +60,8 @@ pub(super) struct RawConfig {
     pub(super) enablenftables: Option<Typed<bool>>,
     pub(super) ipv6network: Option<Typed<String>>,
     pub(super) ipv6subnetlen: Option<Typed<u64>>,
+    pub(super) ipv6subnetmin: Option<Typed<String>>,
+    pub(super) ipv6subnetmax: Option<Typed<String>>,
     pub(super) backend: Option<Value>,
 }
 
@@ -151,16 +153,32 @@ pub(super) fn ip(
     v: Option<Typed<String>>,
     field: &'static str,
 ) -> Result<Option<Ipv4Addr>, ConfigError> {
+    parsed(v, field, "not an IPv4 address", "write e.g. \"10.1.10.0\"")
+}
+
+pub(super) fn ip6(
+    v: Option<Typed<String>>,
+    field: &'static str,
+) -> Result<Option<Ipv6Addr>, ConfigError> {
+    parsed(
+        v,
+        field,
+        "not an IPv6 address",
+        "write e.g. \"fd00:10:1::\"",
+    )
+}
+
+/// An optional string field that must parse as a `T`.
+pub(super) fn parsed<T: std::str::FromStr>(
+    v: Option<Typed<String>>,
+    field: &'static str,
+    reason: &str,
+    fix: &str,
+) -> Result<Option<T>, ConfigError> {
     string(v, field)?
         .map(|s| {
-            s.parse().map_err(|_| {
-                invalid(
-                    field,
-                    format!("{s:?}"),
-                    "not an IPv4 address",
-                    "write e.g. \"10.1.10.0\"",
-                )
-            })
+            s.parse()
+                .map_err(|_| invalid(field, format!("{s:?}"), reason, fix))
         })
         .transpose()
 }

@@ -1,8 +1,8 @@
 //! `ip addr`: the VXLAN device's `<subnet>.0/32` and the external interface's address.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::AddressFamily;
 
@@ -26,6 +26,21 @@ pub(super) fn parse_v4(msg: &AddressMessage) -> Option<Ipv4Net> {
     Ipv4Net::new(addr, msg.header.prefix_len).ok()
 }
 
+/// An IPv6 address usable as a VXLAN endpoint or advertised address: global scope (not
+/// link-local), as flannel's `GetIfaceIP6Addr` picks.
+pub(super) fn parse_v6_global(msg: &AddressMessage) -> Option<Ipv6Net> {
+    if msg.header.family != AddressFamily::Inet6
+        || msg.header.scope != rtnetlink::packet_route::address::AddressScope::Universe
+    {
+        return None;
+    }
+    let addr = msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
+        _ => None,
+    })?;
+    Ipv6Net::new(addr, msg.header.prefix_len).ok()
+}
+
 impl Netlink {
     pub(super) async fn address_dump(&self) -> Result<Vec<AddressMessage>, NetlinkError> {
         let req = self.handle.address().get().execute();
@@ -43,17 +58,52 @@ impl Netlink {
             .collect())
     }
 
-    /// `ip addr add ADDR/LEN dev IFINDEX`; present already is fine.
-    pub async fn add_address(&self, index: u32, addr: Ipv4Net) -> Result<(), NetlinkError> {
+    /// `ip -6 addr show dev IFINDEX scope global`.
+    pub async fn addresses_v6(&self, index: u32) -> Result<Vec<Ipv6Net>, NetlinkError> {
+        Ok(self
+            .address_dump()
+            .await?
+            .iter()
+            .filter(|m| m.header.index == index)
+            .filter_map(parse_v6_global)
+            .collect())
+    }
+
+    /// `ip -6 addr add ADDR/LEN dev IFINDEX`; present already is fine.
+    pub async fn add_address6(&self, index: u32, addr: Ipv6Net) -> Result<(), NetlinkError> {
+        self.add_ip(index, addr.into()).await
+    }
+
+    /// `ip -6 addr del ADDR/LEN dev IFINDEX`; absent already is fine.
+    pub async fn del_address6(&self, index: u32, addr: Ipv6Net) -> Result<(), NetlinkError> {
+        let msg = rtnetlink::AddressMessageBuilder::<Ipv6Addr>::new()
+            .index(index)
+            .address(addr.addr(), addr.prefix_len())
+            .build();
+        let res = self.handle.address().del(msg).execute().await;
+        tolerate(
+            res,
+            &[libc::EADDRNOTAVAIL, libc::ENODEV],
+            "delete address",
+            || format!("{addr} on index {index}"),
+        )
+    }
+
+    async fn add_ip(&self, index: u32, addr: IpNet) -> Result<(), NetlinkError> {
         let res = self
             .handle
             .address()
-            .add(index, IpAddr::V4(addr.addr()), addr.prefix_len())
+            .add(index, addr.addr(), addr.prefix_len())
             .execute()
             .await;
         tolerate(res, &[libc::EEXIST], "add address", || {
             format!("{addr} on index {index}")
         })
+    }
+
+    /// `ip addr add ADDR/LEN dev IFINDEX`; present already is fine.
+    pub async fn add_address(&self, index: u32, addr: Ipv4Net) -> Result<(), NetlinkError> {
+        self.add_ip(index, addr.into()).await
     }
 
     /// `ip addr del ADDR/LEN dev IFINDEX`; absent already is fine.

@@ -1,6 +1,6 @@
 //! `ip link`: the VXLAN device, its attributes read back, and the external interface.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use rtnetlink::packet_route::link::{
     InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
@@ -16,6 +16,8 @@ pub struct Interface {
     pub name: String,
     pub index: u32,
     pub addrs: Vec<Ipv4Addr>,
+    /// Global-scope IPv6 addresses, in the kernel's order.
+    pub addrs6: Vec<Ipv6Addr>,
     pub mtu: u32,
 }
 
@@ -29,17 +31,26 @@ pub struct ExternalIface {
     pub ipv4: Ipv4Addr,
     /// The address peers reach us at (`--public-ip`, else `ipv4`).
     pub public_ip: Ipv4Addr,
+    /// The interface's first global IPv6 address: `flannel-v6.N`'s `local` (flannel's
+    /// `IfaceV6Addr`); `None` when it has none.
+    pub ipv6: Option<Ipv6Addr>,
+    /// The IPv6 address peers reach us at (`--public-ipv6`, else `ipv6`).
+    pub public_ipv6: Option<Ipv6Addr>,
     pub mtu: u32,
 }
 
 impl ExternalIface {
-    /// `iface` with `addr` as its address and `public_ip` (default `addr`) advertised.
+    /// `iface` with `addr` as its address and `public_ip` (default `addr`) advertised; its
+    /// first global IPv6 address, if any, for IPv6.
     pub fn new(iface: &Interface, addr: Ipv4Addr, public_ip: Option<Ipv4Addr>) -> Self {
+        let ipv6 = iface.addrs6.first().copied();
         Self {
             name: iface.name.clone(),
             index: iface.index,
             ipv4: addr,
             public_ip: public_ip.unwrap_or(addr),
+            ipv6,
+            public_ipv6: ipv6,
             mtu: iface.mtu,
         }
     }
@@ -64,6 +75,8 @@ pub struct LinkInfo {
 pub struct VxlanAttrs {
     pub vni: u32,
     pub local: Option<Ipv4Addr>,
+    /// `local` of a device over an IPv6 underlay (`flannel-v6.N`).
+    pub local6: Option<Ipv6Addr>,
     pub dev_index: Option<u32>,
     pub port: u16,
     pub learning: bool,
@@ -80,7 +93,8 @@ pub struct VxlanAttrs {
 pub struct VxlanSpec {
     pub name: String,
     pub vni: u32,
-    pub local: Ipv4Addr,
+    /// IPv4 for `flannel.N`, IPv6 for `flannel-v6.N`.
+    pub local: IpAddr,
     pub dev_index: u32,
     /// Destination port; `weft_common::wire::DEFAULT_PORT` for flannel's `Port: 0`.
     pub port: u16,
@@ -111,10 +125,11 @@ impl VxlanSpec {
                 self.dev_index
             ));
         }
-        if v.local.is_some_and(|l| l != self.local) {
+        let local = v.local.map(IpAddr::V4).or(v.local6.map(IpAddr::V6));
+        if local.is_some_and(|l| l != self.local) {
             return Some(format!(
                 "local address {} instead of {}",
-                v.local.map(|l| l.to_string()).unwrap_or_default(),
+                local.map(|l| l.to_string()).unwrap_or_default(),
                 self.local
             ));
         }
@@ -169,6 +184,7 @@ fn parse_vxlan(attrs: Vec<InfoVxlan>) -> VxlanAttrs {
         match a {
             InfoVxlan::Id(id) => v.vni = id,
             InfoVxlan::Local(l) => v.local = Some(l),
+            InfoVxlan::Local6(l) => v.local6 = Some(l),
             InfoVxlan::Link(i) => v.dev_index = Some(i),
             InfoVxlan::Port(p) => v.port = p,
             InfoVxlan::Learning(b) => v.learning = b,
@@ -254,9 +270,12 @@ impl Netlink {
     /// default, on). Returns `false` without touching anything if a link of that
     /// name already exists.
     pub async fn add_vxlan(&self, spec: &VxlanSpec) -> Result<bool, NetlinkError> {
-        let mut b = LinkVxlan::new(&spec.name, spec.vni)
-            .dev(spec.dev_index)
-            .local(spec.local)
+        let b = LinkVxlan::new(&spec.name, spec.vni).dev(spec.dev_index);
+        let b = match spec.local {
+            IpAddr::V4(l) => b.local(l),
+            IpAddr::V6(l) => b.local6(l),
+        };
+        let mut b = b
             .ttl(0)
             .tos(0)
             .learning(spec.learning)
@@ -323,11 +342,18 @@ impl Netlink {
             .ok_or_else(|| NetlinkError::NoIpv4 {
                 name: link.name.clone(),
             })?;
+        let ipv6 = self
+            .addresses_v6(link.index)
+            .await?
+            .first()
+            .map(|n| n.addr());
         Ok(ExternalIface {
             name: link.name,
             index: link.index,
             ipv4,
             public_ip: ipv4,
+            ipv6,
+            public_ipv6: ipv6,
             mtu: link.mtu,
         })
     }
@@ -346,6 +372,12 @@ impl Netlink {
                         .iter()
                         .filter(|a| a.header.index == link.index)
                         .filter_map(super::addr::parse_v4)
+                        .map(|n| n.addr())
+                        .collect(),
+                    addrs6: addrs
+                        .iter()
+                        .filter(|a| a.header.index == link.index)
+                        .filter_map(super::addr::parse_v6_global)
                         .map(|n| n.addr())
                         .collect(),
                     name: link.name,

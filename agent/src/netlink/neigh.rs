@@ -1,7 +1,7 @@
 //! `ip neigh` and `bridge fdb` on the VXLAN device, and the container
 //! bridge's learned ports (which veth a container's MAC sits behind).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -20,11 +20,20 @@ pub struct NeighEntry {
     pub permanent: bool,
 }
 
-/// A bridge forwarding entry of a VXLAN device: frames to `mac` go to `dst`.
+/// An IPv6 neighbour (NDP) entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neigh6Entry {
+    pub ip: Ipv6Addr,
+    pub mac: Option<MacAddr>,
+    pub permanent: bool,
+}
+
+/// A bridge forwarding entry of a VXLAN device: frames to `mac` go to `dst` (an IPv4 remote
+/// on `flannel.N`, an IPv6 one on `flannel-v6.N`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FdbEntry {
     pub mac: MacAddr,
-    pub dst: Option<Ipv4Addr>,
+    pub dst: Option<IpAddr>,
     pub permanent: bool,
 }
 
@@ -37,15 +46,32 @@ pub struct BridgePortEntry {
     pub port_index: u32,
 }
 
-fn dst_v4(msg: &NeighbourMessage) -> Option<Ipv4Addr> {
+fn dst(msg: &NeighbourMessage) -> Option<IpAddr> {
     msg.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
-        // Bridge-family (fdb) messages carry the IPv4 remote as raw bytes.
-        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-            <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
-        }
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+        // Bridge-family (fdb) messages carry the remote as raw bytes.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => match b.len() {
+            4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            _ => None,
+        },
         _ => None,
     })
+}
+
+fn dst_v4(msg: &NeighbourMessage) -> Option<Ipv4Addr> {
+    match dst(msg)? {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn dst_v6(msg: &NeighbourMessage) -> Option<Ipv6Addr> {
+    match dst(msg)? {
+        IpAddr::V6(ip) => Some(ip),
+        IpAddr::V4(_) => None,
+    }
 }
 
 fn lladdr(msg: &NeighbourMessage) -> Option<MacAddr> {
@@ -104,6 +130,18 @@ impl Netlink {
         .await
     }
 
+    /// `ip -6 neigh show dev IFINDEX`.
+    pub async fn neighbours_v6(&self, index: u32) -> Result<Vec<Neigh6Entry>, NetlinkError> {
+        self.device_neighbours(AddressFamily::Inet6, index, |m| {
+            Some(Neigh6Entry {
+                ip: dst_v6(m)?,
+                mac: lladdr(m),
+                permanent: is_permanent(m.header.state),
+            })
+        })
+        .await
+    }
+
     /// The MACs bridge `bridge_index` learned on its ports, as `bridge fdb show br BRIDGE`
     /// lists them without the permanent (port's own and static) entries.
     pub async fn bridge_learned(
@@ -129,13 +167,14 @@ impl Netlink {
     pub async fn replace_neighbour(
         &self,
         index: u32,
-        ip: Ipv4Addr,
+        ip: impl Into<IpAddr>,
         mac: MacAddr,
     ) -> Result<(), NetlinkError> {
+        let ip = ip.into();
         let res = self
             .handle
             .neighbours()
-            .add(index, IpAddr::V4(ip))
+            .add(index, ip)
             .kind(RouteType::Unicast)
             .state(NeighbourState::Permanent)
             .link_layer_address(&mac.0)
@@ -148,12 +187,20 @@ impl Netlink {
     }
 
     /// `ip neigh del IP dev IFINDEX`; absent already is fine.
-    pub async fn del_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+    pub async fn del_neighbour(
+        &self,
+        index: u32,
+        ip: impl Into<IpAddr>,
+    ) -> Result<(), NetlinkError> {
+        let ip = ip.into();
         let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
+        msg.header.family = match ip {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
         msg.header.ifindex = index;
         msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+            .push(NeighbourAttribute::Destination(ip.into()));
         let res = self.handle.neighbours().del(msg).execute().await;
         tolerate(
             res,
@@ -168,7 +215,7 @@ impl Netlink {
         self.device_neighbours(AddressFamily::Bridge, index, |m| {
             Some(FdbEntry {
                 mac: lladdr(m)?,
-                dst: dst_v4(m),
+                dst: dst(m),
                 permanent: is_permanent(m.header.state),
             })
         })
@@ -180,15 +227,16 @@ impl Netlink {
         &self,
         index: u32,
         mac: MacAddr,
-        dst: Ipv4Addr,
+        dst: impl Into<IpAddr>,
     ) -> Result<(), NetlinkError> {
+        let dst = dst.into();
         let res = self
             .handle
             .neighbours()
             .add_bridge(index, &mac.0)
             .flags(NeighbourFlags::Own)
             .state(NeighbourState::Permanent)
-            .destination(IpAddr::V4(dst))
+            .destination(dst)
             .replace()
             .execute()
             .await;
@@ -201,7 +249,7 @@ impl Netlink {
         &self,
         index: u32,
         mac: MacAddr,
-        dst: Option<Ipv4Addr>,
+        dst: Option<IpAddr>,
     ) -> Result<(), NetlinkError> {
         let mut msg = NeighbourMessage::default();
         msg.header.family = AddressFamily::Bridge;
@@ -211,7 +259,7 @@ impl Netlink {
             .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
         if let Some(dst) = dst {
             msg.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+                .push(NeighbourAttribute::Destination(dst.into()));
         }
         let res = self.handle.neighbours().del(msg).execute().await;
         tolerate(

@@ -1,8 +1,9 @@
-//! `ip route`: per-peer routes in the main table, listed for reconciliation.
+//! `ip route` / `ip -6 route`: per-peer routes in the main table, listed for reconciliation.
+//! One implementation for both families, through [`RouteAddr`].
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
     RouteType,
@@ -12,18 +13,93 @@ use rtnetlink::RouteMessageBuilder;
 
 use super::{collect, tolerate, Netlink, NetlinkError};
 
+/// An address family's route addresses: [`Ipv4Addr`] or [`Ipv6Addr`].
+pub trait RouteAddr:
+    Copy + Eq + std::fmt::Display + std::fmt::Debug + Send + Sync + 'static
+{
+    type Net: Copy + Eq + std::fmt::Display + std::fmt::Debug + Send + Sync + 'static;
+    const FAMILY: AddressFamily;
+    fn from_route(a: &RouteAddress) -> Option<Self>;
+    /// The network of `len` at `addr` (the family's unspecified address when `None`).
+    fn net(addr: Option<Self>, len: u8) -> Option<Self::Net>;
+    /// A message for `dst` (or the host route to one address) and `gateway`.
+    fn builder(dst: (Self, u8), gateway: Option<Self>) -> RouteMessageBuilder<Self>;
+    fn parts(net: &Self::Net) -> (Self, u8);
+    /// The empty message `ip route show` sends for this family.
+    fn dump() -> RouteMessage;
+}
+
+impl RouteAddr for Ipv4Addr {
+    type Net = Ipv4Net;
+    const FAMILY: AddressFamily = AddressFamily::Inet;
+    fn from_route(a: &RouteAddress) -> Option<Self> {
+        match a {
+            RouteAddress::Inet(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+    fn net(addr: Option<Self>, len: u8) -> Option<Ipv4Net> {
+        Ipv4Net::new(addr.unwrap_or(Ipv4Addr::UNSPECIFIED), len).ok()
+    }
+    fn builder(dst: (Self, u8), gateway: Option<Self>) -> RouteMessageBuilder<Self> {
+        let b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst.0, dst.1);
+        match gateway {
+            Some(gw) => b.gateway(gw),
+            None => b,
+        }
+    }
+    fn parts(net: &Ipv4Net) -> (Self, u8) {
+        (net.network(), net.prefix_len())
+    }
+    fn dump() -> RouteMessage {
+        RouteMessageBuilder::<Ipv4Addr>::new().build()
+    }
+}
+
+impl RouteAddr for Ipv6Addr {
+    type Net = Ipv6Net;
+    const FAMILY: AddressFamily = AddressFamily::Inet6;
+    fn from_route(a: &RouteAddress) -> Option<Self> {
+        match a {
+            RouteAddress::Inet6(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+    fn net(addr: Option<Self>, len: u8) -> Option<Ipv6Net> {
+        Ipv6Net::new(addr.unwrap_or(Ipv6Addr::UNSPECIFIED), len).ok()
+    }
+    fn builder(dst: (Self, u8), gateway: Option<Self>) -> RouteMessageBuilder<Self> {
+        let b = RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(dst.0, dst.1);
+        match gateway {
+            Some(gw) => b.gateway(gw),
+            None => b,
+        }
+    }
+    fn parts(net: &Ipv6Net) -> (Self, u8) {
+        (net.network(), net.prefix_len())
+    }
+    fn dump() -> RouteMessage {
+        RouteMessageBuilder::<Ipv6Addr>::new().build()
+    }
+}
+
 /// A route weft programs: `DST [via GATEWAY] [dev OIF] [onlink]`, main table,
-/// `proto boot` like `ip route replace` and flanneld.
+/// `proto boot` like `ip route replace` and flanneld. IPv4 unless `A` says otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RouteSpec {
-    pub dst: Ipv4Net,
-    pub gateway: Option<Ipv4Addr>,
+pub struct RouteSpec<A: RouteAddr = Ipv4Addr> {
+    pub dst: A::Net,
+    pub gateway: Option<A>,
     /// `None` lets the kernel pick the device from the gateway (flannel's direct routes).
     pub oif: Option<u32>,
     pub onlink: bool,
 }
 
-impl std::fmt::Display for RouteSpec {
+/// An IPv6 route weft programs.
+pub type RouteSpec6 = RouteSpec<Ipv6Addr>;
+/// A route of the main IPv6 table.
+pub type RouteEntry6 = RouteEntry<Ipv6Addr>;
+
+impl<A: RouteAddr> std::fmt::Display for RouteSpec<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.dst)?;
         if let Some(gw) = self.gateway {
@@ -39,11 +115,11 @@ impl std::fmt::Display for RouteSpec {
     }
 }
 
-/// A route of the main IPv4 table as the kernel lists it.
+/// A route of the main table as the kernel lists it (IPv4 unless `A` says otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RouteEntry {
-    pub dst: Ipv4Net,
-    pub gateway: Option<Ipv4Addr>,
+pub struct RouteEntry<A: RouteAddr = Ipv4Addr> {
+    pub dst: A::Net,
+    pub gateway: Option<A>,
     pub oif: Option<u32>,
     pub onlink: bool,
     /// `RTPROT_*`: 2 = kernel (address prefix routes), 3 = boot (`ip route`, flanneld).
@@ -51,10 +127,10 @@ pub struct RouteEntry {
     pub unicast: bool,
 }
 
-impl RouteEntry {
+impl<A: RouteAddr> RouteEntry<A> {
     /// Whether this kernel route already is `spec` (the device only counts when
     /// the spec names one).
-    pub fn satisfies(&self, spec: &RouteSpec) -> bool {
+    pub fn satisfies(&self, spec: &RouteSpec<A>) -> bool {
         self.unicast
             && self.dst == spec.dst
             && self.gateway == spec.gateway
@@ -63,7 +139,7 @@ impl RouteEntry {
     }
 
     /// The spec that deletes exactly this route.
-    pub fn to_spec(&self) -> RouteSpec {
+    pub fn to_spec(&self) -> RouteSpec<A> {
         RouteSpec {
             dst: self.dst,
             gateway: self.gateway,
@@ -73,20 +149,20 @@ impl RouteEntry {
     }
 }
 
-fn parse(msg: RouteMessage) -> Option<RouteEntry> {
+fn parse<A: RouteAddr>(msg: RouteMessage) -> Option<RouteEntry<A>> {
     let h = &msg.header;
-    if h.address_family != AddressFamily::Inet {
+    if h.address_family != A::FAMILY {
         return None;
     }
     let mut table = u32::from(h.table);
-    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut dst = None;
     let mut gateway = None;
     let mut oif = None;
     for a in &msg.attributes {
         match a {
             RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
+            RouteAttribute::Destination(d) => dst = A::from_route(d),
+            RouteAttribute::Gateway(g) => gateway = A::from_route(g),
             RouteAttribute::Oif(o) => oif = Some(*o),
             _ => {}
         }
@@ -95,7 +171,7 @@ fn parse(msg: RouteMessage) -> Option<RouteEntry> {
         return None;
     }
     Some(RouteEntry {
-        dst: Ipv4Net::new(dst, h.destination_prefix_length).ok()?,
+        dst: A::net(dst, h.destination_prefix_length)?,
         gateway,
         oif,
         onlink: h.flags.contains(RouteFlags::Onlink),
@@ -104,12 +180,8 @@ fn parse(msg: RouteMessage) -> Option<RouteEntry> {
     })
 }
 
-fn message(spec: &RouteSpec) -> RouteMessageBuilder<Ipv4Addr> {
-    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(spec.dst.network(), spec.dst.prefix_len());
-    if let Some(gw) = spec.gateway {
-        b = b.gateway(gw);
-    }
+fn message<A: RouteAddr>(spec: &RouteSpec<A>) -> RouteMessageBuilder<A> {
+    let mut b = A::builder(A::parts(&spec.dst), spec.gateway);
     if let Some(oif) = spec.oif {
         b = b.output_interface(oif);
     }
@@ -122,11 +194,12 @@ fn message(spec: &RouteSpec) -> RouteMessageBuilder<Ipv4Addr> {
 impl Netlink {
     /// `ip -4 route show table main`.
     pub async fn routes_v4(&self) -> Result<Vec<RouteEntry>, NetlinkError> {
-        let req = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
+        self.routes().await
+    }
+
+    /// `ip route show table main` of `A`'s family (`ip -6 route` for [`Ipv6Addr`]).
+    pub async fn routes<A: RouteAddr>(&self) -> Result<Vec<RouteEntry<A>>, NetlinkError> {
+        let req = self.handle.route().get(A::dump()).execute();
         Ok(collect(req, "list routes", String::new)
             .await?
             .into_iter()
@@ -135,14 +208,17 @@ impl Netlink {
     }
 
     /// `ip route replace SPEC` (proto boot, as flanneld's netlink library and `ip` do).
-    pub async fn replace_route(&self, spec: &RouteSpec) -> Result<(), NetlinkError> {
+    pub async fn replace_route<A: RouteAddr>(
+        &self,
+        spec: &RouteSpec<A>,
+    ) -> Result<(), NetlinkError> {
         let msg = message(spec).protocol(RouteProtocol::Boot).build();
         let res = self.handle.route().add(msg).replace().execute().await;
         tolerate(res, &[], "replace route", || spec.to_string())
     }
 
     /// `ip route del SPEC`; a route already gone is fine.
-    pub async fn del_route(&self, spec: &RouteSpec) -> Result<(), NetlinkError> {
+    pub async fn del_route<A: RouteAddr>(&self, spec: &RouteSpec<A>) -> Result<(), NetlinkError> {
         // Protocol 0 and scope nowhere match any route with this dst/gateway/dev.
         let msg = message(spec)
             .protocol(RouteProtocol::Unspec)
@@ -156,10 +232,16 @@ impl Netlink {
 
     /// `ip route get IP`: the gateway and device the kernel would use, `None`
     /// when the destination is unreachable.
-    pub async fn route_get(&self, ip: Ipv4Addr) -> Result<Option<RouteEntry>, NetlinkError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(ip, 32)
-            .build();
+    pub async fn route_get<A: RouteAddr>(
+        &self,
+        ip: A,
+    ) -> Result<Option<RouteEntry<A>>, NetlinkError> {
+        let host = if A::FAMILY == AddressFamily::Inet {
+            32
+        } else {
+            128
+        };
+        let msg = A::builder((ip, host), None).build();
         let req = self.handle.route().get(msg).execute();
         match collect(req, "get route to", || ip.to_string()).await {
             Ok(msgs) => Ok(msgs.into_iter().find_map(parse)),
@@ -198,7 +280,7 @@ impl Netlink {
     /// The device a packet to `ip` would leave by when `ip` is on a directly
     /// connected network (the kernel's route needs no gateway), else `None`.
     /// flanneld's `ip.DirectRouting` makes the same check.
-    pub async fn on_link_iface(&self, ip: Ipv4Addr) -> Result<Option<u32>, NetlinkError> {
+    pub async fn on_link_iface<A: RouteAddr>(&self, ip: A) -> Result<Option<u32>, NetlinkError> {
         Ok(self
             .route_get(ip)
             .await?
@@ -209,12 +291,12 @@ impl Netlink {
     /// Make the main table's routes selected by `owned` equal `desired`: replace
     /// each desired route the kernel lacks or holds differently, delete each owned
     /// route no desired route justifies. Keeps going after a failure.
-    pub async fn sync_routes(
+    pub async fn sync_routes<A: RouteAddr>(
         &self,
-        owned: impl Fn(&RouteEntry) -> bool,
-        desired: &[RouteSpec],
+        owned: impl Fn(&RouteEntry<A>) -> bool,
+        desired: &[RouteSpec<A>],
     ) -> Result<SyncReport, NetlinkError> {
-        let kernel = self.routes_v4().await?;
+        let kernel = self.routes::<A>().await?;
         let mut report = SyncReport::default();
         for spec in desired {
             if !kernel.iter().any(|r| r.satisfies(spec)) {

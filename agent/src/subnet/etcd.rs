@@ -7,7 +7,6 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
-use ipnet::Ipv4Net;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -15,7 +14,7 @@ use super::{Listing, SubnetError, SubnetStore, WatchUpdate};
 
 mod diagnose;
 
-use crate::lease::{parse_subnet_key, subnet_key, Lease, LeaseAttrs};
+use crate::lease::{parse_lease_key, Lease, LeaseAttrs, LeaseKey};
 use diagnose::{client_cert_fix, diagnose};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -136,8 +135,9 @@ impl EtcdStore {
         format!("{}/subnets/", self.prefix)
     }
 
-    pub fn lease_key(&self, subnet: Ipv4Net) -> String {
-        format!("{}{}", self.subnets_prefix(), subnet_key(subnet))
+    /// The etcd key of a lease: `<prefix>/subnets/10.1.10.0-24` (`&fd00:10:1::-64` with IPv6).
+    pub fn lease_key(&self, key: impl Into<LeaseKey>) -> String {
+        format!("{}{}", self.subnets_prefix(), key.into().etcd_name())
     }
 
     fn err(&self, op: &'static str, key: &str, e: impl ToString) -> SubnetError {
@@ -197,7 +197,7 @@ impl EtcdStore {
     async fn put_if(
         &self,
         op: &'static str,
-        subnet: Ipv4Net,
+        subnet: LeaseKey,
         compare: Compare,
         attrs: &LeaseAttrs,
         ttl: Duration,
@@ -232,7 +232,7 @@ impl EtcdStore {
         ttl: Duration,
     ) -> Result<Option<Lease>, SubnetError> {
         let Some(id) = self
-            .put_if(what, current.subnet, compare, attrs, ttl)
+            .put_if(what, current.key(), compare, attrs, ttl)
             .await?
         else {
             return Ok(None);
@@ -240,11 +240,7 @@ impl EtcdStore {
         if current.etcd_lease != 0 && current.etcd_lease != id {
             self.revoke(current.etcd_lease).await;
         }
-        Ok(Some(Lease {
-            subnet: current.subnet,
-            attrs: attrs.clone(),
-            etcd_lease: id,
-        }))
+        Ok(Some(Lease::new(current.key(), attrs.clone(), id)))
     }
 }
 
@@ -283,8 +279,8 @@ impl SubnetStore for EtcdStore {
         };
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key());
-            if let Ok(subnet) = parse_subnet_key(&key) {
-                listing.taken.insert(subnet);
+            if let Ok(k) = parse_lease_key(&key) {
+                listing.taken.insert(k);
             }
             match Lease::from_kv(&key, kv.value(), kv.lease()) {
                 Ok(lease) => listing.leases.push(lease),
@@ -314,17 +310,13 @@ impl SubnetStore for EtcdStore {
     /// `None` means another host won it.
     async fn create(
         &self,
-        subnet: Ipv4Net,
+        key: LeaseKey,
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> Result<Option<Lease>, SubnetError> {
-        let compare = Compare::version(self.lease_key(subnet), CompareOp::Equal, 0);
-        let id = self.put_if("create", subnet, compare, attrs, ttl).await?;
-        Ok(id.map(|etcd_lease| Lease {
-            subnet,
-            attrs: attrs.clone(),
-            etcd_lease,
-        }))
+        let compare = Compare::version(self.lease_key(key), CompareOp::Equal, 0);
+        let id = self.put_if("create", key, compare, attrs, ttl).await?;
+        Ok(id.map(|etcd_lease| Lease::new(key, attrs.clone(), etcd_lease)))
     }
 
     /// Re-put `current` with `attrs` on a fresh etcd lease, only if the key still holds
@@ -336,7 +328,7 @@ impl SubnetStore for EtcdStore {
         ttl: Duration,
     ) -> Result<Option<Lease>, SubnetError> {
         let compare = Compare::value(
-            self.lease_key(current.subnet),
+            self.lease_key(current.key()),
             CompareOp::Equal,
             current.attrs.to_json(),
         );
@@ -355,7 +347,7 @@ impl SubnetStore for EtcdStore {
         ttl: Duration,
         accept: impl Fn(Option<&LeaseAttrs>) -> bool,
     ) -> Result<Option<Lease>, SubnetError> {
-        let key = self.lease_key(current.subnet);
+        let key = self.lease_key(current.key());
         let resp = self
             .call("get", &key, self.client.clone().get(key.as_str(), None))
             .await?;
@@ -465,7 +457,7 @@ impl SubnetStore for EtcdStore {
                     backoff = BACKOFF_MIN;
                     let key = String::from_utf8_lossy(kv.key());
                     let update = match ev.event_type() {
-                        EventType::Delete => match parse_subnet_key(&key) {
+                        EventType::Delete => match parse_lease_key(&key) {
                             Ok(s) => WatchUpdate::Delete(s),
                             Err(e) => {
                                 tracing::warn!(key = %key, "{e}");

@@ -8,13 +8,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Listing, SubnetError, SubnetStore, WatchUpdate};
-use crate::lease::{Lease, LeaseAttrs};
+use crate::lease::{Lease, LeaseAttrs, LeaseKey};
 
 const CONFIG_KEY: &str = "/memory/network/config";
 /// How often a watch looks for expired leases (etcd expires them on its own clock).
@@ -31,7 +30,7 @@ struct Entry {
 #[derive(Debug, Default)]
 struct State {
     config: Option<String>,
-    entries: BTreeMap<Ipv4Net, Entry>,
+    entries: BTreeMap<LeaseKey, Entry>,
     /// Store leases by id and when they expire; as in etcd they outlive the keys on them.
     leases: BTreeMap<i64, Instant>,
     revision: i64,
@@ -73,7 +72,7 @@ impl MemoryStore {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         st.leases.retain(|_, t| *t > now);
-        let expired: Vec<Ipv4Net> = st
+        let expired: Vec<LeaseKey> = st
             .entries
             .iter()
             .filter(|(_, e)| !st.leases.contains_key(&e.lease_id))
@@ -110,7 +109,7 @@ impl MemoryStore {
         st.next_id
     }
 
-    fn put(&self, st: &mut State, subnet: Ipv4Net, attrs: &LeaseAttrs, ttl: Duration) -> Lease {
+    fn put(&self, st: &mut State, subnet: LeaseKey, attrs: &LeaseAttrs, ttl: Duration) -> Lease {
         Self::grant(st, ttl);
         st.revision += 1;
         let entry = Entry {
@@ -118,11 +117,7 @@ impl MemoryStore {
             lease_id: st.next_id,
         };
         st.entries.insert(subnet, entry);
-        let lease = Lease {
-            subnet,
-            attrs: attrs.clone(),
-            etcd_lease: st.next_id,
-        };
+        let lease = Lease::new(subnet, attrs.clone(), st.next_id);
         let _ = self
             .events
             .send(Message::Update(WatchUpdate::Put(lease.clone())));
@@ -134,13 +129,7 @@ impl MemoryStore {
             leases: st
                 .entries
                 .iter()
-                .filter_map(|(subnet, e)| {
-                    Some(Lease {
-                        subnet: *subnet,
-                        attrs: e.attrs.clone()?,
-                        etcd_lease: e.lease_id,
-                    })
-                })
+                .filter_map(|(key, e)| Some(Lease::new(*key, e.attrs.clone()?, e.lease_id)))
                 .collect(),
             taken: st.entries.keys().copied().collect(),
             revision: st.revision,
@@ -153,13 +142,19 @@ impl MemoryStore {
     }
 
     /// Another host (or an operator) writes a lease, whoever held the key.
-    pub fn put_lease(&self, subnet: Ipv4Net, attrs: &LeaseAttrs, ttl: Duration) -> Lease {
+    pub fn put_lease(
+        &self,
+        subnet: impl Into<LeaseKey>,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Lease {
         let mut st = self.lock();
-        self.put(&mut st, subnet, attrs, ttl)
+        self.put(&mut st, subnet.into(), attrs, ttl)
     }
 
     /// Another writer stores a value no lease parser accepts at `subnet`'s key.
-    pub fn put_garbage(&self, subnet: Ipv4Net, ttl: Duration) {
+    pub fn put_garbage(&self, subnet: impl Into<LeaseKey>, ttl: Duration) {
+        let subnet = subnet.into();
         let mut st = self.lock();
         let lease_id = Self::grant(&mut st, ttl);
         st.revision += 1;
@@ -171,7 +166,8 @@ impl MemoryStore {
     }
 
     /// An operator deletes a lease key (`etcdctl del`).
-    pub fn delete(&self, subnet: Ipv4Net) {
+    pub fn delete(&self, subnet: impl Into<LeaseKey>) {
+        let subnet = subnet.into();
         let mut st = self.lock();
         if st.entries.remove(&subnet).is_some() {
             st.revision += 1;
@@ -182,7 +178,8 @@ impl MemoryStore {
     }
 
     /// The store lease behind `subnet`'s key runs out now, as if renewals had stopped.
-    pub fn expire(&self, subnet: Ipv4Net) {
+    pub fn expire(&self, subnet: impl Into<LeaseKey>) {
+        let subnet = subnet.into();
         let mut st = self.lock();
         if let Some(id) = st.entries.get(&subnet).map(|e| e.lease_id) {
             st.leases.insert(id, Instant::now());
@@ -192,8 +189,11 @@ impl MemoryStore {
     }
 
     /// What `subnet`'s key holds: `Some(None)` for an unparsable value.
-    pub fn lease(&self, subnet: Ipv4Net) -> Option<Option<LeaseAttrs>> {
-        self.lock().entries.get(&subnet).map(|e| e.attrs.clone())
+    pub fn lease(&self, subnet: impl Into<LeaseKey>) -> Option<Option<LeaseAttrs>> {
+        self.lock()
+            .entries
+            .get(&subnet.into())
+            .map(|e| e.attrs.clone())
     }
 
     /// Every parsable lease.
@@ -225,13 +225,13 @@ impl MemoryStore {
         ttl: Duration,
         holds: impl Fn(Option<&LeaseAttrs>) -> bool,
     ) -> Result<Option<Lease>, SubnetError> {
-        let key = current.subnet.to_string();
-        let mut st = self.call(op, &key)?;
-        match st.entries.get(&current.subnet) {
+        let key = current.key();
+        let mut st = self.call(op, &key.to_string())?;
+        match st.entries.get(&key) {
             Some(e) if holds(e.attrs.as_ref()) => {}
             _ => return Ok(None),
         }
-        let lease = self.put(&mut st, current.subnet, attrs, ttl);
+        let lease = self.put(&mut st, key, attrs, ttl);
         // The replaced store lease is revoked, as the etcd store does.
         st.leases.remove(&current.etcd_lease);
         Ok(Some(lease))
@@ -263,7 +263,7 @@ impl SubnetStore for MemoryStore {
 
     async fn create(
         &self,
-        subnet: Ipv4Net,
+        subnet: LeaseKey,
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> Result<Option<Lease>, SubnetError> {

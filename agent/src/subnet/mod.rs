@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +21,7 @@ pub use etcd::{EtcdOptions, EtcdStore};
 pub use memory::MemoryStore;
 
 use crate::config::{ConfigError, NetworkConfig};
-use crate::lease::{Lease, LeaseAttrs};
+use crate::lease::{Lease, LeaseAttrs, LeaseKey};
 
 /// How many create-if-absent races we accept losing in a row before giving up.
 const MAX_RACES: usize = 50;
@@ -76,6 +76,13 @@ pub enum SubnetError {
         min: std::net::Ipv4Addr,
         max: std::net::Ipv4Addr,
     },
+    #[error("out of IPv6 subnets: every /{len} between {min} and {max} in {network} is leased; enlarge IPv6Network or IPv6SubnetMax, or remove stale leases")]
+    OutOfIpv6Subnets {
+        network: Ipv6Net,
+        len: u8,
+        min: std::net::Ipv6Addr,
+        max: std::net::Ipv6Addr,
+    },
     #[error("lost the race for a free subnet {races} times in a row; too many hosts starting at once for the free space")]
     TooManyRaces { races: usize },
 }
@@ -85,8 +92,8 @@ pub enum SubnetError {
 pub struct Listing {
     /// Leases whose key and value parse.
     pub leases: Vec<Lease>,
-    /// Every subnet with a key, parsable value or not: none of these may be handed out.
-    pub taken: BTreeSet<Ipv4Net>,
+    /// Every key, parsable value or not: none of its subnets may be handed out.
+    pub taken: BTreeSet<LeaseKey>,
     pub revision: i64,
 }
 
@@ -96,7 +103,7 @@ pub enum WatchUpdate {
     /// A full listing (at start, after a reconnect that lost history, or after compaction).
     Snapshot(Listing),
     Put(Lease),
-    Delete(Ipv4Net),
+    Delete(LeaseKey),
 }
 
 /// Where the network config and the leases live (flannel's subnet manager interface): the
@@ -116,10 +123,10 @@ pub trait SubnetStore: Clone + Send + Sync + 'static {
         &self,
         lease_id: i64,
     ) -> impl Future<Output = Result<Option<i64>, SubnetError>> + Send;
-    /// Create `subnet`'s key if nobody holds it; `None` when another host won it.
+    /// Create `key` if nobody holds it; `None` when another host won it.
     fn create(
         &self,
-        subnet: Ipv4Net,
+        key: LeaseKey,
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> impl Future<Output = Result<Option<Lease>, SubnetError>> + Send;
@@ -148,9 +155,9 @@ pub trait SubnetStore: Clone + Send + Sync + 'static {
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> impl Future<Output = Result<Option<Lease>, SubnetError>> + Send {
-        let ip = attrs.public_ip;
+        let ours = attrs.clone();
         self.take_over(current, attrs, ttl, move |held| {
-            held.is_none_or(|h| h.public_ip != ip)
+            held.is_none_or(|h| !ours.same_host(h))
         })
     }
     /// Send a snapshot, then every change; after a break, reconnect (calling `on_reconnect`)
@@ -189,40 +196,54 @@ pub async fn acquire(
     cfg: &NetworkConfig,
     attrs: &LeaseAttrs,
     ttl: Duration,
-    prefer: Option<Ipv4Net>,
+    prefer: Option<LeaseKey>,
 ) -> Result<Lease, SubnetError> {
-    let mut lost: BTreeSet<Ipv4Net> = BTreeSet::new();
+    let mut lost: BTreeSet<LeaseKey> = BTreeSet::new();
     for _ in 0..MAX_RACES {
         let listing = store.list_leases().await?;
         if let Some(own) = listing
             .leases
             .iter()
-            .find(|l| l.attrs.public_ip == attrs.public_ip && alloc::fits(cfg, l.subnet))
+            .find(|l| attrs.same_host(&l.attrs) && alloc::fits(cfg, l.key()))
         {
             // Compared by revision, not by value: a lease flanneld (or an older weft) wrote
             // in another spelling (no VNI, other field case) is still ours to re-put.
-            let ours =
-                |held: Option<&LeaseAttrs>| held.is_some_and(|h| h.public_ip == attrs.public_ip);
+            let ours = |held: Option<&LeaseAttrs>| held.is_some_and(|h| attrs.same_host(h));
             if let Some(lease) = store.take_over(own, attrs, ttl, ours).await? {
-                tracing::info!(subnet = %lease.subnet, "reusing the lease that holds our public IP");
+                tracing::info!(subnet = %lease.key(), "reusing the lease that holds our public IP");
                 return Ok(lease);
             }
             continue;
         }
-        let mut taken = listing.taken.clone();
-        taken.extend(&lost);
-        let candidate = prefer
-            .filter(|p| alloc::fits(cfg, *p) && !taken.contains(p))
-            .or_else(|| alloc::choose(cfg, &taken))
-            .ok_or(SubnetError::OutOfSubnets {
-                network: cfg.network,
-                len: cfg.subnet_len,
-                min: cfg.subnet_min,
-                max: cfg.subnet_max,
-            })?;
+        let taken = listing.taken.iter().chain(&lost);
+        let taken_v4: BTreeSet<Ipv4Net> = taken.clone().filter_map(|k| k.ipv4()).collect();
+        let taken_v6: BTreeSet<Ipv6Net> = taken.filter_map(|k| k.v6).collect();
+        let free = |k: &LeaseKey| {
+            k.ipv4().is_none_or(|n| !taken_v4.contains(&n))
+                && k.v6.is_none_or(|n| !taken_v6.contains(&n))
+        };
+        let candidate = match prefer.filter(|p| alloc::fits(cfg, *p) && free(p)) {
+            Some(p) => p,
+            None => alloc::choose_key(cfg, &taken_v4, &taken_v6).map_err(|family| {
+                match (family, cfg.ipv6) {
+                    (alloc::Family::V6, Some(v6)) => SubnetError::OutOfIpv6Subnets {
+                        network: v6.network,
+                        len: v6.subnet_len,
+                        min: v6.subnet_min,
+                        max: v6.subnet_max,
+                    },
+                    _ => SubnetError::OutOfSubnets {
+                        network: cfg.network,
+                        len: cfg.subnet_len,
+                        min: cfg.subnet_min,
+                        max: cfg.subnet_max,
+                    },
+                }
+            })?,
+        };
         match store.create(candidate, attrs, ttl).await? {
             Some(lease) => {
-                tracing::info!(subnet = %lease.subnet, public_ip = %attrs.public_ip, "acquired subnet lease");
+                tracing::info!(subnet = %lease.key(), public_ip = %attrs.public_ip, "acquired subnet lease");
                 return Ok(lease);
             }
             None => {

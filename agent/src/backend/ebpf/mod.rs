@@ -286,6 +286,10 @@ impl Backend for EbpfBackend {
         "ebpf"
     }
 
+    async fn prepare_v6(&mut self) -> Result<Option<crate::lease::VxlanData>, BackendError> {
+        self.inner.prepare_v6().await // IPv6 rides flannel-v6.<VNI> until the eBPF v6 path lands
+    }
+
     async fn prepare(&mut self) -> Result<BackendAttrs, BackendError> {
         let attrs = self.inner.prepare().await?;
         if attrs != self.attrs {
