@@ -382,3 +382,70 @@ async fn a_dual_stack_flanneld_host_set_up_by_hand_interoperates() {
         }
     }
 }
+
+/// `EnableIPv4: false`: leases `0.0.0.0-0&<v6>-64` with PublicIP 0.0.0.0 and distinct IPv6
+/// subnets (flanneld's allocator would give the second host none), no flannel.1, subnet.env with
+/// only the IPv6 lines, and IPv6 across hosts through flannel-v6.1.
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn ipv6_only_hosts_get_distinct_subnets_and_reach_each_other() {
+    let c = cluster(2).await;
+    c.write_config(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10::/48","Backend":{"Type":"vxlan"}}"#).await;
+    for h in c.hosts() {
+        h.spawn_agent(&["--datapath", "kernel"]).unwrap();
+    }
+    let leases = poll::until("two IPv6-only leases", SETTLE, || async {
+        let l = dual_leases(&c).await;
+        poll::check(l.len() == 2, &l)?;
+        Ok(l)
+    })
+    .await;
+    let mut subnets = Vec::new();
+    for h in c.hosts() {
+        let (key, value) = leases
+            .iter()
+            .find(|(_, v)| v.contains(&format!("\"{}\"", h.ens32_ipv6())))
+            .unwrap_or_else(|| panic!("no lease for {}: {leases:?}", h.ens32_ipv6()));
+        let name = key.rsplit('/').next().unwrap();
+        let v6 = name
+            .strip_prefix("0.0.0.0-0&")
+            .unwrap_or_else(|| panic!("{key}"));
+        let (a, l) = v6.rsplit_once('-').unwrap();
+        let subnet: ipnet::Ipv6Net = format!("{a}/{l}").parse().unwrap();
+        let flannel_v6 = poll::until("flannel-v6.1", SETTLE, || link(h, "flannel-v6.1")).await;
+        assert_eq!(
+            value,
+            &format!(
+                r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"{}","BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+                h.ens32_ipv6(),
+                mac_of(&flannel_v6)
+            )
+        );
+        assert!(
+            link(h, "flannel.1").await.is_err(),
+            "flanneld creates no flannel.1 without IPv4"
+        );
+        let env = poll::until("the subnet file", SETTLE, || async {
+            std::fs::read_to_string(h.subnet_file()).map_err(|e| e.to_string())
+        })
+        .await;
+        assert!(
+            env.starts_with("FLANNEL_IPV6_NETWORK=fd00:10::/48\nFLANNEL_IPV6_SUBNET="),
+            "{env}"
+        );
+        subnets.push(subnet);
+    }
+    assert_ne!(subnets[0], subnets[1]);
+    let remote = subnets[1].network().to_string();
+    poll::until(
+        "ping -6 from host 1 to host 2's flannel-v6.1 address",
+        SETTLE,
+        || async {
+            c.hosts()[0]
+                .exec_ok(&["ping", "-6", "-c", "1", "-W", "1", &remote])
+                .await
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+}

@@ -83,7 +83,9 @@ impl MasqTask {
 
 impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
     pub async fn start_masq(&mut self) -> Result<(), AgentError> {
-        if self.firewall {
+        // The rules are IPv4 (iptables / `ip flannel-ipv4`); an IPv6-only network has none yet,
+        // and 0.0.0.0/0 in them would accept and exempt everything.
+        if self.firewall && self.net.enable_ipv4 {
             let (cfg, net, subnet) = (self.cfg, &self.net, self.own.subnet);
             let task = MasqTask::start(
                 cfg,

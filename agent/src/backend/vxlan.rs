@@ -62,6 +62,11 @@ impl VxlanSettings {
         format!("flannel.{}", self.vni)
     }
 
+    /// Whether IPv4 is carried: an IPv6-only config's Network is 0.0.0.0/0 (flannel's zero value).
+    pub fn has_ipv4(&self) -> bool {
+        self.network.prefix_len() != 0
+    }
+
     /// flanneld's name of the IPv6 device.
     pub fn device_name_v6(&self) -> String {
         format!("flannel-v6.{}", self.vni)
@@ -792,6 +797,10 @@ impl Backend for VxlanBackend {
     }
 
     async fn prepare(&mut self) -> Result<BackendAttrs, BackendError> {
+        if !self.s.has_ipv4() {
+            // IPv6 only: flanneld creates no flannel.<VNI> and advertises no BackendData.
+            return Ok(BackendAttrs::VxlanIpv6Only);
+        }
         let (link, created) = self.ensure_device(self.dev.map(|d| d.1)).await?;
         let mac = link.mac.ok_or_else(|| {
             self.device_err(NetlinkError::NoSuchLink {
@@ -811,8 +820,8 @@ impl Backend for VxlanBackend {
     }
 
     async fn own_lease(&mut self, lease: &Lease) -> Result<(), BackendError> {
-        let (index, _) = self.dev()?;
-        if let Some(v4) = lease.ipv4_subnet() {
+        if let Some(v4) = lease.ipv4_subnet().filter(|_| self.s.has_ipv4()) {
+            let (index, _) = self.dev()?;
             self.ensure_address(index, v4).await?;
             self.own = Some(v4);
         }
@@ -826,19 +835,23 @@ impl Backend for VxlanBackend {
     async fn apply(&mut self, event: &LeaseEvent) -> Result<(), BackendError> {
         match event {
             LeaseEvent::Added(l) => {
-                self.add_or_change(None, l).await?;
+                if self.s.has_ipv4() {
+                    self.add_or_change(None, l).await?;
+                }
                 self.program6(l).await?;
             }
             LeaseEvent::Changed { old, new } => {
-                self.add_or_change(Some(old), new).await?;
+                if self.s.has_ipv4() {
+                    self.add_or_change(Some(old), new).await?;
+                }
                 if old.vtep_v6() != new.vtep_v6() {
                     self.unprogram6(old).await?;
                 }
                 self.program6(new).await?;
             }
             LeaseEvent::Removed(l) => {
-                let (index, _) = self.dev()?;
-                if l.ipv4_subnet().is_some() {
+                if l.ipv4_subnet().is_some() && self.s.has_ipv4() {
+                    let (index, _) = self.dev()?;
                     self.unprogram(l, index).await?;
                 }
                 self.unprogram6(l).await?;
@@ -853,11 +866,15 @@ impl Backend for VxlanBackend {
         // and the next round retries them.
         let mut steps: Vec<BackendError> = Vec::new();
         let mut report = SyncReport::default();
-        match self.repair_device().await {
+        match self.reconcile6(peers).await {
             Ok(n) => report.repairs += n,
             Err(e) => steps.push(e.into()),
         }
-        match self.reconcile6(peers).await {
+        if !self.s.has_ipv4() {
+            BackendError::from_steps(steps)?;
+            return Ok(report.repairs);
+        }
+        match self.repair_device().await {
             Ok(n) => report.repairs += n,
             Err(e) => steps.push(e.into()),
         }
