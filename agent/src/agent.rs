@@ -89,14 +89,15 @@ pub enum AgentError {
     Backend(BackendError),
     #[error(transparent)]
     Masq(#[from] crate::masq::MasqError),
-    /// The running network config no longer matches the store's; exiting lets the service
-    /// manager start weft again with the new one (the lease and datapath stay in place).
-    #[error("the network config at {key} changed ({what}); exiting so that weft restarts with it")]
+    /// The running network config no longer matches the store's: [`run`] starts over with
+    /// the new one (the lease and datapath stay in place and are adopted).
+    #[error("the network config at {key} changed ({what})")]
     ConfigChanged { key: String, what: String },
 }
 
 /// What the run loop reports to the outside: readiness (for `/readyz`), systemd's
 /// notifications and the metrics registry.
+#[derive(Clone)]
 pub struct Hooks {
     /// Turns true once the subnet file is written, the masquerade rules are in place and
     /// the first peer snapshot is programmed.
@@ -194,6 +195,11 @@ async fn first_lease(
 
 /// Run the agent until `shutdown` fires: choose the interface, connect to etcd, then
 /// [`follow`]. `build` makes the backend once the network config and interface are known.
+///
+/// A changed network config starts [`follow`] over in this process (same PID, so systemd's
+/// notifications and watchdog carry on): the old backend is dropped, the new one adopts the
+/// pinned datapath and `flannel.N` as a restarted agent would, the lease is kept when the new
+/// config still holds it, and the files are rewritten.
 pub async fn run<B, F>(
     cfg: AgentConfig,
     build: F,
@@ -202,7 +208,7 @@ pub async fn run<B, F>(
 ) -> Result<(), AgentError>
 where
     B: Backend,
-    F: AsyncFnOnce(&BackendOptions, &NetworkConfig, &ExternalIface) -> Result<B, BackendError>,
+    F: AsyncFn(&BackendOptions, &NetworkConfig, &ExternalIface) -> Result<B, BackendError>,
 {
     let nl = Netlink::connect().map_err(|source| IfaceError::List { source })?;
     let iface = iface::choose(&nl, &cfg.iface).await?;
@@ -221,7 +227,23 @@ where
         iface,
         firewall: true,
     };
-    follow(&cfg, store, host, build, shutdown, hooks).await
+    loop {
+        let following = follow(
+            &cfg,
+            store.clone(),
+            host.clone(),
+            &build,
+            shutdown.clone(),
+            hooks.clone(),
+        );
+        match following.await {
+            Err(AgentError::ConfigChanged { key, what }) if !shutdown.is_cancelled() => {
+                tracing::info!(key = %key, "the network config changed ({what}); starting over with it");
+                hooks.ready.send_replace(false);
+            }
+            result => return result,
+        }
+    }
 }
 
 /// What the agent runs on besides the store.
@@ -300,6 +322,7 @@ where
         status: String::new(),
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
+        last_failures: None,
     };
     st.write_files()?;
     // Always: forward rules are independent of --ip-masq, and without it weft keeps overlay

@@ -1,11 +1,14 @@
 //! `weft status`: what the datapath is doing, read from the pinned programs,
-//! links and maps, so it works whether or not the agent is running.
+//! links and maps, so it works whether or not the agent is running; and what
+//! the agent's last reconcile round could not do, from the file the agent
+//! keeps for it ([`failures_file`]).
 //!
 //! ```no_run
-//! let status = weft::status::collect(std::path::Path::new("/sys/fs/bpf/weft/flannel.1"))?;
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! let status = weft::status::collect(std::path::Path::new("/sys/fs/bpf/weft/flannel.1")).await?;
 //! println!("{status}");
 //! println!("{}", serde_json::to_string_pretty(&status)?);
-//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # Ok(()) }
 //! ```
 
 use std::{
@@ -15,12 +18,13 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use weft_common::{config_flags, NodeConfig};
 
 use crate::{
     datapath::{Datapath, DatapathError, LinkState, PinnedLinkState, PinnedMaps},
     lease::MacAddr,
+    netlink::{Interface, Netlink, NetlinkError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +34,13 @@ pub enum StatusError {
         pin_dir: PathBuf,
         #[source]
         source: DatapathError,
+    },
+    #[error("read the last reconcile round's failures from {path}: {reason}; the agent rewrites it after its next round")]
+    Failures { path: PathBuf, reason: String },
+    #[error("list this namespace's interfaces (to tell live links from stale ones): {source}")]
+    Interfaces {
+        #[source]
+        source: NetlinkError,
     },
 }
 
@@ -100,6 +111,15 @@ pub struct CounterStatus {
     pub value: u64,
 }
 
+/// One step the agent's last reconcile round could not do; the next round retries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileFailure {
+    /// The layer that failed: `ebpf`, `vxlan`, `host-gw` or `netlink`.
+    pub layer: String,
+    /// What failed, on what, and why, as the agent logged it.
+    pub error: String,
+}
+
 /// Everything `weft status` shows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Status {
@@ -112,6 +132,8 @@ pub struct Status {
     pub known_vteps: Vec<Ipv4Addr>,
     pub local_bindings: Vec<BindingStatus>,
     pub counters: Vec<CounterStatus>,
+    /// The failures of the agent's last reconcile round; empty once a round succeeds.
+    pub reconcile_failures: Vec<ReconcileFailure>,
 }
 
 impl Status {
@@ -124,16 +146,24 @@ impl Status {
     }
 }
 
-/// Reads the state pinned under `pin_dir`. Nothing pinned is not an error:
-/// it is the kernel datapath.
-pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
+/// Reads the state pinned under `pin_dir`, judging the links against this
+/// namespace's interfaces. Nothing pinned is not an error: it is the kernel
+/// datapath. Needs a tokio runtime (for the netlink socket).
+pub async fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
+    let interfaces = async { Netlink::connect()?.interfaces().await }
+        .await
+        .map_err(|source| StatusError::Interfaces { source })?;
+    collect_with(pin_dir, &interfaces)
+}
+
+fn collect_with(pin_dir: &Path, interfaces: &[Interface]) -> Result<Status, StatusError> {
     let read_err = |source| StatusError::Read {
         pin_dir: pin_dir.to_path_buf(),
         source,
     };
     let programs: Vec<ProgramStatus> = Datapath::inspect_links(pin_dir)
         .iter()
-        .map(program_status)
+        .map(|link| program_status(link, interfaces))
         .collect();
     let mode = if programs
         .iter()
@@ -152,6 +182,7 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
         known_vteps: Vec::new(),
         local_bindings: Vec::new(),
         counters: Vec::new(),
+        reconcile_failures: read_failures(pin_dir)?,
     };
     let Some(maps) = PinnedMaps::open(pin_dir).map_err(read_err)? else {
         return Ok(status);
@@ -188,7 +219,58 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
     Ok(status)
 }
 
-fn program_status(link: &PinnedLinkState) -> ProgramStatus {
+/// Where the agent pinning under `pin_dir` records its last reconcile round's
+/// failures: `/run/weft/reconcile/<pin_dir, escaped as systemd-escape --path>.json`.
+/// bpffs holds only BPF objects, so the file lives in /run, named after the pin
+/// directory that already tells one agent instance from another.
+pub fn failures_file(pin_dir: &Path) -> PathBuf {
+    let mut name = String::new();
+    for (i, b) in pin_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .bytes()
+        .enumerate()
+    {
+        match b {
+            b'/' => name.push('-'),
+            b'.' if i == 0 => name.push_str("\\x2e"),
+            b if b.is_ascii_alphanumeric() || b == b'_' || b == b'.' => name.push(b as char),
+            b => name.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    PathBuf::from(FAILURES_DIR).join(format!("{name}.json"))
+}
+
+const FAILURES_DIR: &str = "/run/weft/reconcile";
+
+/// Records the outcome of a reconcile round for `weft status`: the failures,
+/// or no file at all when the round succeeded.
+pub fn record_failures(pin_dir: &Path, failures: &[ReconcileFailure]) -> std::io::Result<()> {
+    let path = failures_file(pin_dir);
+    if failures.is_empty() {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    let json = serde_json::to_vec_pretty(failures).map_err(std::io::Error::other)?;
+    crate::files::write_atomic(&path, &json).map_err(std::io::Error::other)
+}
+
+fn read_failures(pin_dir: &Path) -> Result<Vec<ReconcileFailure>, StatusError> {
+    let path = failures_file(pin_dir);
+    let failed = |reason: String| StatusError::Failures {
+        path: path.clone(),
+        reason,
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| failed(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(failed(e.to_string())),
+    }
+}
+
+fn program_status(link: &PinnedLinkState, interfaces: &[Interface]) -> ProgramStatus {
     let (hook, state, link_id, prog_id) = match &link.state {
         LinkState::Attached {
             hook,
@@ -196,7 +278,11 @@ fn program_status(link: &PinnedLinkState) -> ProgramStatus {
             prog_id,
             ..
         } => {
-            let state = if link.is_live() { "attached" } else { "stale" };
+            let state = if link.is_live(interfaces) {
+                "attached"
+            } else {
+                "stale"
+            };
             (
                 hook.to_string(),
                 state.to_string(),
@@ -225,8 +311,7 @@ fn node_status(c: &NodeConfig) -> NodeStatus {
     NodeStatus {
         configured: c.vni_ne != 0 || c.vtep_ip_be != [0; 4],
         vni: c.vni_ne,
-        // Holds the port as a number; the programs convert it when they compare or write it.
-        port: c.port_be,
+        port: c.port_ne,
         vtep_ip: Ipv4Addr::from(c.vtep_ip_be),
         vtep_mac: MacAddr(c.vtep_mac).to_string(),
         underlay_ifindex: c.underlay_ifindex_ne,
@@ -342,6 +427,14 @@ impl fmt::Display for Status {
                 writeln!(f, "  {:<48} {:>14}", c.name, c.value)?;
             }
         }
+        if self.reconcile_failures.is_empty() {
+            writeln!(f, "\nlast reconcile: no failures")?;
+        } else {
+            writeln!(f, "\nlast reconcile failed (retried every round):")?;
+            for r in &self.reconcile_failures {
+                writeln!(f, "  {:<8} {}", r.layer, r.error)?;
+            }
+        }
         Ok(())
     }
 }
@@ -351,29 +444,56 @@ pub struct PinnedStats {
     pub pin_dir: PathBuf,
 }
 
-impl crate::metrics::DatapathStats for PinnedStats {
-    fn counters(&self) -> Vec<(String, u64)> {
-        match collect(&self.pin_dir) {
-            Ok(st) => st
-                .counters
-                .into_iter()
-                .map(|c| (c.name.to_string(), c.value))
-                .collect(),
+impl PinnedStats {
+    /// `read` on the pinned maps; nothing when none are pinned or they cannot be read.
+    fn read<T: Default>(&self, read: impl FnOnce(&PinnedMaps) -> Result<T, DatapathError>) -> T {
+        match PinnedMaps::open(&self.pin_dir).and_then(|maps| maps.as_ref().map(read).transpose()) {
+            Ok(value) => value.unwrap_or_default(),
             Err(e) => {
-                tracing::debug!("reading eBPF counters for /metrics: {e}");
-                Vec::new()
+                tracing::debug!("reading the pinned eBPF maps for /metrics: {e}");
+                T::default()
             }
         }
     }
+}
+
+impl crate::metrics::DatapathStats for PinnedStats {
+    fn counters(&self) -> Vec<(String, u64)> {
+        self.read(|maps| {
+            Ok(maps
+                .counters()?
+                .values
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value))
+                .collect())
+        })
+    }
 
     fn map_entries(&self) -> Vec<(String, u64)> {
-        match collect(&self.pin_dir) {
-            Ok(st) => vec![
-                ("peers".to_string(), st.peers.len() as u64),
-                ("vteps".to_string(), st.known_vteps.len() as u64),
-                ("local_bindings".to_string(), st.local_bindings.len() as u64),
-            ],
-            Err(_) => Vec::new(),
-        }
+        self.read(|maps| {
+            Ok(vec![
+                ("peers".to_string(), maps.peers()?.len() as u64),
+                ("vteps".to_string(), maps.vteps()?.len() as u64),
+                ("local_bindings".to_string(), maps.locals()?.len() as u64),
+            ])
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_file_is_named_after_the_whole_pin_dir() {
+        assert_eq!(
+            failures_file(Path::new("/sys/fs/bpf/weft/netns-4026531840")),
+            PathBuf::from("/run/weft/reconcile/sys-fs-bpf-weft-netns\\x2d4026531840.json")
+        );
+        // Two pin dirs that differ only where one has `-` and the other `/`.
+        assert_ne!(
+            failures_file(Path::new("/tmp/a-b/c")),
+            failures_file(Path::new("/tmp/a/b-c"))
+        );
     }
 }

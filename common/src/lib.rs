@@ -112,8 +112,9 @@ pub struct NodeConfig {
     pub underlay_ifindex_ne: u32,
     /// Bridge (docker0) interface index, host order; 0 when unknown.
     pub bridge_ifindex_ne: u32,
-    /// VXLAN UDP destination port, network order (8472 by default).
-    pub port_be: u16,
+    /// VXLAN UDP destination port, host order (8472 by default); the programs
+    /// convert it where they compare or write it.
+    pub port_ne: u16,
     /// Underlay MTU (L3 bytes), host order: larger non-GSO packets go to the kernel.
     pub underlay_mtu_ne: u16,
     /// UDP source port range [min, max), host order, as the kernel's `udp_flow_src_port`.

@@ -76,7 +76,7 @@ fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
     let udp: UdpHdr = ctx
         .read(off::OUTER_UDP)
         .ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
-    if udp.dest_be != cfg.port_be.to_be_bytes() {
+    if udp.dest_be != cfg.port_ne.to_be_bytes() {
         return Err(Verdict::Pass(counter::PASS_NOT_VXLAN));
     }
     // VXLAN aimed at us. From here on, whatever is not deliverable is dropped.

@@ -339,7 +339,7 @@ fn build_header(
         ip,
         udp: UdpHdr {
             source_be: source_port(hash, cfg.sport_min_ne, cfg.sport_max_ne).to_be_bytes(),
-            dest_be: cfg.port_be.to_be_bytes(),
+            dest_be: cfg.port_ne.to_be_bytes(),
             len_be: udp_len.to_be_bytes(),
             check_be: [0, 0],
         },

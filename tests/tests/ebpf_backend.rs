@@ -527,10 +527,17 @@ fn tcp_transfer(topo: &Topology, from: usize, to: usize, len: usize) -> Result<(
 /// `weft status` for `host`, run inside its namespace as the operator would.
 fn status_of(topo: &Topology, host: usize) -> status::Status {
     let pin = topo.pin_dir(host);
-    spawn_in(&topo.hosts[host].path(), move || status::collect(&pin))
-        .join()
-        .expect("status thread")
-        .expect("status")
+    spawn_in(&topo.hosts[host].path(), move || {
+        // A runtime of this thread, so the netlink socket is opened in the host's namespace.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(status::collect(&pin))
+    })
+    .join()
+    .expect("status thread")
+    .expect("status")
 }
 
 fn assert_pings(topo: &Topology, from: usize, to: usize, extra: &[&str]) {

@@ -167,7 +167,7 @@ async fn build(opts: &Options, weft: &Path) -> anyhow::Result<()> {
     for h in c.hosts() {
         println!("    {:<16} {}", h.name(), datapath(h, weft).await);
     }
-    ping_matrix(&c).await;
+    ping_matrix("", 10, &c.containers().iter().collect::<Vec<_>>()).await;
     throughput(&c).await;
     counters(&c, weft).await;
 
@@ -314,28 +314,73 @@ async fn counters(c: &Cluster, weft: &Path) {
     }
 }
 
-/// Ping every container from every other one; round-trip times in ms.
-async fn ping_matrix(c: &Cluster) {
-    let all = c.containers();
-    println!("==> ping matrix (round-trip ms; rows ping columns)");
-    let short = |ct: &Container| {
-        ct.netns()
+/// A container in the ping matrix: its column label, its address, and one ping's round-trip time.
+trait Pinging {
+    fn label(&self) -> String;
+    fn ip(&self) -> Ipv4Addr;
+    async fn rtt(&self, to: Ipv4Addr) -> Option<f64>;
+}
+
+impl Pinging for Container {
+    fn label(&self) -> String {
+        self.netns()
             .trim_start_matches(&format!("{NAME}-"))
             .to_owned()
-    };
-    print!("    {:<10}", "");
-    for to in &all {
-        print!("{:>10}", short(to));
+    }
+
+    fn ip(&self) -> Ipv4Addr {
+        Container::ip(self)
+    }
+
+    /// Two tries.
+    async fn rtt(&self, to: Ipv4Addr) -> Option<f64> {
+        for _ in 0..2 {
+            let out = self.exec(&ping_once(&to.to_string())).await;
+            if out.status.success() {
+                return ping_rtt(&String::from_utf8_lossy(&out.stdout));
+            }
+        }
+        None
+    }
+}
+
+impl Pinging for DockerContainer {
+    fn label(&self) -> String {
+        self.name().to_owned()
+    }
+
+    fn ip(&self) -> Ipv4Addr {
+        DockerContainer::ip(self)
+    }
+
+    async fn rtt(&self, to: Ipv4Addr) -> Option<f64> {
+        let out = self.exec(&ping_once(&to.to_string())).await;
+        out.ok().as_deref().and_then(ping_rtt)
+    }
+}
+
+/// One ping to `to`, waiting 2 s for the reply.
+fn ping_once(to: &str) -> [&str; 7] {
+    ["ping", "-n", "-c", "1", "-W", "2", to]
+}
+
+/// Ping every container from every other one; round-trip times in ms, in columns `width` wide.
+async fn ping_matrix<P: Pinging>(title: &str, width: usize, all: &[&P]) {
+    println!("==> ping matrix{title} (round-trip ms; rows ping columns)");
+    let label_width = width - 2;
+    print!("    {:<label_width$}", "");
+    for to in all {
+        print!("{:>width$}", to.label());
     }
     println!();
     let (mut ok, mut failed) = (0, 0);
-    for from in &all {
-        print!("    {:<10}", short(from));
-        for to in &all {
+    for from in all {
+        print!("    {:<label_width$}", from.label());
+        for to in all {
             let cell = if from.ip() == to.ip() {
                 "-".to_owned()
             } else {
-                match rtt(from, to.ip()).await {
+                match from.rtt(to.ip()).await {
                     Some(ms) => {
                         ok += 1;
                         format!("{ms:.3}")
@@ -346,24 +391,11 @@ async fn ping_matrix(c: &Cluster) {
                     }
                 }
             };
-            print!("{cell:>10}");
+            print!("{cell:>width$}");
         }
         println!();
     }
     println!("    {ok} of {} pairs answer", ok + failed);
-}
-
-/// One ping's round-trip time, two tries.
-async fn rtt(from: &Container, to: Ipv4Addr) -> Option<f64> {
-    for _ in 0..2 {
-        let out = from
-            .exec(&["ping", "-n", "-c", "1", "-W", "2", &to.to_string()])
-            .await;
-        if out.status.success() {
-            return ping_rtt(&String::from_utf8_lossy(&out.stdout));
-        }
-    }
-    None
 }
 
 /// The round-trip time of ping's first reply line (`time=0.123 ms`), in ms.
@@ -554,7 +586,8 @@ async fn docker_demo(c: Cluster, weft: &Path) -> anyhow::Result<()> {
     for h in c.hosts() {
         println!("    {:<16} {}", h.name(), datapath(h, weft).await);
     }
-    docker_ping_matrix(&containers).await;
+    let dockers: Vec<&DockerContainer> = containers.iter().map(|(_, d)| d).collect();
+    ping_matrix(" between Docker containers", 8, &dockers).await;
     counters(&c, weft).await;
 
     let (d1, (_, from), (_, to)) = (
@@ -605,40 +638,4 @@ async fn docker_demo(c: Cluster, weft: &Path) -> anyhow::Result<()> {
     }
     println!("Remove it (dockerds, their mounts, cgroups and state too): cargo xtask demo --down");
     Ok(())
-}
-
-/// Ping every Docker container from every other one; round-trip times in ms.
-async fn docker_ping_matrix(all: &[(usize, DockerContainer)]) {
-    println!("==> ping matrix between Docker containers (round-trip ms; rows ping columns)");
-    print!("    {:<6}", "");
-    for (_, to) in all {
-        print!("{:>8}", to.name());
-    }
-    println!();
-    let (mut ok, mut failed) = (0, 0);
-    for (_, from) in all {
-        print!("    {:<6}", from.name());
-        for (_, to) in all {
-            let cell = if from.ip() == to.ip() {
-                "-".to_owned()
-            } else {
-                let out = from
-                    .exec(&["ping", "-n", "-c", "1", "-W", "2", &to.ip().to_string()])
-                    .await;
-                match out.ok().as_deref().and_then(ping_rtt) {
-                    Some(ms) => {
-                        ok += 1;
-                        format!("{ms:.3}")
-                    }
-                    None => {
-                        failed += 1;
-                        "FAIL".to_owned()
-                    }
-                }
-            };
-            print!("{cell:>8}");
-        }
-        println!();
-    }
-    println!("    {ok} of {} pairs answer", ok + failed);
 }

@@ -14,6 +14,7 @@ use crate::masq::{Masq, MasqKind};
 use crate::metrics::Metrics;
 use crate::netlink::ExternalIface;
 use crate::notify::Notifier;
+use crate::status::ReconcileFailure;
 use crate::subnet::{self, SubnetStore, WatchUpdate};
 
 /// State of a running agent that the loop's steps share.
@@ -35,6 +36,9 @@ pub(super) struct Running<'a, B, S> {
     pub status: String,
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
+    /// The failures of the last reconcile round as `weft status` was told them;
+    /// `None` before the first round.
+    pub last_failures: Option<Vec<ReconcileFailure>>,
 }
 
 /// The masquerade, forward and no-NAT rules for our subnet and the task that keeps them in place.
@@ -146,11 +150,13 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
         let started = std::time::Instant::now();
         let result = self.backend.reconcile(&self.peers.leases()).await;
         self.metrics.observe_reconcile(started.elapsed());
-        match result {
-            Ok(0) => {}
+        let failures = match result {
             Ok(n) => {
-                self.metrics.reconcile_repairs.add(n as u64);
-                tracing::info!(repairs = n, "reconcile repaired drift");
+                if n > 0 {
+                    self.metrics.reconcile_repairs.add(n as u64);
+                    tracing::info!(repairs = n, "reconcile repaired drift");
+                }
+                Vec::new()
             }
             Err(e) => {
                 self.metrics.reconcile_errors.inc();
@@ -161,7 +167,31 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
                         "reconcile step failed, retried next round: {f}"
                     );
                 }
+                failures
+                    .into_iter()
+                    .map(|f| ReconcileFailure {
+                        layer: f.layer().to_string(),
+                        error: f.to_string(),
+                    })
+                    .collect()
             }
+        };
+        self.record_failures(failures);
+    }
+
+    /// Keeps `weft status`'s view of the last round: rewritten when it changes
+    /// (and after the first round, replacing what an earlier agent left).
+    fn record_failures(&mut self, failures: Vec<ReconcileFailure>) {
+        if self.last_failures.as_ref() == Some(&failures) {
+            return;
+        }
+        let pin_dir = &self.cfg.bpf_pin_dir;
+        match crate::status::record_failures(pin_dir, &failures) {
+            Ok(()) => self.last_failures = Some(failures),
+            Err(e) => tracing::warn!(
+                file = %crate::status::failures_file(pin_dir).display(),
+                "recording the reconcile failures for weft status: {e}"
+            ),
         }
     }
 

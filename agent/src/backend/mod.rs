@@ -67,6 +67,17 @@ impl BackendError {
         }
     }
 
+    /// The layer that failed, for `weft status`: `vxlan`, `host-gw`, `ebpf`, `netlink`.
+    pub fn layer(&self) -> &'static str {
+        match self {
+            Self::Vxlan(_) => "vxlan",
+            Self::HostGw(_) => "host-gw",
+            Self::Ebpf(_) => "ebpf",
+            Self::Netlink(_) => "netlink",
+            Self::Steps(_) => "several",
+        }
+    }
+
     /// The individual failures: the steps of a partial reconcile, or this error alone.
     pub fn failures(&self) -> Vec<&BackendError> {
         match self {

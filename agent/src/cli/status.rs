@@ -35,7 +35,11 @@ pub fn run(a: StatusArgs) -> ExitCode {
             )
         }
     };
-    match crate::status::collect(&dir) {
+    let rt = match super::runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(exit::OTHER, format!("start the async runtime: {e}")),
+    };
+    match rt.block_on(crate::status::collect(&dir)) {
         Ok(st) if a.json => match serde_json::to_string_pretty(&st) {
             Ok(text) => {
                 println!("{text}");

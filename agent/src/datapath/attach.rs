@@ -8,6 +8,7 @@ use aya::programs::{
 };
 
 use super::{layout, Carried, Datapath, DatapathError, PinDir, ProgramKind};
+use crate::netlink::Interface;
 
 /// Where decapsulation runs on the underlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,14 +203,18 @@ impl Datapath {
     /// Completes a layout change once the agent attached its own programs:
     /// swaps every other live pinned link (bridge ports) to this build's
     /// programs, adds the old counters to the new ones, and unpins the old
-    /// maps and programs. Links whose interface is gone are left for the
+    /// maps and programs. Links whose interface is gone from `interfaces` (this
+    /// namespace's, from rtnetlink) are left for the
     /// agent's reconcile to remove. `Ok(None)` when there was nothing to do.
-    pub fn finish_migration(&mut self) -> Result<Option<Carried>, DatapathError> {
+    pub fn finish_migration(
+        &mut self,
+        interfaces: &[Interface],
+    ) -> Result<Option<Carried>, DatapathError> {
         let Some(previous) = self.previous.take() else {
             return Ok(None);
         };
         for pin in self.pins.links() {
-            if self.links.iter().any(|(path, _)| *path == pin.path) || !pin.is_live() {
+            if self.links.iter().any(|(path, _)| *path == pin.path) || !pin.is_live(interfaces) {
                 continue;
             }
             let Some(kind) = ProgramKind::ALL

@@ -15,6 +15,7 @@ use super::{
     maps::{list_locals, list_peers, list_vteps, map_err, sum_counters},
     Counters, Datapath, DatapathError, LocalEntry, PeerEntry, PinDir,
 };
+use crate::netlink::Interface;
 
 /// The maps a datapath pinned under `<pin_dir>/maps`, opened read-only in spirit.
 #[doc(alias = "BPF_OBJ_GET")]
@@ -115,16 +116,19 @@ pub struct PinnedLinkState {
 impl PinnedLinkState {
     /// Attached, and to the interface that now carries the name it was attached by
     /// (a deleted and recreated docker0 has a new index).
-    pub fn is_live(&self) -> bool {
-        self.state.is_live_on(&self.interface)
+    pub fn is_live(&self, interfaces: &[Interface]) -> bool {
+        self.state.is_live_on(interfaces, &self.interface)
     }
 }
 
 impl LinkState {
-    /// Attached to the interface now named `interface`.
-    pub fn is_live_on(&self, interface: &str) -> bool {
+    /// Attached to the interface now named `interface` (of `interfaces`, as
+    /// rtnetlink lists this namespace's).
+    pub fn is_live_on(&self, interfaces: &[Interface], interface: &str) -> bool {
         match self {
-            LinkState::Attached { ifindex, .. } => *ifindex == if_index(interface),
+            LinkState::Attached { ifindex, .. } => interfaces
+                .iter()
+                .any(|i| i.index == *ifindex && i.name == interface),
             _ => false,
         }
     }
@@ -149,13 +153,6 @@ impl Datapath {
     pub fn link_state(path: &Path) -> LinkState {
         link_state(path)
     }
-}
-
-/// The interface's index in this thread's namespace, 0 when it does not exist.
-pub fn if_index(name: &str) -> u32 {
-    let Ok(c) = CString::new(name) else { return 0 };
-    // SAFETY: valid NUL-terminated string.
-    unsafe { libc::if_nametoindex(c.as_ptr()) }
 }
 
 // aya's LinkInfo does not expose the attachment's ifindex, which is the one

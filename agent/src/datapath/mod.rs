@@ -43,7 +43,7 @@ use crate::lease::MacAddr;
 
 pub use attach::{Attachment, DecapHook};
 pub use cause::{bpffs_mount_fix, Cause};
-pub use inspect::{if_index, LinkState, PinnedLinkState, PinnedMaps};
+pub use inspect::{LinkState, PinnedLinkState, PinnedMaps};
 pub use layout::Carried;
 pub use maps::{Counters, LocalEntry, PeerEntry};
 pub use pins::{ensure_bpffs, BpffsError, LinkPin, PinDir, BPFFS_ROOT};
@@ -175,7 +175,7 @@ impl NodeSettings {
             vtep_ip_be: self.vtep_ip.octets(),
             underlay_ifindex_ne: self.underlay_ifindex,
             bridge_ifindex_ne: self.bridge_ifindex,
-            port_be: if self.port == 0 {
+            port_ne: if self.port == 0 {
                 wire::DEFAULT_PORT
             } else {
                 self.port

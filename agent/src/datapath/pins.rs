@@ -21,6 +21,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use weft_common::LAYOUT_VERSION;
 
 use super::{inspect::link_state, DatapathError, LinkState};
+use crate::netlink::Interface;
 
 /// Where bpffs is mounted on every systemd host.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -193,8 +194,8 @@ impl LinkPin {
 
     /// Attached, and to the interface that now carries the name it was
     /// attached by (a deleted and recreated docker0 has a new index).
-    pub fn is_live(&self) -> bool {
-        self.state().is_live_on(&self.interface)
+    pub fn is_live(&self, interfaces: &[Interface]) -> bool {
+        self.state().is_live_on(interfaces, &self.interface)
     }
 
     /// Swaps our program into the pinned link, if there is a live one

@@ -61,38 +61,47 @@ fn is_permanent(state: NeighbourState) -> bool {
 }
 
 impl Netlink {
-    async fn neigh_dump(
+    /// Dumps the neighbour table of `family` (`op` on `index` names it in an
+    /// error) and keeps what `entry` makes of a message.
+    async fn neighbour_dump<T>(
         &self,
         family: AddressFamily,
+        op: &'static str,
         index: u32,
-    ) -> Result<Vec<NeighbourMessage>, NetlinkError> {
+        entry: impl FnMut(&NeighbourMessage) -> Option<T>,
+    ) -> Result<Vec<T>, NetlinkError> {
         let req = self
             .handle
             .neighbours()
             .get()
             .set_address_family(family)
             .execute();
-        let all = collect(req, "list neighbours of", || format!("index {index}")).await?;
-        Ok(all
-            .into_iter()
-            .filter(|m| m.header.ifindex == index)
-            .collect())
+        let all = collect(req, op, || format!("index {index}")).await?;
+        Ok(all.iter().filter_map(entry).collect())
+    }
+
+    /// [`Self::neighbour_dump`] of the entries on device `index`.
+    async fn device_neighbours<T>(
+        &self,
+        family: AddressFamily,
+        index: u32,
+        entry: impl Fn(&NeighbourMessage) -> Option<T>,
+    ) -> Result<Vec<T>, NetlinkError> {
+        let on_device = |m: &NeighbourMessage| (m.header.ifindex == index).then(|| entry(m))?;
+        self.neighbour_dump(family, "list neighbours of", index, on_device)
+            .await
     }
 
     /// `ip -4 neigh show dev IFINDEX`.
     pub async fn neighbours_v4(&self, index: u32) -> Result<Vec<NeighEntry>, NetlinkError> {
-        Ok(self
-            .neigh_dump(AddressFamily::Inet, index)
-            .await?
-            .iter()
-            .filter_map(|m| {
-                Some(NeighEntry {
-                    ip: dst_v4(m)?,
-                    mac: lladdr(m),
-                    permanent: is_permanent(m.header.state),
-                })
+        self.device_neighbours(AddressFamily::Inet, index, |m| {
+            Some(NeighEntry {
+                ip: dst_v4(m)?,
+                mac: lladdr(m),
+                permanent: is_permanent(m.header.state),
             })
-            .collect())
+        })
+        .await
     }
 
     /// The MACs bridge `bridge_index` learned on its ports, as `bridge fdb show br BRIDGE`
@@ -101,31 +110,19 @@ impl Netlink {
         &self,
         bridge_index: u32,
     ) -> Result<Vec<BridgePortEntry>, NetlinkError> {
-        let req = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute();
-        let all = collect(req, "list the forwarding entries of bridge", || {
-            format!("index {bridge_index}")
-        })
-        .await?;
-        Ok(all
-            .iter()
-            .filter(|m| !is_permanent(m.header.state) && m.header.ifindex != bridge_index)
-            .filter(|m| {
-                m.attributes
+        let op = "list the forwarding entries of bridge";
+        self.neighbour_dump(AddressFamily::Bridge, op, bridge_index, |m| {
+            let learned = !is_permanent(m.header.state)
+                && m.header.ifindex != bridge_index
+                && m.attributes
                     .iter()
-                    .any(|a| matches!(a, NeighbourAttribute::Controller(c) if *c == bridge_index))
+                    .any(|a| matches!(a, NeighbourAttribute::Controller(c) if *c == bridge_index));
+            Some(BridgePortEntry {
+                mac: lladdr(m).filter(|_| learned)?,
+                port_index: m.header.ifindex,
             })
-            .filter_map(|m| {
-                Some(BridgePortEntry {
-                    mac: lladdr(m)?,
-                    port_index: m.header.ifindex,
-                })
-            })
-            .collect())
+        })
+        .await
     }
 
     /// `ip neigh replace IP dev IFINDEX lladdr MAC nud permanent`.
@@ -168,18 +165,14 @@ impl Netlink {
 
     /// `bridge fdb show dev IFINDEX` (the device's own `self` entries).
     pub async fn fdb_entries(&self, index: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
-        Ok(self
-            .neigh_dump(AddressFamily::Bridge, index)
-            .await?
-            .iter()
-            .filter_map(|m| {
-                Some(FdbEntry {
-                    mac: lladdr(m)?,
-                    dst: dst_v4(m),
-                    permanent: is_permanent(m.header.state),
-                })
+        self.device_neighbours(AddressFamily::Bridge, index, |m| {
+            Some(FdbEntry {
+                mac: lladdr(m)?,
+                dst: dst_v4(m),
+                permanent: is_permanent(m.header.state),
             })
-            .collect())
+        })
+        .await
     }
 
     /// `bridge fdb replace MAC dev IFINDEX dst IP self permanent`.

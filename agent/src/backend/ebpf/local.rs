@@ -1,0 +1,176 @@
+//! The bridge side: encapsulation on every bridge port, and the local map
+//! binding each container's address to its port and MAC, taken from the
+//! kernel's own tables (the bridge's neighbour and forwarding entries).
+
+use std::collections::BTreeSet;
+
+use ipnet::Ipv4Net;
+use tracing::{debug, warn};
+
+use super::{EbpfBackend, EbpfBackendError};
+use crate::{
+    datapath::LocalEntry,
+    lease::MacAddr,
+    netlink::{BridgePortEntry, Interface, NeighEntry},
+};
+
+impl EbpfBackend {
+    /// Brings the bridge's ports and containers into the datapath: encapsulation
+    /// on every port's TC ingress (a container's frames are encapsulated before
+    /// the bridge sees them; the bridge's own attachment catches the rest), and
+    /// the local-container map. Returns the number of changes.
+    pub(super) async fn sync_bridge(
+        &mut self,
+        interfaces: &[Interface],
+    ) -> Result<usize, EbpfBackendError> {
+        let bridge = self.s.bridge.clone();
+        let err = |source| EbpfBackendError::Bridge {
+            bridge: bridge.clone(),
+            source,
+        };
+        // Events queued until now are covered by the tables read below.
+        if let (Some(watch), bridge) = (&mut self.watch, self.node.bridge_ifindex) {
+            watch.drain(bridge);
+        }
+        let mut errors = Vec::new();
+        let mut changes = 0;
+        // Without the bridge (or before it is attached) nothing is bound.
+        let mut want = Vec::new();
+        let link = match self.nl.link_by_name(&bridge).await {
+            Ok(link) => link.filter(|_| self.encap_attached),
+            Err(e) => return Err(err(e)),
+        };
+        if let Some(link) = link {
+            let ports = self.nl.bridge_ports(link.index).await.map_err(err)?;
+            match self.sync_port_attachments(interfaces, &ports) {
+                Ok(n) => changes += n,
+                Err(e) => errors.push(e),
+            }
+            if let (Some(gateway_mac), Some(own)) = (link.mac, self.own) {
+                let learned = self.nl.bridge_learned(link.index).await.map_err(err)?;
+                let neighbours = self.nl.neighbours_v4(link.index).await.map_err(err)?;
+                if let Some(watch) = &mut self.watch {
+                    watch.remember(&neighbours, &learned);
+                }
+                want = local_entries(own, gateway_mac, &neighbours, &learned, &ports);
+            }
+        }
+        let (local, local_errors) = self.sync_local(&want);
+        errors.extend(local_errors);
+        if !errors.is_empty() {
+            return Err(EbpfBackendError::Steps(errors));
+        }
+        Ok(changes + local)
+    }
+
+    /// Encapsulation on exactly the current ports (re-attached where someone detached it).
+    fn sync_port_attachments(
+        &mut self,
+        interfaces: &[Interface],
+        ports: &[(u32, String)],
+    ) -> Result<usize, EbpfBackendError> {
+        let program = weft_common::program_names::TC_ENCAP;
+        let mut changes = 0;
+        for (_, name) in ports {
+            let live = self.dp.pins().link(program, name).is_live(interfaces);
+            if self.ports.contains(name) && live {
+                continue;
+            }
+            let a = self.attach_encap(name)?;
+            debug!(interface = %a.interface, adopted = a.adopted, "encapsulation attached to a bridge port");
+            self.ports.insert(name.clone());
+            changes += 1;
+        }
+        // Ports that left the bridge, also those a previous agent pinned.
+        let pinned = self
+            .dp
+            .pins()
+            .links()
+            .into_iter()
+            .filter(|l| l.program == program)
+            .map(|l| l.interface);
+        let gone: BTreeSet<String> = self
+            .ports
+            .iter()
+            .cloned()
+            .chain(pinned)
+            .filter(|i| *i != self.s.bridge && !ports.iter().any(|(_, n)| n == i))
+            .collect();
+        for name in gone {
+            self.dp
+                .detach_encap(&name)
+                .map_err(Self::map_err(format!("detach encapsulation from {name}")))?;
+            self.ports.remove(&name);
+            changes += 1;
+        }
+        Ok(changes)
+    }
+
+    /// Makes the local map hold exactly the bindings the kernel's tables
+    /// give (`want`): first removes every other entry (stale, or written by
+    /// anyone else), then writes the missing ones. Keeps going past errors, so
+    /// a failed write never keeps a stale entry alive; returns the number of
+    /// changes and the errors.
+    fn sync_local(&mut self, want: &[LocalEntry]) -> (usize, Vec<EbpfBackendError>) {
+        let mut errors = Vec::new();
+        let have = match self.dp.locals() {
+            Ok(have) => have,
+            Err(e) => {
+                errors.push(Self::map_err("list local containers".into())(e));
+                return (0, errors);
+            }
+        };
+        let mut changes = 0;
+        for stale in have.iter().filter(|h| !want.iter().any(|w| w.ip == h.ip)) {
+            debug!(ip = %stale.ip, port = stale.host_ifindex, "binding no longer in the bridge's tables");
+            match self.dp.remove_local(stale.ip) {
+                Ok(()) => changes += 1,
+                Err(e) => errors.push(Self::map_err(format!("unbind {}", stale.ip))(e)),
+            }
+        }
+        for e in want.iter().filter(|e| !have.contains(e)) {
+            debug!(ip = %e.ip, port = e.host_ifindex, mac = %e.mac, "container bound");
+            match self.dp.upsert_local(e) {
+                Ok(()) => changes += 1,
+                Err(err) => errors.push(Self::map_err(format!(
+                    "bind {} to port {}",
+                    e.ip, e.host_ifindex
+                ))(err)),
+            }
+        }
+        for e in &errors {
+            warn!(error = %e, "local container binding");
+        }
+        (changes, errors)
+    }
+}
+
+/// The bindings the kernel itself would deliver by: addresses of subnet
+/// `own` whose neighbour entry on the bridge names a MAC (IP -> MAC) that the
+/// bridge forwards to one of its current ports (MAC -> port).
+fn local_entries(
+    own: Ipv4Net,
+    gateway_mac: MacAddr,
+    neighbours: &[NeighEntry],
+    learned: &[BridgePortEntry],
+    ports: &[(u32, String)],
+) -> Vec<LocalEntry> {
+    let mut out: Vec<LocalEntry> = neighbours
+        .iter()
+        .filter(|n| own.contains(&n.ip))
+        .filter_map(|n| {
+            let mac = n.mac?;
+            let port = learned
+                .iter()
+                .find(|p| p.mac == mac && ports.iter().any(|(i, _)| *i == p.port_index))?;
+            Some(LocalEntry {
+                ip: n.ip,
+                host_ifindex: port.port_index,
+                mac,
+                gateway_mac,
+            })
+        })
+        .collect();
+    out.sort_by_key(|e| e.ip);
+    out
+}

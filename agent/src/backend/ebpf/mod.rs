@@ -1,0 +1,418 @@
+//! The eBPF backend: the kernel `flannel.<VNI>` backend plus the eBPF fast path.
+//!
+//! [`VxlanBackend`] keeps programming `flannel.N` exactly as flanneld does: its
+//! MAC is the one advertised in our lease, and its neighbours, fdb entries and
+//! routes carry whatever the programs pass on (fragments, oversize non-GSO
+//! packets, traffic from the host itself). On top of that this backend loads
+//! the datapath, attaches encapsulation to the TC ingress of the container
+//! bridge and of each of its ports (a container's frames are encapsulated
+//! before the bridge sees them), decapsulation to the external interface, and
+//! keeps the programs' maps equal to the peer set (remote subnets, known
+//! VTEPs) and to the bridge's containers: bindings of address, MAC and port
+//! taken from the kernel's own tables (the bridge's neighbour entries and
+//! forwarding entries), never from what containers send. Decapsulated packets
+//! for a bound address go straight into that container's namespace, and
+//! encapsulation accepts a source address only from the port bound to it.
+//!
+//! Programs, links and maps are pinned under the pin directory, so they keep
+//! forwarding while the agent restarts; a new [`EbpfBackend::try_new`] adopts
+//! them without a gap. [`cleanup`] removes them (`weft agent --cleanup`).
+//!
+//! ```no_run
+//! # async fn f(nl: weft::netlink::Netlink, vxlan: weft::backend::vxlan::VxlanSettings) -> anyhow::Result<()> {
+//! use weft::backend::{ebpf::{EbpfBackend, EbpfSettings}, vxlan::VxlanBackend, Backend};
+//! let settings = EbpfSettings::new(vxlan.clone(), "/sys/fs/bpf/weft/flannel.1");
+//! match EbpfBackend::try_new(nl.clone(), settings).await {
+//!     Ok(backend) => { /* run it */ }
+//!     Err(e) => {
+//!         tracing::warn!(error = %e, "eBPF datapath unavailable; using the kernel path");
+//!         let backend = VxlanBackend::new(nl, vxlan);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+mod attach;
+mod local;
+mod netfilter;
+mod node;
+mod peers;
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
+
+use ipnet::Ipv4Net;
+use tracing::{debug, info, warn};
+
+use super::{
+    join,
+    vxlan::{VxlanBackend, VxlanSettings},
+    Backend, BackendError,
+};
+use crate::{
+    datapath::{
+        ensure_bpffs, relax_rp_filter, BpffsError, Datapath, DatapathError, DecapHook,
+        NodeSettings, RpFilterError,
+    },
+    lease::{BackendAttrs, Lease, LeaseEvent},
+    netlink::{BridgeEvents, Interface, LinkWatch, Netlink, NetlinkError},
+};
+
+pub use crate::datapath::BPFFS_ROOT;
+/// The container bridge flanneld users run Docker with.
+pub const DEFAULT_BRIDGE: &str = "docker0";
+
+/// The eBPF backend's settings: the kernel backend's, plus where to pin and attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EbpfSettings {
+    pub vxlan: VxlanSettings,
+    /// Pin directory of this agent instance, by default `/sys/fs/bpf/weft/<instance>`
+    /// ([`Datapath::default_pin_dir`]); agents in different network namespaces of
+    /// one machine need different ones.
+    pub pin_dir: PathBuf,
+    /// The container bridge whose TC ingress gets the encapsulation program.
+    pub bridge: String,
+    /// Decapsulation hook on the external interface; `None` picks by driver
+    /// ([`DecapHook::for_interface`]: TC on veth, XDP elsewhere).
+    pub decap_hook: Option<DecapHook>,
+    /// Fill the outer UDP checksum (flannel.N's `udpcsum`); GSO packets leave with 0.
+    pub udp_csum: bool,
+}
+
+impl EbpfSettings {
+    /// Defaults: bridge `docker0`, decap hook chosen by the external interface's driver.
+    pub fn new(vxlan: VxlanSettings, pin_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            vxlan,
+            pin_dir: pin_dir.into(),
+            bridge: DEFAULT_BRIDGE.to_string(),
+            decap_hook: None,
+            udp_csum: true,
+        }
+    }
+}
+
+/// Why the eBPF datapath could not be set up; each names the step, so that
+/// `--datapath auto` can log why it fell back to the kernel path.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfBackendError {
+    #[error(transparent)]
+    Bpffs(#[from] BpffsError),
+    #[error("load the eBPF datapath: {source}")]
+    Load {
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("read external interface {interface}: {source}")]
+    Interface {
+        interface: String,
+        #[source]
+        source: NetlinkError,
+    },
+    #[error("list this namespace's interfaces: {source}")]
+    Interfaces {
+        #[source]
+        source: NetlinkError,
+    },
+    #[error("external interface {interface} has no MAC address; the eBPF datapath needs an Ethernet underlay, use --datapath kernel")]
+    NoMac { interface: String },
+    #[error("prepare the kernel vxlan device the eBPF path falls back to: {source}")]
+    Vxlan {
+        #[source]
+        source: BackendError,
+    },
+    #[error("write the node configuration map: {source}")]
+    Configure {
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("attach {what} ({hook}) on {interface}: {source}")]
+    Attach {
+        what: &'static str,
+        hook: &'static str,
+        interface: String,
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error(transparent)]
+    RpFilter(#[from] RpFilterError),
+    #[error("finish switching to this build's map layout: {source}")]
+    Migrate {
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("list the containers on bridge {bridge}: {source}")]
+    Bridge {
+        bridge: String,
+        #[source]
+        source: NetlinkError,
+    },
+    #[error("{operation}: {source}")]
+    Map {
+        operation: String,
+        #[source]
+        source: Box<DatapathError>,
+    },
+    /// Reconcile went through every step; these failed (each logged as it happened).
+    #[error("{} reconcile step(s) failed: {}", .0.len(), join(.0))]
+    Steps(Vec<EbpfBackendError>),
+}
+
+/// `flannel.<VNI>` plus the eBPF programs and their maps.
+pub struct EbpfBackend {
+    nl: Netlink,
+    /// Bridge port events, so a new container's port gets encapsulation at once.
+    watch: Option<LinkWatch>,
+    /// The bridge's own events (created by dockerd, deleted, recreated), so encapsulation follows it at once.
+    bridge_events: Option<BridgeEvents>,
+    inner: VxlanBackend,
+    s: EbpfSettings,
+    dp: Datapath,
+    hook: DecapHook,
+    node: NodeSettings,
+    /// The advertised attributes (flannel.N's MAC), as `prepare` returns them.
+    attrs: BackendAttrs,
+    own: Option<Ipv4Net>,
+    /// Encapsulation is attached to the bridge (false while it does not exist yet).
+    encap_attached: bool,
+    /// Bridge ports with encapsulation attached.
+    ports: BTreeSet<String>,
+}
+
+impl EbpfBackend {
+    /// Sets everything up: bpffs, the datapath (adopting pinned maps and links
+    /// of a previous agent), `flannel.N`, the node configuration, decapsulation
+    /// on the external interface, encapsulation on the bridge (deferred to
+    /// [`Backend::reconcile`] while the bridge does not exist), and loose
+    /// rp_filter on the external interface. On error, whatever this call
+    /// attached or pinned is removed again so the kernel path runs alone.
+    pub async fn try_new(nl: Netlink, settings: EbpfSettings) -> Result<Self, EbpfBackendError> {
+        ensure_bpffs(&settings.pin_dir)?;
+        let pin_dir = settings.pin_dir.clone();
+        let result = Self::setup(nl, settings).await;
+        // Maps of another build that cannot be carried over: nothing was
+        // touched, and that build's programs keep forwarding until the
+        // operator chooses (the error names the command).
+        let refused = matches!(
+            &result,
+            Err(EbpfBackendError::Load { source }) if matches!(**source, DatapathError::Incompatible { .. })
+        );
+        if result.is_err() && !refused {
+            if let Err(errors) = Datapath::detach_and_unpin(&pin_dir) {
+                for e in errors {
+                    warn!(error = %e, "cleaning up after a failed eBPF setup");
+                }
+            }
+        }
+        result
+    }
+
+    async fn setup(nl: Netlink, s: EbpfSettings) -> Result<Self, EbpfBackendError> {
+        let dp = attach::load(&s.pin_dir)?;
+        let mut inner = VxlanBackend::new(nl.clone(), s.vxlan.clone());
+        let attrs = inner
+            .prepare()
+            .await
+            .map_err(|source| EbpfBackendError::Vxlan { source })?;
+        let BackendAttrs::Vxlan { vtep_mac, .. } = attrs else {
+            unreachable!("the vxlan backend advertises vxlan attributes");
+        };
+        let interfaces = list_interfaces(&nl).await?;
+        let node = node::node_settings(&nl, &s, &interfaces, vtep_mac).await?;
+        let hook = s
+            .decap_hook
+            .unwrap_or_else(|| DecapHook::for_interface(&s.vxlan.external.name));
+        let watch = LinkWatch::subscribe()
+            .inspect_err(|e| warn!(error = %e, "not watching the bridge's ports; new containers get the fast path at the next reconcile"))
+            .ok();
+        let bridge_index = Some(node.bridge_ifindex).filter(|&i| i != 0);
+        let bridge_events = BridgeEvents::subscribe(&s.bridge, bridge_index)
+            .inspect_err(|e| warn!(error = %e, "not watching the bridge itself; a new or recreated bridge gets encapsulation at the next reconcile"))
+            .ok();
+        let mut backend = Self {
+            nl,
+            watch,
+            bridge_events,
+            inner,
+            s,
+            dp,
+            hook,
+            node,
+            attrs,
+            own: None,
+            encap_attached: false,
+            ports: BTreeSet::new(),
+        };
+        backend.configure_and_attach(&interfaces)?;
+        backend.finish_migration(&interfaces)?;
+        relax_rp_filter(&backend.s.vxlan.external.name)?;
+        netfilter::warn_skipped_netfilter().await;
+        Ok(backend)
+    }
+
+    /// The programs' counters, summed over CPUs.
+    pub fn counters(&mut self) -> Result<crate::datapath::Counters, DatapathError> {
+        self.dp.counters()
+    }
+
+    fn map_err(operation: String) -> impl FnOnce(DatapathError) -> EbpfBackendError {
+        move |source| EbpfBackendError::Map {
+            operation,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// This namespace's interfaces, by which the programs' links are judged live.
+async fn list_interfaces(nl: &Netlink) -> Result<Vec<Interface>, EbpfBackendError> {
+    nl.interfaces()
+        .await
+        .map_err(|source| EbpfBackendError::Interfaces { source })
+}
+
+/// Detaches and unpins everything a (stopped) agent pinned under `pin_dir`
+/// (`weft agent --cleanup`). `flannel.N` and its routes stay: traffic keeps
+/// flowing through the kernel path, as it does after flanneld stops; the
+/// kernel backend's own cleanup removes the device if wanted. rp_filter stays
+/// loose. Keeps going after errors and reports them all.
+pub fn cleanup(pin_dir: &Path) -> Result<(), Vec<DatapathError>> {
+    Datapath::detach_and_unpin(pin_dir)
+}
+
+impl Backend for EbpfBackend {
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
+    async fn prepare(&mut self) -> Result<BackendAttrs, BackendError> {
+        let attrs = self.inner.prepare().await?;
+        if attrs != self.attrs {
+            if let BackendAttrs::Vxlan { vtep_mac, .. } = attrs {
+                self.node.vtep_mac = vtep_mac;
+                self.write_node()?;
+            }
+            self.attrs = attrs.clone();
+        }
+        Ok(attrs)
+    }
+
+    async fn own_lease(&mut self, lease: &Lease) -> Result<(), BackendError> {
+        self.inner.own_lease(lease).await?;
+        if self.own != Some(lease.subnet) {
+            // A subnet that was a peer's (re-acquired after expiry) must not be encapsulated.
+            self.dp
+                .remove_peer(lease.subnet)
+                .map_err(Self::map_err(format!("remove own subnet {}", lease.subnet)))?;
+            self.own = Some(lease.subnet);
+            // Unbound sources outside it are forged from now on.
+            self.node.subnet = Some(lease.subnet);
+            self.write_node()?;
+        }
+        Ok(())
+    }
+
+    async fn apply(&mut self, event: &LeaseEvent) -> Result<(), BackendError> {
+        match event {
+            LeaseEvent::Added(lease) => {
+                self.inner.apply(event).await?;
+                if let Some(e) = self.entry_for(lease) {
+                    self.add_entry(&e)?;
+                    info!(subnet = %e.subnet, vtep = %e.vtep_ip, "peer added to the eBPF maps");
+                }
+            }
+            LeaseEvent::Changed { old, new } => {
+                self.inner.apply(event).await?;
+                match self.entry_for(new) {
+                    Some(e) => self.add_entry(&e)?,
+                    None => self
+                        .dp
+                        .remove_peer(old.subnet)
+                        .map_err(Self::map_err(format!("remove {}", old.subnet)))?,
+                }
+                if old.attrs.public_ip != new.attrs.public_ip || self.entry_for(new).is_none() {
+                    self.remove_vtep_if_unused(old.attrs.public_ip)?;
+                }
+                info!(subnet = %new.subnet, vtep = %new.attrs.public_ip, "peer changed in the eBPF maps");
+            }
+            LeaseEvent::Removed(lease) => {
+                // Stop encapsulating first; the kernel entries go after.
+                self.remove_entry(lease.subnet, lease.attrs.public_ip)?;
+                info!(subnet = %lease.subnet, vtep = %lease.attrs.public_ip, "peer removed from the eBPF maps");
+                self.inner.apply(event).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn local_change(&mut self) {
+        let Self {
+            watch,
+            bridge_events,
+            node,
+            s,
+            ..
+        } = self;
+        let ports = async {
+            match (watch, node.bridge_ifindex) {
+                (Some(watch), bridge) if bridge != 0 => watch.port_change(bridge).await,
+                _ => std::future::pending().await,
+            }
+        };
+        let bridge = async {
+            match bridge_events {
+                Some(events) => {
+                    let event = events.next().await;
+                    debug!(bridge = %s.bridge, ?event, "bridge link event");
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = ports => {}
+            () = bridge => {}
+        }
+    }
+
+    async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
+        // The kernel path first: it is the fallback for anything the programs pass on.
+        let kernel = self.inner.reconcile(peers).await;
+        // Every step runs whatever an earlier one hit: a failed attach must not
+        // keep stale map entries, nor a full map keep stale bindings.
+        let mut errors = Vec::new();
+        let mut repairs = 0;
+        // Without the interfaces, whether a program is still attached is unknown:
+        // only the peer maps are synced this round.
+        let interfaces = list_interfaces(&self.nl).await;
+        let attached = match &interfaces {
+            Ok(interfaces) => self.repair_attachments(interfaces),
+            Err(_) => Ok(0),
+        };
+        for step in [attached, self.sync_maps(peers)] {
+            match step {
+                Ok(n) => repairs += n,
+                Err(EbpfBackendError::Steps(e)) => errors.extend(e),
+                Err(e) => errors.push(e),
+            }
+        }
+        // Not counted as repairs: containers come and go.
+        match interfaces {
+            Ok(interfaces) => match self.sync_bridge(&interfaces).await {
+                Ok(0) => {}
+                Ok(local) => debug!(changes = local, "bridge ports and local containers updated"),
+                Err(EbpfBackendError::Steps(e)) => errors.extend(e),
+                Err(e) => errors.push(e),
+            },
+            Err(e) => errors.push(e),
+        }
+        if repairs > 0 {
+            info!(repairs, "reconciled the eBPF datapath with leases");
+        }
+        let kernel = kernel?;
+        if !errors.is_empty() {
+            return Err(EbpfBackendError::Steps(errors).into());
+        }
+        Ok(repairs + kernel)
+    }
+}

@@ -1,0 +1,124 @@
+//! The peer maps: remote subnets (subnet -> VTEP) and the known VTEPs whose
+//! VXLAN is accepted, kept equal to the peer leases.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use ipnet::Ipv4Net;
+use tracing::info;
+
+use super::{EbpfBackend, EbpfBackendError};
+use crate::{
+    datapath::PeerEntry,
+    lease::{BackendAttrs, Lease},
+};
+
+impl EbpfBackend {
+    /// The map entry a peer lease needs; `None` for our own subnet and non-vxlan leases.
+    pub(super) fn entry_for(&self, lease: &Lease) -> Option<PeerEntry> {
+        match lease.attrs.backend {
+            BackendAttrs::Vxlan { vtep_mac, .. } if Some(lease.subnet) != self.own => {
+                Some(PeerEntry {
+                    subnet: lease.subnet.trunc(),
+                    vtep_ip: lease.attrs.public_ip,
+                    vtep_mac,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Adds the VTEP before the subnet, so replies are accepted once we send.
+    pub(super) fn add_entry(&mut self, e: &PeerEntry) -> Result<(), EbpfBackendError> {
+        self.dp
+            .add_vtep(e.vtep_ip)
+            .map_err(Self::map_err(format!("accept VXLAN from {}", e.vtep_ip)))?;
+        self.dp
+            .upsert_peer(e.subnet, e.vtep_ip, e.vtep_mac)
+            .map_err(Self::map_err(format!(
+                "route {} to VTEP {}",
+                e.subnet, e.vtep_ip
+            )))
+    }
+
+    /// Removes `subnet`'s entry, and `vtep` from the known VTEPs unless another
+    /// subnet still uses it.
+    pub(super) fn remove_entry(
+        &mut self,
+        subnet: Ipv4Net,
+        vtep: Ipv4Addr,
+    ) -> Result<(), EbpfBackendError> {
+        self.dp
+            .remove_peer(subnet)
+            .map_err(Self::map_err(format!("remove {subnet}")))?;
+        self.remove_vtep_if_unused(vtep)
+    }
+
+    pub(super) fn remove_vtep_if_unused(&mut self, vtep: Ipv4Addr) -> Result<(), EbpfBackendError> {
+        let peers = self
+            .dp
+            .peers()
+            .map_err(Self::map_err("list remote subnets".into()))?;
+        if !peers.iter().any(|p| p.vtep_ip == vtep) {
+            self.dp
+                .remove_vtep(vtep)
+                .map_err(Self::map_err(format!("stop accepting VXLAN from {vtep}")))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the maps equal `peers`; returns the number of changes, or every
+    /// entry that could not be written or removed.
+    pub(super) fn sync_maps(&mut self, peers: &[Lease]) -> Result<usize, EbpfBackendError> {
+        let want: BTreeMap<Ipv4Net, PeerEntry> = peers
+            .iter()
+            .filter_map(|l| self.entry_for(l))
+            .map(|e| (e.subnet, e))
+            .collect();
+        let want_vteps: BTreeSet<Ipv4Addr> = want.values().map(|e| e.vtep_ip).collect();
+        let have = self
+            .dp
+            .peers()
+            .map_err(Self::map_err("list remote subnets".into()))?;
+        let have_vteps = self
+            .dp
+            .vteps_list()
+            .map_err(Self::map_err("list known VTEPs".into()))?;
+        let mut changes = 0;
+        let mut errors = Vec::new();
+        let mut count = |done: Result<(), EbpfBackendError>| match done {
+            Ok(()) => changes += 1,
+            Err(e) => errors.push(e),
+        };
+        // Stale entries first, so a full map makes room for the missing ones; every
+        // entry is tried whatever an earlier one hit.
+        for stale in have.iter().filter(|h| !want.contains_key(&h.subnet)) {
+            info!(subnet = %stale.subnet, vtep = %stale.vtep_ip, "removing map entry no lease justifies");
+            count(
+                self.dp
+                    .remove_peer(stale.subnet)
+                    .map_err(Self::map_err(format!("remove {}", stale.subnet))),
+            );
+        }
+        for stale in have_vteps.iter().filter(|v| !want_vteps.contains(v)) {
+            info!(vtep = %stale, "no longer accepting VXLAN from a host without a lease");
+            count(
+                self.dp
+                    .remove_vtep(*stale)
+                    .map_err(Self::map_err(format!("stop accepting VXLAN from {stale}"))),
+            );
+        }
+        for e in want.values() {
+            if !have.contains(e) || !have_vteps.contains(&e.vtep_ip) {
+                info!(subnet = %e.subnet, vtep = %e.vtep_ip, "adding missing map entry");
+                count(self.add_entry(e));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(EbpfBackendError::Steps(errors));
+        }
+        Ok(changes)
+    }
+}
