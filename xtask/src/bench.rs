@@ -1,11 +1,12 @@
 //! `cargo xtask bench`: weft's datapaths measured against each other, or its control plane.
 //!
-//! Datapath benchmark: the harness's two hosts with one container each, in three modes side by
-//! side (host-gw, weft's kernel vxlan, weft's eBPF), every round measuring each mode once in a
-//! freshly shuffled order. Results: a table on the terminal, `<target>/bench/report.json`,
-//! `report.svg` (chart) and `report.md` (the table for README).
-//! `--control-plane`: peer programming latency, start-to-ready and memory with 1000 peers
-//! (`control-plane.json`).
+//! Datapath benchmark: the harness's two hosts with one container each, in modes side by side
+//! (bare: the hosts alone; host-gw, weft's kernel vxlan, weft's eBPF), every round measuring each
+//! mode once in a freshly shuffled order, rounds added until the targets' intervals decide them.
+//! Results: tables on the terminal, `<target>/bench/report.json`, `report.svg` (chart) and
+//! `report.md` (the tables for README). `--programs`: the eBPF programs' cost per packet.
+//! `--control-plane`: sync time, peer programming latency, memory, idle CPU and etcd traffic with
+//! N peers (`control-plane.json`).
 //!
 //! Builds the eBPF object and a release agent first. Needs root; everything it makes is removed
 //! when it ends, also on Ctrl-C.
@@ -15,8 +16,10 @@ mod control_plane;
 mod counters;
 mod datapath;
 mod measure;
+mod programs;
 mod report;
 mod stats;
+mod targets;
 mod topology;
 
 use std::path::PathBuf;
@@ -29,13 +32,23 @@ use crate::test::{require_root, step, target_dir};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
-    /// Rounds; each measures every mode once, in a freshly shuffled order.
+    /// Rounds at least; each measures every mode once, in a freshly shuffled order.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// Rounds at most: after --rounds, rounds are added while any target's 95 % interval still
+    /// straddles it (inconclusive), up to this many.
+    #[arg(long, default_value_t = 10)]
+    pub max_rounds: usize,
+    /// Also measure the eBPF programs' own cost per packet: run-time statistics (BPF_ENABLE_STATS,
+    /// for the life of the run) during the ebpf UDP tests, and BPF_PROG_TEST_RUN timings on fixed
+    /// packets.
+    #[arg(long)]
+    pub programs: bool,
     /// Seconds per test (TCP 1 stream, TCP 4 streams, TCP ping-pong, 64-byte UDP).
     #[arg(long, default_value_t = 3)]
     pub seconds: u64,
-    /// Smoke test: 1 round of 1-second tests (and at most 20 new leases with --control-plane).
+    /// Smoke test: 1 round of 1-second tests, no rounds added (and at most 20 new leases and a
+    /// 5-second idle window with --control-plane).
     #[arg(long)]
     pub quick: bool,
     /// Modes to measure (comma-separated).
@@ -59,8 +72,11 @@ pub struct Options {
     #[arg(long, default_value_t = 50)]
     pub new_leases: usize,
     /// Control plane: agent datapaths to measure (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "kernel")]
+    #[arg(long, value_delimiter = ',', default_value = "kernel,ebpf")]
     pub cp_datapaths: Vec<String>,
+    /// Control plane: seconds the agent is left alone to measure its idle CPU and etcd traffic.
+    #[arg(long, default_value_t = 30)]
+    pub idle_seconds: u64,
     /// Where the results go; default `<target>/bench`.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -87,8 +103,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let mut opts = opts.clone();
     if opts.quick {
         opts.rounds = 1;
+        opts.max_rounds = 1;
         opts.seconds = 1;
         opts.new_leases = opts.new_leases.min(20);
+        opts.idle_seconds = opts.idle_seconds.min(5);
     }
     if opts.out.is_none() {
         opts.out = Some(target_dir()?.join("bench"));

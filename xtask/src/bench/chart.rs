@@ -10,7 +10,8 @@ use plotters::prelude::*;
 use crate::bench::report::fmt_value;
 use crate::bench::stats::{ModeSummary, METRICS};
 
-const MODES: [(&str, RGBColor); 4] = [
+const MODES: [(&str, RGBColor); 5] = [
+    ("bare", RGBColor(40, 160, 90)),
     ("host-gw", RGBColor(110, 110, 110)),
     ("kernel-vxlan", RGBColor(225, 130, 20)),
     ("ebpf", RGBColor(30, 100, 200)),
@@ -36,7 +37,7 @@ pub fn draw(path: &Path, title: &str, series: &[Series<'_>]) -> anyhow::Result<(
         ("sans-serif", 22).into_font().style(FontStyle::Bold),
     ))
     .map_err(plot_err)?;
-    let panels = body.split_evenly((2, 4));
+    let panels = body.split_evenly((2, 5));
     for (panel, metric) in panels.iter().zip(METRICS.iter()) {
         draw_panel(panel, metric, series)?;
     }
@@ -125,11 +126,23 @@ fn draw_panel(
                     .draw_series([PathElement::new(vec![(xc, lo), (xc, hi.min(top))], BLACK)])
                     .map_err(plot_err)?;
             }
+            // The ratio to bare of the same variant (medians), under the value.
+            let vs_bare = s
+                .modes
+                .get("bare")
+                .filter(|_| *mode != "bare")
+                .map(|b| value / (metric.get)(&b.medians()))
+                .filter(|r| r.is_finite())
+                .map_or(String::new(), |r| format!(" ({r:.2}x)"));
+            // Upright labels of five modes by two variants would run into each other: written
+            // upwards from the bar's top, each stays within its bar's width.
             chart
                 .draw_series([Text::new(
-                    fmt_value(value),
-                    (x0, value + top * 0.015),
-                    ("sans-serif", 12).into_font(),
+                    format!("{}{vs_bare}", fmt_value(value)),
+                    (xc - width * 0.2, value + top * 0.015),
+                    ("sans-serif", 11)
+                        .into_font()
+                        .transform(FontTransform::Rotate270),
                 )])
                 .map_err(plot_err)?;
         }
@@ -162,6 +175,7 @@ fn draw_legend(
     }
     for line in [
         "bar = median over rounds; whisker = min..max (clipped)",
+        "label: median (its ratio to bare, same underlay)",
         "2 hosts in netns, 1 container each, MTU 1450",
     ] {
         area.draw(&Text::new(line, (20, y), font.clone()))

@@ -24,6 +24,23 @@ pub const MIN_SHARE: f64 = 0.9;
 /// missing, when the command fails or reports no encapsulated/decapsulated counters: without them
 /// nothing proves the eBPF path carried the traffic.
 pub async fn read_ebpf_counters(host: &Host) -> anyhow::Result<Counters> {
+    let json = status_json(host).await?;
+    let counters = flatten(&json);
+    for name in [ENCAPSULATED, DECAPSULATED] {
+        if find(&counters, name).is_none() {
+            bail!(
+                "`weft status --json` in {} has no `{name}` counter (numeric fields: {:?}); the ebpf \
+                 rounds cannot be verified",
+                host.name(),
+                counters.keys().collect::<Vec<_>>()
+            );
+        }
+    }
+    Ok(counters)
+}
+
+/// `weft status --json` in `host`'s namespace, parsed.
+pub async fn status_json(host: &Host) -> anyhow::Result<serde_json::Value> {
     let bin = weft_tests::weft_bin()?;
     let bin = bin.to_string_lossy().into_owned();
     let pin_dir = host.bpf_pin_dir().display().to_string();
@@ -40,20 +57,8 @@ pub async fn read_ebpf_counters(host: &Host) -> anyhow::Result<Counters> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("parse `weft status --json` from {}", host.name()))?;
-    let counters = flatten(&json);
-    for name in [ENCAPSULATED, DECAPSULATED] {
-        if find(&counters, name).is_none() {
-            bail!(
-                "`weft status --json` in {} has no `{name}` counter (numeric fields: {:?}); the ebpf \
-                 rounds cannot be verified",
-                host.name(),
-                counters.keys().collect::<Vec<_>>()
-            );
-        }
-    }
-    Ok(counters)
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parse `weft status --json` from {}", host.name()))
 }
 
 /// Every numeric leaf by dotted path. Array elements that name themselves (`{"name": "x", "value": 3}`)
@@ -140,6 +145,10 @@ pub struct RoundCheck {
     /// that took the kernel path.
     pub sender_flannel1_tx: Option<u64>,
     pub through_ebpf: bool,
+    /// The host-originated tests (TCP and ping-pong from host 1 to the remote container): which
+    /// path they took. Not part of `through_ebpf`: host traffic may use flannel.1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_tests: Option<HostPath>,
     /// Every counter's change on the sending and the receiving host.
     pub sender_delta: Counters,
     pub receiver_delta: Counters,
@@ -167,10 +176,19 @@ impl RoundCheck {
             through_ebpf: udp_received > 0
                 && sender_encapsulated >= need
                 && receiver_decapsulated >= need,
+            host_tests: None,
             sender_delta,
             receiver_delta,
         }
     }
+}
+
+/// Packets host 1's encapsulation program handled and flannel.1 sent during the host-originated
+/// tests.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostPath {
+    pub encapsulated: f64,
+    pub flannel1_tx: Option<u64>,
 }
 
 /// flannel.1's tx packet count in `host`, `None` when there is no flannel.1.

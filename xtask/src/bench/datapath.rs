@@ -8,15 +8,19 @@ use rand::seq::SliceRandom as _;
 
 use super::{Options, Variants};
 use crate::bench::chart::{self, Series};
-use crate::bench::counters::{self, Counters, RoundCheck};
+use crate::bench::counters::{self, Counters, HostPath, RoundCheck};
 use crate::bench::measure::{self, Servers};
+use crate::bench::programs::{self, LiveCost, Programs};
 use crate::bench::report::{self, EbpfCounters, Report, Settings, VariantReport};
-use crate::bench::stats::{ModeSummary, Sample};
+use crate::bench::stats::{ModeSummary, Modes, Sample};
+use crate::bench::targets::{self, Comparison};
 use crate::bench::topology::{Mode, Offload, Routing, Testbed, CONTAINER_MTU};
 
 struct Bed {
     bed: Testbed,
     servers: Servers,
+    /// `--programs`, ebpf mode: weft's programs on each host (label, prog id -> name).
+    watched: Vec<(String, BTreeMap<u64, String>)>,
 }
 
 pub async fn run(opts: &Options) -> anyhow::Result<()> {
@@ -29,14 +33,16 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     modes.sort();
     modes.dedup();
     if routing == Routing::Hand && modes.iter().any(|m| m.is_ebpf()) {
-        println!(
-            "--hand-routed: no ebpf mode without the agent; measuring host-gw and kernel-vxlan"
-        );
+        println!("--hand-routed: no ebpf mode without the agent; measuring the others");
         modes.retain(|m| !m.is_ebpf());
     }
     if opts.rounds == 0 || modes.is_empty() {
         bail!("nothing to measure: --rounds must be at least 1 and --modes not empty");
     }
+    if opts.programs && !modes.contains(&Mode::Ebpf) {
+        bail!("--programs measures the ebpf mode's programs: add ebpf to --modes");
+    }
+    let max_rounds = opts.max_rounds.max(opts.rounds);
     let variants: Vec<Offload> = match opts.offload {
         Variants::Both => vec![Offload::On, Offload::Off],
         Variants::On => vec![Offload::On],
@@ -44,6 +50,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let loadavg_start = loadavg();
+    // Restores the sysctl when the run ends, however it ends.
+    let _stats = opts
+        .programs
+        .then(programs::StatsEnabled::enable)
+        .transpose()?;
 
     let mut beds = BTreeMap::new();
     for &mode in &modes {
@@ -52,7 +63,21 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("set up the {mode} test bed"))?;
         let servers = Servers::start(&bed.server).await?;
-        beds.insert(mode, Bed { bed, servers });
+        let mut watched = Vec::new();
+        if opts.programs && mode == Mode::Ebpf {
+            for host in bed.hosts() {
+                let ids = programs::weft_programs(host).await?;
+                watched.push((host_label(host.index()), ids));
+            }
+        }
+        beds.insert(
+            mode,
+            Bed {
+                bed,
+                servers,
+                watched,
+            },
+        );
     }
 
     let mut ebpf = EbpfCounters {
@@ -66,35 +91,14 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
         }
     }
 
-    let mut samples: BTreeMap<(Offload, Mode), Vec<Sample>> = BTreeMap::new();
-    let mut offloads = BTreeMap::new();
-    let mut rng = rand::rng();
-    for round in 1..=opts.rounds {
-        let mut order = modes.clone();
-        order.shuffle(&mut rng);
-        let names: Vec<&str> = order.iter().map(|m| m.name()).collect();
-        println!("==> round {round}/{}: {}", opts.rounds, names.join(", "));
-        for mode in order {
-            let b = beds.get_mut(&mode).context("every mode has a test bed")?;
-            let mut vs = variants.clone();
-            vs.shuffle(&mut rng);
-            for variant in vs {
-                b.bed.set_offload(variant).await?;
-                offloads.insert(
-                    format!("{mode} {}", variant.name()),
-                    b.bed.offload_state().await?,
-                );
-                let (sample, check) = measure_mode(b, round, variant, opts.seconds)
-                    .await
-                    .with_context(|| format!("round {round}, {mode}, {}", variant.name()))?;
-                print_sample(mode, variant, &sample, check.as_ref());
-                if let Some(check) = check {
-                    ebpf.rounds.push(check);
-                }
-                samples.entry((variant, mode)).or_default().push(sample);
-            }
-        }
-    }
+    let Measured {
+        samples,
+        offloads,
+        live,
+        checks,
+        rounds,
+    } = run_rounds(opts, &modes, &variants, max_rounds, &mut beds).await?;
+    ebpf.rounds = checks;
 
     if let Some(b) = beds.get(&Mode::Ebpf) {
         for host in b.bed.hosts() {
@@ -104,9 +108,13 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     }
     ebpf.all_rounds_through_ebpf =
         !ebpf.rounds.is_empty() && ebpf.rounds.iter().all(|c| c.through_ebpf);
+    let programs = match (opts.programs, beds.get(&Mode::Ebpf)) {
+        (true, Some(b)) => Some(program_costs(b, live).await?),
+        _ => None,
+    };
     drop(beds);
 
-    let by_variant = |v: Offload| -> BTreeMap<String, ModeSummary> {
+    let by_variant = |v: Offload| -> Modes {
         samples
             .iter()
             .filter(|((variant, _), _)| *variant == v)
@@ -115,20 +123,133 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     };
     let first = variants[0];
     let main_modes = by_variant(first);
-    let no_offload = (variants.len() > 1).then(|| VariantReport::new(by_variant(Offload::Off)));
+    let no_offload = (variants.len() > 1).then(|| VariantReport {
+        comparison: compare_variant(&samples, Offload::Off),
+        modes: by_variant(Offload::Off),
+    });
 
     let report = Report {
-        rounds: opts.rounds,
-        comparison: crate::bench::stats::compare(&main_modes),
+        rounds,
+        comparison: compare_variant(&samples, first),
         modes: main_modes,
         ebpf_counters: ebpf,
         variant: first.name(),
         no_offload,
+        programs,
         settings: Settings {
             loadavg_start,
             loadavg_end: loadavg(),
-            ..settings(opts, routing, offloads)
+            ..settings(opts, max_rounds, routing, offloads)
         },
+    };
+    write_outputs(&report, opts, started)
+}
+
+/// What the rounds gathered.
+#[derive(Default)]
+struct Measured {
+    samples: BTreeMap<(Offload, Mode), Vec<Sample>>,
+    /// `ethtool -k` of the underlay per mode and variant.
+    offloads: BTreeMap<String, String>,
+    live: Vec<LiveCost>,
+    checks: Vec<RoundCheck>,
+    rounds: usize,
+}
+
+/// `--rounds` rounds, then more while a target is inconclusive, up to `max_rounds`. Each round
+/// measures every mode once, in a fresh order, and each mode in every variant, in a fresh order.
+async fn run_rounds(
+    opts: &Options,
+    modes: &[Mode],
+    variants: &[Offload],
+    max_rounds: usize,
+    beds: &mut BTreeMap<Mode, Bed>,
+) -> anyhow::Result<Measured> {
+    let mut m = Measured::default();
+    let mut rng = rand::rng();
+    let mut round = 0;
+    loop {
+        round += 1;
+        let mut order = modes.to_vec();
+        order.shuffle(&mut rng);
+        let names: Vec<&str> = order.iter().map(|mode| mode.name()).collect();
+        println!(
+            "==> round {round} (of {} to {max_rounds}): {}",
+            opts.rounds,
+            names.join(", ")
+        );
+        for mode in order {
+            let b = beds.get_mut(&mode).context("every mode has a test bed")?;
+            let mut vs = variants.to_vec();
+            vs.shuffle(&mut rng);
+            for variant in vs {
+                b.bed.set_offload(variant).await?;
+                m.offloads.insert(
+                    format!("{mode} {}", variant.name()),
+                    b.bed.offload_state().await?,
+                );
+                let (sample, check) = measure_mode(b, round, variant, opts.seconds, &mut m.live)
+                    .await
+                    .with_context(|| format!("round {round}, {mode}, {}", variant.name()))?;
+                print_sample(mode, variant, &sample, check.as_ref());
+                if let Some(check) = check {
+                    m.checks.push(check);
+                }
+                m.samples.entry((variant, mode)).or_default().push(sample);
+            }
+        }
+        if round < opts.rounds {
+            continue;
+        }
+        let open: usize = variants
+            .iter()
+            .map(|&v| compare_variant(&m.samples, v).inconclusive())
+            .sum();
+        // Below the rounds a verdict needs, added rounds could not settle anything.
+        if open == 0 || round >= max_rounds || max_rounds < targets::MIN_ROUNDS_FOR_VERDICT {
+            if open > 0 {
+                println!(
+                    "==> {open} targets still inconclusive after {round} rounds (--max-rounds {max_rounds})"
+                );
+            }
+            m.rounds = round;
+            return Ok(m);
+        }
+        println!("==> {open} targets inconclusive after {round} rounds: one more round");
+    }
+}
+
+/// BPF_PROG_TEST_RUN of the ebpf bed's programs, with the live costs gathered in the rounds.
+async fn program_costs(b: &Bed, live: Vec<LiveCost>) -> anyhow::Result<Programs> {
+    let hosts = b.bed.hosts();
+    let (client, server) = b
+        .bed
+        .containers
+        .as_ref()
+        .context("the ebpf test bed has containers")?;
+    let test_run = programs::test_runs(&programs::Endpoints {
+        sender: &hosts[0],
+        receiver: &hosts[1],
+        client,
+        server,
+    })
+    .await
+    .context("BPF_PROG_TEST_RUN timings")?;
+    Ok(Programs {
+        target_ns: programs::TARGET_NS,
+        live,
+        test_run,
+    })
+}
+
+/// report.json, report.svg, report.md and the terminal's tables; an error when an ebpf round did
+/// not go through eBPF (its figures are then not eBPF figures).
+fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::Result<()> {
+    let rounds = report.rounds;
+    let first = if report.variant == Offload::Off.name() {
+        Offload::Off
+    } else {
+        Offload::On
     };
     let json_path = opts.out_dir().join("report.json");
     let svg_path = opts.out_dir().join("report.svg");
@@ -145,7 +266,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     }
     chart::draw(
         &svg_path,
-        &chart_title(opts.rounds as u64, opts.seconds),
+        &chart_title(rounds as u64, opts.seconds),
         &series,
     )?;
 
@@ -153,8 +274,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
         "{}",
         report::table(
             &format!("underlay: {}", describe(first)),
-            opts.rounds,
-            &report.modes
+            rounds,
+            &report.modes,
+            &report.comparison
         )
     );
     if let Some(no) = &report.no_offload {
@@ -162,18 +284,22 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
             "{}",
             report::table(
                 &format!("underlay: {}", describe(Offload::Off)),
-                opts.rounds,
-                &no.modes
+                rounds,
+                &no.modes,
+                &no.comparison
             )
         );
     }
+    if let Some(p) = &report.programs {
+        println!("{}", programs::summary(p));
+    }
     std::fs::write(
         opts.out_dir().join("report.md"),
-        markdown_report(&report, opts.rounds),
+        markdown_report(report, first, rounds),
     )
     .context("write report.md")?;
     println!(
-        "report: {}\nchart:  {}\ntable:  {}\ntook {:.0} s; load average {} at the start, {} at the end",
+        "report: {}\nchart:  {}\ntable:  {}\ntook {:.0} s, {rounds} rounds; load average {} at the start, {} at the end",
         json_path.display(),
         svg_path.display(),
         opts.out_dir().join("report.md").display(),
@@ -215,6 +341,16 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The comparison of one variant's modes so far.
+fn compare_variant(samples: &BTreeMap<(Offload, Mode), Vec<Sample>>, v: Offload) -> Comparison {
+    let modes: Modes = samples
+        .iter()
+        .filter(|((variant, _), _)| *variant == v)
+        .map(|((_, mode), s)| (mode.name().to_owned(), ModeSummary::of(s.clone())))
+        .collect();
+    targets::compare(&modes, v == Offload::On, v.name())
+}
+
 /// Redraw the chart from an earlier run's report.json.
 pub fn replot(opts: &Options) -> anyhow::Result<()> {
     let json_path = opts.out_dir().join("report.json");
@@ -222,7 +358,7 @@ pub fn replot(opts: &Options) -> anyhow::Result<()> {
         .with_context(|| format!("read {}", json_path.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parse {}", json_path.display()))?;
-    let modes = |v: &serde_json::Value| -> anyhow::Result<BTreeMap<String, ModeSummary>> {
+    let modes = |v: &serde_json::Value| -> anyhow::Result<Modes> {
         serde_json::from_value(v.clone()).context("read `modes`")
     };
     let main = modes(&v["modes"])?;
@@ -255,17 +391,19 @@ pub fn replot(opts: &Options) -> anyhow::Result<()> {
 
 fn chart_title(rounds: u64, seconds: u64) -> String {
     format!(
-        "weft datapaths, container to container across two hosts (netns), {rounds} rounds x {seconds} s, medians"
+        "weft datapaths across two hosts (netns), {rounds} rounds x {seconds} s, medians; bare = host to host, no overlay"
     )
 }
 
-/// One round of one mode: TCP 1 stream, TCP 4 streams, ping-pong, 64-byte UDP; for ebpf with the
-/// datapath counters read around it.
+/// One round of one mode: TCP 1 stream, TCP 4 streams, ping-pong, 64-byte UDP, then TCP 1 stream
+/// and ping-pong from host 1's own namespace; for ebpf with the datapath counters read around it
+/// (and with `--programs` the programs' run-time statistics around the UDP test).
 async fn measure_mode(
     b: &mut Bed,
     round: usize,
     variant: Offload,
     secs: u64,
+    live: &mut Vec<LiveCost>,
 ) -> anyhow::Result<(Sample, Option<RoundCheck>)> {
     let ebpf = b.bed.mode.is_ebpf();
     let hosts = b.bed.hosts();
@@ -283,7 +421,41 @@ async fn measure_mode(
     let tcp1 = measure::tcp(client, server, 1, secs).await?;
     let tcp4 = measure::tcp(client, server, 4, secs).await?;
     let rr = measure::rr(client, server, &mut b.servers, secs).await?;
+    let stats_before = if b.watched.is_empty() {
+        None
+    } else {
+        Some(programs::run_stats().await?)
+    };
     let udp = measure::udp64(client, server, secs).await?;
+    if let Some(stats_before) = stats_before {
+        let stats_after = programs::run_stats().await?;
+        for (host, ids) in &b.watched {
+            programs::accumulate(live, host, ids, &stats_before, &stats_after);
+        }
+    }
+    // In bare the client is host 1's namespace already: the host-originated test is the main one.
+    // Which path host 1's own traffic took (ebpf): encapsulations and flannel.1 packets during
+    // the host-originated tests.
+    let host_before = if ebpf {
+        Some((
+            counters::read_ebpf_counters(sender).await?,
+            counters::flannel1_tx_packets(sender).await,
+        ))
+    } else {
+        None
+    };
+    let (host_tcp1_gbps, host_rr_p50_us) = if b.bed.mode == Mode::Bare {
+        (tcp1.gbps, rr.p50_us)
+    } else {
+        let host = &b.bed.host_client;
+        let t = measure::tcp(host, server, 1, secs)
+            .await
+            .context("host 1 to the remote container, TCP")?;
+        let r = measure::rr(host, server, &mut b.servers, secs)
+            .await
+            .context("host 1 to the remote container, ping-pong")?;
+        (t.gbps, r.p50_us)
+    };
     let sample = Sample {
         round,
         tcp1_gbps: tcp1.gbps,
@@ -293,6 +465,8 @@ async fn measure_mode(
         rr_tps: rr.tps,
         udp64_pps: udp.pps(),
         cpu_s_per_gb: tcp1.cpu_seconds / (tcp1.bytes as f64 / 1e9),
+        host_tcp1_gbps,
+        host_rr_p50_us,
     };
     let check = match before {
         Some((s0, r0, f0)) => {
@@ -300,14 +474,25 @@ async fn measure_mode(
             let r1 = counters::read_ebpf_counters(receiver).await?;
             let f1 = counters::flannel1_tx_packets(sender).await;
             let flannel_tx = f0.zip(f1).map(|(a, b)| b.saturating_sub(a));
-            Some(RoundCheck::new(
+            let mut check = RoundCheck::new(
                 round,
                 variant.name(),
                 udp.received,
                 counters::delta(&s0, &s1),
                 counters::delta(&r0, &r1),
                 flannel_tx,
-            ))
+            );
+            if let Some((h0, hf0)) = host_before {
+                check.host_tests = Some(HostPath {
+                    encapsulated: counters::find(
+                        &counters::delta(&h0, &s1),
+                        counters::ENCAPSULATED,
+                    )
+                    .unwrap_or(0.0),
+                    flannel1_tx: hf0.zip(f1).map(|(a, b)| b.saturating_sub(a)),
+                });
+            }
+            Some(check)
         }
         None => None,
     };
@@ -316,7 +501,14 @@ async fn measure_mode(
 
 fn print_sample(mode: Mode, variant: Offload, s: &Sample, check: Option<&RoundCheck>) {
     let verdict = match check {
-        Some(c) if c.through_ebpf => " [eBPF counters ok]".to_owned(),
+        Some(c) if c.through_ebpf => format!(
+            " [eBPF counters ok{}]",
+            c.host_tests.as_ref().map_or(String::new(), |h| format!(
+                "; host tests: {:.0} encapsulated, {} on flannel.1",
+                h.encapsulated,
+                h.flannel1_tx.map_or("-".to_owned(), |n| n.to_string())
+            ))
+        ),
         Some(c) => format!(
             " [NOT through eBPF: {} encapsulated, {} decapsulated of {} UDP packets]",
             c.sender_encapsulated, c.receiver_decapsulated, c.udp_received
@@ -324,7 +516,7 @@ fn print_sample(mode: Mode, variant: Offload, s: &Sample, check: Option<&RoundCh
         None => String::new(),
     };
     println!(
-        "    {:<13}{:<11} tcp1 {:>6.2} Gbit/s  tcp4 {:>6.2} Gbit/s  rr p50 {:>6.1} µs p99 {:>7.1} µs {:>7.0}/s  udp64 {:>8.0} pkt/s  cpu {:>5.2} s/GB{verdict}",
+        "    {:<13}{:<11} tcp1 {:>6.2} Gbit/s  tcp4 {:>6.2} Gbit/s  rr p50 {:>6.1} µs p99 {:>7.1} µs {:>7.0}/s  udp64 {:>8.0} pkt/s  cpu {:>5.2} s/GB  host: tcp1 {:>6.2} Gbit/s rr p50 {:>6.1} µs{verdict}",
         mode.name(),
         variant.name(),
         s.tcp1_gbps,
@@ -333,7 +525,9 @@ fn print_sample(mode: Mode, variant: Offload, s: &Sample, check: Option<&RoundCh
         s.rr_p99_us,
         s.rr_tps,
         s.udp64_pps,
-        s.cpu_s_per_gb
+        s.cpu_s_per_gb,
+        s.host_tcp1_gbps,
+        s.host_rr_p50_us
     );
 }
 
@@ -348,17 +542,23 @@ fn describe(o: Offload) -> &'static str {
     }
 }
 
-fn markdown_report(report: &Report, rounds: usize) -> String {
+fn markdown_report(report: &Report, first: Offload, rounds: usize) -> String {
     let mut md = format!(
         "Underlay: {}.\n\n{}",
-        describe(Offload::On),
-        report::markdown(rounds, &report.modes)
+        describe(first),
+        report::markdown(rounds, &report.modes, &report.comparison)
     );
     if let Some(no) = &report.no_offload {
         md.push_str(&format!(
             "\nUnderlay: {}.\n\n{}",
             describe(Offload::Off),
-            report::markdown(rounds, &no.modes)
+            report::markdown(rounds, &no.modes, &no.comparison)
+        ));
+    }
+    if let Some(p) = &report.programs {
+        md.push_str(&format!(
+            "\nPer packet in the eBPF programs:\n\n{}",
+            programs::grid(p).markdown()
         ));
     }
     md
@@ -370,13 +570,29 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-fn settings(opts: &Options, routing: Routing, offloads: BTreeMap<String, String>) -> Settings {
+fn settings(
+    opts: &Options,
+    max_rounds: usize,
+    routing: Routing,
+    offloads: BTreeMap<String, String>,
+) -> Settings {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
     Settings {
         command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
         seconds_per_test: opts.seconds,
+        min_rounds: opts.rounds,
+        max_rounds,
+        interval_method: format!(
+            "per-round ratio (both modes measured in the same round), median over rounds; 95 % \
+             percentile bootstrap over rounds ({} resamples, seeded per ratio: reproducible); a \
+             target is met when the whole interval clears it, not met when it misses it entirely, \
+             otherwise inconclusive (always with fewer than {} rounds); rounds are added while any \
+             target is inconclusive, up to max_rounds",
+            crate::bench::stats::BOOTSTRAP_RESAMPLES,
+            targets::MIN_ROUNDS_FOR_VERDICT
+        ),
         container_mtu: CONTAINER_MTU,
         routing: match routing {
             Routing::Agent => "weft agent",

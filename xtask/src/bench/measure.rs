@@ -1,15 +1,19 @@
-//! The measurements, run between two containers: iperf3 for TCP throughput and 64-byte UDP,
-//! sockperf ping-pong for TCP request/response, process CPU times for CPU per GB.
+//! The measurements, run between two endpoints (containers, or a host's own namespace): iperf3
+//! for TCP throughput and 64-byte UDP, sockperf ping-pong for TCP request/response, process CPU
+//! times for CPU per GB.
 //!
-//! Every tool runs inside the containers' namespaces (`ip netns exec`); nothing here touches the
+//! Every tool runs inside the endpoints' namespaces (`ip netns exec`); nothing here touches the
 //! root namespace's network.
 
 use std::process::Stdio;
 use std::time::Duration;
 
+use std::net::Ipv4Addr;
+use std::process::Output;
+
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
-use weft_tests::Container;
+use weft_tests::{Container, Host};
 
 const IPERF_PORT: &str = "5201";
 const SOCKPERF_PORT: &str = "11111";
@@ -50,6 +54,62 @@ pub struct RrRun {
     pub tps: f64,
 }
 
+/// Where a tool runs: a namespace and the address its peer reaches it at.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Endpoint {
+    pub fn container(c: &Container) -> Endpoint {
+        Endpoint {
+            netns: c.netns().to_owned(),
+            ip: c.ip(),
+        }
+    }
+
+    /// A host's own namespace, at its underlay address.
+    pub fn host(h: &Host) -> Endpoint {
+        Endpoint {
+            netns: h.name().to_owned(),
+            ip: h.ens32_ip(),
+        }
+    }
+
+    fn command(&self, argv: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns]).args(argv);
+        cmd
+    }
+
+    async fn exec(&self, argv: &[&str]) -> Output {
+        match self.command(argv).output().await {
+            Ok(out) => out,
+            Err(e) => Output {
+                status: std::os::unix::process::ExitStatusExt::from_raw(127 << 8),
+                stdout: Vec::new(),
+                stderr: format!("run {}: {e}", argv.join(" ")).into_bytes(),
+            },
+        }
+    }
+
+    async fn exec_ok(&self, argv: &[&str]) -> anyhow::Result<String> {
+        let out = self.exec(argv).await;
+        if !out.status.success() {
+            bail!(
+                "`{}` in {} failed ({}): {}{}",
+                argv.join(" "),
+                self.netns,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
 /// A process kept running inside a container for the life of a test bed (sockperf's server).
 pub struct Daemon {
     child: tokio::process::Child,
@@ -57,11 +117,10 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn spawn(c: &Container, argv: &[&str]) -> anyhow::Result<Daemon> {
-        let what = format!("{} (in {})", argv.join(" "), c.netns());
-        let child = tokio::process::Command::new("ip")
-            .args(["netns", "exec", c.netns()])
-            .args(argv)
+    fn spawn(c: &Endpoint, argv: &[&str]) -> anyhow::Result<Daemon> {
+        let what = format!("{} (in {})", argv.join(" "), c.netns);
+        let child = c
+            .command(argv)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -86,8 +145,8 @@ pub struct Servers {
 }
 
 impl Servers {
-    pub async fn start(server: &Container) -> anyhow::Result<Servers> {
-        let ip = server.ip().to_string();
+    pub async fn start(server: &Endpoint) -> anyhow::Result<Servers> {
+        let ip = server.ip.to_string();
         let sockperf = Daemon::spawn(
             server,
             &[
@@ -109,8 +168,8 @@ impl Servers {
 
 /// TCP throughput from `client` to `server` with `streams` parallel streams for `secs` seconds.
 pub async fn tcp(
-    client: &Container,
-    server: &Container,
+    client: &Endpoint,
+    server: &Endpoint,
     streams: usize,
     secs: u64,
 ) -> anyhow::Result<TcpRun> {
@@ -126,7 +185,7 @@ pub async fn tcp(
 }
 
 /// 64-byte UDP at full rate (`-b 0`) from `client` to `server`: what the receiver got.
-pub async fn udp64(client: &Container, server: &Container, secs: u64) -> anyhow::Result<UdpRun> {
+pub async fn udp64(client: &Endpoint, server: &Endpoint, secs: u64) -> anyhow::Result<UdpRun> {
     let len = UDP_PAYLOAD_BYTES.to_string();
     let secs = secs.to_string();
     let json = iperf3(client, server, &["-u", "-l", &len, "-b", "0", "-t", &secs]).await?;
@@ -135,13 +194,13 @@ pub async fn udp64(client: &Container, server: &Container, secs: u64) -> anyhow:
 
 /// TCP ping-pong (one 64-byte message in flight) from `client` to the sockperf server.
 pub async fn rr(
-    client: &Container,
-    server: &Container,
+    client: &Endpoint,
+    server: &Endpoint,
     servers: &mut Servers,
     secs: u64,
 ) -> anyhow::Result<RrRun> {
     servers.sockperf.check_running()?;
-    let ip = server.ip().to_string();
+    let ip = server.ip.to_string();
     let secs = secs.to_string();
     let size = RR_MESSAGE_BYTES.to_string();
     let argv = [
@@ -167,8 +226,8 @@ pub async fn rr(
 
 /// Run an iperf3 client against a one-off server (`-s -1`) started for this test, so a test that
 /// went wrong never leaves a server in a bad state for the next one. JSON output (`-J`).
-async fn iperf3(client: &Container, server: &Container, args: &[&str]) -> anyhow::Result<String> {
-    let ip = server.ip().to_string();
+async fn iperf3(client: &Endpoint, server: &Endpoint, args: &[&str]) -> anyhow::Result<String> {
+    let ip = server.ip.to_string();
     let mut daemon = Daemon::spawn(server, &["iperf3", "-s", "-1", "-B", &ip, "-p", IPERF_PORT])?;
     let mut argv = vec!["iperf3", "-c", &ip, "-p", IPERF_PORT, "-J"];
     argv.extend_from_slice(args);
@@ -193,7 +252,7 @@ async fn iperf3(client: &Container, server: &Container, args: &[&str]) -> anyhow
     bail!(
         "iperf3 {} from {} to {ip} failed:\n{}",
         args.join(" "),
-        client.ip(),
+        client.ip,
         head(&last)
     )
 }
@@ -372,7 +431,7 @@ pub fn process_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-fn clock_ticks_per_second() -> f64 {
+pub fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if hz > 0 {

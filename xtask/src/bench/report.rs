@@ -1,4 +1,4 @@
-//! report.json and the terminal table.
+//! report.json, the terminal tables and report.md: the same grids, rendered twice.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -8,36 +8,32 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::bench::counters::{Counters, RoundCheck};
-use crate::bench::stats::{compare, Comparison, ModeSummary, METRICS};
+use crate::bench::programs::Programs;
+use crate::bench::stats::{Interval, Modes, METRICS};
+use crate::bench::targets::{self, Comparison, BARE, EBPF, HOST_GW, KERNEL_VXLAN};
 
-/// target/bench/report.json. The first three keys are the issue's shape; `modes` holds the
-/// variant named in `variant` (the default underlay offloads when that variant ran).
+/// target/bench/report.json. `modes` holds the variant named in `variant` (the default underlay
+/// offloads when that variant ran).
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub rounds: usize,
-    pub modes: BTreeMap<String, ModeSummary>,
+    pub modes: Modes,
     pub ebpf_counters: EbpfCounters,
     pub variant: &'static str,
-    pub comparison: BTreeMap<&'static str, Comparison>,
+    pub comparison: Comparison,
     /// The same measurements with TSO/GSO off on the underlay, when that variant ran too.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub no_offload: Option<VariantReport>,
+    /// `--programs`: the eBPF programs' own run time per packet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub programs: Option<Programs>,
     pub settings: Settings,
 }
 
 #[derive(Debug, Serialize)]
 pub struct VariantReport {
-    pub modes: BTreeMap<String, ModeSummary>,
-    pub comparison: BTreeMap<&'static str, Comparison>,
-}
-
-impl VariantReport {
-    pub fn new(modes: BTreeMap<String, ModeSummary>) -> VariantReport {
-        VariantReport {
-            comparison: compare(&modes),
-            modes,
-        }
-    }
+    pub modes: Modes,
+    pub comparison: Comparison,
 }
 
 /// The eBPF datapath's counters: each host's at the start and the end of the run, and every ebpf
@@ -58,6 +54,10 @@ pub struct EbpfCounters {
 pub struct Settings {
     pub command: String,
     pub seconds_per_test: u64,
+    /// Rounds asked for, and the cap on rounds added while targets were inconclusive.
+    pub min_rounds: usize,
+    pub max_rounds: usize,
+    pub interval_method: String,
     pub container_mtu: u32,
     pub routing: &'static str,
     pub rr_tool: String,
@@ -82,53 +82,181 @@ impl Report {
     }
 }
 
-/// The medians of one variant, ebpf's ratios, the share of the gap closed, and whether the
-/// issue's target is met.
-pub fn table(title: &str, rounds: usize, modes: &BTreeMap<String, ModeSummary>) -> String {
-    let cmp = compare(&modes.clone());
-    let order = ["host-gw", "kernel-vxlan", "ebpf", "ebpf-nocsum"];
-    let present: Vec<&str> = order
-        .iter()
-        .copied()
-        .filter(|m| modes.contains_key(*m))
-        .collect();
-    let mut out = String::new();
-    let _ = writeln!(out, "\n{title} (medians of {rounds} rounds)");
-    let mut header = format!("{:<28}", "metric");
-    for m in &present {
-        let _ = write!(header, "{m:>14}");
-    }
-    if !cmp.is_empty() {
-        let _ = write!(
-            header,
-            "{:>10}{:>10}{:>12}{:>8}",
-            "ebpf/kv", "ebpf/hg", "gap closed", "target"
-        );
-    }
-    let _ = writeln!(out, "{header}");
-    let _ = writeln!(out, "{}", "-".repeat(header.chars().count()));
-    for metric in &METRICS {
-        let mut line = format!("{:<28}", metric.label);
-        for m in &present {
-            let v = (metric.get)(&modes[*m].medians());
-            let _ = write!(line, "{:>14}", fmt_value(v));
+/// A table before rendering: a header and rows of cells.
+pub struct Grid {
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Grid {
+    /// Columns padded to their widest cell, the first left-aligned.
+    pub fn text(&self) -> String {
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (w, c) in widths.iter_mut().zip(row) {
+                *w = (*w).max(c.chars().count());
+            }
         }
-        if let Some(c) = cmp.get(metric.key) {
-            let opt = |v: Option<f64>, f: fn(f64) -> String| v.map_or("-".to_owned(), f);
-            let _ = write!(
-                line,
-                "{:>10}{:>10}{:>12}{:>8}",
-                opt(c.vs_kernel_vxlan, |r| format!("{r:.2}x")),
-                opt(c.vs_host_gw, |r| format!("{r:.2}x")),
-                opt(c.gap_closed_pct, |p| format!("{p:.0} %")),
-                match c.target_met {
-                    Some(true) => "met",
-                    Some(false) => "not met",
-                    None => "-",
+        let line = |cells: &[String]| -> String {
+            let mut out = String::new();
+            for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+                if i == 0 {
+                    let _ = write!(out, "{c:<w$}");
+                } else {
+                    let _ = write!(out, "  {c:>w$}");
                 }
-            );
+            }
+            out
+        };
+        let head = line(&self.header);
+        let mut out = format!("{head}\n{}\n", "-".repeat(head.chars().count()));
+        for row in &self.rows {
+            out.push_str(&line(row));
+            out.push('\n');
         }
-        let _ = writeln!(out, "{line}");
+        out
+    }
+
+    pub fn markdown(&self) -> String {
+        let row = |cells: &[String]| format!("| {} |\n", cells.join(" | "));
+        let mut out = row(&self.header);
+        out.push_str(&"|---".repeat(self.header.len()));
+        out.push_str("|\n");
+        for r in &self.rows {
+            out.push_str(&row(r));
+        }
+        out
+    }
+}
+
+/// Modes in report order, those that ran.
+fn present(modes: &Modes) -> Vec<&'static str> {
+    [BARE, HOST_GW, KERNEL_VXLAN, EBPF, "ebpf-nocsum"]
+        .into_iter()
+        .filter(|m| modes.contains_key(*m))
+        .collect()
+}
+
+/// A ratio with its interval: `0.93x (0.90-0.95)`, or `0.93x` without a spread.
+pub fn fmt_ratio(i: &Interval) -> String {
+    if !i.estimate.is_finite() {
+        "-".to_owned()
+    } else if i.has_spread() {
+        format!("{:.2}x ({:.2}–{:.2})", i.estimate, i.lo, i.hi)
+    } else {
+        format!("{:.2}x", i.estimate)
+    }
+}
+
+fn fmt_pct(i: &Interval) -> String {
+    if i.has_spread() {
+        format!("{:.0} % ({:.0}–{:.0})", i.estimate, i.lo, i.hi)
+    } else {
+        format!("{:.0} %", i.estimate)
+    }
+}
+
+/// Per metric: every mode's median, every mode's ratio to bare, the overlays' ratios to
+/// kernel-vxlan, ebpf's to host-gw and the share of the gap it closes.
+pub fn values_grid(rounds: usize, modes: &Modes, cmp: &Comparison) -> Grid {
+    let order = present(modes);
+    let mut header = vec![format!("metric (median of {rounds} rounds)")];
+    header.extend(order.iter().map(|m| (*m).to_owned()));
+    type Column = (String, Box<dyn Fn(&targets::MetricComparison) -> String>);
+    let mut columns: Vec<Column> = Vec::new();
+    let pick = |mode: &'static str, f: fn(&targets::Ratios) -> Option<Interval>| {
+        Box::new(move |mc: &targets::MetricComparison| {
+            mc.ratios
+                .get(mode)
+                .and_then(f)
+                .map_or("-".to_owned(), |i| fmt_ratio(&i))
+        }) as Box<dyn Fn(&targets::MetricComparison) -> String>
+    };
+    if modes.contains_key(BARE) {
+        for m in order.iter().filter(|m| **m != BARE) {
+            columns.push((format!("{m}/bare"), pick(m, |r| r.vs_bare)));
+        }
+    }
+    if modes.contains_key(KERNEL_VXLAN) {
+        for m in order.iter().filter(|m| ![BARE, KERNEL_VXLAN].contains(*m)) {
+            columns.push((format!("{m}/kernel-vxlan"), pick(m, |r| r.vs_kernel_vxlan)));
+        }
+    }
+    if modes.contains_key(EBPF) && modes.contains_key(HOST_GW) {
+        columns.push(("ebpf/host-gw".to_owned(), pick(EBPF, |r| r.vs_host_gw)));
+        columns.push((
+            "gap closed".to_owned(),
+            Box::new(|mc: &targets::MetricComparison| {
+                mc.gap_closed_pct.as_ref().map_or("-".to_owned(), fmt_pct)
+            }),
+        ));
+    }
+    header.extend(columns.iter().map(|(h, _)| h.clone()));
+    let rows = METRICS
+        .iter()
+        .map(|metric| {
+            let mut row = vec![metric.label.to_owned()];
+            row.extend(
+                order
+                    .iter()
+                    .map(|m| fmt_value((metric.get)(&modes[*m].medians()))),
+            );
+            let mc = cmp.metrics.get(metric.key).cloned().unwrap_or_default();
+            row.extend(columns.iter().map(|(_, f)| f(&mc)));
+            row
+        })
+        .collect();
+    Grid { header, rows }
+}
+
+/// One row per target: the interval that judged it and the verdict.
+pub fn targets_grid(cmp: &Comparison) -> Grid {
+    let header = [
+        "metric",
+        "target",
+        "issue",
+        "estimate (95 % interval)",
+        "rounds",
+        "verdict",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let rows = cmp
+        .targets
+        .iter()
+        .map(|t| {
+            let value = if t.target.starts_with("gap") {
+                fmt_pct(&t.interval)
+            } else {
+                fmt_ratio(&t.interval)
+            };
+            vec![
+                targets::label(t).to_owned(),
+                t.target.clone(),
+                t.issue.to_string(),
+                value,
+                t.interval.rounds.to_string(),
+                t.verdict.to_string(),
+            ]
+        })
+        .collect();
+    Grid { header, rows }
+}
+
+/// The terminal's tables for one variant.
+pub fn table(title: &str, rounds: usize, modes: &Modes, cmp: &Comparison) -> String {
+    let mut out = format!("\n{title}\n{}", values_grid(rounds, modes, cmp).text());
+    if !cmp.targets.is_empty() {
+        let _ = write!(out, "\ntargets\n{}", targets_grid(cmp).text());
+    }
+    out
+}
+
+/// The same tables as Markdown, for README.
+pub fn markdown(rounds: usize, modes: &Modes, cmp: &Comparison) -> String {
+    let mut out = values_grid(rounds, modes, cmp).markdown();
+    if !cmp.targets.is_empty() {
+        let _ = write!(out, "\n{}", targets_grid(cmp).markdown());
     }
     out
 }
@@ -148,58 +276,14 @@ pub fn fmt_value(v: f64) -> String {
     }
 }
 
-/// The same table as Markdown, for README.
-pub fn markdown(rounds: usize, modes: &BTreeMap<String, ModeSummary>) -> String {
-    let cmp = compare(modes);
-    let order: Vec<&str> = ["host-gw", "kernel-vxlan", "ebpf", "ebpf-nocsum"]
-        .into_iter()
-        .filter(|m| modes.contains_key(*m))
-        .collect();
-    let mut out = format!("| metric (median of {rounds} rounds) |");
-    for m in &order {
-        let _ = write!(out, " {m} |");
-    }
-    if !cmp.is_empty() {
-        out.push_str(" ebpf/kernel-vxlan | ebpf/host-gw | gap closed | target |");
-    }
-    out.push('\n');
-    let cols = order.len() + 1 + if cmp.is_empty() { 0 } else { 4 };
-    out.push_str(&"|---".repeat(cols));
-    out.push_str("|\n");
-    for metric in &METRICS {
-        let _ = write!(out, "| {} |", metric.label);
-        for m in &order {
-            let _ = write!(out, " {} |", fmt_value((metric.get)(&modes[*m].medians())));
-        }
-        if let Some(c) = cmp.get(metric.key) {
-            let r = |v: Option<f64>| v.map_or("-".to_owned(), |r| format!("{r:.2}x"));
-            let _ = write!(
-                out,
-                " {} | {} | {} | {} |",
-                r(c.vs_kernel_vxlan),
-                r(c.vs_host_gw),
-                c.gap_closed_pct
-                    .map_or("-".to_owned(), |p| format!("{p:.0} %")),
-                match c.target_met {
-                    Some(true) => "met",
-                    Some(false) => "not met",
-                    None => "-",
-                }
-            );
-        }
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::stats::Sample;
+    use crate::bench::stats::{ModeSummary, Sample};
 
-    fn modes() -> BTreeMap<String, ModeSummary> {
-        let s = |x: f64| Sample {
-            round: 1,
+    fn modes(rounds: usize) -> Modes {
+        let s = |round: usize, x: f64| Sample {
+            round,
             tcp1_gbps: x,
             tcp4_gbps: x,
             rr_p50_us: 30.0 - x,
@@ -207,28 +291,67 @@ mod tests {
             rr_tps: 1000.0 * x,
             udp64_pps: 10_000.0 * x,
             cpu_s_per_gb: 1.0 / x,
+            host_tcp1_gbps: x,
+            host_rr_p50_us: 30.0 - x,
         };
-        [("host-gw", 26.5), ("kernel-vxlan", 24.5), ("ebpf", 26.4)]
-            .into_iter()
-            .map(|(m, x)| (m.to_owned(), ModeSummary::of(vec![s(x)])))
-            .collect()
+        [
+            ("bare", 27.0),
+            ("host-gw", 26.5),
+            ("kernel-vxlan", 24.5),
+            ("ebpf", 26.4),
+        ]
+        .into_iter()
+        .map(|(m, x)| {
+            let samples = (1..=rounds)
+                .map(|r| s(r, x * (1.0 + 0.01 * r as f64)))
+                .collect();
+            (m.to_owned(), ModeSummary::of(samples))
+        })
+        .collect()
     }
 
     #[test]
-    fn table_shows_ratios_and_gap() {
-        let t = table("offload", 1, &modes());
-        assert!(t.contains("ebpf/kv"), "{t}");
+    fn table_shows_ratios_to_bare_and_kernel_vxlan_with_intervals() {
+        let m = modes(3);
+        let cmp = targets::compare(&m, true, "offload");
+        let t = table("offload", 3, &m, &cmp);
+        assert!(t.contains("ebpf/bare") && t.contains("host-gw/bare"), "{t}");
+        assert!(
+            t.contains("ebpf/kernel-vxlan") && t.contains("ebpf/host-gw"),
+            "{t}"
+        );
         let tcp1 = t.lines().find(|l| l.starts_with("TCP 1 stream")).unwrap();
+        // 26.4 / 27.0, the same in every round: an interval of one point.
+        assert!(tcp1.contains("0.98x (0.98–0.98)"), "{tcp1}");
         assert!(tcp1.contains("1.08x"), "{tcp1}");
-        assert!(tcp1.contains("95 %"), "{tcp1}");
-        assert!(tcp1.contains("met"), "{tcp1}");
+        // Three rounds: every target inconclusive.
+        assert!(t.contains("inconclusive") && !t.contains(" met"), "{t}");
     }
 
     #[test]
-    fn markdown_has_a_row_per_metric() {
-        let md = markdown(1, &modes());
-        assert_eq!(md.lines().count(), 2 + METRICS.len());
-        assert!(md.lines().all(|l| l.starts_with('|') && l.ends_with('|')));
+    fn markdown_has_a_row_per_metric_and_per_target() {
+        let m = modes(5);
+        let cmp = targets::compare(&m, true, "offload");
+        let md = markdown(5, &m, &cmp);
+        let (values, targets) = md.split_once("\n\n").unwrap();
+        assert_eq!(values.lines().count(), 2 + METRICS.len());
+        assert_eq!(targets.lines().count(), 2 + cmp.targets.len());
+        assert!(md
+            .lines()
+            .filter(|l| !l.is_empty())
+            .all(|l| l.starts_with('|') && l.ends_with('|')));
+        assert!(targets.contains("| met |"), "{targets}");
+    }
+
+    #[test]
+    fn one_round_shows_no_interval() {
+        let i = Interval {
+            estimate: 0.931,
+            lo: f64::NAN,
+            hi: f64::NAN,
+            rounds: 1,
+        };
+        assert_eq!(fmt_ratio(&i), "0.93x");
     }
 
     #[test]

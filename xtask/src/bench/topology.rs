@@ -1,6 +1,6 @@
 //! One test bed per mode: the harness's two hosts with one container each, configured for host-gw,
-//! weft's kernel vxlan datapath or weft's eBPF datapath. All three live side by side for the whole
-//! run so rounds can alternate between them.
+//! weft's kernel vxlan datapath or weft's eBPF datapath, or (`bare`) the two hosts alone. All live
+//! side by side for the whole run so rounds can alternate between them.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -11,6 +11,8 @@ use anyhow::{bail, Context as _};
 use weft_tests::flanneld::{self, Ipv4Net};
 use weft_tests::{Cluster, ClusterOptions, Container, Host};
 
+use crate::bench::measure::Endpoint;
+
 /// Container MTU in every mode (underlay 1500 minus the 50 bytes of VXLAN), as the issue requires.
 pub const CONTAINER_MTU: u32 = 1450;
 /// The overlay network all modes use.
@@ -18,6 +20,9 @@ pub const NETWORK: &str = "10.1.0.0/16";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
 pub enum Mode {
+    /// The two hosts' own namespaces over ens32: no container, bridge, overlay or agent. The
+    /// physical limit of this topology.
+    Bare,
     /// Plain routing via the peer's underlay address: no encapsulation, the practical limit.
     HostGw,
     /// weft with `--datapath kernel`: flannel.1 as flanneld programs it.
@@ -30,10 +35,11 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 3] = [Mode::HostGw, Mode::KernelVxlan, Mode::Ebpf];
+    pub const ALL: [Mode; 4] = [Mode::Bare, Mode::HostGw, Mode::KernelVxlan, Mode::Ebpf];
 
     pub fn name(self) -> &'static str {
         match self {
+            Mode::Bare => "bare",
             Mode::HostGw => "host-gw",
             Mode::KernelVxlan => "kernel-vxlan",
             Mode::Ebpf => "ebpf",
@@ -48,7 +54,7 @@ impl Mode {
 
     fn config(self) -> String {
         let backend = match self {
-            Mode::HostGw => "host-gw",
+            Mode::Bare | Mode::HostGw => "host-gw",
             Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum => "vxlan",
         };
         format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"{backend}"}}}}"#)
@@ -56,7 +62,7 @@ impl Mode {
 
     fn agent_args(self) -> &'static [&'static str] {
         match self {
-            Mode::HostGw | Mode::KernelVxlan => &["--datapath", "kernel"],
+            Mode::Bare | Mode::HostGw | Mode::KernelVxlan => &["--datapath", "kernel"],
             Mode::Ebpf => &["--datapath", "ebpf"],
             Mode::EbpfNocsum => &["--datapath", "ebpf", "--ebpf-udp-csum=false"],
         }
@@ -98,13 +104,17 @@ impl Offload {
     }
 }
 
-/// Two hosts, one container on each, ready to measure.
+/// Two hosts, one container on each (none in `bare`), ready to measure.
 pub struct Testbed {
     pub mode: Mode,
+    /// Where the tests run: the containers, or in `bare` the hosts themselves.
+    pub client: Endpoint,
+    pub server: Endpoint,
+    /// Host 1's own namespace, for the host-originated tests (to `server`).
+    pub host_client: Endpoint,
     // Containers before the cluster: the cluster's drop deletes their namespaces too, and the
     // handles must not outlive that.
-    pub client: Container,
-    pub server: Container,
+    pub containers: Option<(Container, Container)>,
     pub cluster: Cluster,
 }
 
@@ -113,6 +123,9 @@ impl Testbed {
         let cluster = Cluster::start(ClusterOptions::new(2))
             .await
             .context("build the two-host cluster")?;
+        if mode == Mode::Bare {
+            return Testbed::bare(cluster).await;
+        }
         cluster.write_config(&mode.config()).await;
         match routing {
             Routing::Agent => {
@@ -136,16 +149,50 @@ impl Testbed {
         let server = cluster.container(1);
         let bed = Testbed {
             mode,
-            client,
-            server,
+            client: Endpoint::container(&client),
+            server: Endpoint::container(&server),
+            host_client: Endpoint::host(cluster.host(0)),
+            containers: Some((client, server)),
             cluster,
         };
         bed.force_mtu().await?;
         bed.set_offload(Offload::On).await?;
-        bed.client
-            .ping_until(bed.server.ip(), Duration::from_secs(30))
+        let (client, server) = bed.containers.as_ref().context("containers")?;
+        client
+            .ping_until(server.ip(), Duration::from_secs(30))
             .await
             .with_context(|| format!("{mode}: container to container across hosts"))?;
+        Ok(bed)
+    }
+
+    /// Host 1 to host 2 over the underlay: the hosts' own namespaces at their ens32 addresses,
+    /// MTU 1500 (the wire's; no overlay takes 50 bytes of it).
+    async fn bare(cluster: Cluster) -> anyhow::Result<Testbed> {
+        let (client, server) = (
+            Endpoint::host(cluster.host(0)),
+            Endpoint::host(cluster.host(1)),
+        );
+        let bed = Testbed {
+            mode: Mode::Bare,
+            host_client: client.clone(),
+            client,
+            server,
+            containers: None,
+            cluster,
+        };
+        bed.set_offload(Offload::On).await?;
+        let (h1, target) = (bed.cluster.host(0), bed.server.ip.to_string());
+        weft_tests::poll::try_until(
+            &format!("bare: host 1 to answer ping from {target}"),
+            Duration::from_secs(30),
+            || async {
+                h1.exec_ok(&["ping", "-c", "1", "-W", "1", &target])
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
         Ok(bed)
     }
 
@@ -157,7 +204,10 @@ impl Testbed {
     /// mode, so docker0 and both ends of each container veth get 1450. Then check all modes alike.
     async fn force_mtu(&self) -> anyhow::Result<()> {
         let mtu = CONTAINER_MTU.to_string();
-        for (host, c) in self.hosts().iter().zip([&self.client, &self.server]) {
+        let Some((client, server)) = &self.containers else {
+            return Ok(());
+        };
+        for (host, c) in self.hosts().iter().zip([client, server]) {
             host.netns()
                 .ip(&["link", "set", c.host_veth(), "mtu", &mtu])
                 .await?;
@@ -260,7 +310,7 @@ fn hand_subnet(i: usize) -> Ipv4Net {
 
 fn write_subnet_files(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
     let mtu = match mode {
-        Mode::HostGw => 1500,
+        Mode::Bare | Mode::HostGw => 1500,
         Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum => CONTAINER_MTU,
     };
     for (i, host) in cluster.hosts().iter().enumerate() {
@@ -296,7 +346,9 @@ async fn hand_route(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
     for (i, host) in hosts.iter().enumerate() {
         for (j, peer) in hosts.iter().enumerate().filter(|(j, _)| *j != i) {
             let cmds = match mode {
-                Mode::HostGw => flanneld::host_gw_peer(hand_subnet(j), peer.ens32_ip(), None),
+                Mode::Bare | Mode::HostGw => {
+                    flanneld::host_gw_peer(hand_subnet(j), peer.ens32_ip(), None)
+                }
                 Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum => {
                     flanneld::vxlan_peer(hand_subnet(j), peer.ens32_ip(), &macs[j])
                 }

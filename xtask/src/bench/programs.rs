@@ -1,0 +1,595 @@
+//! `--programs`: what one packet costs inside weft's eBPF programs, two ways.
+//!
+//! - live: with run-time statistics on ([`StatsEnabled`]), the kernel adds each program run's time
+//!   to the program's `run_time_ns` and counts it in `run_cnt`; the difference over the ebpf mode's
+//!   64-byte UDP test, divided, is the average cost per packet under load (it includes the two clock
+//!   reads the accounting itself adds, some tens of ns).
+//! - test run: BPF_PROG_TEST_RUN (`bpftool prog run`, [`TEST_RUNS`] calls of one run each) of the
+//!   loaded programs, with their live maps, on a fixed packet each: a container's 64-byte UDP
+//!   datagram (with its checksum, as a socket sends it) for encapsulation, the VXLAN frame host 2
+//!   would send back for decapsulation. The kernel times each run; the median goes into the
+//!   report. The datapath counters that moved and the length of the packet the program left show
+//!   it really encapsulated (+50 bytes) or decapsulated (-50 bytes).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Context as _};
+use aya::programs::{loaded_programs, SchedClassifier, TestRun as _, TestRunOptions};
+use serde::Serialize;
+use weft_tests::packet::{
+    eth, ipv4_checksum, ipv4_header, udp, verdict, vxlan_header, ETH_P_IP, UDP, VXLAN_PORT,
+};
+use weft_tests::{Container, Host, Netns};
+
+use crate::bench::counters::{self, status_json};
+use crate::bench::measure::UDP_PAYLOAD_BYTES;
+use crate::bench::report::Grid;
+
+/// BPF_PROG_TEST_RUN calls per program. Each runs the program once (`repeat 1`): with a larger
+/// repeat the kernel runs it again on the same skb, which the first run already encapsulated or
+/// decapsulated, so every later run would time a different packet (decapsulation then sees plain
+/// IPv4 and passes it). The kernel's per-call figure includes its two clock reads.
+pub const TEST_RUNS: u32 = 20_000;
+/// VXLAN's overhead: outer Ethernet, IPv4, UDP and VXLAN headers.
+const VXLAN_OVERHEAD: usize = 14 + 20 + 8 + 8;
+
+/// Issue 16: encapsulation and decapsulation each below this per packet on this machine.
+pub const TARGET_NS: f64 = 150.0;
+
+#[derive(Debug, Default, Serialize)]
+pub struct Programs {
+    /// The issue's per-packet target.
+    pub target_ns: f64,
+    /// Per program and host, summed over the ebpf mode's UDP tests.
+    pub live: Vec<LiveCost>,
+    pub test_run: Vec<TestRunCost>,
+}
+
+/// A program's run-time statistics over some UDP tests.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveCost {
+    pub host: String,
+    pub program: String,
+    pub prog_id: u64,
+    pub run_cnt: u64,
+    pub run_time_ns: u64,
+    pub ns_per_packet: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TestRunCost {
+    pub program: String,
+    pub packet: String,
+    pub packet_bytes: usize,
+    /// BPF_PROG_TEST_RUN calls, one run each.
+    pub runs: u32,
+    /// The median of the kernel's timings.
+    pub ns_per_run: f64,
+    pub ns_mean: f64,
+    pub action: u32,
+    pub bytes_out: usize,
+    /// The action of the fastest path (a redirect); a pass back to the stack after the work
+    /// (`counters_per_run` says why) is still a measured run of the program.
+    pub expected_action: u32,
+    pub expected_bytes_out: usize,
+    /// The datapath counters that moved, per run (`encapsulated: 1`, `delivered to container: 1`,
+    /// a `passed: ...` counter when the program handed the packet back): which path it took.
+    pub counters_per_run: BTreeMap<String, f64>,
+    /// The packet grew (encapsulation) or shrank (decapsulation) by the VXLAN headers and the
+    /// program counted it as such.
+    pub as_expected: bool,
+}
+
+/// Run-time statistics on for the life of the guard: BPF_ENABLE_STATS (BPF_STATS_RUN_TIME) hands
+/// out a file descriptor that keeps them on until it is closed, counted apart from
+/// `kernel.bpf_stats_enabled`. Another user of the machine turning the sysctl off mid-run cannot stop
+/// our counting, we never turn theirs off, and the kernel closes ours even if the bench dies.
+pub struct StatsEnabled {
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl StatsEnabled {
+    pub fn enable() -> anyhow::Result<StatsEnabled> {
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        const BPF_STATS_RUN_TIME: u32 = 0;
+        // `union bpf_attr`'s enable_stats member: one u32, the stats type; the kernel zero-fills
+        // the rest of the attribute.
+        let attr = BPF_STATS_RUN_TIME;
+        // SAFETY: a valid pointer to a 4-byte attribute and its size; the kernel only reads it.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                std::ptr::from_ref(&attr),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("BPF_ENABLE_STATS (kernel 5.8 or later, as root)");
+        }
+        // SAFETY: the kernel returned a new descriptor that nothing else owns.
+        let fd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) };
+        Ok(StatsEnabled { _fd: fd })
+    }
+}
+
+/// weft's programs attached in `host`: prog id -> program name.
+pub async fn weft_programs(host: &Host) -> anyhow::Result<BTreeMap<u64, String>> {
+    let status = status_json(host).await?;
+    let programs = status["programs"]
+        .as_array()
+        .context("`weft status --json` lists no programs")?;
+    Ok(programs
+        .iter()
+        .filter_map(|p| Some((p["prog_id"].as_u64()?, p["program"].as_str()?.to_owned())))
+        .collect())
+}
+
+/// `run_cnt` and `run_time_ns` of every program, by id (`bpftool -j prog show`).
+pub async fn run_stats() -> anyhow::Result<BTreeMap<u64, (u64, u64)>> {
+    let text = weft_tests::netns::run("bpftool", &["-j", "prog", "show"]).await?;
+    parse_prog_show(&text)
+}
+
+pub fn parse_prog_show(json: &str) -> anyhow::Result<BTreeMap<u64, (u64, u64)>> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).context("parse `bpftool -j prog show`")?;
+    Ok(v.as_array()
+        .context("`bpftool -j prog show` is not a list")?
+        .iter()
+        .filter_map(|p| {
+            let id = p["id"].as_u64()?;
+            let n = p["run_cnt"].as_u64().unwrap_or(0);
+            let ns = p["run_time_ns"].as_u64().unwrap_or(0);
+            Some((id, (n, ns)))
+        })
+        .collect())
+}
+
+/// The change of the programs' statistics between two snapshots, added into `into`.
+pub fn accumulate(
+    into: &mut Vec<LiveCost>,
+    host: &str,
+    programs: &BTreeMap<u64, String>,
+    before: &BTreeMap<u64, (u64, u64)>,
+    after: &BTreeMap<u64, (u64, u64)>,
+) {
+    for (id, name) in programs {
+        let (Some(b), Some(a)) = (before.get(id), after.get(id)) else {
+            continue;
+        };
+        let (n, ns) = (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1));
+        let entry = match into.iter_mut().find(|c| c.host == host && c.prog_id == *id) {
+            Some(e) => e,
+            None => {
+                into.push(LiveCost {
+                    host: host.to_owned(),
+                    program: name.clone(),
+                    prog_id: *id,
+                    run_cnt: 0,
+                    run_time_ns: 0,
+                    ns_per_packet: f64::NAN,
+                });
+                into.last_mut().expect("just pushed")
+            }
+        };
+        entry.run_cnt += n;
+        entry.run_time_ns += ns;
+        entry.ns_per_packet = if entry.run_cnt > 0 {
+            entry.run_time_ns as f64 / entry.run_cnt as f64
+        } else {
+            f64::NAN
+        };
+    }
+}
+
+/// What the test runs need to know about the test bed, read from it.
+pub struct Endpoints<'a> {
+    pub sender: &'a Host,
+    pub receiver: &'a Host,
+    pub client: &'a Container,
+    pub server: &'a Container,
+}
+
+/// BPF_PROG_TEST_RUN of host 1's encapsulation and decapsulation programs on fixed packets.
+pub async fn test_runs(e: &Endpoints<'_>) -> anyhow::Result<Vec<TestRunCost>> {
+    let ours = status_json(e.sender).await?;
+    let theirs = status_json(e.receiver).await?;
+    let node = &ours["node"];
+    let mac = |v: &serde_json::Value, what: &str| -> anyhow::Result<[u8; 6]> {
+        parse_mac(v.as_str().unwrap_or_default()).with_context(|| format!("{what}: {v}"))
+    };
+    let our_vtep_mac = mac(&node["vtep_mac"], "host 1's VTEP MAC")?;
+    let our_underlay_mac = mac(&node["underlay_mac"], "host 1's underlay MAC")?;
+    let their_underlay_mac = mac(&theirs["node"]["underlay_mac"], "host 2's underlay MAC")?;
+    let their_vtep_mac = mac(&theirs["node"]["vtep_mac"], "host 2's VTEP MAC")?;
+    let docker0 = link_mac(e.sender.name(), "docker0").await?;
+    let client_mac = link_mac(e.client.netns(), "eth0").await?;
+    let port = ifindex(e.sender.name(), e.client.host_veth()).await?;
+    let ens32 = ifindex(e.sender.name(), "ens32").await?;
+
+    let body = vec![0x5a; UDP_PAYLOAD_BYTES];
+    let inner_ip = |src: Ipv4Addr, dst: Ipv4Addr, ttl: u8| {
+        let datagram = udp_with_checksum(src, dst, 40_000, 5201, &body);
+        let mut f = ipv4_header(src, dst, UDP, ttl, datagram.len(), 0x4000);
+        f.extend(datagram);
+        f
+    };
+    let mut encap_in = eth(docker0, client_mac, ETH_P_IP);
+    encap_in.extend(inner_ip(e.client.ip(), e.server.ip(), 64));
+
+    let mut inner = eth(our_vtep_mac, their_vtep_mac, ETH_P_IP);
+    inner.extend(inner_ip(e.server.ip(), e.client.ip(), 63));
+    let mut vxlan = vxlan_header(0x08, 1).to_vec();
+    vxlan.extend(&inner);
+    let outer_udp = udp(40_001, VXLAN_PORT, &vxlan);
+    let mut decap_in = eth(our_underlay_mac, their_underlay_mac, ETH_P_IP);
+    decap_in.extend(ipv4_header(
+        e.receiver.ens32_ip(),
+        e.sender.ens32_ip(),
+        UDP,
+        64,
+        outer_udp.len(),
+        0,
+    ));
+    decap_in.extend(outer_udp);
+
+    let programs = weft_programs(e.sender).await?;
+    let id_of = |name: &str| {
+        programs
+            .iter()
+            .find(|(_, n)| n.as_str() == name)
+            .map(|(id, _)| *id)
+    };
+    let mut out = Vec::new();
+    let cases = [
+        (
+            weft_common::program_names::TC_ENCAP,
+            "container UDP, 64-byte payload, to the remote container (bridge port ingress)",
+            &encap_in,
+            Some(port),
+            verdict::TC_ACT_REDIRECT,
+            encap_in.len() + VXLAN_OVERHEAD,
+            counters::ENCAPSULATED,
+        ),
+        (
+            weft_common::program_names::TC_DECAP,
+            "VXLAN from host 2 for the local container (ens32 ingress)",
+            &decap_in,
+            Some(ens32),
+            verdict::TC_ACT_REDIRECT,
+            decap_in.len() - VXLAN_OVERHEAD,
+            counters::DECAPSULATED,
+        ),
+    ];
+    // The agent attaches decapsulation at TC (XDP only where asked); the TC programs are timed.
+    for (name, what, packet, ifindex, action, bytes_out, counted) in cases {
+        let Some(id) = id_of(name) else {
+            continue;
+        };
+        let before = counters::flatten(&status_json(e.sender).await?);
+        let run = prog_run(e.sender.netns(), id, packet, ifindex).await?;
+        let after = counters::flatten(&status_json(e.sender).await?);
+        let counters_per_run: BTreeMap<String, f64> = counters::delta(&before, &after)
+            .into_iter()
+            .filter(|(k, v)| k.starts_with("counters.") && *v > 0.0)
+            .map(|(k, v)| {
+                let name = k.trim_start_matches("counters.").to_owned();
+                (name, v / f64::from(TEST_RUNS))
+            })
+            .collect();
+        let did_it = counters_per_run.get(counted).is_some_and(|n| *n >= 0.99);
+        let got_action = run.action;
+        out.push(TestRunCost {
+            program: name.to_owned(),
+            packet: what.to_owned(),
+            packet_bytes: packet.len(),
+            runs: TEST_RUNS,
+            ns_per_run: run.median_ns,
+            ns_mean: run.mean_ns,
+            action: got_action,
+            bytes_out: run.bytes_out,
+            expected_action: action,
+            expected_bytes_out: bytes_out,
+            as_expected: did_it && run.bytes_out == bytes_out,
+            counters_per_run,
+        });
+    }
+    if out.is_empty() {
+        bail!(
+            "no weft program attached in {} (programs: {programs:?})",
+            e.sender.name()
+        );
+    }
+    Ok(out)
+}
+
+struct ProgRun {
+    median_ns: f64,
+    mean_ns: f64,
+    /// The last run's action.
+    action: u32,
+    bytes_out: usize,
+}
+
+/// [`TEST_RUNS`] BPF_PROG_TEST_RUN calls of TC program `id` on `packet`, one run each, from a thread
+/// inside namespace `ns` (FIB lookups and the skb's device are that namespace's). In one process
+/// and back to back, the program and its maps stay in the caches as under traffic.
+async fn prog_run(
+    ns: &Netns,
+    id: u64,
+    packet: &[u8],
+    ifindex: Option<u32>,
+) -> anyhow::Result<ProgRun> {
+    let packet = packet.to_vec();
+    let handle = ns.spawn_thread(move || {
+        let info = loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| u64::from(p.id()) == id)
+            .with_context(|| format!("no loaded program with id {id}"))?;
+        let name: std::borrow::Cow<'static, str> = format!("prog-{id}").into();
+        let program = SchedClassifier::from_program_info(info, name)?;
+        let ctx = ifindex.map(skb_context);
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut ns_each = Vec::with_capacity(TEST_RUNS as usize);
+        let (mut action, mut bytes_out) = (0, 0);
+        for _ in 0..TEST_RUNS {
+            let opts = TestRunOptions {
+                data_in: Some(&packet),
+                data_out: Some(&mut out),
+                ctx_in: ctx.as_ref().map(|c| c.as_slice()),
+                repeat: 1,
+                ..Default::default()
+            };
+            let r = program
+                .test_run(opts)
+                .with_context(|| format!("BPF_PROG_TEST_RUN of program {id}"))?;
+            ns_each.push(r.duration.as_nanos() as f64);
+            (action, bytes_out) = (r.return_value, r.data_size_out as usize);
+        }
+        Ok(ProgRun {
+            median_ns: crate::bench::stats::median(&ns_each),
+            mean_ns: ns_each.iter().sum::<f64>() / ns_each.len().max(1) as f64,
+            action,
+            bytes_out,
+        })
+    });
+    tokio::task::spawn_blocking(move || handle.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the test-run thread panicked"))?
+}
+
+/// A UDP header and `body` with the checksum a socket would send (RFC 768: over the pseudo
+/// header, the header and the data).
+fn udp_with_checksum(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, body: &[u8]) -> Vec<u8> {
+    let mut datagram = udp(sport, dport, body);
+    let mut sum = Vec::with_capacity(12 + datagram.len());
+    sum.extend(src.octets());
+    sum.extend(dst.octets());
+    sum.extend([0, UDP]);
+    sum.extend((datagram.len() as u16).to_be_bytes());
+    sum.extend(&datagram);
+    let c = match ipv4_checksum(&sum) {
+        0 => 0xffff,
+        c => c,
+    };
+    datagram[6..8].copy_from_slice(&c.to_be_bytes());
+    datagram
+}
+
+/// `struct __sk_buff` for BPF_PROG_TEST_RUN: ingress_ifindex (offset 36) and ifindex (40) set,
+/// the rest zero as the kernel requires.
+fn skb_context(ifindex: u32) -> [u8; 192] {
+    let mut ctx = [0u8; 192];
+    ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("not a MAC address: {s:?}"))?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("not a MAC address: {s:?}"))
+}
+
+async fn link_mac(ns: &str, dev: &str) -> anyhow::Result<[u8; 6]> {
+    let text = weft_tests::netns::run("ip", &["-n", ns, "-j", "link", "show", "dev", dev]).await?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    parse_mac(v[0]["address"].as_str().unwrap_or_default())
+        .with_context(|| format!("{dev} in {ns}"))
+}
+
+async fn ifindex(ns: &str, dev: &str) -> anyhow::Result<u32> {
+    let text = weft_tests::netns::run("ip", &["-n", ns, "-j", "link", "show", "dev", dev]).await?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    v[0]["ifindex"]
+        .as_u64()
+        .map(|i| i as u32)
+        .with_context(|| format!("no ifindex for {dev} in {ns}: {text}"))
+}
+
+/// The per-packet costs as a table (report.md): the programs that ran for the UDP test's
+/// packets, and the test runs.
+pub fn grid(p: &Programs) -> Grid {
+    let header = ["program", "host", "how", "ns per packet", "runs", "target"]
+        .map(str::to_owned)
+        .to_vec();
+    let verdict = |ns: f64| {
+        if ns < p.target_ns {
+            format!("< {:.0} ns: met", p.target_ns)
+        } else {
+            format!("< {:.0} ns: **not met**", p.target_ns)
+        }
+    };
+    let mut rows: Vec<Vec<String>> = p
+        .live
+        .iter()
+        .filter(|c| c.run_cnt >= 1000)
+        .map(|c| {
+            vec![
+                c.program.clone(),
+                c.host.clone(),
+                "bpf_stats during the UDP tests".to_owned(),
+                format!("{:.0}", c.ns_per_packet),
+                c.run_cnt.to_string(),
+                verdict(c.ns_per_packet),
+            ]
+        })
+        .collect();
+    rows.extend(p.test_run.iter().map(|t| {
+        vec![
+            t.program.clone(),
+            "host1".to_owned(),
+            format!(
+                "BPF_PROG_TEST_RUN, median ({})",
+                if t.as_expected {
+                    "fast path every run"
+                } else {
+                    "NOT the fast path"
+                }
+            ),
+            format!("{:.0}", t.ns_per_run),
+            t.runs.to_string(),
+            verdict(t.ns_per_run),
+        ]
+    }));
+    Grid { header, rows }
+}
+
+/// The terminal's summary.
+pub fn summary(p: &Programs) -> String {
+    let verdict = |ns: f64| {
+        if ns < p.target_ns {
+            "met"
+        } else {
+            "NOT met"
+        }
+    };
+    let mut out = format!(
+        "\neBPF programs, per packet (target < {:.0} ns)\n",
+        p.target_ns
+    );
+    for c in &p.live {
+        out.push_str(&format!(
+            "  live (bpf_stats, UDP tests)  {:<16} {:<8} {:>7.0} ns  ({} runs){}\n",
+            c.program,
+            c.host,
+            c.ns_per_packet,
+            c.run_cnt,
+            // A program that ran a handful of times (the other direction's ARP, replies) is no figure.
+            if c.run_cnt >= 1000 {
+                format!("  {}", verdict(c.ns_per_packet))
+            } else {
+                String::new()
+            }
+        ));
+    }
+    for t in &p.test_run {
+        out.push_str(&format!(
+            "  BPF_PROG_TEST_RUN        {:<16} {:>7.0} ns median  {}; {:.0} mean of {} runs; {} -> {} bytes, counted per run {:?}{}  [{}]\n",
+            t.program,
+            t.ns_per_run,
+            verdict(t.ns_per_run),
+            t.ns_mean,
+            t.runs,
+            t.packet_bytes,
+            t.bytes_out,
+            t.counters_per_run,
+            if t.as_expected { "" } else { "  NOT AS EXPECTED" },
+            t.packet
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_bpftool_prog_show() {
+        let show = r#"[{"id":12,"type":"sched_cls","name":"weft_tc_encap","run_time_ns":5000,"run_cnt":100},
+                      {"id":13,"type":"xdp","name":"weft_xdp_decap"}]"#;
+        let s = parse_prog_show(show).unwrap();
+        assert_eq!(s[&12], (100, 5000));
+        assert_eq!(s[&13], (0, 0), "no stats yet: zero");
+    }
+
+    #[test]
+    fn live_costs_add_up_over_tests() {
+        let programs: BTreeMap<u64, String> = [(12, "weft_tc_encap".to_owned())].into();
+        let mut live = Vec::new();
+        let snap = |n: u64, ns: u64| BTreeMap::from([(12u64, (n, ns))]);
+        accumulate(
+            &mut live,
+            "host1",
+            &programs,
+            &snap(10, 1000),
+            &snap(110, 6000),
+        );
+        accumulate(
+            &mut live,
+            "host1",
+            &programs,
+            &snap(110, 6000),
+            &snap(410, 27000),
+        );
+        assert_eq!(live.len(), 1);
+        assert_eq!((live[0].run_cnt, live[0].run_time_ns), (400, 26000));
+        assert_eq!(live[0].ns_per_packet, 65.0);
+    }
+
+    #[test]
+    fn the_table_leaves_out_programs_that_barely_ran() {
+        let cost = |host: &str, n: u64, ns: u64| LiveCost {
+            host: host.to_owned(),
+            program: "weft_tc_encap".to_owned(),
+            prog_id: 1,
+            run_cnt: n,
+            run_time_ns: ns,
+            ns_per_packet: ns as f64 / n as f64,
+        };
+        let p = Programs {
+            target_ns: TARGET_NS,
+            live: vec![
+                cost("host1", 100_000, 12_000_000),
+                cost("host2", 30, 300_000),
+            ],
+            test_run: Vec::new(),
+        };
+        let md = grid(&p).markdown();
+        assert_eq!(md.lines().count(), 3, "{md}");
+        assert!(md.contains("| 120 |") && md.contains("met"), "{md}");
+    }
+
+    #[test]
+    fn udp_checksum_verifies() {
+        let (src, dst) = (Ipv4Addr::new(10, 1, 1, 2), Ipv4Addr::new(10, 1, 2, 2));
+        let d = udp_with_checksum(src, dst, 40_000, 5201, &[0x5a; 63]);
+        // Summed with its checksum, a datagram and its pseudo header come to zero.
+        let mut all = Vec::new();
+        all.extend(src.octets());
+        all.extend(dst.octets());
+        all.extend([0, UDP]);
+        all.extend((d.len() as u16).to_be_bytes());
+        all.extend(&d);
+        assert_eq!(ipv4_checksum(&all), 0);
+        assert_ne!(&d[6..8], &[0, 0]);
+    }
+
+    #[test]
+    fn macs_parse() {
+        assert_eq!(
+            parse_mac("0a:58:00:00:01:ff").unwrap(),
+            [0x0a, 0x58, 0, 0, 1, 0xff]
+        );
+        assert!(parse_mac("0a:58").is_err());
+    }
+}
