@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Listing, SubnetError, SubnetStore, WatchUpdate};
 
+mod config_watch;
 mod diagnose;
 
 use crate::lease::{parse_subnet_key, subnet_key, Lease, LeaseAttrs};
@@ -535,6 +536,14 @@ impl SubnetStore for EtcdStore {
         on_reconnect: impl Fn() + Send,
     ) {
         EtcdStore::watch_leases(self, tx, cancel, on_reconnect).await
+    }
+    async fn watch_config(
+        &self,
+        tx: mpsc::Sender<Option<String>>,
+        cancel: CancellationToken,
+        on_reconnect: impl Fn() + Send,
+    ) {
+        EtcdStore::watch_config(self, tx, cancel, on_reconnect).await
     }
 }
 
