@@ -31,6 +31,9 @@ mod tests;
 
 use running::{warn_notify, Running};
 
+/// Reconcile passes a watch update may cut short in a row (see `Running::reconcile_or_update`).
+const MAX_INTERRUPTED_PASSES: u32 = 16;
+
 /// Everything `weft agent` was told, validated.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -363,31 +366,38 @@ where
         let on_reconnect = move || metrics.etcd_reconnects.inc();
         tracker.spawn(async move { store.watch_leases(tx, cancel, on_reconnect).await });
     }
+    // The config is watched, not re-read: an idle agent's only etcd traffic is its renewals.
+    let (config_tx, mut config_rx) = mpsc::channel(4);
+    {
+        let (store, cancel) = (store.clone(), watch_cancel.clone());
+        let metrics = st.metrics.clone();
+        let on_reconnect = move || metrics.etcd_reconnects.inc();
+        tracker.spawn(async move { store.watch_config(config_tx, cancel, on_reconnect).await });
+    }
+    let mut config_watched = true;
 
     let mut next_renew = Instant::now() + cfg.lease.renew_after();
     let mut need_acquire = false;
     let mut reconcile = tokio::time::interval(cfg.reconcile_interval);
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut snapshot_seen = false;
+    // Reconcile passes dropped in a row for a watch update; past MAX_INTERRUPTED_PASSES the
+    // next one runs to the end, so steady churn cannot starve repairs.
+    let mut interrupted = 0;
     let result = loop {
-        tokio::select! {
+        let update = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            update = rx.recv() => {
-                let Some(update) = update else { break Ok(()) };
-                if st.lost_own(&update) {
-                    tracing::warn!(subnet = %st.own.subnet, "our lease was deleted or taken over; re-acquiring");
-                    need_acquire = true;
-                    next_renew = Instant::now();
+            update = rx.recv() => update,
+            json = config_rx.recv(), if config_watched => {
+                match json {
+                    Some(json) => {
+                        if let Err(e) = st.config_unchanged(json) {
+                            break Err(e);
+                        }
+                    }
+                    None => config_watched = false,
                 }
-                st.follow(update).await;
-                let first = !snapshot_seen;
-                if first {
-                    snapshot_seen = true;
-                    reconcile.reset_immediately();
-                    let _ = ready.send(true);
-                    tracing::info!(subnet = %st.own.subnet, peers = st.peers.len(), "ready");
-                }
-                st.announce(first);
+                continue;
             }
             _ = tokio::time::sleep_until(next_renew) => {
                 match st.renew(need_acquire).await {
@@ -406,16 +416,44 @@ where
                         next_renew = Instant::now() + retry;
                     }
                 }
+                continue;
             }
             // A container joined or left the bridge: reconcile now, not at the next tick.
-            _ = st.backend.local_change(), if snapshot_seen => reconcile.reset_immediately(),
+            _ = st.backend.local_change(), if snapshot_seen => {
+                reconcile.reset_immediately();
+                continue;
+            }
             _ = reconcile.tick(), if snapshot_seen => {
-                st.reconcile().await;
-                if let Err(e) = st.config_unchanged().await {
-                    break Err(e);
+                let interruptible = interrupted < MAX_INTERRUPTED_PASSES;
+                match st.reconcile_or_update(&mut rx, interruptible).await {
+                    None => {
+                        interrupted = 0;
+                        continue;
+                    }
+                    Some(update) => {
+                        // The dropped pass runs again once the update is applied.
+                        interrupted += 1;
+                        reconcile.reset_immediately();
+                        update
+                    }
                 }
             }
+        };
+        let Some(update) = update else { break Ok(()) };
+        if st.lost_own(&update) {
+            tracing::warn!(subnet = %st.own.subnet, "our lease was deleted or taken over; re-acquiring");
+            need_acquire = true;
+            next_renew = Instant::now();
         }
+        st.follow(update).await;
+        let first = !snapshot_seen;
+        if first {
+            snapshot_seen = true;
+            reconcile.reset_immediately();
+            let _ = ready.send(true);
+            tracing::info!(subnet = %st.own.subnet, peers = st.peers.len(), "ready");
+        }
+        st.announce(first);
     };
     match &result {
         Ok(()) => {

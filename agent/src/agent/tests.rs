@@ -53,6 +53,10 @@ struct Programmed {
     peers: BTreeMap<Ipv4Net, Lease>,
     /// Reconciles still to fail, with two failed steps each.
     failing_reconciles: usize,
+    /// How long a reconcile pass takes (a pass over thousands of peers takes hundreds of ms).
+    reconcile_takes: Duration,
+    /// Passes run to the end.
+    passes: usize,
 }
 
 #[derive(Clone, Default)]
@@ -90,7 +94,9 @@ impl Backend for RecordingBackend {
         Ok(())
     }
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
+        tokio::time::sleep(self.get(|p| p.reconcile_takes)).await;
         self.get(|p| {
+            p.passes += 1;
             if p.failing_reconciles > 0 {
                 p.failing_reconciles -= 1;
                 let step = |name: &str| NetlinkError::NoSuchLink { name: name.into() }.into();
@@ -424,4 +430,105 @@ async fn changed_config_ends_the_agent_for_a_restart_but_a_broken_one_does_not()
         store.lease(own.subnet).flatten().map(|a| a.public_ip),
         Some(OWN_IP)
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn config_change_ends_the_agent_at_once_and_a_deleted_config_does_not() {
+    let store = store();
+    let (agent, _) = started(&store).await;
+    store.delete_config();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !agent.task.is_finished(),
+        "a deleted config must not end the agent"
+    );
+    // A broken connection re-reads the config; the watch then follows it again.
+    store.fail_next(2);
+    store.break_watches();
+    until("the store to answer again", || store.failing() == 0).await;
+    store.set_config(CONFIG);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !agent.task.is_finished(),
+        "the same config must not end the agent"
+    );
+    let written = Instant::now();
+    store.set_config(r#"{"Network":"10.2.0.0/16","Backend":{"Type":"vxlan"}}"#);
+    until("the agent to end", || agent.task.is_finished()).await;
+    // Watched, not polled at the reconcile tick (1 s here).
+    let took = written.elapsed();
+    assert!(took < Duration::from_millis(500), "took {took:?}");
+    let err = agent.task.await.unwrap().unwrap_err();
+    assert!(matches!(err, AgentError::ConfigChanged { .. }), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_agent_sends_the_store_nothing_but_renewals() {
+    let store = store();
+    let (subnet, attrs) = peer(1, 0);
+    store.put_lease(subnet, &attrs, TTL * 10);
+    let (agent, own) = started(&store).await;
+    until("the peer programmed", || {
+        agent
+            .backend
+            .get(|p| p.peers.contains_key(&subnet) && p.passes > 0)
+    })
+    .await;
+    // 40 reconcile ticks (1 s apart) and no renewal due yet (50 s after the lease).
+    let before = store.calls();
+    let passes = agent.backend.get(|p| p.passes);
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert!(agent.backend.get(|p| p.passes) >= passes + 30);
+    assert_eq!(
+        store.calls() - before,
+        0,
+        "store calls while idle with no renewal due"
+    );
+    // The renewal is the next call.
+    until("the lease renewed", || {
+        agent.metrics.lease_renewals.get() >= 1
+    })
+    .await;
+    assert_eq!(store.calls() - before, 1, "one renewal");
+    assert!(store.lease(own.subnet).is_some());
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn new_peer_is_programmed_without_waiting_for_a_reconcile_pass() {
+    let store = store();
+    let (agent, _) = started(&store).await;
+    agent
+        .backend
+        .get(|p| p.reconcile_takes = Duration::from_secs(5));
+    // Passes now follow each other: whenever a lease arrives, one is under way.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 1..=5 {
+        let (subnet, attrs) = peer(i, 0);
+        let written = Instant::now();
+        store.put_lease(subnet, &attrs, TTL * 10);
+        until("the new peer programmed", || {
+            agent.backend.get(|p| p.peers.contains_key(&subnet))
+        })
+        .await;
+        let took = written.elapsed();
+        assert!(took < Duration::from_millis(200), "peer {i} took {took:?}");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    // A lease every 100 ms for 60 s: the interrupted passes still get to finish.
+    let passes = agent.backend.get(|p| p.passes);
+    for i in 0..600 {
+        let (subnet, attrs) = peer(10 + i % 20, (i / 20) as u8);
+        store.put_lease(subnet, &attrs, TTL * 10);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        agent.backend.get(|p| p.passes) > passes,
+        "no reconcile pass finished under steady churn"
+    );
+    until("the backend to hold the store's peers", || {
+        agent.backend.get(|p| p.peers.clone()) == agent.store_peers()
+    })
+    .await;
+    agent.stop().await.unwrap();
 }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Listing, SubnetError, SubnetStore, WatchUpdate};
 
+mod config_watch;
 mod diagnose;
 
 use crate::lease::{parse_lease_key, Lease, LeaseAttrs, LeaseKey};
@@ -481,6 +482,14 @@ impl SubnetStore for EtcdStore {
                 return;
             }
         }
+    }
+    async fn watch_config(
+        &self,
+        tx: mpsc::Sender<Option<String>>,
+        cancel: CancellationToken,
+        on_reconnect: impl Fn() + Send,
+    ) {
+        EtcdStore::watch_config(self, tx, cancel, on_reconnect).await
     }
 }
 

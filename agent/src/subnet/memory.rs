@@ -37,11 +37,15 @@ struct State {
     next_id: i64,
     /// Calls left to fail, as an etcd outage would.
     failing: usize,
+    /// Client calls made so far (what etcd would have received).
+    calls: usize,
 }
 
 #[derive(Debug, Clone)]
 enum Message {
     Update(WatchUpdate),
+    /// The network config was written (`None`: deleted).
+    Config(Option<String>),
     /// The connection broke: every watch reconnects and re-lists.
     Break,
 }
@@ -91,6 +95,7 @@ impl MemoryStore {
     /// The state for a client call: an error while an injected outage lasts.
     fn call(&self, op: &'static str, key: &str) -> Result<MutexGuard<'_, State>, SubnetError> {
         let mut st = self.lock();
+        st.calls += 1;
         if st.failing > 0 {
             st.failing -= 1;
             return Err(SubnetError::Etcd {
@@ -139,6 +144,13 @@ impl MemoryStore {
     /// The operator writes the network config (`weft config set`).
     pub fn set_config(&self, json: &str) {
         self.lock().config = Some(json.to_string());
+        let _ = self.events.send(Message::Config(Some(json.to_string())));
+    }
+
+    /// The operator deletes the network config key.
+    pub fn delete_config(&self) {
+        self.lock().config = None;
+        let _ = self.events.send(Message::Config(None));
     }
 
     /// Another host (or an operator) writes a lease, whoever held the key.
@@ -204,6 +216,11 @@ impl MemoryStore {
     /// The next `calls` client calls fail, as during an etcd outage.
     pub fn fail_next(&self, calls: usize) {
         self.lock().failing = calls;
+    }
+
+    /// Client calls made so far, failed ones included.
+    pub fn calls(&self) -> usize {
+        self.lock().calls
     }
 
     /// Calls still to fail.
@@ -337,6 +354,55 @@ impl SubnetStore for MemoryStore {
                             return;
                         }
                     }
+                    Ok(Message::Config(_)) => {}
+                    Ok(Message::Break) | Err(_) => {
+                        on_reconnect();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn watch_config(
+        &self,
+        tx: mpsc::Sender<Option<String>>,
+        cancel: CancellationToken,
+        on_reconnect: impl Fn() + Send,
+    ) {
+        loop {
+            // Subscribed under the lock that reads: no write falls between the two.
+            let read = self
+                .call("get", CONFIG_KEY)
+                .map(|st| (st.config.clone(), self.events.subscribe()));
+            let mut rx = match read {
+                Ok((json, rx)) => {
+                    if tx.send(json).await.is_err() {
+                        return;
+                    }
+                    rx
+                }
+                Err(e) => {
+                    tracing::debug!("re-reading the network config: {e}");
+                    on_reconnect();
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(SWEEP) => continue,
+                    }
+                }
+            };
+            loop {
+                let msg = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    m = rx.recv() => m,
+                };
+                match msg {
+                    Ok(Message::Config(json)) => {
+                        if tx.send(json).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Message::Update(_)) => {}
                     Ok(Message::Break) | Err(_) => {
                         on_reconnect();
                         break;

@@ -168,6 +168,16 @@ pub trait SubnetStore: Clone + Send + Sync + 'static {
         cancel: CancellationToken,
         on_reconnect: impl Fn() + Send,
     ) -> impl Future<Output = ()> + Send;
+    /// Send the raw network config JSON (`None` when absent) now, then again on every change
+    /// to it; after a break, reconnect (calling `on_reconnect`) and resume. Ends when
+    /// `cancel` fires or the receiver is dropped. A watch, not a poll: an idle agent sends
+    /// etcd nothing but its lease renewals.
+    fn watch_config(
+        &self,
+        tx: mpsc::Sender<Option<String>>,
+        cancel: CancellationToken,
+        on_reconnect: impl Fn() + Send,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// Lease timing: the TTL granted and how long before expiry to renew.
