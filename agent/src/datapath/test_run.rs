@@ -60,10 +60,23 @@ impl ProgramKind {
             program,
             source: Box::new(source),
         };
-        match self.program_mut(ebpf)? {
-            Program::SchedClassifier(p) => p.load().map_err(load_err),
-            Program::Xdp(p) => p.load().map_err(load_err),
-            _ => Err(DatapathError::MissingProgram { program }),
+        // The verifier gives up with EAGAIN when a signal arrives while it works
+        // (SIGCHLD from a command the agent ran, say); libbpf retries too.
+        let mut attempts = 0;
+        loop {
+            let loaded = match self.program_mut(ebpf)? {
+                Program::SchedClassifier(p) => p.load(),
+                Program::Xdp(p) => p.load(),
+                _ => return Err(DatapathError::MissingProgram { program }),
+            };
+            match loaded {
+                Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                    if io_error.kind() == std::io::ErrorKind::WouldBlock && attempts < 5 =>
+                {
+                    attempts += 1;
+                }
+                other => return other.map_err(load_err),
+            }
         }
     }
 }
