@@ -1,0 +1,234 @@
+//! IPv4 peers on `flannel.<VNI>`: the neighbour, fdb entry and route each lease needs,
+//! programmed and removed in flanneld's order, and reconciled with what the kernel holds.
+
+use std::net::Ipv4Addr;
+
+use tracing::{debug, info, warn};
+
+use super::{partial, VxlanBackend, VxlanError};
+use crate::lease::{BackendAttrs, Lease, MacAddr};
+use crate::netlink::{NetlinkError, RouteEntry, RouteSpec, SyncReport};
+
+/// What the kernel holds for one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct PeerPlan {
+    /// Neighbour `<subnet>.0 -> MAC` and fdb `MAC -> PublicIP`; `None` for a direct route.
+    pub(super) vtep: Option<(Ipv4Addr, MacAddr, Ipv4Addr)>,
+    pub(super) route: RouteSpec,
+}
+
+impl VxlanBackend {
+    pub(super) async fn plan(
+        &self,
+        lease: &Lease,
+        index: u32,
+    ) -> Result<Option<PeerPlan>, VxlanError> {
+        let BackendAttrs::Vxlan { vtep_mac, .. } = lease.attrs.backend else {
+            return Ok(None);
+        };
+        // An IPv6-only lease (0.0.0.0/0) has nothing for flannel.N.
+        if lease.ipv4_subnet().is_none() {
+            return Ok(None);
+        }
+        let public_ip = lease.attrs.public_ip;
+        let gw = lease.subnet.network();
+        if self.s.direct_routing {
+            let on_link =
+                self.nl
+                    .on_link_iface(public_ip)
+                    .await
+                    .map_err(|source| VxlanError::Peer {
+                        subnet: lease.subnet,
+                        public_ip,
+                        source,
+                    })?;
+            if on_link.is_some() {
+                let route = RouteSpec {
+                    dst: lease.subnet,
+                    gateway: Some(public_ip),
+                    oif: None,
+                    onlink: false,
+                };
+                return Ok(Some(PeerPlan { vtep: None, route }));
+            }
+        }
+        let route = RouteSpec {
+            dst: lease.subnet,
+            gateway: Some(gw),
+            oif: Some(index),
+            onlink: true,
+        };
+        Ok(Some(PeerPlan {
+            vtep: Some((gw, vtep_mac, public_ip)),
+            route,
+        }))
+    }
+
+    /// Program one peer in flannel's order, rolling back earlier steps on failure.
+    async fn program(&self, lease: &Lease, index: u32, plan: &PeerPlan) -> Result<(), VxlanError> {
+        let peer_err = |source| VxlanError::Peer {
+            subnet: lease.subnet,
+            public_ip: lease.attrs.public_ip,
+            source,
+        };
+        let Some((gw, mac, public_ip)) = plan.vtep else {
+            return self.nl.replace_route(&plan.route).await.map_err(peer_err);
+        };
+        self.nl
+            .replace_neighbour(index, gw, mac)
+            .await
+            .map_err(peer_err)?;
+        if let Err(e) = self.nl.replace_fdb(index, mac, public_ip).await {
+            self.rollback(index, gw, None).await;
+            return Err(peer_err(e));
+        }
+        if let Err(e) = self.nl.replace_route(&plan.route).await {
+            self.rollback(index, gw, Some((mac, public_ip))).await;
+            return Err(peer_err(e));
+        }
+        Ok(())
+    }
+
+    async fn rollback(&self, index: u32, gw: Ipv4Addr, fdb: Option<(MacAddr, Ipv4Addr)>) {
+        if let Err(e) = self.nl.del_neighbour(index, gw).await {
+            warn!(error = %e, "rollback: could not remove neighbour");
+        }
+        if let Some((mac, ip)) = fdb {
+            if let Err(e) = self.nl.del_fdb(index, mac, Some(ip.into())).await {
+                warn!(error = %e, "rollback: could not remove fdb entry");
+            }
+        }
+    }
+
+    /// Remove what `lease` may have put in the kernel: neighbour, fdb, route.
+    pub(super) async fn unprogram(&self, lease: &Lease, index: u32) -> Result<(), VxlanError> {
+        let gw = lease.subnet.network();
+        let public_ip = lease.attrs.public_ip;
+        let mut failures = Vec::new();
+        let mut keep = |r: Result<(), NetlinkError>| {
+            if let Err(e) = r {
+                failures.push(e)
+            }
+        };
+        keep(self.nl.del_neighbour(index, gw).await);
+        if let BackendAttrs::Vxlan { vtep_mac, .. } = lease.attrs.backend {
+            keep(
+                self.nl
+                    .del_fdb(index, vtep_mac, Some(public_ip.into()))
+                    .await,
+            );
+        }
+        let vxlan_route = RouteSpec {
+            dst: lease.subnet,
+            gateway: Some(gw),
+            oif: Some(index),
+            onlink: true,
+        };
+        keep(self.nl.del_route(&vxlan_route).await);
+        let direct = RouteSpec {
+            dst: lease.subnet,
+            gateway: Some(public_ip),
+            oif: None,
+            onlink: false,
+        };
+        keep(self.nl.del_route(&direct).await);
+        partial(format!("remove peer {}", lease.subnet), failures)
+    }
+
+    pub(super) async fn add_or_change(
+        &self,
+        old: Option<&Lease>,
+        new: &Lease,
+    ) -> Result<(), VxlanError> {
+        let (index, _) = self.dev()?;
+        let Some(plan) = self.plan(new, index).await? else {
+            debug!(subnet = %new.subnet, "ignoring lease of another backend type");
+            return Ok(());
+        };
+        self.program(new, index, &plan).await?;
+        info!(subnet = %new.subnet, public_ip = %new.attrs.public_ip, direct = plan.vtep.is_none(), "peer programmed");
+        let Some(old) = old else { return Ok(()) };
+        // A changed VTEP (new MAC or public IP) or a switch to direct routing leaves
+        // entries the new plan does not overwrite.
+        let mut failures = Vec::new();
+        if let BackendAttrs::Vxlan {
+            vtep_mac: old_mac, ..
+        } = old.attrs.backend
+        {
+            let old_fdb = (old_mac, old.attrs.public_ip);
+            if plan.vtep.map(|(_, m, ip)| (m, ip)) != Some(old_fdb) {
+                if let Err(e) = self
+                    .nl
+                    .del_fdb(index, old_fdb.0, Some(old_fdb.1.into()))
+                    .await
+                {
+                    failures.push(e);
+                }
+            }
+        }
+        if plan.vtep.is_none() {
+            if let Err(e) = self.nl.del_neighbour(index, old.subnet.network()).await {
+                failures.push(e);
+            }
+        }
+        partial(
+            format!("clean up after peer {} changed", new.subnet),
+            failures,
+        )
+    }
+
+    /// Routes this backend owns: those on the device, and direct routes into Network.
+    pub(super) fn owns_route(&self, index: u32, r: &RouteEntry) -> bool {
+        r.oif == Some(index)
+            || (r.oif == Some(self.s.external.index)
+                && r.gateway.is_some()
+                && self.s.network.contains(&r.dst)
+                && Some(r.dst) != self.own)
+    }
+
+    pub(super) async fn sync_vtep_entries(
+        &self,
+        index: u32,
+        plans: &[PeerPlan],
+    ) -> Result<SyncReport, NetlinkError> {
+        let mut report = SyncReport::default();
+        let want: Vec<(Ipv4Addr, MacAddr, Ipv4Addr)> =
+            plans.iter().filter_map(|p| p.vtep).collect();
+        // Neighbours and fdb first: a route to a gateway without its neighbour would ARP.
+        let neighs = self.nl.neighbours_v4(index).await?;
+        for &(gw, mac, _) in &want {
+            if !neighs
+                .iter()
+                .any(|n| n.ip == gw && n.mac == Some(mac) && n.permanent)
+            {
+                report.record(self.nl.replace_neighbour(index, gw, mac).await);
+            }
+        }
+        let fdb = self.nl.fdb_entries(index).await?;
+        for &(_, mac, ip) in &want {
+            if !fdb
+                .iter()
+                .any(|f| f.mac == mac && f.dst == Some(ip.into()) && f.permanent)
+            {
+                report.record(self.nl.replace_fdb(index, mac, ip).await);
+            }
+        }
+        for n in neighs
+            .iter()
+            .filter(|n| n.permanent && !want.iter().any(|w| w.0 == n.ip))
+        {
+            info!(ip = %n.ip, "removing neighbour no lease justifies");
+            report.record(self.nl.del_neighbour(index, n.ip).await);
+        }
+        for f in fdb.iter().filter(|f| {
+            f.permanent
+                && !want
+                    .iter()
+                    .any(|w| Some(w.2.into()) == f.dst && w.1 == f.mac)
+        }) {
+            info!(mac = %f.mac, dst = ?f.dst, "removing fdb entry no lease justifies");
+            report.record(self.nl.del_fdb(index, f.mac, f.dst).await);
+        }
+        Ok(report)
+    }
+}
