@@ -2,16 +2,16 @@
 //! binding each container's address to its port and MAC, taken from the
 //! kernel's own tables (the bridge's neighbour and forwarding entries).
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
 
 use super::{EbpfBackend, EbpfBackendError};
 use crate::{
-    datapath::LocalEntry,
+    datapath::{LocalEntry, LocalEntry6},
     lease::MacAddr,
-    netlink::{BridgePortEntry, Interface, NeighEntry},
+    netlink::{BridgePortEntry, Interface, Neigh6Entry, NeighEntry},
 };
 
 impl EbpfBackend {
@@ -36,6 +36,7 @@ impl EbpfBackend {
         let mut changes = 0;
         // Without the bridge (or before it is attached) nothing is bound.
         let mut want = Vec::new();
+        let mut want6 = Vec::new();
         let link = match self.nl.link_by_name(&bridge).await {
             Ok(link) => link.filter(|_| self.encap_attached),
             Err(e) => return Err(err(e)),
@@ -65,14 +66,20 @@ impl EbpfBackend {
                     watch.remember(&neighbours, &learned);
                 }
                 want = local_entries(own, gateway_mac, &neighbours, &learned, &forwarding);
+                if let Some(own6) = self.node6.as_ref().and_then(|n| n.subnet) {
+                    let neighbours = self.nl.neighbours_v6(link.index).await.map_err(err)?;
+                    want6 = local_entries6(own6, gateway_mac, &neighbours, &learned, &forwarding);
+                }
             }
         }
         let (local, local_errors) = self.sync_local(&want);
         errors.extend(local_errors);
+        let (local6, local_errors) = self.sync_local6(&want6);
+        errors.extend(local_errors);
         if !errors.is_empty() {
             return Err(EbpfBackendError::Steps(errors));
         }
-        Ok(changes + local)
+        Ok(changes + local + local6)
     }
 
     /// Tells the programs whether the bridge forwards at all (written before
@@ -170,6 +177,40 @@ impl EbpfBackend {
         }
         (changes, errors)
     }
+
+    /// [`Self::sync_local`] for the IPv6 bindings.
+    fn sync_local6(&mut self, want: &[LocalEntry6]) -> (usize, Vec<EbpfBackendError>) {
+        let mut errors = Vec::new();
+        let have = match self.dp.locals6() {
+            Ok(have) => have,
+            Err(e) => {
+                errors.push(Self::map_err("list local IPv6 containers".into())(e));
+                return (0, errors);
+            }
+        };
+        let mut changes = 0;
+        for stale in have.iter().filter(|h| !want.iter().any(|w| w.ip == h.ip)) {
+            debug!(ip = %stale.ip, port = stale.host_ifindex, "IPv6 binding no longer in the bridge's tables");
+            match self.dp.remove_local6(stale.ip) {
+                Ok(()) => changes += 1,
+                Err(e) => errors.push(Self::map_err(format!("unbind {}", stale.ip))(e)),
+            }
+        }
+        for e in want.iter().filter(|e| !have.contains(e)) {
+            debug!(ip = %e.ip, port = e.host_ifindex, mac = %e.mac, "IPv6 container bound");
+            match self.dp.upsert_local6(e) {
+                Ok(()) => changes += 1,
+                Err(err) => errors.push(Self::map_err(format!(
+                    "bind {} to port {}",
+                    e.ip, e.host_ifindex
+                ))(err)),
+            }
+        }
+        for e in &errors {
+            warn!(error = %e, "local IPv6 container binding");
+        }
+        (changes, errors)
+    }
 }
 
 /// The bindings the kernel itself would deliver by: addresses of subnet
@@ -182,22 +223,64 @@ fn local_entries(
     learned: &[BridgePortEntry],
     ports: &[(u32, String)],
 ) -> Vec<LocalEntry> {
-    let mut out: Vec<LocalEntry> = neighbours
+    let neighbours = neighbours
         .iter()
         .filter(|n| own.contains(&n.ip))
-        .filter_map(|n| {
-            let mac = n.mac?;
+        .map(|n| (n.ip, n.mac));
+    bindings(neighbours, learned, ports, |ip, host_ifindex, mac| {
+        LocalEntry {
+            ip,
+            host_ifindex,
+            mac,
+            gateway_mac,
+        }
+    })
+}
+
+/// [`local_entries`] for IPv6: link-local and multicast addresses are never
+/// a container's overlay address, whatever the subnet.
+fn local_entries6(
+    own: Ipv6Net,
+    gateway_mac: MacAddr,
+    neighbours: &[Neigh6Entry],
+    learned: &[BridgePortEntry],
+    ports: &[(u32, String)],
+) -> Vec<LocalEntry6> {
+    let neighbours = neighbours
+        .iter()
+        .filter(|n| own.contains(&n.ip) && !n.ip.is_multicast() && !is_link_local(n.ip))
+        .map(|n| (n.ip, n.mac));
+    bindings(neighbours, learned, ports, |ip, host_ifindex, mac| {
+        LocalEntry6 {
+            ip,
+            host_ifindex,
+            mac,
+            gateway_mac,
+        }
+    })
+}
+
+fn is_link_local(ip: Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// Joins neighbour entries (IP -> MAC) with the bridge's forwarding entries
+/// (MAC -> port) on the forwarding `ports`; sorted by address.
+fn bindings<A: Ord + Copy, E>(
+    neighbours: impl Iterator<Item = (A, Option<MacAddr>)>,
+    learned: &[BridgePortEntry],
+    ports: &[(u32, String)],
+    entry: impl Fn(A, u32, MacAddr) -> E,
+) -> Vec<E> {
+    let mut out: Vec<(A, E)> = neighbours
+        .filter_map(|(ip, mac)| {
+            let mac = mac?;
             let port = learned
                 .iter()
                 .find(|p| p.mac == mac && ports.iter().any(|(i, _)| *i == p.port_index))?;
-            Some(LocalEntry {
-                ip: n.ip,
-                host_ifindex: port.port_index,
-                mac,
-                gateway_mac,
-            })
+            Some((ip, entry(ip, port.port_index, mac)))
         })
         .collect();
-    out.sort_by_key(|e| e.ip);
-    out
+    out.sort_by_key(|(ip, _)| *ip);
+    out.into_iter().map(|(_, e)| e).collect()
 }

@@ -3,15 +3,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::info;
 
 use super::{EbpfBackend, EbpfBackendError};
 use crate::{
-    datapath::PeerEntry,
+    datapath::{PeerEntry, PeerEntry6},
     lease::{BackendAttrs, Lease},
 };
 
@@ -114,6 +114,120 @@ impl EbpfBackend {
             if !have.contains(e) || !have_vteps.contains(&e.vtep_ip) {
                 info!(subnet = %e.subnet, vtep = %e.vtep_ip, "adding missing map entry");
                 count(self.add_entry(e));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(EbpfBackendError::Steps(errors));
+        }
+        Ok(changes)
+    }
+}
+
+impl EbpfBackend {
+    /// The IPv6 map entry a peer lease needs; `None` while our IPv6 side is
+    /// off, for our own subnet and for leases without an IPv6 VTEP.
+    pub(super) fn entry_for6(&self, lease: &Lease) -> Option<PeerEntry6> {
+        let own = self.node6.as_ref()?.subnet;
+        let (subnet, vtep_ip, vtep_mac) = lease.vtep_v6()?;
+        (Some(subnet.trunc()) != own).then_some(PeerEntry6 {
+            subnet: subnet.trunc(),
+            vtep_ip,
+            vtep_mac,
+        })
+    }
+
+    /// Follows one lease event on the IPv6 maps: `old`'s entry out, `new`'s in
+    /// (its VTEP accepted before its subnet is routed).
+    pub(super) fn apply6(
+        &mut self,
+        old: Option<&Lease>,
+        new: Option<&Lease>,
+    ) -> Result<(), EbpfBackendError> {
+        let old = old.and_then(|l| self.entry_for6(l));
+        let new = new.and_then(|l| self.entry_for6(l));
+        if let Some(o) = old.filter(|o| Some(*o) != new) {
+            self.dp
+                .remove_peer6(o.subnet)
+                .map_err(Self::map_err(format!("remove {}", o.subnet)))?;
+            let used = self
+                .dp
+                .peers6()
+                .map_err(Self::map_err("list remote IPv6 subnets".into()))?
+                .iter()
+                .any(|p| p.vtep_ip == o.vtep_ip);
+            if !used && new.map(|n| n.vtep_ip) != Some(o.vtep_ip) {
+                self.dp
+                    .remove_vtep6(o.vtep_ip)
+                    .map_err(Self::map_err(format!(
+                        "stop accepting VXLAN from {}",
+                        o.vtep_ip
+                    )))?;
+            }
+            info!(subnet = %o.subnet, vtep = %o.vtep_ip, "IPv6 peer removed from the eBPF maps");
+        }
+        if let Some(n) = new {
+            self.add_entry6(&n)?;
+            info!(subnet = %n.subnet, vtep = %n.vtep_ip, "IPv6 peer in the eBPF maps");
+        }
+        Ok(())
+    }
+
+    fn add_entry6(&mut self, e: &PeerEntry6) -> Result<(), EbpfBackendError> {
+        self.dp
+            .add_vtep6(e.vtep_ip)
+            .map_err(Self::map_err(format!("accept VXLAN from {}", e.vtep_ip)))?;
+        self.dp
+            .upsert_peer6(e.subnet, e.vtep_ip, e.vtep_mac)
+            .map_err(Self::map_err(format!(
+                "route {} to VTEP {}",
+                e.subnet, e.vtep_ip
+            )))
+    }
+
+    /// [`Self::sync_maps`] for IPv6: the maps equal the peers' IPv6 VTEPs
+    /// (empty while our IPv6 side is off); every entry is tried whatever an
+    /// earlier one hit.
+    pub(super) fn sync_maps6(&mut self, peers: &[Lease]) -> Result<usize, EbpfBackendError> {
+        let want: BTreeMap<Ipv6Net, PeerEntry6> = peers
+            .iter()
+            .filter_map(|l| self.entry_for6(l))
+            .map(|e| (e.subnet, e))
+            .collect();
+        let want_vteps: BTreeSet<Ipv6Addr> = want.values().map(|e| e.vtep_ip).collect();
+        let have = self
+            .dp
+            .peers6()
+            .map_err(Self::map_err("list remote IPv6 subnets".into()))?;
+        let have_vteps = self
+            .dp
+            .vteps6_list()
+            .map_err(Self::map_err("list known IPv6 VTEPs".into()))?;
+        let mut changes = 0;
+        let mut errors = Vec::new();
+        let mut count = |done: Result<(), EbpfBackendError>| match done {
+            Ok(()) => changes += 1,
+            Err(e) => errors.push(e),
+        };
+        for stale in have.iter().filter(|h| !want.contains_key(&h.subnet)) {
+            info!(subnet = %stale.subnet, vtep = %stale.vtep_ip, "removing IPv6 map entry no lease justifies");
+            count(
+                self.dp
+                    .remove_peer6(stale.subnet)
+                    .map_err(Self::map_err(format!("remove {}", stale.subnet))),
+            );
+        }
+        for stale in have_vteps.iter().filter(|v| !want_vteps.contains(v)) {
+            info!(vtep = %stale, "no longer accepting VXLAN from an IPv6 host without a lease");
+            count(
+                self.dp
+                    .remove_vtep6(*stale)
+                    .map_err(Self::map_err(format!("stop accepting VXLAN from {stale}"))),
+            );
+        }
+        for e in want.values() {
+            if !have.contains(e) || !have_vteps.contains(&e.vtep_ip) {
+                info!(subnet = %e.subnet, vtep = %e.vtep_ip, "adding missing IPv6 map entry");
+                count(self.add_entry6(e));
             }
         }
         if !errors.is_empty() {
