@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::Ipv6Addr};
 use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
 
-use super::{EbpfBackend, EbpfBackendError};
+use super::{family::Local, EbpfBackend, EbpfBackendError};
 use crate::{
     datapath::{LocalEntry, LocalEntry6},
     lease::MacAddr,
@@ -74,7 +74,7 @@ impl EbpfBackend {
         }
         let (local, local_errors) = self.sync_local(&want);
         errors.extend(local_errors);
-        let (local6, local_errors) = self.sync_local6(&want6);
+        let (local6, local_errors) = self.sync_local(&want6);
         errors.extend(local_errors);
         if !errors.is_empty() {
             return Err(EbpfBackendError::Steps(errors));
@@ -140,14 +140,14 @@ impl EbpfBackend {
         Ok(changes)
     }
 
-    /// Makes the local map hold exactly the bindings the kernel's tables
-    /// give (`want`): first removes every other entry (stale, or written by
-    /// anyone else), then writes the missing ones. Keeps going past errors, so
-    /// a failed write never keeps a stale entry alive; returns the number of
-    /// changes and the errors.
-    fn sync_local(&mut self, want: &[LocalEntry]) -> (usize, Vec<EbpfBackendError>) {
+    /// Makes one family's local map hold exactly the bindings the kernel's
+    /// tables give (`want`): first removes every other entry (stale, or
+    /// written by anyone else), then writes the missing ones. Keeps going past
+    /// errors, so a failed write never keeps a stale entry alive; returns the
+    /// number of changes and the errors.
+    fn sync_local<L: Local>(&mut self, want: &[L]) -> (usize, Vec<EbpfBackendError>) {
         let mut errors = Vec::new();
-        let have = match self.dp.locals() {
+        let have = match L::list(&mut self.dp) {
             Ok(have) => have,
             Err(e) => {
                 errors.push(Self::map_err("list local containers".into())(e));
@@ -155,59 +155,29 @@ impl EbpfBackend {
             }
         };
         let mut changes = 0;
-        for stale in have.iter().filter(|h| !want.iter().any(|w| w.ip == h.ip)) {
-            debug!(ip = %stale.ip, port = stale.host_ifindex, "binding no longer in the bridge's tables");
-            match self.dp.remove_local(stale.ip) {
+        for stale in have
+            .iter()
+            .filter(|h| !want.iter().any(|w| w.ip() == h.ip()))
+        {
+            debug!(ip = %stale.ip(), port = stale.port(), "binding no longer in the bridge's tables");
+            match L::remove(&mut self.dp, stale.ip()) {
                 Ok(()) => changes += 1,
-                Err(e) => errors.push(Self::map_err(format!("unbind {}", stale.ip))(e)),
+                Err(e) => errors.push(Self::map_err(format!("unbind {}", stale.ip()))(e)),
             }
         }
         for e in want.iter().filter(|e| !have.contains(e)) {
-            debug!(ip = %e.ip, port = e.host_ifindex, mac = %e.mac, "container bound");
-            match self.dp.upsert_local(e) {
+            debug!(ip = %e.ip(), port = e.port(), "container bound");
+            match e.upsert(&mut self.dp) {
                 Ok(()) => changes += 1,
                 Err(err) => errors.push(Self::map_err(format!(
                     "bind {} to port {}",
-                    e.ip, e.host_ifindex
+                    e.ip(),
+                    e.port()
                 ))(err)),
             }
         }
         for e in &errors {
             warn!(error = %e, "local container binding");
-        }
-        (changes, errors)
-    }
-
-    /// [`Self::sync_local`] for the IPv6 bindings.
-    fn sync_local6(&mut self, want: &[LocalEntry6]) -> (usize, Vec<EbpfBackendError>) {
-        let mut errors = Vec::new();
-        let have = match self.dp.locals6() {
-            Ok(have) => have,
-            Err(e) => {
-                errors.push(Self::map_err("list local IPv6 containers".into())(e));
-                return (0, errors);
-            }
-        };
-        let mut changes = 0;
-        for stale in have.iter().filter(|h| !want.iter().any(|w| w.ip == h.ip)) {
-            debug!(ip = %stale.ip, port = stale.host_ifindex, "IPv6 binding no longer in the bridge's tables");
-            match self.dp.remove_local6(stale.ip) {
-                Ok(()) => changes += 1,
-                Err(e) => errors.push(Self::map_err(format!("unbind {}", stale.ip))(e)),
-            }
-        }
-        for e in want.iter().filter(|e| !have.contains(e)) {
-            debug!(ip = %e.ip, port = e.host_ifindex, mac = %e.mac, "IPv6 container bound");
-            match self.dp.upsert_local6(e) {
-                Ok(()) => changes += 1,
-                Err(err) => errors.push(Self::map_err(format!(
-                    "bind {} to port {}",
-                    e.ip, e.host_ifindex
-                ))(err)),
-            }
-        }
-        for e in &errors {
-            warn!(error = %e, "local IPv6 container binding");
         }
         (changes, errors)
     }

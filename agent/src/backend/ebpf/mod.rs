@@ -33,6 +33,7 @@
 //! ```
 
 mod attach;
+mod family;
 mod local;
 mod netfilter;
 mod node;
