@@ -254,3 +254,54 @@ fn bindings<A: Ord + Copy, E>(
     out.sort_by_key(|(ip, _)| *ip);
     out.into_iter().map(|(_, e)| e).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_bindings_are_container_addresses_of_our_subnet_on_forwarding_ports() {
+        let (a, b, gw) = (
+            MacAddr([2, 0, 0, 0, 0, 0xa]),
+            MacAddr([2, 0, 0, 0, 0, 0xb]),
+            MacAddr([2, 0, 0, 0, 0, 1]),
+        );
+        let neigh = |ip: &str, mac| Neigh6Entry {
+            ip: ip.parse().unwrap(),
+            mac: Some(mac),
+            permanent: false,
+        };
+        let neighbours = [
+            neigh("fd00:10:0:5::3", a),
+            neigh("fd00:10:0:5::4", b), // on a port that does not forward
+            neigh("fd00:10:0:6::3", a), // another host's subnet
+            neigh("fe80::a", a),        // link-local
+            neigh("ff02::1", a),        // multicast
+        ];
+        let learned = [
+            BridgePortEntry {
+                mac: a,
+                port_index: 7,
+            },
+            BridgePortEntry {
+                mac: b,
+                port_index: 8,
+            },
+        ];
+        let own: Ipv6Net = "fd00:10:0:5::/64".parse().unwrap();
+        let got = local_entries6(own, gw, &neighbours, &learned, &[(7, "veth7".into())]);
+        assert_eq!(
+            got,
+            [LocalEntry6 {
+                ip: "fd00:10:0:5::3".parse().unwrap(),
+                host_ifindex: 7,
+                mac: a,
+                gateway_mac: gw,
+            }]
+        );
+        // Link-local and multicast never bind, even inside a (silly) subnet covering them.
+        let all: Ipv6Net = "::/0".parse().unwrap();
+        let got = local_entries6(all, gw, &neighbours[2..], &learned, &[(7, "veth7".into())]);
+        assert_eq!(got.len(), 1, "{got:?}");
+    }
+}

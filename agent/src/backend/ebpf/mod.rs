@@ -14,6 +14,11 @@
 //! for a bound address go straight into that container's namespace, and
 //! encapsulation accepts a source address only from the port bound to it.
 //!
+//! With IPv6 on (a dual-stack lease), the IPv6 maps are kept the same way:
+//! our `flannel-v6.<VNI>` VTEP and IPv6 subnet, each peer's IPv6 subnet and
+//! `PublicIPv6`, and the bridge's IPv6 neighbours; `flannel-v6.<VNI>` is the
+//! IPv6 fallback as `flannel.<VNI>` is IPv4's.
+//!
 //! Programs, links and maps are pinned under the pin directory, so they keep
 //! forwarding while the agent restarts; a new [`EbpfBackend::try_new`] adopts
 //! them without a gap. [`cleanup`] removes them (`weft agent --cleanup`).
