@@ -2,16 +2,16 @@
 //! binding each container's address to its port and MAC, taken from the
 //! kernel's own tables (the bridge's neighbour and forwarding entries).
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
 
-use super::{EbpfBackend, EbpfBackendError};
+use super::{family::Local, EbpfBackend, EbpfBackendError};
 use crate::{
-    datapath::LocalEntry,
+    datapath::{LocalEntry, LocalEntry6},
     lease::MacAddr,
-    netlink::{BridgePortEntry, Interface, NeighEntry},
+    netlink::{BridgePortEntry, Interface, Neigh6Entry, NeighEntry},
 };
 
 impl EbpfBackend {
@@ -36,6 +36,7 @@ impl EbpfBackend {
         let mut changes = 0;
         // Without the bridge (or before it is attached) nothing is bound.
         let mut want = Vec::new();
+        let mut want6 = Vec::new();
         let link = match self.nl.link_by_name(&bridge).await {
             Ok(link) => link.filter(|_| self.encap_attached),
             Err(e) => return Err(err(e)),
@@ -65,14 +66,20 @@ impl EbpfBackend {
                     watch.remember(&neighbours, &learned);
                 }
                 want = local_entries(own, gateway_mac, &neighbours, &learned, &forwarding);
+                if let Some(own6) = self.node6.as_ref().and_then(|n| n.subnet) {
+                    let neighbours = self.nl.neighbours_v6(link.index).await.map_err(err)?;
+                    want6 = local_entries6(own6, gateway_mac, &neighbours, &learned, &forwarding);
+                }
             }
         }
         let (local, local_errors) = self.sync_local(&want);
         errors.extend(local_errors);
+        let (local6, local_errors) = self.sync_local(&want6);
+        errors.extend(local_errors);
         if !errors.is_empty() {
             return Err(EbpfBackendError::Steps(errors));
         }
-        Ok(changes + local)
+        Ok(changes + local + local6)
     }
 
     /// Tells the programs whether the bridge forwards at all (written before
@@ -133,14 +140,14 @@ impl EbpfBackend {
         Ok(changes)
     }
 
-    /// Makes the local map hold exactly the bindings the kernel's tables
-    /// give (`want`): first removes every other entry (stale, or written by
-    /// anyone else), then writes the missing ones. Keeps going past errors, so
-    /// a failed write never keeps a stale entry alive; returns the number of
-    /// changes and the errors.
-    fn sync_local(&mut self, want: &[LocalEntry]) -> (usize, Vec<EbpfBackendError>) {
+    /// Makes one family's local map hold exactly the bindings the kernel's
+    /// tables give (`want`): first removes every other entry (stale, or
+    /// written by anyone else), then writes the missing ones. Keeps going past
+    /// errors, so a failed write never keeps a stale entry alive; returns the
+    /// number of changes and the errors.
+    fn sync_local<L: Local>(&mut self, want: &[L]) -> (usize, Vec<EbpfBackendError>) {
         let mut errors = Vec::new();
-        let have = match self.dp.locals() {
+        let have = match L::list(&mut self.dp) {
             Ok(have) => have,
             Err(e) => {
                 errors.push(Self::map_err("list local containers".into())(e));
@@ -148,20 +155,24 @@ impl EbpfBackend {
             }
         };
         let mut changes = 0;
-        for stale in have.iter().filter(|h| !want.iter().any(|w| w.ip == h.ip)) {
-            debug!(ip = %stale.ip, port = stale.host_ifindex, "binding no longer in the bridge's tables");
-            match self.dp.remove_local(stale.ip) {
+        for stale in have
+            .iter()
+            .filter(|h| !want.iter().any(|w| w.ip() == h.ip()))
+        {
+            debug!(ip = %stale.ip(), port = stale.port(), "binding no longer in the bridge's tables");
+            match L::remove(&mut self.dp, stale.ip()) {
                 Ok(()) => changes += 1,
-                Err(e) => errors.push(Self::map_err(format!("unbind {}", stale.ip))(e)),
+                Err(e) => errors.push(Self::map_err(format!("unbind {}", stale.ip()))(e)),
             }
         }
         for e in want.iter().filter(|e| !have.contains(e)) {
-            debug!(ip = %e.ip, port = e.host_ifindex, mac = %e.mac, "container bound");
-            match self.dp.upsert_local(e) {
+            debug!(ip = %e.ip(), port = e.port(), "container bound");
+            match e.upsert(&mut self.dp) {
                 Ok(()) => changes += 1,
                 Err(err) => errors.push(Self::map_err(format!(
                     "bind {} to port {}",
-                    e.ip, e.host_ifindex
+                    e.ip(),
+                    e.port()
                 ))(err)),
             }
         }
@@ -182,22 +193,115 @@ fn local_entries(
     learned: &[BridgePortEntry],
     ports: &[(u32, String)],
 ) -> Vec<LocalEntry> {
-    let mut out: Vec<LocalEntry> = neighbours
+    let neighbours = neighbours
         .iter()
         .filter(|n| own.contains(&n.ip))
-        .filter_map(|n| {
-            let mac = n.mac?;
+        .map(|n| (n.ip, n.mac));
+    bindings(neighbours, learned, ports, |ip, host_ifindex, mac| {
+        LocalEntry {
+            ip,
+            host_ifindex,
+            mac,
+            gateway_mac,
+        }
+    })
+}
+
+/// [`local_entries`] for IPv6: link-local and multicast addresses are never
+/// a container's overlay address, whatever the subnet.
+fn local_entries6(
+    own: Ipv6Net,
+    gateway_mac: MacAddr,
+    neighbours: &[Neigh6Entry],
+    learned: &[BridgePortEntry],
+    ports: &[(u32, String)],
+) -> Vec<LocalEntry6> {
+    let neighbours = neighbours
+        .iter()
+        .filter(|n| own.contains(&n.ip) && !n.ip.is_multicast() && !is_link_local(n.ip))
+        .map(|n| (n.ip, n.mac));
+    bindings(neighbours, learned, ports, |ip, host_ifindex, mac| {
+        LocalEntry6 {
+            ip,
+            host_ifindex,
+            mac,
+            gateway_mac,
+        }
+    })
+}
+
+fn is_link_local(ip: Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// Joins neighbour entries (IP -> MAC) with the bridge's forwarding entries
+/// (MAC -> port) on the forwarding `ports`; sorted by address.
+fn bindings<A: Ord + Copy, E>(
+    neighbours: impl Iterator<Item = (A, Option<MacAddr>)>,
+    learned: &[BridgePortEntry],
+    ports: &[(u32, String)],
+    entry: impl Fn(A, u32, MacAddr) -> E,
+) -> Vec<E> {
+    let mut out: Vec<(A, E)> = neighbours
+        .filter_map(|(ip, mac)| {
+            let mac = mac?;
             let port = learned
                 .iter()
                 .find(|p| p.mac == mac && ports.iter().any(|(i, _)| *i == p.port_index))?;
-            Some(LocalEntry {
-                ip: n.ip,
-                host_ifindex: port.port_index,
-                mac,
-                gateway_mac,
-            })
+            Some((ip, entry(ip, port.port_index, mac)))
         })
         .collect();
-    out.sort_by_key(|e| e.ip);
-    out
+    out.sort_by_key(|(ip, _)| *ip);
+    out.into_iter().map(|(_, e)| e).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_bindings_are_container_addresses_of_our_subnet_on_forwarding_ports() {
+        let (a, b, gw) = (
+            MacAddr([2, 0, 0, 0, 0, 0xa]),
+            MacAddr([2, 0, 0, 0, 0, 0xb]),
+            MacAddr([2, 0, 0, 0, 0, 1]),
+        );
+        let neigh = |ip: &str, mac| Neigh6Entry {
+            ip: ip.parse().unwrap(),
+            mac: Some(mac),
+            permanent: false,
+        };
+        let neighbours = [
+            neigh("fd00:10:0:5::3", a),
+            neigh("fd00:10:0:5::4", b), // on a port that does not forward
+            neigh("fd00:10:0:6::3", a), // another host's subnet
+            neigh("fe80::a", a),        // link-local
+            neigh("ff02::1", a),        // multicast
+        ];
+        let learned = [
+            BridgePortEntry {
+                mac: a,
+                port_index: 7,
+            },
+            BridgePortEntry {
+                mac: b,
+                port_index: 8,
+            },
+        ];
+        let own: Ipv6Net = "fd00:10:0:5::/64".parse().unwrap();
+        let got = local_entries6(own, gw, &neighbours, &learned, &[(7, "veth7".into())]);
+        assert_eq!(
+            got,
+            [LocalEntry6 {
+                ip: "fd00:10:0:5::3".parse().unwrap(),
+                host_ifindex: 7,
+                mac: a,
+                gateway_mac: gw,
+            }]
+        );
+        // Link-local and multicast never bind, even inside a (silly) subnet covering them.
+        let all: Ipv6Net = "::/0".parse().unwrap();
+        let got = local_entries6(all, gw, &neighbours[2..], &learned, &[(7, "veth7".into())]);
+        assert_eq!(got.len(), 1, "{got:?}");
+    }
 }

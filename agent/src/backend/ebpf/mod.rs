@@ -14,6 +14,11 @@
 //! for a bound address go straight into that container's namespace, and
 //! encapsulation accepts a source address only from the port bound to it.
 //!
+//! With IPv6 on (a dual-stack lease), the IPv6 maps are kept the same way:
+//! our `flannel-v6.<VNI>` VTEP and IPv6 subnet, each peer's IPv6 subnet and
+//! `PublicIPv6`, and the bridge's IPv6 neighbours; `flannel-v6.<VNI>` is the
+//! IPv6 fallback as `flannel.<VNI>` is IPv4's.
+//!
 //! Programs, links and maps are pinned under the pin directory, so they keep
 //! forwarding while the agent restarts; a new [`EbpfBackend::try_new`] adopts
 //! them without a gap. [`cleanup`] removes them (`weft agent --cleanup`).
@@ -33,6 +38,7 @@
 //! ```
 
 mod attach;
+mod family;
 mod local;
 mod netfilter;
 mod node;
@@ -54,7 +60,7 @@ use super::{
 use crate::{
     datapath::{
         ensure_bpffs, relax_rp_filter, BpffsError, Datapath, DatapathError, DecapHook,
-        NodeSettings, RpFilterError,
+        NodeSettings, NodeSettings6, RpFilterError,
     },
     lease::{BackendAttrs, Lease, LeaseEvent},
     netlink::{BridgeEvents, Interface, LinkWatch, Netlink, NetlinkError},
@@ -175,6 +181,10 @@ pub struct EbpfBackend {
     /// The advertised attributes (flannel.N's MAC), as `prepare` returns them.
     attrs: BackendAttrs,
     own: Option<Ipv4Net>,
+    /// `flannel-v6.N`'s MAC once prepared (IPv6 enabled).
+    vtep_mac6: Option<crate::lease::MacAddr>,
+    /// The IPv6 side, once our lease has an IPv6 subnet; `None`: IPv6 rides flannel-v6.N alone.
+    node6: Option<NodeSettings6>,
     /// Encapsulation is attached to the bridge (false while it does not exist yet).
     encap_attached: bool,
     /// Bridge ports with encapsulation attached.
@@ -242,6 +252,8 @@ impl EbpfBackend {
             node,
             attrs,
             own: None,
+            vtep_mac6: None,
+            node6: None,
             encap_attached: false,
             ports: BTreeSet::new(),
         };
@@ -287,7 +299,16 @@ impl Backend for EbpfBackend {
     }
 
     async fn prepare_v6(&mut self) -> Result<Option<crate::lease::VxlanData>, BackendError> {
-        self.inner.prepare_v6().await // IPv6 rides flannel-v6.<VNI> until the eBPF v6 path lands
+        let data = self.inner.prepare_v6().await?;
+        let mac = data.map(|d| d.vtep_mac);
+        if mac != self.vtep_mac6 {
+            self.vtep_mac6 = mac;
+            if let (Some(node6), Some(mac)) = (&mut self.node6, mac) {
+                node6.vtep_mac = mac;
+                self.write_node6()?;
+            }
+        }
+        Ok(data)
     }
 
     async fn prepare(&mut self) -> Result<BackendAttrs, BackendError> {
@@ -314,6 +335,7 @@ impl Backend for EbpfBackend {
             self.node.subnet = Some(lease.subnet);
             self.write_node()?;
         }
+        self.own_lease6(lease)?;
         Ok(())
     }
 
@@ -325,6 +347,7 @@ impl Backend for EbpfBackend {
                     self.add_entry(&e)?;
                     info!(subnet = %e.subnet, vtep = %e.vtep_ip, "peer added to the eBPF maps");
                 }
+                self.apply6(None, Some(lease))?;
             }
             LeaseEvent::Changed { old, new } => {
                 self.inner.apply(event).await?;
@@ -339,10 +362,12 @@ impl Backend for EbpfBackend {
                     self.remove_vtep_if_unused(old.attrs.public_ip)?;
                 }
                 info!(subnet = %new.subnet, vtep = %new.attrs.public_ip, "peer changed in the eBPF maps");
+                self.apply6(Some(old), Some(new))?;
             }
             LeaseEvent::Removed(lease) => {
                 // Stop encapsulating first; the kernel entries go after.
                 self.remove_entry(lease.subnet, lease.attrs.public_ip)?;
+                self.apply6(Some(lease), None)?;
                 info!(subnet = %lease.subnet, vtep = %lease.attrs.public_ip, "peer removed from the eBPF maps");
                 self.inner.apply(event).await?;
             }
@@ -393,7 +418,8 @@ impl Backend for EbpfBackend {
             Ok(interfaces) => self.repair_attachments(interfaces),
             Err(_) => Ok(0),
         };
-        for step in [attached, self.sync_maps(peers)] {
+        let maps = self.sync_maps(peers);
+        for step in [attached, maps, self.sync_maps6(peers)] {
             match step {
                 Ok(n) => repairs += n,
                 Err(EbpfBackendError::Steps(e)) => errors.extend(e),

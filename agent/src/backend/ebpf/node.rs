@@ -6,8 +6,8 @@ use tracing::{info, warn};
 
 use super::{attach::index_of, EbpfBackend, EbpfBackendError, EbpfSettings};
 use crate::{
-    datapath::{default_ttl, NodeSettings},
-    lease::MacAddr,
+    datapath::{default_ttl, hop_limit, keeps_gso, NodeSettings, NodeSettings6},
+    lease::{Lease, MacAddr},
     netlink::{Interface, Netlink, NetlinkError},
 };
 
@@ -66,6 +66,50 @@ impl EbpfBackend {
             })
     }
 
+    /// Writes the IPv6 settings, if IPv6 is on.
+    pub(super) fn write_node6(&mut self) -> Result<(), EbpfBackendError> {
+        let Some(node6) = &self.node6 else {
+            return Ok(());
+        };
+        self.dp
+            .configure6(node6)
+            .map_err(|source| EbpfBackendError::Configure {
+                source: Box::new(source),
+            })
+    }
+
+    /// Turns the IPv6 fast path on once our lease has an IPv6 subnet and
+    /// flannel-v6.N exists (its MAC is what peers address); until then the
+    /// programs pass every IPv6 packet to the kernel.
+    pub(super) fn own_lease6(&mut self, lease: &Lease) -> Result<(), EbpfBackendError> {
+        let ext = &self.s.vxlan.external;
+        // flannel-v6.N's `local`, as IPv4 takes flannel.N's: the outer source and decap destination.
+        let vtep_ip = ext.ipv6.or(lease.attrs.public_ipv6);
+        let (Some(subnet), Some(vtep_ip), Some(vtep_mac)) =
+            (lease.ipv6_subnet, vtep_ip, self.vtep_mac6)
+        else {
+            return Ok(());
+        };
+        let want = NodeSettings6 {
+            vtep_ip,
+            vtep_mac,
+            subnet: Some(subnet.trunc()),
+            // As flannel-v6.N's `ttl auto`: the route's (the underlay's) hop limit.
+            outer_hop_limit: hop_limit(&ext.name),
+            underlay_keeps_gso: keeps_gso(&ext.name),
+        };
+        if self.node6.as_ref() == Some(&want) {
+            return Ok(());
+        }
+        // Our subnet may have been a peer's (re-acquired after expiry): never encapsulate it.
+        self.dp
+            .remove_peer6(subnet.trunc())
+            .map_err(Self::map_err(format!("remove own subnet {subnet}")))?;
+        info!(vtep = %vtep_ip, subnet = %subnet, "IPv6 fast path configured");
+        self.node6 = Some(want);
+        self.write_node6()
+    }
+
     /// Follows the default TTL (`ttl auto` does) and rewrites an altered
     /// configuration map; returns the number of repairs.
     pub(super) fn repair_node(&mut self) -> Result<usize, EbpfBackendError> {
@@ -82,11 +126,25 @@ impl EbpfBackend {
             .dp
             .node_config()
             .map_err(Self::map_err("read node config".into()))?;
-        if current == self.node.to_map_value() {
-            return Ok(0);
+        let mut repairs = 0;
+        if current != self.node.to_map_value() {
+            warn!("node configuration map was altered; rewriting it");
+            self.write_node()?;
+            repairs += 1;
         }
-        warn!("node configuration map was altered; rewriting it");
-        self.write_node()?;
-        Ok(1)
+        if let Some(node6) = &mut self.node6 {
+            node6.outer_hop_limit = hop_limit(&self.s.vxlan.external.name);
+            let want = node6.to_map_value();
+            let current = self
+                .dp
+                .node_config6()
+                .map_err(Self::map_err("read IPv6 node config".into()))?;
+            if current != want {
+                warn!("IPv6 node configuration map differs; rewriting it");
+                self.write_node6()?;
+                repairs += 1;
+            }
+        }
+        Ok(repairs)
     }
 }
