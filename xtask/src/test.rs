@@ -38,8 +38,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
     let mut test = cargo();
     // Every test binary runs even after one fails: a CI log then names every failure at once.
-    test.args(["test", "--no-fail-fast", "--workspace", "--exclude", "weft-ebpf"])
-        .env("WEFT_BIN", &weft_bin);
+    test.args([
+        "test",
+        "--no-fail-fast",
+        "--workspace",
+        "--exclude",
+        "weft-ebpf",
+    ])
+    .env("WEFT_BIN", &weft_bin);
     if opts.long {
         test.env("WEFT_LONG_TESTS", "1");
     }
