@@ -251,6 +251,12 @@ where
     loop {
         // As flanneld, the interface is chosen once the config says which family it goes by:
         // an IPv6-only network needs an IPv6 address on it and no IPv4 one.
+        let config_key = store.config_key();
+        warn_notify(
+            hooks
+                .notifier
+                .status(&format!("waiting for the network config at {config_key}")),
+        );
         let Some(net) = wait_for_config(&store, &shutdown).await? else {
             return Ok(());
         };
@@ -314,8 +320,7 @@ where
         metrics,
         notifier,
     } = hooks;
-    let config_key = store.config_key();
-    warn_notify(notifier.status(&format!("waiting for the network config at {config_key}")));
+    // `run` has read the config already (and said so to systemd): this returns at once there.
     let Some(net) = wait_for_config(&store, &shutdown).await? else {
         return Ok(());
     };
