@@ -102,18 +102,37 @@ async fn one_host(config: &str, flags: &[&str]) -> Cluster {
     c
 }
 
-/// `Masq::remove` run inside the host, as an operator's cleanup would.
-fn remove_in(h: &Host, masq: Masq) {
+/// Run `op` on `masq` inside the host's namespace (as the agent or an operator's cleanup would).
+fn in_host<T: Send + 'static, F: std::future::Future<Output = Result<T, weft::masq::MasqError>>>(
+    h: &Host,
+    masq: Masq,
+    op: impl FnOnce(Masq) -> F + Send + 'static,
+) -> T {
     weft_tests::netns::spawn_in(&h.netns().path(), move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime")
-            .block_on(masq.remove())
+            .block_on(op(masq))
     })
     .join()
     .expect("thread in the host namespace")
-    .expect("remove the rules");
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// What the agent installed needs no repair: the kernel's listing reads back as ours (for nft,
+/// the `ip6` expressions compare equal), so the resync loop does not rewrite it every period.
+fn assert_nothing_to_repair(h: &Host, masq: &Masq) {
+    let repairs = in_host(h, masq.clone(), |m| async move { m.ensure().await });
+    assert_eq!(
+        repairs,
+        Vec::<String>::new(),
+        "a second ensure must change nothing"
+    );
+}
+
+fn remove_in(h: &Host, masq: Masq) {
+    in_host(h, masq, |m| async move { m.remove().await });
 }
 
 /// Dual stack with `--ip-masq`: ip6tables holds flanneld's MasqIP6Rules and IPv6 forward rules
@@ -138,6 +157,7 @@ async fn ip6tables_rules_are_flanneld_s_repaired_and_removed() {
         poll::check(have4 == want.iptables_listing(), &have4)
     };
     poll::until("flanneld's ip6tables and iptables rules", SETTLE, in_place).await;
+    assert_nothing_to_repair(h, &want);
 
     h.exec_ok(&["ip6tables", "-w", "-t", "nat", "-D", "FLANNEL-POSTRTG", "3"])
         .await
@@ -208,6 +228,7 @@ async fn nft_ip6_table_is_installed_repaired_and_removed() {
         poll::check(have == rules, &have)
     };
     poll::until("table ip6 flannel-ipv6", SETTLE, in_place).await;
+    assert_nothing_to_repair(h, &want);
     let listing = h
         .exec_ok(&["nft", "list", "table", "ip6", "flannel-ipv6"])
         .await
