@@ -82,6 +82,14 @@ async fn nft6_rules(h: &Host) -> Result<Vec<String>, String> {
         .collect())
 }
 
+/// `masq`'s `ip6 flannel-ipv6` rules in nft syntax, chain after chain.
+fn nft6_text(masq: &Masq) -> Vec<String> {
+    masq.nft6_rules()
+        .iter()
+        .flat_map(|c| c.rules.iter().map(ToString::to_string))
+        .collect()
+}
+
 /// Start one dual-stack host's agent with `--ip-masq` (and `flags`), wait for its subnet file.
 async fn one_host(config: &str, flags: &[&str]) -> Cluster {
     let c = cluster(1).await;
@@ -214,11 +222,7 @@ async fn nft_ip6_table_is_installed_repaired_and_removed() {
     let h = c.host(0);
     let want = expected(h, MasqKind::Nftables);
     let (_, sn6) = leased(h);
-    let rules: Vec<String> = want
-        .nft6_rules()
-        .iter()
-        .flat_map(|c| c.rules.iter().map(ToString::to_string))
-        .collect();
+    let rules = nft6_text(&want);
     assert_eq!(
         rules[3],
         format!("ip6 saddr != fd00:10::/48 ip6 daddr {sn6} return")
@@ -287,8 +291,23 @@ fn source_seen(receiver_ns: &str, addr: Ipv6Addr, sender_ns: &str) -> IpAddr {
 #[tokio::test]
 #[ignore = "needs root: run cargo xtask test"]
 async fn container_ipv6_is_masqueraded_to_the_world_but_not_inside_the_overlay() {
+    masquerade_scenario(MasqKind::Iptables).await;
+}
+
+/// The same with `EnableNFTables` (table `ip6 flannel-ipv6`).
+#[tokio::test]
+#[ignore = "needs root: run cargo xtask test"]
+async fn container_ipv6_is_masqueraded_by_nft_ip6_table() {
+    masquerade_scenario(MasqKind::Nftables).await;
+}
+
+async fn masquerade_scenario(kind: MasqKind) {
     let c = cluster(2).await;
-    c.write_config(DUAL).await;
+    let config = match kind {
+        MasqKind::Iptables => DUAL.to_owned(),
+        MasqKind::Nftables => DUAL.replace(r#""Backend""#, r#""EnableNFTables":true,"Backend""#),
+    };
+    c.write_config(&config).await;
     c.start_agents(&["--datapath", "kernel", "--ip-masq"])
         .unwrap();
     c.add_containers(1).await.unwrap();
@@ -325,10 +344,18 @@ async fn container_ipv6_is_masqueraded_to_the_world_but_not_inside_the_overlay()
         .await
         .unwrap();
     world.ip(&["link", "set", "eth0", "up"]).await.unwrap();
-    let want = expected(h1, MasqKind::Iptables).ip6tables_listing();
-    poll::until("host 1's ip6tables rules", SETTLE, || async {
-        let have = saved(h1, "ip6tables").await?;
-        poll::check(have == want, &have)
+    let want = expected(h1, kind);
+    poll::until("host 1's IPv6 rules", SETTLE, || async {
+        match kind {
+            MasqKind::Iptables => {
+                let have = saved(h1, "ip6tables").await?;
+                poll::check(have == want.ip6tables_listing(), &have)
+            }
+            MasqKind::Nftables => {
+                let have = nft6_rules(h1).await?;
+                poll::check(have == nft6_text(&want), &have)
+            }
+        }
     })
     .await;
     c1.ping_until(c2_ip, SETTLE).await.unwrap();
@@ -349,12 +376,12 @@ async fn container_ipv6_is_masqueraded_to_the_world_but_not_inside_the_overlay()
     assert_eq!(
         seen.0,
         "fd00:99::1".parse::<IpAddr>().unwrap(),
-        "the world must see host 1's address, not {c1_ip}"
+        "{kind:?}: the world must see host 1's address, not {c1_ip}"
     );
     assert_eq!(
         seen.1,
         IpAddr::from(c1_ip),
-        "overlay traffic keeps the container's source"
+        "{kind:?}: overlay traffic keeps the container's source"
     );
 }
 
