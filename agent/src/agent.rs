@@ -223,7 +223,8 @@ async fn first_lease(
 }
 
 /// Run the agent until `shutdown` fires: connect to etcd, read the network config, choose the
-/// interface by the family it enables, then [`follow`]. `build` makes the backend once the network config and interface are known.
+/// interface by the family it enables, then [`follow`]. `build` makes the backend once the
+/// network config and interface are known.
 ///
 /// A changed network config starts [`follow`] over in this process (same PID, so systemd's
 /// notifications and watchdog carry on): the old backend is dropped, the new one adopts the
