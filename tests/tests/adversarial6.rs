@@ -722,6 +722,26 @@ async fn adversarial6_a_deleted_dual_stack_lease_leaves_both_families_maps() {
     .await;
 }
 
+/// What host's bridge knows: neighbours, forwarding entries and port states, for failure messages.
+async fn tables(h: &Host) -> String {
+    let mut out = String::new();
+    for argv in [
+        &["ip", "neigh", "show", "dev", "docker0"][..],
+        &["ip", "-6", "neigh", "show", "dev", "docker0"],
+        &["bridge", "fdb", "show", "br", "docker0"],
+        &["bridge", "link", "show"],
+        &["ip", "link", "show", "docker0"],
+    ] {
+        let o = h.exec(argv).await;
+        out.push_str(&format!(
+            "$ {}\n{}",
+            argv.join(" "),
+            String::from_utf8_lossy(&o.stdout)
+        ));
+    }
+    out
+}
+
 /// A new container's IPv6 address is bound to its port from the bridge's neighbour events, long
 /// before the next reconcile (120 s here): its IPv6 traffic is encapsulated by its port's program
 /// and the replies are delivered straight into it within a few seconds.
@@ -735,13 +755,17 @@ async fn adversarial6_a_new_containers_ipv6_is_bound_before_the_next_reconcile()
     let fresh = h1.add_container().await.unwrap();
     // IPv4 first, until its binding exists: the port, its fdb entry and the IPv4 neighbour are
     // then old news, and only the IPv6 neighbour entry can tell the agent what follows.
-    let remote4 = d.c.container(1).ip();
-    poll::until("the fresh container's IPv4 binding", PROMPTLY, || async {
+    // (Cluster::container counts host 1's containers first: the fresh one is 1 now.)
+    let remote4 = d.v6[1].0.ip();
+    let bound4 = poll::try_until("the fresh container's IPv4 binding", PROMPTLY, || async {
         fresh.ping(remote4).await.map_err(|e| e.to_string())?;
         let bound = attack::local_map(h1).map_err(|e| format!("{e:#}"))?;
         poll::check(bound.iter().any(|(ip, _)| *ip == fresh.ip()), bound.len())
     })
     .await;
+    if let Err(e) = bound4 {
+        panic!("{e}; host 1's tables:\n{}", tables(h1).await);
+    }
     let subnet = attack::ipv6_subnet(h1).await;
     let ip = Ipv6Addr::from(u128::from(subnet.network()) + 2 + 1);
     fresh
