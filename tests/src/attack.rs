@@ -1291,6 +1291,71 @@ pub async fn send_udp6(
     .await;
 }
 
+/// How long a TCP transfer over IPv6 may take to connect, and between two reads.
+const TCP6_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends `bytes` bytes over one TCP connection from container `from` to container `to` at its
+/// IPv6 address `dst`; the receiver checks every byte arrived intact and in order. Returns how
+/// long it took.
+pub async fn tcp6_transfer(
+    from: &Container,
+    to: &Container,
+    dst: Ipv6Addr,
+    bytes: usize,
+) -> anyhow::Result<Duration> {
+    use std::io::{Read as _, Write as _};
+    // A sequence that never repeats within 64 KiB windows, so a misplaced segment shows.
+    let data: Arc<Vec<u8>> = Arc::new(
+        (0..bytes)
+            .map(|i| (i ^ (i >> 8) ^ (i >> 16)) as u8)
+            .collect(),
+    );
+    let (port_tx, port_rx) = mpsc::channel();
+    let expected = data.clone();
+    let server = spawn_in(to.netns(), move || {
+        let listener =
+            std::net::TcpListener::bind((dst, 0)).with_context(|| format!("listen on {dst}"))?;
+        port_tx.send(listener.local_addr()?.port()).ok();
+        let mut ready = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut ready, 1, TCP6_TIMEOUT.as_millis() as i32) } != 1 {
+            bail!("no connection to {dst} within {TCP6_TIMEOUT:?}");
+        }
+        let (mut stream, _) = listener.accept()?;
+        stream.set_read_timeout(Some(TCP6_TIMEOUT))?;
+        let mut got = Vec::with_capacity(expected.len());
+        stream.read_to_end(&mut got).context("receive")?;
+        match got.iter().zip(expected.iter()).position(|(a, b)| a != b) {
+            Some(at) => bail!("byte {at} differs"),
+            None if got.len() != expected.len() => {
+                bail!("{} of {} bytes arrived", got.len(), expected.len())
+            }
+            None => Ok(()),
+        }
+    });
+    let port = tokio::task::spawn_blocking(move || port_rx.recv_timeout(Duration::from_secs(5)))
+        .await?
+        .context("the receiver did not listen")?;
+    let start = Instant::now();
+    let to_addr = SocketAddr::from((dst, port));
+    let client = spawn_in(from.netns(), move || {
+        let mut stream = std::net::TcpStream::connect_timeout(&to_addr, TCP6_TIMEOUT)
+            .with_context(|| format!("connect to {to_addr}"))?;
+        stream.set_write_timeout(Some(TCP6_TIMEOUT))?;
+        stream.write_all(&data).context("send")?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    });
+    let what = format!("TCP over IPv6, {bytes} bytes {} -> {to_addr}", from.netns());
+    join(client).await.with_context(|| what.clone())?;
+    join(server).await.with_context(|| what.clone())?;
+    Ok(start.elapsed())
+}
+
 /// The IPv6 header of a caught frame (after an inline VLAN tag if any): its offset.
 pub fn ipv6_at(frame: &[u8]) -> Option<usize> {
     let mut at = 12;

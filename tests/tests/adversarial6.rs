@@ -534,6 +534,39 @@ async fn forwarding(dp: Datapath) -> Observed {
         );
     }
 
+    // (e) TCP with segmentation before the wire: containers at MTU 1500 (more than the
+    // overlay's, as a misconfigured container would be), TSO/GSO off on host 1's ens32.
+    for (host, ct) in [(h1, &a), (h2, &r)] {
+        for (ns, dev) in [
+            (ct.netns(), "eth0"),
+            (host.name(), ct.host_veth()),
+            (host.name(), "docker0"),
+        ] {
+            weft_tests::netns::run("ip", &["-n", ns, "link", "set", dev, "mtu", "1500"])
+                .await
+                .unwrap();
+        }
+    }
+    h1.exec_ok(&["ethtool", "-K", "ens32", "tso", "off", "gso", "off"])
+        .await
+        .unwrap();
+    let drops = async || {
+        attack::link_stat(h1.name(), "ens32", "tx", "dropped").await
+            + attack::link_stat(h2.name(), "ens32", "rx", "dropped").await
+            + attack::link_stat(h2.name(), "ens32", "rx", "errors").await
+    };
+    let dropped = drops().await;
+    let t = attack::tcp6_transfer(&a, &r, r6, 8 << 20).await;
+    o.set(
+        "TCP over IPv6, 8 MiB, no TSO on the wire: completed",
+        u64::from(t.is_ok()),
+    );
+    o.note(format!("TCP over IPv6 transfer: {t:?}"));
+    o.set(
+        "TCP over IPv6, 8 MiB, no TSO on the wire: dropped by the underlay",
+        drops().await - dropped,
+    );
+
     note_counters(&mut o, h1, &before[0]).await;
     note_counters(&mut o, h2, &before[1]).await;
     attack::legit_traffic_flows6(&d, dp, "after the IPv6 forwarding probes").await;
@@ -588,6 +621,14 @@ async fn adversarial6_ecn_mtu_hop_limit_and_options_over_ipv6_end_as_on_flannel_
         ("too big: a resend arrived", Rule::Exactly(1)),
         ("hop-by-hop options header: delivered", Rule::SameAsKernel),
         ("destination options header: delivered", Rule::SameAsKernel),
+        (
+            "TCP over IPv6, 8 MiB, no TSO on the wire: completed",
+            Rule::Exactly(1),
+        ),
+        (
+            "TCP over IPv6, 8 MiB, no TSO on the wire: dropped by the underlay",
+            Rule::Exactly(0),
+        ),
     ]);
     on_every_datapath(forwarding, &rules).await;
 }
