@@ -215,6 +215,31 @@ async fn sources(dp: Datapath) -> Observed {
         case,
         landed_before_fence(dp, &sink, &bad, &fence, case).await,
     );
+    // ... and with its host's addresses: docker0's (inside host 2's subnet, bound to no
+    // container) and ens32's (the underlay's).
+    let h2_docker0 = attack::ipv6_subnet(h2).await.addr();
+    for (case, src) in [
+        (
+            "container on host 2 with host 2's docker0 IPv6 address reached host 1's container",
+            h2_docker0,
+        ),
+        (
+            "container on host 2 with host 2's ens32 IPv6 address reached host 1's container",
+            h2.ens32_ipv6(),
+        ),
+    ] {
+        let (bad, fence) = (
+            marker(&format!("{src}-forged")),
+            marker(&format!("{src}-fence")),
+        );
+        let frame = frame_from(&s, h2, src, a6, &bad).await;
+        send_frames(s.netns(), "eth0", vec![frame; PROBES]).await;
+        udp6_from(&s, s6, at(a6, PORT), &fence, 1).await;
+        o.set(
+            case,
+            landed_before_fence(dp, &sink, &bad, &fence, case).await,
+        );
+    }
 
     let (bad, fence) = (marker("vtep-forges"), marker("vtep-forges-fence"));
     vxlan6_from(&d, h2, h1, (in_h3, a6), &bad, (0, 0), PROBES).await;
@@ -321,6 +346,14 @@ async fn adversarial6_forged_ipv6_sources_and_vlan_tags_get_no_further_than_on_t
             ),
             (
                 "container on host 2 with a source in host 3's IPv6 subnet reached host 1's container",
+                Rule::NoMoreThanKernel,
+            ),
+            (
+                "container on host 2 with host 2's docker0 IPv6 address reached host 1's container",
+                Rule::NoMoreThanKernel,
+            ),
+            (
+                "container on host 2 with host 2's ens32 IPv6 address reached host 1's container",
                 Rule::NoMoreThanKernel,
             ),
             // IPv6 has no rp_filter: flannel-v6.1 delivers these; the fast path checks the
