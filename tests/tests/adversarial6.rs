@@ -165,7 +165,8 @@ async fn note_counters(o: &mut Observed, host: &Host, before: &BTreeMap<String, 
 
 /// On three hosts with two dual-stack containers each: (a) container B sends ONE packet with its
 /// neighbour A's IPv6 source to a remote subnet, then a remote container sends to A (also after
-/// host 1 forgot its neighbour entry for A); (b) a container on host 2 sends with a source inside
+/// host 1 forgot its neighbour entry for A), and B claims an IPv6 address a new container C gets
+/// next; (b) a container on host 2 sends with a source inside
 /// host 3's IPv6 subnet to host 1's container, and host 2's VTEP address sends VXLAN whose inner
 /// source lies in host 3's subnet; (c) container A sends 802.1Q-tagged frames carrying IPv6.
 async fn sources(dp: Datapath) -> Observed {
@@ -201,6 +202,23 @@ async fn sources(dp: Datapath) -> Observed {
     let (in_a, in_b) = where_it_lands(&s, s6, (&a, a6), &b, "to-a-no-neighbour").await;
     o.set("A's IPv6 traffic, no neighbour entry: landed in A", in_a);
     o.set("A's IPv6 traffic, no neighbour entry: landed in B", in_b);
+    // An IPv6 address nobody uses yet, claimed by B before a new container C gets it.
+    let own6 = attack::ipv6_subnet(h1).await;
+    let next = Ipv6Addr::from(u128::from(own6.network()) + 2 + h1.containers().len() as u128);
+    let claim = marker("hijack-claim");
+    send_frames(
+        b.netns(),
+        "eth0",
+        vec![frame_from(&b, h1, next, s6, &claim).await],
+    )
+    .await;
+    let c3 = h1.add_container().await.unwrap();
+    c3.add_ipv6(next, own6.prefix_len(), own6.addr())
+        .await
+        .unwrap();
+    let (in_c, in_b) = where_it_lands(&s, s6, (&c3, next), &b, "to-c").await;
+    o.set("claimed IPv6 address: landed in its new owner C", in_c);
+    o.set("claimed IPv6 address: landed in B", in_b);
 
     // (b) Forged sources towards A: from a container on host 2, then from host 2's VTEP.
     let in_h3 = Ipv6Addr::from(u128::from(attack::ipv6_subnet(h3).await.network()) + 200);
@@ -344,6 +362,11 @@ async fn adversarial6_forged_ipv6_sources_and_vlan_tags_get_no_further_than_on_t
                 "A's IPv6 traffic, no neighbour entry: landed in B",
                 Rule::Exactly(0),
             ),
+            (
+                "claimed IPv6 address: landed in its new owner C",
+                Rule::Exactly(n),
+            ),
+            ("claimed IPv6 address: landed in B", Rule::Exactly(0)),
             (
                 "container on host 2 with a source in host 3's IPv6 subnet reached host 1's container",
                 Rule::NoMoreThanKernel,
