@@ -99,6 +99,12 @@ async fn frame_from(
     )
 }
 
+/// ONE frame from container `from` on `host` with source `src` (not its own) to `dst`.
+async fn forge_once(from: &Container, host: &Host, src: Ipv6Addr, dst: Ipv6Addr, what: &str) {
+    let frame = frame_from(from, host, src, dst, &marker(what)).await;
+    send_frames(from.netns(), "eth0", vec![frame]).await;
+}
+
 /// VXLAN over IPv6 from `from`'s VTEP address (its ens32 IPv6 address) to `to`'s, carrying an
 /// inner IPv6/UDP packet `src -> dst:PORT` with traffic class `inner_tc`, outer traffic class
 /// `outer_tc`: what a peer's flannel-v6.1 (or someone holding its address) sends.
@@ -178,13 +184,7 @@ async fn sources(dp: Datapath) -> Observed {
     let before = [attack::counters(h1).await, attack::counters(h2).await];
 
     // (a) B forges A's source once, then the remote container S sends to A.
-    let spoof = marker("hijack-spoof");
-    send_frames(
-        b.netns(),
-        "eth0",
-        vec![frame_from(&b, h1, a6, s6, &spoof).await],
-    )
-    .await;
+    forge_once(&b, h1, a6, s6, "hijack-spoof").await;
     let (in_a, in_b) = where_it_lands(&s, s6, (&a, a6), &b, "to-a").await;
     o.set("A's IPv6 traffic: landed in A", in_a);
     o.set("A's IPv6 traffic: landed in B", in_b);
@@ -192,26 +192,14 @@ async fn sources(dp: Datapath) -> Observed {
         .ip(&["-6", "neigh", "flush", "dev", "docker0"])
         .await
         .unwrap();
-    let spoof = marker("hijack-spoof-again");
-    send_frames(
-        b.netns(),
-        "eth0",
-        vec![frame_from(&b, h1, a6, s6, &spoof).await],
-    )
-    .await;
+    forge_once(&b, h1, a6, s6, "hijack-spoof-again").await;
     let (in_a, in_b) = where_it_lands(&s, s6, (&a, a6), &b, "to-a-no-neighbour").await;
     o.set("A's IPv6 traffic, no neighbour entry: landed in A", in_a);
     o.set("A's IPv6 traffic, no neighbour entry: landed in B", in_b);
     // An IPv6 address nobody uses yet, claimed by B before a new container C gets it.
     let own6 = attack::ipv6_subnet(h1).await;
     let next = Ipv6Addr::from(u128::from(own6.network()) + 2 + h1.containers().len() as u128);
-    let claim = marker("hijack-claim");
-    send_frames(
-        b.netns(),
-        "eth0",
-        vec![frame_from(&b, h1, next, s6, &claim).await],
-    )
-    .await;
+    forge_once(&b, h1, next, s6, "hijack-claim").await;
     let c3 = h1.add_container().await.unwrap();
     c3.add_ipv6(next, own6.prefix_len(), own6.addr())
         .await
