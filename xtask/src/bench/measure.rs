@@ -293,9 +293,13 @@ pub async fn ping_pong(client: &Endpoint, server: &Endpoint, secs: u64) -> anyho
                 echo_messages(&mut conn)
             })
         };
-        let port = port_rx
-            .recv_timeout(PING_PONG_PATIENCE)
-            .context("the ping-pong server never listened")?;
+        let Ok(port) = port_rx.recv_timeout(PING_PONG_PATIENCE) else {
+            // Its error says why (it ends at once when it cannot listen).
+            return match echo.join() {
+                Ok(Err(e)) => Err(e),
+                _ => Err(anyhow::anyhow!("the ping-pong server never listened")),
+            };
+        };
         let timer = std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
             weft_tests::netns::join(&client.netns)?;
             let to = SocketAddr::new(server.ip, port);
@@ -657,5 +661,58 @@ sockperf: ---> <MIN> observation =   11.687
     fn reads_process_ticks() {
         let stat = "15 (ksoftirqd/1) S 2 0 0 0 -1 69238848 0 0 0 0 7 42 0 0 20 0 1 0 3 0 0";
         assert_eq!(process_ticks(stat), Some(49));
+    }
+}
+
+/// The IPv6 ping-pong for real, between two namespaces joined by a veth pair (root).
+#[cfg(test)]
+mod ping_pong_tests {
+    use super::*;
+    use weft_tests::netns::Netns;
+
+    async fn pair() -> (Netns, Netns) {
+        let pid = std::process::id();
+        let a = Netns::create(&format!("weft-rr-{pid}-a")).await.unwrap();
+        let b = Netns::create(&format!("weft-rr-{pid}-b")).await.unwrap();
+        a.ip(&[
+            "link",
+            "add",
+            "v0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "v1",
+            "netns",
+            b.name(),
+        ])
+        .await
+        .unwrap();
+        for (ns, dev, ip) in [(&a, "v0", "fd99::1/64"), (&b, "v1", "fd99::2/64")] {
+            ns.ip(&["-6", "addr", "add", ip, "dev", dev, "nodad"])
+                .await
+                .unwrap();
+            ns.ip(&["link", "set", dev, "up"]).await.unwrap();
+        }
+        (a, b)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore = "needs root: run cargo xtask test"]
+    async fn ping_pong_times_round_trips_over_ipv6_between_namespaces() {
+        let (a, b) = pair().await;
+        let client = Endpoint::at(a.name(), "fd99::1".parse().unwrap());
+        let server = Endpoint::at(b.name(), "fd99::2".parse().unwrap());
+        let rr = ping_pong(&client, &server, 1).await.unwrap();
+        // One message in flight: round trips per second cannot beat the fastest half of them.
+        assert!(
+            rr.p50_us > 0.0 && rr.p50_us <= rr.p99_us && rr.tps > 100.0,
+            "{rr:?}"
+        );
+        assert!(rr.tps <= 1e6 / rr.p50_us * 2.0, "{rr:?}");
+        // No server at that address: a clear error, not a hang.
+        let nowhere = Endpoint::at(b.name(), "fd99::3".parse().unwrap());
+        let err = ping_pong(&client, &nowhere, 1).await.unwrap_err();
+        assert!(format!("{err:#}").contains("listen on fd99::3"), "{err:#}");
     }
 }
