@@ -318,8 +318,12 @@ fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::R
     if !ebpf.rounds.is_empty() {
         if ebpf.all_rounds_through_ebpf {
             println!(
-                "eBPF counters: every ebpf round encapsulated and decapsulated >= {:.0} % of its {family} UDP packets in eBPF",
-                counters::MIN_SHARE * 100.0
+                "eBPF counters: every ebpf round encapsulated and decapsulated >= {:.0} % of its {}UDP packets in eBPF",
+                counters::MIN_SHARE * 100.0,
+                match family {
+                    Family::V4 => "",
+                    Family::V6 => "IPv6 ",
+                }
             );
         } else {
             let bad: Vec<String> = ebpf

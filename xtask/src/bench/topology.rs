@@ -511,3 +511,41 @@ async fn hand_route(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_configs_are_the_original_ones_and_ipv6_adds_a_dual_stack_network() {
+        assert_eq!(
+            Mode::HostGw.config(Family::V4),
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#
+        );
+        assert_eq!(
+            Mode::Ebpf.config(Family::V4),
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#
+        );
+        assert_eq!(
+            Mode::KernelVxlan.config(Family::V6),
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/48","Backend":{"Type":"vxlan"}}"#
+        );
+        assert_eq!(
+            (Family::V4.report_stem(), Family::V6.report_stem()),
+            ("report", "report6")
+        );
+        assert_eq!(
+            (Family::V4.container_mtu(), Family::V6.container_mtu()),
+            (1450, 1430)
+        );
+        assert_eq!(Family::V6.path_counters().fallback_device, "flannel-v6.1");
+    }
+
+    #[test]
+    fn family_is_given_as_4_or_6() {
+        use clap::ValueEnum as _;
+        assert_eq!(Family::from_str("6", false), Ok(Family::V6));
+        assert_eq!(Family::from_str("4", false), Ok(Family::V4));
+        assert!(Family::from_str("v6", false).is_err());
+    }
+}
