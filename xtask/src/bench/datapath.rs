@@ -525,6 +525,9 @@ async fn measure_mode(
                     flannel1_tx: hf0.zip(f1).map(|(a, b)| b.saturating_sub(a)),
                 });
             }
+            if b.bed.family == Family::V6 {
+                check.judge_container_tests();
+            }
             Some(check)
         }
         None => None,
@@ -549,8 +552,14 @@ fn print_sample(
             ))
         ),
         Some(c) => format!(
-            " [NOT through eBPF: {} encapsulated, {} decapsulated of {} UDP packets]",
-            c.sender_encapsulated, c.receiver_decapsulated, c.udp_received
+            " [NOT through eBPF: {} encapsulated, {} decapsulated of {} UDP packets{}]",
+            c.sender_encapsulated,
+            c.receiver_decapsulated,
+            c.udp_received,
+            c.container_tests_fallback_tx
+                .map_or(String::new(), |n| format!(
+                    "; {n} packets on {fallback} during the container tests"
+                ))
         ),
         None => String::new(),
     };
