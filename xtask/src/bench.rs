@@ -4,7 +4,8 @@
 //! (bare: the hosts alone; host-gw, weft's kernel vxlan, weft's eBPF), every round measuring each
 //! mode once in a freshly shuffled order, rounds added until the targets' intervals decide them.
 //! Results: tables on the terminal, `<target>/bench/report.json`, `report.svg` (chart) and
-//! `report.md` (the tables for README). `--programs`: the eBPF programs' cost per packet.
+//! `report.md` (the tables for README). `--family 6`: the same over IPv6 (a dual-stack network,
+//! IPv6 containers, the hosts' IPv6 underlay addresses), into `report6.{json,svg,md}`. `--programs`: the eBPF programs' cost per packet.
 //! `--control-plane`: sync time, peer programming latency, memory, idle CPU and etcd traffic with
 //! N peers (`control-plane.json`).
 //!
@@ -27,7 +28,7 @@ use std::process::Command;
 
 use anyhow::Context as _;
 
-use self::topology::Mode;
+use self::topology::{Family, Mode};
 use crate::test::{require_root, step, target_dir};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -51,6 +52,11 @@ pub struct Options {
     /// 5-second idle window with --control-plane).
     #[arg(long)]
     pub quick: bool,
+    /// Address family of the datapath measurements: 4, or 6 for IPv6 containers on a dual-stack
+    /// network (`EnableIPv6`) over the hosts' IPv6 underlay addresses; its results go to
+    /// report6.{json,svg,md} and are judged against issue 14's IPv6 targets.
+    #[arg(long, value_enum, default_value_t = Family::V4)]
+    pub family: Family,
     /// Modes to measure (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = Mode::ALL)]
     pub modes: Vec<Mode>,

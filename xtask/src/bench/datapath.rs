@@ -14,7 +14,7 @@ use crate::bench::programs::{self, LiveCost, Programs};
 use crate::bench::report::{self, EbpfCounters, Report, Settings, VariantReport};
 use crate::bench::stats::{ModeSummary, Modes, Sample};
 use crate::bench::targets::{self, Comparison};
-use crate::bench::topology::{Mode, Offload, Routing, Testbed, CONTAINER_MTU};
+use crate::bench::topology::{Family, Mode, Offload, Routing, Testbed};
 
 struct Bed {
     bed: Testbed,
@@ -42,6 +42,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     if opts.programs && !modes.contains(&Mode::Ebpf) {
         bail!("--programs measures the ebpf mode's programs: add ebpf to --modes");
     }
+    if opts.programs && opts.family == Family::V6 {
+        bail!("--programs times IPv4 packets only; drop it with --family 6");
+    }
     let max_rounds = opts.max_rounds.max(opts.rounds);
     let variants: Vec<Offload> = match opts.offload {
         Variants::Both => vec![Offload::On, Offload::Off],
@@ -59,7 +62,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     let mut beds = BTreeMap::new();
     for &mode in &modes {
         println!("==> set up {mode}");
-        let bed = Testbed::start(mode, routing)
+        let bed = Testbed::start(mode, routing, opts.family)
             .await
             .with_context(|| format!("set up the {mode} test bed"))?;
         let servers = Servers::start(&bed.server).await?;
@@ -84,9 +87,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
         source: "weft status --json (in each host namespace)",
         ..Default::default()
     };
+    let path = opts.family.path_counters();
     if let Some(b) = beds.get(&Mode::Ebpf) {
         for host in b.bed.hosts() {
-            let c = counters::read_ebpf_counters(host).await?;
+            let c = counters::read_ebpf_counters(host, path).await?;
             ebpf.before.insert(host_label(host.index()), c);
         }
     }
@@ -102,7 +106,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
 
     if let Some(b) = beds.get(&Mode::Ebpf) {
         for host in b.bed.hosts() {
-            let c = counters::read_ebpf_counters(host).await?;
+            let c = counters::read_ebpf_counters(host, path).await?;
             ebpf.after.insert(host_label(host.index()), c);
         }
     }
@@ -124,13 +128,14 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     let first = variants[0];
     let main_modes = by_variant(first);
     let no_offload = (variants.len() > 1).then(|| VariantReport {
-        comparison: compare_variant(&samples, Offload::Off),
+        comparison: compare_variant(&samples, Offload::Off, opts.family),
         modes: by_variant(Offload::Off),
     });
 
     let report = Report {
+        family: opts.family.number(),
         rounds,
-        comparison: compare_variant(&samples, first),
+        comparison: compare_variant(&samples, first, opts.family),
         modes: main_modes,
         ebpf_counters: ebpf,
         variant: first.name(),
@@ -191,7 +196,8 @@ async fn run_rounds(
                 let (sample, check) = measure_mode(b, round, variant, opts.seconds, &mut m.live)
                     .await
                     .with_context(|| format!("round {round}, {mode}, {}", variant.name()))?;
-                print_sample(mode, variant, &sample, check.as_ref());
+                let fallback = opts.family.path_counters().fallback_device;
+                print_sample(mode, variant, &sample, check.as_ref(), fallback);
                 if let Some(check) = check {
                     m.checks.push(check);
                 }
@@ -203,7 +209,7 @@ async fn run_rounds(
         }
         let open: usize = variants
             .iter()
-            .map(|&v| compare_variant(&m.samples, v).inconclusive())
+            .map(|&v| compare_variant(&m.samples, v, opts.family).inconclusive())
             .sum();
         // Below the rounds a verdict needs, added rounds could not settle anything.
         if open == 0 || round >= max_rounds || max_rounds < targets::MIN_ROUNDS_FOR_VERDICT {
@@ -251,8 +257,8 @@ fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::R
     } else {
         Offload::On
     };
-    let json_path = opts.out_dir().join("report.json");
-    let svg_path = opts.out_dir().join("report.svg");
+    let family = opts.family;
+    let [json_path, svg_path, md_path] = report_paths(opts);
     report.write(&json_path)?;
     let mut series = vec![Series {
         name: first.name(),
@@ -266,14 +272,14 @@ fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::R
     }
     chart::draw(
         &svg_path,
-        &chart_title(rounds as u64, opts.seconds),
+        &chart_title(rounds as u64, opts.seconds, family),
         &series,
     )?;
 
     println!(
         "{}",
         report::table(
-            &format!("underlay: {}", describe(first)),
+            &format!("{}underlay: {}", family_prefix(family), describe(first)),
             rounds,
             &report.modes,
             &report.comparison
@@ -283,7 +289,11 @@ fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::R
         println!(
             "{}",
             report::table(
-                &format!("underlay: {}", describe(Offload::Off)),
+                &format!(
+                    "{}underlay: {}",
+                    family_prefix(family),
+                    describe(Offload::Off)
+                ),
                 rounds,
                 &no.modes,
                 &no.comparison
@@ -293,16 +303,13 @@ fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::R
     if let Some(p) = &report.programs {
         println!("{}", programs::summary(p));
     }
-    std::fs::write(
-        opts.out_dir().join("report.md"),
-        markdown_report(report, first, rounds),
-    )
-    .context("write report.md")?;
+    std::fs::write(&md_path, markdown_report(report, first, rounds))
+        .with_context(|| format!("write {}", md_path.display()))?;
     println!(
         "report: {}\nchart:  {}\ntable:  {}\ntook {:.0} s, {rounds} rounds; load average {} at the start, {} at the end",
         json_path.display(),
         svg_path.display(),
-        opts.out_dir().join("report.md").display(),
+        md_path.display(),
         started.elapsed().as_secs_f64(),
         report.settings.loadavg_start,
         report.settings.loadavg_end
@@ -311,8 +318,12 @@ fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::R
     if !ebpf.rounds.is_empty() {
         if ebpf.all_rounds_through_ebpf {
             println!(
-                "eBPF counters: every ebpf round encapsulated and decapsulated >= {:.0} % of its UDP packets in eBPF",
-                counters::MIN_SHARE * 100.0
+                "eBPF counters: every ebpf round encapsulated and decapsulated >= {:.0} % of its {}UDP packets in eBPF",
+                counters::MIN_SHARE * 100.0,
+                match family {
+                    Family::V4 => "",
+                    Family::V6 => "IPv6 ",
+                }
             );
         } else {
             let bad: Vec<String> = ebpf
@@ -321,12 +332,13 @@ fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::R
                 .filter(|c| !c.through_ebpf)
                 .map(|c| {
                     format!(
-                        "round {} {}: {} UDP packets received, {} encapsulated, {} decapsulated, flannel.1 tx {:?}",
+                        "round {} {}: {} UDP packets received, {} encapsulated, {} decapsulated, {} tx {:?}",
                         c.round,
                         c.variant,
                         c.udp_received,
                         c.sender_encapsulated,
                         c.receiver_decapsulated,
+                        family.path_counters().fallback_device,
                         c.sender_flannel1_tx
                     )
                 })
@@ -342,18 +354,28 @@ fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::R
 }
 
 /// The comparison of one variant's modes so far.
-fn compare_variant(samples: &BTreeMap<(Offload, Mode), Vec<Sample>>, v: Offload) -> Comparison {
+fn compare_variant(
+    samples: &BTreeMap<(Offload, Mode), Vec<Sample>>,
+    v: Offload,
+    family: Family,
+) -> Comparison {
     let modes: Modes = samples
         .iter()
         .filter(|((variant, _), _)| *variant == v)
         .map(|((_, mode), s)| (mode.name().to_owned(), ModeSummary::of(s.clone())))
         .collect();
-    targets::compare(&modes, v == Offload::On, v.name())
+    targets::compare(&modes, targets::targets(family, v == Offload::On), v.name())
 }
 
-/// Redraw the chart from an earlier run's report.json.
+/// report.json, report.svg and report.md in the output directory (`--family 6`: report6.*).
+fn report_paths(opts: &Options) -> [std::path::PathBuf; 3] {
+    let stem = opts.family.report_stem();
+    ["json", "svg", "md"].map(|ext| opts.out_dir().join(format!("{stem}.{ext}")))
+}
+
+/// Redraw the chart from an earlier run's report.json (`--family 6`: report6.json).
 pub fn replot(opts: &Options) -> anyhow::Result<()> {
-    let json_path = opts.out_dir().join("report.json");
+    let [json_path, svg, _] = report_paths(opts);
     let text = std::fs::read_to_string(&json_path)
         .with_context(|| format!("read {}", json_path.display()))?;
     let v: serde_json::Value =
@@ -376,12 +398,12 @@ pub fn replot(opts: &Options) -> anyhow::Result<()> {
             modes: no,
         });
     }
-    let svg = opts.out_dir().join("report.svg");
     chart::draw(
         &svg,
         &chart_title(
             v["rounds"].as_u64().unwrap_or(0),
             v["settings"]["seconds_per_test"].as_u64().unwrap_or(0),
+            opts.family,
         ),
         &series,
     )?;
@@ -389,10 +411,22 @@ pub fn replot(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn chart_title(rounds: u64, seconds: u64) -> String {
+fn chart_title(rounds: u64, seconds: u64, family: Family) -> String {
     format!(
-        "weft datapaths across two hosts (netns), {rounds} rounds x {seconds} s, medians; bare = host to host, no overlay"
+        "weft datapaths across two hosts (netns){}, {rounds} rounds x {seconds} s, medians; bare = host to host, no overlay",
+        match family {
+            Family::V4 => "",
+            Family::V6 => ", IPv6",
+        }
     )
+}
+
+/// What the terminal tables and report.md say first: nothing for IPv4, as before.
+fn family_prefix(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "",
+        Family::V6 => "IPv6 containers over the IPv6 underlay; ",
+    }
 }
 
 /// One round of one mode: TCP 1 stream, TCP 4 streams, ping-pong, 64-byte UDP, then TCP 1 stream
@@ -406,13 +440,14 @@ async fn measure_mode(
     live: &mut Vec<LiveCost>,
 ) -> anyhow::Result<(Sample, Option<RoundCheck>)> {
     let ebpf = b.bed.mode.is_ebpf();
+    let path = b.bed.family.path_counters();
     let hosts = b.bed.hosts();
     let (sender, receiver) = (&hosts[0], &hosts[1]);
     let before = if ebpf {
         Some((
-            counters::read_ebpf_counters(sender).await?,
-            counters::read_ebpf_counters(receiver).await?,
-            counters::flannel1_tx_packets(sender).await,
+            counters::read_ebpf_counters(sender, path).await?,
+            counters::read_ebpf_counters(receiver, path).await?,
+            counters::fallback_tx_packets(sender, path).await,
         ))
     } else {
         None
@@ -434,12 +469,12 @@ async fn measure_mode(
         }
     }
     // In bare the client is host 1's namespace already: the host-originated test is the main one.
-    // Which path host 1's own traffic took (ebpf): encapsulations and flannel.1 packets during
-    // the host-originated tests.
+    // Which path host 1's own traffic took (ebpf): encapsulations and flannel.1 (flannel-v6.1)
+    // packets during the host-originated tests.
     let host_before = if ebpf {
         Some((
-            counters::read_ebpf_counters(sender).await?,
-            counters::flannel1_tx_packets(sender).await,
+            counters::read_ebpf_counters(sender, path).await?,
+            counters::fallback_tx_packets(sender, path).await,
         ))
     } else {
         None
@@ -470,11 +505,12 @@ async fn measure_mode(
     };
     let check = match before {
         Some((s0, r0, f0)) => {
-            let s1: Counters = counters::read_ebpf_counters(sender).await?;
-            let r1 = counters::read_ebpf_counters(receiver).await?;
-            let f1 = counters::flannel1_tx_packets(sender).await;
+            let s1: Counters = counters::read_ebpf_counters(sender, path).await?;
+            let r1 = counters::read_ebpf_counters(receiver, path).await?;
+            let f1 = counters::fallback_tx_packets(sender, path).await;
             let flannel_tx = f0.zip(f1).map(|(a, b)| b.saturating_sub(a));
             let mut check = RoundCheck::new(
+                path,
                 round,
                 variant.name(),
                 udp.received,
@@ -484,13 +520,13 @@ async fn measure_mode(
             );
             if let Some((h0, hf0)) = host_before {
                 check.host_tests = Some(HostPath {
-                    encapsulated: counters::find(
-                        &counters::delta(&h0, &s1),
-                        counters::ENCAPSULATED,
-                    )
-                    .unwrap_or(0.0),
+                    encapsulated: counters::find(&counters::delta(&h0, &s1), path.encapsulated)
+                        .unwrap_or(0.0),
                     flannel1_tx: hf0.zip(f1).map(|(a, b)| b.saturating_sub(a)),
                 });
+            }
+            if b.bed.family == Family::V6 {
+                check.judge_container_tests();
             }
             Some(check)
         }
@@ -499,19 +535,31 @@ async fn measure_mode(
     Ok((sample, check))
 }
 
-fn print_sample(mode: Mode, variant: Offload, s: &Sample, check: Option<&RoundCheck>) {
+fn print_sample(
+    mode: Mode,
+    variant: Offload,
+    s: &Sample,
+    check: Option<&RoundCheck>,
+    fallback: &str,
+) {
     let verdict = match check {
         Some(c) if c.through_ebpf => format!(
             " [eBPF counters ok{}]",
             c.host_tests.as_ref().map_or(String::new(), |h| format!(
-                "; host tests: {:.0} encapsulated, {} on flannel.1",
+                "; host tests: {:.0} encapsulated, {} on {fallback}",
                 h.encapsulated,
                 h.flannel1_tx.map_or("-".to_owned(), |n| n.to_string())
             ))
         ),
         Some(c) => format!(
-            " [NOT through eBPF: {} encapsulated, {} decapsulated of {} UDP packets]",
-            c.sender_encapsulated, c.receiver_decapsulated, c.udp_received
+            " [NOT through eBPF: {} encapsulated, {} decapsulated of {} UDP packets{}]",
+            c.sender_encapsulated,
+            c.receiver_decapsulated,
+            c.udp_received,
+            c.container_tests_fallback_tx
+                .map_or(String::new(), |n| format!(
+                    "; {n} packets on {fallback} during the container tests"
+                ))
         ),
         None => String::new(),
     };
@@ -543,8 +591,12 @@ fn describe(o: Offload) -> &'static str {
 }
 
 fn markdown_report(report: &Report, first: Offload, rounds: usize) -> String {
+    let ipv6 = match report.family {
+        6 => "IPv6 containers over the IPv6 underlay. ",
+        _ => "",
+    };
     let mut md = format!(
-        "Underlay: {}.\n\n{}",
+        "{ipv6}Underlay: {}.\n\n{}",
         describe(first),
         report::markdown(rounds, &report.modes, &report.comparison)
     );
@@ -593,15 +645,24 @@ fn settings(
             crate::bench::stats::BOOTSTRAP_RESAMPLES,
             targets::MIN_ROUNDS_FOR_VERDICT
         ),
-        container_mtu: CONTAINER_MTU,
+        container_mtu: opts.family.container_mtu(),
         routing: match routing {
             Routing::Agent => "weft agent",
             Routing::Hand => "by hand, as flanneld programs it (no agent)",
         },
-        rr_tool: format!(
-            "sockperf ping-pong --tcp -m {} --full-rtt (round-trip times; transactions/s = messages of the valid period / its length)",
-            measure::RR_MESSAGE_BYTES
-        ),
+        rr_tool: match opts.family {
+            Family::V4 => format!(
+                "sockperf ping-pong --tcp -m {} --full-rtt (round-trip times; transactions/s = messages of the valid period / its length)",
+                measure::RR_MESSAGE_BYTES
+            ),
+            Family::V6 => format!(
+                "xtask's own TCP ping-pong (Debian 12's sockperf 3.7 takes no IPv6 addresses): {} B \
+                 messages, one in flight, TCP_NODELAY, blocking sockets; round trips after a 400 ms \
+                 warm-up, nearest-rank p50/p99; transactions/s = round trips after the warm-up / \
+                 the time left",
+                measure::RR_MESSAGE_BYTES
+            ),
+        },
         udp_tool: format!(
             "iperf3 -u -l {} -b 0; received = sent - lost as the server counted",
             measure::UDP_PAYLOAD_BYTES

@@ -1,19 +1,22 @@
 //! The measurements, run between two endpoints (containers, or a host's own namespace): iperf3
-//! for TCP throughput and 64-byte UDP, sockperf ping-pong for TCP request/response, process CPU
-//! times for CPU per GB.
+//! for TCP throughput and 64-byte UDP, sockperf ping-pong for TCP request/response (over IPv6
+//! [`ping_pong`], since Debian 12's sockperf 3.7 refuses IPv6 addresses), process CPU times for
+//! CPU per GB.
 //!
-//! Every tool runs inside the endpoints' namespaces (`ip netns exec`); nothing here touches the
-//! root namespace's network.
+//! Every tool runs inside the endpoints' namespaces (`ip netns exec`, or a thread that joined
+//! one); nothing here touches the root namespace's network.
 
-use std::process::Stdio;
-use std::time::Duration;
-
-use std::net::Ipv4Addr;
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::Output;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
-use weft_tests::{Container, Host};
+use weft_tests::Host;
+
+use crate::bench::topology::Family;
 
 const IPERF_PORT: &str = "5201";
 const SOCKPERF_PORT: &str = "11111";
@@ -58,23 +61,20 @@ pub struct RrRun {
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub netns: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
 }
 
 impl Endpoint {
-    pub fn container(c: &Container) -> Endpoint {
+    pub fn at(netns: &str, ip: IpAddr) -> Endpoint {
         Endpoint {
-            netns: c.netns().to_owned(),
-            ip: c.ip(),
+            netns: netns.to_owned(),
+            ip,
         }
     }
 
-    /// A host's own namespace, at its underlay address.
-    pub fn host(h: &Host) -> Endpoint {
-        Endpoint {
-            netns: h.name().to_owned(),
-            ip: h.ens32_ip(),
-        }
+    /// A host's own namespace, at its underlay address in `family`.
+    pub fn host(h: &Host, family: Family) -> Endpoint {
+        Endpoint::at(h.name(), family.ens32_ip(h))
     }
 
     fn command(&self, argv: &[&str]) -> tokio::process::Command {
@@ -139,13 +139,17 @@ impl Daemon {
     }
 }
 
-/// The servers on the receiving container.
+/// The servers on the receiving container: sockperf's for IPv4; none for IPv6, where each
+/// [`ping_pong`] brings its own.
 pub struct Servers {
-    sockperf: Daemon,
+    sockperf: Option<Daemon>,
 }
 
 impl Servers {
     pub async fn start(server: &Endpoint) -> anyhow::Result<Servers> {
+        if server.ip.is_ipv6() {
+            return Ok(Servers { sockperf: None });
+        }
         let ip = server.ip.to_string();
         let sockperf = Daemon::spawn(
             server,
@@ -160,9 +164,11 @@ impl Servers {
             ],
         )?;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut servers = Servers { sockperf };
-        servers.sockperf.check_running()?;
-        Ok(servers)
+        let mut sockperf = sockperf;
+        sockperf.check_running()?;
+        Ok(Servers {
+            sockperf: Some(sockperf),
+        })
     }
 }
 
@@ -192,14 +198,18 @@ pub async fn udp64(client: &Endpoint, server: &Endpoint, secs: u64) -> anyhow::R
     parse_iperf_udp(&json).with_context(|| format!("read iperf3's UDP report:\n{}", head(&json)))
 }
 
-/// TCP ping-pong (one 64-byte message in flight) from `client` to the sockperf server.
+/// TCP ping-pong (one 64-byte message in flight) from `client` to the sockperf server, or over
+/// IPv6 to a [`ping_pong`] server.
 pub async fn rr(
     client: &Endpoint,
     server: &Endpoint,
     servers: &mut Servers,
     secs: u64,
 ) -> anyhow::Result<RrRun> {
-    servers.sockperf.check_running()?;
+    let Some(sockperf) = servers.sockperf.as_mut() else {
+        return ping_pong(client, server, secs).await;
+    };
+    sockperf.check_running()?;
     let ip = server.ip.to_string();
     let secs = secs.to_string();
     let size = RR_MESSAGE_BYTES.to_string();
@@ -255,6 +265,135 @@ async fn iperf3(client: &Endpoint, server: &Endpoint, args: &[&str]) -> anyhow::
         client.ip,
         head(&last)
     )
+}
+
+/// sockperf's warm-up before its valid period: round trips in it are not counted.
+const WARM_UP: Duration = Duration::from_millis(400);
+/// How long a ping-pong end waits for the other (connect, accept, each message) before it gives
+/// up: the overlay is down, not slow.
+const PING_PONG_PATIENCE: Duration = Duration::from_secs(5);
+
+/// sockperf's `ping-pong --tcp -m 64 --full-rtt`, done by two threads that joined the endpoints'
+/// namespaces: one 64-byte message in flight on one TCP_NODELAY connection for `secs` seconds;
+/// round trips after a 400 ms warm-up (sockperf's default) timed one by one. Blocking reads and
+/// writes as sockperf's default mode makes them.
+pub async fn ping_pong(client: &Endpoint, server: &Endpoint, secs: u64) -> anyhow::Result<RrRun> {
+    let (client, server) = (client.clone(), server.clone());
+    let what = format!("TCP ping-pong {} -> {}", client.ip, server.ip);
+    let run = tokio::task::spawn_blocking(move || {
+        let (port_tx, port_rx) = std::sync::mpsc::channel();
+        let echo = {
+            let server = server.clone();
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                weft_tests::netns::join(&server.netns)?;
+                let listener = TcpListener::bind(SocketAddr::new(server.ip, 0))
+                    .with_context(|| format!("listen on {} in {}", server.ip, server.netns))?;
+                port_tx.send(listener.local_addr()?.port())?;
+                let mut conn = accept_within(&listener, PING_PONG_PATIENCE)?;
+                echo_messages(&mut conn)
+            })
+        };
+        let Ok(port) = port_rx.recv_timeout(PING_PONG_PATIENCE) else {
+            // Its error says why (it ends at once when it cannot listen).
+            return match echo.join() {
+                Ok(Err(e)) => Err(e),
+                _ => Err(anyhow::anyhow!("the ping-pong server never listened")),
+            };
+        };
+        let timer = std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
+            weft_tests::netns::join(&client.netns)?;
+            let to = SocketAddr::new(server.ip, port);
+            let mut conn = TcpStream::connect_timeout(&to, PING_PONG_PATIENCE)
+                .with_context(|| format!("connect to {to} from {}", client.netns))?;
+            time_round_trips(&mut conn, Duration::from_secs(secs))
+        });
+        let rtts = timer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the ping-pong client panicked"))?;
+        let echoed = echo
+            .join()
+            .map_err(|_| anyhow::anyhow!("the ping-pong server panicked"))?;
+        let rtts = rtts?;
+        echoed?;
+        Ok::<_, anyhow::Error>(rtts)
+    })
+    .await
+    .context("join the ping-pong threads")?
+    .with_context(|| what.clone())?;
+    let valid = secs as f64 - WARM_UP.as_secs_f64().min(secs as f64 / 2.0);
+    summarize_round_trips(run, valid).with_context(|| what)
+}
+
+/// The first connection within `patience` (the listener polled: a blocking accept would outlive
+/// a client that never came).
+fn accept_within(listener: &TcpListener, patience: Duration) -> anyhow::Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + patience;
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false)?;
+                return Ok(conn);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e).context("no ping-pong client connected"),
+        }
+    }
+}
+
+/// The server's side: every message back as it came, until the client closes.
+fn echo_messages(conn: &mut TcpStream) -> anyhow::Result<()> {
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(PING_PONG_PATIENCE))?;
+    let mut msg = [0u8; RR_MESSAGE_BYTES];
+    loop {
+        match conn.read_exact(&mut msg) {
+            Ok(()) => conn.write_all(&msg).context("echo a message")?,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e).context("read a message"),
+        }
+    }
+}
+
+/// The client's side: round trips for `length`, the ones after the warm-up returned.
+fn time_round_trips(conn: &mut TcpStream, length: Duration) -> anyhow::Result<Vec<Duration>> {
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(PING_PONG_PATIENCE))?;
+    let warm_up = WARM_UP.min(length / 2);
+    let start = Instant::now();
+    let mut msg = [0x5au8; RR_MESSAGE_BYTES];
+    let mut rtts = Vec::new();
+    loop {
+        let sent = Instant::now();
+        if sent - start >= length {
+            return Ok(rtts);
+        }
+        conn.write_all(&msg).context("send a message")?;
+        conn.read_exact(&mut msg).context("read the echo")?;
+        if sent - start >= warm_up {
+            rtts.push(sent.elapsed());
+        }
+    }
+}
+
+/// p50 and p99 (nearest rank) of the round trips, and round trips per second of the `valid`
+/// seconds they took.
+pub fn summarize_round_trips(mut rtts: Vec<Duration>, valid: f64) -> anyhow::Result<RrRun> {
+    if rtts.is_empty() || valid <= 0.0 {
+        bail!("no round trip completed after the warm-up");
+    }
+    rtts.sort();
+    let at = |p: f64| {
+        let rank = (p * rtts.len() as f64).ceil() as usize;
+        rtts[rank.clamp(1, rtts.len()) - 1].as_secs_f64() * 1e6
+    };
+    Ok(RrRun {
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+        tps: rtts.len() as f64 / valid,
+    })
 }
 
 fn head(text: &str) -> String {
@@ -506,8 +645,74 @@ sockperf: ---> <MIN> observation =   11.687
     }
 
     #[test]
+    fn ping_pong_percentiles_are_nearest_rank() {
+        let us = |v: u64| Duration::from_micros(v);
+        // 1..=200 µs shuffled: p50 is the 100th, p99 the 198th.
+        let rtts: Vec<Duration> = (1..=200).rev().map(us).collect();
+        let rr = summarize_round_trips(rtts, 0.5).unwrap();
+        assert_eq!((rr.p50_us, rr.p99_us), (100.0, 198.0));
+        assert_eq!(rr.tps, 400.0);
+        let one = summarize_round_trips(vec![us(7)], 1.0).unwrap();
+        assert_eq!((one.p50_us, one.p99_us), (7.0, 7.0));
+        assert!(summarize_round_trips(Vec::new(), 1.0).is_err());
+    }
+
+    #[test]
     fn reads_process_ticks() {
         let stat = "15 (ksoftirqd/1) S 2 0 0 0 -1 69238848 0 0 0 0 7 42 0 0 20 0 1 0 3 0 0";
         assert_eq!(process_ticks(stat), Some(49));
+    }
+}
+
+/// The IPv6 ping-pong for real, between two namespaces joined by a veth pair (root).
+#[cfg(test)]
+mod ping_pong_tests {
+    use super::*;
+    use weft_tests::netns::Netns;
+
+    async fn pair() -> (Netns, Netns) {
+        let pid = std::process::id();
+        let a = Netns::create(&format!("weft-rr-{pid}-a")).await.unwrap();
+        let b = Netns::create(&format!("weft-rr-{pid}-b")).await.unwrap();
+        a.ip(&[
+            "link",
+            "add",
+            "v0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "v1",
+            "netns",
+            b.name(),
+        ])
+        .await
+        .unwrap();
+        for (ns, dev, ip) in [(&a, "v0", "fd99::1/64"), (&b, "v1", "fd99::2/64")] {
+            ns.ip(&["-6", "addr", "add", ip, "dev", dev, "nodad"])
+                .await
+                .unwrap();
+            ns.ip(&["link", "set", dev, "up"]).await.unwrap();
+        }
+        (a, b)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore = "needs root: run cargo xtask test"]
+    async fn ping_pong_times_round_trips_over_ipv6_between_namespaces() {
+        let (a, b) = pair().await;
+        let client = Endpoint::at(a.name(), "fd99::1".parse().unwrap());
+        let server = Endpoint::at(b.name(), "fd99::2".parse().unwrap());
+        let rr = ping_pong(&client, &server, 1).await.unwrap();
+        // One message in flight: round trips per second cannot beat the fastest half of them.
+        assert!(
+            rr.p50_us > 0.0 && rr.p50_us <= rr.p99_us && rr.tps > 100.0,
+            "{rr:?}"
+        );
+        assert!(rr.tps <= 1e6 / rr.p50_us * 2.0, "{rr:?}");
+        // No server at that address: a clear error, not a hang.
+        let nowhere = Endpoint::at(b.name(), "fd99::3".parse().unwrap());
+        let err = ping_pong(&client, &nowhere, 1).await.unwrap_err();
+        assert!(format!("{err:#}").contains("listen on fd99::3"), "{err:#}");
     }
 }

@@ -16,6 +16,8 @@ use crate::bench::targets::{self, Comparison, BARE, EBPF, HOST_GW, KERNEL_VXLAN}
 /// offloads when that variant ran).
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// 4, or 6 for `--family 6` (IPv6 containers over the IPv6 underlay).
+    pub family: u8,
     pub rounds: usize,
     pub modes: Modes,
     pub ebpf_counters: EbpfCounters,
@@ -280,6 +282,7 @@ pub fn fmt_value(v: f64) -> String {
 mod tests {
     use super::*;
     use crate::bench::stats::{ModeSummary, Sample};
+    use crate::bench::topology::Family;
 
     fn modes(rounds: usize) -> Modes {
         let s = |round: usize, x: f64| Sample {
@@ -313,7 +316,7 @@ mod tests {
     #[test]
     fn table_shows_ratios_to_bare_and_kernel_vxlan_with_intervals() {
         let m = modes(3);
-        let cmp = targets::compare(&m, true, "offload");
+        let cmp = targets::compare(&m, targets::targets(Family::V4, true), "offload");
         let t = table("offload", 3, &m, &cmp);
         assert!(t.contains("ebpf/bare") && t.contains("host-gw/bare"), "{t}");
         assert!(
@@ -331,7 +334,7 @@ mod tests {
     #[test]
     fn markdown_has_a_row_per_metric_and_per_target() {
         let m = modes(5);
-        let cmp = targets::compare(&m, true, "offload");
+        let cmp = targets::compare(&m, targets::targets(Family::V4, true), "offload");
         let md = markdown(5, &m, &cmp);
         let (values, targets) = md.split_once("\n\n").unwrap();
         assert_eq!(values.lines().count(), 2 + METRICS.len());

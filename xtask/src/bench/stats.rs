@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 /// One round's figures for one mode (one entry of `samples` in report.json).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
+    /// From 1; 0 only in [`ModeSummary`]'s medians, which no round measured (and JSON leaves out).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub round: usize,
     pub tcp1_gbps: f64,
     pub tcp4_gbps: f64,
@@ -28,6 +30,10 @@ pub struct Sample {
 
 fn nan() -> f64 {
     f64::NAN
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// A metric of [`Sample`]: its JSON key, how the table and chart name it, and which way is better.
@@ -91,20 +97,12 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// A mode's medians plus every round (the `M` of report.json).
+/// A mode's medians plus every round (the `M` of report.json): the medians' fields at the top
+/// level, as a [`Sample`] without a round, then `samples`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModeSummary {
-    pub tcp1_gbps: f64,
-    pub tcp4_gbps: f64,
-    pub rr_p50_us: f64,
-    pub rr_p99_us: f64,
-    pub rr_tps: f64,
-    pub udp64_pps: f64,
-    pub cpu_s_per_gb: f64,
-    #[serde(default = "nan")]
-    pub host_tcp1_gbps: f64,
-    #[serde(default = "nan")]
-    pub host_rr_p50_us: f64,
+    #[serde(flatten)]
+    medians: Sample,
     pub samples: Vec<Sample>,
 }
 
@@ -113,33 +111,25 @@ impl ModeSummary {
         let med = |m: &Metric| median(&samples.iter().map(m.get).collect::<Vec<_>>());
         let [tcp1, tcp4, p50, p99, tps, udp, cpu, host_tcp1, host_p50] = METRICS.map(|m| med(&m));
         ModeSummary {
-            tcp1_gbps: tcp1,
-            tcp4_gbps: tcp4,
-            rr_p50_us: p50,
-            rr_p99_us: p99,
-            rr_tps: tps,
-            udp64_pps: udp,
-            cpu_s_per_gb: cpu,
-            host_tcp1_gbps: host_tcp1,
-            host_rr_p50_us: host_p50,
+            medians: Sample {
+                round: 0,
+                tcp1_gbps: tcp1,
+                tcp4_gbps: tcp4,
+                rr_p50_us: p50,
+                rr_p99_us: p99,
+                rr_tps: tps,
+                udp64_pps: udp,
+                cpu_s_per_gb: cpu,
+                host_tcp1_gbps: host_tcp1,
+                host_rr_p50_us: host_p50,
+            },
             samples,
         }
     }
 
     /// The medians as a [`Sample`] (round 0), so [`Metric::get`] reads them.
     pub fn medians(&self) -> Sample {
-        Sample {
-            round: 0,
-            tcp1_gbps: self.tcp1_gbps,
-            tcp4_gbps: self.tcp4_gbps,
-            rr_p50_us: self.rr_p50_us,
-            rr_p99_us: self.rr_p99_us,
-            rr_tps: self.rr_tps,
-            udp64_pps: self.udp64_pps,
-            cpu_s_per_gb: self.cpu_s_per_gb,
-            host_tcp1_gbps: self.host_tcp1_gbps,
-            host_rr_p50_us: self.host_rr_p50_us,
-        }
+        self.medians
     }
 
     /// Smallest and largest round value of a metric (the chart's whiskers).
@@ -302,12 +292,35 @@ mod tests {
     #[test]
     fn summary_takes_medians_per_metric() {
         let s = ModeSummary::of(vec![sample(1, 1.0), sample(2, 4.0), sample(3, 2.0)]);
-        assert_eq!(s.tcp1_gbps, 2.0);
-        assert_eq!(s.tcp4_gbps, 4.0);
-        assert_eq!(s.rr_p50_us, 5.0);
-        assert!(s.host_rr_p50_us.is_nan());
+        let m = s.medians();
+        assert_eq!(m.tcp1_gbps, 2.0);
+        assert_eq!(m.tcp4_gbps, 4.0);
+        assert_eq!(m.rr_p50_us, 5.0);
+        assert!(m.host_rr_p50_us.is_nan());
         assert_eq!(s.samples.len(), 3);
         assert_eq!(s.range(&METRICS[0]), (1.0, 4.0));
+    }
+
+    #[test]
+    fn summary_json_keeps_medians_at_the_top_and_rounds_in_samples() {
+        let s = ModeSummary::of(vec![sample(1, 1.0), sample(2, 3.0)]);
+        let v = serde_json::to_value(&s).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut want: Vec<&str> = METRICS.iter().map(|m| m.key).collect();
+        want.push("samples");
+        want.sort();
+        assert_eq!(keys, want, "no `round` beside the medians");
+        assert_eq!(v["tcp1_gbps"], 2.0);
+        assert_eq!(v["samples"][1]["round"], 2);
+        let back: ModeSummary = serde_json::from_value(
+            serde_json::json!({"tcp1_gbps": 2, "tcp4_gbps": 4, "rr_p50_us": 5, "rr_p99_us": 6,
+                "rr_tps": 7, "udp64_pps": 8, "cpu_s_per_gb": 9,
+                "samples": [Sample { host_rr_p50_us: 3.0, ..sample(1, 1.0) }]}),
+        )
+        .unwrap();
+        assert_eq!(back.medians().tcp1_gbps, 2.0);
+        assert!(back.medians().host_tcp1_gbps.is_nan());
+        assert_eq!((back.samples[0].round, back.samples[0].tcp1_gbps), (1, 1.0));
     }
 
     #[test]

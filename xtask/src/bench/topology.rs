@@ -3,7 +3,7 @@
 //! side by side for the whole run so rounds can alternate between them.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -11,12 +11,92 @@ use anyhow::{bail, Context as _};
 use weft_tests::flanneld::{self, Ipv4Net};
 use weft_tests::{Cluster, ClusterOptions, Container, Host};
 
+use crate::bench::counters::{find, read_ebpf_counters, PathCounters, IPV4_PATH, IPV6_PATH};
 use crate::bench::measure::Endpoint;
 
-/// Container MTU in every mode (underlay 1500 minus the 50 bytes of VXLAN), as the issue requires.
+/// Longest wait for weft to bind the containers' IPv6 addresses: its reconcile interval (10 s by
+/// default) twice, plus the time a loaded machine needs.
+const EBPF_BINDING: Duration = Duration::from_secs(40);
+
+/// Container MTU in every IPv4 mode (underlay 1500 minus the 50 bytes of VXLAN), as the issue
+/// requires.
 pub const CONTAINER_MTU: u32 = 1450;
+/// Container MTU in every IPv6 mode: underlay 1500 minus the 70 bytes of VXLAN over IPv6, the MTU
+/// of flannel-v6.1. At 1450 every full-size IPv6 segment would first be refused with a Packet Too
+/// Big and the figures would measure path-MTU discovery.
+pub const CONTAINER_MTU6: u32 = 1430;
 /// The overlay network all modes use.
 pub const NETWORK: &str = "10.1.0.0/16";
+/// The IPv6 overlay network of `--family 6` (dual stack: the harness's containers need IPv4 too).
+pub const NETWORK6: &str = "fd00:10::/48";
+
+/// The address family the datapath benchmark measures: of the containers and of the underlay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Family {
+    #[default]
+    #[value(name = "4")]
+    V4,
+    /// A dual-stack network (`EnableIPv6`), measured with IPv6 containers over the hosts' IPv6
+    /// underlay addresses.
+    #[value(name = "6")]
+    V6,
+}
+
+impl Family {
+    /// 4 or 6, as report.json records it.
+    pub fn number(self) -> u8 {
+        match self {
+            Family::V4 => 4,
+            Family::V6 => 6,
+        }
+    }
+
+    /// The name the output files start with: IPv6 runs never overwrite IPv4 reports.
+    pub fn report_stem(self) -> &'static str {
+        match self {
+            Family::V4 => "report",
+            Family::V6 => "report6",
+        }
+    }
+
+    pub fn container_mtu(self) -> u32 {
+        match self {
+            Family::V4 => CONTAINER_MTU,
+            Family::V6 => CONTAINER_MTU6,
+        }
+    }
+
+    /// The counters and the kernel device that tell whether this family took the eBPF path.
+    pub fn path_counters(self) -> &'static PathCounters {
+        match self {
+            Family::V4 => &IPV4_PATH,
+            Family::V6 => &IPV6_PATH,
+        }
+    }
+
+    /// The network config for `backend`; IPv4's is the benchmark's original one, unchanged.
+    fn config(self, backend: &str) -> String {
+        let ipv6 = match self {
+            Family::V4 => String::new(),
+            Family::V6 => format!(r#","EnableIPv6":true,"IPv6Network":"{NETWORK6}""#),
+        };
+        format!(r#"{{"Network":"{NETWORK}"{ipv6},"Backend":{{"Type":"{backend}"}}}}"#)
+    }
+
+    /// `host`'s underlay address in this family.
+    pub fn ens32_ip(self, host: &Host) -> IpAddr {
+        match self {
+            Family::V4 => host.ens32_ip().into(),
+            Family::V6 => host.ens32_ipv6().into(),
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IPv{}", self.number())
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
 pub enum Mode {
@@ -52,12 +132,12 @@ impl Mode {
         matches!(self, Mode::Ebpf | Mode::EbpfNocsum)
     }
 
-    fn config(self) -> String {
+    fn config(self, family: Family) -> String {
         let backend = match self {
             Mode::Bare | Mode::HostGw => "host-gw",
             Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum => "vxlan",
         };
-        format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"{backend}"}}}}"#)
+        family.config(backend)
     }
 
     fn agent_args(self) -> &'static [&'static str] {
@@ -107,6 +187,7 @@ impl Offload {
 /// Two hosts, one container on each (none in `bare`), ready to measure.
 pub struct Testbed {
     pub mode: Mode,
+    pub family: Family,
     /// Where the tests run: the containers, or in `bare` the hosts themselves.
     pub client: Endpoint,
     pub server: Endpoint,
@@ -119,14 +200,17 @@ pub struct Testbed {
 }
 
 impl Testbed {
-    pub async fn start(mode: Mode, routing: Routing) -> anyhow::Result<Testbed> {
+    pub async fn start(mode: Mode, routing: Routing, family: Family) -> anyhow::Result<Testbed> {
+        if routing == Routing::Hand && family == Family::V6 {
+            bail!("--hand-routed programs IPv4 only; drop it with --family 6");
+        }
         let cluster = Cluster::start(ClusterOptions::new(2))
             .await
             .context("build the two-host cluster")?;
         if mode == Mode::Bare {
-            return Testbed::bare(cluster).await;
+            return Testbed::bare(cluster, family).await;
         }
-        cluster.write_config(&mode.config()).await;
+        cluster.write_config(&mode.config(family)).await;
         match routing {
             Routing::Agent => {
                 cluster
@@ -147,33 +231,76 @@ impl Testbed {
         }
         let client = cluster.container(0);
         let server = cluster.container(1);
+        let (client_ip, server_ip) = match family {
+            Family::V4 => (client.ip().into(), server.ip().into()),
+            Family::V6 => (
+                ipv6_of(cluster.host(0)).await?,
+                ipv6_of(cluster.host(1)).await?,
+            ),
+        };
         let bed = Testbed {
             mode,
-            client: Endpoint::container(&client),
-            server: Endpoint::container(&server),
-            host_client: Endpoint::host(cluster.host(0)),
+            family,
+            client: Endpoint::at(client.netns(), client_ip),
+            server: Endpoint::at(server.netns(), server_ip),
+            host_client: Endpoint::host(cluster.host(0), family),
             containers: Some((client, server)),
             cluster,
         };
         bed.force_mtu().await?;
         bed.set_offload(Offload::On).await?;
-        let (client, server) = bed.containers.as_ref().context("containers")?;
+        let (client, _) = bed.containers.as_ref().context("containers")?;
         client
-            .ping_until(server.ip(), Duration::from_secs(30))
+            .ping_until(server_ip, Duration::from_secs(30))
             .await
-            .with_context(|| format!("{mode}: container to container across hosts"))?;
+            .with_context(|| format!("{mode}: container to container across hosts ({family})"))?;
+        if mode.is_ebpf() && family == Family::V6 {
+            bed.wait_until_ebpf_carries(client, server_ip).await?;
+        }
         Ok(bed)
     }
 
-    /// Host 1 to host 2 over the underlay: the hosts' own namespaces at their ens32 addresses,
-    /// MTU 1500 (the wire's; no overlay takes 50 bytes of it).
-    async fn bare(cluster: Cluster) -> anyhow::Result<Testbed> {
+    /// weft binds a container's IPv6 address to its bridge port at the next reconcile (its
+    /// neighbour watch follows IPv4 only); until then flannel-v6.1 carries the container and the
+    /// first round would measure the kernel. Wait until a ping each way is encapsulated and
+    /// decapsulated by the programs on both hosts.
+    async fn wait_until_ebpf_carries(
+        &self,
+        client: &Container,
+        server_ip: IpAddr,
+    ) -> anyhow::Result<()> {
+        let path = self.family.path_counters();
+        let hosts = self.hosts();
+        weft_tests::poll::try_until(
+            &format!(
+                "{}: a ping {server_ip} each way through the eBPF programs (`{}` and `{}` growing on \
+                 host1 and host2; seen: before and after the ping)",
+                self.mode, path.encapsulated, path.decapsulated
+            ),
+            EBPF_BINDING,
+            || async {
+                let before = path_counts(hosts, path).await?;
+                client.ping(server_ip).await.map_err(|e| format!("{e:#}"))?;
+                let after = path_counts(hosts, path).await?;
+                let grew = before.iter().zip(&after).all(|(b, a)| a > b);
+                weft_tests::poll::check(grew, (before, after))
+            },
+        )
+        .await
+        .map_err(anyhow::Error::msg)
+    }
+
+    /// Host 1 to host 2 over the underlay: the hosts' own namespaces at their ens32 addresses
+    /// (IPv6: the harness's fd00:16::/64 ones), MTU 1500 (the wire's; no overlay takes 50 or 70
+    /// bytes of it).
+    async fn bare(cluster: Cluster, family: Family) -> anyhow::Result<Testbed> {
         let (client, server) = (
-            Endpoint::host(cluster.host(0)),
-            Endpoint::host(cluster.host(1)),
+            Endpoint::host(cluster.host(0), family),
+            Endpoint::host(cluster.host(1), family),
         );
         let bed = Testbed {
             mode: Mode::Bare,
+            family,
             host_client: client.clone(),
             client,
             server,
@@ -200,10 +327,11 @@ impl Testbed {
         self.cluster.hosts()
     }
 
-    /// host-gw's subnet file says 1500 (nothing to encapsulate); the comparison needs 1450 in every
-    /// mode, so docker0 and both ends of each container veth get 1450. Then check all modes alike.
+    /// host-gw's subnet file says 1500 (nothing to encapsulate); the comparison needs the overlay's
+    /// MTU in every mode (1450; IPv6: 1430), so docker0 and both ends of each container veth get
+    /// it. Then check all modes alike.
     async fn force_mtu(&self) -> anyhow::Result<()> {
-        let mtu = CONTAINER_MTU.to_string();
+        let mtu = self.family.container_mtu().to_string();
         let Some((client, server)) = &self.containers else {
             return Ok(());
         };
@@ -275,6 +403,31 @@ impl Testbed {
             }
         }
         Ok(out.join("; "))
+    }
+}
+
+/// `[encapsulated, decapsulated]` of `path` on each host in turn.
+async fn path_counts(hosts: &[Host], path: &PathCounters) -> Result<Vec<f64>, String> {
+    let mut counts = Vec::new();
+    for host in hosts {
+        let c = read_ebpf_counters(host, path)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        counts.extend([path.encapsulated, path.decapsulated].map(|n| find(&c, n).unwrap_or(0.0)));
+    }
+    Ok(counts)
+}
+
+/// Dual stack on `host`'s docker0 and its one container (the harness's IPv6 setup, from the
+/// agent's FLANNEL_IPV6_SUBNET): the container's IPv6 address.
+async fn ipv6_of(host: &Host) -> anyhow::Result<IpAddr> {
+    let v6 = host
+        .enable_ipv6()
+        .await
+        .with_context(|| format!("IPv6 for {}'s container", host.name()))?;
+    match v6.as_slice() {
+        [(_, ip)] => Ok((*ip).into()),
+        _ => bail!("{}: expected one container, got {}", host.name(), v6.len()),
     }
 }
 
@@ -357,4 +510,42 @@ async fn hand_route(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_configs_are_the_original_ones_and_ipv6_adds_a_dual_stack_network() {
+        assert_eq!(
+            Mode::HostGw.config(Family::V4),
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#
+        );
+        assert_eq!(
+            Mode::Ebpf.config(Family::V4),
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#
+        );
+        assert_eq!(
+            Mode::KernelVxlan.config(Family::V6),
+            r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/48","Backend":{"Type":"vxlan"}}"#
+        );
+        assert_eq!(
+            (Family::V4.report_stem(), Family::V6.report_stem()),
+            ("report", "report6")
+        );
+        assert_eq!(
+            (Family::V4.container_mtu(), Family::V6.container_mtu()),
+            (1450, 1430)
+        );
+        assert_eq!(Family::V6.path_counters().fallback_device, "flannel-v6.1");
+    }
+
+    #[test]
+    fn family_is_given_as_4_or_6() {
+        use clap::ValueEnum as _;
+        assert_eq!(Family::from_str("6", false), Ok(Family::V6));
+        assert_eq!(Family::from_str("4", false), Ok(Family::V4));
+        assert!(Family::from_str("v6", false).is_err());
+    }
 }
