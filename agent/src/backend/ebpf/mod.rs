@@ -343,11 +343,7 @@ impl Backend for EbpfBackend {
         match event {
             LeaseEvent::Added(lease) => {
                 self.inner.apply(event).await?;
-                if let Some(e) = self.entry_for(lease) {
-                    self.add_entry(&e)?;
-                    info!(subnet = %e.subnet, vtep = %e.vtep_ip, "peer added to the eBPF maps");
-                }
-                self.apply6(None, Some(lease))?;
+                self.add_to_maps(lease)?;
             }
             LeaseEvent::Changed { old, new } => {
                 self.inner.apply(event).await?;
@@ -373,6 +369,10 @@ impl Backend for EbpfBackend {
             }
         }
         Ok(())
+    }
+
+    async fn apply_all(&mut self, events: &[LeaseEvent]) -> Vec<Result<(), BackendError>> {
+        self.apply_batch(events).await
     }
 
     async fn local_change(&mut self) {
@@ -418,8 +418,9 @@ impl Backend for EbpfBackend {
             Ok(interfaces) => self.repair_attachments(interfaces),
             Err(_) => Ok(0),
         };
-        let maps = self.sync_maps(peers);
-        for step in [attached, maps, self.sync_maps6(peers)] {
+        let maps = self.sync_maps(peers).await;
+        let maps6 = self.sync_maps6(peers).await;
+        for step in [attached, maps, maps6] {
             match step {
                 Ok(n) => repairs += n,
                 Err(EbpfBackendError::Steps(e)) => errors.extend(e),
