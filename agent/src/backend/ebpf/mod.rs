@@ -405,6 +405,12 @@ impl Backend for EbpfBackend {
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
+        // A socket of this pass's own for its dumps (interfaces, the bridge's neighbours,
+        // which the kernel lists from all of flannel.N's thousands): the agent drops a pass
+        // for a lease event, and the dumps left in flight then close with it instead of
+        // draining on the socket the next pass would wait on. Lease events use the kernel
+        // backend's socket, never this one.
+        self.nl = self.inner.pass_netlink();
         // The kernel path first: it is the fallback for anything the programs pass on.
         let kernel = self.inner.reconcile(peers).await;
         // Every step runs whatever an earlier one hit: a failed attach must not

@@ -244,7 +244,7 @@ impl VxlanBackend {
     /// a pass when a lease event arrives; on the shared socket, the dumps it left in flight
     /// (thousands of messages) would be read and thrown away ahead of the event's replies.
     /// Dropped with the pass, this one closes and the kernel discards them.
-    pub(super) fn pass_netlink(&self) -> Netlink {
+    pub(crate) fn pass_netlink(&self) -> Netlink {
         Netlink::connect().unwrap_or_else(|e| {
             warn!(error = %e, "reconciling on the shared netlink socket");
             self.nl.clone()
