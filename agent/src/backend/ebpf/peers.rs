@@ -41,7 +41,7 @@ impl EbpfBackend {
     }
 
     /// [`Backend::apply_all`]: changed and removed peers one at a time, then the new ones'
-    /// kernel entries with their requests overlapping ([`VxlanBackend::add_all`]), then
+    /// kernel entries with their requests overlapping (`VxlanBackend::add_all`), then
     /// their map entries.
     pub(super) async fn apply_batch(
         &mut self,
