@@ -31,8 +31,13 @@ mod tests;
 
 use running::{warn_notify, Running};
 
-/// Reconcile passes a watch update may cut short in a row (see `Running::reconcile_or_update`).
+/// Reconcile passes a watch update may cut short in a row before one runs to its end, if
+/// they have also been cut short for longer than [`MAX_DEFERRAL_INTERVALS`] reconcile intervals
+/// (see `Running::reconcile_or_update`). Both must hold: a burst of new leases (hundreds
+/// written one after another) never holds one of them behind a whole pass, and steady churn
+/// delays repairs by a bounded time.
 const MAX_INTERRUPTED_PASSES: u32 = 16;
+const MAX_DEFERRAL_INTERVALS: u32 = 2;
 
 /// Everything `weft agent` was told, validated.
 #[derive(Debug, Clone)]
@@ -396,9 +401,11 @@ where
     let mut reconcile = tokio::time::interval(cfg.reconcile_interval);
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut snapshot_seen = false;
-    // Reconcile passes dropped in a row for a watch update; past MAX_INTERRUPTED_PASSES the
-    // next one runs to the end, so steady churn cannot starve repairs.
+    // Reconcile passes dropped in a row for a watch update, and since when; past both limits
+    // the next one runs to the end, so steady churn cannot starve repairs.
     let mut interrupted = 0;
+    let mut deferred_since = None;
+    let max_deferral = cfg.reconcile_interval * MAX_DEFERRAL_INTERVALS;
     let result = loop {
         let update = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
@@ -439,15 +446,18 @@ where
                 continue;
             }
             _ = reconcile.tick(), if snapshot_seen => {
-                let interruptible = interrupted < MAX_INTERRUPTED_PASSES;
-                match st.reconcile_or_update(&mut rx, interruptible).await {
+                let starved = interrupted >= MAX_INTERRUPTED_PASSES
+                    && deferred_since.is_some_and(|t: Instant| t.elapsed() >= max_deferral);
+                match st.reconcile_or_update(&mut rx, !starved).await {
                     None => {
                         interrupted = 0;
+                        deferred_since = None;
                         continue;
                     }
                     Some(update) => {
                         // The dropped pass runs again once the update is applied.
                         interrupted += 1;
+                        deferred_since.get_or_insert_with(Instant::now);
                         reconcile.reset_immediately();
                         update
                     }

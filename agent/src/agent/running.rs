@@ -247,12 +247,18 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
     }
 
     pub async fn apply(&mut self, events: Vec<LeaseEvent>) {
-        for ev in events {
-            if let Err(e) = self.backend.apply(&ev).await {
+        // A snapshot's thousands of new peers go to the backend together, so it can overlap
+        // their requests: /readyz waits for all of them.
+        let results = match events.as_slice() {
+            [one] => vec![self.backend.apply(one).await],
+            many => self.backend.apply_all(many).await,
+        };
+        for (ev, result) in events.iter().zip(results) {
+            if let Err(e) = result {
                 tracing::warn!("applying {ev:?}: {e:#}; the next reconcile retries");
                 continue;
             }
-            match &ev {
+            match ev {
                 LeaseEvent::Added(l) => {
                     self.metrics.peers_added.inc();
                     tracing::info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer added");

@@ -532,3 +532,36 @@ async fn new_peer_is_programmed_without_waiting_for_a_reconcile_pass() {
     .await;
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_new_peers_never_waits_for_a_whole_pass() {
+    let store = store();
+    let (agent, _) = started(&store).await;
+    // A pass over 5000 peers; one starts again right after each peer is programmed.
+    agent
+        .backend
+        .get(|p| p.reconcile_takes = Duration::from_millis(300));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // As `cargo xtask bench --control-plane` writes them: each as soon as the last is in.
+    // Far more than MAX_INTERRUPTED_PASSES passes are cut short in a row.
+    for i in 1..=3 * MAX_INTERRUPTED_PASSES {
+        let (subnet, attrs) = peer(i, 0);
+        let written = Instant::now();
+        store.put_lease(subnet, &attrs, TTL * 10);
+        while !agent.backend.get(|p| p.peers.contains_key(&subnet)) {
+            let took = written.elapsed();
+            assert!(
+                took < Duration::from_millis(50),
+                "peer {i} of a burst not programmed after {took:?}: it waited for a reconcile pass"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    // Once the burst is over a pass runs to its end.
+    let passes = agent.backend.get(|p| p.passes);
+    until("a reconcile pass to finish after the burst", || {
+        agent.backend.get(|p| p.passes) > passes
+    })
+    .await;
+    agent.stop().await.unwrap();
+}

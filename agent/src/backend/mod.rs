@@ -130,6 +130,20 @@ pub trait Backend: Send {
         &mut self,
         event: &LeaseEvent,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Program many peer changes at once (a snapshot's), one result per event. By default
+    /// [`Self::apply`] for each in turn; a backend may overlap the kernel requests of new peers.
+    fn apply_all(
+        &mut self,
+        events: &[LeaseEvent],
+    ) -> impl Future<Output = Vec<Result<(), BackendError>>> + Send {
+        async move {
+            let mut results = Vec::with_capacity(events.len());
+            for ev in events {
+                results.push(self.apply(ev).await);
+            }
+            results
+        }
+    }
     /// Make kernel state equal the peer set: add what is missing, remove what no lease justifies.
     /// Returns how many repairs were made.
     fn reconcile(
@@ -177,6 +191,9 @@ impl Backend for AnyBackend {
     }
     async fn apply(&mut self, event: &LeaseEvent) -> Result<(), BackendError> {
         delegate!(self, b => b.apply(event).await)
+    }
+    async fn apply_all(&mut self, events: &[LeaseEvent]) -> Vec<Result<(), BackendError>> {
+        delegate!(self, b => b.apply_all(events).await)
     }
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
         delegate!(self, b => b.reconcile(peers).await)

@@ -1,6 +1,7 @@
 //! `ip route` / `ip -6 route`: per-peer routes in the main table, listed for reconciliation.
 //! One implementation for both families, through [`RouteAddr`].
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -17,7 +18,7 @@ use super::{collect, tolerate, Netlink, NetlinkError};
 pub trait RouteAddr:
     Copy + Eq + std::fmt::Display + std::fmt::Debug + Send + Sync + 'static
 {
-    type Net: Copy + Eq + std::fmt::Display + std::fmt::Debug + Send + Sync + 'static;
+    type Net: Copy + Ord + std::fmt::Display + std::fmt::Debug + Send + Sync + 'static;
     const FAMILY: AddressFamily;
     fn from_route(a: &RouteAddress) -> Option<Self>;
     /// The network of `len` at `addr` (the family's unspecified address when `None`).
@@ -297,18 +298,26 @@ impl Netlink {
         desired: &[RouteSpec<A>],
     ) -> Result<SyncReport, NetlinkError> {
         let kernel = self.routes::<A>().await?;
+        // Indexed by destination: with thousands of routes, scanning the kernel's list for
+        // each desired one took tens of ms in which nothing else ran.
+        let mut by_dst: BTreeMap<A::Net, Vec<&RouteEntry<A>>> = BTreeMap::new();
+        for r in &kernel {
+            by_dst.entry(r.dst).or_default().push(r);
+        }
         let mut report = SyncReport::default();
         for spec in desired {
-            if !kernel.iter().any(|r| r.satisfies(spec)) {
+            let held = by_dst.get(&spec.dst);
+            if !held.is_some_and(|rs| rs.iter().any(|r| r.satisfies(spec))) {
                 report.record(self.replace_route(spec).await);
             }
         }
+        let wanted: BTreeSet<A::Net> = desired.iter().map(|d| d.dst).collect();
         // A desired route with the same destination replaced the stale one above.
         for stale in kernel
             .iter()
             .filter(|r| owned(r) && r.protocol != RTPROT_KERNEL)
         {
-            if !desired.iter().any(|d| d.dst == stale.dst) {
+            if !wanted.contains(&stale.dst) {
                 report.record(self.del_route(&stale.to_spec()).await);
             }
         }

@@ -131,9 +131,18 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
             "==> control plane, --datapath {datapath}: {} peers, {} new leases, {} s idle",
             opts.peers, opts.new_leases, opts.idle_seconds
         );
-        let r = run_one(datapath, opts.peers, opts.new_leases, opts.idle_seconds)
-            .await
-            .with_context(|| format!("control-plane benchmark with --datapath {datapath}"))?;
+        let log = opts
+            .out_dir()
+            .join(format!("control-plane-{datapath}-agent.log"));
+        let r = run_one(
+            datapath,
+            opts.peers,
+            opts.new_leases,
+            opts.idle_seconds,
+            &log,
+        )
+        .await
+        .with_context(|| format!("control-plane benchmark with --datapath {datapath}"))?;
         print(&r);
         results.push(r);
     }
@@ -155,6 +164,7 @@ async fn run_one(
     peers: usize,
     new_leases: usize,
     idle_seconds: u64,
+    keep_log: &std::path::Path,
 ) -> anyhow::Result<ControlPlane> {
     let ebpf = datapath == "ebpf";
     let cluster = Cluster::start(ClusterOptions::new(1)).await?;
@@ -271,6 +281,12 @@ async fn run_one(
     let (reconcile_passes, reconcile_s) = agent_reconcile(host, HEALTHZ_PORT)?;
     drop(monitor);
     agent.stop().await.ok();
+    // The agent's own account of the run (RUST_LOG applies): where its time went.
+    if let Some(dir) = keep_log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::copy(agent.log_path(), keep_log)
+        .with_context(|| format!("keep the agent's log as {}", keep_log.display()))?;
     drop(etcd);
 
     let lease_to_route = Latencies::of(to_route);

@@ -349,11 +349,7 @@ impl Backend for EbpfBackend {
         match event {
             LeaseEvent::Added(lease) => {
                 self.inner.apply(event).await?;
-                if let Some(e) = self.entry_for(lease) {
-                    self.add_entry(&e)?;
-                    info!(subnet = %e.subnet, vtep = %e.vtep_ip, "peer added to the eBPF maps");
-                }
-                self.apply6(None, Some(lease))?;
+                self.add_to_maps(lease)?;
             }
             LeaseEvent::Changed { old, new } => {
                 self.inner.apply(event).await?;
@@ -379,6 +375,10 @@ impl Backend for EbpfBackend {
             }
         }
         Ok(())
+    }
+
+    async fn apply_all(&mut self, events: &[LeaseEvent]) -> Vec<Result<(), BackendError>> {
+        self.apply_batch(events).await
     }
 
     async fn local_change(&mut self) {
@@ -411,6 +411,12 @@ impl Backend for EbpfBackend {
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
+        // A socket of this pass's own for its dumps (interfaces, the bridge's neighbours,
+        // which the kernel lists from all of flannel.N's thousands): the agent drops a pass
+        // for a lease event, and the dumps left in flight then close with it instead of
+        // draining on the socket the next pass would wait on. Lease events use the kernel
+        // backend's socket, never this one.
+        self.nl = self.inner.pass_netlink();
         // The kernel path first: it is the fallback for anything the programs pass on.
         let kernel = self.inner.reconcile(peers).await;
         // Every step runs whatever an earlier one hit: a failed attach must not
@@ -424,8 +430,9 @@ impl Backend for EbpfBackend {
             Ok(interfaces) => self.repair_attachments(interfaces),
             Err(_) => Ok(0),
         };
-        let maps = self.sync_maps(peers);
-        for step in [attached, maps, self.sync_maps6(peers)] {
+        let maps = self.sync_maps(peers).await;
+        let maps6 = self.sync_maps6(peers).await;
+        for step in [attached, maps, maps6] {
             match step {
                 Ok(n) => repairs += n,
                 Err(EbpfBackendError::Steps(e)) => errors.extend(e),

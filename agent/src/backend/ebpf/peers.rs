@@ -9,10 +9,10 @@ use std::{
 use ipnet::Ipv4Net;
 use tracing::info;
 
-use super::{family::Peer, EbpfBackend, EbpfBackendError};
+use super::{family::Peer, Backend, BackendError, EbpfBackend, EbpfBackendError};
 use crate::{
     datapath::{PeerEntry, PeerEntry6},
-    lease::{BackendAttrs, Lease},
+    lease::{BackendAttrs, Lease, LeaseEvent},
 };
 
 impl EbpfBackend {
@@ -28,6 +28,40 @@ impl EbpfBackend {
             }
             _ => None,
         }
+    }
+
+    /// A new peer's entries in both families' maps (after its kernel entries: the programs
+    /// hand `flannel.N` whatever they pass on).
+    pub(super) fn add_to_maps(&mut self, lease: &Lease) -> Result<(), EbpfBackendError> {
+        if let Some(e) = self.entry_for(lease) {
+            self.add_entry(&e)?;
+            info!(subnet = %e.subnet, vtep = %e.vtep_ip, "peer added to the eBPF maps");
+        }
+        self.apply6(None, Some(lease))
+    }
+
+    /// [`Backend::apply_all`]: changed and removed peers one at a time, then the new ones'
+    /// kernel entries with their requests overlapping (`VxlanBackend::add_all`), then
+    /// their map entries.
+    pub(super) async fn apply_batch(
+        &mut self,
+        events: &[LeaseEvent],
+    ) -> Vec<Result<(), BackendError>> {
+        let mut results: Vec<Option<Result<(), BackendError>>> =
+            events.iter().map(|_| None).collect();
+        let mut added = Vec::new();
+        for (i, ev) in events.iter().enumerate() {
+            match ev {
+                LeaseEvent::Added(l) => added.push((i, l)),
+                ev => results[i] = Some(self.apply(ev).await),
+            }
+        }
+        let leases: Vec<&Lease> = added.iter().map(|(_, l)| *l).collect();
+        let kernel = self.inner.add_all(&leases).await;
+        for ((i, lease), r) in added.into_iter().zip(kernel) {
+            results[i] = Some(r.and_then(|()| Ok(self.add_to_maps(lease)?)));
+        }
+        results.into_iter().flatten().collect()
     }
 
     /// Adds the VTEP before the subnet, so replies are accepted once we send.
@@ -69,24 +103,36 @@ impl EbpfBackend {
 
     /// Makes the maps equal `peers`; returns the number of changes, or every
     /// entry that could not be written or removed.
-    pub(super) fn sync_maps(&mut self, peers: &[Lease]) -> Result<usize, EbpfBackendError> {
+    pub(super) async fn sync_maps(&mut self, peers: &[Lease]) -> Result<usize, EbpfBackendError> {
         let want: Vec<PeerEntry> = peers.iter().filter_map(|l| self.entry_for(l)).collect();
-        self.sync_peer_maps(want)
+        self.sync_peer_maps(want).await
     }
 
     /// [`Self::sync_maps`] for IPv6 (empty maps while our IPv6 side is off).
-    pub(super) fn sync_maps6(&mut self, peers: &[Lease]) -> Result<usize, EbpfBackendError> {
+    pub(super) async fn sync_maps6(&mut self, peers: &[Lease]) -> Result<usize, EbpfBackendError> {
         let want: Vec<PeerEntry6> = peers.iter().filter_map(|l| self.entry_for6(l)).collect();
-        self.sync_peer_maps(want)
+        self.sync_peer_maps(want).await
     }
 
     /// Makes one family's peer maps hold exactly `want`.
-    fn sync_peer_maps<P: Peer>(&mut self, want: Vec<P>) -> Result<usize, EbpfBackendError> {
+    ///
+    /// Map writes are system calls that never yield: every [`SYNC_CHUNK`] entries the pass
+    /// gives the runtime back, so that a lease event waiting behind it (the agent drops the
+    /// pass for it) is not held up by thousands of them.
+    async fn sync_peer_maps<P: Peer>(&mut self, want: Vec<P>) -> Result<usize, EbpfBackendError> {
         let want: BTreeMap<P::Net, P> = want.into_iter().map(|e| (e.subnet(), e)).collect();
         let want_vteps: BTreeSet<P::Ip> = want.values().map(|e| e.vtep()).collect();
-        let have = P::list(&mut self.dp).map_err(Self::map_err("list remote subnets".into()))?;
-        let have_vteps =
-            P::vteps(&mut self.dp).map_err(Self::map_err("list known VTEPs".into()))?;
+        let have: BTreeMap<P::Net, P> = P::list(&mut self.dp)
+            .map_err(Self::map_err("list remote subnets".into()))?
+            .into_iter()
+            .map(|e| (e.subnet(), e))
+            .collect();
+        tokio::task::yield_now().await;
+        let have_vteps: BTreeSet<P::Ip> = P::vteps(&mut self.dp)
+            .map_err(Self::map_err("list known VTEPs".into()))?
+            .into_iter()
+            .collect();
+        tokio::task::yield_now().await;
         let mut changes = 0;
         let mut errors = Vec::new();
         let mut count = |done: Result<(), EbpfBackendError>| match done {
@@ -95,30 +141,51 @@ impl EbpfBackend {
         };
         // Stale entries first, so a full map makes room for the missing ones; every
         // entry is tried whatever an earlier one hit.
-        for stale in have.iter().filter(|h| !want.contains_key(&h.subnet())) {
+        let stale: Vec<P> = have
+            .values()
+            .filter(|h| !want.contains_key(&h.subnet()))
+            .copied()
+            .collect();
+        for (i, stale) in stale.iter().enumerate() {
             info!(subnet = %stale.subnet(), vtep = %stale.vtep(), "removing map entry no lease justifies");
             count(
                 P::remove(&mut self.dp, stale.subnet())
                     .map_err(Self::map_err(format!("remove {}", stale.subnet()))),
             );
+            yield_every(i).await;
         }
-        for stale in have_vteps.iter().filter(|v| !want_vteps.contains(v)) {
+        let stale_vteps: Vec<P::Ip> = have_vteps.difference(&want_vteps).copied().collect();
+        for (i, stale) in stale_vteps.iter().enumerate() {
             info!(vtep = %stale, "no longer accepting VXLAN from a host without a lease");
             count(
                 P::remove_vtep(&mut self.dp, *stale)
                     .map_err(Self::map_err(format!("stop accepting VXLAN from {stale}"))),
             );
+            yield_every(i).await;
         }
-        for e in want.values() {
-            if !have.contains(e) || !have_vteps.contains(&e.vtep()) {
-                info!(subnet = %e.subnet(), vtep = %e.vtep(), "adding missing map entry");
-                count(self.add_entry(e));
-            }
+        let missing: Vec<P> = want
+            .values()
+            .filter(|e| have.get(&e.subnet()) != Some(e) || !have_vteps.contains(&e.vtep()))
+            .copied()
+            .collect();
+        for (i, e) in missing.iter().enumerate() {
+            info!(subnet = %e.subnet(), vtep = %e.vtep(), "adding missing map entry");
+            count(self.add_entry(e));
+            yield_every(i).await;
         }
         if !errors.is_empty() {
             return Err(EbpfBackendError::Steps(errors));
         }
         Ok(changes)
+    }
+}
+
+/// Map writes a reconcile pass makes between two yields to the runtime.
+const SYNC_CHUNK: usize = 64;
+
+async fn yield_every(i: usize) {
+    if i % SYNC_CHUNK == SYNC_CHUNK - 1 {
+        tokio::task::yield_now().await;
     }
 }
 

@@ -403,12 +403,7 @@ impl Backend for VxlanBackend {
 
     async fn apply(&mut self, event: &LeaseEvent) -> Result<(), BackendError> {
         match event {
-            LeaseEvent::Added(l) => {
-                if self.s.has_ipv4() {
-                    self.add_or_change(None, l).await?;
-                }
-                self.program6(l).await?;
-            }
+            LeaseEvent::Added(l) => self.add(l).await?,
             LeaseEvent::Changed { old, new } => {
                 if self.s.has_ipv4() {
                     self.add_or_change(Some(old), new).await?;
@@ -428,6 +423,10 @@ impl Backend for VxlanBackend {
             }
         }
         Ok(())
+    }
+
+    async fn apply_all(&mut self, events: &[LeaseEvent]) -> Vec<Result<(), BackendError>> {
+        self.apply_batch(events).await
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
@@ -463,10 +462,11 @@ impl Backend for VxlanBackend {
                 Err(e) => steps.push(e.into()),
             }
         }
-        let vtep = self.sync_vtep_entries(index, &plans).await;
+        let nl = self.pass_netlink();
+        let vtep = self.sync_vtep_entries(&nl, index, &plans).await;
         let routes: Vec<RouteSpec> = plans.iter().map(|p| p.route).collect();
         let owned = |r: &RouteEntry| self.owns_route(index, r) && !unchecked.contains(&r.dst);
-        let synced = self.nl.sync_routes(owned, &routes).await;
+        let synced = nl.sync_routes(owned, &routes).await;
         for step in [vtep, synced] {
             match step {
                 Ok(r) => report.merge(r),

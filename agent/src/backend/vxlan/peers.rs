@@ -1,13 +1,20 @@
 //! IPv4 peers on `flannel.<VNI>`: the neighbour, fdb entry and route each lease needs,
 //! programmed and removed in flanneld's order, and reconciled with what the kernel holds.
 
-use std::net::Ipv4Addr;
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
 
 use tracing::{debug, info, warn};
 
-use super::{partial, VxlanBackend, VxlanError};
-use crate::lease::{BackendAttrs, Lease, MacAddr};
-use crate::netlink::{NetlinkError, RouteEntry, RouteSpec, SyncReport};
+use futures::StreamExt as _;
+
+use super::{partial, Backend, BackendError, VxlanBackend, VxlanError};
+use crate::lease::{BackendAttrs, Lease, LeaseEvent, MacAddr};
+use crate::netlink::{Netlink, NetlinkError, RouteEntry, RouteSpec, SyncReport};
+
+/// New peers programmed at once by [`VxlanBackend::add_all`]: enough requests in flight to
+/// keep the kernel busy while replies come back, few enough for the socket's buffers.
+const CONCURRENT_PEERS: usize = 64;
 
 /// What the kernel holds for one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +184,53 @@ impl VxlanBackend {
         )
     }
 
+    /// [`Backend::apply_all`]: changed and removed peers one at a time, then the new ones
+    /// with [`CONCURRENT_PEERS`] of them in flight, each still in flanneld's order. One at a
+    /// time, a snapshot of thousands waits for each reply before the next request.
+    pub(super) async fn apply_batch(
+        &mut self,
+        events: &[LeaseEvent],
+    ) -> Vec<Result<(), BackendError>> {
+        let mut results: Vec<Option<Result<(), BackendError>>> =
+            events.iter().map(|_| None).collect();
+        for (i, ev) in events.iter().enumerate() {
+            if !matches!(ev, LeaseEvent::Added(_)) {
+                results[i] = Some(self.apply(ev).await);
+            }
+        }
+        let added: Vec<(usize, &Lease)> = events
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ev)| match ev {
+                LeaseEvent::Added(l) => Some((i, l)),
+                _ => None,
+            })
+            .collect();
+        let leases: Vec<&Lease> = added.iter().map(|(_, l)| *l).collect();
+        for ((i, _), r) in added.iter().zip(self.add_all(&leases).await) {
+            results[*i] = Some(r);
+        }
+        results.into_iter().flatten().collect()
+    }
+
+    /// What [`Backend::apply`] does for `Added`, for many leases with their requests overlapping.
+    pub(crate) async fn add_all(&self, leases: &[&Lease]) -> Vec<Result<(), BackendError>> {
+        // By index: a closure over `&&Lease` trips the compiler's check that the future is Send.
+        futures::stream::iter(0..leases.len())
+            .map(|i| self.add(leases[i]))
+            .buffered(CONCURRENT_PEERS)
+            .collect()
+            .await
+    }
+
+    pub(super) async fn add(&self, lease: &Lease) -> Result<(), BackendError> {
+        if self.s.has_ipv4() {
+            self.add_or_change(None, lease).await?;
+        }
+        self.program6(lease).await?;
+        Ok(())
+    }
+
     /// Routes this backend owns: those on the device, and direct routes into Network.
     pub(super) fn owns_route(&self, index: u32, r: &RouteEntry) -> bool {
         r.oif == Some(index)
@@ -186,48 +240,66 @@ impl VxlanBackend {
                 && Some(r.dst) != self.own)
     }
 
+    /// A netlink socket of its own for one reconcile pass's dumps and repairs. The agent drops
+    /// a pass when a lease event arrives; on the shared socket, the dumps it left in flight
+    /// (thousands of messages) would be read and thrown away ahead of the event's replies.
+    /// Dropped with the pass, this one closes and the kernel discards them.
+    pub(crate) fn pass_netlink(&self) -> Netlink {
+        Netlink::connect().unwrap_or_else(|e| {
+            warn!(error = %e, "reconciling on the shared netlink socket");
+            self.nl.clone()
+        })
+    }
+
     pub(super) async fn sync_vtep_entries(
         &self,
+        nl: &Netlink,
         index: u32,
         plans: &[PeerPlan],
     ) -> Result<SyncReport, NetlinkError> {
         let mut report = SyncReport::default();
         let want: Vec<(Ipv4Addr, MacAddr, Ipv4Addr)> =
             plans.iter().filter_map(|p| p.vtep).collect();
+        // Sets, not scans: with thousands of peers, comparing every wanted entry with every
+        // kernel entry took tens of ms that nothing could interrupt.
+        let want_neighs: HashSet<Ipv4Addr> = want.iter().map(|w| w.0).collect();
+        let want_fdb: HashSet<(MacAddr, IpAddr)> = want.iter().map(|w| (w.1, w.2.into())).collect();
         // Neighbours and fdb first: a route to a gateway without its neighbour would ARP.
-        let neighs = self.nl.neighbours_v4(index).await?;
+        let neighs = nl.neighbours_v4(index).await?;
+        let have_neighs: HashSet<(Ipv4Addr, MacAddr)> = neighs
+            .iter()
+            .filter(|n| n.permanent)
+            .filter_map(|n| Some((n.ip, n.mac?)))
+            .collect();
         for &(gw, mac, _) in &want {
-            if !neighs
-                .iter()
-                .any(|n| n.ip == gw && n.mac == Some(mac) && n.permanent)
-            {
-                report.record(self.nl.replace_neighbour(index, gw, mac).await);
+            if !have_neighs.contains(&(gw, mac)) {
+                report.record(nl.replace_neighbour(index, gw, mac).await);
             }
         }
-        let fdb = self.nl.fdb_entries(index).await?;
+        let fdb = nl.fdb_entries(index).await?;
+        let have_fdb: HashSet<(MacAddr, IpAddr)> = fdb
+            .iter()
+            .filter(|f| f.permanent)
+            .filter_map(|f| Some((f.mac, f.dst?)))
+            .collect();
         for &(_, mac, ip) in &want {
-            if !fdb
-                .iter()
-                .any(|f| f.mac == mac && f.dst == Some(ip.into()) && f.permanent)
-            {
-                report.record(self.nl.replace_fdb(index, mac, ip).await);
+            if !have_fdb.contains(&(mac, ip.into())) {
+                report.record(nl.replace_fdb(index, mac, ip).await);
             }
         }
         for n in neighs
             .iter()
-            .filter(|n| n.permanent && !want.iter().any(|w| w.0 == n.ip))
+            .filter(|n| n.permanent && !want_neighs.contains(&n.ip))
         {
             info!(ip = %n.ip, "removing neighbour no lease justifies");
-            report.record(self.nl.del_neighbour(index, n.ip).await);
+            report.record(nl.del_neighbour(index, n.ip).await);
         }
-        for f in fdb.iter().filter(|f| {
-            f.permanent
-                && !want
-                    .iter()
-                    .any(|w| Some(w.2.into()) == f.dst && w.1 == f.mac)
-        }) {
+        for f in fdb
+            .iter()
+            .filter(|f| f.permanent && !f.dst.is_some_and(|d| want_fdb.contains(&(f.mac, d))))
+        {
             info!(mac = %f.mac, dst = ?f.dst, "removing fdb entry no lease justifies");
-            report.record(self.nl.del_fdb(index, f.mac, f.dst).await);
+            report.record(nl.del_fdb(index, f.mac, f.dst).await);
         }
         Ok(report)
     }
