@@ -18,8 +18,8 @@ pub trait IpFamily:
     type Net: Copy + Ord + Hash + Display + Debug + Send + Sync + Into<IpNet> + 'static;
     /// The address in network byte order, as the kernel and the eBPF maps hold it.
     type Octets: Copy + Debug + Eq + Send + Sync + 'static;
-    /// Address length in bits: the prefix length of a host route.
-    const BITS: u8;
+    /// The prefix length of a host route: the address length in bits.
+    const HOST_PREFIX: u8;
     const UNSPECIFIED: Self;
     fn octets(self) -> Self::Octets;
     /// `ip` when it is of this family.
@@ -52,7 +52,7 @@ macro_rules! ip_families {
         impl IpFamily for $addr {
             type Net = $net;
             type Octets = [u8; $bytes];
-            const BITS: u8 = $bytes * 8;
+            const HOST_PREFIX: u8 = $bytes * 8;
             const UNSPECIFIED: Self = $addr::UNSPECIFIED;
             fn octets(self) -> [u8; $bytes] {
                 $addr::octets(&self)
@@ -108,6 +108,12 @@ mod tests {
         );
         assert_eq!(Ipv4Addr::from_ip("fd00::1".parse().unwrap()), None);
         assert_eq!(Ipv4Addr::net(Ipv4Addr::UNSPECIFIED, 33), None);
-        assert_eq!((Ipv4Addr::BITS, Ipv6Addr::BITS), (32, 128));
+        assert_eq!(
+            (
+                <Ipv4Addr as IpFamily>::HOST_PREFIX,
+                <Ipv6Addr as IpFamily>::HOST_PREFIX
+            ),
+            (32, 128)
+        );
     }
 }
