@@ -18,7 +18,8 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::EnvFilter;
 
-pub use crate::datapath::PROGRAM_LOG_TARGET;
+/// The `tracing` target of the eBPF programs' own log lines (`datapath/log.rs`).
+pub const PROGRAM_LOG_TARGET: &str = "weft::ebpf";
 
 /// Filter used when `RUST_LOG` is unset or empty.
 pub const DEFAULT_FILTER: &str = "info";

@@ -47,7 +47,6 @@ pub use attach::{Attachment, DecapHook};
 pub use cause::{bpffs_mount_fix, Cause};
 pub use inspect::{LinkState, PinnedLinkState, PinnedMaps};
 pub use layout::Carried;
-pub use log::TARGET as PROGRAM_LOG_TARGET;
 pub use maps::{Counters, LocalEntry, LocalEntry6, MapFamily, PeerEntry, PeerEntry6};
 pub use maps6::{hop_limit, keeps_gso, NodeSettings6};
 pub use pins::{ensure_bpffs, BpffsError, LinkPin, PinDir, BPFFS_ROOT};
