@@ -113,9 +113,9 @@ pub struct NetworkConfig {
     pub subnet_len: u8,
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
-    pub enable_ipv4: bool,
     /// When false, `network` is 0.0.0.0/0, `subnet_len` 0 and the bounds 0.0.0.0 (flannel's
-    /// zero values): there is no IPv4 overlay. Prefer [`NetworkConfig::ipv4_network`].
+    /// zero values): there is no IPv4 overlay.
+    pub enable_ipv4: bool,
     pub enable_ipv6: bool,
     /// The IPv6 half, present exactly when `EnableIPv6` is true.
     pub ipv6: Option<Ipv6Config>,
@@ -226,11 +226,6 @@ impl NetworkConfig {
             ));
         }
         Ok((network, subnet_len, subnet_min, subnet_max))
-    }
-
-    /// The IPv4 network when IPv4 is enabled.
-    pub fn ipv4_network(&self) -> Option<Ipv4Net> {
-        self.enable_ipv4.then_some(self.network)
     }
 
     /// The IPv6 network when IPv6 is enabled.

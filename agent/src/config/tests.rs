@@ -80,9 +80,8 @@ fn ipv6_defaults_follow_flannel() {
             "fd00::c0".parse().unwrap()
         )
     );
-    assert_eq!(
-        c.ipv4_network(),
-        None,
+    assert!(
+        !c.enable_ipv4,
         "IPv6-only: no IPv4 network, Network not required"
     );
 

@@ -182,11 +182,6 @@ impl Datapath {
             })
             .collect()
     }
-
-    /// The state of the link pinned at `path`.
-    pub fn link_state(path: &Path) -> LinkState {
-        link_state(path)
-    }
 }
 
 // aya's LinkInfo does not expose the attachment's ifindex, which is the one
