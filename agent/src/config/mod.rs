@@ -114,7 +114,7 @@ pub struct NetworkConfig {
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
     /// When false, `network` is 0.0.0.0/0, `subnet_len` 0 and the bounds 0.0.0.0 (flannel's
-    /// zero values): there is no IPv4 overlay.
+    /// zero values): there is no IPv4 overlay. Prefer [`NetworkConfig::ipv4_network`].
     pub enable_ipv4: bool,
     pub enable_ipv6: bool,
     /// The IPv6 half, present exactly when `EnableIPv6` is true.
@@ -226,6 +226,11 @@ impl NetworkConfig {
             ));
         }
         Ok((network, subnet_len, subnet_min, subnet_max))
+    }
+
+    /// The IPv4 network when IPv4 is enabled.
+    pub fn ipv4_network(&self) -> Option<Ipv4Net> {
+        self.enable_ipv4.then_some(self.network)
     }
 
     /// The IPv6 network when IPv6 is enabled.

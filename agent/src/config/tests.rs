@@ -80,8 +80,9 @@ fn ipv6_defaults_follow_flannel() {
             "fd00::c0".parse().unwrap()
         )
     );
-    assert!(
-        !c.enable_ipv4,
+    assert_eq!(
+        c.ipv4_network(),
+        None,
         "IPv6-only: no IPv4 network, Network not required"
     );
 
