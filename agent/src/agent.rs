@@ -18,7 +18,7 @@ pub use crate::backend::Datapath;
 use crate::backend::{vxlan, Backend, BackendError, BackendOptions};
 use crate::config::{Backend as NetBackend, ConfigError, NetworkConfig};
 use crate::files::{self, FilesError};
-use crate::iface::{self, IfaceChoice, IfaceError};
+use crate::iface::{self, IfaceChoice, IfaceError, IpStack};
 use crate::lease::{BackendAttrs, LeaseAttrs, PeerSet, VxlanData};
 use crate::metrics::Metrics;
 use crate::netlink::{ExternalIface, Netlink};
@@ -222,8 +222,9 @@ async fn first_lease(
     }
 }
 
-/// Run the agent until `shutdown` fires: choose the interface, connect to etcd, then
-/// [`follow`]. `build` makes the backend once the network config and interface are known.
+/// Run the agent until `shutdown` fires: connect to etcd, read the network config, choose the
+/// interface by the family it enables, then [`follow`]. `build` makes the backend once the
+/// network config and interface are known.
 ///
 /// A changed network config starts [`follow`] over in this process (same PID, so systemd's
 /// notifications and watchdog carry on): the old backend is dropped, the new one adopts the
@@ -239,10 +240,6 @@ where
     B: Backend,
     F: AsyncFn(&BackendOptions, &NetworkConfig, &ExternalIface) -> Result<B, BackendError>,
 {
-    let nl = Netlink::connect().map_err(|source| IfaceError::List { source })?;
-    let iface = iface::choose(&nl, &cfg.iface).await?;
-    drop(nl);
-    tracing::info!(iface = %iface.name, index = iface.index, addr = %iface.ipv4, public_ip = %iface.public_ip, mtu = iface.mtu, "external interface");
     let endpoints = cfg.etcd.endpoints.join(",");
     warn_notify(
         hooks
@@ -252,15 +249,26 @@ where
     let Some(store) = connect(&cfg, &shutdown).await? else {
         return Ok(());
     };
-    let host = Host {
-        iface,
-        firewall: true,
-    };
     loop {
+        // As flanneld, the interface is chosen once the config says which family it goes by:
+        // an IPv6-only network needs an IPv6 address on it and no IPv4 one.
+        let config_key = store.config_key();
+        warn_notify(
+            hooks
+                .notifier
+                .status(&format!("waiting for the network config at {config_key}")),
+        );
+        let Some(net) = wait_for_config(&store, &shutdown).await? else {
+            return Ok(());
+        };
+        let host = Host {
+            iface: external_iface(&cfg.iface, IpStack::of(net.enable_ipv4)).await?,
+            firewall: true,
+        };
         let following = follow(
             &cfg,
             store.clone(),
-            host.clone(),
+            host,
             &build,
             shutdown.clone(),
             hooks.clone(),
@@ -273,6 +281,14 @@ where
             result => return result,
         }
     }
+}
+
+/// The external interface for a network of `stack`, chosen in our network namespace.
+async fn external_iface(choice: &IfaceChoice, stack: IpStack) -> Result<ExternalIface, AgentError> {
+    let nl = Netlink::connect().map_err(|source| IfaceError::List { source })?;
+    let iface = iface::choose_for(&nl, choice, stack).await?;
+    tracing::info!(iface = %iface.name, index = iface.index, addr = %iface.ipv4, public_ip = %iface.public_ip, addr6 = ?iface.ipv6, public_ipv6 = ?iface.public_ipv6, mtu = iface.mtu, "external interface");
+    Ok(iface)
 }
 
 /// What the agent runs on besides the store.
@@ -305,8 +321,7 @@ where
         metrics,
         notifier,
     } = hooks;
-    let config_key = store.config_key();
-    warn_notify(notifier.status(&format!("waiting for the network config at {config_key}")));
+    // `run` has read the config already (and said so to systemd): this returns at once there.
     let Some(net) = wait_for_config(&store, &shutdown).await? else {
         return Ok(());
     };

@@ -2,6 +2,11 @@
 //! `--iface-regex`, else the interface of the default route; `--public-ip` overrides the
 //! address advertised, `--public-ipv6` the IPv6 one. The interfaces, addresses and routes come
 //! from rtnetlink.
+//!
+//! As in flanneld, the network config decides which family the choice goes by ([`IpStack`]): an
+//! IPv6-only network (`EnableIPv4: false`) matches `--iface` addresses and `--iface-regex` against
+//! IPv6 addresses, falls back to the default IPv6 route's interface, and needs no IPv4 address on
+//! the interface at all.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -16,12 +21,22 @@ pub enum IfaceError {
         #[source]
         source: NetlinkError,
     },
-    #[error("no interface matches --iface {wanted}; interfaces with an IPv4 address: {available}")]
-    NoMatch { wanted: String, available: String },
     #[error(
-        "no interface matches --iface-regex {wanted}; interfaces with an IPv4 address: {available}"
+        "no interface matches --iface {wanted}; interfaces with an {family} address: {available}"
     )]
-    NoRegexMatch { wanted: String, available: String },
+    NoMatch {
+        wanted: String,
+        family: &'static str,
+        available: String,
+    },
+    #[error(
+        "no interface matches --iface-regex {wanted}; interfaces with an {family} address: {available}"
+    )]
+    NoRegexMatch {
+        wanted: String,
+        family: &'static str,
+        available: String,
+    },
     #[error(
         "no default IPv4 route to pick the external interface from; pass --iface or --iface-regex"
     )]
@@ -30,6 +45,38 @@ pub enum IfaceError {
         "interface {name} has no IPv4 address; give it one or pass --iface with another interface"
     )]
     NoAddress { name: String },
+    #[error(
+        "no default IPv6 route to pick the external interface from (the network is IPv6-only, \
+         EnableIPv4 false); pass --iface or --iface-regex"
+    )]
+    NoDefaultRoute6,
+    #[error(
+        "interface {name} has no global IPv6 address, which an IPv6-only network (EnableIPv4 false) \
+         needs; give it one (e.g. `ip -6 addr add fd00:16::21/64 dev {name}`) or pass --iface with \
+         another interface"
+    )]
+    NoIpv6Address { name: String },
+}
+
+/// Which family the interface is chosen by: the network config's `EnableIPv4` / `EnableIPv6`
+/// (flanneld's `ipStack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IpStack {
+    /// IPv4, alone or with IPv6 (whose address then comes from the interface chosen by IPv4).
+    #[default]
+    V4,
+    /// IPv6 only: the interface needs an IPv6 address and no IPv4 one.
+    V6,
+}
+
+impl IpStack {
+    pub fn of(enable_ipv4: bool) -> Self {
+        if enable_ipv4 {
+            Self::V4
+        } else {
+            Self::V6
+        }
+    }
 }
 
 /// What the flags ask for.
@@ -41,20 +88,15 @@ pub struct IfaceChoice {
     pub public_ipv6: Option<Ipv6Addr>,
 }
 
-fn available(ifaces: &[Interface]) -> String {
+fn available(ifaces: &[Interface], stack: IpStack) -> String {
     let list: Vec<String> = ifaces
         .iter()
-        .filter(|i| !i.addrs.is_empty())
-        .map(|i| {
-            format!(
-                "{} ({})",
-                i.name,
-                i.addrs
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
+        .filter_map(|i| {
+            let addrs: Vec<String> = match stack {
+                IpStack::V4 => i.addrs.iter().map(ToString::to_string).collect(),
+                IpStack::V6 => i.addrs6.iter().map(ToString::to_string).collect(),
+            };
+            (!addrs.is_empty()).then(|| format!("{} ({})", i.name, addrs.join(", ")))
         })
         .collect();
     if list.is_empty() {
@@ -64,8 +106,15 @@ fn available(ifaces: &[Interface]) -> String {
     }
 }
 
-/// Choose among `ifaces` as flanneld does; `default_route` is the index of the default
-/// route's interface.
+fn family(stack: IpStack) -> &'static str {
+    match stack {
+        IpStack::V4 => "IPv4",
+        IpStack::V6 => "IPv6",
+    }
+}
+
+/// Choose among `ifaces` as flanneld does for an IPv4 (or dual-stack) network; `default_route` is
+/// the index of the default route's interface.
 pub fn choose_from(
     choice: &IfaceChoice,
     ifaces: &[Interface],
@@ -101,7 +150,8 @@ pub fn choose_from(
     if !choice.iface.is_empty() {
         return Err(IfaceError::NoMatch {
             wanted: choice.iface.join(", "),
-            available: available(ifaces),
+            family: "IPv4",
+            available: available(ifaces, IpStack::V4),
         });
     }
     for re in &choice.iface_regex {
@@ -130,7 +180,8 @@ pub fn choose_from(
             .join(", ");
         return Err(IfaceError::NoRegexMatch {
             wanted,
-            available: available(ifaces),
+            family: "IPv4",
+            available: available(ifaces, IpStack::V4),
         });
     }
     let index = default_route.ok_or(IfaceError::NoDefaultRoute)?;
@@ -141,12 +192,111 @@ pub fn choose_from(
     pick(i, None, None)
 }
 
-/// Choose in `nl`'s network namespace.
+/// Choose among `ifaces` as flanneld does for an IPv6-only network (its `ipv6Stack`): `--iface`
+/// by name or IPv6 address, `--iface-regex` against IPv6 addresses then names, else the interface
+/// of the default IPv6 route (`default_route6`); the address is the one matched, else the
+/// interface's first global IPv6 address. No IPv4 address is needed: `ipv4` and `public_ip` are
+/// 0.0.0.0, as the lease's PublicIP of an IPv6-only host.
+pub fn choose_from_v6(
+    choice: &IfaceChoice,
+    ifaces: &[Interface],
+    default_route6: Option<u32>,
+) -> Result<ExternalIface, IfaceError> {
+    let pick = |iface: &Interface, addr6: Option<Ipv6Addr>| -> Result<ExternalIface, IfaceError> {
+        let addr6 = addr6
+            .or_else(|| iface.addrs6.first().copied())
+            .ok_or_else(|| IfaceError::NoIpv6Address {
+                name: iface.name.clone(),
+            })?;
+        let mut e = ExternalIface::new(iface, Ipv4Addr::UNSPECIFIED, Some(Ipv4Addr::UNSPECIFIED));
+        e.ipv6 = Some(addr6);
+        e.public_ipv6 = Some(choice.public_ipv6.unwrap_or(addr6));
+        Ok(e)
+    };
+    for wanted in &choice.iface {
+        // An IPv4 address names no interface here: flanneld looks addresses up among IPv6 ones.
+        let found = match wanted.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(ip)) => ifaces
+                .iter()
+                .find(|i| i.addrs6.contains(&ip))
+                .map(|i| (i, Some(ip))),
+            Ok(std::net::IpAddr::V4(_)) => None,
+            Err(_) => ifaces.iter().find(|i| i.name == *wanted).map(|i| (i, None)),
+        };
+        if let Some((i, ip)) = found {
+            return pick(i, ip);
+        }
+    }
+    if !choice.iface.is_empty() {
+        return Err(IfaceError::NoMatch {
+            wanted: choice.iface.join(", "),
+            family: family(IpStack::V6),
+            available: available(ifaces, IpStack::V6),
+        });
+    }
+    for re in &choice.iface_regex {
+        // Addresses first, then names, as flanneld; unlike flanneld a name match without an
+        // IPv6 address is skipped rather than chosen and refused.
+        for i in ifaces {
+            if let Some(a) = i.addrs6.iter().find(|a| re.is_match(&a.to_string())) {
+                return pick(i, Some(*a));
+            }
+        }
+        if let Some(i) = ifaces
+            .iter()
+            .find(|i| re.is_match(&i.name) && !i.addrs6.is_empty())
+        {
+            return pick(i, None);
+        }
+    }
+    if !choice.iface_regex.is_empty() {
+        let wanted = choice
+            .iface_regex
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(IfaceError::NoRegexMatch {
+            wanted,
+            family: family(IpStack::V6),
+            available: available(ifaces, IpStack::V6),
+        });
+    }
+    let index = default_route6.ok_or(IfaceError::NoDefaultRoute6)?;
+    let i = ifaces
+        .iter()
+        .find(|i| i.index == index)
+        .ok_or(IfaceError::NoDefaultRoute6)?;
+    pick(i, None)
+}
+
+/// Choose in `nl`'s network namespace for an IPv4 (or dual-stack) network.
 pub async fn choose(nl: &Netlink, choice: &IfaceChoice) -> Result<ExternalIface, IfaceError> {
+    choose_for(nl, choice, IpStack::V4).await
+}
+
+/// Choose in `nl`'s network namespace by the family `stack` names.
+pub async fn choose_for(
+    nl: &Netlink,
+    choice: &IfaceChoice,
+    stack: IpStack,
+) -> Result<ExternalIface, IfaceError> {
     let list = |source| IfaceError::List { source };
     let ifaces = nl.interfaces().await.map_err(list)?;
-    let default_route = nl.default_route_index().await.map_err(list)?;
-    choose_from(choice, &ifaces, default_route)
+    match stack {
+        IpStack::V4 => {
+            let default_route = nl.default_route_index().await.map_err(list)?;
+            choose_from(choice, &ifaces, default_route)
+        }
+        IpStack::V6 => {
+            let routes = nl.routes::<Ipv6Addr>().await.map_err(list)?;
+            let default_route6 = routes
+                .iter()
+                .find(|r| r.dst.prefix_len() == 0 && r.oif.is_some())
+                .and_then(|r| r.oif);
+            choose_from_v6(choice, &ifaces, default_route6)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -303,6 +453,93 @@ mod tests {
             choose_from(&IfaceChoice::default(), &ifaces(), None),
             Err(IfaceError::NoDefaultRoute)
         ));
+    }
+
+    /// IPv6-only (flanneld's ipv6Stack): an interface with no IPv4 address is chosen by name,
+    /// by IPv6 address, by regex or by the default IPv6 route, and advertises 0.0.0.0.
+    #[test]
+    fn ipv6_only_needs_no_ipv4_address() {
+        let mut all = ifaces();
+        all.push(Interface {
+            name: "ens32".into(),
+            index: 5,
+            addrs: vec![],
+            addrs6: vec!["fd00:16::21".parse().unwrap()],
+            mtu: 1500,
+        });
+        let by = |iface: &[&str], regex: Option<&str>, default6| {
+            let c = IfaceChoice {
+                iface: iface.iter().map(|s| s.to_string()).collect(),
+                iface_regex: regex.map(|r| Regex::new(r).unwrap()).into_iter().collect(),
+                ..Default::default()
+            };
+            choose_from_v6(&c, &all, default6)
+        };
+        for e in [
+            by(&["ens32"], None, None).unwrap(),
+            by(&["fd00:16::21"], None, None).unwrap(),
+            by(&[], Some("^fd00:16::2"), None).unwrap(),
+            by(&[], Some("^ens3"), None).unwrap(),
+            by(&[], None, Some(5)).unwrap(),
+        ] {
+            assert_eq!((e.name.as_str(), e.index), ("ens32", 5));
+            assert_eq!(
+                (e.ipv6, e.public_ipv6),
+                (
+                    Some("fd00:16::21".parse().unwrap()),
+                    Some("fd00:16::21".parse().unwrap())
+                )
+            );
+            assert_eq!(
+                (e.ipv4, e.public_ip),
+                (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED)
+            );
+        }
+        // The IPv4 choice refuses it, naming the problem.
+        let c = IfaceChoice {
+            iface: vec!["ens32".into()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            choose_from(&c, &all, None),
+            Err(IfaceError::NoAddress { .. })
+        ));
+        // The address picked by, not the first one, and --public-ipv6 over it.
+        let c = IfaceChoice {
+            iface: vec!["fd00:16::6".into()],
+            public_ipv6: Some("2001:db8::1".parse().unwrap()),
+            ..Default::default()
+        };
+        let e = choose_from_v6(&c, &all, None).unwrap();
+        assert_eq!(e.name, "eth1");
+        assert_eq!(e.ipv6, Some("fd00:16::6".parse().unwrap()));
+        assert_eq!(e.public_ipv6, Some("2001:db8::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn ipv6_only_errors_name_the_fix() {
+        let err = |iface: &[&str], default6| {
+            let c = IfaceChoice {
+                iface: iface.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            };
+            choose_from_v6(&c, &ifaces(), default6)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(&["dummy0"], None);
+        assert!(
+            e.contains("dummy0 has no global IPv6 address") && e.contains("EnableIPv4 false"),
+            "{e}"
+        );
+        // An IPv4 address names no interface of an IPv6-only network.
+        let e = err(&["192.168.1.5"], None);
+        assert!(
+            e.contains("interfaces with an IPv6 address") && e.contains("eth0 (fd00:1::5)"),
+            "{e}"
+        );
+        assert!(err(&[], None).contains("no default IPv6 route"));
+        assert!(err(&["lo"], None).contains("lo has no global IPv6"));
     }
 
     /// Dumps need no privilege: this reads the real host through rtnetlink.

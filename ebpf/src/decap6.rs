@@ -3,7 +3,8 @@
 //! that are not IPv4. The checks are IPv4's ([`classify`]): our address, our
 //! port, a known VTEP, the I flag and our VNI, an inner source leased by the
 //! sending VTEP, RFC 6040; plus IPv6's own: a zero outer UDP checksum is
-//! dropped (as flannel-v6.N's kernel does), extension headers go to the kernel.
+//! dropped (as flannel-v6.N's kernel does), extension headers and inner hop
+//! limits that forwarding would expire go to the kernel.
 
 use aya_ebpf::{
     bindings::{
@@ -135,6 +136,14 @@ fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
         (ECN_CE, inner) => inner != ECN_CE,
         _ => false,
     };
+    if inner.hop_limit <= 1 {
+        // Forwarding expires it. flannel-v6.N decapsulates it intact and the
+        // stack's time exceeded leaves from flannel-v6.N's address, inside
+        // our subnet; decapsulated here, the packet would reach the stack on
+        // the underlay device and the error would carry the underlay's
+        // address, which peers refuse as an inner source.
+        return Err(Verdict::Pass(counter6::PASS_HOP_LIMIT));
+    }
     Ok(Accepted {
         underlay_mac: cfg.underlay_mac,
         set_ce,
@@ -231,7 +240,8 @@ fn forward_inner(ctx: &TcContext) -> (i32, bool) {
         return (TC_ACT_OK, false);
     };
     if ip.hop_limit <= 1 {
-        // The stack sends the ICMPv6 time exceeded.
+        // Unreachable after classify (which hands these to flannel-v6.N); the
+        // stack would send the ICMPv6 time exceeded.
         return (TC_ACT_OK, false);
     }
     if let Some(ep) = maps6::local_endpoint6(&ip.daddr_be) {

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,10 +18,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use aya::maps::{HashMap as BpfHashMap, LpmTrie, Map, MapData};
 use serde_json::Value;
 use tokio::task::JoinSet;
-use weft_common::{map_names, LocalEndpoint};
+use weft_common::{
+    map_names, map_names6, Ipv4LpmData, Ipv6LpmData, LocalEndpoint, PeerValue, PeerValue6,
+    VtepValue,
+};
 
 use crate::agent::weft_bin;
 use crate::cluster::{Cluster, ClusterOptions, Host};
@@ -204,8 +207,8 @@ async fn wait_fast_path(c: &Cluster, dp: Datapath) {
                 counters_of.push(format!("{}: {:?}", h.name(), counters(h).await));
             }
             panic!(
-                "{dp}: the fast path never carried the traffic of {idle:?} within 15 s of the \
-                 containers' start:\n{}",
+                "{dp}: the fast path never carried the traffic of {idle:?} within 15 s (of the \
+                 containers' start, or of the end of an attack):\n{}",
                 counters_of.join("\n")
             );
         }
@@ -270,7 +273,9 @@ async fn encapsulated(c: &Cluster) -> Vec<u64> {
     per_host
 }
 
-async fn ping_from_ns(ns: &str, to: Ipv4Addr) -> anyhow::Result<()> {
+async fn ping_from_ns(ns: &str, to: impl Into<IpAddr>) -> anyhow::Result<()> {
+    let to = to.into();
+    let family = if to.is_ipv6() { "-6" } else { "-4" };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let out = crate::netns::run(
@@ -280,6 +285,7 @@ async fn ping_from_ns(ns: &str, to: Ipv4Addr) -> anyhow::Result<()> {
                 "exec",
                 ns,
                 "ping",
+                family,
                 "-n",
                 "-c",
                 "1",
@@ -337,12 +343,8 @@ pub async fn link_stat(ns: &str, dev: &str, dir: &str, what: &str) -> u64 {
 
 /// The entries of the host's local-container map (`WEFT_LOCAL`), read from its pin.
 pub fn local_map(host: &Host) -> anyhow::Result<Vec<(Ipv4Addr, LocalEndpoint)>> {
-    let path = host.bpf_pin_dir().join("maps").join(map_names::LOCAL);
-    let map = MapData::from_pin(&path)
-        .map_err(anyhow::Error::from)
-        .and_then(|m| Map::from_map_data(m).map_err(anyhow::Error::from))
-        .with_context(|| format!("open {}", path.display()))?;
-    let map: BpfHashMap<MapData, [u8; 4], LocalEndpoint> = BpfHashMap::try_from(map)?;
+    let map: BpfHashMap<MapData, [u8; 4], LocalEndpoint> =
+        BpfHashMap::try_from(pinned_map(host, map_names::LOCAL)?)?;
     map.iter()
         .map(|e| {
             let (k, v) = e?;
@@ -560,13 +562,7 @@ pub async fn send_udp(
     payloads: Vec<Vec<u8>>,
     opts: UdpOpts,
 ) {
-    let what = format!(
-        "send {} UDP datagrams {from} -> {to} in {ns}",
-        payloads.len()
-    );
-    let sender = spawn_in(ns, move || {
-        let sock = UdpSocket::bind(from).with_context(|| format!("bind {from}"))?;
-        let fd = sock.as_raw_fd();
+    send_datagrams(ns, from.into(), to.into(), payloads, move |fd| {
         if let Some(tos) = opts.tos {
             setsockopt(fd, libc::IPPROTO_IP, libc::IP_TOS, &i32::from(tos))?;
         }
@@ -576,6 +572,27 @@ pub async fn send_udp(
         if !opts.ip_options.is_empty() {
             set_bytes(fd, libc::IPPROTO_IP, libc::IP_OPTIONS, &opts.ip_options)?;
         }
+        Ok(())
+    })
+    .await;
+}
+
+/// Sends each payload as one UDP datagram from `from` to `to` inside `ns`, on a socket that
+/// `configure` (given its fd) sets up first.
+async fn send_datagrams(
+    ns: &str,
+    from: SocketAddr,
+    to: SocketAddr,
+    payloads: Vec<Vec<u8>>,
+    configure: impl FnOnce(i32) -> anyhow::Result<()> + Send + 'static,
+) {
+    let what = format!(
+        "send {} UDP datagrams {from} -> {to} in {ns}",
+        payloads.len()
+    );
+    let sender = spawn_in(ns, move || {
+        let sock = UdpSocket::bind(from).with_context(|| format!("bind {from}"))?;
+        configure(sock.as_raw_fd())?;
         for p in &payloads {
             sock.send_to(p, to)
                 .with_context(|| format!("send to {to}"))?;
@@ -881,15 +898,20 @@ pub struct UdpSink {
 impl UdpSink {
     /// Bind `ip:port` inside container `c`.
     pub async fn bind(c: &Container, port: u16) -> UdpSink {
+        UdpSink::bind_at(c.netns(), (c.ip(), port).into()).await
+    }
+
+    /// Bind `addr` inside namespace `ns` (a container's IPv6 address, say).
+    pub async fn bind_at(ns: &str, addr: SocketAddr) -> UdpSink {
         let (got, stop) = (
             Arc::new(Mutex::new(Vec::new())),
             Arc::new(AtomicBool::new(false)),
         );
-        let (keep, halt, ip) = (got.clone(), stop.clone(), c.ip());
+        let (keep, halt) = (got.clone(), stop.clone());
         let (ready_tx, ready_rx) = mpsc::channel();
-        let ns = c.netns().to_owned();
+        let ns = ns.to_owned();
         let thread = spawn_in(&ns, move || {
-            let sock = UdpSocket::bind((ip, port)).with_context(|| format!("bind {ip}:{port}"))?;
+            let sock = UdpSocket::bind(addr).with_context(|| format!("bind {addr}"))?;
             sock.set_read_timeout(Some(Duration::from_millis(50)))?;
             ready_tx.send(()).ok();
             let mut buf = vec![0u8; 70_000];
@@ -1021,6 +1043,437 @@ pub fn compare(kernel: &Observed, ebpf: &[(Datapath, Observed)], rules: &[(&str,
         rules.len()
     );
     eprintln!("{report}");
+}
+
+// ---- IPv6 (tests/tests/adversarial6.rs) -----------------------------------------------------------
+
+/// The dual-stack network config of the IPv6 adversarial suite.
+pub const CONFIG_DUAL: &str = r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/48","Backend":{"Type":"vxlan"}}"#;
+/// The same IPv6 network without IPv4 (`EnableIPv4: false`).
+pub const CONFIG_IPV6_ONLY: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10::/48","Backend":{"Type":"vxlan"}}"#;
+
+pub use crate::packet::ETH_P_IPV6;
+
+/// A dual-stack cluster: every container with its IPv6 address, in [`Cluster::containers`] order.
+pub struct DualStack {
+    pub c: Cluster,
+    pub v6: Vec<(Container, Ipv6Addr)>,
+}
+
+impl DualStack {
+    /// The `i`-th container's IPv6 address.
+    pub fn v6(&self, i: usize) -> Ipv6Addr {
+        self.v6[i].1
+    }
+}
+
+/// [`start`] on the dual-stack network: `hosts` hosts, `per_host` containers each with both
+/// families; returns once every container answers every other one over both and, on eBPF, every
+/// host's programs carry both families.
+pub async fn start_dual(dp: Datapath, hosts: usize, per_host: usize, extra: &[&str]) -> DualStack {
+    let c = Cluster::start(ClusterOptions::new(hosts))
+        .await
+        .unwrap_or_else(|e| panic!("build a {hosts}-host cluster for {dp}: {e:#}"));
+    c.write_config(CONFIG_DUAL).await;
+    // Docker gives docker0 a MAC of its own, so a new port never changes it (a bare bridge takes
+    // its ports' lowest, and each change flushes docker0's neighbours, and with them every
+    // binding); pinned before any container exists.
+    for h in c.hosts() {
+        let own = mac(h.name(), "docker0")
+            .await
+            .map(|b| format!("{b:02x}"))
+            .join(":");
+        h.netns()
+            .ip(&["link", "set", "docker0", "address", &own])
+            .await
+            .unwrap_or_else(|e| panic!("pin docker0's MAC on {}: {e:#}", h.name()));
+    }
+    let mut args = dp.args().to_vec();
+    args.extend_from_slice(extra);
+    c.start_agents(&args)
+        .unwrap_or_else(|e| panic!("start the {dp} agents: {e:#}"));
+    c.add_containers(per_host)
+        .await
+        .unwrap_or_else(|e| panic!("add containers on {dp}: {e:#}"));
+    let mut v6 = Vec::new();
+    for h in c.hosts() {
+        let added = h
+            .enable_ipv6()
+            .await
+            .unwrap_or_else(|e| panic!("IPv6 for {}'s containers on {dp}: {e:#}", h.name()));
+        v6.extend(added);
+    }
+    if dp.is_ebpf() {
+        for h in c.hosts() {
+            wait_ebpf_ready(h, hosts - 1).await;
+        }
+    }
+    let d = DualStack { c, v6 };
+    match dp {
+        Datapath::Kernel => {
+            ping_all(&d.c, dp, "at start").await;
+            ping_all6(&d, dp, "at start").await;
+        }
+        Datapath::Ebpf | Datapath::EbpfXdp => {
+            wait_fast_path(&d.c, dp).await;
+            wait_fast_path6(&d, dp).await;
+        }
+    }
+    d
+}
+
+/// Legitimate traffic after an attack, both families: every container answers every other one
+/// (and every host a container on each other host), and on eBPF every host's programs carry
+/// both families again within one reconcile interval (an attack that made the kernel forget a
+/// neighbour unbinds it until the kernel learns it again, as traffic flows).
+pub async fn legit_traffic_flows6(d: &DualStack, dp: Datapath, when: &str) {
+    ping_all(&d.c, dp, when).await;
+    ping_all6(d, dp, when).await;
+    if dp.is_ebpf() {
+        wait_fast_path(&d.c, dp).await;
+        wait_fast_path6(d, dp).await;
+    }
+}
+
+/// The IPv6 encapsulation counter's name in `weft status`.
+pub const ENCAPSULATED6: &str = "ipv6: encapsulated";
+
+/// [`wait_fast_path`] over IPv6: until every host's programs encapsulate its containers' IPv6.
+async fn wait_fast_path6(d: &DualStack, dp: Datapath) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let before = counter_per_host(&d.c, ENCAPSULATED6).await;
+        ping_all6(d, dp, "at start").await;
+        let after = counter_per_host(&d.c, ENCAPSULATED6).await;
+        let idle = idle_hosts(&d.c, &before, &after);
+        if idle.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{dp}: the fast path never carried the IPv6 traffic of {idle:?} within 15 s (of \
+                 the containers' start, or of the end of an attack) ({before:?} -> {after:?})"
+            );
+        }
+    }
+}
+
+/// Every container pings every other one over IPv6, every host one container on each other host.
+async fn ping_all6(d: &DualStack, dp: Datapath, when: &str) {
+    let mut set = JoinSet::new();
+    for (from, _) in &d.v6 {
+        for (_, to) in d.v6.iter().filter(|(c, _)| c.netns() != from.netns()) {
+            let (from, to) = (from.clone(), *to);
+            set.spawn(async move {
+                from.ping_until(to, Duration::from_secs(10))
+                    .await
+                    .map_err(|e| format!("{} -> {to}: {e:#}", from.netns()))
+            });
+        }
+    }
+    for h in d.c.hosts() {
+        for other in d.c.hosts().iter().filter(|o| o.index() != h.index()) {
+            let first = other.containers().first().map(|c| c.netns().to_owned());
+            let Some(to) =
+                d.v6.iter()
+                    .find(|(c, _)| Some(c.netns()) == first.as_deref())
+            else {
+                continue;
+            };
+            let (ns, to) = (h.name().to_owned(), to.1);
+            set.spawn(async move {
+                ping_from_ns(&ns, to)
+                    .await
+                    .map_err(|e| format!("host {ns} -> {to}: {e:#}"))
+            });
+        }
+    }
+    crate::assert_all_ok(
+        set,
+        &format!("{dp}, {when}: legitimate IPv6 traffic broken, pings"),
+    )
+    .await;
+}
+
+/// Each host's counter `name`.
+pub async fn counter_per_host(c: &Cluster, name: &str) -> Vec<u64> {
+    let mut per_host = Vec::new();
+    for h in c.hosts() {
+        per_host.push(counter(&status(h).await, name));
+    }
+    per_host
+}
+
+/// The `BackendV6Data.VtepMAC` of `host`'s lease (its flannel-v6.1): a peer's inner destination.
+pub async fn vtep_mac6(c: &Cluster, host: &Host) -> [u8; 6] {
+    let prefix = format!("{}/subnets/", c.prefix());
+    for (_, value) in c.etcd().get_prefix(&prefix).await {
+        let v: Value = serde_json::from_str(&value).expect("lease JSON");
+        if v["PublicIPv6"].as_str() == Some(&host.ens32_ipv6().to_string()) {
+            return parse_mac(v["BackendV6Data"]["VtepMAC"].as_str().expect("VtepMAC"));
+        }
+    }
+    panic!("no lease in etcd for {}", host.ens32_ipv6())
+}
+
+/// The host's `FLANNEL_IPV6_SUBNET` once its subnet file holds one.
+pub async fn ipv6_subnet(host: &Host) -> ipnet::Ipv6Net {
+    crate::poll::until(
+        &format!("FLANNEL_IPV6_SUBNET in {}'s subnet file", host.name()),
+        READY_TIMEOUT,
+        || async {
+            let text = std::fs::read_to_string(host.subnet_file()).map_err(|e| e.to_string())?;
+            text.lines()
+                .find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))
+                .and_then(|s| s.parse().ok())
+                .ok_or(text)
+        },
+    )
+    .await
+}
+
+/// A container on `host`'s docker0 for an IPv6-only network, IPv6 address `::(n+2)` of the host's
+/// IPv6 subnet (docker0 gets `::1`, as [`Host::enable_ipv6`] gives it). Docker gives every
+/// container an IPv4 address on its bridge even then; this one's is from TEST-NET-1
+/// (192.0.2.0/24), which no lease covers and nothing routes.
+pub async fn ipv6_only_container(host: &Host, n: u8) -> (Container, Ipv6Addr) {
+    let subnet = ipv6_subnet(host).await;
+    host.enable_ipv6()
+        .await
+        .unwrap_or_else(|e| panic!("docker0's IPv6 address on {}: {e:#}", host.name()));
+    let name = format!("{}-v6c{n}", host.name());
+    let ct = Container::create(
+        &name,
+        host.netns(),
+        &format!("veth6only{n}"),
+        Ipv4Addr::new(192, 0, 2, 2 + n),
+        24,
+        Ipv4Addr::new(192, 0, 2, 1),
+        1450,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("create container {name}: {e:#}"));
+    let ip = Ipv6Addr::from(u128::from(subnet.network()) + 2 + u128::from(n));
+    ct.add_ipv6(ip, subnet.prefix_len(), subnet.addr())
+        .await
+        .unwrap_or_else(|e| panic!("IPv6 {ip} for {name}: {e:#}"));
+    (ct, ip)
+}
+
+/// Options of [`send_udp6`]'s socket.
+#[derive(Debug, Clone, Default)]
+pub struct Udp6Opts {
+    /// IPV6_TCLASS (ECN bits included: allowed on UDP sockets).
+    pub tclass: Option<u8>,
+    /// IPV6_UNICAST_HOPS.
+    pub hops: Option<u8>,
+}
+
+/// [`send_udp`] over IPv6.
+pub async fn send_udp6(
+    ns: &str,
+    from: SocketAddrV6,
+    to: SocketAddrV6,
+    payloads: Vec<Vec<u8>>,
+    opts: Udp6Opts,
+) {
+    send_datagrams(ns, from.into(), to.into(), payloads, move |fd| {
+        if let Some(tclass) = opts.tclass {
+            setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_TCLASS,
+                &i32::from(tclass),
+            )?;
+        }
+        if let Some(hops) = opts.hops {
+            setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_UNICAST_HOPS,
+                &i32::from(hops),
+            )?;
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// How long a TCP transfer over IPv6 may take to connect, and between two reads.
+const TCP6_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends `bytes` bytes over one TCP connection from container `from` to container `to` at its
+/// IPv6 address `dst`; the receiver checks every byte arrived intact and in order. Returns how
+/// long it took.
+pub async fn tcp6_transfer(
+    from: &Container,
+    to: &Container,
+    dst: Ipv6Addr,
+    bytes: usize,
+) -> anyhow::Result<Duration> {
+    use std::io::{Read as _, Write as _};
+    // A sequence that never repeats within 64 KiB windows, so a misplaced segment shows.
+    let data: Arc<Vec<u8>> = Arc::new(
+        (0..bytes)
+            .map(|i| (i ^ (i >> 8) ^ (i >> 16)) as u8)
+            .collect(),
+    );
+    let (port_tx, port_rx) = mpsc::channel();
+    let expected = data.clone();
+    let server = spawn_in(to.netns(), move || {
+        let listener =
+            std::net::TcpListener::bind((dst, 0)).with_context(|| format!("listen on {dst}"))?;
+        port_tx.send(listener.local_addr()?.port()).ok();
+        let mut ready = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut ready, 1, TCP6_TIMEOUT.as_millis() as i32) } != 1 {
+            bail!("no connection to {dst} within {TCP6_TIMEOUT:?}");
+        }
+        let (mut stream, _) = listener.accept()?;
+        stream.set_read_timeout(Some(TCP6_TIMEOUT))?;
+        let mut got = Vec::with_capacity(expected.len());
+        stream.read_to_end(&mut got).context("receive")?;
+        match got.iter().zip(expected.iter()).position(|(a, b)| a != b) {
+            Some(at) => bail!("byte {at} differs"),
+            None if got.len() != expected.len() => {
+                bail!("{} of {} bytes arrived", got.len(), expected.len())
+            }
+            None => Ok(()),
+        }
+    });
+    let port = tokio::task::spawn_blocking(move || port_rx.recv_timeout(Duration::from_secs(5)))
+        .await?
+        .context("the receiver did not listen")?;
+    let start = Instant::now();
+    let to_addr = SocketAddr::from((dst, port));
+    let client = spawn_in(from.netns(), move || {
+        let mut stream = std::net::TcpStream::connect_timeout(&to_addr, TCP6_TIMEOUT)
+            .with_context(|| format!("connect to {to_addr}"))?;
+        stream.set_write_timeout(Some(TCP6_TIMEOUT))?;
+        stream.write_all(&data).context("send")?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    });
+    let what = format!("TCP over IPv6, {bytes} bytes {} -> {to_addr}", from.netns());
+    join(client).await.with_context(|| what.clone())?;
+    join(server).await.with_context(|| what.clone())?;
+    Ok(start.elapsed())
+}
+
+/// The IPv6 header of a caught frame (after an inline VLAN tag if any): its offset.
+pub fn ipv6_at(frame: &[u8]) -> Option<usize> {
+    let mut at = 12;
+    while frame.len() >= at + 2 && u16::from_be_bytes([frame[at], frame[at + 1]]) == ETH_P_8021Q {
+        at += 4;
+    }
+    let ip = at + 2;
+    (frame.len() >= ip + 40
+        && u16::from_be_bytes([frame[at], frame[at + 1]]) == ETH_P_IPV6
+        && frame[ip] >> 4 == 6)
+        .then_some(ip)
+}
+
+/// The ECN bits of a caught IPv6 frame's traffic class.
+pub fn ecn6(frame: &[u8]) -> Option<u8> {
+    ipv6_at(frame).map(|ip| (frame[ip + 1] >> 4) & 3)
+}
+
+/// The hop limit of a caught IPv6 frame.
+pub fn hop_limit6(frame: &[u8]) -> Option<u8> {
+    ipv6_at(frame).map(|ip| frame[ip + 7])
+}
+
+/// The ICMPv6 type and the 32-bit word after the checksum (the MTU of a Packet Too Big) of a
+/// caught frame whose IPv6 header is followed directly by ICMPv6.
+pub fn icmpv6(frame: &[u8]) -> Option<(u8, u32)> {
+    let ip = ipv6_at(frame)?;
+    let m = frame.get(ip + 40..ip + 48)?;
+    (frame[ip + 6] == crate::packet::ICMPV6)
+        .then(|| (m[0], u32::from_be_bytes([m[4], m[5], m[6], m[7]])))
+}
+
+/// The map `name` the host's agent pinned.
+fn pinned_map(host: &Host, name: &str) -> anyhow::Result<Map> {
+    let path = host.bpf_pin_dir().join("maps").join(name);
+    MapData::from_pin(&path)
+        .map_err(anyhow::Error::from)
+        .and_then(|m| Map::from_map_data(m).map_err(anyhow::Error::from))
+        .with_context(|| format!("open {}", path.display()))
+}
+
+/// The host's IPv6 local-container map (`WEFT_LOCAL6`), read from its pin.
+pub fn local_map6(host: &Host) -> anyhow::Result<Vec<(Ipv6Addr, LocalEndpoint)>> {
+    let map: BpfHashMap<MapData, [u8; 16], LocalEndpoint> =
+        BpfHashMap::try_from(pinned_map(host, map_names6::LOCAL6)?)?;
+    map.iter()
+        .map(|e| {
+            let (k, v) = e?;
+            Ok((Ipv6Addr::from(k), v))
+        })
+        .collect()
+}
+
+/// What the host's peer maps hold, read from their pins: remote subnets as `addr/len -> VTEP`
+/// and the known VTEPs, IPv4 (`WEFT_REMOTES`, `WEFT_VTEPS`) then IPv6 (`WEFT_REMOTES6`,
+/// `WEFT_VTEPS6`), as text.
+pub fn peer_maps(host: &Host) -> anyhow::Result<PeerMaps> {
+    let remotes: LpmTrie<MapData, Ipv4LpmData, PeerValue> =
+        LpmTrie::try_from(pinned_map(host, map_names::REMOTES)?)?;
+    let vteps: BpfHashMap<MapData, [u8; 4], VtepValue> =
+        BpfHashMap::try_from(pinned_map(host, map_names::KNOWN_VTEPS)?)?;
+    let remotes6: LpmTrie<MapData, Ipv6LpmData, PeerValue6> =
+        LpmTrie::try_from(pinned_map(host, map_names6::REMOTES6)?)?;
+    let vteps6: BpfHashMap<MapData, [u8; 16], VtepValue> =
+        BpfHashMap::try_from(pinned_map(host, map_names6::KNOWN_VTEPS6)?)?;
+    let mut m = PeerMaps::default();
+    for e in remotes.iter() {
+        let (k, v) = e?;
+        let (net, vtep) = (
+            Ipv4Addr::from(k.data().addr_be),
+            Ipv4Addr::from(v.vtep_ip_be),
+        );
+        m.remotes
+            .push(format!("{net}/{} -> {vtep}", k.prefix_len()));
+    }
+    for e in remotes6.iter() {
+        let (k, v) = e?;
+        let (net, vtep) = (
+            Ipv6Addr::from(k.data().addr_be),
+            Ipv6Addr::from(v.vtep_ip_be),
+        );
+        m.remotes
+            .push(format!("{net}/{} -> {vtep}", k.prefix_len()));
+    }
+    for k in vteps.keys() {
+        m.vteps.push(Ipv4Addr::from(k?).to_string());
+    }
+    for k in vteps6.keys() {
+        m.vteps.push(Ipv6Addr::from(k?).to_string());
+    }
+    Ok(m)
+}
+
+/// [`peer_maps`]' answer: both families' entries as text.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PeerMaps {
+    /// `subnet/len -> VTEP`, IPv4 then IPv6.
+    pub remotes: Vec<String>,
+    /// Known VTEP addresses, IPv4 then IPv6.
+    pub vteps: Vec<String>,
+}
+
+impl PeerMaps {
+    /// Whether any entry names `what` (a subnet's `addr/len`, or a VTEP address).
+    pub fn mentions(&self, what: &str) -> bool {
+        self.remotes
+            .iter()
+            .any(|r| r.split(" -> ").any(|part| part == what))
+            || self.vteps.iter().any(|v| v == what)
+    }
 }
 
 #[cfg(test)]

@@ -199,6 +199,29 @@ pub fn ipv6_packet(
     p
 }
 
+/// IPv6 next-header values of the two option headers (RFC 8200 section 4.3 and 4.6).
+pub const HOP_BY_HOP: u8 = 0;
+pub const DEST_OPTIONS: u8 = 60;
+
+/// An IPv6 packet whose header is followed by one 8-byte option header `ext` (Hop-by-Hop or
+/// Destination Options, holding one PadN option) and then upper-layer message `l4` of type
+/// `next_header` (its checksum, over the final destination, is unchanged by the option header).
+pub fn ipv6_with_options(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    ext: u8,
+    hop_limit: u8,
+    next_header: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    // Next header, length 0 (8 bytes in all), PadN of 4 bytes of zeros.
+    let options = [next_header, 0, 1, 4, 0, 0, 0, 0];
+    let mut p = ipv6_header(src, dst, ext, hop_limit, options.len() + l4.len(), 0, 0);
+    p.extend_from_slice(&options);
+    p.extend_from_slice(l4);
+    p
+}
+
 /// VXLAN over IPv6 as a peer's flannel-v6.N sends it: Ethernet to `nic_dst` from `nic_src`,
 /// outer IPv6 `src -> dst` with traffic class `outer_tc`, UDP to `port` with a correct checksum,
 /// VXLAN (`flags`, `vni`), then `inner` (an Ethernet frame).

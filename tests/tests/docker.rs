@@ -300,9 +300,15 @@ fn attached_note(dp: Dp, attach: Duration) -> String {
     }
 }
 
-/// docker0 created by dockerd 5 s after the agent: programs attached within 1 s and flannel.1
-/// carries at most a handful of packets; then dockerd restarted, and docker0 deleted while it was
-/// down and recreated by the next start: attached again within 1 s, containers reach each other.
+/// An attach this soon came from the agent's link watch: the next reconcile pass (the default
+/// 10 s interval) is further away. A behaviour bound, not a speed target; it leaves room for a
+/// loaded machine (1.6 s seen with five builds running).
+const ATTACHED_BY_WATCH: Duration = Duration::from_secs(4);
+
+/// docker0 created by dockerd 5 s after the agent: programs attached by the link watch, well
+/// inside the 10 s reconcile interval ([`ATTACHED_BY_WATCH`]), and flannel.1 carries at most a
+/// handful of packets; then dockerd restarted, and docker0 deleted while it was down and recreated
+/// by the next start: attached again as promptly, containers reach each other.
 async fn bridge_created_after_agent_and_dockerd_restart(dp: Dp) {
     let c = agents_without_bridge(2, dp).await;
     let (h1, h2) = (c.host(0), c.host(1));
@@ -322,7 +328,7 @@ async fn bridge_created_after_agent_and_dockerd_restart(dp: Dp) {
             "{dp:?}: docker0 appeared {appeared:?} after dockerd start{}",
             attached_note(dp, attach)
         );
-        assert!(attach < Duration::from_secs(1), "attach took {attach:?}");
+        assert!(attach < ATTACHED_BY_WATCH, "attach took {attach:?}");
         d.unwrap()
     };
     let a = d1.run("a1").await.unwrap();
@@ -357,7 +363,7 @@ async fn bridge_created_after_agent_and_dockerd_restart(dp: Dp) {
         "{dp:?}: recreated docker0 appeared {appeared:?} after dockerd start{}",
         attached_note(dp, attach)
     );
-    assert!(attach < Duration::from_secs(1), "re-attach took {attach:?}");
+    assert!(attach < ATTACHED_BY_WATCH, "re-attach took {attach:?}");
     let a = d1.run("a3").await.unwrap();
     let (sent, got) = a.ping_count(b.ip(), 10, 50).await.unwrap();
     assert_eq!((sent, got), (10, 10), "{dp:?}: after docker0 was recreated");

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: unit tests and the root-only integration tests.
 //!
 //! Builds the eBPF object (`build-ebpf`) and the `weft` binary first, then runs
-//! `cargo test --workspace --exclude weft-ebpf -- --include-ignored` with `WEFT_BIN` pointing at that
+//! `cargo test --no-fail-fast --workspace --exclude weft-ebpf -- --include-ignored` with `WEFT_BIN` pointing at that
 //! binary, so the integration tests run the agent that was just built. Root-only tests are
 //! `#[ignore = "needs root: run cargo xtask test"]`: a plain `cargo test` reports them as ignored,
 //! never as passed, and this command (which runs as root) runs them. A full run (no test arguments)
@@ -37,8 +37,15 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
 
     let mut test = cargo();
-    test.args(["test", "--workspace", "--exclude", "weft-ebpf"])
-        .env("WEFT_BIN", &weft_bin);
+    // Every test binary runs even after one fails: a CI log then names every failure at once.
+    test.args([
+        "test",
+        "--no-fail-fast",
+        "--workspace",
+        "--exclude",
+        "weft-ebpf",
+    ])
+    .env("WEFT_BIN", &weft_bin);
     if opts.long {
         test.env("WEFT_LONG_TESTS", "1");
     }

@@ -48,23 +48,29 @@ pub(super) struct MasqTask {
 }
 
 impl MasqTask {
-    /// Install the rules for `subnet` now, then re-check them every `resync`.
+    /// Install the rules for our lease's subnets now, then re-check them every `resync`.
     async fn start(
         cfg: &AgentConfig,
         net: &NetworkConfig,
-        subnet: ipnet::Ipv4Net,
+        own: &Lease,
         metrics: &Arc<Metrics>,
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
-    ) -> Result<MasqTask, AgentError> {
-        let masq = Masq::new(
-            MasqKind::from_enable_nftables(net.enable_nftables),
-            net.network,
-            subnet,
-        )
-        .with_masquerade(cfg.ip_masq)
-        .with_forward_rules(cfg.iptables_forward_rules)
-        .with_metrics(metrics.clone());
+    ) -> Result<Option<MasqTask>, AgentError> {
+        let kind = MasqKind::from_enable_nftables(net.enable_nftables);
+        // One set of rules per enabled family, as flanneld's MasqRules / MasqIP6Rules.
+        let v4 = net.ipv4_network().zip(own.ipv4_subnet());
+        let v6 = net.ipv6_network().zip(own.ipv6_subnet);
+        let masq = match (v4, v6) {
+            (Some((n, sn)), None) => Masq::new(kind, n, sn),
+            (Some((n, sn)), Some((n6, sn6))) => Masq::new(kind, n, sn).with_ipv6(n6, sn6),
+            (None, Some((n6, sn6))) => Masq::ipv6_only(kind, n6, sn6),
+            (None, None) => return Ok(None),
+        };
+        let masq = masq
+            .with_masquerade(cfg.ip_masq)
+            .with_forward_rules(cfg.iptables_forward_rules)
+            .with_metrics(metrics.clone());
         match masq.accept_forward_policy().await {
             Ok(true) => tracing::info!("FORWARD policy set to ACCEPT, as flanneld does"),
             Ok(false) => {}
@@ -78,25 +84,18 @@ impl MasqTask {
         let cancel = shutdown.child_token();
         let (c, every) = (cancel.clone(), cfg.iptables_resync);
         tracker.spawn(async move { masq.run(every, c).await });
-        Ok(MasqTask { cancel })
+        Ok(Some(MasqTask { cancel }))
     }
 }
 
 impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
     pub async fn start_masq(&mut self) -> Result<(), AgentError> {
-        // The rules are IPv4 (iptables / `ip flannel-ipv4`); an IPv6-only network has none yet,
-        // and 0.0.0.0/0 in them would accept and exempt everything.
-        if self.firewall && self.net.enable_ipv4 {
-            let (cfg, net, subnet) = (self.cfg, &self.net, self.own.subnet);
-            let task = MasqTask::start(
-                cfg,
-                net,
-                subnet,
-                &self.metrics,
-                &self.tracker,
-                &self.shutdown,
-            );
-            self.masq = Some(task.await?);
+        // Only the enabled families get rules: an IPv6-only network's 0.0.0.0/0 in IPv4 rules
+        // would accept and exempt everything.
+        if self.firewall {
+            let (cfg, net, own) = (self.cfg, &self.net, &self.own);
+            let task = MasqTask::start(cfg, net, own, &self.metrics, &self.tracker, &self.shutdown);
+            self.masq = task.await?;
         }
         Ok(())
     }

@@ -1,4 +1,4 @@
-//! The iptables side: chains checked rule by rule with `iptables -C` (as flanneld does), rewritten in
+//! The iptables and ip6tables side: chains checked rule by rule with `iptables -C` (as flanneld does), rewritten in
 //! one `iptables-restore --noflush` transaction when anything is off, so no packet sees a half-built
 //! chain and no `iptables -S` text is compared by position (its spelling varies across versions).
 
@@ -7,6 +7,8 @@ use super::{run, run_stdin, MasqError};
 /// One chain we own, the rules it must hold in order, and the jump into it from a built-in chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct IptChain {
+    /// `iptables` or `ip6tables`.
+    pub program: &'static str,
     pub table: &'static str,
     pub chain: &'static str,
     /// Built-in chain that jumps to `chain`.
@@ -21,10 +23,15 @@ fn absent(e: &MasqError) -> bool {
 }
 
 /// Does `-C` find `rule` in `chain`?
-async fn has_rule(table: &str, chain: &str, rule: &[String]) -> Result<bool, MasqError> {
+async fn has_rule(
+    program: &str,
+    table: &str,
+    chain: &str,
+    rule: &[String],
+) -> Result<bool, MasqError> {
     let mut args = vec!["-w", "-t", table, "-C", chain];
     args.extend(rule.iter().map(String::as_str));
-    match run("iptables", &args).await {
+    match run(program, &args).await {
         Ok(_) => Ok(true),
         Err(e) if absent(&e) => Ok(false),
         Err(e) => Err(e),
@@ -33,8 +40,8 @@ async fn has_rule(table: &str, chain: &str, rule: &[String]) -> Result<bool, Mas
 
 /// How many rules `chain` holds, or `None` when it does not exist. Only the `-A` lines are counted,
 /// which every iptables version prints one per rule.
-async fn rule_count(table: &str, chain: &str) -> Result<Option<usize>, MasqError> {
-    match run("iptables", &["-w", "-t", table, "-S", chain]).await {
+async fn rule_count(program: &str, table: &str, chain: &str) -> Result<Option<usize>, MasqError> {
+    match run(program, &["-w", "-t", table, "-S", chain]).await {
         Ok(listing) => Ok(Some(
             listing.lines().filter(|l| l.starts_with("-A ")).count(),
         )),
@@ -45,15 +52,15 @@ async fn rule_count(table: &str, chain: &str) -> Result<Option<usize>, MasqError
 
 /// Put chain `c`, its rules (in order, nothing else) and the jump into it in place; one line per repair.
 pub(super) async fn ensure_chain(c: &IptChain) -> Result<Vec<String>, MasqError> {
-    let at = |what: &str| format!("{} {}: {what}", c.table, c.chain);
+    let at = |what: &str| format!("{} {} {}: {what}", c.program, c.table, c.chain);
     let mut repairs = Vec::new();
-    let count = rule_count(c.table, c.chain).await?;
+    let count = rule_count(c.program, c.table, c.chain).await?;
     let mut present = 0;
     if count.is_none() {
         repairs.push(at("created chain"));
     }
     for (i, rule) in c.rules.iter().enumerate() {
-        if count.is_some() && has_rule(c.table, c.chain, rule).await? {
+        if count.is_some() && has_rule(c.program, c.table, c.chain, rule).await? {
             present += 1;
         } else {
             repairs.push(at(&format!("inserted rule {}: {}", i + 1, canonical(rule))));
@@ -71,16 +78,17 @@ pub(super) async fn ensure_chain(c: &IptChain) -> Result<Vec<String>, MasqError>
             script.push_str(&format!("-A {} {}\n", c.chain, canonical(rule)));
         }
         script.push_str("COMMIT\n");
-        run_stdin("iptables-restore", &["-w", "--noflush"], &script).await?;
+        let restore = format!("{}-restore", c.program);
+        run_stdin(&restore, &["-w", "--noflush"], &script).await?;
     }
     // The jump goes in last, so packets never enter a chain that is still being built.
-    if !has_rule(c.table, c.hook, &c.jump).await? {
+    if !has_rule(c.program, c.table, c.hook, &c.jump).await? {
         let mut args = vec!["-w", "-t", c.table, "-I", c.hook, "1"];
         args.extend(c.jump.iter().map(String::as_str));
-        run("iptables", &args).await?;
+        run(c.program, &args).await?;
         repairs.push(format!(
-            "{} {}: inserted jump to {}",
-            c.table, c.hook, c.chain
+            "{} {} {}: inserted jump to {}",
+            c.program, c.table, c.hook, c.chain
         ));
     }
     Ok(repairs)
@@ -88,7 +96,7 @@ pub(super) async fn ensure_chain(c: &IptChain) -> Result<Vec<String>, MasqError>
 
 /// Removes chain `c` and every jump into it; returns whether there was anything to remove.
 pub(super) async fn remove_chain(c: &IptChain, errors: &mut Vec<MasqError>) -> bool {
-    match rule_count(c.table, c.chain).await {
+    match rule_count(c.program, c.table, c.chain).await {
         // iptables refuses a jump to a chain that does not exist, so there is none to remove
         // (and `-D` of one would fail with "Couldn't load target").
         Ok(None) => return false,
@@ -103,7 +111,7 @@ pub(super) async fn remove_chain(c: &IptChain, errors: &mut Vec<MasqError>) -> b
     // The jump may have been added more than once (by hand, by an old flanneld); remove every copy.
     // Bounded, in case something re-adds it as fast as we delete it.
     for _ in 0..16 {
-        match run("iptables", &jump).await {
+        match run(c.program, &jump).await {
             Ok(_) => {}
             Err(e) if absent(&e) => break,
             Err(e) => {
@@ -113,7 +121,7 @@ pub(super) async fn remove_chain(c: &IptChain, errors: &mut Vec<MasqError>) -> b
         }
     }
     for op in ["-F", "-X"] {
-        if let Err(e) = run("iptables", &["-w", "-t", c.table, op, c.chain]).await {
+        if let Err(e) = run(c.program, &["-w", "-t", c.table, op, c.chain]).await {
             errors.push(e);
         }
     }

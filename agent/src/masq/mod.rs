@@ -19,6 +19,12 @@
 //! policy to DROP still delivers to a container that has not sent anything yet. With `EnableNFTables` the
 //! same logic lives in the nftables table `ip flannel-ipv4`, chains `postrtg` and `forward`.
 //!
+//! With `EnableIPv6` the same chains exist for IPv6NetWork (N6) and our IPv6 subnet (SN6) in
+//! ip6tables, as flanneld's `MasqIP6Rules` and `ForwardRules(IPv6Network)` write them: the same
+//! rules in the same order with the same comments, `ff00::/8` standing in for `224.0.0.0/4`; with
+//! `EnableNFTables`, the table `ip6 flannel-ipv6`. An IPv6-only config (`EnableIPv4: false`) gets
+//! only those. Both families are checked, repaired and removed together.
+//!
 //! **weft:** without `--ip-masq` the Docker options say `--ip-masq=true` (as `mk-docker-opts.sh` writes
 //! them), so Docker adds `-s <bip> ! -o docker0 -j MASQUERADE`. On the kernel path that NATs container
 //! traffic leaving through flannel.1 to flannel.1's address, while the eBPF path redirects it past
@@ -43,7 +49,8 @@
 //! use std::time::Duration;
 //! use weft::masq::{Masq, MasqKind};
 //!
-//! let masq = Masq::new(MasqKind::from_enable_nftables(false), "10.1.0.0/16".parse().unwrap(), "10.1.10.0/24".parse().unwrap());
+//! let masq = Masq::new(MasqKind::from_enable_nftables(false), "10.1.0.0/16".parse().unwrap(), "10.1.10.0/24".parse().unwrap())
+//!     .with_ipv6("fd00:10::/48".parse().unwrap(), "fd00:10:0:a::/64".parse().unwrap());
 //! masq.ensure().await?;                                   // before reporting ready
 //! masq.run(Duration::from_secs(5), shutdown).await;       // keeps them there
 //! # Ok(()) }
@@ -52,7 +59,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -66,11 +73,14 @@ pub use nftables::{NftChain, NftRule};
 /// The mark kube-proxy sets on packets it will masquerade itself; flannel leaves them alone.
 const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
 const MULTICAST: &str = "224.0.0.0/4";
+const MULTICAST6: &str = "ff00::/8";
 const MASQ_COMMENT: &str = "flanneld masq";
 const FWD_COMMENT: &str = "flanneld forward";
 pub const NAT_CHAIN: &str = "FLANNEL-POSTRTG";
 pub const FORWARD_CHAIN: &str = "FLANNEL-FWD";
 pub const NFT_TABLE: &str = "flannel-ipv4";
+/// flanneld's nftables table for IPv6 (family `ip6`).
+pub const NFT_TABLE6: &str = "flannel-ipv6";
 /// weft's own table that keeps overlay traffic's source when Docker masquerades (no `--ip-masq`).
 pub const NONAT_TABLE: &str = "weft-nonat";
 
@@ -116,33 +126,105 @@ impl MasqKind {
     }
 }
 
-/// flanneld's rules for network `network` and this node's `subnet`, kept in place by [`Masq::run`].
+/// An address family's netfilter front ends: flanneld keeps one set of rules per family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// IPv4 first, as flanneld sets them up.
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+impl Family {
+    /// The iptables binary of this family (its `-restore` twin is named after it).
+    fn iptables(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables",
+            Self::V6 => "ip6tables",
+        }
+    }
+
+    /// The nftables family and flanneld's table name in it.
+    fn nft(self) -> (&'static str, &'static str) {
+        match self {
+            Self::V4 => ("ip", NFT_TABLE),
+            Self::V6 => ("ip6", NFT_TABLE6),
+        }
+    }
+
+    fn multicast(self) -> IpNet {
+        match self {
+            Self::V4 => MULTICAST,
+            Self::V6 => MULTICAST6,
+        }
+        .parse()
+        .expect("a valid prefix")
+    }
+}
+
+/// One family's overlay network (N) and this node's subnet in it (SN), both masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Nets {
+    pub network: IpNet,
+    pub subnet: IpNet,
+}
+
+impl Nets {
+    fn new(network: impl Into<IpNet>, subnet: impl Into<IpNet>) -> Self {
+        Self {
+            network: network.into().trunc(),
+            subnet: subnet.into().trunc(),
+        }
+    }
+}
+
+/// flanneld's rules for the configured families' networks and this node's subnets, kept in place
+/// by [`Masq::run`].
 #[derive(Debug, Clone)]
 pub struct Masq {
     kind: MasqKind,
-    network: Ipv4Net,
-    subnet: Ipv4Net,
+    v4: Option<Nets>,
+    v6: Option<Nets>,
     /// `--ip-masq`: flanneld's NAT chain; when off, the `weft-nonat` table instead.
     masquerade: bool,
     forward: bool,
     random_fully: Arc<OnceLock<bool>>,
     nft_missing_told: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the family not configured was looked at for leftovers (once per instance).
+    swept: Arc<std::sync::atomic::AtomicBool>,
     metrics: Option<Arc<Metrics>>,
 }
 
 impl Masq {
     /// Masquerade and forward rules for `network` (N) and this node's `subnet` (SN).
     pub fn new(kind: MasqKind, network: Ipv4Net, subnet: Ipv4Net) -> Self {
+        Self::with_nets(kind, Some(Nets::new(network, subnet)), None)
+    }
+
+    /// An IPv6-only network (`EnableIPv4: false`): only the ip6tables / `ip6` rules.
+    pub fn ipv6_only(kind: MasqKind, network: Ipv6Net, subnet: Ipv6Net) -> Self {
+        Self::with_nets(kind, None, Some(Nets::new(network, subnet)))
+    }
+
+    fn with_nets(kind: MasqKind, v4: Option<Nets>, v6: Option<Nets>) -> Self {
         Self {
             kind,
-            network: network.trunc(),
-            subnet: subnet.trunc(),
+            v4,
+            v6,
             masquerade: true,
             forward: true,
             random_fully: Arc::default(),
             nft_missing_told: Arc::default(),
+            swept: Arc::default(),
             metrics: None,
         }
+    }
+
+    /// Add the IPv6 rules (`EnableIPv6`) for `IPv6Network` and our IPv6 subnet.
+    pub fn with_ipv6(mut self, network: Ipv6Net, subnet: Ipv6Net) -> Self {
+        self.v6 = Some(Nets::new(network, subnet));
+        self
     }
 
     /// Whether to masquerade (`--ip-masq`). Off, weft leaves the outside world to Docker's own
@@ -168,34 +250,23 @@ impl Masq {
         self.kind
     }
 
+    fn nets(&self, family: Family) -> Option<Nets> {
+        match family {
+            Family::V4 => self.v4,
+            Family::V6 => self.v6,
+        }
+    }
+
     /// Put every missing rule in place; returns one line per repair (empty when all was in place).
     pub async fn ensure(&self) -> Result<Vec<String>, MasqError> {
-        let mut repairs = match self.kind {
-            MasqKind::Iptables => {
-                let random_fully = self.iptables_random_fully().await;
-                let mut repairs = Vec::new();
-                for chain in self.all_iptables_chains(random_fully) {
-                    if self.wants(chain.chain) {
-                        repairs.extend(iptables::ensure_chain(&chain).await?);
-                    } else {
-                        // Turned off since the last run (e.g. restarted without --ip-masq).
-                        let mut errors = Vec::new();
-                        if iptables::remove_chain(&chain, &mut errors).await {
-                            repairs.push(format!(
-                                "{} {}: removed, no longer configured",
-                                chain.table, chain.chain
-                            ));
-                        }
-                        if let Some(e) = errors.pop() {
-                            return Err(e);
-                        }
-                    }
-                }
-                repairs
+        let mut repairs = Vec::new();
+        for family in FAMILIES {
+            match self.nets(family) {
+                Some(nets) => repairs.extend(self.ensure_family(family, nets).await?),
+                None => repairs.extend(self.sweep(family).await),
             }
-            MasqKind::Nftables => nftables::ensure_table(NFT_TABLE, &self.nft_rules()).await?,
-        };
-        match nftables::ensure_table(NONAT_TABLE, &self.nonat_rules()).await {
+        }
+        match nftables::ensure_table("ip", NONAT_TABLE, &self.nonat_rules()).await {
             Ok(more) => repairs.extend(more),
             // An iptables-only host without nft: the forward (and masquerade) rules matter more
             // than keeping overlay sources under Docker's masquerade; say so once, keep going.
@@ -212,11 +283,79 @@ impl Masq {
         Ok(repairs)
     }
 
+    async fn ensure_family(&self, family: Family, nets: Nets) -> Result<Vec<String>, MasqError> {
+        if self.kind == MasqKind::Nftables {
+            let (nft_family, table) = family.nft();
+            return nftables::ensure_table(nft_family, table, &self.nft_chains(nets)).await;
+        }
+        let random_fully = self.iptables_random_fully().await;
+        let mut repairs = Vec::new();
+        for chain in self.iptables_chains(family, nets, random_fully) {
+            if self.wants(chain.chain) {
+                repairs.extend(iptables::ensure_chain(&chain).await?);
+            } else {
+                // Turned off since the last run (e.g. restarted without --ip-masq).
+                let mut errors = Vec::new();
+                if iptables::remove_chain(&chain, &mut errors).await {
+                    repairs.push(format!(
+                        "{} {} {}: removed, no longer configured",
+                        chain.program, chain.table, chain.chain
+                    ));
+                }
+                if let Some(e) = errors.pop() {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(repairs)
+    }
+
+    /// A family the config no longer enables (dual stack turned IPv4-only, or the reverse) may
+    /// have left its rules behind: looked for once per instance, quietly, since a host without
+    /// IPv6 netfilter (or without ip6tables) has nothing to remove and must still start.
+    async fn sweep(&self, family: Family) -> Vec<String> {
+        if self.swept.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let mut errors = Vec::new();
+        let found = self.remove_family(family, &mut errors).await;
+        for e in errors {
+            tracing::debug!(error = %e, ?family, "looking for rules of a family no longer configured");
+        }
+        if found {
+            vec![format!(
+                "{family:?} rules removed, the network config no longer enables that family"
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Remove one family's chains (and the jumps into them) or nftables table; whether any was there.
+    async fn remove_family(&self, family: Family, errors: &mut Vec<MasqError>) -> bool {
+        match self.kind {
+            MasqKind::Iptables => {
+                let mut found = false;
+                // Removal goes by chain names and jumps only; the rules inside do not matter.
+                let any = Nets::new(family.multicast(), family.multicast());
+                for chain in self.iptables_chains(family, any, true) {
+                    found |= iptables::remove_chain(&chain, errors).await;
+                }
+                found
+            }
+            MasqKind::Nftables => {
+                let (nft_family, table) = family.nft();
+                nftables::delete_table(nft_family, table, errors).await
+            }
+        }
+    }
+
     /// flanneld sets the FORWARD policy to ACCEPT at start (only then: Docker, started later, may set
     /// DROP again, which the FLANNEL-FWD rules make harmless for overlay traffic). Returns whether it
-    /// changed the policy.
+    /// changed the policy. IPv4 only, as flanneld: its IPv6 FLANNEL-FWD rules accept overlay
+    /// traffic whatever ip6tables' policy is.
     pub async fn accept_forward_policy(&self) -> Result<bool, MasqError> {
-        if !self.forward {
+        if !self.forward || self.v4.is_none() {
             return Ok(false);
         }
         let listing = run("iptables", &["-w", "-S", "FORWARD"]).await?;
@@ -258,32 +397,24 @@ impl Masq {
         }
     }
 
-    /// Remove our chains and the jumps into them. Keeps going after an error and reports all of them.
+    /// Remove our chains and the jumps into them, or our nftables tables, for both families (a
+    /// family not configured is cleaned quietly). Keeps going after an error and reports all of them.
     /// Not called on a plain stop: the rules stay so traffic keeps its NAT while the agent restarts.
     pub async fn remove(&self) -> Result<(), MasqError> {
         let mut errors = Vec::new();
-        if self.kind == MasqKind::Iptables {
-            for chain in self.all_iptables_chains(true) {
-                iptables::remove_chain(&chain, &mut errors).await;
+        for family in FAMILIES {
+            if self.nets(family).is_some() {
+                self.remove_family(family, &mut errors).await;
+            } else {
+                self.remove_family(family, &mut Vec::new()).await;
             }
         }
-        let tables = match self.kind {
-            MasqKind::Iptables => &[NONAT_TABLE][..],
-            MasqKind::Nftables => &[NFT_TABLE, NONAT_TABLE][..],
-        };
-        for table in tables {
-            match nftables::list_table(table).await {
-                Ok(None) => {}
-                Ok(Some(_)) => {
-                    if let Err(e) = run("nft", &["delete", "table", "ip", table]).await {
-                        errors.push(e);
-                    }
-                }
-                // No nft binary: there is no nftables table of ours to remove either.
-                Err(MasqError::Spawn { .. }) if self.kind == MasqKind::Iptables => {}
-                Err(e) => errors.push(e),
-            }
-        }
+        let mut nonat_errors = Vec::new();
+        nftables::delete_table("ip", NONAT_TABLE, &mut nonat_errors).await;
+        // No nft binary: there is no nftables table of ours to remove either.
+        errors.extend(nonat_errors.into_iter().filter(|e| {
+            !(self.kind == MasqKind::Iptables && matches!(e, MasqError::Spawn { .. }))
+        }));
         if errors.is_empty() {
             Ok(())
         } else {
@@ -291,11 +422,24 @@ impl Masq {
         }
     }
 
-    /// The rules as `iptables-save` lists them (`-A CHAIN ...`), nat table first. For logs and tests.
+    /// The IPv4 rules as `iptables-save` lists them (`-A CHAIN ...`), nat table first. For logs and
+    /// tests.
     pub fn iptables_listing(&self) -> Vec<String> {
+        self.listing(Family::V4)
+    }
+
+    /// The IPv6 rules as `ip6tables-save` lists them.
+    pub fn ip6tables_listing(&self) -> Vec<String> {
+        self.listing(Family::V6)
+    }
+
+    fn listing(&self, family: Family) -> Vec<String> {
+        let Some(nets) = self.nets(family) else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for c in self
-            .all_iptables_chains(true)
+            .iptables_chains(family, nets, true)
             .into_iter()
             .filter(|c| self.wants(c.chain))
         {
@@ -309,9 +453,12 @@ impl Masq {
         out
     }
 
-    /// Both chains, wanted or not: [`Masq::ensure`] removes the ones switched off.
-    fn all_iptables_chains(&self, random_fully: bool) -> Vec<IptChain> {
-        let (n, sn) = (self.network.to_string(), self.subnet.to_string());
+    /// Both chains of `family`, wanted or not: [`Masq::ensure`] removes the ones switched off.
+    /// The same rules for both families (flanneld's `MasqRules` / `MasqIP6Rules`), multicast
+    /// being the family's own.
+    fn iptables_chains(&self, family: Family, nets: Nets, random_fully: bool) -> Vec<IptChain> {
+        let (n, sn) = (nets.network.to_string(), nets.subnet.to_string());
+        let multicast = family.multicast().to_string();
         // Every masq rule ends in the same comment and target; MASQUERADE adds --random-fully.
         let rule = |spec: &[&str], target: &str| {
             let mut rule = words(spec);
@@ -330,7 +477,9 @@ impl Masq {
         };
         let ret = |spec: &[&str]| rule(spec, "RETURN");
         let masq = |spec: &[&str]| rule(spec, "MASQUERADE");
+        let program = family.iptables();
         let mut chains = vec![IptChain {
+            program,
             table: "nat",
             chain: NAT_CHAIN,
             hook: "POSTROUTING",
@@ -340,7 +489,7 @@ impl Masq {
                 ret(&["-s", &sn, "-d", &n]),
                 ret(&["-s", &n, "-d", &sn]),
                 ret(&["!", "-s", &n, "-d", &sn]),
-                masq(&["-s", &n, "!", "-d", MULTICAST]),
+                masq(&["-s", &n, "!", "-d", &multicast]),
                 masq(&["!", "-s", &n, "-d", &n]),
             ],
         }];
@@ -358,6 +507,7 @@ impl Masq {
                 ])
             };
             chains.push(IptChain {
+                program,
                 table: "filter",
                 chain: FORWARD_CHAIN,
                 hook: "FORWARD",
@@ -376,13 +526,19 @@ impl Masq {
     }
 
     /// `--random-fully` needs iptables 1.6.2 or later; asked once per process, like flanneld does.
+    /// ip6tables ships in the same package as iptables, so one answer holds for both.
     async fn iptables_random_fully(&self) -> bool {
         if let Some(v) = self.random_fully.get() {
             return *v;
         }
-        let supported = match run("iptables", &["-V"]).await {
+        let program = if self.v4.is_some() {
+            "iptables"
+        } else {
+            "ip6tables"
+        };
+        let supported = match run(program, &["-V"]).await {
             Ok(out) => {
-                tracing::info!(version = %out.trim(), "ip-masq uses iptables");
+                tracing::info!(version = %out.trim(), "ip-masq uses {program}");
                 iptables::version_at_least(&out, (1, 6, 2))
             }
             // Leave it undecided so the next ensure asks again; ensure itself will report the failure.
@@ -478,7 +634,7 @@ mod tests {
 
     #[test]
     fn without_random_fully() {
-        let chains = masq().all_iptables_chains(false);
+        let chains = masq().iptables_chains(Family::V4, masq().v4.unwrap(), false);
         assert!(chains
             .iter()
             .flat_map(|c| &c.rules)
@@ -532,5 +688,93 @@ mod tests {
             "ip saddr 10.1.0.0/16 ip daddr 10.1.0.0/16 snat to ip saddr"
         );
         assert!(nonat[0].hook.ends_with("priority srcnat - 1"));
+    }
+
+    fn dual() -> Masq {
+        masq().with_ipv6(
+            "fd00:10::/48".parse().unwrap(),
+            "fd00:10:0:a::1/64".parse().unwrap(),
+        )
+    }
+
+    /// flanneld's MasqIP6Rules and ForwardRules(IPv6Network): the IPv4 chains' rules, in the same
+    /// order with the same comments, over the IPv6 networks and ff00::/8.
+    #[test]
+    fn ip6tables_rules_match_flanneld() {
+        let want = [
+            r#"-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG"#,
+            r#"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN"#,
+            r#"-A FLANNEL-POSTRTG -s fd00:10:0:a::/64 -d fd00:10::/48 -m comment --comment "flanneld masq" -j RETURN"#,
+            r#"-A FLANNEL-POSTRTG -s fd00:10::/48 -d fd00:10:0:a::/64 -m comment --comment "flanneld masq" -j RETURN"#,
+            r#"-A FLANNEL-POSTRTG ! -s fd00:10::/48 -d fd00:10:0:a::/64 -m comment --comment "flanneld masq" -j RETURN"#,
+            r#"-A FLANNEL-POSTRTG -s fd00:10::/48 ! -d ff00::/8 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully"#,
+            r#"-A FLANNEL-POSTRTG ! -s fd00:10::/48 -d fd00:10::/48 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully"#,
+            r#"-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD"#,
+            r#"-A FLANNEL-FWD -s fd00:10::/48 -m comment --comment "flanneld forward" -j ACCEPT"#,
+            r#"-A FLANNEL-FWD -d fd00:10::/48 -m comment --comment "flanneld forward" -j ACCEPT"#,
+        ];
+        let m = dual();
+        assert_eq!(m.ip6tables_listing(), want);
+        assert_eq!(m.iptables_listing(), masq().iptables_listing());
+        let chains = m.iptables_chains(Family::V6, m.v6.unwrap(), true);
+        assert!(chains.iter().all(|c| c.program == "ip6tables"));
+        assert!(masq().ip6tables_listing().is_empty(), "IPv4 only");
+    }
+
+    #[test]
+    fn ipv6_only_has_no_ipv4_rules() {
+        let m = Masq::ipv6_only(
+            MasqKind::Iptables,
+            "fd00:10::/48".parse().unwrap(),
+            "fd00:10:0:a::/64".parse().unwrap(),
+        )
+        .with_masquerade(false);
+        assert!(m.iptables_listing().is_empty());
+        assert!(m.nft_rules().is_empty() && m.nonat_rules().is_empty());
+        assert_eq!(
+            m.ip6tables_listing(),
+            [
+                r#"-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD"#,
+                r#"-A FLANNEL-FWD -s fd00:10::/48 -m comment --comment "flanneld forward" -j ACCEPT"#,
+                r#"-A FLANNEL-FWD -d fd00:10::/48 -m comment --comment "flanneld forward" -j ACCEPT"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn nft6_rules_use_ip6_matches() {
+        let text = |chains: Vec<NftChain>| -> Vec<Vec<String>> {
+            chains
+                .iter()
+                .map(|c| c.rules.iter().map(ToString::to_string).collect())
+                .collect()
+        };
+        assert_eq!(
+            text(dual().nft6_rules()),
+            [
+                vec![
+                    "meta mark & 0x00004000 == 0x00004000 return",
+                    "ip6 saddr fd00:10:0:a::/64 ip6 daddr fd00:10::/48 return",
+                    "ip6 saddr fd00:10::/48 ip6 daddr fd00:10:0:a::/64 return",
+                    "ip6 saddr != fd00:10::/48 ip6 daddr fd00:10:0:a::/64 return",
+                    "ip6 saddr fd00:10::/48 ip6 daddr != ff00::/8 masquerade fully-random",
+                    "ip6 saddr != fd00:10::/48 ip6 daddr fd00:10::/48 masquerade fully-random",
+                ],
+                vec![
+                    "ip6 saddr fd00:10::/48 accept",
+                    "ip6 daddr fd00:10::/48 accept"
+                ],
+            ]
+        );
+        let expr = dual().nft6_rules()[1].rules[0].expr();
+        assert_eq!(
+            expr[0]["match"]["left"]["payload"]["protocol"], "ip6",
+            "{expr:?}"
+        );
+        assert_eq!(
+            expr[0]["match"]["right"]["prefix"]["addr"], "fd00:10::",
+            "{expr:?}"
+        );
+        assert!(masq().nft6_rules().is_empty());
     }
 }

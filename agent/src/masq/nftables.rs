@@ -4,11 +4,11 @@
 
 use std::fmt;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{run, run_stdin, Masq, MasqError, MULTICAST};
+use super::{run, run_stdin, Family, Masq, MasqError, Nets};
 
 /// One nftables base chain we own: its hook line, comment and rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,11 +33,11 @@ pub(super) enum Match {
     KubeProxyMark,
     Saddr {
         not: bool,
-        net: Ipv4Net,
+        net: IpNet,
     },
     Daddr {
         not: bool,
-        net: Ipv4Net,
+        net: IpNet,
     },
 }
 
@@ -62,7 +62,7 @@ impl fmt::Display for NftRule {
                 Match::Daddr { not, net } => ("daddr", not, net),
             };
             let op = if *not { "!= " } else { "" };
-            write!(f, "ip {field} {op}{net} ")?;
+            write!(f, "{} {field} {op}{net} ", protocol(net))?;
         }
         f.write_str(match self.verdict {
             Verdict::Return => "return",
@@ -73,8 +73,16 @@ impl fmt::Display for NftRule {
     }
 }
 
-fn payload(field: &str) -> Value {
-    json!({"payload": {"protocol": "ip", "field": field}})
+/// The nft payload protocol matching `net`'s family: `ip` or `ip6`.
+fn protocol(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => "ip",
+        IpNet::V6(_) => "ip6",
+    }
+}
+
+fn payload(protocol: &str, field: &str) -> Value {
+    json!({"payload": {"protocol": protocol, "field": field}})
 }
 
 impl NftRule {
@@ -91,7 +99,7 @@ impl NftRule {
                     let field = if matches!(m, Match::Saddr { .. }) { "saddr" } else { "daddr" };
                     json!({"match": {
                         "op": if *not { "!=" } else { "==" },
-                        "left": payload(field),
+                        "left": payload(protocol(net), field),
                         "right": {"prefix": {"addr": net.network().to_string(), "len": net.prefix_len()}}
                     }})
                 }
@@ -101,21 +109,35 @@ impl NftRule {
             Verdict::Return => json!({"return": null}),
             Verdict::Accept => json!({"accept": null}),
             Verdict::MasqueradeFullyRandom => json!({"masquerade": {"flags": "fully-random"}}),
-            Verdict::SnatToSaddr => json!({"snat": {"addr": payload("saddr")}}),
+            Verdict::SnatToSaddr => json!({"snat": {"addr": payload("ip", "saddr")}}),
         });
         expr
     }
 }
 
 impl Masq {
-    /// The chains of table `ip flannel-ipv4` (with `EnableNFTables`).
+    /// The chains of table `ip flannel-ipv4` (with `EnableNFTables`); empty for an IPv6-only network.
     ///
     /// **weft:** flanneld's nftables code returns on `ip saddr != SN ip daddr N` and matches the mark with
     /// `meta mark 0x4000`; both differ from its own iptables rules (the first shadows the host-to-overlay
     /// masquerade). weft writes the iptables logic here, as FLANNEL-COMPAT.md asks: `! -s N -d SN` and
     /// the masked mark. The table is node-local, so peers cannot tell.
     pub fn nft_rules(&self) -> Vec<NftChain> {
-        let (n, sn) = (self.network, self.subnet);
+        self.v4.map(|n| self.nft_chains(n)).unwrap_or_default()
+    }
+
+    /// The chains of table `ip6 flannel-ipv6` (`EnableIPv6` with `EnableNFTables`): the same logic
+    /// with `ip6` matches and `ff00::/8` as multicast.
+    pub fn nft6_rules(&self) -> Vec<NftChain> {
+        self.v6.map(|n| self.nft_chains(n)).unwrap_or_default()
+    }
+
+    pub(super) fn nft_chains(&self, nets: Nets) -> Vec<NftChain> {
+        let (n, sn) = (nets.network, nets.subnet);
+        let family = match n {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        };
         let saddr = |net| Match::Saddr { not: false, net };
         let daddr = |net| Match::Daddr { not: false, net };
         let not_saddr = |net| Match::Saddr { not: true, net };
@@ -123,7 +145,6 @@ impl Masq {
         let rule = |matches: Vec<Match>, verdict| NftRule { matches, verdict };
         let mut chains = Vec::new();
         if self.masquerade {
-            let multicast: Ipv4Net = MULTICAST.parse().expect("a valid prefix");
             chains.push(NftChain {
                 name: "postrtg",
                 hook: "type nat hook postrouting priority srcnat",
@@ -134,7 +155,7 @@ impl Masq {
                     rule(vec![saddr(n), daddr(sn)], Verdict::Return),
                     rule(vec![not_saddr(n), daddr(sn)], Verdict::Return),
                     rule(
-                        vec![saddr(n), not_daddr(multicast)],
+                        vec![saddr(n), not_daddr(family.multicast())],
                         Verdict::MasqueradeFullyRandom,
                     ),
                     rule(vec![not_saddr(n), daddr(n)], Verdict::MasqueradeFullyRandom),
@@ -157,11 +178,13 @@ impl Masq {
 
     /// The chain of table `ip weft-nonat`: only without `--ip-masq`, when Docker masquerades (see the
     /// module docs). The identity binding runs before any srcnat-priority chain and ends NAT evaluation.
+    /// IPv4 only: Docker's IPv6 masquerade needs `--ipv6` and `ip6tables` in its own config, which the
+    /// Docker options weft writes never turn on.
     pub fn nonat_rules(&self) -> Vec<NftChain> {
-        if self.masquerade {
+        let Some(nets) = self.v4.filter(|_| !self.masquerade) else {
             return Vec::new();
-        }
-        let n = self.network;
+        };
+        let n = nets.network;
         vec![NftChain {
             name: "postrouting",
             hook: "type nat hook postrouting priority srcnat - 1",
@@ -265,33 +288,51 @@ fn bad_json(command: &str, e: serde_json::Error) -> MasqError {
     }
 }
 
-/// `nft -j list table ip <table>`, or `None` when the table does not exist. Existence is read from
-/// the table list rather than guessed from an error message.
-pub(super) async fn list_table(table: &str) -> Result<Option<TableState>, MasqError> {
-    const TABLES: &str = "nft -j list tables ip";
-    let tables: Listing = serde_json::from_str(&run("nft", &["-j", "list", "tables", "ip"]).await?)
-        .map_err(|e| bad_json(TABLES, e))?;
+/// `nft -j list table <family> <table>`, or `None` when the table does not exist. Existence is read
+/// from the table list rather than guessed from an error message.
+pub(super) async fn list_table(family: &str, table: &str) -> Result<Option<TableState>, MasqError> {
+    let tables: Listing =
+        serde_json::from_str(&run("nft", &["-j", "list", "tables", family]).await?)
+            .map_err(|e| bad_json(&format!("nft -j list tables {family}"), e))?;
     let exists = tables
         .nftables
         .iter()
         .filter_map(|o| o.table.as_ref())
-        .any(|t| t.family == "ip" && t.name == table);
+        .any(|t| t.family == family && t.name == table);
     if !exists {
         return Ok(None);
     }
-    let listing = run("nft", &["-j", "list", "table", "ip", table]).await?;
+    let listing = run("nft", &["-j", "list", "table", family, table]).await?;
     TableState::parse(&listing)
         .map(Some)
-        .map_err(|e| bad_json(&format!("nft -j list table ip {table}"), e))
+        .map_err(|e| bad_json(&format!("nft -j list table {family} {table}"), e))
 }
 
-/// Make table `ip <table>` hold exactly `chains`: missing or altered chains are rewritten in one
-/// atomic `nft -f` transaction, chains no longer wanted are deleted, and an empty table goes away.
+/// Delete table `<family> <table>` if it exists; whether it did. Errors are collected in `errors`.
+pub(super) async fn delete_table(family: &str, table: &str, errors: &mut Vec<MasqError>) -> bool {
+    match list_table(family, table).await {
+        Ok(None) => false,
+        Ok(Some(_)) => {
+            if let Err(e) = run("nft", &["delete", "table", family, table]).await {
+                errors.push(e);
+            }
+            true
+        }
+        Err(e) => {
+            errors.push(e);
+            false
+        }
+    }
+}
+
+/// Make table `<family> <table>` hold exactly `chains`: missing or altered chains are rewritten in
+/// one atomic `nft -f` transaction, chains no longer wanted are deleted, and an empty table goes away.
 pub(super) async fn ensure_table(
+    family: &str,
     table: &str,
     chains: &[NftChain],
 ) -> Result<Vec<String>, MasqError> {
-    let state = match list_table(table).await {
+    let state = match list_table(family, table).await {
         // Nothing wanted and no nft to ask: there is nothing of ours to remove either.
         Err(MasqError::Spawn { .. }) if chains.is_empty() => return Ok(Vec::new()),
         other => other?,
@@ -299,26 +340,26 @@ pub(super) async fn ensure_table(
     let mut repairs = Vec::new();
     if chains.is_empty() {
         if state.is_some() {
-            run("nft", &["delete", "table", "ip", table]).await?;
+            run("nft", &["delete", "table", family, table]).await?;
             repairs.push(format!(
-                "nftables: removed table ip {table}, no longer configured"
+                "nftables: removed table {family} {table}, no longer configured"
             ));
         }
         return Ok(repairs);
     }
     if state.is_none() {
-        repairs.push(format!("nftables: created table ip {table}"));
+        repairs.push(format!("nftables: created table {family} {table}"));
     }
     let state = state.unwrap_or_default();
-    let mut script = format!("add table ip {table} {{ comment \"rules for {table}\"; }}\n");
+    let mut script = format!("add table {family} {table} {{ comment \"rules for {table}\"; }}\n");
     for stale in state
         .chains
         .iter()
         .filter(|name| !chains.iter().any(|c| c.name == name.as_str()))
     {
-        script.push_str(&format!("delete chain ip {table} {stale}\n"));
+        script.push_str(&format!("delete chain {family} {table} {stale}\n"));
         repairs.push(format!(
-            "nftables: removed chain ip {table} {stale}, no longer configured"
+            "nftables: removed chain {family} {table} {stale}, no longer configured"
         ));
     }
     for c in chains {
@@ -329,7 +370,7 @@ pub(super) async fn ensure_table(
         }
         let missing = want.iter().filter(|w| !have.contains(w)).count();
         repairs.push(format!(
-            "nftables: rewrote chain ip {table} {} ({missing} rule(s) missing{})",
+            "nftables: rewrote chain {family} {table} {} ({missing} rule(s) missing{})",
             c.name,
             if missing == 0 {
                 ", order or extra rules fixed"
@@ -340,12 +381,12 @@ pub(super) async fn ensure_table(
         // add + flush + add rules in one `nft -f` transaction: the kernel swaps the chain atomically,
         // so no packet ever sees it empty.
         script.push_str(&format!(
-            "add chain ip {table} {} {{ {}; comment \"{}\"; }}\n",
+            "add chain {family} {table} {} {{ {}; comment \"{}\"; }}\n",
             c.name, c.hook, c.comment
         ));
-        script.push_str(&format!("flush chain ip {table} {}\n", c.name));
+        script.push_str(&format!("flush chain {family} {table} {}\n", c.name));
         for rule in &c.rules {
-            script.push_str(&format!("add rule ip {table} {} {rule}\n", c.name));
+            script.push_str(&format!("add rule {family} {table} {} {rule}\n", c.name));
         }
     }
     if !repairs.is_empty() {
@@ -366,7 +407,7 @@ mod tests {
     fn listing_parses_into_the_expressions_we_write() {
         let st = TableState::parse(LISTING).unwrap();
         assert_eq!(st.chains, ["postrtg", "nonat"]);
-        let (n, sn): (Ipv4Net, Ipv4Net) = (
+        let (n, sn): (IpNet, IpNet) = (
             "10.1.0.0/16".parse().unwrap(),
             "10.1.10.0/24".parse().unwrap(),
         );

@@ -5,7 +5,7 @@
 //! next reconcile.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use futures::StreamExt;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
@@ -18,7 +18,7 @@ use rtnetlink::packet_route::{
 use rtnetlink::sys::SocketAddr;
 use rtnetlink::MulticastGroup;
 
-use super::neigh::{BridgePortEntry, NeighEntry};
+use super::neigh::{BridgePortEntry, Neigh6Entry, NeighEntry};
 use super::{Connection, NetlinkError};
 
 type Messages =
@@ -72,11 +72,19 @@ impl LinkWatch {
     /// Records the bridge's tables as just read, so that events repeating what they hold (a
     /// neighbour going REACHABLE -> STALE, an entry refreshed) are no reason to reconcile, and
     /// only a real change of an address's MAC or a MAC's port is.
-    pub fn remember(&mut self, neighbours: &[NeighEntry], learned: &[BridgePortEntry]) {
+    /// `neighbours6` is empty while IPv6 bindings are off.
+    pub fn remember(
+        &mut self,
+        neighbours: &[NeighEntry],
+        neighbours6: &[Neigh6Entry],
+        learned: &[BridgePortEntry],
+    ) {
         self.seen.clear();
-        for n in neighbours.iter().filter(|n| !n.ip.is_multicast()) {
-            let mac = n.mac.map(|m| m.0.to_vec()).unwrap_or_default();
-            self.seen.insert(BindingKey::Addr(n.ip), mac);
+        let v4 = neighbours.iter().map(|n| (IpAddr::V4(n.ip), n.mac));
+        let v6 = neighbours6.iter().map(|n| (IpAddr::V6(n.ip), n.mac));
+        for (ip, mac) in v4.chain(v6).filter(|(ip, _)| may_bind(*ip)) {
+            let mac = mac.map(|m| m.0.to_vec()).unwrap_or_default();
+            self.seen.insert(BindingKey::Addr(ip), mac);
         }
         for l in learned {
             self.seen.insert(
@@ -107,15 +115,15 @@ impl LinkWatch {
     }
 }
 
-/// What a binding is keyed by: a neighbour's IPv4 address, or an fdb entry's MAC.
+/// What a binding is keyed by: a neighbour's address, or an fdb entry's MAC.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum BindingKey {
-    Addr(Ipv4Addr),
+    Addr(IpAddr),
     Mac(Vec<u8>),
 }
 
 /// The part of a neighbour or fdb entry a binding depends on, as (key, value); `None` for
-/// entries no binding depends on (IPv6 neighbours: bindings are IPv4).
+/// entries no binding depends on (multicast and link-local neighbours).
 fn binding_part(n: &NeighbourMessage) -> Option<(BindingKey, Vec<u8>)> {
     let lladdr = n
         .attributes
@@ -132,14 +140,28 @@ fn binding_part(n: &NeighbourMessage) -> Option<(BindingKey, Vec<u8>)> {
             n.header.ifindex.to_ne_bytes().to_vec(),
         ));
     }
-    n.attributes.iter().find_map(|a| match a {
-        // ARP entry: address -> MAC.
-        // Multicast entries (224.0.0.22 for IGMP, ...) come and go with group membership.
-        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) if !ip.is_multicast() => {
-            Some((BindingKey::Addr(*ip), lladdr.clone()))
-        }
-        _ => None,
-    })
+    n.attributes
+        .iter()
+        .find_map(|a| match a {
+            // ARP entry: address -> MAC.
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+            // NDP entry: as ARP's, for a container's IPv6 address.
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+            _ => None,
+        })
+        .filter(|ip| may_bind(*ip))
+        .map(|ip| (BindingKey::Addr(ip), lladdr))
+}
+
+/// Whether a neighbour entry for `ip` can be a container's binding. Multicast entries
+/// (224.0.0.22 for IGMP, ff02::16 for MLD, ...) come and go with group membership, and
+/// link-local IPv6 neighbours (every port's fe80:: address) are never a container's
+/// overlay address: neither is a reason to reconcile.
+fn may_bind(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => !ip.is_multicast(),
+        IpAddr::V6(ip) => !ip.is_multicast() && ip.segments()[0] & 0xffc0 != 0xfe80,
+    }
 }
 
 fn is_port_of(link: &LinkMessage, bridge_index: u32) -> bool {

@@ -16,13 +16,18 @@ mod config_watch;
 mod diagnose;
 
 use crate::lease::{parse_lease_key, Lease, LeaseAttrs, LeaseKey};
-use diagnose::{client_cert_fix, diagnose};
+use diagnose::{client_cert_fix, diagnose, never_sent};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Bare closes after the TLS handshake in a row that make a client-certificate rejection.
 const CLOSES_MEAN_REJECTED: u32 = 3;
+/// Sends of one request that never reached a member. The client balances over every endpoint
+/// it was given, at random and regardless of health: with one member of three gone, one pick
+/// in three lands on it, so five picks in a row only in 1 of 243 requests.
+const UNSENT_ATTEMPTS: u32 = 5;
+const UNSENT_PAUSE: Duration = Duration::from_millis(20);
 
 /// How to reach etcd (flanneld's `--etcd-*` flags).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -150,26 +155,41 @@ impl EtcdStore {
         }
     }
 
-    async fn call<T>(
+    /// One request, `send` building it: resent while it never reached a member (see
+    /// [`never_sent`]), all attempts within [`CALL_TIMEOUT`].
+    async fn call<T, F, Fut>(
         &self,
         op: &'static str,
         key: &str,
-        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, SubnetError> {
-        match tokio::time::timeout(CALL_TIMEOUT, fut).await {
-            Ok(r) => r.map_err(|e| self.err(op, key, e)),
-            Err(_) => Err(self.err(op, key, "timed out")),
+        mut send: F,
+    ) -> Result<T, SubnetError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+        let mut attempt = 1;
+        loop {
+            match tokio::time::timeout_at(deadline, send(self.client.clone())).await {
+                Err(_) => return Err(self.err(op, key, "timed out")),
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if attempt < UNSENT_ATTEMPTS && never_sent(&e) => {
+                    tracing::debug!(op, attempt, "etcd request never sent; resending: {e}");
+                    attempt += 1;
+                    tokio::time::sleep(UNSENT_PAUSE).await;
+                }
+                Ok(Err(e)) => return Err(self.err(op, key, e)),
+            }
         }
     }
 
     /// Store the network config. Callers validate first.
     pub async fn put_config(&self, json: &str) -> Result<(), SubnetError> {
         let key = self.config_key();
-        self.call(
-            "put",
-            &key,
-            self.client.clone().put(key.as_str(), json, None),
-        )
+        self.call("put", &key, |mut c| {
+            let key = key.clone();
+            async move { c.put(key, json, None).await }
+        })
         .await
         .map(|_| ())
     }
@@ -177,11 +197,9 @@ impl EtcdStore {
     async fn grant(&self, key: &str, ttl: Duration) -> Result<i64, SubnetError> {
         let secs = ttl.as_secs().max(1) as i64;
         Ok(self
-            .call(
-                "lease-grant",
-                key,
-                self.client.clone().lease_grant(secs, None),
-            )
+            .call("lease-grant", key, |mut c| async move {
+                c.lease_grant(secs, None).await
+            })
             .await?
             .id())
     }
@@ -189,7 +207,9 @@ impl EtcdStore {
     async fn revoke(&self, id: i64) {
         // Best effort: an unrevoked lease only expires later with nothing attached.
         let _ = self
-            .call("lease-revoke", "", self.client.clone().lease_revoke(id))
+            .call("lease-revoke", "", |mut c| async move {
+                c.lease_revoke(id).await
+            })
             .await;
     }
 
@@ -212,7 +232,10 @@ impl EtcdStore {
         );
         let txn = Txn::new().when([compare]).and_then([put]);
         if self
-            .call(op, &key, self.client.clone().txn(txn))
+            .call(op, &key, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await?
             .succeeded()
         {
@@ -254,7 +277,10 @@ impl SubnetStore for EtcdStore {
     async fn get_config(&self) -> Result<Option<String>, SubnetError> {
         let key = self.config_key();
         let resp = self
-            .call("get", &key, self.client.clone().get(key.as_str(), None))
+            .call("get", &key, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
             .await?;
         Ok(resp
             .kvs()
@@ -266,13 +292,10 @@ impl SubnetStore for EtcdStore {
     async fn list_leases(&self) -> Result<Listing, SubnetError> {
         let prefix = self.subnets_prefix();
         let resp = self
-            .call(
-                "list",
-                &prefix,
-                self.client
-                    .clone()
-                    .get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
-            )
+            .call("list", &prefix, |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
             .await?;
         let mut listing = Listing {
             revision: resp.header().map_or(0, |h| h.revision()),
@@ -298,11 +321,9 @@ impl SubnetStore for EtcdStore {
         }
         let key = format!("lease {etcd_lease:x}");
         let resp = self
-            .call(
-                "lease-ttl",
-                &key,
-                self.client.clone().lease_time_to_live(etcd_lease, None),
-            )
+            .call("lease-ttl", &key, |mut c| async move {
+                c.lease_time_to_live(etcd_lease, None).await
+            })
             .await?;
         Ok(Some(resp.ttl()).filter(|t| *t >= 0))
     }
@@ -350,7 +371,10 @@ impl SubnetStore for EtcdStore {
     ) -> Result<Option<Lease>, SubnetError> {
         let key = self.lease_key(current.key());
         let resp = self
-            .call("get", &key, self.client.clone().get(key.as_str(), None))
+            .call("get", &key, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
             .await?;
         let Some(kv) = resp.kvs().first() else {
             return Ok(None);
@@ -409,6 +433,8 @@ impl SubnetStore for EtcdStore {
                     if after_break {
                         tracing::info!(revision = rev, "lease watch re-established");
                         after_break = false;
+                    } else {
+                        tracing::debug!(revision = rev, "lease watch established");
                     }
                     s
                 }

@@ -59,16 +59,24 @@ impl EbpfBackend {
                 .filter(|(i, _)| state.forwarding.contains(i))
                 .cloned()
                 .collect();
-            if let (Some(gateway_mac), Some(own)) = (link.mac, self.own) {
+            // Each family binds once its own subnet is known: an IPv6-only
+            // lease has no IPv4 subnet, a dual-stack one may get IPv6 later.
+            let own6 = self.node6.as_ref().and_then(|n| n.subnet);
+            if let Some(gateway_mac) = link.mac.filter(|_| self.own.is_some() || own6.is_some()) {
                 let learned = self.nl.bridge_learned(link.index).await.map_err(err)?;
                 let neighbours = self.nl.neighbours_v4(link.index).await.map_err(err)?;
+                let neighbours6 = match own6 {
+                    Some(_) => self.nl.neighbours_v6(link.index).await.map_err(err)?,
+                    None => Vec::new(),
+                };
                 if let Some(watch) = &mut self.watch {
-                    watch.remember(&neighbours, &learned);
+                    watch.remember(&neighbours, &neighbours6, &learned);
                 }
-                want = local_entries(own, gateway_mac, &neighbours, &learned, &forwarding);
-                if let Some(own6) = self.node6.as_ref().and_then(|n| n.subnet) {
-                    let neighbours = self.nl.neighbours_v6(link.index).await.map_err(err)?;
-                    want6 = local_entries6(own6, gateway_mac, &neighbours, &learned, &forwarding);
+                if let Some(own) = self.own {
+                    want = local_entries(own, gateway_mac, &neighbours, &learned, &forwarding);
+                }
+                if let Some(own6) = own6 {
+                    want6 = local_entries6(own6, gateway_mac, &neighbours6, &learned, &forwarding);
                 }
             }
         }

@@ -226,8 +226,13 @@ impl EbpfBackend {
             .prepare()
             .await
             .map_err(|source| EbpfBackendError::Vxlan { source })?;
-        let BackendAttrs::Vxlan { vtep_mac, .. } = attrs else {
-            unreachable!("the vxlan backend advertises vxlan attributes");
+        let vtep_mac = match attrs {
+            BackendAttrs::Vxlan { vtep_mac, .. } => vtep_mac,
+            // IPv6 only: no flannel.N, so no IPv4 VTEP; the IPv4 side of the
+            // programs stays idle (no VTEP address, no peers), IPv6 runs on
+            // the node's IPv6 settings.
+            BackendAttrs::VxlanIpv6Only => crate::lease::MacAddr([0; 6]),
+            _ => unreachable!("the vxlan backend advertises vxlan attributes"),
         };
         let interfaces = list_interfaces(&nl).await?;
         let node = node::node_settings(&nl, &s, &interfaces, vtep_mac).await?;
@@ -325,14 +330,15 @@ impl Backend for EbpfBackend {
 
     async fn own_lease(&mut self, lease: &Lease) -> Result<(), BackendError> {
         self.inner.own_lease(lease).await?;
-        if self.own != Some(lease.subnet) {
+        // An IPv6-only lease's IPv4 subnet is 0.0.0.0/0: nothing of ours to bind or guard.
+        if let Some(subnet) = lease.ipv4_subnet().filter(|s| self.own != Some(*s)) {
             // A subnet that was a peer's (re-acquired after expiry) must not be encapsulated.
             self.dp
-                .remove_peer(lease.subnet)
-                .map_err(Self::map_err(format!("remove own subnet {}", lease.subnet)))?;
-            self.own = Some(lease.subnet);
+                .remove_peer(subnet)
+                .map_err(Self::map_err(format!("remove own subnet {subnet}")))?;
+            self.own = Some(subnet);
             // Unbound sources outside it are forged from now on.
-            self.node.subnet = Some(lease.subnet);
+            self.node.subnet = Some(subnet);
             self.write_node()?;
         }
         self.own_lease6(lease)?;

@@ -63,7 +63,10 @@ fn nft_forward_skipped(listing: &str) -> Vec<String> {
             if let Some((name, true, rules)) = chain.take() {
                 let iptables_nft = ["ip filter", "ip6 filter", "inet filter"].contains(&table)
                     && name == "FORWARD";
-                if !iptables_nft && !table.ends_with(crate::masq::NFT_TABLE) && !rules.is_empty() {
+                let flannel = [crate::masq::NFT_TABLE, crate::masq::NFT_TABLE6]
+                    .iter()
+                    .any(|t| table.ends_with(t));
+                if !iptables_nft && !flannel && !rules.is_empty() {
                     out.push(format!(
                         "nft table {table} chain {name}: {}",
                         rules.join("; ")
@@ -108,5 +111,8 @@ mod tests {
             nft_forward_skipped(listing),
             vec!["nft table inet fw chain fwd: policy drop; ct state established accept"]
         );
+        // flannel's own forward chains, both families, accept only overlay traffic.
+        let flannel = "table ip6 flannel-ipv6 {\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tip6 saddr fd00:10::/48 accept\n\t}\n}\n";
+        assert!(nft_forward_skipped(flannel).is_empty());
     }
 }

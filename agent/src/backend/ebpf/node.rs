@@ -38,7 +38,13 @@ pub(super) async fn node_settings(
     Ok(NodeSettings {
         vni: s.vxlan.vni,
         port: s.vxlan.port(),
-        vtep_ip: ext.ipv4,
+        // IPv6 only: no IPv4 VTEP, so IPv4 VXLAN is never ours to decapsulate
+        // (there is no flannel.N to take it either).
+        vtep_ip: if s.vxlan.has_ipv4() {
+            ext.ipv4
+        } else {
+            std::net::Ipv4Addr::UNSPECIFIED
+        },
         vtep_mac,
         underlay_ifindex: link.index,
         underlay_mac,

@@ -10,6 +10,43 @@ use super::{partial, VxlanBackend, VxlanError, IPV6_EXTRA_OVERHEAD};
 use crate::lease::{Lease, MacAddr, VxlanData};
 use crate::netlink::{NetlinkError, RouteEntry6, RouteSpec6, SyncReport, VxlanSpec};
 
+/// What the kernel holds for one IPv6 peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PeerPlan6 {
+    /// Neighbour `<v6 subnet>:: -> MAC` and fdb `MAC -> PublicIPv6`; `None` for a direct route.
+    vtep: Option<(Ipv6Addr, MacAddr, Ipv6Addr)>,
+    route: RouteSpec6,
+}
+
+/// `<v6 subnet> via <v6 subnet>:: dev flannel-v6.<VNI> onlink`.
+fn vxlan_route6(subnet: Ipv6Net, index: u32) -> RouteSpec6 {
+    RouteSpec6 {
+        dst: subnet,
+        gateway: Some(subnet.network()),
+        oif: Some(index),
+        onlink: true,
+    }
+}
+
+/// DirectRouting: `<v6 subnet> via <PublicIPv6>`, the kernel picking the device.
+fn direct_route6(subnet: Ipv6Net, public: Ipv6Addr) -> RouteSpec6 {
+    RouteSpec6 {
+        dst: subnet,
+        gateway: Some(public),
+        oif: None,
+        onlink: false,
+    }
+}
+
+/// A failed step for an IPv6 peer, reported under the lease's key subnet and PublicIP.
+fn peer_err(lease: &Lease, source: NetlinkError) -> VxlanError {
+    VxlanError::Peer {
+        subnet: lease.subnet,
+        public_ip: lease.attrs.public_ip,
+        source,
+    }
+}
+
 /// `flannel-v6.<VNI>`: the IPv6 half of the kernel datapath.
 impl VxlanBackend {
     fn spec6(&self, mac: MacAddr) -> Result<VxlanSpec, VxlanError> {
@@ -88,25 +125,32 @@ impl VxlanBackend {
         Ok(changes)
     }
 
-    /// The IPv6 entries a peer needs: (gateway, MAC, PublicIPv6) and the route; `None` when the
-    /// lease carries no IPv6 VTEP inside IPv6Network.
-    fn plan6(
-        &self,
-        lease: &Lease,
-        index: u32,
-    ) -> Option<((Ipv6Addr, MacAddr, Ipv6Addr), RouteSpec6)> {
-        let (subnet, public, mac) = lease.vtep_v6()?;
+    /// The IPv6 entries a peer needs; `None` when the lease carries no IPv6 VTEP inside
+    /// IPv6Network. With `DirectRouting` and the peer's PublicIPv6 on a directly connected
+    /// network, only `ip -6 route replace <v6 subnet> via <PublicIPv6>`, as for IPv4.
+    async fn plan6(&self, lease: &Lease, index: u32) -> Result<Option<PeerPlan6>, VxlanError> {
+        let Some((subnet, public, mac)) = lease.vtep_v6() else {
+            return Ok(None);
+        };
         if !self.s.ipv6.is_some_and(|n| n.contains(&subnet)) || Some(subnet) == self.own6 {
-            return None;
+            return Ok(None);
+        }
+        if self.s.direct_routing {
+            let on_link = self
+                .nl
+                .on_link_iface(public)
+                .await
+                .map_err(|source| peer_err(lease, source))?;
+            if on_link.is_some() {
+                let route = direct_route6(subnet, public);
+                return Ok(Some(PeerPlan6 { vtep: None, route }));
+            }
         }
         let gw = subnet.network();
-        let route = RouteSpec6 {
-            dst: subnet,
-            gateway: Some(gw),
-            oif: Some(index),
-            onlink: true,
-        };
-        Some(((gw, mac, public), route))
+        Ok(Some(PeerPlan6 {
+            vtep: Some((gw, mac, public)),
+            route: vxlan_route6(subnet, index),
+        }))
     }
 
     /// Program a peer's IPv6 entries in flannel's order, rolling back on failure.
@@ -114,52 +158,60 @@ impl VxlanBackend {
         let Some((index, _)) = self.dev6 else {
             return Ok(());
         };
-        let Some(((gw, mac, public), route)) = self.plan6(lease, index) else {
+        let Some(plan) = self.plan6(lease, index).await? else {
             return Ok(());
         };
-        let peer_err = |source| VxlanError::Peer {
-            subnet: lease.subnet,
-            public_ip: lease.attrs.public_ip,
-            source,
+        let Some((gw, mac, public)) = plan.vtep else {
+            self.nl
+                .replace_route(&plan.route)
+                .await
+                .map_err(|e| peer_err(lease, e))?;
+            info!(subnet = %plan.route.dst, via = ?plan.route.gateway, "IPv6 peer routed directly");
+            return Ok(());
         };
         self.nl
             .replace_neighbour(index, gw, mac)
             .await
-            .map_err(peer_err)?;
+            .map_err(|e| peer_err(lease, e))?;
         if let Err(e) = self.nl.replace_fdb(index, mac, public).await {
             let _ = self.nl.del_neighbour(index, gw).await;
-            return Err(peer_err(e));
+            return Err(peer_err(lease, e));
         }
-        if let Err(e) = self.nl.replace_route(&route).await {
+        if let Err(e) = self.nl.replace_route(&plan.route).await {
             let _ = self.nl.del_neighbour(index, gw).await;
             let _ = self.nl.del_fdb(index, mac, Some(public.into())).await;
-            return Err(peer_err(e));
+            return Err(peer_err(lease, e));
         }
-        info!(subnet = %route.dst, public_ipv6 = %public, "IPv6 peer programmed");
+        info!(subnet = %plan.route.dst, public_ipv6 = %public, "IPv6 peer programmed");
         Ok(())
     }
 
-    /// Remove what a lease put on `flannel-v6.<VNI>`.
+    /// Remove what a lease put on `flannel-v6.<VNI>`, or its direct route.
     pub(super) async fn unprogram6(&self, lease: &Lease) -> Result<(), VxlanError> {
         let (Some((index, _)), Some((subnet, public, mac))) = (self.dev6, lease.vtep_v6()) else {
             return Ok(());
         };
         let gw = subnet.network();
-        let route = RouteSpec6 {
-            dst: subnet,
-            gateway: Some(gw),
-            oif: Some(index),
-            onlink: true,
-        };
         let mut failures = Vec::new();
         for r in [
             self.nl.del_neighbour(index, gw).await,
             self.nl.del_fdb(index, mac, Some(public.into())).await,
-            self.nl.del_route(&route).await,
+            self.nl.del_route(&vxlan_route6(subnet, index)).await,
+            self.nl.del_route(&direct_route6(subnet, public)).await,
         ] {
             failures.extend(r.err());
         }
         partial(format!("remove IPv6 peer {subnet}"), failures)
+    }
+
+    /// Routes `flannel-v6.<VNI>`'s reconcile owns: those on the device, and direct routes into
+    /// IPv6Network over the external interface (other than our own subnet's).
+    fn owns_route6(&self, index: u32, r: &RouteEntry6) -> bool {
+        r.oif == Some(index)
+            || (r.oif == Some(self.s.external.index)
+                && r.gateway.is_some()
+                && self.s.ipv6.is_some_and(|n| n.contains(&r.dst))
+                && Some(r.dst) != self.own6)
     }
 
     /// Make `flannel-v6.<VNI>`'s device, address, neighbours, fdb and routes match `peers`.
@@ -187,11 +239,26 @@ impl VxlanBackend {
         if let Some(own) = self.own6 {
             repairs += self.ensure_address6(index, own).await?;
         }
-        let plans: Vec<_> = peers.iter().filter_map(|l| self.plan6(l, index)).collect();
-        let err = |e| self.device6_err(e);
+        let mut plans = Vec::new();
         let mut report = SyncReport::default();
+        // A peer we could not check keeps whatever route it has.
+        let mut unchecked = Vec::new();
+        for lease in peers {
+            match self.plan6(lease, index).await {
+                Ok(Some(p)) => plans.push(p),
+                Ok(None) => {}
+                Err(VxlanError::Peer { source, .. }) => {
+                    unchecked.extend(lease.ipv6_subnet);
+                    report.failures.push(source);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let vteps: Vec<(Ipv6Addr, MacAddr, Ipv6Addr)> =
+            plans.iter().filter_map(|p| p.vtep).collect();
+        let err = |e| self.device6_err(e);
         let neighs = self.nl.neighbours_v6(index).await.map_err(err)?;
-        for &((gw, mac, _), _) in &plans {
+        for &(gw, mac, _) in &vteps {
             if !neighs
                 .iter()
                 .any(|n| n.ip == gw && n.mac == Some(mac) && n.permanent)
@@ -200,7 +267,7 @@ impl VxlanBackend {
             }
         }
         let fdb = self.nl.fdb_entries(index).await.map_err(err)?;
-        for &((_, mac, ip), _) in &plans {
+        for &(_, mac, ip) in &vteps {
             if !fdb
                 .iter()
                 .any(|f| f.mac == mac && f.dst == Some(ip.into()) && f.permanent)
@@ -210,20 +277,20 @@ impl VxlanBackend {
         }
         for n in neighs
             .iter()
-            .filter(|n| n.permanent && !plans.iter().any(|p| p.0 .0 == n.ip))
+            .filter(|n| n.permanent && !vteps.iter().any(|v| v.0 == n.ip))
         {
             report.record(self.nl.del_neighbour(index, n.ip).await);
         }
         for f in fdb.iter().filter(|f| {
             f.permanent
-                && !plans
+                && !vteps
                     .iter()
-                    .any(|p| Some(p.0 .2.into()) == f.dst && p.0 .1 == f.mac)
+                    .any(|v| Some(v.2.into()) == f.dst && v.1 == f.mac)
         }) {
             report.record(self.nl.del_fdb(index, f.mac, f.dst).await);
         }
-        let routes: Vec<RouteSpec6> = plans.iter().map(|p| p.1).collect();
-        let owned = |r: &RouteEntry6| r.oif == Some(index);
+        let routes: Vec<RouteSpec6> = plans.iter().map(|p| p.route).collect();
+        let owned = |r: &RouteEntry6| self.owns_route6(index, r) && !unchecked.contains(&r.dst);
         report.merge(self.nl.sync_routes(owned, &routes).await.map_err(err)?);
         repairs += report.repairs;
         partial(

@@ -14,7 +14,9 @@
 //! With IPv6 enabled a second device, `flannel-v6.<VNI>` (`local` = the interface's IPv6
 //! address, same VNI and port), gets `<v6 subnet>::/128` and the same three entries per peer
 //! over the IPv6 underlay: neighbour `<v6 subnet>::` -> MAC of `BackendV6Data`, fdb
-//! MAC -> PublicIPv6, route `<v6 subnet> via <v6 subnet>:: dev flannel-v6.1 onlink`.
+//! MAC -> PublicIPv6, route `<v6 subnet> via <v6 subnet>:: dev flannel-v6.1 onlink`; with
+//! `DirectRouting` and PublicIPv6 on a directly connected network, only
+//! `ip -6 route replace <v6 subnet> via <PublicIPv6>`.
 
 use std::net::{IpAddr, Ipv4Addr};
 

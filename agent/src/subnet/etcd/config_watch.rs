@@ -13,7 +13,10 @@ impl EtcdStore {
     async fn config_at(&self) -> Result<(Option<String>, i64), super::SubnetError> {
         let key = self.config_key();
         let resp = self
-            .call("get", &key, self.client.clone().get(key.as_str(), None))
+            .call("get", &key, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
             .await?;
         let json = resp
             .kvs()

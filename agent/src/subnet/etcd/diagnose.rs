@@ -149,3 +149,48 @@ fn tls_failure(status: &tonic::Status) -> Option<TlsFailure<'_>> {
     }
     None
 }
+
+/// Whether `e` says the request never reached a member: the connection to the endpoint it was
+/// sent to was refused or unreachable (a member removed or restarting). Sending it again is
+/// then safe, transactions included.
+pub(super) fn never_sent(e: &etcd_client::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionRefused, HostUnreachable, NetworkUnreachable};
+    // etcd-client's error does not chain to the gRPC status it wraps.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::GRpcStatus(status) => Some(status),
+        e => Some(e),
+    };
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ConnectionRefused | HostUnreachable | NetworkUnreachable
+            );
+        }
+        cause = c.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::never_sent;
+
+    /// A real request to a loopback port nobody listens on: refused before anything is sent.
+    #[tokio::test]
+    async fn a_refused_connection_is_a_request_never_sent() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // The listener is dropped: the port is closed now.
+        let mut client = etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None)
+            .await
+            .expect("a lazy client connects without a server");
+        let e = client.get("k", None).await.expect_err("nobody listens");
+        assert!(never_sent(&e), "{e:?}");
+        let e = etcd_client::Error::InvalidArgs("no".into());
+        assert!(!never_sent(&e), "{e:?}");
+    }
+}
