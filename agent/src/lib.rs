@@ -9,6 +9,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod family;
 pub mod files;
 pub mod health;
 pub mod iface;

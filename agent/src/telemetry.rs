@@ -18,8 +18,6 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::EnvFilter;
 
-pub use crate::datapath::PROGRAM_LOG_TARGET;
-
 /// Filter used when `RUST_LOG` is unset or empty.
 pub const DEFAULT_FILTER: &str = "info";
 
@@ -82,6 +80,9 @@ pub fn parse_filter(value: &str) -> Result<EnvFilter, TelemetryError> {
             source,
         })
 }
+
+/// The `tracing` target of the eBPF programs' own log lines (`datapath/log.rs`).
+pub const PROGRAM_LOG_TARGET: &str = "weft::ebpf";
 
 /// `filter` with the eBPF programs' log lines shown (`--ebpf-log`), whatever else it hides.
 pub fn with_program_logs(filter: EnvFilter) -> EnvFilter {

@@ -134,11 +134,11 @@ neigh replace {local} lladdr {ct} dev br0 nud permanent
         ("fc00:0:0:54::/64", PEER_IP6),
         ("fc00:0:0:55::/64", PEER2_IP6),
     ] {
-        dp.upsert_peer6(subnet.parse().unwrap(), vtep, MacAddr(PEER_VTEP6_MAC))
+        dp.upsert_peer(subnet.parse().unwrap(), vtep, MacAddr(PEER_VTEP6_MAC))
             .expect("peer");
-        dp.add_vtep6(vtep).expect("vtep");
+        dp.add_vtep(vtep).expect("vtep");
     }
-    dp.upsert_local6(&LocalEntry6 {
+    dp.upsert_local(&LocalEntry6 {
         ip: LOCAL6,
         host_ifindex: c0,
         mac: MacAddr(CONTAINER_MAC),
@@ -634,7 +634,7 @@ fn encap_hands_to_the_kernel_what_it_must_judge_and_drops_forged_sources() {
 fn encap_matches_a_kernel_flannel_v6_device() {
     let mut e = env();
     let src: Ipv6Addr = "fc00:0:0:10::".parse().unwrap();
-    e.dp.upsert_local6(&LocalEntry6 {
+    e.dp.upsert_local(&LocalEntry6 {
         ip: src,
         host_ifindex: e.c0,
         mac: MacAddr(CONTAINER_MAC),

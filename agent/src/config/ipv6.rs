@@ -6,7 +6,7 @@ use std::net::Ipv6Addr;
 use ipnet::Ipv6Net;
 
 use super::raw::{ip6, uint, Typed};
-use super::{invalid, ConfigError};
+use super::{bound, invalid, ConfigError};
 
 /// The IPv6 part of a network config (`IPv6Network`, `IPv6SubnetLen`, `IPv6SubnetMin`,
 /// `IPv6SubnetMax`), defaults filled in as flannel's `CheckNetworkConfig` does.
@@ -74,33 +74,7 @@ impl Ipv6Config {
         let size = 1u128 << (128 - subnet_len);
         let start = u128::from(network.network());
         let end = start.wrapping_add(1u128.checked_shl(128 - u32::from(prefix)).unwrap_or(0));
-        let bound = |v, field| -> Result<Option<Ipv6Addr>, ConfigError> {
-            let Some(ip) = ip6(v, field)? else {
-                return Ok(None);
-            };
-            // flannel treats :: as "not set".
-            if ip.is_unspecified() {
-                return Ok(None);
-            }
-            if !network.contains(&ip) {
-                return Err(invalid(
-                    field,
-                    ip,
-                    format!("{field} is not in the range of the IPv6Network {network}"),
-                    "pick an address inside IPv6Network or remove the field",
-                ));
-            }
-            let aligned = Ipv6Net::new(ip, subnet_len).map_or(ip, |n| n.network());
-            if aligned != ip {
-                return Err(invalid(
-                    field,
-                    ip,
-                    format!("{field} is not on a SubnetLen boundary: {ip}"),
-                    format!("use {aligned}, the start of its /{subnet_len}"),
-                ));
-            }
-            Ok(Some(ip))
-        };
+        let bound = |v, field| bound(ip6(v, field)?, field, "IPv6Network", network, subnet_len);
         let subnet_min =
             bound(min, "IPv6SubnetMin")?.unwrap_or(Ipv6Addr::from(start.wrapping_add(size)));
         let subnet_max =

@@ -9,6 +9,8 @@ use std::net::Ipv4Addr;
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
 
+use crate::family::IpFamily;
+
 mod ipv6;
 mod raw;
 
@@ -111,9 +113,9 @@ pub struct NetworkConfig {
     pub subnet_len: u8,
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
-    pub enable_ipv4: bool,
     /// When false, `network` is 0.0.0.0/0, `subnet_len` 0 and the bounds 0.0.0.0 (flannel's
     /// zero values): there is no IPv4 overlay. Prefer [`NetworkConfig::ipv4_network`].
+    pub enable_ipv4: bool,
     pub enable_ipv6: bool,
     /// The IPv6 half, present exactly when `EnableIPv6` is true.
     pub ipv6: Option<Ipv6Config>,
@@ -212,8 +214,9 @@ impl NetworkConfig {
         let net_end = net_start + (1u64 << (32 - network.prefix_len()));
         let default_min = Ipv4Addr::from((net_start + size) as u32);
         let default_max = Ipv4Addr::from((net_end - size) as u32);
-        let subnet_min = Self::bound(min, "SubnetMin", network, subnet_len)?.unwrap_or(default_min);
-        let subnet_max = Self::bound(max, "SubnetMax", network, subnet_len)?.unwrap_or(default_max);
+        let bound = |v, field| bound(ip(v, field)?, field, "Network", network, subnet_len);
+        let subnet_min = bound(min, "SubnetMin")?.unwrap_or(default_min);
+        let subnet_max = bound(max, "SubnetMax")?.unwrap_or(default_max);
         if subnet_min > subnet_max {
             return Err(invalid(
                 "SubnetMin",
@@ -296,45 +299,43 @@ impl NetworkConfig {
         }
     }
 
-    fn bound(
-        v: Option<Typed<String>>,
-        field: &'static str,
-        network: Ipv4Net,
-        subnet_len: u8,
-    ) -> Result<Option<Ipv4Addr>, ConfigError> {
-        let Some(ip) = ip(v, field)? else {
-            return Ok(None);
-        };
-        // flannel treats 0.0.0.0 as "not set".
-        if ip.is_unspecified() {
-            return Ok(None);
-        }
-        if !network.contains(&ip) {
-            return Err(invalid(
-                field,
-                ip,
-                format!("{field} is not in the range of the Network {network}"),
-                "pick an address inside Network or remove the field",
-            ));
-        }
-        let aligned = Ipv4Net::new(ip, subnet_len)
-            .map(|n| n.network())
-            .unwrap_or(ip);
-        if aligned != ip {
-            return Err(invalid(
-                field,
-                ip,
-                format!("{field} is not on a SubnetLen boundary: {ip}"),
-                format!("use {aligned}, the start of its /{subnet_len}"),
-            ));
-        }
-        Ok(Some(ip))
-    }
-
     /// The first address of the network's subnets for the overlay MTU and subnet.env.
     pub fn subnet_size(&self) -> u32 {
         1u32 << (32 - self.subnet_len)
     }
+}
+
+/// Checks `field` (`SubnetMin`, `SubnetMax` or their IPv6 twins) as flannel
+/// does: inside `network` (the field `network_field`) and on a `subnet_len`
+/// boundary. Unset and the unspecified address (flannel's "not set") give `None`.
+fn bound<A: IpFamily>(
+    ip: Option<A>,
+    field: &'static str,
+    network_field: &str,
+    network: A::Net,
+    subnet_len: u8,
+) -> Result<Option<A>, ConfigError> {
+    let Some(ip) = ip.filter(|ip| *ip != A::UNSPECIFIED) else {
+        return Ok(None);
+    };
+    if !network.into().contains(&ip.into()) {
+        return Err(invalid(
+            field,
+            ip,
+            format!("{field} is not in the range of the {network_field} {network}"),
+            format!("pick an address inside {network_field} or remove the field"),
+        ));
+    }
+    let aligned = A::net(ip, subnet_len).map_or(ip, |n| A::network(&n));
+    if aligned != ip {
+        return Err(invalid(
+            field,
+            ip,
+            format!("{field} is not on a SubnetLen boundary: {ip}"),
+            format!("use {aligned}, the start of its /{subnet_len}"),
+        ));
+    }
+    Ok(Some(ip))
 }
 
 fn parse_backend(v: Option<Value>) -> Result<Backend, ConfigError> {

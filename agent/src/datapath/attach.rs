@@ -186,14 +186,6 @@ impl Datapath {
         PinDir::new(pin_dir).remove_all()
     }
 
-    /// Detaches this datapath's programs and removes all its pins.
-    pub fn shutdown_and_unpin(mut self) -> Result<(), Vec<DatapathError>> {
-        let pin_dir = self.pin_dir.clone();
-        self.links.clear();
-        drop(self);
-        Self::detach_and_unpin(&pin_dir)
-    }
-
     /// Whether maps of another layout are still waiting for
     /// [`Datapath::finish_migration`].
     pub fn migrating(&self) -> bool {

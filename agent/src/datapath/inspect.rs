@@ -4,6 +4,7 @@
 
 use std::{
     ffi::CString,
+    net::{Ipv4Addr, Ipv6Addr},
     os::{fd::FromRawFd, unix::ffi::OsStrExt},
     path::{Path, PathBuf},
 };
@@ -16,7 +17,6 @@ use weft_common::{
 
 use super::{
     maps::{list_locals, list_peers, list_vteps, map_err, sum_counters},
-    maps6::{list_locals6, list_peers6, list_vteps6},
     Counters, Datapath, DatapathError, LocalEntry, LocalEntry6, PeerEntry, PeerEntry6, PinDir,
 };
 use crate::netlink::Interface;
@@ -80,11 +80,11 @@ impl PinnedMaps {
     }
 
     pub fn peers(&self) -> Result<Vec<PeerEntry>, DatapathError> {
-        list_peers(&self.remotes)
+        list_peers::<Ipv4Addr, _>(&self.remotes)
     }
 
-    pub fn vteps(&self) -> Result<Vec<std::net::Ipv4Addr>, DatapathError> {
-        list_vteps(&self.vteps)
+    pub fn vteps(&self) -> Result<Vec<Ipv4Addr>, DatapathError> {
+        list_vteps::<Ipv4Addr, _>(&self.vteps)
     }
 
     pub fn node_config(&self) -> Result<NodeConfig, DatapathError> {
@@ -99,15 +99,15 @@ impl PinnedMaps {
 
     /// The local container bindings the agent made.
     pub fn locals(&self) -> Result<Vec<LocalEntry>, DatapathError> {
-        list_locals(&self.local)
+        list_locals::<Ipv4Addr, _>(&self.local)
     }
 
     pub fn peers6(&self) -> Result<Vec<PeerEntry6>, DatapathError> {
-        list_peers6(&self.remotes6)
+        list_peers::<Ipv6Addr, _>(&self.remotes6)
     }
 
-    pub fn vteps6(&self) -> Result<Vec<std::net::Ipv6Addr>, DatapathError> {
-        list_vteps6(&self.vteps6)
+    pub fn vteps6(&self) -> Result<Vec<Ipv6Addr>, DatapathError> {
+        list_vteps::<Ipv6Addr, _>(&self.vteps6)
     }
 
     pub fn node_config6(&self) -> Result<NodeConfig6, DatapathError> {
@@ -117,7 +117,7 @@ impl PinnedMaps {
     }
 
     pub fn locals6(&self) -> Result<Vec<LocalEntry6>, DatapathError> {
-        list_locals6(&self.local6)
+        list_locals::<Ipv6Addr, _>(&self.local6)
     }
 }
 
@@ -181,11 +181,6 @@ impl Datapath {
                 path: pin.path,
             })
             .collect()
-    }
-
-    /// The state of the link pinned at `path`.
-    pub fn link_state(path: &Path) -> LinkState {
-        link_state(path)
     }
 }
 

@@ -13,18 +13,24 @@
 use std::{
     io,
     mem::size_of,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, MapType, PerCpuArray, PerCpuValues};
 use weft_common::{
-    counter, map_names, map_names6, Ipv4LpmData, Ipv6LpmData, LocalEndpoint, NodeConfig,
-    NodeConfig6, PeerValue, PeerValue6, VtepValue, LAYOUT_VERSION, MAX_LOCAL, MAX_PEERS,
+    counter, map_names, map_names6, LocalEndpoint, NodeConfig, NodeConfig6, VtepValue,
+    LAYOUT_VERSION, MAX_LOCAL, MAX_PEERS,
 };
 
-use super::{maps::map_err, pins::PinDir, DatapathError};
+use super::{
+    maps::{map_err, MapFamily},
+    pins::PinDir,
+    DatapathError,
+};
 
 /// What one map must look like for this build's programs.
+#[derive(Clone, Copy)]
 struct Shape {
     name: &'static str,
     /// The layout that introduced the map: a set of an older layout lacks it,
@@ -40,32 +46,63 @@ const fn size<T>() -> u32 {
     size_of::<T>() as u32
 }
 
+impl Shape {
+    /// The remote-subnet, VTEP and local-binding maps of `A`'s family, new in layout `since`.
+    const fn family<A: MapFamily>(since: u32) -> [Shape; 3] {
+        let address = size::<A::Octets>();
+        [
+            Shape {
+                name: A::REMOTES,
+                since,
+                map_type: MapType::LpmTrie,
+                // The prefix length (u32) before the address.
+                key_size: 4 + size::<A::Lpm>(),
+                value_size: size::<A::Peer>(),
+                max_entries: MAX_PEERS,
+            },
+            Shape::hash(A::VTEPS, since, address, size::<VtepValue>(), MAX_PEERS),
+            Shape::hash(A::LOCAL, since, address, size::<LocalEndpoint>(), MAX_LOCAL),
+        ]
+    }
+
+    /// A hash map keyed by an address.
+    const fn hash(
+        name: &'static str,
+        since: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    ) -> Shape {
+        Shape {
+            name,
+            since,
+            map_type: MapType::Hash,
+            key_size,
+            value_size,
+            max_entries,
+        }
+    }
+
+    /// An array of one `T` (a node configuration).
+    const fn config<T>(name: &'static str, since: u32) -> Shape {
+        Shape {
+            name,
+            since,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: size::<T>(),
+            max_entries: 1,
+        }
+    }
+}
+
+const V4: [Shape; 3] = Shape::family::<Ipv4Addr>(1);
+const V6: [Shape; 3] = Shape::family::<Ipv6Addr>(3);
+
 const SHAPES: [Shape; 9] = [
-    Shape {
-        name: map_names::REMOTES,
-        since: 1,
-        map_type: MapType::LpmTrie,
-        // The prefix length (u32) before the address.
-        key_size: 4 + size::<Ipv4LpmData>(),
-        value_size: size::<PeerValue>(),
-        max_entries: MAX_PEERS,
-    },
-    Shape {
-        name: map_names::KNOWN_VTEPS,
-        since: 1,
-        map_type: MapType::Hash,
-        key_size: 4,
-        value_size: size::<VtepValue>(),
-        max_entries: MAX_PEERS,
-    },
-    Shape {
-        name: map_names::CONFIG,
-        since: 1,
-        map_type: MapType::Array,
-        key_size: 4,
-        value_size: size::<NodeConfig>(),
-        max_entries: 1,
-    },
+    V4[0],
+    V4[1],
+    Shape::config::<NodeConfig>(map_names::CONFIG, 1),
     Shape {
         name: map_names::COUNTERS,
         since: 1,
@@ -74,46 +111,11 @@ const SHAPES: [Shape; 9] = [
         value_size: 8,
         max_entries: counter::COUNT,
     },
-    Shape {
-        name: map_names::LOCAL,
-        since: 1,
-        map_type: MapType::Hash,
-        key_size: 4,
-        value_size: size::<LocalEndpoint>(),
-        max_entries: MAX_LOCAL,
-    },
-    Shape {
-        name: map_names6::REMOTES6,
-        since: 3,
-        key_size: 4 + size::<Ipv6LpmData>(),
-        map_type: MapType::LpmTrie,
-        value_size: size::<PeerValue6>(),
-        max_entries: MAX_PEERS,
-    },
-    Shape {
-        name: map_names6::KNOWN_VTEPS6,
-        since: 3,
-        map_type: MapType::Hash,
-        key_size: 16,
-        value_size: size::<VtepValue>(),
-        max_entries: MAX_PEERS,
-    },
-    Shape {
-        name: map_names6::CONFIG6,
-        since: 3,
-        map_type: MapType::Array,
-        key_size: 4,
-        value_size: size::<NodeConfig6>(),
-        max_entries: 1,
-    },
-    Shape {
-        name: map_names6::LOCAL6,
-        since: 3,
-        map_type: MapType::Hash,
-        key_size: 16,
-        value_size: size::<LocalEndpoint>(),
-        max_entries: MAX_LOCAL,
-    },
+    V4[2],
+    V6[0],
+    V6[1],
+    Shape::config::<NodeConfig6>(map_names6::CONFIG6, 3),
+    V6[2],
 ];
 
 /// A pinned map set another layout made.
@@ -370,27 +372,30 @@ pub(super) fn copy_entries(
     previous: &Previous,
     ebpf: &mut aya::Ebpf,
 ) -> Result<Carried, DatapathError> {
-    let old: LpmTrie<MapData, Ipv4LpmData, PeerValue> = typed(
-        map_names::REMOTES,
-        LpmTrie::try_from(open(&previous.dir, map_names::REMOTES)?),
-    )?;
-    let mut remotes = copy_lpm(old, ebpf, map_names::REMOTES)?;
-    let mut vteps = copy_hash::<[u8; 4], VtepValue>(previous, ebpf, map_names::KNOWN_VTEPS)?;
-    let mut locals = copy_hash::<[u8; 4], LocalEndpoint>(previous, ebpf, map_names::LOCAL)?;
+    let mut carried = copy_family::<Ipv4Addr>(previous, ebpf)?;
     // The IPv6 maps, when the previous layout had them (layout 3 on).
     if previous.dir.join(map_names6::REMOTES6).exists() {
-        let old: LpmTrie<MapData, Ipv6LpmData, PeerValue6> = typed(
-            map_names6::REMOTES6,
-            LpmTrie::try_from(open(&previous.dir, map_names6::REMOTES6)?),
-        )?;
-        remotes += copy_lpm(old, ebpf, map_names6::REMOTES6)?;
-        vteps += copy_hash::<[u8; 16], VtepValue>(previous, ebpf, map_names6::KNOWN_VTEPS6)?;
-        locals += copy_hash::<[u8; 16], LocalEndpoint>(previous, ebpf, map_names6::LOCAL6)?;
+        let v6 = copy_family::<Ipv6Addr>(previous, ebpf)?;
+        carried.remotes += v6.remotes;
+        carried.vteps += v6.vteps;
+        carried.locals += v6.locals;
     }
+    Ok(carried)
+}
+
+/// [`copy_entries`] of one family's remote subnets, VTEPs and local bindings.
+fn copy_family<A: MapFamily>(
+    previous: &Previous,
+    ebpf: &mut aya::Ebpf,
+) -> Result<Carried, DatapathError> {
+    let old: LpmTrie<MapData, A::Lpm, A::Peer> = typed(
+        A::REMOTES,
+        LpmTrie::try_from(open(&previous.dir, A::REMOTES)?),
+    )?;
     Ok(Carried {
-        remotes,
-        vteps,
-        locals,
+        remotes: copy_lpm(old, ebpf, A::REMOTES)?,
+        vteps: copy_hash::<A::Octets, VtepValue>(previous, ebpf, A::VTEPS)?,
+        locals: copy_hash::<A::Octets, LocalEndpoint>(previous, ebpf, A::LOCAL)?,
         counters: 0,
     })
 }

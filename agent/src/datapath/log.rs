@@ -22,8 +22,7 @@ use aya::Ebpf;
 use aya_log::EbpfLogger;
 use tokio::io::{unix::AsyncFd, Interest};
 
-/// The `tracing` target of the programs' log lines.
-pub const TARGET: &str = "weft::ebpf";
+use crate::telemetry::PROGRAM_LOG_TARGET as TARGET;
 
 /// `AYA_LOG_LEVEL` values: nothing, or debug and above.
 static OFF: u8 = 0;

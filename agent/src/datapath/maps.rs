@@ -1,36 +1,101 @@
-//! Typed access to the programs' maps: remote subnets, known VTEPs, local
-//! containers, node config, counters.
+//! Typed access to the programs' maps: remote subnets, known VTEPs and local
+//! containers of either family (one implementation over [`MapFamily`]), node
+//! config, counters.
 
-use std::{borrow::Borrow, net::Ipv4Addr};
+use std::{
+    borrow::Borrow,
+    fmt::Display,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
-use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
-use ipnet::Ipv4Net;
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
+    Pod,
+};
 use weft_common::{
-    counter, map_names, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, VtepValue,
+    counter, map_names, map_names6, Ipv4LpmData, Ipv6LpmData, LocalEndpoint, NodeConfig, PeerValue,
+    PeerValue6, VtepValue,
 };
 
 use super::{Datapath, DatapathError};
-use crate::lease::MacAddr;
+use crate::{
+    family::{IpFamily, IpNetwork},
+    lease::MacAddr,
+};
 
-/// One remote subnet and the VTEP it is reached through.
+/// What the IPv4 and IPv6 maps differ in: their names and the key and value
+/// types the programs declare (the ABI, see `weft_common`). Everything else
+/// about the peer, VTEP and local maps is one implementation over `A`.
+pub trait MapFamily: IpFamily<Octets: Pod> {
+    type Lpm: Pod;
+    type Peer: Pod;
+    const REMOTES: &'static str;
+    const VTEPS: &'static str;
+    const LOCAL: &'static str;
+    fn lpm(addr_be: Self::Octets) -> Self::Lpm;
+    fn lpm_addr(data: &Self::Lpm) -> Self::Octets;
+    fn peer(vtep_ip_be: Self::Octets, vtep_mac: [u8; 6]) -> Self::Peer;
+    fn peer_vtep(value: &Self::Peer) -> (Self::Octets, [u8; 6]);
+}
+
+// The families' map types have the same fields under different names.
+macro_rules! map_families {
+    ($($addr:ident, $lpm:ident, $peer:ident, $remotes:expr, $vteps:expr, $local:expr;)*) => {$(
+        impl MapFamily for $addr {
+            type Lpm = $lpm;
+            type Peer = $peer;
+            const REMOTES: &'static str = $remotes;
+            const VTEPS: &'static str = $vteps;
+            const LOCAL: &'static str = $local;
+            fn lpm(addr_be: Self::Octets) -> $lpm {
+                $lpm { addr_be }
+            }
+            fn lpm_addr(data: &$lpm) -> Self::Octets {
+                data.addr_be
+            }
+            fn peer(vtep_ip_be: Self::Octets, vtep_mac: [u8; 6]) -> $peer {
+                $peer { vtep_ip_be, vtep_mac, pad: [0; 2] }
+            }
+            fn peer_vtep(value: &$peer) -> (Self::Octets, [u8; 6]) {
+                (value.vtep_ip_be, value.vtep_mac)
+            }
+        }
+    )*};
+}
+
+map_families! {
+    Ipv4Addr, Ipv4LpmData, PeerValue, map_names::REMOTES, map_names::KNOWN_VTEPS, map_names::LOCAL;
+    Ipv6Addr, Ipv6LpmData, PeerValue6, map_names6::REMOTES6, map_names6::KNOWN_VTEPS6, map_names6::LOCAL6;
+}
+
+/// One remote subnet and the VTEP it is reached through (IPv4 unless `A` says otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerEntry {
-    pub subnet: Ipv4Net,
-    pub vtep_ip: Ipv4Addr,
+pub struct PeerEntry<A: IpFamily = Ipv4Addr> {
+    pub subnet: A::Net,
+    /// The peer's `PublicIP` (`PublicIPv6`).
+    pub vtep_ip: A,
+    /// The peer's `flannel.N` (`flannel-v6.N`) MAC.
     pub vtep_mac: MacAddr,
 }
 
+/// One remote IPv6 subnet and the VTEP it is reached through.
+pub type PeerEntry6 = PeerEntry<Ipv6Addr>;
+
 /// A container on this host's bridge: decapsulated packets for `ip` go
-/// straight into its namespace through the peer of `host_ifindex`.
+/// straight into its namespace through the peer of `host_ifindex`. Bound from
+/// the bridge's neighbour and forwarding entries, the same way for both families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LocalEntry {
-    pub ip: Ipv4Addr,
+pub struct LocalEntry<A: IpFamily = Ipv4Addr> {
+    pub ip: A,
     /// The host end of the container's veth (a bridge port).
     pub host_ifindex: u32,
     pub mac: MacAddr,
     /// The bridge's MAC, the container's gateway.
     pub gateway_mac: MacAddr,
 }
+
+/// A container's IPv6 address on this host's bridge.
+pub type LocalEntry6 = LocalEntry<Ipv6Addr>;
 
 /// Counters summed over all CPUs, in index order.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -62,128 +127,162 @@ pub(super) fn is_not_found(e: &MapError) -> bool {
         || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
 }
 
-fn lpm_key(subnet: Ipv4Net) -> Key<Ipv4LpmData> {
-    let subnet = subnet.trunc();
+fn lpm_key<A: MapFamily>(subnet: A::Net) -> Key<A::Lpm> {
+    let subnet = A::trunc(&subnet);
     Key::new(
-        u32::from(subnet.prefix_len()),
-        Ipv4LpmData {
-            addr_be: subnet.network().octets(),
-        },
+        u32::from(A::prefix_len(&subnet)),
+        A::lpm(A::network(&subnet).octets()),
     )
 }
 
+/// Removal where an absent entry is not an error.
+fn removed(
+    result: Result<(), MapError>,
+    what: impl Display,
+    map: &'static str,
+) -> Result<(), DatapathError> {
+    match result {
+        Err(e) if !is_not_found(&e) => Err(map_err(format!("remove {what}"), map)(e)),
+        _ => Ok(()),
+    }
+}
+
 impl Datapath {
-    fn map_data(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
-        self.ebpf
+    /// The map `name` of the loaded object, typed as `M`.
+    pub(super) fn open<'a, M>(&'a mut self, name: &'static str) -> Result<M, DatapathError>
+    where
+        M: TryFrom<&'a mut Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
             .map_mut(name)
-            .ok_or(DatapathError::MissingMap { map: name })
+            .ok_or(DatapathError::MissingMap { map: name })?;
+        M::try_from(map).map_err(map_err("open", name))
     }
 
-    fn remotes(&mut self) -> Result<LpmTrie<&mut MapData, Ipv4LpmData, PeerValue>, DatapathError> {
-        LpmTrie::try_from(self.map_data(map_names::REMOTES)?)
-            .map_err(map_err("open", map_names::REMOTES))
+    fn remotes<A: MapFamily>(
+        &mut self,
+    ) -> Result<LpmTrie<&mut MapData, A::Lpm, A::Peer>, DatapathError> {
+        self.open(A::REMOTES)
     }
 
-    fn vteps(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], VtepValue>, DatapathError> {
-        HashMap::try_from(self.map_data(map_names::KNOWN_VTEPS)?)
-            .map_err(map_err("open", map_names::KNOWN_VTEPS))
+    fn vteps<A: MapFamily>(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, A::Octets, VtepValue>, DatapathError> {
+        self.open(A::VTEPS)
     }
 
-    fn local(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], LocalEndpoint>, DatapathError> {
-        HashMap::try_from(self.map_data(map_names::LOCAL)?)
-            .map_err(map_err("open", map_names::LOCAL))
+    fn local<A: MapFamily>(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, A::Octets, LocalEndpoint>, DatapathError> {
+        self.open(A::LOCAL)
     }
 
     pub(super) fn config_map(&mut self) -> Result<Array<&mut MapData, NodeConfig>, DatapathError> {
-        Array::try_from(self.map_data(map_names::CONFIG)?)
-            .map_err(map_err("open", map_names::CONFIG))
+        self.open(map_names::CONFIG)
     }
 
     /// Routes `subnet` to the VTEP at `vtep_ip` with MAC `vtep_mac` (replace semantics).
-    pub fn upsert_peer(
+    pub fn upsert_peer<A: MapFamily>(
         &mut self,
-        subnet: Ipv4Net,
-        vtep_ip: Ipv4Addr,
+        subnet: A::Net,
+        vtep_ip: A,
         vtep_mac: MacAddr,
     ) -> Result<(), DatapathError> {
-        let value = PeerValue {
-            vtep_ip_be: vtep_ip.octets(),
-            vtep_mac: vtep_mac.0,
-            pad: [0; 2],
-        };
-        self.remotes()?
-            .insert(&lpm_key(subnet), value, 0)
-            .map_err(map_err(
-                format!("upsert {subnet} -> {vtep_ip}"),
-                map_names::REMOTES,
-            ))
+        let value = A::peer(vtep_ip.octets(), vtep_mac.0);
+        self.remotes::<A>()?
+            .insert(&lpm_key::<A>(subnet), value, 0)
+            .map_err(map_err(format!("upsert {subnet} -> {vtep_ip}"), A::REMOTES))
     }
 
     /// Stops encapsulating for `subnet`; absent entries are not an error.
-    pub fn remove_peer(&mut self, subnet: Ipv4Net) -> Result<(), DatapathError> {
-        match self.remotes()?.remove(&lpm_key(subnet)) {
-            Err(e) if !is_not_found(&e) => {
-                Err(map_err(format!("remove {subnet}"), map_names::REMOTES)(e))
-            }
-            _ => Ok(()),
-        }
+    pub fn remove_peer<N: IpNetwork<Family: MapFamily>>(
+        &mut self,
+        subnet: N,
+    ) -> Result<(), DatapathError> {
+        let result = self
+            .remotes::<N::Family>()?
+            .remove(&lpm_key::<N::Family>(subnet));
+        removed(result, subnet, N::Family::REMOTES)
     }
 
-    /// Every remote subnet in the map, sorted.
+    /// Every remote subnet of `A`'s family in the map, sorted.
+    pub fn peers_of<A: MapFamily>(&mut self) -> Result<Vec<PeerEntry<A>>, DatapathError> {
+        list_peers::<A, _>(&self.remotes::<A>()?)
+    }
+
+    /// Every remote IPv4 subnet in the map, sorted.
     pub fn peers(&mut self) -> Result<Vec<PeerEntry>, DatapathError> {
-        list_peers(&self.remotes()?)
+        self.peers_of()
     }
 
-    /// Accepts VXLAN from `ip` (a host holding a lease).
-    pub fn add_vtep(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        self.vteps()?
+    /// Every remote IPv6 subnet in the map, sorted.
+    pub fn peers6(&mut self) -> Result<Vec<PeerEntry6>, DatapathError> {
+        self.peers_of()
+    }
+
+    /// Accepts VXLAN from `ip` (a host whose lease has it as `PublicIP` or `PublicIPv6`).
+    pub fn add_vtep<A: MapFamily>(&mut self, ip: A) -> Result<(), DatapathError> {
+        self.vteps::<A>()?
             .insert(ip.octets(), VtepValue::default(), 0)
-            .map_err(map_err(format!("add {ip}"), map_names::KNOWN_VTEPS))
+            .map_err(map_err(format!("add {ip}"), A::VTEPS))
     }
 
     /// Drops VXLAN from `ip` from now on; absent entries are not an error.
-    pub fn remove_vtep(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        match self.vteps()?.remove(&ip.octets()) {
-            Err(e) if !is_not_found(&e) => {
-                Err(map_err(format!("remove {ip}"), map_names::KNOWN_VTEPS)(e))
-            }
-            _ => Ok(()),
-        }
+    pub fn remove_vtep<A: MapFamily>(&mut self, ip: A) -> Result<(), DatapathError> {
+        let result = self.vteps::<A>()?.remove(&ip.octets());
+        removed(result, ip, A::VTEPS)
     }
 
-    /// The known VTEP addresses, sorted.
+    /// The known VTEP addresses of `A`'s family, sorted.
+    pub fn vteps_of<A: MapFamily>(&mut self) -> Result<Vec<A>, DatapathError> {
+        list_vteps::<A, _>(&self.vteps::<A>()?)
+    }
+
+    /// The known IPv4 VTEP addresses, sorted.
     pub fn vteps_list(&mut self) -> Result<Vec<Ipv4Addr>, DatapathError> {
-        list_vteps(&self.vteps()?)
+        self.vteps_of()
+    }
+
+    /// The known IPv6 VTEP addresses, sorted.
+    pub fn vteps6_list(&mut self) -> Result<Vec<Ipv6Addr>, DatapathError> {
+        self.vteps_of()
     }
 
     /// Delivers decapsulated packets for `e.ip` straight to its container (replace semantics).
-    pub fn upsert_local(&mut self, e: &LocalEntry) -> Result<(), DatapathError> {
+    pub fn upsert_local<A: MapFamily>(&mut self, e: &LocalEntry<A>) -> Result<(), DatapathError> {
         let value = LocalEndpoint {
             host_ifindex_ne: e.host_ifindex,
             mac: e.mac.0,
             gateway_mac: e.gateway_mac.0,
         };
-        self.local()?
+        self.local::<A>()?
             .insert(e.ip.octets(), value, 0)
             .map_err(map_err(
                 format!("upsert {} -> ifindex {}", e.ip, e.host_ifindex),
-                map_names::LOCAL,
+                A::LOCAL,
             ))
     }
 
     /// Sends packets for `ip` through the bridge again; absent entries are not an error.
-    pub fn remove_local(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        match self.local()?.remove(&ip.octets()) {
-            Err(e) if !is_not_found(&e) => {
-                Err(map_err(format!("remove {ip}"), map_names::LOCAL)(e))
-            }
-            _ => Ok(()),
-        }
+    pub fn remove_local<A: MapFamily>(&mut self, ip: A) -> Result<(), DatapathError> {
+        let result = self.local::<A>()?.remove(&ip.octets());
+        removed(result, ip, A::LOCAL)
     }
 
-    /// The local-container bindings, sorted by address.
+    /// The local-container bindings of `A`'s family, sorted by address.
+    pub fn locals_of<A: MapFamily>(&mut self) -> Result<Vec<LocalEntry<A>>, DatapathError> {
+        list_locals::<A, _>(&self.local::<A>()?)
+    }
+
+    /// The local IPv4 bindings, sorted by address.
     pub fn locals(&mut self) -> Result<Vec<LocalEntry>, DatapathError> {
-        list_locals(&self.local()?)
+        self.locals_of()
+    }
+
+    /// The local IPv6 bindings, sorted by address.
+    pub fn locals6(&mut self) -> Result<Vec<LocalEntry6>, DatapathError> {
+        self.locals_of()
     }
 
     /// The node configuration currently in the map.
@@ -194,8 +293,7 @@ impl Datapath {
     }
 
     pub(super) fn counter_map(&mut self) -> Result<PerCpuArray<&mut MapData, u64>, DatapathError> {
-        PerCpuArray::try_from(self.map_data(map_names::COUNTERS)?)
-            .map_err(map_err("open", map_names::COUNTERS))
+        self.open(map_names::COUNTERS)
     }
 
     /// All counters, each summed over the CPUs.
@@ -206,47 +304,46 @@ impl Datapath {
 
 // Readers shared by the loaded datapath and the pinned-state inspector.
 
-pub(super) fn list_peers<T: Borrow<MapData>>(
-    map: &LpmTrie<T, Ipv4LpmData, PeerValue>,
-) -> Result<Vec<PeerEntry>, DatapathError> {
+pub(super) fn list_peers<A: MapFamily, T: Borrow<MapData>>(
+    map: &LpmTrie<T, A::Lpm, A::Peer>,
+) -> Result<Vec<PeerEntry<A>>, DatapathError> {
     let mut peers = Vec::new();
     for item in map.iter() {
-        let (key, value) = item.map_err(map_err("list", map_names::REMOTES))?;
-        let addr = Ipv4Addr::from(key.data().addr_be);
-        let Ok(subnet) = Ipv4Net::new(addr, key.prefix_len() as u8) else {
+        let (key, value) = item.map_err(map_err("list", A::REMOTES))?;
+        let addr = A::from(A::lpm_addr(&key.data()));
+        let Some(subnet) = A::net(addr, key.prefix_len() as u8) else {
             continue;
         };
+        let (vtep_ip, vtep_mac) = A::peer_vtep(&value);
         peers.push(PeerEntry {
             subnet,
-            vtep_ip: Ipv4Addr::from(value.vtep_ip_be),
-            vtep_mac: MacAddr(value.vtep_mac),
+            vtep_ip: A::from(vtep_ip),
+            vtep_mac: MacAddr(vtep_mac),
         });
     }
     peers.sort_by_key(|p| p.subnet);
     Ok(peers)
 }
 
-pub(super) fn list_vteps<T: Borrow<MapData>>(
-    map: &HashMap<T, [u8; 4], VtepValue>,
-) -> Result<Vec<Ipv4Addr>, DatapathError> {
+pub(super) fn list_vteps<A: MapFamily, T: Borrow<MapData>>(
+    map: &HashMap<T, A::Octets, VtepValue>,
+) -> Result<Vec<A>, DatapathError> {
     let mut out = Vec::new();
     for key in map.keys() {
-        out.push(Ipv4Addr::from(
-            key.map_err(map_err("list", map_names::KNOWN_VTEPS))?,
-        ));
+        out.push(A::from(key.map_err(map_err("list", A::VTEPS))?));
     }
     out.sort();
     Ok(out)
 }
 
-pub(super) fn list_locals<T: Borrow<MapData>>(
-    map: &HashMap<T, [u8; 4], LocalEndpoint>,
-) -> Result<Vec<LocalEntry>, DatapathError> {
+pub(super) fn list_locals<A: MapFamily, T: Borrow<MapData>>(
+    map: &HashMap<T, A::Octets, LocalEndpoint>,
+) -> Result<Vec<LocalEntry<A>>, DatapathError> {
     let mut out = Vec::new();
     for item in map.iter() {
-        let (ip, v) = item.map_err(map_err("list", map_names::LOCAL))?;
+        let (ip, v) = item.map_err(map_err("list", A::LOCAL))?;
         out.push(LocalEntry {
-            ip: Ipv4Addr::from(ip),
+            ip: A::from(ip),
             host_ifindex: v.host_ifindex_ne,
             mac: MacAddr(v.mac),
             gateway_mac: MacAddr(v.gateway_mac),

@@ -2,8 +2,8 @@
 //! pin it under bpffs, adopt what a previous agent pinned, and read and write
 //! its maps through typed wrappers.
 //!
-//! Layout under the pin directory (by default `/sys/fs/bpf/weft/<instance>`,
-//! see [`PinDir`]): `maps-v<N>/WEFT_*` (the maps of layout N, adopted with
+//! Layout under the pin directory (by default `/sys/fs/bpf/weft/netns-<inode>`,
+//! one per network namespace, see [`PinDir`]): `maps-v<N>/WEFT_*` (the maps of layout N, adopted with
 //! their entries on restart, or carried over into new maps when the layout
 //! changed, see [`layout`]), `maps` (a link to the live set),
 //! `progs/<program>-v<N>` and `links/<program>@<interface>` (the attachments;
@@ -13,7 +13,7 @@
 //! ```no_run
 //! # use weft::datapath::{Datapath, DecapHook, NodeSettings};
 //! # fn f(settings: NodeSettings) -> Result<(), weft::datapath::DatapathError> {
-//! let mut dp = Datapath::load(Datapath::default_pin_dir("weft"))?;
+//! let mut dp = Datapath::load("/sys/fs/bpf/weft/netns-4026531840")?;
 //! dp.configure(&settings)?;
 //! dp.attach_encap("docker0")?;
 //! dp.attach_decap("ens32", DecapHook::for_interface("ens32"))?;
@@ -47,9 +47,8 @@ pub use attach::{Attachment, DecapHook};
 pub use cause::{bpffs_mount_fix, Cause};
 pub use inspect::{LinkState, PinnedLinkState, PinnedMaps};
 pub use layout::Carried;
-pub use log::TARGET as PROGRAM_LOG_TARGET;
-pub use maps::{Counters, LocalEntry, PeerEntry};
-pub use maps6::{hop_limit, keeps_gso, LocalEntry6, NodeSettings6, PeerEntry6};
+pub use maps::{Counters, LocalEntry, LocalEntry6, MapFamily, PeerEntry, PeerEntry6};
+pub use maps6::{hop_limit, keeps_gso, NodeSettings6};
 pub use pins::{ensure_bpffs, BpffsError, LinkPin, PinDir, BPFFS_ROOT};
 pub use sysctl::{default_ttl, relax_rp_filter, RpFilterError};
 pub use test_run::{ProgramKind, SkbContext, TestRunOutput};
@@ -209,7 +208,6 @@ impl NodeSettings {
 /// The loaded eBPF object and where its state is pinned.
 pub struct Datapath {
     ebpf: Ebpf,
-    pin_dir: PathBuf,
     pins: PinDir,
     /// Maps of another layout whose contents were carried over; their
     /// programs forward until [`Datapath::finish_migration`] swaps every link.
@@ -232,12 +230,6 @@ fn object() -> Result<&'static [u8], DatapathError> {
 }
 
 impl Datapath {
-    /// `/sys/fs/bpf/weft/<instance>`: one directory per agent instance, so
-    /// agents in different network namespaces on one machine do not collide.
-    pub fn default_pin_dir(instance: &str) -> PathBuf {
-        Path::new("/sys/fs/bpf/weft").join(instance)
-    }
-
     /// Loads the embedded object with its maps pinned in
     /// `pin_dir/maps-v<LAYOUT_VERSION>`, adopting maps (and entries) a
     /// previous agent of this layout left there. Maps of another layout are
@@ -280,7 +272,6 @@ impl Datapath {
         Ok(Self {
             _log: log,
             ebpf,
-            pin_dir,
             pins,
             previous,
             links: Vec::new(),
@@ -290,10 +281,6 @@ impl Datapath {
     /// Where this datapath's state is pinned.
     pub fn pins(&self) -> &PinDir {
         &self.pins
-    }
-
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
     }
 
     /// Writes this node's configuration; the programs pass everything until this is done.

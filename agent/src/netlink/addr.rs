@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::AddressMessageBuilder;
 
 use super::{collect, tolerate, Netlink, NetlinkError};
 
@@ -47,49 +48,38 @@ impl Netlink {
         collect(req, "list addresses", String::new).await
     }
 
-    /// `ip -4 addr show dev IFINDEX`.
-    pub async fn addresses_v4(&self, index: u32) -> Result<Vec<Ipv4Net>, NetlinkError> {
+    /// The addresses on device `index` that `parse` accepts.
+    async fn device_addresses<N>(
+        &self,
+        index: u32,
+        parse: impl Fn(&AddressMessage) -> Option<N>,
+    ) -> Result<Vec<N>, NetlinkError> {
         Ok(self
             .address_dump()
             .await?
             .iter()
             .filter(|m| m.header.index == index)
-            .filter_map(parse_v4)
+            .filter_map(parse)
             .collect())
+    }
+
+    /// `ip -4 addr show dev IFINDEX`.
+    pub async fn addresses_v4(&self, index: u32) -> Result<Vec<Ipv4Net>, NetlinkError> {
+        self.device_addresses(index, parse_v4).await
     }
 
     /// `ip -6 addr show dev IFINDEX scope global`.
     pub async fn addresses_v6(&self, index: u32) -> Result<Vec<Ipv6Net>, NetlinkError> {
-        Ok(self
-            .address_dump()
-            .await?
-            .iter()
-            .filter(|m| m.header.index == index)
-            .filter_map(parse_v6_global)
-            .collect())
+        self.device_addresses(index, parse_v6_global).await
     }
 
-    /// `ip -6 addr add ADDR/LEN dev IFINDEX`; present already is fine.
-    pub async fn add_address6(&self, index: u32, addr: Ipv6Net) -> Result<(), NetlinkError> {
-        self.add_ip(index, addr.into()).await
-    }
-
-    /// `ip -6 addr del ADDR/LEN dev IFINDEX`; absent already is fine.
-    pub async fn del_address6(&self, index: u32, addr: Ipv6Net) -> Result<(), NetlinkError> {
-        let msg = rtnetlink::AddressMessageBuilder::<Ipv6Addr>::new()
-            .index(index)
-            .address(addr.addr(), addr.prefix_len())
-            .build();
-        let res = self.handle.address().del(msg).execute().await;
-        tolerate(
-            res,
-            &[libc::EADDRNOTAVAIL, libc::ENODEV],
-            "delete address",
-            || format!("{addr} on index {index}"),
-        )
-    }
-
-    async fn add_ip(&self, index: u32, addr: IpNet) -> Result<(), NetlinkError> {
+    /// `ip addr add ADDR/LEN dev IFINDEX` (`ip -6 addr` for an [`Ipv6Net`]); present already is fine.
+    pub async fn add_address(
+        &self,
+        index: u32,
+        addr: impl Into<IpNet>,
+    ) -> Result<(), NetlinkError> {
+        let addr = addr.into();
         let res = self
             .handle
             .address()
@@ -101,17 +91,24 @@ impl Netlink {
         })
     }
 
-    /// `ip addr add ADDR/LEN dev IFINDEX`; present already is fine.
-    pub async fn add_address(&self, index: u32, addr: Ipv4Net) -> Result<(), NetlinkError> {
-        self.add_ip(index, addr.into()).await
-    }
-
-    /// `ip addr del ADDR/LEN dev IFINDEX`; absent already is fine.
-    pub async fn del_address(&self, index: u32, addr: Ipv4Net) -> Result<(), NetlinkError> {
-        let msg = rtnetlink::AddressMessageBuilder::<Ipv4Addr>::new()
-            .index(index)
-            .address(addr.addr(), addr.prefix_len())
-            .build();
+    /// `ip addr del ADDR/LEN dev IFINDEX` (`ip -6 addr` for an [`Ipv6Net`]); absent already is fine.
+    pub async fn del_address(
+        &self,
+        index: u32,
+        addr: impl Into<IpNet>,
+    ) -> Result<(), NetlinkError> {
+        let addr = addr.into();
+        // The message `ip addr add` would send, as rtnetlink builds it per family.
+        let msg = match addr {
+            IpNet::V4(n) => AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(index)
+                .address(n.addr(), n.prefix_len())
+                .build(),
+            IpNet::V6(n) => AddressMessageBuilder::<Ipv6Addr>::new()
+                .index(index)
+                .address(n.addr(), n.prefix_len())
+                .build(),
+        };
         let res = self.handle.address().del(msg).execute().await;
         tolerate(
             res,

@@ -34,7 +34,7 @@ use crate::lease::MacAddr;
 pub use bridge_events::{BridgeEvent, BridgeEvents, BridgeState};
 pub use link::{ExternalIface, Interface, LinkInfo, VxlanAttrs, VxlanSpec};
 pub use neigh::{BridgePortEntry, FdbEntry, Neigh6Entry, NeighEntry};
-pub use route::{RouteAddr, RouteEntry, RouteEntry6, RouteSpec, RouteSpec6, SyncReport};
+pub use route::{RouteEntry, RouteEntry6, RouteSpec, RouteSpec6, SyncReport};
 pub use watch::LinkWatch;
 
 /// Errors from kernel requests; each names the operation and its target.

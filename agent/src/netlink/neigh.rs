@@ -9,24 +9,19 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::route::RouteType;
 use rtnetlink::packet_route::AddressFamily;
 
-use super::{collect, mac_from_bytes, tolerate, Netlink, NetlinkError};
-use crate::lease::MacAddr;
+use super::{collect, mac_from_bytes, route::family, tolerate, Netlink, NetlinkError};
+use crate::{family::IpFamily, lease::MacAddr};
 
-/// An IPv4 neighbour (ARP) entry.
+/// A neighbour entry: ARP for IPv4 (unless `A` says otherwise), NDP for IPv6.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NeighEntry {
-    pub ip: Ipv4Addr,
+pub struct NeighEntry<A: IpFamily = Ipv4Addr> {
+    pub ip: A,
     pub mac: Option<MacAddr>,
     pub permanent: bool,
 }
 
 /// An IPv6 neighbour (NDP) entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Neigh6Entry {
-    pub ip: Ipv6Addr,
-    pub mac: Option<MacAddr>,
-    pub permanent: bool,
-}
+pub type Neigh6Entry = NeighEntry<Ipv6Addr>;
 
 /// A bridge forwarding entry of a VXLAN device: frames to `mac` go to `dst` (an IPv4 remote
 /// on `flannel.N`, an IPv6 one on `flannel-v6.N`).
@@ -58,20 +53,6 @@ fn dst(msg: &NeighbourMessage) -> Option<IpAddr> {
         },
         _ => None,
     })
-}
-
-fn dst_v4(msg: &NeighbourMessage) -> Option<Ipv4Addr> {
-    match dst(msg)? {
-        IpAddr::V4(ip) => Some(ip),
-        IpAddr::V6(_) => None,
-    }
-}
-
-fn dst_v6(msg: &NeighbourMessage) -> Option<Ipv6Addr> {
-    match dst(msg)? {
-        IpAddr::V6(ip) => Some(ip),
-        IpAddr::V4(_) => None,
-    }
 }
 
 fn lladdr(msg: &NeighbourMessage) -> Option<MacAddr> {
@@ -118,11 +99,14 @@ impl Netlink {
             .await
     }
 
-    /// `ip -4 neigh show dev IFINDEX`.
-    pub async fn neighbours_v4(&self, index: u32) -> Result<Vec<NeighEntry>, NetlinkError> {
-        self.device_neighbours(AddressFamily::Inet, index, |m| {
+    /// `ip neigh show dev IFINDEX` of `A`'s family (`ip -6 neigh` for [`Ipv6Addr`]).
+    pub async fn neighbours<A: IpFamily>(
+        &self,
+        index: u32,
+    ) -> Result<Vec<NeighEntry<A>>, NetlinkError> {
+        self.device_neighbours(family::<A>(), index, |m| {
             Some(NeighEntry {
-                ip: dst_v4(m)?,
+                ip: A::from_ip(dst(m)?)?,
                 mac: lladdr(m),
                 permanent: is_permanent(m.header.state),
             })
@@ -130,16 +114,14 @@ impl Netlink {
         .await
     }
 
+    /// `ip -4 neigh show dev IFINDEX`.
+    pub async fn neighbours_v4(&self, index: u32) -> Result<Vec<NeighEntry>, NetlinkError> {
+        self.neighbours(index).await
+    }
+
     /// `ip -6 neigh show dev IFINDEX`.
     pub async fn neighbours_v6(&self, index: u32) -> Result<Vec<Neigh6Entry>, NetlinkError> {
-        self.device_neighbours(AddressFamily::Inet6, index, |m| {
-            Some(Neigh6Entry {
-                ip: dst_v6(m)?,
-                mac: lladdr(m),
-                permanent: is_permanent(m.header.state),
-            })
-        })
-        .await
+        self.neighbours(index).await
     }
 
     /// The MACs bridge `bridge_index` learned on its ports, as `bridge fdb show br BRIDGE`

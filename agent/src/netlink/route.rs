@@ -1,10 +1,9 @@
 //! `ip route` / `ip -6 route`: per-peer routes in the main table, listed for reconciliation.
-//! One implementation for both families, through [`RouteAddr`].
+//! One implementation for both families, through [`IpFamily`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::{Ipv4Net, Ipv6Net};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
     RouteType,
@@ -13,81 +12,45 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::RouteMessageBuilder;
 
 use super::{collect, tolerate, Netlink, NetlinkError};
+use crate::family::IpFamily;
 
-/// An address family's route addresses: [`Ipv4Addr`] or [`Ipv6Addr`].
-pub trait RouteAddr:
-    Copy + Eq + std::fmt::Display + std::fmt::Debug + Send + Sync + 'static
-{
-    type Net: Copy + Ord + std::fmt::Display + std::fmt::Debug + Send + Sync + 'static;
-    const FAMILY: AddressFamily;
-    fn from_route(a: &RouteAddress) -> Option<Self>;
-    /// The network of `len` at `addr` (the family's unspecified address when `None`).
-    fn net(addr: Option<Self>, len: u8) -> Option<Self::Net>;
-    /// A message for `dst` (or the host route to one address) and `gateway`.
-    fn builder(dst: (Self, u8), gateway: Option<Self>) -> RouteMessageBuilder<Self>;
-    fn parts(net: &Self::Net) -> (Self, u8);
-    /// The empty message `ip route show` sends for this family.
-    fn dump() -> RouteMessage;
-}
-
-impl RouteAddr for Ipv4Addr {
-    type Net = Ipv4Net;
-    const FAMILY: AddressFamily = AddressFamily::Inet;
-    fn from_route(a: &RouteAddress) -> Option<Self> {
-        match a {
-            RouteAddress::Inet(ip) => Some(*ip),
-            _ => None,
-        }
-    }
-    fn net(addr: Option<Self>, len: u8) -> Option<Ipv4Net> {
-        Ipv4Net::new(addr.unwrap_or(Ipv4Addr::UNSPECIFIED), len).ok()
-    }
-    fn builder(dst: (Self, u8), gateway: Option<Self>) -> RouteMessageBuilder<Self> {
-        let b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst.0, dst.1);
-        match gateway {
-            Some(gw) => b.gateway(gw),
-            None => b,
-        }
-    }
-    fn parts(net: &Ipv4Net) -> (Self, u8) {
-        (net.network(), net.prefix_len())
-    }
-    fn dump() -> RouteMessage {
-        RouteMessageBuilder::<Ipv4Addr>::new().build()
+/// The netlink family of `A`.
+pub(super) fn family<A: IpFamily>() -> AddressFamily {
+    if A::HOST_PREFIX == <Ipv4Addr as IpFamily>::HOST_PREFIX {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
     }
 }
 
-impl RouteAddr for Ipv6Addr {
-    type Net = Ipv6Net;
-    const FAMILY: AddressFamily = AddressFamily::Inet6;
-    fn from_route(a: &RouteAddress) -> Option<Self> {
-        match a {
-            RouteAddress::Inet6(ip) => Some(*ip),
-            _ => None,
-        }
+fn from_route<A: IpFamily>(a: &RouteAddress) -> Option<A> {
+    match a {
+        RouteAddress::Inet(ip) => A::from_ip(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => A::from_ip(IpAddr::V6(*ip)),
+        _ => None,
     }
-    fn net(addr: Option<Self>, len: u8) -> Option<Ipv6Net> {
-        Ipv6Net::new(addr.unwrap_or(Ipv6Addr::UNSPECIFIED), len).ok()
+}
+
+/// A message of `A`'s family for `dst` (a network or the host route to one
+/// address) and `gateway`: what `RouteMessageBuilder::<Ipv4Addr>` (or `Ipv6Addr`) builds.
+fn builder<A: IpFamily>(dst: (A, u8), gateway: Option<A>) -> RouteMessageBuilder<IpAddr> {
+    let mut b = RouteMessageBuilder::<IpAddr>::new();
+    let msg = b.get_mut();
+    msg.header.address_family = family::<A>();
+    msg.header.destination_prefix_length = dst.1;
+    msg.attributes
+        .push(RouteAttribute::Destination(dst.0.into().into()));
+    if let Some(gw) = gateway {
+        msg.attributes
+            .push(RouteAttribute::Gateway(gw.into().into()));
     }
-    fn builder(dst: (Self, u8), gateway: Option<Self>) -> RouteMessageBuilder<Self> {
-        let b = RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(dst.0, dst.1);
-        match gateway {
-            Some(gw) => b.gateway(gw),
-            None => b,
-        }
-    }
-    fn parts(net: &Ipv6Net) -> (Self, u8) {
-        (net.network(), net.prefix_len())
-    }
-    fn dump() -> RouteMessage {
-        RouteMessageBuilder::<Ipv6Addr>::new().build()
-    }
+    b
 }
 
 /// A route weft programs: `DST [via GATEWAY] [dev OIF] [onlink]`, main table,
 /// `proto boot` like `ip route replace` and flanneld. IPv4 unless `A` says otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RouteSpec<A: RouteAddr = Ipv4Addr> {
+pub struct RouteSpec<A: IpFamily = Ipv4Addr> {
     pub dst: A::Net,
     pub gateway: Option<A>,
     /// `None` lets the kernel pick the device from the gateway (flannel's direct routes).
@@ -100,7 +63,7 @@ pub type RouteSpec6 = RouteSpec<Ipv6Addr>;
 /// A route of the main IPv6 table.
 pub type RouteEntry6 = RouteEntry<Ipv6Addr>;
 
-impl<A: RouteAddr> std::fmt::Display for RouteSpec<A> {
+impl<A: IpFamily> std::fmt::Display for RouteSpec<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.dst)?;
         if let Some(gw) = self.gateway {
@@ -118,7 +81,7 @@ impl<A: RouteAddr> std::fmt::Display for RouteSpec<A> {
 
 /// A route of the main table as the kernel lists it (IPv4 unless `A` says otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RouteEntry<A: RouteAddr = Ipv4Addr> {
+pub struct RouteEntry<A: IpFamily = Ipv4Addr> {
     pub dst: A::Net,
     pub gateway: Option<A>,
     pub oif: Option<u32>,
@@ -128,7 +91,7 @@ pub struct RouteEntry<A: RouteAddr = Ipv4Addr> {
     pub unicast: bool,
 }
 
-impl<A: RouteAddr> RouteEntry<A> {
+impl<A: IpFamily> RouteEntry<A> {
     /// Whether this kernel route already is `spec` (the device only counts when
     /// the spec names one).
     pub fn satisfies(&self, spec: &RouteSpec<A>) -> bool {
@@ -150,9 +113,9 @@ impl<A: RouteAddr> RouteEntry<A> {
     }
 }
 
-fn parse<A: RouteAddr>(msg: RouteMessage) -> Option<RouteEntry<A>> {
+fn parse<A: IpFamily>(msg: RouteMessage) -> Option<RouteEntry<A>> {
     let h = &msg.header;
-    if h.address_family != A::FAMILY {
+    if h.address_family != family::<A>() {
         return None;
     }
     let mut table = u32::from(h.table);
@@ -162,8 +125,8 @@ fn parse<A: RouteAddr>(msg: RouteMessage) -> Option<RouteEntry<A>> {
     for a in &msg.attributes {
         match a {
             RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(d) => dst = A::from_route(d),
-            RouteAttribute::Gateway(g) => gateway = A::from_route(g),
+            RouteAttribute::Destination(d) => dst = from_route(d),
+            RouteAttribute::Gateway(g) => gateway = from_route(g),
             RouteAttribute::Oif(o) => oif = Some(*o),
             _ => {}
         }
@@ -172,7 +135,7 @@ fn parse<A: RouteAddr>(msg: RouteMessage) -> Option<RouteEntry<A>> {
         return None;
     }
     Some(RouteEntry {
-        dst: A::net(dst, h.destination_prefix_length)?,
+        dst: A::net(dst.unwrap_or(A::UNSPECIFIED), h.destination_prefix_length)?,
         gateway,
         oif,
         onlink: h.flags.contains(RouteFlags::Onlink),
@@ -181,8 +144,9 @@ fn parse<A: RouteAddr>(msg: RouteMessage) -> Option<RouteEntry<A>> {
     })
 }
 
-fn message<A: RouteAddr>(spec: &RouteSpec<A>) -> RouteMessageBuilder<A> {
-    let mut b = A::builder(A::parts(&spec.dst), spec.gateway);
+fn message<A: IpFamily>(spec: &RouteSpec<A>) -> RouteMessageBuilder<IpAddr> {
+    let dst = (A::network(&spec.dst), A::prefix_len(&spec.dst));
+    let mut b = builder(dst, spec.gateway);
     if let Some(oif) = spec.oif {
         b = b.output_interface(oif);
     }
@@ -199,8 +163,10 @@ impl Netlink {
     }
 
     /// `ip route show table main` of `A`'s family (`ip -6 route` for [`Ipv6Addr`]).
-    pub async fn routes<A: RouteAddr>(&self) -> Result<Vec<RouteEntry<A>>, NetlinkError> {
-        let req = self.handle.route().get(A::dump()).execute();
+    pub async fn routes<A: IpFamily>(&self) -> Result<Vec<RouteEntry<A>>, NetlinkError> {
+        let mut dump = RouteMessageBuilder::<IpAddr>::new().build();
+        dump.header.address_family = family::<A>();
+        let req = self.handle.route().get(dump).execute();
         Ok(collect(req, "list routes", String::new)
             .await?
             .into_iter()
@@ -209,7 +175,7 @@ impl Netlink {
     }
 
     /// `ip route replace SPEC` (proto boot, as flanneld's netlink library and `ip` do).
-    pub async fn replace_route<A: RouteAddr>(
+    pub async fn replace_route<A: IpFamily>(
         &self,
         spec: &RouteSpec<A>,
     ) -> Result<(), NetlinkError> {
@@ -219,7 +185,7 @@ impl Netlink {
     }
 
     /// `ip route del SPEC`; a route already gone is fine.
-    pub async fn del_route<A: RouteAddr>(&self, spec: &RouteSpec<A>) -> Result<(), NetlinkError> {
+    pub async fn del_route<A: IpFamily>(&self, spec: &RouteSpec<A>) -> Result<(), NetlinkError> {
         // Protocol 0 and scope nowhere match any route with this dst/gateway/dev.
         let msg = message(spec)
             .protocol(RouteProtocol::Unspec)
@@ -233,16 +199,11 @@ impl Netlink {
 
     /// `ip route get IP`: the gateway and device the kernel would use, `None`
     /// when the destination is unreachable.
-    pub async fn route_get<A: RouteAddr>(
+    pub async fn route_get<A: IpFamily>(
         &self,
         ip: A,
     ) -> Result<Option<RouteEntry<A>>, NetlinkError> {
-        let host = if A::FAMILY == AddressFamily::Inet {
-            32
-        } else {
-            128
-        };
-        let msg = A::builder((ip, host), None).build();
+        let msg = builder((ip, A::HOST_PREFIX), None).build();
         let req = self.handle.route().get(msg).execute();
         match collect(req, "get route to", || ip.to_string()).await {
             Ok(msgs) => Ok(msgs.into_iter().find_map(parse)),
@@ -281,7 +242,7 @@ impl Netlink {
     /// The device a packet to `ip` would leave by when `ip` is on a directly
     /// connected network (the kernel's route needs no gateway), else `None`.
     /// flanneld's `ip.DirectRouting` makes the same check.
-    pub async fn on_link_iface<A: RouteAddr>(&self, ip: A) -> Result<Option<u32>, NetlinkError> {
+    pub async fn on_link_iface<A: IpFamily>(&self, ip: A) -> Result<Option<u32>, NetlinkError> {
         Ok(self
             .route_get(ip)
             .await?
@@ -292,7 +253,7 @@ impl Netlink {
     /// Make the main table's routes selected by `owned` equal `desired`: replace
     /// each desired route the kernel lacks or holds differently, delete each owned
     /// route no desired route justifies. Keeps going after a failure.
-    pub async fn sync_routes<A: RouteAddr>(
+    pub async fn sync_routes<A: IpFamily>(
         &self,
         owned: impl Fn(&RouteEntry<A>) -> bool,
         desired: &[RouteSpec<A>],

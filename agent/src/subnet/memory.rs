@@ -255,6 +255,83 @@ impl MemoryStore {
     }
 }
 
+/// What one watch reads from the store and keeps of its events.
+struct Feed<R, P, F> {
+    /// The read's operation and key (what an injected failure names).
+    op: &'static str,
+    key: &'static str,
+    /// The first item, and the one after every reconnect.
+    read: R,
+    pick: P,
+    /// Logs a failed read; the watch retries after [`SWEEP`].
+    failed: F,
+    /// Whether to expire leases every [`SWEEP`] while no event comes (the
+    /// lease watch: etcd expires them on its own clock).
+    sweeps: bool,
+}
+
+impl MemoryStore {
+    /// Sends `feed`'s read, then what it picks of each event, and reads again
+    /// after a break, until `cancel` or until `tx` closes.
+    async fn watch<T, R, P, F>(
+        &self,
+        feed: Feed<R, P, F>,
+        tx: mpsc::Sender<T>,
+        cancel: CancellationToken,
+        on_reconnect: impl Fn() + Send,
+    ) where
+        R: Fn(&State) -> T,
+        P: Fn(Message) -> Option<T>,
+        F: Fn(&SubnetError),
+    {
+        loop {
+            // Subscribed under the lock that reads: no change falls between the two.
+            let read = self
+                .call(feed.op, feed.key)
+                .map(|st| ((feed.read)(&st), self.events.subscribe()));
+            let mut rx = match read {
+                Ok((item, rx)) => {
+                    if tx.send(item).await.is_err() {
+                        return;
+                    }
+                    rx
+                }
+                Err(e) => {
+                    (feed.failed)(&e);
+                    on_reconnect();
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(SWEEP) => continue,
+                    }
+                }
+            };
+            loop {
+                let msg = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    m = rx.recv() => m,
+                    _ = tokio::time::sleep(SWEEP), if feed.sweeps => {
+                        drop(self.lock());
+                        continue;
+                    }
+                };
+                match msg {
+                    Ok(Message::Break) | Err(_) => {
+                        on_reconnect();
+                        break;
+                    }
+                    Ok(m) => {
+                        if let Some(item) = (feed.pick)(m) {
+                            if tx.send(item).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl SubnetStore for MemoryStore {
     fn config_key(&self) -> String {
         CONFIG_KEY.to_string()
@@ -318,50 +395,18 @@ impl SubnetStore for MemoryStore {
         cancel: CancellationToken,
         on_reconnect: impl Fn() + Send,
     ) {
-        loop {
-            // Subscribed under the lock that lists: no change falls between the two.
-            let snapshot = self
-                .call("list", "subnets")
-                .map(|st| (Self::listing(&st), self.events.subscribe()));
-            let mut rx = match snapshot {
-                Ok((listing, rx)) => {
-                    if tx.send(WatchUpdate::Snapshot(listing)).await.is_err() {
-                        return;
-                    }
-                    rx
-                }
-                Err(e) => {
-                    tracing::warn!("listing leases: {e}");
-                    on_reconnect();
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(SWEEP) => continue,
-                    }
-                }
-            };
-            loop {
-                let msg = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    m = rx.recv() => m,
-                    _ = tokio::time::sleep(SWEEP) => {
-                        drop(self.lock());
-                        continue;
-                    }
-                };
-                match msg {
-                    Ok(Message::Update(u)) => {
-                        if tx.send(u).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Message::Config(_)) => {}
-                    Ok(Message::Break) | Err(_) => {
-                        on_reconnect();
-                        break;
-                    }
-                }
-            }
-        }
+        let feed = Feed {
+            op: "list",
+            key: "subnets",
+            read: |st: &State| WatchUpdate::Snapshot(Self::listing(st)),
+            pick: |m| match m {
+                Message::Update(u) => Some(u),
+                _ => None,
+            },
+            failed: |e: &SubnetError| tracing::warn!("listing leases: {e}"),
+            sweeps: true,
+        };
+        self.watch(feed, tx, cancel, on_reconnect).await
     }
 
     async fn watch_config(
@@ -370,45 +415,17 @@ impl SubnetStore for MemoryStore {
         cancel: CancellationToken,
         on_reconnect: impl Fn() + Send,
     ) {
-        loop {
-            // Subscribed under the lock that reads: no write falls between the two.
-            let read = self
-                .call("get", CONFIG_KEY)
-                .map(|st| (st.config.clone(), self.events.subscribe()));
-            let mut rx = match read {
-                Ok((json, rx)) => {
-                    if tx.send(json).await.is_err() {
-                        return;
-                    }
-                    rx
-                }
-                Err(e) => {
-                    tracing::debug!("re-reading the network config: {e}");
-                    on_reconnect();
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(SWEEP) => continue,
-                    }
-                }
-            };
-            loop {
-                let msg = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    m = rx.recv() => m,
-                };
-                match msg {
-                    Ok(Message::Config(json)) => {
-                        if tx.send(json).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Message::Update(_)) => {}
-                    Ok(Message::Break) | Err(_) => {
-                        on_reconnect();
-                        break;
-                    }
-                }
-            }
-        }
+        let feed = Feed {
+            op: "get",
+            key: CONFIG_KEY,
+            read: |st: &State| st.config.clone(),
+            pick: |m| match m {
+                Message::Config(json) => Some(json),
+                _ => None,
+            },
+            failed: |e: &SubnetError| tracing::debug!("re-reading the network config: {e}"),
+            sweeps: false,
+        };
+        self.watch(feed, tx, cancel, on_reconnect).await
     }
 }

@@ -93,6 +93,6 @@ families! {
         peers, vteps_list, remove_peer, remove_vtep, add_vtep, upsert_peer,
         locals, remove_local, upsert_local;
     PeerEntry6, Ipv6Net, Ipv6Addr, LocalEntry6,
-        peers6, vteps6_list, remove_peer6, remove_vtep6, add_vtep6, upsert_peer6,
-        locals6, remove_local6, upsert_local6;
+        peers6, vteps6_list, remove_peer, remove_vtep, add_vtep, upsert_peer,
+        locals6, remove_local, upsert_local;
 }

@@ -74,8 +74,8 @@ pub const DEFAULT_BRIDGE: &str = "docker0";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EbpfSettings {
     pub vxlan: VxlanSettings,
-    /// Pin directory of this agent instance, by default `/sys/fs/bpf/weft/<instance>`
-    /// ([`Datapath::default_pin_dir`]); agents in different network namespaces of
+    /// Pin directory of this agent instance, by default `/sys/fs/bpf/weft/netns-<inode>`
+    /// (`weft agent --bpf-pin-dir`); agents in different network namespaces of
     /// one machine need different ones.
     pub pin_dir: PathBuf,
     /// The container bridge whose TC ingress gets the encapsulation program.

@@ -109,7 +109,7 @@ impl EbpfBackend {
         }
         // Our subnet may have been a peer's (re-acquired after expiry): never encapsulate it.
         self.dp
-            .remove_peer6(subnet.trunc())
+            .remove_peer(subnet.trunc())
             .map_err(Self::map_err(format!("remove own subnet {subnet}")))?;
         info!(vtep = %vtep_ip, subnet = %subnet, "IPv6 fast path configured");
         self.node6 = Some(want);

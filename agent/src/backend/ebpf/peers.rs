@@ -213,7 +213,7 @@ impl EbpfBackend {
         let new = new.and_then(|l| self.entry_for6(l));
         if let Some(o) = old.filter(|o| Some(*o) != new) {
             self.dp
-                .remove_peer6(o.subnet)
+                .remove_peer(o.subnet)
                 .map_err(Self::map_err(format!("remove {}", o.subnet)))?;
             let used = self
                 .dp
@@ -223,7 +223,7 @@ impl EbpfBackend {
                 .any(|p| p.vtep_ip == o.vtep_ip);
             if !used && new.map(|n| n.vtep_ip) != Some(o.vtep_ip) {
                 self.dp
-                    .remove_vtep6(o.vtep_ip)
+                    .remove_vtep(o.vtep_ip)
                     .map_err(Self::map_err(format!(
                         "stop accepting VXLAN from {}",
                         o.vtep_ip

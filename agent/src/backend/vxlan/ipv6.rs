@@ -105,11 +105,11 @@ impl VxlanBackend {
             .iter()
             .filter(|a| **a != want && network.contains(&a.addr()))
         {
-            self.nl.del_address6(index, *stray).await.map_err(err)?;
+            self.nl.del_address(index, *stray).await.map_err(err)?;
             changes += 1;
         }
         if !have.contains(&want) {
-            self.nl.add_address6(index, want).await.map_err(err)?;
+            self.nl.add_address(index, want).await.map_err(err)?;
             changes += 1;
         }
         if !self
