@@ -1222,3 +1222,49 @@ async fn auto_falls_back_to_the_kernel_path_with_the_reason_and_traffic_works() 
         .expect("blocker thread")
         .unwrap();
 }
+
+// ---- bindings and the bridge's forwarding-entry ageing ----------------------------------------------
+
+/// The encapsulation program takes a container's frames at its port, before the bridge learns
+/// from them, so the bridge's entry for the container's MAC ages out (300 s by default, 3 s
+/// here) while the container talks only through the fast path. Its binding must outlive that:
+/// 20 s of pings ride eBPF throughout, flannel.1 carries none of them, the binding stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
+async fn bindings_outlive_the_bridges_forwarding_entry_ageing() {
+    let c = ebpf_cluster(2, 1, &["--reconcile-interval", "2s"]).await;
+    let (h1, a, b) = (
+        c.host(0),
+        c.host(0).containers()[0].clone(),
+        c.host(1).containers()[0].clone(),
+    );
+    for h in c.hosts() {
+        h.netns()
+            .ip(&[
+                "link",
+                "set",
+                "docker0",
+                "type",
+                "bridge",
+                "ageing_time",
+                "300",
+            ])
+            .await
+            .unwrap();
+    }
+    bind_containers(h1).await;
+    let before = flannel_packets(h1).await;
+    let (sent, received, out) = ping_count(&a, b.ip(), 100, &[]).await;
+    assert_eq!((sent, received), (100, 100), "{out}");
+    let after = flannel_packets(h1).await;
+    let st = status(h1).await;
+    assert!(
+        after.0 - before.0 <= 2,
+        "flannel.1 carried {} of a's packets: the binding lapsed with the bridge's entry\nstatus: {st:#}",
+        after.0 - before.0
+    );
+    assert!(
+        st["local_bindings"].as_array().map_or(0, Vec::len) >= 1,
+        "binding gone: {st:#}"
+    );
+}

@@ -9,6 +9,7 @@ use std::{
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::datapath::{Datapath, DatapathError, LocalEntry, LocalEntry6, PeerEntry, PeerEntry6};
+use crate::lease::MacAddr;
 
 /// A remote-subnet entry of one family and its maps.
 pub(super) trait Peer: Copy + PartialEq {
@@ -29,6 +30,7 @@ pub(super) trait Local: Copy + PartialEq {
     type Ip: PartialEq + Copy + Display;
     fn ip(&self) -> Self::Ip;
     fn port(&self) -> u32;
+    fn mac(&self) -> MacAddr;
     fn list(dp: &mut Datapath) -> Result<Vec<Self>, DatapathError>;
     fn remove(dp: &mut Datapath, ip: Self::Ip) -> Result<(), DatapathError>;
     fn upsert(&self, dp: &mut Datapath) -> Result<(), DatapathError>;
@@ -74,6 +76,9 @@ macro_rules! families {
             }
             fn port(&self) -> u32 {
                 self.host_ifindex
+            }
+            fn mac(&self) -> MacAddr {
+                self.mac
             }
             fn list(dp: &mut Datapath) -> Result<Vec<Self>, DatapathError> {
                 dp.$locals()

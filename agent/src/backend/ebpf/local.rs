@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 
 use super::{family::Local, EbpfBackend, EbpfBackendError};
 use crate::{
-    datapath::{LocalEntry, LocalEntry6},
+    datapath::{Datapath, LocalEntry, LocalEntry6},
     lease::MacAddr,
     netlink::{BridgePortEntry, Interface, Neigh6Entry, NeighEntry},
 };
@@ -72,6 +72,7 @@ impl EbpfBackend {
                 if let Some(watch) = &mut self.watch {
                     watch.remember(&neighbours, &neighbours6, &learned);
                 }
+                let learned = with_aged_out(learned, &self.held());
                 if let Some(own) = self.own {
                     want = local_entries(own, gateway_mac, &neighbours, &learned, &forwarding);
                 }
@@ -88,6 +89,21 @@ impl EbpfBackend {
             return Err(EbpfBackendError::Steps(errors));
         }
         Ok(changes + local + local6)
+    }
+
+    /// (MAC, port) of every binding in both families' maps now.
+    fn held(&mut self) -> Vec<(MacAddr, u32)> {
+        fn of<L: Local>(dp: &mut Datapath) -> Vec<(MacAddr, u32)> {
+            // A map that cannot be listed is reported by sync_local.
+            L::list(dp)
+                .unwrap_or_default()
+                .iter()
+                .map(|l| (l.mac(), l.port()))
+                .collect()
+        }
+        let mut held = of::<LocalEntry>(&mut self.dp);
+        held.extend(of::<LocalEntry6>(&mut self.dp));
+        held
     }
 
     /// Tells the programs whether the bridge forwards at all (written before
@@ -242,6 +258,27 @@ fn is_link_local(ip: Ipv6Addr) -> bool {
     ip.segments()[0] & 0xffc0 == 0xfe80
 }
 
+/// The bridge's learned entries, plus the port of each `held` binding whose
+/// MAC the bridge no longer lists anywhere. The encapsulation program takes a
+/// container's frames at its port, before the bridge learns from them, so
+/// while the container talks only through the fast path its entry ages out
+/// (300 s by default) though it never moved; the kernel would still reach it
+/// there (it floods unknown MACs). A MAC the bridge lists on another port
+/// moved, and follows the bridge; a port that left the bridge takes its
+/// bindings with it (they must be on a current forwarding port).
+fn with_aged_out(
+    mut learned: Vec<BridgePortEntry>,
+    held: &[(MacAddr, u32)],
+) -> Vec<BridgePortEntry> {
+    let aged: Vec<BridgePortEntry> = held
+        .iter()
+        .filter(|(mac, _)| !learned.iter().any(|l| l.mac == *mac))
+        .map(|&(mac, port_index)| BridgePortEntry { mac, port_index })
+        .collect();
+    learned.extend(aged);
+    learned
+}
+
 /// Joins neighbour entries (IP -> MAC) with the bridge's forwarding entries
 /// (MAC -> port) on the forwarding `ports`; sorted by address.
 fn bindings<A: Ord + Copy, E>(
@@ -311,5 +348,44 @@ mod tests {
         let all: Ipv6Net = "::/0".parse().unwrap();
         let got = local_entries6(all, gw, &neighbours[2..], &learned, &[(7, "veth7".into())]);
         assert_eq!(got.len(), 1, "{got:?}");
+    }
+
+    #[test]
+    fn a_binding_outlives_its_aged_out_forwarding_entry_but_not_a_move_or_its_port() {
+        let (a, b, gw) = (
+            MacAddr([2, 0, 0, 0, 0, 0xa]),
+            MacAddr([2, 0, 0, 0, 0, 0xb]),
+            MacAddr([2, 0, 0, 0, 0, 1]),
+        );
+        let own: Ipv4Net = "10.1.5.0/24".parse().unwrap();
+        let neigh = |ip: &str, mac| NeighEntry {
+            ip: ip.parse().unwrap(),
+            mac: Some(mac),
+            permanent: false,
+        };
+        let neighbours = [neigh("10.1.5.2", a), neigh("10.1.5.3", b)];
+        let ports = [(7, "veth7".to_string()), (8, "veth8".to_string())];
+        let bound =
+            |learned: Vec<BridgePortEntry>, held: &[(MacAddr, u32)], ports: &[(u32, String)]| {
+                local_entries(own, gw, &neighbours, &with_aged_out(learned, held), ports)
+                    .iter()
+                    .map(|e| (e.ip.to_string(), e.host_ifindex))
+                    .collect::<Vec<_>>()
+            };
+        let at = |mac, port_index| BridgePortEntry { mac, port_index };
+        // Both entries aged out: the bindings stay where they were.
+        assert_eq!(
+            bound(vec![], &[(a, 7), (b, 8)], &ports),
+            [("10.1.5.2".into(), 7), ("10.1.5.3".into(), 8)]
+        );
+        // The bridge saw a's MAC on port 8: the binding follows it.
+        assert_eq!(
+            bound(vec![at(a, 8)], &[(a, 7)], &ports),
+            [("10.1.5.2".into(), 8)]
+        );
+        // Port 7 left the bridge: its binding goes with it.
+        assert_eq!(bound(vec![], &[(a, 7)], &ports[1..]), []);
+        // Never bound, never learned: nothing.
+        assert_eq!(bound(vec![], &[], &ports), []);
     }
 }
