@@ -27,6 +27,9 @@ const FLANNELD_RULES: [&str; 10] = [
     r#"-A FLANNEL-FWD -d {n} -m comment --comment "flanneld forward" -j ACCEPT"#,
 ];
 
+/// Where the filter table's FORWARD rules start in [`FLANNELD_RULES`] (after the nat table's).
+const FORWARD_RULES: usize = 7;
+
 fn flanneld_listing(n: &str, sn: &str, mc: &str) -> Vec<String> {
     FLANNELD_RULES
         .iter()
@@ -100,11 +103,7 @@ fn forward_rules_without_masquerade() {
     let m = masq().with_masquerade(false);
     assert_eq!(
         m.iptables_listing(),
-        [
-            r#"-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD"#,
-            r#"-A FLANNEL-FWD -s 10.1.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT"#,
-            r#"-A FLANNEL-FWD -d 10.1.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT"#,
-        ]
+        flanneld_listing("10.1.0.0/16", "10.1.10.0/24", "224.0.0.0/4")[FORWARD_RULES..]
     );
     let nft: Vec<_> = m.nft_rules().into_iter().map(|c| c.name).collect();
     assert_eq!(nft, ["forward"]);
@@ -148,11 +147,7 @@ fn ipv6_only_has_no_ipv4_rules() {
     assert!(m.nft_rules().is_empty() && m.nonat_rules().is_empty());
     assert_eq!(
         m.ip6tables_listing(),
-        [
-            r#"-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD"#,
-            r#"-A FLANNEL-FWD -s fd00:10::/48 -m comment --comment "flanneld forward" -j ACCEPT"#,
-            r#"-A FLANNEL-FWD -d fd00:10::/48 -m comment --comment "flanneld forward" -j ACCEPT"#,
-        ]
+        flanneld_listing("fd00:10::/48", "fd00:10:0:a::/64", "ff00::/8")[FORWARD_RULES..]
     );
 }
 
