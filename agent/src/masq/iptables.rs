@@ -1,8 +1,12 @@
-//! The iptables and ip6tables side: chains checked rule by rule with `iptables -C` (as flanneld does), rewritten in
+//! The iptables and ip6tables side: flanneld's chains per family (what [`Masq`] lists and keeps), each
+//! checked rule by rule with `iptables -C` (as flanneld does), rewritten in
 //! one `iptables-restore --noflush` transaction when anything is off, so no packet sees a half-built
 //! chain and no `iptables -S` text is compared by position (its spelling varies across versions).
 
-use super::{run, run_stdin, MasqError};
+use super::{
+    run, run_stdin, Family, Masq, MasqError, Nets, FORWARD_CHAIN, FWD_COMMENT, KUBE_PROXY_MARK,
+    MASQ_COMMENT, NAT_CHAIN,
+};
 
 /// One chain we own, the rules it must hold in order, and the jump into it from a built-in chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +159,142 @@ pub(super) fn version_at_least(text: &str, min: (u32, u32, u32)) -> bool {
         parts.next().unwrap_or(0),
     );
     got >= min
+}
+
+impl Masq {
+    /// The IPv4 rules as `iptables-save` lists them (`-A CHAIN ...`), nat table first. For logs and
+    /// tests.
+    pub fn iptables_listing(&self) -> Vec<String> {
+        self.listing(Family::V4)
+    }
+
+    /// The IPv6 rules as `ip6tables-save` lists them.
+    pub fn ip6tables_listing(&self) -> Vec<String> {
+        self.listing(Family::V6)
+    }
+
+    fn listing(&self, family: Family) -> Vec<String> {
+        let Some(nets) = self.nets(family) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for c in self
+            .iptables_chains(family, nets, true)
+            .into_iter()
+            .filter(|c| self.wants(c.chain))
+        {
+            out.push(format!("-A {} {}", c.hook, canonical(&c.jump)));
+            out.extend(
+                c.rules
+                    .iter()
+                    .map(|r| format!("-A {} {}", c.chain, canonical(r))),
+            );
+        }
+        out
+    }
+
+    /// Both chains of `family`, wanted or not: [`Masq::ensure`] removes the ones switched off.
+    /// The same rules for both families (flanneld's `MasqRules` / `MasqIP6Rules`), multicast
+    /// being the family's own.
+    pub(super) fn iptables_chains(
+        &self,
+        family: Family,
+        nets: Nets,
+        random_fully: bool,
+    ) -> Vec<IptChain> {
+        let (n, sn) = (nets.network.to_string(), nets.subnet.to_string());
+        let multicast = family.multicast().to_string();
+        // Every masq rule ends in the same comment and target; MASQUERADE adds --random-fully.
+        let rule = |spec: &[&str], target: &str| {
+            let mut rule = words(spec);
+            rule.extend(words(&[
+                "-m",
+                "comment",
+                "--comment",
+                MASQ_COMMENT,
+                "-j",
+                target,
+            ]));
+            if target == "MASQUERADE" && random_fully {
+                rule.push("--random-fully".into());
+            }
+            rule
+        };
+        let ret = |spec: &[&str]| rule(spec, "RETURN");
+        let masq = |spec: &[&str]| rule(spec, "MASQUERADE");
+        let program = family.iptables();
+        let mut chains = vec![IptChain {
+            program,
+            table: "nat",
+            chain: NAT_CHAIN,
+            hook: "POSTROUTING",
+            jump: words(&["-m", "comment", "--comment", MASQ_COMMENT, "-j", NAT_CHAIN]),
+            rules: vec![
+                ret(&["-m", "mark", "--mark", KUBE_PROXY_MARK]),
+                ret(&["-s", &sn, "-d", &n]),
+                ret(&["-s", &n, "-d", &sn]),
+                ret(&["!", "-s", &n, "-d", &sn]),
+                masq(&["-s", &n, "!", "-d", &multicast]),
+                masq(&["!", "-s", &n, "-d", &n]),
+            ],
+        }];
+        {
+            let accept = |dir: &str| {
+                words(&[
+                    dir,
+                    &n,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    FWD_COMMENT,
+                    "-j",
+                    "ACCEPT",
+                ])
+            };
+            chains.push(IptChain {
+                program,
+                table: "filter",
+                chain: FORWARD_CHAIN,
+                hook: "FORWARD",
+                jump: words(&[
+                    "-m",
+                    "comment",
+                    "--comment",
+                    FWD_COMMENT,
+                    "-j",
+                    FORWARD_CHAIN,
+                ]),
+                rules: vec![accept("-s"), accept("-d")],
+            });
+        }
+        chains
+    }
+
+    /// `--random-fully` needs iptables 1.6.2 or later; asked once per process, like flanneld does.
+    /// ip6tables ships in the same package as iptables, so one answer holds for both.
+    pub(super) async fn iptables_random_fully(&self) -> bool {
+        if let Some(v) = self.random_fully.get() {
+            return *v;
+        }
+        let program = if self.v4.is_some() {
+            "iptables"
+        } else {
+            "ip6tables"
+        };
+        let supported = match run(program, &["-V"]).await {
+            Ok(out) => {
+                tracing::info!(version = %out.trim(), "ip-masq uses {program}");
+                version_at_least(&out, (1, 6, 2))
+            }
+            // Leave it undecided so the next ensure asks again; ensure itself will report the failure.
+            Err(_) => return true,
+        };
+        *self.random_fully.get_or_init(|| supported)
+    }
+}
+
+fn words(spec: &[&str]) -> Vec<String> {
+    spec.iter().map(|s| s.to_string()).collect()
 }
 
 #[cfg(test)]
