@@ -260,9 +260,9 @@ impl Testbed {
         Ok(bed)
     }
 
-    /// weft binds a container's IPv6 address to its bridge port at the next reconcile (its
-    /// neighbour watch follows IPv4 only); until then flannel-v6.1 carries the container and the
-    /// first round would measure the kernel. Wait until a ping each way is encapsulated and
+    /// weft binds a container's IPv6 address to its bridge port once the bridge has a neighbour
+    /// entry for it; until then flannel-v6.1 carries the container and the first round would
+    /// measure the kernel. Wait until a ping each way is encapsulated and
     /// decapsulated by the programs on both hosts.
     async fn wait_until_ebpf_carries(
         &self,
