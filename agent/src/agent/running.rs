@@ -160,9 +160,14 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
             self.reconcile().await;
             return None;
         }
+        let started = std::time::Instant::now();
         tokio::select! {
             biased;
-            update = updates.recv() => Some(update),
+            update = updates.recv() => {
+                // With the apply's own line below, says where a new peer's time went.
+                tracing::debug!(ran = ?started.elapsed(), "reconcile pass dropped for a watch update");
+                Some(update)
+            }
             () = self.reconcile() => None,
         }
     }
@@ -173,6 +178,7 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
         let started = std::time::Instant::now();
         let result = self.backend.reconcile(&self.peers.leases()).await;
         self.metrics.observe_reconcile(started.elapsed());
+        tracing::debug!(took = ?started.elapsed(), "reconcile pass finished");
         let failures = match result {
             Ok(n) => {
                 if n > 0 {
@@ -249,10 +255,12 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
     pub async fn apply(&mut self, events: Vec<LeaseEvent>) {
         // A snapshot's thousands of new peers go to the backend together, so it can overlap
         // their requests: /readyz waits for all of them.
+        let started = std::time::Instant::now();
         let results = match events.as_slice() {
             [one] => vec![self.backend.apply(one).await],
             many => self.backend.apply_all(many).await,
         };
+        tracing::debug!(events = events.len(), took = ?started.elapsed(), "lease events applied");
         for (ev, result) in events.iter().zip(results) {
             if let Err(e) = result {
                 tracing::warn!("applying {ev:?}: {e:#}; the next reconcile retries");

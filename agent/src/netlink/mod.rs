@@ -129,20 +129,39 @@ impl Netlink {
     }
 }
 
+/// Replies read from a dump between two yields to the runtime.
+const YIELD_EVERY: usize = 256;
+
 /// Collect a dump stream, naming the dump in the error.
+///
+/// Yields to the runtime every [`YIELD_EVERY`] replies: the connection task (on the other
+/// worker thread) often has the whole dump queued already, so the stream never returns
+/// `Pending`, and a reconcile pass reading 5000 neighbours or routes could not be dropped
+/// for a lease event until it had read and parsed all of them.
 async fn collect<T>(
     stream: impl futures::Stream<Item = Result<T, rtnetlink::Error>>,
     op: &'static str,
     target: impl FnOnce() -> String,
 ) -> Result<Vec<T>, NetlinkError> {
-    stream
-        .try_collect()
-        .await
-        .map_err(|source| NetlinkError::Request {
+    let mut stream = std::pin::pin!(stream);
+    let mut all = Vec::new();
+    let read = async {
+        while let Some(item) = stream.try_next().await? {
+            all.push(item);
+            if all.len() % YIELD_EVERY == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok(())
+    };
+    match read.await {
+        Ok(()) => Ok(all),
+        Err(source) => Err(NetlinkError::Request {
             op,
             target: target(),
             source: Box::new(source),
-        })
+        }),
+    }
 }
 
 fn mac_from_bytes(b: &[u8]) -> Option<MacAddr> {
@@ -163,6 +182,28 @@ mod tests {
         assert_eq!(
             fmt_mac(&MacAddr([0xf6, 0x14, 0xca, 0x9c, 0x9a, 0x74])),
             "f6:14:ca:9c:9a:74"
+        );
+    }
+
+    /// A reconcile pass is dropped for a lease event only at an await that returns `Pending`:
+    /// a dump whose replies are all queued must still give the runtime a turn while read.
+    #[tokio::test]
+    async fn a_dump_already_queued_is_read_in_turns() {
+        let n = 5000;
+        let queued = futures::stream::iter((0..n).map(Ok::<_, rtnetlink::Error>));
+        let mut dump = std::pin::pin!(collect(queued, "list routes", String::new));
+        let mut turns = 0;
+        let all = loop {
+            match futures::poll!(dump.as_mut()) {
+                std::task::Poll::Ready(all) => break all.expect("an Ok stream collects"),
+                std::task::Poll::Pending => turns += 1,
+            }
+        };
+        assert_eq!(all, (0..n).collect::<Vec<_>>(), "every reply, in order");
+        assert_eq!(
+            turns,
+            n / YIELD_EVERY,
+            "turns given while reading {n} queued replies"
         );
     }
 

@@ -11,7 +11,7 @@ use super::{family::Local, EbpfBackend, EbpfBackendError};
 use crate::{
     datapath::{Datapath, LocalEntry, LocalEntry6},
     lease::MacAddr,
-    netlink::{BridgePortEntry, Interface, Neigh6Entry, NeighEntry},
+    netlink::{BridgePortEntry, Interface, Neigh6Entry, NeighEntry, Netlink},
 };
 
 impl EbpfBackend {
@@ -21,6 +21,7 @@ impl EbpfBackend {
     /// the local-container map. Returns the number of changes.
     pub(super) async fn sync_bridge(
         &mut self,
+        nl: &Netlink,
         interfaces: &[Interface],
     ) -> Result<usize, EbpfBackendError> {
         let bridge = self.s.bridge.clone();
@@ -37,17 +38,17 @@ impl EbpfBackend {
         // Without the bridge (or before it is attached) nothing is bound.
         let mut want = Vec::new();
         let mut want6 = Vec::new();
-        let link = match self.nl.link_by_name(&bridge).await {
+        let link = match nl.link_by_name(&bridge).await {
             Ok(link) => link.filter(|_| self.encap_attached),
             Err(e) => return Err(err(e)),
         };
         if let Some(link) = link {
-            let ports = self.nl.bridge_ports(link.index).await.map_err(err)?;
+            let ports = nl.bridge_ports(link.index).await.map_err(err)?;
             match self.sync_port_attachments(interfaces, &ports) {
                 Ok(n) => changes += n,
                 Err(e) => errors.push(e),
             }
-            let state = self.nl.bridge_state(link.index).await.map_err(err)?;
+            let state = nl.bridge_state(link.index).await.map_err(err)?;
             let state = state.unwrap_or_default();
             match self.mirror_bridge_state(&state) {
                 Ok(n) => changes += n,
@@ -63,10 +64,10 @@ impl EbpfBackend {
             // lease has no IPv4 subnet, a dual-stack one may get IPv6 later.
             let own6 = self.node6.as_ref().and_then(|n| n.subnet);
             if let Some(gateway_mac) = link.mac.filter(|_| self.own.is_some() || own6.is_some()) {
-                let learned = self.nl.bridge_learned(link.index).await.map_err(err)?;
-                let neighbours = self.nl.neighbours_v4(link.index).await.map_err(err)?;
+                let learned = nl.bridge_learned(link.index).await.map_err(err)?;
+                let neighbours = nl.neighbours_v4(link.index).await.map_err(err)?;
                 let neighbours6 = match own6 {
-                    Some(_) => self.nl.neighbours_v6(link.index).await.map_err(err)?,
+                    Some(_) => nl.neighbours_v6(link.index).await.map_err(err)?,
                     None => Vec::new(),
                 };
                 if let Some(watch) = &mut self.watch {

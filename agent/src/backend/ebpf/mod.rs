@@ -168,7 +168,6 @@ pub enum EbpfBackendError {
 
 /// `flannel.<VNI>` plus the eBPF programs and their maps.
 pub struct EbpfBackend {
-    nl: Netlink,
     /// Bridge port events, so a new container's port gets encapsulation at once.
     watch: Option<LinkWatch>,
     /// The bridge's own events (created by dockerd, deleted, recreated), so encapsulation follows it at once.
@@ -247,7 +246,6 @@ impl EbpfBackend {
             .inspect_err(|e| warn!(error = %e, "not watching the bridge itself; a new or recreated bridge gets encapsulation at the next reconcile"))
             .ok();
         let mut backend = Self {
-            nl,
             watch,
             bridge_events,
             inner,
@@ -415,8 +413,10 @@ impl Backend for EbpfBackend {
         // which the kernel lists from all of flannel.N's thousands): the agent drops a pass
         // for a lease event, and the dumps left in flight then close with it instead of
         // draining on the socket the next pass would wait on. Lease events use the kernel
-        // backend's socket, never this one.
-        self.nl = self.inner.pass_netlink();
+        // backend's socket, never this one. A local, never a field: a field would keep the
+        // socket open after the pass is dropped, and its connection task would read every
+        // message left of the dump and log a "failed to forward" warning for each.
+        let nl = self.inner.pass_netlink();
         // The kernel path first: it is the fallback for anything the programs pass on.
         let kernel = self.inner.reconcile(peers).await;
         // Every step runs whatever an earlier one hit: a failed attach must not
@@ -425,7 +425,7 @@ impl Backend for EbpfBackend {
         let mut repairs = 0;
         // Without the interfaces, whether a program is still attached is unknown:
         // only the peer maps are synced this round.
-        let interfaces = list_interfaces(&self.nl).await;
+        let interfaces = list_interfaces(&nl).await;
         let attached = match &interfaces {
             Ok(interfaces) => self.repair_attachments(interfaces),
             Err(_) => Ok(0),
@@ -441,7 +441,7 @@ impl Backend for EbpfBackend {
         }
         // Not counted as repairs: containers come and go.
         match interfaces {
-            Ok(interfaces) => match self.sync_bridge(&interfaces).await {
+            Ok(interfaces) => match self.sync_bridge(&nl, &interfaces).await {
                 Ok(0) => {}
                 Ok(local) => debug!(changes = local, "bridge ports and local containers updated"),
                 Err(EbpfBackendError::Steps(e)) => errors.extend(e),
