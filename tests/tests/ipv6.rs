@@ -411,7 +411,7 @@ async fn restart_and_deleted_lease_keep_both_subnets_and_ipv6_flowing() {
     from.ping_until(to6, SETTLE).await.unwrap();
 }
 
-/// Two weft hosts and a dual-stack flanneld host set up by hand with `ip` and `bridge` (its
+/// Two weft hosts (kernel and eBPF datapath) and a dual-stack flanneld host set up by hand with `ip` and `bridge` (its
 /// lease, flannel.1 and flannel-v6.1 as flanneld makes them, weft's peers programmed in
 /// flanneld's order): every container reaches every other over both families.
 #[tokio::test]
@@ -426,8 +426,9 @@ async fn a_dual_stack_flanneld_host_set_up_by_hand_interoperates() {
     flanneld::dual_host_by_hand(&c, hand, own, own6)
         .await
         .unwrap();
-    for h in &c.hosts()[..2] {
-        h.spawn_agent(&["--datapath", "kernel"]).unwrap();
+    // One weft host per datapath, as issue 14 asks of the mixed cluster.
+    for (h, datapath) in c.hosts()[..2].iter().zip(["kernel", "ebpf"]) {
+        h.spawn_agent(&["--datapath", datapath]).unwrap();
         h.wait_subnet(SETTLE).await.unwrap();
     }
     let weft: Vec<(String, String)> =
@@ -480,6 +481,34 @@ async fn a_dual_stack_flanneld_host_set_up_by_hand_interoperates() {
                     .unwrap_or_else(|e| panic!("IPv6 {} -> {to6}: {e:#}", from.netns()));
             }
         }
+    }
+    // The eBPF host's programs, not flannel-v6.1, carry its IPv6 to and from the flanneld host.
+    use weft_tests::{attack::status, status::counter};
+    let ebpf = &c.hosts()[1];
+    let of = |i: usize| {
+        all.iter()
+            .find(|(h, _, _)| *h == c.hosts()[i].index())
+            .expect("a container on every host")
+    };
+    let ((_, mine, mine6), (_, theirs, theirs6)) = (of(1), of(2));
+    for (from, to6, name) in [
+        (mine, theirs6, "ipv6: encapsulated"),
+        (theirs, mine6, "ipv6: decapsulated"),
+    ] {
+        poll::until(
+            &format!(
+                "a ping {} -> {to6} counted as `{name}` on the eBPF host",
+                from.netns()
+            ),
+            SETTLE,
+            || async {
+                let before = counter(&status(ebpf).await, name);
+                from.ping(*to6).await.map_err(|e| e.to_string())?;
+                let after = counter(&status(ebpf).await, name);
+                poll::check(after > before, (before, after))
+            },
+        )
+        .await;
     }
 }
 
