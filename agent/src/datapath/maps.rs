@@ -211,6 +211,17 @@ impl Datapath {
         list_peers::<A, _>(&self.remotes::<A>()?)
     }
 
+    /// [`Self::peers_of`] read in turns, for a reconcile pass that must stay interruptible.
+    pub async fn peers_in_turns<A: MapFamily>(
+        &mut self,
+    ) -> Result<Vec<PeerEntry<A>>, DatapathError> {
+        let map = self.remotes::<A>()?;
+        let items = read_in_turns(map.iter()).await;
+        Ok(peer_entries::<A>(
+            items.map_err(map_err("list", A::REMOTES))?,
+        ))
+    }
+
     /// Every remote IPv4 subnet in the map, sorted.
     pub fn peers(&mut self) -> Result<Vec<PeerEntry>, DatapathError> {
         self.peers_of()
@@ -237,6 +248,13 @@ impl Datapath {
     /// The known VTEP addresses of `A`'s family, sorted.
     pub fn vteps_of<A: MapFamily>(&mut self) -> Result<Vec<A>, DatapathError> {
         list_vteps::<A, _>(&self.vteps::<A>()?)
+    }
+
+    /// [`Self::vteps_of`] read in turns, for a reconcile pass that must stay interruptible.
+    pub async fn vteps_in_turns<A: MapFamily>(&mut self) -> Result<Vec<A>, DatapathError> {
+        let map = self.vteps::<A>()?;
+        let keys = read_in_turns(map.keys()).await;
+        Ok(vtep_list::<A>(keys.map_err(map_err("list", A::VTEPS))?))
     }
 
     /// The known IPv4 VTEP addresses, sorted.
@@ -307,32 +325,60 @@ impl Datapath {
 pub(super) fn list_peers<A: MapFamily, T: Borrow<MapData>>(
     map: &LpmTrie<T, A::Lpm, A::Peer>,
 ) -> Result<Vec<PeerEntry<A>>, DatapathError> {
-    let mut peers = Vec::new();
-    for item in map.iter() {
-        let (key, value) = item.map_err(map_err("list", A::REMOTES))?;
-        let addr = A::from(A::lpm_addr(&key.data()));
-        let Some(subnet) = A::net(addr, key.prefix_len() as u8) else {
-            continue;
-        };
-        let (vtep_ip, vtep_mac) = A::peer_vtep(&value);
-        peers.push(PeerEntry {
-            subnet,
-            vtep_ip: A::from(vtep_ip),
-            vtep_mac: MacAddr(vtep_mac),
-        });
-    }
+    let items = map.iter().collect::<Result<_, _>>();
+    Ok(peer_entries::<A>(
+        items.map_err(map_err("list", A::REMOTES))?,
+    ))
+}
+
+/// The remote subnets among a peer map's entries, sorted.
+fn peer_entries<A: MapFamily>(items: Vec<(Key<A::Lpm>, A::Peer)>) -> Vec<PeerEntry<A>> {
+    let mut peers: Vec<PeerEntry<A>> = items
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let addr = A::from(A::lpm_addr(&key.data()));
+            let subnet = A::net(addr, key.prefix_len() as u8)?;
+            let (vtep_ip, vtep_mac) = A::peer_vtep(&value);
+            Some(PeerEntry {
+                subnet,
+                vtep_ip: A::from(vtep_ip),
+                vtep_mac: MacAddr(vtep_mac),
+            })
+        })
+        .collect();
     peers.sort_by_key(|p| p.subnet);
-    Ok(peers)
+    peers
 }
 
 pub(super) fn list_vteps<A: MapFamily, T: Borrow<MapData>>(
     map: &HashMap<T, A::Octets, VtepValue>,
 ) -> Result<Vec<A>, DatapathError> {
-    let mut out = Vec::new();
-    for key in map.keys() {
-        out.push(A::from(key.map_err(map_err("list", A::VTEPS))?));
-    }
+    let keys = map.keys().collect::<Result<_, _>>();
+    Ok(vtep_list::<A>(keys.map_err(map_err("list", A::VTEPS))?))
+}
+
+fn vtep_list<A: MapFamily>(keys: Vec<A::Octets>) -> Vec<A> {
+    let mut out: Vec<A> = keys.into_iter().map(A::from).collect();
     out.sort();
+    out
+}
+
+/// Map entries read between two yields to the runtime.
+const LIST_CHUNK: usize = 256;
+
+/// Reads a map listing, giving the runtime a turn every [`LIST_CHUNK`] entries. Each entry is
+/// one or two system calls that never yield: at 5000 peers one listing ran tens of ms in
+/// which a reconcile pass could not be dropped for a lease event.
+async fn read_in_turns<T>(
+    items: impl Iterator<Item = Result<T, MapError>>,
+) -> Result<Vec<T>, MapError> {
+    let mut out = Vec::new();
+    for item in items {
+        out.push(item?);
+        if out.len() % LIST_CHUNK == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
     Ok(out)
 }
 
@@ -364,4 +410,31 @@ pub(super) fn sum_counters<T: Borrow<MapData>>(
         values.push((*name, per_cpu.iter().sum()));
     }
     Ok(Counters { values })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reconcile pass is dropped for a lease event only at an await that returns `Pending`:
+    /// a listing of thousands of map entries must give the runtime turns while it is read.
+    #[tokio::test]
+    async fn a_map_listing_is_read_in_turns() {
+        let n = 5000;
+        let entries = (0..n).map(Ok::<_, MapError>);
+        let mut listing = std::pin::pin!(read_in_turns(entries));
+        let mut turns = 0;
+        let all = loop {
+            match futures::poll!(listing.as_mut()) {
+                std::task::Poll::Ready(all) => break all.expect("an Ok listing reads"),
+                std::task::Poll::Pending => turns += 1,
+            }
+        };
+        assert_eq!(all, (0..n).collect::<Vec<_>>(), "every entry, in order");
+        assert_eq!(
+            turns,
+            n / LIST_CHUNK,
+            "turns given while reading {n} entries"
+        );
+    }
 }

@@ -55,7 +55,7 @@ impl BridgeEvents {
             index,
             up: None,
             messages,
-            _conn: Connection(tokio::spawn(conn)),
+            _conn: Connection::spawn(conn, Default::default()),
         })
     }
 

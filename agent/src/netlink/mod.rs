@@ -22,8 +22,10 @@ mod bridge_events;
 mod link;
 mod neigh;
 mod route;
+mod socket;
 mod watch;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures::TryStreamExt;
@@ -98,13 +100,32 @@ fn tolerate(
     }
 }
 
-/// Aborts the connection task when the last [`Netlink`] clone is dropped.
+/// Ends the connection task when the last [`Netlink`] clone is dropped: its socket reads
+/// nothing more (a dump in progress included, see [`socket`]) and the task is aborted.
 #[derive(Debug)]
-struct Connection(tokio::task::JoinHandle<()>);
+struct Connection {
+    task: tokio::task::JoinHandle<()>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Connection {
+    /// Runs `conn` in a task; `closed` is set when this is dropped (a multicast
+    /// subscription, which never dumps, passes a flag nobody reads).
+    fn spawn(
+        conn: impl std::future::Future<Output = ()> + Send + 'static,
+        closed: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            task: tokio::spawn(conn),
+            closed,
+        }
+    }
+}
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.0.abort();
+        self.closed.store(true, Ordering::Release);
+        self.task.abort();
     }
 }
 
@@ -119,12 +140,12 @@ impl Netlink {
     /// Open a route netlink socket in the current thread's network namespace.
     /// Must be called inside a tokio runtime, which drives the socket.
     pub fn connect() -> Result<Self, NetlinkError> {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().map_err(|source| NetlinkError::Connect { source })?;
-        let task = tokio::spawn(conn);
+        let (mut conn, handle, _) = rtnetlink::new_connection_with_socket::<socket::RouteSocket>()
+            .map_err(|source| NetlinkError::Connect { source })?;
+        let closed = conn.socket_mut().closer();
         Ok(Self {
             handle,
-            _conn: Arc::new(Connection(task)),
+            _conn: Arc::new(Connection::spawn(conn, closed)),
         })
     }
 }

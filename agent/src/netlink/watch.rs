@@ -43,7 +43,7 @@ impl LinkWatch {
                 .map_err(|source| NetlinkError::Connect { source })?;
         Ok(Self {
             messages,
-            _conn: Connection(tokio::spawn(conn)),
+            _conn: Connection::spawn(conn, Default::default()),
             seen: HashMap::new(),
         })
     }

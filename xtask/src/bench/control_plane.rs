@@ -72,6 +72,9 @@ pub struct ControlPlane {
     /// so a lease that arrives meanwhile waits for it.
     pub reconcile_passes: f64,
     pub reconcile_mean_ms: f64,
+    /// netlink-proto's "failed to forward response back to the handle" lines in the agent's
+    /// log: replies read for a reconcile pass that was already dropped (work thrown away).
+    pub forward_warnings: usize,
     pub targets: Targets,
 }
 
@@ -287,6 +290,10 @@ async fn run_one(
     }
     std::fs::copy(agent.log_path(), keep_log)
         .with_context(|| format!("keep the agent's log as {}", keep_log.display()))?;
+    let forward_warnings = std::fs::read_to_string(keep_log)
+        .with_context(|| format!("read {}", keep_log.display()))?
+        .matches("failed to forward response")
+        .count();
     drop(etcd);
 
     let lease_to_route = Latencies::of(to_route);
@@ -317,6 +324,7 @@ async fn run_one(
         },
         reconcile_passes,
         reconcile_mean_ms: reconcile_s / reconcile_passes * 1e3,
+        forward_warnings,
         rss_ready_mb: rss_mb(rss_ready),
         rss_steady_mb: rss_mb(rss_steady),
         rss_peak_mb: rss_mb(rss_peak),
@@ -530,6 +538,10 @@ fn print(r: &ControlPlane) {
     println!(
         "    reconcile passes          {:.0}, {:.1} ms each on average (a lease arriving during one waits for it)",
         r.reconcile_passes, r.reconcile_mean_ms
+    );
+    println!(
+        "    dropped passes' replies   {} \"failed to forward\" warnings in the agent's log",
+        r.forward_warnings
     );
     println!(
         "    idle {:.0} s                 CPU {:.2} %, etcd {:.1} requests/min {:?}   (only renewals: {})",

@@ -3,6 +3,7 @@
 
 use std::{
     fmt::Display,
+    future::Future,
     net::{Ipv4Addr, Ipv6Addr},
 };
 
@@ -17,8 +18,12 @@ pub(super) trait Peer: Copy + PartialEq {
     type Ip: Ord + Copy + Display;
     fn subnet(&self) -> Self::Net;
     fn vtep(&self) -> Self::Ip;
-    fn list(dp: &mut Datapath) -> Result<Vec<Self>, DatapathError>;
-    fn vteps(dp: &mut Datapath) -> Result<Vec<Self::Ip>, DatapathError>;
+    /// The map's entries, read in turns (a reconcile pass stays interruptible).
+    fn list(dp: &mut Datapath) -> impl Future<Output = Result<Vec<Self>, DatapathError>> + Send;
+    /// The known VTEPs, read in turns.
+    fn vteps(
+        dp: &mut Datapath,
+    ) -> impl Future<Output = Result<Vec<Self::Ip>, DatapathError>> + Send;
     fn remove(dp: &mut Datapath, subnet: Self::Net) -> Result<(), DatapathError>;
     fn remove_vtep(dp: &mut Datapath, vtep: Self::Ip) -> Result<(), DatapathError>;
     fn add_vtep(dp: &mut Datapath, vtep: Self::Ip) -> Result<(), DatapathError>;
@@ -38,7 +43,7 @@ pub(super) trait Local: Copy + PartialEq {
 
 macro_rules! families {
     ($($peer:ty, $net:ty, $ip:ty, $local:ty,
-       $peers:ident, $vteps:ident, $remove_peer:ident, $remove_vtep:ident, $add_vtep:ident,
+       $remove_peer:ident, $remove_vtep:ident, $add_vtep:ident,
        $upsert_peer:ident, $locals:ident, $remove_local:ident, $upsert_local:ident;)*) => {$(
         impl Peer for $peer {
             type Net = $net;
@@ -49,11 +54,11 @@ macro_rules! families {
             fn vtep(&self) -> $ip {
                 self.vtep_ip
             }
-            fn list(dp: &mut Datapath) -> Result<Vec<Self>, DatapathError> {
-                dp.$peers()
+            async fn list(dp: &mut Datapath) -> Result<Vec<Self>, DatapathError> {
+                dp.peers_in_turns::<$ip>().await
             }
-            fn vteps(dp: &mut Datapath) -> Result<Vec<$ip>, DatapathError> {
-                dp.$vteps()
+            async fn vteps(dp: &mut Datapath) -> Result<Vec<$ip>, DatapathError> {
+                dp.vteps_in_turns::<$ip>().await
             }
             fn remove(dp: &mut Datapath, subnet: $net) -> Result<(), DatapathError> {
                 dp.$remove_peer(subnet)
@@ -95,9 +100,9 @@ macro_rules! families {
 
 families! {
     PeerEntry, Ipv4Net, Ipv4Addr, LocalEntry,
-        peers, vteps_list, remove_peer, remove_vtep, add_vtep, upsert_peer,
+        remove_peer, remove_vtep, add_vtep, upsert_peer,
         locals, remove_local, upsert_local;
     PeerEntry6, Ipv6Net, Ipv6Addr, LocalEntry6,
-        peers6, vteps6_list, remove_peer, remove_vtep, add_vtep, upsert_peer,
+        remove_peer, remove_vtep, add_vtep, upsert_peer,
         locals6, remove_local, upsert_local;
 }

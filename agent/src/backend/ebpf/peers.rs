@@ -123,12 +123,14 @@ impl EbpfBackend {
         let want: BTreeMap<P::Net, P> = want.into_iter().map(|e| (e.subnet(), e)).collect();
         let want_vteps: BTreeSet<P::Ip> = want.values().map(|e| e.vtep()).collect();
         let have: BTreeMap<P::Net, P> = P::list(&mut self.dp)
+            .await
             .map_err(Self::map_err("list remote subnets".into()))?
             .into_iter()
             .map(|e| (e.subnet(), e))
             .collect();
         tokio::task::yield_now().await;
         let have_vteps: BTreeSet<P::Ip> = P::vteps(&mut self.dp)
+            .await
             .map_err(Self::map_err("list known VTEPs".into()))?
             .into_iter()
             .collect();
