@@ -113,62 +113,80 @@ fn family(stack: IpStack) -> &'static str {
     }
 }
 
-/// Choose among `ifaces` as flanneld does for an IPv4 (or dual-stack) network; `default_route` is
-/// the index of the default route's interface.
-pub fn choose_from(
+/// Whether `i` has an address of the family `stack` chooses by.
+fn has_addr(i: &Interface, stack: IpStack) -> bool {
+    match stack {
+        IpStack::V4 => !i.addrs.is_empty(),
+        IpStack::V6 => !i.addrs6.is_empty(),
+    }
+}
+
+/// The address an interface was found by, if it was found by one.
+#[derive(Clone, Copy)]
+enum FoundBy {
+    Name,
+    V4(Ipv4Addr),
+    V6(Ipv6Addr),
+}
+
+/// flanneld's search, the same for both stacks: `--iface` by name or address, `--iface-regex`
+/// against addresses then names, else the interface of the default route (`default_route`, of
+/// the stack's family). An IPv4 stack also finds interfaces by IPv6 address (the dual-stack
+/// address then comes from it); an IPv6 stack never by an IPv4 one.
+fn find_iface<'a>(
     choice: &IfaceChoice,
-    ifaces: &[Interface],
+    ifaces: &'a [Interface],
     default_route: Option<u32>,
-) -> Result<ExternalIface, IfaceError> {
-    let pick = |iface: &Interface,
-                addr: Option<Ipv4Addr>,
-                addr6: Option<Ipv6Addr>|
-     -> Result<ExternalIface, IfaceError> {
-        let addr = addr
-            .or_else(|| iface.addrs.first().copied())
-            .ok_or_else(|| IfaceError::NoAddress {
-                name: iface.name.clone(),
-            })?;
-        let mut e = ExternalIface::new(iface, addr, choice.public_ip);
-        // flanneld: the address the interface was picked by, else its first global one.
-        e.ipv6 = addr6.or(e.ipv6);
-        e.public_ipv6 = choice.public_ipv6.or(e.ipv6);
-        Ok(e)
-    };
+    stack: IpStack,
+) -> Result<(&'a Interface, FoundBy), IfaceError> {
     for wanted in &choice.iface {
-        let by_ip: Option<Ipv4Addr> = wanted.parse().ok();
-        let by_ip6: Option<Ipv6Addr> = wanted.parse().ok();
-        let found = ifaces.iter().find(|i| match (by_ip, by_ip6) {
-            (Some(ip), _) => i.addrs.contains(&ip),
-            (_, Some(ip)) => i.addrs6.contains(&ip),
-            _ => i.name == *wanted,
-        });
-        if let Some(i) = found {
-            return pick(i, by_ip, by_ip6);
+        let found = match wanted.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) if stack == IpStack::V4 => ifaces
+                .iter()
+                .find(|i| i.addrs.contains(&ip))
+                .map(|i| (i, FoundBy::V4(ip))),
+            // An IPv4 address names no interface of an IPv6 stack: flanneld looks addresses up
+            // among IPv6 ones there.
+            Ok(std::net::IpAddr::V4(_)) => None,
+            Ok(std::net::IpAddr::V6(ip)) => ifaces
+                .iter()
+                .find(|i| i.addrs6.contains(&ip))
+                .map(|i| (i, FoundBy::V6(ip))),
+            Err(_) => ifaces
+                .iter()
+                .find(|i| i.name == *wanted)
+                .map(|i| (i, FoundBy::Name)),
+        };
+        if let Some(found) = found {
+            return Ok(found);
         }
     }
     if !choice.iface.is_empty() {
         return Err(IfaceError::NoMatch {
             wanted: choice.iface.join(", "),
-            family: "IPv4",
-            available: available(ifaces, IpStack::V4),
+            family: family(stack),
+            available: available(ifaces, stack),
         });
     }
     for re in &choice.iface_regex {
-        // flanneld matches the regex against addresses first, then names.
+        // flanneld matches the regex against addresses first, then names. Unlike flanneld, a
+        // name match without an address of the stack's family is skipped rather than chosen
+        // and refused.
         for i in ifaces {
-            if let Some(a) = i.addrs.iter().find(|a| re.is_match(&a.to_string())) {
-                return pick(i, Some(*a), None);
+            if stack == IpStack::V4 {
+                if let Some(a) = i.addrs.iter().find(|a| re.is_match(&a.to_string())) {
+                    return Ok((i, FoundBy::V4(*a)));
+                }
             }
             if let Some(a) = i.addrs6.iter().find(|a| re.is_match(&a.to_string())) {
-                return pick(i, None, Some(*a));
+                return Ok((i, FoundBy::V6(*a)));
             }
         }
         if let Some(i) = ifaces
             .iter()
-            .find(|i| re.is_match(&i.name) && !i.addrs.is_empty())
+            .find(|i| re.is_match(&i.name) && has_addr(i, stack))
         {
-            return pick(i, None, None);
+            return Ok((i, FoundBy::Name));
         }
     }
     if !choice.iface_regex.is_empty() {
@@ -180,16 +198,46 @@ pub fn choose_from(
             .join(", ");
         return Err(IfaceError::NoRegexMatch {
             wanted,
-            family: "IPv4",
-            available: available(ifaces, IpStack::V4),
+            family: family(stack),
+            available: available(ifaces, stack),
         });
     }
-    let index = default_route.ok_or(IfaceError::NoDefaultRoute)?;
+    let no_route = || match stack {
+        IpStack::V4 => IfaceError::NoDefaultRoute,
+        IpStack::V6 => IfaceError::NoDefaultRoute6,
+    };
+    let index = default_route.ok_or_else(no_route)?;
     let i = ifaces
         .iter()
         .find(|i| i.index == index)
-        .ok_or(IfaceError::NoDefaultRoute)?;
-    pick(i, None, None)
+        .ok_or_else(no_route)?;
+    Ok((i, FoundBy::Name))
+}
+
+/// Choose among `ifaces` as flanneld does for an IPv4 (or dual-stack) network; `default_route` is
+/// the index of the default route's interface. The address is the one matched, else the
+/// interface's first IPv4 address.
+pub fn choose_from(
+    choice: &IfaceChoice,
+    ifaces: &[Interface],
+    default_route: Option<u32>,
+) -> Result<ExternalIface, IfaceError> {
+    let (iface, by) = find_iface(choice, ifaces, default_route, IpStack::V4)?;
+    let (addr, addr6) = match by {
+        FoundBy::Name => (None, None),
+        FoundBy::V4(a) => (Some(a), None),
+        FoundBy::V6(a) => (None, Some(a)),
+    };
+    let addr = addr
+        .or_else(|| iface.addrs.first().copied())
+        .ok_or_else(|| IfaceError::NoAddress {
+            name: iface.name.clone(),
+        })?;
+    let mut e = ExternalIface::new(iface, addr, choice.public_ip);
+    // flanneld: the address the interface was picked by, else its first global one.
+    e.ipv6 = addr6.or(e.ipv6);
+    e.public_ipv6 = choice.public_ipv6.or(e.ipv6);
+    Ok(e)
 }
 
 /// Choose among `ifaces` as flanneld does for an IPv6-only network (its `ipv6Stack`): `--iface`
@@ -202,72 +250,20 @@ pub fn choose_from_v6(
     ifaces: &[Interface],
     default_route6: Option<u32>,
 ) -> Result<ExternalIface, IfaceError> {
-    let pick = |iface: &Interface, addr6: Option<Ipv6Addr>| -> Result<ExternalIface, IfaceError> {
-        let addr6 = addr6
-            .or_else(|| iface.addrs6.first().copied())
-            .ok_or_else(|| IfaceError::NoIpv6Address {
-                name: iface.name.clone(),
-            })?;
-        let mut e = ExternalIface::new(iface, Ipv4Addr::UNSPECIFIED, Some(Ipv4Addr::UNSPECIFIED));
-        e.ipv6 = Some(addr6);
-        e.public_ipv6 = Some(choice.public_ipv6.unwrap_or(addr6));
-        Ok(e)
+    let (iface, by) = find_iface(choice, ifaces, default_route6, IpStack::V6)?;
+    let matched = match by {
+        FoundBy::V6(a) => Some(a),
+        FoundBy::Name | FoundBy::V4(_) => None,
     };
-    for wanted in &choice.iface {
-        // An IPv4 address names no interface here: flanneld looks addresses up among IPv6 ones.
-        let found = match wanted.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V6(ip)) => ifaces
-                .iter()
-                .find(|i| i.addrs6.contains(&ip))
-                .map(|i| (i, Some(ip))),
-            Ok(std::net::IpAddr::V4(_)) => None,
-            Err(_) => ifaces.iter().find(|i| i.name == *wanted).map(|i| (i, None)),
-        };
-        if let Some((i, ip)) = found {
-            return pick(i, ip);
-        }
-    }
-    if !choice.iface.is_empty() {
-        return Err(IfaceError::NoMatch {
-            wanted: choice.iface.join(", "),
-            family: family(IpStack::V6),
-            available: available(ifaces, IpStack::V6),
-        });
-    }
-    for re in &choice.iface_regex {
-        // Addresses first, then names, as flanneld; unlike flanneld a name match without an
-        // IPv6 address is skipped rather than chosen and refused.
-        for i in ifaces {
-            if let Some(a) = i.addrs6.iter().find(|a| re.is_match(&a.to_string())) {
-                return pick(i, Some(*a));
-            }
-        }
-        if let Some(i) = ifaces
-            .iter()
-            .find(|i| re.is_match(&i.name) && !i.addrs6.is_empty())
-        {
-            return pick(i, None);
-        }
-    }
-    if !choice.iface_regex.is_empty() {
-        let wanted = choice
-            .iface_regex
-            .iter()
-            .map(|r| r.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(IfaceError::NoRegexMatch {
-            wanted,
-            family: family(IpStack::V6),
-            available: available(ifaces, IpStack::V6),
-        });
-    }
-    let index = default_route6.ok_or(IfaceError::NoDefaultRoute6)?;
-    let i = ifaces
-        .iter()
-        .find(|i| i.index == index)
-        .ok_or(IfaceError::NoDefaultRoute6)?;
-    pick(i, None)
+    let addr6 = matched
+        .or_else(|| iface.addrs6.first().copied())
+        .ok_or_else(|| IfaceError::NoIpv6Address {
+            name: iface.name.clone(),
+        })?;
+    let mut e = ExternalIface::new(iface, Ipv4Addr::UNSPECIFIED, Some(Ipv4Addr::UNSPECIFIED));
+    e.ipv6 = Some(addr6);
+    e.public_ipv6 = Some(choice.public_ipv6.unwrap_or(addr6));
+    Ok(e)
 }
 
 /// Choose in `nl`'s network namespace for an IPv4 (or dual-stack) network.

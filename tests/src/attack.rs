@@ -1,4 +1,4 @@
-//! Tools for the adversarial suite (`tests/tests/adversarial.rs`): the same cluster on the kernel
+//! Tools for the adversarial suites (`tests/tests/adversarial.rs`, `adversarial6.rs` over IPv6): the same cluster on the kernel
 //! datapath and on the eBPF one (with either decapsulation hook), hand-built frames sent from
 //! inside a namespace, packet captures that say where frames landed, and the comparison "the eBPF
 //! path lands no more than the kernel path".
@@ -312,6 +312,21 @@ pub async fn mac(ns: &str, dev: &str) -> [u8; 6] {
     parse_mac(v[0]["address"].as_str().expect("an address"))
 }
 
+/// The port `host`'s bridge docker0 forwards `mac` to (the interface of its fdb entry), `None`
+/// once it has no entry for it (never learned, or aged out).
+pub async fn fdb_port(host: &Host, mac: [u8; 6]) -> Option<String> {
+    let out = host
+        .exec_ok(&["bridge", "-j", "fdb", "show", "br", "docker0"])
+        .await
+        .unwrap_or_else(|e| panic!("bridge fdb on {}: {e:#}", host.name()));
+    let v: Value = serde_json::from_str(&out).expect("bridge -j output");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["mac"].as_str().map(parse_mac) == Some(mac))
+        .and_then(|e| e["ifname"].as_str().map(str::to_owned))
+}
+
 pub fn parse_mac(text: &str) -> [u8; 6] {
     let bytes: Vec<u8> = text
         .split(':')
@@ -330,6 +345,37 @@ pub async fn vtep_mac(c: &Cluster, host: &Host) -> [u8; 6] {
         }
     }
     panic!("no lease in etcd for {}", host.ens32_ip())
+}
+
+/// Segmentation before the wire, for the MTU scenarios: each `(host, container)` pair's
+/// container side at MTU 1500 (more than the overlay's, as a misconfigured container would be),
+/// and TSO/GSO off on `segmenting`'s ens32.
+pub async fn oversize_mtu_without_offloads(pairs: [(&Host, &Container); 2], segmenting: &Host) {
+    for (host, ct) in pairs {
+        for (ns, dev) in [
+            (ct.netns(), "eth0"),
+            (host.name(), ct.host_veth()),
+            (host.name(), "docker0"),
+        ] {
+            crate::netns::run("ip", &["-n", ns, "link", "set", dev, "mtu", "1500"])
+                .await
+                .unwrap();
+        }
+    }
+    segmenting
+        .exec_ok(&["ethtool", "-K", "ens32", "tso", "off", "gso", "off"])
+        .await
+        .unwrap();
+}
+
+/// Frames the underlay lost between `from` and `to` so far: (`from`'s ens32 tx dropped,
+/// `to`'s ens32 rx dropped + errors).
+pub async fn underlay_drops(from: &Host, to: &Host) -> (u64, u64) {
+    (
+        link_stat(from.name(), "ens32", "tx", "dropped").await,
+        link_stat(to.name(), "ens32", "rx", "dropped").await
+            + link_stat(to.name(), "ens32", "rx", "errors").await,
+    )
 }
 
 /// A `ip -s -j link` statistic of `dev` in `ns`, e.g. `("tx", "dropped")`.
@@ -1043,6 +1089,192 @@ pub fn compare(kernel: &Observed, ebpf: &[(Datapath, Observed)], rules: &[(&str,
         rules.len()
     );
     eprintln!("{report}");
+}
+
+// ---- a scenario on every datapath (both suites) ----------------------------------------------------
+
+/// How many copies of each probe an attack sends.
+pub const PROBES: usize = 5;
+/// Where probes are aimed inside a container.
+pub const PORT: u16 = 9999;
+/// How long to wait for probes that should arrive.
+pub const ARRIVAL: Duration = Duration::from_secs(5);
+/// After the fence (a legitimate packet sent last on the same path) has arrived, how long to wait
+/// for stragglers: a packet the eBPF path handed to the kernel may arrive just after a fence that
+/// took the fast path.
+pub const SETTLE: Duration = Duration::from_millis(300);
+
+/// Runs `scenario` on a kernel cluster and on an eBPF cluster with each decapsulation hook, all
+/// at once, and holds each eBPF cluster's figures to `rules` against the kernel's.
+pub async fn on_every_datapath<F, Fut>(scenario: F, rules: &[(&str, Rule)])
+where
+    F: Fn(Datapath) -> Fut,
+    Fut: std::future::Future<Output = Observed>,
+{
+    let [tc, xdp] = Datapath::EBPF;
+    let (kernel, on_tc, on_xdp) =
+        tokio::join!(scenario(Datapath::Kernel), scenario(tc), scenario(xdp));
+    compare(&kernel, &[(tc, on_tc), (xdp, on_xdp)], rules);
+}
+
+/// A payload unique to this test process and `what`.
+pub fn marker(what: &str) -> Vec<u8> {
+    format!("weft-adversarial-{}-{what}", std::process::id()).into_bytes()
+}
+
+/// `sink` received the fence (a legitimate packet sent after the attack on the same path), then
+/// the stragglers' grace passed: how many `attack` payloads landed.
+pub async fn landed_before_fence(
+    dp: Datapath,
+    sink: &UdpSink,
+    attack: &[u8],
+    fence: &[u8],
+    case: &str,
+) -> u64 {
+    fence_arrived(dp, sink, fence, case).await;
+    sink.count(attack) as u64
+}
+
+/// Waits for the fence in `sink`, then for the stragglers' grace. Panics when the fence is lost:
+/// legitimate traffic must flow.
+pub async fn fence_arrived(dp: Datapath, sink: &UdpSink, fence: &[u8], case: &str) {
+    assert_eq!(
+        sink.wait(fence, 1, ARRIVAL).await,
+        1,
+        "{dp}, {case}: the legitimate fence packet never arrived"
+    );
+    tokio::time::sleep(SETTLE).await;
+}
+
+/// Notes which of `host`'s program counters moved since `before` (nothing on the kernel path):
+/// the reason the eBPF path gives for what it did.
+pub async fn note_counters(o: &mut Observed, host: &Host, before: &BTreeMap<String, u64>) {
+    let moved = counters_since(&counters(host).await, before);
+    if !moved.is_empty() {
+        o.note(format!("{} counters moved: {moved:?}", host.name()));
+    }
+}
+
+/// Runs `send` (`n` copies of `probe` to an owner whose `in_owner` sink listens) and says where
+/// they landed: (in the owner, arriving on `attacker`'s eth0), once all `n` landed somewhere or
+/// [`ARRIVAL`] passed, and then the stragglers' grace. Short is not a failure here: the figures
+/// go to the rules, which say how many had to land where.
+pub async fn where_it_lands(
+    in_owner: &UdpSink,
+    attacker: &Container,
+    probe: &[u8],
+    n: usize,
+    send: impl std::future::Future<Output = ()>,
+) -> (u64, u64) {
+    let in_attacker = Capture::start(attacker.netns(), "eth0", probe).await;
+    send.await;
+    let landed = || (in_owner.count(probe), in_attacker.count(|f| !f.outgoing));
+    let what = format!("{n} probes to land in the owner or the attacker");
+    let _ = crate::poll::try_until(&what, ARRIVAL, || async {
+        let (o, a) = landed();
+        crate::poll::check(o + a >= n, (o, a))
+    })
+    .await;
+    tokio::time::sleep(SETTLE).await;
+    let (o, a) = landed();
+    (o as u64, a as u64)
+}
+
+/// The hijack cases, on either family: `3 * PROBES` probes (as [`where_it_lands`] counts them)
+/// to A after B forged A's address once, again after host 1 forgot its neighbour entry for A,
+/// and to the new owner C of an address B claimed first: all land in the owner, none in B.
+pub const HIJACK_RULES: [(&str, Rule); 6] = [
+    ("A's traffic: landed in A", Rule::Exactly(3 * PROBES as u64)),
+    ("A's traffic: landed in B", Rule::Exactly(0)),
+    (
+        "A's traffic, no neighbour entry: landed in A",
+        Rule::Exactly(3 * PROBES as u64),
+    ),
+    (
+        "A's traffic, no neighbour entry: landed in B",
+        Rule::Exactly(0),
+    ),
+    (
+        "claimed address: landed in its new owner C",
+        Rule::Exactly(3 * PROBES as u64),
+    ),
+    ("claimed address: landed in B", Rule::Exactly(0)),
+];
+
+/// The VLAN hopping cases, on either family ([`record_vlan`]): [`PROBES`] tagged frames from a
+/// container on host 1 never leave host 1 tagged and never reach the remote container.
+pub const VLAN_RULES: [(&str, Rule); 4] = [
+    (
+        "frames with the tagged payload on host 1's ens32",
+        Rule::NoMoreThanKernel,
+    ),
+    ("tagged frames on host 1's ens32", Rule::Exactly(0)),
+    (
+        "frames with the tagged payload in the remote container",
+        Rule::Exactly(0),
+    ),
+    (
+        "\"passed: vlan tagged\" on host 1 per tagged frame sent (x5)",
+        Rule::EbpfExactly(PROBES as u64),
+    ),
+];
+
+/// Records the [`VLAN_RULES`] figures: what `wire` (host 1's ens32) and `there` (the remote
+/// container's eth0) caught of the tagged payload, and how many tagged frames `h1`'s programs
+/// counted since `before`.
+pub async fn record_vlan(
+    o: &mut Observed,
+    h1: &Host,
+    (wire, there): (&Capture, &Capture),
+    before: &BTreeMap<String, u64>,
+) {
+    let out = wire.caught();
+    o.note(format!(
+        "on host 1's ens32: {:?}",
+        out.iter().map(|f| f.vlan).collect::<Vec<_>>()
+    ));
+    o.set(VLAN_RULES[0].0, out.len() as u64);
+    o.set(
+        VLAN_RULES[1].0,
+        out.iter().filter(|f| f.vlan.is_some()).count() as u64,
+    );
+    o.set(VLAN_RULES[2].0, there.count(|f| !f.outgoing) as u64);
+    // The port's program and then docker0's see each frame (the bridge passes it up): one count.
+    let moved = counters_since(&counters(h1).await, before);
+    o.set(
+        VLAN_RULES[3].0,
+        moved.get("passed: vlan tagged").copied().unwrap_or(0),
+    );
+}
+
+/// ECN codepoints (RFC 3168), the two low bits of the TOS / traffic class.
+pub const NOT_ECT: u8 = 0;
+pub const ECT1: u8 = 1;
+pub const ECT0: u8 = 2;
+pub const CE: u8 = 3;
+
+pub fn ecn_name(ecn: u8) -> &'static str {
+    ["Not-ECT", "ECT(1)", "ECT(0)", "CE"][usize::from(ecn & 3)]
+}
+
+/// Records what arrived of `case` ([`ecn_case`]): how many copies, and the ECN they all arrived
+/// with (99, which no ECN value is, when they differ or none arrived).
+pub fn record_ecn(o: &mut Observed, case: &str, ecns: &[u8]) {
+    o.set(&format!("{case}: delivered"), ecns.len() as u64);
+    o.note(format!(
+        "{case}: arrived as {:?}",
+        ecns.iter().map(|e| ecn_name(*e)).collect::<Vec<_>>()
+    ));
+    let ecn = match ecns.first() {
+        Some(first) if ecns.iter().all(|e| e == first) => u64::from(*first),
+        _ => 99,
+    };
+    o.set(&format!("{case}: ECN on arrival"), ecn);
+}
+
+/// The case name of a VXLAN packet with `outer` ECN carrying `inner`.
+pub fn ecn_case(outer: u8, inner: u8) -> String {
+    format!("ECN outer {} + inner {}", ecn_name(outer), ecn_name(inner))
 }
 
 // ---- IPv6 (tests/tests/adversarial6.rs) -----------------------------------------------------------

@@ -15,40 +15,13 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use weft_tests::attack::{
-    self, arp_reply, compare, counter, ethernet, find, ipv4_at, mac, neighbour, send_frames,
+    self, arp_reply, counter, ecn_case, ethernet, fence_arrived, find, ipv4_at,
+    landed_before_fence, mac, marker, neighbour, note_counters, on_every_datapath, send_frames,
     send_udp, status, vlan_frame, vtep_mac, vxlan, Capture, Datapath, Observed, Rule, Udp4,
-    UdpOpts, UdpSink, ETH_P_IPV4, VXLAN_PORT,
+    UdpOpts, UdpSink, ARRIVAL, CE, ECT0, ECT1, ETH_P_IPV4, NOT_ECT, PORT, PROBES, SETTLE,
+    VXLAN_PORT,
 };
 use weft_tests::{Cluster, Container, Host};
-
-/// How many copies of each probe an attack sends.
-const PROBES: usize = 5;
-/// Where probes are aimed inside a container.
-const PORT: u16 = 9999;
-/// How long to wait for probes that should arrive.
-const ARRIVAL: Duration = Duration::from_secs(5);
-/// After the fence (a legitimate packet sent last on the same path) has arrived, how long to wait
-/// for stragglers: a packet the eBPF path handed to the kernel may arrive just after a fence that
-/// took the fast path.
-const SETTLE: Duration = Duration::from_millis(300);
-
-/// Runs `scenario` on a kernel cluster and on an eBPF cluster with each decapsulation hook, all
-/// at once, and holds each eBPF cluster's figures to `rules` against the kernel's.
-async fn on_every_datapath<F, Fut>(scenario: F, rules: &[(&str, Rule)])
-where
-    F: Fn(Datapath) -> Fut,
-    Fut: std::future::Future<Output = Observed>,
-{
-    let [tc, xdp] = Datapath::EBPF;
-    let (kernel, on_tc, on_xdp) =
-        tokio::join!(scenario(Datapath::Kernel), scenario(tc), scenario(xdp));
-    compare(&kernel, &[(tc, on_tc), (xdp, on_xdp)], rules);
-}
-
-/// A payload unique to this test process and `what`.
-fn marker(what: &str) -> Vec<u8> {
-    format!("weft-adversarial-{}-{what}", std::process::id()).into_bytes()
-}
 
 fn copies(payload: &[u8], n: usize) -> Vec<Vec<u8>> {
     vec![payload.to_vec(); n]
@@ -86,39 +59,6 @@ async fn vxlan_from(from: &Host, to: &Host, frame: &[u8], n: usize, opts: UdpOpt
 async fn from_container(from: &Container, host: &Host, packet: &[u8]) -> Vec<u8> {
     let gw = mac(host.name(), "docker0").await;
     ethernet(gw, mac(from.netns(), "eth0").await, ETH_P_IPV4, packet)
-}
-
-/// `sink` received the fence (a legitimate packet sent after the attack on the same path), then
-/// the stragglers' grace passed: how many `attack` payloads landed.
-async fn landed_before_fence(
-    dp: Datapath,
-    sink: &UdpSink,
-    attack: &[u8],
-    fence: &[u8],
-    case: &str,
-) -> u64 {
-    fence_arrived(dp, sink, fence, case).await;
-    sink.count(attack) as u64
-}
-
-/// Waits for the fence in `sink`, then for the stragglers' grace. Panics when the fence is lost:
-/// legitimate traffic must flow.
-async fn fence_arrived(dp: Datapath, sink: &UdpSink, fence: &[u8], case: &str) {
-    assert_eq!(
-        sink.wait(fence, 1, ARRIVAL).await,
-        1,
-        "{dp}, {case}: the legitimate fence packet never arrived"
-    );
-    tokio::time::sleep(SETTLE).await;
-}
-
-/// Notes which of `host`'s program counters moved since `before` (nothing on the kernel path):
-/// the reason the eBPF path gives for what it did.
-async fn note_counters(o: &mut Observed, host: &Host, before: &BTreeMap<String, u64>) {
-    let moved = attack::counters_since(&attack::counters(host).await, before);
-    if !moved.is_empty() {
-        o.note(format!("{} counters moved: {moved:?}", host.name()));
-    }
 }
 
 /// Sets rp_filter on every interface of `host` (all, default and docker0: the kernel uses the
@@ -205,7 +145,7 @@ async fn hijack(dp: Datapath) -> Observed {
 }
 
 /// `from` sends probes to `owner`'s address: how many landed in `owner` and how many in `attacker`
-/// (caught on its eth0), once all arrived somewhere or the deadline passed.
+/// (caught on its eth0).
 async fn where_it_lands(
     from: &Container,
     owner: &Container,
@@ -214,44 +154,15 @@ async fn where_it_lands(
 ) -> (u64, u64) {
     let probe = marker(what);
     let in_owner = UdpSink::bind(owner, PORT).await;
-    let in_attacker = Capture::start(attacker.netns(), "eth0", &probe).await;
     let n = 3 * PROBES;
-    udp_from(from, at(owner.ip(), PORT), &probe, n).await;
-    let landed = || (in_owner.count(&probe), in_attacker.count(|f| !f.outgoing));
-    let deadline = Instant::now() + ARRIVAL;
-    while landed().0 + landed().1 < n && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(SETTLE).await;
-    let (o, a) = landed();
-    (o as u64, a as u64)
+    let send = udp_from(from, at(owner.ip(), PORT), &probe, n);
+    attack::where_it_lands(&in_owner, attacker, &probe, n, send).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn adversarial_hijack_one_spoofed_packet_steals_no_traffic() {
-    let n = 3 * PROBES as u64;
-    on_every_datapath(
-        hijack,
-        &[
-            ("A's traffic: landed in A", Rule::Exactly(n)),
-            ("A's traffic: landed in B", Rule::Exactly(0)),
-            (
-                "A's traffic, no neighbour entry: landed in A",
-                Rule::Exactly(n),
-            ),
-            (
-                "A's traffic, no neighbour entry: landed in B",
-                Rule::Exactly(0),
-            ),
-            (
-                "claimed address: landed in its new owner C",
-                Rule::Exactly(n),
-            ),
-            ("claimed address: landed in B", Rule::Exactly(0)),
-        ],
-    )
-    .await;
+    on_every_datapath(hijack, &attack::HIJACK_RULES).await;
 }
 
 // ---- 1b. ARP poisoning, then its end ---------------------------------------------------------------
@@ -369,19 +280,7 @@ async fn mac_impersonation(dp: Datapath) -> Observed {
     let a_mac = mac(a.netns(), "eth0").await;
     // IEEE 802 local experimental ethertype: nothing on the way interprets it.
     let as_a = |body: &[u8]| ethernet(gw, a_mac, 0x88b5, body);
-    // Where the bridge puts A's MAC: the port name of its fdb entry.
-    let port_of_a = async || {
-        let out = h1
-            .exec_ok(&["bridge", "-j", "fdb", "show", "br", "docker0"])
-            .await
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&out).expect("bridge -j output");
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .find(|e| e["mac"].as_str().map(attack::parse_mac) == Some(a_mac))
-            .and_then(|e| e["ifname"].as_str().map(str::to_owned))
-    };
+    let port_of_a = async || attack::fdb_port(h1, a_mac).await;
     let moved_to = async |from: &Container, port: &str, what: &str| {
         let deadline = Instant::now() + ARRIVAL;
         while port_of_a().await.as_deref() != Some(port) {
@@ -715,29 +614,7 @@ async fn vlan_hopping(dp: Datapath) -> Observed {
     udp_from(&a, at(remote.ip(), PORT), &fence, 1).await;
     fence_arrived(dp, &sink, &fence, "VLAN").await;
     note_counters(&mut o, h1, &before).await;
-    let out = wire.caught();
-    o.note(format!(
-        "on host 1's ens32: {:?}",
-        out.iter().map(|f| f.vlan).collect::<Vec<_>>()
-    ));
-    o.set(
-        "frames with the tagged payload on host 1's ens32",
-        out.len() as u64,
-    );
-    o.set(
-        "tagged frames on host 1's ens32",
-        out.iter().filter(|f| f.vlan.is_some()).count() as u64,
-    );
-    o.set(
-        "frames with the tagged payload in the remote container",
-        there.count(|f| !f.outgoing) as u64,
-    );
-    // The port's program and then docker0's see each frame (the bridge passes it up): one count.
-    let moved = attack::counters_since(&attack::counters(h1).await, &before);
-    o.set(
-        "\"passed: vlan tagged\" on host 1 per tagged frame sent (x5)",
-        moved.get("passed: vlan tagged").copied().unwrap_or(0),
-    );
+    attack::record_vlan(&mut o, h1, (&wire, &there), &before).await;
     drop((wire, there, sink));
     attack::legit_traffic_flows(&c, dp, "after VLAN hopping").await;
     o
@@ -746,37 +623,10 @@ async fn vlan_hopping(dp: Datapath) -> Observed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn adversarial_vlan_tagged_frames_never_leave_tagged_or_arrive() {
-    on_every_datapath(
-        vlan_hopping,
-        &[
-            (
-                "frames with the tagged payload on host 1's ens32",
-                Rule::NoMoreThanKernel,
-            ),
-            ("tagged frames on host 1's ens32", Rule::Exactly(0)),
-            (
-                "frames with the tagged payload in the remote container",
-                Rule::Exactly(0),
-            ),
-            (
-                "\"passed: vlan tagged\" on host 1 per tagged frame sent (x5)",
-                Rule::EbpfExactly(PROBES as u64),
-            ),
-        ],
-    )
-    .await;
+    on_every_datapath(vlan_hopping, &attack::VLAN_RULES).await;
 }
 
 // ---- 5. ECN on decapsulation -----------------------------------------------------------------------
-
-const NOT_ECT: u8 = 0;
-const ECT1: u8 = 1;
-const ECT0: u8 = 2;
-const CE: u8 = 3;
-
-fn ecn_name(ecn: u8) -> &'static str {
-    ["Not-ECT", "ECT(1)", "ECT(0)", "CE"][usize::from(ecn & 3)]
-}
 
 /// (outer, inner) ECN pairs sent as VXLAN from host 2's VTEP address to host 1's container.
 const ECN_CASES: [(u8, u8); 6] = [
@@ -787,10 +637,6 @@ const ECN_CASES: [(u8, u8); 6] = [
     (NOT_ECT, ECT0),
     (ECT0, NOT_ECT),
 ];
-
-fn ecn_case(outer: u8, inner: u8) -> String {
-    format!("outer {} + inner {}", ecn_name(outer), ecn_name(inner))
-}
 
 async fn ecn(dp: Datapath) -> Observed {
     let mut o = Observed::default();
@@ -827,26 +673,12 @@ async fn ecn(dp: Datapath) -> Observed {
         let tag = format!("-{outer}{inner}");
         let mut body = all.clone();
         body.extend(tag.bytes());
-        let of_case: Vec<_> = frames
+        let ecns: Vec<u8> = frames
             .iter()
             .filter(|f| find(&f.data, &body).is_some())
-            .collect();
-        let case = ecn_case(outer, inner);
-        o.set(&format!("{case}: delivered"), of_case.len() as u64);
-        let ecns: Vec<u8> = of_case
-            .iter()
             .filter_map(|f| ipv4_at(&f.data).map(|(ip, _)| f.data[ip + 1] & 3))
             .collect();
-        o.note(format!(
-            "{case}: arrived as {:?}",
-            ecns.iter().map(|e| ecn_name(*e)).collect::<Vec<_>>()
-        ));
-        // All copies alike, else a sentinel no ECN value has.
-        let ecn = match ecns.first() {
-            Some(first) if ecns.iter().all(|e| e == first) => u64::from(*first),
-            _ => 99,
-        };
-        o.set(&format!("{case}: ECN on arrival"), ecn);
+        attack::record_ecn(&mut o, &ecn_case(outer, inner), &ecns);
     }
     drop(caught);
     attack::legit_traffic_flows(&c, dp, "after the ECN probes").await;
@@ -890,27 +722,8 @@ async fn mtu(dp: Datapath) -> Observed {
     let mut o = Observed::default();
     let c = attack::start(dp, 2, 1, &[]).await;
     let (h1, h2, a, b) = (c.host(0), c.host(1), c.container(0), c.container(1));
-    for (host, ct) in [(h1, &a), (h2, &b)] {
-        for (ns, dev) in [
-            (ct.netns(), "eth0"),
-            (host.name(), ct.host_veth()),
-            (host.name(), "docker0"),
-        ] {
-            weft_tests::netns::run("ip", &["-n", ns, "link", "set", dev, "mtu", "1500"])
-                .await
-                .unwrap();
-        }
-    }
-    h1.exec_ok(&["ethtool", "-K", "ens32", "tso", "off", "gso", "off"])
-        .await
-        .unwrap();
-    let drops = async || {
-        (
-            attack::link_stat(h1.name(), "ens32", "tx", "dropped").await,
-            attack::link_stat(h2.name(), "ens32", "rx", "dropped").await
-                + attack::link_stat(h2.name(), "ens32", "rx", "errors").await,
-        )
-    };
+    attack::oversize_mtu_without_offloads([(h1, &a), (h2, &b)], h1).await;
+    let drops = async || attack::underlay_drops(h1, h2).await;
     let retrans = async || {
         let snmp = a.exec_ok(&["cat", "/proc/net/snmp"]).await.unwrap();
         let tcp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();

@@ -12,47 +12,21 @@
 //!
 //! Root only: `cargo xtask test --skip-ebpf -- adversarial6 --include-ignored`.
 
-use std::collections::BTreeMap;
 use std::net::{Ipv6Addr, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 use weft_tests::attack::{
-    self, compare, ecn6, ethernet, find, hop_limit6, icmpv6, mac, send_frames, send_udp6,
-    vlan_frame, vtep_mac6, vxlan, Capture, Datapath, DualStack, Observed, Rule, Udp6Opts, UdpSink,
-    ETH_P_IPV6, VXLAN_PORT,
+    self, ecn6, ecn_case, ethernet, find, hop_limit6, icmpv6, landed_before_fence, mac, marker,
+    note_counters, on_every_datapath, send_frames, send_udp6, vlan_frame, vtep_mac6, vxlan,
+    Capture, Datapath, DualStack, Observed, Rule, Udp6Opts, UdpSink, ARRIVAL, CE, ECT0, ETH_P_IPV6,
+    NOT_ECT, PORT, PROBES, SETTLE, VXLAN_PORT,
 };
 use weft_tests::packet::{ipv6_packet, ipv6_with_options, udp6, DEST_OPTIONS, HOP_BY_HOP, UDP};
 use weft_tests::{poll, Container, Host};
 
-/// How many copies of each probe an attack sends.
-const PROBES: usize = 5;
-/// Where probes are aimed inside a container.
-const PORT: u16 = 9999;
-/// How long to wait for probes that should arrive.
-const ARRIVAL: Duration = Duration::from_secs(5);
-/// After the fence (a legitimate packet sent last on the same path) arrived, the stragglers' grace.
-const SETTLE: Duration = Duration::from_millis(300);
 /// ICMPv6 types (RFC 4443).
 const PACKET_TOO_BIG: u8 = 2;
 const TIME_EXCEEDED: u8 = 3;
-
-/// Runs `scenario` on a kernel cluster and on an eBPF cluster with each decapsulation hook, all
-/// at once, and holds each eBPF cluster's figures to `rules` against the kernel's.
-async fn on_every_datapath<F, Fut>(scenario: F, rules: &[(&str, Rule)])
-where
-    F: Fn(Datapath) -> Fut,
-    Fut: std::future::Future<Output = Observed>,
-{
-    let [tc, xdp] = Datapath::EBPF;
-    let (kernel, on_tc, on_xdp) =
-        tokio::join!(scenario(Datapath::Kernel), scenario(tc), scenario(xdp));
-    compare(&kernel, &[(tc, on_tc), (xdp, on_xdp)], rules);
-}
-
-/// A payload unique to this test process and `what`.
-fn marker(what: &str) -> Vec<u8> {
-    format!("weft-adversarial6-{}-{what}", std::process::id()).into_bytes()
-}
 
 fn at(ip: Ipv6Addr, port: u16) -> SocketAddrV6 {
     SocketAddrV6::new(ip, port, 0, 0)
@@ -141,32 +115,6 @@ async fn vxlan6_from(
     .await;
 }
 
-/// Waits for the fence in `sink` (panics when it is lost: legitimate traffic must flow), then
-/// for the stragglers' grace; how many `attack` payloads landed.
-async fn landed_before_fence(
-    dp: Datapath,
-    sink: &UdpSink,
-    attack: &[u8],
-    fence: &[u8],
-    case: &str,
-) -> u64 {
-    assert_eq!(
-        sink.wait(fence, 1, ARRIVAL).await,
-        1,
-        "{dp}, {case}: the legitimate fence packet never arrived"
-    );
-    tokio::time::sleep(SETTLE).await;
-    sink.count(attack) as u64
-}
-
-/// Notes which of `host`'s program counters moved since `before` (nothing on the kernel path).
-async fn note_counters(o: &mut Observed, host: &Host, before: &BTreeMap<String, u64>) {
-    let moved = attack::counters_since(&attack::counters(host).await, before);
-    if !moved.is_empty() {
-        o.note(format!("{} counters moved: {moved:?}", host.name()));
-    }
-}
-
 // ---- sources: hijack, forged sources, VLAN ----------------------------------------------------
 
 /// On three hosts with two dual-stack containers each: (a) container B sends ONE packet with its
@@ -186,16 +134,16 @@ async fn sources(dp: Datapath) -> Observed {
     // (a) B forges A's source once, then the remote container S sends to A.
     forge_once(&b, h1, a6, s6, "hijack-spoof").await;
     let (in_a, in_b) = where_it_lands(&s, s6, (&a, a6), &b, "to-a").await;
-    o.set("A's IPv6 traffic: landed in A", in_a);
-    o.set("A's IPv6 traffic: landed in B", in_b);
+    o.set("A's traffic: landed in A", in_a);
+    o.set("A's traffic: landed in B", in_b);
     h1.netns()
         .ip(&["-6", "neigh", "flush", "dev", "docker0"])
         .await
         .unwrap();
     forge_once(&b, h1, a6, s6, "hijack-spoof-again").await;
     let (in_a, in_b) = where_it_lands(&s, s6, (&a, a6), &b, "to-a-no-neighbour").await;
-    o.set("A's IPv6 traffic, no neighbour entry: landed in A", in_a);
-    o.set("A's IPv6 traffic, no neighbour entry: landed in B", in_b);
+    o.set("A's traffic, no neighbour entry: landed in A", in_a);
+    o.set("A's traffic, no neighbour entry: landed in B", in_b);
     // An IPv6 address nobody uses yet, claimed by B before a new container C gets it.
     let own6 = attack::ipv6_subnet(h1).await;
     let next = Ipv6Addr::from(u128::from(own6.network()) + 2 + h1.containers().len() as u128);
@@ -205,8 +153,8 @@ async fn sources(dp: Datapath) -> Observed {
         .await
         .unwrap();
     let (in_c, in_b) = where_it_lands(&s, s6, (&c3, next), &b, "to-c").await;
-    o.set("claimed IPv6 address: landed in its new owner C", in_c);
-    o.set("claimed IPv6 address: landed in B", in_b);
+    o.set("claimed address: landed in its new owner C", in_c);
+    o.set("claimed address: landed in B", in_b);
 
     // (b) Forged sources towards A: from a container on host 2, then from host 2's VTEP.
     let in_h3 = Ipv6Addr::from(u128::from(attack::ipv6_subnet(h3).await.network()) + 200);
@@ -277,28 +225,7 @@ async fn sources(dp: Datapath) -> Observed {
     .await;
     udp6_from(&a, a6, at(s6, PORT), &fence, 1).await;
     landed_before_fence(dp, &sink, &bad, &fence, "VLAN").await;
-    let out = wire.caught();
-    o.note(format!(
-        "on host 1's ens32: {:?}",
-        out.iter().map(|f| f.vlan).collect::<Vec<_>>()
-    ));
-    o.set(
-        "tagged IPv6: frames with its payload on host 1's ens32",
-        out.len() as u64,
-    );
-    o.set(
-        "tagged IPv6: tagged frames on host 1's ens32",
-        out.iter().filter(|f| f.vlan.is_some()).count() as u64,
-    );
-    o.set(
-        "tagged IPv6: frames with its payload in the remote container",
-        there.count(|f| !f.outgoing) as u64,
-    );
-    let moved = attack::counters_since(&attack::counters(h1).await, &vlan_before);
-    o.set(
-        "tagged IPv6: \"passed: vlan tagged\" on host 1 (x5 sent)",
-        moved.get("passed: vlan tagged").copied().unwrap_or(0),
-    );
+    attack::record_vlan(&mut o, h1, (&wire, &there), &vlan_before).await;
     drop((wire, there, sink));
 
     note_counters(&mut o, h1, &before[0]).await;
@@ -310,7 +237,7 @@ async fn sources(dp: Datapath) -> Observed {
 }
 
 /// `from` (IPv6 `src`) sends probes to `owner`'s IPv6 address: how many landed in `owner` and
-/// how many in `attacker` (caught on its eth0), once all arrived somewhere or the deadline passed.
+/// how many in `attacker` (caught on its eth0).
 async fn where_it_lands(
     from: &Container,
     src: Ipv6Addr,
@@ -320,86 +247,39 @@ async fn where_it_lands(
 ) -> (u64, u64) {
     let probe = marker(what);
     let in_owner = UdpSink::bind_at(owner.netns(), at(owner6, PORT).into()).await;
-    let in_attacker = Capture::start(attacker.netns(), "eth0", &probe).await;
     let n = 3 * PROBES;
-    udp6_from(from, src, at(owner6, PORT), &probe, n).await;
-    let landed = || (in_owner.count(&probe), in_attacker.count(|f| !f.outgoing));
-    let deadline = Instant::now() + ARRIVAL;
-    while landed().0 + landed().1 < n && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(SETTLE).await;
-    let (o, a) = landed();
-    (o as u64, a as u64)
+    let send = udp6_from(from, src, at(owner6, PORT), &probe, n);
+    attack::where_it_lands(&in_owner, attacker, &probe, n, send).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn adversarial6_forged_ipv6_sources_and_vlan_tags_get_no_further_than_on_the_kernel_path() {
-    let n = 3 * PROBES as u64;
-    on_every_datapath(
-        sources,
-        &[
-            ("A's IPv6 traffic: landed in A", Rule::Exactly(n)),
-            ("A's IPv6 traffic: landed in B", Rule::Exactly(0)),
-            (
-                "A's IPv6 traffic, no neighbour entry: landed in A",
-                Rule::Exactly(n),
-            ),
-            (
-                "A's IPv6 traffic, no neighbour entry: landed in B",
-                Rule::Exactly(0),
-            ),
-            (
-                "claimed IPv6 address: landed in its new owner C",
-                Rule::Exactly(n),
-            ),
-            ("claimed IPv6 address: landed in B", Rule::Exactly(0)),
-            (
-                "container on host 2 with a source in host 3's IPv6 subnet reached host 1's container",
-                Rule::NoMoreThanKernel,
-            ),
-            (
-                "container on host 2 with host 2's docker0 IPv6 address reached host 1's container",
-                Rule::NoMoreThanKernel,
-            ),
-            (
-                "container on host 2 with host 2's ens32 IPv6 address reached host 1's container",
-                Rule::NoMoreThanKernel,
-            ),
-            // IPv6 has no rp_filter: flannel-v6.1 delivers these; the fast path checks the
-            // inner source against the subnet the sending VTEP leased.
-            (
-                "host 2's VTEP with an inner source in host 3's IPv6 subnet reached host 1's container",
-                Rule::EbpfExactly(0),
-            ),
-            (
-                "tagged IPv6: frames with its payload on host 1's ens32",
-                Rule::NoMoreThanKernel,
-            ),
-            ("tagged IPv6: tagged frames on host 1's ens32", Rule::Exactly(0)),
-            (
-                "tagged IPv6: frames with its payload in the remote container",
-                Rule::Exactly(0),
-            ),
-            (
-                "tagged IPv6: \"passed: vlan tagged\" on host 1 (x5 sent)",
-                Rule::EbpfExactly(PROBES as u64),
-            ),
-        ],
-    )
-    .await;
+    let forged = [
+        (
+            "container on host 2 with a source in host 3's IPv6 subnet reached host 1's container",
+            Rule::NoMoreThanKernel,
+        ),
+        (
+            "container on host 2 with host 2's docker0 IPv6 address reached host 1's container",
+            Rule::NoMoreThanKernel,
+        ),
+        (
+            "container on host 2 with host 2's ens32 IPv6 address reached host 1's container",
+            Rule::NoMoreThanKernel,
+        ),
+        // IPv6 has no rp_filter: flannel-v6.1 delivers these; the fast path checks the
+        // inner source against the subnet the sending VTEP leased.
+        (
+            "host 2's VTEP with an inner source in host 3's IPv6 subnet reached host 1's container",
+            Rule::EbpfExactly(0),
+        ),
+    ];
+    let rules = [&attack::HIJACK_RULES[..], &forged, &attack::VLAN_RULES].concat();
+    on_every_datapath(sources, &rules).await;
 }
 
 // ---- forwarding: ECN, MTU, hop limit, extension headers ----------------------------------------
-
-const NOT_ECT: u8 = 0;
-const ECT0: u8 = 2;
-const CE: u8 = 3;
-
-fn ecn_name(ecn: u8) -> &'static str {
-    ["Not-ECT", "ECT(1)", "ECT(0)", "CE"][usize::from(ecn & 3)]
-}
 
 /// (outer, inner) ECN pairs sent as VXLAN over IPv6 from host 2's VTEP to host 1's container.
 const ECN_CASES: [(u8, u8); 5] = [
@@ -409,10 +289,6 @@ const ECN_CASES: [(u8, u8); 5] = [
     (NOT_ECT, ECT0),
     (ECT0, NOT_ECT),
 ];
-
-fn ecn_case(outer: u8, inner: u8) -> String {
-    format!("ECN outer {} + inner {}", ecn_name(outer), ecn_name(inner))
-}
 
 /// Hop limits container A sends with to the remote container.
 const HOPS: [u8; 3] = [1, 2, 3];
@@ -454,17 +330,7 @@ async fn forwarding(dp: Datapath) -> Observed {
             .filter(|f| find(&f.data, &body).is_some())
             .filter_map(|f| ecn6(&f.data))
             .collect();
-        let case = ecn_case(outer, inner);
-        o.set(&format!("{case}: delivered"), ecns.len() as u64);
-        o.note(format!(
-            "{case}: arrived as {:?}",
-            ecns.iter().map(|e| ecn_name(*e)).collect::<Vec<_>>()
-        ));
-        let ecn = match ecns.first() {
-            Some(first) if ecns.iter().all(|e| e == first) => u64::from(*first),
-            _ => 99,
-        };
-        o.set(&format!("{case}: ECN on arrival"), ecn);
+        attack::record_ecn(&mut o, &ecn_case(outer, inner), &ecns);
     }
     drop(caught);
 
@@ -580,24 +446,10 @@ async fn forwarding(dp: Datapath) -> Observed {
 
     // (e) TCP with segmentation before the wire: containers at MTU 1500 (more than the
     // overlay's, as a misconfigured container would be), TSO/GSO off on host 1's ens32.
-    for (host, ct) in [(h1, &a), (h2, &r)] {
-        for (ns, dev) in [
-            (ct.netns(), "eth0"),
-            (host.name(), ct.host_veth()),
-            (host.name(), "docker0"),
-        ] {
-            weft_tests::netns::run("ip", &["-n", ns, "link", "set", dev, "mtu", "1500"])
-                .await
-                .unwrap();
-        }
-    }
-    h1.exec_ok(&["ethtool", "-K", "ens32", "tso", "off", "gso", "off"])
-        .await
-        .unwrap();
+    attack::oversize_mtu_without_offloads([(h1, &a), (h2, &r)], h1).await;
     let drops = async || {
-        attack::link_stat(h1.name(), "ens32", "tx", "dropped").await
-            + attack::link_stat(h2.name(), "ens32", "rx", "dropped").await
-            + attack::link_stat(h2.name(), "ens32", "rx", "errors").await
+        let (tx, rx) = attack::underlay_drops(h1, h2).await;
+        tx + rx
     };
     let dropped = drops().await;
     let t = attack::tcp6_transfer(&a, &r, r6, 8 << 20).await;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::Value;
 use tokio::task::JoinSet;
+use weft_tests::attack;
 use weft_tests::status::{counter, ebpf_ready};
 use weft_tests::{cluster, flanneld, tail, weft_bin, Agent, Cluster, Container, Host, Netns};
 
@@ -1223,48 +1224,125 @@ async fn auto_falls_back_to_the_kernel_path_with_the_reason_and_traffic_works() 
         .unwrap();
 }
 
-// ---- bindings and the bridge's forwarding-entry ageing ----------------------------------------------
+// ---- the bridge's forwarding-entry ageing, on both datapaths -----------------------------------------
 
-/// The encapsulation program takes a container's frames at its port, before the bridge learns
-/// from them, so the bridge's entry for the container's MAC ages out (300 s by default, 3 s
-/// here) while the container talks only through the fast path. Its binding must outlive that:
-/// 20 s of pings ride eBPF throughout, flannel.1 carries none of them, the binding stays.
+/// A container's entry in its bridge's forwarding table ages out (300 s by default, 3 s here)
+/// whenever the bridge stops seeing its frames: on flannel.1 once the container falls silent, on
+/// eBPF even while it talks, because the encapsulation program takes its frames at its port
+/// before the bridge learns from them. Either way, decapsulated traffic for it must reach it and
+/// no other container, the eBPF path neither stricter nor looser than flannel.1.
+///
+/// Container A on host 1 pings the remote container R for 20 s (reconciling every 2 s), falls
+/// silent until host 1's bridge has no entry for its MAC, then R sends it UDP.
+async fn forgotten_by_the_bridge(dp: attack::Datapath) -> attack::Observed {
+    let mut o = attack::Observed::default();
+    let c = attack::start(dp, 2, 2, &["--reconcile-interval", "2s"]).await;
+    let (h1, a, b, remote) = (c.host(0), c.container(0), c.container(1), c.container(2));
+    for h in c.hosts() {
+        // Centiseconds: 3 s.
+        let ageing = [
+            "link",
+            "set",
+            "docker0",
+            "type",
+            "bridge",
+            "ageing_time",
+            "300",
+        ];
+        h.netns().ip(&ageing).await.unwrap();
+    }
+    let before = flannel_packets(h1).await;
+    let (sent, received, out) = ping_count(&a, remote.ip(), 100, &[]).await;
+    let carried = flannel_packets(h1).await.0 - before.0;
+    o.set("A's pings to R answered (of 100)", u64::from(received));
+    o.note(format!(
+        "{dp}: A's pings {sent} sent, {received} answered, flannel.1 on host 1 sent {carried}"
+    ));
+    if received != 100 {
+        o.note(out);
+    }
+    if dp.is_ebpf() {
+        // A binding that lapsed with the bridge's entry would hand A's packets to flannel.1.
+        o.set(
+            "A's pings left host 1 on the fast path (flannel.1 sent at most 2)",
+            u64::from(carried <= 2),
+        );
+        let st = attack::status(h1).await;
+        let bound = st["local_bindings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["ip"] == a.ip().to_string());
+        o.set(
+            "A bound in host 1's eBPF map after 20 s of pings",
+            u64::from(bound),
+        );
+    }
+
+    let a_mac = attack::mac(a.netns(), "eth0").await;
+    weft_tests::poll::until(
+        &format!("{dp}: host 1's bridge to forget A's MAC while A is silent"),
+        Duration::from_secs(20),
+        || async {
+            let port = attack::fdb_port(h1, a_mac).await;
+            weft_tests::poll::check(port.is_none(), port)
+        },
+    )
+    .await;
+    let probe = attack::marker("for-a-forgotten");
+    let in_a = attack::UdpSink::bind(&a, attack::PORT).await;
+    let n = 3 * attack::PROBES;
+    let send = attack::send_udp(
+        remote.netns(),
+        std::net::SocketAddrV4::new(remote.ip(), 0),
+        std::net::SocketAddrV4::new(a.ip(), attack::PORT),
+        vec![probe.clone(); n],
+        attack::UdpOpts::default(),
+    );
+    let (landed_a, seen_b) = attack::where_it_lands(&in_a, &b, &probe, n, send).await;
+    o.set(
+        "R's UDP to A, forgotten by the bridge: landed in A",
+        landed_a,
+    );
+    o.set(
+        "R's UDP to A, forgotten by the bridge: frames on B's eth0",
+        seen_b,
+    );
+    o.note(format!(
+        "{dp}: host 1's bridge afterwards forwards A's MAC to {:?}",
+        attack::fdb_port(h1, a_mac).await
+    ));
+    attack::legit_traffic_flows(&c, dp, "after the bridge forgot A").await;
+    o
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
-async fn bindings_outlive_the_bridges_forwarding_entry_ageing() {
-    let c = ebpf_cluster(2, 1, &["--reconcile-interval", "2s"]).await;
-    let (h1, a, b) = (
-        c.host(0),
-        c.host(0).containers()[0].clone(),
-        c.host(1).containers()[0].clone(),
-    );
-    for h in c.hosts() {
-        h.netns()
-            .ip(&[
-                "link",
-                "set",
-                "docker0",
-                "type",
-                "bridge",
-                "ageing_time",
-                "300",
-            ])
-            .await
-            .unwrap();
-    }
-    bind_containers(h1).await;
-    let before = flannel_packets(h1).await;
-    let (sent, received, out) = ping_count(&a, b.ip(), 100, &[]).await;
-    assert_eq!((sent, received), (100, 100), "{out}");
-    let after = flannel_packets(h1).await;
-    let st = status(h1).await;
-    assert!(
-        after.0 - before.0 <= 2,
-        "flannel.1 carried {} of a's packets: the binding lapsed with the bridge's entry\nstatus: {st:#}",
-        after.0 - before.0
-    );
-    assert!(
-        st["local_bindings"].as_array().map_or(0, Vec::len) >= 1,
-        "binding gone: {st:#}"
-    );
+async fn traffic_for_a_container_the_bridge_forgot_lands_in_it_alone_on_every_datapath() {
+    use attack::Rule;
+    attack::on_every_datapath(
+        forgotten_by_the_bridge,
+        &[
+            ("A's pings to R answered (of 100)", Rule::Exactly(100)),
+            (
+                "A's pings left host 1 on the fast path (flannel.1 sent at most 2)",
+                Rule::EbpfExactly(1),
+            ),
+            (
+                "A bound in host 1's eBPF map after 20 s of pings",
+                Rule::EbpfExactly(1),
+            ),
+            (
+                "R's UDP to A, forgotten by the bridge: landed in A",
+                Rule::Exactly(3 * attack::PROBES as u64),
+            ),
+            // flannel.1's bridge floods a frame for a MAC it forgot to every port: B's eth0
+            // sees it (and B's stack drops it, not its MAC). The eBPF path must show B no more.
+            (
+                "R's UDP to A, forgotten by the bridge: frames on B's eth0",
+                Rule::NoMoreThanKernel,
+            ),
+        ],
+    )
+    .await;
 }

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, Event, EventType, GetOptions,
+    Identity, PutOptions, TlsOptions, Txn, TxnOp,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -14,9 +14,11 @@ use super::{Listing, SubnetError, SubnetStore, WatchUpdate};
 
 mod config_watch;
 mod diagnose;
+mod follow;
 
 use crate::lease::{parse_lease_key, Lease, LeaseAttrs, LeaseKey};
 use diagnose::{client_cert_fix, diagnose, never_sent};
+use follow::Follow;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -387,10 +389,8 @@ impl SubnetStore for EtcdStore {
             .await
     }
 
-    /// Follow `<prefix>/subnets`: a snapshot, then watch events from the snapshot's revision.
-    /// Reconnects with backoff (100 ms doubling to 5 s); a compacted revision means re-list.
-    /// Ends when `cancel` fires or the receiver is dropped. `on_reconnect` runs each time the
-    /// watch has to be set up again after a failure (for the reconnect metric).
+    /// Follow `<prefix>/subnets`: a snapshot, then watch events from the snapshot's revision;
+    /// [`EtcdStore::follow`] keeps the watch up (a compacted revision means re-list).
     async fn watch_leases(
         &self,
         tx: mpsc::Sender<WatchUpdate>,
@@ -398,117 +398,21 @@ impl SubnetStore for EtcdStore {
         on_reconnect: impl Fn() + Send,
     ) {
         let prefix = self.subnets_prefix();
-        let mut backoff = BACKOFF_MIN;
-        let mut next_rev: Option<i64> = None;
-        let mut after_break = false;
-        loop {
-            if cancel.is_cancelled() {
-                return;
-            }
-            let rev = match next_rev {
-                Some(r) => r,
-                None => match self.list_leases().await {
-                    Ok(listing) => {
-                        let r = listing.revision + 1;
-                        if tx.send(WatchUpdate::Snapshot(listing)).await.is_err() {
-                            return;
-                        }
-                        next_rev = Some(r);
-                        r
-                    }
-                    Err(e) => {
-                        tracing::warn!(retry_in = ?backoff, "listing leases: {e}");
-                        on_reconnect();
-                        after_break = true;
-                        if sleep_or_cancel(&cancel, &mut backoff).await {
-                            return;
-                        }
-                        continue;
-                    }
-                },
-            };
-            let opts = WatchOptions::new().with_prefix().with_start_revision(rev);
-            let mut stream = match self.client.clone().watch(prefix.as_str(), Some(opts)).await {
-                Ok(s) => {
-                    if after_break {
-                        tracing::info!(revision = rev, "lease watch re-established");
-                        after_break = false;
-                    } else {
-                        tracing::debug!(revision = rev, "lease watch established");
-                    }
-                    s
-                }
-                Err(e) => {
-                    tracing::warn!(retry_in = ?backoff, "watching {prefix}: {e}; reconnecting");
-                    on_reconnect();
-                    after_break = true;
-                    if sleep_or_cancel(&cancel, &mut backoff).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            loop {
-                let msg = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    m = stream.message() => m,
-                };
-                let resp = match msg {
-                    Ok(Some(resp)) => resp,
-                    Ok(None) | Err(_) => {
-                        tracing::warn!(retry_in = ?backoff, revision = rev, "lease watch broke; reconnecting");
-                        on_reconnect();
-                        after_break = true;
-                        break;
-                    }
-                };
-                if resp.compact_revision() > 0 {
-                    tracing::warn!(
-                        compacted_to = resp.compact_revision(),
-                        "lease watch revision was compacted; re-listing"
-                    );
-                    next_rev = None;
-                    break;
-                }
-                if resp.canceled() {
-                    tracing::warn!(
-                        reason = resp.cancel_reason(),
-                        "etcd cancelled the lease watch; re-listing"
-                    );
-                    next_rev = None;
-                    break;
-                }
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    next_rev = Some(kv.mod_revision() + 1);
-                    backoff = BACKOFF_MIN;
-                    let key = String::from_utf8_lossy(kv.key());
-                    let update = match ev.event_type() {
-                        EventType::Delete => match parse_lease_key(&key) {
-                            Ok(s) => WatchUpdate::Delete(s),
-                            Err(e) => {
-                                tracing::warn!(key = %key, "{e}");
-                                continue;
-                            }
-                        },
-                        EventType::Put => match Lease::from_kv(&key, kv.value(), kv.lease()) {
-                            Ok(l) => WatchUpdate::Put(l),
-                            Err(e) => {
-                                tracing::warn!(key = %key, "{e}");
-                                continue;
-                            }
-                        },
-                    };
-                    if tx.send(update).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            if sleep_or_cancel(&cancel, &mut backoff).await {
-                return;
-            }
-        }
+        let w = Follow {
+            what: "lease watch",
+            again: "re-listing",
+            key: &prefix,
+            prefix: true,
+        };
+        let list = || async move {
+            let listing = self.list_leases().await?;
+            let rev = listing.revision;
+            Ok::<_, SubnetError>((WatchUpdate::Snapshot(listing), rev))
+        };
+        self.follow(w, tx, cancel, on_reconnect, list, lease_update)
+            .await
     }
+
     async fn watch_config(
         &self,
         tx: mpsc::Sender<Option<String>>,
@@ -517,6 +421,20 @@ impl SubnetStore for EtcdStore {
     ) {
         EtcdStore::watch_config(self, tx, cancel, on_reconnect).await
     }
+}
+
+/// What a lease watch event means: a lease put or deleted; `None` (logged) for a key or value
+/// that is not a lease.
+fn lease_update(ev: &Event) -> Option<WatchUpdate> {
+    let kv = ev.kv()?;
+    let key = String::from_utf8_lossy(kv.key());
+    let update = match ev.event_type() {
+        EventType::Delete => parse_lease_key(&key).map(WatchUpdate::Delete),
+        EventType::Put => Lease::from_kv(&key, kv.value(), kv.lease()).map(WatchUpdate::Put),
+    };
+    update
+        .inspect_err(|e| tracing::warn!(key = %key, "{e}"))
+        .ok()
 }
 
 /// Sleep the current backoff and double it; true when cancelled meanwhile.
