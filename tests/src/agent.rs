@@ -77,9 +77,21 @@ impl Agent {
         log_path: &Path,
         detach: bool,
     ) -> anyhow::Result<Agent> {
+        Self::spawn_bin(&weft_bin()?, netns, args, env, log_path, detach)
+    }
+
+    /// [`Agent::spawn_with_env`] with another weft binary than [`weft_bin`] (another build).
+    pub fn spawn_bin(
+        bin: &Path,
+        netns: &str,
+        args: Vec<String>,
+        env: &[(&str, &str)],
+        log_path: &Path,
+        detach: bool,
+    ) -> anyhow::Result<Agent> {
         let inner = Inner {
             netns: netns.to_owned(),
-            bin: weft_bin()?,
+            bin: bin.to_owned(),
             args,
             env: env
                 .iter()

@@ -205,6 +205,14 @@ impl Cluster {
         self.hosts.iter().map(|h| h.spawn_agent(extra)).collect()
     }
 
+    /// [`Cluster::start_agents`] with another weft binary than [`crate::weft_bin`] (another build).
+    pub fn start_agents_with(&self, bin: &Path, extra: &[&str]) -> anyhow::Result<Vec<Agent>> {
+        self.hosts
+            .iter()
+            .map(|h| h.spawn_agent_bin(bin, extra, &[]))
+            .collect()
+    }
+
     /// Wait for every host's subnet file and address its docker0 from it.
     pub async fn wait_subnets(&self) -> anyhow::Result<Vec<SubnetEnv>> {
         let mut subnets = Vec::with_capacity(self.hosts.len());
@@ -446,10 +454,20 @@ impl Host {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Agent> {
+        self.spawn_agent_bin(&crate::weft_bin()?, extra, env)
+    }
+
+    /// [`Host::spawn_agent_with_env`] running another weft binary (another build).
+    pub fn spawn_agent_bin(
+        &self,
+        bin: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Agent> {
         let mut args = self.agent_args();
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = self.dir.join("agent.log");
-        let agent = Agent::spawn_with_env(self.name(), args, env, &log, self.detach)?;
+        let agent = Agent::spawn_bin(bin, self.name(), args, env, &log, self.detach)?;
         *lock(&self.agent) = Some(agent.clone());
         Ok(agent)
     }

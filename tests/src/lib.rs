@@ -20,6 +20,7 @@
 //!   and flanneld's own kernel setup and lease bytes (the reference weft is compared with).
 //! - [`Relay`]: a TCP relay between agents and etcd that a test cuts to reset their connections.
 //! - [`nspawn::Machine`]: a Debian machine with a real systemd (`systemd-nspawn --boot`) inside a host.
+//! - [`prev_build::PrevBuild`]: weft built from an earlier commit, with that commit's eBPF object.
 //!
 //! Every name (namespace, temp dir) carries the test process id and a counter so tests run in
 //! parallel, and every handle cleans up what it made on drop, also when the test panics. A test
@@ -40,6 +41,7 @@ pub mod nspawn;
 pub mod packet;
 pub mod pinger;
 pub mod poll;
+pub mod prev_build;
 pub mod prometheus;
 pub mod relay;
 pub mod status;

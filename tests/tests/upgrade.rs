@@ -6,10 +6,10 @@
 //! What a user would notice is asserted: not one ping lost, and the programs' counters carried
 //! over. Root only: `cargo xtask test -- grade unversioned shape --include-ignored`.
 //!
-//! The previous build comes from this repository's history: a `git worktree` of
-//! [`PREVIOUS_COMMIT`] under `<target>/weft-prev/src`, built (its own eBPF object included) into
-//! `<target>/weft-prev/target` the first time and reused afterwards. `WEFT_PREV_BIN` names an
-//! already built binary instead.
+//! The previous build comes from this repository's history (weft_tests::prev_build): a `git
+//! worktree` of [`PREVIOUS_COMMIT`] under `<target>/weft-prev/src`, built (its own eBPF object
+//! included) into `<target>/weft-prev/target` the first time and reused afterwards.
+//! `WEFT_PREV_BIN` names an already built binary instead.
 
 use std::{
     fs::File,
@@ -21,6 +21,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use serde_json::Value;
 use weft_common::LAYOUT_VERSION;
+use weft_tests::prev_build::{run, PrevBuild};
 use weft_tests::status::{counter, ebpf_ready};
 use weft_tests::{cluster, weft_bin, Cluster, Container, Host};
 
@@ -37,25 +38,6 @@ const PING_INTERVAL: &str = "0.01";
 
 // ---- the previous build -----------------------------------------------------------------------------
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 /// The weft binary of [`PREVIOUS_COMMIT`], built on first use (once for all tests here).
 fn previous_bin() -> anyhow::Result<PathBuf> {
     static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
@@ -69,64 +51,13 @@ fn build_previous() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("WEFT_PREV_BIN") {
         return Ok(PathBuf::from(bin));
     }
-    let ws = workspace();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| ws.join("target"));
-    let root = target.join("weft-prev");
-    let src = root.join("src");
-    let prev_target = root.join("target");
-    let bin = prev_target.join("debug").join("weft");
-    if bin.is_file() {
-        return Ok(bin);
+    PrevBuild {
+        rev: PREVIOUS_COMMIT,
+        dir: "weft-prev",
+        release: false,
+        bin_var: "WEFT_PREV_BIN",
     }
-    if !src.join("Cargo.toml").is_file() {
-        std::fs::create_dir_all(&root)?;
-        run(Command::new("git")
-            .current_dir(&ws)
-            .args(["worktree", "add", "--force", "--detach"])
-            .arg(&src)
-            .arg(PREVIOUS_COMMIT))
-        .context(format!(
-            "check out {PREVIOUS_COMMIT} (a clone with history is needed; or set WEFT_PREV_BIN)"
-        ))?;
-    }
-    eprintln!(
-        "building weft {PREVIOUS_COMMIT} into {} (once; takes minutes)",
-        prev_target.display()
-    );
-    seed(&target.join("debug"), &prev_target.join("debug"))?;
-    let cargo = |args: &[&str]| {
-        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        cmd.current_dir(&src)
-            .args(args)
-            .env("CARGO_TARGET_DIR", &prev_target)
-            .env("PROTOC", ws.join(".cargo").join("protoc"))
-            .env_remove("WEFT_EBPF_OBJECT")
-            .env_remove("RUSTFLAGS");
-        cmd
-    };
-    run(&mut cargo(&["xtask", "build-ebpf", "--no-install"]))?;
-    run(&mut cargo(&["build", "-p", "weft", "--bin", "weft"]))?;
-    Ok(bin)
-}
-
-/// Both commits share Cargo.lock: copying this build's compiled dependencies (not its test
-/// binaries or incremental caches) spares the previous build from compiling them again.
-fn seed(from: &Path, to: &Path) -> anyhow::Result<()> {
-    if to.join("deps").exists() || !from.join("deps").exists() {
-        return Ok(());
-    }
-    std::fs::create_dir_all(to.join("deps"))?;
-    for dir in ["build", ".fingerprint"] {
-        run(Command::new("cp").arg("-a").arg(from.join(dir)).arg(to))?;
-    }
-    let libs: Vec<PathBuf> = std::fs::read_dir(from.join("deps"))?
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with("lib"))
-        .map(|e| e.path())
-        .collect();
-    run(Command::new("cp").arg("-a").args(libs).arg(to.join("deps")))
+    .build()
 }
 
 // ---- agents of either build -------------------------------------------------------------------------

@@ -28,7 +28,7 @@ use std::process::Command;
 
 use anyhow::Context as _;
 
-use self::topology::{Family, Mode};
+use self::topology::{Builds, Family, Mode};
 use crate::test::{require_root, step, target_dir};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -57,9 +57,14 @@ pub struct Options {
     /// report6.{json,svg,md} and are judged against issue 14's IPv6 targets.
     #[arg(long, value_enum, default_value_t = Family::V4)]
     pub family: Family,
-    /// Modes to measure (comma-separated).
+    /// Modes to measure (comma-separated). Not in the default set: ebpf-nocsum, ebpf-base.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = Mode::ALL)]
     pub modes: Vec<Mode>,
+    /// The commit whose `weft agent --datapath ebpf` the ebpf-base mode runs: built in release
+    /// with that commit's own eBPF object into `<target>/weft-base/target` on first use.
+    /// `WEFT_BASE_BIN=/path` names an already built binary instead.
+    #[arg(long, default_value = "96d6bbb")]
+    pub baseline: String,
     /// Underlay offload variants: `both` measures each mode with the veth defaults and with TSO/GSO
     /// off on the underlay, in every round.
     #[arg(long, value_enum, default_value_t = Variants::Both)]
@@ -129,10 +134,18 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         // Read by the harness when it starts the agents; set before any thread exists.
         std::env::set_var("WEFT_BIN", &bin);
     }
+    let builds = Builds {
+        current: weft_tests::weft_bin()?,
+        base: if !opts.control_plane && !opts.hand_routed && opts.modes.contains(&Mode::EbpfBase) {
+            Some(baseline_weft(&opts)?)
+        } else {
+            None
+        },
+    };
     let runtime = tokio::runtime::Runtime::new().context("start the tokio runtime")?;
     runtime.block_on(async {
         tokio::select! {
-            r = measure_all(&opts) => r,
+            r = measure_all(&opts, &builds) => r,
             _ = tokio::signal::ctrl_c() => {
                 Err(anyhow::anyhow!("interrupted; what the benchmark made is being removed"))
             }
@@ -156,7 +169,44 @@ fn build_release_weft(skip_ebpf: bool) -> anyhow::Result<PathBuf> {
     Ok(target_dir()?.join("release").join("weft"))
 }
 
-async fn measure_all(opts: &Options) -> anyhow::Result<()> {
+/// Names an already built weft binary for the ebpf-base mode instead of `--baseline`'s build.
+pub const BASE_BIN_VAR: &str = "WEFT_BASE_BIN";
+
+/// The ebpf-base mode's weft: `$WEFT_BASE_BIN`, else `--baseline` built in release (reused once
+/// built; the integration tests' debug build of the previous layout lives apart, in weft-prev).
+fn baseline_weft(opts: &Options) -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(BASE_BIN_VAR) {
+        let bin = PathBuf::from(bin);
+        anyhow::ensure!(
+            bin.is_file(),
+            "{BASE_BIN_VAR}={} is not a file; build the baseline weft or unset {BASE_BIN_VAR}",
+            bin.display()
+        );
+        return Ok(bin);
+    }
+    let build = weft_tests::prev_build::PrevBuild {
+        rev: &opts.baseline,
+        dir: "weft-base",
+        release: true,
+        bin_var: BASE_BIN_VAR,
+    };
+    println!(
+        "==> the baseline weft ({}, release) for ebpf-base: {}",
+        opts.baseline,
+        build.bin().display()
+    );
+    let started = std::time::Instant::now();
+    let bin = build
+        .build()
+        .with_context(|| format!("build the baseline weft {} for ebpf-base", opts.baseline))?;
+    println!(
+        "==> baseline ready after {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(bin)
+}
+
+async fn measure_all(opts: &Options, builds: &Builds) -> anyhow::Result<()> {
     for (tool, package) in [
         ("iperf3", "iperf3"),
         ("sockperf", "sockperf"),
@@ -176,7 +226,7 @@ async fn measure_all(opts: &Options) -> anyhow::Result<()> {
     if opts.control_plane {
         control_plane::run(opts).await
     } else {
-        datapath::run(opts).await
+        datapath::run(opts, builds).await
     }
 }
 

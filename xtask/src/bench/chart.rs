@@ -10,11 +10,12 @@ use plotters::prelude::*;
 use crate::bench::report::fmt_value;
 use crate::bench::stats::{ModeSummary, METRICS};
 
-const MODES: [(&str, RGBColor); 5] = [
+const MODES: [(&str, RGBColor); 6] = [
     ("bare", RGBColor(40, 160, 90)),
     ("host-gw", RGBColor(110, 110, 110)),
     ("kernel-vxlan", RGBColor(225, 130, 20)),
     ("ebpf", RGBColor(30, 100, 200)),
+    ("ebpf-base", RGBColor(140, 80, 180)),
     ("ebpf-nocsum", RGBColor(120, 170, 230)),
 ];
 

@@ -8,6 +8,7 @@
 //! take their places.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use anyhow::{bail, Context as _};
 use serde::Serialize;
@@ -43,11 +44,17 @@ pub const IPV6_PATH: PathCounters = PathCounters {
     fallback_device: "flannel-v6.1",
 };
 
-/// Run `weft status --json` in `host`'s namespace and flatten its counters. Fails, naming what is
-/// missing, when the command fails or reports no encapsulated/decapsulated counters of `path`:
-/// without them nothing proves the eBPF path carried the traffic.
-pub async fn read_ebpf_counters(host: &Host, path: &PathCounters) -> anyhow::Result<Counters> {
-    let json = status_json(host).await?;
+/// Run `weft status --json` of build `weft` (the one whose agent runs there: a build refuses
+/// another build's map layout) in `host`'s namespace and flatten its counters. Fails, naming what
+/// is missing, when the command fails or reports no encapsulated/decapsulated counters of `path`:
+/// without them nothing proves the eBPF path carried the traffic. The baseline build (96d6bbb)
+/// names its IPv4 counters as this one does.
+pub async fn read_ebpf_counters(
+    host: &Host,
+    path: &PathCounters,
+    weft: &Path,
+) -> anyhow::Result<Counters> {
+    let json = status_json_of(host, weft).await?;
     let counters = flatten(&json);
     for name in [path.encapsulated, path.decapsulated] {
         if find(&counters, name).is_none() {
@@ -62,17 +69,21 @@ pub async fn read_ebpf_counters(host: &Host, path: &PathCounters) -> anyhow::Res
     Ok(counters)
 }
 
-/// `weft status --json` in `host`'s namespace, parsed.
+/// `weft status --json` of the harness's weft in `host`'s namespace, parsed.
 pub async fn status_json(host: &Host) -> anyhow::Result<serde_json::Value> {
-    let bin = weft_tests::weft_bin()?;
-    let bin = bin.to_string_lossy().into_owned();
+    status_json_of(host, &weft_tests::weft_bin()?).await
+}
+
+/// `weft status --json` of build `weft` in `host`'s namespace, parsed.
+pub async fn status_json_of(host: &Host, weft: &Path) -> anyhow::Result<serde_json::Value> {
+    let bin = weft.to_string_lossy().into_owned();
     let pin_dir = host.bpf_pin_dir().display().to_string();
     let out = host
         .exec(&[&bin, "status", "--json", "--bpf-pin-dir", &pin_dir])
         .await;
     if !out.status.success() {
         bail!(
-            "`weft status --json --bpf-pin-dir {pin_dir}` in {} failed ({}): {}{}\nThe ebpf rounds cannot be verified without the \
+            "`{bin} status --json --bpf-pin-dir {pin_dir}` in {} failed ({}): {}{}\nThe ebpf rounds cannot be verified without the \
              datapath counters; they are not reported as eBPF.",
             host.name(),
             out.status,
@@ -153,9 +164,11 @@ pub fn delta(before: &Counters, after: &Counters) -> Counters {
         .collect()
 }
 
-/// The verdict on one ebpf round.
+/// The verdict on one round of an eBPF mode.
 #[derive(Debug, Clone, Serialize)]
 pub struct RoundCheck {
+    /// The mode (`ebpf`, `ebpf-base`, ...); set by the caller.
+    pub mode: &'static str,
     pub round: usize,
     pub variant: &'static str,
     /// UDP packets the receiving container got in this round's 64-byte test.
@@ -195,6 +208,7 @@ impl RoundCheck {
         let receiver_decapsulated = find(&receiver_delta, path.decapsulated).unwrap_or(0.0);
         let need = MIN_SHARE * udp_received as f64;
         RoundCheck {
+            mode: "",
             round,
             variant,
             udp_received,

@@ -14,7 +14,7 @@ use crate::bench::programs::{self, LiveCost, Programs};
 use crate::bench::report::{self, EbpfCounters, Report, Settings, VariantReport};
 use crate::bench::stats::{ModeSummary, Modes, Sample};
 use crate::bench::targets::{self, Comparison};
-use crate::bench::topology::{Family, Mode, Offload, Routing, Testbed};
+use crate::bench::topology::{Builds, Family, Mode, Offload, Routing, Testbed};
 
 struct Bed {
     bed: Testbed,
@@ -23,7 +23,7 @@ struct Bed {
     watched: Vec<(String, BTreeMap<u64, String>)>,
 }
 
-pub async fn run(opts: &Options) -> anyhow::Result<()> {
+pub async fn run(opts: &Options, builds: &Builds) -> anyhow::Result<()> {
     let routing = if opts.hand_routed {
         Routing::Hand
     } else {
@@ -62,7 +62,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     let mut beds = BTreeMap::new();
     for &mode in &modes {
         println!("==> set up {mode}");
-        let bed = Testbed::start(mode, routing, opts.family)
+        let bed = Testbed::start(mode, routing, opts.family, builds.for_mode(mode)?)
             .await
             .with_context(|| format!("set up the {mode} test bed"))?;
         let servers = Servers::start(&bed.server).await?;
@@ -90,7 +90,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
     let path = opts.family.path_counters();
     if let Some(b) = beds.get(&Mode::Ebpf) {
         for host in b.bed.hosts() {
-            let c = counters::read_ebpf_counters(host, path).await?;
+            let c = counters::read_ebpf_counters(host, path, &b.bed.weft).await?;
             ebpf.before.insert(host_label(host.index()), c);
         }
     }
@@ -106,7 +106,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
 
     if let Some(b) = beds.get(&Mode::Ebpf) {
         for host in b.bed.hosts() {
-            let c = counters::read_ebpf_counters(host, path).await?;
+            let c = counters::read_ebpf_counters(host, path, &b.bed.weft).await?;
             ebpf.after.insert(host_label(host.index()), c);
         }
     }
@@ -144,6 +144,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<()> {
         settings: Settings {
             loadavg_start,
             loadavg_end: loadavg(),
+            baseline: baseline_setting(opts, &modes, builds),
             ..settings(opts, max_rounds, routing, offloads)
         },
     };
@@ -318,7 +319,8 @@ fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::R
     if !ebpf.rounds.is_empty() {
         if ebpf.all_rounds_through_ebpf {
             println!(
-                "eBPF counters: every ebpf round encapsulated and decapsulated >= {:.0} % of its {}UDP packets in eBPF",
+                "eBPF counters: every round of {} encapsulated and decapsulated >= {:.0} % of its {}UDP packets in eBPF",
+                ebpf_modes(&ebpf.rounds),
                 counters::MIN_SHARE * 100.0,
                 match family {
                     Family::V4 => "",
@@ -332,8 +334,9 @@ fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::R
                 .filter(|c| !c.through_ebpf)
                 .map(|c| {
                     format!(
-                        "round {} {}: {} UDP packets received, {} encapsulated, {} decapsulated, {} tx {:?}",
+                        "round {} {} {}: {} UDP packets received, {} encapsulated, {} decapsulated, {} tx {:?}",
                         c.round,
+                        c.mode,
                         c.variant,
                         c.udp_received,
                         c.sender_encapsulated,
@@ -344,7 +347,7 @@ fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::R
                 })
                 .collect();
             bail!(
-                "the ebpf mode did NOT go through eBPF in every round (kernel fallback?); its figures are \
+                "an eBPF mode did NOT go through eBPF in every round (kernel fallback?); its figures are \
                  not eBPF figures:\n  {}",
                 bad.join("\n  ")
             );
@@ -364,7 +367,11 @@ fn compare_variant(
         .filter(|((variant, _), _)| *variant == v)
         .map(|((_, mode), s)| (mode.name().to_owned(), ModeSummary::of(s.clone())))
         .collect();
-    targets::compare(&modes, targets::targets(family, v == Offload::On), v.name())
+    let mut judged = targets::targets(family, v == Offload::On);
+    if modes.contains_key(targets::EBPF_BASE) {
+        judged.extend(targets::baseline_targets());
+    }
+    targets::compare(&modes, judged, v.name())
 }
 
 /// report.json, report.svg and report.md in the output directory (`--family 6`: report6.*).
@@ -441,12 +448,13 @@ async fn measure_mode(
 ) -> anyhow::Result<(Sample, Option<RoundCheck>)> {
     let ebpf = b.bed.mode.is_ebpf();
     let path = b.bed.family.path_counters();
+    let weft = b.bed.weft.clone();
     let hosts = b.bed.hosts();
     let (sender, receiver) = (&hosts[0], &hosts[1]);
     let before = if ebpf {
         Some((
-            counters::read_ebpf_counters(sender, path).await?,
-            counters::read_ebpf_counters(receiver, path).await?,
+            counters::read_ebpf_counters(sender, path, &weft).await?,
+            counters::read_ebpf_counters(receiver, path, &weft).await?,
             counters::fallback_tx_packets(sender, path).await,
         ))
     } else {
@@ -473,7 +481,7 @@ async fn measure_mode(
     // packets during the host-originated tests.
     let host_before = if ebpf {
         Some((
-            counters::read_ebpf_counters(sender, path).await?,
+            counters::read_ebpf_counters(sender, path, &weft).await?,
             counters::fallback_tx_packets(sender, path).await,
         ))
     } else {
@@ -505,8 +513,8 @@ async fn measure_mode(
     };
     let check = match before {
         Some((s0, r0, f0)) => {
-            let s1: Counters = counters::read_ebpf_counters(sender, path).await?;
-            let r1 = counters::read_ebpf_counters(receiver, path).await?;
+            let s1: Counters = counters::read_ebpf_counters(sender, path, &weft).await?;
+            let r1 = counters::read_ebpf_counters(receiver, path, &weft).await?;
             let f1 = counters::fallback_tx_packets(sender, path).await;
             let flannel_tx = f0.zip(f1).map(|(a, b)| b.saturating_sub(a));
             let mut check = RoundCheck::new(
@@ -518,6 +526,7 @@ async fn measure_mode(
                 counters::delta(&r0, &r1),
                 flannel_tx,
             );
+            check.mode = b.bed.mode.name();
             if let Some((h0, hf0)) = host_before {
                 check.host_tests = Some(HostPath {
                     encapsulated: counters::find(&counters::delta(&h0, &s1), path.encapsulated)
@@ -577,6 +586,29 @@ fn print_sample(
         s.host_tcp1_gbps,
         s.host_rr_p50_us
     );
+}
+
+/// The eBPF modes the checks cover, in the order they first ran: "ebpf, ebpf-base".
+fn ebpf_modes(checks: &[RoundCheck]) -> String {
+    let mut modes: Vec<&str> = Vec::new();
+    for c in checks {
+        if !modes.contains(&c.mode) {
+            modes.push(c.mode);
+        }
+    }
+    modes.join(", ")
+}
+
+/// report.json's `settings.baseline`: which build ebpf-base ran, when it ran.
+fn baseline_setting(opts: &Options, modes: &[Mode], builds: &Builds) -> Option<String> {
+    let bin = builds
+        .base
+        .as_ref()
+        .filter(|_| modes.contains(&Mode::EbpfBase))?;
+    Some(match std::env::var_os(super::BASE_BIN_VAR) {
+        Some(_) => format!("{} ({})", super::BASE_BIN_VAR, bin.display()),
+        None => format!("{} ({})", opts.baseline, bin.display()),
+    })
 }
 
 fn host_label(index: usize) -> String {
@@ -675,5 +707,6 @@ fn settings(
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         loadavg_start: String::new(),
         loadavg_end: String::new(),
+        baseline: None,
     }
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::bench::counters::{Counters, RoundCheck};
 use crate::bench::programs::Programs;
 use crate::bench::stats::{Interval, Modes, METRICS};
-use crate::bench::targets::{self, Comparison, BARE, EBPF, HOST_GW, KERNEL_VXLAN};
+use crate::bench::targets::{self, Comparison, BARE, EBPF, EBPF_BASE, HOST_GW, KERNEL_VXLAN};
 
 /// target/bench/report.json. `modes` holds the variant named in `variant` (the default underlay
 /// offloads when that variant ran).
@@ -72,6 +72,9 @@ pub struct Settings {
     /// /proc/loadavg when the run started and ended: other work on the machine adds noise.
     pub loadavg_start: String,
     pub loadavg_end: String,
+    /// The build `ebpf-base` ran (`--baseline` or WEFT_BASE_BIN, and the binary), when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
 }
 
 impl Report {
@@ -133,7 +136,7 @@ impl Grid {
 
 /// Modes in report order, those that ran.
 fn present(modes: &Modes) -> Vec<&'static str> {
-    [BARE, HOST_GW, KERNEL_VXLAN, EBPF, "ebpf-nocsum"]
+    [BARE, HOST_GW, KERNEL_VXLAN, EBPF, EBPF_BASE, "ebpf-nocsum"]
         .into_iter()
         .filter(|m| modes.contains_key(*m))
         .collect()
@@ -245,9 +248,56 @@ pub fn targets_grid(cmp: &Comparison) -> Grid {
     Grid { header, rows }
 }
 
+/// With `ebpf-base` measured: per metric both eBPF builds' medians, their ratios to
+/// kernel-vxlan, ebpf/ebpf-base (the per-round ratio, the same as the ratio of the two
+/// kernel-vxlan ratios round by round) and its target's verdict. `None` without both modes.
+pub fn baseline_grid(modes: &Modes, cmp: &Comparison) -> Option<Grid> {
+    if !(modes.contains_key(EBPF) && modes.contains_key(EBPF_BASE)) {
+        return None;
+    }
+    let kv = modes.contains_key(KERNEL_VXLAN);
+    let mut header = vec!["metric".to_owned(), EBPF.to_owned(), EBPF_BASE.to_owned()];
+    if kv {
+        header.push(format!("{EBPF}/{KERNEL_VXLAN}"));
+        header.push(format!("{EBPF_BASE}/{KERNEL_VXLAN}"));
+    }
+    header.push(format!("{EBPF}/{EBPF_BASE}"));
+    header.extend(["target", "verdict"].map(str::to_owned));
+    let ratio = |i: Option<Interval>| i.map_or("-".to_owned(), |i| fmt_ratio(&i));
+    let rows = METRICS
+        .iter()
+        .map(|metric| {
+            let value = |mode: &str| fmt_value((metric.get)(&modes[mode].medians()));
+            let mc = cmp.metrics.get(metric.key).cloned().unwrap_or_default();
+            let of = |mode: &str| mc.ratios.get(mode).cloned().unwrap_or_default();
+            let mut row = vec![metric.label.to_owned(), value(EBPF), value(EBPF_BASE)];
+            if kv {
+                row.push(ratio(of(EBPF).vs_kernel_vxlan));
+                row.push(ratio(of(EBPF_BASE).vs_kernel_vxlan));
+            }
+            row.push(ratio(of(EBPF).vs_ebpf_base));
+            let judged = cmp
+                .targets
+                .iter()
+                .find(|t| t.metric == metric.key && t.target.starts_with("ebpf/ebpf-base"));
+            row.push(judged.map_or("-".to_owned(), |t| t.target.clone()));
+            row.push(judged.map_or("-".to_owned(), |t| t.verdict.to_string()));
+            row
+        })
+        .collect();
+    Some(Grid { header, rows })
+}
+
 /// The terminal's tables for one variant.
 pub fn table(title: &str, rounds: usize, modes: &Modes, cmp: &Comparison) -> String {
     let mut out = format!("\n{title}\n{}", values_grid(rounds, modes, cmp).text());
+    if let Some(g) = baseline_grid(modes, cmp) {
+        let _ = write!(
+            out,
+            "\nebpf against the baseline build (ebpf-base)\n{}",
+            g.text()
+        );
+    }
     if !cmp.targets.is_empty() {
         let _ = write!(out, "\ntargets\n{}", targets_grid(cmp).text());
     }
@@ -257,6 +307,9 @@ pub fn table(title: &str, rounds: usize, modes: &Modes, cmp: &Comparison) -> Str
 /// The same tables as Markdown, for README.
 pub fn markdown(rounds: usize, modes: &Modes, cmp: &Comparison) -> String {
     let mut out = values_grid(rounds, modes, cmp).markdown();
+    if let Some(g) = baseline_grid(modes, cmp) {
+        let _ = write!(out, "\n{}", g.markdown());
+    }
     if !cmp.targets.is_empty() {
         let _ = write!(out, "\n{}", targets_grid(cmp).markdown());
     }
@@ -344,6 +397,40 @@ mod tests {
             .filter(|l| !l.is_empty())
             .all(|l| l.starts_with('|') && l.ends_with('|')));
         assert!(targets.contains("| met |"), "{targets}");
+    }
+
+    #[test]
+    fn a_run_with_the_baseline_build_has_a_table_for_ebpf_against_it() {
+        let mut m = modes(5);
+        assert!(baseline_grid(&m, &Comparison::default()).is_none());
+        let base: Vec<Sample> = m["ebpf"]
+            .samples
+            .iter()
+            .map(|s| Sample {
+                tcp1_gbps: s.tcp1_gbps / 0.99,
+                ..*s
+            })
+            .collect();
+        m.insert(EBPF_BASE.to_owned(), ModeSummary::of(base));
+        let mut ts = targets::targets(Family::V4, true);
+        ts.extend(targets::baseline_targets());
+        let cmp = targets::compare(&m, ts, "offload");
+        let md = markdown(5, &m, &cmp);
+        assert!(md.contains("| metric | ebpf | ebpf-base | ebpf/kernel-vxlan | ebpf-base/kernel-vxlan | ebpf/ebpf-base | target | verdict |"), "{md}");
+        let tcp1 = md
+            .lines()
+            .find(|l| l.starts_with("| TCP 1 stream") && l.contains("ebpf/ebpf-base >="))
+            .unwrap();
+        assert!(
+            tcp1.contains("| 0.99x (0.99–0.99) | ebpf/ebpf-base >= 0.97 | met |"),
+            "{tcp1}"
+        );
+        let t = table("offload", 5, &m, &cmp);
+        assert!(
+            t.contains("ebpf against the baseline build (ebpf-base)"),
+            "{t}"
+        );
+        assert!(t.contains("ebpf-base/bare"), "{t}");
     }
 
     #[test]

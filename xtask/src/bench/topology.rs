@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -112,6 +113,9 @@ pub enum Mode {
     /// weft with `--datapath ebpf --ebpf-udp-csum=false`: what the outer UDP checksum costs.
     /// Not measured unless named in `--modes`.
     EbpfNocsum,
+    /// `weft agent --datapath ebpf` of an earlier build (`--baseline`, its own eBPF programs):
+    /// the previous datapath measured in the same rounds. Not measured unless named in `--modes`.
+    EbpfBase,
 }
 
 impl Mode {
@@ -124,18 +128,19 @@ impl Mode {
             Mode::KernelVxlan => "kernel-vxlan",
             Mode::Ebpf => "ebpf",
             Mode::EbpfNocsum => "ebpf-nocsum",
+            Mode::EbpfBase => "ebpf-base",
         }
     }
 
     /// The eBPF datapath (whose counters each round checks).
     pub fn is_ebpf(self) -> bool {
-        matches!(self, Mode::Ebpf | Mode::EbpfNocsum)
+        matches!(self, Mode::Ebpf | Mode::EbpfNocsum | Mode::EbpfBase)
     }
 
     fn config(self, family: Family) -> String {
         let backend = match self {
             Mode::Bare | Mode::HostGw => "host-gw",
-            Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum => "vxlan",
+            Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum | Mode::EbpfBase => "vxlan",
         };
         family.config(backend)
     }
@@ -143,7 +148,8 @@ impl Mode {
     fn agent_args(self) -> &'static [&'static str] {
         match self {
             Mode::Bare | Mode::HostGw | Mode::KernelVxlan => &["--datapath", "kernel"],
-            Mode::Ebpf => &["--datapath", "ebpf"],
+            // The baseline build (96d6bbb) takes these and Host::agent_args alike.
+            Mode::Ebpf | Mode::EbpfBase => &["--datapath", "ebpf"],
             Mode::EbpfNocsum => &["--datapath", "ebpf", "--ebpf-udp-csum=false"],
         }
     }
@@ -152,6 +158,26 @@ impl Mode {
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// The weft builds the modes run: this one, and `ebpf-base`'s.
+#[derive(Debug, Clone)]
+pub struct Builds {
+    pub current: PathBuf,
+    pub base: Option<PathBuf>,
+}
+
+impl Builds {
+    /// The binary whose agents run `mode` (and whose `weft status` reads their maps: a build
+    /// refuses another build's map layout).
+    pub fn for_mode(&self, mode: Mode) -> anyhow::Result<&Path> {
+        match mode {
+            Mode::EbpfBase => self.base.as_deref().context(
+                "the ebpf-base mode needs the baseline build (--baseline or WEFT_BASE_BIN)",
+            ),
+            _ => Ok(self.current.as_path()),
+        }
     }
 }
 
@@ -197,10 +223,17 @@ pub struct Testbed {
     // handles must not outlive that.
     pub containers: Option<(Container, Container)>,
     pub cluster: Cluster,
+    /// The weft binary the agents run; its `weft status` reads their counters.
+    pub weft: PathBuf,
 }
 
 impl Testbed {
-    pub async fn start(mode: Mode, routing: Routing, family: Family) -> anyhow::Result<Testbed> {
+    pub async fn start(
+        mode: Mode,
+        routing: Routing,
+        family: Family,
+        weft: &Path,
+    ) -> anyhow::Result<Testbed> {
         if routing == Routing::Hand && family == Family::V6 {
             bail!("--hand-routed programs IPv4 only; drop it with --family 6");
         }
@@ -208,13 +241,13 @@ impl Testbed {
             .await
             .context("build the two-host cluster")?;
         if mode == Mode::Bare {
-            return Testbed::bare(cluster, family).await;
+            return Testbed::bare(cluster, family, weft).await;
         }
         cluster.write_config(&mode.config(family)).await;
         match routing {
             Routing::Agent => {
                 cluster
-                    .start_agents(mode.agent_args())
+                    .start_agents_with(weft, mode.agent_args())
                     .with_context(|| format!("start weft agents for {mode}"))?;
             }
             Routing::Hand => {
@@ -246,6 +279,7 @@ impl Testbed {
             host_client: Endpoint::host(cluster.host(0), family),
             containers: Some((client, server)),
             cluster,
+            weft: weft.to_owned(),
         };
         bed.force_mtu().await?;
         bed.set_offload(Offload::On).await?;
@@ -279,9 +313,9 @@ impl Testbed {
             ),
             EBPF_BINDING,
             || async {
-                let before = path_counts(hosts, path).await?;
+                let before = path_counts(hosts, path, &self.weft).await?;
                 client.ping(server_ip).await.map_err(|e| format!("{e:#}"))?;
-                let after = path_counts(hosts, path).await?;
+                let after = path_counts(hosts, path, &self.weft).await?;
                 let grew = before.iter().zip(&after).all(|(b, a)| a > b);
                 weft_tests::poll::check(grew, (before, after))
             },
@@ -293,7 +327,7 @@ impl Testbed {
     /// Host 1 to host 2 over the underlay: the hosts' own namespaces at their ens32 addresses
     /// (IPv6: the harness's fd00:16::/64 ones), MTU 1500 (the wire's; no overlay takes 50 or 70
     /// bytes of it).
-    async fn bare(cluster: Cluster, family: Family) -> anyhow::Result<Testbed> {
+    async fn bare(cluster: Cluster, family: Family, weft: &Path) -> anyhow::Result<Testbed> {
         let (client, server) = (
             Endpoint::host(cluster.host(0), family),
             Endpoint::host(cluster.host(1), family),
@@ -306,6 +340,7 @@ impl Testbed {
             server,
             containers: None,
             cluster,
+            weft: weft.to_owned(),
         };
         bed.set_offload(Offload::On).await?;
         let (h1, target) = (bed.cluster.host(0), bed.server.ip.to_string());
@@ -407,10 +442,10 @@ impl Testbed {
 }
 
 /// `[encapsulated, decapsulated]` of `path` on each host in turn.
-async fn path_counts(hosts: &[Host], path: &PathCounters) -> Result<Vec<f64>, String> {
+async fn path_counts(hosts: &[Host], path: &PathCounters, weft: &Path) -> Result<Vec<f64>, String> {
     let mut counts = Vec::new();
     for host in hosts {
-        let c = read_ebpf_counters(host, path)
+        let c = read_ebpf_counters(host, path, weft)
             .await
             .map_err(|e| format!("{e:#}"))?;
         counts.extend([path.encapsulated, path.decapsulated].map(|n| find(&c, n).unwrap_or(0.0)));
@@ -464,7 +499,7 @@ fn hand_subnet(i: usize) -> Ipv4Net {
 fn write_subnet_files(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
     let mtu = match mode {
         Mode::Bare | Mode::HostGw => 1500,
-        Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum => CONTAINER_MTU,
+        Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum | Mode::EbpfBase => CONTAINER_MTU,
     };
     for (i, host) in cluster.hosts().iter().enumerate() {
         std::fs::write(
@@ -502,7 +537,7 @@ async fn hand_route(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
                 Mode::Bare | Mode::HostGw => {
                     flanneld::host_gw_peer(hand_subnet(j), peer.ens32_ip(), None)
                 }
-                Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum => {
+                Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum | Mode::EbpfBase => {
                     flanneld::vxlan_peer(hand_subnet(j), peer.ens32_ip(), &macs[j])
                 }
             };
