@@ -21,3 +21,5 @@ pub mod notify;
 pub mod status;
 pub mod subnet;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod turns;

@@ -422,14 +422,8 @@ mod tests {
     async fn a_map_listing_is_read_in_turns() {
         let n = 5000;
         let entries = (0..n).map(Ok::<_, MapError>);
-        let mut listing = std::pin::pin!(read_in_turns(entries));
-        let mut turns = 0;
-        let all = loop {
-            match futures::poll!(listing.as_mut()) {
-                std::task::Poll::Ready(all) => break all.expect("an Ok listing reads"),
-                std::task::Poll::Pending => turns += 1,
-            }
-        };
+        let (all, turns) = crate::turns::count_turns(read_in_turns(entries)).await;
+        let all = all.expect("an Ok listing reads");
         assert_eq!(all, (0..n).collect::<Vec<_>>(), "every entry, in order");
         assert_eq!(
             turns,

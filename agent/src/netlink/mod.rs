@@ -212,14 +212,9 @@ mod tests {
     async fn a_dump_already_queued_is_read_in_turns() {
         let n = 5000;
         let queued = futures::stream::iter((0..n).map(Ok::<_, rtnetlink::Error>));
-        let mut dump = std::pin::pin!(collect(queued, "list routes", String::new));
-        let mut turns = 0;
-        let all = loop {
-            match futures::poll!(dump.as_mut()) {
-                std::task::Poll::Ready(all) => break all.expect("an Ok stream collects"),
-                std::task::Poll::Pending => turns += 1,
-            }
-        };
+        let (all, turns) =
+            crate::turns::count_turns(collect(queued, "list routes", String::new)).await;
+        let all = all.expect("an Ok stream collects");
         assert_eq!(all, (0..n).collect::<Vec<_>>(), "every reply, in order");
         assert_eq!(
             turns,
