@@ -391,6 +391,18 @@ impl Host {
         self.netns.exec(argv).await
     }
 
+    /// Packets `dev` in this host has sent (`ip -s link`'s TX packets).
+    pub async fn tx_packets(&self, dev: &str) -> u64 {
+        let out = self
+            .exec_ok(&["ip", "-s", "-j", "link", "show", dev])
+            .await
+            .unwrap_or_else(|e| panic!("ip -s link show {dev} on {}: {e:#}", self.name()));
+        let links: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
+        links[0]["stats64"]["tx"]["packets"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no TX packets for {dev} in {out}"))
+    }
+
     /// Run `argv` inside the host namespace; stdout, or an error with its output.
     pub async fn exec_ok(&self, argv: &[&str]) -> anyhow::Result<String> {
         self.netns.exec_ok(argv).await

@@ -165,6 +165,32 @@ impl Container {
         Ok(())
     }
 
+    /// `count` echoes to `ip` 20 ms apart (`ping -q -i 0.02`, 2 s for the last answer): how many
+    /// were answered, or an error with ping's output when not all were.
+    pub async fn ping_burst(
+        &self,
+        ip: impl Into<std::net::IpAddr>,
+        count: u32,
+    ) -> anyhow::Result<u32> {
+        let ip = ip.into();
+        let family = if ip.is_ipv6() { "-6" } else { "-4" };
+        let (n, to) = (count.to_string(), ip.to_string());
+        let argv = [
+            "ping", family, "-n", "-q", "-c", &n, "-i", "0.02", "-W", "2", &to,
+        ];
+        let out = self.exec(&argv).await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        match ping_summary(&text) {
+            Some((_, received)) if received == count && out.status.success() => Ok(received),
+            _ => bail!(
+                "{count} pings {ip} from container {}: {}{}",
+                self.netns(),
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
+
     /// Ping `ip` until it answers or `timeout` passes (then the last ping's error).
     pub async fn ping_until(
         &self,

@@ -594,25 +594,9 @@ async fn ipv6_only(dp: Datapath) {
     )
     .await;
     let before = fast().await;
-    let out = x
-        .exec(&[
-            "ping",
-            "-6",
-            "-n",
-            "-q",
-            "-c",
-            &PINGS.to_string(),
-            "-i",
-            "0.02",
-            "-W",
-            "2",
-            &y6.to_string(),
-        ])
-        .await;
-    assert!(
-        out.status.success(),
-        "{dp}: {PINGS} IPv6-only pings to {y6}: {out:?}"
-    );
+    x.ping_burst(y6, PINGS as u32)
+        .await
+        .unwrap_or_else(|e| panic!("{dp}: {e:#}"));
     let after = fast().await;
     assert!(
         after.0 - before.0 >= PINGS && after.1 - before.1 >= PINGS,

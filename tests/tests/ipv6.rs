@@ -200,18 +200,6 @@ async fn dual_stack_containers_reach_each_other_on_the_ebpf_datapath() {
     all_pairs_reach_each_other_over_both_families(DUAL, "ebpf").await;
 }
 
-/// Packets `dev` has sent (`ip -s link`'s TX packets).
-async fn tx_packets(host: &Host, dev: &str) -> u64 {
-    let out = host
-        .exec_ok(&["ip", "-s", "-j", "link", "show", dev])
-        .await
-        .unwrap_or_else(|e| panic!("ip -s link show {dev} on {}: {e:#}", host.name()));
-    let links: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
-    links[0]["stats64"]["tx"]["packets"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no TX packets for {dev} in {out}"))
-}
-
 /// The eBPF datapath carries IPv6 itself: pings across hosts grow `ipv6: encapsulated` on the
 /// sender and `ipv6: decapsulated` on the receiver, while flannel-v6.1 (the kernel fallback)
 /// sends next to nothing of them; IPv4 still takes the eBPF path too.
@@ -253,32 +241,15 @@ async fn ebpf_datapath_encapsulates_ipv6_itself() {
     let (s0, s1) = (status(h0).await, status(h1).await);
     let encap = counts(&s0, "ipv6: encapsulated");
     let decap = counts(&s1, "ipv6: decapsulated");
-    let kernel_tx = tx_packets(h0, "flannel-v6.1").await;
+    let kernel_tx = h0.tx_packets("flannel-v6.1").await;
     let encap4 = counts(&s0, "encapsulated");
-    let out = from
-        .exec(&[
-            "ping",
-            "-6",
-            "-n",
-            "-q",
-            "-c",
-            &PINGS.to_string(),
-            "-i",
-            "0.02",
-            "-W",
-            "2",
-            &to6.to_string(),
-        ])
-        .await;
-    assert!(
-        out.status.success(),
-        "{PINGS} IPv6 pings {} -> {to6}: {out:?}",
-        from.netns()
-    );
+    from.ping_burst(to6, PINGS as u32)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let (s0, s1) = (status(h0).await, status(h1).await);
     let sent = counts(&s0, "ipv6: encapsulated") - encap;
     let received = counts(&s1, "ipv6: decapsulated") - decap;
-    let kernel = tx_packets(h0, "flannel-v6.1").await - kernel_tx;
+    let kernel = h0.tx_packets("flannel-v6.1").await - kernel_tx;
     assert!(
         sent >= PINGS && received >= PINGS,
         "{PINGS} pings: ipv6: encapsulated on {} grew by {sent}, ipv6: decapsulated on {} by {received}",

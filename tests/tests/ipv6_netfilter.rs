@@ -385,17 +385,6 @@ async fn masquerade_scenario(kind: MasqKind) {
     );
 }
 
-/// TX packets of `dev` in `host`.
-async fn tx_packets(host: &Host, dev: &str) -> u64 {
-    let path = format!("/sys/class/net/{dev}/statistics/tx_packets");
-    host.exec_ok(&["cat", &path])
-        .await
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// `DirectRouting: true` on one IPv6 link: each host routes the other's IPv6 subnet via its
 /// PublicIPv6 on ens32 (no neighbour, fdb or route on flannel-v6.1), and containers reach each
 /// other over IPv6 without a packet leaving through flannel-v6.1.
@@ -445,20 +434,11 @@ async fn ipv6_direct_routing_routes_via_the_peer_and_carries_traffic() {
     c2.ping_until(c1_ip, SETTLE).await.unwrap();
     // A burst of 40 echoes: none may leave host 1 through flannel-v6.1 (which may still send
     // the odd router solicitation of its own, hence a margin well under 40).
-    let before = tx_packets(c.host(0), "flannel-v6.1").await;
-    let ip = c2_ip.to_string();
-    let out = c1
-        .exec_ok(&[
-            "ping", "-6", "-n", "-q", "-c", "40", "-i", "0.02", "-W", "2", &ip,
-        ])
+    let before = c.host(0).tx_packets("flannel-v6.1").await;
+    c1.ping_burst(c2_ip, 40)
         .await
-        .unwrap();
-    assert_eq!(
-        weft_tests::ping_summary(&out).map(|(_, received)| received),
-        Some(40),
-        "{out}"
-    );
-    let sent = tx_packets(c.host(0), "flannel-v6.1").await - before;
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let sent = c.host(0).tx_packets("flannel-v6.1").await - before;
     assert!(
         sent < 5,
         "{sent} packets left through flannel-v6.1, not ens32"
