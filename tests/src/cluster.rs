@@ -280,20 +280,7 @@ impl Host {
         let ip = Ipv4Addr::new(172, 16, 15, octet);
         let netns = Netns::create(&format!("{cluster}-host{}", index + 1)).await?;
         let port = format!("port-h{}", index + 1);
-        switch
-            .ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "ens32",
-                "netns",
-                netns.name(),
-            ])
-            .await?;
+        switch.add_veth_into(&port, "ens32", netns.name()).await?;
         switch
             .ip(&["link", "set", &port, "master", "br0", "up"])
             .await?;

@@ -75,6 +75,16 @@ impl Netns {
         run("ip", &full).await
     }
 
+    /// A veth pair: `name` here, its peer `peer` in namespace `other` (`ip link add NAME type veth
+    /// peer name PEER netns OTHER`). Both ends are down.
+    pub async fn add_veth_into(&self, name: &str, peer: &str, other: &str) -> anyhow::Result<()> {
+        self.ip(&[
+            "link", "add", name, "type", "veth", "peer", "name", peer, "netns", other,
+        ])
+        .await
+        .map(drop)
+    }
+
     /// An up interface `name` with address `cidr` (e.g. `192.168.50.1/24`): a veth whose peer
     /// `<name>-peer` stays in the namespace, up, since this kernel may lack the dummy driver.
     pub async fn add_interface(&self, name: &str, cidr: &str) -> anyhow::Result<()> {

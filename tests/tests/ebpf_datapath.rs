@@ -505,18 +505,7 @@ async fn spoofed_vxlan_from_a_host_without_lease_and_wrong_vni_never_reach_a_con
     // A rogue machine on the underlay switch, holding no lease.
     let rogue = Netns::create(&format!("{}-rogue", c.name())).await.unwrap();
     c.switch()
-        .ip(&[
-            "link",
-            "add",
-            "port-rogue",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            rogue.name(),
-        ])
+        .add_veth_into("port-rogue", "eth0", rogue.name())
         .await
         .unwrap();
     c.switch()

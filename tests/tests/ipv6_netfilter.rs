@@ -320,18 +320,7 @@ async fn masquerade_scenario(kind: MasqKind) {
         .await
         .unwrap();
     h1.netns()
-        .ip(&[
-            "link",
-            "add",
-            "out0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            world.name(),
-        ])
+        .add_veth_into("out0", "eth0", world.name())
         .await
         .unwrap();
     h1.netns()
@@ -450,18 +439,7 @@ async fn ipv6_direct_routing_routes_via_the_peer_and_carries_traffic() {
 async fn ipv6_only_ens32(c: &Cluster, h: &Host) {
     let port = format!("mport-h{}", h.index() + 1);
     c.switch()
-        .ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "mgmt0",
-            "netns",
-            h.name(),
-        ])
+        .add_veth_into(&port, "mgmt0", h.name())
         .await
         .unwrap();
     c.switch()
@@ -509,12 +487,7 @@ async fn v6_container(h: &Host, subnet: Ipv6Net) -> (Netns, Ipv6Addr) {
         .await
         .unwrap();
     let veth = format!("vc6h{}", h.index() + 1);
-    h.netns()
-        .ip(&[
-            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name,
-        ])
-        .await
-        .unwrap();
+    h.netns().add_veth_into(&veth, "eth0", &name).await.unwrap();
     h.netns()
         .ip(&["link", "set", &veth, "master", "docker0", "up"])
         .await

@@ -27,20 +27,9 @@ async fn world(c: &Cluster) -> Netns {
         .await
         .expect("create the world namespace");
     let sw = c.switch();
-    sw.ip(&[
-        "link",
-        "add",
-        "port-w",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        world.name(),
-    ])
-    .await
-    .expect("veth to the world");
+    sw.add_veth_into("port-w", "eth0", world.name())
+        .await
+        .expect("veth to the world");
     sw.ip(&["link", "set", "port-w", "master", "br0", "up"])
         .await
         .expect("port-w on br0");

@@ -674,20 +674,7 @@ mod ping_pong_tests {
         let pid = std::process::id();
         let a = Netns::create(&format!("weft-rr-{pid}-a")).await.unwrap();
         let b = Netns::create(&format!("weft-rr-{pid}-b")).await.unwrap();
-        a.ip(&[
-            "link",
-            "add",
-            "v0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "v1",
-            "netns",
-            b.name(),
-        ])
-        .await
-        .unwrap();
+        a.add_veth_into("v0", "v1", b.name()).await.unwrap();
         for (ns, dev, ip) in [(&a, "v0", "fd99::1/64"), (&b, "v1", "fd99::2/64")] {
             ns.ip(&["-6", "addr", "add", ip, "dev", dev, "nodad"])
                 .await
