@@ -57,7 +57,7 @@ pub struct Options {
     /// report6.{json,svg,md} and are judged against issue 14's IPv6 targets.
     #[arg(long, value_enum, default_value_t = Family::V4)]
     pub family: Family,
-    /// Modes to measure (comma-separated). Not in the default set: ebpf-nocsum, ebpf-base.
+    /// Modes to measure (comma-separated). Not in the default set: veth-floor, ebpf-nocsum, ebpf-base.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = Mode::ALL)]
     pub modes: Vec<Mode>,
     /// The commit whose `weft agent --datapath ebpf` the ebpf-base mode runs: built in release

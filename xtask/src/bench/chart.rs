@@ -10,8 +10,9 @@ use plotters::prelude::*;
 use crate::bench::report::fmt_value;
 use crate::bench::stats::{ModeSummary, METRICS};
 
-const MODES: [(&str, RGBColor); 6] = [
+const MODES: [(&str, RGBColor); 7] = [
     ("bare", RGBColor(40, 160, 90)),
+    ("veth-floor", RGBColor(150, 200, 120)),
     ("host-gw", RGBColor(110, 110, 110)),
     ("kernel-vxlan", RGBColor(225, 130, 20)),
     ("ebpf", RGBColor(30, 100, 200)),

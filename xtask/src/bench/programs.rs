@@ -399,7 +399,7 @@ fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
         .map_err(|_| anyhow::anyhow!("not a MAC address: {s:?}"))
 }
 
-async fn link_mac(ns: &str, dev: &str) -> anyhow::Result<[u8; 6]> {
+pub(crate) async fn link_mac(ns: &str, dev: &str) -> anyhow::Result<[u8; 6]> {
     let text = weft_tests::netns::run("ip", &["-n", ns, "-j", "link", "show", "dev", dev]).await?;
     let v: serde_json::Value = serde_json::from_str(&text)?;
     parse_mac(v[0]["address"].as_str().unwrap_or_default())

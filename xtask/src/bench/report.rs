@@ -136,10 +136,18 @@ impl Grid {
 
 /// Modes in report order, those that ran.
 fn present(modes: &Modes) -> Vec<&'static str> {
-    [BARE, HOST_GW, KERNEL_VXLAN, EBPF, EBPF_BASE, "ebpf-nocsum"]
-        .into_iter()
-        .filter(|m| modes.contains_key(*m))
-        .collect()
+    [
+        BARE,
+        "veth-floor",
+        HOST_GW,
+        KERNEL_VXLAN,
+        EBPF,
+        EBPF_BASE,
+        "ebpf-nocsum",
+    ]
+    .into_iter()
+    .filter(|m| modes.contains_key(*m))
+    .collect()
 }
 
 /// A ratio with its interval: `0.93x (0.90-0.95)`, or `0.93x` without a spread.

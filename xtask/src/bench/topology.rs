@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 
 use weft_tests::flanneld::{self, Ipv4Net};
-use weft_tests::{Cluster, ClusterOptions, Container, Host};
+use weft_tests::{Cluster, ClusterOptions, Container, Host, Netns};
 
 use crate::bench::counters::{find, read_ebpf_counters, PathCounters, IPV4_PATH, IPV6_PATH};
 use crate::bench::measure::Endpoint;
@@ -116,6 +116,11 @@ pub enum Mode {
     /// `weft agent --datapath ebpf` of an earlier build (`--baseline`, its own eBPF programs):
     /// the previous datapath measured in the same rounds. Not measured unless named in `--modes`.
     EbpfBase,
+    /// `bare` plus what Docker's veth alone costs the sender: host 1's client in a namespace behind
+    /// one veth whose frames TC actions put straight on ens32 (no bridge, routing, overlay or
+    /// agent). No datapath for veth containers can send for less. Not measured unless named in
+    /// `--modes`.
+    VethFloor,
 }
 
 impl Mode {
@@ -129,6 +134,7 @@ impl Mode {
             Mode::Ebpf => "ebpf",
             Mode::EbpfNocsum => "ebpf-nocsum",
             Mode::EbpfBase => "ebpf-base",
+            Mode::VethFloor => "veth-floor",
         }
     }
 
@@ -139,7 +145,7 @@ impl Mode {
 
     fn config(self, family: Family) -> String {
         let backend = match self {
-            Mode::Bare | Mode::HostGw => "host-gw",
+            Mode::Bare | Mode::VethFloor | Mode::HostGw => "host-gw",
             Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum | Mode::EbpfBase => "vxlan",
         };
         family.config(backend)
@@ -147,7 +153,9 @@ impl Mode {
 
     fn agent_args(self) -> &'static [&'static str] {
         match self {
-            Mode::Bare | Mode::HostGw | Mode::KernelVxlan => &["--datapath", "kernel"],
+            Mode::Bare | Mode::VethFloor | Mode::HostGw | Mode::KernelVxlan => {
+                &["--datapath", "kernel"]
+            }
             // The baseline build (96d6bbb) takes these and Host::agent_args alike.
             Mode::Ebpf | Mode::EbpfBase => &["--datapath", "ebpf"],
             Mode::EbpfNocsum => &["--datapath", "ebpf", "--ebpf-udp-csum=false"],
@@ -222,6 +230,8 @@ pub struct Testbed {
     // Containers before the cluster: the cluster's drop deletes their namespaces too, and the
     // handles must not outlive that.
     pub containers: Option<(Container, Container)>,
+    /// `veth-floor`'s client namespace.
+    pub floor: Option<Netns>,
     pub cluster: Cluster,
     /// The weft binary the agents run; its `weft status` reads their counters.
     pub weft: PathBuf,
@@ -240,8 +250,10 @@ impl Testbed {
         let cluster = Cluster::start(ClusterOptions::new(2))
             .await
             .context("build the two-host cluster")?;
-        if mode == Mode::Bare {
-            return Testbed::bare(cluster, family, weft).await;
+        match mode {
+            Mode::Bare => return Testbed::bare(cluster, family, weft).await,
+            Mode::VethFloor => return Testbed::veth_floor(cluster, family, weft).await,
+            _ => {}
         }
         cluster.write_config(&mode.config(family)).await;
         match routing {
@@ -278,6 +290,7 @@ impl Testbed {
             server: Endpoint::at(server.netns(), server_ip),
             host_client: Endpoint::host(cluster.host(0), family),
             containers: Some((client, server)),
+            floor: None,
             cluster,
             weft: weft.to_owned(),
         };
@@ -339,6 +352,7 @@ impl Testbed {
             client,
             server,
             containers: None,
+            floor: None,
             cluster,
             weft: weft.to_owned(),
         };
@@ -349,6 +363,92 @@ impl Testbed {
             Duration::from_secs(30),
             || async {
                 h1.exec_ok(&["ping", "-c", "1", "-W", "1", &target])
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        Ok(bed)
+    }
+
+    /// `bare` with host 1's client moved into a namespace behind one veth (10.1.1.2, host 1 holds
+    /// 10.1.1.1), its IPv4 frames put straight onto ens32 by a TC `mirred` redirect on the veth's
+    /// ingress (no eBPF). The frames leave the namespace already addressed as host 1's ens32 would
+    /// send them (its MAC as source, host 2's ens32 as the gateway's), so nothing rewrites them.
+    /// The least any datapath for veth containers does to send; host 2 answers through host 1's
+    /// routing, so the floor holds for the client-to-server direction (throughput, 64-byte UDP),
+    /// not for RR.
+    async fn veth_floor(cluster: Cluster, family: Family, weft: &Path) -> anyhow::Result<Testbed> {
+        if family == Family::V6 {
+            bail!("veth-floor is IPv4 only: leave it out of --modes with --family 6");
+        }
+        const VETH: &str = "floor0";
+        let (h1, h2) = (cluster.host(0), cluster.host(1));
+        let (src, dst) = (
+            mac_of(h1.name(), "ens32").await?,
+            mac_of(h2.name(), "ens32").await?,
+        );
+        let ns = Netns::create(&format!("{}-floor", cluster.name())).await?;
+        h1.netns().add_veth_into(VETH, "eth0", ns.name()).await?;
+        h1.netns()
+            .ip(&["addr", "add", "10.1.1.1/24", "dev", VETH])
+            .await?;
+        h1.netns().ip(&["link", "set", VETH, "up"]).await?;
+        for args in [
+            &["link", "set", "eth0", "address", &src][..],
+            &["addr", "add", "10.1.1.2/24", "dev", "eth0"],
+            &["link", "set", "eth0", "up"],
+            &[
+                "neigh",
+                "replace",
+                "10.1.1.1",
+                "lladdr",
+                &dst,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+            &["route", "add", "default", "via", "10.1.1.1"],
+        ] {
+            ns.ip(args).await?;
+        }
+        let via = h1.ens32_ip().to_string();
+        h2.netns()
+            .ip(&["route", "add", "10.1.1.0/24", "via", &via])
+            .await?;
+        run_in(h1.name(), &["tc", "qdisc", "add", "dev", VETH, "clsact"]).await?;
+        run_in(
+            h1.name(),
+            &[
+                "tc", "filter", "add", "dev", VETH, "ingress", "protocol", "ip", "u32", "match",
+                "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", "ens32",
+            ],
+        )
+        .await
+        .context("veth-floor: a TC mirred redirect on host 1 (cls_u32, act_mirred)")?;
+        let target = h2.ens32_ip().to_string();
+        let (server, host_client) = (Endpoint::host(h2, family), Endpoint::host(h1, family));
+        let bed = Testbed {
+            mode: Mode::VethFloor,
+            family,
+            client: Endpoint::at(ns.name(), Ipv4Addr::new(10, 1, 1, 2).into()),
+            server,
+            host_client,
+            containers: None,
+            floor: Some(ns),
+            cluster,
+            weft: weft.to_owned(),
+        };
+        bed.set_offload(Offload::On).await?;
+        let floor = bed.floor.as_ref().context("the floor namespace")?;
+        weft_tests::poll::try_until(
+            &format!("veth-floor: {target} to answer ping from behind the veth"),
+            Duration::from_secs(30),
+            || async {
+                floor
+                    .exec_ok(&["ping", "-c", "1", "-W", "1", &target])
                     .await
                     .map_err(|e| e.to_string())
             },
@@ -485,6 +585,12 @@ async fn ethtool(ns: &str, dev: &str, features: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `dev`'s MAC address in namespace `ns`, as `ip` and `tc` write it.
+async fn mac_of(ns: &str, dev: &str) -> anyhow::Result<String> {
+    let mac = crate::bench::programs::link_mac(ns, dev).await?;
+    Ok(mac.map(|b| format!("{b:02x}")).join(":"))
+}
+
 async fn run_in(ns: &str, argv: &[&str]) -> anyhow::Result<String> {
     let mut full = vec!["netns", "exec", ns];
     full.extend_from_slice(argv);
@@ -498,7 +604,7 @@ fn hand_subnet(i: usize) -> Ipv4Net {
 
 fn write_subnet_files(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
     let mtu = match mode {
-        Mode::Bare | Mode::HostGw => 1500,
+        Mode::Bare | Mode::VethFloor | Mode::HostGw => 1500,
         Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum | Mode::EbpfBase => CONTAINER_MTU,
     };
     for (i, host) in cluster.hosts().iter().enumerate() {
@@ -534,7 +640,7 @@ async fn hand_route(cluster: &Cluster, mode: Mode) -> anyhow::Result<()> {
     for (i, host) in hosts.iter().enumerate() {
         for (j, peer) in hosts.iter().enumerate().filter(|(j, _)| *j != i) {
             let cmds = match mode {
-                Mode::Bare | Mode::HostGw => {
+                Mode::Bare | Mode::VethFloor | Mode::HostGw => {
                     flanneld::host_gw_peer(hand_subnet(j), peer.ens32_ip(), None)
                 }
                 Mode::KernelVxlan | Mode::Ebpf | Mode::EbpfNocsum | Mode::EbpfBase => {
