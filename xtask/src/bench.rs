@@ -28,6 +28,7 @@ use std::process::Command;
 
 use anyhow::Context as _;
 
+use self::measure::Test;
 use self::topology::{Builds, Family, Mode};
 use crate::test::{require_root, step, target_dir};
 
@@ -60,6 +61,11 @@ pub struct Options {
     /// Modes to measure (comma-separated). Not in the default set: veth-floor, ebpf-nocsum, ebpf-base.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = Mode::ALL)]
     pub modes: Vec<Mode>,
+    /// Tests each round runs (comma-separated, default all): tcp1 (with CPU per GB), tcp4, rr,
+    /// udp64, host (the host-originated ones). A test left out leaves its metrics out of the
+    /// report; a focused run (`--tests rr --rounds 30`) settles one metric in less time.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Test::ALL)]
+    pub tests: Vec<Test>,
     /// The commit whose `weft agent --datapath ebpf` the ebpf-base mode runs: built in release
     /// with that commit's own eBPF object into `<target>/weft-base/target` on first use.
     /// `WEFT_BASE_BIN=/path` names an already built binary instead.

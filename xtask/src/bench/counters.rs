@@ -171,7 +171,7 @@ pub struct RoundCheck {
     pub mode: &'static str,
     pub round: usize,
     pub variant: &'static str,
-    /// UDP packets the receiving container got in this round's 64-byte test.
+    /// UDP packets the receiving container got in this round's 64-byte test (0: not run).
     pub udp_received: u64,
     /// Packets the sending host's encap program encapsulated during the round.
     pub sender_encapsulated: f64,
@@ -199,25 +199,32 @@ impl RoundCheck {
         path: &PathCounters,
         round: usize,
         variant: &'static str,
-        udp_received: u64,
+        udp_received: Option<u64>,
         sender_delta: Counters,
         receiver_delta: Counters,
         sender_flannel1_tx: Option<u64>,
     ) -> RoundCheck {
         let sender_encapsulated = find(&sender_delta, path.encapsulated).unwrap_or(0.0);
         let receiver_decapsulated = find(&receiver_delta, path.decapsulated).unwrap_or(0.0);
-        let need = MIN_SHARE * udp_received as f64;
+        // Without the UDP test (`--tests`) nothing says how many packets to expect: both programs
+        // must have carried some, and [`RoundCheck::judge_container_tests`] must find the
+        // fallback device quiet.
+        let through_ebpf = match udp_received {
+            Some(n) => {
+                let need = MIN_SHARE * n as f64;
+                n > 0 && sender_encapsulated >= need && receiver_decapsulated >= need
+            }
+            None => sender_encapsulated > 0.0 && receiver_decapsulated > 0.0,
+        };
         RoundCheck {
             mode: "",
             round,
             variant,
-            udp_received,
+            udp_received: udp_received.unwrap_or(0),
             sender_encapsulated,
             receiver_decapsulated,
             sender_flannel1_tx,
-            through_ebpf: udp_received > 0
-                && sender_encapsulated >= need
-                && receiver_decapsulated >= need,
+            through_ebpf,
             host_tests: None,
             container_tests_fallback_tx: None,
             sender_delta,
@@ -324,7 +331,7 @@ mod tests {
             &IPV4_PATH,
             1,
             "offload",
-            1000,
+            Some(1000),
             delta(&before, &counters(1200.0, 150.0)),
             delta(&before, &counters(130.0, 1100.0)),
             Some(0),
@@ -334,7 +341,7 @@ mod tests {
             &IPV4_PATH,
             1,
             "offload",
-            1000,
+            Some(1000),
             delta(&before, &counters(120.0, 100.0)),
             delta(&before, &counters(100.0, 1100.0)),
             Some(1000),
@@ -344,12 +351,50 @@ mod tests {
             &IPV4_PATH,
             1,
             "offload",
-            0,
+            Some(0),
             Counters::new(),
             Counters::new(),
             None,
         );
         assert!(!nothing.through_ebpf);
+    }
+
+    #[test]
+    fn a_round_without_the_udp_test_is_judged_by_the_fallback_device() {
+        // `--tests tcp4,rr`: no UDP count to compare with; flannel.1 must have stayed quiet.
+        let counters = |n: f64| -> Counters {
+            [
+                ("c.encapsulated".to_owned(), n),
+                ("c.decapsulated".to_owned(), n),
+            ]
+            .into()
+        };
+        let judged = |enc: f64, flannel1_tx: u64| {
+            let mut check = RoundCheck::new(
+                &IPV4_PATH,
+                1,
+                "offload",
+                None,
+                counters(enc),
+                counters(enc),
+                Some(flannel1_tx),
+            );
+            check.host_tests = Some(HostPath {
+                encapsulated: 0.0,
+                flannel1_tx: Some(0),
+            });
+            check.judge_container_tests();
+            check
+        };
+        assert!(judged(50_000.0, 12).through_ebpf);
+        assert!(
+            !judged(50_000.0, 40_000).through_ebpf,
+            "flannel.1 carried the tests"
+        );
+        assert!(
+            !judged(0.0, 0).through_ebpf,
+            "nothing went through the programs"
+        );
     }
 
     #[test]
@@ -368,7 +413,7 @@ mod tests {
                 &IPV6_PATH,
                 3,
                 "offload",
-                335_787,
+                Some(335_787),
                 counters(enc),
                 counters(1_346_512.0),
                 Some(all_tx),
@@ -408,7 +453,7 @@ mod tests {
                 path,
                 1,
                 "offload",
-                1000,
+                Some(1000),
                 delta(&before, after),
                 delta(&before, after),
                 None,

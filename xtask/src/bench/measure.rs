@@ -20,6 +20,23 @@ use crate::bench::topology::Family;
 
 const IPERF_PORT: &str = "5201";
 const SOCKPERF_PORT: &str = "11111";
+/// The tests of a round (`--tests`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Test {
+    /// TCP 1 stream, and the CPU per GB it cost.
+    Tcp1,
+    Tcp4,
+    /// TCP request/response: p50, p99 and transactions per second.
+    Rr,
+    Udp64,
+    /// From host 1's own namespace to the remote container: TCP 1 stream and RR p50.
+    Host,
+}
+
+impl Test {
+    pub const ALL: [Test; 5] = [Test::Tcp1, Test::Tcp4, Test::Rr, Test::Udp64, Test::Host];
+}
+
 /// sockperf ping-pong message size (bytes of TCP payload each way).
 pub const RR_MESSAGE_BYTES: usize = 64;
 /// UDP payload size of the packet-rate test.

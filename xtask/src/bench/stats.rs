@@ -13,23 +13,35 @@ pub struct Sample {
     /// From 1; 0 only in [`ModeSummary`]'s medians, which no round measured (and JSON leaves out).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub round: usize,
+    // NaN: the test did not run (`--tests`); JSON writes it as null.
+    #[serde(deserialize_with = "nan_if_null")]
     pub tcp1_gbps: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub tcp4_gbps: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub rr_p50_us: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub rr_p99_us: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub rr_tps: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub udp64_pps: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub cpu_s_per_gb: f64,
     /// From host 1's own namespace (not a container) to the container on host 2. In `bare`, where
     /// the client already is host 1, this is the main test's figure.
-    #[serde(default = "nan")]
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub host_tcp1_gbps: f64,
-    #[serde(default = "nan")]
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub host_rr_p50_us: f64,
 }
 
 fn nan() -> f64 {
     f64::NAN
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 fn is_zero(n: &usize) -> bool {
