@@ -1,12 +1,58 @@
-//! Test support: how many turns a future gives the runtime before it completes. A reconcile
-//! pass is dropped for a lease event only at an await that returns `Pending`, so long reads
-//! (map listings, netlink dumps) are checked to give such turns.
+//! How long a future runs between the turns it gives the runtime. A reconcile pass is dropped
+//! for a lease event only at an await that returns `Pending`, so the longest stretch between
+//! two of them (one poll) bounds how long a new peer can wait for a pass: [`Polls`] measures
+//! it in the running agent, [`count_turns`] checks in tests that long reads (map listings,
+//! netlink dumps) give such turns.
 
 use std::future::Future;
-use std::task::Poll;
+use std::time::{Duration, Instant};
+
+/// The polls of one future: how many, the longest, and when the last one started.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Polls {
+    pub count: usize,
+    pub longest: Duration,
+    /// Start of the latest poll: anything that became ready for the caller before it was
+    /// seen at that poll, so the time since it bounds how long the caller was held up.
+    pub last_start: Instant,
+}
+
+impl Polls {
+    pub fn new() -> Self {
+        Self {
+            count: 0,
+            longest: Duration::ZERO,
+            last_start: Instant::now(),
+        }
+    }
+
+    /// `fut`, with each of its polls recorded here.
+    pub async fn time<F: Future>(&mut self, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            let started = Instant::now();
+            let out = fut.as_mut().poll(cx);
+            self.count += 1;
+            self.longest = self.longest.max(started.elapsed());
+            self.last_start = started;
+            out
+        })
+        .await
+    }
+}
+
+/// `fut`'s output, how long it took and its polls (for the reconcile steps' debug lines).
+pub(crate) async fn timed<F: Future>(fut: F) -> (F::Output, Duration, Polls) {
+    let mut polls = Polls::new();
+    let started = Instant::now();
+    let out = polls.time(fut).await;
+    (out, started.elapsed(), polls)
+}
 
 /// Polls `fut` to completion by hand: its output and how many times it returned `Pending`.
+#[cfg(test)]
 pub(crate) async fn count_turns<F: Future>(fut: F) -> (F::Output, usize) {
+    use std::task::Poll;
     let mut fut = std::pin::pin!(fut);
     let mut turns = 0;
     loop {
@@ -15,4 +61,12 @@ pub(crate) async fn count_turns<F: Future>(fut: F) -> (F::Output, usize) {
             Poll::Pending => turns += 1,
         }
     }
+}
+
+/// One step of a reconcile pass, logged (debug) with how long it took and its longest stretch
+/// without a turn for the runtime: where a pass that cannot be dropped spends its time.
+pub(crate) async fn step<F: Future>(name: &'static str, fut: F) -> F::Output {
+    let (out, took, polls) = timed(fut).await;
+    tracing::debug!(step = name, ?took, longest_poll = ?polls.longest, polls = polls.count, "reconcile step");
+    out
 }
