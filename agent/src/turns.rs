@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 pub(crate) struct Polls {
     pub count: usize,
     pub longest: Duration,
-    /// Start of the latest poll: anything that became ready for the caller before it was
-    /// seen at that poll, so the time since it bounds how long the caller was held up.
+    /// Start of the latest poll. A caller that looks at its other events before each poll (a
+    /// biased select) found none then, so the time since bounds how long an event that came
+    /// meanwhile waited for this future to give way.
     pub last_start: Instant,
 }
 
@@ -41,14 +42,6 @@ impl Polls {
     }
 }
 
-/// `fut`'s output, how long it took and its polls (for the reconcile steps' debug lines).
-pub(crate) async fn timed<F: Future>(fut: F) -> (F::Output, Duration, Polls) {
-    let mut polls = Polls::new();
-    let started = Instant::now();
-    let out = polls.time(fut).await;
-    (out, started.elapsed(), polls)
-}
-
 /// Polls `fut` to completion by hand: its output and how many times it returned `Pending`.
 #[cfg(test)]
 pub(crate) async fn count_turns<F: Future>(fut: F) -> (F::Output, usize) {
@@ -63,10 +56,37 @@ pub(crate) async fn count_turns<F: Future>(fut: F) -> (F::Output, usize) {
     }
 }
 
-/// One step of a reconcile pass, logged (debug) with how long it took and its longest stretch
-/// without a turn for the runtime: where a pass that cannot be dropped spends its time.
+/// One step of a reconcile pass, logged (debug) with how long it ran and its longest stretch
+/// without a turn for the runtime, also when the pass is dropped during it (`finished=false`):
+/// where a pass that cannot be dropped spends its time.
 pub(crate) async fn step<F: Future>(name: &'static str, fut: F) -> F::Output {
-    let (out, took, polls) = timed(fut).await;
-    tracing::debug!(step = name, ?took, longest_poll = ?polls.longest, polls = polls.count, "reconcile step");
+    let mut step = Step {
+        name,
+        started: Instant::now(),
+        polls: Polls::new(),
+        finished: false,
+    };
+    let out = step.polls.time(fut).await;
+    step.finished = true;
     out
+}
+
+struct Step {
+    name: &'static str,
+    started: Instant,
+    polls: Polls,
+    finished: bool,
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        tracing::debug!(
+            step = self.name,
+            took = ?self.started.elapsed(),
+            longest_poll = ?self.polls.longest,
+            polls = self.polls.count,
+            finished = self.finished,
+            "reconcile step"
+        );
+    }
 }
