@@ -219,31 +219,21 @@ impl Netlink {
         &self,
         bridge_index: u32,
     ) -> Result<Vec<(u32, String)>, NetlinkError> {
-        use futures::TryStreamExt;
-        let links: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|source| NetlinkError::Request {
-                op: "list the ports of bridge",
-                target: format!("index {bridge_index}"),
-                source: Box::new(source),
-            })?;
-        Ok(links
-            .into_iter()
-            .filter(|m| {
-                m.attributes
-                    .iter()
-                    .any(|a| matches!(a, LinkAttribute::Controller(c) if *c == bridge_index))
-            })
-            .map(|m| {
-                let index = m.header.index;
-                (index, parse_link(m).name)
-            })
-            .collect())
+        let req = self.handle.link().get().execute();
+        let port = |m: LinkMessage| {
+            let on_bridge = m
+                .attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::Controller(c) if *c == bridge_index));
+            on_bridge.then(|| (m.header.index, parse_link(m).name))
+        };
+        self.dump(
+            req,
+            "list the ports of bridge",
+            || format!("index {bridge_index}"),
+            port,
+        )
+        .await
     }
 
     async fn one_link(
@@ -361,7 +351,7 @@ impl Netlink {
     /// Every interface with its IPv4 addresses (in the kernel's order), ordered by index.
     pub async fn interfaces(&self) -> Result<Vec<Interface>, NetlinkError> {
         let req = self.handle.link().get().execute();
-        let links = super::collect(req, "list links", String::new).await?;
+        let links = self.collect(req, "list links", String::new).await?;
         let addrs = self.address_dump().await?;
         let mut out: Vec<Interface> = links
             .into_iter()

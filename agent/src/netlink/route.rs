@@ -11,7 +11,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::RouteMessageBuilder;
 
-use super::{collect, tolerate, Netlink, NetlinkError};
+use super::{tolerate, Netlink, NetlinkError};
 use crate::family::IpFamily;
 
 /// The netlink family of `A`.
@@ -167,11 +167,7 @@ impl Netlink {
         let mut dump = RouteMessageBuilder::<IpAddr>::new().build();
         dump.header.address_family = family::<A>();
         let req = self.handle.route().get(dump).execute();
-        Ok(collect(req, "list routes", String::new)
-            .await?
-            .into_iter()
-            .filter_map(parse)
-            .collect())
+        self.dump(req, "list routes", String::new, parse).await
     }
 
     /// `ip route replace SPEC` (proto boot, as flanneld's netlink library and `ip` do).
@@ -205,8 +201,11 @@ impl Netlink {
     ) -> Result<Option<RouteEntry<A>>, NetlinkError> {
         let msg = builder((ip, A::HOST_PREFIX), None).build();
         let req = self.handle.route().get(msg).execute();
-        match collect(req, "get route to", || ip.to_string()).await {
-            Ok(msgs) => Ok(msgs.into_iter().find_map(parse)),
+        match self
+            .dump(req, "get route to", || ip.to_string(), parse)
+            .await
+        {
+            Ok(routes) => Ok(routes.into_iter().next()),
             Err(NetlinkError::Request { source, .. })
                 if super::is_errno(&source, &[libc::ENETUNREACH, libc::EHOSTUNREACH]) =>
             {
