@@ -428,7 +428,9 @@ impl Backend for EbpfBackend {
         // only the peer maps are synced this round.
         let interfaces = step("interfaces", list_interfaces(&nl)).await;
         let attached = match &interfaces {
-            Ok(interfaces) => step("attachments", async { self.repair_attachments(interfaces) }).await,
+            Ok(interfaces) => {
+                step("attachments", async { self.repair_attachments(interfaces) }).await
+            }
             Err(_) => Ok(0),
         };
         let maps = step("peer maps", self.sync_maps(peers)).await;

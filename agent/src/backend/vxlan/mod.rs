@@ -24,11 +24,11 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
 
 use super::{join, Backend, BackendError};
-use crate::turns::step;
 use crate::lease::{BackendAttrs, Lease, LeaseEvent, MacAddr, VxlanData};
 use crate::netlink::{
     ExternalIface, LinkInfo, Netlink, NetlinkError, RouteEntry, RouteSpec, SyncReport, VxlanSpec,
 };
+use crate::turns::step;
 use weft_common::wire;
 
 mod ipv6;
@@ -467,7 +467,11 @@ impl Backend for VxlanBackend {
         })
         .await;
         let nl = self.pass_netlink();
-        let vtep = step("neighbours and fdb", self.sync_vtep_entries(&nl, index, &plans)).await;
+        let vtep = step(
+            "neighbours and fdb",
+            self.sync_vtep_entries(&nl, index, &plans),
+        )
+        .await;
         let routes: Vec<RouteSpec> = plans.iter().map(|p| p.route).collect();
         let owned = |r: &RouteEntry| self.owns_route(index, r) && !unchecked.contains(&r.dst);
         let synced = step("routes", nl.sync_routes(owned, &routes)).await;
