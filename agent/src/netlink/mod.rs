@@ -35,6 +35,7 @@ use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::ErrorMessage;
 
 use crate::lease::MacAddr;
+use crate::turns::Turns;
 
 pub use bridge_events::{BridgeEvent, BridgeEvents, BridgeState};
 pub use link::{ExternalIface, Interface, LinkInfo, VxlanAttrs, VxlanSpec};
@@ -205,9 +206,6 @@ impl Netlink {
     }
 }
 
-/// Replies read from a dump between two yields to the runtime.
-const YIELD_EVERY: usize = 256;
-
 impl Netlink {
     /// Reads a dump, keeping what `keep` makes of each reply as it comes (so a pass never
     /// holds thousands of raw replies, nor converts or frees them all in one go), naming the
@@ -264,7 +262,7 @@ impl<S: futures::Stream + Send + 'static> Drop for Reading<'_, S> {
 
 /// Reads `stream` to its end or first error, keeping what `keep` makes of each item.
 ///
-/// Yields to the runtime every [`YIELD_EVERY`] replies: the connection task (on another
+/// Gives the runtime a turn every [`crate::turns::TURN_ITEMS`] replies: the connection task (on another
 /// thread) often has the whole dump queued already, so the stream never returns `Pending`,
 /// and a reconcile pass reading 5000 neighbours or routes could not be dropped for a lease
 /// event until it had read and converted all of them.
@@ -273,13 +271,10 @@ async fn read_in_turns<T, U>(
     mut keep: impl FnMut(T) -> Option<U>,
 ) -> Result<Vec<U>, rtnetlink::Error> {
     let mut kept = Vec::new();
-    let mut read = 0;
+    let mut turns = Turns::default();
     while let Some(item) = stream.try_next().await? {
         kept.extend(keep(item));
-        read += 1;
-        if read % YIELD_EVERY == 0 {
-            tokio::task::yield_now().await;
-        }
+        turns.tick().await;
     }
     Ok(kept)
 }
@@ -316,7 +311,7 @@ mod tests {
         assert_eq!(all, (0..n).collect::<Vec<_>>(), "every reply, in order");
         assert_eq!(
             turns,
-            n / YIELD_EVERY,
+            n / crate::turns::TURN_ITEMS,
             "turns given while reading {n} queued replies"
         );
     }

@@ -453,7 +453,12 @@ impl Backend for VxlanBackend {
         // A peer we could not check keeps whatever route it has.
         let mut unchecked = Vec::new();
         step("plans", async {
-            for lease in peers.iter().filter(|l| Some(l.subnet) != self.own) {
+            let mut turns = crate::turns::Turns::default();
+            for lease in peers {
+                turns.tick().await;
+                if Some(lease.subnet) == self.own {
+                    continue;
+                }
                 match self.plan(lease, index).await {
                     Ok(Some(p)) => plans.push(p),
                     Ok(None) => {}
