@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 pub(crate) struct Polls {
     pub count: usize,
     pub longest: Duration,
+    /// Where the thread was during the longest poll, when measured (debug logging on for
+    /// this module): on a CPU, or runnable and waiting for one. Far less on the CPU than
+    /// `longest` means the thread was taken off the CPU, not that the future ran that long.
+    pub longest_sched: Option<Sched>,
     /// Start of the latest poll. A caller that looks at its other events before each poll (a
     /// biased select) found none then, so the time since bounds how long an event that came
     /// meanwhile waited for this future to give way.
@@ -23,6 +27,7 @@ impl Polls {
         Self {
             count: 0,
             longest: Duration::ZERO,
+            longest_sched: tracing::enabled!(tracing::Level::DEBUG).then(Sched::default),
             last_start: Instant::now(),
         }
     }
@@ -31,14 +36,48 @@ impl Polls {
     pub async fn time<F: Future>(&mut self, fut: F) -> F::Output {
         let mut fut = std::pin::pin!(fut);
         std::future::poll_fn(|cx| {
+            let before = self.longest_sched.map(|_| Sched::now());
             let started = Instant::now();
             let out = fut.as_mut().poll(cx);
+            let took = started.elapsed();
             self.count += 1;
-            self.longest = self.longest.max(started.elapsed());
+            if took >= self.longest {
+                self.longest = took;
+                if let Some(before) = before {
+                    self.longest_sched = Some(Sched::now().since(before));
+                }
+            }
             self.last_start = started;
             out
         })
         .await
+    }
+}
+
+/// The calling thread's time on a CPU and waiting for one (the kernel's schedstat).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Sched {
+    pub on_cpu: Duration,
+    pub waiting: Duration,
+}
+
+impl Sched {
+    fn now() -> Sched {
+        let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+        let mut ns = stat
+            .split_whitespace()
+            .map(|n| Duration::from_nanos(n.parse().unwrap_or(0)));
+        Sched {
+            on_cpu: ns.next().unwrap_or_default(),
+            waiting: ns.next().unwrap_or_default(),
+        }
+    }
+
+    fn since(self, before: Sched) -> Sched {
+        Sched {
+            on_cpu: self.on_cpu.saturating_sub(before.on_cpu),
+            waiting: self.waiting.saturating_sub(before.waiting),
+        }
     }
 }
 
@@ -84,6 +123,7 @@ impl Drop for Step {
             step = self.name,
             took = ?self.started.elapsed(),
             longest_poll = ?self.polls.longest,
+            longest_poll_sched = ?self.polls.longest_sched,
             polls = self.polls.count,
             finished = self.finished,
             "reconcile step"

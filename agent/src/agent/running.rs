@@ -176,6 +176,7 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
             waited = ?seen.saturating_duration_since(polls.last_start),
             dropped_in = ?seen.elapsed(),
             longest_poll = ?polls.longest,
+            longest_poll_sched = ?polls.longest_sched,
             polls = polls.count,
             "reconcile pass dropped for a watch update"
         );

@@ -236,21 +236,22 @@ impl Netlink {
         .await
     }
 
+    /// The link a get request answers with; read through [`Netlink::dump`] so that a caller
+    /// dropped before the answer (a reconcile pass) leaves it a live stream to reach.
     async fn one_link(
         &self,
-        stream: impl futures::Stream<Item = Result<LinkMessage, rtnetlink::Error>>,
+        stream: impl futures::Stream<Item = Result<LinkMessage, rtnetlink::Error>> + Send + 'static,
         target: impl FnOnce() -> String,
     ) -> Result<Option<LinkInfo>, NetlinkError> {
-        use futures::TryStreamExt;
-        futures::pin_mut!(stream);
-        match stream.try_next().await {
-            Ok(msg) => Ok(msg.map(parse_link)),
-            Err(e) if is_errno(&e, &[libc::ENODEV]) => Ok(None),
-            Err(source) => Err(NetlinkError::Request {
-                op: "get link",
-                target: target(),
-                source: Box::new(source),
-            }),
+        match self
+            .dump(stream, "get link", target, |m| Some(parse_link(m)))
+            .await
+        {
+            Ok(links) => Ok(links.into_iter().next()),
+            Err(NetlinkError::Request { source, .. }) if is_errno(&source, &[libc::ENODEV]) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
     }
 
