@@ -144,7 +144,7 @@ pub(crate) struct Turns(usize);
 impl Turns {
     pub async fn tick(&mut self) {
         self.0 += 1;
-        if self.0 % TURN_ITEMS == 0 {
+        if self.0.is_multiple_of(TURN_ITEMS) {
             tokio::task::yield_now().await;
         }
     }

@@ -139,8 +139,10 @@ fn a_dropped_dump_is_not_read_to_its_end() {
         finished.is_none(),
         "the dump ended ({finished:?}) before it was dropped: nothing was tested"
     );
+    // Half: the close is seen at the next look at /proc/net/netlink (every poll::INTERVAL,
+    // 100 ms), and a connection reading on would close only after most of the dump.
     assert!(
-        closed_after < whole / 4,
+        closed_after < whole / 2,
         "the dropped dump's socket closed {closed_after:?} after the drop, while reading the whole \
          dump takes {whole:?}: its connection read on instead of stopping within a datagram or two"
     );
