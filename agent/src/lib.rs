@@ -21,5 +21,4 @@ pub mod notify;
 pub mod status;
 pub mod subnet;
 pub mod telemetry;
-#[cfg(test)]
 pub(crate) mod turns;

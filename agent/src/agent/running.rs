@@ -17,6 +17,7 @@ use crate::netlink::ExternalIface;
 use crate::notify::Notifier;
 use crate::status::ReconcileFailure;
 use crate::subnet::{self, SubnetStore, WatchUpdate};
+use crate::turns::Polls;
 
 /// State of a running agent that the loop's steps share.
 pub(super) struct Running<'a, B, S> {
@@ -161,15 +162,25 @@ impl<B: Backend, S: SubnetStore> Running<'_, B, S> {
             return None;
         }
         let started = std::time::Instant::now();
-        tokio::select! {
+        let mut polls = Polls::new();
+        let (update, seen) = tokio::select! {
             biased;
-            update = updates.recv() => {
-                // With the apply's own line below, says where a new peer's time went.
-                tracing::debug!(ran = ?started.elapsed(), "reconcile pass dropped for a watch update");
-                Some(update)
-            }
-            () = self.reconcile() => None,
-        }
+            update = updates.recv() => (update, std::time::Instant::now()),
+            () = polls.time(self.reconcile()) => return None,
+        };
+        // The pass is dropped by now. The update was not there when the pass's last poll
+        // began (the select looks at it first), so `waited` bounds how long it waited for
+        // the pass; with the apply's own line below, says where a new peer's time went.
+        tracing::debug!(
+            ran = ?started.elapsed(),
+            waited = ?seen.saturating_duration_since(polls.last_start),
+            dropped_in = ?seen.elapsed(),
+            longest_poll = ?polls.longest,
+            longest_poll_sched = ?polls.longest_sched,
+            polls = polls.count,
+            "reconcile pass dropped for a watch update"
+        );
+        Some(update)
     }
 
     /// Make the datapath equal the peer set. Every failed step is logged and counted; the

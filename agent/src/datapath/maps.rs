@@ -21,6 +21,7 @@ use super::{Datapath, DatapathError};
 use crate::{
     family::{IpFamily, IpNetwork},
     lease::MacAddr,
+    turns::Turns,
 };
 
 /// What the IPv4 and IPv6 maps differ in: their names and the key and value
@@ -363,21 +364,17 @@ fn vtep_list<A: MapFamily>(keys: Vec<A::Octets>) -> Vec<A> {
     out
 }
 
-/// Map entries read between two yields to the runtime.
-const LIST_CHUNK: usize = 256;
-
-/// Reads a map listing, giving the runtime a turn every [`LIST_CHUNK`] entries. Each entry is
+/// Reads a map listing, giving the runtime a turn every [`crate::turns::TURN_ITEMS`] entries. Each entry is
 /// one or two system calls that never yield: at 5000 peers one listing ran tens of ms in
 /// which a reconcile pass could not be dropped for a lease event.
 async fn read_in_turns<T>(
     items: impl Iterator<Item = Result<T, MapError>>,
 ) -> Result<Vec<T>, MapError> {
     let mut out = Vec::new();
+    let mut turns = Turns::default();
     for item in items {
         out.push(item?);
-        if out.len() % LIST_CHUNK == 0 {
-            tokio::task::yield_now().await;
-        }
+        turns.tick().await;
     }
     Ok(out)
 }
@@ -427,7 +424,7 @@ mod tests {
         assert_eq!(all, (0..n).collect::<Vec<_>>(), "every entry, in order");
         assert_eq!(
             turns,
-            n / LIST_CHUNK,
+            n / crate::turns::TURN_ITEMS,
             "turns given while reading {n} entries"
         );
     }

@@ -7,7 +7,7 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::AddressMessageBuilder;
 
-use super::{collect, tolerate, Netlink, NetlinkError};
+use super::{tolerate, Netlink, NetlinkError};
 
 pub(super) fn parse_v4(msg: &AddressMessage) -> Option<Ipv4Net> {
     if msg.header.family != AddressFamily::Inet {
@@ -45,7 +45,7 @@ pub(super) fn parse_v6_global(msg: &AddressMessage) -> Option<Ipv6Net> {
 impl Netlink {
     pub(super) async fn address_dump(&self) -> Result<Vec<AddressMessage>, NetlinkError> {
         let req = self.handle.address().get().execute();
-        collect(req, "list addresses", String::new).await
+        self.collect(req, "list addresses", String::new).await
     }
 
     /// The addresses on device `index` that `parse` accepts.

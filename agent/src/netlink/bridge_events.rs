@@ -15,7 +15,7 @@ use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::SocketAddr;
 use rtnetlink::MulticastGroup;
 
-use super::{collect, Connection, Netlink, NetlinkError};
+use super::{Connection, Netlink, NetlinkError};
 
 type Messages =
     futures::channel::mpsc::UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>;
@@ -136,12 +136,13 @@ impl Netlink {
         &self,
         bridge_index: u32,
     ) -> Result<Option<BridgeState>, NetlinkError> {
-        let links = collect(
-            self.handle.link().get().execute(),
-            "read the state of bridge",
-            || format!("index {bridge_index}"),
-        )
-        .await?;
+        let links = self
+            .collect(
+                self.handle.link().get().execute(),
+                "read the state of bridge",
+                || format!("index {bridge_index}"),
+            )
+            .await?;
         let Some(bridge) = links.iter().find(|l| l.header.index == bridge_index) else {
             return Ok(None);
         };

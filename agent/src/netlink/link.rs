@@ -219,48 +219,39 @@ impl Netlink {
         &self,
         bridge_index: u32,
     ) -> Result<Vec<(u32, String)>, NetlinkError> {
-        use futures::TryStreamExt;
-        let links: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|source| NetlinkError::Request {
-                op: "list the ports of bridge",
-                target: format!("index {bridge_index}"),
-                source: Box::new(source),
-            })?;
-        Ok(links
-            .into_iter()
-            .filter(|m| {
-                m.attributes
-                    .iter()
-                    .any(|a| matches!(a, LinkAttribute::Controller(c) if *c == bridge_index))
-            })
-            .map(|m| {
-                let index = m.header.index;
-                (index, parse_link(m).name)
-            })
-            .collect())
+        let req = self.handle.link().get().execute();
+        let port = |m: LinkMessage| {
+            let on_bridge = m
+                .attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::Controller(c) if *c == bridge_index));
+            on_bridge.then(|| (m.header.index, parse_link(m).name))
+        };
+        self.dump(
+            req,
+            "list the ports of bridge",
+            || format!("index {bridge_index}"),
+            port,
+        )
+        .await
     }
 
+    /// The link a get request answers with; read through [`Netlink::dump`] so that a caller
+    /// dropped before the answer (a reconcile pass) leaves it a live stream to reach.
     async fn one_link(
         &self,
-        stream: impl futures::Stream<Item = Result<LinkMessage, rtnetlink::Error>>,
+        stream: impl futures::Stream<Item = Result<LinkMessage, rtnetlink::Error>> + Send + 'static,
         target: impl FnOnce() -> String,
     ) -> Result<Option<LinkInfo>, NetlinkError> {
-        use futures::TryStreamExt;
-        futures::pin_mut!(stream);
-        match stream.try_next().await {
-            Ok(msg) => Ok(msg.map(parse_link)),
-            Err(e) if is_errno(&e, &[libc::ENODEV]) => Ok(None),
-            Err(source) => Err(NetlinkError::Request {
-                op: "get link",
-                target: target(),
-                source: Box::new(source),
-            }),
+        match self
+            .dump(stream, "get link", target, |m| Some(parse_link(m)))
+            .await
+        {
+            Ok(links) => Ok(links.into_iter().next()),
+            Err(NetlinkError::Request { source, .. }) if is_errno(&source, &[libc::ENODEV]) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -361,7 +352,7 @@ impl Netlink {
     /// Every interface with its IPv4 addresses (in the kernel's order), ordered by index.
     pub async fn interfaces(&self) -> Result<Vec<Interface>, NetlinkError> {
         let req = self.handle.link().get().execute();
-        let links = super::collect(req, "list links", String::new).await?;
+        let links = self.collect(req, "list links", String::new).await?;
         let addrs = self.address_dump().await?;
         let mut out: Vec<Interface> = links
             .into_iter()

@@ -25,13 +25,17 @@ mod route;
 mod socket;
 mod watch;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::ErrorMessage;
 
 use crate::lease::MacAddr;
+use crate::turns::Turns;
 
 pub use bridge_events::{BridgeEvent, BridgeEvents, BridgeState};
 pub use link::{ExternalIface, Interface, LinkInfo, VxlanAttrs, VxlanSpec};
@@ -106,18 +110,28 @@ fn tolerate(
 struct Connection {
     task: tokio::task::JoinHandle<()>,
     closed: Arc<AtomicBool>,
+    abandoned: Abandoned,
 }
 
 impl Connection {
     /// Runs `conn` in a task; `closed` is set when this is dropped (a multicast
     /// subscription, which never dumps, passes a flag nobody reads).
-    fn spawn(
-        conn: impl std::future::Future<Output = ()> + Send + 'static,
-        closed: Arc<AtomicBool>,
-    ) -> Self {
+    fn spawn(conn: impl Future<Output = ()> + Send + 'static, closed: Arc<AtomicBool>) -> Self {
+        let abandoned = Abandoned::default();
+        let held = abandoned.clone();
+        let task = tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            std::future::poll_fn(|cx| {
+                let done = conn.as_mut().poll(cx);
+                held.drain(cx);
+                done
+            })
+            .await
+        });
         Self {
-            task: tokio::spawn(conn),
+            task,
             closed,
+            abandoned,
         }
     }
 }
@@ -126,6 +140,48 @@ impl Drop for Connection {
     fn drop(&mut self) {
         self.closed.store(true, Ordering::Release);
         self.task.abort();
+    }
+}
+
+/// A dump's replies, as its reader no longer wants them.
+type Unwanted = Pin<Box<dyn futures::Stream<Item = ()> + Send>>;
+
+/// The reply streams of dumps their reader gave up on (a reconcile pass dropped for a lease
+/// event), kept by the connection task that forwards to them. netlink-proto forwards every
+/// reply it has read to its request's stream and logs "failed to forward response back to the
+/// handle" for each one whose stream is gone; a dropped pass's connection task often holds a
+/// datagram of hundreds when the pass is dropped. Here the stream outlives every forward: the
+/// task reads and discards what reaches it after each of its turns, drops it once its dump
+/// ended, and drops whatever is left when the task itself ends (aborted with its socket).
+#[derive(Clone, Default)]
+struct Abandoned(Arc<std::sync::Mutex<Vec<Unwanted>>>);
+
+impl std::fmt::Debug for Abandoned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Abandoned").finish_non_exhaustive()
+    }
+}
+
+impl Abandoned {
+    fn keep(&self, stream: Unwanted) {
+        self.lock().push(stream);
+    }
+
+    /// Takes in what the connection forwarded to the kept streams; drops those whose dump
+    /// ended (their sender is gone, nothing more can reach them).
+    fn drain(&self, cx: &mut Context<'_>) {
+        self.lock().retain_mut(|s| loop {
+            match s.poll_next_unpin(cx) {
+                Poll::Ready(Some(())) => {}
+                Poll::Ready(None) => break false,
+                Poll::Pending => break true,
+            }
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Unwanted>> {
+        // A panic while holding it leaves a plain list of streams: still usable.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -150,39 +206,77 @@ impl Netlink {
     }
 }
 
-/// Replies read from a dump between two yields to the runtime.
-const YIELD_EVERY: usize = 256;
-
-/// Collect a dump stream, naming the dump in the error.
-///
-/// Yields to the runtime every [`YIELD_EVERY`] replies: the connection task (on the other
-/// worker thread) often has the whole dump queued already, so the stream never returns
-/// `Pending`, and a reconcile pass reading 5000 neighbours or routes could not be dropped
-/// for a lease event until it had read and parsed all of them.
-async fn collect<T>(
-    stream: impl futures::Stream<Item = Result<T, rtnetlink::Error>>,
-    op: &'static str,
-    target: impl FnOnce() -> String,
-) -> Result<Vec<T>, NetlinkError> {
-    let mut stream = std::pin::pin!(stream);
-    let mut all = Vec::new();
-    let read = async {
-        while let Some(item) = stream.try_next().await? {
-            all.push(item);
-            if all.len() % YIELD_EVERY == 0 {
-                tokio::task::yield_now().await;
-            }
+impl Netlink {
+    /// Reads a dump, keeping what `keep` makes of each reply as it comes (so a pass never
+    /// holds thousands of raw replies, nor converts or frees them all in one go), naming the
+    /// dump in the error. Given up on (dropped) before its end, the dump's reply stream goes
+    /// to the connection task ([`Abandoned`]) instead of being dropped under it.
+    async fn dump<T, U>(
+        &self,
+        stream: impl futures::Stream<Item = Result<T, rtnetlink::Error>> + Send + 'static,
+        op: &'static str,
+        target: impl FnOnce() -> String,
+        keep: impl FnMut(T) -> Option<U>,
+    ) -> Result<Vec<U>, NetlinkError> {
+        let mut reading = Reading {
+            stream: Some(Box::pin(stream)),
+            abandoned: &self._conn.abandoned,
+        };
+        let stream = reading.stream.as_mut().expect("set above");
+        let read = read_in_turns(stream, keep).await;
+        if read.is_ok() {
+            // Read to its end: nothing more is forwarded to it.
+            reading.stream = None;
         }
-        Ok(())
-    };
-    match read.await {
-        Ok(()) => Ok(all),
-        Err(source) => Err(NetlinkError::Request {
+        read.map_err(|source| NetlinkError::Request {
             op,
             target: target(),
             source: Box::new(source),
-        }),
+        })
     }
+
+    /// [`Self::dump`] keeping every reply.
+    async fn collect<T>(
+        &self,
+        stream: impl futures::Stream<Item = Result<T, rtnetlink::Error>> + Send + 'static,
+        op: &'static str,
+        target: impl FnOnce() -> String,
+    ) -> Result<Vec<T>, NetlinkError> {
+        self.dump(stream, op, target, Some).await
+    }
+}
+
+/// A dump being read; hands its stream to the connection task if dropped before the end.
+struct Reading<'a, S: futures::Stream + Send + 'static> {
+    stream: Option<Pin<Box<S>>>,
+    abandoned: &'a Abandoned,
+}
+
+impl<S: futures::Stream + Send + 'static> Drop for Reading<'_, S> {
+    fn drop(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            self.abandoned.keep(Box::pin(stream.map(|_| ())));
+        }
+    }
+}
+
+/// Reads `stream` to its end or first error, keeping what `keep` makes of each item.
+///
+/// Gives the runtime a turn every [`crate::turns::TURN_ITEMS`] replies: the connection task (on another
+/// thread) often has the whole dump queued already, so the stream never returns `Pending`,
+/// and a reconcile pass reading 5000 neighbours or routes could not be dropped for a lease
+/// event until it had read and converted all of them.
+async fn read_in_turns<T, U>(
+    mut stream: impl futures::Stream<Item = Result<T, rtnetlink::Error>> + Unpin,
+    mut keep: impl FnMut(T) -> Option<U>,
+) -> Result<Vec<U>, rtnetlink::Error> {
+    let mut kept = Vec::new();
+    let mut turns = Turns::default();
+    while let Some(item) = stream.try_next().await? {
+        kept.extend(keep(item));
+        turns.tick().await;
+    }
+    Ok(kept)
 }
 
 fn mac_from_bytes(b: &[u8]) -> Option<MacAddr> {
@@ -212,14 +306,42 @@ mod tests {
     async fn a_dump_already_queued_is_read_in_turns() {
         let n = 5000;
         let queued = futures::stream::iter((0..n).map(Ok::<_, rtnetlink::Error>));
-        let (all, turns) =
-            crate::turns::count_turns(collect(queued, "list routes", String::new)).await;
+        let (all, turns) = crate::turns::count_turns(read_in_turns(queued, Some)).await;
         let all = all.expect("an Ok stream collects");
         assert_eq!(all, (0..n).collect::<Vec<_>>(), "every reply, in order");
         assert_eq!(
             turns,
-            n / YIELD_EVERY,
+            n / crate::turns::TURN_ITEMS,
             "turns given while reading {n} queued replies"
+        );
+    }
+
+    /// A reply the connection forwards after its reader gave up must still find a live stream
+    /// (netlink-proto logs a warning for each one that does not), until the dump has ended.
+    #[test]
+    fn a_dump_given_up_on_keeps_its_stream_until_the_dump_ends() {
+        let abandoned = Abandoned::default();
+        let (replies, stream) =
+            futures::channel::mpsc::unbounded::<Result<u32, rtnetlink::Error>>();
+        let reading = Reading {
+            stream: Some(Box::pin(stream)),
+            abandoned: &abandoned,
+        };
+        drop(reading);
+        assert!(
+            replies.unbounded_send(Ok(1)).is_ok(),
+            "a reply after the reader gave up found its stream gone"
+        );
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        abandoned.drain(&mut cx);
+        assert_eq!(abandoned.lock().len(), 1, "kept while the dump runs");
+        // The dump ends: netlink-proto drops the request's sender.
+        drop(replies);
+        abandoned.drain(&mut cx);
+        assert_eq!(
+            abandoned.lock().len(),
+            0,
+            "dropped once nothing more can reach it"
         );
     }
 

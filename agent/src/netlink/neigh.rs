@@ -9,7 +9,7 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::route::RouteType;
 use rtnetlink::packet_route::AddressFamily;
 
-use super::{collect, mac_from_bytes, route::family, tolerate, Netlink, NetlinkError};
+use super::{mac_from_bytes, route::family, tolerate, Netlink, NetlinkError};
 use crate::{family::IpFamily, lease::MacAddr};
 
 /// A neighbour entry: ARP for IPv4 (unless `A` says otherwise), NDP for IPv6.
@@ -69,22 +69,31 @@ fn is_permanent(state: NeighbourState) -> bool {
 
 impl Netlink {
     /// Dumps the neighbour table of `family` (`op` on `index` names it in an
-    /// error) and keeps what `entry` makes of a message.
+    /// error) and keeps what `entry` makes of a message. With `device`, asks the kernel for
+    /// that device's entries only (`NDA_IFINDEX`, as `ip neigh show dev` does): the bridge's
+    /// few neighbours are then not read out of flannel.N's thousands. The kernel's fdb dump
+    /// ignores it (it filters only on a strict-checking socket), so `entry` still checks.
     async fn neighbour_dump<T>(
         &self,
         family: AddressFamily,
         op: &'static str,
         index: u32,
-        entry: impl FnMut(&NeighbourMessage) -> Option<T>,
+        device: bool,
+        mut entry: impl FnMut(&NeighbourMessage) -> Option<T>,
     ) -> Result<Vec<T>, NetlinkError> {
-        let req = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(family)
-            .execute();
-        let all = collect(req, op, || format!("index {index}")).await?;
-        Ok(all.iter().filter_map(entry).collect())
+        let mut req = self.handle.neighbours().get().set_address_family(family);
+        if device {
+            req.message_mut()
+                .attributes
+                .push(NeighbourAttribute::IfIndex(index));
+        }
+        self.dump(
+            req.execute(),
+            op,
+            || format!("index {index}"),
+            |m| entry(&m),
+        )
+        .await
     }
 
     /// [`Self::neighbour_dump`] of the entries on device `index`.
@@ -95,7 +104,7 @@ impl Netlink {
         entry: impl Fn(&NeighbourMessage) -> Option<T>,
     ) -> Result<Vec<T>, NetlinkError> {
         let on_device = |m: &NeighbourMessage| (m.header.ifindex == index).then(|| entry(m))?;
-        self.neighbour_dump(family, "list neighbours of", index, on_device)
+        self.neighbour_dump(family, "list neighbours of", index, true, on_device)
             .await
     }
 
@@ -131,7 +140,7 @@ impl Netlink {
         bridge_index: u32,
     ) -> Result<Vec<BridgePortEntry>, NetlinkError> {
         let op = "list the forwarding entries of bridge";
-        self.neighbour_dump(AddressFamily::Bridge, op, bridge_index, |m| {
+        self.neighbour_dump(AddressFamily::Bridge, op, bridge_index, false, |m| {
             let learned = !is_permanent(m.header.state)
                 && m.header.ifindex != bridge_index
                 && m.attributes

@@ -11,8 +11,9 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::RouteMessageBuilder;
 
-use super::{collect, tolerate, Netlink, NetlinkError};
+use super::{tolerate, Netlink, NetlinkError};
 use crate::family::IpFamily;
+use crate::turns::Turns;
 
 /// The netlink family of `A`.
 pub(super) fn family<A: IpFamily>() -> AddressFamily {
@@ -167,11 +168,7 @@ impl Netlink {
         let mut dump = RouteMessageBuilder::<IpAddr>::new().build();
         dump.header.address_family = family::<A>();
         let req = self.handle.route().get(dump).execute();
-        Ok(collect(req, "list routes", String::new)
-            .await?
-            .into_iter()
-            .filter_map(parse)
-            .collect())
+        self.dump(req, "list routes", String::new, parse).await
     }
 
     /// `ip route replace SPEC` (proto boot, as flanneld's netlink library and `ip` do).
@@ -205,8 +202,11 @@ impl Netlink {
     ) -> Result<Option<RouteEntry<A>>, NetlinkError> {
         let msg = builder((ip, A::HOST_PREFIX), None).build();
         let req = self.handle.route().get(msg).execute();
-        match collect(req, "get route to", || ip.to_string()).await {
-            Ok(msgs) => Ok(msgs.into_iter().find_map(parse)),
+        match self
+            .dump(req, "get route to", || ip.to_string(), parse)
+            .await
+        {
+            Ok(routes) => Ok(routes.into_iter().next()),
             Err(NetlinkError::Request { source, .. })
                 if super::is_errno(&source, &[libc::ENETUNREACH, libc::EHOSTUNREACH]) =>
             {
@@ -260,10 +260,13 @@ impl Netlink {
     ) -> Result<SyncReport, NetlinkError> {
         let kernel = self.routes::<A>().await?;
         // Indexed by destination: with thousands of routes, scanning the kernel's list for
-        // each desired one took tens of ms in which nothing else ran.
+        // each desired one took tens of ms in which nothing else ran. Indexed and compared
+        // in turns, so that a reconcile pass stays droppable.
+        let mut turns = Turns::default();
         let mut by_dst: BTreeMap<A::Net, Vec<&RouteEntry<A>>> = BTreeMap::new();
         for r in &kernel {
             by_dst.entry(r.dst).or_default().push(r);
+            turns.tick().await;
         }
         let mut report = SyncReport::default();
         for spec in desired {
@@ -271,16 +274,19 @@ impl Netlink {
             if !held.is_some_and(|rs| rs.iter().any(|r| r.satisfies(spec))) {
                 report.record(self.replace_route(spec).await);
             }
+            turns.tick().await;
         }
-        let wanted: BTreeSet<A::Net> = desired.iter().map(|d| d.dst).collect();
+        let mut wanted = BTreeSet::new();
+        for spec in desired {
+            wanted.insert(spec.dst);
+            turns.tick().await;
+        }
         // A desired route with the same destination replaced the stale one above.
-        for stale in kernel
-            .iter()
-            .filter(|r| owned(r) && r.protocol != RTPROT_KERNEL)
-        {
-            if !wanted.contains(&stale.dst) {
+        for stale in &kernel {
+            if owned(stale) && stale.protocol != RTPROT_KERNEL && !wanted.contains(&stale.dst) {
                 report.record(self.del_route(&stale.to_spec()).await);
             }
+            turns.tick().await;
         }
         Ok(report)
     }

@@ -75,7 +75,61 @@ pub struct ControlPlane {
     /// netlink-proto's "failed to forward response back to the handle" lines in the agent's
     /// log: replies read for a reconcile pass that was already dropped (work thrown away).
     pub forward_warnings: usize,
+    /// Passes dropped for a watch update, from the agent's debug log (RUST_LOG must enable
+    /// `weft::agent=debug`; `None` without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pass_drops: Option<PassDrops>,
     pub targets: Targets,
+}
+
+/// How promptly reconcile passes gave way to watch updates: the agent's
+/// `reconcile pass dropped for a watch update` lines.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct PassDrops {
+    pub count: usize,
+    /// The longest `waited=`: from the start of the pass's last poll (the update was not there
+    /// yet) to the update being taken, an upper bound on how long one update waited for a pass.
+    pub max_waited_ms: f64,
+    /// The longest `dropped_in=`: from the update being taken to the pass being dropped.
+    pub max_dropped_in_ms: f64,
+}
+
+impl PassDrops {
+    /// From an agent log; `None` when it has no such line.
+    pub fn from_log(log: &str) -> Option<PassDrops> {
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("reconcile pass dropped for a watch update"))
+            .collect();
+        let max = |field: &str| {
+            lines
+                .iter()
+                .filter_map(|l| log_duration_ms(l, field))
+                .fold(0.0, f64::max)
+        };
+        (!lines.is_empty()).then(|| PassDrops {
+            count: lines.len(),
+            max_waited_ms: max("waited"),
+            max_dropped_in_ms: max("dropped_in"),
+        })
+    }
+}
+
+/// A `field=1.5ms` (Rust's Debug of a Duration: ns, µs, ms or s) in a log line, in ms.
+fn log_duration_ms(line: &str, field: &str) -> Option<f64> {
+    let value = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(field)?.strip_prefix('='))?;
+    let split = value.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = value.split_at(split);
+    let scale = match unit {
+        "ns" => 1e-6,
+        "µs" => 1e-3,
+        "ms" => 1.0,
+        "s" => 1e3,
+        _ => return None,
+    };
+    Some(number.parse::<f64>().ok()? * scale)
 }
 
 #[derive(Debug, Serialize)]
@@ -290,10 +344,10 @@ async fn run_one(
     }
     std::fs::copy(agent.log_path(), keep_log)
         .with_context(|| format!("keep the agent's log as {}", keep_log.display()))?;
-    let forward_warnings = std::fs::read_to_string(keep_log)
-        .with_context(|| format!("read {}", keep_log.display()))?
-        .matches("failed to forward response")
-        .count();
+    let agent_log = std::fs::read_to_string(keep_log)
+        .with_context(|| format!("read {}", keep_log.display()))?;
+    let forward_warnings = agent_log.matches("failed to forward response").count();
+    let pass_drops = PassDrops::from_log(&agent_log);
     drop(etcd);
 
     let lease_to_route = Latencies::of(to_route);
@@ -325,6 +379,7 @@ async fn run_one(
         reconcile_passes,
         reconcile_mean_ms: reconcile_s / reconcile_passes * 1e3,
         forward_warnings,
+        pass_drops,
         rss_ready_mb: rss_mb(rss_ready),
         rss_steady_mb: rss_mb(rss_steady),
         rss_peak_mb: rss_mb(rss_peak),
@@ -543,6 +598,12 @@ fn print(r: &ControlPlane) {
         "    dropped passes' replies   {} \"failed to forward\" warnings in the agent's log",
         r.forward_warnings
     );
+    if let Some(d) = &r.pass_drops {
+        println!(
+            "    passes dropped for leases {}, an update waited at most {:.2} ms for one, dropped within {:.2} ms",
+            d.count, d.max_waited_ms, d.max_dropped_in_ms
+        );
+    }
     println!(
         "    idle {:.0} s                 CPU {:.2} %, etcd {:.1} requests/min {:?}   (only renewals: {})",
         r.idle.seconds,
@@ -967,6 +1028,26 @@ grpc_server_handled_total{grpc_code="OK",grpc_method="Range",grpc_service="etcds
         assert_eq!(m["etcdserverpb.Watch/Watch"], 3.0);
         assert_eq!(m["etcdserverpb.Lease/LeaseGrant"], 0.0);
         assert_eq!(m.len(), 3, "handled_total is not counted twice: {m:?}");
+    }
+
+    #[test]
+    fn reads_how_promptly_passes_gave_way_from_the_agent_log() {
+        let log = "\
+2026-11-30T15:27:34.005927Z DEBUG weft::agent::running: reconcile pass dropped for a watch update ran=91.490681ms waited=3.5ms dropped_in=812.3µs longest_poll=3.1ms polls=40
+2026-11-30T15:27:34.010807Z DEBUG weft::agent::running: lease events applied events=1 took=4.358948ms
+2026-11-30T15:27:34.033072Z DEBUG weft::agent::running: reconcile pass dropped for a watch update ran=22.237756ms waited=12.25ms dropped_in=1.5ms longest_poll=12ms polls=9
+";
+        assert_eq!(
+            PassDrops::from_log(log),
+            Some(PassDrops {
+                count: 2,
+                max_waited_ms: 12.25,
+                max_dropped_in_ms: 1.5,
+            })
+        );
+        assert_eq!(PassDrops::from_log("ready subnet=10.0.93.0/24"), None);
+        assert_eq!(log_duration_ms("x took=2s", "took"), Some(2000.0));
+        assert_eq!(log_duration_ms("x took=950ns", "took"), Some(0.00095));
     }
 
     #[test]

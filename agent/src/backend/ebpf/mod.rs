@@ -64,6 +64,7 @@ use crate::{
     },
     lease::{BackendAttrs, Lease, LeaseEvent},
     netlink::{BridgeEvents, Interface, LinkWatch, Netlink, NetlinkError},
+    turns::step,
 };
 
 pub use crate::datapath::BPFFS_ROOT;
@@ -418,20 +419,22 @@ impl Backend for EbpfBackend {
         // message left of the dump and log a "failed to forward" warning for each.
         let nl = self.inner.pass_netlink();
         // The kernel path first: it is the fallback for anything the programs pass on.
-        let kernel = self.inner.reconcile(peers).await;
+        let kernel = step("kernel", self.inner.reconcile(peers)).await;
         // Every step runs whatever an earlier one hit: a failed attach must not
         // keep stale map entries, nor a full map keep stale bindings.
         let mut errors = Vec::new();
         let mut repairs = 0;
         // Without the interfaces, whether a program is still attached is unknown:
         // only the peer maps are synced this round.
-        let interfaces = list_interfaces(&nl).await;
+        let interfaces = step("interfaces", list_interfaces(&nl)).await;
         let attached = match &interfaces {
-            Ok(interfaces) => self.repair_attachments(interfaces),
+            Ok(interfaces) => {
+                step("attachments", async { self.repair_attachments(interfaces) }).await
+            }
             Err(_) => Ok(0),
         };
-        let maps = self.sync_maps(peers).await;
-        let maps6 = self.sync_maps6(peers).await;
+        let maps = step("peer maps", self.sync_maps(peers)).await;
+        let maps6 = step("IPv6 peer maps", self.sync_maps6(peers)).await;
         for step in [attached, maps, maps6] {
             match step {
                 Ok(n) => repairs += n,
@@ -441,7 +444,7 @@ impl Backend for EbpfBackend {
         }
         // Not counted as repairs: containers come and go.
         match interfaces {
-            Ok(interfaces) => match self.sync_bridge(&nl, &interfaces).await {
+            Ok(interfaces) => match step("bridge", self.sync_bridge(&nl, &interfaces)).await {
                 Ok(0) => {}
                 Ok(local) => debug!(changes = local, "bridge ports and local containers updated"),
                 Err(EbpfBackendError::Steps(e)) => errors.extend(e),

@@ -13,6 +13,7 @@ use super::{family::Peer, Backend, BackendError, EbpfBackend, EbpfBackendError};
 use crate::{
     datapath::{PeerEntry, PeerEntry6},
     lease::{BackendAttrs, Lease, LeaseEvent},
+    turns::{collect_in_turns, Turns},
 };
 
 impl EbpfBackend {
@@ -104,13 +105,23 @@ impl EbpfBackend {
     /// Makes the maps equal `peers`; returns the number of changes, or every
     /// entry that could not be written or removed.
     pub(super) async fn sync_maps(&mut self, peers: &[Lease]) -> Result<usize, EbpfBackendError> {
-        let want: Vec<PeerEntry> = peers.iter().filter_map(|l| self.entry_for(l)).collect();
+        let mut want = Vec::new();
+        let mut turns = Turns::default();
+        for lease in peers {
+            want.extend(self.entry_for(lease));
+            turns.tick().await;
+        }
         self.sync_peer_maps(want).await
     }
 
     /// [`Self::sync_maps`] for IPv6 (empty maps while our IPv6 side is off).
     pub(super) async fn sync_maps6(&mut self, peers: &[Lease]) -> Result<usize, EbpfBackendError> {
-        let want: Vec<PeerEntry6> = peers.iter().filter_map(|l| self.entry_for6(l)).collect();
+        let mut want = Vec::new();
+        let mut turns = Turns::default();
+        for lease in peers {
+            want.extend(self.entry_for6(lease));
+            turns.tick().await;
+        }
         self.sync_peer_maps(want).await
     }
 
@@ -118,23 +129,28 @@ impl EbpfBackend {
     ///
     /// Map writes are system calls that never yield: every [`SYNC_CHUNK`] entries the pass
     /// gives the runtime back, so that a lease event waiting behind it (the agent drops the
-    /// pass for it) is not held up by thousands of them.
-    async fn sync_peer_maps<P: Peer>(&mut self, want: Vec<P>) -> Result<usize, EbpfBackendError> {
-        let want: BTreeMap<P::Net, P> = want.into_iter().map(|e| (e.subnet(), e)).collect();
-        let want_vteps: BTreeSet<P::Ip> = want.values().map(|e| e.vtep()).collect();
-        let have: BTreeMap<P::Net, P> = P::list(&mut self.dp)
+    /// pass for it) is not held up by thousands of them. The listings and comparisons go in
+    /// turns too.
+    async fn sync_peer_maps<P: Peer>(&mut self, wanted: Vec<P>) -> Result<usize, EbpfBackendError> {
+        let mut turns = Turns::default();
+        let (mut want, mut want_vteps) = (BTreeMap::new(), BTreeSet::new());
+        for e in wanted {
+            want.insert(e.subnet(), e);
+            want_vteps.insert(e.vtep());
+            turns.tick().await;
+        }
+        let listed = P::list(&mut self.dp)
             .await
-            .map_err(Self::map_err("list remote subnets".into()))?
-            .into_iter()
-            .map(|e| (e.subnet(), e))
-            .collect();
-        tokio::task::yield_now().await;
-        let have_vteps: BTreeSet<P::Ip> = P::vteps(&mut self.dp)
+            .map_err(Self::map_err("list remote subnets".into()))?;
+        let mut have = BTreeMap::new();
+        for e in listed {
+            have.insert(e.subnet(), e);
+            turns.tick().await;
+        }
+        let listed = P::vteps(&mut self.dp)
             .await
-            .map_err(Self::map_err("list known VTEPs".into()))?
-            .into_iter()
-            .collect();
-        tokio::task::yield_now().await;
+            .map_err(Self::map_err("list known VTEPs".into()))?;
+        let have_vteps: BTreeSet<P::Ip> = collect_in_turns(listed).await;
         let mut changes = 0;
         let mut errors = Vec::new();
         let mut count = |done: Result<(), EbpfBackendError>| match done {
@@ -143,11 +159,13 @@ impl EbpfBackend {
         };
         // Stale entries first, so a full map makes room for the missing ones; every
         // entry is tried whatever an earlier one hit.
-        let stale: Vec<P> = have
-            .values()
-            .filter(|h| !want.contains_key(&h.subnet()))
-            .copied()
-            .collect();
+        let mut stale = Vec::new();
+        for h in have.values() {
+            if !want.contains_key(&h.subnet()) {
+                stale.push(*h);
+            }
+            turns.tick().await;
+        }
         for (i, stale) in stale.iter().enumerate() {
             info!(subnet = %stale.subnet(), vtep = %stale.vtep(), "removing map entry no lease justifies");
             count(
@@ -165,11 +183,13 @@ impl EbpfBackend {
             );
             yield_every(i).await;
         }
-        let missing: Vec<P> = want
-            .values()
-            .filter(|e| have.get(&e.subnet()) != Some(e) || !have_vteps.contains(&e.vtep()))
-            .copied()
-            .collect();
+        let mut missing = Vec::new();
+        for e in want.values() {
+            if have.get(&e.subnet()) != Some(e) || !have_vteps.contains(&e.vtep()) {
+                missing.push(*e);
+            }
+            turns.tick().await;
+        }
         for (i, e) in missing.iter().enumerate() {
             info!(subnet = %e.subnet(), vtep = %e.vtep(), "adding missing map entry");
             count(self.add_entry(e));

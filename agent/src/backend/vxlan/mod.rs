@@ -28,6 +28,7 @@ use crate::lease::{BackendAttrs, Lease, LeaseEvent, MacAddr, VxlanData};
 use crate::netlink::{
     ExternalIface, LinkInfo, Netlink, NetlinkError, RouteEntry, RouteSpec, SyncReport, VxlanSpec,
 };
+use crate::turns::step;
 use weft_common::wire;
 
 mod ipv6;
@@ -442,7 +443,7 @@ impl Backend for VxlanBackend {
             BackendError::from_steps(steps)?;
             return Ok(report.repairs);
         }
-        match self.repair_device().await {
+        match step("device", self.repair_device()).await {
             Ok(n) => report.repairs += n,
             Err(e) => steps.push(e.into()),
         }
@@ -451,22 +452,34 @@ impl Backend for VxlanBackend {
         let mut failures = Vec::new();
         // A peer we could not check keeps whatever route it has.
         let mut unchecked = Vec::new();
-        for lease in peers.iter().filter(|l| Some(l.subnet) != self.own) {
-            match self.plan(lease, index).await {
-                Ok(Some(p)) => plans.push(p),
-                Ok(None) => {}
-                Err(VxlanError::Peer { source, .. }) => {
-                    unchecked.push(lease.subnet);
-                    failures.push(source);
+        step("plans", async {
+            let mut turns = crate::turns::Turns::default();
+            for lease in peers {
+                turns.tick().await;
+                if Some(lease.subnet) == self.own {
+                    continue;
                 }
-                Err(e) => steps.push(e.into()),
+                match self.plan(lease, index).await {
+                    Ok(Some(p)) => plans.push(p),
+                    Ok(None) => {}
+                    Err(VxlanError::Peer { source, .. }) => {
+                        unchecked.push(lease.subnet);
+                        failures.push(source);
+                    }
+                    Err(e) => steps.push(e.into()),
+                }
             }
-        }
+        })
+        .await;
         let nl = self.pass_netlink();
-        let vtep = self.sync_vtep_entries(&nl, index, &plans).await;
+        let vtep = step(
+            "neighbours and fdb",
+            self.sync_vtep_entries(&nl, index, &plans),
+        )
+        .await;
         let routes: Vec<RouteSpec> = plans.iter().map(|p| p.route).collect();
         let owned = |r: &RouteEntry| self.owns_route(index, r) && !unchecked.contains(&r.dst);
-        let synced = nl.sync_routes(owned, &routes).await;
+        let synced = step("routes", nl.sync_routes(owned, &routes)).await;
         for step in [vtep, synced] {
             match step {
                 Ok(r) => report.merge(r),

@@ -11,6 +11,7 @@ use futures::StreamExt as _;
 use super::{partial, Backend, BackendError, VxlanBackend, VxlanError};
 use crate::lease::{BackendAttrs, Lease, LeaseEvent, MacAddr};
 use crate::netlink::{Netlink, NetlinkError, RouteEntry, RouteSpec, SyncReport};
+use crate::turns::Turns;
 
 /// New peers programmed at once by [`VxlanBackend::add_all`]: enough requests in flight to
 /// keep the kernel busy while replies come back, few enough for the socket's buffers.
@@ -258,48 +259,66 @@ impl VxlanBackend {
         plans: &[PeerPlan],
     ) -> Result<SyncReport, NetlinkError> {
         let mut report = SyncReport::default();
-        let want: Vec<(Ipv4Addr, MacAddr, Ipv4Addr)> =
-            plans.iter().filter_map(|p| p.vtep).collect();
         // Sets, not scans: with thousands of peers, comparing every wanted entry with every
-        // kernel entry took tens of ms that nothing could interrupt.
-        let want_neighs: HashSet<Ipv4Addr> = want.iter().map(|w| w.0).collect();
-        let want_fdb: HashSet<(MacAddr, IpAddr)> = want.iter().map(|w| (w.1, w.2.into())).collect();
+        // kernel entry took tens of ms that nothing could interrupt. Built and compared in
+        // turns (a few ms a pass at 5000 peers otherwise), so the pass stays droppable.
+        // (Loops rather than iterator chains: a closure over a reference held across an
+        // await makes the compiler doubt the future is Send.)
+        let mut turns = Turns::default();
+        let mut want = Vec::new();
+        let mut want_neighs = HashSet::new();
+        let mut want_fdb: HashSet<(MacAddr, IpAddr)> = HashSet::new();
+        for plan in plans {
+            turns.tick().await;
+            let Some((gw, mac, ip)) = plan.vtep else {
+                continue;
+            };
+            want.push((gw, mac, ip));
+            want_neighs.insert(gw);
+            want_fdb.insert((mac, ip.into()));
+        }
         // Neighbours and fdb first: a route to a gateway without its neighbour would ARP.
         let neighs = nl.neighbours_v4(index).await?;
-        let have_neighs: HashSet<(Ipv4Addr, MacAddr)> = neighs
-            .iter()
-            .filter(|n| n.permanent)
-            .filter_map(|n| Some((n.ip, n.mac?)))
-            .collect();
+        let mut have_neighs = HashSet::new();
+        for n in &neighs {
+            if let (true, Some(mac)) = (n.permanent, n.mac) {
+                have_neighs.insert((n.ip, mac));
+            }
+            turns.tick().await;
+        }
         for &(gw, mac, _) in &want {
             if !have_neighs.contains(&(gw, mac)) {
                 report.record(nl.replace_neighbour(index, gw, mac).await);
             }
+            turns.tick().await;
         }
         let fdb = nl.fdb_entries(index).await?;
-        let have_fdb: HashSet<(MacAddr, IpAddr)> = fdb
-            .iter()
-            .filter(|f| f.permanent)
-            .filter_map(|f| Some((f.mac, f.dst?)))
-            .collect();
+        let mut have_fdb = HashSet::new();
+        for f in &fdb {
+            if let (true, Some(dst)) = (f.permanent, f.dst) {
+                have_fdb.insert((f.mac, dst));
+            }
+            turns.tick().await;
+        }
         for &(_, mac, ip) in &want {
             if !have_fdb.contains(&(mac, ip.into())) {
                 report.record(nl.replace_fdb(index, mac, ip).await);
             }
+            turns.tick().await;
         }
-        for n in neighs
-            .iter()
-            .filter(|n| n.permanent && !want_neighs.contains(&n.ip))
-        {
-            info!(ip = %n.ip, "removing neighbour no lease justifies");
-            report.record(nl.del_neighbour(index, n.ip).await);
+        for n in &neighs {
+            if n.permanent && !want_neighs.contains(&n.ip) {
+                info!(ip = %n.ip, "removing neighbour no lease justifies");
+                report.record(nl.del_neighbour(index, n.ip).await);
+            }
+            turns.tick().await;
         }
-        for f in fdb
-            .iter()
-            .filter(|f| f.permanent && !f.dst.is_some_and(|d| want_fdb.contains(&(f.mac, d))))
-        {
-            info!(mac = %f.mac, dst = ?f.dst, "removing fdb entry no lease justifies");
-            report.record(nl.del_fdb(index, f.mac, f.dst).await);
+        for f in &fdb {
+            if f.permanent && !f.dst.is_some_and(|d| want_fdb.contains(&(f.mac, d))) {
+                info!(mac = %f.mac, dst = ?f.dst, "removing fdb entry no lease justifies");
+                report.record(nl.del_fdb(index, f.mac, f.dst).await);
+            }
+            turns.tick().await;
         }
         Ok(report)
     }
