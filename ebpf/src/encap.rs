@@ -10,7 +10,7 @@ use aya_ebpf::{
     },
     helpers::generated::{
         bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns,
-        bpf_redirect, bpf_redirect_neigh,
+        bpf_redirect, bpf_redirect_neigh, bpf_set_hash,
     },
     programs::TcContext,
     EbpfContext,
@@ -171,8 +171,7 @@ fn try_encapsulate(
     let next_hop = next_hop(ctx, cfg, &peer).ok_or(Verdict::Pass(counter::PASS_FIB_FAIL))?;
 
     // Read before adjust_room: afterwards the skb hash would cover the outer header.
-    // SAFETY: helper on the live skb.
-    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    let hash = flow_hash(ctx, &ip);
 
     ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
         .map_err(|_| Verdict::Pass(counter::PASS_HELPER_FAIL))?;
@@ -220,6 +219,67 @@ fn try_encapsulate(
         return Err(Verdict::Drop(counter::DROP_HELPER_FAIL));
     }
     Ok(Verdict::Done(action as i32, counter::ENCAPSULATED))
+}
+
+/// The flow hash the outer source port is spread by, as the kernel's vxlan
+/// takes it (`skb_get_hash`): the skb's own when it carries one (a connected
+/// socket's, or one the stack computed on the way). For an skb without one the
+/// kernel runs its flow dissector (a quarter of encapsulation's time under
+/// BPF_PROG_TEST_RUN, whose skbs carry none); the port only has to stay the
+/// same for a flow and spread flows, which a hash of the addresses, protocol
+/// and (as the dissector takes them: not in fragments) TCP/UDP ports does. It
+/// is kept on the skb as the kernel keeps its own.
+#[inline(always)]
+fn flow_hash(ctx: &TcContext, ip: &Ipv4Hdr) -> u32 {
+    // SAFETY: ctx.skb.skb is the live __sk_buff of this invocation.
+    if unsafe { (*ctx.skb.skb).hash } != 0 {
+        // One a driver set may cover the addresses only: the helper redoes such.
+        // SAFETY: helper on the live skb.
+        return unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    }
+    let ports = match ip.protocol {
+        IPPROTO_TCP | IPPROTO_UDP if !ip.is_fragment() => ctx
+            .read::<[u8; 4]>(off::OUTER_IP + IPV4_HLEN)
+            .map_or(0, u32::from_ne_bytes),
+        _ => 0,
+    };
+    let hash = match jhash_3words(
+        u32::from_ne_bytes(ip.saddr_be),
+        u32::from_ne_bytes(ip.daddr_be),
+        ports ^ ip.protocol as u32,
+    ) {
+        // 0 means "no hash" on an skb.
+        0 => 1,
+        h => h,
+    };
+    // SAFETY: helper on the live skb.
+    unsafe { bpf_set_hash(ctx.skb.skb, hash) };
+    hash
+}
+
+/// The kernel's `jhash_3words` (Bob Jenkins' lookup3 final mix) with a fixed seed.
+#[inline(always)]
+fn jhash_3words(a: u32, b: u32, c: u32) -> u32 {
+    const INIT: u32 = 0xdead_beef_u32.wrapping_add(12);
+    let (mut a, mut b, mut c) = (
+        a.wrapping_add(INIT),
+        b.wrapping_add(INIT),
+        c.wrapping_add(INIT),
+    );
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(14));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(11));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(25));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(16));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(4));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(14));
+    c ^= b;
+    c.wrapping_sub(b.rotate_left(24))
 }
 
 /// The source must be the address bound to the port the frame came in on,
