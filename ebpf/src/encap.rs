@@ -180,8 +180,13 @@ fn try_encapsulate(
     let header = build_header(cfg, &peer, &ip, outer_len, hash, l4_sum);
     // From here on the packet is a VXLAN frame: failures drop it rather than
     // hand a half-built frame to the kernel.
-    ctx.store(off::OUTER_IP, &header, 0)
-        .map_err(|_| Verdict::Drop(counter::DROP_HELPER_FAIL))?;
+    let at = ctx
+        .ptr_at::<VxlanEncap>(off::OUTER_IP)
+        .ok_or(Verdict::Drop(counter::DROP_HELPER_FAIL))?;
+    // SAFETY: bounds checked by ptr_at after adjust_room (which made the head
+    // private); TC may write packet data; VxlanEncap has alignment 1. A direct
+    // write spares bpf_skb_store_bytes' call and checks (5 % of the samples).
+    unsafe { *at = header };
     if decrement {
         let inner = ctx
             .ptr_at::<Ipv4Hdr>(off::INNER_IP)
