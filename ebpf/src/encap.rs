@@ -271,20 +271,15 @@ fn jhash_3words(a: u32, b: u32, c: u32) -> u32 {
         b.wrapping_add(INIT),
         c.wrapping_add(INIT),
     );
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(14));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(11));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(25));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(16));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(4));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(14));
-    c ^= b;
-    c.wrapping_sub(b.rotate_left(24))
+    // x ^= y; x -= rol32(y, r): the kernel's __jhash_final, step by step.
+    let step = |x: u32, y: u32, r: u32| (x ^ y).wrapping_sub(y.rotate_left(r));
+    c = step(c, b, 14);
+    a = step(a, c, 11);
+    b = step(b, a, 25);
+    c = step(c, b, 16);
+    a = step(a, c, 4);
+    b = step(b, a, 14);
+    step(c, b, 24)
 }
 
 /// The source must be the address bound to the port the frame came in on,
