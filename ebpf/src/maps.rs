@@ -58,7 +58,7 @@ pub struct CachedHop {
     pub src: [u8; 6],
     pub dst: [u8; 6],
     pub pad: [u8; 4],
-    /// `bpf_ktime_get_ns` time after which the FIB is asked again; 0: empty.
+    /// `bpf_ktime_get_coarse_ns` time after which the FIB is asked again; 0: empty.
     pub expires_ns: u64,
 }
 
