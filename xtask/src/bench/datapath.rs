@@ -449,6 +449,17 @@ fn family_prefix(family: Family) -> &'static str {
     }
 }
 
+/// The test's result when it is chosen (`--tests`); a future not awaited never starts.
+async fn when<T>(
+    chosen: bool,
+    test: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<Option<T>> {
+    Ok(match chosen {
+        true => Some(test.await?),
+        false => None,
+    })
+}
+
 /// One round of one mode: TCP 1 stream, TCP 4 streams, ping-pong, 64-byte UDP, then TCP 1 stream
 /// and ping-pong from host 1's own namespace; for ebpf with the datapath counters read around it
 /// (and with `--programs` the programs' run-time statistics around the UDP test).
@@ -475,27 +486,19 @@ async fn measure_mode(
         None
     };
     let (client, server) = (&b.bed.client, &b.bed.server);
-    let tcp1 = match runs(Test::Tcp1) {
-        true => Some(measure::tcp(client, server, 1, secs).await?),
-        false => None,
-    };
-    let tcp4 = match runs(Test::Tcp4) {
-        true => Some(measure::tcp(client, server, 4, secs).await?),
-        false => None,
-    };
-    let rr = match runs(Test::Rr) {
-        true => Some(measure::rr(client, server, &mut b.servers, secs).await?),
-        false => None,
-    };
+    let tcp1 = when(runs(Test::Tcp1), measure::tcp(client, server, 1, secs)).await?;
+    let tcp4 = when(runs(Test::Tcp4), measure::tcp(client, server, 4, secs)).await?;
+    let rr = when(
+        runs(Test::Rr),
+        measure::rr(client, server, &mut b.servers, secs),
+    )
+    .await?;
     let stats_before = if b.watched.is_empty() || !runs(Test::Udp64) {
         None
     } else {
         Some(programs::run_stats().await?)
     };
-    let udp = match runs(Test::Udp64) {
-        true => Some(measure::udp64(client, server, secs).await?),
-        false => None,
-    };
+    let udp = when(runs(Test::Udp64), measure::udp64(client, server, secs)).await?;
     if let Some(stats_before) = stats_before {
         let stats_after = programs::run_stats().await?;
         for (host, ids) in &b.watched {
