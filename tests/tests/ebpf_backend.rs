@@ -93,14 +93,7 @@ impl Netns {
         let mut args = vec!["ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1"];
         args.extend(extra);
         args.push(dst);
-        let out = self.exec(&args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let (sent, received) = weft_tests::ping_summary(&text).unwrap_or((0, 0));
-        (sent, received, text)
+        weft_tests::ping_outcome(&self.exec(&args))
     }
 
     /// flannel.1's own (tx, rx) packet counters.

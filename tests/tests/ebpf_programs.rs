@@ -443,6 +443,18 @@ fn encap_leaves_what_is_not_ours_untouched() {
 #[test]
 #[ignore = "needs root: run cargo xtask test"]
 fn encap_matches_kernel_vxlan_device() {
+    matches_kernel_vxlan_device(ProgramKind::TcEncap);
+}
+
+/// The same for the host program: the frame the kernel hands to flannel.1 (its neighbour's
+/// MAC, flannel.1's own) leaves as the device itself would send it.
+#[test]
+#[ignore = "needs root: run cargo xtask test"]
+fn host_encap_matches_kernel_vxlan_device() {
+    matches_kernel_vxlan_device(ProgramKind::TcHostEncap);
+}
+
+fn matches_kernel_vxlan_device(kind: ProgramKind) {
     let mut e = env("encap-kernel");
     // The kernel's packet comes from flannel.1's address; here a container sends it.
     bind(&mut e, Ipv4Addr::new(10, 1, 10, 0));
@@ -513,16 +525,20 @@ fn encap_matches_kernel_vxlan_device() {
         s.send_to(b"weft wire compatibility", (REMOTE_CONTAINER, 9999))
             .expect("send");
     });
-    // Feed the kernel's inner packet, as it would have entered from a container
-    // one hop earlier (TTL + 1), to our program.
     let mut inner_ip = kernel[64..].to_vec();
-    inner_ip[8] += 1;
-    inner_ip[10..12].copy_from_slice(&[0, 0]);
-    let c = ipv4_checksum(&inner_ip[..20]);
-    inner_ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut input = eth(BRIDGE_MAC, CONTAINER_MAC, 0x0800);
+    let mut input = if kind == ProgramKind::TcHostEncap {
+        // The kernel's inner packet as it entered flannel.1's egress.
+        eth(PEER_VTEP_MAC, OUR_VTEP_MAC, 0x0800)
+    } else {
+        // As it would have entered from a container one hop earlier (TTL + 1).
+        inner_ip[8] += 1;
+        inner_ip[10..12].copy_from_slice(&[0, 0]);
+        let c = ipv4_checksum(&inner_ip[..20]);
+        inner_ip[10..12].copy_from_slice(&c.to_be_bytes());
+        eth(BRIDGE_MAC, CONTAINER_MAC, 0x0800)
+    };
     input.extend(inner_ip);
-    let ours = test_run(&e, ProgramKind::TcEncap, &input, e.br0);
+    let ours = test_run(&e, kind, &input, e.br0);
     assert_eq!(ours.action, TC_ACT_REDIRECT);
     let ours = ours.packet;
     assert_eq!(ours.len(), kernel.len(), "same length");
