@@ -654,8 +654,8 @@ fn ebpf_hosts_carry_container_traffic_through_the_programs() {
     let st = status_of(&topo, 0);
     assert_eq!(st.mode, Mode::Ebpf);
     // Decapsulation, encapsulation on docker0 and on the container's port
-    // (attached by the reconcile that bound the containers).
-    assert_eq!(st.programs.len(), 3, "{st}");
+    // (attached by the reconcile that bound the containers), the host program on flannel.1.
+    assert_eq!(st.programs.len(), 4, "{st}");
     assert!(st.programs.iter().all(|p| p.state == "attached"), "{st}");
     assert!(
         st.programs.iter().any(|p| p.program == "weft_tc_encap"
@@ -839,8 +839,8 @@ fn reconcile_repairs_detached_programs_stale_and_missing_entries() {
     let st = status_of(&topo, 0);
     assert_eq!(
         st.programs.len(),
-        3,
-        "decap, encap on docker0 and on its port vethc1: {st}"
+        4,
+        "decap, encap on docker0 and on its port vethc1, host encap on flannel.1: {st}"
     );
     assert!(st.programs.iter().all(|p| p.state == "attached"), "{st}");
     assert_eq!(st.peers.len(), 1, "{st}");
@@ -919,7 +919,7 @@ fn restart_adopts_pinned_programs_without_losing_a_ping() {
     );
     let st = status_of(&topo, 0);
     assert!(
-        st.programs.iter().all(|p| p.state == "attached") && st.programs.len() == 3,
+        st.programs.iter().all(|p| p.state == "attached") && st.programs.len() == 4,
         "{st}"
     );
     drop(a);
@@ -1183,8 +1183,8 @@ fn a_bridge_created_later_gets_encapsulation_on_reconcile() {
     let st = status_of(&topo, 0);
     assert_eq!(
         st.programs.len(),
-        1,
-        "only decap before docker0 exists: {st}"
+        2,
+        "only decap and the host program on flannel.1 before docker0 exists: {st}"
     );
     topo.hosts[0].ip("link set docker-old name docker0");
     assert_eq!(

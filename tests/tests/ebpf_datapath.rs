@@ -767,8 +767,9 @@ async fn agent_restarts_sigterm_and_kill9_lose_no_ping_at_100_per_second() {
             before.0
         );
     }
-    // Decapsulation on ens32, encapsulation on docker0 and on the container's bridge port.
-    assert_eq!(adopted.len(), 3);
+    // Decapsulation on ens32, encapsulation on docker0 and on the container's bridge port, the
+    // host program on flannel.1.
+    assert_eq!(adopted.len(), 4, "{adopted:?}");
     let logged = count_in_log(&agent, "adopted=true");
     assert!(
         logged >= 4,
@@ -992,8 +993,9 @@ async fn cleanup_removes_programs_and_maps_and_traffic_moves_to_flannel1() {
     let (a, b) = (c.container(0), c.container(1));
     a.ping(b.ip()).await.unwrap();
     let links: Vec<u64> = attachments(&status(h1).await).iter().map(|a| a.2).collect();
-    // Decapsulation on ens32, encapsulation on docker0 and on the container's bridge port.
-    assert_eq!(links.len(), 3);
+    // Decapsulation on ens32, encapsulation on docker0 and on the container's bridge port, the
+    // host program on flannel.1.
+    assert_eq!(links.len(), 4);
     for id in &links {
         assert!(
             link_exists(h1, *id).await,
