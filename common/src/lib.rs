@@ -29,9 +29,10 @@ pub mod map_names {
 /// 52-byte [`NodeConfig`], 29 counters, 16384 local entries. Layout 3: 30
 /// IPv4 counters (the bridge-down pass), the IPv6 maps ([`map_names::REMOTES6`]
 /// and the rest, new and empty until the agent fills them) and the IPv6
-/// counters after the IPv4 ones. Layouts only append: counters keep their
+/// counters after the IPv4 ones. Layout 4: the host program's counters
+/// ([`counter_host`]) after the IPv6 ones. Layouts only append: counters keep their
 /// indices, [`NodeConfig`] grows at its end, new maps start empty.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Program (function) names in the object.
 pub mod program_names {
@@ -41,6 +42,10 @@ pub mod program_names {
     pub const XDP_DECAP: &str = "weft_xdp_decap";
     /// TC classifier: the same decapsulation on the underlay's TC ingress.
     pub const TC_DECAP: &str = "weft_tc_decap";
+    /// TC classifier on `flannel.N`'s (and `flannel-v6.N`'s) egress: what the
+    /// host's own routing sends into the tunnel, encapsulated as the vxlan
+    /// device would.
+    pub const TC_HOST_ENCAP: &str = "weft_tc_host_encap";
 }
 
 /// Maximum entries of the remote-subnet and VTEP maps.
@@ -213,7 +218,7 @@ pub mod counter {
     pub const PASS_BRIDGE_DOWN: u32 = 29;
     /// Number of counters; the map's max_entries. The IPv6 ones follow the
     /// IPv4 ones, see [`crate::counter6`].
-    pub const COUNT: u32 = crate::counter6::END;
+    pub const COUNT: u32 = crate::counter_host::END;
     /// The IPv4 counters: every one the IPv4 path uses.
     pub const COUNT_IPV4: u32 = 30;
 
@@ -263,6 +268,11 @@ pub mod counter {
         while j < crate::counter6::NAMES.len() {
             out[i + j] = crate::counter6::NAMES[j];
             j += 1;
+        }
+        let mut k = 0;
+        while k < crate::counter_host::NAMES.len() {
+            out[i + j + k] = crate::counter_host::NAMES[k];
+            k += 1;
         }
         out
     };
@@ -443,6 +453,29 @@ pub mod counter6 {
         "ipv6: dropped: ce on not-ect (rfc 6040)",
         "ipv6: dropped: helper failed after rewrite",
         "ipv6: dropped: zero udp checksum",
+    ];
+}
+
+/// Counters of the host program (`weft_tc_host_encap`, on `flannel.N`'s
+/// egress), after the IPv6 ones. Every frame the host's routing sends into
+/// the tunnel is counted once: encapsulated by the program, passed on to the
+/// vxlan device (which sends it as it always did), or dropped after a failed
+/// rewrite under the family's `dropped: helper failed after rewrite`.
+pub mod counter_host {
+    use crate::counter6::END as B;
+    pub const ENCAPSULATED: u32 = B;
+    pub const PASSED: u32 = B + 1;
+    pub const ENCAPSULATED6: u32 = B + 2;
+    pub const PASSED6: u32 = B + 3;
+    /// One past the last counter.
+    pub const END: u32 = B + 4;
+
+    /// Display names, indexed by counter minus [`crate::counter6::END`].
+    pub const NAMES: [&str; (END - B) as usize] = [
+        "host: encapsulated",
+        "host: passed to the vxlan device",
+        "ipv6: host: encapsulated",
+        "ipv6: host: passed to the vxlan device",
     ];
 }
 

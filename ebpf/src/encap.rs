@@ -78,7 +78,7 @@ pub fn encapsulate(ctx: &TcContext) -> Verdict {
     if on_bridge && fingerprint(ctx).is_some_and(|f| maps::take_passed(&f)) {
         return Verdict::Seen;
     }
-    let verdict = match try_encapsulate(ctx, cfg, ifindex) {
+    let verdict = match try_encapsulate::<false>(ctx, cfg, ifindex) {
         // Not IPv4: IPv6 has its own path, so IPv4 does no work for it.
         Err(Verdict::Pass(counter::PASS_NOT_IPV4)) => crate::encap6::encapsulate(ctx),
         Ok(v) | Err(v) => v,
@@ -89,6 +89,20 @@ pub fn encapsulate(ctx: &TcContext) -> Verdict {
         }
     }
     verdict
+}
+
+/// Encapsulates what the host's routing sent into `flannel.N` (or
+/// `flannel-v6.N`): the host's own traffic to remote containers, and what the
+/// kernel forwarded there after a port's program passed it on. The kernel has
+/// judged it already (routing, netfilter, the device's MTU, the forwarding
+/// TTL), so what is left is the vxlan device's own job, done as it does it;
+/// anything the device would treat differently is passed on to it.
+pub fn encapsulate_host(ctx: &TcContext) -> Verdict {
+    let verdict = match try_encapsulate::<true>(ctx, maps::config(), 0) {
+        Err(Verdict::Pass(counter::PASS_NOT_IPV4)) => crate::encap6::encapsulate_host(ctx),
+        Ok(v) | Err(v) => v,
+    };
+    verdict.from_host()
 }
 
 /// The frame's length and 32 bytes from its source MAC on (copied with a
@@ -102,14 +116,17 @@ fn fingerprint(ctx: &TcContext) -> Option<maps::Fingerprint> {
     })
 }
 
+/// `HOST`: the frame comes from the host's routing ([`encapsulate_host`]),
+/// not from a container's port: no source to check, no TTL to decrement, and
+/// the tunnel endpoint must be the one the kernel's neighbour entry chose.
 #[inline(always)]
-fn try_encapsulate(
+fn try_encapsulate<const HOST: bool>(
     ctx: &TcContext,
     cfg: Option<&NodeConfig>,
     ifindex: u32,
 ) -> Result<Verdict, Verdict> {
     let cfg = cfg.ok_or(Verdict::Pass(counter::PASS_NOT_CONFIGURED))?;
-    if cfg.flags_ne & config_flags::BRIDGE_DOWN != 0 {
+    if !HOST && cfg.flags_ne & config_flags::BRIDGE_DOWN != 0 {
         // Its ports are disabled: the bridge drops what they receive.
         return Err(Verdict::Pass(counter::PASS_BRIDGE_DOWN));
     }
@@ -148,12 +165,17 @@ fn try_encapsulate(
         return Err(Verdict::Pass(counter::PASS_MALFORMED));
     }
     let peer = *maps::remote_peer(ip.daddr_be).ok_or(Verdict::Pass(counter::PASS_NOT_REMOTE))?;
-    check_source(ctx, cfg, ifindex, &eth, &ip)?;
+    if HOST {
+        on_chosen_vtep(&eth, &peer.vtep_mac)?;
+    } else {
+        check_source(ctx, cfg, ifindex, &eth, &ip)?;
+    }
     if ip.ihl_bytes() != 20 {
         // Valid but rare: the kernel path forwards them (and checks the options).
         return Err(Verdict::Pass(counter::PASS_IP_OPTIONS));
     }
-    let decrement = cfg.flags_ne & config_flags::DECREMENT_TTL != 0;
+    // The host's routing decremented what it forwarded.
+    let decrement = !HOST && cfg.flags_ne & config_flags::DECREMENT_TTL != 0;
     if decrement && ip.ttl <= 1 {
         // The kernel path sends the ICMP time-exceeded a router owes the sender.
         return Err(Verdict::Pass(counter::PASS_TTL_EXPIRED));
@@ -329,6 +351,20 @@ fn check_source(
             ifindex
         );
         Err(Verdict::Drop(counter::DROP_SOURCE_OUTSIDE))
+    }
+}
+
+/// On `flannel.N` the frame's destination MAC is what the kernel's neighbour
+/// entry for the route's next hop gave: the VTEP the vxlan device would send
+/// to (by its forwarding entry for that MAC). Only when that is the VTEP of
+/// the subnet's lease does the program send it; a route or neighbour set up
+/// otherwise stays the device's business.
+#[inline(always)]
+pub(crate) fn on_chosen_vtep(eth: &EthHdr, vtep_mac: &[u8; 6]) -> Result<(), Verdict> {
+    if eth.dst == *vtep_mac {
+        Ok(())
+    } else {
+        Err(Verdict::Pass(counter::PASS_NOT_REMOTE))
     }
 }
 

@@ -28,7 +28,7 @@ use weft_common::{
 };
 
 use crate::{
-    encap::{ecn_encapsulate, source_port},
+    encap::{ecn_encapsulate, on_chosen_vtep, source_port},
     maps::{self, Verdict},
     maps6,
     parse::{fold, sum_words, EthHdr, Packet, UdpHdr, VxlanHdr},
@@ -63,13 +63,21 @@ const PULL: u32 = (off6::L4 + 20) as u32;
 /// Encapsulates an IPv6 frame, or says why not. Frames that are not IPv6 are
 /// counted as IPv4's "not ipv4" (not IP at all).
 pub fn encapsulate(ctx: &TcContext) -> Verdict {
-    match try_encapsulate(ctx) {
+    match try_encapsulate::<false>(ctx) {
         Ok(v) | Err(v) => v,
     }
 }
 
+/// What the host's routing sent into `flannel-v6.N`: see `encap::encapsulate_host`.
+pub fn encapsulate_host(ctx: &TcContext) -> Verdict {
+    match try_encapsulate::<true>(ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// `HOST`: from the host's routing, as for IPv4 (`encap::try_encapsulate`).
 #[inline(always)]
-fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
+fn try_encapsulate<const HOST: bool>(ctx: &TcContext) -> Result<Verdict, Verdict> {
     if ctx.data() + PULL as usize > ctx.data_end() && ctx.len() >= PULL {
         let _ = ctx.pull_data(PULL);
     }
@@ -102,13 +110,19 @@ fn try_encapsulate(ctx: &TcContext) -> Result<Verdict, Verdict> {
         return Err(Verdict::Pass(counter6::PASS_MALFORMED));
     }
     let peer = maps6::remote_peer6(ip.daddr_be).ok_or(Verdict::Pass(counter6::PASS_NOT_REMOTE))?;
-    check_source(cfg, cfg6, ifindex, eth, ip)?;
+    if HOST {
+        on_chosen_vtep(eth, &peer.vtep_mac)
+            .map_err(|_| Verdict::Pass(counter6::PASS_NOT_REMOTE))?;
+    } else {
+        check_source(cfg, cfg6, ifindex, eth, ip)?;
+    }
     if is_extension_header(ip.next_header) || ip.payload_len() == 0 {
         // Extension headers (and BIG TCP's jumbo packets, whose length field
         // is 0): the kernel path parses and forwards them.
         return Err(Verdict::Pass(counter6::PASS_EXT_HEADERS));
     }
-    let decrement = cfg.flags_ne & config_flags::DECREMENT_TTL != 0;
+    // The host's routing decremented what it forwarded.
+    let decrement = !HOST && cfg.flags_ne & config_flags::DECREMENT_TTL != 0;
     if decrement && ip.hop_limit <= 1 {
         // The kernel path sends the ICMPv6 time exceeded a router owes the sender.
         return Err(Verdict::Pass(counter6::PASS_HOP_LIMIT));

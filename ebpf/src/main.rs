@@ -28,6 +28,11 @@ pub fn weft_tc_encap(ctx: TcContext) -> i32 {
     encap::encapsulate(&ctx).finish(TC_ACT_OK, TC_ACT_SHOT)
 }
 
+#[classifier]
+pub fn weft_tc_host_encap(ctx: TcContext) -> i32 {
+    encap::encapsulate_host(&ctx).finish(TC_ACT_OK, TC_ACT_SHOT)
+}
+
 #[xdp]
 pub fn weft_xdp_decap(ctx: XdpContext) -> u32 {
     decap::xdp_decapsulate(&ctx).finish(xdp_action::XDP_PASS as i32, xdp_action::XDP_DROP as i32)

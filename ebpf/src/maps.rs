@@ -8,7 +8,8 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
 };
 use weft_common::{
-    counter, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, VtepValue, MAX_LOCAL, MAX_PEERS,
+    counter, counter6, counter_host, Ipv4LpmData, LocalEndpoint, NodeConfig, PeerValue, VtepValue,
+    MAX_LOCAL, MAX_PEERS,
 };
 
 #[map(name = "WEFT_REMOTES")]
@@ -178,6 +179,21 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// The host program's verdict ([`crate::encap::encapsulate_host`]):
+    /// counted under its own counters, whatever the reason a frame was passed.
+    #[inline(always)]
+    pub fn from_host(self) -> Verdict {
+        match self {
+            Verdict::Done(action, c) if c == counter6::ENCAPSULATED => {
+                Verdict::Done(action, counter_host::ENCAPSULATED6)
+            }
+            Verdict::Done(action, _) => Verdict::Done(action, counter_host::ENCAPSULATED),
+            Verdict::Pass(c) if c >= counter::COUNT_IPV4 => Verdict::Pass(counter_host::PASSED6),
+            Verdict::Pass(_) => Verdict::Pass(counter_host::PASSED),
+            v => v,
+        }
+    }
+
     /// Counts the verdict and turns it into the program's return code.
     #[inline(always)]
     pub fn finish(self, pass: i32, drop: i32) -> i32 {

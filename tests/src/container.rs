@@ -215,7 +215,20 @@ impl Container {
     /// check on the receiving side that every byte arrived intact and in order. The sockets are
     /// opened by threads that joined the two namespaces; no tool in the container is needed.
     pub async fn tcp_transfer(&self, to: &Container, bytes: usize) -> anyhow::Result<Transfer> {
-        let data: Arc<[u8]> = pattern(bytes, u32::from(self.ip()) ^ u32::from(to.ip())).into();
+        to.tcp_transfer_from(&self.inner.netns, self.ip(), bytes)
+            .await
+    }
+
+    /// [`Container::tcp_transfer`] to this container from any namespace (a host's own, say);
+    /// `seed` picks the byte pattern (the sender's address by convention).
+    pub async fn tcp_transfer_from(
+        &self,
+        from: &Netns,
+        seed: Ipv4Addr,
+        bytes: usize,
+    ) -> anyhow::Result<Transfer> {
+        let to = self;
+        let data: Arc<[u8]> = pattern(bytes, u32::from(seed) ^ u32::from(to.ip())).into();
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         let (to_ip, expected) = (to.ip(), data.clone());
         let server = to.inner.netns.spawn_thread(move || {
@@ -239,7 +252,7 @@ impl Container {
                 .context("the receiver did not start listening")?;
         let dest = SocketAddr::V4(SocketAddrV4::new(to.ip(), port));
         let start = Instant::now();
-        let client = self.inner.netns.spawn_thread(move || {
+        let client = from.spawn_thread(move || {
             let mut stream = TcpStream::connect_timeout(&dest, TRANSFER_TIMEOUT)
                 .with_context(|| format!("connect to {dest}"))?;
             stream.set_write_timeout(Some(TRANSFER_TIMEOUT))?;
@@ -251,7 +264,7 @@ impl Container {
         });
         let (sent, received) =
             tokio::task::spawn_blocking(move || (client.join(), server.join())).await?;
-        let what = format!("TCP transfer of {bytes} bytes {} -> {dest}", self.ip());
+        let what = format!("TCP transfer of {bytes} bytes {} -> {dest}", from.name());
         sent.map_err(|_| anyhow::anyhow!("{what}: sender thread panicked"))?
             .with_context(|| what.clone())?;
         let (bytes, peer) = received
@@ -308,6 +321,18 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// A finished ping's (transmitted, received) and its whole output (stdout, then stderr);
+/// (0, 0) when it printed no summary.
+pub fn ping_outcome(out: &Output) -> (u32, u32, String) {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (sent, received) = ping_summary(&text).unwrap_or((0, 0));
+    (sent, received, text)
 }
 
 /// ping's summary line, "21 packets transmitted, 21 received, 0% packet loss, ...", as

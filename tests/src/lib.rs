@@ -48,7 +48,7 @@ pub mod status;
 
 pub use agent::{weft_bin, Agent};
 pub use cluster::{cluster, Cluster, ClusterOptions, Host, SubnetEnv};
-pub use container::{ping_summary, Container, Transfer};
+pub use container::{ping_outcome, ping_summary, Container, Transfer};
 pub use docker::{DockerContainer, Dockerd};
 pub use etcd::{Etcd, EtcdCluster};
 pub use keep::{Kept, KeptProcess};

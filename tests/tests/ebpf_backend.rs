@@ -93,14 +93,7 @@ impl Netns {
         let mut args = vec!["ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1"];
         args.extend(extra);
         args.push(dst);
-        let out = self.exec(&args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let (sent, received) = weft_tests::ping_summary(&text).unwrap_or((0, 0));
-        (sent, received, text)
+        weft_tests::ping_outcome(&self.exec(&args))
     }
 
     /// flannel.1's own (tx, rx) packet counters.
@@ -661,8 +654,8 @@ fn ebpf_hosts_carry_container_traffic_through_the_programs() {
     let st = status_of(&topo, 0);
     assert_eq!(st.mode, Mode::Ebpf);
     // Decapsulation, encapsulation on docker0 and on the container's port
-    // (attached by the reconcile that bound the containers).
-    assert_eq!(st.programs.len(), 3, "{st}");
+    // (attached by the reconcile that bound the containers), the host program on flannel.1.
+    assert_eq!(st.programs.len(), 4, "{st}");
     assert!(st.programs.iter().all(|p| p.state == "attached"), "{st}");
     assert!(
         st.programs.iter().any(|p| p.program == "weft_tc_encap"
@@ -846,8 +839,8 @@ fn reconcile_repairs_detached_programs_stale_and_missing_entries() {
     let st = status_of(&topo, 0);
     assert_eq!(
         st.programs.len(),
-        3,
-        "decap, encap on docker0 and on its port vethc1: {st}"
+        4,
+        "decap, encap on docker0 and on its port vethc1, host encap on flannel.1: {st}"
     );
     assert!(st.programs.iter().all(|p| p.state == "attached"), "{st}");
     assert_eq!(st.peers.len(), 1, "{st}");
@@ -926,7 +919,7 @@ fn restart_adopts_pinned_programs_without_losing_a_ping() {
     );
     let st = status_of(&topo, 0);
     assert!(
-        st.programs.iter().all(|p| p.state == "attached") && st.programs.len() == 3,
+        st.programs.iter().all(|p| p.state == "attached") && st.programs.len() == 4,
         "{st}"
     );
     drop(a);
@@ -1190,8 +1183,8 @@ fn a_bridge_created_later_gets_encapsulation_on_reconcile() {
     let st = status_of(&topo, 0);
     assert_eq!(
         st.programs.len(),
-        1,
-        "only decap before docker0 exists: {st}"
+        2,
+        "only decap and the host program on flannel.1 before docker0 exists: {st}"
     );
     topo.hosts[0].ip("link set docker-old name docker0");
     assert_eq!(

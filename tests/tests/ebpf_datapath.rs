@@ -236,19 +236,28 @@ async fn ping_count(
     count: u32,
     extra: &[&str],
 ) -> (u32, u32, String) {
-    let count = count.to_string();
-    let dst = to.to_string();
-    let mut argv = vec!["ping", "-n", "-c", &count, "-i", "0.2", "-W", "2"];
-    argv.extend_from_slice(extra);
-    argv.push(&dst);
-    let out = from.exec(&argv).await;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (sent, received) = weft_tests::ping_summary(&text).unwrap_or((0, 0));
-    (sent, received, text)
+    let argv = ping_argv(to, count, "0.2", extra);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    weft_tests::ping_outcome(&from.exec(&argv).await)
+}
+
+/// `ping -n -c <count> -i <interval> -W 2 <extra> <to>`.
+fn ping_argv(to: Ipv4Addr, count: u32, interval: &str, extra: &[&str]) -> Vec<String> {
+    let mut argv: Vec<String> = [
+        "ping",
+        "-n",
+        "-c",
+        &count.to_string(),
+        "-i",
+        interval,
+        "-W",
+        "2",
+    ]
+    .map(String::from)
+    .to_vec();
+    argv.extend(extra.iter().map(|a| a.to_string()));
+    argv.push(to.to_string());
+    argv
 }
 
 // ---- 1. all pairs over eBPF ------------------------------------------------------------------------
@@ -758,8 +767,9 @@ async fn agent_restarts_sigterm_and_kill9_lose_no_ping_at_100_per_second() {
             before.0
         );
     }
-    // Decapsulation on ens32, encapsulation on docker0 and on the container's bridge port.
-    assert_eq!(adopted.len(), 3);
+    // Decapsulation on ens32, encapsulation on docker0 and on the container's bridge port, the
+    // host program on flannel.1.
+    assert_eq!(adopted.len(), 4, "{adopted:?}");
     let logged = count_in_log(&agent, "adopted=true");
     assert!(
         logged >= 4,
@@ -791,6 +801,101 @@ fn softnet_drops() -> u64 {
         .filter_map(|l| l.split_whitespace().nth(1))
         .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
         .sum()
+}
+
+// ---- 4b. the host's own traffic ----------------------------------------------------------------------
+
+/// What the host program counted and what flannel.1 itself sent, as one snapshot.
+async fn host_path(host: &Host) -> (u64, u64, u64) {
+    let st = status(host).await;
+    (
+        counter(&st, "host: encapsulated"),
+        counter(&st, "host: passed to the vxlan device"),
+        flannel_packets(host).await.0,
+    )
+}
+
+/// `ping -c <count> <args> <to>` from a host's own namespace; (transmitted, received, output).
+async fn ping_from_host(
+    host: &Host,
+    to: Ipv4Addr,
+    count: u32,
+    extra: &[&str],
+) -> (u32, u32, String) {
+    let argv = ping_argv(to, count, "0.05", extra);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    weft_tests::ping_outcome(&host.exec(&argv).await)
+}
+
+/// A host's own processes (health checks, its services) reach remote containers through
+/// flannel.1's route; the host program on flannel.1's egress encapsulates what the vxlan device
+/// would have: the packets arrive, with the host's address, and flannel.1's own counters stay
+/// still. What the device must do itself (here: fragments, whose outer UDP checksum needs the
+/// whole datagram) is passed on to it and still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
+async fn the_hosts_own_traffic_to_remote_containers_takes_the_ebpf_path() {
+    let c = ebpf_cluster(2, 1, &[]).await;
+    let (h1, remote) = (c.host(0), c.host(1).containers()[0].clone());
+    let st = status(h1).await;
+    assert!(
+        attachments(&st)
+            .iter()
+            .any(|(p, i, link, _)| p == "weft_tc_host_encap" && i == "flannel.1" && *link != 0),
+        "no host program on flannel.1: {:#}",
+        st["programs"]
+    );
+
+    let (enc0, pass0, tx0) = host_path(h1).await;
+    let (sent, received, text) = ping_from_host(h1, remote.ip(), 20, &[]).await;
+    assert_eq!((sent, received), (20, 20), "{text}");
+    let t = remote
+        .tcp_transfer_from(h1.netns(), h1.ens32_ip(), MB)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let subnet = h1.subnet().expect("host 1's subnet").subnet;
+    let std::net::IpAddr::V4(from) = t.peer.ip() else {
+        panic!("IPv6 peer {t:?}")
+    };
+    assert!(
+        subnet.contains(&from),
+        "the host's connection arrived from {from}, not from its flannel.1 address in {subnet}"
+    );
+    let (enc1, pass1, tx1) = host_path(h1).await;
+    eprintln!(
+        "ping and 1 MB: host encapsulated +{}, passed +{}, flannel.1 tx +{}",
+        enc1 - enc0,
+        pass1 - pass0,
+        tx1 - tx0
+    );
+    // 20 echo requests, and the connection's SYN, data (GSO-sized, so fewer than 1 MB / MSS) and FIN.
+    assert!(
+        enc1 - enc0 >= 20 + 3,
+        "the host program did not carry the host's traffic"
+    );
+    // flannel.1 may still send the odd packet of its own (IPv6 router solicitation, say).
+    assert!(
+        tx1 - tx0 <= 3,
+        "flannel.1 carried the host's traffic: tx +{}",
+        tx1 - tx0
+    );
+
+    // Fragments: ping -s 2000 over flannel.1's MTU of 1450 leaves as two fragments each way.
+    let (sent, received, text) = ping_from_host(h1, remote.ip(), 5, &["-s", "2000"]).await;
+    assert_eq!((sent, received), (5, 5), "{text}");
+    let (enc2, pass2, tx2) = host_path(h1).await;
+    eprintln!(
+        "5 fragmented pings: host encapsulated +{}, passed +{}, flannel.1 tx +{}",
+        enc2 - enc1,
+        pass2 - pass1,
+        tx2 - tx1
+    );
+    assert!(
+        pass2 - pass1 >= 10 && tx2 - tx1 >= 10,
+        "fragments were not handed to flannel.1: passed +{}, flannel.1 tx +{}",
+        pass2 - pass1,
+        tx2 - tx1
+    );
 }
 
 // ---- 5. large transfers and oversize packets -------------------------------------------------------
@@ -888,8 +993,9 @@ async fn cleanup_removes_programs_and_maps_and_traffic_moves_to_flannel1() {
     let (a, b) = (c.container(0), c.container(1));
     a.ping(b.ip()).await.unwrap();
     let links: Vec<u64> = attachments(&status(h1).await).iter().map(|a| a.2).collect();
-    // Decapsulation on ens32, encapsulation on docker0 and on the container's bridge port.
-    assert_eq!(links.len(), 3);
+    // Decapsulation on ens32, encapsulation on docker0 and on the container's bridge port, the
+    // host program on flannel.1.
+    assert_eq!(links.len(), 4);
     for id in &links {
         assert!(
             link_exists(h1, *id).await,

@@ -632,6 +632,18 @@ fn encap_hands_to_the_kernel_what_it_must_judge_and_drops_forged_sources() {
 #[test]
 #[ignore = "needs root: run cargo xtask test"]
 fn encap_matches_a_kernel_flannel_v6_device() {
+    matches_a_kernel_flannel_v6_device(ProgramKind::TcEncap);
+}
+
+/// The same for the host program: the frame the kernel hands to flannel-v6.1 (its
+/// neighbour's MAC, the device's own) leaves as the device itself would send it.
+#[test]
+#[ignore = "needs root: run cargo xtask test"]
+fn host_encap_matches_a_kernel_flannel_v6_device() {
+    matches_a_kernel_flannel_v6_device(ProgramKind::TcHostEncap);
+}
+
+fn matches_a_kernel_flannel_v6_device(kind: ProgramKind) {
     let mut e = env();
     let src: Ipv6Addr = "fc00:0:0:10::".parse().unwrap();
     e.dp.upsert_local(&LocalEntry6 {
@@ -673,11 +685,19 @@ route replace fc00:0:0:54::/64 via fc00:0:0:54:: dev flannel-v6.1 onlink
         s.send_to(b"weft wire compatibility over ipv6", (REMOTE6, 9999))
             .expect("send");
     });
-    // The kernel's inner packet as it would have left a container one hop earlier.
-    let mut input = eth(BRIDGE_MAC, CONTAINER_MAC, ETH_P_IPV6);
-    input.extend_from_slice(&kernel[84..]);
-    input[21] += 1;
-    let ours = e.run(ProgramKind::TcEncap, &input, e.c0);
+    let input = if kind == ProgramKind::TcHostEncap {
+        // The kernel's inner packet as it entered flannel-v6.1's egress.
+        let mut input = eth(PEER_VTEP6_MAC, OUR_VTEP6_MAC, ETH_P_IPV6);
+        input.extend_from_slice(&kernel[84..]);
+        input
+    } else {
+        // As it would have left a container one hop earlier.
+        let mut input = eth(BRIDGE_MAC, CONTAINER_MAC, ETH_P_IPV6);
+        input.extend_from_slice(&kernel[84..]);
+        input[21] += 1;
+        input
+    };
+    let ours = e.run(kind, &input, e.c0);
     assert_eq!(ours.action, TC_ACT_REDIRECT);
     let ours = ours.packet;
     assert_eq!(ours.len(), kernel.len(), "same length");

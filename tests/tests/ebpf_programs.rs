@@ -443,6 +443,18 @@ fn encap_leaves_what_is_not_ours_untouched() {
 #[test]
 #[ignore = "needs root: run cargo xtask test"]
 fn encap_matches_kernel_vxlan_device() {
+    matches_kernel_vxlan_device(ProgramKind::TcEncap);
+}
+
+/// The same for the host program: the frame the kernel hands to flannel.1 (its neighbour's
+/// MAC, flannel.1's own) leaves as the device itself would send it.
+#[test]
+#[ignore = "needs root: run cargo xtask test"]
+fn host_encap_matches_kernel_vxlan_device() {
+    matches_kernel_vxlan_device(ProgramKind::TcHostEncap);
+}
+
+fn matches_kernel_vxlan_device(kind: ProgramKind) {
     let mut e = env("encap-kernel");
     // The kernel's packet comes from flannel.1's address; here a container sends it.
     bind(&mut e, Ipv4Addr::new(10, 1, 10, 0));
@@ -513,16 +525,20 @@ fn encap_matches_kernel_vxlan_device() {
         s.send_to(b"weft wire compatibility", (REMOTE_CONTAINER, 9999))
             .expect("send");
     });
-    // Feed the kernel's inner packet, as it would have entered from a container
-    // one hop earlier (TTL + 1), to our program.
     let mut inner_ip = kernel[64..].to_vec();
-    inner_ip[8] += 1;
-    inner_ip[10..12].copy_from_slice(&[0, 0]);
-    let c = ipv4_checksum(&inner_ip[..20]);
-    inner_ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut input = eth(BRIDGE_MAC, CONTAINER_MAC, 0x0800);
+    let mut input = if kind == ProgramKind::TcHostEncap {
+        // The kernel's inner packet as it entered flannel.1's egress.
+        eth(PEER_VTEP_MAC, OUR_VTEP_MAC, 0x0800)
+    } else {
+        // As it would have entered from a container one hop earlier (TTL + 1).
+        inner_ip[8] += 1;
+        inner_ip[10..12].copy_from_slice(&[0, 0]);
+        let c = ipv4_checksum(&inner_ip[..20]);
+        inner_ip[10..12].copy_from_slice(&c.to_be_bytes());
+        eth(BRIDGE_MAC, CONTAINER_MAC, 0x0800)
+    };
     input.extend(inner_ip);
-    let ours = test_run(&e, ProgramKind::TcEncap, &input, e.br0);
+    let ours = test_run(&e, kind, &input, e.br0);
     assert_eq!(ours.action, TC_ACT_REDIRECT);
     let ours = ours.packet;
     assert_eq!(ours.len(), kernel.len(), "same length");
@@ -1200,4 +1216,94 @@ fn encap_follows_underlay_neighbour_and_route_changes() {
             weft_tests::poll::check(out.action == TC_ACT_OK, out.action)
         },
     );
+}
+
+// ---- the host program ---------------------------------------------------------
+
+/// A frame as the kernel hands it to flannel.1's egress: the neighbour entry's MAC (the peer's
+/// VTEP), flannel.1's own, and the host's IPv4 packet (ICMP echo from flannel.1's address).
+fn host_frame(src: Ipv4Addr, ttl: u8, frag: u16) -> Vec<u8> {
+    let payload: Vec<u8> = [8u8, 0, 0, 0, 0, 1, 0, 1]
+        .into_iter()
+        .chain(0..56u8)
+        .collect();
+    let mut f = eth(PEER_VTEP_MAC, OUR_VTEP_MAC, 0x0800);
+    f.extend(ipv4_header(
+        src,
+        REMOTE_CONTAINER,
+        1,
+        ttl,
+        payload.len(),
+        frag,
+    ));
+    f.extend(payload);
+    f
+}
+
+/// The host program sends what the vxlan device would send, as it would send it: whatever the
+/// host's routing chose (any source address, TTL 1 included: the kernel judged the packet and
+/// decremented what it forwarded), and hands the device, untouched, what only the device may
+/// handle: another VTEP's MAC, IP options, fragments (their outer checksum needs the payload).
+#[test]
+#[ignore = "needs root: run cargo xtask test"]
+fn host_encap_sends_what_the_device_would_and_hands_it_the_rest() {
+    use weft_common::counter_host;
+    let mut e = env("host-encap");
+    let flannel_ip = Ipv4Addr::new(10, 1, 10, 0);
+    for (what, frame) in [
+        (
+            "from flannel.1's address",
+            host_frame(flannel_ip, 64, 0x4000),
+        ),
+        (
+            "from the host's underlay address",
+            host_frame(OUR_IP, 64, 0),
+        ),
+        (
+            "ttl 1 (traceroute from the host)",
+            host_frame(flannel_ip, 1, 0),
+        ),
+    ] {
+        let before = e.dp.counters().unwrap().get(counter_host::ENCAPSULATED);
+        let out = test_run(&e, ProgramKind::TcHostEncap, &frame, 0);
+        assert_eq!(out.action, TC_ACT_REDIRECT, "{what}");
+        // Outer headers, then the frame's inner Ethernet and IPv4 header as they were.
+        assert_eq!(
+            &out.packet[50..],
+            &frame[..],
+            "{what}: the inner frame changed"
+        );
+        assert_eq!(
+            e.dp.counters().unwrap().get(counter_host::ENCAPSULATED),
+            before + 1,
+            "{what}"
+        );
+    }
+    let mut other_vtep = host_frame(flannel_ip, 64, 0);
+    other_vtep[..6].copy_from_slice(&[0x0a, 0x58, 0x99, 0x99, 0x99, 0x99]);
+    let mut options = host_frame(flannel_ip, 64, 0)[..34].to_vec();
+    options[14] = 0x46;
+    options.extend([1, 1, 1, 0]); // NOP NOP NOP EOL
+    options.extend_from_slice(&host_frame(flannel_ip, 64, 0)[34..]);
+    let mut arp = eth([0xff; 6], OUR_VTEP_MAC, 0x0806);
+    arp.extend([0u8; 28]);
+    for (what, frame) in [
+        ("a neighbour entry with another VTEP's MAC", other_vtep),
+        ("ip options", options),
+        ("a fragment", host_frame(flannel_ip, 64, 0x2000)),
+        ("not ip", arp),
+    ] {
+        let before = e.dp.counters().unwrap().get(counter_host::PASSED);
+        let out = test_run(&e, ProgramKind::TcHostEncap, &frame, 0);
+        assert_eq!(
+            (out.action, &out.packet),
+            (TC_ACT_OK, &frame),
+            "{what}: must reach the vxlan device untouched"
+        );
+        assert_eq!(
+            e.dp.counters().unwrap().get(counter_host::PASSED),
+            before + 1,
+            "{what}"
+        );
+    }
 }

@@ -202,7 +202,8 @@ async fn dual_stack_containers_reach_each_other_on_the_ebpf_datapath() {
 
 /// The eBPF datapath carries IPv6 itself: pings across hosts grow `ipv6: encapsulated` on the
 /// sender and `ipv6: decapsulated` on the receiver, while flannel-v6.1 (the kernel fallback)
-/// sends next to nothing of them; IPv4 still takes the eBPF path too.
+/// sends next to nothing of them; IPv4 still takes the eBPF path too, and so does the host's own
+/// IPv6 (the host program on flannel-v6.1).
 #[tokio::test]
 #[ignore = "needs root: run cargo xtask test"]
 async fn ebpf_datapath_encapsulates_ipv6_itself() {
@@ -269,6 +270,24 @@ async fn ebpf_datapath_encapsulates_ipv6_itself() {
         poll::check(now > encap4, now)
     })
     .await;
+    // The host's own IPv6 to the remote container: the host program on flannel-v6.1's egress.
+    let (host6, kernel_tx) = (
+        counts(&status(h0).await, "ipv6: host: encapsulated"),
+        h0.tx_packets("flannel-v6.1").await,
+    );
+    let to6 = to6.to_string();
+    let out = h0
+        .exec(&["ping", "-n", "-c", "10", "-i", "0.05", "-W", "2", &to6])
+        .await;
+    let (sent, received, text) = weft_tests::ping_outcome(&out);
+    assert_eq!((sent, received), (10, 10), "{text}");
+    let host6 = counts(&status(h0).await, "ipv6: host: encapsulated") - host6;
+    let kernel = h0.tx_packets("flannel-v6.1").await - kernel_tx;
+    assert!(
+        host6 >= 10 && kernel < 3,
+        "10 pings from {}: ipv6: host: encapsulated grew by {host6}, flannel-v6.1 sent {kernel}",
+        h0.name()
+    );
 }
 
 /// A bad IPv6 config never reaches etcd: `weft config set` refuses it with flannel's message.

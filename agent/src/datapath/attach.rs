@@ -37,12 +37,22 @@ impl DecapHook {
     }
 }
 
+impl ProgramKind {
+    /// Where on its interface a TC program runs.
+    fn tc_direction(self) -> TcAttachType {
+        match self {
+            ProgramKind::TcHostEncap => TcAttachType::Egress,
+            _ => TcAttachType::Ingress,
+        }
+    }
+}
+
 /// One program attached to one interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attachment {
     pub program: &'static str,
     pub interface: String,
-    /// "tcx ingress" or "xdp native".
+    /// "tcx ingress", "tcx egress" or "xdp native".
     pub hook: &'static str,
     /// The link a previous agent pinned was kept and its program swapped atomically.
     pub adopted: bool,
@@ -63,6 +73,15 @@ impl Datapath {
         // Our fd and the pin are what keep the link; with both gone the kernel detaches it.
         self.links.retain(|(path, _)| *path != pin.path);
         pin.remove()
+    }
+
+    /// Attaches host encapsulation to the TC egress of `interface`
+    /// (`flannel.N` or `flannel-v6.N`), first dropping a link of ours to a
+    /// device of that name that was deleted (and maybe created again).
+    pub fn attach_host_encap(&mut self, interface: &str) -> Result<Attachment, DatapathError> {
+        let pin = self.pins.link(ProgramKind::TcHostEncap.name(), interface);
+        self.links.retain(|(path, _)| *path != pin.path);
+        self.attach(ProgramKind::TcHostEncap, interface)
     }
 
     /// Attaches decapsulation to the underlay `interface` at `hook`.
@@ -105,7 +124,7 @@ impl Datapath {
                     }
                 }
             }
-            ProgramKind::TcEncap | ProgramKind::TcDecap => {
+            ProgramKind::TcEncap | ProgramKind::TcDecap | ProgramKind::TcHostEncap => {
                 let prog: &mut SchedClassifier = kind
                     .program_mut(&mut self.ebpf)?
                     .try_into()
@@ -116,7 +135,7 @@ impl Datapath {
                 match adopted {
                     Some(link) => Some(link),
                     None => {
-                        let id = prog.attach(interface, TcAttachType::Ingress).map_err(|e| {
+                        let id = prog.attach(interface, kind.tc_direction()).map_err(|e| {
                             attach_err(format!(
                                 "{e}; does the interface exist (`ip link show {interface}`)?"
                             ))
@@ -133,10 +152,10 @@ impl Datapath {
             self.links.push((link_pin.clone(), link));
         }
         self.pin_program(kind)?;
-        let hook = if kind == ProgramKind::XdpDecap {
-            "xdp native"
-        } else {
-            "tcx ingress"
+        let hook = match kind {
+            ProgramKind::XdpDecap => "xdp native",
+            ProgramKind::TcHostEncap => "tcx egress",
+            ProgramKind::TcEncap | ProgramKind::TcDecap => "tcx ingress",
         };
         Ok(Attachment {
             program,

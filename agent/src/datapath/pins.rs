@@ -69,7 +69,7 @@ impl PinDir {
             path: self
                 .root
                 .join("links")
-                .join(format!("{program}@{interface}")),
+                .join(format!("{program}@{}", escape(interface))),
         }
     }
 
@@ -83,7 +83,7 @@ impl PinDir {
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let (program, interface) = name.split_once('@')?;
-                Some(self.link(program, interface))
+                Some(self.link(program, &unescape(interface)))
             })
             .collect();
         out.sort_by(|a, b| (&a.program, &a.interface).cmp(&(&b.program, &b.interface)));
@@ -313,6 +313,18 @@ fn mount_bpffs(path: &Path) -> io::Result<()> {
     }
 }
 
+/// An interface name as a pin name: bpffs refuses names with a dot
+/// (`flannel.1`, a VLAN port `eth0.100`), so `.` is written `%2e` (and `%`
+/// itself `%25`, which keeps the mapping reversible).
+fn escape(interface: &str) -> String {
+    interface.replace('%', "%25").replace('.', "%2e")
+}
+
+/// The interface name a pin name stands for ([`escape`] undone).
+fn unescape(pin: &str) -> String {
+    pin.replace("%2e", ".").replace("%25", "%")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +337,7 @@ mod tests {
             pins.live_maps(),
             pins.program("weft_tc_encap"),
             pins.link("weft_tc_encap", "docker0").path,
+            pins.link("weft_tc_host_encap", "flannel.1").path,
         ];
         for path in &names {
             let name = path.file_name().unwrap().to_string_lossy();
@@ -334,6 +347,7 @@ mod tests {
         assert!(names[0].ends_with(format!("maps-v{LAYOUT_VERSION}")));
         assert!(names[2].ends_with(format!("progs/weft_tc_encap-v{LAYOUT_VERSION}")));
         assert!(names[3].ends_with("links/weft_tc_encap@docker0"));
+        assert!(names[4].ends_with("links/weft_tc_host_encap@flannel%2e1"));
     }
 
     #[test]
@@ -341,7 +355,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pins = PinDir::new(dir.path());
         std::fs::create_dir_all(dir.path().join("links")).unwrap();
-        for name in ["weft_tc_encap@docker0", "weft_tc_decap@ens32", "stray"] {
+        for name in [
+            "weft_tc_encap@docker0",
+            "weft_tc_decap@ens32",
+            "weft_tc_host_encap@flannel%2e1",
+            "weft_tc_encap@odd%25name%2e7",
+            "stray",
+        ] {
             std::fs::write(dir.path().join("links").join(name), b"").unwrap();
         }
         let links: Vec<_> = pins
@@ -353,7 +373,9 @@ mod tests {
             links,
             [
                 ("weft_tc_decap".to_string(), "ens32".to_string()),
-                ("weft_tc_encap".to_string(), "docker0".to_string())
+                ("weft_tc_encap".to_string(), "docker0".to_string()),
+                ("weft_tc_encap".to_string(), "odd%name.7".to_string()),
+                ("weft_tc_host_encap".to_string(), "flannel.1".to_string()),
             ]
         );
     }

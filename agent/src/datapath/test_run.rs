@@ -15,6 +15,8 @@ pub enum ProgramKind {
     TcEncap,
     XdpDecap,
     TcDecap,
+    /// On `flannel.N`'s (and `flannel-v6.N`'s) egress: the host's own traffic.
+    TcHostEncap,
 }
 
 /// A test run's outcome: the program's return code and the packet it left.
@@ -26,10 +28,11 @@ pub struct TestRunOutput {
 }
 
 impl ProgramKind {
-    pub const ALL: [ProgramKind; 3] = [
+    pub const ALL: [ProgramKind; 4] = [
         ProgramKind::TcEncap,
         ProgramKind::XdpDecap,
         ProgramKind::TcDecap,
+        ProgramKind::TcHostEncap,
     ];
 
     pub fn name(self) -> &'static str {
@@ -37,6 +40,7 @@ impl ProgramKind {
             ProgramKind::TcEncap => program_names::TC_ENCAP,
             ProgramKind::XdpDecap => program_names::XDP_DECAP,
             ProgramKind::TcDecap => program_names::TC_DECAP,
+            ProgramKind::TcHostEncap => program_names::TC_HOST_ENCAP,
         }
     }
 

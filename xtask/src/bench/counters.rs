@@ -29,18 +29,23 @@ pub const MIN_SHARE: f64 = 0.9;
 pub struct PathCounters {
     pub encapsulated: &'static str,
     pub decapsulated: &'static str,
+    /// What the host program (on the fallback device's egress) encapsulated of the host's own
+    /// traffic; builds before it have no such counter.
+    pub host_encapsulated: &'static str,
     pub fallback_device: &'static str,
 }
 
 pub const IPV4_PATH: PathCounters = PathCounters {
     encapsulated: ENCAPSULATED,
     decapsulated: DECAPSULATED,
+    host_encapsulated: "host: encapsulated",
     fallback_device: "flannel.1",
 };
 
 pub const IPV6_PATH: PathCounters = PathCounters {
     encapsulated: "ipv6: encapsulated",
     decapsulated: "ipv6: decapsulated",
+    host_encapsulated: "ipv6: host: encapsulated",
     fallback_device: "flannel-v6.1",
 };
 
@@ -257,6 +262,7 @@ impl RoundCheck {
 /// host-originated tests.
 #[derive(Debug, Clone, Serialize)]
 pub struct HostPath {
+    /// By the container path's program and the host program together.
     pub encapsulated: f64,
     pub flannel1_tx: Option<u64>,
 }

@@ -565,9 +565,10 @@ async fn measure_mode(
             );
             check.mode = b.bed.mode.name();
             if let Some((h0, hf0)) = host_before {
+                let during = counters::delta(&h0, &s1);
+                let of = |name| counters::find(&during, name).unwrap_or(0.0);
                 check.host_tests = Some(HostPath {
-                    encapsulated: counters::find(&counters::delta(&h0, &s1), path.encapsulated)
-                        .unwrap_or(0.0),
+                    encapsulated: of(path.encapsulated) + of(path.host_encapsulated),
                     flannel1_tx: hf0.zip(f1).map(|(a, b)| b.saturating_sub(a)),
                 });
             }

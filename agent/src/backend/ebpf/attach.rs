@@ -37,9 +37,45 @@ impl EbpfBackend {
                     source: Box::new(source),
                 })?;
         info!(program = a.program, interface = %a.interface, hook = a.hook, adopted = a.adopted, "decapsulation attached");
+        self.sync_host_encap(interfaces, true)?;
         self.encap_attached = false;
         self.attach_encap_if_bridge(interfaces)?;
         Ok(())
+    }
+
+    /// Host encapsulation on the egress of `flannel.N` and `flannel-v6.N`,
+    /// where they exist and it is not attached (first time, or the device was
+    /// deleted and created again, or someone detached it). `swap_live`: also
+    /// put this build's program into live links a previous agent pinned, as
+    /// on setup. Returns how many were re-attached (a first attach or a swap
+    /// is not a repair).
+    fn sync_host_encap(
+        &mut self,
+        interfaces: &[Interface],
+        swap_live: bool,
+    ) -> Result<usize, EbpfBackendError> {
+        let program = weft_common::program_names::TC_HOST_ENCAP;
+        let mut repairs = 0;
+        for device in [self.s.vxlan.device_name(), self.s.vxlan.device_name_v6()] {
+            let link = self.dp.pins().link(program, &device);
+            let live = link.is_live(interfaces);
+            if index_of(interfaces, &device).is_none() || (live && !swap_live) {
+                continue;
+            }
+            let repair = !live && link.path.exists();
+            let a =
+                self.dp
+                    .attach_host_encap(&device)
+                    .map_err(|source| EbpfBackendError::Attach {
+                        what: "host encapsulation",
+                        hook: "tcx egress",
+                        interface: device.clone(),
+                        source: Box::new(source),
+                    })?;
+            info!(program = a.program, interface = %a.interface, hook = a.hook, adopted = a.adopted, "host encapsulation attached: the host's own traffic into the tunnel takes the eBPF path");
+            repairs += usize::from(repair);
+        }
+        Ok(repairs)
     }
 
     /// After a layout change, once our programs are attached: every other
@@ -134,8 +170,11 @@ impl EbpfBackend {
             drop(std::mem::replace(&mut self.dp, fresh));
             self.ports.clear();
             self.configure_and_attach(interfaces)?;
-        } else if !self.encap_attached && self.attach_encap_if_bridge(interfaces)? {
-            repairs += 1;
+        } else {
+            if !self.encap_attached && self.attach_encap_if_bridge(interfaces)? {
+                repairs += 1;
+            }
+            repairs += self.sync_host_encap(interfaces, false)?;
         }
         repairs += self.repair_node()?;
         Ok(repairs)

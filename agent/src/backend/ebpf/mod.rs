@@ -3,10 +3,12 @@
 //! [`VxlanBackend`] keeps programming `flannel.N` exactly as flanneld does: its
 //! MAC is the one advertised in our lease, and its neighbours, fdb entries and
 //! routes carry whatever the programs pass on (fragments, oversize non-GSO
-//! packets, traffic from the host itself). On top of that this backend loads
+//! packets). On top of that this backend loads
 //! the datapath, attaches encapsulation to the TC ingress of the container
 //! bridge and of each of its ports (a container's frames are encapsulated
-//! before the bridge sees them), decapsulation to the external interface, and
+//! before the bridge sees them), decapsulation to the external interface,
+//! host encapsulation to `flannel.N`'s egress (the host's own traffic, and
+//! what the kernel forwards there, leaves as the device would send it), and
 //! keeps the programs' maps equal to the peer set (remote subnets, known
 //! VTEPs) and to the bridge's containers: bindings of address, MAC and port
 //! taken from the kernel's own tables (the bridge's neighbour entries and
