@@ -243,9 +243,13 @@ fn flow_hash(ctx: &TcContext, ip: &Ipv4Hdr) -> u32 {
         return unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     }
     let ports = match ip.protocol {
-        IPPROTO_TCP | IPPROTO_UDP if !ip.is_fragment() => ctx
-            .read::<[u8; 4]>(off::OUTER_IP + IPV4_HLEN)
-            .map_or(0, u32::from_ne_bytes),
+        IPPROTO_TCP | IPPROTO_UDP if !ip.is_fragment() => {
+            // Linear after the pull on entry; the helper copy covers a paged header.
+            let at = off::OUTER_IP + IPV4_HLEN;
+            ctx.read::<[u8; 4]>(at)
+                .or_else(|| ctx.load(at).ok())
+                .map_or(0, u32::from_ne_bytes)
+        }
         _ => 0,
     };
     let hash = match jhash_3words(
