@@ -1117,43 +1117,32 @@ fn attach_pins_survive_the_agent_and_are_adopted_then_removed() {
 #[test]
 #[ignore = "needs root: run cargo xtask test"]
 fn per_packet_cost_of_encapsulation_and_decapsulation() {
-    const RUNS: usize = 20_001;
     let mut e = env("cost");
     bind(&mut e, LOCAL_CONTAINER);
-    let port = ifindex("br0-peer");
     let cases = [
         (
             "encap, container port",
             ProgramKind::TcEncap,
             container_frame(REMOTE_CONTAINER),
-            port,
+            ifindex("br0-peer"),
+            TC_ACT_REDIRECT,
         ),
-        ("decap, tc", ProgramKind::TcDecap, good_vxlan(), e.ul0),
-        ("decap, xdp", ProgramKind::XdpDecap, good_vxlan(), e.ul0),
+        (
+            "decap, tc",
+            ProgramKind::TcDecap,
+            good_vxlan(),
+            e.ul0,
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "decap, xdp",
+            ProgramKind::XdpDecap,
+            good_vxlan(),
+            e.ul0,
+            XDP_PASS,
+        ),
     ];
-    let mut report = Vec::new();
-    for (name, kind, frame, ifindex) in &cases {
-        let skb = weft::datapath::SkbContext {
-            ifindex: *ifindex,
-            ..Default::default()
-        };
-        let mut ns: Vec<u128> = (0..RUNS)
-            .map(|_| {
-                let (out, took) = e.dp.test_run_timed(*kind, frame, skb).expect("test run");
-                let done = [TC_ACT_REDIRECT, XDP_PASS];
-                assert!(done.contains(&out.action), "{name}: action {}", out.action);
-                took.as_nanos()
-            })
-            .collect();
-        ns.sort_unstable();
-        let (p10, median, p90) = (ns[RUNS / 10], ns[RUNS / 2], ns[RUNS * 9 / 10]);
-        report.push(format!("{name}: median {median} ns (p10 {p10}, p90 {p90})"));
-        assert!(median < 2_000, "{name}: {median} ns per packet");
-    }
-    eprintln!(
-        "per-packet cost, {RUNS} runs each:\n  {}",
-        report.join("\n  ")
-    );
+    per_packet_cost(&e.dp, &cases);
 }
 
 /// Encapsulation reuses the FIB's answer for a VTEP for a few milliseconds (per CPU): a changed
