@@ -27,9 +27,9 @@ use weft_common::{
 };
 
 use crate::{
-    encap6::words,
     maps::{self, Verdict},
     maps6,
+    nexthop::words,
     parse::{EthHdr, Packet, UdpHdr, VxlanHdr},
     parse6::{is_extension_header, off6, Ipv6Hdr},
 };
