@@ -200,6 +200,13 @@ fn bind(e: &mut Env, ip: Ipv4Addr) {
     .expect("bind");
 }
 
+/// An ARP request from the peer's NIC: a frame none of the programs is for.
+fn arp() -> Vec<u8> {
+    let mut arp = eth([0xff; 6], PEER_NIC_MAC, 0x0806);
+    arp.extend([0u8; 28]);
+    arp
+}
+
 fn good_vxlan() -> Vec<u8> {
     vxlan_frame(PEER_IP, OUR_IP, VXLAN_PORT, 0x08, VNI, &inner_for_local())
 }
@@ -761,11 +768,9 @@ fn hostile_cases() -> Vec<(&'static str, Vec<u8>, Verdict, u32)> {
     inner_v6[12..14].copy_from_slice(&[0x86, 0xdd]);
     let mut not_our_mac = inner.clone();
     not_our_mac[0..6].copy_from_slice(&PEER_VTEP_MAC);
-    let mut arp = eth([0xff; 6], PEER_NIC_MAC, 0x0806);
-    arp.extend([0u8; 28]);
     let another_host = Ipv4Addr::new(172, 16, 15, 23);
     vec![
-        ("arp", arp, Pass, PASS_NOT_IPV4),
+        ("arp", arp(), Pass, PASS_NOT_IPV4),
         ("udp to another port", vxlan_frame(PEER_IP, OUR_IP, 4789, 0x08, VNI, &inner), Pass, PASS_NOT_VXLAN),
         ("vxlan to another host", vxlan_frame(PEER_IP, another_host, VXLAN_PORT, 0x08, VNI, &inner), Pass, PASS_NOT_VXLAN),
         ("fragment", fragment, Pass, PASS_FRAGMENT),
@@ -1141,6 +1146,9 @@ fn per_packet_cost_of_encapsulation_and_decapsulation() {
             e.ul0,
             XDP_PASS,
         ),
+        // The floor of these figures: the test run's own timing (an empty program measures
+        // about 83 ns on this VM), the entry, the configuration read and the counter.
+        ("arp, passed", ProgramKind::TcDecap, arp(), e.ul0, TC_ACT_OK),
     ];
     per_packet_cost(&e.dp, &cases);
 }
