@@ -1073,48 +1073,7 @@ fn per_packet_cost_of_ipv6_encapsulation_and_decapsulation() {
 fn encap_follows_underlay_neighbour_and_route_changes_over_ipv6() {
     let e = env();
     let input = udp_from_local(b"cached");
-    let out = e.run(ProgramKind::TcEncap, &input, e.c0);
-    assert_eq!(
-        (out.action, &out.packet[0..6]),
-        (TC_ACT_REDIRECT, &PEER_NIC_MAC[..])
-    );
-    let moved = [0x02, 0x00, 0x00, 0x00, 0x15, 0x99];
-    let peer = PEER_IP6.to_string();
-    sh(&[
-        "ip",
-        "-6",
-        "neigh",
-        "replace",
-        &peer,
-        "lladdr",
-        &mac_text(moved),
-        "dev",
-        "ul0",
-        "nud",
-        "permanent",
-    ]);
-    weft_tests::poll::until_blocking(
-        "IPv6 encapsulation to use the peer's new MAC",
-        Duration::from_secs(1),
-        || {
-            let out = e.run(ProgramKind::TcEncap, &input, e.c0);
-            weft_tests::poll::check(out.packet[0..6] == moved, &out.packet[0..6]).map(|_| ())
-        },
-    );
-    sh(&[
-        "ip",
-        "-6",
-        "route",
-        "add",
-        "blackhole",
-        &format!("{peer}/128"),
-    ]);
-    weft_tests::poll::until_blocking(
-        "IPv6 encapsulation to hand packets to the kernel once the peer's route is a blackhole",
-        Duration::from_secs(1),
-        || {
-            let out = e.run(ProgramKind::TcEncap, &input, e.c0);
-            weft_tests::poll::check(out.action == TC_ACT_OK, out.action)
-        },
-    );
+    encap_follows_underlay_changes("-6", &PEER_IP6.to_string(), || {
+        e.run(ProgramKind::TcEncap, &input, e.c0)
+    });
 }

@@ -1162,39 +1162,7 @@ fn encap_follows_underlay_neighbour_and_route_changes() {
     bind(&mut e, LOCAL_CONTAINER);
     let input = container_frame(REMOTE_CONTAINER);
     let port = ifindex("br0-peer");
-    let out = test_run(&e, ProgramKind::TcEncap, &input, port);
-    assert_eq!(
-        (out.action, &out.packet[0..6]),
-        (TC_ACT_REDIRECT, &PEER_NIC_MAC[..])
-    );
-    let moved = [0x02, 0x00, 0x00, 0x00, 0x15, 0x99];
-    sh(&[
-        "ip",
-        "neigh",
-        "replace",
-        "172.16.15.22",
-        "lladdr",
-        &fmt_mac(moved),
-        "dev",
-        "ul0",
-        "nud",
-        "permanent",
-    ]);
-    weft_tests::poll::until_blocking(
-        "encapsulation to use the peer's new MAC",
-        Duration::from_secs(1),
-        || {
-            let out = test_run(&e, ProgramKind::TcEncap, &input, port);
-            weft_tests::poll::check(out.packet[0..6] == moved, &out.packet[0..6]).map(|_| ())
-        },
-    );
-    sh(&["ip", "route", "add", "blackhole", "172.16.15.22/32"]);
-    weft_tests::poll::until_blocking(
-        "encapsulation to hand packets to the kernel once the peer's route is a blackhole",
-        Duration::from_secs(1),
-        || {
-            let out = test_run(&e, ProgramKind::TcEncap, &input, port);
-            weft_tests::poll::check(out.action == TC_ACT_OK, out.action)
-        },
-    );
+    encap_follows_underlay_changes("-4", &PEER_IP.to_string(), || {
+        test_run(&e, ProgramKind::TcEncap, &input, port)
+    });
 }

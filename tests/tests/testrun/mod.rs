@@ -6,9 +6,11 @@
 use std::net::Ipv4Addr;
 
 use weft::{
-    datapath::{Datapath, NodeSettings, ProgramKind, SkbContext},
+    datapath::{Datapath, NodeSettings, ProgramKind, SkbContext, TestRunOutput},
     lease::MacAddr,
 };
+use weft_tests::netns::sh;
+use weft_tests::packet::verdict::{TC_ACT_OK, TC_ACT_REDIRECT};
 use weft_tests::packet::{VNI, VXLAN_PORT};
 
 pub const OUR_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 15, 21);
@@ -70,5 +72,50 @@ pub fn per_packet_cost(dp: &Datapath, cases: &[CostCase]) {
     eprintln!(
         "per-packet cost, {RUNS} runs each:\n  {}",
         report.join("\n  ")
+    );
+}
+
+/// What the next-hop cache tests of both families check: `encap` (encapsulation of one packet
+/// to the peer) sends to the peer's NIC; after `ip <family> neigh replace <peer> lladdr ...`
+/// it sends to the new MAC within a second, and after a blackhole route to the peer it hands
+/// the packet to the kernel within a second (the cache keeps an answer 10 ms).
+pub fn encap_follows_underlay_changes(family: &str, peer: &str, encap: impl Fn() -> TestRunOutput) {
+    let out = encap();
+    assert_eq!(
+        (out.action, &out.packet[0..6]),
+        (TC_ACT_REDIRECT, &PEER_NIC_MAC[..])
+    );
+    let moved = [0x02, 0x00, 0x00, 0x00, 0x15, 0x99];
+    let lladdr = moved.map(|b| format!("{b:02x}")).join(":");
+    sh(&[
+        "ip",
+        family,
+        "neigh",
+        "replace",
+        peer,
+        "lladdr",
+        &lladdr,
+        "dev",
+        "ul0",
+        "nud",
+        "permanent",
+    ]);
+    weft_tests::poll::until_blocking(
+        "encapsulation to use the peer's new MAC",
+        std::time::Duration::from_secs(1),
+        || {
+            let out = encap();
+            weft_tests::poll::check(out.packet[0..6] == moved, &out.packet[0..6]).map(|_| ())
+        },
+    );
+    let host_route = format!("{peer}/{}", if family == "-6" { 128 } else { 32 });
+    sh(&["ip", family, "route", "add", "blackhole", &host_route]);
+    weft_tests::poll::until_blocking(
+        "encapsulation to hand packets to the kernel once the peer's route is a blackhole",
+        std::time::Duration::from_secs(1),
+        || {
+            let out = encap();
+            weft_tests::poll::check(out.action == TC_ACT_OK, out.action)
+        },
     );
 }
