@@ -25,7 +25,7 @@ use aya_log_ebpf::debug;
 
 use crate::{
     maps::{self, Verdict},
-    parse::{off, EthHdr, Ipv4Hdr, Packet, UdpHdr, VxlanHdr},
+    parse::{header, off, EthHdr, Ipv4Hdr, Packet, UdpHdr, VxlanHdr},
 };
 
 const AF_INET: u8 = 2;
@@ -152,14 +152,6 @@ fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
         set_ce,
         inner_fragment: inner.is_fragment(),
     })
-}
-
-/// A header in place in the packet, valid until the packet changes (adjust_room
-/// or adjust_head): only [`classify`], which changes nothing, reads them so.
-#[inline(always)]
-fn header<C: Packet, T>(ctx: &C, offset: usize) -> Option<&T> {
-    // SAFETY: bounds checked by ptr_at; all header types are byte arrays (align 1).
-    ctx.ptr_at::<T>(offset).map(|p| unsafe { &*p })
 }
 
 /// Writes CE into the inner IPv4 header (still at its encapsulated offset).

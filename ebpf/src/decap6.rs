@@ -27,10 +27,10 @@ use weft_common::{
 };
 
 use crate::{
-    encap6::words,
     maps::{self, Verdict},
     maps6,
-    parse::{EthHdr, Packet, UdpHdr, VxlanHdr},
+    nexthop::words,
+    parse::{header, EthHdr, Packet, UdpHdr, VxlanHdr},
     parse6::{is_extension_header, off6, Ipv6Hdr},
 };
 
@@ -57,15 +57,15 @@ struct Accepted {
 /// means "decapsulate"; `Err` carries what to do instead.
 #[inline(always)]
 fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
-    let eth: EthHdr = ctx.read(0).ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
+    // Headers in place, as IPv4's classify reads them: nothing changes the packet here.
+    let eth: &EthHdr = header(ctx, 0).ok_or(Verdict::Pass(counter::PASS_MALFORMED))?;
     if eth.proto() != ETH_P_IPV6 {
         return Err(Verdict::Pass(counter::PASS_NOT_IPV4));
     }
     let cfg = maps::config().ok_or(Verdict::Pass(counter6::PASS_NOT_CONFIGURED))?;
     let cfg6 = maps6::config6().ok_or(Verdict::Pass(counter6::PASS_NOT_CONFIGURED))?;
-    let ip: Ipv6Hdr = ctx
-        .read(off6::OUTER_IP)
-        .ok_or(Verdict::Pass(counter6::PASS_MALFORMED))?;
+    let ip: &Ipv6Hdr =
+        header(ctx, off6::OUTER_IP).ok_or(Verdict::Pass(counter6::PASS_MALFORMED))?;
     if ip.version() != 6 {
         return Err(Verdict::Pass(counter6::PASS_MALFORMED));
     }
@@ -79,9 +79,8 @@ fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
     if ip.next_header != IPPROTO_UDP {
         return Err(Verdict::Pass(counter6::PASS_NOT_VXLAN));
     }
-    let udp: UdpHdr = ctx
-        .read(off6::OUTER_UDP)
-        .ok_or(Verdict::Pass(counter6::PASS_MALFORMED))?;
+    let udp: &UdpHdr =
+        header(ctx, off6::OUTER_UDP).ok_or(Verdict::Pass(counter6::PASS_MALFORMED))?;
     if udp.dest_be != cfg.port_ne.to_be_bytes() {
         return Err(Verdict::Pass(counter6::PASS_NOT_VXLAN));
     }
@@ -90,12 +89,13 @@ fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
         // udp6 drops it before flannel-v6.N sees it (no udp6zerocsumrx).
         return Err(Verdict::Drop(counter6::DROP_ZERO_CHECKSUM));
     }
-    if !maps6::is_known_vtep6(&ip.saddr_be) {
+    // A copy on the stack: the map key must not be the packet itself.
+    let vtep = ip.saddr_be;
+    if !maps6::is_known_vtep6(&vtep) {
         return Err(Verdict::Drop(counter6::DROP_UNKNOWN_SOURCE));
     }
-    let vxlan: VxlanHdr = ctx
-        .read(off6::VXLAN)
-        .ok_or(Verdict::Drop(counter6::DROP_MALFORMED))?;
+    let vxlan: &VxlanHdr =
+        header(ctx, off6::VXLAN).ok_or(Verdict::Drop(counter6::DROP_MALFORMED))?;
     if vxlan.flags & VXLAN_FLAG_I == 0 {
         return Err(Verdict::Drop(counter6::DROP_MALFORMED));
     }
@@ -108,17 +108,15 @@ fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
     if payload < VXLAN6_OVERHEAD - IPV6_HLEN || payload + IPV6_HLEN > frame_l3 {
         return Err(Verdict::Drop(counter6::DROP_MALFORMED));
     }
-    let inner_eth: EthHdr = ctx
-        .read(off6::INNER_ETH)
-        .ok_or(Verdict::Drop(counter6::DROP_MALFORMED))?;
+    let inner_eth: &EthHdr =
+        header(ctx, off6::INNER_ETH).ok_or(Verdict::Drop(counter6::DROP_MALFORMED))?;
     if inner_eth.proto() != ETH_P_IPV6 || inner_eth.dst != cfg6.vtep_mac {
         // IPv4 inside IPv6 (flannel never sends it), or a frame flannel-v6.N
         // would judge: not ours to decide.
         return Err(Verdict::Pass(counter6::PASS_INNER_NOT_OURS));
     }
-    let inner: Ipv6Hdr = ctx
-        .read(off6::INNER_IP)
-        .ok_or(Verdict::Drop(counter6::DROP_MALFORMED))?;
+    let inner: &Ipv6Hdr =
+        header(ctx, off6::INNER_IP).ok_or(Verdict::Drop(counter6::DROP_MALFORMED))?;
     if inner.version() != 6 || payload < VXLAN6_OVERHEAD {
         return Err(Verdict::Drop(counter6::DROP_MALFORMED));
     }

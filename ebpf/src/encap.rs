@@ -3,17 +3,11 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
     },
-    helpers::generated::{
-        bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns,
-        bpf_redirect, bpf_redirect_neigh, bpf_set_hash,
-    },
+    helpers::generated::{bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_set_hash},
     programs::TcContext,
-    EbpfContext,
 };
 use weft_common::{
     config_flags, counter,
@@ -28,10 +22,9 @@ use aya_log_ebpf::debug;
 
 use crate::{
     maps::{self, Verdict},
+    nexthop::{self, next_hop},
     parse::{fold, off, sum_words, EthHdr, Ipv4Hdr, Packet, UdpHdr, VxlanHdr},
 };
-
-const AF_INET: u8 = 2;
 
 /// `adjust_room` flags. The ENCAP flags make the kernel treat the skb as a UDP
 /// tunnel so GSO packets are segmented correctly; L2 length 14 is the inner
@@ -55,18 +48,6 @@ struct VxlanEncap {
     inner_eth: EthHdr,
 }
 const _: () = assert!(core::mem::size_of::<VxlanEncap>() == VXLAN_OVERHEAD);
-
-/// Where the outer frame goes after encapsulation.
-enum NextHop {
-    /// Neighbour known: outer MACs filled in, plain redirect.
-    Resolved {
-        ifindex: u32,
-        src: [u8; 6],
-        dst: [u8; 6],
-    },
-    /// Route known, neighbour not yet: let `bpf_redirect_neigh` resolve it.
-    Unresolved { ifindex: u32 },
-}
 
 pub fn encapsulate(ctx: &TcContext) -> Verdict {
     let cfg = maps::config();
@@ -190,10 +171,23 @@ fn try_encapsulate<const HOST: bool>(
     } else {
         None
     };
-    let next_hop = next_hop(ctx, cfg, &peer).ok_or(Verdict::Pass(counter::PASS_FIB_FAIL))?;
+    let next_hop = next_hop(
+        ctx,
+        cfg.underlay_ifindex_ne,
+        &cfg.vtep_ip_be,
+        peer.vtep_ip_be,
+    )
+    .ok_or(Verdict::Pass(counter::PASS_FIB_FAIL))?;
 
     // Read before adjust_room: afterwards the skb hash would cover the outer header.
-    let hash = flow_hash(ctx, &ip);
+    let l4 = matches!(ip.protocol, IPPROTO_TCP | IPPROTO_UDP) && !ip.is_fragment();
+    let hash = flow_hash(
+        ctx,
+        u32::from_ne_bytes(ip.saddr_be),
+        u32::from_ne_bytes(ip.daddr_be),
+        ip.protocol,
+        l4.then_some(off::OUTER_IP + IPV4_HLEN),
+    );
 
     ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
         .map_err(|_| Verdict::Pass(counter::PASS_HELPER_FAIL))?;
@@ -218,25 +212,7 @@ fn try_encapsulate<const HOST: bool>(
         unsafe { (*inner).decrement_ttl() };
     }
 
-    let action = match next_hop {
-        NextHop::Resolved { ifindex, src, dst } => {
-            let eth = ctx
-                .ptr_at::<EthHdr>(0)
-                .ok_or(Verdict::Drop(counter::DROP_HELPER_FAIL))?;
-            // SAFETY: bounds checked by ptr_at.
-            unsafe {
-                (*eth).dst = dst;
-                (*eth).src = src;
-            }
-            // SAFETY: plain helper call.
-            unsafe { bpf_redirect(ifindex, 0) }
-        }
-        NextHop::Unresolved { ifindex } => {
-            // SAFETY: NULL params: the kernel resolves the next hop from the outer header.
-            unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) }
-        }
-    };
-    if action != TC_ACT_REDIRECT as i64 {
+    let Some(action) = nexthop::redirect(ctx, next_hop) else {
         debug!(
             ctx,
             "encap drop: redirect to the underlay failed for {:i} via VTEP {:i}",
@@ -244,8 +220,8 @@ fn try_encapsulate<const HOST: bool>(
             peer.vtep_ip_be
         );
         return Err(Verdict::Drop(counter::DROP_HELPER_FAIL));
-    }
-    Ok(Verdict::Done(action as i32, counter::ENCAPSULATED))
+    };
+    Ok(Verdict::Done(action, counter::ENCAPSULATED))
 }
 
 /// The flow hash the outer source port is spread by, as the kernel's vxlan
@@ -253,28 +229,31 @@ fn try_encapsulate<const HOST: bool>(
 /// socket's, or one the stack computed on the way). For an skb without one the
 /// kernel runs its flow dissector (a quarter of encapsulation's time under
 /// BPF_PROG_TEST_RUN, whose skbs carry none); the port only has to stay the
-/// same for a flow and spread flows, which a hash of the addresses, protocol
-/// and (as the dissector takes them: not in fragments) TCP/UDP ports does. It
-/// is kept on the skb as the kernel keeps its own.
+/// same for a flow and spread flows, which a hash of the addresses (`saddr`,
+/// `daddr`: IPv6's folded to 32 bits), `protocol` and, when `l4` says where
+/// (as the dissector takes them: TCP and UDP, not in fragments), the ports
+/// does. It is kept on the skb as the kernel keeps its own.
 #[inline(always)]
-fn flow_hash(ctx: &TcContext, ip: &Ipv4Hdr) -> u32 {
+pub(crate) fn flow_hash(
+    ctx: &TcContext,
+    saddr: u32,
+    daddr: u32,
+    protocol: u8,
+    l4: Option<usize>,
+) -> u32 {
     // SAFETY: ctx.skb.skb is the live __sk_buff of this invocation.
     if unsafe { (*ctx.skb.skb).hash } != 0 {
         // One a driver set may cover the addresses only: the helper redoes such.
         // SAFETY: helper on the live skb.
         return unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     }
-    let ports = match ip.protocol {
-        IPPROTO_TCP | IPPROTO_UDP if !ip.is_fragment() => ctx
-            .read::<[u8; 4]>(off::OUTER_IP + IPV4_HLEN)
-            .map_or(0, u32::from_ne_bytes),
-        _ => 0,
-    };
-    let hash = match jhash_3words(
-        u32::from_ne_bytes(ip.saddr_be),
-        u32::from_ne_bytes(ip.daddr_be),
-        ports ^ ip.protocol as u32,
-    ) {
+    // Linear after the pull on entry; the helper copy covers a paged header.
+    let ports = l4.map_or(0, |at| {
+        ctx.read::<[u8; 4]>(at)
+            .or_else(|| ctx.load(at).ok())
+            .map_or(0, u32::from_ne_bytes)
+    });
+    let hash = match jhash_3words(saddr, daddr, ports ^ protocol as u32) {
         // 0 means "no hash" on an skb.
         0 => 1,
         h => h,
@@ -433,69 +412,6 @@ fn inner_l4_sum(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<u32, Verdict> {
         }
         IPPROTO_ICMP => Ok(0),
         _ => Err(Verdict::Pass(counter::PASS_CHECKSUM)),
-    }
-}
-
-/// The outer route to the peer's VTEP: the FIB's answer of the last few
-/// milliseconds on this CPU ([`maps::cached_hop`]), else a fresh lookup.
-/// Only resolved answers are kept: an unresolved neighbour is asked again.
-#[inline(always)]
-fn next_hop(ctx: &TcContext, cfg: &NodeConfig, peer: &PeerValue) -> Option<NextHop> {
-    // The tick-granular clock: a fine one (TSC read) cost about 25 ns a packet, and a
-    // tick more or less on a 10 ms lifetime changes nothing.
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if let Some(hop) = maps::cached_hop(peer.vtep_ip_be, now) {
-        return Some(NextHop::Resolved {
-            ifindex: hop.ifindex,
-            src: hop.src,
-            dst: hop.dst,
-        });
-    }
-    let hop = lookup_underlay(ctx, cfg, peer)?;
-    if let NextHop::Resolved { ifindex, src, dst } = hop {
-        maps::cache_hop(maps::CachedHop {
-            vtep_ip_be: peer.vtep_ip_be,
-            ifindex,
-            src,
-            dst,
-            pad: [0; 4],
-            expires_ns: now + maps::NEXT_HOP_TTL_NS,
-        });
-    }
-    Some(hop)
-}
-
-/// The outer route to the peer's VTEP, looked up as our own output would be.
-#[inline(always)]
-fn lookup_underlay(ctx: &TcContext, cfg: &NodeConfig, peer: &PeerValue) -> Option<NextHop> {
-    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = IPPROTO_UDP;
-    params.ifindex = cfg.underlay_ifindex_ne;
-    // tot_len 0: skip the kernel's MTU check, ours above knows about GSO.
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.vtep_ip_be);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer.vtep_ip_be);
-    // SAFETY: params lives on our stack for the duration of the call.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut params,
-            core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    };
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Some(NextHop::Resolved {
-            ifindex: params.ifindex,
-            src: params.smac,
-            dst: params.dmac,
-        }),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Some(NextHop::Unresolved {
-            ifindex: params.ifindex,
-        }),
-        _ => None,
     }
 }
 

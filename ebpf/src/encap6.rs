@@ -11,14 +11,10 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
     },
-    helpers::generated::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
-    EbpfContext,
 };
 use weft_common::{
     config6_flags, config_flags, counter, counter6,
@@ -28,14 +24,13 @@ use weft_common::{
 };
 
 use crate::{
-    encap::{ecn_encapsulate, on_chosen_vtep, source_port},
+    encap::{ecn_encapsulate, flow_hash, on_chosen_vtep, source_port},
     maps::{self, Verdict},
     maps6,
+    nexthop::{self, next_hop, words},
     parse::{fold, sum_words, EthHdr, Packet, UdpHdr, VxlanHdr},
     parse6::{in_prefix, is_extension_header, off6, Ipv6Hdr},
 };
-
-const AF_INET6: u8 = 10;
 
 /// As IPv4's flags, with an IPv6 outer header: the skb becomes a UDP tunnel
 /// (`SKB_GSO_UDP_TUNNEL`) whose inner Ethernet header is 14 bytes.
@@ -135,15 +130,28 @@ fn try_encapsulate<const HOST: bool>(ctx: &TcContext) -> Result<Verdict, Verdict
         return Err(Verdict::Pass(counter6::PASS_GSO_CHECKSUM));
     }
     check_l4(ctx, ip)?;
-    let next_hop =
-        lookup_underlay(ctx, cfg, cfg6, peer).ok_or(Verdict::Pass(counter6::PASS_FIB_FAIL))?;
+    let next_hop = next_hop(
+        ctx,
+        cfg.underlay_ifindex_ne,
+        &cfg6.vtep_ip_be,
+        peer.vtep_ip_be,
+    )
+    .ok_or(Verdict::Pass(counter6::PASS_FIB_FAIL))?;
     let hop_limit = ip.hop_limit - decrement as u8;
     let inner_sum = inner_sum(ip, hop_limit);
     let inner_tc = ip.traffic_class();
 
     // Read before adjust_room: afterwards the skb hash would cover the outer header.
-    // SAFETY: helper on the live skb.
-    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    // No extension headers here (handed to the kernel above): the L4 header follows.
+    let fold = |a: &[u8; 16]| words(a).iter().fold(0, |x, w| x ^ w);
+    let l4 = matches!(ip.next_header, IPPROTO_TCP | IPPROTO_UDP);
+    let hash = flow_hash(
+        ctx,
+        fold(&ip.saddr_be),
+        fold(&ip.daddr_be),
+        ip.next_header,
+        l4.then_some(off6::L4),
+    );
 
     ctx.adjust_room(VXLAN6_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP6_FLAGS)
         .map_err(|_| Verdict::Pass(counter6::PASS_HELPER_FAIL))?;
@@ -166,7 +174,9 @@ fn try_encapsulate<const HOST: bool>(ctx: &TcContext) -> Result<Verdict, Verdict
         // SAFETY: as above. The outer checksum was computed over the decremented header.
         unsafe { (*p).decrement_hop_limit() };
     }
-    redirect(ctx, next_hop)
+    nexthop::redirect(ctx, next_hop)
+        .map(|action| Verdict::Done(action, counter6::ENCAPSULATED))
+        .ok_or(Verdict::Drop(counter6::DROP_HELPER_FAIL))
 }
 
 /// The source must be the IPv6 address bound to the port (and MAC) the frame
@@ -271,93 +281,6 @@ fn check_l4(ctx: &TcContext, ip: &Ipv6Hdr) -> Result<(), Verdict> {
         }
         _ => Err(Verdict::Pass(counter6::PASS_CHECKSUM)),
     }
-}
-
-/// The outer route to the peer's VTEP, looked up as our own output would be.
-#[inline(always)]
-fn lookup_underlay(
-    ctx: &TcContext,
-    cfg: &NodeConfig,
-    cfg6: &NodeConfig6,
-    peer: &PeerValue6,
-) -> Option<NextHop> {
-    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = AF_INET6;
-    params.l4_protocol = IPPROTO_UDP;
-    params.ifindex = cfg.underlay_ifindex_ne;
-    // tot_len 0: skip the kernel's MTU check, ours above knows about GSO.
-    params.__bindgen_anon_3.ipv6_src = words(&cfg6.vtep_ip_be);
-    params.__bindgen_anon_4.ipv6_dst = words(&peer.vtep_ip_be);
-    // SAFETY: params lives on our stack for the duration of the call.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut params,
-            core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    };
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Some(NextHop::Resolved {
-            ifindex: params.ifindex,
-            src: params.smac,
-            dst: params.dmac,
-        }),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Some(NextHop::Unresolved {
-            ifindex: params.ifindex,
-        }),
-        _ => None,
-    }
-}
-
-/// An IPv6 address as the four network-order words `bpf_fib_lookup` takes.
-#[inline(always)]
-pub fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
-}
-
-/// Where the outer frame goes after encapsulation.
-enum NextHop {
-    /// Neighbour known: outer MACs filled in, plain redirect.
-    Resolved {
-        ifindex: u32,
-        src: [u8; 6],
-        dst: [u8; 6],
-    },
-    /// Route known, neighbour not yet: let `bpf_redirect_neigh` resolve it.
-    Unresolved { ifindex: u32 },
-}
-
-#[inline(always)]
-fn redirect(ctx: &TcContext, next_hop: NextHop) -> Result<Verdict, Verdict> {
-    let action = match next_hop {
-        NextHop::Resolved { ifindex, src, dst } => {
-            let eth = ctx
-                .ptr_at::<EthHdr>(0)
-                .ok_or(Verdict::Drop(counter6::DROP_HELPER_FAIL))?;
-            // SAFETY: bounds checked by ptr_at.
-            unsafe {
-                (*eth).dst = dst;
-                (*eth).src = src;
-            }
-            // SAFETY: plain helper call.
-            unsafe { bpf_redirect(ifindex, 0) }
-        }
-        NextHop::Unresolved { ifindex } => {
-            // SAFETY: NULL params: the kernel resolves the next hop from the outer header.
-            unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) }
-        }
-    };
-    if action != TC_ACT_REDIRECT as i64 {
-        return Err(Verdict::Drop(counter6::DROP_HELPER_FAIL));
-    }
-    Ok(Verdict::Done(action as i32, counter6::ENCAPSULATED))
 }
 
 /// Writes the 70 bytes in place (the IPv6 path's stack is too small for a copy).

@@ -9,6 +9,7 @@ mod encap;
 mod encap6;
 mod maps;
 mod maps6;
+mod nexthop;
 mod parse;
 mod parse6;
 

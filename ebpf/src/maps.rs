@@ -34,59 +34,6 @@ static LOCAL: HashMap<[u8; 4], LocalEndpoint> = HashMap::pinned(MAX_LOCAL, 0);
 #[map(name = "WEFT_PASSED")]
 static PASSED: PerCpuArray<Fingerprint> = PerCpuArray::with_max_entries(1, 0);
 
-/// Outer next hops of recently seen VTEPs, per CPU, direct-mapped by address:
-/// `bpf_fib_lookup` is the largest single cost of encapsulation (about 95 of
-/// 325 ns under BPF_PROG_TEST_RUN), and its answer for one VTEP changes only
-/// with the underlay's routes and neighbours. Not pinned: a cache.
-#[map(name = "WEFT_NEXT_HOPS")]
-static NEXT_HOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(NEXT_HOP_SLOTS, 0);
-
-/// Slots of [`NEXT_HOPS`]; a power of two. Two VTEPs in one slot only cost
-/// lookups, never a wrong answer (the address is compared).
-const NEXT_HOP_SLOTS: u32 = 256;
-
-/// How long a FIB answer is reused: an underlay route or neighbour change
-/// reaches the fast path within this, as a cached route reaches the kernel's
-/// vxlan device when it is next revalidated.
-pub const NEXT_HOP_TTL_NS: u64 = 10_000_000;
-
-/// One FIB answer: where frames to `vtep_ip_be` leave, with which MACs, until `expires_ns`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct CachedHop {
-    pub vtep_ip_be: [u8; 4],
-    pub ifindex: u32,
-    pub src: [u8; 6],
-    pub dst: [u8; 6],
-    pub pad: [u8; 4],
-    /// `bpf_ktime_get_coarse_ns` time after which the FIB is asked again; 0: empty.
-    pub expires_ns: u64,
-}
-
-#[inline(always)]
-fn next_hop_slot(vtep_ip_be: [u8; 4]) -> u32 {
-    let a = u32::from_ne_bytes(vtep_ip_be);
-    (a ^ (a >> 8) ^ (a >> 16) ^ (a >> 24)) & (NEXT_HOP_SLOTS - 1)
-}
-
-/// The FIB's answer for `vtep_ip_be` on this CPU, if still fresh at `now_ns`.
-#[inline(always)]
-pub fn cached_hop(vtep_ip_be: [u8; 4], now_ns: u64) -> Option<CachedHop> {
-    let ptr = NEXT_HOPS.get_ptr(next_hop_slot(vtep_ip_be))?;
-    // SAFETY: a per-CPU value pointer, copied out at once.
-    let hop = unsafe { *ptr };
-    (hop.vtep_ip_be == vtep_ip_be && now_ns < hop.expires_ns).then_some(hop)
-}
-
-/// Remembers the FIB's answer `hop` on this CPU.
-#[inline(always)]
-pub fn cache_hop(hop: CachedHop) {
-    if let Some(slot) = NEXT_HOPS.get_ptr_mut(next_hop_slot(hop.vtep_ip_be)) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *slot = hop };
-    }
-}
-
 /// What identifies a frame between the port's hook and the bridge's: its
 /// length and 32 bytes from its source MAC on (for IPv4 that covers the
 /// header's ID and checksum, for ARP the sender). `len == 0`: none.

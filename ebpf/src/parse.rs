@@ -39,6 +39,16 @@ pub trait Packet {
     }
 }
 
+/// A header in place in the packet, valid until the packet changes (adjust_room
+/// or adjust_head): only code that changes nothing reads them so (the
+/// decapsulation checks). Reading in place spares a copy of every header
+/// byte, one load and one store each, as BPF has no unaligned loads.
+#[inline(always)]
+pub fn header<C: Packet, T>(ctx: &C, offset: usize) -> Option<&T> {
+    // SAFETY: bounds checked by ptr_at; all header types are byte arrays (align 1).
+    ctx.ptr_at::<T>(offset).map(|p| unsafe { &*p })
+}
+
 impl Packet for TcContext {
     #[inline(always)]
     fn data(&self) -> usize {

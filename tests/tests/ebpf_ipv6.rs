@@ -1052,3 +1052,48 @@ fn decap_applies_rfc6040_in_every_combination() {
     // Two CE marks each on XDP and TC (outer CE over ECT(1) and over ECT(0)).
     assert_eq!(e.count(counter6::ECN_CE_SET), 4);
 }
+
+/// IPv6's cost per packet, as ebpf_programs.rs measures IPv4's: a container's UDP packet
+/// encapsulated on its port, a peer's packet decapsulated for the local container.
+#[test]
+#[ignore = "needs root: run cargo xtask test"]
+fn per_packet_cost_of_ipv6_encapsulation_and_decapsulation() {
+    let e = env();
+    let to_local = vxlan6(PEER_IP6, 0, &inner_to_local(REMOTE6, 0));
+    let cases = [
+        (
+            "ipv6 encap, container port",
+            ProgramKind::TcEncap,
+            udp_from_local(&[0; 18]),
+            e.c0,
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "ipv6 decap, tc",
+            ProgramKind::TcDecap,
+            to_local.clone(),
+            e.ul0,
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "ipv6 decap, xdp",
+            ProgramKind::XdpDecap,
+            to_local,
+            e.ul0,
+            XDP_PASS,
+        ),
+    ];
+    per_packet_cost(&e.dp, &cases);
+}
+
+/// Encapsulation reuses the FIB's answer for an IPv6 VTEP for a few milliseconds (per CPU), as
+/// for IPv4: a changed underlay neighbour, then a blackholed route, reach it within a second.
+#[test]
+#[ignore = "needs root: run cargo xtask test"]
+fn encap_follows_underlay_neighbour_and_route_changes_over_ipv6() {
+    let e = env();
+    let input = udp_from_local(b"cached");
+    encap_follows_underlay_changes("-6", &PEER_IP6.to_string(), || {
+        e.run(ProgramKind::TcEncap, &input, e.c0)
+    });
+}

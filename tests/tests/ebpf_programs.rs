@@ -200,6 +200,13 @@ fn bind(e: &mut Env, ip: Ipv4Addr) {
     .expect("bind");
 }
 
+/// An ARP request from the peer's NIC: a frame none of the programs is for.
+fn arp() -> Vec<u8> {
+    let mut arp = eth([0xff; 6], PEER_NIC_MAC, 0x0806);
+    arp.extend([0u8; 28]);
+    arp
+}
+
 fn good_vxlan() -> Vec<u8> {
     vxlan_frame(PEER_IP, OUR_IP, VXLAN_PORT, 0x08, VNI, &inner_for_local())
 }
@@ -777,11 +784,9 @@ fn hostile_cases() -> Vec<(&'static str, Vec<u8>, Verdict, u32)> {
     inner_v6[12..14].copy_from_slice(&[0x86, 0xdd]);
     let mut not_our_mac = inner.clone();
     not_our_mac[0..6].copy_from_slice(&PEER_VTEP_MAC);
-    let mut arp = eth([0xff; 6], PEER_NIC_MAC, 0x0806);
-    arp.extend([0u8; 28]);
     let another_host = Ipv4Addr::new(172, 16, 15, 23);
     vec![
-        ("arp", arp, Pass, PASS_NOT_IPV4),
+        ("arp", arp(), Pass, PASS_NOT_IPV4),
         ("udp to another port", vxlan_frame(PEER_IP, OUR_IP, 4789, 0x08, VNI, &inner), Pass, PASS_NOT_VXLAN),
         ("vxlan to another host", vxlan_frame(PEER_IP, another_host, VXLAN_PORT, 0x08, VNI, &inner), Pass, PASS_NOT_VXLAN),
         ("fragment", fragment, Pass, PASS_FRAGMENT),
@@ -1133,43 +1138,35 @@ fn attach_pins_survive_the_agent_and_are_adopted_then_removed() {
 #[test]
 #[ignore = "needs root: run cargo xtask test"]
 fn per_packet_cost_of_encapsulation_and_decapsulation() {
-    const RUNS: usize = 20_001;
     let mut e = env("cost");
     bind(&mut e, LOCAL_CONTAINER);
-    let port = ifindex("br0-peer");
     let cases = [
         (
             "encap, container port",
             ProgramKind::TcEncap,
             container_frame(REMOTE_CONTAINER),
-            port,
+            ifindex("br0-peer"),
+            TC_ACT_REDIRECT,
         ),
-        ("decap, tc", ProgramKind::TcDecap, good_vxlan(), e.ul0),
-        ("decap, xdp", ProgramKind::XdpDecap, good_vxlan(), e.ul0),
+        (
+            "decap, tc",
+            ProgramKind::TcDecap,
+            good_vxlan(),
+            e.ul0,
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "decap, xdp",
+            ProgramKind::XdpDecap,
+            good_vxlan(),
+            e.ul0,
+            XDP_PASS,
+        ),
+        // The floor of these figures: the test run's own timing (an empty program measures
+        // about 83 ns on this VM), the entry, the configuration read and the counter.
+        ("arp, passed", ProgramKind::TcDecap, arp(), e.ul0, TC_ACT_OK),
     ];
-    let mut report = Vec::new();
-    for (name, kind, frame, ifindex) in &cases {
-        let skb = weft::datapath::SkbContext {
-            ifindex: *ifindex,
-            ..Default::default()
-        };
-        let mut ns: Vec<u128> = (0..RUNS)
-            .map(|_| {
-                let (out, took) = e.dp.test_run_timed(*kind, frame, skb).expect("test run");
-                let done = [TC_ACT_REDIRECT, XDP_PASS];
-                assert!(done.contains(&out.action), "{name}: action {}", out.action);
-                took.as_nanos()
-            })
-            .collect();
-        ns.sort_unstable();
-        let (p10, median, p90) = (ns[RUNS / 10], ns[RUNS / 2], ns[RUNS * 9 / 10]);
-        report.push(format!("{name}: median {median} ns (p10 {p10}, p90 {p90})"));
-        assert!(median < 2_000, "{name}: {median} ns per packet");
-    }
-    eprintln!(
-        "per-packet cost, {RUNS} runs each:\n  {}",
-        report.join("\n  ")
-    );
+    per_packet_cost(&e.dp, &cases);
 }
 
 /// Encapsulation reuses the FIB's answer for a VTEP for a few milliseconds (per CPU): a changed
@@ -1181,41 +1178,9 @@ fn encap_follows_underlay_neighbour_and_route_changes() {
     bind(&mut e, LOCAL_CONTAINER);
     let input = container_frame(REMOTE_CONTAINER);
     let port = ifindex("br0-peer");
-    let out = test_run(&e, ProgramKind::TcEncap, &input, port);
-    assert_eq!(
-        (out.action, &out.packet[0..6]),
-        (TC_ACT_REDIRECT, &PEER_NIC_MAC[..])
-    );
-    let moved = [0x02, 0x00, 0x00, 0x00, 0x15, 0x99];
-    sh(&[
-        "ip",
-        "neigh",
-        "replace",
-        "172.16.15.22",
-        "lladdr",
-        &fmt_mac(moved),
-        "dev",
-        "ul0",
-        "nud",
-        "permanent",
-    ]);
-    weft_tests::poll::until_blocking(
-        "encapsulation to use the peer's new MAC",
-        Duration::from_secs(1),
-        || {
-            let out = test_run(&e, ProgramKind::TcEncap, &input, port);
-            weft_tests::poll::check(out.packet[0..6] == moved, &out.packet[0..6]).map(|_| ())
-        },
-    );
-    sh(&["ip", "route", "add", "blackhole", "172.16.15.22/32"]);
-    weft_tests::poll::until_blocking(
-        "encapsulation to hand packets to the kernel once the peer's route is a blackhole",
-        Duration::from_secs(1),
-        || {
-            let out = test_run(&e, ProgramKind::TcEncap, &input, port);
-            weft_tests::poll::check(out.action == TC_ACT_OK, out.action)
-        },
-    );
+    encap_follows_underlay_changes("-4", &PEER_IP.to_string(), || {
+        test_run(&e, ProgramKind::TcEncap, &input, port)
+    });
 }
 
 // ---- the host program ---------------------------------------------------------
