@@ -39,6 +39,7 @@
 
 mod attach;
 mod family;
+mod headroom;
 mod local;
 mod netfilter;
 mod node;
@@ -156,6 +157,12 @@ pub enum EbpfBackendError {
         #[source]
         source: NetlinkError,
     },
+    #[error("headroom device {} on bridge {bridge}: {source}", headroom::DEVICE)]
+    Headroom {
+        bridge: String,
+        #[source]
+        source: NetlinkError,
+    },
     #[error("{operation}: {source}")]
     Map {
         operation: String,
@@ -189,6 +196,8 @@ pub struct EbpfBackend {
     encap_attached: bool,
     /// Bridge ports with encapsulation attached.
     ports: BTreeSet<String>,
+    /// An interface named like the headroom device but not ours was reported.
+    headroom_warned: bool,
 }
 
 impl EbpfBackend {
@@ -260,6 +269,7 @@ impl EbpfBackend {
             node6: None,
             encap_attached: false,
             ports: BTreeSet::new(),
+            headroom_warned: false,
         };
         backend.configure_and_attach(&interfaces)?;
         backend.finish_migration(&interfaces)?;
@@ -295,6 +305,13 @@ async fn list_interfaces(nl: &Netlink) -> Result<Vec<Interface>, EbpfBackendErro
 /// loose. Keeps going after errors and reports them all.
 pub fn cleanup(pin_dir: &Path) -> Result<(), Vec<DatapathError>> {
     Datapath::detach_and_unpin(pin_dir)
+}
+
+/// Takes the headroom device ([`headroom`]) off the bridge and deletes it
+/// (`weft agent --cleanup`, and the kernel datapath, which does without it).
+/// Returns whether there was one of weft's.
+pub async fn remove_headroom_device() -> Result<bool, NetlinkError> {
+    headroom::remove(&Netlink::connect()?).await
 }
 
 impl Backend for EbpfBackend {
