@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::Value;
 use tokio::task::JoinSet;
+mod headroom;
+
+use headroom::{link_in, DEVICE, VXLAN_OVERHEAD};
 use weft_tests::attack;
 use weft_tests::status::{counter, ebpf_ready};
 use weft_tests::{cluster, flanneld, tail, weft_bin, Agent, Cluster, Container, Host, Netns};
@@ -1343,29 +1346,6 @@ async fn traffic_for_a_container_the_bridge_forgot_lands_in_it_alone_on_every_da
 
 // ---- 9. the headroom device ------------------------------------------------------------------------
 
-const HEADROOM_DEVICE: &str = "weft-headroom";
-/// What encapsulation adds in front of an IPv4 packet (outer Ethernet, IPv4, UDP, VXLAN).
-const VXLAN_OVERHEAD: u16 = 50;
-
-/// Link `name` in namespace `ns` as weft's netlink reads it (with `IFLA_HEADROOM`, which
-/// iproute2 6.1 does not print), `None` when there is none.
-async fn link_in(ns: &str, name: &str) -> Option<weft::netlink::LinkInfo> {
-    let name = name.to_owned();
-    let thread = weft_tests::netns::spawn_in(ns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let nl = weft::netlink::Netlink::connect().expect("netlink");
-            nl.link_by_name(&name).await.expect("get link")
-        })
-    });
-    tokio::task::spawn_blocking(move || thread.join().expect("netlink thread"))
-        .await
-        .expect("join")
-}
-
 /// The container's `eth0` headroom; 0 when the kernel does not report it.
 async fn eth0_headroom(ct: &Container) -> u16 {
     let eth0 = link_in(ct.netns(), "eth0").await.expect("eth0");
@@ -1397,22 +1377,16 @@ async fn docker0_seen(host: &Host) -> (u64, String, bool, String) {
 async fn wait_headroom_device(host: &Host, within: Duration) -> weft::netlink::LinkInfo {
     let ns = host.name().to_owned();
     let mtu = host.subnet().map(|s| s.mtu);
-    weft_tests::poll::until(
-        &format!("{HEADROOM_DEVICE} on docker0 in {ns}"),
-        within,
-        || async {
-            let bridge = link_in(&ns, "docker0").await.ok_or("no docker0")?;
-            let dev = link_in(&ns, HEADROOM_DEVICE)
-                .await
-                .ok_or("no headroom device")?;
-            let ok = dev.master == Some(bridge.index)
-                && !dev.up
-                && dev.kind.as_deref() == Some("vxlan")
-                && mtu.is_none_or(|m| dev.mtu == m);
-            ok.then_some(dev.clone())
-                .ok_or_else(|| format!("{dev:?} (docker0 index {})", bridge.index))
-        },
-    )
+    weft_tests::poll::until(&format!("{DEVICE} on docker0 in {ns}"), within, || async {
+        let bridge = link_in(&ns, "docker0").await.ok_or("no docker0")?;
+        let dev = link_in(&ns, DEVICE).await.ok_or("no headroom device")?;
+        let ok = dev.master == Some(bridge.index)
+            && !dev.up
+            && dev.kind.as_deref() == Some("vxlan")
+            && mtu.is_none_or(|m| dev.mtu == m);
+        ok.then_some(dev.clone())
+            .ok_or_else(|| format!("{dev:?} (docker0 index {})", bridge.index))
+    })
     .await
 }
 
@@ -1440,7 +1414,7 @@ async fn containers_get_headroom_for_the_outer_headers_and_docker0_looks_the_sam
     // Never encapsulated from, never bound: only the container's port and docker0 carry encapsulation.
     let st = status(h1).await;
     let on: Vec<String> = attachments(&st).into_iter().map(|a| a.1).collect();
-    assert!(!on.iter().any(|i| i == HEADROOM_DEVICE), "{st:#}");
+    assert!(!on.iter().any(|i| i == DEVICE), "{st:#}");
     assert_eq!(on.len(), 3, "{st:#}");
     let before = Seen::of(h1).await;
     ping_and_transfer(&cross_host_pairs(&c), MB).await;
@@ -1450,9 +1424,7 @@ async fn containers_get_headroom_for_the_outer_headers_and_docker0_looks_the_sam
     // docker0 with the device and without it: the same MTU, MAC, carrier and state.
     let with = docker0_seen(h1).await;
     agent.stop().await.unwrap();
-    h1.exec_ok(&["ip", "link", "del", HEADROOM_DEVICE])
-        .await
-        .unwrap();
+    h1.exec_ok(&["ip", "link", "del", DEVICE]).await.unwrap();
     let without = docker0_seen(h1).await;
     assert_eq!(with, without, "docker0 with the device, and without");
     assert!(with.2, "docker0 has a container, so carrier: {with:?}");
@@ -1486,7 +1458,7 @@ async fn a_later_or_recreated_bridge_gets_the_headroom_device_the_kernel_path_an
         st["mode"] == "ebpf"
     })
     .await;
-    assert!(link_in(h1.name(), HEADROOM_DEVICE).await.is_none());
+    assert!(link_in(h1.name(), DEVICE).await.is_none());
     h1.exec_ok(&["ip", "link", "add", "docker0", "type", "bridge"])
         .await
         .unwrap();
@@ -1497,7 +1469,7 @@ async fn a_later_or_recreated_bridge_gets_the_headroom_device_the_kernel_path_an
     a.ping(b.ip()).await.unwrap();
     b.ping(a.ip()).await.unwrap();
     // The kernel datapath has none, as flanneld.
-    assert!(link_in(h2.name(), HEADROOM_DEVICE).await.is_none());
+    assert!(link_in(h2.name(), DEVICE).await.is_none());
     assert_eq!(eth0_headroom(&b).await, 0);
 
     // docker0 deleted and created again (dockerd restarted): the device follows it.
@@ -1519,22 +1491,12 @@ async fn a_later_or_recreated_bridge_gets_the_headroom_device_the_kernel_path_an
     argv.push("--cleanup".into());
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     h1.exec_ok(&argv).await.unwrap();
-    assert!(link_in(h1.name(), HEADROOM_DEVICE).await.is_none());
+    assert!(link_in(h1.name(), DEVICE).await.is_none());
     assert_eq!(eth0_headroom(&a).await, 0);
     a.ping(b.ip()).await.unwrap();
     // A kernel-datapath agent after an eBPF one removes a device left behind.
     h1.exec_ok(&[
-        "ip",
-        "link",
-        "add",
-        HEADROOM_DEVICE,
-        "type",
-        "vxlan",
-        "id",
-        "16777215",
-        "dstport",
-        "8473",
-        "local",
+        "ip", "link", "add", DEVICE, "type", "vxlan", "id", "16777215", "dstport", "8473", "local",
         "::",
     ])
     .await
@@ -1544,7 +1506,7 @@ async fn a_later_or_recreated_bridge_gets_the_headroom_device_the_kernel_path_an
         "the kernel datapath to remove the headroom device",
         READY_TIMEOUT,
         || async {
-            match link_in(h1.name(), HEADROOM_DEVICE).await {
+            match link_in(h1.name(), DEVICE).await {
                 None => Ok(()),
                 Some(l) => Err(format!("{l:?}")),
             }
@@ -1561,15 +1523,7 @@ async fn an_interface_of_the_headroom_devices_name_that_is_not_weft_s_is_left_al
     let h1 = c.host(0);
     // Someone's veth (no dummy module here) by that name.
     h1.exec_ok(&[
-        "ip",
-        "link",
-        "add",
-        HEADROOM_DEVICE,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "wh-peer",
+        "ip", "link", "add", DEVICE, "type", "veth", "peer", "name", "wh-peer",
     ])
     .await
     .unwrap();
@@ -1582,7 +1536,7 @@ async fn an_interface_of_the_headroom_devices_name_that_is_not_weft_s_is_left_al
         .wait_for_log("is not weft's headroom device", READY_TIMEOUT)
         .await
         .unwrap();
-    let theirs = link_in(h1.name(), HEADROOM_DEVICE).await.unwrap();
+    let theirs = link_in(h1.name(), DEVICE).await.unwrap();
     assert_eq!(theirs.kind.as_deref(), Some("veth"));
     assert_eq!(theirs.master, None, "enslaved someone else's interface");
     // Only slower: the fast path still carries the traffic.
