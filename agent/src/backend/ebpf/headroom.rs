@@ -95,13 +95,14 @@ fn foreign(link: &LinkInfo, bridge_index: u32) -> Option<String> {
 /// The device on `bridge`: created (IPv6 flavour when the kernel has IPv6, for
 /// the larger headroom), enslaved and sized; an existing one of ours adopted.
 /// An interface of that name that is not ours is left alone, with a warning
-/// the first time (`warned`). Returns the number of changes.
+/// the first time (`warned`). Returns the number of changes, and the device's
+/// index when it is ours.
 pub(super) async fn ensure(
     nl: &Netlink,
     bridge: &LinkInfo,
     want: Want,
     warned: &mut bool,
-) -> Result<usize, NetlinkError> {
+) -> Result<(usize, Option<u32>), NetlinkError> {
     let mut changes = 0;
     let mut link = nl.link_by_name(DEVICE).await?;
     if let Some(l) = &link {
@@ -122,7 +123,7 @@ pub(super) async fn ensure(
             match nl.link_by_name(DEVICE).await? {
                 Some(link) => link,
                 // Deleted at once by someone else: the next pass tries again.
-                None => return Ok(changes),
+                None => return Ok((changes, None)),
             }
         }
     };
@@ -133,7 +134,7 @@ pub(super) async fn ensure(
                  Encapsulation works but copies every small packet: rename or delete it (`ip link del {DEVICE}`)");
             *warned = true;
         }
-        return Ok(changes);
+        return Ok((changes, None));
     }
     *warned = false;
     if link.mtu != want.mtu {
@@ -147,7 +148,7 @@ pub(super) async fn ensure(
             "headroom device on the bridge: containers' packets get room for the outer headers");
         changes += 1;
     }
-    Ok(changes)
+    Ok((changes, Some(link.index)))
 }
 
 /// Creates the device over IPv6 (84 bytes of headroom, enough for either

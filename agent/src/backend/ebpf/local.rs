@@ -110,12 +110,17 @@ impl EbpfBackend {
             mtu: self.s.vxlan.device_mtu(),
             flannel_port: self.s.vxlan.port(),
         };
-        headroom::ensure(nl, bridge, want, &mut self.headroom_warned)
+        let (changes, ours) = headroom::ensure(nl, bridge, want, &mut self.headroom_warned)
             .await
             .map_err(|source| EbpfBackendError::Headroom {
                 bridge: bridge.name.clone(),
                 source,
-            })
+            })?;
+        // Its joining the bridge is no container's: no reason for another pass.
+        if let Some(watch) = &mut self.watch {
+            watch.ignore_port(ours);
+        }
+        Ok(changes)
     }
 
     /// (MAC, port) of every binding in both families' maps now.
