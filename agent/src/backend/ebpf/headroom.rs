@@ -106,11 +106,12 @@ pub(super) async fn ensure(
     let mut changes = 0;
     let mut link = nl.link_by_name(DEVICE).await?;
     if let Some(l) = &link {
-        if l.vxlan
+        let on_flannels_port = l
+            .vxlan
             .as_ref()
-            .is_some_and(|v| v.vni == VNI && v.port == want.flannel_port)
-        {
-            // Ours, but flannel.<VNI> now uses its port: it would refuse flannel.<VNI>.
+            .is_some_and(|v| v.port == want.flannel_port);
+        if on_flannels_port && foreign(l, bridge.index).is_none() {
+            // Ours, but the config moved flannel.<VNI> to its port: made again on another.
             nl.del_link(l.index).await?;
             link = None;
         }
