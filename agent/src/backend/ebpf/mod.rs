@@ -13,6 +13,8 @@
 //! forwarding entries), never from what containers send. Decapsulated packets
 //! for a bound address go straight into that container's namespace, and
 //! encapsulation accepts a source address only from the port bound to it.
+//! A down vxlan device on the bridge, `weft-headroom`, makes every container
+//! leave room for the outer headers in front of its packets (`headroom`).
 //!
 //! With IPv6 on (a dual-stack lease), the IPv6 maps are kept the same way:
 //! our `flannel-v6.<VNI>` VTEP and IPv6 subnet, each peer's IPv6 subnet and
