@@ -309,7 +309,7 @@ pub fn cleanup(pin_dir: &Path) -> Result<(), Vec<DatapathError>> {
     Datapath::detach_and_unpin(pin_dir)
 }
 
-/// Takes the headroom device ([`headroom`]) off the bridge and deletes it
+/// Takes the headroom device (`weft-headroom`) off the bridge and deletes it
 /// (`weft agent --cleanup`, and the kernel datapath, which does without it).
 /// Returns whether there was one of weft's.
 pub async fn remove_headroom_device() -> Result<bool, NetlinkError> {
