@@ -9,8 +9,11 @@
 //! The agents run with the default 10 s reconcile interval, so anything faster than that comes
 //! from the agent reacting to link events, not from its periodic repair.
 
+mod headroom;
+
 use std::time::{Duration, Instant};
 
+use headroom::{link_in, DEVICE, VXLAN_OVERHEAD};
 use serde_json::Value;
 use weft_tests::docker::{remove_simulated_bridge, subnet_env};
 use weft_tests::status::counter;
@@ -300,6 +303,41 @@ fn attached_note(dp: Dp, attach: Duration) -> String {
     }
 }
 
+/// On eBPF, weft's headroom device is a down port of dockerd's docker0 and `ct`'s eth0 has room
+/// for the VXLAN headers (50 bytes), docker0 keeping Docker's MTU (`--mtu`) and its own MAC; on
+/// the kernel path there is no such device.
+async fn check_headroom(h: &Host, dp: Dp, ct: &DockerContainer) {
+    let eth0 = format!("/proc/{}/ns/net", ct.pid());
+    let room = || async { link_in(&eth0, "eth0").await.and_then(|l| l.headroom) };
+    if dp == Dp::Kernel {
+        let device = link_in(h.name(), DEVICE).await;
+        assert!(device.is_none(), "{device:?}");
+        assert_eq!(room().await, Some(0), "{}'s eth0", ct.name());
+        return;
+    }
+    // The device joins docker0 in the pass that attaches encapsulation to it.
+    let (docker0, device) =
+        weft_tests::poll::until("the headroom device on docker0", READY_TIMEOUT, || async {
+            let docker0 = link_in(h.name(), "docker0").await.ok_or("no docker0")?;
+            let device = link_in(h.name(), DEVICE).await.ok_or("no device")?;
+            if device.master != Some(docker0.index) || device.up {
+                return Err(format!("{device:?}, docker0 index {}", docker0.index));
+            }
+            Ok((docker0, device))
+        })
+        .await;
+    let room = room().await.unwrap_or(0);
+    eprintln!("{dp:?}: {}'s eth0 headroom {room}", ct.name());
+    assert!(
+        room >= VXLAN_OVERHEAD,
+        "{}'s eth0 headroom {room}",
+        ct.name()
+    );
+    let mtu = subnet_env(h).await.unwrap().mtu;
+    assert_eq!(docker0.mtu, mtu, "docker0's MTU is Docker's --mtu");
+    assert_ne!(docker0.mac, device.mac, "docker0 took the device's MAC");
+}
+
 /// An attach this soon came from the agent's link watch: the next reconcile pass (the default
 /// 10 s interval) is further away. A behaviour bound, not a speed target; it leaves room for a
 /// loaded machine (1.6 s seen with five builds running).
@@ -332,6 +370,7 @@ async fn bridge_created_after_agent_and_dockerd_restart(dp: Dp) {
         d.unwrap()
     };
     let a = d1.run("a1").await.unwrap();
+    check_headroom(h1, dp, &a).await;
     let (sent, got) = a.ping_count(b.ip(), 20, 50).await.unwrap();
     assert_eq!(
         (sent, got),
@@ -365,6 +404,7 @@ async fn bridge_created_after_agent_and_dockerd_restart(dp: Dp) {
     );
     assert!(attach < ATTACHED_BY_WATCH, "re-attach took {attach:?}");
     let a = d1.run("a3").await.unwrap();
+    check_headroom(h1, dp, &a).await;
     let (sent, got) = a.ping_count(b.ip(), 10, 50).await.unwrap();
     assert_eq!((sent, got), (10, 10), "{dp:?}: after docker0 was recreated");
     b.ping(a.ip()).await.unwrap();

@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::Value;
 use tokio::task::JoinSet;
+mod headroom;
+
+use headroom::{link_in, DEVICE, VXLAN_OVERHEAD};
 use weft_tests::attack;
 use weft_tests::status::{counter, ebpf_ready};
 use weft_tests::{cluster, flanneld, tail, weft_bin, Agent, Cluster, Container, Host, Netns};
@@ -1111,6 +1114,28 @@ async fn a_decap_program_detached_by_hand_is_reattached_within_seconds() {
 /// The admin accidents of an eBPF host: the XDP decapsulation detached by hand, then `docker0`
 /// deleted and recreated the way Docker does at its restart (same address and MTU, the
 /// containers' veths attached again). The agent re-attaches both and says so.
+/// A deleted docker0 created again as dockerd would (the host's subnet and MTU), with `ct`'s port.
+async fn create_docker0_again(host: &Host, ct: &Container) {
+    let env = host.subnet().unwrap();
+    let (addr, mtu) = (env.subnet.to_string(), env.mtu.to_string());
+    for cmd in [
+        &["ip", "link", "add", "docker0", "type", "bridge"][..],
+        &["ip", "addr", "add", &addr, "dev", "docker0"],
+        &["ip", "link", "set", "docker0", "mtu", &mtu, "up"],
+        &[
+            "ip",
+            "link",
+            "set",
+            ct.host_veth(),
+            "master",
+            "docker0",
+            "up",
+        ],
+    ] {
+        host.exec_ok(cmd).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: run cargo xtask test"]
 async fn detached_xdp_and_recreated_docker0_are_repaired() {
@@ -1153,29 +1178,12 @@ async fn detached_xdp_and_recreated_docker0_are_repaired() {
         "re-attached XDP does not decapsulate: {d:?}"
     );
 
-    let env = h1.subnet().unwrap();
     h1.exec_ok(&["ip", "link", "del", "docker0"]).await.unwrap();
     assert!(
         a.ping(b.ip()).await.is_err(),
         "traffic flowed without docker0"
     );
-    let (addr, mtu) = (env.subnet.to_string(), env.mtu.to_string());
-    for cmd in [
-        &["ip", "link", "add", "docker0", "type", "bridge"][..],
-        &["ip", "addr", "add", &addr, "dev", "docker0"],
-        &["ip", "link", "set", "docker0", "mtu", &mtu, "up"],
-        &[
-            "ip",
-            "link",
-            "set",
-            a.host_veth(),
-            "master",
-            "docker0",
-            "up",
-        ],
-    ] {
-        h1.exec_ok(cmd).await.unwrap();
-    }
+    create_docker0_again(h1, &a).await;
     let recreated = Instant::now();
     a.ping_until(b.ip(), Duration::from_secs(10)).await.unwrap();
     wait_status(
@@ -1440,4 +1448,213 @@ async fn traffic_for_a_container_the_bridge_forgot_lands_in_it_alone_on_every_da
         ],
     )
     .await;
+}
+
+// ---- 9. the headroom device ------------------------------------------------------------------------
+
+/// The container's `eth0` headroom; 0 when the kernel does not report it.
+async fn eth0_headroom(ct: &Container) -> u16 {
+    let eth0 = link_in(ct.netns(), "eth0").await.expect("eth0");
+    eth0.headroom.unwrap_or(0)
+}
+
+/// docker0 as a user sees it: MTU, MAC, carrier (`LOWER_UP`) and operstate.
+async fn docker0_seen(host: &Host) -> (u64, String, bool, String) {
+    let out = host
+        .netns()
+        .ip(&["-j", "link", "show", "docker0"])
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&out).expect("ip -j");
+    let l = &v[0];
+    let carrier = l["flags"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|f| f == "LOWER_UP"));
+    (
+        l["mtu"].as_u64().unwrap_or(0),
+        l["address"].as_str().unwrap_or_default().to_owned(),
+        carrier,
+        l["operstate"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// Polls until the headroom device is a down port of the host's docker0 at the overlay MTU;
+/// returns it.
+async fn wait_headroom_device(host: &Host, within: Duration) -> weft::netlink::LinkInfo {
+    let ns = host.name().to_owned();
+    let mtu = host.subnet().map(|s| s.mtu);
+    weft_tests::poll::until(&format!("{DEVICE} on docker0 in {ns}"), within, || async {
+        let bridge = link_in(&ns, "docker0").await.ok_or("no docker0")?;
+        let dev = link_in(&ns, DEVICE).await.ok_or("no headroom device")?;
+        let ok = dev.master == Some(bridge.index)
+            && !dev.up
+            && dev.kind.as_deref() == Some("vxlan")
+            && mtu.is_none_or(|m| dev.mtu == m);
+        ok.then_some(dev.clone())
+            .ok_or_else(|| format!("{dev:?} (docker0 index {})", bridge.index))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
+async fn containers_get_headroom_for_the_outer_headers_and_docker0_looks_the_same() {
+    let c = ebpf_cluster(2, 1, &[]).await;
+    let (h1, agent) = (c.host(0), c.host(0).agent().unwrap());
+    let (a, b) = (c.container(0), c.container(1));
+    let dev = wait_headroom_device(h1, READY_TIMEOUT).await;
+    wait_headroom_device(c.host(1), READY_TIMEOUT).await;
+    eprintln!("{dev:?}");
+    let room = dev
+        .headroom
+        .expect("this kernel reports IFLA_HEADROOM (6.15 on)");
+    assert!(room >= VXLAN_OVERHEAD + 14, "device headroom {room}");
+    for ct in [&a, &b] {
+        let room = eth0_headroom(ct).await;
+        assert!(
+            room >= VXLAN_OVERHEAD,
+            "{}'s eth0 has headroom {room}",
+            ct.netns()
+        );
+    }
+    // Never encapsulated from, never bound: only the container's port and docker0 carry encapsulation.
+    let st = status(h1).await;
+    let on: Vec<String> = attachments(&st).into_iter().map(|a| a.1).collect();
+    assert!(!on.iter().any(|i| i == DEVICE), "{st:#}");
+    assert_eq!(on.len(), 3, "{st:#}");
+    let before = Seen::of(h1).await;
+    ping_and_transfer(&cross_host_pairs(&c), MB).await;
+    let d = Seen::of(h1).await.since(before);
+    assert!(d.encapsulated >= 10 && d.flannel_tx == 0, "{d:?}");
+
+    // docker0 with the device and without it: the same MTU, MAC, carrier and state.
+    let with = docker0_seen(h1).await;
+    agent.stop().await.unwrap();
+    h1.exec_ok(&["ip", "link", "del", DEVICE]).await.unwrap();
+    let without = docker0_seen(h1).await;
+    assert_eq!(with, without, "docker0 with the device, and without");
+    assert!(with.2, "docker0 has a container, so carrier: {with:?}");
+    assert!(
+        eth0_headroom(&a).await < VXLAN_OVERHEAD,
+        "the headroom came from the device"
+    );
+    // A restart puts it back, the next adopts it as it is.
+    agent.restart().await.unwrap();
+    let dev = wait_headroom_device(h1, READY_TIMEOUT).await;
+    assert!(eth0_headroom(&a).await >= VXLAN_OVERHEAD);
+    assert_eq!(docker0_seen(h1).await, with);
+    agent.restart().await.unwrap();
+    wait_status(h1, "on eBPF again", READY_TIMEOUT, |st| ebpf_ready(st, 1)).await;
+    let again = wait_headroom_device(h1, READY_TIMEOUT).await;
+    assert_eq!(again.index, dev.index, "the restarted agent recreated it");
+    a.ping(b.ip()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
+async fn a_later_or_recreated_bridge_gets_the_headroom_device_the_kernel_path_and_cleanup_none() {
+    let c = cluster(2).await;
+    c.write_config(CONFIG).await;
+    let (h1, h2) = (c.host(0), c.host(1));
+    // The eBPF agent starts before its docker0 exists, as before dockerd.
+    h1.exec_ok(&["ip", "link", "del", "docker0"]).await.unwrap();
+    h1.spawn_agent(&["--datapath", "ebpf"]).unwrap();
+    h2.spawn_agent(&["--datapath", "kernel"]).unwrap();
+    wait_status(h1, "on eBPF without docker0", READY_TIMEOUT, |st| {
+        st["mode"] == "ebpf"
+    })
+    .await;
+    assert!(link_in(h1.name(), DEVICE).await.is_none());
+    h1.exec_ok(&["ip", "link", "add", "docker0", "type", "bridge"])
+        .await
+        .unwrap();
+    c.add_containers(1).await.unwrap();
+    let dev = wait_headroom_device(h1, READY_TIMEOUT).await;
+    let (a, b) = (c.container(0), c.container(1));
+    assert!(eth0_headroom(&a).await >= VXLAN_OVERHEAD);
+    a.ping(b.ip()).await.unwrap();
+    b.ping(a.ip()).await.unwrap();
+    // The kernel datapath has none, as flanneld.
+    assert!(link_in(h2.name(), DEVICE).await.is_none());
+    assert_eq!(eth0_headroom(&b).await, 0);
+
+    // docker0 deleted and created again (dockerd restarted): the device follows it.
+    h1.exec_ok(&["ip", "link", "del", "docker0"]).await.unwrap();
+    create_docker0_again(h1, &a).await;
+    let moved = wait_headroom_device(h1, READY_TIMEOUT).await;
+    assert_eq!(
+        moved.index, dev.index,
+        "the device was recreated, not moved"
+    );
+    a.ping_until(b.ip(), Duration::from_secs(10)).await.unwrap();
+    assert!(eth0_headroom(&a).await >= VXLAN_OVERHEAD);
+
+    // --cleanup takes it away with the programs.
+    let agent = h1.agent().unwrap();
+    agent.stop().await.unwrap();
+    let mut argv: Vec<String> = vec![weft_bin().unwrap().display().to_string(), "agent".into()];
+    argv.extend(h1.agent_args());
+    argv.push("--cleanup".into());
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    h1.exec_ok(&argv).await.unwrap();
+    assert!(link_in(h1.name(), DEVICE).await.is_none());
+    assert_eq!(eth0_headroom(&a).await, 0);
+    a.ping(b.ip()).await.unwrap();
+    // A kernel-datapath agent after an eBPF one removes a device left behind.
+    h1.exec_ok(&[
+        "ip", "link", "add", DEVICE, "type", "vxlan", "id", "16777215", "dstport", "8473", "local",
+        "::",
+    ])
+    .await
+    .unwrap();
+    h1.spawn_agent(&["--datapath", "kernel"]).unwrap();
+    weft_tests::poll::until(
+        "the kernel datapath to remove the headroom device",
+        READY_TIMEOUT,
+        || async {
+            match link_in(h1.name(), DEVICE).await {
+                None => Ok(()),
+                Some(l) => Err(format!("{l:?}")),
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: run cargo xtask test"]
+async fn an_interface_of_the_headroom_devices_name_that_is_not_weft_s_is_left_alone() {
+    let c = cluster(2).await;
+    c.write_config(CONFIG).await;
+    let h1 = c.host(0);
+    // Someone's veth (no dummy module here) by that name.
+    h1.exec_ok(&[
+        "ip", "link", "add", DEVICE, "type", "veth", "peer", "name", "wh-peer",
+    ])
+    .await
+    .unwrap();
+    for h in c.hosts() {
+        h.spawn_agent(&["--datapath", "ebpf"]).unwrap();
+    }
+    c.add_containers(1).await.unwrap();
+    let agent = h1.agent().unwrap();
+    agent
+        .wait_for_log("is not weft's headroom device", READY_TIMEOUT)
+        .await
+        .unwrap();
+    let theirs = link_in(h1.name(), DEVICE).await.unwrap();
+    assert_eq!(theirs.kind.as_deref(), Some("veth"));
+    assert_eq!(theirs.master, None, "enslaved someone else's interface");
+    // Only slower: the fast path still carries the traffic.
+    wait_ebpf_ready(h1, 1).await;
+    bind_containers(h1).await;
+    let before = Seen::of(h1).await;
+    c.container(0).ping(c.container(1).ip()).await.unwrap();
+    let d = Seen::of(h1).await.since(before);
+    assert!(d.encapsulated >= 1 && d.flannel_tx == 0, "{d:?}");
+    assert_eq!(
+        count_in_log(&agent, "is not weft's headroom device"),
+        1,
+        "warned once, not every pass"
+    );
 }

@@ -220,7 +220,7 @@ pub async fn build(
             if cfg.datapath == Datapath::Ebpf {
                 tracing::info!("host-gw needs no encapsulation: the eBPF datapath is not used");
             }
-            drop_stale_pins(cfg);
+            drop_stale_pins(cfg).await;
             let settings = hostgw::HostGwSettings {
                 network: net.network,
                 external,
@@ -249,7 +249,7 @@ pub async fn build(
         udp_csum: cfg.udp_csum,
     };
     match cfg.datapath {
-        Datapath::Kernel => drop_stale_pins(cfg),
+        Datapath::Kernel => drop_stale_pins(cfg).await,
         Datapath::Ebpf => {
             let b = ebpf::EbpfBackend::try_new(nl, ebpf_settings(settings)).await?;
             return Ok(AnyBackend::Ebpf(Box::new(b)));
@@ -263,7 +263,7 @@ pub async fn build(
                     );
                     // Programs another build left (maps it refused to carry over)
                     // would forward with maps nobody keeps: the kernel path alone.
-                    drop_stale_pins(cfg);
+                    drop_stale_pins(cfg).await;
                 }
             }
         }
@@ -271,7 +271,12 @@ pub async fn build(
     Ok(AnyBackend::Vxlan(vxlan::VxlanBackend::new(nl, settings)))
 }
 
-fn drop_stale_pins(cfg: &BackendOptions) {
+/// Whatever an eBPF run left: pinned programs and maps, the headroom device.
+async fn drop_stale_pins(cfg: &BackendOptions) {
+    match ebpf::remove_headroom_device().await {
+        Ok(_) => {}
+        Err(e) => tracing::warn!("removing the eBPF datapath's headroom device: {e}"),
+    }
     if !cfg.bpf_pin_dir.exists() {
         return;
     }

@@ -104,8 +104,9 @@ pub struct AgentArgs {
     /// level, target weft::ebpf; RUST_LOG=debug does too). Off, the programs carry no log code.
     #[arg(long, env = "WEFT_EBPF_LOG", num_args = 0..=1, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set, value_parser = args::boolean)]
     pub ebpf_log: bool,
-    /// Detach and unpin weft's eBPF programs and maps, then exit. flannel.<VNI> and its
-    /// routes stay, so traffic keeps flowing on the kernel path.
+    /// Detach and unpin weft's eBPF programs and maps, remove the headroom device from the
+    /// bridge, then exit. flannel.<VNI> and its routes stay, so traffic keeps flowing on the
+    /// kernel path.
     #[arg(long)]
     cleanup: bool,
     /// How often to compare kernel state with the peer set, e.g. 10s.
@@ -167,21 +168,30 @@ pub fn run(args: &AgentArgs) -> ExitCode {
 }
 
 fn cleanup(cfg: &AgentConfig) -> ExitCode {
-    match crate::backend::ebpf::cleanup(&cfg.bpf_pin_dir) {
-        Ok(()) => {
-            println!(
-                "removed weft's eBPF programs, links and maps under {}; flannel.<VNI> and its routes stay (traffic continues on the kernel path)",
-                cfg.bpf_pin_dir.display()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("weft: cleanup: {e}");
-            }
-            ExitCode::from(exit::OTHER)
-        }
+    let mut errors: Vec<String> = match crate::backend::ebpf::cleanup(&cfg.bpf_pin_dir) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    };
+    let headroom = runtime()
+        .map_err(|e| format!("start the async runtime: {e}"))
+        .and_then(|rt| {
+            rt.block_on(crate::backend::ebpf::remove_headroom_device())
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = headroom {
+        errors.push(e);
     }
+    if errors.is_empty() {
+        println!(
+            "removed weft's eBPF programs, links and maps under {} and its headroom device; flannel.<VNI> and its routes stay (traffic continues on the kernel path)",
+            cfg.bpf_pin_dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    for e in &errors {
+        eprintln!("weft: cleanup: {e}");
+    }
+    ExitCode::from(exit::OTHER)
 }
 
 /// Cancel `shutdown` on SIGTERM or SIGINT, telling systemd we are stopping.

@@ -2,6 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use rtnetlink::packet_core::Nla;
 use rtnetlink::packet_route::link::{
     InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
@@ -68,6 +69,11 @@ pub struct LinkInfo {
     pub vxlan: Option<VxlanAttrs>,
     /// The link kind (`vxlan`, `dummy`, ...), `None` for plain hardware devices.
     pub kind: Option<String>,
+    /// The bridge (or other master) this link is a port of (`ip link show master`).
+    pub master: Option<u32>,
+    /// `needed_headroom`: the bytes the device wants free in front of a frame; `None`
+    /// from kernels that do not report it (before 6.15).
+    pub headroom: Option<u16>,
 }
 
 /// VXLAN attributes read back from the kernel.
@@ -95,6 +101,7 @@ pub struct VxlanSpec {
     pub vni: u32,
     /// IPv4 for `flannel.N`, IPv6 for `flannel-v6.N`.
     pub local: IpAddr,
+    /// The underlay device; 0 for none (the headroom device).
     pub dev_index: u32,
     /// Destination port; `weft_common::wire::DEFAULT_PORT` for flannel's `Port: 0`.
     pub port: u16,
@@ -146,6 +153,9 @@ impl VxlanSpec {
     }
 }
 
+/// `IFLA_HEADROOM` (a u16, kernel 6.15 on), which netlink-packet-route 0.34 leaves unparsed.
+const IFLA_HEADROOM: u16 = 68;
+
 fn parse_link(msg: LinkMessage) -> LinkInfo {
     let mut info = LinkInfo {
         index: msg.header.index,
@@ -155,10 +165,20 @@ fn parse_link(msg: LinkMessage) -> LinkInfo {
         up: msg.header.flags.contains(LinkFlags::Up),
         vxlan: None,
         kind: None,
+        master: None,
+        headroom: None,
     };
     for attr in msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => info.name = n,
+            LinkAttribute::Controller(m) => info.master = Some(m),
+            LinkAttribute::Other(nla) if nla.kind() == IFLA_HEADROOM => {
+                let mut value = [0u8; 2];
+                if nla.value_len() == value.len() {
+                    nla.emit_value(&mut value);
+                    info.headroom = Some(u16::from_ne_bytes(value));
+                }
+            }
             LinkAttribute::Mtu(m) => info.mtu = m,
             LinkAttribute::Address(a) => info.mac = mac_from_bytes(&a),
             LinkAttribute::LinkInfo(infos) => {
@@ -261,7 +281,10 @@ impl Netlink {
     /// default, on). Returns `false` without touching anything if a link of that
     /// name already exists.
     pub async fn add_vxlan(&self, spec: &VxlanSpec) -> Result<bool, NetlinkError> {
-        let b = LinkVxlan::new(&spec.name, spec.vni).dev(spec.dev_index);
+        let mut b = LinkVxlan::new(&spec.name, spec.vni);
+        if spec.dev_index != 0 {
+            b = b.dev(spec.dev_index);
+        }
         let b = match spec.local {
             IpAddr::V4(l) => b.local(l),
             IpAddr::V6(l) => b.local6(l),
@@ -304,17 +327,35 @@ impl Netlink {
     /// `ip link set IFINDEX up`.
     pub async fn set_link_up(&self, index: u32) -> Result<(), NetlinkError> {
         let msg = LinkUnspec::new_with_index(index).up().build();
-        let res = self.handle.link().change(msg).execute().await;
-        tolerate(res, &[], "set link up", || format!("index {index}"))
+        self.change_link(msg, "set link up", || format!("index {index}"))
+            .await
+    }
+
+    /// `ip link set IFINDEX master MASTER`.
+    pub async fn set_link_master(&self, index: u32, master: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index).controller(master).build();
+        self.change_link(msg, "set link master", || {
+            format!("index {index} to index {master}")
+        })
+        .await
     }
 
     /// `ip link set IFINDEX mtu MTU`.
     pub async fn set_link_mtu(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
         let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.change_link(msg, "set link mtu", || format!("index {index} to {mtu}"))
+            .await
+    }
+
+    /// `ip link set` with the attributes of `msg`.
+    async fn change_link(
+        &self,
+        msg: LinkMessage,
+        op: &'static str,
+        target: impl FnOnce() -> String,
+    ) -> Result<(), NetlinkError> {
         let res = self.handle.link().change(msg).execute().await;
-        tolerate(res, &[], "set link mtu", || {
-            format!("index {index} to {mtu}")
-        })
+        tolerate(res, &[], op, target)
     }
 
     /// The external interface by name, with its first IPv4 address (advertised as is).

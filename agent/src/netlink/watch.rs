@@ -33,6 +33,9 @@ pub struct LinkWatch {
     /// Keys: a neighbour's address bytes, or an fdb entry's MAC; values: the
     /// neighbour's MAC, or the fdb entry's port.
     seen: HashMap<BindingKey, Vec<u8>>,
+    /// A bridge port that is not a container's (the eBPF backend's headroom device):
+    /// its joining and its forwarding entries are the agent's own doing.
+    ignored: Option<u32>,
 }
 
 impl LinkWatch {
@@ -45,6 +48,7 @@ impl LinkWatch {
             messages,
             _conn: Connection::spawn(conn, Default::default()),
             seen: HashMap::new(),
+            ignored: None,
         })
     }
 
@@ -59,6 +63,12 @@ impl LinkWatch {
             }
         }
         std::future::pending().await
+    }
+
+    /// Events of port `index` are no reason to reconcile from now on (also those
+    /// already queued); `None` reports every port again.
+    pub fn ignore_port(&mut self, index: Option<u32>) {
+        self.ignored = index;
     }
 
     /// Takes in the events queued so far without reporting them: the caller
@@ -98,7 +108,10 @@ impl LinkWatch {
         match msg.payload {
             NetlinkPayload::InnerMessage(
                 RouteNetlinkMessage::NewLink(link) | RouteNetlinkMessage::DelLink(link),
-            ) => is_port_of(&link, bridge_index),
+            ) => is_port_of(&link, bridge_index) && self.ignored != Some(link.header.index),
+            NetlinkPayload::InnerMessage(
+                RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n),
+            ) if self.ignored == Some(n.header.ifindex) => false,
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n))
                 if is_bridge_neighbour(&n, bridge_index) =>
             {

@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::Ipv6Addr};
 use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
 
-use super::{family::Local, EbpfBackend, EbpfBackendError};
+use super::{family::Local, headroom, EbpfBackend, EbpfBackendError};
 use crate::{
     datapath::{Datapath, LocalEntry, LocalEntry6},
     lease::MacAddr,
@@ -39,11 +39,19 @@ impl EbpfBackend {
         let mut want = Vec::new();
         let mut want6 = Vec::new();
         let link = match nl.link_by_name(&bridge).await {
-            Ok(link) => link.filter(|_| self.encap_attached),
+            Ok(link) => link,
             Err(e) => return Err(err(e)),
         };
-        if let Some(link) = link {
-            let ports = nl.bridge_ports(link.index).await.map_err(err)?;
+        if let Some(link) = &link {
+            match self.sync_headroom(nl, link).await {
+                Ok(n) => changes += n,
+                Err(e) => errors.push(e),
+            }
+        }
+        if let Some(link) = link.filter(|_| self.encap_attached) {
+            let mut ports = nl.bridge_ports(link.index).await.map_err(err)?;
+            // Not a container's: never encapsulated from, never bound.
+            ports.retain(|(_, name)| name != headroom::DEVICE);
             match self.sync_port_attachments(interfaces, &ports) {
                 Ok(n) => changes += n,
                 Err(e) => errors.push(e),
@@ -90,6 +98,29 @@ impl EbpfBackend {
             return Err(EbpfBackendError::Steps(errors));
         }
         Ok(changes + local + local6)
+    }
+
+    /// The headroom device on the bridge ([`headroom`]).
+    async fn sync_headroom(
+        &mut self,
+        nl: &Netlink,
+        bridge: &crate::netlink::LinkInfo,
+    ) -> Result<usize, EbpfBackendError> {
+        let want = headroom::Want {
+            mtu: self.s.vxlan.device_mtu(),
+            flannel_port: self.s.vxlan.port(),
+        };
+        let (changes, ours) = headroom::ensure(nl, bridge, want, &mut self.headroom_warned)
+            .await
+            .map_err(|source| EbpfBackendError::Headroom {
+                bridge: bridge.name.clone(),
+                source,
+            })?;
+        // Its joining the bridge is no container's: no reason for another pass.
+        if let Some(watch) = &mut self.watch {
+            watch.ignore_port(ours);
+        }
+        Ok(changes)
     }
 
     /// (MAC, port) of every binding in both families' maps now.

@@ -15,6 +15,8 @@
 //! forwarding entries), never from what containers send. Decapsulated packets
 //! for a bound address go straight into that container's namespace, and
 //! encapsulation accepts a source address only from the port bound to it.
+//! A down vxlan device on the bridge, `weft-headroom`, makes every container
+//! leave room for the outer headers in front of its packets (`headroom`).
 //!
 //! With IPv6 on (a dual-stack lease), the IPv6 maps are kept the same way:
 //! our `flannel-v6.<VNI>` VTEP and IPv6 subnet, each peer's IPv6 subnet and
@@ -41,6 +43,7 @@
 
 mod attach;
 mod family;
+mod headroom;
 mod local;
 mod netfilter;
 mod node;
@@ -158,6 +161,12 @@ pub enum EbpfBackendError {
         #[source]
         source: NetlinkError,
     },
+    #[error("headroom device {} on bridge {bridge}: {source}", headroom::DEVICE)]
+    Headroom {
+        bridge: String,
+        #[source]
+        source: NetlinkError,
+    },
     #[error("{operation}: {source}")]
     Map {
         operation: String,
@@ -191,6 +200,8 @@ pub struct EbpfBackend {
     encap_attached: bool,
     /// Bridge ports with encapsulation attached.
     ports: BTreeSet<String>,
+    /// An interface named like the headroom device but not ours was reported.
+    headroom_warned: bool,
 }
 
 impl EbpfBackend {
@@ -262,6 +273,7 @@ impl EbpfBackend {
             node6: None,
             encap_attached: false,
             ports: BTreeSet::new(),
+            headroom_warned: false,
         };
         backend.configure_and_attach(&interfaces)?;
         backend.finish_migration(&interfaces)?;
@@ -297,6 +309,13 @@ async fn list_interfaces(nl: &Netlink) -> Result<Vec<Interface>, EbpfBackendErro
 /// loose. Keeps going after errors and reports them all.
 pub fn cleanup(pin_dir: &Path) -> Result<(), Vec<DatapathError>> {
     Datapath::detach_and_unpin(pin_dir)
+}
+
+/// Takes the headroom device (`weft-headroom`) off the bridge and deletes it
+/// (`weft agent --cleanup`, and the kernel datapath, which does without it).
+/// Returns whether there was one of weft's.
+pub async fn remove_headroom_device() -> Result<bool, NetlinkError> {
+    headroom::remove(&Netlink::connect()?).await
 }
 
 impl Backend for EbpfBackend {
