@@ -136,19 +136,23 @@ fn env(name: &str) -> Env {
 
 /// A container's ICMP echo as it enters the bridge: DF set, TTL 64.
 fn container_frame(dst: Ipv4Addr) -> Vec<u8> {
+    echo_frame(
+        (BRIDGE_MAC, CONTAINER_MAC),
+        (Ipv4Addr::new(10, 1, 10, 5), dst),
+        64,
+        0x4000,
+    )
+}
+
+/// An ICMP echo (64 bytes) in an Ethernet frame: (dst, src) MACs, (src, dst) addresses, TTL and
+/// the fragment field.
+fn echo_frame(macs: ([u8; 6], [u8; 6]), ips: (Ipv4Addr, Ipv4Addr), ttl: u8, frag: u16) -> Vec<u8> {
     let payload: Vec<u8> = [8u8, 0, 0, 0, 0, 1, 0, 1]
         .into_iter()
         .chain(0..56u8)
         .collect();
-    let mut f = eth(BRIDGE_MAC, CONTAINER_MAC, 0x0800);
-    f.extend(ipv4_header(
-        Ipv4Addr::new(10, 1, 10, 5),
-        dst,
-        1,
-        64,
-        payload.len(),
-        0x4000,
-    ));
+    let mut f = eth(macs.0, macs.1, 0x0800);
+    f.extend(ipv4_header(ips.0, ips.1, 1, ttl, payload.len(), frag));
     f.extend(payload);
     f
 }
@@ -1188,21 +1192,12 @@ fn encap_follows_underlay_neighbour_and_route_changes() {
 /// A frame as the kernel hands it to flannel.1's egress: the neighbour entry's MAC (the peer's
 /// VTEP), flannel.1's own, and the host's IPv4 packet (ICMP echo from flannel.1's address).
 fn host_frame(src: Ipv4Addr, ttl: u8, frag: u16) -> Vec<u8> {
-    let payload: Vec<u8> = [8u8, 0, 0, 0, 0, 1, 0, 1]
-        .into_iter()
-        .chain(0..56u8)
-        .collect();
-    let mut f = eth(PEER_VTEP_MAC, OUR_VTEP_MAC, 0x0800);
-    f.extend(ipv4_header(
-        src,
-        REMOTE_CONTAINER,
-        1,
+    echo_frame(
+        (PEER_VTEP_MAC, OUR_VTEP_MAC),
+        (src, REMOTE_CONTAINER),
         ttl,
-        payload.len(),
         frag,
-    ));
-    f.extend(payload);
-    f
+    )
 }
 
 /// The host program sends what the vxlan device would send, as it would send it: whatever the
