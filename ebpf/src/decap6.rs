@@ -23,7 +23,7 @@ use weft_common::{
     counter, counter6,
     wire::{ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, UDP_HLEN, VXLAN_FLAG_I},
     wire6::{ETH_P_IPV6, IPV6_HLEN, VXLAN6_OVERHEAD},
-    LocalEndpoint,
+    LocalEndpoint, NodeConfig, NodeConfig6,
 };
 
 use crate::{
@@ -90,10 +90,31 @@ fn classify<C: Packet>(ctx: &C) -> Result<Accepted, Verdict> {
         return Err(Verdict::Drop(counter6::DROP_ZERO_CHECKSUM));
     }
     // A copy on the stack: the map key must not be the packet itself.
-    let vtep = ip.saddr_be;
-    if !maps6::is_known_vtep6(&vtep) {
-        return Err(Verdict::Drop(counter6::DROP_UNKNOWN_SOURCE));
+    let sender = ip.saddr_be;
+    from_peer(ctx, cfg, cfg6, ip).map_err(|refusal| refuse_sender(&sender, refusal))
+}
+
+/// IPv4's `refuse_sender`: a sender without a lease is refused as such, and
+/// the lease is looked up only for refused frames (an accepted one's inner
+/// source lies in a subnet leased to this sender).
+#[inline(always)]
+fn refuse_sender(sender: &[u8; 16], refusal: Verdict) -> Verdict {
+    if maps6::is_known_vtep6(sender) {
+        refusal
+    } else {
+        Verdict::Drop(counter6::DROP_UNKNOWN_SOURCE)
     }
+}
+
+/// [`classify`] for VXLAN aimed at us: the VXLAN header, the inner frame and
+/// who may send it.
+#[inline(always)]
+fn from_peer<C: Packet>(
+    ctx: &C,
+    cfg: &NodeConfig,
+    cfg6: &NodeConfig6,
+    ip: &Ipv6Hdr,
+) -> Result<Accepted, Verdict> {
     let vxlan: &VxlanHdr =
         header(ctx, off6::VXLAN).ok_or(Verdict::Drop(counter6::DROP_MALFORMED))?;
     if vxlan.flags & VXLAN_FLAG_I == 0 {

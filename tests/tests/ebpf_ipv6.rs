@@ -908,6 +908,19 @@ fn decap_refuses_what_flannel_v6_would_refuse() {
             DROP_UNKNOWN_SOURCE,
         ),
         (
+            // Refused as a sender without a lease, whatever else is wrong with its frame.
+            "unknown vtep, wrong vni",
+            vx(STRANGER_IP6, VXLAN_PORT, 0x08, 7, &inner),
+            true,
+            DROP_UNKNOWN_SOURCE,
+        ),
+        (
+            "unknown vtep, inner source of another vtep",
+            vxlan6(STRANGER_IP6, 0, &inner_to_local(REMOTE2_6, 0)),
+            true,
+            DROP_UNKNOWN_SOURCE,
+        ),
+        (
             "wrong vni",
             vx(PEER_IP6, VXLAN_PORT, 0x08, 7, &inner),
             true,

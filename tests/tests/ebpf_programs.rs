@@ -789,6 +789,13 @@ fn hostile_cases() -> Vec<(&'static str, Vec<u8>, Verdict, u32)> {
     let mut not_our_mac = inner.clone();
     not_our_mac[0..6].copy_from_slice(&PEER_VTEP_MAC);
     let another_host = Ipv4Addr::new(172, 16, 15, 23);
+    // Inner source 10.1.99.3: a subnet nobody leased.
+    let mut unleased = inner.clone();
+    unleased[14 + 14] = 99;
+    unleased[24..26].copy_from_slice(&[0, 0]);
+    let c = ipv4_checksum(&unleased[14..34]);
+    unleased[24..26].copy_from_slice(&c.to_be_bytes());
+    let stranger = |vni, inner: &[u8]| vxlan_frame(STRANGER_IP, OUR_IP, VXLAN_PORT, 0x08, vni, inner);
     vec![
         ("arp", arp(), Pass, PASS_NOT_IPV4),
         ("udp to another port", vxlan_frame(PEER_IP, OUR_IP, 4789, 0x08, VNI, &inner), Pass, PASS_NOT_VXLAN),
@@ -796,7 +803,12 @@ fn hostile_cases() -> Vec<(&'static str, Vec<u8>, Verdict, u32)> {
         ("fragment", fragment, Pass, PASS_FRAGMENT),
         ("truncated outer ip", good[..30].to_vec(), Pass, PASS_MALFORMED),
         ("truncated udp", good[..38].to_vec(), Pass, PASS_MALFORMED),
-        ("unknown source", vxlan_frame(STRANGER_IP, OUR_IP, VXLAN_PORT, 0x08, VNI, &inner), Drop, DROP_UNKNOWN_SOURCE),
+        ("unknown source", stranger(VNI, &inner), Drop, DROP_UNKNOWN_SOURCE),
+        // A sender without a lease is refused as such, whatever else is wrong with its frame.
+        ("unknown source, wrong vni", stranger(7, &inner), Drop, DROP_UNKNOWN_SOURCE),
+        ("unknown source, inner ipv6", stranger(VNI, &inner_v6), Drop, DROP_UNKNOWN_SOURCE),
+        ("unknown source, unleased inner source", stranger(VNI, &unleased), Drop, DROP_UNKNOWN_SOURCE),
+        ("inner source nobody leased", vxlan_frame(PEER_IP, OUR_IP, VXLAN_PORT, 0x08, VNI, &unleased), Drop, DROP_INNER_SOURCE),
         ("wrong vni", vxlan_frame(PEER_IP, OUR_IP, VXLAN_PORT, 0x08, 7, &inner), Drop, DROP_WRONG_VNI),
         ("no I flag", vxlan_frame(PEER_IP, OUR_IP, VXLAN_PORT, 0x00, VNI, &inner), Drop, DROP_MALFORMED),
         ("truncated vxlan", good[..46].to_vec(), Drop, DROP_MALFORMED),
@@ -853,10 +865,26 @@ fn decap_passes_or_drops_everything_else_exactly_as_designed() {
         "every packet counted exactly once"
     );
 
-    // Once the VTEP's lease is gone, its traffic is spoofing.
+    // Once the VTEP's lease is gone (the agent removes its subnet, then the VTEP), its
+    // traffic is spoofing.
+    e.dp.remove_peer("10.1.54.0/24".parse::<Ipv4Net>().unwrap())
+        .unwrap();
     e.dp.remove_vtep(PEER_IP).unwrap();
-    let out = test_run(&e, ProgramKind::XdpDecap, &good_vxlan(), 0);
-    assert_eq!(out.action, XDP_DROP);
+    for kind in [ProgramKind::XdpDecap, ProgramKind::TcDecap] {
+        let before = e.dp.counters().unwrap().get(counter::DROP_UNKNOWN_SOURCE);
+        let out = test_run(&e, kind, &good_vxlan(), e.ul0);
+        let drop = if kind == ProgramKind::XdpDecap {
+            XDP_DROP
+        } else {
+            TC_ACT_SHOT
+        };
+        assert_eq!(out.action, drop, "{kind:?}: a lease gone");
+        assert_eq!(
+            e.dp.counters().unwrap().get(counter::DROP_UNKNOWN_SOURCE),
+            before + 1,
+            "{kind:?}: a lease gone, counted as an unknown source"
+        );
+    }
 }
 
 #[test]

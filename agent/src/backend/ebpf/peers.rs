@@ -66,6 +66,8 @@ impl EbpfBackend {
     }
 
     /// Adds the VTEP before the subnet, so replies are accepted once we send.
+    /// Removal goes the other way round (subnets, then their VTEP): an entry
+    /// naming a VTEP is what decapsulation takes as proof of the sender's lease.
     pub(super) fn add_entry<P: Peer>(&mut self, e: &P) -> Result<(), EbpfBackendError> {
         P::add_vtep(&mut self.dp, e.vtep())
             .map_err(Self::map_err(format!("accept VXLAN from {}", e.vtep())))?;
@@ -166,21 +168,15 @@ impl EbpfBackend {
             }
             turns.tick().await;
         }
+        // VTEPs still named by an entry that could not be removed or rewritten.
+        let mut still_named = BTreeSet::new();
         for (i, stale) in stale.iter().enumerate() {
             info!(subnet = %stale.subnet(), vtep = %stale.vtep(), "removing map entry no lease justifies");
-            count(
-                P::remove(&mut self.dp, stale.subnet())
-                    .map_err(Self::map_err(format!("remove {}", stale.subnet()))),
-            );
-            yield_every(i).await;
-        }
-        let stale_vteps: Vec<P::Ip> = have_vteps.difference(&want_vteps).copied().collect();
-        for (i, stale) in stale_vteps.iter().enumerate() {
-            info!(vtep = %stale, "no longer accepting VXLAN from a host without a lease");
-            count(
-                P::remove_vtep(&mut self.dp, *stale)
-                    .map_err(Self::map_err(format!("stop accepting VXLAN from {stale}"))),
-            );
+            let removed = P::remove(&mut self.dp, stale.subnet());
+            if removed.is_err() {
+                still_named.insert(stale.vtep());
+            }
+            count(removed.map_err(Self::map_err(format!("remove {}", stale.subnet()))));
             yield_every(i).await;
         }
         let mut missing = Vec::new();
@@ -192,7 +188,27 @@ impl EbpfBackend {
         }
         for (i, e) in missing.iter().enumerate() {
             info!(subnet = %e.subnet(), vtep = %e.vtep(), "adding missing map entry");
-            count(self.add_entry(e));
+            let added = self.add_entry(e);
+            if added.is_err() {
+                still_named.extend(have.get(&e.subnet()).map(|h| h.vtep()));
+            }
+            count(added);
+            yield_every(i).await;
+        }
+        // Stale VTEPs last: decapsulation takes a subnet entry naming the sender as proof
+        // of its lease, so no entry may name a VTEP that is no longer accepted, not even
+        // one whose subnet moved to another VTEP in this pass.
+        let stale_vteps: Vec<P::Ip> = have_vteps
+            .difference(&want_vteps)
+            .filter(|v| !still_named.contains(*v))
+            .copied()
+            .collect();
+        for (i, stale) in stale_vteps.iter().enumerate() {
+            info!(vtep = %stale, "no longer accepting VXLAN from a host without a lease");
+            count(
+                P::remove_vtep(&mut self.dp, *stale)
+                    .map_err(Self::map_err(format!("stop accepting VXLAN from {stale}"))),
+            );
             yield_every(i).await;
         }
         if !errors.is_empty() {
