@@ -1021,6 +1021,46 @@ mod live_floor_tests {
     use super::*;
     use weft_tests::poll;
 
+    /// `union bpf_attr` for BPF_PROG_QUERY, up to `revision`: the kernel writes the chain's
+    /// revision there whatever size it is handed.
+    #[repr(C)]
+    #[derive(Default)]
+    struct QueryAttr {
+        target_ifindex: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        count: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    const _: () = assert!(std::mem::size_of::<QueryAttr>() == 64);
+
+    /// The programs on `dev`'s TCX egress in the calling thread's namespace, in the order they run.
+    fn tcx_egress_chain(dev: &str) -> anyhow::Result<Vec<u64>> {
+        const BPF_PROG_QUERY: libc::c_long = 16;
+        let name = std::ffi::CString::new(dev)?;
+        // SAFETY: a valid NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        let mut ids = [0u32; 8];
+        let mut attr = QueryAttr {
+            target_ifindex: ifindex,
+            attach_type: bpf_cmd::TCX_EGRESS,
+            prog_ids: ids.as_mut_ptr() as u64,
+            count: ids.len() as u32,
+            ..Default::default()
+        };
+        bpf(BPF_PROG_QUERY, &mut attr).context("BPF_PROG_QUERY")?;
+        Ok(ids[..attr.count as usize]
+            .iter()
+            .map(|&i| u64::from(i))
+            .collect())
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     #[ignore = "needs root: run cargo xtask test"]
     async fn the_empty_program_counts_every_packet_out_of_the_device_and_leaves_nothing() {
@@ -1056,6 +1096,16 @@ mod live_floor_tests {
             show.contains(&format!("\"name\":\"{FLOOR_NAME}\"")),
             "{show}"
         );
+        // A later one goes first in the chain: the floor runs whatever program ends it.
+        let head = LiveFloor::attach(&ns, "ens32").await.unwrap();
+        let order = ns
+            .spawn_thread(|| tcx_egress_chain("ens32"))
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(order, [head.prog_id, id]);
+        drop(head);
+
         let before = run_stats().await.unwrap()[&id];
         ns.spawn_thread(|| {
             let socket = std::net::UdpSocket::bind("192.168.77.1:0")?;
