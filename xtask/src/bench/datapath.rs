@@ -17,6 +17,8 @@ use crate::bench::targets::{self, Comparison};
 use crate::bench::topology::{Builds, Family, Mode, Offload, Routing, Testbed};
 
 struct Bed {
+    /// `--programs`, ebpf mode: the live floor on host 1, detached (dropped) before the bed goes.
+    _floor: Option<programs::LiveFloor>,
     bed: Testbed,
     servers: Servers,
     /// `--programs`, ebpf mode: weft's programs on each host (label, prog id -> name).
@@ -60,6 +62,7 @@ pub async fn run(opts: &Options, builds: &Builds) -> anyhow::Result<()> {
         .transpose()?;
 
     let mut beds = BTreeMap::new();
+    let mut live_floor_missing = None;
     for &mode in &modes {
         println!("==> set up {mode}");
         let bed = Testbed::start(mode, routing, opts.family, builds.for_mode(mode)?)
@@ -67,15 +70,31 @@ pub async fn run(opts: &Options, builds: &Builds) -> anyhow::Result<()> {
             .with_context(|| format!("set up the {mode} test bed"))?;
         let servers = Servers::start(&bed.server).await?;
         let mut watched = Vec::new();
+        let mut floor = None;
         if opts.programs && mode == Mode::Ebpf {
             for host in bed.hosts() {
                 let ids = programs::weft_programs(host).await?;
                 watched.push((host_label(host.index()), ids));
             }
+            match programs::LiveFloor::attach(bed.hosts()[0].netns(), "ens32").await {
+                Ok(f) => {
+                    // Host 1's list: the floor's statistics are read with its programs'.
+                    watched[0]
+                        .1
+                        .insert(f.prog_id, programs::FLOOR_NAME.to_owned());
+                    floor = Some(f);
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    println!("warning: the live floor is not measured: {why}");
+                    live_floor_missing = Some(why);
+                }
+            }
         }
         beds.insert(
             mode,
             Bed {
+                _floor: floor,
                 bed,
                 servers,
                 watched,
@@ -113,7 +132,7 @@ pub async fn run(opts: &Options, builds: &Builds) -> anyhow::Result<()> {
     ebpf.all_rounds_through_ebpf =
         !ebpf.rounds.is_empty() && ebpf.rounds.iter().all(|c| c.through_ebpf);
     let programs = match (opts.programs, beds.get(&Mode::Ebpf)) {
-        (true, Some(b)) => Some(program_costs(b, live).await?),
+        (true, Some(b)) => Some(program_costs(b, live, live_floor_missing).await?),
         _ => None,
     };
     drop(beds);
@@ -227,7 +246,11 @@ async fn run_rounds(
 }
 
 /// BPF_PROG_TEST_RUN of the ebpf bed's programs, with the live costs gathered in the rounds.
-async fn program_costs(b: &Bed, live: Vec<LiveCost>) -> anyhow::Result<Programs> {
+async fn program_costs(
+    b: &Bed,
+    live: Vec<LiveCost>,
+    live_floor_missing: Option<String>,
+) -> anyhow::Result<Programs> {
     let hosts = b.bed.hosts();
     let (client, server) = b
         .bed
@@ -245,6 +268,7 @@ async fn program_costs(b: &Bed, live: Vec<LiveCost>) -> anyhow::Result<Programs>
     Ok(Programs {
         target_ns: programs::TARGET_NS,
         live,
+        live_floor_missing,
         test_run,
     })
 }
