@@ -12,6 +12,7 @@
 //! Builds the eBPF object and a release agent first. Needs root; everything it makes is removed
 //! when it ends, also on Ctrl-C.
 
+mod bpf;
 mod chart;
 mod control_plane;
 mod counters;

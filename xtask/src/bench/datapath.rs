@@ -7,6 +7,7 @@ use anyhow::{bail, Context as _};
 use rand::seq::SliceRandom as _;
 
 use super::{Options, Variants};
+use crate::bench::bpf;
 use crate::bench::chart::{self, Series};
 use crate::bench::counters::{self, Counters, HostPath, RoundCheck};
 use crate::bench::measure::{self, Servers, Test};
@@ -18,7 +19,7 @@ use crate::bench::topology::{Builds, Family, Mode, Offload, Routing, Testbed};
 
 struct Bed {
     /// `--programs`, ebpf mode: the live floor on host 1, detached (dropped) before the bed goes.
-    _floor: Option<programs::LiveFloor>,
+    _floor: Option<bpf::LiveFloor>,
     bed: Testbed,
     servers: Servers,
     /// `--programs`, ebpf mode: weft's programs on each host (label, prog id -> name).
@@ -56,10 +57,7 @@ pub async fn run(opts: &Options, builds: &Builds) -> anyhow::Result<()> {
     let started = Instant::now();
     let loadavg_start = loadavg();
     // Restores the sysctl when the run ends, however it ends.
-    let _stats = opts
-        .programs
-        .then(programs::StatsEnabled::enable)
-        .transpose()?;
+    let _stats = opts.programs.then(bpf::StatsEnabled::enable).transpose()?;
 
     let mut beds = BTreeMap::new();
     let mut live_floor_missing = None;
@@ -76,12 +74,10 @@ pub async fn run(opts: &Options, builds: &Builds) -> anyhow::Result<()> {
                 let ids = programs::weft_programs(host).await?;
                 watched.push((host_label(host.index()), ids));
             }
-            match programs::LiveFloor::attach(bed.hosts()[0].netns(), "ens32").await {
+            match bpf::LiveFloor::attach(bed.hosts()[0].netns(), "ens32").await {
                 Ok(f) => {
                     // Host 1's list: the floor's statistics are read with its programs'.
-                    watched[0]
-                        .1
-                        .insert(f.prog_id, programs::FLOOR_NAME.to_owned());
+                    watched[0].1.insert(f.prog_id, bpf::FLOOR_NAME.to_owned());
                     floor = Some(f);
                 }
                 Err(e) => {
