@@ -6,7 +6,7 @@ use aya_ebpf::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
     },
-    helpers::generated::{bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_set_hash},
+    helpers::generated::{bpf_get_hash_recalc, bpf_set_hash},
     programs::TcContext,
 };
 use weft_common::{
@@ -171,7 +171,7 @@ fn try_encapsulate<const HOST: bool>(
     } else {
         None
     };
-    let next_hop = next_hop(
+    let (next_hop, ip_id) = next_hop(
         ctx,
         cfg.underlay_ifindex_ne,
         &cfg.vtep_ip_be,
@@ -193,7 +193,7 @@ fn try_encapsulate<const HOST: bool>(
         .map_err(|_| Verdict::Pass(counter::PASS_HELPER_FAIL))?;
 
     let outer_len = ctx.len().saturating_sub(ETH_HLEN as u32) as u16;
-    let header = build_header(cfg, &peer, &ip, outer_len, hash, l4_sum);
+    let header = build_header(cfg, &peer, &ip, (outer_len, ip_id), hash, l4_sum);
     // From here on the packet is a VXLAN frame: failures drop it rather than
     // hand a half-built frame to the kernel.
     let at = ctx
@@ -420,12 +420,10 @@ fn build_header(
     cfg: &NodeConfig,
     peer: &PeerValue,
     inner: &Ipv4Hdr,
-    outer_len: u16,
+    (outer_len, id): (u16, u16),
     hash: u32,
     l4_sum: Option<u32>,
 ) -> VxlanEncap {
-    // SAFETY: plain helper call.
-    let id = unsafe { bpf_get_prandom_u32() } as u16;
     let mut ip = Ipv4Hdr {
         version_ihl: 0x45,
         tos: ecn_encapsulate(inner.tos),

@@ -130,7 +130,8 @@ fn try_encapsulate<const HOST: bool>(ctx: &TcContext) -> Result<Verdict, Verdict
         return Err(Verdict::Pass(counter6::PASS_GSO_CHECKSUM));
     }
     check_l4(ctx, ip)?;
-    let next_hop = next_hop(
+    // No ID in an IPv6 header.
+    let (next_hop, _) = next_hop(
         ctx,
         cfg.underlay_ifindex_ne,
         &cfg6.vtep_ip_be,

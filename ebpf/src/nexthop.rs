@@ -8,7 +8,8 @@ use aya_ebpf::{
         BPF_FIB_LOOKUP_OUTPUT, TC_ACT_REDIRECT,
     },
     helpers::generated::{
-        bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect,
+        bpf_redirect_neigh,
     },
     macros::map,
     maps::PerCpuArray,
@@ -61,7 +62,9 @@ pub struct CachedHop<A> {
     pub ifindex: u32,
     pub src: [u8; 6],
     pub dst: [u8; 6],
-    pub pad: [u8; 4],
+    /// The last outer IPv4 ID sent to this VTEP from this CPU ([`next_hop`]).
+    pub ip_id: u16,
+    pub pad: [u8; 2],
     /// `bpf_ktime_get_coarse_ns` time after which the FIB is asked again; 0: empty.
     pub expires_ns: u64,
 }
@@ -130,30 +133,39 @@ pub fn words(a: &[u8; 16]) -> [u32; 4] {
 /// `underlay_ifindex`: the FIB's answer of the last few milliseconds on this
 /// CPU, else a fresh lookup. Only resolved answers are kept: an unresolved
 /// neighbour is asked again.
+///
+/// With it the outer IPv4 ID of this packet (IPv6 has none): a counter per VTEP
+/// and CPU, kept in the same slot, as the kernel's tunnels count per
+/// destination (`ip_idents`); it starts at a random value with each fresh
+/// answer. (A random ID per packet was a helper call, 4 % of encapsulation.)
 #[inline(always)]
 pub fn next_hop<A: VtepAddr>(
     ctx: &TcContext,
     underlay_ifindex: u32,
     ours: &A,
     vtep: A,
-) -> Option<NextHop> {
+) -> Option<(NextHop, u16)> {
     // The tick-granular clock: a fine one (TSC read) cost about 25 ns a packet, and a
     // tick more or less on a 10 ms lifetime changes nothing.
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let slot = vtep.slot();
-    if let Some(ptr) = A::cache().get_ptr(slot) {
-        // SAFETY: a per-CPU value pointer; only this CPU writes it, and not before we return.
-        let hop = unsafe { &*ptr };
+    if let Some(ptr) = A::cache().get_ptr_mut(slot) {
+        // SAFETY: a per-CPU value pointer; only this CPU touches it while the program runs.
+        let hop = unsafe { &mut *ptr };
         if hop.vtep_ip_be == vtep && now < hop.expires_ns {
-            return Some(NextHop::Resolved {
+            hop.ip_id = hop.ip_id.wrapping_add(1);
+            let resolved = NextHop::Resolved {
                 ifindex: hop.ifindex,
                 src: hop.src,
                 dst: hop.dst,
-            });
+            };
+            return Some((resolved, hop.ip_id));
         }
     }
     let hop = lookup_underlay(ctx, underlay_ifindex, ours, &vtep)?;
+    // SAFETY: plain helper call.
+    let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
     if let NextHop::Resolved { ifindex, src, dst } = hop {
         if let Some(ptr) = A::cache().get_ptr_mut(slot) {
             // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
@@ -163,13 +175,14 @@ pub fn next_hop<A: VtepAddr>(
                     ifindex,
                     src,
                     dst,
-                    pad: [0; 4],
+                    ip_id,
+                    pad: [0; 2],
                     expires_ns: now + NEXT_HOP_TTL_NS,
                 }
             };
         }
     }
-    Some(hop)
+    Some((hop, ip_id))
 }
 
 /// The outer route to `vtep`, looked up as our own output would be.
