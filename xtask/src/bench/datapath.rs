@@ -11,7 +11,7 @@ use crate::bench::bpf;
 use crate::bench::chart::{self, Series};
 use crate::bench::counters::{self, Counters, HostPath, RoundCheck};
 use crate::bench::measure::{self, Servers, Test};
-use crate::bench::programs::{self, LiveCost, Programs};
+use crate::bench::programs::{self, LiveCost, Programs, Watched};
 use crate::bench::report::{self, EbpfCounters, Report, Settings, VariantReport};
 use crate::bench::stats::{metric_by_key, ModeSummary, Modes, Sample};
 use crate::bench::targets::{self, Comparison};
@@ -23,7 +23,7 @@ struct Bed {
     bed: Testbed,
     servers: Servers,
     /// `--programs`, ebpf mode: weft's programs on each host (label, prog id -> name).
-    watched: Vec<(String, BTreeMap<u64, String>)>,
+    watched: Vec<Watched>,
 }
 
 pub async fn run(opts: &Options, builds: &Builds) -> anyhow::Result<()> {
@@ -69,15 +69,23 @@ pub async fn run(opts: &Options, builds: &Builds) -> anyhow::Result<()> {
         let servers = Servers::start(&bed.server).await?;
         let mut watched = Vec::new();
         let mut floor = None;
-        if opts.programs && mode == Mode::Ebpf {
+        // The baseline's programs are timed too: a regression shows against the same rounds.
+        if opts.programs && matches!(mode, Mode::Ebpf | Mode::EbpfBase) {
             for host in bed.hosts() {
-                let ids = programs::weft_programs(host).await?;
-                watched.push((host_label(host.index()), ids));
+                watched.push(Watched {
+                    host: host_label(host.index()),
+                    baseline: mode == Mode::EbpfBase,
+                    programs: programs::weft_programs(host, &bed.weft).await?,
+                });
             }
+        }
+        if opts.programs && mode == Mode::Ebpf {
             match bpf::LiveFloor::attach(bed.hosts()[0].netns(), "ens32").await {
                 Ok(f) => {
                     // Host 1's list: the floor's statistics are read with its programs'.
-                    watched[0].1.insert(f.prog_id, bpf::FLOOR_NAME.to_owned());
+                    watched[0]
+                        .programs
+                        .insert(f.prog_id, bpf::FLOOR_NAME.to_owned());
                     floor = Some(f);
                 }
                 Err(e) => {
@@ -521,8 +529,8 @@ async fn measure_mode(
     let udp = when(runs(Test::Udp64), measure::udp64(client, server, secs)).await?;
     if let Some(stats_before) = stats_before {
         let stats_after = programs::run_stats().await?;
-        for (host, ids) in &b.watched {
-            programs::accumulate(live, host, ids, &stats_before, &stats_after);
+        for w in &b.watched {
+            programs::accumulate(live, w, &stats_before, &stats_after);
         }
     }
     // In bare the client is host 1's namespace already: the host-originated test is the main one.

@@ -25,6 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::Path;
 
 use anyhow::{bail, Context as _};
 use aya::programs::{loaded_programs, SchedClassifier, TestRun as _, TestRunOptions};
@@ -37,7 +38,7 @@ use weft_tests::{Container, Host, Netns};
 use weft_common::counter;
 
 use crate::bench::bpf::FLOOR_NAME;
-use crate::bench::counters::{self, status_json};
+use crate::bench::counters::{self, status_json, status_json_of};
 use crate::bench::measure::UDP_PAYLOAD_BYTES;
 use crate::bench::report::Grid;
 
@@ -79,6 +80,18 @@ pub struct LiveCost {
     /// The floor every live figure stands on ([`LiveFloor`](crate::bench::bpf::LiveFloor)), not a program's cost. Older
     /// report.json files have no such field: their live rows are all programs.
     pub floor: bool,
+    /// A program of the ebpf-base build, timed in the same rounds: no target, the figure to
+    /// compare with.
+    pub baseline: bool,
+}
+
+/// One host's programs whose run-time statistics a bed's UDP tests add up.
+pub struct Watched {
+    pub host: String,
+    /// The ebpf-base bed's ([`LiveCost::baseline`]).
+    pub baseline: bool,
+    /// prog id -> program name.
+    pub programs: BTreeMap<u64, String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -107,9 +120,9 @@ pub struct TestRunCost {
     pub floor: bool,
 }
 
-/// weft's programs attached in `host`: prog id -> program name.
-pub async fn weft_programs(host: &Host) -> anyhow::Result<BTreeMap<u64, String>> {
-    let status = status_json(host).await?;
+/// weft's programs attached in `host`, as build `weft` lists them: prog id -> program name.
+pub async fn weft_programs(host: &Host, weft: &Path) -> anyhow::Result<BTreeMap<u64, String>> {
+    let status = status_json_of(host, weft).await?;
     let programs = status["programs"]
         .as_array()
         .context("`weft status --json` lists no programs")?;
@@ -143,12 +156,12 @@ pub fn parse_prog_show(json: &str) -> anyhow::Result<BTreeMap<u64, (u64, u64)>> 
 /// The change of the programs' statistics between two snapshots, added into `into`.
 pub fn accumulate(
     into: &mut Vec<LiveCost>,
-    host: &str,
-    programs: &BTreeMap<u64, String>,
+    watched: &Watched,
     before: &BTreeMap<u64, (u64, u64)>,
     after: &BTreeMap<u64, (u64, u64)>,
 ) {
-    for (id, name) in programs {
+    let host = watched.host.as_str();
+    for (id, name) in &watched.programs {
         let (Some(b), Some(a)) = (before.get(id), after.get(id)) else {
             continue;
         };
@@ -164,6 +177,7 @@ pub fn accumulate(
                     run_time_ns: 0,
                     ns_per_packet: f64::NAN,
                     floor: name == FLOOR_NAME,
+                    baseline: watched.baseline,
                 });
                 into.last_mut().expect("just pushed")
             }
@@ -231,7 +245,7 @@ pub async fn test_runs(e: &Endpoints<'_>) -> anyhow::Result<Vec<TestRunCost>> {
     let mut not_ours = eth([0xff; 6], their_underlay_mac, ETH_P_ARP);
     not_ours.extend([0; 28]);
 
-    let programs = weft_programs(e.sender).await?;
+    let programs = weft_programs(e.sender, &weft_tests::weft_bin()?).await?;
     let id_of = |name: &str| {
         programs
             .iter()
@@ -443,6 +457,11 @@ pub fn grid(p: &Programs) -> Grid {
                     format!("{how} (the floor: an empty program on ens32's egress, same packets)"),
                     "none (what every live figure includes)".to_owned(),
                 )
+            } else if c.baseline {
+                (
+                    format!("{how} (ebpf-base, same rounds)"),
+                    "none (the baseline build)".to_owned(),
+                )
             } else {
                 (how.to_owned(), verdict(c.ns_per_packet))
             };
@@ -489,11 +508,12 @@ pub fn grid(p: &Programs) -> Grid {
 
 /// The live costs, the floor after the programs it underlies.
 fn live_rows(p: &Programs) -> impl Iterator<Item = &LiveCost> {
-    let floor = |c: &&LiveCost| c.floor;
-    p.live
-        .iter()
-        .filter(move |c| !floor(c))
-        .chain(p.live.iter().filter(floor))
+    let mut rows: Vec<&LiveCost> = p.live.iter().collect();
+    // Each program next to its baseline, the floor last.
+    rows.sort_by(|a, b| {
+        (a.floor, &a.host, &a.program, a.baseline).cmp(&(b.floor, &b.host, &b.program, b.baseline))
+    });
+    rows.into_iter()
 }
 
 /// The terminal's summary.
@@ -520,6 +540,8 @@ pub fn summary(p: &Programs) -> String {
             if c.floor {
                 "  the floor: an empty program on ens32's egress, same packets; no target"
                     .to_owned()
+            } else if c.baseline {
+                "  ebpf-base, same rounds; no target".to_owned()
             } else if c.run_cnt >= 1000 {
                 format!("  {}", verdict(c.ns_per_packet))
             } else {
@@ -558,6 +580,14 @@ pub fn summary(p: &Programs) -> String {
 mod tests {
     use super::*;
 
+    fn watched<const N: usize>(programs: [(u64, &str); N], baseline: bool) -> Watched {
+        Watched {
+            host: "host1".to_owned(),
+            baseline,
+            programs: programs.map(|(id, p)| (id, p.to_owned())).into(),
+        }
+    }
+
     #[test]
     fn reads_bpftool_prog_show() {
         let show = r#"[{"id":12,"type":"sched_cls","name":"weft_tc_encap","run_time_ns":5000,"run_cnt":100},
@@ -569,23 +599,11 @@ mod tests {
 
     #[test]
     fn live_costs_add_up_over_tests() {
-        let programs: BTreeMap<u64, String> = [(12, "weft_tc_encap".to_owned())].into();
+        let host1 = watched([(12, "weft_tc_encap")], false);
         let mut live = Vec::new();
         let snap = |n: u64, ns: u64| BTreeMap::from([(12u64, (n, ns))]);
-        accumulate(
-            &mut live,
-            "host1",
-            &programs,
-            &snap(10, 1000),
-            &snap(110, 6000),
-        );
-        accumulate(
-            &mut live,
-            "host1",
-            &programs,
-            &snap(110, 6000),
-            &snap(410, 27000),
-        );
+        accumulate(&mut live, &host1, &snap(10, 1000), &snap(110, 6000));
+        accumulate(&mut live, &host1, &snap(110, 6000), &snap(410, 27000));
         assert_eq!(live.len(), 1);
         assert_eq!((live[0].run_cnt, live[0].run_time_ns), (400, 26000));
         assert_eq!(live[0].ns_per_packet, 65.0);
@@ -601,6 +619,7 @@ mod tests {
             run_time_ns: ns,
             ns_per_packet: ns as f64 / n as f64,
             floor: false,
+            baseline: false,
         };
         let p = Programs {
             target_ns: TARGET_NS,
@@ -657,21 +676,11 @@ mod tests {
 
     #[test]
     fn the_live_floor_is_its_own_row_without_a_target() {
-        let programs: BTreeMap<u64, String> = [
-            (12, "weft_tc_encap".to_owned()),
-            (40, FLOOR_NAME.to_owned()),
-        ]
-        .into();
+        let host1 = watched([(12, "weft_tc_encap"), (40, FLOOR_NAME)], false);
         let snap =
             |n: u64, floor_ns: u64| BTreeMap::from([(12u64, (n, n * 160)), (40, (n, floor_ns))]);
         let mut live = Vec::new();
-        accumulate(
-            &mut live,
-            "host1",
-            &programs,
-            &snap(0, 0),
-            &snap(100_000, 4_000_000),
-        );
+        accumulate(&mut live, &host1, &snap(0, 0), &snap(100_000, 4_000_000));
         assert_eq!(
             live.iter()
                 .map(|c| (c.program.as_str(), c.floor))
@@ -702,6 +711,48 @@ mod tests {
         let floor_line = text.lines().find(|l| l.contains(FLOOR_NAME)).unwrap();
         assert!(
             floor_line.contains("no target") && !floor_line.contains("met"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_baseline_sits_under_its_program_without_a_target() {
+        let snap = |id: u64, ns: u64| BTreeMap::from([(id, (10_000u64, 10_000 * ns))]);
+        let zero = |id: u64| BTreeMap::from([(id, (0u64, 0u64))]);
+        let mut live = Vec::new();
+        let decap = watched([(13, "weft_tc_decap")], false);
+        let base = watched([(22, "weft_tc_encap")], true);
+        let ours = watched([(12, "weft_tc_encap")], false);
+        accumulate(&mut live, &decap, &zero(13), &snap(13, 140));
+        accumulate(&mut live, &base, &zero(22), &snap(22, 180));
+        accumulate(&mut live, &ours, &zero(12), &snap(12, 160));
+        let p = Programs {
+            target_ns: TARGET_NS,
+            live,
+            ..Default::default()
+        };
+        let md = grid(&p).markdown();
+        let rows: Vec<&str> = md.lines().skip(2).collect();
+        assert_eq!(rows.len(), 3, "{md}");
+        assert!(
+            rows[0].contains("weft_tc_decap") && rows[0].contains(": met"),
+            "{md}"
+        );
+        assert!(
+            rows[1].contains("| 160 |") && rows[1].contains("not met"),
+            "{md}"
+        );
+        assert!(
+            rows[2].contains("| 180 |")
+                && rows[2].contains("ebpf-base, same rounds")
+                && rows[2].contains("none (the baseline build)")
+                && !rows[2].contains("met"),
+            "{md}"
+        );
+        let text = summary(&p);
+        let base_line = text.lines().find(|l| l.contains(" 180 ns")).unwrap();
+        assert!(
+            base_line.contains("no target") && !base_line.contains("met"),
             "{text}"
         );
     }
