@@ -28,6 +28,14 @@ impl LeaseKey {
     pub fn ipv4(&self) -> Option<Ipv4Net> {
         Some(self.v4).filter(|n| n.prefix_len() != 0)
     }
+
+    /// Whether the two keys name a subnet in common, in either family: two leases that may
+    /// not both exist, though etcd holds them under different keys (`10.1.10.0-24&fd00:10:1::-64`
+    /// and `10.1.10.0-24&fd00:10:2::-64`).
+    pub fn shares_a_subnet(&self, other: &LeaseKey) -> bool {
+        (self.ipv4().is_some() && self.ipv4() == other.ipv4())
+            || (self.v6.is_some() && self.v6 == other.v6)
+    }
 }
 
 impl LeaseKey {

@@ -275,3 +275,27 @@ fn reset_diffs_against_current() {
     assert_eq!(ps.reset(vec![b.clone(), c.clone()]), vec![]);
     assert_eq!(ps.leases(), vec![b, c]);
 }
+
+#[test]
+fn keys_sharing_a_subnet() {
+    let k = |s: &str| parse_lease_key(s).unwrap();
+    let dual = k("10.1.54.0-24&fd00:10:1::-64");
+    for (other, shares) in [
+        ("10.1.54.0-24&fd00:10:2::-64", true),
+        ("10.1.54.0-24", true),
+        ("10.1.55.0-24&fd00:10:1::-64", true),
+        ("0.0.0.0-0&fd00:10:1::-64", true),
+        ("10.1.55.0-24&fd00:10:2::-64", false),
+        ("10.1.55.0-24", false),
+        // IPv6-only keys share the IPv4 part 0.0.0.0-0, which names no subnet.
+        ("0.0.0.0-0&fd00:10:2::-64", false),
+    ] {
+        assert_eq!(dual.shares_a_subnet(&k(other)), shares, "{other}");
+        assert_eq!(
+            k(other).shares_a_subnet(&dual),
+            shares,
+            "{other}, turned round"
+        );
+    }
+    assert!(!k("0.0.0.0-0&fd00:10:1::-64").shares_a_subnet(&k("0.0.0.0-0&fd00:10:2::-64")));
+}

@@ -247,6 +247,27 @@ impl EtcdStore {
         Ok(None)
     }
 
+    /// Whether a key that etcd created before `key` (just created) names one of its subnets
+    /// (see [`SubnetStore::create`]). `true` too when `key` is gone already.
+    async fn an_older_key_shares_a_subnet(&self, key: LeaseKey) -> Result<bool, SubnetError> {
+        let prefix = self.subnets_prefix();
+        let resp = self
+            .call("list", &prefix, |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        let ours = self.lease_key(key);
+        let Some(ours) = resp.kvs().iter().find(|kv| kv.key() == ours.as_bytes()) else {
+            return Ok(true);
+        };
+        Ok(resp.kvs().iter().any(|kv| {
+            kv.create_revision() < ours.create_revision()
+                && parse_lease_key(&String::from_utf8_lossy(kv.key()))
+                    .is_ok_and(|k| k.shares_a_subnet(&key))
+        }))
+    }
+
     /// Put `current`'s key with `attrs` on a fresh etcd lease when `compare` holds, then
     /// revoke the etcd lease it replaced. `None` when the compare failed.
     async fn replace_if(
@@ -330,17 +351,38 @@ impl SubnetStore for EtcdStore {
         Ok(Some(resp.ttl()).filter(|t| *t >= 0))
     }
 
-    /// Create `subnet`'s key if nobody holds it (flannel's `version == 0` transaction).
-    /// `None` means another host won it.
+    /// Create `key` if nobody holds either of its subnets. `None` means another host won one.
+    ///
+    /// flannel's transaction (`version == 0` on the key) guards a whole key, but a key with an
+    /// IPv6 part names two subnets: alone it would let two hosts starting at once create
+    /// `A&X` and `A&Y`, or `A&X` and `B&X`. The IPv4 subnet is guarded in the same transaction,
+    /// over every key that starts with it (`A` and `A&...`); the IPv6 subnet, which ends keys,
+    /// is checked right after: a key sharing it that etcd created before ours wins, on every
+    /// host alike, and ours goes with its etcd lease.
     async fn create(
         &self,
         key: LeaseKey,
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> Result<Option<Lease>, SubnetError> {
-        let compare = Compare::version(self.lease_key(key), CompareOp::Equal, 0);
-        let id = self.put_if("create", key, compare, attrs, ttl).await?;
-        Ok(id.map(|etcd_lease| Lease::new(key, attrs.clone(), etcd_lease)))
+        let compare = match key.ipv4() {
+            Some(v4) => {
+                let first = self.lease_key(v4);
+                // '\'' follows '&' (and nothing a flannel key holds after its IPv4 part).
+                let end = format!("{first}'");
+                Compare::version(first, CompareOp::Equal, 0).with_range(end)
+            }
+            None => Compare::version(self.lease_key(key), CompareOp::Equal, 0),
+        };
+        let Some(id) = self.put_if("create", key, compare, attrs, ttl).await? else {
+            return Ok(None);
+        };
+        if key.v6.is_some() && self.an_older_key_shares_a_subnet(key).await? {
+            // Revoking the etcd lease deletes our key with it.
+            self.revoke(id).await;
+            return Ok(None);
+        }
+        Ok(Some(Lease::new(key, attrs.clone(), id)))
     }
 
     /// Re-put `current` with `attrs` on a fresh etcd lease, only if the key still holds

@@ -362,7 +362,12 @@ impl SubnetStore for MemoryStore {
         ttl: Duration,
     ) -> Result<Option<Lease>, SubnetError> {
         let mut st = self.call("create", &subnet.to_string())?;
-        if st.entries.contains_key(&subnet) {
+        // As etcd's store: no two leases name one subnet, whatever their keys.
+        if st
+            .entries
+            .keys()
+            .any(|k| *k == subnet || k.shares_a_subnet(&subnet))
+        {
             return Ok(None);
         }
         Ok(Some(self.put(&mut st, subnet, attrs, ttl)))

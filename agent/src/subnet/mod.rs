@@ -123,7 +123,7 @@ pub trait SubnetStore: Clone + Send + Sync + 'static {
         &self,
         lease_id: i64,
     ) -> impl Future<Output = Result<Option<i64>, SubnetError>> + Send;
-    /// Create `key` if nobody holds it; `None` when another host won it.
+    /// Create `key` if no lease names either of its subnets; `None` when another host won one.
     fn create(
         &self,
         key: LeaseKey,
