@@ -247,16 +247,20 @@ impl EtcdStore {
         Ok(None)
     }
 
+    /// Every key and value under the subnets prefix.
+    async fn get_subnets(&self) -> Result<etcd_client::GetResponse, SubnetError> {
+        let prefix = self.subnets_prefix();
+        self.call("list", &prefix, |mut c| {
+            let prefix = prefix.clone();
+            async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await
+    }
+
     /// Whether a key that etcd created before `key` (just created) names one of its subnets
     /// (see [`SubnetStore::create`]). `true` too when `key` is gone already.
     async fn an_older_key_shares_a_subnet(&self, key: LeaseKey) -> Result<bool, SubnetError> {
-        let prefix = self.subnets_prefix();
-        let resp = self
-            .call("list", &prefix, |mut c| {
-                let prefix = prefix.clone();
-                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
+        let resp = self.get_subnets().await?;
         let ours = self.lease_key(key);
         let Some(ours) = resp.kvs().iter().find(|kv| kv.key() == ours.as_bytes()) else {
             return Ok(true);
@@ -313,13 +317,7 @@ impl SubnetStore for EtcdStore {
 
     /// List every lease key; unparsable ones are skipped with a warning naming the key.
     async fn list_leases(&self) -> Result<Listing, SubnetError> {
-        let prefix = self.subnets_prefix();
-        let resp = self
-            .call("list", &prefix, |mut c| {
-                let prefix = prefix.clone();
-                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
+        let resp = self.get_subnets().await?;
         let mut listing = Listing {
             revision: resp.header().map_or(0, |h| h.revision()),
             ..Listing::default()
