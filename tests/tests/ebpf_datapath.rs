@@ -1523,6 +1523,12 @@ async fn containers_get_headroom_for_the_outer_headers_and_docker0_looks_the_sam
     let on: Vec<String> = attachments(&st).into_iter().map(|a| a.1).collect();
     assert!(!on.iter().any(|i| i == DEVICE), "{st:#}");
     assert_eq!(on.len(), 4, "{st:#}");
+    // `weft status` shows it, as the kernel has it.
+    assert_eq!(
+        st["headroom"],
+        serde_json::json!({"interface": DEVICE, "bridge": "docker0", "needed_headroom": room}),
+        "{st:#}"
+    );
     let before = Seen::of(h1).await;
     ping_and_transfer(&cross_host_pairs(&c), MB).await;
     let d = Seen::of(h1).await.since(before);

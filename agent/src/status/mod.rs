@@ -27,6 +27,7 @@ use ipv6::ipv6_status;
 pub use ipv6::Ipv6Status;
 
 use crate::{
+    backend::ebpf::HEADROOM_DEVICE,
     datapath::{Datapath, DatapathError, LinkState, PinnedLinkState, PinnedMaps},
     lease::MacAddr,
     netlink::{Interface, Netlink, NetlinkError},
@@ -141,6 +142,19 @@ pub struct Status {
     pub counters: Vec<CounterStatus>,
     /// The failures of the agent's last reconcile round; empty once a round succeeds.
     pub reconcile_failures: Vec<ReconcileFailure>,
+    /// The headroom device, `None` when this namespace has none.
+    pub headroom: Option<HeadroomStatus>,
+}
+
+/// The headroom device (`weft-headroom`, see the eBPF backend), as the kernel has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HeadroomStatus {
+    pub interface: String,
+    /// The bridge it is a port of (docker0); `None` on none.
+    pub bridge: Option<String>,
+    /// The bytes it asks to be free in front of every frame, which the bridge asks of every port
+    /// and a veth of its peer, the container's eth0; `None` from kernels that do not report it.
+    pub needed_headroom: Option<u16>,
 }
 
 impl Status {
@@ -157,10 +171,23 @@ impl Status {
 /// namespace's interfaces. Nothing pinned is not an error: it is the kernel
 /// datapath. Needs a tokio runtime (for the netlink socket).
 pub async fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
-    let interfaces = async { Netlink::connect()?.interfaces().await }
-        .await
-        .map_err(|source| StatusError::Interfaces { source })?;
-    collect_with(pin_dir, &interfaces)
+    let (interfaces, headroom) = async {
+        let nl = Netlink::connect()?;
+        let interfaces = nl.interfaces().await?;
+        Ok((interfaces, nl.link_by_name(HEADROOM_DEVICE).await?))
+    }
+    .await
+    .map_err(|source| StatusError::Interfaces { source })?;
+    let mut status = collect_with(pin_dir, &interfaces)?;
+    status.headroom = headroom.map(|link| HeadroomStatus {
+        bridge: link
+            .master
+            .and_then(|m| interfaces.iter().find(|i| i.index == m))
+            .map(|i| i.name.clone()),
+        interface: link.name,
+        needed_headroom: link.headroom,
+    });
+    Ok(status)
 }
 
 fn collect_with(pin_dir: &Path, interfaces: &[Interface]) -> Result<Status, StatusError> {
@@ -191,6 +218,7 @@ fn collect_with(pin_dir: &Path, interfaces: &[Interface]) -> Result<Status, Stat
         ipv6: None,
         counters: Vec::new(),
         reconcile_failures: read_failures(pin_dir)?,
+        headroom: None,
     };
     let Some(maps) = PinnedMaps::open(pin_dir).map_err(read_err)? else {
         return Ok(status);
@@ -429,6 +457,20 @@ impl fmt::Display for Status {
                 b.port,
                 b.mac
             )?;
+        }
+        if let Some(h) = &self.headroom {
+            let room = h.needed_headroom.map_or_else(
+                || "(not reported by this kernel)".to_string(),
+                |b| format!("{b} bytes"),
+            );
+            match &h.bridge {
+                Some(bridge) => writeln!(
+                    f,
+                    "\nheadroom:  {} on {bridge}: {room} in front of every container's packet",
+                    h.interface
+                )?,
+                None => writeln!(f, "\nheadroom:  {} on no bridge ({room})", h.interface)?,
+            }
         }
         if let Some(ipv6) = &self.ipv6 {
             write!(f, "{ipv6}")?;

@@ -44,6 +44,7 @@
 mod attach;
 mod family;
 mod headroom;
+pub use headroom::DEVICE as HEADROOM_DEVICE;
 mod local;
 mod netfilter;
 mod node;
