@@ -85,6 +85,27 @@ pub struct LiveCost {
     pub baseline: bool,
 }
 
+impl LiveCost {
+    /// What a row without a target is, and why it has none: the floor and the baseline's
+    /// programs are no figure to judge.
+    fn untargeted(&self) -> Option<(&'static str, &'static str)> {
+        if self.floor {
+            Some((
+                "the floor: an empty program on ens32's egress, same packets",
+                "what every live figure includes",
+            ))
+        } else if self.baseline {
+            Some(("ebpf-base, same rounds", "the baseline build"))
+        } else {
+            None
+        }
+    }
+}
+
+/// Runs below which a live program's figure is no figure: it saw a handful of packets (the
+/// other direction's ARP, replies), not the test's.
+const MIN_RUNS: u64 = 1000;
+
 /// One host's programs whose run-time statistics a bed's UDP tests add up.
 pub struct Watched {
     pub host: String,
@@ -450,20 +471,11 @@ pub fn grid(p: &Programs) -> Grid {
     let how = "bpf_stats during the UDP tests";
     // The floor shows even when it barely ran: then it did not see the test's packets.
     let mut rows: Vec<Vec<String>> = live_rows(p)
-        .filter(|c| c.floor || c.run_cnt >= 1000)
+        .filter(|c| c.floor || c.run_cnt >= MIN_RUNS)
         .map(|c| {
-            let (how, target) = if c.floor {
-                (
-                    format!("{how} (the floor: an empty program on ens32's egress, same packets)"),
-                    "none (what every live figure includes)".to_owned(),
-                )
-            } else if c.baseline {
-                (
-                    format!("{how} (ebpf-base, same rounds)"),
-                    "none (the baseline build)".to_owned(),
-                )
-            } else {
-                (how.to_owned(), verdict(c.ns_per_packet))
+            let (how, target) = match c.untargeted() {
+                Some((what, why)) => (format!("{how} ({what})"), format!("none ({why})")),
+                None => (how.to_owned(), verdict(c.ns_per_packet)),
             };
             vec![
                 c.program.clone(),
@@ -536,16 +548,10 @@ pub fn summary(p: &Programs) -> String {
             c.host,
             c.ns_per_packet,
             c.run_cnt,
-            // A program that ran a handful of times (the other direction's ARP, replies) is no figure.
-            if c.floor {
-                "  the floor: an empty program on ens32's egress, same packets; no target"
-                    .to_owned()
-            } else if c.baseline {
-                "  ebpf-base, same rounds; no target".to_owned()
-            } else if c.run_cnt >= 1000 {
-                format!("  {}", verdict(c.ns_per_packet))
-            } else {
-                String::new()
+            match c.untargeted() {
+                Some((what, _)) => format!("  {what}; no target"),
+                None if c.run_cnt >= MIN_RUNS => format!("  {}", verdict(c.ns_per_packet)),
+                None => String::new(),
             }
         ));
     }
