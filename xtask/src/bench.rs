@@ -42,9 +42,9 @@ pub struct Options {
     /// straddles it (inconclusive), up to this many.
     #[arg(long, default_value_t = 10)]
     pub max_rounds: usize,
-    /// Also measure the eBPF programs' own cost per packet: run-time statistics (BPF_ENABLE_STATS,
-    /// for the life of the run) during the ebpf UDP tests, and BPF_PROG_TEST_RUN timings on fixed
-    /// packets.
+    /// Also measure the eBPF programs' own cost per packet: run-time statistics (BPF_ENABLE_STATS)
+    /// during a 64-byte UDP timing run after each round of the ebpf (and ebpf-base) bed, apart
+    /// from the tests the metrics come from, and BPF_PROG_TEST_RUN timings on fixed packets.
     #[arg(long)]
     pub programs: bool,
     /// Seconds per test (TCP 1 stream, TCP 4 streams, TCP ping-pong, 64-byte UDP).
@@ -80,6 +80,12 @@ pub struct Options {
     /// (a reference, and a check of the bench itself; no ebpf mode).
     #[arg(long)]
     pub hand_routed: bool,
+    /// TCP congestion control for every test's sockets (`net.ipv4.tcp_congestion_control` in the
+    /// client and server namespaces of every mode), e.g. `cubic` or `bbr`; default: what new
+    /// namespaces inherit from the machine. The report records what the tests used: verdicts
+    /// can differ between the two (see README, "What limits the remaining gap").
+    #[arg(long)]
+    pub congestion_control: Option<String>,
     /// Run the control-plane benchmark instead.
     #[arg(long)]
     pub control_plane: bool,

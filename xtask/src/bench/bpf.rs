@@ -1,12 +1,12 @@
-//! The bench's own `bpf(2)` calls: run-time statistics on for the run ([`StatsEnabled`]), and the
-//! live floor ([`LiveFloor`]), an empty program timed by them (see the `programs` module).
+//! The bench's own `bpf(2)` calls: run-time statistics on for a timing run ([`StatsEnabled`]), and
+//! the live floor ([`LiveFloor`]), an empty program timed by them (see the `programs` module).
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use anyhow::Context as _;
 use weft_tests::Netns;
 
-/// Run-time statistics on for the life of the guard: BPF_ENABLE_STATS (BPF_STATS_RUN_TIME) hands
+/// Run-time statistics on for the life of the guard (one timing run): BPF_ENABLE_STATS (BPF_STATS_RUN_TIME) hands
 /// out a file descriptor that keeps them on until it is closed, counted apart from
 /// `kernel.bpf_stats_enabled`. Another user of the machine turning the sysctl off mid-run cannot stop
 /// our counting, we never turn theirs off, and the kernel closes ours even if the bench dies.
@@ -24,6 +24,14 @@ impl StatsEnabled {
             .context("BPF_ENABLE_STATS (kernel 5.8 or later, as root)")?;
         Ok(StatsEnabled { _fd: fd })
     }
+}
+
+/// `kernel.bpf_stats_enabled` as the machine has it (`None` when unreadable). On, every eBPF
+/// program on the machine reads the clock twice per run: the ebpf modes' figures then carry that
+/// cost in every test, not just in the timing runs.
+pub fn stats_sysctl_on() -> Option<bool> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok()?;
+    Some(text.trim() != "0")
 }
 
 /// `bpf(2)` commands and constants, as linux/bpf.h numbers them.
@@ -139,23 +147,32 @@ fn floor_program() -> [[u8; 8]; 2] {
     ]
 }
 
-/// The floor of the live figures: an empty program on the TCX egress of a device, timed by the
-/// same run-time statistics as weft's programs. Attached first in the device's chain, so it runs
-/// for every packet whatever else is there, and hands each on. Closing the link's descriptor
-/// (dropping this) detaches it and frees the program: nothing stays behind, even if the bench dies.
+/// The floor of the live figures: an empty program timed by the same run-time statistics as
+/// weft's programs, loaded once per test bed and attached ([`LiveFloor::attach`]) to the TCX egress
+/// of a device only while a timing run lasts. Attached first in the device's chain, it runs for
+/// every packet whatever else is there, and hands each on. Dropping the program's descriptor frees
+/// it once no link holds it: nothing stays behind, even if the bench dies.
 pub struct LiveFloor {
     pub prog_id: u64,
-    // Dropped in this order: the link, then the program.
+    prog: OwnedFd,
+}
+
+/// The floor attached to one device: dropping it closes the link's descriptor, which detaches it.
+pub struct FloorLink {
     _link: OwnedFd,
-    _prog: OwnedFd,
 }
 
 impl LiveFloor {
-    /// Loads the empty program and attaches it to `dev`'s egress in namespace `ns`.
-    pub async fn attach(ns: &Netns, dev: &str) -> anyhow::Result<LiveFloor> {
+    /// Loads the empty program.
+    pub fn load() -> anyhow::Result<LiveFloor> {
         let prog = load_floor().context("BPF_PROG_LOAD of an empty sched_cls program")?;
         let prog_id = prog_id(&prog).context("BPF_OBJ_GET_INFO_BY_FD of the empty program")?;
-        let (prog_fd, dev) = (prog.as_raw_fd(), dev.to_owned());
+        Ok(LiveFloor { prog_id, prog })
+    }
+
+    /// Attaches the program first on `dev`'s egress in namespace `ns`, until the link is dropped.
+    pub async fn attach(&self, ns: &Netns, dev: &str) -> anyhow::Result<FloorLink> {
+        let (prog_fd, dev) = (self.prog.as_raw_fd(), dev.to_owned());
         // The kernel looks the ifindex up in the calling thread's namespace; the descriptor it
         // returns is the whole process's.
         let handle = ns.spawn_thread(move || {
@@ -180,11 +197,7 @@ impl LiveFloor {
             .await?
             .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))?
             .with_context(|| format!("attach the empty program in {}", ns.name()))?;
-        Ok(LiveFloor {
-            prog_id,
-            _link: link,
-            _prog: prog,
-        })
+        Ok(FloorLink { _link: link })
     }
 }
 
@@ -322,7 +335,8 @@ mod live_floor_tests {
 
     #[tokio::test(flavor = "multi_thread")]
     #[ignore = "needs root: run cargo xtask test"]
-    async fn the_empty_program_counts_every_packet_out_of_the_device_and_leaves_nothing() {
+    async fn the_empty_program_counts_every_packet_out_of_the_device_while_attached_and_leaves_nothing(
+    ) {
         const SENT: u64 = 200;
         let _stats = StatsEnabled::enable().unwrap();
         let ns = Netns::create(&format!("weft-floor-{}", std::process::id()))
@@ -342,10 +356,11 @@ mod live_floor_tests {
         .await
         .unwrap();
 
-        let err = LiveFloor::attach(&ns, "nosuch").await.err().unwrap();
+        let floor = LiveFloor::load().unwrap();
+        let err = floor.attach(&ns, "nosuch").await.err().unwrap();
         assert!(format!("{err:#}").contains("no device nosuch"), "{err:#}");
 
-        let floor = LiveFloor::attach(&ns, "ens32").await.unwrap();
+        let link = floor.attach(&ns, "ens32").await.unwrap();
         let id = floor.prog_id;
         let show =
             weft_tests::netns::run("bpftool", &["-j", "prog", "show", "id", &id.to_string()])
@@ -356,26 +371,31 @@ mod live_floor_tests {
             "{show}"
         );
         // A later one goes first in the chain: the floor runs whatever program ends it.
-        let head = LiveFloor::attach(&ns, "ens32").await.unwrap();
-        let order = ns
-            .spawn_thread(|| tcx_egress_chain("ens32"))
+        let head = LiveFloor::load().unwrap();
+        let head_link = head.attach(&ns, "ens32").await.unwrap();
+        let chain = || {
+            ns.spawn_thread(|| tcx_egress_chain("ens32"))
+                .join()
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(chain(), [head.prog_id, id]);
+        drop((head_link, head));
+
+        let send = || {
+            ns.spawn_thread(|| {
+                let socket = std::net::UdpSocket::bind("192.168.77.1:0")?;
+                for _ in 0..SENT {
+                    socket.send_to(&[0x5a; 64], "192.168.77.2:5201")?;
+                }
+                Ok(())
+            })
             .join()
             .unwrap()
-            .unwrap();
-        assert_eq!(order, [head.prog_id, id]);
-        drop(head);
-
+            .unwrap()
+        };
         let before = run_stats().await.unwrap()[&id];
-        ns.spawn_thread(|| {
-            let socket = std::net::UdpSocket::bind("192.168.77.1:0")?;
-            for _ in 0..SENT {
-                socket.send_to(&[0x5a; 64], "192.168.77.2:5201")?;
-            }
-            Ok(())
-        })
-        .join()
-        .unwrap()
-        .unwrap();
+        send();
         let after = run_stats().await.unwrap()[&id];
         let runs = after.0 - before.0;
         // Every datagram, and at most a few packets of the namespace's own (IPv6 neighbour
@@ -388,6 +408,16 @@ mod live_floor_tests {
             after.1 > before.1,
             "no run time counted: {before:?} -> {after:?}"
         );
+
+        // Detached between timing runs: loaded, but it sees no packet.
+        drop(link);
+        assert_eq!(chain(), Vec::<u64>::new());
+        send();
+        assert_eq!(run_stats().await.unwrap()[&id].0, after.0);
+        // Attached again, the same program counts on.
+        let link = floor.attach(&ns, "ens32").await.unwrap();
+        assert_eq!(chain(), [id]);
+        drop(link);
 
         drop(floor);
         poll::until(

@@ -1,6 +1,6 @@
 //! The datapath benchmark: rounds over the modes, the measurements, the eBPF check, the outputs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use anyhow::{bail, Context as _};
@@ -18,8 +18,8 @@ use crate::bench::targets::{self, Comparison};
 use crate::bench::topology::{Builds, Family, Mode, Offload, Routing, Testbed};
 
 struct Bed {
-    /// `--programs`, ebpf mode: the live floor on host 1, detached (dropped) before the bed goes.
-    _floor: Option<bpf::LiveFloor>,
+    /// `--programs`, ebpf mode: the live floor, attached on host 1 for the timing runs only.
+    floor: Option<bpf::LiveFloor>,
     bed: Testbed,
     servers: Servers,
     /// `--programs`, ebpf mode: weft's programs on each host (label, prog id -> name).
@@ -56,16 +56,34 @@ pub async fn run(opts: &Options, builds: &Builds) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let loadavg_start = loadavg();
-    // Restores the sysctl when the run ends, however it ends.
-    let _stats = opts.programs.then(bpf::StatsEnabled::enable).transpose()?;
+    let stats_sysctl = bpf::stats_sysctl_on();
+    if stats_sysctl == Some(true) {
+        println!(
+            "warning: kernel.bpf_stats_enabled is 1: every eBPF program on this machine reads the \
+             clock twice per run, so the ebpf modes' figures carry that cost in every test. Unless \
+             something else needs it: sysctl -w kernel.bpf_stats_enabled=0"
+        );
+    }
 
     let mut beds = BTreeMap::new();
+    let mut congestion_control = BTreeMap::new();
     let mut live_floor_missing = None;
     for &mode in &modes {
         println!("==> set up {mode}");
         let bed = Testbed::start(mode, routing, opts.family, builds.for_mode(mode)?)
             .await
             .with_context(|| format!("set up the {mode} test bed"))?;
+        let mut used = BTreeSet::new();
+        for end in [&bed.client, &bed.server, &bed.host_client] {
+            used.insert(
+                end.congestion_control(opts.congestion_control.as_deref())
+                    .await?,
+            );
+        }
+        congestion_control.insert(
+            mode.name().to_owned(),
+            used.into_iter().collect::<Vec<_>>().join(", "),
+        );
         let servers = Servers::start(&bed.server).await?;
         let mut watched = Vec::new();
         let mut floor = None;
@@ -80,7 +98,13 @@ pub async fn run(opts: &Options, builds: &Builds) -> anyhow::Result<()> {
             }
         }
         if opts.programs && mode == Mode::Ebpf {
-            match bpf::LiveFloor::attach(bed.hosts()[0].netns(), "ens32").await {
+            // Attached once here to find out now whether it can be; then for each timing run.
+            let floor_ok = async {
+                let f = bpf::LiveFloor::load()?;
+                f.attach(bed.hosts()[0].netns(), FLOOR_DEVICE).await?;
+                anyhow::Ok(f)
+            };
+            match floor_ok.await {
                 Ok(f) => {
                     // Host 1's list: the floor's statistics are read with its programs'.
                     watched[0]
@@ -98,7 +122,7 @@ pub async fn run(opts: &Options, builds: &Builds) -> anyhow::Result<()> {
         beds.insert(
             mode,
             Bed {
-                _floor: floor,
+                floor,
                 bed,
                 servers,
                 watched,
@@ -168,6 +192,8 @@ pub async fn run(opts: &Options, builds: &Builds) -> anyhow::Result<()> {
             loadavg_start,
             loadavg_end: loadavg(),
             baseline: baseline_setting(opts, &modes, builds),
+            bpf_stats_enabled: stats_sysctl,
+            tcp_congestion_control: congestion_control,
             ..settings(opts, max_rounds, routing, offloads)
         },
     };
@@ -343,6 +369,7 @@ fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::R
         report.settings.loadavg_start,
         report.settings.loadavg_end
     );
+    println!("{}", conditions(&report.settings));
     let ebpf = &report.ebpf_counters;
     if !ebpf.rounds.is_empty() {
         if ebpf.all_rounds_through_ebpf && !opts.tests.contains(&Test::Udp64) {
@@ -489,8 +516,8 @@ async fn when<T>(
 }
 
 /// One round of one mode: TCP 1 stream, TCP 4 streams, ping-pong, 64-byte UDP, then TCP 1 stream
-/// and ping-pong from host 1's own namespace; for ebpf with the datapath counters read around it
-/// (and with `--programs` the programs' run-time statistics around the UDP test).
+/// and ping-pong from host 1's own namespace; for ebpf with the datapath counters read around it;
+/// with `--programs`, then the timing run ([`timing_run`]).
 async fn measure_mode(
     b: &mut Bed,
     round: usize,
@@ -521,18 +548,7 @@ async fn measure_mode(
         measure::rr(client, server, &mut b.servers, secs),
     )
     .await?;
-    let stats_before = if b.watched.is_empty() || !runs(Test::Udp64) {
-        None
-    } else {
-        Some(programs::run_stats().await?)
-    };
     let udp = when(runs(Test::Udp64), measure::udp64(client, server, secs)).await?;
-    if let Some(stats_before) = stats_before {
-        let stats_after = programs::run_stats().await?;
-        for w in &b.watched {
-            programs::accumulate(live, w, &stats_before, &stats_after);
-        }
-    }
     // In bare the client is host 1's namespace already: the host-originated test is the main one.
     // Which path host 1's own traffic took (ebpf): encapsulations and flannel.1 (flannel-v6.1)
     // packets during the host-originated tests.
@@ -607,7 +623,34 @@ async fn measure_mode(
         }
         None => None,
     };
+    if !b.watched.is_empty() && runs(Test::Udp64) {
+        timing_run(b, secs, live).await?;
+    }
     Ok((sample, check))
+}
+
+/// The device on host 1 the live floor is attached to: every packet encapsulation redirects
+/// leaves through it.
+const FLOOR_DEVICE: &str = "ens32";
+
+/// `--programs`: one more 64-byte UDP test, with run-time statistics on (and in the ebpf bed the
+/// live floor attached) for it alone, adding the programs' statistics into `live`. Its packet
+/// rate is no metric: the tests the metrics come from ran without either.
+async fn timing_run(b: &Bed, secs: u64, live: &mut Vec<LiveCost>) -> anyhow::Result<()> {
+    let _stats = bpf::StatsEnabled::enable()?;
+    let _floor = match &b.floor {
+        Some(f) => Some(f.attach(b.bed.hosts()[0].netns(), FLOOR_DEVICE).await?),
+        None => None,
+    };
+    let before = programs::run_stats().await?;
+    measure::udp64(&b.bed.client, &b.bed.server, secs)
+        .await
+        .context("the timing run (64-byte UDP)")?;
+    let after = programs::run_stats().await?;
+    for w in &b.watched {
+        programs::accumulate(live, w, &before, &after);
+    }
+    Ok(())
 }
 
 fn print_sample(
@@ -711,7 +754,27 @@ fn markdown_report(report: &Report, first: Offload, rounds: usize) -> String {
             programs::grid(p).markdown()
         ));
     }
+    md.push_str(&format!("\n{}\n", conditions(&report.settings)));
     md
+}
+
+/// What the machine did to every mode alike: the TCP congestion control and whether run-time
+/// statistics were on for every program.
+fn conditions(s: &Settings) -> String {
+    let cc: Vec<String> = s
+        .tcp_congestion_control
+        .iter()
+        .map(|(mode, cc)| format!("{mode} {cc}"))
+        .collect();
+    let stats = match s.bpf_stats_enabled {
+        Some(true) => "ON for the whole run (every eBPF program timed its runs)",
+        Some(false) => "off outside the timing runs",
+        None => "unknown",
+    };
+    format!(
+        "TCP congestion control: {}; kernel.bpf_stats_enabled: {stats}",
+        cc.join(", ")
+    )
 }
 
 fn loadavg() -> String {
@@ -774,5 +837,7 @@ fn settings(
         loadavg_start: String::new(),
         loadavg_end: String::new(),
         baseline: None,
+        bpf_stats_enabled: None,
+        tcp_congestion_control: BTreeMap::new(),
     }
 }

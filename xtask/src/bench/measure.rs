@@ -111,6 +111,24 @@ impl Endpoint {
         }
     }
 
+    /// `net.ipv4.tcp_congestion_control` in this endpoint's namespace: set it when `set` names
+    /// one, and say what it is.
+    pub async fn congestion_control(&self, set: Option<&str>) -> anyhow::Result<String> {
+        const KEY: &str = "net.ipv4.tcp_congestion_control";
+        if let Some(cc) = set {
+            self.exec_ok(&["sysctl", "-qw", &format!("{KEY}={cc}")])
+                .await
+                .with_context(|| {
+                    format!("--congestion-control {cc}: not one this kernel has (see net.ipv4.tcp_available_congestion_control)")
+                })?;
+        }
+        Ok(self
+            .exec_ok(&["sysctl", "-n", KEY])
+            .await?
+            .trim()
+            .to_owned())
+    }
+
     async fn exec_ok(&self, argv: &[&str]) -> anyhow::Result<String> {
         let out = self.exec(argv).await;
         if !out.status.success() {

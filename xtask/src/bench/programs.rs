@@ -1,18 +1,21 @@
 //! `--programs`: what one packet costs inside weft's eBPF programs, two ways.
 //!
-//! - live: with run-time statistics on ([`StatsEnabled`](crate::bench::bpf::StatsEnabled)), the kernel adds each program run's time
-//!   to the program's `run_time_ns` and counts it in `run_cnt`; the difference over the ebpf mode's
-//!   64-byte UDP test, divided, is the average cost per packet under load. It includes what the
-//!   measuring and the dispatch cost: `__bpf_prog_run` reads `sched_clock()` before and after each
-//!   run, and the hook calls the program through its chain. The live floor ([`LiveFloor`](crate::bench::bpf::LiveFloor)) says
+//! - live: a timing run of its own, after each round's measurements of a bed whose programs are
+//!   timed (ebpf, and ebpf-base with it in `--modes`): one more 64-byte UDP test, whose packet
+//!   rate is no metric, with run-time statistics on ([`StatsEnabled`](crate::bench::bpf::StatsEnabled))
+//!   for it alone. The kernel adds each program run's time to the program's `run_time_ns` and
+//!   counts it in `run_cnt`; the differences over the timing runs, divided, are the average cost
+//!   per packet under load. They include what the measuring and the dispatch cost:
+//!   `__bpf_prog_run` reads `sched_clock()` before and after each run, and the hook calls the
+//!   program through its chain. The live floor ([`LiveFloor`](crate::bench::bpf::LiveFloor)) says
 //!   how much that is: an empty program (`r0 = TCX_NEXT; exit`) attached first on the TCX egress
-//!   of host 1's ens32 for the life of the ebpf test bed, where every VXLAN packet that
-//!   encapsulation redirected passes. Its `run_time_ns / run_cnt` over the same UDP tests is what
-//!   a program that does nothing costs under the same load: the part of every live figure that is
-//!   no program's work (it is never judged against the target). The extra program itself adds
-//!   about that floor to each packet of the ebpf mode's UDP test (and the other tests), only with
-//!   `--programs`. Where it cannot be loaded or attached (no TCX before kernel 6.6), the bench
-//!   warns once and reports the floor as not measured.
+//!   of host 1's ens32 during the ebpf bed's timing runs, where every VXLAN packet that
+//!   encapsulation redirected passes. Its `run_time_ns / run_cnt` is what a program that does
+//!   nothing costs under the same load: the part of every live figure that is no program's work
+//!   (it is never judged against the target). Neither the statistics nor the floor run during the
+//!   tests the metrics come from, so timing the programs slows no mode's figures. Where the floor
+//!   cannot be loaded or attached (no TCX before kernel 6.6), the bench warns once and reports it
+//!   as not measured.
 //! - test run: BPF_PROG_TEST_RUN (`bpftool prog run`, [`TEST_RUNS`] calls of one run each) of the
 //!   loaded programs, with their live maps, on a fixed packet each: a container's 64-byte UDP
 //!   datagram (with its checksum, as a socket sends it) for encapsulation, the VXLAN frame host 2
@@ -20,8 +23,10 @@
 //!   report. The datapath counters that moved and the length of the packet the program left show
 //!   it really encapsulated (+50 bytes) or decapsulated (-50 bytes). A third packet, an ARP frame
 //!   that decapsulation hands straight back, gives the floor every test-run figure stands on: the
-//!   kernel's timing of one call (on this VM an empty program alone measures about 83 ns) plus
-//!   the program's entry, its configuration read and its counter.
+//!   kernel's timing of one call plus the program's entry, its configuration read and its
+//!   counter. They run after the rounds, with run-time statistics off (unless the machine has
+//!   `kernel.bpf_stats_enabled` on): with them on, each run also pays their clock reads (about
+//!   45 ns for the ARP frame on this VM without, 93 with).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -59,7 +64,7 @@ pub const TARGET_NS: f64 = 150.0;
 pub struct Programs {
     /// The per-packet target.
     pub target_ns: f64,
-    /// Per program and host, summed over the ebpf mode's UDP tests; with the live floor
+    /// Per program and host, summed over the timing runs (UDP); with the live floor
     /// (`floor: true`) when it was attached.
     pub live: Vec<LiveCost>,
     /// Why the live floor was not measured (it could not be loaded or attached).
@@ -68,7 +73,7 @@ pub struct Programs {
     pub test_run: Vec<TestRunCost>,
 }
 
-/// A program's run-time statistics over some UDP tests.
+/// A program's run-time statistics over the timing runs.
 #[derive(Debug, Clone, Serialize)]
 pub struct LiveCost {
     pub host: String,
@@ -106,7 +111,7 @@ impl LiveCost {
 /// other direction's ARP, replies), not the test's.
 const MIN_RUNS: u64 = 1000;
 
-/// One host's programs whose run-time statistics a bed's UDP tests add up.
+/// One host's programs whose run-time statistics a bed's timing runs add up.
 pub struct Watched {
     pub host: String,
     /// The ebpf-base bed's ([`LiveCost::baseline`]).
@@ -455,7 +460,7 @@ async fn ifindex(ns: &str, dev: &str) -> anyhow::Result<u32> {
         .with_context(|| format!("no ifindex for {dev} in {ns}: {text}"))
 }
 
-/// The per-packet costs as a table (report.md): the programs that ran for the UDP test's
+/// The per-packet costs as a table (report.md): the programs that ran for the timing runs'
 /// packets, and the test runs.
 pub fn grid(p: &Programs) -> Grid {
     let header = ["program", "host", "how", "ns per packet", "runs", "target"]
@@ -468,7 +473,7 @@ pub fn grid(p: &Programs) -> Grid {
             format!("< {:.0} ns: **not met**", p.target_ns)
         }
     };
-    let how = "bpf_stats during the UDP tests";
+    let how = "bpf_stats, a 64-byte UDP timing run of its own each round";
     // The floor shows even when it barely ran: then it did not see the test's packets.
     let mut rows: Vec<Vec<String>> = live_rows(p)
         .filter(|c| c.floor || c.run_cnt >= MIN_RUNS)
@@ -543,7 +548,7 @@ pub fn summary(p: &Programs) -> String {
     );
     for c in live_rows(p) {
         out.push_str(&format!(
-            "  live (bpf_stats, UDP tests)  {:<16} {:<8} {:>7.0} ns  ({} runs){}\n",
+            "  live (bpf_stats, timing runs) {:<16} {:<8} {:>7.0} ns  ({} runs){}\n",
             c.program,
             c.host,
             c.ns_per_packet,
@@ -557,7 +562,7 @@ pub fn summary(p: &Programs) -> String {
     }
     if let Some(why) = &p.live_floor_missing {
         out.push_str(&format!(
-            "  live (bpf_stats, UDP tests)  {FLOOR_NAME:<16} host1    the floor not measured: {why}\n"
+            "  live (bpf_stats, timing runs) {FLOOR_NAME:<16} host1    the floor not measured: {why}\n"
         ));
     }
     for t in &p.test_run {

@@ -75,6 +75,11 @@ pub struct Settings {
     /// The build `ebpf-base` ran (`--baseline` or WEFT_BASE_BIN, and the binary), when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline: Option<String>,
+    /// `kernel.bpf_stats_enabled` when the run started (`None`: unreadable). On, every eBPF
+    /// program ran with its clock reads in every test, not only in `--programs`' timing runs.
+    pub bpf_stats_enabled: Option<bool>,
+    /// The TCP congestion control each mode's test sockets used (`--congestion-control`).
+    pub tcp_congestion_control: BTreeMap<String, String>,
 }
 
 impl Report {
