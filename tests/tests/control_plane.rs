@@ -12,7 +12,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use weft::lease::{LeaseAttrs, LeaseKey};
+use weft::lease::{parse_lease_key, LeaseAttrs, LeaseKey};
 use weft::subnet::{EtcdOptions, EtcdStore, SubnetStore as _};
 use weft_tests::{Etcd, Netns, Relay};
 
@@ -285,6 +285,45 @@ fn lease_key(subnet: &str) -> String {
     format!("{PREFIX}/subnets/{}", subnet.replace('/', "-"))
 }
 
+/// A lease store on `etcd`, as the agent connects it.
+async fn lease_store(etcd: &Etcd) -> EtcdStore {
+    EtcdStore::connect(&EtcdOptions {
+        endpoints: vec![etcd.endpoint()],
+        prefix: PREFIX.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .expect("connect to etcd")
+}
+
+/// The dual-stack lease value flanneld writes for the host at 127.0.0.`host`.
+fn dual_stack_value(host: u8) -> String {
+    format!(
+        r#"{{"PublicIP":"127.0.0.{host}","PublicIPv6":"fd00:16::{host}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:00:{host:02x}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"02:00:00:00:01:{host:02x}"}}}}"#
+    )
+}
+
+fn dual_stack_attrs(host: u8) -> LeaseAttrs {
+    LeaseAttrs::from_json("test", dual_stack_value(host).as_bytes()).expect("lease value parses")
+}
+
+/// A lease key from its subnets: `key("10.5.1.0/24", Some("fd00:5:0:1::/64"))`.
+fn key(v4: &str, v6: Option<&str>) -> LeaseKey {
+    LeaseKey {
+        v4: v4.parse().unwrap(),
+        v6: v6.map(|s| s.parse().unwrap()),
+    }
+}
+
+/// Every lease key in etcd.
+async fn lease_keys(etcd: &Etcd) -> BTreeSet<LeaseKey> {
+    etcd.get_prefix(&format!("{PREFIX}/subnets/"))
+        .await
+        .into_iter()
+        .map(|(k, _)| parse_lease_key(&k).unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
 /// The lease keys in etcd: subnet -> value.
 async fn leases(etcd: &Etcd) -> BTreeMap<String, String> {
     etcd.get_prefix(&format!("{PREFIX}/subnets/"))
@@ -488,20 +527,9 @@ async fn twenty_agents_at_once_hold_distinct_subnets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_two_leases_name_one_subnet_whatever_their_keys() {
     let etcd = Etcd::start_local().await;
-    let store = EtcdStore::connect(&EtcdOptions {
-        endpoints: vec![etcd.endpoint()],
-        prefix: "/coreos.com/network".to_owned(),
-        ..Default::default()
-    })
-    .await
-    .expect("connect to etcd");
-    let value = r#"{"PublicIP":"127.0.0.2","PublicIPv6":"fd00:16::2","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:02"},"BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:12"}}"#;
-    let attrs = LeaseAttrs::from_json("test", value.as_bytes()).expect("lease value parses");
+    let store = lease_store(&etcd).await;
+    let attrs = dual_stack_attrs(2);
     let ttl = Duration::from_secs(60);
-    let key = |v4: &str, v6: Option<&str>| LeaseKey {
-        v4: v4.parse().unwrap(),
-        v6: v6.map(|s| s.parse().unwrap()),
-    };
     let create = |k: LeaseKey| {
         let (store, attrs) = (store.clone(), attrs.clone());
         async move {
@@ -510,14 +538,6 @@ async fn no_two_leases_name_one_subnet_whatever_their_keys() {
                 .is_some()
         }
     };
-    let held = || async {
-        etcd.get_prefix("/coreos.com/network/subnets/")
-            .await
-            .into_iter()
-            .map(|(k, _)| k.rsplit('/').next().unwrap().to_owned())
-            .collect::<BTreeSet<String>>()
-    };
-
     assert!(create(key("10.5.1.0/24", Some("fd00:5:0:1::/64"))).await);
     for (what, k) in [
         (
@@ -537,8 +557,8 @@ async fn no_two_leases_name_one_subnet_whatever_their_keys() {
         assert!(!create(k).await, "a second lease got {what}: {k}");
     }
     assert_eq!(
-        held().await,
-        BTreeSet::from(["10.5.1.0-24&fd00:5:0:1::-64".to_owned()])
+        lease_keys(&etcd).await,
+        BTreeSet::from([key("10.5.1.0/24", Some("fd00:5:0:1::/64"))])
     );
     assert!(create(key("10.5.2.0/24", Some("fd00:5:0:2::/64"))).await);
 
@@ -561,11 +581,88 @@ async fn no_two_leases_name_one_subnet_whatever_their_keys() {
             if what == "IPv6" {
                 // Let the IPv4 round start from a subnet nobody holds.
                 let winner = if won_a { a } else { b };
-                etcd.delete(&format!(
-                    "/coreos.com/network/subnets/{}",
-                    winner.etcd_name()
-                ))
-                .await;
+                etcd.delete(&store.lease_key(winner)).await;
+            }
+        }
+    }
+}
+
+/// A key another writer deleted and re-created is as young as its re-creation: a key that took
+/// one of its subnets meanwhile is the older one. Reclaiming ours (another PublicIP in it while
+/// our etcd lease lives) must then yield, our key deleted and `None` returned so the agent leases
+/// anew, rather than leave two leases naming one subnet. With no key sharing a subnet, reclaim
+/// takes the key back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaim_yields_to_a_key_that_took_a_subnet_while_ours_was_gone() {
+    let etcd = Etcd::start_local().await;
+    let store = lease_store(&etcd).await;
+    let (ours, theirs) = (dual_stack_attrs(2), dual_stack_attrs(3));
+    let ttl = Duration::from_secs(60);
+    for (shared, mine, other) in [
+        (
+            Some("IPv6"),
+            key("10.5.1.0/24", Some("fd00:5:0:1::/64")),
+            key("10.5.2.0/24", Some("fd00:5:0:1::/64")),
+        ),
+        (
+            Some("IPv4"),
+            key("10.5.3.0/24", None),
+            key("10.5.3.0/24", Some("fd00:5:0:3::/64")),
+        ),
+        (
+            None,
+            key("10.5.5.0/24", Some("fd00:5:0:5::/64")),
+            key("10.5.6.0/24", Some("fd00:5:0:6::/64")),
+        ),
+    ] {
+        let lease = store.create(mine, &ours, ttl).await;
+        let lease = lease
+            .unwrap_or_else(|e| panic!("create {mine}: {e:#}"))
+            .unwrap_or_else(|| panic!("{mine} was free, yet create lost it"));
+        let raw = store.lease_key(mine);
+        assert_eq!(etcd.delete(&raw).await, 1, "delete {raw}");
+        let created = store.create(other, &theirs, ttl).await;
+        let created = created.unwrap_or_else(|e| panic!("create {other}: {e:#}"));
+        assert!(
+            created.is_some(),
+            "{other} not created while {mine} was absent"
+        );
+        etcd.put(&raw, &dual_stack_value(4)).await;
+
+        let reclaimed = store.reclaim(&lease, &ours, ttl).await;
+        let reclaimed = reclaimed.unwrap_or_else(|e| panic!("reclaim {mine}: {e:#}"));
+        let naming: BTreeSet<LeaseKey> = lease_keys(&etcd)
+            .await
+            .into_iter()
+            .filter(|k| k.shares_a_subnet(&mine))
+            .collect();
+        match shared {
+            Some(what) => {
+                assert!(
+                    reclaimed.is_none(),
+                    "reclaimed {mine} though {other}, created while it was gone, shares its {what} subnet"
+                );
+                assert_eq!(
+                    naming,
+                    BTreeSet::from([other]),
+                    "the keys naming a subnet of {mine} once its reclaim yielded to {other}"
+                );
+            }
+            None => {
+                let got = reclaimed.unwrap_or_else(|| {
+                    panic!("reclaim of {mine} refused though no key shares a subnet with it")
+                });
+                assert_eq!(got.key(), mine);
+                assert_eq!(
+                    naming,
+                    BTreeSet::from([mine]),
+                    "the keys naming a subnet of {mine} once reclaimed"
+                );
+                assert_eq!(
+                    etcd.get(&raw).await,
+                    Some(ours.to_json()),
+                    "{raw} once reclaimed"
+                );
             }
         }
     }

@@ -257,7 +257,7 @@ impl EtcdStore {
         .await
     }
 
-    /// Whether a key that etcd created before `key` (just created) names one of its subnets
+    /// Whether a key that etcd created before `key` (just put) names one of its subnets
     /// (see [`SubnetStore::create`]). `true` too when `key` is gone already.
     async fn an_older_key_shares_a_subnet(&self, key: LeaseKey) -> Result<bool, SubnetError> {
         let resp = self.get_subnets().await?;
@@ -270,6 +270,16 @@ impl EtcdStore {
                 && parse_lease_key(&String::from_utf8_lossy(kv.key()))
                     .is_ok_and(|k| k.shares_a_subnet(&key))
         }))
+    }
+
+    /// Whether `key`, just put on etcd lease `id`, may stay: when a key etcd created before it
+    /// names one of its subnets, `false`, and `id` revoked, which deletes `key` with it.
+    async fn stands(&self, key: LeaseKey, id: i64) -> Result<bool, SubnetError> {
+        if self.an_older_key_shares_a_subnet(key).await? {
+            self.revoke(id).await;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Put `current`'s key with `attrs` on a fresh etcd lease when `compare` holds, then
@@ -375,9 +385,7 @@ impl SubnetStore for EtcdStore {
         let Some(id) = self.put_if("create", key, compare, attrs, ttl).await? else {
             return Ok(None);
         };
-        if key.v6.is_some() && self.an_older_key_shares_a_subnet(key).await? {
-            // Revoking the etcd lease deletes our key with it.
-            self.revoke(id).await;
+        if key.v6.is_some() && !self.stands(key, id).await? {
             return Ok(None);
         }
         Ok(Some(Lease::new(key, attrs.clone(), id)))
@@ -404,6 +412,12 @@ impl SubnetStore for EtcdStore {
     /// (compared by mod revision, so a value in any writer's spelling is taken as it is). `None`
     /// when the key is gone, `accept` refused, or it changed meanwhile. `current`'s etcd lease is
     /// revoked once replaced.
+    ///
+    /// `None` too, and the key deleted with its fresh etcd lease, when a key etcd created before
+    /// it names one of its subnets, as in [`SubnetStore::create`]. The compare guards this key
+    /// alone, and it need not be the key `create` checked: another writer may have deleted and
+    /// re-created it, and a key that took one of its subnets while it was absent (`B&X` beside
+    /// `A&X`, `A&Y` beside `A`) is the older one now.
     async fn take_over(
         &self,
         current: &Lease,
@@ -425,8 +439,16 @@ impl SubnetStore for EtcdStore {
             return Ok(None);
         }
         let compare = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
-        self.replace_if("take-over", current, compare, attrs, ttl)
-            .await
+        let Some(lease) = self
+            .replace_if("take-over", current, compare, attrs, ttl)
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .stands(lease.key(), lease.etcd_lease)
+            .await?
+            .then_some(lease))
     }
 
     /// Follow `<prefix>/subnets`: a snapshot, then watch events from the snapshot's revision;
