@@ -139,7 +139,9 @@ pub trait SubnetStore: Clone + Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<Option<Lease>, SubnetError>> + Send;
     /// Re-put `current`'s key with `attrs` if `accept` approves of what it holds now (`None`
-    /// when unparsable) and nobody writes it in between; `None` otherwise.
+    /// when unparsable) and nobody writes it in between; `None` otherwise, and `None` (the key
+    /// deleted) when a key older than it names one of its subnets: another writer may have
+    /// deleted and re-created it while a key took one of its subnets.
     fn take_over(
         &self,
         current: &Lease,
