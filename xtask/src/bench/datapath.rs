@@ -369,7 +369,7 @@ fn write_outputs(report: &Report, opts: &Options, started: Instant) -> anyhow::R
         report.settings.loadavg_start,
         report.settings.loadavg_end
     );
-    println!("{}", conditions(&report.settings));
+    println!("{}", conditions(report));
     let ebpf = &report.ebpf_counters;
     if !ebpf.rounds.is_empty() {
         if ebpf.all_rounds_through_ebpf && !opts.tests.contains(&Test::Udp64) {
@@ -754,13 +754,14 @@ fn markdown_report(report: &Report, first: Offload, rounds: usize) -> String {
             programs::grid(p).markdown()
         ));
     }
-    md.push_str(&format!("\n{}\n", conditions(&report.settings)));
+    md.push_str(&format!("\n{}\n", conditions(report)));
     md
 }
 
 /// What the machine did to every mode alike: the TCP congestion control and whether run-time
 /// statistics were on for every program.
-fn conditions(s: &Settings) -> String {
+fn conditions(report: &Report) -> String {
+    let s = &report.settings;
     let cc: Vec<String> = s
         .tcp_congestion_control
         .iter()
@@ -768,7 +769,8 @@ fn conditions(s: &Settings) -> String {
         .collect();
     let stats = match s.bpf_stats_enabled {
         Some(true) => "ON for the whole run (every eBPF program timed its runs)",
-        Some(false) => "off outside the timing runs",
+        Some(false) if report.programs.is_some() => "off outside the timing runs",
+        Some(false) => "off",
         None => "unknown",
     };
     format!(
